@@ -1,0 +1,98 @@
+//! The contract between the front door and whoever decides who may connect (the controller).
+//!
+//! The broker knows nothing about stations or phones: it hands the controller what the client
+//! presented (CONNECT fields, peer address, the verified certificate) and receives a
+//! [`Decision`]. Later the controller changes live sessions through [`SessionControl`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use crate::acl::Rights;
+
+/// MQTT protocol level of a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttVersion {
+    V311,
+    V5,
+}
+
+/// How the presented client certificate was verified (after every handshake, resumed ones
+/// included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trust {
+    /// Chains to the fleet CA (operators, provisioned phones).
+    FleetCa,
+    /// Chains to a configured manufacturer CA (stations).
+    ManufacturerCa,
+    /// Self-signed; its signature is valid under its own key. Proof of possession is the handshake.
+    SelfSigned,
+}
+
+/// The leaf certificate a client presented, DER, and how it was verified.
+#[derive(Debug, Clone)]
+pub struct PresentedCertificate {
+    pub der: Vec<u8>,
+    pub trust: Trust,
+}
+
+/// Everything the front door knows about a client at CONNECT time.
+#[derive(Debug, Clone)]
+pub struct ConnectInfo {
+    /// Unique per accepted connection; lets `session_closed` ignore a session already replaced.
+    pub session_id: u64,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub peer_addr: SocketAddr,
+    pub certificate: Option<PresentedCertificate>,
+    pub version: MqttVersion,
+}
+
+/// Why a CONNECT is refused. Mapped to MQTT 3.1.1 return codes and MQTT 5 reason codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// 3.1.1: 5, v5: 0x87.
+    NotAuthorized,
+    /// 3.1.1: 4, v5: 0x86.
+    BadUserNameOrPassword,
+    /// 3.1.1: 2, v5: 0x85.
+    ClientIdentifierNotValid,
+    /// 3.1.1: 3, v5: 0x88.
+    ServerUnavailable,
+    /// 3.1.1: 3, v5: 0x97.
+    QuotaExceeded,
+}
+
+/// The controller's answer to a CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow { rights: Rights },
+    Deny { refusal: Refusal, reason: String },
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Decides admissions; implemented by the controller.
+pub trait Admission: Send + Sync + 'static {
+    /// Called once per CONNECT, after TLS and after the front door's own checks (connection cap,
+    /// well-formed client id). The session is not live until this returns `Allow`.
+    fn admit(&self, info: ConnectInfo) -> BoxFuture<'_, Decision>;
+
+    /// Called when an admitted session ends, for whatever reason.
+    fn session_closed(&self, client_id: &str, session_id: u64);
+}
+
+/// How the controller changes live sessions; implemented by the front door.
+pub trait SessionControl: Send + Sync + 'static {
+    /// Replace the rights of a live session at once. Returns false when no such session is live.
+    fn set_rights(&self, client_id: &str, rights: Rights) -> bool;
+
+    /// Revoke a live session now: from this call on it may neither publish nor subscribe. The
+    /// socket is closed once a message on `last_topic` has been written to the client, or after
+    /// a short bounded grace. Returns false when no such session is live.
+    fn cut(&self, client_id: &str, last_topic: Option<String>) -> bool;
+
+    /// Whether a session with this client id is live.
+    fn is_connected(&self, client_id: &str) -> bool;
+}
