@@ -1,1 +1,691 @@
-//! Configuration.
+//! fleetgate's configuration: one TOML file, every key documented, every key optional.
+//!
+//! Unknown keys are errors that name the key, so a typo never silently falls back to a
+//! default. [`load`] reads and checks a file; [`EXAMPLE`] is a commented file with every key
+//! at its default.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[server]`: the listener, the data directory and connection limits.
+    pub server: ServerConfig,
+    /// `[stations]`: firmware versions that decide a station's state.
+    pub stations: StationsConfig,
+    /// `[firmware]`: the firmware catalog and transfer.
+    pub firmware: FirmwareConfig,
+    /// `[phones]`: PAP, lockout and whitelist rules.
+    pub phones: PhonesConfig,
+    /// `[limits]`: payload sizes.
+    pub limits: LimitsConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// `listen`: address and port of the one MQTT-over-TLS listener. Default `0.0.0.0:8883`.
+    pub listen: SocketAddr,
+    /// `data_dir`: directory of the fleet CA, the server and admin certificates and the
+    /// database. Default `./fleet-data`.
+    pub data_dir: PathBuf,
+    /// `server_names`: extra DNS names or IP addresses for the server certificate, besides
+    /// `localhost`, `127.0.0.1`, `::1` and the host name. Default none.
+    pub server_names: Vec<String>,
+    /// `max_connections`: most clients connected at once; a CONNECT above it is refused with
+    /// "server unavailable" (3.1.1) or "quota exceeded" (5). Default 15000.
+    pub max_connections: u32,
+    /// `handshake_timeout_ms`: a TLS handshake must finish within this. Default 10000.
+    pub handshake_timeout_ms: u64,
+    /// `connect_timeout_ms`: after the TLS handshake, CONNECT must arrive within this.
+    /// Default 10000.
+    pub connect_timeout_ms: u64,
+    /// `max_packet_size`: largest MQTT packet in bytes; a larger one closes the connection.
+    /// Default 262144.
+    pub max_packet_size: usize,
+    /// `idle_timeout_secs`: a client that asks for keepalive 0 is disconnected after this
+    /// long without a packet. Default 300.
+    pub idle_timeout_secs: u64,
+    /// `cut_grace_ms`: how long a station that is cut off gets to receive its final `cmd`
+    /// before the connection closes. Default 500.
+    pub cut_grace_ms: u64,
+    /// `manufacturer_cas`: PEM files of CAs trusted to issue station certificates.
+    /// Default none.
+    pub manufacturer_cas: Vec<PathBuf>,
+    /// `allow_self_signed_stations`: accept station certificates that are self-signed.
+    /// Default true.
+    pub allow_self_signed_stations: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            data_dir: PathBuf::from("./fleet-data"),
+            server_names: Vec::new(),
+            max_connections: 15_000,
+            handshake_timeout_ms: 10_000,
+            connect_timeout_ms: 10_000,
+            max_packet_size: 262_144,
+            idle_timeout_secs: 300,
+            cut_grace_ms: 500,
+            manufacturer_cas: Vec::new(),
+            allow_self_signed_stations: true,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// `handshake_timeout_ms` as a duration.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// `connect_timeout_ms` as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// `idle_timeout_secs` as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    /// `cut_grace_ms` as a duration.
+    pub fn cut_grace(&self) -> Duration {
+        Duration::from_millis(self.cut_grace_ms)
+    }
+}
+
+/// `[stations]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StationsConfig {
+    /// `min_firmware`: the first firmware that owns a key pair and may be authorized.
+    /// Default `6.1.0`.
+    pub min_firmware: String,
+    /// `update_from`: the lowest firmware that can be updated; from it up to below
+    /// `min_firmware` a station is Update Required, below it Unsupported. Default `6.0.2`.
+    pub update_from: String,
+}
+
+impl Default for StationsConfig {
+    fn default() -> Self {
+        StationsConfig {
+            min_firmware: "6.1.0".to_owned(),
+            update_from: "6.0.2".to_owned(),
+        }
+    }
+}
+
+/// `[firmware]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FirmwareConfig {
+    /// `chunk_size`: bytes of firmware image per transfer message. Default 16384.
+    pub chunk_size: usize,
+    /// `[[firmware.images]]`: the firmware catalog. Default empty.
+    pub images: Vec<FirmwareImage>,
+}
+
+impl Default for FirmwareConfig {
+    fn default() -> Self {
+        FirmwareConfig {
+            chunk_size: 16_384,
+            images: Vec::new(),
+        }
+    }
+}
+
+/// One `[[firmware.images]]` entry. `version` and `file` are required.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirmwareImage {
+    /// `version`: the firmware version of the image, e.g. `6.1.0`.
+    pub version: String,
+    /// `file`: path of the image file; a relative path is relative to the working directory.
+    pub file: PathBuf,
+    /// `sha256`: SHA-256 of the image as 64 hex digits. Optional: if absent it is computed at
+    /// start; if present the image is checked against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// `[phones]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PhonesConfig {
+    /// `pap_attempts`: consecutive wrong PAPs that lock a phone out. Default 3.
+    pub pap_attempts: u32,
+    /// `lockout_minutes`: how long a lockout (Authentication failed) lasts. Default 30.
+    pub lockout_minutes: u64,
+    /// `lockouts_before_block`: lockouts without a success before the phone is blocked for
+    /// good. Default 3.
+    pub lockouts_before_block: u32,
+    /// `temporary_whitelist_hours`: how long a correct PAP or a provisioning keeps the
+    /// client's IP on the tenant's temporary whitelist. Default 8.
+    pub temporary_whitelist_hours: u64,
+    /// `suspend_minutes`: how long Suspend Authentication lasts. Default 30.
+    pub suspend_minutes: u64,
+}
+
+impl Default for PhonesConfig {
+    fn default() -> Self {
+        PhonesConfig {
+            pap_attempts: 3,
+            lockout_minutes: 30,
+            lockouts_before_block: 3,
+            temporary_whitelist_hours: 8,
+            suspend_minutes: 30,
+        }
+    }
+}
+
+impl PhonesConfig {
+    /// `lockout_minutes` as a duration.
+    pub fn lockout(&self) -> Duration {
+        Duration::from_secs(self.lockout_minutes.saturating_mul(60))
+    }
+
+    /// `temporary_whitelist_hours` as a duration.
+    pub fn temporary_whitelist(&self) -> Duration {
+        Duration::from_secs(self.temporary_whitelist_hours.saturating_mul(3600))
+    }
+
+    /// `suspend_minutes` as a duration.
+    pub fn suspend(&self) -> Duration {
+        Duration::from_secs(self.suspend_minutes.saturating_mul(60))
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// `max_payload_bytes`: largest JSON payload accepted from a device or an operator;
+    /// at most `server.max_packet_size`. Default 65536.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_payload_bytes: 65_536,
+        }
+    }
+}
+
+/// Largest packet MQTT can frame (remaining length of 4 bytes of 7 bits, plus header).
+const MQTT_MAX_PACKET_SIZE: usize = 268_435_460;
+/// Longest grace before a cut: "short and bounded" (PROTOCOL §4).
+const MAX_CUT_GRACE_MS: u64 = 10_000;
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The configuration file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The text is not valid TOML for this configuration: a syntax error, an unknown key, a
+    /// value of the wrong type. The message names the key.
+    #[error("{}{source}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
+    Parse {
+        /// The configuration file, if the text came from one.
+        path: Option<PathBuf>,
+        /// The TOML error, with the key and position.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value is of the right type but not usable.
+    #[error("{}{key}: {reason}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
+    Invalid {
+        /// The configuration file, if the text came from one.
+        path: Option<PathBuf>,
+        /// The dotted key, e.g. `server.connect_timeout_ms` or `firmware.images[0].sha256`.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: impl fmt::Display, reason: impl fmt::Display) -> Self {
+        ConfigError::Invalid {
+            path: None,
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn in_file(self, file: &Path) -> Self {
+        match self {
+            ConfigError::Parse { path: None, source } => ConfigError::Parse {
+                path: Some(file.to_path_buf()),
+                source,
+            },
+            ConfigError::Invalid {
+                path: None,
+                key,
+                reason,
+            } => ConfigError::Invalid {
+                path: Some(file.to_path_buf()),
+                key,
+                reason,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Reads and checks the configuration file at `path`; `None` gives the defaults.
+pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let Some(path) = path else {
+        let config = Config::default();
+        config.validate()?;
+        return Ok(config);
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let config = Config::from_toml_str(&text).map_err(|e| e.in_file(path))?;
+    config.validate().map_err(|e| e.in_file(path))?;
+    Ok(config)
+}
+
+impl Config {
+    /// Parses a configuration from TOML text, without [`Config::validate`].
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse { path: None, source })
+    }
+
+    /// Checks every value; the error names the first key that is wrong.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("server.data_dir", "must not be empty"));
+        }
+        for (i, name) in s.server_names.iter().enumerate() {
+            let ok = !name.is_empty()
+                && name.len() <= 253
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'*'));
+            if !ok {
+                return Err(ConfigError::invalid(
+                    format_args!("server.server_names[{i}]"),
+                    format_args!("{name:?} is not a DNS name or an IP address"),
+                ));
+            }
+        }
+        positive("server.max_connections", u64::from(s.max_connections))?;
+        positive("server.handshake_timeout_ms", s.handshake_timeout_ms)?;
+        positive("server.connect_timeout_ms", s.connect_timeout_ms)?;
+        positive("server.idle_timeout_secs", s.idle_timeout_secs)?;
+        if s.max_packet_size == 0 || s.max_packet_size > MQTT_MAX_PACKET_SIZE {
+            return Err(ConfigError::invalid(
+                "server.max_packet_size",
+                format_args!("must be between 1 and {MQTT_MAX_PACKET_SIZE}"),
+            ));
+        }
+        if s.cut_grace_ms > MAX_CUT_GRACE_MS {
+            return Err(ConfigError::invalid(
+                "server.cut_grace_ms",
+                format_args!("must be at most {MAX_CUT_GRACE_MS}"),
+            ));
+        }
+        for (i, ca) in s.manufacturer_cas.iter().enumerate() {
+            if ca.as_os_str().is_empty() {
+                return Err(ConfigError::invalid(
+                    format_args!("server.manufacturer_cas[{i}]"),
+                    "must not be empty",
+                ));
+            }
+        }
+
+        not_blank("stations.min_firmware", &self.stations.min_firmware)?;
+        not_blank("stations.update_from", &self.stations.update_from)?;
+
+        let f = &self.firmware;
+        if f.chunk_size == 0 || f.chunk_size > s.max_packet_size {
+            return Err(ConfigError::invalid(
+                "firmware.chunk_size",
+                "must be between 1 and server.max_packet_size",
+            ));
+        }
+        for (i, image) in f.images.iter().enumerate() {
+            let key = |field: &str| format!("firmware.images[{i}].{field}");
+            not_blank(&key("version"), &image.version)?;
+            if f.images[..i].iter().any(|e| e.version == image.version) {
+                return Err(ConfigError::invalid(
+                    key("version"),
+                    format_args!("{:?} is listed twice", image.version),
+                ));
+            }
+            if image.file.as_os_str().is_empty() {
+                return Err(ConfigError::invalid(key("file"), "must not be empty"));
+            }
+            if let Some(sha256) = &image.sha256 {
+                if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(ConfigError::invalid(key("sha256"), "must be 64 hex digits"));
+                }
+            }
+        }
+
+        let p = &self.phones;
+        positive("phones.pap_attempts", u64::from(p.pap_attempts))?;
+        positive("phones.lockout_minutes", p.lockout_minutes)?;
+        positive(
+            "phones.lockouts_before_block",
+            u64::from(p.lockouts_before_block),
+        )?;
+        positive(
+            "phones.temporary_whitelist_hours",
+            p.temporary_whitelist_hours,
+        )?;
+        positive("phones.suspend_minutes", p.suspend_minutes)?;
+
+        let l = &self.limits;
+        if l.max_payload_bytes == 0 || l.max_payload_bytes > s.max_packet_size {
+            return Err(ConfigError::invalid(
+                "limits.max_payload_bytes",
+                "must be between 1 and server.max_packet_size",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::invalid(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+fn not_blank(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.trim().is_empty() {
+        return Err(ConfigError::invalid(key, "must not be empty"));
+    }
+    Ok(())
+}
+
+/// A configuration file with every key at its default, each explained.
+pub const EXAMPLE: &str = r#"# fleetgate configuration (fleetd --config FILE).
+# Every key is optional; the values below are the defaults. Unknown keys are errors.
+
+[server]
+# Address and port of the one MQTT-over-TLS listener (MQTT 3.1.1 and 5, TLS 1.3 and 1.2).
+listen = "0.0.0.0:8883"
+# Directory of the fleet CA (ca.pem, ca.key), the server certificate, admin.pem/admin.key
+# and the database. Created on first start.
+data_dir = "./fleet-data"
+# Extra DNS names or IP addresses for the server certificate, besides localhost, 127.0.0.1,
+# ::1 and the host name. Example: ["fleet.example.com", "203.0.113.7"]
+server_names = []
+# Most clients connected at once; a CONNECT above it is refused with "server unavailable"
+# (MQTT 3.1.1) or "quota exceeded" (MQTT 5).
+max_connections = 15000
+# A TLS handshake must finish within this many milliseconds.
+handshake_timeout_ms = 10000
+# After the TLS handshake, CONNECT must arrive within this many milliseconds.
+connect_timeout_ms = 10000
+# Largest MQTT packet in bytes; a larger one closes the connection.
+max_packet_size = 262144
+# Seconds without a packet after which a client that asked for keepalive 0 is disconnected.
+idle_timeout_secs = 300
+# Milliseconds a station that is cut off gets to receive its final command (rejected, reset,
+# removed) before the connection closes. At most 10000.
+cut_grace_ms = 500
+# PEM files of manufacturer CAs trusted to issue station certificates.
+# Example: ["/etc/fleetgate/acme-stations-ca.pem"]
+manufacturer_cas = []
+# Accept station certificates that are self-signed (subject CN = serial).
+allow_self_signed_stations = true
+
+[stations]
+# The first firmware that owns a key pair and may be authorized.
+min_firmware = "6.1.0"
+# The lowest firmware that can be updated: from it up to below min_firmware a station is
+# "Update Required"; below it, "Unsupported".
+update_from = "6.0.2"
+
+[firmware]
+# Bytes of firmware image per transfer message; at most server.max_packet_size.
+chunk_size = 16384
+# The firmware catalog; empty by default. One [[firmware.images]] table per image:
+# [[firmware.images]]
+# version = "6.1.0"                 # required
+# file = "firmware/6.1.0.bin"       # required; relative to the working directory
+# sha256 = "<64 hex digits>"        # optional: checked if present, computed at start if not
+
+[phones]
+# Consecutive wrong PAPs that lock a phone out ("Authentication failed").
+pap_attempts = 3
+# Minutes a lockout lasts; then the phone is back to "Authentication needed" by itself.
+lockout_minutes = 30
+# Lockouts without a success after which the phone is "Authentication blocked" for good.
+lockouts_before_block = 3
+# Hours a correct PAP or a provisioning keeps the client's IP on the tenant's temporary
+# whitelist.
+temporary_whitelist_hours = 8
+# Minutes Suspend Authentication lasts.
+suspend_minutes = 30
+
+[limits]
+# Largest JSON payload accepted from a device or an operator, in bytes; at most
+# server.max_packet_size.
+max_payload_bytes = 65536
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_error(text: &str) -> String {
+        Config::from_toml_str(text).unwrap_err().to_string()
+    }
+
+    fn invalid_key(text: &str) -> String {
+        match Config::from_toml_str(text).unwrap().validate().unwrap_err() {
+            ConfigError::Invalid { key, .. } => key,
+            other => panic!("unexpected error {other}"),
+        }
+    }
+
+    #[test]
+    fn no_file_gives_the_defaults() {
+        let config = load(None).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.server.listen, "0.0.0.0:8883".parse().unwrap());
+        assert_eq!(config.server.data_dir, PathBuf::from("./fleet-data"));
+        assert_eq!(config.server.max_connections, 15_000);
+        assert_eq!(config.server.connect_timeout(), Duration::from_secs(10));
+        assert_eq!(config.phones.lockout(), Duration::from_secs(30 * 60));
+        assert_eq!(
+            config.phones.temporary_whitelist(),
+            Duration::from_secs(8 * 3600)
+        );
+        assert!(config.server.allow_self_signed_stations);
+        assert_eq!(Config::from_toml_str("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn a_file_sets_only_what_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleetgate.toml");
+        std::fs::write(
+            &path,
+            r#"
+            [server]
+            listen = "[::1]:9883"
+            server_names = ["fleet.example", "203.0.113.7"]
+            [[firmware.images]]
+            version = "6.1.0"
+            file = "firmware/6.1.0.bin"
+            [[firmware.images]]
+            version = "6.1.1"
+            file = "firmware/6.1.1.bin"
+            sha256 = "ABCDEF0123456789abcdef0123456789ABCDEF0123456789abcdef0123456789"
+            [phones]
+            pap_attempts = 5
+            "#,
+        )
+        .unwrap();
+        let config = load(Some(&path)).unwrap();
+        assert_eq!(config.server.listen, "[::1]:9883".parse().unwrap());
+        assert_eq!(config.server.server_names.len(), 2);
+        assert_eq!(config.server.max_connections, 15_000);
+        assert_eq!(config.firmware.images.len(), 2);
+        assert_eq!(config.firmware.images[0].sha256, None);
+        assert!(config.firmware.images[1].sha256.is_some());
+        assert_eq!(config.phones.pap_attempts, 5);
+        assert_eq!(config.phones.lockout_minutes, 30);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        assert!(parse_error("colour = 1").contains("colour"));
+        assert!(parse_error("[serverr]\nlisten = \"0.0.0.0:1\"").contains("serverr"));
+        assert!(parse_error("[server]\nmax_conections = 5").contains("max_conections"));
+        assert!(parse_error("[phones]\npap_attempt = 5").contains("pap_attempt"));
+        assert!(
+            parse_error("[[firmware.images]]\nversion = \"1\"\nfile = \"f\"\nsha = \"x\"")
+                .contains("sha")
+        );
+    }
+
+    #[test]
+    fn wrong_types_and_values_are_errors() {
+        let err = parse_error("[server]\nmax_connections = \"many\"");
+        assert!(err.contains("max_connections"), "{err}");
+        assert!(parse_error("[server]\nlisten = \"not an address\"").contains("listen"));
+        assert!(parse_error("[server]\nmax_connections = -1").contains("max_connections"));
+        assert!(parse_error("[limits]\nmax_payload_bytes = 1.5").contains("max_payload_bytes"));
+        assert!(parse_error("server = 3").contains("server"));
+        let err = parse_error("[[firmware.images]]\nversion = \"6.1.0\"");
+        assert!(err.contains("file"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        assert_eq!(
+            invalid_key("[server]\nconnect_timeout_ms = 0"),
+            "server.connect_timeout_ms"
+        );
+        assert_eq!(
+            invalid_key("[server]\nhandshake_timeout_ms = 0"),
+            "server.handshake_timeout_ms"
+        );
+        assert_eq!(
+            invalid_key("[server]\nmax_connections = 0"),
+            "server.max_connections"
+        );
+        assert_eq!(
+            invalid_key("[server]\ncut_grace_ms = 60000"),
+            "server.cut_grace_ms"
+        );
+        assert_eq!(
+            invalid_key("[server]\nserver_names = [\"bad name\"]"),
+            "server.server_names[0]"
+        );
+        assert_eq!(
+            invalid_key("[phones]\nlockout_minutes = 0"),
+            "phones.lockout_minutes"
+        );
+        assert_eq!(
+            invalid_key("[stations]\nmin_firmware = \" \""),
+            "stations.min_firmware"
+        );
+        assert_eq!(
+            invalid_key("[limits]\nmax_payload_bytes = 300000"),
+            "limits.max_payload_bytes"
+        );
+        assert_eq!(
+            invalid_key("[firmware]\nchunk_size = 0"),
+            "firmware.chunk_size"
+        );
+        let image = |sha: &str| {
+            format!(
+                "[[firmware.images]]\nversion = \"6.1.0\"\nfile = \"f.bin\"\nsha256 = \"{sha}\""
+            )
+        };
+        assert_eq!(invalid_key(&image("abc")), "firmware.images[0].sha256");
+        assert_eq!(
+            invalid_key(&image(&"g".repeat(64))),
+            "firmware.images[0].sha256"
+        );
+        let twice = "[[firmware.images]]\nversion = \"6.1.0\"\nfile = \"a\"\n\
+                     [[firmware.images]]\nversion = \"6.1.0\"\nfile = \"b\"";
+        assert_eq!(invalid_key(twice), "firmware.images[1].version");
+    }
+
+    #[test]
+    fn load_reports_the_file_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleetgate.toml");
+        std::fs::write(&path, "[server]\nidle_timeout_secs = 0\n").unwrap();
+        let err = load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("fleetgate.toml"), "{err}");
+        assert!(err.contains("server.idle_timeout_secs"), "{err}");
+        std::fs::write(&path, "[server]\nbogus = 1\n").unwrap();
+        let err = load(Some(&path)).unwrap_err().to_string();
+        assert!(
+            err.contains("fleetgate.toml") && err.contains("bogus"),
+            "{err}"
+        );
+        let missing = dir.path().join("missing.toml");
+        assert!(matches!(
+            load(Some(&missing)),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn example_parses_to_the_defaults() {
+        let config = Config::from_toml_str(EXAMPLE).unwrap();
+        assert_eq!(config, Config::default());
+        config.validate().unwrap();
+    }
+
+    /// Every key of the configuration appears, uncommented, in EXAMPLE (the image catalog
+    /// is shown commented, as it is empty by default).
+    #[test]
+    fn example_lists_every_key() {
+        fn keys(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+            for (key, value) in table {
+                let path = format!("{prefix}{key}");
+                match value {
+                    toml::Value::Table(inner) => keys(inner, &format!("{path}."), out),
+                    _ => out.push(path),
+                }
+            }
+        }
+        let example: toml::Table = toml::from_str(EXAMPLE).unwrap();
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        let (mut in_example, mut in_defaults) = (Vec::new(), Vec::new());
+        keys(&example, "", &mut in_example);
+        keys(&defaults, "", &mut in_defaults);
+        in_defaults.retain(|k| k != "firmware.images");
+        in_example.sort();
+        in_defaults.sort();
+        assert_eq!(in_example, in_defaults);
+        for field in ["version", "file", "sha256"] {
+            assert!(EXAMPLE.contains(&format!("# {field} = ")), "{field}");
+        }
+    }
+}

@@ -1,0 +1,1047 @@
+//! The public listener: accepts TCP, terminates TLS (each handshake in its own task, with a
+//! timeout), reads CONNECT, asks the controller for admission, then pumps packets between the
+//! socket and the client's own in-process link into rumqttd's router, enforcing the client's
+//! rights on every PUBLISH and SUBSCRIBE.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::{
+    v4::V4, v5::V5, Disconnect, DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason,
+    PubComp, PubCompReason, PubRec, PubRecReason, Publish, SubAck, SubscribeReasonCode,
+};
+use rumqttd::protocol::{Error as CodecError, Protocol};
+use rumqttd::{Notification, Router, RouterConfig};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::acl::Rights;
+use crate::admission::{
+    Admission, ConnectInfo, Decision, MqttVersion, PresentedCertificate, Refusal,
+};
+use crate::bus::LocalBus;
+use crate::frame;
+use crate::registry::{self, Control, Registry, SharedRights};
+use crate::tls::{self, ClientPolicy, TlsSetupError};
+
+/// Client ids with this prefix are reserved for fleetd's own in-process links.
+pub const RESERVED_CLIENT_ID_PREFIX: &str = "fleetd-";
+
+/// Everything the front door needs, already parsed and validated.
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub server_chain: Vec<CertificateDer<'static>>,
+    pub server_key: PrivateKeyDer<'static>,
+    pub fleet_ca: Vec<CertificateDer<'static>>,
+    pub manufacturer_cas: Vec<CertificateDer<'static>>,
+    pub allow_self_signed: bool,
+    /// Live sessions at most; above it a CONNECT is refused with a proper CONNACK.
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_packet_size: usize,
+    /// Keepalive applied to clients that ask for none (keepalive 0).
+    pub idle_timeout: Duration,
+    /// Bounded grace for delivering the final `cmd` before a cut.
+    pub cut_grace: Duration,
+    /// A write that does not finish in this time ends the session (a client that stops reading).
+    pub write_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("TLS setup: {0}")]
+    Tls(#[from] TlsSetupError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot attach to the router: {0}")]
+    Link(String),
+}
+
+struct LinkRequest {
+    client_id: String,
+}
+
+type LinkParts = (LinkTx, LinkRx, Notification);
+type LinkFactory = Arc<dyn Fn(LinkRequest) -> Result<LinkParts, String> + Send + Sync>;
+
+struct Shared {
+    settings: SettingsRuntime,
+    registry: Arc<Registry>,
+    links: LinkFactory,
+    policy: Arc<ClientPolicy>,
+    acceptor: TlsAcceptor,
+    open_sockets: AtomicUsize,
+    /// Publishes wills on behalf of clients whose own link is gone.
+    will_link: Mutex<LinkTx>,
+    shutdown: watch::Receiver<bool>,
+}
+
+struct SettingsRuntime {
+    max_connections: usize,
+    max_sockets: usize,
+    handshake_timeout: Duration,
+    connect_timeout: Duration,
+    max_packet_size: usize,
+    idle_timeout: Duration,
+    cut_grace: Duration,
+    write_timeout: Duration,
+}
+
+/// The running front door with its router.
+pub struct Broker {
+    shared: Arc<Shared>,
+    listener: Mutex<Option<TcpListener>>,
+    local_addr: SocketAddr,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+async fn build_link(links: &LinkFactory, client_id: String) -> Result<LinkParts, BrokerError> {
+    let links = links.clone();
+    // `LinkBuilder::build` blocks the calling thread until the router answers: keep it off the
+    // async workers.
+    tokio::task::spawn_blocking(move || links(LinkRequest { client_id }))
+        .await
+        .map_err(|e| BrokerError::Link(e.to_string()))?
+        .map_err(BrokerError::Link)
+}
+
+impl Broker {
+    /// Builds the TLS configuration, starts the router and binds the listener. Clients are not
+    /// accepted until [`Broker::serve`].
+    pub async fn bind(settings: Settings) -> Result<Broker, BrokerError> {
+        let provider = tls::provider();
+        let policy = Arc::new(ClientPolicy::new(
+            &settings.fleet_ca,
+            &settings.manufacturer_cas,
+            settings.allow_self_signed,
+            &provider,
+        )?);
+        let server_config = tls::server_config(
+            settings.server_chain,
+            settings.server_key,
+            policy.clone(),
+            provider,
+            settings.max_connections.clamp(256, 65_536),
+        )?;
+
+        let router = Router::new(
+            0,
+            RouterConfig {
+                // fleetd's own links come on top of the clients.
+                max_connections: settings.max_connections + 64,
+                max_outgoing_packet_count: 200,
+                max_segment_size: (settings.max_packet_size * 4).max(1 << 20),
+                max_segment_count: 4,
+                custom_segment: None,
+                initialized_filters: None,
+                shared_subscriptions_strategy: Default::default(),
+            },
+        );
+        let router_tx = router.spawn();
+        // The router's sender type names a private type: it only lives inside this closure.
+        let links: LinkFactory = Arc::new(move |req: LinkRequest| {
+            LinkBuilder::new(&req.client_id, router_tx.clone())
+                // Sessions never outlive their connection: rights are decided per connection,
+                // and a resumed session would carry subscriptions granted under old rights.
+                .clean_session(true)
+                // Without dynamic filters a publish to a topic nobody subscribed disconnects.
+                .dynamic_filters(true)
+                .build()
+                .map_err(|e: LinkError| e.to_string())
+        });
+
+        let (will_tx, _will_rx, _) =
+            build_link(&links, format!("{RESERVED_CLIENT_ID_PREFIX}wills")).await?;
+
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| BrokerError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
+        let local_addr = listener.local_addr().map_err(|source| BrokerError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            settings: SettingsRuntime {
+                max_connections: settings.max_connections,
+                // Sockets still in handshake or before CONNECT are bounded too, so that a flood
+                // of idle sockets cannot exhaust the process's descriptors.
+                max_sockets: settings.max_connections + settings.max_connections / 8 + 256,
+                handshake_timeout: settings.handshake_timeout,
+                connect_timeout: settings.connect_timeout,
+                max_packet_size: settings.max_packet_size,
+                idle_timeout: settings.idle_timeout,
+                cut_grace: settings.cut_grace,
+                write_timeout: settings.write_timeout,
+            },
+            registry: Arc::new(Registry::default()),
+            links,
+            policy,
+            acceptor: TlsAcceptor::from(Arc::new(server_config)),
+            open_sockets: AtomicUsize::new(0),
+            will_link: Mutex::new(will_tx),
+            shutdown: shutdown_rx,
+        });
+        Ok(Broker {
+            shared,
+            listener: Mutex::new(Some(listener)),
+            local_addr,
+            shutdown_tx,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The live sessions, for the controller ([`crate::SessionControl`]).
+    pub fn sessions(&self) -> Arc<Registry> {
+        self.shared.registry.clone()
+    }
+
+    /// An in-process link with every right, for the controller. `name` must be unique.
+    pub async fn local_bus(&self, name: &str) -> Result<LocalBus, BrokerError> {
+        let (tx, rx, _) = build_link(
+            &self.shared.links,
+            format!("{RESERVED_CLIENT_ID_PREFIX}{name}"),
+        )
+        .await?;
+        Ok(LocalBus::new(tx, rx))
+    }
+
+    /// Starts accepting clients. Returns at once; the accept loop runs until [`Broker::shutdown`].
+    pub fn serve(&self, admission: Arc<dyn Admission>) {
+        let listener = self
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(listener) = listener else {
+            warn!("serve called twice");
+            return;
+        };
+        let shared = self.shared.clone();
+        tokio::spawn(accept_loop(listener, shared, admission));
+    }
+
+    /// Stops accepting and cuts every live session.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown_tx.send(true);
+        self.shared.registry.cut_all();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct SocketSlot(Arc<Shared>);
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        self.0.open_sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<dyn Admission>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors or a transient error: back off briefly instead of spinning.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        if shared.open_sockets.fetch_add(1, Ordering::Relaxed) >= shared.settings.max_sockets {
+            shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
+            debug!(%peer, "socket cap reached, closing");
+            continue;
+        }
+        let slot = SocketSlot(shared.clone());
+        let _ = tcp.set_nodelay(true);
+        let admission = admission.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let shared = _slot.0.clone();
+            connection(shared, admission, tcp, peer).await;
+        });
+    }
+    info!("front door stopped accepting");
+}
+
+/// The codec of the client's protocol version.
+#[derive(Clone, Copy)]
+struct Codec(MqttVersion);
+
+impl Codec {
+    fn read(&self, buf: &mut BytesMut, max: usize) -> Result<Packet, CodecError> {
+        // rumqttd's decoder is not ours: a panic on hostile bytes must end this connection, not
+        // the task's invariants. (It has not been seen; this is insurance.)
+        let version = self.0;
+        std::panic::catch_unwind(AssertUnwindSafe(|| match version {
+            MqttVersion::V311 => V4.read_mut(buf, max),
+            MqttVersion::V5 => V5.read_mut(buf, max),
+        }))
+        .unwrap_or(Err(CodecError::IncorrectPacketFormat))
+    }
+
+    fn write(&self, packet: Packet, out: &mut BytesMut) -> Result<usize, CodecError> {
+        match self.0 {
+            MqttVersion::V311 => V4.write(frame::strip_properties(packet), out),
+            MqttVersion::V5 => V5.write(packet, out),
+        }
+    }
+}
+
+struct Will {
+    topic: bytes::Bytes,
+    payload: bytes::Bytes,
+    retain: bool,
+    delay: Duration,
+}
+
+async fn read_more(
+    reader: &mut ReadHalf<TlsStream<TcpStream>>,
+    buf: &mut BytesMut,
+) -> std::io::Result<()> {
+    buf.reserve(4096);
+    let n = reader.read_buf(buf).await?;
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+async fn write_packet(
+    writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    codec: Codec,
+    packet: Packet,
+    write_timeout: Duration,
+) -> Result<(), String> {
+    let mut out = BytesMut::with_capacity(64);
+    codec
+        .write(packet, &mut out)
+        .map_err(|e| format!("encode: {e}"))?;
+    timeout(write_timeout, async {
+        writer.write_all(&out).await?;
+        writer.flush().await
+    })
+    .await
+    .map_err(|_| "write timed out".to_string())?
+    .map_err(|e| format!("write: {e}"))
+}
+
+fn client_id_is_valid(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with(RESERVED_CLIENT_ID_PREFIX)
+        && id
+            .chars()
+            .all(|c| c.is_ascii_graphic() && !matches!(c, '+' | '#' | '/' | '$'))
+}
+
+async fn connection(
+    shared: Arc<Shared>,
+    admission: Arc<dyn Admission>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
+    let settings = &shared.settings;
+    let tls = match timeout(settings.handshake_timeout, shared.acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            debug!(%peer, "TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    // The verifier does not run on resumed sessions: apply the policy to the peer certificate
+    // after every handshake.
+    let certificate = match tls.get_ref().1.peer_certificates() {
+        Some(chain) if !chain.is_empty() => match shared.policy.classify(chain, UnixTime::now()) {
+            Ok(trust) => Ok(Some(PresentedCertificate {
+                der: chain[0].to_vec(),
+                trust,
+            })),
+            Err(reason) => Err(reason),
+        },
+        _ => Ok(None),
+    };
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    let mut buf = BytesMut::with_capacity(4096);
+
+    // CONNECT, within the connect timeout.
+    let deadline = Instant::now() + settings.connect_timeout;
+    let first = timeout(settings.connect_timeout, async {
+        loop {
+            match frame::connect_version(&buf) {
+                Ok(Some(v)) => break Ok(v),
+                Ok(None) => read_more(&mut reader, &mut buf)
+                    .await
+                    .map_err(|e| e.to_string())?,
+                Err(frame::PreambleError::UnsupportedLevel(level)) => {
+                    let _ = write_packet(
+                        &mut writer,
+                        Codec(MqttVersion::V311),
+                        frame::unsupported_version_connack(),
+                        settings.write_timeout,
+                    )
+                    .await;
+                    break Err(format!("unsupported protocol level {level}"));
+                }
+                Err(e) => break Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    let version = match first {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            debug!(%peer, "no usable CONNECT: {e}");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "no CONNECT in time");
+            return;
+        }
+    };
+    let codec = Codec(version);
+    let connect = loop {
+        match codec.read(&mut buf, settings.max_packet_size) {
+            Ok(packet) => break packet,
+            Err(CodecError::InsufficientBytes(_)) => {
+                match timeout(
+                    deadline.saturating_duration_since(Instant::now()),
+                    read_more(&mut reader, &mut buf),
+                )
+                .await
+                {
+                    Ok(Ok(())) => {}
+                    _ => return,
+                }
+            }
+            Err(e) => {
+                debug!(%peer, "malformed CONNECT: {e}");
+                return;
+            }
+        }
+    };
+    let Packet::Connect(connect, _props, last_will, will_props, login) = connect else {
+        return;
+    };
+    let client_id = connect.client_id.clone();
+
+    let refuse = |refusal: Refusal, reason: String| async move {
+        info!(%peer, client_id = %client_id_for_log(&connect.client_id), ?refusal, "refused: {reason}");
+        (refusal, reason)
+    };
+    let refusal = if !client_id_is_valid(&client_id) {
+        Some(
+            refuse(
+                Refusal::ClientIdentifierNotValid,
+                "client id of the wrong form".into(),
+            )
+            .await,
+        )
+    } else if shared.registry.len() >= settings.max_connections {
+        Some(refuse(Refusal::QuotaExceeded, "connection limit reached".into()).await)
+    } else if let Err(reason) = &certificate {
+        Some(
+            refuse(
+                Refusal::NotAuthorized,
+                format!("client certificate refused: {reason}"),
+            )
+            .await,
+        )
+    } else {
+        None
+    };
+    if let Some((refusal, reason)) = refusal {
+        let _ = write_packet(
+            &mut writer,
+            codec,
+            frame::refusal_connack(version, refusal, &reason),
+            settings.write_timeout,
+        )
+        .await;
+        let _ = writer.shutdown().await;
+        return;
+    }
+
+    let session_id = shared.registry.next_session_id();
+    let info = ConnectInfo {
+        session_id,
+        client_id: client_id.clone(),
+        username: login.as_ref().map(|l| l.username.clone()),
+        password: login.as_ref().map(|l| l.password.clone()),
+        peer_addr: peer,
+        certificate: certificate.ok().flatten(),
+        version,
+    };
+    let rights = match admission.admit(info).await {
+        Decision::Allow { rights } => rights,
+        Decision::Deny { refusal, reason } => {
+            info!(%peer, client_id = %client_id_for_log(&client_id), "refused by the controller: {reason}");
+            let _ = write_packet(
+                &mut writer,
+                codec,
+                frame::refusal_connack(version, refusal, &reason),
+                settings.write_timeout,
+            )
+            .await;
+            let _ = writer.shutdown().await;
+            return;
+        }
+    };
+
+    let will = last_will.map(|w| Will {
+        topic: w.topic,
+        payload: w.message,
+        retain: w.retain,
+        delay: Duration::from_secs(
+            will_props
+                .as_ref()
+                .and_then(|p| p.delay_interval)
+                .unwrap_or(0)
+                .into(),
+        ),
+    });
+    // A will is published on the client's behalf: it must be within its rights at CONNECT.
+    let will = will.filter(|w| std::str::from_utf8(&w.topic).is_ok_and(|t| rights.may_publish(t)));
+
+    let shared_rights: SharedRights = Arc::new(std::sync::RwLock::new(rights));
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    shared
+        .registry
+        .register(&client_id, session_id, shared_rights.clone(), control_tx);
+
+    let (link_tx, link_rx, notification) = match build_link(&shared.links, client_id.clone()).await
+    {
+        Ok(parts) => parts,
+        Err(e) => {
+            warn!(client_id = %client_id, "router refused the link: {e}");
+            let _ = write_packet(
+                &mut writer,
+                codec,
+                frame::refusal_connack(version, Refusal::ServerUnavailable, "router unavailable"),
+                settings.write_timeout,
+            )
+            .await;
+            shared.registry.unregister(&client_id, session_id);
+            admission.session_closed(&client_id, session_id);
+            return;
+        }
+    };
+    let connack: Option<Packet> = notification.into();
+    let connack = match connack {
+        Some(Packet::ConnAck(mut ack, props)) => {
+            ack.session_present = false;
+            Packet::ConnAck(ack, props)
+        }
+        _ => Packet::ConnAck(
+            rumqttd::protocol::ConnAck {
+                session_present: false,
+                code: rumqttd::protocol::ConnectReturnCode::Success,
+            },
+            None,
+        ),
+    };
+    let keepalive = match connect.keep_alive {
+        0 => settings.idle_timeout,
+        // MQTT: the server may close after one and a half keepalive periods of silence.
+        k => Duration::from_millis(u64::from(k) * 1500),
+    };
+
+    let mut pump = Pump {
+        shared: shared.clone(),
+        codec,
+        version,
+        client_id: client_id.clone(),
+        rights: shared_rights,
+        link_tx,
+        pending_subs: HashMap::new(),
+        denied_qos2: HashSet::new(),
+        closing: None,
+    };
+    let end = match write_packet(&mut writer, codec, connack, settings.write_timeout).await {
+        Ok(()) => {
+            pump.run(
+                &mut reader,
+                &mut writer,
+                buf,
+                link_rx,
+                control_rx,
+                keepalive,
+            )
+            .await
+        }
+        Err(_) => End::Unclean,
+    };
+    debug!(client_id = %client_id, ?end, "session ended");
+    let _ = timeout(Duration::from_secs(1), writer.shutdown()).await;
+
+    if let (Some(will), true) = (will, end.fires_will()) {
+        publish_will(shared.clone(), client_id.clone(), session_id, will);
+    }
+    if end != End::LinkGone {
+        let _ = pump
+            .link_tx
+            .send(Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            ))
+            .await;
+    }
+    shared.registry.unregister(&client_id, session_id);
+    admission.session_closed(&client_id, session_id);
+}
+
+/// Client ids come from the network: log them escaped and bounded.
+fn client_id_for_log(id: &str) -> String {
+    id.chars().take(64).flat_map(char::escape_default).collect()
+}
+
+fn publish_will(shared: Arc<Shared>, client_id: String, session_id: u64, will: Will) {
+    let publish = move |shared: &Shared| {
+        let packet = Packet::Publish(
+            Publish::new(will.topic.clone(), will.payload.clone(), will.retain),
+            None,
+        );
+        let mut link = shared.will_link.lock().unwrap_or_else(|e| e.into_inner());
+        // `send` completes without waiting (it pushes to the router's channel).
+        let fut = link.send(packet);
+        let _ = poll_once(fut);
+    };
+    if will.delay.is_zero() {
+        publish(&shared);
+    } else {
+        tokio::spawn(async move {
+            tokio::time::sleep(will.delay).await;
+            // A client that came back within the delay cancels its will (MQTT 5).
+            let back = shared.registry.is_current(&client_id, session_id)
+                || crate::admission::SessionControl::is_connected(&*shared.registry, &client_id);
+            if !back {
+                publish(&shared);
+            }
+        });
+    }
+}
+
+/// Polls a future that is known to complete without suspending (rumqttd's `LinkTx::send` pushes
+/// to a channel synchronously inside an `async fn`).
+pub(crate) fn poll_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The client sent DISCONNECT: no will.
+    Clean,
+    /// MQTT 5 DISCONNECT 0x04: disconnect with will.
+    CleanWithWill,
+    /// Network error, timeout, protocol error.
+    Unclean,
+    /// The controller revoked the session.
+    Cut,
+    /// A new connection took over the client id: its will would race the new session's state.
+    TakenOver,
+    /// The router dropped the link.
+    LinkGone,
+    Shutdown,
+}
+
+impl End {
+    fn fires_will(self) -> bool {
+        matches!(
+            self,
+            End::CleanWithWill | End::Unclean | End::Cut | End::LinkGone | End::Shutdown
+        )
+    }
+}
+
+struct Pump {
+    shared: Arc<Shared>,
+    codec: Codec,
+    version: MqttVersion,
+    client_id: String,
+    rights: SharedRights,
+    link_tx: LinkTx,
+    /// SUBSCRIBEs forwarded in part: per packet id, the codes of the denied filters by position
+    /// (`None`: to be filled from the router's SUBACK).
+    pending_subs: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
+    /// QoS 2 publishes refused under 3.1.1 (acknowledged, not forwarded): their PUBREL is
+    /// answered here.
+    denied_qos2: HashSet<u16>,
+    /// Set by a cut: close after a message on this topic was written, or at the deadline.
+    closing: Option<(Instant, Option<String>)>,
+}
+
+enum Step {
+    Continue,
+    End(End),
+}
+
+impl Pump {
+    async fn run(
+        &mut self,
+        reader: &mut ReadHalf<TlsStream<TcpStream>>,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+        mut buf: BytesMut,
+        mut link_rx: LinkRx,
+        mut control: mpsc::UnboundedReceiver<Control>,
+        keepalive: Duration,
+    ) -> End {
+        let mut shutdown = self.shared.shutdown.clone();
+        let mut idle_deadline = Instant::now() + keepalive;
+        // Frames that arrived together with the CONNECT.
+        if let Step::End(end) = self.drain_frames(&mut buf, writer).await {
+            return end;
+        }
+        loop {
+            let closing_at = self.closing.as_ref().map(|(at, _)| *at);
+            tokio::select! {
+                read = reader.read_buf(&mut buf) => {
+                    match read {
+                        Ok(0) | Err(_) => return End::Unclean,
+                        Ok(_) => {}
+                    }
+                    idle_deadline = Instant::now() + keepalive;
+                    if let Step::End(end) = self.drain_frames(&mut buf, writer).await {
+                        return end;
+                    }
+                    buf.reserve(4096);
+                }
+                next = link_rx.next() => {
+                    let notification = match next {
+                        Ok(Some(n)) => n,
+                        Ok(None) => continue,
+                        Err(_) => return End::LinkGone,
+                    };
+                    if let Step::End(end) = self.outgoing(notification, &link_rx, writer).await {
+                        return end;
+                    }
+                }
+                c = control.recv() => {
+                    match c {
+                        Some(Control::TakenOver) => {
+                            self.disconnect(writer, DisconnectReasonCode::SessionTakenOver, "session taken over").await;
+                            return End::TakenOver;
+                        }
+                        Some(Control::Cut { last_topic: None }) | None => {
+                            self.disconnect(writer, DisconnectReasonCode::NotAuthorized, "not authorized").await;
+                            return End::Cut;
+                        }
+                        Some(Control::Cut { last_topic: Some(topic) }) => {
+                            self.closing = Some((Instant::now() + self.shared.settings.cut_grace, Some(topic)));
+                        }
+                    }
+                }
+                _ = sleep_until(idle_deadline) => {
+                    debug!(client_id = %self.client_id, "keepalive expired");
+                    return End::Unclean;
+                }
+                _ = sleep_until(closing_at.unwrap_or(idle_deadline)), if closing_at.is_some() => {
+                    self.disconnect(writer, DisconnectReasonCode::NotAuthorized, "not authorized").await;
+                    return End::Cut;
+                }
+                _ = shutdown.changed() => {
+                    self.disconnect(writer, DisconnectReasonCode::ServerShuttingDown, "server shutting down").await;
+                    return End::Shutdown;
+                }
+            }
+        }
+    }
+
+    async fn disconnect(
+        &self,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+        reason: DisconnectReasonCode,
+        text: &str,
+    ) {
+        if let Some(packet) = frame::server_disconnect(self.version, reason, text) {
+            let _ = write_packet(
+                writer,
+                self.codec,
+                packet,
+                self.shared.settings.write_timeout,
+            )
+            .await;
+        }
+    }
+
+    async fn write(&self, writer: &mut WriteHalf<TlsStream<TcpStream>>, packet: Packet) -> Step {
+        match write_packet(
+            writer,
+            self.codec,
+            packet,
+            self.shared.settings.write_timeout,
+        )
+        .await
+        {
+            Ok(()) => Step::Continue,
+            Err(e) => {
+                debug!(client_id = %self.client_id, "{e}");
+                Step::End(End::Unclean)
+            }
+        }
+    }
+
+    /// Decodes and handles every complete frame in `buf`.
+    async fn drain_frames(
+        &mut self,
+        buf: &mut BytesMut,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    ) -> Step {
+        loop {
+            let peeked = frame::publish_qos_pkid(buf);
+            let packet = match self.codec.read(buf, self.shared.settings.max_packet_size) {
+                Ok(p) => p,
+                Err(CodecError::InsufficientBytes(_)) => return Step::Continue,
+                Err(CodecError::PayloadSizeLimitExceeded(_)) => {
+                    self.disconnect(
+                        writer,
+                        DisconnectReasonCode::PacketTooLarge,
+                        "packet too large",
+                    )
+                    .await;
+                    return Step::End(End::Unclean);
+                }
+                Err(e) => {
+                    debug!(client_id = %self.client_id, "malformed packet: {e}");
+                    self.disconnect(
+                        writer,
+                        DisconnectReasonCode::MalformedPacket,
+                        "malformed packet",
+                    )
+                    .await;
+                    return Step::End(End::Unclean);
+                }
+            };
+            if let Step::End(end) = self.incoming(packet, peeked, writer).await {
+                return Step::End(end);
+            }
+        }
+    }
+
+    async fn forward(&mut self, packet: Packet) -> Step {
+        match self.link_tx.send(packet).await {
+            Ok(_) => Step::Continue,
+            Err(_) => Step::End(End::LinkGone),
+        }
+    }
+
+    async fn incoming(
+        &mut self,
+        packet: Packet,
+        peeked: Option<(u8, u16)>,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    ) -> Step {
+        match packet {
+            Packet::Publish(publish, props) => {
+                let allowed = std::str::from_utf8(&publish.topic)
+                    .is_ok_and(|topic| registry::read(&self.rights).may_publish(topic));
+                if allowed {
+                    return self.forward(Packet::Publish(publish, props)).await;
+                }
+                debug!(client_id = %self.client_id, topic = %String::from_utf8_lossy(&publish.topic).escape_default(), "publish denied");
+                let (qos, pkid) = peeked.unwrap_or((0, 0));
+                let v5 = self.version == MqttVersion::V5;
+                match qos {
+                    1 => {
+                        // 3.1.1 has no refusal: acknowledge and drop. MQTT 5: 0x87.
+                        let reason = if v5 {
+                            PubAckReason::NotAuthorized
+                        } else {
+                            PubAckReason::Success
+                        };
+                        self.write(writer, Packet::PubAck(PubAck { pkid, reason }, None))
+                            .await
+                    }
+                    2 => {
+                        let reason = if v5 {
+                            PubRecReason::NotAuthorized
+                        } else {
+                            self.denied_qos2.insert(pkid);
+                            PubRecReason::Success
+                        };
+                        self.write(writer, Packet::PubRec(PubRec { pkid, reason }, None))
+                            .await
+                    }
+                    _ => Step::Continue,
+                }
+            }
+            Packet::PubRel(pubrel, props) => {
+                if self.denied_qos2.remove(&pubrel.pkid) {
+                    let comp = PubComp {
+                        pkid: pubrel.pkid,
+                        reason: PubCompReason::Success,
+                    };
+                    self.write(writer, Packet::PubComp(comp, None)).await
+                } else {
+                    self.forward(Packet::PubRel(pubrel, props)).await
+                }
+            }
+            Packet::Subscribe(mut subscribe, props) => {
+                let denied_code = match self.version {
+                    MqttVersion::V311 => SubscribeReasonCode::Failure,
+                    MqttVersion::V5 => SubscribeReasonCode::NotAuthorized,
+                };
+                let decisions: Vec<bool> = {
+                    let rights = registry::read(&self.rights);
+                    subscribe
+                        .filters
+                        .iter()
+                        .map(|f| rights.may_subscribe(&f.path))
+                        .collect()
+                };
+                if decisions.iter().all(|d| *d) {
+                    return self.forward(Packet::Subscribe(subscribe, props)).await;
+                }
+                debug!(client_id = %self.client_id, "subscription denied");
+                if decisions.iter().all(|d| !*d) {
+                    let ack = SubAck {
+                        pkid: subscribe.pkid,
+                        return_codes: vec![denied_code; decisions.len()],
+                    };
+                    return self.write(writer, Packet::SubAck(ack, None)).await;
+                }
+                let slots = decisions
+                    .iter()
+                    .map(|d| if *d { None } else { Some(denied_code) })
+                    .collect();
+                self.pending_subs.insert(subscribe.pkid, slots);
+                let mut it = decisions.iter();
+                subscribe.filters.retain(|_| *it.next().unwrap_or(&false));
+                self.forward(Packet::Subscribe(subscribe, props)).await
+            }
+            Packet::Unsubscribe(..)
+            | Packet::PubAck(..)
+            | Packet::PubRec(..)
+            | Packet::PubComp(..) => self.forward(packet).await,
+            Packet::PingReq(_) => self.write(writer, Packet::PingResp(PingResp)).await,
+            Packet::Disconnect(disconnect, _) => {
+                if disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
+                    Step::End(End::CleanWithWill)
+                } else {
+                    Step::End(End::Clean)
+                }
+            }
+            // A second CONNECT, or a packet only a server sends: protocol error.
+            _ => {
+                self.disconnect(
+                    writer,
+                    DisconnectReasonCode::ProtocolError,
+                    "protocol error",
+                )
+                .await;
+                Step::End(End::Unclean)
+            }
+        }
+    }
+
+    async fn outgoing(
+        &mut self,
+        notification: Notification,
+        link_rx: &LinkRx,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    ) -> Step {
+        match notification {
+            Notification::Unschedule => {
+                if link_rx.wake().await.is_err() {
+                    return Step::End(End::LinkGone);
+                }
+                Step::Continue
+            }
+            Notification::Disconnect(d, _) => {
+                self.disconnect(writer, d.reason_code, "disconnected by the server")
+                    .await;
+                Step::End(End::LinkGone)
+            }
+            Notification::Forward(forward) => {
+                let last = self
+                    .closing
+                    .as_ref()
+                    .and_then(|(_, t)| t.as_deref())
+                    .is_some_and(|t| forward.publish.topic.as_ref() == t.as_bytes());
+                let step = self
+                    .write(writer, Packet::Publish(forward.publish, forward.properties))
+                    .await;
+                if last {
+                    self.disconnect(
+                        writer,
+                        DisconnectReasonCode::NotAuthorized,
+                        "not authorized",
+                    )
+                    .await;
+                    return Step::End(End::Cut);
+                }
+                step
+            }
+            other => {
+                let packet: Option<Packet> = other.into();
+                match packet {
+                    Some(Packet::SubAck(mut ack, props)) => {
+                        if let Some(slots) = self.pending_subs.remove(&ack.pkid) {
+                            let mut granted = ack.return_codes.into_iter();
+                            ack.return_codes = slots
+                                .into_iter()
+                                .map(|slot| {
+                                    slot.or_else(|| granted.next())
+                                        .unwrap_or(SubscribeReasonCode::Failure)
+                                })
+                                .collect();
+                        }
+                        self.write(writer, Packet::SubAck(ack, props)).await
+                    }
+                    // The front door answers PINGREQ itself.
+                    Some(Packet::PingResp(_)) | None => Step::Continue,
+                    Some(packet) => self.write(writer, packet).await,
+                }
+            }
+        }
+    }
+}
+
+/// Rights for fleetd's own links (never for a network client).
+pub fn service_rights() -> Rights {
+    Rights::danger_everything()
+}

@@ -1,0 +1,145 @@
+//! The live sessions of the front door, by client id: their current rights and a control channel
+//! to their pump. Implements [`SessionControl`] for the controller.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use tokio::sync::mpsc;
+
+use crate::acl::Rights;
+use crate::admission::SessionControl;
+
+/// What the registry asks of a session's pump.
+#[derive(Debug)]
+pub(crate) enum Control {
+    /// Close once a message on `last_topic` was written, or at once when `None`; the grace is
+    /// bounded by the pump.
+    Cut { last_topic: Option<String> },
+    /// Another connection took this client id over.
+    TakenOver,
+}
+
+/// Rights shared between the registry (writer) and a pump (reader, on every packet).
+pub(crate) type SharedRights = Arc<RwLock<Rights>>;
+
+struct Entry {
+    session_id: u64,
+    rights: SharedRights,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    sessions: Mutex<HashMap<String, Entry>>,
+    next_session: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the map half-updated (single inserts and
+    // removes), so a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn set(rights: &SharedRights, new: Rights) {
+    *rights.write().unwrap_or_else(|e| e.into_inner()) = new;
+}
+
+pub(crate) fn read(rights: &SharedRights) -> std::sync::RwLockReadGuard<'_, Rights> {
+    rights.read().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Registry {
+    pub(crate) fn next_session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        lock(&self.sessions).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Registers an admitted session; a live session with the same client id is taken over.
+    pub(crate) fn register(
+        &self,
+        client_id: &str,
+        session_id: u64,
+        rights: SharedRights,
+        control: mpsc::UnboundedSender<Control>,
+    ) {
+        let old = lock(&self.sessions).insert(
+            client_id.to_owned(),
+            Entry {
+                session_id,
+                rights,
+                control,
+            },
+        );
+        if let Some(old) = old {
+            set(&old.rights, Rights::none());
+            let _ = old.control.send(Control::TakenOver);
+        }
+    }
+
+    /// Removes a session if it is still the registered one for its client id.
+    pub(crate) fn unregister(&self, client_id: &str, session_id: u64) -> bool {
+        let mut sessions = lock(&self.sessions);
+        if sessions
+            .get(client_id)
+            .is_some_and(|e| e.session_id == session_id)
+        {
+            sessions.remove(client_id);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether `session_id` is still the live session of `client_id`.
+    pub(crate) fn is_current(&self, client_id: &str, session_id: u64) -> bool {
+        lock(&self.sessions)
+            .get(client_id)
+            .is_some_and(|e| e.session_id == session_id)
+    }
+
+    /// Cuts every live session (shutdown).
+    pub(crate) fn cut_all(&self) {
+        for entry in lock(&self.sessions).values() {
+            set(&entry.rights, Rights::none());
+            let _ = entry.control.send(Control::Cut { last_topic: None });
+        }
+    }
+}
+
+impl SessionControl for Registry {
+    fn set_rights(&self, client_id: &str, rights: Rights) -> bool {
+        match lock(&self.sessions).get(client_id) {
+            Some(entry) => {
+                set(&entry.rights, rights);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn cut(&self, client_id: &str, last_topic: Option<String>) -> bool {
+        // Rights are withdrawn synchronously, before this returns: from now on the session can
+        // neither publish nor subscribe, whatever the pump is doing.
+        match lock(&self.sessions).get(client_id) {
+            Some(entry) => {
+                set(&entry.rights, Rights::none());
+                let _ = entry.control.send(Control::Cut { last_topic });
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn is_connected(&self, client_id: &str) -> bool {
+        lock(&self.sessions).contains_key(client_id)
+    }
+}

@@ -1,0 +1,204 @@
+//! The TLS side of the front door: one rustls `ServerConfig` built at start (ring provider),
+//! and the client-certificate policy: a certificate that chains to the fleet CA or a configured
+//! manufacturer CA, or a valid self-signed one (a station's own key pair).
+//!
+//! rustls does not run the verifier on resumed sessions, so the same policy is applied again by
+//! [`ClientPolicy::classify`] on the peer certificate after every handshake.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
+use rustls::{
+    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::admission::Trust;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("a CA certificate is not usable as a trust anchor: {0}")]
+    BadAnchor(String),
+    #[error("the client verifier could not be built: {0}")]
+    Verifier(String),
+    #[error("the server certificate or key is not usable: {0}")]
+    ServerCertificate(#[from] rustls::Error),
+}
+
+/// Who may present which client certificate.
+pub struct ClientPolicy {
+    fleet: Arc<dyn ClientCertVerifier>,
+    manufacturer: Option<Arc<dyn ClientCertVerifier>>,
+    allow_self_signed: bool,
+    algorithms: WebPkiSupportedAlgorithms,
+    hints: Vec<DistinguishedName>,
+}
+
+impl fmt::Debug for ClientPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientPolicy")
+            .field("manufacturer", &self.manufacturer.is_some())
+            .field("allow_self_signed", &self.allow_self_signed)
+            .finish()
+    }
+}
+
+fn verifier(
+    anchors: &[CertificateDer<'static>],
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsSetupError> {
+    let mut roots = RootCertStore::empty();
+    for anchor in anchors {
+        roots
+            .add(anchor.clone())
+            .map_err(|e| TlsSetupError::BadAnchor(e.to_string()))?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsSetupError::Verifier(e.to_string()))
+}
+
+impl ClientPolicy {
+    pub fn new(
+        fleet_ca: &[CertificateDer<'static>],
+        manufacturer_cas: &[CertificateDer<'static>],
+        allow_self_signed: bool,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, TlsSetupError> {
+        let fleet = verifier(fleet_ca, provider)?;
+        let manufacturer = if manufacturer_cas.is_empty() {
+            None
+        } else {
+            Some(verifier(manufacturer_cas, provider)?)
+        };
+        let mut hints = fleet.root_hint_subjects().to_vec();
+        if let Some(m) = &manufacturer {
+            hints.extend_from_slice(m.root_hint_subjects());
+        }
+        Ok(ClientPolicy {
+            fleet,
+            manufacturer,
+            allow_self_signed,
+            algorithms: provider.signature_verification_algorithms,
+            hints,
+        })
+    }
+
+    /// Applies the policy to a presented chain (leaf first). Run after every handshake, resumed
+    /// ones included.
+    pub fn classify(&self, chain: &[CertificateDer<'_>], now: UnixTime) -> Result<Trust, String> {
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return Err("no certificate".into());
+        };
+        if self
+            .fleet
+            .verify_client_cert(leaf, intermediates, now)
+            .is_ok()
+        {
+            return Ok(Trust::FleetCa);
+        }
+        if let Some(m) = &self.manufacturer {
+            if m.verify_client_cert(leaf, intermediates, now).is_ok() {
+                return Ok(Trust::ManufacturerCa);
+            }
+        }
+        if self.allow_self_signed {
+            check_self_signed(leaf, now)?;
+            return Ok(Trust::SelfSigned);
+        }
+        Err("the certificate chains to no trusted CA".into())
+    }
+}
+
+/// A self-signed certificate is acceptable when its issuer is its subject, its signature
+/// verifies under its own key, and it is within its validity period.
+fn check_self_signed(der: &CertificateDer<'_>, now: UnixTime) -> Result<(), String> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("unparseable certificate: {e}"))?;
+    if cert.subject() != cert.issuer() {
+        return Err("the certificate chains to no trusted CA and is not self-signed".into());
+    }
+    cert.verify_signature(None)
+        .map_err(|_| "the self-signed certificate's signature is invalid".to_string())?;
+    let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+    let validity = cert.validity();
+    if now < validity.not_before.timestamp() || now > validity.not_after.timestamp() {
+        return Err("the certificate is outside its validity period".into());
+    }
+    Ok(())
+}
+
+impl ClientCertVerifier for ClientPolicy {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let mut chain = Vec::with_capacity(1 + intermediates.len());
+        chain.push(end_entity.clone());
+        chain.extend(intermediates.iter().cloned());
+        match self.classify(&chain, now) {
+            Ok(_) => Ok(ClientCertVerified::assertion()),
+            Err(reason) => Err(rustls::Error::General(reason)),
+        }
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        // Legacy stations and unprovisioned phones present no certificate.
+        false
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Builds the listener's `ServerConfig` once: TLS 1.3 and 1.2, ring, session resumption on.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    policy: Arc<ClientPolicy>,
+    provider: Arc<CryptoProvider>,
+    session_cache: usize,
+) -> Result<ServerConfig, TlsSetupError> {
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(policy)
+        .with_single_cert(chain, key)?;
+    config.session_storage = ServerSessionMemoryCache::new(session_cache);
+    Ok(config)
+}
+
+/// The crypto provider used everywhere in fleetd.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}

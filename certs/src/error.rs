@@ -1,0 +1,106 @@
+//! Errors of certificate generation, parsing and storage.
+
+use std::path::PathBuf;
+
+/// What went wrong while making, reading or storing a certificate or key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertError {
+    /// rcgen could not generate a key pair or sign a certificate.
+    #[error("cannot generate certificate: {0}")]
+    Generate(#[source] rcgen::Error),
+    /// A private key in PEM could not be read (it must be PKCS#8 "PRIVATE KEY").
+    #[error("invalid private key: {0}")]
+    InvalidKey(#[source] rcgen::Error),
+    /// A certificate could not be parsed.
+    #[error("invalid certificate: {0}")]
+    InvalidCertificate(String),
+    /// A PEM text held no `CERTIFICATE` block.
+    #[error("no CERTIFICATE block in PEM")]
+    NoCertificate,
+    /// A PEM text held no private key block.
+    #[error("no private key block in PEM")]
+    NoPrivateKey,
+    /// A PEM text could not be read.
+    #[error("invalid PEM: {0}")]
+    Pem(#[source] std::io::Error),
+    /// The CA certificate is not a CA (no basic constraints CA:TRUE).
+    #[error("certificate is not a CA certificate")]
+    NotACa,
+    /// The CA key does not belong to the CA certificate.
+    #[error("CA key does not match the CA certificate")]
+    CaKeyMismatch,
+    /// A certificate signing request could not be parsed, or its signature is wrong.
+    #[error("invalid certificate signing request: {0}")]
+    InvalidCsr(#[source] rcgen::Error),
+    /// The common name in a certificate signing request is not the expected one.
+    #[error("CSR common name {found:?} is not the expected {expected:?}")]
+    CsrCommonNameMismatch {
+        /// The common name the caller expected.
+        expected: String,
+        /// The common name in the request, if any.
+        found: Option<String>,
+    },
+    /// A name for a certificate subject or file is not acceptable.
+    #[error("invalid {what} {value:?}: {reason}")]
+    InvalidName {
+        /// What the name is for ("operator name", "tenant", …).
+        what: &'static str,
+        /// The refused value.
+        value: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+    /// The system random number generator failed.
+    #[error("random number generator failed")]
+    Random,
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The data directory holds one file of a pair but not the other.
+    #[error("{} exists but {} is missing; restore it or remove both", present.display(), missing.display())]
+    IncompleteDataDir {
+        /// The file that exists.
+        present: PathBuf,
+        /// The file that is missing.
+        missing: PathBuf,
+    },
+}
+
+/// Why a text is not a [`crate::Fingerprint`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FingerprintError {
+    /// Neither 32 `:`-separated hex byte pairs (95 characters) nor 64 hex digits.
+    #[error(
+        "fingerprint has {found} characters; expected 32 hex byte pairs joined by ':' (95 characters) or 64 hex digits"
+    )]
+    Length {
+        /// The number of characters found.
+        found: usize,
+    },
+    /// A character that should be a hex digit is not.
+    #[error("fingerprint character {position} ({found:?}) is not a hex digit")]
+    NotHex {
+        /// 1-based position of the character.
+        position: usize,
+        /// The character found.
+        found: char,
+    },
+    /// A character that should be `:` is not.
+    #[error("fingerprint character {position} ({found:?}) should be ':'")]
+    Separator {
+        /// 1-based position of the character.
+        position: usize,
+        /// The character found.
+        found: char,
+    },
+}

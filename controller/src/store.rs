@@ -1,0 +1,366 @@
+//! The durable store of stations and audit records; the only module that knows redb.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+
+use crate::audit::AuditRecord;
+use crate::ids::Serial;
+use crate::station::Station;
+
+/// Serial → station record as JSON.
+const STATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("stations");
+/// Sequence number → audit record as JSON.
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// Counters that must survive restarts.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Next audit sequence number. Kept apart from the audit table so that numbers are never
+/// reused, even if old records are pruned one day.
+const NEXT_AUDIT_SEQ: &str = "next_audit_seq";
+
+/// What went wrong with the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store: {0}")]
+    Database(#[from] redb::DatabaseError),
+    #[error("store transaction: {0}")]
+    Transaction(#[from] redb::TransactionError),
+    #[error("store table: {0}")]
+    Table(#[from] redb::TableError),
+    #[error("store storage: {0}")]
+    Storage(#[from] redb::StorageError),
+    #[error("store commit: {0}")]
+    Commit(#[from] redb::CommitError),
+    /// A stored record that does not decode: the store was damaged or written by a newer version.
+    #[error("corrupt record in the store: {0}")]
+    Corrupt(String),
+    /// A record that cannot be written as JSON (a time RFC 3339 cannot express).
+    #[error("cannot encode a record: {0}")]
+    Encode(String),
+}
+
+/// One change to the store; `Store::apply` commits a batch of them atomically.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    PutStation(Station),
+    DeleteStation(Serial),
+    Audit(AuditRecord),
+}
+
+/// The controller's durable state, in one redb file.
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens the store at `path`, creating the file and its tables if missing.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(STATIONS)?;
+            txn.open_table(AUDIT)?;
+            txn.open_table(META)?;
+        }
+        txn.commit()?;
+        Ok(Store { db })
+    }
+
+    /// The record of one station.
+    pub fn station(&self, serial: &Serial) -> Result<Option<Station>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(STATIONS)?;
+        let Some(value) = table.get(serial.as_str())? else {
+            return Ok(None);
+        };
+        decode_station(serial.as_str(), value.value()).map(Some)
+    }
+
+    /// All station records, sorted by serial.
+    pub fn stations(&self) -> Result<Vec<Station>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(STATIONS)?;
+        let mut stations = Vec::new();
+        // redb iterates `&str` keys in byte order, which is the order of `Serial`.
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            stations.push(decode_station(key.value(), value.value())?);
+        }
+        Ok(stations)
+    }
+
+    /// Applies all changes in ONE write transaction and returns the audit records with their
+    /// assigned `seq`. Either every change is stored or none is.
+    pub fn apply(&self, changes: Vec<Change>) -> Result<Vec<AuditRecord>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let stored = match write_changes(&txn, changes) {
+            Ok(stored) => stored,
+            Err(error) => {
+                // The first error is the one to report; an abort that fails as well leaves the
+                // transaction uncommitted all the same.
+                let _ = txn.abort();
+                return Err(error);
+            }
+        };
+        // redb's default durability is `Immediate`: commit returns only once the transaction
+        // is fsynced. A decision must be on disk before anyone (a station, an operator) is told
+        // about it; otherwise a crash could undo a rejection that was already announced.
+        txn.commit()?;
+        Ok(stored)
+    }
+
+    /// The newest `limit` audit records of `tenant`, oldest first.
+    pub fn audit(&self, tenant: &str, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(AUDIT)?;
+        let mut records = Vec::new();
+        if limit == 0 {
+            return Ok(records);
+        }
+        for entry in table.iter()?.rev() {
+            let (key, value) = entry?;
+            let record: AuditRecord = serde_json::from_slice(value.value()).map_err(|error| {
+                StoreError::Corrupt(format!("audit record {}: {error}", key.value()))
+            })?;
+            if record.tenant == tenant {
+                records.push(record);
+                if records.len() == limit {
+                    break;
+                }
+            }
+        }
+        records.reverse();
+        Ok(records)
+    }
+}
+
+fn write_changes(
+    txn: &WriteTransaction,
+    changes: Vec<Change>,
+) -> Result<Vec<AuditRecord>, StoreError> {
+    let mut stations = txn.open_table(STATIONS)?;
+    let mut audit = txn.open_table(AUDIT)?;
+    let mut meta = txn.open_table(META)?;
+    let mut next_seq = match meta.get(NEXT_AUDIT_SEQ)? {
+        Some(value) => value.value(),
+        None => 1,
+    };
+    let mut stored = Vec::new();
+    for change in changes {
+        match change {
+            Change::PutStation(station) => {
+                stations.insert(station.serial.as_str(), encode(&station)?.as_slice())?;
+            }
+            Change::DeleteStation(serial) => {
+                stations.remove(serial.as_str())?;
+            }
+            Change::Audit(mut record) => {
+                record.seq = next_seq;
+                audit.insert(next_seq, encode(&record)?.as_slice())?;
+                next_seq += 1;
+                stored.push(record);
+            }
+        }
+    }
+    meta.insert(NEXT_AUDIT_SEQ, next_seq)?;
+    Ok(stored)
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|error| StoreError::Encode(error.to_string()))
+}
+
+fn decode_station(key: &str, bytes: &[u8]) -> Result<Station, StoreError> {
+    let station: Station = serde_json::from_slice(bytes)
+        .map_err(|error| StoreError::Corrupt(format!("station {key:?}: {error}")))?;
+    if station.serial.as_str() != key {
+        return Err(StoreError::Corrupt(format!(
+            "station {key:?} holds the record of {}",
+            station.serial
+        )));
+    }
+    Ok(station)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Outcome;
+    use crate::station::Standing;
+    use time::macros::datetime;
+    use time::OffsetDateTime;
+
+    const T0: OffsetDateTime = datetime!(2024-03-01 10:00:00 UTC);
+
+    fn station(serial: &str) -> Station {
+        Station {
+            serial: Serial::parse(serial).unwrap(),
+            model: "MC-6100".into(),
+            firmware: "6.1.0".into(),
+            mac_streaming: "001122334455".into(),
+            mac_control: "001122334466".into(),
+            fingerprint: Some(crate::ids::Fingerprint::from_bytes([7; 32])),
+            standing: Standing::Unauthorized,
+            created_at: T0,
+            updated_at: T0,
+            last_seen: Some(T0),
+            ip: Some("192.0.2.1".into()),
+            tenant: "default".into(),
+        }
+    }
+
+    fn record(tenant: &str, action: &str) -> AuditRecord {
+        AuditRecord::new(
+            T0,
+            tenant,
+            "admin",
+            Some("S1".into()),
+            action,
+            Outcome::Ok,
+            None,
+        )
+    }
+
+    fn open(dir: &tempfile::TempDir) -> Store {
+        Store::open(&dir.path().join("fleet.redb")).unwrap()
+    }
+
+    #[test]
+    fn put_get_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let s1 = Serial::parse("S1").unwrap();
+        assert_eq!(store.station(&s1).unwrap(), None);
+        store
+            .apply(vec![
+                Change::PutStation(station("S2")),
+                Change::PutStation(station("S1")),
+            ])
+            .unwrap();
+        assert_eq!(store.station(&s1).unwrap(), Some(station("S1")));
+        let serials: Vec<String> = store
+            .stations()
+            .unwrap()
+            .iter()
+            .map(|s| s.serial.to_string())
+            .collect();
+        assert_eq!(serials, ["S1", "S2"]);
+        store.apply(vec![Change::DeleteStation(s1.clone())]).unwrap();
+        assert_eq!(store.station(&s1).unwrap(), None);
+        assert_eq!(store.stations().unwrap().len(), 1);
+        // Deleting what is not there is no error.
+        store.apply(vec![Change::DeleteStation(s1)]).unwrap();
+    }
+
+    #[test]
+    fn apply_is_atomic() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let mut rejected = station("S1");
+        rejected.standing = Standing::Rejected;
+        let stored = store
+            .apply(vec![
+                Change::PutStation(station("S1")),
+                Change::Audit(record("default", "auth_request")),
+                Change::PutStation(rejected.clone()),
+                Change::Audit(record("default", "rejectStation")),
+            ])
+            .unwrap();
+        assert_eq!(
+            stored.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(
+            store.station(&rejected.serial).unwrap(),
+            Some(rejected.clone())
+        );
+
+        // A batch with a record that cannot be encoded stores nothing at all.
+        let mut bad = station("S3");
+        // RFC 3339 cannot write an offset with seconds.
+        bad.updated_at = T0.to_offset(time::UtcOffset::from_hms(0, 0, 30).unwrap());
+        let result = store.apply(vec![
+            Change::DeleteStation(rejected.serial.clone()),
+            Change::Audit(record("default", "removeStation")),
+            Change::PutStation(bad),
+        ]);
+        assert!(matches!(result, Err(StoreError::Encode(_))), "{result:?}");
+        assert_eq!(store.station(&rejected.serial).unwrap(), Some(rejected));
+        assert_eq!(store.audit("default", 10).unwrap().len(), 2);
+        let next = store
+            .apply(vec![Change::Audit(record("default", "x"))])
+            .unwrap();
+        assert_eq!(next[0].seq, 3);
+    }
+
+    #[test]
+    fn reopen_keeps_everything_and_seq_keeps_rising() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(&dir);
+            store
+                .apply(vec![
+                    Change::PutStation(station("S1")),
+                    Change::Audit(record("default", "a")),
+                    Change::Audit(record("default", "b")),
+                ])
+                .unwrap();
+        }
+        let store = open(&dir);
+        assert_eq!(store.stations().unwrap(), vec![station("S1")]);
+        let stored = store
+            .apply(vec![Change::Audit(record("default", "c"))])
+            .unwrap();
+        assert_eq!(stored[0].seq, 3);
+        let log = store.audit("default", 100).unwrap();
+        assert_eq!(log.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(log[2].action, "c");
+        assert_eq!(log[0].time, T0);
+    }
+
+    #[test]
+    fn audit_is_per_tenant_newest_last_and_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let mut changes = Vec::new();
+        for i in 0..10 {
+            let tenant = if i % 2 == 0 { "default" } else { "other" };
+            changes.push(Change::Audit(record(tenant, &format!("a{i}"))));
+        }
+        store.apply(changes).unwrap();
+        let log = store.audit("default", 3).unwrap();
+        let actions: Vec<&str> = log.iter().map(|r| r.action.as_str()).collect();
+        assert_eq!(actions, ["a4", "a6", "a8"]);
+        assert_eq!(store.audit("other", 100).unwrap().len(), 5);
+        assert!(store.audit("nobody", 100).unwrap().is_empty());
+        assert!(store.audit("default", 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn corrupt_records_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        store
+            .apply(vec![Change::Audit(record("default", "a"))])
+            .unwrap();
+        let other = serde_json::to_vec(&station("S9")).unwrap();
+        let txn = store.db.begin_write().unwrap();
+        {
+            let mut stations = txn.open_table(STATIONS).unwrap();
+            stations.insert("S1", b"{not json".as_slice()).unwrap();
+            stations.insert("S2", other.as_slice()).unwrap();
+            let mut audit = txn.open_table(AUDIT).unwrap();
+            audit.insert(99, b"[]".as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+
+        let s1 = Serial::parse("S1").unwrap();
+        assert!(matches!(store.station(&s1), Err(StoreError::Corrupt(_))));
+        let s2 = Serial::parse("S2").unwrap();
+        assert!(matches!(store.station(&s2), Err(StoreError::Corrupt(_))));
+        assert!(matches!(store.stations(), Err(StoreError::Corrupt(_))));
+        let error = store.audit("default", 10).unwrap_err();
+        assert!(matches!(error, StoreError::Corrupt(_)));
+        assert!(error.to_string().contains("99"));
+    }
+}

@@ -1,0 +1,565 @@
+//! The station's state directory, kept like a real device keeps its flash: `station.json`,
+//! `key.pem` + `cert.pem`, and the part file of a resumable firmware download.
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use fleet_certs::{CertError, Fingerprint};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Model name a station gets when none is given.
+pub const DEFAULT_MODEL: &str = "MC-Station";
+/// File name of the station's state inside its directory.
+pub const STATION_FILE: &str = "station.json";
+/// File name of the station's private key (PKCS#8 PEM).
+pub const KEY_FILE: &str = "key.pem";
+/// File name of the station's self-signed certificate.
+pub const CERT_FILE: &str = "cert.pem";
+
+/// First firmware that makes a key pair and connects with a client certificate.
+const KEY_PAIR_FIRMWARE: semver::Version = semver::Version::new(6, 1, 0);
+
+/// What went wrong with a station's state directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// `station.json` is not valid.
+    #[error("{}: {source}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The directory already holds a station.
+    #[error("{} already holds a station", .0.display())]
+    AlreadyInitialized(PathBuf),
+    /// The serial is not 1 to 64 of `A-Z a-z 0-9 -`.
+    #[error("invalid serial {0:?}: must be 1 to 64 of A-Z a-z 0-9 -")]
+    InvalidSerial(String),
+    /// A MAC address is not 12 hex digits.
+    #[error("invalid MAC address {0:?}: must be 12 hex digits")]
+    InvalidMac(String),
+    /// The key pair could not be made or read.
+    #[error("station key pair: {0}")]
+    Certificate(#[from] CertError),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A station serial: 1 to 64 of `A-Z a-z 0-9 -` (PROTOCOL §1).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Serial(String);
+
+impl Serial {
+    /// The serial as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Serial {
+    type Err = StateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let valid = (1..=64).contains(&s.len())
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if valid {
+            Ok(Serial(s.to_owned()))
+        } else {
+            Err(StateError::InvalidSerial(s.to_owned()))
+        }
+    }
+}
+
+impl TryFrom<String> for Serial {
+    type Error = StateError;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+impl From<Serial> for String {
+    fn from(value: Serial) -> Self {
+        value.0
+    }
+}
+
+impl fmt::Display for Serial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a new station is made from (`fleet-sim station init`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StationProfile {
+    /// Serial number; validated by [`StationState::init`].
+    pub serial: String,
+    /// Firmware version, e.g. "6.1.0"; anything that is not semver counts as legacy.
+    pub firmware: String,
+    /// Model name ([`DEFAULT_MODEL`] in [`StationProfile::new`]).
+    pub model: String,
+    /// MAC of the streaming interface; derived from the serial when `None`.
+    pub mac_streaming: Option<String>,
+    /// MAC of the control interface; derived from the serial when `None`.
+    pub mac_control: Option<String>,
+}
+
+impl StationProfile {
+    /// A profile with the default model and MACs derived from the serial.
+    pub fn new(serial: impl Into<String>, firmware: impl Into<String>) -> Self {
+        StationProfile {
+            serial: serial.into(),
+            firmware: firmware.into(),
+            model: DEFAULT_MODEL.to_owned(),
+            mac_streaming: None,
+            mac_control: None,
+        }
+    }
+}
+
+/// A firmware download in progress, kept so that it resumes after a reboot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingUpdate {
+    /// Version being downloaded.
+    pub version: String,
+    /// Expected SHA-256 of the whole image, lower-case hex.
+    pub sha256: String,
+    /// Expected size in bytes.
+    pub size: u64,
+    /// How often the download was restarted from 0 after a checksum mismatch.
+    #[serde(default)]
+    pub restarts: u32,
+}
+
+/// The contents of `station.json`, bound to its directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StationState {
+    dir: PathBuf,
+    /// Everything in `station.json`.
+    pub record: StationRecord,
+}
+
+/// The fields of `station.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StationRecord {
+    /// Serial number.
+    pub serial: Serial,
+    /// Model name.
+    pub model: String,
+    /// Installed firmware version.
+    pub firmware: String,
+    /// MAC of the streaming interface, 12 lower-case hex digits.
+    pub mac_streaming: String,
+    /// MAC of the control interface, 12 lower-case hex digits.
+    pub mac_control: String,
+    /// The station's configuration (what "Delete Configuration" resets).
+    #[serde(default = "default_configuration")]
+    pub configuration: Value,
+    /// The controller said `authorized`, and nothing has reset that since.
+    #[serde(default)]
+    pub authorized: bool,
+    /// A firmware download to resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_update: Option<PendingUpdate>,
+}
+
+/// The configuration of a new or reset station.
+pub fn default_configuration() -> Value {
+    serde_json::json!({ "network": "dhcp" })
+}
+
+/// Whether `firmware` is 6.1.0 or later and so has a key pair; a firmware that is not a
+/// semantic version counts as legacy.
+pub fn firmware_has_key_pair(firmware: &str) -> bool {
+    semver::Version::parse(firmware.trim()).is_ok_and(|v| v >= KEY_PAIR_FIRMWARE)
+}
+
+/// A MAC derived from the serial, so that re-creating a station gives the same MACs.
+/// The first byte is unicast and locally administered.
+fn derived_mac(serial: &str, interface: &str) -> String {
+    let digest = Sha256::digest(format!("{interface}:{serial}").as_bytes());
+    let mut bytes = [0u8; 6];
+    bytes.copy_from_slice(&digest[..6]);
+    bytes[0] = (bytes[0] & 0xfc) | 0x02;
+    hex::encode(bytes)
+}
+
+/// Accepts `aabbccddeeff`, `AA:BB:…` or `aa-bb-…`; returns 12 lower-case hex digits.
+fn normalize_mac(mac: &str) -> Result<String, StateError> {
+    let digits: String = mac
+        .chars()
+        .filter(|c| !matches!(c, ':' | '-'))
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if digits.len() == 12 && digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        Ok(digits)
+    } else {
+        Err(StateError::InvalidMac(mac.to_owned()))
+    }
+}
+
+/// The station's key pair and certificate as PEM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Self-signed certificate, CN = serial.
+    pub cert_pem: String,
+    /// PKCS#8 private key.
+    pub key_pem: String,
+    /// Fingerprint of the key (what the local admin page shows).
+    pub fingerprint: Fingerprint,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the private key.
+        f.debug_struct("Identity")
+            .field("fingerprint", &self.fingerprint.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StationState {
+    /// Creates `dir` (if needed) and a new `station.json` in it; fails if one exists.
+    /// The key pair is made at first boot (or by [`fingerprint`]), like a real station.
+    pub fn init(dir: impl AsRef<Path>, profile: &StationProfile) -> Result<Self, StateError> {
+        let dir = dir.as_ref();
+        fs::create_dir_all(dir).map_err(io_error(dir))?;
+        let file = dir.join(STATION_FILE);
+        if file.exists() {
+            return Err(StateError::AlreadyInitialized(dir.to_owned()));
+        }
+        let serial: Serial = profile.serial.parse()?;
+        let mac = |given: &Option<String>, interface| match given {
+            Some(mac) => normalize_mac(mac),
+            None => Ok(derived_mac(serial.as_str(), interface)),
+        };
+        let record = StationRecord {
+            mac_streaming: mac(&profile.mac_streaming, "streaming")?,
+            mac_control: mac(&profile.mac_control, "control")?,
+            serial,
+            model: profile.model.clone(),
+            firmware: profile.firmware.clone(),
+            configuration: default_configuration(),
+            authorized: false,
+            pending_update: None,
+        };
+        let state = StationState {
+            dir: dir.to_owned(),
+            record,
+        };
+        state.save()?;
+        Ok(state)
+    }
+
+    /// Reads `dir/station.json`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, StateError> {
+        let dir = dir.as_ref();
+        let file = dir.join(STATION_FILE);
+        let text = fs::read(&file).map_err(io_error(&file))?;
+        let record = serde_json::from_slice(&text).map_err(|source| StateError::Json {
+            path: file.clone(),
+            source,
+        })?;
+        Ok(StationState {
+            dir: dir.to_owned(),
+            record,
+        })
+    }
+
+    /// Whether `dir` holds a station.
+    pub fn exists(dir: impl AsRef<Path>) -> bool {
+        dir.as_ref().join(STATION_FILE).is_file()
+    }
+
+    /// Reads `station.json`, lets `change` edit it and writes it back: every change goes
+    /// through the file, so a local admin edit made meanwhile is not overwritten.
+    pub fn update(
+        dir: impl AsRef<Path>,
+        change: impl FnOnce(&mut StationRecord),
+    ) -> Result<Self, StateError> {
+        let mut state = Self::open(dir)?;
+        change(&mut state.record);
+        state.save()?;
+        Ok(state)
+    }
+
+    /// Writes `station.json` (through a temporary file, so a crash never leaves half of it).
+    pub fn save(&self) -> Result<(), StateError> {
+        let file = self.dir.join(STATION_FILE);
+        let temporary = self.dir.join(format!("{STATION_FILE}.tmp"));
+        let text = serde_json::to_vec_pretty(&self.record).map_err(|source| StateError::Json {
+            path: file.clone(),
+            source,
+        })?;
+        fs::write(&temporary, text).map_err(io_error(&temporary))?;
+        fs::rename(&temporary, &file).map_err(io_error(&file))
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The serial.
+    pub fn serial(&self) -> &Serial {
+        &self.record.serial
+    }
+
+    /// Whether the installed firmware has a key pair (6.1.0 or later).
+    pub fn has_key_pair_firmware(&self) -> bool {
+        firmware_has_key_pair(&self.record.firmware)
+    }
+
+    /// Path of the part file of a download of `version`.
+    pub fn part_file(&self, version: &str) -> PathBuf {
+        part_file(&self.dir, version)
+    }
+
+    /// The station's key pair, made now if the firmware has key pairs and none exists (what a
+    /// boot does); `None` for legacy firmware. A missing certificate is re-issued for the
+    /// existing key, which keeps the fingerprint.
+    pub fn ensure_identity(&self) -> Result<Option<Identity>, StateError> {
+        if !self.has_key_pair_firmware() {
+            return Ok(None);
+        }
+        let key_path = self.dir.join(KEY_FILE);
+        let cert_path = self.dir.join(CERT_FILE);
+        let serial = self.record.serial.as_str();
+        let (cert_pem, key_pem) = match read_optional(&key_path)? {
+            Some(key_pem) => match read_optional(&cert_path)? {
+                Some(cert_pem) => (cert_pem, key_pem),
+                None => {
+                    let certified = fleet_certs::self_signed_station_with_key(serial, &key_pem)?;
+                    fs::write(&cert_path, &certified.cert_pem).map_err(io_error(&cert_path))?;
+                    (certified.cert_pem, key_pem)
+                }
+            },
+            None => {
+                let certified = fleet_certs::self_signed_station(serial)?;
+                write_private(&key_path, &certified.key_pem)?;
+                fs::write(&cert_path, &certified.cert_pem).map_err(io_error(&cert_path))?;
+                (certified.cert_pem, certified.key_pem)
+            }
+        };
+        let fingerprint = Fingerprint::of_certificate_pem(&cert_pem)?;
+        Ok(Some(Identity {
+            cert_pem,
+            key_pem,
+            fingerprint,
+        }))
+    }
+}
+
+/// Path of the part file of a download of `version` in station directory `dir`.
+pub fn part_file(dir: &Path, version: &str) -> PathBuf {
+    // The version comes from the controller: keep only characters safe in a file name.
+    let safe: String = version
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    dir.join(format!("firmware-{safe}.part"))
+}
+
+fn read_optional(path: &Path) -> Result<Option<String>, StateError> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error(path)(e)),
+    }
+}
+
+fn remove_optional(path: &Path) -> Result<(), StateError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error(path)(e)),
+    }
+}
+
+/// Writes a private key readable by the owner only.
+fn write_private(path: &Path, text: &str) -> Result<(), StateError> {
+    use std::io::Write;
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(io_error(path))?;
+    file.write_all(text.as_bytes()).map_err(io_error(path))
+}
+
+/// The local admin page's fingerprint. For firmware 6.1.0 or later whose key does not exist
+/// yet, the key pair is made first, exactly as the next boot would; `None` for legacy firmware,
+/// which has no key pair.
+pub fn fingerprint(dir: impl AsRef<Path>) -> Result<Option<Fingerprint>, StateError> {
+    let state = StationState::open(dir)?;
+    Ok(state.ensure_identity()?.map(|identity| identity.fingerprint))
+}
+
+/// The local admin "Reset Device": Delete Authentication removes the key pair and the
+/// authorized flag (a new key pair is made at the next boot); Delete Configuration restores the
+/// default configuration. The reboot that follows is the caller's (a running station's
+/// `reboot()`, or the next `station run`).
+pub fn local_reset(
+    dir: impl AsRef<Path>,
+    delete_configuration: bool,
+    delete_authentication: bool,
+) -> Result<(), StateError> {
+    let dir = dir.as_ref();
+    if delete_authentication {
+        remove_optional(&dir.join(KEY_FILE))?;
+        remove_optional(&dir.join(CERT_FILE))?;
+    }
+    StationState::update(dir, |record| {
+        if delete_authentication {
+            record.authorized = false;
+        }
+        if delete_configuration {
+            record.configuration = default_configuration();
+        }
+    })?;
+    Ok(())
+}
+
+/// Removes a file that may not exist.
+pub(crate) fn remove_file_if_present(path: &Path) -> Result<(), StateError> {
+    remove_optional(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_follow_the_protocol() {
+        assert!("SIM-00001".parse::<Serial>().is_ok());
+        assert!("a".repeat(64).parse::<Serial>().is_ok());
+        assert!("a".repeat(65).parse::<Serial>().is_err());
+        assert!("".parse::<Serial>().is_err());
+        assert!("has space".parse::<Serial>().is_err());
+        assert!("slash/".parse::<Serial>().is_err());
+    }
+
+    #[test]
+    fn firmware_key_pair_threshold_is_6_1_0() {
+        assert!(!firmware_has_key_pair("6.0.7"));
+        assert!(!firmware_has_key_pair("5.9.0"));
+        assert!(!firmware_has_key_pair("garbage"));
+        assert!(firmware_has_key_pair("6.1.0"));
+        assert!(firmware_has_key_pair("6.2.3"));
+        assert!(firmware_has_key_pair("7.0.0"));
+    }
+
+    #[test]
+    fn init_writes_station_json_with_derived_macs() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StationState::init(dir.path(), &StationProfile::new("ST-1", "6.1.0")).unwrap();
+        assert_eq!(state.record.model, DEFAULT_MODEL);
+        assert_eq!(state.record.mac_streaming.len(), 12);
+        assert_ne!(state.record.mac_streaming, state.record.mac_control);
+        let again = StationState::open(dir.path()).unwrap();
+        assert_eq!(again, state);
+        assert!(matches!(
+            StationState::init(dir.path(), &StationProfile::new("ST-1", "6.1.0")),
+            Err(StateError::AlreadyInitialized(_))
+        ));
+        // The MACs are a function of the serial.
+        let other = tempfile::tempdir().unwrap();
+        let twin = StationState::init(other.path(), &StationProfile::new("ST-1", "6.0.5")).unwrap();
+        assert_eq!(twin.record.mac_control, state.record.mac_control);
+    }
+
+    #[test]
+    fn init_refuses_bad_serials_and_normalises_macs() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            StationState::init(dir.path(), &StationProfile::new("bad serial", "6.1.0")),
+            Err(StateError::InvalidSerial(_))
+        ));
+        let mut profile = StationProfile::new("ST-2", "6.1.0");
+        profile.mac_streaming = Some("AA:BB:CC:DD:EE:FF".into());
+        profile.mac_control = Some("00-11-22-33-44-55".into());
+        let state = StationState::init(dir.path(), &profile).unwrap();
+        assert_eq!(state.record.mac_streaming, "aabbccddeeff");
+        assert_eq!(state.record.mac_control, "001122334455");
+    }
+
+    #[test]
+    fn fingerprint_makes_the_key_once_and_legacy_has_none() {
+        let dir = tempfile::tempdir().unwrap();
+        StationState::init(dir.path(), &StationProfile::new("ST-3", "6.1.0")).unwrap();
+        assert!(!dir.path().join(KEY_FILE).exists());
+        let first = fingerprint(dir.path()).unwrap().unwrap();
+        assert!(dir.path().join(KEY_FILE).exists());
+        assert_eq!(fingerprint(dir.path()).unwrap(), Some(first));
+        // A lost certificate is re-issued for the same key.
+        fs::remove_file(dir.path().join(CERT_FILE)).unwrap();
+        assert_eq!(fingerprint(dir.path()).unwrap(), Some(first));
+
+        let legacy = tempfile::tempdir().unwrap();
+        StationState::init(legacy.path(), &StationProfile::new("ST-4", "6.0.5")).unwrap();
+        assert_eq!(fingerprint(legacy.path()).unwrap(), None);
+        assert!(!legacy.path().join(KEY_FILE).exists());
+    }
+
+    #[test]
+    fn delete_authentication_leads_to_a_new_key_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        StationState::init(dir.path(), &StationProfile::new("ST-5", "6.1.0")).unwrap();
+        let before = fingerprint(dir.path()).unwrap();
+        StationState::update(dir.path(), |r| {
+            r.authorized = true;
+            r.configuration = serde_json::json!({"network": "static"});
+        })
+        .unwrap();
+
+        local_reset(dir.path(), false, true).unwrap();
+        let state = StationState::open(dir.path()).unwrap();
+        assert!(!state.record.authorized);
+        assert_eq!(state.record.configuration["network"], "static");
+        assert!(!dir.path().join(KEY_FILE).exists());
+        assert_ne!(fingerprint(dir.path()).unwrap(), before);
+
+        local_reset(dir.path(), true, false).unwrap();
+        let state = StationState::open(dir.path()).unwrap();
+        assert_eq!(state.record.configuration, default_configuration());
+        assert!(dir.path().join(KEY_FILE).exists());
+    }
+
+    #[test]
+    fn part_file_names_are_safe() {
+        let path = part_file(Path::new("/d"), "../../etc/passwd");
+        assert_eq!(path, Path::new("/d/firmware-.._.._etc_passwd.part"));
+    }
+}

@@ -1,0 +1,842 @@
+//! The station's run loop (the tokio shell around the state directory, the command parser and
+//! the firmware download): boot, connect, ask for authorization, obey `cmd`, reboot.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing,
+    QoS, SubscribeReasonCode, TlsConfiguration, Transport,
+};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::command::Command;
+use crate::firmware::{ChunkMessage, DiskPartFile, Download, Step, UpdateOrder};
+use crate::state::{self, PendingUpdate, StationState};
+
+/// Keepalive the station asks for.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// How long a clean disconnect may take before the connection is just dropped.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
+/// Requests queued towards the MQTT event loop; the shell never waits for room in it.
+const REQUEST_CAPACITY: usize = 256;
+
+/// How a station reaches the server.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// `HOST:PORT` (`[::1]:8883` for IPv6); HOST is also the TLS server name.
+    pub server: String,
+    /// The fleet CA certificate (PEM) that the server certificate must chain to.
+    pub ca_pem: String,
+    /// Pause before connecting again after a refusal or a lost connection.
+    pub retry: Duration,
+}
+
+impl SimConfig {
+    /// A configuration with a 1 s retry.
+    pub fn new(server: impl Into<String>, ca_pem: impl Into<String>) -> Self {
+        SimConfig {
+            server: server.into(),
+            ca_pem: ca_pem.into(),
+            retry: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Something a station did or had done to it, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SimEvent {
+    /// The station booted and is about to connect.
+    Booted {
+        /// Installed firmware.
+        firmware: String,
+        /// Fingerprint of its key (`None` for legacy firmware).
+        fingerprint: Option<String>,
+    },
+    /// CONNACK accepted.
+    Connected {
+        /// A client certificate was presented (firmware 6.1.0 or later).
+        with_certificate: bool,
+    },
+    /// CONNACK refused, e.g. `NotAuthorized`.
+    Refused {
+        /// rumqttc's name of the return code.
+        code: String,
+    },
+    /// The connection was lost or could not be made.
+    Disconnected {
+        /// Why.
+        reason: String,
+    },
+    /// `power_off()`: the connection was dropped without DISCONNECT.
+    PoweredOff,
+    /// A `cmd` arrived (sent before the event of what it did).
+    Command {
+        /// The `command` field.
+        command: String,
+        /// The whole payload.
+        payload: Value,
+    },
+    /// `authorized` obeyed.
+    Authorized,
+    /// `rejected` obeyed.
+    Rejected,
+    /// `removed` obeyed; a reboot follows.
+    Removed,
+    /// `reset` applied locally; a reboot follows.
+    ResetApplied,
+    /// Firmware download: `offset` of `total` bytes stored, the next chunk asked for.
+    UpdateProgress {
+        /// Bytes stored.
+        offset: u64,
+        /// Image size.
+        total: u64,
+    },
+    /// The image did not match its checksum; downloading again from 0.
+    UpdateRestarted {
+        /// Restarts so far.
+        restarts: u32,
+        /// Why.
+        reason: String,
+    },
+    /// The image is installed; a reboot follows.
+    UpdateInstalled {
+        /// The new firmware.
+        version: String,
+    },
+    /// The update was abandoned.
+    UpdateFailed {
+        /// Why.
+        reason: String,
+    },
+    /// The station is rebooting.
+    Rebooting,
+    /// A local failure (state directory, TLS setup, server address).
+    Error {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl fmt::Display for SimEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SimEvent::Booted {
+                firmware,
+                fingerprint: Some(fp),
+            } => write!(f, "booted firmware {firmware}, fingerprint {fp}"),
+            SimEvent::Booted {
+                firmware,
+                fingerprint: None,
+            } => write!(f, "booted firmware {firmware} (legacy, no key pair)"),
+            SimEvent::Connected { with_certificate } => {
+                if *with_certificate {
+                    write!(f, "connected with certificate")
+                } else {
+                    write!(f, "connected without certificate")
+                }
+            }
+            SimEvent::Refused { code } => write!(f, "refused: {code}"),
+            SimEvent::Disconnected { reason } => write!(f, "disconnected: {reason}"),
+            SimEvent::PoweredOff => write!(f, "powered off"),
+            SimEvent::Command { payload, .. } => write!(f, "command {payload}"),
+            SimEvent::Authorized => write!(f, "authorized"),
+            SimEvent::Rejected => write!(f, "rejected"),
+            SimEvent::Removed => write!(f, "removed"),
+            SimEvent::ResetApplied => write!(f, "reset applied"),
+            SimEvent::UpdateProgress { offset, total } => {
+                write!(f, "update progress {offset}/{total}")
+            }
+            SimEvent::UpdateRestarted { restarts, reason } => {
+                write!(f, "update restarted ({restarts}): {reason}")
+            }
+            SimEvent::UpdateInstalled { version } => write!(f, "update installed: {version}"),
+            SimEvent::UpdateFailed { reason } => write!(f, "update failed: {reason}"),
+            SimEvent::Rebooting => write!(f, "rebooting"),
+            SimEvent::Error { reason } => write!(f, "error: {reason}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Control {
+    Reboot,
+    PowerOff,
+    PowerOn,
+    Shutdown,
+}
+
+/// A cloneable remote control of a running station (for the local admin channel).
+#[derive(Clone, Debug)]
+pub struct StationControl {
+    tx: mpsc::UnboundedSender<Control>,
+}
+
+impl StationControl {
+    /// Disconnects cleanly and boots again, re-reading the state directory. False if the
+    /// station's task has ended.
+    pub fn reboot(&self) -> bool {
+        self.tx.send(Control::Reboot).is_ok()
+    }
+
+    /// Drops the connection without DISCONNECT (the will fires) and stays off until
+    /// [`StationControl::power_on`] or [`StationControl::reboot`].
+    pub fn power_off(&self) -> bool {
+        self.tx.send(Control::PowerOff).is_ok()
+    }
+
+    /// Boots a powered-off station.
+    pub fn power_on(&self) -> bool {
+        self.tx.send(Control::PowerOn).is_ok()
+    }
+}
+
+/// A running simulated station.
+#[derive(Debug)]
+pub struct StationHandle {
+    /// What the station does, in order.
+    pub events: mpsc::UnboundedReceiver<SimEvent>,
+    control: StationControl,
+    task: JoinHandle<()>,
+}
+
+impl StationHandle {
+    /// The next event; `None` once the station has shut down.
+    pub async fn next_event(&mut self) -> Option<SimEvent> {
+        self.events.recv().await
+    }
+
+    /// See [`StationControl::reboot`].
+    pub fn reboot(&self) -> bool {
+        self.control.reboot()
+    }
+
+    /// See [`StationControl::power_off`].
+    pub fn power_off(&self) -> bool {
+        self.control.power_off()
+    }
+
+    /// See [`StationControl::power_on`].
+    pub fn power_on(&self) -> bool {
+        self.control.power_on()
+    }
+
+    /// A remote control that outlives borrowing the handle.
+    pub fn control(&self) -> StationControl {
+        self.control.clone()
+    }
+
+    /// Disconnects cleanly and ends the station's task.
+    pub async fn shutdown(self) {
+        let _ = self.control.tx.send(Control::Shutdown);
+        let _ = self.task.await;
+    }
+}
+
+/// Boots the station kept in `dir` (made with [`StationState::init`]) and keeps it running
+/// until shut down; must be called within a tokio runtime.
+pub fn spawn_station(dir: impl Into<PathBuf>, config: SimConfig) -> StationHandle {
+    let dir = dir.into();
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(run_station(dir, config, control_rx, events_tx));
+    StationHandle {
+        events: events_rx,
+        control: StationControl { tx: control_tx },
+        task,
+    }
+}
+
+/// Splits `HOST:PORT`, `[v6]:PORT` into host and port.
+pub fn split_server(server: &str) -> Option<(String, u16)> {
+    let (host, port) = server.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_owned(), port))
+}
+
+/// What the run loop does after a boot ends.
+enum Next {
+    Boot,
+    Reboot,
+    Retry,
+    Off,
+    Shutdown,
+}
+
+struct Emitter {
+    serial: String,
+    tx: mpsc::UnboundedSender<SimEvent>,
+}
+
+impl Emitter {
+    fn emit(&self, event: SimEvent) {
+        tracing::info!(serial = %self.serial, "{event}");
+        // Nobody listening is fine: the station runs on.
+        let _ = self.tx.send(event);
+    }
+}
+
+async fn run_station(
+    dir: PathBuf,
+    config: SimConfig,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    events: mpsc::UnboundedSender<SimEvent>,
+) {
+    let serial = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut emitter = Emitter { serial, tx: events };
+    let mut next = Next::Boot;
+    loop {
+        next = match next {
+            Next::Boot => boot(&dir, &config, &mut control, &mut emitter).await,
+            Next::Reboot => {
+                emitter.emit(SimEvent::Rebooting);
+                Next::Boot
+            }
+            Next::Retry => {
+                tokio::select! {
+                    () = tokio::time::sleep(config.retry) => Next::Boot,
+                    command = control.recv() => match command {
+                        Some(Control::Reboot) => Next::Reboot,
+                        Some(Control::PowerOn) => Next::Boot,
+                        Some(Control::PowerOff) => {
+                            emitter.emit(SimEvent::PoweredOff);
+                            Next::Off
+                        }
+                        Some(Control::Shutdown) | None => Next::Shutdown,
+                    },
+                }
+            }
+            Next::Off => match control.recv().await {
+                Some(Control::PowerOn | Control::Reboot) => Next::Boot,
+                Some(Control::PowerOff) => Next::Off,
+                Some(Control::Shutdown) | None => Next::Shutdown,
+            },
+            Next::Shutdown => return,
+        };
+    }
+}
+
+/// One boot: read the state directory, connect, run until the connection ends or the
+/// station is told to reboot, power off or shut down.
+async fn boot(
+    dir: &Path,
+    config: &SimConfig,
+    control: &mut mpsc::UnboundedReceiver<Control>,
+    emitter: &mut Emitter,
+) -> Next {
+    let state = match StationState::open(dir) {
+        Ok(state) => state,
+        Err(e) => {
+            emitter.emit(SimEvent::Error {
+                reason: e.to_string(),
+            });
+            return Next::Retry;
+        }
+    };
+    emitter.serial = state.serial().to_string();
+    let identity = match state.ensure_identity() {
+        Ok(identity) => identity,
+        Err(e) => {
+            emitter.emit(SimEvent::Error {
+                reason: e.to_string(),
+            });
+            return Next::Retry;
+        }
+    };
+    emitter.emit(SimEvent::Booted {
+        firmware: state.record.firmware.clone(),
+        fingerprint: identity.as_ref().map(|i| i.fingerprint.to_string()),
+    });
+    let tls = match fleet_certs::client_config(
+        &config.ca_pem,
+        identity
+            .as_ref()
+            .map(|i| (i.cert_pem.as_str(), i.key_pem.as_str())),
+    ) {
+        Ok(tls) => tls,
+        Err(e) => {
+            emitter.emit(SimEvent::Error {
+                reason: format!("TLS configuration: {e}"),
+            });
+            return Next::Off;
+        }
+    };
+    let Some((host, port)) = split_server(&config.server) else {
+        emitter.emit(SimEvent::Error {
+            reason: format!("server address {:?} is not HOST:PORT", config.server),
+        });
+        return Next::Off;
+    };
+
+    let serial = state.serial().to_string();
+    let firmware = state.record.firmware.clone();
+    let mut options = MqttOptions::new(format!("station-{serial}"), host, port);
+    options
+        .set_keep_alive(KEEP_ALIVE)
+        .set_clean_session(true)
+        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(tls),
+        )))
+        .set_last_will(LastWill::new(
+            topic(&serial, "status"),
+            status_payload(false, &firmware),
+            QoS::AtLeastOnce,
+            true,
+        ));
+    let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+    let mut session = Session {
+        dir,
+        serial,
+        firmware,
+        legacy: identity.is_none(),
+        client,
+        emitter,
+        download: None,
+        chunk_subscribed: false,
+    };
+    let mut connected = false;
+    loop {
+        tokio::select! {
+            polled = eventloop.poll() => match polled {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    connected = true;
+                    session.emitter.emit(SimEvent::Connected {
+                        with_certificate: !session.legacy,
+                    });
+                    if let Some(next) = session.on_connected() {
+                        session.disconnect_cleanly(&mut eventloop, connected).await;
+                        return next;
+                    }
+                }
+                Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                    if let Some(next) = session.on_publish(&publish.topic, &publish.payload) {
+                        session.disconnect_cleanly(&mut eventloop, connected).await;
+                        return next;
+                    }
+                }
+                Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                    if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
+                        tracing::warn!(serial = %session.serial, "subscription denied: {ack:?}");
+                    }
+                }
+                Ok(_) => {}
+                Err(ConnectionError::ConnectionRefused(code)) => {
+                    session.emitter.emit(SimEvent::Refused {
+                        code: format!("{code:?}"),
+                    });
+                    return Next::Retry;
+                }
+                Err(e) => {
+                    session.emitter.emit(SimEvent::Disconnected {
+                        reason: e.to_string(),
+                    });
+                    return Next::Retry;
+                }
+            },
+            command = control.recv() => match command {
+                Some(Control::Reboot) => {
+                    session.disconnect_cleanly(&mut eventloop, connected).await;
+                    return Next::Reboot;
+                }
+                Some(Control::PowerOff) => {
+                    // Dropping the event loop closes the socket without DISCONNECT.
+                    drop(eventloop);
+                    session.emitter.emit(SimEvent::PoweredOff);
+                    return Next::Off;
+                }
+                Some(Control::PowerOn) => {}
+                Some(Control::Shutdown) | None => {
+                    session.disconnect_cleanly(&mut eventloop, connected).await;
+                    session.emitter.emit(SimEvent::Disconnected {
+                        reason: "shut down".to_owned(),
+                    });
+                    return Next::Shutdown;
+                }
+            },
+        }
+    }
+}
+
+fn topic(serial: &str, leaf: &str) -> String {
+    format!("stations/{serial}/{leaf}")
+}
+
+fn status_payload(online: bool, firmware: &str) -> Vec<u8> {
+    json!({ "online": online, "firmware": firmware })
+        .to_string()
+        .into_bytes()
+}
+
+/// One connection's worth of station behaviour.
+struct Session<'a> {
+    dir: &'a Path,
+    serial: String,
+    firmware: String,
+    legacy: bool,
+    client: AsyncClient,
+    emitter: &'a Emitter,
+    download: Option<Download<DiskPartFile>>,
+    chunk_subscribed: bool,
+}
+
+impl Session<'_> {
+    fn publish(&self, leaf: &str, retain: bool, payload: Vec<u8>) {
+        let topic = topic(&self.serial, leaf);
+        if let Err(e) = self
+            .client
+            .try_publish(&topic, QoS::AtLeastOnce, retain, payload)
+        {
+            tracing::warn!(serial = %self.serial, "cannot publish to {topic}: {e}");
+        }
+    }
+
+    fn subscribe(&self, leaf: &str) {
+        let topic = topic(&self.serial, leaf);
+        if let Err(e) = self.client.try_subscribe(&topic, QoS::AtLeastOnce) {
+            tracing::warn!(serial = %self.serial, "cannot subscribe to {topic}: {e}");
+        }
+    }
+
+    fn subscribe_chunks(&mut self) {
+        if !self.chunk_subscribed {
+            self.subscribe("firmware/chunk");
+            self.chunk_subscribed = true;
+        }
+    }
+
+    fn error(&self, reason: String) {
+        self.emitter.emit(SimEvent::Error { reason });
+    }
+
+    /// CONNACK: announce, subscribe, ask for authorization, resume a download.
+    fn on_connected(&mut self) -> Option<Next> {
+        self.publish("status", true, status_payload(true, &self.firmware));
+        self.subscribe("cmd");
+        let state = match StationState::open(self.dir) {
+            Ok(state) => state,
+            Err(e) => {
+                self.error(e.to_string());
+                return None;
+            }
+        };
+        if self.legacy || state.record.pending_update.is_some() {
+            self.subscribe_chunks();
+        }
+        let record = &state.record;
+        let request = json!({
+            "serial": record.serial.as_str(),
+            "model": record.model,
+            "firmware": record.firmware,
+            "mac_streaming": record.mac_streaming,
+            "mac_control": record.mac_control,
+        });
+        self.publish("auth/request", false, request.to_string().into_bytes());
+        let pending = state.record.pending_update?;
+        let mut sha256 = [0u8; 32];
+        if hex::decode_to_slice(&pending.sha256, &mut sha256).is_err() {
+            self.forget_update(&pending.version, "unreadable pending update".to_owned());
+            return None;
+        }
+        let order = UpdateOrder {
+            version: pending.version,
+            sha256,
+            size: pending.size,
+        };
+        self.start_download(order, pending.restarts)
+    }
+
+    fn on_publish(&mut self, topic_name: &str, payload: &[u8]) -> Option<Next> {
+        if topic_name == topic(&self.serial, "cmd") {
+            self.on_command(payload)
+        } else if topic_name == topic(&self.serial, "firmware/chunk") {
+            self.on_chunk(payload)
+        } else {
+            tracing::debug!(serial = %self.serial, "ignoring message on {topic_name}");
+            None
+        }
+    }
+
+    fn on_command(&mut self, payload: &[u8]) -> Option<Next> {
+        let (command, value) = match Command::parse(payload) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                tracing::warn!(serial = %self.serial, "ignoring malformed command: {e}");
+                return None;
+            }
+        };
+        let name = value
+            .get("command")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        self.emitter.emit(SimEvent::Command {
+            command: name,
+            payload: value,
+        });
+        match command {
+            Command::Authorized => {
+                match StationState::update(self.dir, |r| r.authorized = true) {
+                    Ok(_) => self.emitter.emit(SimEvent::Authorized),
+                    Err(e) => self.error(e.to_string()),
+                }
+                None
+            }
+            Command::Rejected => {
+                // The broker cuts the station; it keeps asking after its retry pause.
+                self.emitter.emit(SimEvent::Rejected);
+                None
+            }
+            Command::Removed => {
+                match StationState::update(self.dir, |r| r.authorized = false) {
+                    Ok(_) => self.emitter.emit(SimEvent::Removed),
+                    Err(e) => self.error(e.to_string()),
+                }
+                Some(Next::Reboot)
+            }
+            Command::Reset {
+                delete_authentication,
+                delete_configuration,
+            } => {
+                match state::local_reset(self.dir, delete_configuration, delete_authentication) {
+                    Ok(()) => self.emitter.emit(SimEvent::ResetApplied),
+                    Err(e) => self.error(e.to_string()),
+                }
+                Some(Next::Reboot)
+            }
+            Command::Update(order) => self.on_update(order),
+            Command::Unknown(name) => {
+                tracing::warn!(serial = %self.serial, "ignoring unknown command {name:?}");
+                None
+            }
+        }
+    }
+
+    fn on_update(&mut self, order: UpdateOrder) -> Option<Next> {
+        let sha256 = order.sha256_hex();
+        let mut restarts = 0;
+        let mut stale = Vec::new();
+        let saved = StationState::update(self.dir, |record| {
+            match &record.pending_update {
+                Some(p) if p.version == order.version && p.sha256 == sha256 && p.size == order.size => {
+                    restarts = p.restarts;
+                }
+                other => {
+                    // A different image: what is stored belongs to nothing.
+                    if let Some(p) = other {
+                        stale.push(p.version.clone());
+                    }
+                    stale.push(order.version.clone());
+                    record.pending_update = Some(PendingUpdate {
+                        version: order.version.clone(),
+                        sha256: sha256.clone(),
+                        size: order.size,
+                        restarts: 0,
+                    });
+                }
+            }
+        });
+        if let Err(e) = saved {
+            self.emitter.emit(SimEvent::UpdateFailed {
+                reason: e.to_string(),
+            });
+            return None;
+        }
+        for version in stale {
+            if let Err(e) = state::remove_file_if_present(&state::part_file(self.dir, &version)) {
+                self.error(e.to_string());
+            }
+        }
+        self.start_download(order, restarts)
+    }
+
+    fn start_download(&mut self, order: UpdateOrder, restarts: u32) -> Option<Next> {
+        self.subscribe_chunks();
+        let part = DiskPartFile::new(state::part_file(self.dir, &order.version));
+        let mut download = Download::new(order, part, restarts);
+        let step = download.start();
+        self.download = Some(download);
+        self.apply(step)
+    }
+
+    fn on_chunk(&mut self, payload: &[u8]) -> Option<Next> {
+        let message = match ChunkMessage::parse(payload) {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::warn!(serial = %self.serial, "ignoring malformed chunk: {e}");
+                return None;
+            }
+        };
+        let Some(download) = self.download.as_mut() else {
+            tracing::debug!(serial = %self.serial, "chunk without a download in progress");
+            return None;
+        };
+        let step = download.on_chunk(message);
+        self.apply(step)
+    }
+
+    fn apply(&mut self, step: std::io::Result<Step>) -> Option<Next> {
+        let Some(version) = self.download.as_ref().map(|d| d.order().version.clone()) else {
+            return None;
+        };
+        let step = match step {
+            Ok(step) => step,
+            Err(e) => Step::Failed {
+                reason: format!("part file: {e}"),
+            },
+        };
+        match step {
+            Step::Request {
+                request,
+                offset,
+                total,
+            } => {
+                self.emitter.emit(SimEvent::UpdateProgress { offset, total });
+                self.send_request(&request);
+                None
+            }
+            Step::Restart {
+                request,
+                restarts,
+                reason,
+            } => {
+                if let Err(e) = StationState::update(self.dir, |record| {
+                    if let Some(pending) = record.pending_update.as_mut() {
+                        pending.restarts = restarts;
+                    }
+                }) {
+                    self.error(e.to_string());
+                }
+                self.emitter
+                    .emit(SimEvent::UpdateRestarted { restarts, reason });
+                self.send_request(&request);
+                None
+            }
+            Step::Ignored { reason } => {
+                tracing::debug!(serial = %self.serial, "chunk ignored: {reason}");
+                None
+            }
+            Step::Complete => {
+                self.download = None;
+                let installed = StationState::update(self.dir, |record| {
+                    record.firmware = version.clone();
+                    record.pending_update = None;
+                });
+                if let Err(e) = installed {
+                    self.emitter.emit(SimEvent::UpdateFailed {
+                        reason: format!("cannot install: {e}"),
+                    });
+                    return None;
+                }
+                if let Err(e) = state::remove_file_if_present(&state::part_file(self.dir, &version))
+                {
+                    self.error(e.to_string());
+                }
+                self.emitter.emit(SimEvent::UpdateInstalled { version });
+                Some(Next::Reboot)
+            }
+            Step::Failed { reason } => {
+                self.forget_update(&version, reason);
+                None
+            }
+        }
+    }
+
+    fn forget_update(&mut self, version: &str, reason: String) {
+        self.download = None;
+        if let Err(e) = StationState::update(self.dir, |record| record.pending_update = None) {
+            self.error(e.to_string());
+        }
+        if let Err(e) = state::remove_file_if_present(&state::part_file(self.dir, version)) {
+            self.error(e.to_string());
+        }
+        self.emitter.emit(SimEvent::UpdateFailed { reason });
+    }
+
+    fn send_request(&self, request: &crate::firmware::ChunkRequest) {
+        match serde_json::to_vec(request) {
+            Ok(payload) => self.publish("firmware/request", false, payload),
+            Err(e) => self.error(format!("cannot encode chunk request: {e}")),
+        }
+    }
+
+    /// Says "offline" and DISCONNECTs, so that the will does not fire.
+    async fn disconnect_cleanly(&self, eventloop: &mut EventLoop, connected: bool) {
+        if !connected || eventloop.network.is_none() {
+            return;
+        }
+        self.publish("status", true, status_payload(false, &self.firmware));
+        if self.client.try_disconnect().is_err() {
+            return;
+        }
+        let drained = tokio::time::timeout(DISCONNECT_GRACE, async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::debug!(serial = %self.serial, "clean disconnect timed out");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_addresses() {
+        assert_eq!(split_server("127.0.0.1:8883"), Some(("127.0.0.1".into(), 8883)));
+        assert_eq!(split_server("[::1]:1"), Some(("::1".into(), 1)));
+        assert_eq!(split_server("localhost:99"), Some(("localhost".into(), 99)));
+        assert_eq!(split_server("localhost"), None);
+        assert_eq!(split_server(":80"), None);
+        assert_eq!(split_server("h:notaport"), None);
+    }
+
+    #[tokio::test]
+    async fn a_station_without_server_reports_and_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let station_dir = dir.path().join("ST-9");
+        StationState::init(&station_dir, &crate::StationProfile::new("ST-9", "6.1.0")).unwrap();
+        let ca = fleet_certs::FleetCa::generate("test CA").unwrap();
+        // A port nobody listens on: bind, note the port, close.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = SimConfig {
+            server: format!("127.0.0.1:{port}"),
+            ca_pem: ca.cert_pem().to_owned(),
+            retry: Duration::from_millis(50),
+        };
+        let mut handle = spawn_station(&station_dir, config);
+        let booted = handle.next_event().await.unwrap();
+        assert!(matches!(booted, SimEvent::Booted { fingerprint: Some(_), .. }), "{booted:?}");
+        let lost = handle.next_event().await.unwrap();
+        assert!(matches!(lost, SimEvent::Disconnected { .. }), "{lost:?}");
+        // It boots again by itself.
+        let again = handle.next_event().await.unwrap();
+        assert!(matches!(again, SimEvent::Booted { .. }), "{again:?}");
+        handle.power_off();
+        handle.shutdown().await;
+    }
+}
