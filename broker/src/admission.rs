@@ -79,6 +79,12 @@ pub trait Admission: Send + Sync + 'static {
     /// well-formed client id). The session is not live until this returns `Allow`.
     fn admit(&self, info: ConnectInfo) -> BoxFuture<'_, Decision>;
 
+    /// Called once an admitted session is registered, just before its CONNACK: returns the
+    /// session's rights as they are now, or `None` to cut it at once. This closes the race
+    /// between an admission and a decision (reject, reset, remove) taken while it was under way:
+    /// a decision taken after this call finds the session registered and cuts it.
+    fn session_opened(&self, client_id: &str, session_id: u64) -> Option<Rights>;
+
     /// Called when an admitted session ends, for whatever reason.
     fn session_closed(&self, client_id: &str, session_id: u64);
 }

@@ -547,7 +547,8 @@ async fn connection(
         .registry
         .register(&client_id, session_id, shared_rights.clone(), control_tx);
 
-    let (link_tx, link_rx, notification) = match build_link(&shared.links, client_id.clone()).await
+    let (mut link_tx, link_rx, notification) = match build_link(&shared.links, client_id.clone())
+        .await
     {
         Ok(parts) => parts,
         Err(e) => {
@@ -564,6 +565,29 @@ async fn connection(
             return;
         }
     };
+    match admission.session_opened(&client_id, session_id) {
+        Some(now) => registry::set(&shared_rights, now),
+        None => {
+            let _ = write_packet(
+                &mut writer,
+                codec,
+                frame::refusal_connack(version, Refusal::NotAuthorized, "not authorized"),
+                settings.write_timeout,
+            )
+            .await;
+            let _ = link_tx
+                .send(Packet::Disconnect(
+                    Disconnect {
+                        reason_code: DisconnectReasonCode::NormalDisconnection,
+                    },
+                    None,
+                ))
+                .await;
+            shared.registry.unregister(&client_id, session_id);
+            admission.session_closed(&client_id, session_id);
+            return;
+        }
+    }
     let connack: Option<Packet> = notification.into();
     let connack = match connack {
         Some(Packet::ConnAck(mut ack, props)) => {

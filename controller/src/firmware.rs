@@ -123,7 +123,15 @@ mod tests {
 
     #[test]
     fn current_from_6_1_0() {
-        for fw in ["6.1.0", "6.1.1", "6.2.0", "7.0.0", "v6.1.0", "V7.0.0", "6.1.0+build5"] {
+        for fw in [
+            "6.1.0",
+            "6.1.1",
+            "6.2.0",
+            "7.0.0",
+            "v6.1.0",
+            "V7.0.0",
+            "6.1.0+build5",
+        ] {
             assert_eq!(class(fw), FirmwareClass::Current, "{fw}");
         }
     }
@@ -131,7 +139,14 @@ mod tests {
     #[test]
     fn update_required_from_6_0_2_below_6_1_0() {
         for fw in [
-            "6.0.2", "6.0.3", "6.0.4", "6.0.5", "6.0.6", "6.0.7", "6.0.9", "6.1.0-rc.1",
+            "6.0.2",
+            "6.0.3",
+            "6.0.4",
+            "6.0.5",
+            "6.0.6",
+            "6.0.7",
+            "6.0.9",
+            "6.1.0-rc.1",
         ] {
             assert_eq!(class(fw), FirmwareClass::UpdateRequired, "{fw}");
         }

@@ -1,1 +1,16 @@
-//! The controller.
+//! fleetgate's controller: every device's authorization state, the operator commands, the store.
+//!
+//! Architecture invariant: the state machines (`station`, `identity`, `firmware`) know no I/O
+//! and no clock; only `store` knows redb; MQTT is reached through `fleet_broker::Bus` and
+//! sessions through `fleet_broker::SessionControl`.
+
+pub mod audit;
+pub mod control;
+pub mod firmware;
+pub mod fleet;
+pub mod identity;
+pub mod ids;
+pub mod station;
+pub mod store;
+
+pub use fleet::{Fleet, StartError};

@@ -449,7 +449,10 @@ impl AuthRequest {
     }
 
     /// Reads the request from JSON; unknown fields are ignored (PROTOCOL §3).
-    pub fn from_json(topic_serial: &Serial, value: &Value) -> Result<AuthRequest, AuthRequestError> {
+    pub fn from_json(
+        topic_serial: &Serial,
+        value: &Value,
+    ) -> Result<AuthRequest, AuthRequestError> {
         let object = value.as_object().ok_or(AuthRequestError::NotAnObject)?;
         let field = |name: &'static str| -> Result<String, AuthRequestError> {
             match object.get(name) {
@@ -512,29 +515,26 @@ pub fn on_auth_request(
         Some(station) if station.standing == Standing::Rejected => {
             return Transition::unchanged(station)
         }
-        // Admission refuses such a session; should a request get through anyway, it must not
-        // replace the pinned key (a clone would otherwise unpin the real station).
-        Some(station) if station.pinned().is_some_and(|pinned| Some(pinned) != key) => {
-            let detail = match station.pinned() {
-                Some(pinned) => format!(
-                    "station {}: {}",
-                    station.serial,
-                    DenyReason::IdentityMismatch {
-                        pinned,
-                        presented: key
-                    }
-                ),
-                None => format!("station {}: identity mismatch", station.serial),
-            };
-            return Transition {
-                station: Some(station),
-                effects: vec![Effect::Event {
-                    kind: "identity_mismatch",
-                    detail,
-                }],
-            };
-        }
-        Some(station) => station,
+        // An authorized station asking with another key: admission refuses such a session, and
+        // should a request get through anyway it must not replace the pinned key (a clone
+        // would otherwise unpin the real station).
+        Some(station) => match station.pinned() {
+            Some(pinned) if Some(pinned) != key => {
+                let reason = DenyReason::IdentityMismatch {
+                    pinned,
+                    presented: key,
+                };
+                let detail = format!("station {}: {reason}", station.serial);
+                return Transition {
+                    station: Some(station),
+                    effects: vec![Effect::Event {
+                        kind: reason.as_str(),
+                        detail,
+                    }],
+                };
+            }
+            _ => station,
+        },
         None => Station::first_seen(serial, now),
     };
 
@@ -991,7 +991,10 @@ mod tests {
             assert_eq!(t.station, Some(authorized()));
             assert!(matches!(
                 t.effects.as_slice(),
-                [Effect::Event { kind: "identity_mismatch", .. }]
+                [Effect::Event {
+                    kind: "identity_mismatch",
+                    ..
+                }]
             ));
         }
     }
@@ -1247,7 +1250,12 @@ mod tests {
     #[test]
     fn states_and_labels() {
         let cases = [
-            (Standing::UpdateRequired, false, "update_required", "Update Required"),
+            (
+                Standing::UpdateRequired,
+                false,
+                "update_required",
+                "Update Required",
+            ),
             (Standing::Unauthorized, true, "unauthorized", "Unauthorized"),
             (Standing::Authorized, true, "running", "Running"),
             (Standing::Authorized, false, "not_running", "Not Running"),
@@ -1285,7 +1293,9 @@ mod tests {
         assert_eq!(view["ip"], "192.0.2.7");
         assert!(view.get("reason").is_none());
 
-        let unsupported = ask(None, "6.0.1", Presented::NoCertificate).station.unwrap();
+        let unsupported = ask(None, "6.0.1", Presented::NoCertificate)
+            .station
+            .unwrap();
         let view = unsupported.view(false);
         assert_eq!(view["fingerprint"], Value::Null);
         assert_eq!(
@@ -1341,10 +1351,15 @@ mod tests {
                 firmware: &'static str,
             },
             /// `None`: the fingerprint the station presented (as an operator who checked it).
-            Accept { with: Option<u8> },
+            Accept {
+                with: Option<u8>,
+            },
             Reject,
             Clear,
-            Reset { auth: bool, conf: bool },
+            Reset {
+                auth: bool,
+                conf: bool,
+            },
             Remove,
             StartUpdate,
         }

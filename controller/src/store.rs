@@ -245,7 +245,9 @@ mod tests {
             .map(|s| s.serial.to_string())
             .collect();
         assert_eq!(serials, ["S1", "S2"]);
-        store.apply(vec![Change::DeleteStation(s1.clone())]).unwrap();
+        store
+            .apply(vec![Change::DeleteStation(s1.clone())])
+            .unwrap();
         assert_eq!(store.station(&s1).unwrap(), None);
         assert_eq!(store.stations().unwrap().len(), 1);
         // Deleting what is not there is no error.
@@ -266,10 +268,7 @@ mod tests {
                 Change::Audit(record("default", "rejectStation")),
             ])
             .unwrap();
-        assert_eq!(
-            stored.iter().map(|r| r.seq).collect::<Vec<_>>(),
-            vec![1, 2]
-        );
+        assert_eq!(stored.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(
             store.station(&rejected.serial).unwrap(),
             Some(rejected.clone())

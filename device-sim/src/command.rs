@@ -62,7 +62,12 @@ impl Command {
             command: name.to_owned(),
             field,
         };
-        let flag = |field| value.get(field).and_then(Value::as_bool).ok_or(missing(field));
+        let flag = |field| {
+            value
+                .get(field)
+                .and_then(Value::as_bool)
+                .ok_or(missing(field))
+        };
         Ok(match name {
             "authorized" => Command::Authorized,
             "rejected" => Command::Rejected,
@@ -110,12 +115,23 @@ mod tests {
 
     #[test]
     fn parses_every_command_of_the_contract() {
-        assert_eq!(parse(r#"{"command":"authorized"}"#).unwrap(), Command::Authorized);
-        assert_eq!(parse(r#"{"command":"rejected"}"#).unwrap(), Command::Rejected);
-        assert_eq!(parse(r#"{"command":"removed","extra":1}"#).unwrap(), Command::Removed);
         assert_eq!(
-            parse(r#"{"command":"reset","delete_authentication":true,"delete_configuration":false}"#)
-                .unwrap(),
+            parse(r#"{"command":"authorized"}"#).unwrap(),
+            Command::Authorized
+        );
+        assert_eq!(
+            parse(r#"{"command":"rejected"}"#).unwrap(),
+            Command::Rejected
+        );
+        assert_eq!(
+            parse(r#"{"command":"removed","extra":1}"#).unwrap(),
+            Command::Removed
+        );
+        assert_eq!(
+            parse(
+                r#"{"command":"reset","delete_authentication":true,"delete_configuration":false}"#
+            )
+            .unwrap(),
             Command::Reset {
                 delete_authentication: true,
                 delete_configuration: false
@@ -134,7 +150,10 @@ mod tests {
                 size: 1234
             })
         );
-        assert_eq!(parse(r#"{"command":"dance"}"#).unwrap(), Command::Unknown("dance".into()));
+        assert_eq!(
+            parse(r#"{"command":"dance"}"#).unwrap(),
+            Command::Unknown("dance".into())
+        );
     }
 
     #[test]

@@ -352,7 +352,10 @@ impl<P: PartFile> Download<P> {
             } => {
                 if version != self.order.version {
                     return Ok(Step::Ignored {
-                        reason: format!("error for version {version}, downloading {}", self.order.version),
+                        reason: format!(
+                            "error for version {version}, downloading {}",
+                            self.order.version
+                        ),
                     });
                 }
                 self.part.remove()?;
@@ -368,7 +371,10 @@ impl<P: PartFile> Download<P> {
             } => {
                 if version != self.order.version {
                     return Ok(Step::Ignored {
-                        reason: format!("chunk of version {version}, downloading {}", self.order.version),
+                        reason: format!(
+                            "chunk of version {version}, downloading {}",
+                            self.order.version
+                        ),
                     });
                 }
                 let expected = self.part.len()?;
@@ -516,21 +522,30 @@ mod tests {
             total: 100,
             data: bytes[10..20].to_vec(),
         };
-        assert!(matches!(download.on_chunk(wrong_offset).unwrap(), Step::Ignored { .. }));
+        assert!(matches!(
+            download.on_chunk(wrong_offset).unwrap(),
+            Step::Ignored { .. }
+        ));
         let wrong_version = ChunkMessage::Data {
             version: "6.2.0".into(),
             offset: 0,
             total: 100,
             data: bytes[..10].to_vec(),
         };
-        assert!(matches!(download.on_chunk(wrong_version).unwrap(), Step::Ignored { .. }));
+        assert!(matches!(
+            download.on_chunk(wrong_version).unwrap(),
+            Step::Ignored { .. }
+        ));
         let past_end = ChunkMessage::Data {
             version: "6.1.0".into(),
             offset: 0,
             total: 5,
             data: bytes[..10].to_vec(),
         };
-        assert!(matches!(download.on_chunk(past_end).unwrap(), Step::Ignored { .. }));
+        assert!(matches!(
+            download.on_chunk(past_end).unwrap(),
+            Step::Ignored { .. }
+        ));
         assert!(download.part().bytes.is_empty());
     }
 
@@ -584,8 +599,12 @@ mod tests {
     fn malformed_chunks_are_errors_not_panics() {
         assert!(ChunkMessage::parse(b"not json").is_err());
         assert!(ChunkMessage::parse(br#"{"version":"1"}"#).is_err());
-        assert!(ChunkMessage::parse(br#"{"version":"1","offset":0,"total":3,"data":"!!"}"#).is_err());
-        assert!(ChunkMessage::parse(br#"{"version":"1","offset":-1,"total":3,"data":""}"#).is_err());
+        assert!(
+            ChunkMessage::parse(br#"{"version":"1","offset":0,"total":3,"data":"!!"}"#).is_err()
+        );
+        assert!(
+            ChunkMessage::parse(br#"{"version":"1","offset":-1,"total":3,"data":""}"#).is_err()
+        );
     }
 
     #[test]
@@ -597,7 +616,10 @@ mod tests {
         part.append(b"def").unwrap();
         let reopened = DiskPartFile::new(dir.path().join("firmware-6.1.0.part"));
         assert_eq!(reopened.len().unwrap(), 6);
-        assert_eq!(reopened.sha256().unwrap(), <[u8; 32]>::from(Sha256::digest(b"abcdef")));
+        assert_eq!(
+            reopened.sha256().unwrap(),
+            <[u8; 32]>::from(Sha256::digest(b"abcdef"))
+        );
         part.remove().unwrap();
         assert_eq!(reopened.len().unwrap(), 0);
     }

@@ -1,1 +1,23 @@
-//! The device simulator.
+//! fleetgate's device simulator: stations that keep their own state directory like a real
+//! device (`station.json`, `key.pem`, `cert.pem`, a resumable firmware part file), connect to
+//! fleetd over TLS, ask for authorization and obey the controller's commands.
+//!
+//! Pure parts ([`state`], [`command`], [`firmware`]) are tested without a server; [`station`]
+//! is the tokio shell that drives them over MQTT.
+
+pub mod admin;
+pub mod command;
+pub mod firmware;
+pub mod fleet;
+pub mod state;
+pub mod station;
+
+pub use admin::{admin_request, serve_admin, AdminError, AdminReply, AdminRequest, AdminServer};
+pub use command::{Command, CommandError};
+pub use firmware::{ChunkMessage, ChunkRequest, Download, Step, UpdateOrder};
+pub use fleet::{fleet_serial, spawn_fleet, StationStatus, Tally};
+pub use state::{
+    fingerprint, local_reset, Identity, PendingUpdate, Serial, StateError, StationProfile,
+    StationRecord, StationState, DEFAULT_MODEL,
+};
+pub use station::{spawn_station, SimConfig, SimEvent, StationControl, StationHandle};

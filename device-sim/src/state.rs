@@ -424,7 +424,9 @@ fn write_private(path: &Path, text: &str) -> Result<(), StateError> {
 /// which has no key pair.
 pub fn fingerprint(dir: impl AsRef<Path>) -> Result<Option<Fingerprint>, StateError> {
     let state = StationState::open(dir)?;
-    Ok(state.ensure_identity()?.map(|identity| identity.fingerprint))
+    Ok(state
+        .ensure_identity()?
+        .map(|identity| identity.fingerprint))
 }
 
 /// The local admin "Reset Device": Delete Authentication removes the key pair and the

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing,
-    QoS, SubscribeReasonCode, TlsConfiguration, Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, QoS,
+    SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -631,7 +631,9 @@ impl Session<'_> {
         let mut stale = Vec::new();
         let saved = StationState::update(self.dir, |record| {
             match &record.pending_update {
-                Some(p) if p.version == order.version && p.sha256 == sha256 && p.size == order.size => {
+                Some(p)
+                    if p.version == order.version && p.sha256 == sha256 && p.size == order.size =>
+                {
                     restarts = p.restarts;
                 }
                 other => {
@@ -704,7 +706,8 @@ impl Session<'_> {
                 offset,
                 total,
             } => {
-                self.emitter.emit(SimEvent::UpdateProgress { offset, total });
+                self.emitter
+                    .emit(SimEvent::UpdateProgress { offset, total });
                 self.send_request(&request);
                 None
             }
@@ -803,12 +806,280 @@ mod tests {
 
     #[test]
     fn server_addresses() {
-        assert_eq!(split_server("127.0.0.1:8883"), Some(("127.0.0.1".into(), 8883)));
+        assert_eq!(
+            split_server("127.0.0.1:8883"),
+            Some(("127.0.0.1".into(), 8883))
+        );
         assert_eq!(split_server("[::1]:1"), Some(("::1".into(), 1)));
         assert_eq!(split_server("localhost:99"), Some(("localhost".into(), 99)));
         assert_eq!(split_server("localhost"), None);
         assert_eq!(split_server(":80"), None);
         assert_eq!(split_server("h:notaport"), None);
+    }
+
+    use crate::state::{StationProfile, KEY_FILE};
+    use rumqttc::Request;
+    use sha2::{Digest, Sha256};
+
+    /// A session whose MQTT client is never connected: what it sends stays queued in the
+    /// event loop, where the test reads it (the fake transport).
+    fn fake_session<'a>(
+        dir: &'a Path,
+        emitter: &'a Emitter,
+        legacy: bool,
+    ) -> (Session<'a>, EventLoop) {
+        let serial = StationState::open(dir).unwrap().serial().to_string();
+        let firmware = StationState::open(dir).unwrap().record.firmware;
+        let (client, eventloop) = AsyncClient::new(MqttOptions::new("t", "localhost", 1), 256);
+        let session = Session {
+            dir,
+            serial,
+            firmware,
+            legacy,
+            client,
+            emitter,
+            download: None,
+            chunk_subscribed: false,
+        };
+        (session, eventloop)
+    }
+
+    /// (topic, payload) of everything sent; subscriptions as ("SUBSCRIBE <filter>", null).
+    fn sent(eventloop: &mut EventLoop) -> Vec<(String, Value)> {
+        eventloop.clean();
+        eventloop
+            .pending
+            .drain(..)
+            .filter_map(|request| match request {
+                Request::Publish(p) => {
+                    Some((p.topic.clone(), serde_json::from_slice(&p.payload).unwrap()))
+                }
+                Request::Subscribe(s) => {
+                    Some((format!("SUBSCRIBE {}", s.filters[0].path), Value::Null))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn emitter() -> (Emitter, mpsc::UnboundedReceiver<SimEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Emitter {
+                serial: "test".into(),
+                tx,
+            },
+            rx,
+        )
+    }
+
+    fn events(rx: &mut mpsc::UnboundedReceiver<SimEvent>) -> Vec<SimEvent> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    fn image() -> Vec<u8> {
+        (0..40_000u32).map(|i| (i % 253) as u8).collect()
+    }
+
+    fn update_command(image: &[u8]) -> Vec<u8> {
+        json!({
+            "command": "update",
+            "version": "6.1.0",
+            "sha256": hex::encode(Sha256::digest(image)),
+            "size": image.len(),
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    /// The controller's answer to a `firmware/request`.
+    fn chunk_for(image: &[u8], request: &Value) -> Vec<u8> {
+        let offset = request["offset"].as_u64().unwrap() as usize;
+        let end = (offset + request["length"].as_u64().unwrap() as usize).min(image.len());
+        ChunkMessage::Data {
+            version: request["version"].as_str().unwrap().into(),
+            offset: offset as u64,
+            total: image.len() as u64,
+            data: image[offset..end].to_vec(),
+        }
+        .to_json()
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_legacy_station_announces_itself_and_asks_for_authorization() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("OLD-1");
+        StationState::init(&dir, &StationProfile::new("OLD-1", "6.0.5")).unwrap();
+        let (emitter, _rx) = emitter();
+        let (mut session, mut eventloop) = fake_session(&dir, &emitter, true);
+        assert!(session.on_connected().is_none());
+        let sent = sent(&mut eventloop);
+        let topics: Vec<&str> = sent.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(
+            topics,
+            [
+                "stations/OLD-1/status",
+                "SUBSCRIBE stations/OLD-1/cmd",
+                "SUBSCRIBE stations/OLD-1/firmware/chunk",
+                "stations/OLD-1/auth/request",
+            ]
+        );
+        assert_eq!(sent[0].1, json!({"online": true, "firmware": "6.0.5"}));
+        let request = &sent[3].1;
+        assert_eq!(request["serial"], "OLD-1");
+        assert_eq!(request["model"], "MC-Station");
+        assert_eq!(request["firmware"], "6.0.5");
+        assert_eq!(request["mac_streaming"].as_str().unwrap().len(), 12);
+        assert_eq!(request["mac_control"].as_str().unwrap().len(), 12);
+    }
+
+    #[test]
+    fn update_downloads_resumes_after_a_reboot_and_installs() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("OLD-2");
+        StationState::init(&dir, &StationProfile::new("OLD-2", "6.0.5")).unwrap();
+        let image = image();
+        let (emitter, mut rx) = emitter();
+
+        // First boot: the update starts, one chunk arrives, then the power goes.
+        let (mut session, mut eventloop) = fake_session(&dir, &emitter, true);
+        session.on_connected();
+        sent(&mut eventloop);
+        assert!(session
+            .on_publish("stations/OLD-2/cmd", &update_command(&image))
+            .is_none());
+        let (topic, request) = sent(&mut eventloop).pop().unwrap();
+        assert_eq!(topic, "stations/OLD-2/firmware/request");
+        assert_eq!(
+            request,
+            json!({"version": "6.1.0", "offset": 0, "length": 16384})
+        );
+        session.on_publish(
+            "stations/OLD-2/firmware/chunk",
+            &chunk_for(&image, &request),
+        );
+        drop((session, eventloop));
+        assert_eq!(
+            std::fs::metadata(dir.join("firmware-6.1.0.part"))
+                .unwrap()
+                .len(),
+            16384
+        );
+
+        // Second boot: it resumes where the part file ends.
+        let (mut session, mut eventloop) = fake_session(&dir, &emitter, true);
+        assert!(session.on_connected().is_none());
+        let mut request = sent(&mut eventloop).pop().unwrap().1;
+        assert_eq!(request["offset"], 16384);
+        // A duplicate of an old chunk is ignored.
+        let stale = chunk_for(
+            &image,
+            &json!({"version": "6.1.0", "offset": 0, "length": 16384}),
+        );
+        assert!(session
+            .on_publish("stations/OLD-2/firmware/chunk", &stale)
+            .is_none());
+        assert!(sent(&mut eventloop).is_empty());
+        let next = loop {
+            let chunk = chunk_for(&image, &request);
+            if let Some(next) = session.on_publish("stations/OLD-2/firmware/chunk", &chunk) {
+                break next;
+            }
+            request = sent(&mut eventloop).pop().unwrap().1;
+        };
+        assert!(matches!(next, Next::Reboot));
+        let state = StationState::open(&dir).unwrap();
+        assert_eq!(state.record.firmware, "6.1.0");
+        assert_eq!(state.record.pending_update, None);
+        assert!(!dir.join("firmware-6.1.0.part").exists());
+        let events = events(&mut rx);
+        assert!(events.contains(&SimEvent::UpdateInstalled {
+            version: "6.1.0".into()
+        }));
+        assert!(events.contains(&SimEvent::UpdateProgress {
+            offset: 32768,
+            total: 40000
+        }));
+        // The next boot makes a key pair: the station now asks as a 6.1.0 station.
+        assert!(state.ensure_identity().unwrap().is_some());
+    }
+
+    #[test]
+    fn a_corrupt_image_is_fetched_again_then_given_up() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("OLD-3");
+        StationState::init(&dir, &StationProfile::new("OLD-3", "6.0.5")).unwrap();
+        let image = image();
+        let mut corrupt = image.clone();
+        corrupt[100] ^= 1;
+        let (emitter, mut rx) = emitter();
+        let (mut session, mut eventloop) = fake_session(&dir, &emitter, true);
+        session.on_publish("stations/OLD-3/cmd", &update_command(&image));
+        let mut answered = 0;
+        while let Some((_, request)) = sent(&mut eventloop).pop() {
+            answered += 1;
+            assert!(answered < 100, "download does not end");
+            session.on_publish(
+                "stations/OLD-3/firmware/chunk",
+                &chunk_for(&corrupt, &request),
+            );
+        }
+        let events = events(&mut rx);
+        let restarts = events
+            .iter()
+            .filter(|e| matches!(e, SimEvent::UpdateRestarted { .. }))
+            .count();
+        assert_eq!(restarts, 3);
+        assert!(matches!(events.last(), Some(SimEvent::UpdateFailed { .. })));
+        let state = StationState::open(&dir).unwrap();
+        assert_eq!(state.record.firmware, "6.0.5");
+        assert_eq!(state.record.pending_update, None);
+    }
+
+    #[test]
+    fn commands_change_the_state_directory() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("ST-1");
+        StationState::init(&dir, &StationProfile::new("ST-1", "6.1.0")).unwrap();
+        StationState::open(&dir).unwrap().ensure_identity().unwrap();
+        let (emitter, mut rx) = emitter();
+        let (mut session, _eventloop) = fake_session(&dir, &emitter, false);
+        let cmd = "stations/ST-1/cmd";
+
+        assert!(session
+            .on_publish(cmd, br#"{"command":"authorized"}"#)
+            .is_none());
+        assert!(StationState::open(&dir).unwrap().record.authorized);
+        assert!(session
+            .on_publish(cmd, br#"{"command":"rejected"}"#)
+            .is_none());
+        assert!(session.on_publish(cmd, b"garbage").is_none());
+        assert!(session.on_publish(cmd, br#"{"command":"fly"}"#).is_none());
+        assert!(session.on_publish(cmd, br#"{"command":"reset"}"#).is_none());
+        let reset =
+            br#"{"command":"reset","delete_authentication":true,"delete_configuration":true}"#;
+        assert!(matches!(session.on_publish(cmd, reset), Some(Next::Reboot)));
+        assert!(!dir.join(KEY_FILE).exists());
+        assert!(!StationState::open(&dir).unwrap().record.authorized);
+
+        StationState::update(&dir, |r| r.authorized = true).unwrap();
+        assert!(matches!(
+            session.on_publish(cmd, br#"{"command":"removed"}"#),
+            Some(Next::Reboot)
+        ));
+        assert!(!StationState::open(&dir).unwrap().record.authorized);
+
+        let names: Vec<String> = events(&mut rx)
+            .into_iter()
+            .filter(|e| !matches!(e, SimEvent::Command { .. }))
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(
+            names,
+            ["authorized", "rejected", "reset applied", "removed"]
+        );
     }
 
     #[tokio::test]
@@ -830,7 +1101,16 @@ mod tests {
         };
         let mut handle = spawn_station(&station_dir, config);
         let booted = handle.next_event().await.unwrap();
-        assert!(matches!(booted, SimEvent::Booted { fingerprint: Some(_), .. }), "{booted:?}");
+        assert!(
+            matches!(
+                booted,
+                SimEvent::Booted {
+                    fingerprint: Some(_),
+                    ..
+                }
+            ),
+            "{booted:?}"
+        );
         let lost = handle.next_event().await.unwrap();
         assert!(matches!(lost, SimEvent::Disconnected { .. }), "{lost:?}");
         // It boots again by itself.

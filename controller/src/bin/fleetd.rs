@@ -1,1 +1,102 @@
-fn main() {}
+//! `fleetd`: the fleet service (front door, router and controller in one process).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "fleetd",
+    version,
+    about = "fleetgate: broker and controller in one process"
+)]
+struct Args {
+    /// Configuration file (TOML); every key has a default, so it is optional.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Data directory (CA, certificates, store). Overrides `server.data_dir`.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// Address of the MQTT/TLS listener. Overrides `server.listen`.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Issue a further operator certificate: writes NAME.pem and NAME.key into the data directory.
+    IssueOperator {
+        name: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+    },
+    /// Print a commented example configuration with every key and its default.
+    ExampleConfig,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        // One line, non-zero exit (PROTOCOL §8).
+        eprintln!("fleetd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = fleet_config::load(args.config.as_deref())?;
+    if let Some(dir) = args.data_dir {
+        config.server.data_dir = dir;
+    }
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    match args.command {
+        Some(Cmd::IssueOperator { name, tenant }) => {
+            let (cert, key) = fleet_certs::data_dir::issue_operator_files(
+                &config.server.data_dir,
+                &name,
+                &tenant,
+            )?;
+            println!("{}\n{}", cert.display(), key.display());
+            Ok(())
+        }
+        Some(Cmd::ExampleConfig) => {
+            print!("{}", fleet_config::EXAMPLE);
+            Ok(())
+        }
+        None => serve(config),
+    }
+}
+
+fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    runtime.block_on(async {
+        let fleet = fleet_controller::Fleet::start(&config).await?;
+        tracing::info!(
+            listen = %fleet.local_addr(),
+            data_dir = %config.server.data_dir.display(),
+            "fleetd ready"
+        );
+        // Scripts and tests read the bound address from this line.
+        println!("fleetd listening on {}", fleet.local_addr());
+        tokio::signal::ctrl_c().await.context("signal handler")?;
+        tracing::info!("shutting down");
+        fleet.shutdown();
+        Ok(())
+    })
+}

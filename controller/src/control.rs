@@ -1,0 +1,944 @@
+//! The controller's shell around the pure station state machine: admission of CONNECTs, the
+//! messages stations send, operator commands. Every decision is committed to the store before
+//! anyone (station, operator, event subscriber) is told about it.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use base64::Engine;
+use fleet_broker::{Admission, BoxFuture, ConnectInfo, Decision, Refusal, Rights, SessionControl};
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::audit::{AuditRecord, Outcome};
+use crate::firmware::{parse_version, Catalog, FirmwarePolicy};
+use crate::identity::{self, Identity, StationRights};
+use crate::ids::{CommandError, ErrorCode, Fingerprint, Serial};
+use crate::station::{
+    self, Admit, AuthRequest, DenyReason, Effect, Presented, Standing, Station, StationState,
+    Transition,
+};
+use crate::store::{Change, Store};
+
+/// A message for the bus task to publish, in order.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// Settings of the controller, already validated.
+#[derive(Debug, Clone)]
+pub struct ControlSettings {
+    pub policy: FirmwarePolicy,
+    pub catalog: Catalog,
+    pub chunk_size: usize,
+    pub max_payload_bytes: usize,
+}
+
+struct LiveSession {
+    session_id: u64,
+    identity: Identity,
+    ip: IpAddr,
+}
+
+#[derive(Default)]
+struct Live {
+    /// Admitted sessions by client id.
+    sessions: HashMap<String, LiveSession>,
+    /// Tenant of each operator name seen at admission.
+    operators: HashMap<String, String>,
+    /// Last activity of stations, kept in memory (not worth an fsync per message).
+    last_seen: HashMap<Serial, OffsetDateTime>,
+}
+
+pub struct Controller {
+    store: Store,
+    sessions: Arc<dyn SessionControl>,
+    /// Serialises decisions: a decision and the rights of live sessions change together.
+    live: Mutex<Live>,
+    settings: ControlSettings,
+    out: mpsc::UnboundedSender<Publication>,
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+impl Controller {
+    pub fn new(
+        store: Store,
+        sessions: Arc<dyn SessionControl>,
+        settings: ControlSettings,
+    ) -> (Arc<Controller>, mpsc::UnboundedReceiver<Publication>) {
+        let (out, rx) = mpsc::unbounded_channel();
+        let controller = Arc::new(Controller {
+            store,
+            sessions,
+            live: Mutex::new(Live::default()),
+            settings,
+            out,
+        });
+        (controller, rx)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Live> {
+        // Every critical section leaves `Live` consistent before it can panic (single map
+        // operations), so a poisoned lock is still usable.
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, topic: String, payload: &Value) {
+        let _ = self.out.send(Publication {
+            topic,
+            payload: payload.to_string().into_bytes(),
+        });
+    }
+
+    fn event(&self, tenant: &str, kind: &str, body: Value) {
+        let mut body = body;
+        if let Some(obj) = body.as_object_mut() {
+            obj.insert("type".into(), json!(kind));
+            obj.insert("time".into(), json!(rfc3339(now())));
+        }
+        self.publish(format!("fleet/events/{tenant}/{kind}"), &body);
+    }
+
+    fn publish_audit(&self, records: &[AuditRecord]) {
+        for r in records {
+            if let Ok(v) = serde_json::to_value(r) {
+                self.publish(format!("fleet/events/{}/audit", r.tenant), &v);
+            }
+        }
+    }
+
+    /// Commits changes (with their audit records) durably, then publishes the audit records.
+    fn commit(&self, changes: Vec<Change>) -> Result<(), CommandError> {
+        match self.store.apply(changes) {
+            Ok(records) => {
+                self.publish_audit(&records);
+                Ok(())
+            }
+            Err(e) => {
+                warn!("store: {e}");
+                Err(CommandError::internal(format!(
+                    "the store refused the change: {e}"
+                )))
+            }
+        }
+    }
+
+    fn audit_only(&self, record: AuditRecord) {
+        let _ = self.commit(vec![Change::Audit(record)]);
+    }
+
+    fn online(&self, live: &Live, serial: &Serial) -> bool {
+        live.sessions.contains_key(&serial.client_id())
+    }
+
+    fn view(&self, live: &Live, station: &Station) -> Value {
+        let mut v = station.view(self.online(live, &station.serial));
+        if let (Some(seen), Some(obj)) = (live.last_seen.get(&station.serial), v.as_object_mut()) {
+            if station.last_seen.is_none_or(|stored| *seen > stored) {
+                obj.insert("last_seen".into(), json!(rfc3339(*seen)));
+            }
+        }
+        v
+    }
+
+    /// Rights of a station session with `presented` under the station's current record.
+    fn station_decision(
+        &self,
+        serial: &Serial,
+        presented: &Presented,
+    ) -> Result<Admit, CommandError> {
+        let record = self
+            .store
+            .station(serial)
+            .map_err(|e| CommandError::internal(e.to_string()))?;
+        Ok(station::admit(record.as_ref(), presented))
+    }
+
+    fn rights_of(&self, identity: &Identity) -> Result<Option<Rights>, CommandError> {
+        Ok(match identity {
+            Identity::Operator { name, tenant } => Some(identity::operator_rights(name, tenant)),
+            Identity::Station { serial, presented } => match self
+                .station_decision(serial, presented)?
+            {
+                Admit::Pending => Some(identity::station_rights(serial, StationRights::Pending)),
+                Admit::Legacy => Some(identity::station_rights(serial, StationRights::Legacy)),
+                Admit::Authorized => {
+                    Some(identity::station_rights(serial, StationRights::Authorized))
+                }
+                Admit::Deny(_) => None,
+            },
+        })
+    }
+
+    // ---------------------------------------------------------------- admission
+
+    fn admit_now(&self, info: ConnectInfo) -> Decision {
+        let at = now();
+        let deny = |reason: String, tenant: &str, device: Option<String>| {
+            info!(client_id = %info.client_id.escape_default(), peer = %info.peer_addr, "admission refused: {reason}");
+            self.audit_only(AuditRecord::new(
+                at,
+                tenant,
+                format!("{}", info.peer_addr),
+                device,
+                "connect",
+                Outcome::Refused,
+                Some(reason.clone()),
+            ));
+            Decision::Deny {
+                refusal: Refusal::NotAuthorized,
+                reason,
+            }
+        };
+        let identity = match identity::identify(&info) {
+            Ok(i) => i,
+            Err(reason) => {
+                let device: String = info.client_id.chars().take(80).collect();
+                return deny(reason, station::DEFAULT_TENANT, Some(device));
+            }
+        };
+        let mut live = self.lock();
+        let (rights, tenant, device, level) = match &identity {
+            Identity::Operator { name, tenant } => {
+                live.operators.insert(name.clone(), tenant.clone());
+                (
+                    identity::operator_rights(name, tenant),
+                    tenant.clone(),
+                    None,
+                    "operator",
+                )
+            }
+            Identity::Station { serial, presented } => {
+                let record = match self.store.station(serial) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        drop(live);
+                        return Decision::Deny {
+                            refusal: Refusal::ServerUnavailable,
+                            reason: format!("store unavailable: {e}"),
+                        };
+                    }
+                };
+                let tenant = record
+                    .as_ref()
+                    .map(|r| r.tenant.clone())
+                    .unwrap_or_else(|| station::DEFAULT_TENANT.to_owned());
+                let (level, name) = match station::admit(record.as_ref(), presented) {
+                    Admit::Pending => (StationRights::Pending, "pending"),
+                    Admit::Legacy => (StationRights::Legacy, "legacy"),
+                    Admit::Authorized => (StationRights::Authorized, "authorized"),
+                    Admit::Deny(reason) => {
+                        drop(live);
+                        if let DenyReason::IdentityMismatch { pinned, presented } = &reason {
+                            self.event(
+                                &tenant,
+                                "security",
+                                json!({
+                                    "event": "identity_mismatch",
+                                    "serial": serial.as_str(),
+                                    "pinned": pinned.to_string(),
+                                    "presented": presented.map(|p| p.to_string()),
+                                    "ip": info.peer_addr.ip().to_string(),
+                                    "advice": "possible clone, or authentication deleted on the station: remove the station, then reboot it",
+                                }),
+                            );
+                        }
+                        return deny(reason.to_string(), &tenant, Some(serial.to_string()));
+                    }
+                };
+                (
+                    identity::station_rights(serial, level),
+                    tenant,
+                    Some(serial.to_string()),
+                    name,
+                )
+            }
+        };
+        live.sessions.insert(
+            info.client_id.clone(),
+            LiveSession {
+                session_id: info.session_id,
+                identity: identity.clone(),
+                ip: info.peer_addr.ip(),
+            },
+        );
+        if let Identity::Station { serial, .. } = &identity {
+            live.last_seen.insert(serial.clone(), at);
+        }
+        drop(live);
+        self.audit_only(AuditRecord::new(
+            at,
+            tenant,
+            info.peer_addr.to_string(),
+            device,
+            "connect",
+            Outcome::Ok,
+            Some(format!("admitted with {level} rights")),
+        ));
+        Decision::Allow { rights }
+    }
+
+    fn opened(&self, client_id: &str, session_id: u64) -> Option<Rights> {
+        let live = self.lock();
+        let session = live
+            .sessions
+            .get(client_id)
+            .filter(|s| s.session_id == session_id)?;
+        self.rights_of(&session.identity).ok().flatten()
+    }
+
+    fn closed(&self, client_id: &str, session_id: u64) {
+        let mut live = self.lock();
+        if live
+            .sessions
+            .get(client_id)
+            .is_some_and(|s| s.session_id == session_id)
+        {
+            if let Some(LiveSession {
+                identity: Identity::Station { serial, .. },
+                ..
+            }) = live.sessions.remove(client_id)
+            {
+                live.last_seen.insert(serial.clone(), now());
+                if let Ok(Some(station)) = self.store.station(&serial) {
+                    let view = self.view(&live, &station);
+                    drop(live);
+                    self.event(
+                        &station.tenant,
+                        "stations",
+                        json!({"event": "offline", "station": view}),
+                    );
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- effects
+
+    fn apply_transition(
+        &self,
+        live: &Live,
+        serial: &Serial,
+        transition: Transition,
+        audit: AuditRecord,
+        tenant: &str,
+    ) -> Result<Option<Station>, CommandError> {
+        let mut changes = Vec::with_capacity(2);
+        match &transition.station {
+            Some(s) => changes.push(Change::PutStation(s.clone())),
+            None => changes.push(Change::DeleteStation(serial.clone())),
+        }
+        changes.push(Change::Audit(audit));
+        // Durable first; only then does anyone hear of it.
+        self.commit(changes)?;
+        self.run_effects(live, serial, &transition.effects, tenant);
+        let view = match &transition.station {
+            Some(s) => self.view(live, s),
+            None => json!({"serial": serial.as_str(), "state": null, "removed": true}),
+        };
+        self.event(
+            tenant,
+            "stations",
+            json!({"event": "state", "station": view}),
+        );
+        Ok(transition.station)
+    }
+
+    fn run_effects(&self, live: &Live, serial: &Serial, effects: &[Effect], tenant: &str) {
+        let cmd_topic = format!("stations/{serial}/cmd");
+        let client_id = serial.client_id();
+        for effect in effects {
+            match effect {
+                Effect::Send(cmd) => self.publish(cmd_topic.clone(), &cmd.payload()),
+                Effect::Cut(cmd) => {
+                    // The station is first sent its `cmd`, so that it knows why; the front door
+                    // withdraws its rights now and closes once that message is written (bounded
+                    // grace).
+                    self.publish(cmd_topic.clone(), &cmd.payload());
+                    self.sessions.cut(&client_id, Some(cmd_topic.clone()));
+                }
+                Effect::Rights => {
+                    if let Some(session) = live.sessions.get(&client_id) {
+                        match self.rights_of(&session.identity) {
+                            Ok(Some(rights)) => {
+                                self.sessions.set_rights(&client_id, rights);
+                            }
+                            _ => {
+                                self.sessions.cut(&client_id, None);
+                            }
+                        }
+                    }
+                }
+                Effect::Event { kind, detail } => self.event(
+                    tenant,
+                    "stations",
+                    json!({"event": kind, "serial": serial.as_str(), "detail": detail}),
+                ),
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- station messages
+
+    /// Handles one message from the router. Never panics on what a peer sent.
+    pub fn handle_message(&self, topic: &str, payload: &[u8]) {
+        let levels: Vec<&str> = topic.split('/').collect();
+        if payload.len() > self.settings.max_payload_bytes {
+            warn!(topic = %topic.escape_default(), "payload over {} bytes dropped", self.settings.max_payload_bytes);
+            if let ["fleet", "control", operator, "request"] = levels.as_slice() {
+                self.respond(
+                    operator,
+                    vec![error_response(
+                        &Value::Null,
+                        &Value::Null,
+                        &CommandError::invalid_argument(format!(
+                            "request over {} bytes",
+                            self.settings.max_payload_bytes
+                        )),
+                    )],
+                );
+            }
+            return;
+        }
+        match levels.as_slice() {
+            ["stations", serial, "auth", "request"] => self.on_auth_request(serial, payload),
+            ["stations", serial, "status"] => {
+                if let Ok(serial) = Serial::parse(serial) {
+                    self.lock().last_seen.insert(serial, now());
+                }
+            }
+            ["stations", serial, "firmware", "request"] => {
+                self.on_firmware_request(serial, payload)
+            }
+            ["fleet", "control", operator, "request"] => {
+                self.on_operator_request(operator, payload)
+            }
+            _ => {}
+        }
+    }
+
+    fn on_auth_request(&self, serial: &str, payload: &[u8]) {
+        let Ok(serial) = Serial::parse(serial) else {
+            return;
+        };
+        let live = self.lock();
+        // Only the station's own session may publish here (the front door enforces it).
+        let Some(session) = live.sessions.get(&serial.client_id()) else {
+            return;
+        };
+        let Identity::Station { presented, .. } = &session.identity else {
+            return;
+        };
+        let presented = *presented;
+        let ip = session.ip.to_string();
+        let record = match self.store.station(&serial) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("store: {e}");
+                return;
+            }
+        };
+        let tenant = record
+            .as_ref()
+            .map(|r| r.tenant.clone())
+            .unwrap_or_else(|| station::DEFAULT_TENANT.to_owned());
+        let request = match AuthRequest::parse(&serial, payload) {
+            Ok(r) => r,
+            Err(e) => {
+                drop(live);
+                self.event(&tenant, "stations", json!({"event": "bad_request", "serial": serial.as_str(), "error": e.to_string()}));
+                return;
+            }
+        };
+        let before = record.as_ref().map(|r| r.standing.clone());
+        let at = now();
+        let transition = station::on_auth_request(
+            record,
+            serial.clone(),
+            request,
+            presented,
+            Some(ip),
+            &self.settings.policy,
+            at,
+        );
+        let after = transition.station.as_ref().map(|s| s.standing.clone());
+        let reason = match &after {
+            Some(s) => format!(
+                "{} -> {}",
+                before.as_ref().map(|b| b.label()).unwrap_or("new"),
+                s.label()
+            ),
+            None => "deleted".into(),
+        };
+        let audit = AuditRecord::new(
+            at,
+            &tenant,
+            format!("station-{serial}"),
+            Some(serial.to_string()),
+            "auth_request",
+            Outcome::Ok,
+            Some(reason),
+        );
+        if let Err(e) = self.apply_transition(&live, &serial, transition, audit, &tenant) {
+            warn!("auth request of {serial} not applied: {e}");
+        }
+    }
+
+    fn on_firmware_request(&self, serial: &str, payload: &[u8]) {
+        let Ok(serial) = Serial::parse(serial) else {
+            return;
+        };
+        let topic = format!("stations/{serial}/firmware/chunk");
+        let request: Value = match serde_json::from_slice(payload) {
+            Ok(v) => v,
+            Err(e) => {
+                self.publish(
+                    topic,
+                    &json!({"error": format!("not JSON: {e}"), "code": "invalid_argument"}),
+                );
+                return;
+            }
+        };
+        let version_text = request
+            .get("version")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let fail = |code: &str, error: String| {
+            self.publish(
+                topic.clone(),
+                &json!({"version": version_text, "error": error, "code": code}),
+            );
+        };
+        let Some(offset) = request.get("offset").and_then(Value::as_u64) else {
+            return fail(
+                "invalid_argument",
+                "offset must be a non-negative integer".into(),
+            );
+        };
+        let length = request
+            .get("length")
+            .and_then(Value::as_u64)
+            .unwrap_or(self.settings.chunk_size as u64)
+            .min(self.settings.chunk_size as u64);
+        let record = match self.store.station(&serial) {
+            Ok(Some(r)) => r,
+            _ => return fail("not_found", "no such station".into()),
+        };
+        let Standing::Updating { version, .. } = &record.standing else {
+            return fail(
+                "wrong_state",
+                format!("station is {}, not updating", record.standing.label()),
+            );
+        };
+        if *version != version_text {
+            return fail(
+                "invalid_argument",
+                format!("the update in progress is {version}"),
+            );
+        }
+        let image = parse_version(version).and_then(|v| self.settings.catalog.find(&v).cloned());
+        let Some(image) = image else {
+            return fail(
+                "not_found",
+                format!("firmware {version} is not in the catalog"),
+            );
+        };
+        if offset > image.size {
+            return fail(
+                "invalid_argument",
+                format!("offset {offset} beyond the image size {}", image.size),
+            );
+        }
+        let mut data = vec![0u8; (length.min(image.size - offset)) as usize];
+        let read = std::fs::File::open(&image.path).and_then(|mut f| {
+            f.seek(SeekFrom::Start(offset))?;
+            f.read_exact(&mut data)
+        });
+        if let Err(e) = read {
+            warn!("firmware image {}: {e}", image.path.display());
+            return fail("internal", "the firmware image cannot be read".into());
+        }
+        self.publish(
+            topic.clone(),
+            &json!({
+                "version": version_text,
+                "offset": offset,
+                "total": image.size,
+                "data": base64::engine::general_purpose::STANDARD.encode(&data),
+            }),
+        );
+    }
+
+    // ---------------------------------------------------------------- operators
+
+    fn respond(&self, operator: &str, responses: Vec<Value>) {
+        self.publish(
+            format!("fleet/control/{operator}/response"),
+            &json!({"responses": responses}),
+        );
+    }
+
+    fn on_operator_request(&self, operator: &str, payload: &[u8]) {
+        let tenant = match self.lock().operators.get(operator) {
+            Some(t) => t.clone(),
+            None => return,
+        };
+        let envelope: Value = match serde_json::from_slice(payload) {
+            Ok(v) => v,
+            Err(e) => {
+                return self.respond(
+                    operator,
+                    vec![error_response(
+                        &Value::Null,
+                        &Value::Null,
+                        &CommandError::invalid_argument(format!("request is not JSON: {e}")),
+                    )],
+                );
+            }
+        };
+        let Some(commands) = envelope.get("commands").and_then(Value::as_array) else {
+            return self.respond(
+                operator,
+                vec![error_response(
+                    &Value::Null,
+                    &Value::Null,
+                    &CommandError::invalid_argument("request has no \"commands\" array"),
+                )],
+            );
+        };
+        let mut responses = Vec::with_capacity(commands.len());
+        for command in commands {
+            let name = command.get("command").cloned().unwrap_or(Value::Null);
+            let correlation = command
+                .get("correlationData")
+                .cloned()
+                .unwrap_or(Value::Null);
+            let result = match name.as_str() {
+                Some(n) => self.run_command(operator, &tenant, n, command),
+                None => Err(CommandError::invalid_argument(
+                    "\"command\" must be a string",
+                )),
+            };
+            responses.push(match result {
+                Ok(data) => json!({"command": name, "correlationData": correlation, "data": data}),
+                Err(e) => error_response(&name, &correlation, &e),
+            });
+        }
+        self.respond(operator, responses);
+    }
+
+    fn run_command(
+        &self,
+        operator: &str,
+        tenant: &str,
+        name: &str,
+        args: &Value,
+    ) -> Result<Value, CommandError> {
+        let at = now();
+        let device = args
+            .get("serial")
+            .and_then(Value::as_str)
+            .map(|s| s.chars().take(80).collect::<String>());
+        let result = self.dispatch(operator, tenant, name, args, at);
+        // Decisions carry their own audit record in their transaction; a refusal or a read is
+        // audited on its own.
+        if !matches!(&result, Ok((_, true))) {
+            let (outcome, reason) = match &result {
+                Ok(_) => (Outcome::Ok, None),
+                Err(e) if e.code == ErrorCode::Internal => {
+                    (Outcome::Error, Some(e.message.clone()))
+                }
+                Err(e) => (
+                    Outcome::Refused,
+                    Some(format!("{}: {}", e.code.as_str(), e.message)),
+                ),
+            };
+            self.audit_only(AuditRecord::new(
+                at, tenant, operator, device, name, outcome, reason,
+            ));
+        }
+        result.map(|(v, _)| v)
+    }
+
+    /// Runs one command; the flag says whether it already committed its own audit record.
+    fn dispatch(
+        &self,
+        operator: &str,
+        tenant: &str,
+        name: &str,
+        args: &Value,
+        at: OffsetDateTime,
+    ) -> Result<(Value, bool), CommandError> {
+        let live = self.lock();
+        let stations_of_tenant = || -> Result<Vec<Station>, CommandError> {
+            Ok(self
+                .store
+                .stations()
+                .map_err(|e| CommandError::internal(e.to_string()))?
+                .into_iter()
+                .filter(|s| s.tenant == tenant)
+                .collect())
+        };
+        let find = |args: &Value| -> Result<Station, CommandError> {
+            let serial = serial_arg(args)?;
+            match self
+                .store
+                .station(&serial)
+                .map_err(|e| CommandError::internal(e.to_string()))?
+            {
+                // Another tenant's station does not exist for this operator.
+                Some(s) if s.tenant == tenant => Ok(s),
+                _ => Err(CommandError::not_found(format!("no station {serial}"))),
+            }
+        };
+        let audit = |action: &str, serial: &Serial, reason: Option<String>| {
+            AuditRecord::new(
+                at,
+                tenant,
+                operator,
+                Some(serial.to_string()),
+                action,
+                Outcome::Ok,
+                reason,
+            )
+        };
+        match name {
+            "listStations" => {
+                let filter = match args.get("state") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(s)) => {
+                        Some(StationState::from_name(s).ok_or_else(|| {
+                            CommandError::invalid_argument(format!("unknown state {s:?}"))
+                        })?)
+                    }
+                    Some(_) => {
+                        return Err(CommandError::invalid_argument("\"state\" must be a string"))
+                    }
+                };
+                let stations: Vec<Value> = stations_of_tenant()?
+                    .iter()
+                    .filter(|s| filter.is_none_or(|f| s.state(self.online(&live, &s.serial)) == f))
+                    .map(|s| self.view(&live, s))
+                    .collect();
+                Ok((json!({"stations": stations}), false))
+            }
+            "listRejectedStations" => {
+                let stations: Vec<Value> = stations_of_tenant()?
+                    .iter()
+                    .filter(|s| s.standing == Standing::Rejected)
+                    .map(|s| self.view(&live, s))
+                    .collect();
+                Ok((json!({"stations": stations}), false))
+            }
+            "getStation" => {
+                let s = find(args)?;
+                Ok((self.view(&live, &s), false))
+            }
+            "acceptStation" => {
+                let s = find(args)?;
+                let fingerprint = fingerprint_arg(args)?;
+                let serial = s.serial.clone();
+                let t = station::accept(s, fingerprint, at)?;
+                let st = self.apply_transition(
+                    &live,
+                    &serial,
+                    t,
+                    audit(name, &serial, Some(format!("fingerprint {fingerprint}"))),
+                    tenant,
+                )?;
+                Ok((
+                    st.map(|s| self.view(&live, &s)).unwrap_or(Value::Null),
+                    true,
+                ))
+            }
+            "rejectStation" => {
+                let s = find(args)?;
+                let serial = s.serial.clone();
+                let t = station::reject(s, at)?;
+                let st =
+                    self.apply_transition(&live, &serial, t, audit(name, &serial, None), tenant)?;
+                Ok((
+                    st.map(|s| self.view(&live, &s)).unwrap_or(Value::Null),
+                    true,
+                ))
+            }
+            "clearRejectedStation" => {
+                let s = find(args)?;
+                let serial = s.serial.clone();
+                let t = station::clear_rejected(s, at)?;
+                self.apply_transition(&live, &serial, t, audit(name, &serial, None), tenant)?;
+                Ok((json!({}), true))
+            }
+            "startStationUpdate" => {
+                let s = find(args)?;
+                let image = match args.get("version") {
+                    None | Some(Value::Null) => {
+                        self.settings.catalog.latest().cloned().ok_or_else(|| {
+                            CommandError::not_found("the firmware catalog is empty")
+                        })?
+                    }
+                    Some(Value::String(v)) => {
+                        let version = parse_version(v).ok_or_else(|| {
+                            CommandError::invalid_argument(format!(
+                                "version {v:?} is not a version"
+                            ))
+                        })?;
+                        self.settings
+                            .catalog
+                            .find(&version)
+                            .cloned()
+                            .ok_or_else(|| {
+                                CommandError::not_found(format!(
+                                    "firmware {v} is not in the catalog"
+                                ))
+                            })?
+                    }
+                    Some(_) => {
+                        return Err(CommandError::invalid_argument(
+                            "\"version\" must be a string",
+                        ))
+                    }
+                };
+                if image.version < self.settings.policy.min_firmware {
+                    return Err(CommandError::invalid_argument(format!(
+                        "firmware {} is below {}",
+                        image.version, self.settings.policy.min_firmware
+                    )));
+                }
+                let serial = s.serial.clone();
+                let t = station::start_update(s, &image, at)?;
+                let st = self.apply_transition(
+                    &live,
+                    &serial,
+                    t,
+                    audit(name, &serial, Some(format!("to {}", image.version))),
+                    tenant,
+                )?;
+                Ok((
+                    st.map(|s| self.view(&live, &s)).unwrap_or(Value::Null),
+                    true,
+                ))
+            }
+            "resetStation" => {
+                let s = find(args)?;
+                let delete_authentication = bool_arg(args, "delete_authentication")?;
+                let delete_configuration = bool_arg(args, "delete_configuration")?;
+                let serial = s.serial.clone();
+                let t = station::reset(s, delete_authentication, delete_configuration, at)?;
+                let reason = format!("delete_authentication={delete_authentication} delete_configuration={delete_configuration}");
+                let st = self.apply_transition(
+                    &live,
+                    &serial,
+                    t,
+                    audit(name, &serial, Some(reason)),
+                    tenant,
+                )?;
+                Ok((
+                    st.map(|s| self.view(&live, &s)).unwrap_or(Value::Null),
+                    true,
+                ))
+            }
+            "removeStation" => {
+                let s = find(args)?;
+                let serial = s.serial.clone();
+                let t = station::remove(s, at)?;
+                self.apply_transition(&live, &serial, t, audit(name, &serial, None), tenant)?;
+                Ok((json!({}), true))
+            }
+            "listAuditLog" => {
+                let limit = match args.get("limit") {
+                    None | Some(Value::Null) => 100,
+                    Some(v) => v
+                        .as_u64()
+                        .filter(|l| (1..=10_000).contains(l))
+                        .ok_or_else(|| {
+                            CommandError::invalid_argument(
+                                "\"limit\" must be an integer from 1 to 10000",
+                            )
+                        })? as usize,
+                };
+                let records = self
+                    .store
+                    .audit(tenant, limit)
+                    .map_err(|e| CommandError::internal(e.to_string()))?;
+                Ok((json!({"records": records}), false))
+            }
+            other => Err(CommandError::invalid_argument(format!(
+                "unknown command {:?}",
+                other.chars().take(64).collect::<String>()
+            ))),
+        }
+    }
+}
+
+fn error_response(command: &Value, correlation: &Value, e: &CommandError) -> Value {
+    json!({"command": command, "correlationData": correlation, "error": e.message, "code": e.code.as_str()})
+}
+
+fn serial_arg(args: &Value) -> Result<Serial, CommandError> {
+    match args.get("serial") {
+        Some(Value::String(s)) => {
+            Serial::parse(s).map_err(|e| CommandError::invalid_argument(format!("serial: {e}")))
+        }
+        Some(_) => Err(CommandError::invalid_argument(
+            "\"serial\" must be a string",
+        )),
+        None => Err(CommandError::invalid_argument("missing \"serial\"")),
+    }
+}
+
+fn fingerprint_arg(args: &Value) -> Result<Fingerprint, CommandError> {
+    match args.get("fingerprint") {
+        Some(Value::String(s)) => s
+            .parse()
+            .map_err(|e| CommandError::invalid_argument(format!("fingerprint: {e}"))),
+        Some(_) => Err(CommandError::invalid_argument(
+            "\"fingerprint\" must be a string",
+        )),
+        None => Err(CommandError::invalid_argument(
+            "missing \"fingerprint\": the operator must confirm the station's key",
+        )),
+    }
+}
+
+fn bool_arg(args: &Value, key: &str) -> Result<bool, CommandError> {
+    match args.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(CommandError::invalid_argument(format!(
+            "\"{key}\" must be true or false"
+        ))),
+    }
+}
+
+/// The controller as the front door's [`Admission`].
+pub struct ControllerAdmission(pub Arc<Controller>);
+
+impl Admission for ControllerAdmission {
+    fn admit(&self, info: ConnectInfo) -> BoxFuture<'_, Decision> {
+        Box::pin(async move { self.0.admit_now(info) })
+    }
+
+    fn session_opened(&self, client_id: &str, session_id: u64) -> Option<Rights> {
+        self.0.opened(client_id, session_id)
+    }
+
+    fn session_closed(&self, client_id: &str, session_id: u64) {
+        self.0.closed(client_id, session_id);
+    }
+}

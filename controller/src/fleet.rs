@@ -1,0 +1,209 @@
+//! Wires one fleet service together: data directory and certificates, store, firmware catalog,
+//! the front door with its router, and the controller on its in-process link. `fleetd` and the
+//! integration tests both start the system through [`Fleet::start`].
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_broker::{Broker, Bus, Settings};
+use fleet_certs::data_dir::{self, FleetFiles};
+use fleet_config::Config;
+use sha2::{Digest, Sha256};
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use crate::control::{ControlSettings, Controller, ControllerAdmission, Publication};
+use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
+use crate::store::Store;
+
+/// Name of the store file inside the data directory.
+pub const STORE_FILE: &str = "fleet.redb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data directory: {0}")]
+    Certificates(#[from] fleet_certs::CertError),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("front door: {0}")]
+    Broker(#[from] fleet_broker::BrokerError),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("firmware image {path}: {reason}")]
+    Firmware { path: PathBuf, reason: String },
+}
+
+/// A running fleet service.
+pub struct Fleet {
+    broker: Broker,
+    controller: Arc<Controller>,
+    bus_task: JoinHandle<()>,
+    pub files: FleetFiles,
+}
+
+fn load_image(
+    version: &str,
+    path: &Path,
+    sha256: Option<&str>,
+) -> Result<FirmwareImage, StartError> {
+    let err = |reason: String| StartError::Firmware {
+        path: path.to_owned(),
+        reason,
+    };
+    let version = parse_version(version)
+        .ok_or_else(|| err(format!("version {version:?} is not a version")))?;
+    let mut file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| err(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    let digest = hex::encode(hasher.finalize());
+    if let Some(expected) = sha256 {
+        if !expected.eq_ignore_ascii_case(&digest) {
+            return Err(err(format!(
+                "SHA-256 is {digest}, the configuration says {expected}"
+            )));
+        }
+    }
+    Ok(FirmwareImage {
+        version,
+        sha256: digest,
+        size,
+        path: path.to_owned(),
+    })
+}
+
+impl Fleet {
+    /// Starts the whole service as configured. The listener is bound when this returns.
+    pub async fn start(config: &Config) -> Result<Fleet, StartError> {
+        let server = &config.server;
+        let files = data_dir::ensure(&server.data_dir, &server.server_names)?;
+        let mut manufacturer_cas = Vec::new();
+        for path in &server.manufacturer_cas {
+            let pem = std::fs::read_to_string(path).map_err(|e| {
+                StartError::Config(format!("manufacturer CA {}: {e}", path.display()))
+            })?;
+            manufacturer_cas.extend(fleet_certs::certs_from_pem(&pem)?);
+        }
+        let policy = FirmwarePolicy {
+            min_firmware: parse_version(&config.stations.min_firmware).ok_or_else(|| {
+                StartError::Config("stations.min_firmware is not a version".into())
+            })?,
+            update_from: parse_version(&config.stations.update_from).ok_or_else(|| {
+                StartError::Config("stations.update_from is not a version".into())
+            })?,
+        };
+        let mut images = Vec::new();
+        for image in &config.firmware.images {
+            images.push(load_image(
+                &image.version,
+                &image.file,
+                image.sha256.as_deref(),
+            )?);
+        }
+        let store = Store::open(&server.data_dir.join(STORE_FILE))?;
+
+        let settings = Settings {
+            listen: server.listen,
+            server_chain: fleet_certs::certs_from_pem(&files.server.cert_pem)?,
+            server_key: fleet_certs::key_from_pem(&files.server.key_pem)?,
+            fleet_ca: fleet_certs::certs_from_pem(files.ca.cert_pem())?,
+            manufacturer_cas,
+            allow_self_signed: server.allow_self_signed_stations,
+            max_connections: server.max_connections as usize,
+            handshake_timeout: server.handshake_timeout(),
+            connect_timeout: server.connect_timeout(),
+            max_packet_size: server.max_packet_size,
+            idle_timeout: server.idle_timeout(),
+            cut_grace: server.cut_grace(),
+            write_timeout: Duration::from_secs(30),
+        };
+        let broker = Broker::bind(settings).await?;
+        let bus = broker.local_bus("controller").await?;
+        let (controller, outbox) = Controller::new(
+            store,
+            broker.sessions(),
+            ControlSettings {
+                policy,
+                catalog: Catalog::new(images),
+                chunk_size: config.firmware.chunk_size,
+                max_payload_bytes: config.limits.max_payload_bytes,
+            },
+        );
+        let bus_task = tokio::spawn(run_bus(bus, controller.clone(), outbox));
+        broker.serve(Arc::new(ControllerAdmission(controller.clone())));
+        Ok(Fleet {
+            broker,
+            controller,
+            bus_task,
+            files,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.broker.local_addr()
+    }
+
+    pub fn controller(&self) -> &Arc<Controller> {
+        &self.controller
+    }
+
+    /// Stops accepting, cuts every session and stops the controller.
+    pub fn shutdown(&self) {
+        self.broker.shutdown();
+        self.bus_task.abort();
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The controller's MQTT side: handles what arrives, publishes what the controller produced,
+/// in order.
+async fn run_bus<B: Bus>(
+    mut bus: B,
+    controller: Arc<Controller>,
+    mut outbox: tokio::sync::mpsc::UnboundedReceiver<Publication>,
+) {
+    for filter in [
+        "stations/+/auth/request",
+        "stations/+/status",
+        "stations/+/firmware/request",
+        "fleet/control/+/request",
+    ] {
+        if let Err(e) = bus.subscribe(filter) {
+            warn!("controller cannot subscribe to {filter}: {e}");
+            return;
+        }
+    }
+    loop {
+        tokio::select! {
+            message = bus.next() => match message {
+                Ok(m) => controller.handle_message(&m.topic, &m.payload),
+                Err(e) => {
+                    warn!("controller link: {e}");
+                    return;
+                }
+            },
+            Some(p) = outbox.recv() => {
+                if let Err(e) = bus.publish(&p.topic, p.payload, false) {
+                    warn!("controller cannot publish: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Who a connecting client is, from what it presented (client id, certificate), and the rights
+//! each kind of client gets (PROTOCOL §1, §4). Pure: no I/O.
+
+use fleet_broker::{ConnectInfo, Rights, Trust};
+use fleet_certs::Fingerprint;
+
+use crate::ids::Serial;
+use crate::station::Presented;
+
+/// Client id prefix of stations (PROTOCOL §1).
+pub const STATION_PREFIX: &str = "station-";
+/// Client id prefix of phones (PROTOCOL §1).
+pub const PHONE_PREFIX: &str = "phone-";
+
+/// A client whose presented identity is consistent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    Station {
+        serial: Serial,
+        presented: Presented,
+    },
+    Operator {
+        name: String,
+        tenant: String,
+    },
+}
+
+/// The station rights levels of PROTOCOL §4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StationRights {
+    Pending,
+    Legacy,
+    Authorized,
+}
+
+/// Binds the client id to the certificate's identity. `Err` carries the refusal reason.
+pub fn identify(info: &ConnectInfo) -> Result<Identity, String> {
+    let cert = match &info.certificate {
+        Some(c) => Some((
+            fleet_certs::inspect(&c.der).map_err(|e| format!("unreadable certificate: {e}"))?,
+            c.trust,
+        )),
+        None => None,
+    };
+    if let Some(rest) = info.client_id.strip_prefix(STATION_PREFIX) {
+        let serial = Serial::parse(rest).map_err(|e| format!("client id: {e}"))?;
+        let presented = match cert {
+            None => Presented::NoCertificate,
+            Some((cert, Trust::SelfSigned | Trust::ManufacturerCa)) => {
+                if cert.common_name.as_deref() != Some(serial.as_str()) {
+                    return Err(format!(
+                        "certificate CN {:?} does not match client id serial {serial}",
+                        cert.common_name.unwrap_or_default()
+                    ));
+                }
+                Presented::Key(cert.fingerprint)
+            }
+            Some((_, Trust::FleetCa)) => {
+                return Err("a fleet CA certificate cannot identify a station".into())
+            }
+        };
+        return Ok(Identity::Station { serial, presented });
+    }
+    if info.client_id.starts_with(PHONE_PREFIX) {
+        return Err("phones are not served by this version".into());
+    }
+    match cert {
+        Some((cert, Trust::FleetCa)) if cert.organizational_unit.as_deref() == Some("operator") => {
+            let name = cert
+                .common_name
+                .filter(|n| fleet_certs::check_name("operator name", n).is_ok())
+                .ok_or("operator certificate without a usable CN")?;
+            let tenant = cert
+                .organization
+                .filter(|t| fleet_certs::check_name("tenant", t).is_ok())
+                .unwrap_or_else(|| crate::station::DEFAULT_TENANT.to_owned());
+            Ok(Identity::Operator { name, tenant })
+        }
+        Some(_) => Err("certificate identifies no operator".into()),
+        None => Err("client id identifies no device and no certificate was presented".into()),
+    }
+}
+
+/// The fingerprint a station presented, if any.
+pub fn presented_key(p: &Presented) -> Option<Fingerprint> {
+    p.key()
+}
+
+pub fn station_rights(serial: &Serial, level: StationRights) -> Rights {
+    let base = format!("stations/{serial}");
+    match level {
+        StationRights::Pending => Rights {
+            publish: vec![format!("{base}/auth/request"), format!("{base}/status")],
+            publish_deny: vec![],
+            subscribe: vec![format!("{base}/cmd")],
+        },
+        StationRights::Legacy => Rights {
+            publish: vec![
+                format!("{base}/auth/request"),
+                format!("{base}/status"),
+                format!("{base}/firmware/#"),
+            ],
+            publish_deny: vec![],
+            subscribe: vec![format!("{base}/cmd"), format!("{base}/firmware/#")],
+        },
+        StationRights::Authorized => Rights {
+            publish: vec![format!("{base}/#")],
+            publish_deny: vec![format!("{base}/cmd")],
+            subscribe: vec![format!("{base}/#")],
+        },
+    }
+}
+
+pub fn operator_rights(name: &str, tenant: &str) -> Rights {
+    Rights {
+        publish: vec![format!("fleet/control/{name}/request")],
+        publish_deny: vec![],
+        subscribe: vec![
+            format!("fleet/control/{name}/response"),
+            format!("fleet/events/{tenant}/#"),
+        ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_broker::{MqttVersion, PresentedCertificate};
+
+    fn info(client_id: &str, cert: Option<(Vec<u8>, Trust)>) -> ConnectInfo {
+        ConnectInfo {
+            session_id: 1,
+            client_id: client_id.into(),
+            username: None,
+            password: None,
+            peer_addr: "127.0.0.1:1".parse().expect("addr"),
+            certificate: cert.map(|(der, trust)| PresentedCertificate { der, trust }),
+            version: MqttVersion::V311,
+        }
+    }
+
+    #[test]
+    fn station_client_id_must_match_the_certificate() {
+        let cert = fleet_certs::self_signed_station("S1").expect("cert");
+        let ok = identify(&info(
+            "station-S1",
+            Some((cert.cert_der.clone(), Trust::SelfSigned)),
+        ));
+        assert!(matches!(
+            ok,
+            Ok(Identity::Station {
+                presented: Presented::Key(_),
+                ..
+            })
+        ));
+        let wrong = identify(&info(
+            "station-S2",
+            Some((cert.cert_der.clone(), Trust::SelfSigned)),
+        ));
+        assert!(wrong.is_err());
+        let bad_serial = identify(&info("station-S_1", None));
+        assert!(bad_serial.is_err());
+        let legacy = identify(&info("station-S1", None));
+        assert!(matches!(
+            legacy,
+            Ok(Identity::Station {
+                presented: Presented::NoCertificate,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn operators_need_a_fleet_ca_certificate() {
+        let ca = fleet_certs::FleetCa::generate("t").expect("ca");
+        let op = ca.issue_operator("alice", "default").expect("op");
+        let ok = identify(&info(
+            "anything",
+            Some((op.cert_der.clone(), Trust::FleetCa)),
+        ));
+        assert_eq!(
+            ok,
+            Ok(Identity::Operator {
+                name: "alice".into(),
+                tenant: "default".into()
+            })
+        );
+        // The same certificate self-signed-looking or from another anchor is no operator.
+        assert!(identify(&info(
+            "anything",
+            Some((op.cert_der.clone(), Trust::ManufacturerCa))
+        ))
+        .is_err());
+        let station = fleet_certs::self_signed_station("alice").expect("cert");
+        assert!(identify(&info(
+            "anything",
+            Some((station.cert_der, Trust::SelfSigned))
+        ))
+        .is_err());
+        assert!(identify(&info("anything", None)).is_err());
+        // A fleet CA certificate does not make a station.
+        assert!(identify(&info("station-alice", Some((op.cert_der, Trust::FleetCa)))).is_err());
+    }
+
+    #[test]
+    fn station_rights_follow_protocol_section_4() {
+        let s = Serial::parse("S1").expect("serial");
+        let pending = station_rights(&s, StationRights::Pending);
+        assert!(pending.may_publish("stations/S1/auth/request"));
+        assert!(!pending.may_publish("stations/S1/data/x"));
+        assert!(!pending.may_subscribe("stations/S1/firmware/chunk"));
+        let legacy = station_rights(&s, StationRights::Legacy);
+        assert!(legacy.may_publish("stations/S1/firmware/request"));
+        assert!(legacy.may_subscribe("stations/S1/firmware/chunk"));
+        let auth = station_rights(&s, StationRights::Authorized);
+        assert!(auth.may_publish("stations/S1/data/x"));
+        assert!(!auth.may_publish("stations/S1/cmd"));
+        assert!(!auth.may_subscribe("stations/S2/cmd"));
+        assert!(!auth.may_subscribe("#"));
+    }
+}
