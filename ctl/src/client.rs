@@ -230,7 +230,9 @@ impl OperatorClient {
         {
             let mut routes = self.shared.routes();
             // Queued before the request so that the packet id is matched to it in order.
-            routes.unsent_subscriptions.push_back((filter.to_owned(), tx));
+            routes
+                .unsent_subscriptions
+                .push_back((filter.to_owned(), tx));
             if let Err(e) = self.client.try_subscribe(filter, QoS::AtLeastOnce) {
                 routes.unsent_subscriptions.pop_back();
                 return Err(ClientError::Connection(e.to_string()));
@@ -267,10 +269,16 @@ impl OperatorClient {
         let mut keys = Vec::with_capacity(commands.len());
         for command in commands {
             let Value::Object(mut fields) = command else {
-                return Err(ClientError::Malformed("a command must be a JSON object".into()));
+                return Err(ClientError::Malformed(
+                    "a command must be a JSON object".into(),
+                ));
             };
             // Unique across clients of the same operator, which share the response topic.
-            let key = format!("{}-{}", self.client_id, self.next.fetch_add(1, Ordering::Relaxed));
+            let key = format!(
+                "{}-{}",
+                self.client_id,
+                self.next.fetch_add(1, Ordering::Relaxed)
+            );
             fields.insert("correlationData".into(), Value::String(key.clone()));
             let (tx, rx) = oneshot::channel();
             keys.push(key);
@@ -313,7 +321,11 @@ impl OperatorClient {
         let mut fields = match args {
             Value::Object(fields) => fields,
             Value::Null => Map::new(),
-            _ => return Err(ClientError::Malformed("arguments must be a JSON object".into())),
+            _ => {
+                return Err(ClientError::Malformed(
+                    "arguments must be a JSON object".into(),
+                ))
+            }
         };
         fields.insert("command".into(), Value::String(command.to_owned()));
         let mut responses = self.request(vec![Value::Object(fields)]).await?;
@@ -459,20 +471,35 @@ mod tests {
         shared.routes().responses.insert("c-1".into(), tx1);
         shared.routes().responses.insert("c-2".into(), tx2);
         let (etx, mut erx) = mpsc::unbounded_channel();
-        shared.routes().events.push(("fleet/events/default/".into(), etx));
+        shared
+            .routes()
+            .events
+            .push(("fleet/events/default/".into(), etx));
 
         let payload = json!({"responses": [
             {"command": "b", "correlationData": "c-2", "data": {}},
             {"command": "z", "correlationData": "someone-else", "data": {}},
         ]});
-        route(&shared, "fleet/control/admin/response", payload.to_string().as_bytes());
+        route(
+            &shared,
+            "fleet/control/admin/response",
+            payload.to_string().as_bytes(),
+        );
         assert_eq!(rx2.try_recv().unwrap()["command"], "b");
         assert!(rx1.try_recv().is_err());
         route(&shared, "fleet/control/admin/response", b"not json");
 
         let event = json!({"type": "identity_mismatch", "serial": "A"});
-        route(&shared, "fleet/events/default/security", event.to_string().as_bytes());
-        route(&shared, "fleet/events/other/security", event.to_string().as_bytes());
+        route(
+            &shared,
+            "fleet/events/default/security",
+            event.to_string().as_bytes(),
+        );
+        route(
+            &shared,
+            "fleet/events/other/security",
+            event.to_string().as_bytes(),
+        );
         let (topic, value) = erx.try_recv().unwrap();
         assert_eq!(topic, "fleet/events/default/security");
         assert_eq!(value, event);
@@ -481,7 +508,10 @@ mod tests {
 
     #[test]
     fn server_addresses() {
-        assert_eq!(split_server("127.0.0.1:8883"), Some(("127.0.0.1".into(), 8883)));
+        assert_eq!(
+            split_server("127.0.0.1:8883"),
+            Some(("127.0.0.1".into(), 8883))
+        );
         assert_eq!(split_server("[::1]:8883"), Some(("::1".into(), 8883)));
         assert_eq!(split_server("nope"), None);
     }
@@ -510,6 +540,9 @@ mod tests {
             "alice",
         )
         .await;
-        assert!(matches!(result, Err(ClientError::Connection(_))), "{result:?}");
+        assert!(
+            matches!(result, Err(ClientError::Connection(_))),
+            "{result:?}"
+        );
     }
 }

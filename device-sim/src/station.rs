@@ -691,9 +691,7 @@ impl Session<'_> {
     }
 
     fn apply(&mut self, step: std::io::Result<Step>) -> Option<Next> {
-        let Some(version) = self.download.as_ref().map(|d| d.order().version.clone()) else {
-            return None;
-        };
+        let version = self.download.as_ref().map(|d| d.order().version.clone())?;
         let step = match step {
             Ok(step) => step,
             Err(e) => Step::Failed {

@@ -1,1 +1,205 @@
-//! Integration test harness.
+//! Integration test harness: starts the real fleet service (front door, router, controller,
+//! store) on `127.0.0.1:0` with real TLS and real certificates, and connects simulated stations
+//! and operators to it. Tests wait for events with a timeout, never sleep for them.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleet_config::{Config, FirmwareImage};
+use fleet_controller::Fleet;
+use fleet_ctl::{ClientError, OperatorClient};
+use fleet_sim::{spawn_station, SimConfig, SimEvent, StationHandle, StationProfile, StationState};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// How long any single expected thing may take before a test fails.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A running fleet service in its own temporary directory.
+pub struct TestFleet {
+    pub fleet: Fleet,
+    pub dir: TempDir,
+    pub config: Config,
+}
+
+/// Size of the test firmware image: several chunks, so that the transfer is exercised.
+pub const FIRMWARE_SIZE: usize = 70_000;
+
+impl TestFleet {
+    /// Starts fleetd with a generated CA and a firmware catalog holding 6.1.0.
+    pub async fn start() -> TestFleet {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("firmware-6.1.0.bin");
+        let bytes: Vec<u8> = (0..FIRMWARE_SIZE).map(|i| (i * 31 % 251) as u8).collect();
+        std::fs::write(&image, bytes).expect("firmware image");
+        let mut config = Config::default();
+        config.server.data_dir = dir.path().join("fleet-data");
+        config.server.listen = "127.0.0.1:0".parse().expect("addr");
+        config.server.cut_grace_ms = 300;
+        config.firmware.images.push(FirmwareImage {
+            version: "6.1.0".into(),
+            file: image,
+            sha256: None,
+        });
+        let fleet = Fleet::start(&config).await.expect("fleet starts");
+        TestFleet { fleet, dir, config }
+    }
+
+    pub fn server(&self) -> String {
+        format!("127.0.0.1:{}", self.fleet.local_addr().port())
+    }
+
+    pub fn ca_pem(&self) -> String {
+        self.fleet.files.ca.cert_pem().to_owned()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.config.server.data_dir
+    }
+
+    /// The `admin` operator of tenant `default`.
+    pub async fn operator(&self) -> Operator {
+        let cert = std::fs::read_to_string(&self.fleet.files.admin_cert_path).expect("admin.pem");
+        let key = std::fs::read_to_string(&self.fleet.files.admin_key_path).expect("admin.key");
+        let client = OperatorClient::connect(&self.server(), &self.ca_pem(), &cert, &key, "admin")
+            .await
+            .expect("operator connects");
+        let events = client.subscribe_events("default").await.expect("events");
+        Operator { client, events }
+    }
+
+    /// A simulated station with its own state directory, booted.
+    pub fn station(&self, serial: &str, firmware: &str) -> Station {
+        let dir = self.dir.path().join(format!("station-{serial}"));
+        StationState::init(&dir, &StationProfile::new(serial, firmware)).expect("station init");
+        let mut config = SimConfig::new(self.server(), self.ca_pem());
+        config.retry = Duration::from_millis(200);
+        let handle = spawn_station(&dir, config);
+        Station {
+            serial: serial.to_owned(),
+            dir,
+            handle,
+        }
+    }
+}
+
+pub struct Station {
+    pub serial: String,
+    pub dir: PathBuf,
+    pub handle: StationHandle,
+}
+
+impl Station {
+    /// Waits until the station reports an event for which `pick` returns something.
+    pub async fn wait_for<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(&SimEvent) -> Option<T>,
+    ) -> T {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            match tokio::time::timeout_at(deadline, self.handle.next_event()).await {
+                Ok(Some(event)) => {
+                    if let Some(t) = pick(&event) {
+                        return t;
+                    }
+                }
+                Ok(None) => panic!("station {} stopped while waiting for {what}", self.serial),
+                Err(_) => panic!("station {} never reported {what}", self.serial),
+            }
+        }
+    }
+
+    pub async fn wait_event(&mut self, expected: SimEvent) {
+        let what = format!("{expected:?}");
+        self.wait_for(&what, |e| (*e == expected).then_some(()))
+            .await
+    }
+
+    /// The fingerprint as the station's local admin interface shows it.
+    pub fn local_fingerprint(&self) -> String {
+        fleet_sim::fingerprint(&self.dir)
+            .expect("local admin")
+            .expect("station has a key")
+            .to_string()
+    }
+}
+
+pub struct Operator {
+    pub client: OperatorClient,
+    pub events: UnboundedReceiver<(String, Value)>,
+}
+
+impl Operator {
+    pub async fn call(&self, command: &str, args: Value) -> Result<Value, ClientError> {
+        self.client.call(command, args).await
+    }
+
+    pub async fn station(&self, serial: &str) -> Value {
+        self.call("getStation", json!({"serial": serial}))
+            .await
+            .expect("getStation")
+    }
+
+    /// Waits until the station's `state` is `state`: checks now, then on every state event.
+    pub async fn wait_state(&mut self, serial: &str, state: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Ok(view) = self.call("getStation", json!({"serial": serial})).await {
+                if view["state"] == state {
+                    return view;
+                }
+            }
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("event stream closed"),
+                Err(_) => {
+                    let last = self.call("getStation", json!({"serial": serial})).await;
+                    panic!("station {serial} never reached {state}; last: {last:?}")
+                }
+            }
+        }
+    }
+
+    /// Waits for an event on `fleet/events/default/<kind>` matching `pick`.
+    pub async fn wait_event(&mut self, kind: &str, mut pick: impl FnMut(&Value) -> bool) -> Value {
+        let suffix = format!("/{kind}");
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some((topic, event))) if topic.ends_with(&suffix) && pick(&event) => {
+                    return event
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("event stream closed"),
+                Err(_) => panic!("no {kind} event came"),
+            }
+        }
+    }
+}
+
+/// The error code of a failed command.
+pub fn code_of(result: Result<Value, ClientError>) -> String {
+    match result {
+        Err(ClientError::CommandFailed { code, .. }) => code,
+        other => panic!("expected a command error, got {other:?}"),
+    }
+}
+
+/// Authorizes a station end to end and returns its fingerprint.
+pub async fn authorize(op: &mut Operator, station: &mut Station) -> String {
+    op.wait_state(&station.serial, "unauthorized").await;
+    let fingerprint = station.local_fingerprint();
+    let view = op
+        .call(
+            "acceptStation",
+            json!({"serial": station.serial, "fingerprint": fingerprint}),
+        )
+        .await
+        .expect("accept");
+    assert_eq!(view["fingerprint"], fingerprint.as_str());
+    station.wait_event(SimEvent::Authorized).await;
+    op.wait_state(&station.serial, "running").await;
+    fingerprint
+}

@@ -18,9 +18,14 @@ async fn station_and_operator_talk_through_the_front_door() {
     let station = fleet_certs::self_signed_station("S1").unwrap();
     let cfg = fleet_certs::client_config(&ca, Some((&station.cert_pem, &station.key_pem))).unwrap();
     let mut opts = MqttOptions::new("station-S1", "127.0.0.1", port);
-    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(cfg))));
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(cfg),
+    )));
     let (client, mut el) = AsyncClient::new(opts, 10);
-    client.subscribe("stations/S1/cmd", QoS::AtLeastOnce).await.unwrap();
+    client
+        .subscribe("stations/S1/cmd", QoS::AtLeastOnce)
+        .await
+        .unwrap();
     client
         .publish("stations/S1/auth/request", QoS::AtLeastOnce, false, r#"{"serial":"S1","model":"m","firmware":"6.1.0","mac_streaming":"001122334455","mac_control":"001122334456"}"#)
         .await
@@ -28,7 +33,10 @@ async fn station_and_operator_talk_through_the_front_door() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut acked = false;
     while !acked {
-        let ev = tokio::time::timeout_at(deadline, el.poll()).await.unwrap().unwrap();
+        let ev = tokio::time::timeout_at(deadline, el.poll())
+            .await
+            .unwrap()
+            .unwrap();
         eprintln!("{ev:?}");
         if let Event::Incoming(Packet::PubAck(_)) = ev {
             acked = true;
@@ -38,17 +46,31 @@ async fn station_and_operator_talk_through_the_front_door() {
     let admin_key = std::fs::read_to_string(&fleet.files.admin_key_path).unwrap();
     let cfg = fleet_certs::client_config(&ca, Some((&admin_cert, &admin_key))).unwrap();
     let mut opts = MqttOptions::new("op1", "127.0.0.1", port);
-    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(cfg))));
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(cfg),
+    )));
     let (op, mut oel) = AsyncClient::new(opts, 10);
-    op.subscribe("fleet/control/admin/response", QoS::AtLeastOnce).await.unwrap();
+    op.subscribe("fleet/control/admin/response", QoS::AtLeastOnce)
+        .await
+        .unwrap();
     loop {
-        let ev = tokio::time::timeout_at(deadline, oel.poll()).await.unwrap().unwrap();
+        let ev = tokio::time::timeout_at(deadline, oel.poll())
+            .await
+            .unwrap()
+            .unwrap();
         if let Event::Incoming(Packet::SubAck(s)) = ev {
             eprintln!("{s:?}");
             break;
         }
     }
-    op.publish("fleet/control/admin/request", QoS::AtLeastOnce, false, r#"{"commands":[{"command":"listStations","correlationData":1}]}"#).await.unwrap();
+    op.publish(
+        "fleet/control/admin/request",
+        QoS::AtLeastOnce,
+        false,
+        r#"{"commands":[{"command":"listStations","correlationData":1}]}"#,
+    )
+    .await
+    .unwrap();
     loop {
         tokio::select! {
             ev = oel.poll() => {

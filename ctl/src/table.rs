@@ -1,0 +1,296 @@
+//! Readable output of `fleetctl`: tables and detail views with the manuals' labels.
+
+use fleet_ctl::{phone_label, station_label};
+use serde_json::Value;
+
+/// How to show a command's `data`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Shape {
+    Stations,
+    Station,
+    Phones,
+    Phone,
+    Whitelist,
+    Audit,
+    Csv,
+    Import,
+    Done,
+    Raw,
+}
+
+/// A field as text: strings bare, null or absent as `-`, booleans as yes/no.
+fn text(value: &Value, field: &str) -> String {
+    match value.get(field) {
+        None | Some(Value::Null) => "-".to_owned(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Bool(true)) => "yes".to_owned(),
+        Some(Value::Bool(false)) => "no".to_owned(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn station_state(station: &Value) -> String {
+    match station.get("label").and_then(Value::as_str) {
+        Some(label) => label.to_owned(),
+        None => station_label(&text(station, "state")).to_owned(),
+    }
+}
+
+fn phone_state(phone: &Value) -> String {
+    match phone.get("label").and_then(Value::as_str) {
+        Some(label) => label.to_owned(),
+        None => phone_label(&text(phone, "auth_state")).to_owned(),
+    }
+}
+
+fn list<'a>(data: &'a Value, field: &str) -> &'a [Value] {
+    data.get(field)
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+/// Renders rows under headers, columns padded to their widest cell.
+pub(crate) fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        padded.join("  ").trim_end().to_owned()
+    };
+    let mut out = line(headers.to_vec());
+    out.push('\n');
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+        out.push('\n');
+    }
+    out
+}
+
+fn details(pairs: &[(&str, String)]) -> String {
+    // Room for the longest key and its colon.
+    let width = pairs.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{:<width$}  {v}\n", format!("{k}:")))
+        .collect()
+}
+
+/// Renders `data` as `shape` says.
+pub(crate) fn render(shape: Shape, data: &Value) -> String {
+    match shape {
+        Shape::Stations => {
+            let rows: Vec<Vec<String>> = list(data, "stations")
+                .iter()
+                .map(|s| {
+                    vec![
+                        text(s, "serial"),
+                        text(s, "model"),
+                        text(s, "firmware"),
+                        station_state(s),
+                        text(s, "online"),
+                        text(s, "ip"),
+                        text(s, "last_seen"),
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                return "no stations\n".to_owned();
+            }
+            render_table(
+                &[
+                    "SERIAL",
+                    "MODEL",
+                    "FIRMWARE",
+                    "STATE",
+                    "ONLINE",
+                    "IP",
+                    "LAST SEEN",
+                ],
+                &rows,
+            )
+        }
+        Shape::Station => {
+            let mut pairs = vec![
+                ("Serial", text(data, "serial")),
+                ("Model", text(data, "model")),
+                ("Firmware", text(data, "firmware")),
+                ("Status", station_state(data)),
+            ];
+            if data.get("reason").is_some() {
+                pairs.push(("Reason", text(data, "reason")));
+            }
+            pairs.extend([
+                ("MAC streaming", text(data, "mac_streaming")),
+                ("MAC control", text(data, "mac_control")),
+                ("Fingerprint", text(data, "fingerprint")),
+                ("Online", text(data, "online")),
+                ("Last seen", text(data, "last_seen")),
+                ("IP", text(data, "ip")),
+            ]);
+            details(&pairs)
+        }
+        Shape::Phones => {
+            let rows: Vec<Vec<String>> = list(data, "phones")
+                .iter()
+                .map(|p| {
+                    vec![
+                        text(p, "mac"),
+                        text(p, "vendor"),
+                        text(p, "type"),
+                        text(p, "site"),
+                        phone_state(p),
+                        text(p, "pap"),
+                        text(p, "created_at"),
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                return "no phones\n".to_owned();
+            }
+            render_table(
+                &[
+                    "MAC",
+                    "VENDOR",
+                    "TYPE",
+                    "SITE",
+                    "AUTHENTICATION",
+                    "PAP",
+                    "CREATED",
+                ],
+                &rows,
+            )
+        }
+        Shape::Phone => details(&[
+            ("MAC", text(data, "mac")),
+            ("Vendor", text(data, "vendor")),
+            ("Type", text(data, "type")),
+            ("Site", text(data, "site")),
+            ("Authentication", phone_state(data)),
+            ("PAP", text(data, "pap")),
+            ("Created", text(data, "created_at")),
+        ]),
+        Shape::Whitelist => {
+            let mut out = String::from("Permanent whitelist:\n");
+            let permanent = list(data, "permanent");
+            if permanent.is_empty() {
+                out.push_str("  (empty)\n");
+            }
+            for entry in permanent {
+                let entry = entry
+                    .as_str()
+                    .map_or_else(|| entry.to_string(), str::to_owned);
+                out.push_str(&format!("  {entry}\n"));
+            }
+            out.push_str("Temporary whitelist:\n");
+            let temporary: Vec<Vec<String>> = list(data, "temporary")
+                .iter()
+                .map(|t| vec![text(t, "ip"), text(t, "expires_at")])
+                .collect();
+            if temporary.is_empty() {
+                out.push_str("  (empty)\n");
+            } else {
+                out.push_str(&render_table(&["IP", "EXPIRES"], &temporary));
+            }
+            out
+        }
+        Shape::Audit => {
+            let rows: Vec<Vec<String>> = list(data, "records")
+                .iter()
+                .map(|r| {
+                    vec![
+                        text(r, "time"),
+                        text(r, "actor"),
+                        text(r, "device"),
+                        text(r, "action"),
+                        text(r, "outcome"),
+                        text(r, "reason"),
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                return "no audit records\n".to_owned();
+            }
+            render_table(
+                &["TIME", "ACTOR", "DEVICE", "ACTION", "OUTCOME", "REASON"],
+                &rows,
+            )
+        }
+        Shape::Csv => {
+            let mut csv = text(data, "csv");
+            if !csv.ends_with('\n') {
+                csv.push('\n');
+            }
+            csv
+        }
+        Shape::Import => {
+            let created = list(data, "created");
+            let mut out = format!("created {} phones\n", created.len());
+            for phone in created {
+                out.push_str(&format!(
+                    "  {}  PAP {}\n",
+                    text(phone, "mac"),
+                    text(phone, "pap")
+                ));
+            }
+            for error in list(data, "errors") {
+                out.push_str(&format!(
+                    "line {}: {}\n",
+                    text(error, "line"),
+                    text(error, "error")
+                ));
+            }
+            out
+        }
+        Shape::Done => "ok\n".to_owned(),
+        Shape::Raw => format!(
+            "{}\n",
+            serde_json::to_string_pretty(data).unwrap_or_else(|_| data.to_string())
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn stations_table_uses_the_labels() {
+        let data = json!({"stations": [
+            {"serial": "ST-1", "model": "MC-Station", "firmware": "6.1.0", "state": "unauthorized",
+             "online": true, "ip": "127.0.0.1", "last_seen": null},
+            {"serial": "OLD", "model": "MC-Station", "firmware": "6.0.5", "state": "update_required",
+             "label": "Update Required", "online": false},
+        ]});
+        let out = render(Shape::Stations, &data);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].starts_with("SERIAL  MODEL"));
+        assert!(lines[1].contains("Unauthorized"));
+        assert!(lines[1].contains("yes"));
+        assert!(lines[2].contains("Update Required"));
+        assert_eq!(
+            render(Shape::Stations, &json!({"stations": []})),
+            "no stations\n"
+        );
+    }
+
+    #[test]
+    fn station_details_show_what_the_operator_checks() {
+        let data = json!({"serial": "ST-1", "mac_streaming": "aabbccddeeff",
+            "mac_control": "001122334455", "fingerprint": "AB:CD", "state": "running"});
+        let out = render(Shape::Station, &data);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "Serial:         ST-1");
+        assert_eq!(lines[3], "Status:         Running");
+        assert!(lines.contains(&"Fingerprint:    AB:CD"), "{out}");
+        assert!(lines.contains(&"MAC streaming:  aabbccddeeff"), "{out}");
+    }
+}
