@@ -24,6 +24,9 @@ const KEEP_ALIVE: Duration = Duration::from_secs(30);
 const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
 /// Requests queued towards the MQTT event loop; the shell never waits for room in it.
 const REQUEST_CAPACITY: usize = 256;
+/// Largest MQTT packet accepted or sent: a 16 KiB chunk is about 22 KB as base64 in JSON,
+/// more than rumqttc's 10 KiB default.
+const MAX_PACKET_SIZE: usize = 1024 * 1024;
 
 /// How a station reaches the server.
 #[derive(Clone, Debug)]
@@ -388,6 +391,7 @@ async fn boot(
     options
         .set_keep_alive(KEEP_ALIVE)
         .set_clean_session(true)
+        .set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE)
         .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(tls),
         )))

@@ -36,7 +36,9 @@ impl TestFleet {
         let mut config = Config::default();
         config.server.data_dir = dir.path().join("fleet-data");
         config.server.listen = "127.0.0.1:0".parse().expect("addr");
-        config.server.cut_grace_ms = 300;
+        // An upper bound only: a cut closes as soon as the final `cmd` is written. Generous,
+        // because CI machines are shared and slow.
+        config.server.cut_grace_ms = 3000;
         config.firmware.images.push(FirmwareImage {
             version: "6.1.0".into(),
             file: image,
@@ -101,6 +103,8 @@ impl Station {
         loop {
             match tokio::time::timeout_at(deadline, self.handle.next_event()).await {
                 Ok(Some(event)) => {
+                    // Shown when a test fails: the station's story.
+                    eprintln!("[{}] {event:?}", self.serial);
                     if let Some(t) = pick(&event) {
                         return t;
                     }

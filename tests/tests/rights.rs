@@ -1,0 +1,213 @@
+//! Rights enforced by the front door on every PUBLISH and SUBSCRIBE (PROTOCOL §4), seen by
+//! stock MQTT 3.1.1 and 5.0 clients, and TLS session resumption that must not let a revoked
+//! identity back in.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_sim::SimEvent;
+use fleet_tests::{authorize, TestFleet, PATIENCE};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
+
+/// A stock 3.1.1 client connected as `station-<serial>` with the station's own key.
+async fn v4_station(
+    fleet: &TestFleet,
+    dir: &std::path::Path,
+    serial: &str,
+) -> (AsyncClient, EventLoop) {
+    let cert = std::fs::read_to_string(dir.join("cert.pem")).expect("station cert");
+    let key = std::fs::read_to_string(dir.join("key.pem")).expect("station key");
+    let tls = fleet_certs::client_config(&fleet.ca_pem(), Some((&cert, &key))).expect("tls");
+    let port = fleet.fleet.local_addr().port();
+    let mut opts = MqttOptions::new(format!("station-{serial}"), "127.0.0.1", port);
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(tls),
+    )));
+    let (client, mut el) = AsyncClient::new(opts, 16);
+    loop {
+        match tokio::time::timeout(PATIENCE, el.poll())
+            .await
+            .expect("connack in time")
+        {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("connect failed: {e}"),
+        }
+    }
+    (client, el)
+}
+
+async fn next_incoming(el: &mut EventLoop, what: &str) -> Packet {
+    loop {
+        match tokio::time::timeout(PATIENCE, el.poll()).await {
+            Ok(Ok(Event::Incoming(p))) => return p,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("connection ended while waiting for {what}: {e}"),
+            Err(_) => panic!("no {what}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_station_cannot_use_another_stations_topics_nor_publish_its_own_cmd() {
+    let fleet = TestFleet::start().await;
+    let mut op = fleet.operator().await;
+    let mut s1 = fleet.station("RT-1", "6.1.0");
+    authorize(&mut op, &mut s1).await;
+    s1.handle.shutdown().await;
+    let mut s2 = fleet.station("RT-2", "6.1.0");
+    authorize(&mut op, &mut s2).await;
+
+    // RT-1, authorized, played by a stock client with its key.
+    let (client, mut el) = v4_station(&fleet, &fleet.dir.path().join("station-RT-1"), "RT-1").await;
+    for (filter, allowed) in [
+        ("stations/RT-1/#", true),
+        ("stations/RT-2/cmd", false),
+        ("stations/RT-2/#", false),
+        ("#", false),
+        ("stations/+/cmd", false),
+        ("fleet/events/default/#", false),
+    ] {
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        let mut packet = next_incoming(&mut el, "SUBACK").await;
+        // Retained messages of the granted filter may come first.
+        while matches!(&packet, Packet::Publish(p) if p.topic.starts_with("stations/RT-1/")) {
+            packet = next_incoming(&mut el, "SUBACK").await;
+        }
+        match packet {
+            Packet::SubAck(ack) => {
+                let granted = matches!(
+                    ack.return_codes[0],
+                    rumqttc::SubscribeReasonCode::Success(_)
+                );
+                assert_eq!(granted, allowed, "{filter}: {:?}", ack.return_codes);
+                if !allowed {
+                    assert_eq!(
+                        ack.return_codes[0],
+                        rumqttc::SubscribeReasonCode::Failure,
+                        "0x80"
+                    );
+                }
+            }
+            other => panic!("expected SUBACK for {filter}, got {other:?}"),
+        }
+    }
+    // Publishing to its own cmd is dropped (3.1.1 acknowledges it); its data topic goes through.
+    // Both are published in order, so the data message arriving alone proves the cmd was dropped.
+    client
+        .publish(
+            "stations/RT-1/cmd",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"command":"authorized"}"#,
+        )
+        .await
+        .expect("publish");
+    client
+        .publish(
+            "stations/RT-2/data/x",
+            QoS::AtLeastOnce,
+            false,
+            "to another station",
+        )
+        .await
+        .expect("publish");
+    client
+        .publish("stations/RT-1/data/x", QoS::AtLeastOnce, false, "mine")
+        .await
+        .expect("publish");
+    let mut acks = 0;
+    loop {
+        match next_incoming(&mut el, "own data").await {
+            Packet::Publish(p) => {
+                assert_ne!(
+                    p.topic, "stations/RT-1/cmd",
+                    "a station's publish to its own cmd got through"
+                );
+                assert!(p.topic.starts_with("stations/RT-1/"), "{}", p.topic);
+                if p.topic == "stations/RT-1/data/x" {
+                    break;
+                }
+            }
+            Packet::PubAck(_) => acks += 1,
+            _ => {}
+        }
+    }
+    assert!(acks >= 2, "denied 3.1.1 publishes are still acknowledged");
+    // RT-2 never saw RT-1's message.
+    let leaked = tokio::time::timeout(
+        Duration::from_millis(300),
+        s2.wait_for("nothing", |e| match e {
+            SimEvent::Command { .. } => Some(()),
+            _ => None,
+        }),
+    );
+    assert!(
+        leaked.await.is_err(),
+        "RT-2 received a command it should not have"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_clients_get_reason_0x87() {
+    use rumqttc::v5::mqttbytes::v5::{Packet as P5, PubAckReason, SubscribeReasonCode};
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use rumqttc::v5::{AsyncClient as C5, Event as E5, MqttOptions as O5};
+
+    let fleet = TestFleet::start().await;
+    let station = fleet_certs::self_signed_station("V5-1").expect("key");
+    let tls =
+        fleet_certs::client_config(&fleet.ca_pem(), Some((&station.cert_pem, &station.key_pem)))
+            .expect("tls");
+    let mut opts = O5::new("station-V5-1", "127.0.0.1", fleet.fleet.local_addr().port());
+    opts.set_transport(rumqttc::Transport::tls_with_config(
+        TlsConfiguration::Rustls(Arc::new(tls)),
+    ));
+    let (client, mut el) = C5::new(opts, 16);
+    async fn next(el: &mut rumqttc::v5::EventLoop) -> P5 {
+        loop {
+            match tokio::time::timeout(PATIENCE, el.poll())
+                .await
+                .expect("in time")
+                .expect("connected")
+            {
+                E5::Incoming(p) if !matches!(p, P5::ConnAck(_)) => return p,
+                _ => {}
+            }
+        }
+    }
+    // Pending station: it may not subscribe to its data, nor publish there.
+    client
+        .subscribe("stations/V5-1/data/#", Q5::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    match next(&mut el).await {
+        P5::SubAck(ack) => assert_eq!(ack.return_codes, vec![SubscribeReasonCode::NotAuthorized]),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    client
+        .publish("stations/V5-1/data/x", Q5::AtLeastOnce, false, "x")
+        .await
+        .expect("publish");
+    match next(&mut el).await {
+        P5::PubAck(ack) => assert_eq!(ack.reason, PubAckReason::NotAuthorized),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    // Its own cmd is fine to subscribe to.
+    client
+        .subscribe("stations/V5-1/cmd", Q5::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    match next(&mut el).await {
+        P5::SubAck(ack) => assert!(matches!(
+            ack.return_codes[0],
+            SubscribeReasonCode::Success(_)
+        )),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}
