@@ -394,6 +394,13 @@ async fn drive(mut eventloop: EventLoop, client: AsyncClient, shared: Arc<Shared
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!("connection to fleetd lost: {e}");
+                // Messages read in the same batch as the close are still queued: route them.
+                let buffered: Vec<Event> = eventloop.state.events.drain(..).collect();
+                for event in buffered {
+                    if let Event::Incoming(Incoming::Publish(publish)) = event {
+                        route(&shared, &publish.topic, &publish.payload);
+                    }
+                }
                 {
                     // Requests in flight will not be answered on a new session.
                     let mut routes = shared.routes();

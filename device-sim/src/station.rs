@@ -445,10 +445,22 @@ async fn boot(
                     return Next::Retry;
                 }
                 Err(e) => {
+                    // rumqttc reads packets in batches: a `cmd` that arrived together with
+                    // the broker cutting the station (rejected, reset, removed) is still in
+                    // the event queue. Obey it: that is why the broker sent it first.
+                    let mut next = Next::Retry;
+                    let buffered: Vec<Event> = eventloop.state.events.drain(..).collect();
+                    for event in buffered {
+                        if let Event::Incoming(Incoming::Publish(publish)) = event {
+                            if let Some(after) = session.on_publish(&publish.topic, &publish.payload) {
+                                next = after;
+                            }
+                        }
+                    }
                     session.emitter.emit(SimEvent::Disconnected {
                         reason: e.to_string(),
                     });
-                    return Next::Retry;
+                    return next;
                 }
             },
             command = control.recv() => match command {
