@@ -69,7 +69,7 @@ fn resuming_connector(fleet: &TestFleet, dir: &std::path::Path) -> TlsConnector 
 async fn a_resumed_tls_session_of_a_rejected_station_is_refused() {
     let fleet = TestFleet::start().await;
     let mut op = fleet.operator().await;
-    let mut station = fleet.station("RS-1", "6.1.0");
+    let station = fleet.station("RS-1", "6.1.0");
     op.wait_state("RS-1", "unauthorized").await;
     station.handle.shutdown().await;
     let connector = resuming_connector(&fleet, &fleet.dir.path().join("station-RS-1"));
