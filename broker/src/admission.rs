@@ -85,6 +85,10 @@ pub trait Admission: Send + Sync + 'static {
     /// a decision taken after this call finds the session registered and cuts it.
     fn session_opened(&self, client_id: &str, session_id: u64) -> Option<Rights>;
 
+    /// Called when the front door refuses a CONNECT on its own (client id of the wrong form,
+    /// connection cap, certificate refused on re-check), so that the refusal is audited too.
+    fn refused(&self, client_id: &str, peer_addr: SocketAddr, reason: &str);
+
     /// Called when an admitted session ends, for whatever reason.
     fn session_closed(&self, client_id: &str, session_id: u64);
 }

@@ -467,14 +467,9 @@ async fn connection(
         info!(%peer, client_id = %client_id_for_log(&connect.client_id), ?refusal, "refused: {reason}");
         (refusal, reason)
     };
+    // PROTOCOL §2: every refused CONNECT gets 5 / 0x87, a client id of the wrong form included.
     let refusal = if !client_id_is_valid(&client_id) {
-        Some(
-            refuse(
-                Refusal::ClientIdentifierNotValid,
-                "client id of the wrong form".into(),
-            )
-            .await,
-        )
+        Some(refuse(Refusal::NotAuthorized, "client id of the wrong form".into()).await)
     } else if shared.registry.len() >= settings.max_connections {
         Some(refuse(Refusal::QuotaExceeded, "connection limit reached".into()).await)
     } else if let Err(reason) = &certificate {
@@ -489,6 +484,7 @@ async fn connection(
         None
     };
     if let Some((refusal, reason)) = refusal {
+        admission.refused(&client_id_for_log(&client_id), peer, &reason);
         let _ = write_packet(
             &mut writer,
             codec,

@@ -43,7 +43,6 @@ pub struct ControlSettings {
 struct LiveSession {
     session_id: u64,
     identity: Identity,
-    ip: IpAddr,
 }
 
 #[derive(Default)]
@@ -54,6 +53,10 @@ struct Live {
     operators: HashMap<String, String>,
     /// Last activity of stations, kept in memory (not worth an fsync per message).
     last_seen: HashMap<Serial, OffsetDateTime>,
+    /// Identity and address of the last admitted session of each station client id: a message
+    /// published just before its session closed (`mosquitto_pub` does exactly that) reaches the
+    /// controller after the close, and is still attributed to the session that sent it.
+    last_station_session: HashMap<String, (Presented, IpAddr)>,
 }
 
 pub struct Controller {
@@ -273,11 +276,12 @@ impl Controller {
             LiveSession {
                 session_id: info.session_id,
                 identity: identity.clone(),
-                ip: info.peer_addr.ip(),
             },
         );
-        if let Identity::Station { serial, .. } = &identity {
+        if let Identity::Station { serial, presented } = &identity {
             live.last_seen.insert(serial.clone(), at);
+            live.last_station_session
+                .insert(info.client_id.clone(), (*presented, info.peer_addr.ip()));
         }
         drop(live);
         self.audit_only(AuditRecord::new(
@@ -372,20 +376,34 @@ impl Controller {
                     self.sessions.cut(&client_id, Some(cmd_topic.clone()));
                 }
                 Effect::Rights => {
-                    if let Some(session) = live.sessions.get(&client_id) {
-                        match self.rights_of(&session.identity) {
-                            Ok(Some(rights)) => {
-                                self.sessions.set_rights(&client_id, rights);
-                            }
-                            _ => {
-                                self.sessions.cut(&client_id, None);
-                            }
+                    let Some(LiveSession {
+                        identity: Identity::Station { presented, .. },
+                        ..
+                    }) = live.sessions.get(&client_id)
+                    else {
+                        continue;
+                    };
+                    // Rights only grow in place (an accepted station gains them at once); any
+                    // other change cuts the session, so that no subscription made under the old
+                    // rights outlives them.
+                    match self.station_decision(serial, presented) {
+                        Ok(Admit::Authorized) => {
+                            let rights =
+                                identity::station_rights(serial, StationRights::Authorized);
+                            self.sessions.set_rights(&client_id, rights);
+                        }
+                        _ => {
+                            self.sessions.cut(&client_id, None);
                         }
                     }
                 }
                 Effect::Event { kind, detail } => self.event(
                     tenant,
-                    "stations",
+                    if *kind == "identity_mismatch" {
+                        "security"
+                    } else {
+                        "stations"
+                    },
                     json!({"event": kind, "serial": serial.as_str(), "detail": detail}),
                 ),
             }
@@ -436,15 +454,13 @@ impl Controller {
             return;
         };
         let live = self.lock();
-        // Only the station's own session may publish here (the front door enforces it).
-        let Some(session) = live.sessions.get(&serial.client_id()) else {
-            return;
-        };
-        let Identity::Station { presented, .. } = &session.identity else {
+        // Only the station's own session may publish here (the front door enforces it), so the
+        // sender is the client id's live session, or its last one if it already closed.
+        let Some((presented, ip)) = live.last_station_session.get(&serial.client_id()) else {
             return;
         };
         let presented = *presented;
-        let ip = session.ip.to_string();
+        let ip = ip.to_string();
         let record = match self.store.station(&serial) {
             Ok(r) => r,
             Err(e) => {
@@ -940,5 +956,17 @@ impl Admission for ControllerAdmission {
 
     fn session_closed(&self, client_id: &str, session_id: u64) {
         self.0.closed(client_id, session_id);
+    }
+
+    fn refused(&self, client_id: &str, peer_addr: std::net::SocketAddr, reason: &str) {
+        self.0.audit_only(AuditRecord::new(
+            now(),
+            station::DEFAULT_TENANT,
+            peer_addr.to_string(),
+            Some(client_id.to_owned()),
+            "connect",
+            Outcome::Refused,
+            Some(reason.to_owned()),
+        ));
     }
 }
