@@ -79,9 +79,18 @@ async fn wait_state(
                 return view;
             }
         }
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Some(_)) => {}
-            _ => panic!("{serial} never reached {state}"),
+        // Re-check on station events only: every getStation is itself audited.
+        loop {
+            let event = tokio::time::timeout_at(deadline, events.recv()).await;
+            match event {
+                _ if tokio::time::Instant::now() >= deadline => {
+                    panic!("{serial} never reached {state}")
+                }
+                Ok(Some((topic, _))) if topic.ends_with("/audit") => {}
+                Ok(Some(_)) => break,
+                Ok(None) => panic!("event stream closed"),
+                Err(_) => {}
+            }
         }
     }
 }

@@ -148,19 +148,36 @@ impl Operator {
 
     /// Waits until the station's `state` is `state`: checks now, then on every state event.
     pub async fn wait_state(&mut self, serial: &str, state: &str) -> Value {
+        self.wait_view(serial, state, |v| v["state"] == state).await
+    }
+
+    /// Waits until the station's view satisfies `done`: checks now, then on every event.
+    pub async fn wait_view(
+        &mut self,
+        serial: &str,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
             if let Ok(view) = self.call("getStation", json!({"serial": serial})).await {
-                if view["state"] == state {
+                if done(&view) {
                     return view;
                 }
             }
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("event stream closed"),
-                Err(_) => {
-                    let last = self.call("getStation", json!({"serial": serial})).await;
-                    panic!("station {serial} never reached {state}; last: {last:?}")
+            // Re-check on station events only: every getStation is itself audited, and audit
+            // events would wake this loop forever.
+            loop {
+                let event = tokio::time::timeout_at(deadline, self.events.recv()).await;
+                match event {
+                    _ if tokio::time::Instant::now() >= deadline => {
+                        let last = self.call("getStation", json!({"serial": serial})).await;
+                        panic!("station {serial} never reached {what}; last: {last:?}")
+                    }
+                    Ok(Some((topic, _))) if topic.ends_with("/audit") => {}
+                    Ok(Some(_)) => break,
+                    Ok(None) => panic!("event stream closed"),
+                    Err(_) => {}
                 }
             }
         }
@@ -172,6 +189,7 @@ impl Operator {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                _ if tokio::time::Instant::now() >= deadline => panic!("no {kind} event came"),
                 Ok(Some((topic, event))) if topic.ends_with(&suffix) && pick(&event) => {
                     return event
                 }
@@ -193,8 +211,17 @@ pub fn code_of(result: Result<Value, ClientError>) -> String {
 
 /// Authorizes a station end to end and returns its fingerprint.
 pub async fn authorize(op: &mut Operator, station: &mut Station) -> String {
-    op.wait_state(&station.serial, "unauthorized").await;
+    // Unauthorized, with the key of the station's latest request (after a reset the record
+    // shows no key until the rebooted station asked again).
+    let view = op
+        .wait_view(&station.serial, "unauthorized with a key", |v| {
+            v["state"] == "unauthorized" && v["fingerprint"].is_string()
+        })
+        .await;
+    // The operator compares it with the station's local admin interface; the station has booted,
+    // so reading its key does not race with the boot that makes it.
     let fingerprint = station.local_fingerprint();
+    assert_eq!(view["fingerprint"], fingerprint.as_str());
     let view = op
         .call(
             "acceptStation",

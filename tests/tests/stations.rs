@@ -176,10 +176,13 @@ async fn reset_authorization_with_the_manager() {
             with_certificate: true,
         })
         .await;
-    let view = op.wait_state("ST-0004", "unauthorized").await;
     let new = station.local_fingerprint();
     assert_ne!(old, new);
-    assert_eq!(view["fingerprint"], new.as_str());
+    // It shows as "Unauthorized" with its new key once its request arrived.
+    op.wait_view("ST-0004", "the new key", |v| {
+        v["state"] == "unauthorized" && v["fingerprint"] == new.as_str()
+    })
+    .await;
     authorize(&mut op, &mut station).await;
 }
 
