@@ -485,15 +485,8 @@ async fn connection(
     };
     if let Some((refusal, reason)) = refusal {
         admission.refused(&client_id_for_log(&client_id), peer, &reason);
-        let _ = write_packet(
-            &mut writer,
-            codec,
-            frame::refusal_connack(version, refusal, &reason),
-            settings.write_timeout,
-        )
-        .await;
-        let _ = writer.shutdown().await;
-        return;
+        return refuse_and_close(&mut writer, codec, refusal, &reason, settings.write_timeout)
+            .await;
     }
 
     let session_id = shared.registry.next_session_id();
@@ -510,15 +503,8 @@ async fn connection(
         Decision::Allow { rights } => rights,
         Decision::Deny { refusal, reason } => {
             info!(%peer, client_id = %client_id_for_log(&client_id), "refused by the controller: {reason}");
-            let _ = write_packet(
-                &mut writer,
-                codec,
-                frame::refusal_connack(version, refusal, &reason),
-                settings.write_timeout,
-            )
-            .await;
-            let _ = writer.shutdown().await;
-            return;
+            return refuse_and_close(&mut writer, codec, refusal, &reason, settings.write_timeout)
+                .await;
         }
     };
 
@@ -648,6 +634,19 @@ async fn connection(
     }
     shared.registry.unregister(&client_id, session_id);
     admission.session_closed(&client_id, session_id);
+}
+
+/// Answers a CONNECT with the refusal's CONNACK and closes the connection.
+async fn refuse_and_close(
+    writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    codec: Codec,
+    refusal: Refusal,
+    reason: &str,
+    write_timeout: Duration,
+) {
+    let connack = frame::refusal_connack(codec.0, refusal, reason);
+    let _ = write_packet(writer, codec, connack, write_timeout).await;
+    let _ = writer.shutdown().await;
 }
 
 /// Client ids come from the network: log them escaped and bounded.
