@@ -16,7 +16,7 @@ pub use error::{CertError, FingerprintError};
 pub use fingerprint::Fingerprint;
 pub use inspect::{inspect, inspect_pem, CertInfo};
 pub use station::{self_signed_station, self_signed_station_with_key};
-pub use tls::{certs_from_pem, client_config, crypto_provider, key_from_pem};
+pub use tls::{certs_from_pem, client_config, crypto_provider, key_from_pem, split_server};
 
 /// Longest name accepted for an operator, a tenant or a certificate subject field.
 pub const MAX_NAME_LEN: usize = 64;

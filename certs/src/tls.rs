@@ -53,8 +53,39 @@ pub fn client_config(
     Ok(config)
 }
 
+/// Splits a server address `HOST:PORT` or `[v6]:PORT` for the clients: HOST is also the TLS
+/// server name that [`client_config`] verifies the server certificate against.
+pub fn split_server(server: &str) -> Option<(String, u16)> {
+    let (host, port) = server.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_owned(), port))
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn server_addresses_split_into_host_and_port() {
+        assert_eq!(
+            super::split_server("127.0.0.1:8883"),
+            Some(("127.0.0.1".into(), 8883))
+        );
+        assert_eq!(super::split_server("[::1]:1"), Some(("::1".into(), 1)));
+        assert_eq!(
+            super::split_server("localhost:99"),
+            Some(("localhost".into(), 99))
+        );
+        assert_eq!(super::split_server("localhost"), None);
+        assert_eq!(super::split_server(":80"), None);
+        assert_eq!(super::split_server("h:notaport"), None);
+    }
     use super::*;
     use crate::FleetCa;
     use rustls::pki_types::ServerName;

@@ -117,19 +117,7 @@ impl Drop for OperatorClient {
     }
 }
 
-/// Splits `HOST:PORT` or `[v6]:PORT`.
-pub fn split_server(server: &str) -> Option<(String, u16)> {
-    let (host, port) = server.rsplit_once(':')?;
-    let port = port.parse().ok()?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    if host.is_empty() {
-        return None;
-    }
-    Some((host.to_owned(), port))
-}
+pub use fleet_certs::split_server;
 
 /// The operator name: the CN of the operator certificate.
 pub fn operator_name(cert_pem: &str) -> Result<String, ClientError> {
@@ -511,16 +499,6 @@ mod tests {
         assert_eq!(topic, "fleet/events/default/security");
         assert_eq!(value, event);
         assert!(erx.try_recv().is_err());
-    }
-
-    #[test]
-    fn server_addresses() {
-        assert_eq!(
-            split_server("127.0.0.1:8883"),
-            Some(("127.0.0.1".into(), 8883))
-        );
-        assert_eq!(split_server("[::1]:8883"), Some(("::1".into(), 8883)));
-        assert_eq!(split_server("nope"), None);
     }
 
     #[test]

@@ -254,19 +254,7 @@ pub fn spawn_station(dir: impl Into<PathBuf>, config: SimConfig) -> StationHandl
     }
 }
 
-/// Splits `HOST:PORT`, `[v6]:PORT` into host and port.
-pub fn split_server(server: &str) -> Option<(String, u16)> {
-    let (host, port) = server.rsplit_once(':')?;
-    let port = port.parse().ok()?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    if host.is_empty() {
-        return None;
-    }
-    Some((host.to_owned(), port))
-}
+pub use fleet_certs::split_server;
 
 /// What the run loop does after a boot ends.
 enum Next {
@@ -817,19 +805,6 @@ impl Session<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn server_addresses() {
-        assert_eq!(
-            split_server("127.0.0.1:8883"),
-            Some(("127.0.0.1".into(), 8883))
-        );
-        assert_eq!(split_server("[::1]:1"), Some(("::1".into(), 1)));
-        assert_eq!(split_server("localhost:99"), Some(("localhost".into(), 99)));
-        assert_eq!(split_server("localhost"), None);
-        assert_eq!(split_server(":80"), None);
-        assert_eq!(split_server("h:notaport"), None);
-    }
 
     use crate::state::{StationProfile, KEY_FILE};
     use rumqttc::Request;
