@@ -529,42 +529,38 @@ async fn connection(
         .registry
         .register(&client_id, session_id, shared_rights.clone(), control_tx);
 
-    let (mut link_tx, link_rx, notification) = match build_link(&shared.links, client_id.clone())
-        .await
-    {
-        Ok(parts) => parts,
-        Err(e) => {
-            warn!(client_id = %client_id, "router refused the link: {e}");
-            let _ = write_packet(
-                &mut writer,
-                codec,
-                frame::refusal_connack(version, Refusal::ServerUnavailable, "router unavailable"),
-                settings.write_timeout,
-            )
-            .await;
-            shared.registry.unregister(&client_id, session_id);
-            admission.session_closed(&client_id, session_id);
-            return;
-        }
-    };
+    let (mut link_tx, link_rx, notification) =
+        match build_link(&shared.links, client_id.clone()).await {
+            Ok(parts) => parts,
+            Err(e) => {
+                warn!(client_id = %client_id, "router refused the link: {e}");
+                let reason = "router unavailable";
+                refuse_and_close(
+                    &mut writer,
+                    codec,
+                    Refusal::ServerUnavailable,
+                    reason,
+                    settings.write_timeout,
+                )
+                .await;
+                shared.registry.unregister(&client_id, session_id);
+                admission.session_closed(&client_id, session_id);
+                return;
+            }
+        };
     match admission.session_opened(&client_id, session_id) {
         Some(now) => registry::set(&shared_rights, now),
         None => {
-            let _ = write_packet(
+            let reason = "not authorized";
+            refuse_and_close(
                 &mut writer,
                 codec,
-                frame::refusal_connack(version, Refusal::NotAuthorized, "not authorized"),
+                Refusal::NotAuthorized,
+                reason,
                 settings.write_timeout,
             )
             .await;
-            let _ = link_tx
-                .send(Packet::Disconnect(
-                    Disconnect {
-                        reason_code: DisconnectReasonCode::NormalDisconnection,
-                    },
-                    None,
-                ))
-                .await;
+            release_link(&mut link_tx).await;
             shared.registry.unregister(&client_id, session_id);
             admission.session_closed(&client_id, session_id);
             return;
@@ -619,21 +615,21 @@ async fn connection(
     let _ = timeout(Duration::from_secs(1), writer.shutdown()).await;
 
     if let (Some(will), true) = (will, end.fires_will()) {
-        publish_will(shared.clone(), client_id.clone(), session_id, will);
+        publish_will(shared.clone(), client_id.clone(), will);
     }
     if end != End::LinkGone {
-        let _ = pump
-            .link_tx
-            .send(Packet::Disconnect(
-                Disconnect {
-                    reason_code: DisconnectReasonCode::NormalDisconnection,
-                },
-                None,
-            ))
-            .await;
+        release_link(&mut pump.link_tx).await;
     }
     shared.registry.unregister(&client_id, session_id);
     admission.session_closed(&client_id, session_id);
+}
+
+/// Frees the client's session in the router (its will, if any, was handled by the front door).
+async fn release_link(link_tx: &mut LinkTx) {
+    let disconnect = Disconnect {
+        reason_code: DisconnectReasonCode::NormalDisconnection,
+    };
+    let _ = link_tx.send(Packet::Disconnect(disconnect, None)).await;
 }
 
 /// Answers a CONNECT with the refusal's CONNACK and closes the connection.
@@ -654,7 +650,7 @@ fn client_id_for_log(id: &str) -> String {
     id.chars().take(64).flat_map(char::escape_default).collect()
 }
 
-fn publish_will(shared: Arc<Shared>, client_id: String, session_id: u64, will: Will) {
+fn publish_will(shared: Arc<Shared>, client_id: String, will: Will) {
     let publish = move |shared: &Shared| {
         let packet = Packet::Publish(
             Publish::new(will.topic.clone(), will.payload.clone(), will.retain),
@@ -671,8 +667,8 @@ fn publish_will(shared: Arc<Shared>, client_id: String, session_id: u64, will: W
         tokio::spawn(async move {
             tokio::time::sleep(will.delay).await;
             // A client that came back within the delay cancels its will (MQTT 5).
-            let back = shared.registry.is_current(&client_id, session_id)
-                || crate::admission::SessionControl::is_connected(&*shared.registry, &client_id);
+            let back =
+                crate::admission::SessionControl::is_connected(&*shared.registry, &client_id);
             if !back {
                 publish(&shared);
             }

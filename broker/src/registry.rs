@@ -99,13 +99,6 @@ impl Registry {
         }
     }
 
-    /// Whether `session_id` is still the live session of `client_id`.
-    pub(crate) fn is_current(&self, client_id: &str, session_id: u64) -> bool {
-        lock(&self.sessions)
-            .get(client_id)
-            .is_some_and(|e| e.session_id == session_id)
-    }
-
     /// Cuts every live session (shutdown).
     pub(crate) fn cut_all(&self) {
         for entry in lock(&self.sessions).values() {
