@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::audit::{AuditRecord, Outcome};
-use crate::firmware::{parse_version, Catalog, FirmwarePolicy};
+use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
 use crate::identity::{self, Identity, StationRights};
 use crate::ids::{CommandError, ErrorCode, Fingerprint, Serial};
 use crate::station::{
@@ -733,6 +733,19 @@ impl Controller {
                 reason,
             )
         };
+        // An operator decision on one station: find it (in this tenant), run the transition,
+        // commit it with its audit record, apply its effects; the answer is the station as it
+        // is now, or `{}` when the record is gone.
+        type Step<'a> = dyn Fn(Station) -> Result<(Transition, Option<String>), CommandError> + 'a;
+        let decide = |step: &Step<'_>| -> Result<(Value, bool), CommandError> {
+            let s = find(args)?;
+            let serial = s.serial.clone();
+            let (transition, reason) = step(s)?;
+            let record = audit(name, &serial, reason);
+            let after = self.apply_transition(&live, &serial, transition, record, tenant)?;
+            let data = after.map_or_else(|| json!({}), |s| self.view(&live, &s));
+            Ok((data, true))
+        };
         match name {
             "listStations" => {
                 let filter = match args.get("state") {
@@ -765,117 +778,28 @@ impl Controller {
                 let s = find(args)?;
                 Ok((self.view(&live, &s), false))
             }
-            "acceptStation" => {
-                let s = find(args)?;
+            "acceptStation" => decide(&|s| {
                 let fingerprint = fingerprint_arg(args)?;
-                let serial = s.serial.clone();
-                let t = station::accept(s, fingerprint, at)?;
-                let st = self.apply_transition(
-                    &live,
-                    &serial,
-                    t,
-                    audit(name, &serial, Some(format!("fingerprint {fingerprint}"))),
-                    tenant,
-                )?;
                 Ok((
-                    st.map(|s| self.view(&live, &s)).unwrap_or(Value::Null),
-                    true,
+                    station::accept(s, fingerprint, at)?,
+                    Some(format!("fingerprint {fingerprint}")),
                 ))
-            }
-            "rejectStation" => {
-                let s = find(args)?;
-                let serial = s.serial.clone();
-                let t = station::reject(s, at)?;
-                let st =
-                    self.apply_transition(&live, &serial, t, audit(name, &serial, None), tenant)?;
-                Ok((
-                    st.map(|s| self.view(&live, &s)).unwrap_or(Value::Null),
-                    true,
-                ))
-            }
-            "clearRejectedStation" => {
-                let s = find(args)?;
-                let serial = s.serial.clone();
-                let t = station::clear_rejected(s, at)?;
-                self.apply_transition(&live, &serial, t, audit(name, &serial, None), tenant)?;
-                Ok((json!({}), true))
-            }
-            "startStationUpdate" => {
-                let s = find(args)?;
-                let image = match args.get("version") {
-                    None | Some(Value::Null) => {
-                        self.settings.catalog.latest().cloned().ok_or_else(|| {
-                            CommandError::not_found("the firmware catalog is empty")
-                        })?
-                    }
-                    Some(Value::String(v)) => {
-                        let version = parse_version(v).ok_or_else(|| {
-                            CommandError::invalid_argument(format!(
-                                "version {v:?} is not a version"
-                            ))
-                        })?;
-                        self.settings
-                            .catalog
-                            .find(&version)
-                            .cloned()
-                            .ok_or_else(|| {
-                                CommandError::not_found(format!(
-                                    "firmware {v} is not in the catalog"
-                                ))
-                            })?
-                    }
-                    Some(_) => {
-                        return Err(CommandError::invalid_argument(
-                            "\"version\" must be a string",
-                        ))
-                    }
-                };
-                if image.version < self.settings.policy.min_firmware {
-                    return Err(CommandError::invalid_argument(format!(
-                        "firmware {} is below {}",
-                        image.version, self.settings.policy.min_firmware
-                    )));
-                }
-                let serial = s.serial.clone();
-                let t = station::start_update(s, &image, at)?;
-                let st = self.apply_transition(
-                    &live,
-                    &serial,
-                    t,
-                    audit(name, &serial, Some(format!("to {}", image.version))),
-                    tenant,
-                )?;
-                Ok((
-                    st.map(|s| self.view(&live, &s)).unwrap_or(Value::Null),
-                    true,
-                ))
-            }
-            "resetStation" => {
-                let s = find(args)?;
+            }),
+            "rejectStation" => decide(&|s| Ok((station::reject(s, at)?, None))),
+            "clearRejectedStation" => decide(&|s| Ok((station::clear_rejected(s, at)?, None))),
+            "startStationUpdate" => decide(&|s| {
+                let image = self.update_image(args)?;
+                let reason = format!("to {}", image.version);
+                Ok((station::start_update(s, &image, at)?, Some(reason)))
+            }),
+            "resetStation" => decide(&|s| {
                 let delete_authentication = bool_arg(args, "delete_authentication")?;
                 let delete_configuration = bool_arg(args, "delete_configuration")?;
-                let serial = s.serial.clone();
-                let t = station::reset(s, delete_authentication, delete_configuration, at)?;
                 let reason = format!("delete_authentication={delete_authentication} delete_configuration={delete_configuration}");
-                let st = self.apply_transition(
-                    &live,
-                    &serial,
-                    t,
-                    audit(name, &serial, Some(reason)),
-                    tenant,
-                )?;
-                Ok((
-                    st.map(|s| self.view(&live, &s)).unwrap_or(Value::Null),
-                    true,
-                ))
-            }
-            "removeStation" => {
-                let s = find(args)?;
-                let serial = s.serial.clone();
-                let t = station::remove(s, at)?;
-                self.apply_transition(&live, &serial, t, audit(name, &serial, None), tenant)?;
-                Ok((json!({}), true))
-            }
+                let t = station::reset(s, delete_authentication, delete_configuration, at)?;
+                Ok((t, Some(reason)))
+            }),
+            "removeStation" => decide(&|s| Ok((station::remove(s, at)?, None))),
             "listAuditLog" => {
                 let limit = match args.get("limit") {
                     None | Some(Value::Null) => 100,
@@ -899,6 +823,44 @@ impl Controller {
                 other.chars().take(64).collect::<String>()
             ))),
         }
+    }
+}
+
+impl Controller {
+    /// The image a `startStationUpdate` asks for: `version`, or the latest of the catalog.
+    fn update_image(&self, args: &Value) -> Result<FirmwareImage, CommandError> {
+        let image = match args.get("version") {
+            None | Some(Value::Null) => self
+                .settings
+                .catalog
+                .latest()
+                .cloned()
+                .ok_or_else(|| CommandError::not_found("the firmware catalog is empty"))?,
+            Some(Value::String(v)) => {
+                let version = parse_version(v).ok_or_else(|| {
+                    CommandError::invalid_argument(format!("version {v:?} is not a version"))
+                })?;
+                self.settings
+                    .catalog
+                    .find(&version)
+                    .cloned()
+                    .ok_or_else(|| {
+                        CommandError::not_found(format!("firmware {v} is not in the catalog"))
+                    })?
+            }
+            Some(_) => {
+                return Err(CommandError::invalid_argument(
+                    "\"version\" must be a string",
+                ))
+            }
+        };
+        if image.version < self.settings.policy.min_firmware {
+            return Err(CommandError::invalid_argument(format!(
+                "firmware {} is below {}",
+                image.version, self.settings.policy.min_firmware
+            )));
+        }
+        Ok(image)
     }
 }
 
