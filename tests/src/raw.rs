@@ -1,0 +1,120 @@
+//! A bare MQTT 3.1.1 client over TLS, written frame by frame, for tests that need what a stock
+//! library hides: the exact CONNACK code, a resumed TLS session, a client that goes silent.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::{TestFleet, PATIENCE};
+
+/// A will: topic, payload, retained.
+pub struct Will<'a> {
+    pub topic: &'a str,
+    pub payload: &'a str,
+    pub retain: bool,
+}
+
+fn push_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+fn frame(first: u8, body: Vec<u8>) -> Vec<u8> {
+    let mut out = vec![first];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend(body);
+    out
+}
+
+/// An MQTT 3.1.1 CONNECT with a clean session.
+pub fn connect_frame(client_id: &str, keepalive: u16, will: Option<&Will<'_>>) -> Vec<u8> {
+    let mut flags = 0x02;
+    if let Some(w) = will {
+        flags |= 0x04 | 0x08; // will, QoS 1
+        if w.retain {
+            flags |= 0x20;
+        }
+    }
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, flags];
+    body.extend_from_slice(&keepalive.to_be_bytes());
+    push_str(&mut body, client_id.as_bytes());
+    if let Some(w) = will {
+        push_str(&mut body, w.topic.as_bytes());
+        push_str(&mut body, w.payload.as_bytes());
+    }
+    frame(0x10, body)
+}
+
+/// SUBSCRIBE packet id 1, one filter at QoS 1.
+pub fn subscribe_frame(filter: &str) -> Vec<u8> {
+    let mut body = vec![0, 1];
+    push_str(&mut body, filter.as_bytes());
+    body.push(1);
+    frame(0x82, body)
+}
+
+/// A TLS connector with the station's key from its state directory; it keeps TLS sessions, so
+/// that a second connection resumes the first.
+pub fn station_connector(fleet: &TestFleet, dir: &Path) -> TlsConnector {
+    let cert = std::fs::read_to_string(dir.join("cert.pem")).expect("cert");
+    let key = std::fs::read_to_string(dir.join("key.pem")).expect("key");
+    let config = fleet_certs::client_config(&fleet.ca_pem(), Some((&cert, &key))).expect("tls");
+    TlsConnector::from(Arc::new(config))
+}
+
+/// A TLS connector without a client certificate.
+pub fn anonymous_connector(fleet: &TestFleet) -> TlsConnector {
+    let config = fleet_certs::client_config(&fleet.ca_pem(), None).expect("tls");
+    TlsConnector::from(Arc::new(config))
+}
+
+pub async fn tls(connector: &TlsConnector, port: u16) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.expect("tcp");
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    tokio::time::timeout(PATIENCE, connector.connect(name, tcp))
+        .await
+        .expect("handshake in time")
+        .expect("handshake")
+}
+
+/// Sends `connect` and returns the CONNACK return code; the stream stays open for more.
+pub async fn connack(stream: &mut TlsStream<TcpStream>, connect: &[u8]) -> u8 {
+    stream.write_all(connect).await.expect("write");
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(PATIENCE, stream.read_exact(&mut connack))
+        .await
+        .expect("connack in time")
+        .expect("connack");
+    assert_eq!(connack[0], 0x20, "CONNACK");
+    connack[3]
+}
+
+/// Connects with a clean session, keepalive 60 and no will; returns the CONNACK code.
+pub async fn connect(stream: &mut TlsStream<TcpStream>, client_id: &str) -> u8 {
+    connack(stream, &connect_frame(client_id, 60, None)).await
+}
+
+/// Reads until the server closes the connection; returns what it sent before.
+pub async fn until_closed(stream: &mut TlsStream<TcpStream>) -> Vec<u8> {
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut rest))
+        .await
+        .expect("closed in time");
+    rest
+}
