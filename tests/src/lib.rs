@@ -31,6 +31,11 @@ pub const FIRMWARE_SIZE: usize = 70_000;
 impl TestFleet {
     /// Starts fleetd with a generated CA and a firmware catalog holding 6.1.0.
     pub async fn start() -> TestFleet {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Like [`TestFleet::start`], with the configuration changed by `configure` first.
+    pub async fn start_with(configure: impl FnOnce(&mut Config)) -> TestFleet {
         let dir = tempfile::tempdir().expect("tempdir");
         let image = dir.path().join("firmware-6.1.0.bin");
         let bytes: Vec<u8> = (0..FIRMWARE_SIZE).map(|i| (i * 31 % 251) as u8).collect();
@@ -46,6 +51,7 @@ impl TestFleet {
             file: image,
             sha256: None,
         });
+        configure(&mut config);
         let fleet = Fleet::start(&config).await.expect("fleet starts");
         TestFleet { fleet, dir, config }
     }

@@ -118,3 +118,21 @@ pub async fn until_closed(stream: &mut TlsStream<TcpStream>) -> Vec<u8> {
         .expect("closed in time");
     rest
 }
+
+/// Reads until what the server sent contains `needle`; returns all of it.
+pub async fn read_until_contains(stream: &mut TlsStream<TcpStream>, needle: &[u8]) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !seen.windows(needle.len()).any(|w| w == needle) {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            other => panic!(
+                "{:?} never came (got {:?}, then {other:?})",
+                String::from_utf8_lossy(needle),
+                String::from_utf8_lossy(&seen)
+            ),
+        }
+    }
+    seen
+}

@@ -1,0 +1,109 @@
+//! The front door's own duties (RUMQTTD-NOTES pitfalls): its connection cap and client-id rules
+//! answered with a CONNACK, keepalive enforced, wills kept and fired by the front door, session
+//! takeover closing the old socket.
+
+use fleet_tests::raw::{
+    anonymous_connector, connack, connect, connect_frame, read_until_contains, station_connector,
+    subscribe_frame, tls, until_closed, Will,
+};
+use fleet_tests::{authorize, TestFleet};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_is_answered_with_a_connack() {
+    let fleet = TestFleet::start_with(|c| c.server.max_connections = 1).await;
+    let port = fleet.fleet.local_addr().port();
+    let connector = anonymous_connector(&fleet);
+    let mut first = tls(&connector, port).await;
+    assert_eq!(connect(&mut first, "station-CAP-1").await, 0);
+    let mut second = tls(&connector, port).await;
+    // 3.1.1 has no "quota exceeded": 3, server unavailable, instead of a silent drop.
+    assert_eq!(connect(&mut second, "station-CAP-2").await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_of_the_wrong_form_is_refused_and_audited() {
+    let fleet = TestFleet::start().await;
+    let op = fleet.operator().await;
+    let port = fleet.fleet.local_addr().port();
+    let connector = anonymous_connector(&fleet);
+    for client_id in ["", "a/b", "a+b", "fleetd-controller", "station-bad_serial"] {
+        let mut stream = tls(&connector, port).await;
+        assert_eq!(connect(&mut stream, client_id).await, 5, "{client_id:?}");
+    }
+    let audit = op
+        .call("listAuditLog", json!({"limit": 100}))
+        .await
+        .expect("audit");
+    let refusals = audit["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter(|r| r["action"] == "connect" && r["outcome"] == "refused")
+        .count();
+    assert_eq!(refusals, 5, "{audit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_cut_and_its_will_fires_but_a_clean_disconnect_discards_it() {
+    let fleet = TestFleet::start().await;
+    let mut op = fleet.operator().await;
+    let mut station = fleet.station("KA-1", "6.1.0");
+    authorize(&mut op, &mut station).await;
+    station.handle.shutdown().await;
+    let connector = station_connector(&fleet, &fleet.dir.path().join("station-KA-1"));
+    let port = fleet.fleet.local_addr().port();
+    let will = |payload| Will {
+        topic: "stations/KA-1/status",
+        payload,
+        retain: true,
+    };
+
+    // Keepalive 1 s and then silence: the front door cuts after 1.5 s, and the will fires.
+    let mut silent = tls(&connector, port).await;
+    let hello = connect_frame(
+        "station-KA-1",
+        1,
+        Some(&will(r#"{"online":false,"by":"will"}"#)),
+    );
+    assert_eq!(connack(&mut silent, &hello).await, 0);
+    until_closed(&mut silent).await;
+
+    // A clean DISCONNECT discards the will.
+    let mut clean = tls(&connector, port).await;
+    let hello = connect_frame(
+        "station-KA-1",
+        60,
+        Some(&will(r#"{"online":false,"by":"discarded"}"#)),
+    );
+    assert_eq!(connack(&mut clean, &hello).await, 0);
+    clean.write_all(&[0xe0, 0x00]).await.expect("disconnect");
+    until_closed(&mut clean).await;
+
+    let mut reader = tls(&connector, port).await;
+    assert_eq!(connect(&mut reader, "station-KA-1").await, 0);
+    reader
+        .write_all(&subscribe_frame("stations/KA-1/status"))
+        .await
+        .expect("subscribe");
+    let seen = read_until_contains(&mut reader, b"\"by\":\"will\"").await;
+    assert!(!seen.windows(9).any(|w| w == b"discarded"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_takeover_closes_the_old_connection() {
+    let fleet = TestFleet::start().await;
+    let port = fleet.fleet.local_addr().port();
+    let connector = anonymous_connector(&fleet);
+    let mut old = tls(&connector, port).await;
+    assert_eq!(connect(&mut old, "station-TO-1").await, 0);
+    let mut new = tls(&connector, port).await;
+    assert_eq!(connect(&mut new, "station-TO-1").await, 0);
+    until_closed(&mut old).await;
+    // The new session works.
+    new.write_all(&subscribe_frame("stations/TO-1/cmd"))
+        .await
+        .expect("subscribe");
+    read_until_contains(&mut new, &[0x90, 3, 0, 1, 1]).await;
+}
