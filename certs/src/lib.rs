@@ -4,6 +4,7 @@
 //! All keys are ECDSA P-256; the only crypto provider is ring.
 
 mod ca;
+mod csr;
 pub mod data_dir;
 mod error;
 mod fingerprint;
@@ -12,6 +13,7 @@ mod station;
 mod tls;
 
 pub use ca::{CertifiedKey, FleetCa, IssuedCert};
+pub use csr::phone_key_and_csr;
 pub use error::{CertError, FingerprintError};
 pub use fingerprint::Fingerprint;
 pub use inspect::{inspect, inspect_pem, CertInfo};

@@ -15,8 +15,16 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::audit::{AuditRecord, Outcome};
+use crate::clock::Clock;
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
 use crate::identity::{self, Identity, StationRights};
+use crate::phone::PhonePolicy;
+use crate::store::StoreError;
+use crate::whitelist::Whitelists;
+use fleet_certs::FleetCa;
+use ring::rand::SystemRandom;
+
+mod phones;
 use crate::ids::{CommandError, ErrorCode, Fingerprint, Serial};
 use crate::station::{
     self, Admit, AuthRequest, DenyReason, Effect, Presented, Standing, Station, StationState,
@@ -38,11 +46,14 @@ pub struct ControlSettings {
     pub catalog: Catalog,
     pub chunk_size: usize,
     pub max_payload_bytes: usize,
+    pub phones: PhonePolicy,
+    pub clock: Clock,
 }
 
 struct LiveSession {
     session_id: u64,
     identity: Identity,
+    ip: IpAddr,
 }
 
 #[derive(Default)]
@@ -57,19 +68,20 @@ struct Live {
     /// published just before its session closed (`mosquitto_pub` does exactly that) reaches the
     /// controller after the close, and is still attributed to the session that sent it.
     last_station_session: HashMap<String, (Presented, IpAddr)>,
+    /// Permanent and temporary whitelists of every tenant (mirrors the store).
+    whitelists: Whitelists,
 }
 
 pub struct Controller {
     store: Store,
+    /// Signs phone certificates at provisioning.
+    ca: Arc<FleetCa>,
+    rng: SystemRandom,
     sessions: Arc<dyn SessionControl>,
     /// Serialises decisions: a decision and the rights of live sessions change together.
     live: Mutex<Live>,
     settings: ControlSettings,
     out: mpsc::UnboundedSender<Publication>,
-}
-
-fn now() -> OffsetDateTime {
-    OffsetDateTime::now_utc()
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {
@@ -80,18 +92,30 @@ fn rfc3339(t: OffsetDateTime) -> String {
 impl Controller {
     pub fn new(
         store: Store,
+        ca: Arc<FleetCa>,
         sessions: Arc<dyn SessionControl>,
         settings: ControlSettings,
-    ) -> (Arc<Controller>, mpsc::UnboundedReceiver<Publication>) {
+    ) -> Result<(Arc<Controller>, mpsc::UnboundedReceiver<Publication>), StoreError> {
         let (out, rx) = mpsc::unbounded_channel();
+        let live = Live {
+            whitelists: store.whitelists()?,
+            ..Live::default()
+        };
         let controller = Arc::new(Controller {
             store,
+            ca,
+            rng: SystemRandom::new(),
             sessions,
-            live: Mutex::new(Live::default()),
+            live: Mutex::new(live),
             settings,
             out,
         });
-        (controller, rx)
+        Ok((controller, rx))
+    }
+
+    /// The shell's clock (the state machines get `now` from here).
+    pub fn now(&self) -> OffsetDateTime {
+        self.settings.clock.now()
     }
 
     fn lock(&self) -> MutexGuard<'_, Live> {
@@ -111,7 +135,7 @@ impl Controller {
         let mut body = body;
         if let Some(obj) = body.as_object_mut() {
             obj.insert("type".into(), json!(kind));
-            obj.insert("time".into(), json!(rfc3339(now())));
+            obj.insert("time".into(), json!(rfc3339(self.now())));
         }
         self.publish(format!("fleet/events/{tenant}/{kind}"), &body);
     }
@@ -174,6 +198,7 @@ impl Controller {
     fn rights_of(&self, identity: &Identity) -> Result<Option<Rights>, CommandError> {
         Ok(match identity {
             Identity::Operator { name, tenant } => Some(identity::operator_rights(name, tenant)),
+            Identity::Phone { mac, presented } => self.phone_rights_now(mac, presented)?,
             Identity::Station { serial, presented } => match self
                 .station_decision(serial, presented)?
             {
@@ -190,8 +215,8 @@ impl Controller {
     // ---------------------------------------------------------------- admission
 
     fn admit_now(&self, info: ConnectInfo) -> Decision {
-        let at = now();
-        let deny = |reason: String, tenant: &str, device: Option<String>| {
+        let at = self.now();
+        let deny = |refusal: Refusal, reason: String, tenant: &str, device: Option<String>| {
             info!(client_id = %info.client_id.escape_default(), peer = %info.peer_addr, "admission refused: {reason}");
             self.audit_only(AuditRecord::new(
                 at,
@@ -202,20 +227,31 @@ impl Controller {
                 Outcome::Refused,
                 Some(reason.clone()),
             ));
-            Decision::Deny {
-                refusal: Refusal::NotAuthorized,
-                reason,
-            }
+            Decision::Deny { refusal, reason }
         };
         let identity = match identity::identify(&info) {
             Ok(i) => i,
             Err(reason) => {
                 let device: String = info.client_id.chars().take(80).collect();
-                return deny(reason, station::DEFAULT_TENANT, Some(device));
+                return deny(
+                    Refusal::NotAuthorized,
+                    reason,
+                    station::DEFAULT_TENANT,
+                    Some(device),
+                );
             }
         };
         let mut live = self.lock();
         let (rights, tenant, device, level) = match &identity {
+            Identity::Phone { mac, presented } => {
+                match self.admit_phone(&mut live, mac, presented, info.peer_addr.ip(), at) {
+                    Ok((rights, tenant, level)) => (rights, tenant, Some(mac.to_string()), level),
+                    Err((refusal, reason, tenant)) => {
+                        drop(live);
+                        return deny(refusal, reason, &tenant, Some(mac.to_string()));
+                    }
+                }
+            }
             Identity::Operator { name, tenant } => {
                 live.operators.insert(name.clone(), tenant.clone());
                 (
@@ -260,7 +296,12 @@ impl Controller {
                                 }),
                             );
                         }
-                        return deny(reason.to_string(), &tenant, Some(serial.to_string()));
+                        return deny(
+                            Refusal::NotAuthorized,
+                            reason.to_string(),
+                            &tenant,
+                            Some(serial.to_string()),
+                        );
                     }
                 };
                 (
@@ -276,6 +317,7 @@ impl Controller {
             LiveSession {
                 session_id: info.session_id,
                 identity: identity.clone(),
+                ip: info.peer_addr.ip(),
             },
         );
         if let Identity::Station { serial, presented } = &identity {
@@ -317,7 +359,7 @@ impl Controller {
                 ..
             }) = live.sessions.remove(client_id)
             {
-                live.last_seen.insert(serial.clone(), now());
+                live.last_seen.insert(serial.clone(), self.now());
                 if let Ok(Some(station)) = self.store.station(&serial) {
                     let view = self.view(&live, &station);
                     drop(live);
@@ -436,7 +478,7 @@ impl Controller {
             ["stations", serial, "auth", "request"] => self.on_auth_request(serial, payload),
             ["stations", serial, "status"] => {
                 if let Ok(serial) = Serial::parse(serial) {
-                    self.lock().last_seen.insert(serial, now());
+                    self.lock().last_seen.insert(serial, self.now());
                 }
             }
             ["stations", serial, "firmware", "request"] => {
@@ -445,6 +487,8 @@ impl Controller {
             ["fleet", "control", operator, "request"] => {
                 self.on_operator_request(operator, payload)
             }
+            ["phones", mac, "provision", "request"] => self.on_provision_request(mac, payload),
+            ["phones", mac, "provision", "complete"] => self.on_provision_complete(mac),
             _ => {}
         }
     }
@@ -481,7 +525,7 @@ impl Controller {
             }
         };
         let before = record.as_ref().map(|r| r.standing.clone());
-        let at = now();
+        let at = self.now();
         let transition = station::on_auth_request(
             record,
             serial.clone(),
@@ -665,7 +709,7 @@ impl Controller {
         name: &str,
         args: &Value,
     ) -> Result<Value, CommandError> {
-        let at = now();
+        let at = self.now();
         let device = args
             .get("serial")
             .and_then(Value::as_str)
@@ -700,7 +744,10 @@ impl Controller {
         args: &Value,
         at: OffsetDateTime,
     ) -> Result<(Value, bool), CommandError> {
-        let live = self.lock();
+        let mut live = self.lock();
+        if let Some(result) = self.phone_command(&mut live, operator, tenant, name, args, at) {
+            return result;
+        }
         let stations_of_tenant = || -> Result<Vec<Station>, CommandError> {
             Ok(self
                 .store
@@ -922,7 +969,7 @@ impl Admission for ControllerAdmission {
 
     fn refused(&self, client_id: &str, peer_addr: std::net::SocketAddr, reason: &str) {
         self.0.audit_only(AuditRecord::new(
-            now(),
+            self.0.now(),
             station::DEFAULT_TENANT,
             peer_addr.to_string(),
             Some(client_id.to_owned()),

@@ -15,8 +15,10 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+use crate::clock::Clock;
 use crate::control::{ControlSettings, Controller, ControllerAdmission, Publication};
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
+use crate::phone::PhonePolicy;
 use crate::store::Store;
 
 /// Name of the store file inside the data directory.
@@ -86,6 +88,11 @@ fn load_image(
 impl Fleet {
     /// Starts the whole service as configured. The listener is bound when this returns.
     pub async fn start(config: &Config) -> Result<Fleet, StartError> {
+        Self::start_with_clock(config, Clock::system()).await
+    }
+
+    /// Like [`Fleet::start`], on the given clock (tests use a simulated one).
+    pub async fn start_with_clock(config: &Config, clock: Clock) -> Result<Fleet, StartError> {
         let server = &config.server;
         let files = data_dir::ensure(&server.data_dir, &server.server_names)?;
         let mut manufacturer_cas = Vec::new();
@@ -130,16 +137,30 @@ impl Fleet {
         };
         let broker = Broker::bind(settings).await?;
         let bus = broker.local_bus("controller").await?;
+        let phones = &config.phones;
+        let minutes = |m: u64| time::Duration::minutes(i64::try_from(m).unwrap_or(i64::MAX));
+        let signing_ca = fleet_certs::FleetCa::from_pem(files.ca.cert_pem(), &files.ca.key_pem())?;
         let (controller, outbox) = Controller::new(
             store,
+            Arc::new(signing_ca),
             broker.sessions(),
             ControlSettings {
                 policy,
                 catalog: Catalog::new(images),
                 chunk_size: config.firmware.chunk_size,
                 max_payload_bytes: config.limits.max_payload_bytes,
+                phones: PhonePolicy {
+                    pap_attempts: phones.pap_attempts,
+                    lockout: minutes(phones.lockout_minutes),
+                    lockouts_before_block: phones.lockouts_before_block,
+                    temporary_whitelist: minutes(
+                        phones.temporary_whitelist_hours.saturating_mul(60),
+                    ),
+                    suspend: minutes(phones.suspend_minutes),
+                },
+                clock,
             },
-        );
+        )?;
         let bus_task = tokio::spawn(run_bus(bus, controller.clone(), outbox));
         broker.serve(Arc::new(ControllerAdmission(controller.clone())));
         Ok(Fleet {
@@ -183,6 +204,8 @@ async fn run_bus<B: Bus>(
         "stations/+/status",
         "stations/+/firmware/request",
         "fleet/control/+/request",
+        "phones/+/provision/request",
+        "phones/+/provision/complete",
     ] {
         if let Err(e) = bus.subscribe(filter) {
             warn!("controller cannot subscribe to {filter}: {e}");

@@ -4,7 +4,7 @@
 use fleet_broker::{ConnectInfo, Rights, Trust};
 use fleet_certs::Fingerprint;
 
-use crate::ids::Serial;
+use crate::ids::{Mac, Serial};
 use crate::station::Presented;
 
 /// Client id prefix of stations (PROTOCOL §1).
@@ -23,6 +23,26 @@ pub enum Identity {
         name: String,
         tenant: String,
     },
+    Phone {
+        mac: Mac,
+        presented: PhonePresented,
+    },
+}
+
+/// What a phone presented at CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PhonePresented {
+    /// A certificate issued by the fleet CA at provisioning (CN = MAC, OU = phone, O = tenant).
+    Certificate { serial: String, tenant: String },
+    /// No certificate: username = MAC, password = PAP or empty.
+    Pap { password: Option<String> },
+}
+
+/// Rights of a phone (PROTOCOL §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PhoneRights {
+    Unprovisioned,
+    Provisioned,
 }
 
 /// The station rights levels of PROTOCOL §4.
@@ -62,7 +82,35 @@ pub fn identify(info: &ConnectInfo) -> Result<Identity, String> {
         return Ok(Identity::Station { serial, presented });
     }
     if info.client_id.starts_with(PHONE_PREFIX) {
-        return Err("phones are not served by this version".into());
+        let mac = Mac::from_client_id(&info.client_id).map_err(|e| format!("client id: {e}"))?;
+        let presented = match cert {
+            Some((cert, Trust::FleetCa)) => {
+                if cert.organizational_unit.as_deref() != Some("phone")
+                    || cert.common_name.as_deref() != Some(mac.as_str())
+                {
+                    return Err(format!("the certificate does not identify phone {mac}"));
+                }
+                let tenant = cert
+                    .organization
+                    .ok_or("phone certificate without a tenant")?;
+                PhonePresented::Certificate {
+                    serial: cert.serial_number,
+                    tenant,
+                }
+            }
+            Some(_) => return Err("a phone certificate must be issued by the fleet CA".into()),
+            None => {
+                // PROTOCOL §1: username = MAC (either form), password = PAP or empty.
+                let username = info.username.as_deref().unwrap_or_default();
+                if Mac::parse(username).ok().as_ref() != Some(&mac) {
+                    return Err(format!("username must be the MAC {mac}"));
+                }
+                PhonePresented::Pap {
+                    password: info.password.clone().filter(|p| !p.is_empty()),
+                }
+            }
+        };
+        return Ok(Identity::Phone { mac, presented });
     }
     match cert {
         Some((cert, Trust::FleetCa)) if cert.organizational_unit.as_deref() == Some("operator") => {
@@ -109,6 +157,23 @@ pub fn station_rights(serial: &Serial, level: StationRights) -> Rights {
             subscribe: vec![format!("{base}/#")],
         },
     }
+}
+
+pub fn phone_rights(mac: &Mac, level: PhoneRights) -> Rights {
+    let base = format!("phones/{mac}");
+    let mut rights = Rights {
+        publish: vec![
+            format!("{base}/provision/request"),
+            format!("{base}/provision/complete"),
+        ],
+        publish_deny: vec![],
+        subscribe: vec![format!("{base}/provision/response")],
+    };
+    if level == PhoneRights::Provisioned {
+        rights.publish.push(format!("{base}/data/#"));
+        rights.subscribe.push(format!("{base}/data/#"));
+    }
+    rights
 }
 
 pub fn operator_rights(name: &str, tenant: &str) -> Rights {

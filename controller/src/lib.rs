@@ -5,12 +5,16 @@
 //! sessions through `fleet_broker::SessionControl`.
 
 pub mod audit;
+pub mod clock;
 pub mod control;
+pub mod devices_csv;
 pub mod firmware;
 pub mod fleet;
 pub mod identity;
 pub mod ids;
+pub mod phone;
 pub mod station;
 pub mod store;
+pub mod whitelist;
 
 pub use fleet::{Fleet, StartError};

@@ -1,17 +1,26 @@
-//! The durable store of stations and audit records; the only module that knows redb.
+//! The durable store of stations, phones, whitelists and audit records; the only module that
+//! knows redb.
 
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use crate::audit::AuditRecord;
-use crate::ids::Serial;
+use crate::ids::{Mac, Serial};
+use crate::phone::Phone;
 use crate::station::Station;
+use crate::whitelist::Whitelists;
 
 /// Serial → station record as JSON.
 const STATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("stations");
 /// Sequence number → audit record as JSON.
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// MAC → phone record as JSON.
+const PHONES: TableDefinition<&str, &[u8]> = TableDefinition::new("phones");
+/// Records of which there is one for the whole controller, by name, as JSON.
+const SINGLES: TableDefinition<&str, &[u8]> = TableDefinition::new("singles");
+/// The key of every tenant's whitelists in `SINGLES`.
+const WHITELISTS: &str = "whitelists";
 /// Counters that must survive restarts.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Next audit sequence number. Kept apart from the audit table so that numbers are never
@@ -44,6 +53,10 @@ pub enum StoreError {
 pub enum Change {
     PutStation(Station),
     DeleteStation(Serial),
+    PutPhone(Phone),
+    DeletePhone(Mac),
+    /// Replaces every tenant's whitelists.
+    PutWhitelists(Whitelists),
     Audit(AuditRecord),
 }
 
@@ -59,6 +72,8 @@ impl Store {
         let txn = db.begin_write()?;
         {
             txn.open_table(STATIONS)?;
+            txn.open_table(PHONES)?;
+            txn.open_table(SINGLES)?;
             txn.open_table(AUDIT)?;
             txn.open_table(META)?;
         }
@@ -87,6 +102,43 @@ impl Store {
             stations.push(decode_station(key.value(), value.value())?);
         }
         Ok(stations)
+    }
+
+    /// The record of one phone.
+    pub fn phone(&self, mac: &Mac) -> Result<Option<Phone>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PHONES)?;
+        let Some(value) = table.get(mac.as_str())? else {
+            return Ok(None);
+        };
+        decode_phone(mac.as_str(), value.value()).map(Some)
+    }
+
+    /// The phone records of `tenant` (of all tenants for `None`), sorted by MAC.
+    pub fn phones(&self, tenant: Option<&str>) -> Result<Vec<Phone>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PHONES)?;
+        let mut phones = Vec::new();
+        // redb iterates `&str` keys in byte order, which is the order of `Mac`.
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            let phone = decode_phone(key.value(), value.value())?;
+            if tenant.is_none_or(|tenant| phone.tenant == tenant) {
+                phones.push(phone);
+            }
+        }
+        Ok(phones)
+    }
+
+    /// Every tenant's whitelists; empty ones if none were ever stored.
+    pub fn whitelists(&self) -> Result<Whitelists, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SINGLES)?;
+        let Some(value) = table.get(WHITELISTS)? else {
+            return Ok(Whitelists::default());
+        };
+        serde_json::from_slice(value.value())
+            .map_err(|error| StoreError::Corrupt(format!("whitelists: {error}")))
     }
 
     /// Applies all changes in ONE write transaction and returns the audit records with their
@@ -139,6 +191,8 @@ fn write_changes(
     changes: Vec<Change>,
 ) -> Result<Vec<AuditRecord>, StoreError> {
     let mut stations = txn.open_table(STATIONS)?;
+    let mut phones = txn.open_table(PHONES)?;
+    let mut singles = txn.open_table(SINGLES)?;
     let mut audit = txn.open_table(AUDIT)?;
     let mut meta = txn.open_table(META)?;
     let mut next_seq = match meta.get(NEXT_AUDIT_SEQ)? {
@@ -153,6 +207,15 @@ fn write_changes(
             }
             Change::DeleteStation(serial) => {
                 stations.remove(serial.as_str())?;
+            }
+            Change::PutPhone(phone) => {
+                phones.insert(phone.mac.as_str(), encode(&phone)?.as_slice())?;
+            }
+            Change::DeletePhone(mac) => {
+                phones.remove(mac.as_str())?;
+            }
+            Change::PutWhitelists(whitelists) => {
+                singles.insert(WHITELISTS, encode(&whitelists)?.as_slice())?;
             }
             Change::Audit(mut record) => {
                 record.seq = next_seq;
@@ -180,6 +243,18 @@ fn decode_station(key: &str, bytes: &[u8]) -> Result<Station, StoreError> {
         )));
     }
     Ok(station)
+}
+
+fn decode_phone(key: &str, bytes: &[u8]) -> Result<Phone, StoreError> {
+    let phone: Phone = serde_json::from_slice(bytes)
+        .map_err(|error| StoreError::Corrupt(format!("phone {key:?}: {error}")))?;
+    if phone.mac.as_str() != key {
+        return Err(StoreError::Corrupt(format!(
+            "phone {key:?} holds the record of {}",
+            phone.mac
+        )));
+    }
+    Ok(phone)
 }
 
 #[cfg(test)]
@@ -361,5 +436,195 @@ mod tests {
         let error = store.audit("default", 10).unwrap_err();
         assert!(matches!(error, StoreError::Corrupt(_)));
         assert!(error.to_string().contains("99"));
+    }
+
+    // --- phones and whitelists ---
+
+    fn phone(mac: &str, tenant: &str) -> Phone {
+        Phone::new(
+            Mac::parse(mac).unwrap(),
+            tenant.into(),
+            "Yealink".into(),
+            "T54W".into(),
+            "Berlin".into(),
+            crate::phone::Pap::parse("123456").unwrap(),
+            T0,
+        )
+    }
+
+    fn whitelists() -> Whitelists {
+        let mut lists = Whitelists::default();
+        lists.add_permanent(
+            "default",
+            crate::whitelist::WhitelistEntry::parse("203.0.113.0/24").unwrap(),
+        );
+        lists.grant_temporary(
+            "default",
+            "192.0.2.1".parse().unwrap(),
+            T0,
+            time::Duration::hours(8),
+        );
+        lists
+    }
+
+    #[test]
+    fn phones_put_get_list_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let m1 = Mac::parse("000000000001").unwrap();
+        assert_eq!(store.phone(&m1).unwrap(), None);
+        assert!(store.phones(None).unwrap().is_empty());
+        store
+            .apply(vec![
+                Change::PutPhone(phone("000000000003", "other")),
+                Change::PutPhone(phone("000000000002", "default")),
+                Change::PutPhone(phone("000000000001", "default")),
+            ])
+            .unwrap();
+        assert_eq!(
+            store.phone(&m1).unwrap(),
+            Some(phone("000000000001", "default"))
+        );
+        let macs = |tenant: Option<&str>| -> Vec<String> {
+            store
+                .phones(tenant)
+                .unwrap()
+                .iter()
+                .map(|p| p.mac.to_string())
+                .collect()
+        };
+        assert_eq!(macs(None), ["000000000001", "000000000002", "000000000003"]);
+        assert_eq!(macs(Some("default")), ["000000000001", "000000000002"]);
+        assert_eq!(macs(Some("other")), ["000000000003"]);
+        assert!(macs(Some("nobody")).is_empty());
+        // A put replaces the record.
+        let suspended = crate::phone::suspend(
+            phone("000000000001", "default"),
+            &crate::phone::PhonePolicy::default(),
+            T0,
+        );
+        store
+            .apply(vec![Change::PutPhone(suspended.clone())])
+            .unwrap();
+        assert_eq!(store.phone(&m1).unwrap(), Some(suspended));
+        store.apply(vec![Change::DeletePhone(m1.clone())]).unwrap();
+        assert_eq!(store.phone(&m1).unwrap(), None);
+        assert_eq!(macs(None).len(), 2);
+        // Deleting what is not there is no error.
+        store.apply(vec![Change::DeletePhone(m1)]).unwrap();
+        // Stations and phones do not mix.
+        assert!(store.stations().unwrap().is_empty());
+    }
+
+    #[test]
+    fn whitelists_default_then_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        assert_eq!(store.whitelists().unwrap(), Whitelists::default());
+        store
+            .apply(vec![Change::PutWhitelists(whitelists())])
+            .unwrap();
+        assert_eq!(store.whitelists().unwrap(), whitelists());
+        store
+            .apply(vec![Change::PutWhitelists(Whitelists::default())])
+            .unwrap();
+        assert_eq!(store.whitelists().unwrap(), Whitelists::default());
+    }
+
+    #[test]
+    fn phone_changes_are_atomic_with_audit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let stored = store
+            .apply(vec![
+                Change::PutPhone(phone("000000000001", "default")),
+                Change::PutWhitelists(whitelists()),
+                Change::Audit(record("default", "createPhone")),
+            ])
+            .unwrap();
+        assert_eq!(stored[0].seq, 1);
+
+        // A batch with a phone that cannot be encoded stores nothing at all.
+        let mut bad = phone("000000000002", "default");
+        bad.updated_at = T0.to_offset(time::UtcOffset::from_hms(0, 0, 30).unwrap());
+        let result = store.apply(vec![
+            Change::DeletePhone(Mac::parse("000000000001").unwrap()),
+            Change::PutWhitelists(Whitelists::default()),
+            Change::Audit(record("default", "deletePhone")),
+            Change::PutPhone(bad),
+        ]);
+        assert!(matches!(result, Err(StoreError::Encode(_))), "{result:?}");
+        assert_eq!(
+            store.phones(None).unwrap(),
+            vec![phone("000000000001", "default")]
+        );
+        assert_eq!(store.whitelists().unwrap(), whitelists());
+        assert_eq!(store.audit("default", 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn reopen_keeps_phones_and_whitelists() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(&dir);
+            store
+                .apply(vec![
+                    Change::PutPhone(phone("000000000001", "default")),
+                    Change::PutWhitelists(whitelists()),
+                    Change::PutStation(station("S1")),
+                ])
+                .unwrap();
+        }
+        let store = open(&dir);
+        assert_eq!(
+            store.phones(Some("default")).unwrap(),
+            vec![phone("000000000001", "default")]
+        );
+        assert_eq!(store.whitelists().unwrap(), whitelists());
+        assert_eq!(store.stations().unwrap(), vec![station("S1")]);
+    }
+
+    #[test]
+    fn a_store_from_before_phones_opens_with_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.redb");
+        {
+            // Only the tables of the station-only store.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(STATIONS).unwrap();
+            txn.open_table(AUDIT).unwrap();
+            txn.open_table(META).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert!(store.phones(None).unwrap().is_empty());
+        assert_eq!(store.whitelists().unwrap(), Whitelists::default());
+    }
+
+    #[test]
+    fn corrupt_phone_records_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let other = serde_json::to_vec(&phone("000000000009", "default")).unwrap();
+        let txn = store.db.begin_write().unwrap();
+        {
+            let mut phones = txn.open_table(PHONES).unwrap();
+            phones
+                .insert("000000000001", b"{not json".as_slice())
+                .unwrap();
+            phones.insert("000000000002", other.as_slice()).unwrap();
+            let mut singles = txn.open_table(SINGLES).unwrap();
+            singles
+                .insert(WHITELISTS, b"{\"permanent\": 5}".as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+        for mac in ["000000000001", "000000000002"] {
+            let mac = Mac::parse(mac).unwrap();
+            assert!(matches!(store.phone(&mac), Err(StoreError::Corrupt(_))));
+        }
+        assert!(matches!(store.phones(None), Err(StoreError::Corrupt(_))));
+        assert!(matches!(store.whitelists(), Err(StoreError::Corrupt(_))));
     }
 }

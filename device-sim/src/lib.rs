@@ -1,6 +1,7 @@
 //! fleetgate's device simulator: stations that keep their own state directory like a real
 //! device (`station.json`, `key.pem`, `cert.pem`, a resumable firmware part file), connect to
-//! fleetd over TLS, ask for authorization and obey the controller's commands.
+//! fleetd over TLS, ask for authorization and obey the controller's commands; and phones
+//! ([`phone`]) that provision with a PAP and then connect with the certificate they got.
 //!
 //! Pure parts ([`state`], [`command`], [`firmware`]) are tested without a server; [`station`]
 //! is the tokio shell that drives them over MQTT.
@@ -9,6 +10,7 @@ pub mod admin;
 pub mod command;
 pub mod firmware;
 pub mod fleet;
+pub mod phone;
 pub mod state;
 pub mod station;
 
@@ -16,6 +18,11 @@ pub use admin::{admin_request, serve_admin, AdminError, AdminReply, AdminRequest
 pub use command::{Command, CommandError};
 pub use firmware::{ChunkMessage, ChunkRequest, Download, Step, UpdateOrder};
 pub use fleet::{fleet_serial, spawn_fleet, StationStatus, Tally};
+pub use phone::{
+    connect_provisioned, connect_raw, factory_reset, is_provisioned, phone_mac, provision,
+    provision_many, set_pap, Mac, PhoneError, PhoneProfile, PhoneRecord, PhoneSession, PhoneState,
+    PhoneTarget, ProvisionOutcome, SessionEnd,
+};
 pub use state::{
     fingerprint, local_reset, Identity, PendingUpdate, Serial, StateError, StationProfile,
     StationRecord, StationState, DEFAULT_MODEL,

@@ -1,10 +1,13 @@
-//! `fleet-sim`: run one simulated station, or many, and play its local admin interface.
+//! `fleet-sim`: run one simulated station, or many, and play its local admin interface; make
+//! and provision simulated phones.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
+use fleet_sim::phone::{self, PhoneProfile, PhoneState, PhoneTarget, ProvisionOutcome};
 use fleet_sim::{
     admin_request, fingerprint, local_reset, serve_admin, spawn_fleet, spawn_station, AdminRequest,
     SimConfig, StationProfile, StationState, Tally, DEFAULT_MODEL,
@@ -42,6 +45,101 @@ enum TopCommand {
         /// Seconds between summary lines.
         #[arg(long, default_value_t = 5)]
         summary_every: u64,
+    },
+    /// One phone: make it, provision it, connect with its certificate, reset it.
+    #[command(subcommand)]
+    Phone(PhoneCommand),
+    /// Provision many phones, each in BASE/<mac>, from a whitelisted address (no PAP).
+    Phones {
+        /// How many phones.
+        #[arg(long)]
+        count: usize,
+        /// Base directory of the phone directories.
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        connection: PhoneConnection,
+        /// MACs are PREFIX followed by the phone's number in hex, 12 digits in all.
+        #[arg(long, default_value = "02aa00")]
+        mac_prefix: String,
+        /// Vendor of phones made now.
+        #[arg(long, default_value = phone::DEFAULT_VENDOR)]
+        vendor: String,
+        /// Type of phones made now.
+        #[arg(long = "type", default_value = phone::DEFAULT_TYPE)]
+        kind: String,
+        /// Provisionings under way at once.
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+    },
+}
+
+#[derive(clap::Args)]
+struct PhoneConnection {
+    /// fleetd's address, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:8883")]
+    server: String,
+    /// The fleet CA certificate (fleetd's DATA_DIR/ca.pem).
+    #[arg(long)]
+    ca: PathBuf,
+    /// Local source address to connect from, e.g. 127.0.0.2 to play a phone behind that IP.
+    #[arg(long)]
+    source: Option<IpAddr>,
+}
+
+impl PhoneConnection {
+    fn target(&self) -> anyhow::Result<PhoneTarget> {
+        let ca_pem = std::fs::read_to_string(&self.ca)
+            .with_context(|| format!("cannot read {}", self.ca.display()))?;
+        if fleet_certs::split_server(&self.server).is_none() {
+            bail!("--server {:?} is not HOST:PORT", self.server);
+        }
+        Ok(PhoneTarget {
+            server: self.server.clone(),
+            ca_pem,
+            source: self.source,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum PhoneCommand {
+    /// Make a new phone directory.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// 12 hex digits; `AA:BB:…` and `aa-bb-…` are accepted.
+        #[arg(long)]
+        mac: String,
+        #[arg(long, default_value = phone::DEFAULT_VENDOR)]
+        vendor: String,
+        #[arg(long = "type", default_value = phone::DEFAULT_TYPE)]
+        kind: String,
+        /// The PAP the user types.
+        #[arg(long)]
+        pap: Option<String>,
+    },
+    /// One provisioning attempt; exits non-zero unless the phone got its certificate.
+    Provision {
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        connection: PhoneConnection,
+        /// Type this PAP first (kept in phone.json).
+        #[arg(long)]
+        pap: Option<String>,
+    },
+    /// Connect with the certificate and stay until Ctrl-C or the server closes the connection.
+    Connect {
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        connection: PhoneConnection,
+    },
+    /// Forget key, certificate, configuration and PAP; keep MAC, vendor and type.
+    FactoryReset {
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -149,7 +247,132 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+        TopCommand::Phone(command) => phone_command(command).await,
+        TopCommand::Phones {
+            count,
+            dir,
+            connection,
+            mac_prefix,
+            vendor,
+            kind,
+            concurrency,
+        } => {
+            let target = connection.target()?;
+            phones(
+                count,
+                &dir,
+                &target,
+                &mac_prefix,
+                &vendor,
+                &kind,
+                concurrency,
+            )
+            .await
+        }
     }
+}
+
+#[allow(clippy::print_stdout)]
+async fn phone_command(command: PhoneCommand) -> anyhow::Result<()> {
+    match command {
+        PhoneCommand::Init {
+            dir,
+            mac,
+            vendor,
+            kind,
+            pap,
+        } => {
+            let profile = PhoneProfile {
+                mac,
+                vendor,
+                kind,
+                pap,
+            };
+            let state = PhoneState::init(&dir, &profile)?;
+            let record = &state.record;
+            println!(
+                "phone {} ({} {}) in {}",
+                record.mac,
+                record.vendor,
+                record.kind,
+                dir.display()
+            );
+        }
+        PhoneCommand::Provision {
+            dir,
+            connection,
+            pap,
+        } => {
+            let target = connection.target()?;
+            if pap.is_some() {
+                phone::set_pap(&dir, pap)?;
+            }
+            match phone::provision(&dir, &target).await? {
+                ProvisionOutcome::Provisioned => println!("provisioned"),
+                outcome => bail!("{outcome}"),
+            }
+        }
+        PhoneCommand::Connect { dir, connection } => {
+            let target = connection.target()?;
+            let mut session = phone::connect_provisioned(&dir, &target).await?;
+            println!("connected with certificate as {}", session.mac());
+            tokio::select! {
+                end = session.closed() => println!("{end}"),
+                signal = tokio::signal::ctrl_c() => {
+                    signal?;
+                    session.disconnect().await;
+                    println!("disconnected");
+                }
+            }
+        }
+        PhoneCommand::FactoryReset { dir } => {
+            phone::factory_reset(&dir)?;
+            println!("factory reset: the phone keeps only its MAC, vendor and type");
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+async fn phones(
+    count: usize,
+    base: &Path,
+    target: &PhoneTarget,
+    prefix: &str,
+    vendor: &str,
+    kind: &str,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    phone::phone_mac(prefix, count.max(1))?;
+    let started = std::time::Instant::now();
+    let results =
+        phone::provision_many(base, count, prefix, vendor, kind, target, concurrency).await;
+    let mut tally = std::collections::BTreeMap::<String, usize>::new();
+    for (mac, result) in &results {
+        let line = match result {
+            Ok(ProvisionOutcome::Provisioned) => "provisioned".to_owned(),
+            Ok(outcome) => {
+                println!("{mac}: {outcome}");
+                outcome.to_string()
+            }
+            Err(e) => {
+                println!("{mac}: error: {e}");
+                "error".to_owned()
+            }
+        };
+        *tally.entry(line).or_default() += 1;
+    }
+    let summary: Vec<String> = tally.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+    println!(
+        "{count} phones in {:.1} s; {}",
+        started.elapsed().as_secs_f64(),
+        summary.join(", ")
+    );
+    let provisioned = tally.get("provisioned").copied().unwrap_or(0);
+    if provisioned != count {
+        bail!("{} of {count} phones not provisioned", count - provisioned);
+    }
+    Ok(())
 }
 
 #[allow(clippy::print_stdout)]

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fleet_config::{Config, FirmwareImage};
+use fleet_controller::clock::Clock;
 use fleet_controller::Fleet;
 use fleet_ctl::{ClientError, OperatorClient};
 use fleet_sim::{spawn_station, SimConfig, SimEvent, StationHandle, StationProfile, StationState};
@@ -23,6 +24,9 @@ pub struct TestFleet {
     pub fleet: Fleet,
     pub dir: TempDir,
     pub config: Config,
+    /// The service's clock: simulated, so that 30-minute and 8-hour rules are tested by
+    /// advancing it, never by sleeping.
+    pub clock: Clock,
 }
 
 /// Size of the test firmware image: several chunks, so that the transfer is exercised.
@@ -52,8 +56,16 @@ impl TestFleet {
             sha256: None,
         });
         configure(&mut config);
-        let fleet = Fleet::start(&config).await.expect("fleet starts");
-        TestFleet { fleet, dir, config }
+        let clock = Clock::simulated();
+        let fleet = Fleet::start_with_clock(&config, clock.clone())
+            .await
+            .expect("fleet starts");
+        TestFleet {
+            fleet,
+            dir,
+            config,
+            clock,
+        }
     }
 
     pub fn server(&self) -> String {
@@ -76,6 +88,20 @@ impl TestFleet {
             .await
             .expect("operator connects");
         let events = client.subscribe_events("default").await.expect("events");
+        Operator { client, events }
+    }
+
+    /// An operator of `tenant`, with a certificate issued like `fleetd issue-operator` does.
+    pub async fn operator_as(&self, name: &str, tenant: &str) -> Operator {
+        let (cert, key) =
+            fleet_certs::data_dir::issue_operator_files(self.data_dir(), name, tenant)
+                .expect("issue operator");
+        let cert = std::fs::read_to_string(cert).expect("cert");
+        let key = std::fs::read_to_string(key).expect("key");
+        let client = OperatorClient::connect(&self.server(), &self.ca_pem(), &cert, &key, name)
+            .await
+            .expect("operator connects");
+        let events = client.subscribe_events(tenant).await.expect("events");
         Operator { client, events }
     }
 
@@ -241,4 +267,71 @@ pub async fn authorize(op: &mut Operator, station: &mut Station) -> String {
     station.wait_event(SimEvent::Authorized).await;
     op.wait_state(&station.serial, "running").await;
     fingerprint
+}
+
+/// A simulated phone with its own state directory, playing a phone behind `source`.
+pub struct TestPhone {
+    pub mac: String,
+    pub dir: PathBuf,
+    pub target: fleet_sim::phone::PhoneTarget,
+}
+
+impl TestFleet {
+    /// A phone with MAC `mac`, the PAP its user typed (if any), behind source address `source`.
+    pub fn phone(&self, mac: &str, pap: Option<&str>, source: &str) -> TestPhone {
+        use fleet_sim::phone::{PhoneProfile, PhoneState, PhoneTarget};
+        let dir = self.dir.path().join(format!("phone-{mac}"));
+        let mut profile = PhoneProfile::new(mac);
+        profile.pap = pap.map(str::to_owned);
+        PhoneState::init(&dir, &profile).expect("phone init");
+        let source = source.parse().expect("source address");
+        TestPhone {
+            mac: mac.to_owned(),
+            dir,
+            target: PhoneTarget::new(self.server(), self.ca_pem()).with_source(source),
+        }
+    }
+}
+
+impl TestPhone {
+    /// The same phone, moved behind another source address.
+    pub fn behind(&self, source: &str) -> TestPhone {
+        TestPhone {
+            mac: self.mac.clone(),
+            dir: self.dir.clone(),
+            target: self
+                .target
+                .clone()
+                .with_source(source.parse().expect("source address")),
+        }
+    }
+
+    /// One provisioning attempt with the PAP the user typed.
+    pub async fn provision(&self) -> fleet_sim::phone::ProvisionOutcome {
+        fleet_sim::phone::provision(&self.dir, &self.target)
+            .await
+            .expect("provisioning ran")
+    }
+
+    /// Connects with the phone's certificate.
+    pub async fn connect(
+        &self,
+    ) -> Result<fleet_sim::phone::PhoneSession, fleet_sim::phone::PhoneError> {
+        fleet_sim::phone::connect_provisioned(&self.dir, &self.target).await
+    }
+
+    /// One unprovisioned CONNECT with `password`; the CONNACK code.
+    pub async fn connect_raw(&self, password: Option<&str>) -> u8 {
+        fleet_sim::phone::connect_raw(&self.dir, &self.target, password)
+            .await
+            .expect("connect ran")
+    }
+
+    pub fn set_pap(&self, pap: Option<&str>) {
+        fleet_sim::phone::set_pap(&self.dir, pap.map(str::to_owned)).expect("set PAP");
+    }
+
+    pub fn factory_reset(&self) {
+        fleet_sim::phone::factory_reset(&self.dir).expect("factory reset");
+    }
 }

@@ -1,0 +1,506 @@
+//! Phones in the controller's shell: admission with PAP and whitelists (PROTOCOL §2, §5),
+//! provisioning over MQTT (§3), and the phone, whitelist and CSV operator commands (§6). The
+//! rules themselves are the pure `phone` and `whitelist` modules; this file does the I/O around
+//! them, and commits every decision before anyone is told.
+
+use std::net::IpAddr;
+
+use fleet_broker::{Refusal, Rights};
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+use tracing::warn;
+
+use super::{Controller, Live};
+use crate::audit::{AuditRecord, Outcome};
+use crate::devices_csv;
+use crate::identity::{self, PhonePresented, PhoneRights};
+use crate::ids::{CommandError, Mac};
+use crate::phone::{self, Attempt, Pap, PapDecision, Phone};
+use crate::store::Change;
+use crate::whitelist::WhitelistEntry;
+
+/// Longest vendor, type or site accepted from an operator.
+const MAX_TEXT: usize = 256;
+
+type AdmitResult = Result<(Rights, String, &'static str), (Refusal, String, String)>;
+
+fn internal(e: impl std::fmt::Display) -> CommandError {
+    CommandError::internal(e.to_string())
+}
+
+fn mac_arg(args: &Value) -> Result<Mac, CommandError> {
+    match args.get("mac") {
+        Some(Value::String(s)) => {
+            Mac::parse(s).map_err(|e| CommandError::invalid_argument(format!("mac: {e}")))
+        }
+        Some(_) => Err(CommandError::invalid_argument("\"mac\" must be a string")),
+        None => Err(CommandError::invalid_argument("missing \"mac\"")),
+    }
+}
+
+/// A free-text field of a phone: optional (empty), a string, not too long, no control characters.
+fn text_arg(args: &Value, key: &str, required: bool) -> Result<String, CommandError> {
+    match args.get(key) {
+        None | Some(Value::Null) if !required => Ok(String::new()),
+        None | Some(Value::Null) => {
+            Err(CommandError::invalid_argument(format!("missing \"{key}\"")))
+        }
+        Some(Value::String(s)) if s.len() > MAX_TEXT => Err(CommandError::invalid_argument(
+            format!("\"{key}\" is longer than {MAX_TEXT} bytes"),
+        )),
+        Some(Value::String(s)) if s.chars().any(char::is_control) => Err(
+            CommandError::invalid_argument(format!("\"{key}\" contains control characters")),
+        ),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(CommandError::invalid_argument(format!(
+            "\"{key}\" must be a string"
+        ))),
+    }
+}
+
+impl Controller {
+    fn new_pap(&self) -> Result<Pap, CommandError> {
+        Pap::generate(&self.rng).map_err(|_| CommandError::internal("no randomness for a PAP"))
+    }
+
+    /// Admission of a phone. Commits what the attempt changed (failure counts, lockouts, the
+    /// temporary whitelist) before answering.
+    pub(super) fn admit_phone(
+        &self,
+        live: &mut Live,
+        mac: &Mac,
+        presented: &PhonePresented,
+        ip: IpAddr,
+        at: OffsetDateTime,
+    ) -> AdmitResult {
+        let unknown_tenant = crate::station::DEFAULT_TENANT.to_owned();
+        let phone = match self.store.phone(mac) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                return Err((
+                    Refusal::NotAuthorized,
+                    format!("unknown phone {mac}"),
+                    unknown_tenant,
+                ))
+            }
+            Err(e) => {
+                return Err((
+                    Refusal::ServerUnavailable,
+                    format!("store: {e}"),
+                    unknown_tenant,
+                ))
+            }
+        };
+        let tenant = phone.tenant.clone();
+        match presented {
+            PhonePresented::Certificate {
+                serial,
+                tenant: cert_tenant,
+            } => {
+                if *cert_tenant != phone.tenant || !phone::certificate_valid(&phone, serial) {
+                    return Err((
+                        Refusal::NotAuthorized,
+                        "certificate revoked, or not this phone's".into(),
+                        tenant,
+                    ));
+                }
+                let rights = identity::phone_rights(mac, PhoneRights::Provisioned);
+                Ok((rights, tenant, "provisioned phone"))
+            }
+            PhonePresented::Pap { password } => {
+                let policy = &self.settings.phones;
+                let whitelisted = live.whitelists.is_whitelisted(&tenant, ip, at);
+                let before = phone.state_at(at).name();
+                let attempt = Attempt {
+                    password: password.as_deref(),
+                    whitelisted,
+                };
+                let (phone, decision) = phone::attempt(phone, &attempt, policy, at);
+                let after = phone.state_at(at).name();
+                let view = phone.view(at);
+                let mut changes = vec![Change::PutPhone(phone)];
+                if before != after {
+                    changes.push(Change::Audit(AuditRecord::new(
+                        at,
+                        &tenant,
+                        ip.to_string(),
+                        Some(mac.to_string()),
+                        "auth_state",
+                        Outcome::Ok,
+                        Some(format!("{before} -> {after}")),
+                    )));
+                }
+                let result = match decision {
+                    PapDecision::AdmitUnprovisioned { pap_checked } => {
+                        if pap_checked {
+                            // A correct PAP puts the client's address on the tenant's temporary
+                            // whitelist.
+                            live.whitelists.expire(at);
+                            live.whitelists.grant_temporary(
+                                &tenant,
+                                ip,
+                                at,
+                                policy.temporary_whitelist,
+                            );
+                            changes.push(Change::PutWhitelists(live.whitelists.clone()));
+                        }
+                        let rights = identity::phone_rights(mac, PhoneRights::Unprovisioned);
+                        let level = if pap_checked {
+                            "unprovisioned phone, correct PAP"
+                        } else {
+                            "unprovisioned phone, no PAP required"
+                        };
+                        Ok((rights, tenant.clone(), level))
+                    }
+                    PapDecision::WrongPap => Err((
+                        Refusal::BadUserNameOrPassword,
+                        "wrong or missing PAP".to_owned(),
+                        tenant.clone(),
+                    )),
+                    PapDecision::Locked { reason } | PapDecision::NotAllowed { reason } => {
+                        Err((Refusal::NotAuthorized, reason, tenant.clone()))
+                    }
+                };
+                if let Err(e) = self.commit(changes) {
+                    return Err((Refusal::ServerUnavailable, e.message, tenant));
+                }
+                if before != after {
+                    self.event(&tenant, "phones", json!({"event": "state", "phone": view}));
+                }
+                result
+            }
+        }
+    }
+
+    /// Rights of a phone session as they are now (`None`: cut it).
+    pub(super) fn phone_rights_now(
+        &self,
+        mac: &Mac,
+        presented: &PhonePresented,
+    ) -> Result<Option<Rights>, CommandError> {
+        let Some(phone) = self.store.phone(mac).map_err(internal)? else {
+            return Ok(None);
+        };
+        Ok(match presented {
+            PhonePresented::Certificate { serial, tenant } => (*tenant == phone.tenant
+                && phone::certificate_valid(&phone, serial))
+            .then(|| identity::phone_rights(mac, PhoneRights::Provisioned)),
+            PhonePresented::Pap { .. } => {
+                Some(identity::phone_rights(mac, PhoneRights::Unprovisioned))
+            }
+        })
+    }
+
+    fn phone_session_ip(&self, live: &Live, mac: &Mac) -> Option<IpAddr> {
+        live.sessions.get(&mac.client_id()).map(|s| s.ip)
+    }
+
+    /// `phones/<mac>/provision/request`: check the CSR, sign it with the fleet CA, answer.
+    pub(super) fn on_provision_request(&self, mac: &str, payload: &[u8]) {
+        let Ok(mac) = Mac::parse(mac) else {
+            return;
+        };
+        let topic = format!("phones/{mac}/provision/response");
+        let fail = |e: CommandError| {
+            self.publish(
+                topic.clone(),
+                &json!({"error": e.message, "code": e.code.as_str()}),
+            );
+        };
+        let request: Value = match serde_json::from_slice(payload) {
+            Ok(v) => v,
+            Err(e) => return fail(CommandError::invalid_argument(format!("not JSON: {e}"))),
+        };
+        let Some(csr) = request.get("csr").and_then(Value::as_str) else {
+            return fail(CommandError::invalid_argument(
+                "missing \"csr\" (a PEM string)",
+            ));
+        };
+        let at = self.now();
+        let live = self.lock();
+        let phone = match self.store.phone(&mac) {
+            Ok(Some(p)) => p,
+            Ok(None) => return fail(CommandError::not_found(format!("no phone {mac}"))),
+            Err(e) => return fail(internal(e)),
+        };
+        // The CSR must carry the phone's own MAC as CN; the certificate gets OU=phone and the
+        // phone's tenant whatever the CSR asked for.
+        let issued = match self
+            .ca
+            .issue_client_from_csr(csr, mac.as_str(), "phone", &phone.tenant)
+        {
+            Ok(c) => c,
+            Err(e) => return fail(CommandError::invalid_argument(format!("CSR refused: {e}"))),
+        };
+        let serial = match fleet_certs::inspect(&issued.cert_der) {
+            Ok(info) => info.serial_number,
+            Err(e) => return fail(internal(e)),
+        };
+        let tenant = phone.tenant.clone();
+        let site = phone.site.clone();
+        let phone = match phone::issue_certificate(phone, serial.clone(), at) {
+            Ok(p) => p,
+            Err(e) => return fail(e),
+        };
+        let ip = self.phone_session_ip(&live, &mac);
+        let audit = AuditRecord::new(
+            at,
+            &tenant,
+            ip.map(|i| i.to_string()).unwrap_or_else(|| mac.client_id()),
+            Some(mac.to_string()),
+            "provision_request",
+            Outcome::Ok,
+            Some(format!("certificate {serial} issued")),
+        );
+        if let Err(e) = self.commit(vec![Change::PutPhone(phone), Change::Audit(audit)]) {
+            return fail(e);
+        }
+        drop(live);
+        self.publish(
+            topic,
+            &json!({
+                "certificate": issued.cert_pem,
+                "ca": self.ca.cert_pem(),
+                "config": {
+                    "tenant": tenant,
+                    "site": site,
+                    "client_id": mac.client_id(),
+                    "data_topic": format!("phones/{mac}/data"),
+                },
+            }),
+        );
+    }
+
+    /// `phones/<mac>/provision/complete`: the phone stored its certificate; its PAP is void.
+    pub(super) fn on_provision_complete(&self, mac: &str) {
+        let Ok(mac) = Mac::parse(mac) else {
+            return;
+        };
+        let at = self.now();
+        let mut live = self.lock();
+        let phone = match self.store.phone(&mac) {
+            Ok(Some(p)) => p,
+            _ => return,
+        };
+        let tenant = phone.tenant.clone();
+        let phone = match phone::complete(phone, at) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(%mac, "provision/complete refused: {e}");
+                return;
+            }
+        };
+        let view = phone.view(at);
+        let mut changes = vec![Change::PutPhone(phone)];
+        // Every successful provisioning from a temporarily whitelisted address extends it.
+        if let Some(ip) = self.phone_session_ip(&live, &mac) {
+            let duration = self.settings.phones.temporary_whitelist;
+            if live
+                .whitelists
+                .extend_if_temporary(&tenant, ip, at, duration)
+            {
+                changes.push(Change::PutWhitelists(live.whitelists.clone()));
+            }
+        }
+        changes.push(Change::Audit(AuditRecord::new(
+            at,
+            &tenant,
+            mac.client_id(),
+            Some(mac.to_string()),
+            "provision_complete",
+            Outcome::Ok,
+            Some("authentication_successful".into()),
+        )));
+        if self.commit(changes).is_err() {
+            return;
+        }
+        drop(live);
+        self.event(&tenant, "phones", json!({"event": "state", "phone": view}));
+    }
+
+    fn find_phone(&self, tenant: &str, args: &Value) -> Result<Phone, CommandError> {
+        let mac = mac_arg(args)?;
+        match self.store.phone(&mac).map_err(internal)? {
+            // Another tenant's phone does not exist for this operator.
+            Some(p) if p.tenant == tenant => Ok(p),
+            _ => Err(CommandError::not_found(format!("no phone {mac}"))),
+        }
+    }
+
+    /// The phone, whitelist and CSV commands; `None` when `name` is none of them. The flag says
+    /// whether the command committed its own audit record.
+    pub(super) fn phone_command(
+        &self,
+        live: &mut Live,
+        operator: &str,
+        tenant: &str,
+        name: &str,
+        args: &Value,
+        at: OffsetDateTime,
+    ) -> Option<Result<(Value, bool), CommandError>> {
+        let audit = |device: Option<String>, reason: Option<String>| {
+            Change::Audit(AuditRecord::new(
+                at,
+                tenant,
+                operator,
+                device,
+                name,
+                Outcome::Ok,
+                reason,
+            ))
+        };
+        let result = match name {
+            "createPhone" => (|| {
+                let mac = mac_arg(args)?;
+                let vendor = text_arg(args, "vendor", true)?;
+                let kind = text_arg(args, "type", true)?;
+                let site = text_arg(args, "site", false)?;
+                if self.store.phone(&mac).map_err(internal)?.is_some() {
+                    return Err(CommandError::invalid_argument(format!(
+                        "a phone with MAC {mac} exists already"
+                    )));
+                }
+                let phone = Phone::new(
+                    mac.clone(),
+                    tenant.into(),
+                    vendor,
+                    kind,
+                    site,
+                    self.new_pap()?,
+                    at,
+                );
+                let view = phone.view(at);
+                self.commit(vec![
+                    Change::PutPhone(phone),
+                    audit(Some(mac.to_string()), None),
+                ])?;
+                self.event(tenant, "phones", json!({"event": "state", "phone": view}));
+                Ok((view, true))
+            })(),
+            "listPhones" => (|| {
+                let phones: Vec<Value> = self
+                    .store
+                    .phones(Some(tenant))
+                    .map_err(internal)?
+                    .iter()
+                    .map(|p| p.view(at))
+                    .collect();
+                Ok((json!({"phones": phones}), false))
+            })(),
+            "getPhone" => self.find_phone(tenant, args).map(|p| (p.view(at), false)),
+            "suspendPhoneAuthentication" => (|| {
+                let phone = self.find_phone(tenant, args)?;
+                let mac = phone.mac.to_string();
+                let phone = phone::suspend(phone, &self.settings.phones, at);
+                let view = phone.view(at);
+                self.commit(vec![Change::PutPhone(phone), audit(Some(mac), None)])?;
+                self.event(tenant, "phones", json!({"event": "state", "phone": view}));
+                Ok((view, true))
+            })(),
+            "resetPhoneAuthentication" => (|| {
+                let phone = self.find_phone(tenant, args)?;
+                let mac = phone.mac.clone();
+                let phone = phone::reset_authentication(phone, self.new_pap()?, at);
+                let view = phone.view(at);
+                let reason = Some("PAP and certificate voided".to_owned());
+                self.commit(vec![
+                    Change::PutPhone(phone),
+                    audit(Some(mac.to_string()), reason),
+                ])?;
+                // The old PAP and certificate are invalid at once: the live session goes too,
+                // before the operator hears of it.
+                self.sessions.cut(&mac.client_id(), None);
+                self.event(tenant, "phones", json!({"event": "state", "phone": view}));
+                Ok((view, true))
+            })(),
+            "deletePhone" => (|| {
+                let phone = self.find_phone(tenant, args)?;
+                let mac = phone.mac.clone();
+                self.commit(vec![
+                    Change::DeletePhone(mac.clone()),
+                    audit(Some(mac.to_string()), None),
+                ])?;
+                self.sessions.cut(&mac.client_id(), None);
+                self.event(
+                    tenant,
+                    "phones",
+                    json!({"event": "deleted", "mac": mac.as_str()}),
+                );
+                Ok((json!({}), true))
+            })(),
+            "addWhitelistEntry" | "removeWhitelistEntry" => (|| {
+                let entry: WhitelistEntry = match args.get("entry") {
+                    Some(Value::String(s)) => s
+                        .parse()
+                        .map_err(|e| CommandError::invalid_argument(format!("entry: {e}")))?,
+                    Some(_) => {
+                        return Err(CommandError::invalid_argument("\"entry\" must be a string"))
+                    }
+                    None => return Err(CommandError::invalid_argument("missing \"entry\"")),
+                };
+                let mut whitelists = live.whitelists.clone();
+                if name == "addWhitelistEntry" {
+                    whitelists.add_permanent(tenant, entry.clone());
+                } else if !whitelists.remove_permanent(tenant, &entry) {
+                    return Err(CommandError::not_found(format!(
+                        "{entry} is not on the whitelist"
+                    )));
+                }
+                self.commit(vec![
+                    Change::PutWhitelists(whitelists.clone()),
+                    audit(None, Some(entry.to_string())),
+                ])?;
+                live.whitelists = whitelists;
+                Ok((json!({}), true))
+            })(),
+            "listWhitelist" => Ok((live.whitelists.list(tenant, at), false)),
+            "exportDevicesCsv" => (|| {
+                let phones = self.store.phones(Some(tenant)).map_err(internal)?;
+                let csv = devices_csv::export(&phones, at).map_err(internal)?;
+                Ok((json!({"csv": csv}), false))
+            })(),
+            "importPhonesCsv" => (|| {
+                let Some(text) = args.get("csv").and_then(Value::as_str) else {
+                    return Err(CommandError::invalid_argument("\"csv\" must be a string"));
+                };
+                let (rows, bad) = devices_csv::parse_import(text);
+                let mut errors: Vec<Value> = bad
+                    .iter()
+                    .map(|e| json!({"line": e.line, "error": e.error}))
+                    .collect();
+                let mut created = Vec::new();
+                let mut changes = Vec::new();
+                for row in rows {
+                    if self.store.phone(&row.mac).map_err(internal)?.is_some() {
+                        errors.push(json!({"line": row.line, "error": format!("a phone with MAC {} exists already", row.mac)}));
+                        continue;
+                    }
+                    let phone = Phone::new(
+                        row.mac,
+                        tenant.into(),
+                        row.vendor,
+                        row.kind,
+                        row.site,
+                        self.new_pap()?,
+                        at,
+                    );
+                    created.push(phone.view(at));
+                    changes.push(Change::PutPhone(phone));
+                }
+                changes.push(audit(
+                    None,
+                    Some(format!(
+                        "{} created, {} errors",
+                        created.len(),
+                        errors.len()
+                    )),
+                ));
+                // All phones of the file in one transaction: all or none.
+                self.commit(changes)?;
+                Ok((json!({"created": created, "errors": errors}), true))
+            })(),
+            _ => return None,
+        };
+        Some(result)
+    }
+}

@@ -1,0 +1,1668 @@
+//! Simulated phones: a state directory like a phone's flash (`phone.json`, `key.pem`,
+//! `cert.pem`, `ca-from-server.pem`), PAP provisioning and certificate connections over a small
+//! MQTT 3.1.1 client of its own, which can bind a chosen local source address to play a phone
+//! behind a given public IP (rumqttc cannot).
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use fleet_certs::{CertError, Fingerprint};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
+};
+use rumqttc::mqttbytes::QoS;
+use rustls::pki_types::ServerName;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// File name of the phone's state inside its directory.
+pub const PHONE_FILE: &str = "phone.json";
+/// File name of the phone's private key (PKCS#8 PEM, mode 0600).
+pub const PHONE_KEY_FILE: &str = "key.pem";
+/// File name of the certificate the fleet CA issued to the phone.
+pub const PHONE_CERT_FILE: &str = "cert.pem";
+/// File name of the CA certificate the server sent with the phone's certificate.
+pub const SERVER_CA_FILE: &str = "ca-from-server.pem";
+/// Vendor of a phone made without one.
+pub const DEFAULT_VENDOR: &str = "Simphone";
+/// Type of a phone made without one.
+pub const DEFAULT_TYPE: &str = "SP-100";
+
+/// Longest wait for the TCP connection and the TLS handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for any one reply (CONNACK, SUBACK, PUBACK, the provisioning response); long
+/// enough for a server provisioning thousands of phones at once.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a write to the server.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keepalive the phone asks for; a live session pings at half of it.
+const KEEP_ALIVE: Duration = Duration::from_secs(60);
+/// Largest MQTT packet accepted from the server.
+const MAX_PACKET_SIZE: usize = 1024 * 1024;
+
+/// What went wrong with a phone: its state directory, or talking to the server. A refusal of
+/// provisioning is a [`ProvisionOutcome`], not an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PhoneError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// `phone.json` is not valid.
+    #[error("{}: {source}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The directory already holds a phone.
+    #[error("{} already holds a phone", .0.display())]
+    AlreadyInitialized(PathBuf),
+    /// A MAC address is not 12 hex digits.
+    #[error("invalid MAC address {0:?}: must be 12 hex digits")]
+    InvalidMac(String),
+    /// A key, CSR or certificate could not be made or read.
+    #[error("phone key or certificate: {0}")]
+    Certificate(#[from] CertError),
+    /// `connect_provisioned` on a phone without a certificate.
+    #[error("the phone is not provisioned (no key.pem and cert.pem)")]
+    NotProvisioned,
+    /// The server address is not `HOST:PORT`, or HOST is not a TLS server name.
+    #[error("server address {0:?} is not HOST:PORT")]
+    InvalidServer(String),
+    /// The server's name resolved to no address of the source address's family.
+    #[error("{server} has no address reachable from {source_ip}")]
+    NoAddress {
+        /// The server address.
+        server: String,
+        /// The local source address.
+        source_ip: IpAddr,
+    },
+    /// The TCP connection or the TLS handshake failed, or the connection broke.
+    #[error("connection to {server}: {source}")]
+    Connection {
+        /// The server address.
+        server: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The server answered CONNECT with a refusal (4 wrong PAP, 5 not authorized).
+    #[error("CONNECT refused with return code {code}")]
+    Refused {
+        /// The CONNACK return code.
+        code: u8,
+    },
+    /// The server closed the connection while the phone waited for `waiting_for`.
+    #[error("the server closed the connection while the phone waited for {waiting_for}")]
+    Closed {
+        /// What the phone waited for.
+        waiting_for: &'static str,
+    },
+    /// Nothing came within the time limit.
+    #[error("no {waiting_for} within {limit:?}")]
+    Timeout {
+        /// What the phone waited for.
+        waiting_for: &'static str,
+        /// The time limit.
+        limit: Duration,
+    },
+    /// The server sent bytes that are not MQTT 3.1.1, or a packet that makes no sense here.
+    #[error("MQTT protocol: {0}")]
+    Protocol(String),
+    /// The server denied a SUBSCRIBE (SUBACK 0x80) the phone needs.
+    #[error("subscription to {0} denied")]
+    SubscribeDenied(String),
+    /// The provisioning response is neither a certificate nor an error.
+    #[error("malformed provisioning response: {0}")]
+    BadResponse(String),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> PhoneError + '_ {
+    move |source| PhoneError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A phone's MAC: 12 lower-case hex digits (PROTOCOL §1). Parsed from that form, upper case,
+/// or with `:` or `-` separators.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Mac(String);
+
+impl Mac {
+    /// The 12 lower-case hex digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Mac {
+    type Err = PhoneError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let digits: String = s
+            .chars()
+            .filter(|c| !matches!(c, ':' | '-'))
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        if digits.len() == 12 && digits.chars().all(|c| c.is_ascii_hexdigit()) {
+            Ok(Mac(digits))
+        } else {
+            Err(PhoneError::InvalidMac(s.to_owned()))
+        }
+    }
+}
+
+impl TryFrom<String> for Mac {
+    type Error = PhoneError;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+impl From<Mac> for String {
+    fn from(value: Mac) -> Self {
+        value.0
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a new phone is made from (`fleet-sim phone init`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PhoneProfile {
+    /// MAC, in any form [`Mac`] accepts.
+    pub mac: String,
+    /// Vendor, as the phone reports it when it provisions.
+    pub vendor: String,
+    /// Type (model), as the phone reports it when it provisions.
+    pub kind: String,
+    /// The PAP the user typed, if any.
+    pub pap: Option<String>,
+}
+
+impl PhoneProfile {
+    /// A profile with [`DEFAULT_VENDOR`], [`DEFAULT_TYPE`] and no PAP.
+    pub fn new(mac: impl Into<String>) -> Self {
+        PhoneProfile {
+            mac: mac.into(),
+            vendor: DEFAULT_VENDOR.to_owned(),
+            kind: DEFAULT_TYPE.to_owned(),
+            pap: None,
+        }
+    }
+}
+
+/// The contents of `phone.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhoneRecord {
+    /// The MAC.
+    pub mac: Mac,
+    /// Vendor.
+    pub vendor: String,
+    /// Type (model).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// What the user typed as PAP; `None` when nothing was typed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pap: Option<String>,
+    /// The configuration the server sent with the certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configuration: Option<Value>,
+}
+
+/// A phone's state directory, read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PhoneState {
+    dir: PathBuf,
+    /// What `phone.json` holds.
+    pub record: PhoneRecord,
+}
+
+impl PhoneState {
+    /// Creates `dir` (if needed) and a new `phone.json` in it; fails if one exists.
+    pub fn init(dir: impl AsRef<Path>, profile: &PhoneProfile) -> Result<Self, PhoneError> {
+        let dir = dir.as_ref();
+        fs::create_dir_all(dir).map_err(io_error(dir))?;
+        if dir.join(PHONE_FILE).exists() {
+            return Err(PhoneError::AlreadyInitialized(dir.to_owned()));
+        }
+        let state = PhoneState {
+            dir: dir.to_owned(),
+            record: PhoneRecord {
+                mac: profile.mac.parse()?,
+                vendor: profile.vendor.clone(),
+                kind: profile.kind.clone(),
+                pap: profile.pap.clone(),
+                configuration: None,
+            },
+        };
+        state.save()?;
+        Ok(state)
+    }
+
+    /// Reads `dir/phone.json`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, PhoneError> {
+        let dir = dir.as_ref();
+        let file = dir.join(PHONE_FILE);
+        let text = fs::read(&file).map_err(io_error(&file))?;
+        let record = serde_json::from_slice(&text).map_err(|source| PhoneError::Json {
+            path: file.clone(),
+            source,
+        })?;
+        Ok(PhoneState {
+            dir: dir.to_owned(),
+            record,
+        })
+    }
+
+    /// Whether `dir` holds a phone.
+    pub fn exists(dir: impl AsRef<Path>) -> bool {
+        dir.as_ref().join(PHONE_FILE).is_file()
+    }
+
+    /// Reads `phone.json`, lets `change` edit it and writes it back.
+    pub fn update(
+        dir: impl AsRef<Path>,
+        change: impl FnOnce(&mut PhoneRecord),
+    ) -> Result<Self, PhoneError> {
+        let mut state = Self::open(dir)?;
+        change(&mut state.record);
+        state.save()?;
+        Ok(state)
+    }
+
+    /// Writes `phone.json` through a temporary file, so a crash never leaves half of it.
+    pub fn save(&self) -> Result<(), PhoneError> {
+        let file = self.dir.join(PHONE_FILE);
+        let temporary = self.dir.join(format!("{PHONE_FILE}.tmp"));
+        let text = serde_json::to_vec_pretty(&self.record).map_err(|source| PhoneError::Json {
+            path: file.clone(),
+            source,
+        })?;
+        fs::write(&temporary, text).map_err(io_error(&temporary))?;
+        fs::rename(&temporary, &file).map_err(io_error(&file))
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The MAC.
+    pub fn mac(&self) -> &Mac {
+        &self.record.mac
+    }
+
+    /// The provisioned certificate and key as (certificate PEM, key PEM), if both exist.
+    pub fn identity(&self) -> Result<Option<(String, String)>, PhoneError> {
+        let key = read_optional(&self.dir.join(PHONE_KEY_FILE))?;
+        let cert = read_optional(&self.dir.join(PHONE_CERT_FILE))?;
+        Ok(cert.zip(key))
+    }
+}
+
+/// The user types a new PAP (`Some`), e.g. after Reset Authentication, or clears it (`None`).
+pub fn set_pap(dir: impl AsRef<Path>, pap: Option<String>) -> Result<(), PhoneError> {
+    PhoneState::update(dir, |record| record.pap = pap)?;
+    Ok(())
+}
+
+/// Factory reset: deletes the key, the certificate, the server's CA, the configuration and the
+/// PAP. The phone keeps only its MAC, vendor and type.
+pub fn factory_reset(dir: impl AsRef<Path>) -> Result<(), PhoneError> {
+    let dir = dir.as_ref();
+    for file in [PHONE_KEY_FILE, PHONE_CERT_FILE, SERVER_CA_FILE] {
+        remove_optional(&dir.join(file))?;
+    }
+    PhoneState::update(dir, |record| {
+        record.pap = None;
+        record.configuration = None;
+    })?;
+    Ok(())
+}
+
+/// Whether the phone holds a key and a certificate for it (what a provisioning stores).
+pub fn is_provisioned(dir: impl AsRef<Path>) -> bool {
+    let dir = dir.as_ref();
+    dir.join(PHONE_KEY_FILE).is_file() && dir.join(PHONE_CERT_FILE).is_file()
+}
+
+fn read_optional(path: &Path) -> Result<Option<String>, PhoneError> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error(path)(e)),
+    }
+}
+
+fn remove_optional(path: &Path) -> Result<(), PhoneError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error(path)(e)),
+    }
+}
+
+/// Writes a private key readable by the owner only.
+fn write_private(path: &Path, text: &str) -> Result<(), PhoneError> {
+    use std::io::Write;
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(io_error(path))?;
+    file.write_all(text.as_bytes()).map_err(io_error(path))
+}
+
+/// Writes a file through a temporary one, so a crash never leaves half of it.
+fn write_atomically(path: &Path, text: &str) -> Result<(), PhoneError> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
+    fs::write(&temporary, text).map_err(io_error(&temporary))?;
+    fs::rename(&temporary, path).map_err(io_error(path))
+}
+
+/// Where and how a phone reaches the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PhoneTarget {
+    /// `HOST:PORT` (`[::1]:8883` for IPv6); HOST is also the TLS server name.
+    pub server: String,
+    /// The fleet CA certificate (PEM) the server certificate must chain to.
+    pub ca_pem: String,
+    /// Local source address to bind (e.g. 127.0.0.2), so the server sees the phone there.
+    pub source: Option<IpAddr>,
+}
+
+impl PhoneTarget {
+    /// A target without a chosen source address.
+    pub fn new(server: impl Into<String>, ca_pem: impl Into<String>) -> Self {
+        PhoneTarget {
+            server: server.into(),
+            ca_pem: ca_pem.into(),
+            source: None,
+        }
+    }
+
+    /// The same target, seen from `source`.
+    pub fn with_source(mut self, source: IpAddr) -> Self {
+        self.source = Some(source);
+        self
+    }
+}
+
+/// How one provisioning attempt ended, when nothing went wrong on the way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProvisionOutcome {
+    /// The phone stored its certificate and configuration and said `provision/complete`.
+    Provisioned,
+    /// CONNECT refused: 4 wrong PAP, 5 not authorized (locked, blocked, or otherwise refused).
+    Refused {
+        /// The CONNACK return code.
+        code: u8,
+    },
+    /// The provisioning response was `{"error", "code"}`.
+    Failed {
+        /// The machine code.
+        code: String,
+        /// The text.
+        error: String,
+    },
+}
+
+impl fmt::Display for ProvisionOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProvisionOutcome::Provisioned => f.write_str("provisioned"),
+            ProvisionOutcome::Refused { code: 4 } => {
+                f.write_str("refused: bad user name or password (4)")
+            }
+            ProvisionOutcome::Refused { code: 5 } => f.write_str("refused: not authorized (5)"),
+            ProvisionOutcome::Refused { code } => write!(f, "refused with code {code}"),
+            ProvisionOutcome::Failed { code, error } => write!(f, "failed: {error} ({code})"),
+        }
+    }
+}
+
+/// The topic the phone asks for its certificate on.
+pub fn provision_request_topic(mac: &Mac) -> String {
+    format!("phones/{mac}/provision/request")
+}
+
+/// The topic the controller answers on.
+pub fn provision_response_topic(mac: &Mac) -> String {
+    format!("phones/{mac}/provision/response")
+}
+
+/// The topic the phone says it stored everything on.
+pub fn provision_complete_topic(mac: &Mac) -> String {
+    format!("phones/{mac}/provision/complete")
+}
+
+/// The MQTT client id of a phone.
+pub fn phone_client_id(mac: &Mac) -> String {
+    format!("phone-{mac}")
+}
+
+/// The CONNECT of an unprovisioned phone: client id `phone-<mac>`, username `<mac>`,
+/// password = `password` or empty, clean session.
+///
+/// MQTT 3.1.1 has no way to tell an empty password from none on the wire as rumqttc writes it:
+/// an empty password is left out (password flag clear), which servers read as "".
+pub fn pap_connect(mac: &Mac, password: Option<&str>) -> Connect {
+    let mut connect = certificate_connect(mac);
+    connect.set_login(mac.as_str(), password.unwrap_or(""));
+    connect
+}
+
+/// The CONNECT of a provisioned phone: client id `phone-<mac>`, no username or password.
+pub fn certificate_connect(mac: &Mac) -> Connect {
+    let mut connect = Connect::new(phone_client_id(mac));
+    connect.keep_alive = KEEP_ALIVE.as_secs().try_into().unwrap_or(u16::MAX);
+    connect.clean_session = true;
+    connect
+}
+
+/// Encodes one packet.
+pub fn encode(packet: &Packet) -> Result<BytesMut, PhoneError> {
+    let mut buffer = BytesMut::new();
+    packet
+        .write(&mut buffer, MAX_PACKET_SIZE)
+        .map_err(|e| PhoneError::Protocol(e.to_string()))?;
+    Ok(buffer)
+}
+
+/// Decodes the first whole packet of `buffer` and removes it; `None` if more bytes are needed.
+pub fn decode(buffer: &mut BytesMut) -> Result<Option<Packet>, PhoneError> {
+    match Packet::read(buffer, MAX_PACKET_SIZE) {
+        Ok(packet) => Ok(Some(packet)),
+        Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+        Err(e) => Err(PhoneError::Protocol(e.to_string())),
+    }
+}
+
+/// Opens a TCP connection to `server` (`HOST:PORT`), from `source` if given (port chosen by the
+/// system), with a time limit.
+pub async fn tcp_connect(server: &str, source: Option<IpAddr>) -> Result<TcpStream, PhoneError> {
+    let (host, port) = fleet_certs::split_server(server)
+        .ok_or_else(|| PhoneError::InvalidServer(server.to_owned()))?;
+    let connection_error = |source| PhoneError::Connection {
+        server: server.to_owned(),
+        source,
+    };
+    let attempt = async {
+        let addresses = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(connection_error)?;
+        let mut last_error = None;
+        for address in addresses {
+            if source.is_some_and(|s| s.is_ipv4() != address.is_ipv4()) {
+                continue;
+            }
+            match connect_from(address, source).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(match (last_error, source) {
+            (Some(e), _) => connection_error(e),
+            (None, Some(source_ip)) => PhoneError::NoAddress {
+                server: server.to_owned(),
+                source_ip,
+            },
+            (None, None) => connection_error(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the name resolved to no address",
+            )),
+        })
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+        .await
+        .map_err(|_| PhoneError::Timeout {
+            waiting_for: "TCP connection",
+            limit: CONNECT_TIMEOUT,
+        })?
+}
+
+async fn connect_from(address: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(source) = source {
+        socket.bind(SocketAddr::new(source, 0))?;
+    }
+    let stream = socket.connect(address).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// One MQTT 3.1.1 connection over TLS: whole packets in and out, every wait bounded.
+struct Link {
+    server: String,
+    stream: TlsStream<TcpStream>,
+    incoming: BytesMut,
+    next_pkid: u16,
+}
+
+impl Link {
+    /// TCP (from the target's source address), then TLS trusting the target's CA and presenting
+    /// `identity` (certificate PEM, key PEM) if given.
+    async fn open(
+        target: &PhoneTarget,
+        identity: Option<(&str, &str)>,
+    ) -> Result<Link, PhoneError> {
+        let (host, _) = fleet_certs::split_server(&target.server)
+            .ok_or_else(|| PhoneError::InvalidServer(target.server.clone()))?;
+        let name = ServerName::try_from(host)
+            .map_err(|_| PhoneError::InvalidServer(target.server.clone()))?;
+        let config = fleet_certs::client_config(&target.ca_pem, identity)?;
+        let tcp = tcp_connect(&target.server, target.source).await?;
+        let handshake = TlsConnector::from(Arc::new(config)).connect(name, tcp);
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+            .await
+            .map_err(|_| PhoneError::Timeout {
+                waiting_for: "TLS handshake",
+                limit: CONNECT_TIMEOUT,
+            })?
+            .map_err(|source| PhoneError::Connection {
+                server: target.server.clone(),
+                source,
+            })?;
+        Ok(Link {
+            server: target.server.clone(),
+            stream,
+            incoming: BytesMut::with_capacity(4096),
+            next_pkid: 1,
+        })
+    }
+
+    fn pkid(&mut self) -> u16 {
+        let pkid = self.next_pkid;
+        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+        pkid
+    }
+
+    async fn send(&mut self, packet: &Packet) -> Result<(), PhoneError> {
+        let bytes = encode(packet)?;
+        let write = async {
+            self.stream.write_all(&bytes).await?;
+            self.stream.flush().await
+        };
+        tokio::time::timeout(WRITE_TIMEOUT, write)
+            .await
+            .map_err(|_| PhoneError::Timeout {
+                waiting_for: "write to the server",
+                limit: WRITE_TIMEOUT,
+            })?
+            .map_err(|source| PhoneError::Connection {
+                server: self.server.clone(),
+                source,
+            })
+    }
+
+    /// The next packet, without a time limit. Cancel-safe: bytes read stay in `incoming`.
+    async fn recv(&mut self, waiting_for: &'static str) -> Result<Packet, PhoneError> {
+        loop {
+            if let Some(packet) = decode(&mut self.incoming)? {
+                return Ok(packet);
+            }
+            let read = self
+                .stream
+                .read_buf(&mut self.incoming)
+                .await
+                .map_err(|source| PhoneError::Connection {
+                    server: self.server.clone(),
+                    source,
+                })?;
+            if read == 0 {
+                return Err(PhoneError::Closed { waiting_for });
+            }
+        }
+    }
+
+    /// The next packet within [`REPLY_TIMEOUT`].
+    async fn recv_within(&mut self, waiting_for: &'static str) -> Result<Packet, PhoneError> {
+        tokio::time::timeout(REPLY_TIMEOUT, self.recv(waiting_for))
+            .await
+            .map_err(|_| PhoneError::Timeout {
+                waiting_for,
+                limit: REPLY_TIMEOUT,
+            })?
+    }
+
+    /// Sends CONNECT and returns the CONNACK return code.
+    async fn connect(&mut self, connect: Connect) -> Result<u8, PhoneError> {
+        self.send(&Packet::Connect(connect)).await?;
+        match self.recv_within("CONNACK").await? {
+            Packet::ConnAck(ConnAck { code, .. }) => Ok(return_code(code)),
+            other => Err(unexpected("CONNACK", &other)),
+        }
+    }
+
+    /// Acknowledges a QoS 1 PUBLISH from the server.
+    async fn acknowledge(&mut self, publish: &Publish) -> Result<(), PhoneError> {
+        if publish.qos == QoS::AtLeastOnce {
+            self.send(&Packet::PubAck(PubAck::new(publish.pkid)))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Reads packets until `done` picks one, within [`REPLY_TIMEOUT`] in all. PUBLISHes that
+    /// `done` does not pick are acknowledged and kept in `inbox`; ping responses are dropped.
+    async fn wait_for<T>(
+        &mut self,
+        waiting_for: &'static str,
+        inbox: &mut Vec<Publish>,
+        mut done: impl FnMut(&Packet) -> Option<T>,
+    ) -> Result<T, PhoneError> {
+        let wait = async {
+            loop {
+                let packet = self.recv(waiting_for).await?;
+                if let Some(found) = done(&packet) {
+                    if let Packet::Publish(publish) = &packet {
+                        self.acknowledge(publish).await?;
+                    }
+                    return Ok(found);
+                }
+                match packet {
+                    Packet::Publish(publish) => {
+                        self.acknowledge(&publish).await?;
+                        inbox.push(publish);
+                    }
+                    Packet::PingResp | Packet::PubAck(_) | Packet::SubAck(_) => {}
+                    Packet::Disconnect => return Err(PhoneError::Closed { waiting_for }),
+                    other => return Err(unexpected(waiting_for, &other)),
+                }
+            }
+        };
+        tokio::time::timeout(REPLY_TIMEOUT, wait)
+            .await
+            .map_err(|_| PhoneError::Timeout {
+                waiting_for,
+                limit: REPLY_TIMEOUT,
+            })?
+    }
+
+    /// SUBSCRIBE one filter at QoS 1; the SUBACK code (0, 1, 2 granted QoS; 0x80 denied).
+    async fn subscribe(
+        &mut self,
+        filter: &str,
+        inbox: &mut Vec<Publish>,
+    ) -> Result<u8, PhoneError> {
+        let pkid = self.pkid();
+        let mut subscribe = Subscribe::new(filter, QoS::AtLeastOnce);
+        subscribe.pkid = pkid;
+        self.send(&Packet::Subscribe(subscribe)).await?;
+        self.wait_for("SUBACK", inbox, |packet| match packet {
+            Packet::SubAck(ack) if ack.pkid == pkid => Some(
+                ack.return_codes
+                    .first()
+                    .map_or(0x80, |code| suback_code(*code)),
+            ),
+            _ => None,
+        })
+        .await
+    }
+
+    /// PUBLISH at QoS 1 and wait for its PUBACK.
+    async fn publish(
+        &mut self,
+        topic: &str,
+        payload: Bytes,
+        inbox: &mut Vec<Publish>,
+    ) -> Result<(), PhoneError> {
+        let pkid = self.pkid();
+        let mut publish = Publish::from_bytes(topic, QoS::AtLeastOnce, payload);
+        publish.pkid = pkid;
+        self.send(&Packet::Publish(publish)).await?;
+        self.wait_for("PUBACK", inbox, |packet| match packet {
+            Packet::PubAck(ack) if ack.pkid == pkid => Some(()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// DISCONNECT and close; errors do not matter any more.
+    async fn disconnect(mut self) {
+        let _ = self.send(&Packet::Disconnect).await;
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, self.stream.shutdown()).await;
+    }
+}
+
+fn return_code(code: ConnectReturnCode) -> u8 {
+    match code {
+        ConnectReturnCode::Success => 0,
+        ConnectReturnCode::RefusedProtocolVersion => 1,
+        ConnectReturnCode::BadClientId => 2,
+        ConnectReturnCode::ServiceUnavailable => 3,
+        ConnectReturnCode::BadUserNamePassword => 4,
+        ConnectReturnCode::NotAuthorized => 5,
+    }
+}
+
+fn suback_code(code: SubscribeReasonCode) -> u8 {
+    match code {
+        SubscribeReasonCode::Success(QoS::AtMostOnce) => 0,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce) => 1,
+        SubscribeReasonCode::Success(QoS::ExactlyOnce) => 2,
+        SubscribeReasonCode::Failure => 0x80,
+    }
+}
+
+fn unexpected(waiting_for: &str, packet: &Packet) -> PhoneError {
+    PhoneError::Protocol(format!("expected {waiting_for}, got {packet:?}"))
+}
+
+/// The controller's answer on `provision/response`.
+#[derive(Deserialize)]
+struct ProvisionResponse {
+    certificate: Option<String>,
+    ca: Option<String>,
+    config: Option<Value>,
+    error: Option<String>,
+    code: Option<String>,
+}
+
+/// One complete provisioning attempt (PROTOCOL §3): CONNECT with the PAP from `phone.json`
+/// (empty when there is none), SUBSCRIBE `…/provision/response`, a fresh key (stored 0600 as
+/// `key.pem`, replacing any old key and certificate) and PUBLISH its CSR on
+/// `…/provision/request`, wait for the response; on a certificate store `cert.pem`,
+/// `ca-from-server.pem` and the configuration, PUBLISH `…/provision/complete` and wait for its
+/// PUBACK; then DISCONNECT.
+pub async fn provision(
+    dir: impl AsRef<Path>,
+    target: &PhoneTarget,
+) -> Result<ProvisionOutcome, PhoneError> {
+    let dir = dir.as_ref();
+    let state = PhoneState::open(dir)?;
+    let mac = state.record.mac.clone();
+    let mut link = Link::open(target, None).await?;
+    let code = link
+        .connect(pap_connect(&mac, state.record.pap.as_deref()))
+        .await?;
+    if code != 0 {
+        return Ok(ProvisionOutcome::Refused { code });
+    }
+    let outcome = provision_connected(dir, &state, &mut link).await;
+    link.disconnect().await;
+    outcome
+}
+
+async fn provision_connected(
+    dir: &Path,
+    state: &PhoneState,
+    link: &mut Link,
+) -> Result<ProvisionOutcome, PhoneError> {
+    let mac = &state.record.mac;
+    let response_topic = provision_response_topic(mac);
+    let mut inbox = Vec::new();
+    if link.subscribe(&response_topic, &mut inbox).await? == 0x80 {
+        return Err(PhoneError::SubscribeDenied(response_topic));
+    }
+
+    // A new key makes any certificate the phone had useless: drop it before asking.
+    let (key_pem, csr_pem) = fleet_certs::phone_key_and_csr(mac.as_str())?;
+    remove_optional(&dir.join(PHONE_CERT_FILE))?;
+    write_private(&dir.join(PHONE_KEY_FILE), &key_pem)?;
+    let request = serde_json::json!({
+        "csr": csr_pem,
+        "vendor": state.record.vendor,
+        "type": state.record.kind,
+    });
+    link.publish(
+        &provision_request_topic(mac),
+        Bytes::from(request.to_string()),
+        &mut inbox,
+    )
+    .await?;
+
+    // The response may have come while the phone waited for its PUBACK.
+    let response = match inbox.iter().position(|p| p.topic == response_topic) {
+        Some(index) => inbox.swap_remove(index),
+        None => {
+            link.wait_for("provisioning response", &mut inbox, |packet| match packet {
+                Packet::Publish(publish) if publish.topic == response_topic => {
+                    Some(publish.clone())
+                }
+                _ => None,
+            })
+            .await?
+        }
+    };
+    let response: ProvisionResponse = serde_json::from_slice(&response.payload)
+        .map_err(|e| PhoneError::BadResponse(e.to_string()))?;
+    let (certificate, ca) = match response {
+        ProvisionResponse {
+            certificate: Some(certificate),
+            ca: Some(ca),
+            ..
+        } => (certificate, ca),
+        ProvisionResponse {
+            error: Some(error),
+            code,
+            ..
+        } => {
+            return Ok(ProvisionOutcome::Failed {
+                code: code.unwrap_or_default(),
+                error,
+            })
+        }
+        _ => {
+            return Err(PhoneError::BadResponse(
+                "neither \"certificate\" and \"ca\" nor \"error\"".into(),
+            ))
+        }
+    };
+    check_certificate_for_key(&certificate, &key_pem)?;
+    fleet_certs::certs_from_pem(&ca)?;
+    write_atomically(&dir.join(PHONE_CERT_FILE), &certificate)?;
+    write_atomically(&dir.join(SERVER_CA_FILE), &ca)?;
+    PhoneState::update(dir, |record| record.configuration = response.config)?;
+
+    link.publish(
+        &provision_complete_topic(mac),
+        Bytes::from_static(b"{}"),
+        &mut inbox,
+    )
+    .await?;
+    Ok(ProvisionOutcome::Provisioned)
+}
+
+/// Refuses a certificate that is not for the phone's own key: storing it would leave a phone
+/// that cannot connect.
+fn check_certificate_for_key(cert_pem: &str, key_pem: &str) -> Result<(), PhoneError> {
+    let issued = Fingerprint::of_certificate_pem(cert_pem)?;
+    let key = fleet_certs::key_from_pem(key_pem)?;
+    let signing_key = fleet_certs::crypto_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| PhoneError::Certificate(CertError::Tls(e)))?;
+    let own = signing_key
+        .public_key()
+        .map(|spki| Fingerprint::of_spki_der(&spki));
+    if own == Some(issued) {
+        Ok(())
+    } else {
+        Err(PhoneError::BadResponse(
+            "the certificate is not for the phone's key".into(),
+        ))
+    }
+}
+
+/// One unprovisioned CONNECT (client id `phone-<mac>`, username `<mac>`, password `password`
+/// or empty), then DISCONNECT if accepted; returns the CONNACK return code. For brute-force
+/// tests: it neither reads nor changes the stored PAP.
+pub async fn connect_raw(
+    dir: impl AsRef<Path>,
+    target: &PhoneTarget,
+    password: Option<&str>,
+) -> Result<u8, PhoneError> {
+    let state = PhoneState::open(dir)?;
+    let mut link = Link::open(target, None).await?;
+    let code = link
+        .connect(pap_connect(&state.record.mac, password))
+        .await?;
+    if code == 0 {
+        link.disconnect().await;
+    }
+    Ok(code)
+}
+
+/// How a live [`PhoneSession`] ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// The server closed the connection (or sent DISCONNECT).
+    ClosedByServer,
+    /// The connection failed.
+    Failed(PhoneError),
+}
+
+impl fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SessionEnd::ClosedByServer => f.write_str("the server closed the connection"),
+            SessionEnd::Failed(e) => write!(f, "connection failed: {e}"),
+        }
+    }
+}
+
+/// A provisioned phone's live MQTT session, connected with its certificate.
+pub struct PhoneSession {
+    link: Link,
+    mac: Mac,
+    inbox: Vec<Publish>,
+}
+
+impl fmt::Debug for PhoneSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PhoneSession")
+            .field("mac", &self.mac)
+            .field("server", &self.link.server)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connects with `cert.pem`/`key.pem` (client id `phone-<mac>`, no username or password).
+/// `Err(PhoneError::Refused { code })` on a refused CONNACK; a server that refuses the
+/// certificate during or right after the TLS handshake gives `Connection` or `Closed` instead.
+pub async fn connect_provisioned(
+    dir: impl AsRef<Path>,
+    target: &PhoneTarget,
+) -> Result<PhoneSession, PhoneError> {
+    let state = PhoneState::open(dir)?;
+    let (cert_pem, key_pem) = state.identity()?.ok_or(PhoneError::NotProvisioned)?;
+    let mut link = Link::open(target, Some((&cert_pem, &key_pem))).await?;
+    let code = link.connect(certificate_connect(&state.record.mac)).await?;
+    if code != 0 {
+        return Err(PhoneError::Refused { code });
+    }
+    Ok(PhoneSession {
+        link,
+        mac: state.record.mac,
+        inbox: Vec::new(),
+    })
+}
+
+impl PhoneSession {
+    /// The phone's MAC.
+    pub fn mac(&self) -> &Mac {
+        &self.mac
+    }
+
+    /// SUBSCRIBE `filter` at QoS 1; returns the SUBACK code (0, 1, 2 granted; 0x80 denied).
+    pub async fn subscribe(&mut self, filter: &str) -> Result<u8, PhoneError> {
+        self.link.subscribe(filter, &mut self.inbox).await
+    }
+
+    /// PUBLISH at QoS 1 and wait for the PUBACK. (A 3.1.1 server acknowledges a denied
+    /// PUBLISH too, and drops it.)
+    pub async fn publish(
+        &mut self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), PhoneError> {
+        self.link
+            .publish(topic, payload.into(), &mut self.inbox)
+            .await
+    }
+
+    /// The next message for the phone (topic, payload), within `limit` (at most 30 s);
+    /// `Ok(None)` if none came.
+    pub async fn next_message(
+        &mut self,
+        limit: Duration,
+    ) -> Result<Option<(String, Bytes)>, PhoneError> {
+        if !self.inbox.is_empty() {
+            let publish = self.inbox.remove(0);
+            return Ok(Some((publish.topic, publish.payload)));
+        }
+        let wait = self
+            .link
+            .wait_for("message", &mut self.inbox, |packet| match packet {
+                Packet::Publish(publish) => Some((publish.topic.clone(), publish.payload.clone())),
+                _ => None,
+            });
+        match tokio::time::timeout(limit, wait).await {
+            Ok(Ok(message)) => Ok(Some(message)),
+            Ok(Err(PhoneError::Timeout { .. })) | Err(_) => Ok(None),
+            Ok(Err(e)) => Err(e),
+        }
+    }
+
+    /// Resolves when the session ends: the server closes the connection (e.g. after Reset
+    /// Authentication) or it fails. Meanwhile it keeps the session alive with pings and
+    /// acknowledges and keeps messages for [`PhoneSession::next_message`]. Cancel-safe.
+    pub async fn closed(&mut self) -> SessionEnd {
+        let mut ping = tokio::time::interval(KEEP_ALIVE / 2);
+        ping.reset();
+        loop {
+            tokio::select! {
+                packet = self.link.recv("the end of the session") => match packet {
+                    Ok(Packet::Publish(publish)) => {
+                        if let Err(e) = self.link.acknowledge(&publish).await {
+                            return session_end(e);
+                        }
+                        self.inbox.push(publish);
+                    }
+                    Ok(Packet::Disconnect) => return SessionEnd::ClosedByServer,
+                    Ok(_) => {}
+                    Err(e) => return session_end(e),
+                },
+                _ = ping.tick() => {
+                    if let Err(e) = self.link.send(&Packet::PingReq).await {
+                        return session_end(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// DISCONNECT and close.
+    pub async fn disconnect(self) {
+        self.link.disconnect().await;
+    }
+}
+
+fn session_end(error: PhoneError) -> SessionEnd {
+    match error {
+        PhoneError::Closed { .. } => SessionEnd::ClosedByServer,
+        // A TLS close without close_notify, or a reset, is the server going away too.
+        PhoneError::Connection { ref source, .. }
+            if matches!(
+                source.kind(),
+                io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            SessionEnd::ClosedByServer
+        }
+        other => SessionEnd::Failed(other),
+    }
+}
+
+/// The MAC of phone number `index` (1-based) of a batch: `prefix` followed by `index` in hex,
+/// 12 digits in all.
+pub fn phone_mac(prefix: &str, index: usize) -> Result<Mac, PhoneError> {
+    let prefix = prefix.to_ascii_lowercase();
+    let width = 12usize.saturating_sub(prefix.len());
+    let mac = format!("{prefix}{index:0width$x}");
+    if mac.len() != 12 {
+        return Err(PhoneError::InvalidMac(mac));
+    }
+    mac.parse()
+}
+
+/// Provisions `count` phones, `base_dir/<mac>` each (made with no PAP if new: the caller's
+/// source address is meant to be whitelisted), MACs [`phone_mac`]`(mac_prefix, 1..=count)`, at
+/// most `concurrency` at a time. Results in MAC order.
+pub async fn provision_many(
+    base_dir: impl AsRef<Path>,
+    count: usize,
+    mac_prefix: &str,
+    vendor: &str,
+    kind: &str,
+    target: &PhoneTarget,
+    concurrency: usize,
+) -> Vec<(String, Result<ProvisionOutcome, PhoneError>)> {
+    let base_dir = base_dir.as_ref();
+    let permits = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let target = Arc::new(target.clone());
+    let mut tasks = Vec::with_capacity(count);
+    for index in 1..=count {
+        let mac = match phone_mac(mac_prefix, index) {
+            Ok(mac) => mac,
+            Err(e) => {
+                tasks.push((format!("{mac_prefix}#{index}"), Err(e)));
+                continue;
+            }
+        };
+        let dir = base_dir.join(mac.as_str());
+        let profile = PhoneProfile {
+            mac: mac.to_string(),
+            vendor: vendor.to_owned(),
+            kind: kind.to_owned(),
+            pap: None,
+        };
+        let permits = Arc::clone(&permits);
+        let target = Arc::clone(&target);
+        let task = tokio::spawn(async move {
+            // The semaphore is never closed, so acquiring only waits.
+            let _permit = permits.acquire_owned().await;
+            if !PhoneState::exists(&dir) {
+                PhoneState::init(&dir, &profile)?;
+            }
+            provision(&dir, &target).await
+        });
+        tasks.push((mac.to_string(), Ok(task)));
+    }
+    let mut results = Vec::with_capacity(count);
+    for (mac, task) in tasks {
+        let result = match task {
+            Ok(task) => task.await.unwrap_or_else(|e| {
+                Err(PhoneError::Protocol(format!(
+                    "provisioning task failed: {e}"
+                )))
+            }),
+            Err(e) => Err(e),
+        };
+        results.push((mac, result));
+    }
+    results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile() -> PhoneProfile {
+        PhoneProfile {
+            mac: "00:11:AA:BB:CC:DD".into(),
+            vendor: "Yealink".into(),
+            kind: "T54W".into(),
+            pap: Some("123456".into()),
+        }
+    }
+
+    #[test]
+    fn macs_are_normalised_and_checked() {
+        assert_eq!(
+            "00-11-AA-bb-cc-dd".parse::<Mac>().unwrap().as_str(),
+            "0011aabbccdd"
+        );
+        assert!("0011aabbccd".parse::<Mac>().is_err());
+        assert!("0011aabbccdg".parse::<Mac>().is_err());
+        assert_eq!(phone_mac("02aa00", 1).unwrap().as_str(), "02aa00000001");
+        assert_eq!(phone_mac("02AA00", 0x10).unwrap().as_str(), "02aa00000010");
+        assert!(phone_mac("02aa00", 0x100_0000).is_err());
+        assert!(phone_mac("zz", 1).is_err());
+    }
+
+    #[test]
+    fn state_directory_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = PhoneState::init(dir.path(), &profile()).unwrap();
+        assert_eq!(state.mac().as_str(), "0011aabbccdd");
+        let text = fs::read_to_string(dir.path().join(PHONE_FILE)).unwrap();
+        let json: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["mac"], "0011aabbccdd");
+        assert_eq!(json["type"], "T54W");
+        assert_eq!(json["pap"], "123456");
+        assert_eq!(PhoneState::open(dir.path()).unwrap(), state);
+        assert!(matches!(
+            PhoneState::init(dir.path(), &profile()),
+            Err(PhoneError::AlreadyInitialized(_))
+        ));
+        set_pap(dir.path(), Some("654321".into())).unwrap();
+        let state = PhoneState::open(dir.path()).unwrap();
+        assert_eq!(state.record.pap.as_deref(), Some("654321"));
+        assert!(!is_provisioned(dir.path()));
+        assert_eq!(state.identity().unwrap(), None);
+    }
+
+    #[test]
+    fn factory_reset_keeps_only_mac_vendor_and_type() {
+        let dir = tempfile::tempdir().unwrap();
+        PhoneState::init(dir.path(), &profile()).unwrap();
+        let (key, _) = fleet_certs::phone_key_and_csr("0011aabbccdd").unwrap();
+        write_private(&dir.path().join(PHONE_KEY_FILE), &key).unwrap();
+        fs::write(dir.path().join(PHONE_CERT_FILE), "cert").unwrap();
+        fs::write(dir.path().join(SERVER_CA_FILE), "ca").unwrap();
+        PhoneState::update(dir.path(), |r| {
+            r.configuration = Some(serde_json::json!({"sip": "x"}))
+        })
+        .unwrap();
+        assert!(is_provisioned(dir.path()));
+
+        factory_reset(dir.path()).unwrap();
+        assert!(!is_provisioned(dir.path()));
+        for file in [PHONE_KEY_FILE, PHONE_CERT_FILE, SERVER_CA_FILE] {
+            assert!(!dir.path().join(file).exists(), "{file}");
+        }
+        let record = PhoneState::open(dir.path()).unwrap().record;
+        assert_eq!(
+            record,
+            PhoneRecord {
+                mac: "0011aabbccdd".parse().unwrap(),
+                vendor: "Yealink".into(),
+                kind: "T54W".into(),
+                pap: None,
+                configuration: None,
+            }
+        );
+        // Twice is fine.
+        factory_reset(dir.path()).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_key_is_readable_by_the_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(PHONE_KEY_FILE);
+        write_private(&path, "secret").unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn pap_connect_decodes_with_username_and_password() {
+        let mac: Mac = "0011aabbccdd".parse().unwrap();
+        let mut bytes = encode(&Packet::Connect(pap_connect(&mac, Some("123456")))).unwrap();
+        let Some(Packet::Connect(connect)) = decode(&mut bytes).unwrap() else {
+            panic!("not a CONNECT");
+        };
+        assert!(bytes.is_empty());
+        assert_eq!(connect.client_id, "phone-0011aabbccdd");
+        assert!(connect.clean_session);
+        let login = connect.login.unwrap();
+        assert_eq!(login.username, "0011aabbccdd");
+        assert_eq!(login.password, "123456");
+
+        // No PAP: the username alone, read back as an empty password.
+        let mut bytes = encode(&Packet::Connect(pap_connect(&mac, None))).unwrap();
+        let Some(Packet::Connect(connect)) = decode(&mut bytes).unwrap() else {
+            panic!("not a CONNECT");
+        };
+        let login = connect.login.unwrap();
+        assert_eq!(login.username, "0011aabbccdd");
+        assert_eq!(login.password, "");
+
+        let mut bytes = encode(&Packet::Connect(certificate_connect(&mac))).unwrap();
+        let Some(Packet::Connect(connect)) = decode(&mut bytes).unwrap() else {
+            panic!("not a CONNECT");
+        };
+        assert_eq!(connect.client_id, "phone-0011aabbccdd");
+        assert_eq!(connect.login, None);
+    }
+
+    #[test]
+    fn decode_waits_for_whole_packets() {
+        let mac: Mac = "0011aabbccdd".parse().unwrap();
+        let mut publish = Publish::new(provision_request_topic(&mac), QoS::AtLeastOnce, "{}");
+        publish.pkid = 7;
+        let whole = encode(&Packet::Publish(publish.clone())).unwrap();
+        let mut partial = BytesMut::from(&whole[..whole.len() - 1]);
+        assert_eq!(decode(&mut partial).unwrap(), None);
+        partial.extend_from_slice(&whole[whole.len() - 1..]);
+        assert_eq!(
+            decode(&mut partial).unwrap(),
+            Some(Packet::Publish(publish))
+        );
+        let mut garbage = BytesMut::from(&[0xf0u8, 0x00][..]);
+        assert!(decode(&mut garbage).is_err());
+    }
+
+    #[tokio::test]
+    async fn tcp_connect_binds_the_chosen_source_address() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap().to_string();
+        let source: IpAddr = "127.0.0.2".parse().unwrap();
+        let (client, accepted) =
+            tokio::join!(tcp_connect(&server, Some(source)), listener.accept());
+        let client = client.unwrap();
+        let (_, peer) = accepted.unwrap();
+        assert_eq!(peer.ip(), source);
+        assert_eq!(client.local_addr().unwrap().ip(), source);
+
+        let (client, accepted) = tokio::join!(tcp_connect(&server, None), listener.accept());
+        client.unwrap();
+        assert_eq!(accepted.unwrap().1.ip(), IpAddr::from([127, 0, 0, 1]));
+
+        assert!(matches!(
+            tcp_connect("localhost", None).await,
+            Err(PhoneError::InvalidServer(_))
+        ));
+        assert!(matches!(
+            tcp_connect(&server, Some("::1".parse().unwrap())).await,
+            Err(PhoneError::NoAddress { .. })
+        ));
+    }
+
+    #[test]
+    fn a_certificate_for_another_key_is_refused() {
+        let ca = fleet_certs::FleetCa::generate("fleetgate CA").unwrap();
+        let (key, csr) = fleet_certs::phone_key_and_csr("0011aabbccdd").unwrap();
+        let (other_key, _) = fleet_certs::phone_key_and_csr("0011aabbccdd").unwrap();
+        let issued = ca
+            .issue_client_from_csr(&csr, "0011aabbccdd", "phone", "default")
+            .unwrap();
+        check_certificate_for_key(&issued.cert_pem, &key).unwrap();
+        assert!(matches!(
+            check_certificate_for_key(&issued.cert_pem, &other_key),
+            Err(PhoneError::BadResponse(_))
+        ));
+    }
+
+    /// A stand-in for fleetd: TLS with optional client certificates, scripted MQTT.
+    mod fake_server {
+        use super::*;
+        use rumqttc::mqttbytes::v4::SubAck;
+        use rustls::server::WebPkiClientVerifier;
+        use rustls::{RootCertStore, ServerConfig};
+        use tokio::net::TcpListener;
+        use tokio_rustls::server::TlsStream as ServerTls;
+        use tokio_rustls::TlsAcceptor;
+
+        pub(super) struct Fake {
+            pub(super) ca: fleet_certs::FleetCa,
+            pub(super) listener: TcpListener,
+            acceptor: TlsAcceptor,
+        }
+
+        pub(super) struct Conn {
+            pub(super) tls: ServerTls<TcpStream>,
+            buf: BytesMut,
+        }
+
+        impl Fake {
+            pub(super) async fn start() -> Fake {
+                let ca = fleet_certs::FleetCa::generate("fleetgate CA").unwrap();
+                let server = ca
+                    .issue_server(&["localhost".into()], &["127.0.0.1".parse().unwrap()])
+                    .unwrap();
+                let mut roots = RootCertStore::empty();
+                roots
+                    .add(
+                        fleet_certs::certs_from_pem(ca.cert_pem())
+                            .unwrap()
+                            .remove(0),
+                    )
+                    .unwrap();
+                let verifier = WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    fleet_certs::crypto_provider(),
+                )
+                .allow_unauthenticated()
+                .build()
+                .unwrap();
+                let config = ServerConfig::builder_with_provider(fleet_certs::crypto_provider())
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_client_cert_verifier(verifier)
+                    .with_single_cert(
+                        fleet_certs::certs_from_pem(&server.cert_pem).unwrap(),
+                        fleet_certs::key_from_pem(&server.key_pem).unwrap(),
+                    )
+                    .unwrap();
+                Fake {
+                    ca,
+                    listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+                    acceptor: TlsAcceptor::from(Arc::new(config)),
+                }
+            }
+
+            pub(super) fn target(&self) -> PhoneTarget {
+                let port = self.listener.local_addr().unwrap().port();
+                PhoneTarget::new(format!("127.0.0.1:{port}"), self.ca.cert_pem())
+                    .with_source("127.0.0.2".parse().unwrap())
+            }
+
+            pub(super) async fn accept(&self) -> (Conn, SocketAddr) {
+                let (tcp, peer) = self.listener.accept().await.unwrap();
+                let tls = self.acceptor.accept(tcp).await.unwrap();
+                let conn = Conn {
+                    tls,
+                    buf: BytesMut::new(),
+                };
+                (conn, peer)
+            }
+        }
+
+        impl Conn {
+            pub(super) async fn recv(&mut self) -> Packet {
+                loop {
+                    if let Some(packet) = decode(&mut self.buf).unwrap() {
+                        return packet;
+                    }
+                    assert!(self.tls.read_buf(&mut self.buf).await.unwrap() > 0, "EOF");
+                }
+            }
+
+            pub(super) async fn send(&mut self, packet: Packet) {
+                self.tls.write_all(&encode(&packet).unwrap()).await.unwrap();
+                self.tls.flush().await.unwrap();
+            }
+
+            pub(super) async fn connack(&mut self, code: ConnectReturnCode) -> Connect {
+                let Packet::Connect(connect) = self.recv().await else {
+                    panic!("expected CONNECT")
+                };
+                self.send(Packet::ConnAck(ConnAck::new(code, false))).await;
+                connect
+            }
+
+            pub(super) async fn suback(&mut self, code: SubscribeReasonCode) -> String {
+                let Packet::Subscribe(subscribe) = self.recv().await else {
+                    panic!("expected SUBSCRIBE")
+                };
+                self.send(Packet::SubAck(SubAck::new(subscribe.pkid, vec![code])))
+                    .await;
+                subscribe.filters[0].path.clone()
+            }
+
+            pub(super) async fn puback(&mut self) -> Publish {
+                let Packet::Publish(publish) = self.recv().await else {
+                    panic!("expected PUBLISH")
+                };
+                self.send(Packet::PubAck(PubAck::new(publish.pkid))).await;
+                publish
+            }
+
+            pub(super) async fn publish(&mut self, topic: &str, payload: Value) {
+                let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload.to_string());
+                publish.pkid = 9;
+                self.send(Packet::Publish(publish)).await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn provision_then_connect_with_the_certificate_until_the_server_cuts_it() {
+        use fake_server::Fake;
+        let fake = Fake::start().await;
+        let target = fake.target();
+        let dir = tempfile::tempdir().unwrap();
+        PhoneState::init(dir.path(), &profile()).unwrap();
+
+        let server = async {
+            let (mut conn, peer) = fake.accept().await;
+            assert_eq!(peer.ip(), IpAddr::from([127, 0, 0, 2]));
+            let connect = conn.connack(ConnectReturnCode::Success).await;
+            assert_eq!(connect.client_id, "phone-0011aabbccdd");
+            let login = connect.login.unwrap();
+            assert_eq!(
+                (login.username.as_str(), login.password.as_str()),
+                ("0011aabbccdd", "123456")
+            );
+            let filter = conn
+                .suback(SubscribeReasonCode::Success(QoS::AtLeastOnce))
+                .await;
+            assert_eq!(filter, "phones/0011aabbccdd/provision/response");
+            let request = conn.puback().await;
+            assert_eq!(request.topic, "phones/0011aabbccdd/provision/request");
+            let request: Value = serde_json::from_slice(&request.payload).unwrap();
+            assert_eq!(request["vendor"], "Yealink");
+            assert_eq!(request["type"], "T54W");
+            let issued = fake
+                .ca
+                .issue_client_from_csr(
+                    request["csr"].as_str().unwrap(),
+                    "0011aabbccdd",
+                    "phone",
+                    "default",
+                )
+                .unwrap();
+            conn.publish(
+                &filter,
+                serde_json::json!({
+                    "certificate": issued.cert_pem,
+                    "ca": fake.ca.cert_pem(),
+                    "config": {"sip": {"user": "100"}},
+                }),
+            )
+            .await;
+            let Packet::PubAck(ack) = conn.recv().await else {
+                panic!("expected PUBACK")
+            };
+            assert_eq!(ack.pkid, 9);
+            let complete = conn.puback().await;
+            assert_eq!(complete.topic, "phones/0011aabbccdd/provision/complete");
+            assert_eq!(&complete.payload[..], b"{}");
+            assert_eq!(conn.recv().await, Packet::Disconnect);
+        };
+        let (outcome, ()) = tokio::join!(provision(dir.path(), &target), server);
+        assert_eq!(outcome.unwrap(), ProvisionOutcome::Provisioned);
+        assert!(is_provisioned(dir.path()));
+        assert_eq!(
+            fs::read_to_string(dir.path().join(SERVER_CA_FILE)).unwrap(),
+            fake.ca.cert_pem()
+        );
+        let state = PhoneState::open(dir.path()).unwrap();
+        assert_eq!(state.record.configuration.unwrap()["sip"]["user"], "100");
+
+        let server = async {
+            let (mut conn, _) = fake.accept().await;
+            let presented = conn
+                .tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c[0].to_vec());
+            let connect = conn.connack(ConnectReturnCode::Success).await;
+            assert_eq!(connect.client_id, "phone-0011aabbccdd");
+            assert_eq!(connect.login, None);
+            conn.suback(SubscribeReasonCode::Success(QoS::AtLeastOnce))
+                .await;
+            let data = conn.puback().await;
+            assert_eq!(data.topic, "phones/0011aabbccdd/data/hello");
+            (conn, presented)
+        };
+        let client = async {
+            let mut session = connect_provisioned(dir.path(), &target).await.unwrap();
+            assert_eq!(
+                session
+                    .subscribe("phones/0011aabbccdd/data/#")
+                    .await
+                    .unwrap(),
+                1
+            );
+            session
+                .publish("phones/0011aabbccdd/data/hello", "hi")
+                .await
+                .unwrap();
+            session
+        };
+        let (mut session, (conn, presented)) = tokio::join!(client, server);
+        let cert = fs::read_to_string(dir.path().join(PHONE_CERT_FILE)).unwrap();
+        assert_eq!(
+            presented,
+            Some(fleet_certs::certs_from_pem(&cert).unwrap()[0].to_vec())
+        );
+        // The server cuts the session, as after Reset Authentication.
+        drop(conn);
+        let end = tokio::time::timeout(Duration::from_secs(5), session.closed())
+            .await
+            .unwrap();
+        assert!(matches!(end, SessionEnd::ClosedByServer), "{end}");
+    }
+
+    #[tokio::test]
+    async fn refusals_and_error_responses_are_outcomes() {
+        use fake_server::Fake;
+        let fake = Fake::start().await;
+        let target = fake.target();
+        let dir = tempfile::tempdir().unwrap();
+        PhoneState::init(dir.path(), &PhoneProfile::new("0011aabbccdd")).unwrap();
+
+        let server = async {
+            let (mut conn, _) = fake.accept().await;
+            let connect = conn.connack(ConnectReturnCode::BadUserNamePassword).await;
+            assert_eq!(connect.login.unwrap().password, "");
+        };
+        let (outcome, ()) = tokio::join!(provision(dir.path(), &target), server);
+        assert_eq!(outcome.unwrap(), ProvisionOutcome::Refused { code: 4 });
+
+        let server = async {
+            let (mut conn, _) = fake.accept().await;
+            let connect = conn.connack(ConnectReturnCode::NotAuthorized).await;
+            assert_eq!(connect.login.unwrap().password, "000000");
+        };
+        let (code, ()) = tokio::join!(connect_raw(dir.path(), &target, Some("000000")), server);
+        assert_eq!(code.unwrap(), 5);
+
+        let server = async {
+            let (mut conn, _) = fake.accept().await;
+            conn.connack(ConnectReturnCode::Success).await;
+            let filter = conn
+                .suback(SubscribeReasonCode::Success(QoS::AtLeastOnce))
+                .await;
+            // The answer overtakes the PUBACK of the request.
+            let Packet::Publish(request) = conn.recv().await else {
+                panic!("expected PUBLISH")
+            };
+            conn.publish(
+                &filter,
+                serde_json::json!({"error": "phone unknown", "code": "not_found"}),
+            )
+            .await;
+            conn.send(Packet::PubAck(PubAck::new(request.pkid))).await;
+            let Packet::PubAck(_) = conn.recv().await else {
+                panic!("expected PUBACK")
+            };
+            assert_eq!(conn.recv().await, Packet::Disconnect);
+        };
+        let (outcome, ()) = tokio::join!(provision(dir.path(), &target), server);
+        assert_eq!(
+            outcome.unwrap(),
+            ProvisionOutcome::Failed {
+                code: "not_found".into(),
+                error: "phone unknown".into()
+            }
+        );
+        assert!(!is_provisioned(dir.path()));
+
+        let server = async {
+            let (mut conn, _) = fake.accept().await;
+            conn.connack(ConnectReturnCode::Success).await;
+            conn.suback(SubscribeReasonCode::Failure).await;
+        };
+        let (outcome, ()) = tokio::join!(provision(dir.path(), &target), server);
+        assert!(matches!(outcome, Err(PhoneError::SubscribeDenied(_))));
+
+        assert!(matches!(
+            connect_provisioned(dir.path(), &target).await,
+            Err(PhoneError::NotProvisioned)
+        ));
+    }
+
+    #[test]
+    fn outcomes_read_well() {
+        assert_eq!(
+            ProvisionOutcome::Refused { code: 4 }.to_string(),
+            "refused: bad user name or password (4)"
+        );
+        assert_eq!(
+            ProvisionOutcome::Failed {
+                code: "wrong_state".into(),
+                error: "blocked".into()
+            }
+            .to_string(),
+            "failed: blocked (wrong_state)"
+        );
+    }
+}
