@@ -273,7 +273,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<
             accepted = listener.accept() => accepted,
         };
         let (tcp, peer) = match accepted {
-            Ok(a) => a,
+            // A dual-stack listener reports IPv4 clients as IPv4-mapped IPv6 addresses: show,
+            // audit and whitelist them as the IPv4 addresses they are.
+            Ok((tcp, peer)) => (tcp, SocketAddr::new(peer.ip().to_canonical(), peer.port())),
             Err(e) => {
                 // Out of descriptors or a transient error: back off briefly instead of spinning.
                 warn!("accept failed: {e}");

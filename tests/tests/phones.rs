@@ -487,3 +487,22 @@ async fn tenant_isolation() {
 
 #[allow(dead_code)]
 fn _uses(_: TestPhone, _: &phone::PhoneTarget) {}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_whitelisting_of_an_ipv6_address() {
+    // A dual-stack listener: IPv4 clients arrive as IPv4-mapped addresses, IPv6 ones as they are.
+    let fleet = TestFleet::start_with(|c| c.server.listen = "[::]:0".parse().expect("addr")).await;
+    let op = fleet.operator().await;
+    create(&op, "aabbcc000030").await;
+    let mut phone = fleet.phone("aabbcc000030", None, "::1");
+    phone.target.server = format!("[::1]:{}", fleet.fleet.local_addr().port());
+    assert_eq!(phone.connect_raw(None).await, 4, "a PAP is needed");
+    op.call("addWhitelistEntry", json!({"entry": "::1"}))
+        .await
+        .expect("add IPv6 address");
+    assert_eq!(phone.provision().await, ProvisionOutcome::Provisioned);
+    // The IPv4 side of the same listener is not whitelisted by it.
+    create(&op, "aabbcc000031").await;
+    let v4 = fleet.phone("aabbcc000031", None, ME);
+    assert_eq!(v4.connect_raw(None).await, 4);
+}
