@@ -123,7 +123,7 @@ enum PhoneCommand {
         vendor: String,
         #[arg(long = "type")]
         phone_type: String,
-        #[arg(long)]
+        #[arg(long, default_value = "")]
         site: String,
     },
     /// List phones (listPhones).
@@ -138,6 +138,8 @@ enum PhoneCommand {
     Delete { mac: String },
     /// Import phones from a CSV file (importPhonesCsv).
     Import { file: PathBuf },
+    /// All devices as CSV on stdout (exportDevicesCsv): `fleetctl phones export > devices.csv`.
+    Export,
 }
 
 #[derive(Subcommand)]
@@ -265,6 +267,7 @@ fn plan(command: Top) -> anyhow::Result<Plan> {
                     .with_context(|| format!("cannot read {}", file.display()))?;
                 action("importPhonesCsv", json!({ "csv": csv }), Shape::Import)
             }
+            PhoneCommand::Export => action("exportDevicesCsv", json!({}), Shape::Csv),
         },
         Top::Whitelist(command) => match command {
             WhitelistCommand::Add { entry } => {
