@@ -69,9 +69,9 @@ pub fn subscribe_frame(filter: &str) -> Vec<u8> {
     frame(0x82, body)
 }
 
-/// A TLS connector with the station's key from its state directory; it keeps TLS sessions, so
+/// A TLS connector with a device's key (`cert.pem`, `key.pem` of its state directory); it keeps TLS sessions, so
 /// that a second connection resumes the first.
-pub fn station_connector(fleet: &TestFleet, dir: &Path) -> TlsConnector {
+pub fn device_connector(fleet: &TestFleet, dir: &Path) -> TlsConnector {
     let cert = std::fs::read_to_string(dir.join("cert.pem")).expect("cert");
     let key = std::fs::read_to_string(dir.join("key.pem")).expect("key");
     let config = fleet_certs::client_config(&fleet.ca_pem(), Some((&cert, &key))).expect("tls");

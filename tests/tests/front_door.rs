@@ -3,7 +3,7 @@
 //! takeover closing the old socket.
 
 use fleet_tests::raw::{
-    anonymous_connector, connack, connect, connect_frame, read_until_contains, station_connector,
+    anonymous_connector, connack, connect, connect_frame, device_connector, read_until_contains,
     subscribe_frame, tls, until_closed, Will,
 };
 use fleet_tests::{authorize, TestFleet};
@@ -52,7 +52,7 @@ async fn a_silent_client_is_cut_and_its_will_fires_but_a_clean_disconnect_discar
     let mut station = fleet.station("KA-1", "6.1.0");
     authorize(&mut op, &mut station).await;
     station.handle.shutdown().await;
-    let connector = station_connector(&fleet, &fleet.dir.path().join("station-KA-1"));
+    let connector = device_connector(&fleet, &fleet.dir.path().join("station-KA-1"));
     let port = fleet.fleet.local_addr().port();
     let will = |payload| Will {
         topic: "stations/KA-1/status",

@@ -506,3 +506,31 @@ async fn permanent_whitelisting_of_an_ipv6_address() {
     let v4 = fleet.phone("aabbcc000031", None, ME);
     assert_eq!(v4.connect_raw(None).await, 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_phone_certificate_is_refused_on_a_resumed_tls_session() {
+    use fleet_tests::raw::{connect, device_connector, tls};
+    use rustls::HandshakeKind;
+
+    let fleet = TestFleet::start().await;
+    let op = fleet.operator().await;
+    let pap = create(&op, "aabbcc000040").await;
+    let phone = fleet.phone("aabbcc000040", Some(&pap), ME);
+    assert_eq!(phone.provision().await, ProvisionOutcome::Provisioned);
+    // A client that keeps its TLS sessions, with the phone's certificate.
+    let connector = device_connector(&fleet, &phone.dir);
+    let port = fleet.fleet.local_addr().port();
+    let mut first = tls(&connector, port).await;
+    assert_eq!(connect(&mut first, "phone-aabbcc000040").await, 0);
+    drop(first);
+    op.call("resetPhoneAuthentication", json!({"mac": "aabbcc000040"}))
+        .await
+        .expect("reset");
+    let mut second = tls(&connector, port).await;
+    assert_eq!(
+        second.get_ref().1.handshake_kind(),
+        Some(HandshakeKind::Resumed),
+        "the TLS session must be resumed for this test to mean anything"
+    );
+    assert_eq!(connect(&mut second, "phone-aabbcc000040").await, 5);
+}

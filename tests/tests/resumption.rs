@@ -1,7 +1,7 @@
 //! rustls skips the client-certificate verifier on resumed TLS sessions: a rejected or reset
 //! station that resumes its old session must still be refused or held to pending rights.
 
-use fleet_tests::raw::{connect, station_connector, subscribe_frame, tls, until_closed};
+use fleet_tests::raw::{connect, device_connector, subscribe_frame, tls, until_closed};
 use fleet_tests::{authorize, TestFleet};
 use rustls::HandshakeKind;
 use serde_json::json;
@@ -14,7 +14,7 @@ async fn a_resumed_tls_session_of_a_rejected_station_is_refused() {
     let station = fleet.station("RS-1", "6.1.0");
     op.wait_state("RS-1", "unauthorized").await;
     station.handle.shutdown().await;
-    let connector = station_connector(&fleet, &fleet.dir.path().join("station-RS-1"));
+    let connector = device_connector(&fleet, &fleet.dir.path().join("station-RS-1"));
     let port = fleet.fleet.local_addr().port();
 
     // First connection: a full handshake, admitted with pending rights.
@@ -62,7 +62,7 @@ async fn a_resumed_tls_session_of_a_reset_station_gets_no_authorized_rights() {
     let mut station = fleet.station("RS-2", "6.1.0");
     authorize(&mut op, &mut station).await;
     station.handle.shutdown().await;
-    let connector = station_connector(&fleet, &fleet.dir.path().join("station-RS-2"));
+    let connector = device_connector(&fleet, &fleet.dir.path().join("station-RS-2"));
     let port = fleet.fleet.local_addr().port();
 
     let mut first = tls(&connector, port).await;
