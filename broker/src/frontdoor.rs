@@ -32,6 +32,7 @@ use crate::admission::{
     Admission, ConnectInfo, Decision, MqttVersion, PresentedCertificate, Refusal,
 };
 use crate::bus::LocalBus;
+use crate::flood::ConnectionRate;
 use crate::frame;
 use crate::registry::{self, Control, Registry, SharedRights};
 use crate::tls::{self, ClientPolicy, TlsSetupError};
@@ -58,6 +59,9 @@ pub struct Settings {
     pub cut_grace: Duration,
     /// A write that does not finish in this time ends the session (a client that stops reading).
     pub write_timeout: Duration,
+    /// New TCP connections per source address and minute; beyond it a connection is closed
+    /// before its TLS handshake.
+    pub connections_per_ip_per_minute: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +105,7 @@ struct SettingsRuntime {
     idle_timeout: Duration,
     cut_grace: Duration,
     write_timeout: Duration,
+    connections_per_ip_per_minute: u32,
 }
 
 /// The running front door with its router.
@@ -193,6 +198,7 @@ impl Broker {
                 idle_timeout: settings.idle_timeout,
                 cut_grace: settings.cut_grace,
                 write_timeout: settings.write_timeout,
+                connections_per_ip_per_minute: settings.connections_per_ip_per_minute,
             },
             registry: Arc::new(Registry::default()),
             links,
@@ -267,6 +273,7 @@ impl Drop for SocketSlot {
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<dyn Admission>) {
     let mut shutdown = shared.shutdown.clone();
+    let mut rate = ConnectionRate::new(shared.settings.connections_per_ip_per_minute);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.changed() => break,
@@ -283,6 +290,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<
                 continue;
             }
         };
+        if !rate.admit(peer.ip(), std::time::Instant::now()) {
+            // Closed before any TLS work; audited within the controller's refusal budget.
+            let reason = format!(
+                "connection rate of this address exceeded; retry in {:?}",
+                rate.retry_after(peer.ip())
+            );
+            admission.refused("-", peer, &reason);
+            continue;
+        }
         if shared.open_sockets.fetch_add(1, Ordering::Relaxed) >= shared.settings.max_sockets {
             shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
             debug!(%peer, "socket cap reached, closing");

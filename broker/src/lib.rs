@@ -7,6 +7,7 @@
 pub mod acl;
 pub mod admission;
 pub mod bus;
+pub mod flood;
 pub mod frame;
 pub mod frontdoor;
 pub mod registry;

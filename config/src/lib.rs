@@ -212,12 +212,38 @@ pub struct LimitsConfig {
     /// `max_payload_bytes`: largest JSON payload accepted from a device or an operator;
     /// at most `server.max_packet_size`. Default 65536.
     pub max_payload_bytes: usize,
+    /// `connections_per_ip_per_minute`: new TCP connections accepted from one source address
+    /// per minute (a token bucket that refills evenly); beyond it a connection is closed before
+    /// its TLS handshake. Default 600.
+    pub connections_per_ip_per_minute: u32,
+    /// `failed_auth_per_ip`: failed authentications (wrong PAP, unknown device, identity that
+    /// does not fit) from one source address within `failed_auth_window_minutes`, across all
+    /// devices, after which every CONNECT from that address is refused for
+    /// `failed_auth_block_minutes`. Half-way there, each failure is answered only after
+    /// `failed_auth_delay_ms` (slowed). Default 20.
+    pub failed_auth_per_ip: u32,
+    /// `failed_auth_window_minutes`: the window of `failed_auth_per_ip`. Default 10.
+    pub failed_auth_window_minutes: u64,
+    /// `failed_auth_block_minutes`: how long an address stays refused. Default 15.
+    pub failed_auth_block_minutes: u64,
+    /// `failed_auth_delay_ms`: delay of a failed authentication once an address is half-way
+    /// to the limit. Default 1000.
+    pub failed_auth_delay_ms: u64,
+    /// `refusal_audits_per_ip_per_minute`: refused CONNECTs audited per source address and
+    /// minute; the rest are counted and logged, so that a flood cannot fill the disk. Default 10.
+    pub refusal_audits_per_ip_per_minute: u32,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_payload_bytes: 65_536,
+            connections_per_ip_per_minute: 600,
+            failed_auth_per_ip: 20,
+            failed_auth_window_minutes: 10,
+            failed_auth_block_minutes: 15,
+            failed_auth_delay_ms: 1000,
+            refusal_audits_per_ip_per_minute: 10,
         }
     }
 }
@@ -406,6 +432,23 @@ impl Config {
                 "must be between 1 and server.max_packet_size",
             ));
         }
+        positive(
+            "limits.connections_per_ip_per_minute",
+            l.connections_per_ip_per_minute.into(),
+        )?;
+        positive("limits.failed_auth_per_ip", l.failed_auth_per_ip.into())?;
+        positive(
+            "limits.failed_auth_window_minutes",
+            l.failed_auth_window_minutes,
+        )?;
+        positive(
+            "limits.failed_auth_block_minutes",
+            l.failed_auth_block_minutes,
+        )?;
+        positive(
+            "limits.refusal_audits_per_ip_per_minute",
+            l.refusal_audits_per_ip_per_minute.into(),
+        )?;
         Ok(())
     }
 }
@@ -490,6 +533,18 @@ suspend_minutes = 30
 # Largest JSON payload accepted from a device or an operator, in bytes; at most
 # server.max_packet_size.
 max_payload_bytes = 65536
+# New TCP connections accepted from one source address per minute; beyond it a connection is
+# closed before its TLS handshake.
+connections_per_ip_per_minute = 600
+# Failed authentications from one source address (across all devices) within the window after
+# which that address is refused for failed_auth_block_minutes; half-way there each failure is
+# answered only after failed_auth_delay_ms.
+failed_auth_per_ip = 20
+failed_auth_window_minutes = 10
+failed_auth_block_minutes = 15
+failed_auth_delay_ms = 1000
+# Refused CONNECTs audited per source address and minute (the rest are counted and logged).
+refusal_audits_per_ip_per_minute = 10
 "#;
 
 #[cfg(test)]

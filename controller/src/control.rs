@@ -12,11 +12,12 @@ use fleet_broker::{Admission, BoxFuture, ConnectInfo, Decision, Refusal, Rights,
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::audit::{AuditRecord, Outcome};
 use crate::clock::Clock;
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
+use crate::flood::{AuditBudget, FailureLimiter, FailurePolicy, Verdict};
 use crate::identity::{self, Identity, StationRights};
 use crate::phone::PhonePolicy;
 use crate::store::StoreError;
@@ -47,7 +48,20 @@ pub struct ControlSettings {
     pub chunk_size: usize,
     pub max_payload_bytes: usize,
     pub phones: PhonePolicy,
+    pub flood: FloodSettings,
     pub clock: Clock,
+}
+
+/// Refuses a CONNECT: refusal, reason, tenant, device, and whether it counts as a failed
+/// authentication of the address.
+type DenyFn<'a> = dyn Fn(Refusal, String, &str, Option<String>, bool) -> Decision + 'a;
+
+/// Limits on failed authentications and on refusal audits per source address.
+#[derive(Debug, Clone)]
+pub struct FloodSettings {
+    pub failures: FailurePolicy,
+    pub failed_auth_delay: std::time::Duration,
+    pub refusal_audits_per_minute: u32,
 }
 
 struct LiveSession {
@@ -77,6 +91,8 @@ pub struct Controller {
     /// Signs phone certificates at provisioning.
     ca: Arc<FleetCa>,
     rng: SystemRandom,
+    failures: Mutex<FailureLimiter>,
+    audit_budget: Mutex<AuditBudget>,
     sessions: Arc<dyn SessionControl>,
     /// Serialises decisions: a decision and the rights of live sessions change together.
     live: Mutex<Live>,
@@ -105,6 +121,8 @@ impl Controller {
             store,
             ca,
             rng: SystemRandom::new(),
+            failures: Mutex::new(FailureLimiter::new(settings.flood.failures.clone())),
+            audit_budget: Mutex::new(AuditBudget::new(settings.flood.refusal_audits_per_minute)),
             sessions,
             live: Mutex::new(live),
             settings,
@@ -214,22 +232,103 @@ impl Controller {
 
     // ---------------------------------------------------------------- admission
 
-    fn admit_now(&self, info: ConnectInfo) -> Decision {
-        let at = self.now();
-        let deny = |refusal: Refusal, reason: String, tenant: &str, device: Option<String>| {
-            info!(client_id = %info.client_id.escape_default(), peer = %info.peer_addr, "admission refused: {reason}");
-            self.audit_only(AuditRecord::new(
+    /// Audits a refused CONNECT within the per-address budget (a flood must not fill the disk);
+    /// refusals over the budget are counted into the next audited one.
+    fn audit_refusal(
+        &self,
+        ip: IpAddr,
+        at: OffsetDateTime,
+        tenant: &str,
+        actor: String,
+        device: Option<String>,
+        reason: &str,
+    ) {
+        let budget = self
+            .audit_budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .spend(ip, at);
+        match budget {
+            Some(0) => self.audit_only(AuditRecord::new(
                 at,
                 tenant,
-                format!("{}", info.peer_addr),
+                actor,
                 device,
                 "connect",
                 Outcome::Refused,
-                Some(reason.clone()),
-            ));
+                Some(reason.to_owned()),
+            )),
+            Some(left_out) => self.audit_only(AuditRecord::new(
+                at,
+                tenant,
+                actor,
+                device,
+                "connect",
+                Outcome::Refused,
+                Some(format!(
+                    "{reason} (and {left_out} earlier refusals of this address not audited)"
+                )),
+            )),
+            None => debug!(%ip, "refusal over the audit budget: {reason}"),
+        }
+    }
+
+    /// Admission; the flag says whether a refusal is to be answered only after a delay (the
+    /// address is half-way to being refused for failed authentications).
+    fn admit_now(&self, info: ConnectInfo) -> (Decision, bool) {
+        let at = self.now();
+        let ip = info.peer_addr.ip();
+        let slow = std::cell::Cell::new(false);
+        // `counts`: a failed authentication (wrong PAP, unknown device, identity that does not
+        // fit); a station an operator rejected does not count.
+        let deny = |refusal: Refusal,
+                    reason: String,
+                    tenant: &str,
+                    device: Option<String>,
+                    counts: bool| {
+            info!(client_id = %info.client_id.escape_default(), peer = %info.peer_addr, "admission refused: {reason}");
+            if counts {
+                let verdict = self
+                    .failures
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .record_failure(ip, at);
+                slow.set(verdict != Verdict::Allow);
+            }
+            self.audit_refusal(ip, at, tenant, info.peer_addr.to_string(), device, &reason);
             Decision::Deny { refusal, reason }
         };
-        let identity = match identity::identify(&info) {
+        let verdict = self
+            .failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check(ip, at);
+        if let Verdict::Refuse { until } = verdict {
+            let reason = format!(
+                "too many failed authentications from {ip}; refused until {}",
+                rfc3339(until)
+            );
+            let device = Some(info.client_id.chars().take(80).collect());
+            let decision = deny(
+                Refusal::NotAuthorized,
+                reason,
+                station::DEFAULT_TENANT,
+                device,
+                false,
+            );
+            return (decision, true);
+        }
+        let decision = self.decide_admission(&info, at, &deny);
+        (decision, slow.get())
+    }
+
+    fn decide_admission(
+        &self,
+        info: &ConnectInfo,
+        at: OffsetDateTime,
+        deny: &DenyFn<'_>,
+    ) -> Decision {
+        let identity = match identity::identify(info) {
             Ok(i) => i,
             Err(reason) => {
                 let device: String = info.client_id.chars().take(80).collect();
@@ -238,6 +337,7 @@ impl Controller {
                     reason,
                     station::DEFAULT_TENANT,
                     Some(device),
+                    true,
                 );
             }
         };
@@ -248,7 +348,7 @@ impl Controller {
                     Ok((rights, tenant, level)) => (rights, tenant, Some(mac.to_string()), level),
                     Err((refusal, reason, tenant)) => {
                         drop(live);
-                        return deny(refusal, reason, &tenant, Some(mac.to_string()));
+                        return deny(refusal, reason, &tenant, Some(mac.to_string()), true);
                     }
                 }
             }
@@ -296,11 +396,13 @@ impl Controller {
                                 }),
                             );
                         }
+                        let counts = !matches!(reason, DenyReason::Rejected);
                         return deny(
                             Refusal::NotAuthorized,
                             reason.to_string(),
                             &tenant,
                             Some(serial.to_string()),
+                            counts,
                         );
                     }
                 };
@@ -956,7 +1058,14 @@ pub struct ControllerAdmission(pub Arc<Controller>);
 
 impl Admission for ControllerAdmission {
     fn admit(&self, info: ConnectInfo) -> BoxFuture<'_, Decision> {
-        Box::pin(async move { self.0.admit_now(info) })
+        Box::pin(async move {
+            let (decision, slow) = self.0.admit_now(info);
+            if slow && matches!(decision, Decision::Deny { .. }) {
+                // A guesser is slowed down before it is refused for good.
+                tokio::time::sleep(self.0.settings.flood.failed_auth_delay).await;
+            }
+            decision
+        })
     }
 
     fn session_opened(&self, client_id: &str, session_id: u64) -> Option<Rights> {
@@ -968,14 +1077,13 @@ impl Admission for ControllerAdmission {
     }
 
     fn refused(&self, client_id: &str, peer_addr: std::net::SocketAddr, reason: &str) {
-        self.0.audit_only(AuditRecord::new(
+        self.0.audit_refusal(
+            peer_addr.ip(),
             self.0.now(),
             station::DEFAULT_TENANT,
             peer_addr.to_string(),
             Some(client_id.to_owned()),
-            "connect",
-            Outcome::Refused,
-            Some(reason.to_owned()),
-        ));
+            reason,
+        );
     }
 }

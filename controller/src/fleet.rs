@@ -16,8 +16,11 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 use crate::clock::Clock;
-use crate::control::{ControlSettings, Controller, ControllerAdmission, Publication};
+use crate::control::{
+    ControlSettings, Controller, ControllerAdmission, FloodSettings, Publication,
+};
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
+use crate::flood::FailurePolicy;
 use crate::phone::PhonePolicy;
 use crate::store::Store;
 
@@ -134,10 +137,12 @@ impl Fleet {
             idle_timeout: server.idle_timeout(),
             cut_grace: server.cut_grace(),
             write_timeout: Duration::from_secs(30),
+            connections_per_ip_per_minute: config.limits.connections_per_ip_per_minute,
         };
         let broker = Broker::bind(settings).await?;
         let bus = broker.local_bus("controller").await?;
         let phones = &config.phones;
+        let limits = &config.limits;
         let minutes = |m: u64| time::Duration::minutes(i64::try_from(m).unwrap_or(i64::MAX));
         let signing_ca = fleet_certs::FleetCa::from_pem(files.ca.cert_pem(), &files.ca.key_pem())?;
         let (controller, outbox) = Controller::new(
@@ -157,6 +162,15 @@ impl Fleet {
                         phones.temporary_whitelist_hours.saturating_mul(60),
                     ),
                     suspend: minutes(phones.suspend_minutes),
+                },
+                flood: FloodSettings {
+                    failures: FailurePolicy {
+                        max_failures: limits.failed_auth_per_ip,
+                        window: minutes(limits.failed_auth_window_minutes),
+                        block: minutes(limits.failed_auth_block_minutes),
+                    },
+                    failed_auth_delay: Duration::from_millis(limits.failed_auth_delay_ms),
+                    refusal_audits_per_minute: limits.refusal_audits_per_ip_per_minute,
                 },
                 clock,
             },

@@ -10,6 +10,7 @@ pub mod control;
 pub mod devices_csv;
 pub mod firmware;
 pub mod fleet;
+pub mod flood;
 pub mod identity;
 pub mod ids;
 pub mod phone;

@@ -136,3 +136,21 @@ pub async fn read_until_contains(stream: &mut TlsStream<TcpStream>, needle: &[u8
     }
     seen
 }
+
+/// A TLS connection from the local source address `source` (127.0.0.x plays another public IP);
+/// the handshake's error when the server closed before or during it.
+pub async fn tls_from(
+    connector: &TlsConnector,
+    port: u16,
+    source: std::net::IpAddr,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(source, 0))?;
+    let tcp = socket
+        .connect(std::net::SocketAddr::new([127, 0, 0, 1].into(), port))
+        .await?;
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    tokio::time::timeout(PATIENCE, connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+}
