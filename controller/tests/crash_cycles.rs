@@ -1,0 +1,229 @@
+//! Crashes: `fleetd` runs as a process, onboarding and operator commands are driven against it,
+//! and it is SIGKILLed at random points, 20 times, restarting on the same data directory each
+//! time. Every acknowledged decision and every issued certificate is checked against what the
+//! clients were told: nothing lost, nothing half-done, and the store opens cleanly every time.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fleet_ctl::OperatorClient;
+use fleet_sim::phone::{self, PhoneProfile, PhoneState, PhoneTarget, ProvisionOutcome};
+use serde_json::json;
+use std::time::Instant;
+
+const CYCLES: usize = 20;
+
+struct Fleetd {
+    child: Child,
+    server: String,
+}
+
+impl Drop for Fleetd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_fleetd(data: &Path) -> Fleetd {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetd"))
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("fleetd starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("fleetd prints its address");
+    let server = line
+        .trim()
+        .strip_prefix("fleetd listening on ")
+        .unwrap_or_else(|| panic!("fleetd did not start cleanly: {line:?}"))
+        .to_owned();
+    Fleetd { child, server }
+}
+
+async fn operator(fleetd: &Fleetd, data: &Path) -> OperatorClient {
+    let read = |f: &str| std::fs::read_to_string(data.join(f)).expect(f);
+    OperatorClient::connect(
+        &fleetd.server,
+        &read("ca.pem"),
+        &read("admin.pem"),
+        &read("admin.key"),
+        "admin",
+    )
+    .await
+    .expect("operator connects")
+}
+
+/// What the clients were told, and so what must hold after any crash.
+#[derive(Debug, Clone, PartialEq)]
+enum Told {
+    /// createPhone or resetPhoneAuthentication acknowledged with this PAP.
+    Pap(String),
+    /// The phone got its certificate and its provision/complete was acknowledged.
+    Provisioned,
+}
+
+/// A cheap pseudo-random sequence (the kill points); seeded from the clock, printed for replay.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+async fn check(
+    op: &OperatorClient,
+    told: &BTreeMap<String, Told>,
+    dir: &Path,
+    target: &PhoneTarget,
+) {
+    for (mac, what) in told {
+        let view = op
+            .call("getPhone", json!({"mac": mac}))
+            .await
+            .unwrap_or_else(|e| panic!("phone {mac} lost: {e}"));
+        match what {
+            Told::Pap(pap) => {
+                assert_eq!(view["pap"], pap.as_str(), "{mac}: the acknowledged PAP");
+                assert_eq!(view["auth_state"], "authentication_needed", "{mac}");
+            }
+            Told::Provisioned => {
+                assert_eq!(view["auth_state"], "authentication_successful", "{mac}");
+                // The issued certificate still opens the door.
+                let session = phone::connect_provisioned(&dir.join(mac), target)
+                    .await
+                    .unwrap_or_else(|e| panic!("{mac}: certificate refused after restart: {e}"));
+                session.disconnect().await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_sigkills_lose_no_acknowledged_decision_and_no_issued_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("fleet-data");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64 | 1)
+        .unwrap_or(1);
+    eprintln!("kill points seeded with {seed}");
+    let mut rng = Rng(seed);
+    let mut told: BTreeMap<String, Told> = BTreeMap::new();
+    let mut next_mac = 0u32;
+
+    for cycle in 0..CYCLES {
+        let t0 = Instant::now();
+        let fleetd = start_fleetd(&data);
+        let ca = std::fs::read_to_string(data.join("ca.pem")).expect("ca");
+        let target = PhoneTarget::new(fleetd.server.clone(), ca);
+        let op = operator(&fleetd, &data).await;
+        let t1 = t0.elapsed();
+        check(&op, &told, dir.path(), &target).await;
+        let t2 = t0.elapsed();
+
+        // Onboard one phone fully: created (acknowledged PAP), provisioned (certificate issued
+        // and completion acknowledged).
+        next_mac += 1;
+        let mac = format!("0c0000{next_mac:06x}");
+        let view = op
+            .call(
+                "createPhone",
+                json!({"mac": mac, "vendor": "v", "type": "t"}),
+            )
+            .await
+            .expect("createPhone");
+        let pap = view["pap"].as_str().expect("pap").to_owned();
+        told.insert(mac.clone(), Told::Pap(pap.clone()));
+        let mut profile = PhoneProfile::new(mac.clone());
+        profile.pap = Some(pap);
+        PhoneState::init(dir.path().join(&mac), &profile).expect("phone init");
+        if phone::provision(&dir.path().join(&mac), &target)
+            .await
+            .expect("provision ran")
+            == ProvisionOutcome::Provisioned
+        {
+            told.insert(mac.clone(), Told::Provisioned);
+        }
+
+        // A burst of decisions in flight, and a kill at a random point inside it.
+        let mut burst = Vec::new();
+        for _ in 0..4 {
+            next_mac += 1;
+            burst.push(format!("0c0000{next_mac:06x}"));
+        }
+        let reset_target = told
+            .iter()
+            .find(|(_, t)| matches!(t, Told::Pap(_)))
+            .map(|(m, _)| m.clone());
+        let acked = std::sync::Mutex::new(Vec::new());
+        let requests = async {
+            for mac in &burst {
+                if let Ok(v) = op
+                    .call(
+                        "createPhone",
+                        json!({"mac": mac, "vendor": "v", "type": "t"}),
+                    )
+                    .await
+                {
+                    let pap = v["pap"].as_str().unwrap_or_default().to_owned();
+                    acked.lock().expect("ledger").push((mac.clone(), pap));
+                }
+            }
+            if let Some(mac) = &reset_target {
+                if let Ok(v) = op
+                    .call("resetPhoneAuthentication", json!({"mac": mac}))
+                    .await
+                {
+                    let pap = v["pap"].as_str().unwrap_or_default().to_owned();
+                    acked.lock().expect("ledger").push((mac.clone(), pap));
+                }
+            }
+        };
+        let kill_after = Duration::from_millis(rng.next(60));
+        let mut fleetd = fleetd;
+        let killer = async {
+            tokio::time::sleep(kill_after).await;
+            fleetd.child.kill().expect("kill -9");
+            fleetd.child.wait().expect("reaped");
+        };
+        // Requests still waiting for an answer after the kill are abandoned: they were never
+        // acknowledged.
+        let bounded = async {
+            tokio::select! {
+                _ = requests => {}
+                _ = tokio::time::sleep(kill_after + Duration::from_millis(200)) => {}
+            }
+        };
+        tokio::join!(bounded, killer);
+        // Whatever the operator heard back is what must survive; the rest may or may not have
+        // landed (and is checked for not being half-done by the next getPhone).
+        let acked = std::mem::take(&mut *acked.lock().expect("ledger"));
+        for (mac, pap) in acked {
+            told.insert(mac, Told::Pap(pap));
+        }
+        eprintln!("cycle {cycle}: killed after {kill_after:?}, {} phones told; start {t1:?} check {t2:?} all {:?}", told.len(), t0.elapsed());
+    }
+    // A last restart: the store opens cleanly and holds everything.
+    let fleetd = start_fleetd(&data);
+    let ca = std::fs::read_to_string(data.join("ca.pem")).expect("ca");
+    let target = PhoneTarget::new(fleetd.server.clone(), ca);
+    let op = operator(&fleetd, &data).await;
+    check(&op, &told, dir.path(), &target).await;
+    assert!(told.values().filter(|t| **t == Told::Provisioned).count() >= CYCLES / 2);
+}
