@@ -1,0 +1,190 @@
+//! Revocation ordering: reject, reset, remove and phone reset withdraw the device's live session
+//! before the operator's acknowledgement is published. Checked as an order of events, not as a
+//! timing: a recording `SessionControl` drains the controller's outbox at the moment it is told
+//! to cut, so everything published before the cut is logged before it.
+
+use std::sync::{Arc, Mutex};
+
+use fleet_broker::{
+    Admission, ConnectInfo, Decision, MqttVersion, PresentedCertificate, Rights, SessionControl,
+    Trust,
+};
+use fleet_controller::clock::Clock;
+use fleet_controller::control::{
+    ControlSettings, Controller, ControllerAdmission, FloodSettings, Publication,
+};
+use fleet_controller::firmware::{Catalog, FirmwarePolicy};
+use fleet_controller::flood::FailurePolicy;
+use fleet_controller::phone::PhonePolicy;
+use fleet_controller::store::Store;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// What happened, in order: publications (by topic) and cuts (by client id).
+#[derive(Default)]
+struct Log {
+    events: Vec<String>,
+    outbox: Option<UnboundedReceiver<Publication>>,
+}
+
+impl Log {
+    fn drain(&mut self) {
+        if let Some(rx) = self.outbox.as_mut() {
+            while let Ok(p) = rx.try_recv() {
+                let text = String::from_utf8_lossy(&p.payload).into_owned();
+                self.events.push(format!("publish {} {text}", p.topic));
+            }
+        }
+    }
+}
+
+struct Recorder(Arc<Mutex<Log>>);
+
+impl SessionControl for Recorder {
+    fn set_rights(&self, client_id: &str, _: Rights) -> bool {
+        let mut log = self.0.lock().expect("log");
+        log.drain();
+        log.events.push(format!("rights {client_id}"));
+        true
+    }
+    fn cut(&self, client_id: &str, _: Option<String>) -> bool {
+        let mut log = self.0.lock().expect("log");
+        log.drain();
+        log.events.push(format!("cut {client_id}"));
+        true
+    }
+    fn is_connected(&self, _: &str) -> bool {
+        true
+    }
+}
+
+fn info(
+    session_id: u64,
+    client_id: &str,
+    certificate: Option<PresentedCertificate>,
+) -> ConnectInfo {
+    ConnectInfo {
+        session_id,
+        client_id: client_id.into(),
+        username: None,
+        password: None,
+        peer_addr: "127.0.0.1:40000".parse().expect("addr"),
+        certificate,
+        version: MqttVersion::V311,
+    }
+}
+
+fn position(events: &[String], needle: &str) -> usize {
+    events
+        .iter()
+        .position(|e| e.contains(needle))
+        .unwrap_or_else(|| panic!("no {needle:?} in {events:#?}"))
+}
+
+#[tokio::test]
+async fn cuts_come_before_the_operators_acknowledgement() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = fleet_certs::FleetCa::generate("test CA").expect("ca");
+    let operator = ca.issue_operator("admin", "default").expect("operator");
+    let store = Store::open(&dir.path().join("fleet.redb")).expect("store");
+    let log = Arc::new(Mutex::new(Log::default()));
+    let minutes = time::Duration::minutes;
+    let (controller, outbox) = Controller::new(
+        store,
+        Arc::new(ca),
+        Arc::new(Recorder(log.clone())),
+        ControlSettings {
+            policy: FirmwarePolicy::default(),
+            catalog: Catalog::default(),
+            chunk_size: 16_384,
+            max_payload_bytes: 65_536,
+            phones: PhonePolicy::default(),
+            flood: FloodSettings {
+                failures: FailurePolicy {
+                    max_failures: 100,
+                    window: minutes(10),
+                    block: minutes(15),
+                },
+                failed_auth_delay: std::time::Duration::ZERO,
+                refusal_audits_per_minute: 100,
+            },
+            clock: Clock::simulated(),
+        },
+    )
+    .expect("controller");
+    log.lock().expect("log").outbox = Some(outbox);
+    let admission = ControllerAdmission(controller.clone());
+
+    // An operator and a station with its own key are admitted; the station asks to be authorized.
+    let op_cert = PresentedCertificate {
+        der: operator.cert_der.clone(),
+        trust: Trust::FleetCa,
+    };
+    assert!(matches!(
+        admission.admit(info(1, "op", Some(op_cert))).await,
+        Decision::Allow { .. }
+    ));
+    let station = fleet_certs::self_signed_station("S1").expect("station");
+    let st_cert = PresentedCertificate {
+        der: station.cert_der.clone(),
+        trust: Trust::SelfSigned,
+    };
+    assert!(matches!(
+        admission.admit(info(2, "station-S1", Some(st_cert))).await,
+        Decision::Allow { .. }
+    ));
+    controller.handle_message(
+        "stations/S1/auth/request",
+        br#"{"serial":"S1","model":"m","firmware":"6.1.0","mac_streaming":"a","mac_control":"b"}"#,
+    );
+    let request = |command: Value| json!({"commands": [command]}).to_string().into_bytes();
+
+    // Reject: the station's cut precedes the operator's response.
+    controller.handle_message(
+        "fleet/control/admin/request",
+        &request(json!({"command": "rejectStation", "serial": "S1", "correlationData": "r"})),
+    );
+    // A phone with a live session, then Reset Authentication.
+    controller.handle_message(
+        "fleet/control/admin/request",
+        &request(json!({"command": "createPhone", "mac": "aabbccddeeff", "vendor": "v", "type": "t", "correlationData": "c"})),
+    );
+    let mut phone_info = info(3, "phone-aabbccddeeff", None);
+    phone_info.username = Some("aabbccddeeff".into());
+    // Whitelist the address so that no PAP is needed for this live session.
+    controller.handle_message(
+        "fleet/control/admin/request",
+        &request(
+            json!({"command": "addWhitelistEntry", "entry": "127.0.0.1", "correlationData": "w"}),
+        ),
+    );
+    assert!(matches!(
+        admission.admit(phone_info).await,
+        Decision::Allow { .. }
+    ));
+    controller.handle_message(
+        "fleet/control/admin/request",
+        &request(json!({"command": "resetPhoneAuthentication", "mac": "aabbccddeeff", "correlationData": "p"})),
+    );
+
+    let mut log = log.lock().expect("log");
+    log.drain();
+    let events = log.events.clone();
+    let cut_station = position(&events, "cut station-S1");
+    let told_station = position(&events, r#"publish stations/S1/cmd {"command":"rejected"}"#);
+    let reject_ack = position(&events, r#""correlationData":"r""#);
+    assert!(
+        told_station < cut_station,
+        "the station is sent its cmd first: {events:#?}"
+    );
+    assert!(
+        cut_station < reject_ack,
+        "cut before the acknowledgement: {events:#?}"
+    );
+    let cut_phone = position(&events, "cut phone-aabbccddeeff");
+    let reset_ack = position(&events, r#""correlationData":"p""#);
+    assert!(
+        cut_phone < reset_ack,
+        "cut before the acknowledgement: {events:#?}"
+    );
+}
