@@ -56,6 +56,9 @@ pub struct ServerConfig {
     /// `cut_grace_ms`: how long a station that is cut off gets to receive its final `cmd`
     /// before the connection closes. Default 500.
     pub cut_grace_ms: u64,
+    /// `write_timeout_ms`: a write to a client that does not finish in this time (a client that
+    /// stopped reading) ends its session. Default 30000.
+    pub write_timeout_ms: u64,
     /// `manufacturer_cas`: PEM files of CAs trusted to issue station certificates.
     /// Default none.
     pub manufacturer_cas: Vec<PathBuf>,
@@ -76,6 +79,7 @@ impl Default for ServerConfig {
             max_packet_size: 262_144,
             idle_timeout_secs: 300,
             cut_grace_ms: 500,
+            write_timeout_ms: 30_000,
             manufacturer_cas: Vec::new(),
             allow_self_signed_stations: true,
         }
@@ -101,6 +105,11 @@ impl ServerConfig {
     /// `cut_grace_ms` as a duration.
     pub fn cut_grace(&self) -> Duration {
         Duration::from_millis(self.cut_grace_ms)
+    }
+
+    /// `write_timeout_ms` as a duration.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
     }
 }
 
@@ -368,6 +377,7 @@ impl Config {
                 format_args!("must be between 1 and {MQTT_MAX_PACKET_SIZE}"),
             ));
         }
+        positive("server.write_timeout_ms", s.write_timeout_ms)?;
         if s.cut_grace_ms > MAX_CUT_GRACE_MS {
             return Err(ConfigError::invalid(
                 "server.cut_grace_ms",
@@ -494,6 +504,9 @@ idle_timeout_secs = 300
 # Milliseconds a station that is cut off gets to receive its final command (rejected, reset,
 # removed) before the connection closes. At most 10000.
 cut_grace_ms = 500
+# A write to a client that does not finish in this time (a client that stopped reading) ends
+# its session, in milliseconds.
+write_timeout_ms = 30000
 # PEM files of manufacturer CAs trusted to issue station certificates.
 # Example: ["/etc/fleetgate/acme-stations-ca.pem"]
 manufacturer_cas = []

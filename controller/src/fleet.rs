@@ -136,7 +136,7 @@ impl Fleet {
             max_packet_size: server.max_packet_size,
             idle_timeout: server.idle_timeout(),
             cut_grace: server.cut_grace(),
-            write_timeout: Duration::from_secs(30),
+            write_timeout: server.write_timeout(),
             connections_per_ip_per_minute: config.limits.connections_per_ip_per_minute,
         };
         let broker = Broker::bind(settings).await?;

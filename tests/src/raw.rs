@@ -154,3 +154,27 @@ pub async fn tls_from(
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }
+
+/// PUBLISH at QoS 0.
+pub fn publish_frame(topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(payload.len() + topic.len() + 2);
+    push_str(&mut body, topic.as_bytes());
+    body.extend_from_slice(payload);
+    frame(0x30, body)
+}
+
+/// A TLS connection whose socket has a tiny receive buffer: a client that stops reading fills
+/// it, and the server's writes to it block, quickly.
+pub async fn tls_small_receive_buffer(connector: &TlsConnector, port: u16) -> TlsStream<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let tcp = socket
+        .connect(std::net::SocketAddr::new([127, 0, 0, 1].into(), port))
+        .await
+        .expect("tcp");
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    tokio::time::timeout(PATIENCE, connector.connect(name, tcp))
+        .await
+        .expect("handshake in time")
+        .expect("handshake")
+}
