@@ -1,11 +1,15 @@
 //! Small pure helpers around rumqttd's frame codec: protocol detection from the first CONNECT
 //! bytes, the fields of a PUBLISH that rumqttd keeps crate-private, and packets the front door
 //! writes itself (CONNACK refusals, server DISCONNECTs) in a form that each version's encoder
-//! handles correctly.
+//! handles correctly. Also the front door's reading of a client's byte stream as one pure
+//! function ([`decode_stream`]), which the fuzz targets and the corpus tests drive.
 
+use std::panic::AssertUnwindSafe;
+
+use bytes::BytesMut;
 use rumqttd::protocol::{
-    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties,
-    DisconnectReasonCode, Packet,
+    v4::V4, v5::V5, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect,
+    DisconnectProperties, DisconnectReasonCode, Error as CodecError, Packet, Protocol,
 };
 
 use crate::admission::{MqttVersion, Refusal};
@@ -63,6 +67,13 @@ pub fn connect_version(buf: &[u8]) -> Result<Option<MqttVersion>, PreambleError>
     }
 }
 
+/// Whether a fixed-header first byte is a packet type only a server sends (CONNACK, SUBACK,
+/// UNSUBACK, PINGRESP): a client sending one commits a protocol error, and rumqttd's v5 decoder
+/// panics on some of them, so they are refused before decoding.
+pub fn server_only(first_byte: u8) -> bool {
+    matches!(first_byte >> 4, 2 | 9 | 11 | 13)
+}
+
 /// QoS and packet id of the PUBLISH frame at the start of `buf`, read from the raw bytes
 /// (rumqttd keeps these fields crate-private). `None` if `buf` does not start with a PUBLISH.
 pub fn publish_qos_pkid(buf: &[u8]) -> Option<(u8, u16)> {
@@ -80,6 +91,105 @@ pub fn publish_qos_pkid(buf: &[u8]) -> Option<(u8, u16)> {
     let pk = at + 2 + topic_len;
     let pkid = u16::from_be_bytes([*buf.get(pk)?, *buf.get(pk + 1)?]);
     Some((qos, pkid))
+}
+
+/// Why a client's byte stream is not a sequence of MQTT frames the front door would accept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("no usable CONNECT: {0}")]
+    Preamble(#[from] PreambleError),
+    #[error("frame {index} claims {claimed} bytes, more than the limit of {max}")]
+    TooLarge {
+        index: usize,
+        claimed: usize,
+        max: usize,
+    },
+    #[error("frame {index} is malformed: {source}")]
+    Malformed {
+        index: usize,
+        #[source]
+        source: CodecError,
+    },
+    #[error("rumqttd's decoder panicked on frame {index}")]
+    DecoderPanicked { index: usize },
+    #[error(
+        "frame {index} decoded as a PUBLISH whose QoS and packet id cannot be read from its bytes"
+    )]
+    UnreadablePublishHeader { index: usize },
+}
+
+/// Decodes a client's byte stream the way the front door does: the protocol version from the
+/// CONNECT preamble, then frame after frame with that version's codec, up to the first
+/// incomplete frame (the front door would wait for more bytes there). A panic inside rumqttd's
+/// decoder becomes [`DecodeError::DecoderPanicked`], as in the front door.
+///
+/// Memory: besides one copy of `bytes` and the decoded packets, nothing is allocated for a frame
+/// until its header has been checked against `max_packet_size` (rumqttd's `check`), so a header
+/// claiming 256 MiB is refused after its 5 bytes, without waiting for or reserving the rest.
+pub fn decode_stream(bytes: &[u8], max_packet_size: usize) -> Result<Vec<Packet>, DecodeError> {
+    decode_frames(bytes, max_packet_size, PanicGuard::Catch)
+}
+
+/// [`decode_stream`] without the `catch_unwind`: a panic in rumqttd's decoder propagates. Only
+/// for the fuzz target, which must see such panics to report them.
+pub fn decode_stream_unguarded(
+    bytes: &[u8],
+    max_packet_size: usize,
+) -> Result<Vec<Packet>, DecodeError> {
+    decode_frames(bytes, max_packet_size, PanicGuard::LetThrough)
+}
+
+#[derive(Clone, Copy)]
+enum PanicGuard {
+    Catch,
+    LetThrough,
+}
+
+fn decode_frames(
+    bytes: &[u8],
+    max_packet_size: usize,
+    guard: PanicGuard,
+) -> Result<Vec<Packet>, DecodeError> {
+    let Some(version) = connect_version(bytes)? else {
+        return Ok(Vec::new());
+    };
+    let read = |buf: &mut BytesMut| match version {
+        MqttVersion::V311 => V4.read_mut(buf, max_packet_size),
+        MqttVersion::V5 => V5.read_mut(buf, max_packet_size),
+    };
+    let mut buf = BytesMut::from(bytes);
+    let mut packets = Vec::new();
+    while !buf.is_empty() {
+        let index = packets.len();
+        let peeked = publish_qos_pkid(&buf);
+        let result = match guard {
+            PanicGuard::Catch => std::panic::catch_unwind(AssertUnwindSafe(|| read(&mut buf)))
+                .map_err(|_| DecodeError::DecoderPanicked { index })?,
+            PanicGuard::LetThrough => read(&mut buf),
+        };
+        let packet = match result {
+            Ok(packet) => packet,
+            Err(CodecError::InsufficientBytes(_)) => break,
+            Err(CodecError::PayloadSizeLimitExceeded(claimed)) => {
+                return Err(DecodeError::TooLarge {
+                    index,
+                    claimed,
+                    max: max_packet_size,
+                })
+            }
+            Err(source) => return Err(DecodeError::Malformed { index, source }),
+        };
+        if index == 0 && !matches!(packet, Packet::Connect(..)) {
+            return Err(PreambleError::NotConnect.into());
+        }
+        // The front door answers a refused PUBLISH from these raw fields: a PUBLISH that rumqttd
+        // accepts but they cannot be read from would be our bug, which the fuzzer must see.
+        if matches!(packet, Packet::Publish(..)) && peeked.is_none() {
+            return Err(DecodeError::UnreadablePublishHeader { index });
+        }
+        packets.push(packet);
+    }
+    Ok(packets)
 }
 
 /// The CONNACK refusing a client, valid for its protocol version (rumqttd's v4 encoder panics on
@@ -169,8 +279,132 @@ pub fn strip_properties(packet: Packet) -> Packet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::BytesMut;
-    use rumqttd::protocol::{v4::V4, v5::V5, Protocol, Publish};
+    use rumqttd::protocol::Publish;
+
+    const MAX: usize = 64 * 1024;
+
+    /// CONNECT of client "c", clean session, keep-alive 60, at `level` (4 or 5).
+    fn connect(level: u8) -> Vec<u8> {
+        let mut frame = vec![0x10, 0, 0, 4, b'M', b'Q', b'T', b'T', level, 2, 0, 60];
+        if level == 5 {
+            frame.push(0); // no properties
+        }
+        frame.extend_from_slice(&[0, 1, b'c']);
+        frame[1] = (frame.len() - 2) as u8;
+        frame
+    }
+
+    #[test]
+    fn decodes_a_stream_of_frames_for_both_versions() {
+        for level in [4, 5] {
+            let mut stream = connect(level);
+            // PUBLISH QoS 1 "a/b" pkid 7 (v5: empty properties), then PINGREQ.
+            if level == 4 {
+                stream.extend_from_slice(&[0x32, 8, 0, 3, b'a', b'/', b'b', 0, 7, b'x']);
+            } else {
+                stream.extend_from_slice(&[0x32, 9, 0, 3, b'a', b'/', b'b', 0, 7, 0, b'x']);
+            }
+            stream.extend_from_slice(&[0xc0, 0]);
+            let packets = decode_stream(&stream, MAX).expect("decodes");
+            assert_eq!(packets.len(), 3, "level {level}: {packets:?}");
+            assert!(matches!(packets[0], Packet::Connect(..)));
+            assert!(matches!(&packets[1], Packet::Publish(p, _) if &p.topic[..] == b"a/b"));
+            assert!(matches!(packets[2], Packet::PingReq(_)));
+        }
+    }
+
+    #[test]
+    fn stops_at_the_first_incomplete_frame() {
+        let mut stream = connect(4);
+        stream.extend_from_slice(&[0x30, 10, 0, 1]);
+        assert_eq!(decode_stream(&stream, MAX).map(|p| p.len()), Ok(1));
+        assert_eq!(decode_stream(&stream[..7], MAX), Ok(vec![]));
+        assert_eq!(decode_stream(&[], MAX), Ok(vec![]));
+    }
+
+    #[test]
+    fn names_what_is_wrong() {
+        assert_eq!(
+            decode_stream(&[0x30, 0], MAX),
+            Err(DecodeError::Preamble(PreambleError::NotConnect))
+        );
+        let mut stream = connect(4);
+        stream.extend_from_slice(&[0x32, 3, 0, 1, b'a']); // QoS 1 without a packet id
+        assert!(matches!(
+            decode_stream(&stream, MAX),
+            Err(DecodeError::Malformed { index: 1, .. })
+        ));
+        // rumqttd keeps a PUBLISH topic as bytes (the front door's rights check refuses one that
+        // is not UTF-8), but a SUBSCRIBE filter must be UTF-8.
+        let mut stream = connect(4);
+        stream.extend_from_slice(&[0x30, 4, 0, 2, 0xff, 0xfe]);
+        assert!(matches!(
+            decode_stream(&stream, MAX).as_deref(),
+            Ok([_, Packet::Publish(p, _)]) if p.topic[..] == [0xff, 0xfe]
+        ));
+        let mut stream = connect(4);
+        stream.extend_from_slice(&[0x82, 6, 0, 1, 0, 1, 0xff, 0]);
+        assert!(matches!(
+            decode_stream(&stream, MAX),
+            Err(DecodeError::Malformed {
+                index: 1,
+                source: CodecError::PayloadNotUtf8(_)
+            })
+        ));
+    }
+
+    #[test]
+    fn a_huge_claimed_length_is_refused_from_its_header_alone() {
+        // Remaining length 0xFFFFFF7F = 268_435_455: refused after these 5 bytes, with no
+        // request for more and nothing reserved, in both codecs.
+        let header = [0x30, 0xff, 0xff, 0xff, 0x7f];
+        for level in [4, 5] {
+            let mut stream = connect(level);
+            stream.extend_from_slice(&header);
+            assert_eq!(
+                decode_stream(&stream, MAX),
+                Err(DecodeError::TooLarge {
+                    index: 1,
+                    claimed: 268_435_455,
+                    max: MAX
+                })
+            );
+        }
+        let mut buf = BytesMut::from(&header[..]);
+        let capacity = buf.capacity();
+        assert_eq!(
+            V4.read_mut(&mut buf, MAX),
+            Err(CodecError::PayloadSizeLimitExceeded(268_435_455))
+        );
+        assert_eq!(
+            V5.read_mut(&mut buf, MAX),
+            Err(CodecError::PayloadSizeLimitExceeded(268_435_455))
+        );
+        assert_eq!((buf.len(), buf.capacity()), (5, capacity));
+        // Even the CONNECT itself.
+        let mut connect_header = vec![0x10, 0xff, 0xff, 0xff, 0x7f];
+        connect_header.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4]);
+        assert!(matches!(
+            decode_stream(&connect_header, MAX),
+            Err(DecodeError::TooLarge { index: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn a_panic_in_the_decoder_is_an_error_when_guarded() {
+        // rumqttd's v5 decoder reaches `unreachable!` on a CONNACK sent by a client.
+        let mut stream = connect(5);
+        stream.extend_from_slice(&[0x20, 2, 0, 0]);
+        assert_eq!(
+            decode_stream(&stream, MAX),
+            Err(DecodeError::DecoderPanicked { index: 1 })
+        );
+        let unguarded = std::panic::catch_unwind(|| decode_stream_unguarded(&stream, MAX));
+        assert!(
+            unguarded.is_err(),
+            "the unguarded path lets the panic through"
+        );
+    }
 
     #[test]
     fn detects_both_versions_and_asks_for_more_bytes() {

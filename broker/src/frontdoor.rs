@@ -323,7 +323,9 @@ struct Codec(MqttVersion);
 impl Codec {
     fn read(&self, buf: &mut BytesMut, max: usize) -> Result<Packet, CodecError> {
         // rumqttd's decoder is not ours: a panic on hostile bytes must end this connection, not
-        // the task's invariants. (It has not been seen; this is insurance.)
+        // the task. Fuzzing found one (a v5 CONNACK or UNSUBACK from a client hits
+        // `unreachable!`); `drain_frames` refuses server-only packet types before decoding, and
+        // this stays as insurance for what fuzzing has not found.
         let version = self.0;
         std::panic::catch_unwind(AssertUnwindSafe(|| match version {
             MqttVersion::V311 => V4.read_mut(buf, max),
@@ -865,6 +867,16 @@ impl Pump {
         writer: &mut WriteHalf<TlsStream<TcpStream>>,
     ) -> Step {
         loop {
+            if buf.first().is_some_and(|b| frame::server_only(*b)) {
+                debug!(client_id = %self.client_id, "a packet only a server sends");
+                self.disconnect(
+                    writer,
+                    DisconnectReasonCode::ProtocolError,
+                    "protocol error",
+                )
+                .await;
+                return Step::End(End::Unclean);
+            }
             let peeked = frame::publish_qos_pkid(buf);
             let packet = match self.codec.read(buf, self.shared.settings.max_packet_size) {
                 Ok(p) => p,
@@ -909,6 +921,17 @@ impl Pump {
         writer: &mut WriteHalf<TlsStream<TcpStream>>,
     ) -> Step {
         match packet {
+            Packet::Publish(_, Some(props)) if !props.subscription_identifiers.is_empty() => {
+                // MQTT 5 §3.3.4: a client must not send subscription identifiers (and rumqttd's
+                // encoder garbles a PUBLISH that carries them).
+                self.disconnect(
+                    writer,
+                    DisconnectReasonCode::ProtocolError,
+                    "protocol error",
+                )
+                .await;
+                Step::End(End::Unclean)
+            }
             Packet::Publish(publish, props) => {
                 let allowed = std::str::from_utf8(&publish.topic)
                     .is_ok_and(|topic| registry::read(&self.rights).may_publish(topic));

@@ -20,13 +20,19 @@ use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
 use crate::flood::{AuditBudget, FailureLimiter, FailurePolicy, Verdict};
 use crate::identity::{self, Identity, StationRights};
 use crate::phone::PhonePolicy;
+use crate::request::{
+    after_seq_arg, bool_arg, fingerprint_arg, limit_arg, parse_request, serial_arg,
+};
 use crate::store::StoreError;
 use crate::whitelist::Whitelists;
 use fleet_certs::FleetCa;
 use ring::rand::SystemRandom;
 
 mod phones;
-use crate::ids::{CommandError, ErrorCode, Fingerprint, Serial};
+
+/// Commands in one operator request at most (a request is handled under one lock).
+const MAX_COMMANDS_PER_REQUEST: usize = 1000;
+use crate::ids::{CommandError, ErrorCode, Serial};
 use crate::station::{
     self, Admit, AuthRequest, DenyReason, Effect, Presented, Standing, Station, StationState,
     Transition,
@@ -760,42 +766,23 @@ impl Controller {
             Some(t) => t.clone(),
             None => return,
         };
-        let envelope: Value = match serde_json::from_slice(payload) {
-            Ok(v) => v,
+        let commands = match parse_request(payload, MAX_COMMANDS_PER_REQUEST) {
+            Ok(c) => c,
             Err(e) => {
                 return self.respond(
                     operator,
-                    vec![error_response(
-                        &Value::Null,
-                        &Value::Null,
-                        &CommandError::invalid_argument(format!("request is not JSON: {e}")),
-                    )],
+                    vec![error_response(&Value::Null, &Value::Null, &e)],
                 );
             }
         };
-        let Some(commands) = envelope.get("commands").and_then(Value::as_array) else {
-            return self.respond(
-                operator,
-                vec![error_response(
-                    &Value::Null,
-                    &Value::Null,
-                    &CommandError::invalid_argument("request has no \"commands\" array"),
-                )],
-            );
-        };
         let mut responses = Vec::with_capacity(commands.len());
         for command in commands {
-            let name = command.get("command").cloned().unwrap_or(Value::Null);
-            let correlation = command
-                .get("correlationData")
-                .cloned()
-                .unwrap_or(Value::Null);
-            let result = match name.as_str() {
-                Some(n) => self.run_command(operator, &tenant, n, command),
-                None => Err(CommandError::invalid_argument(
-                    "\"command\" must be a string",
-                )),
+            let name = command.args.get("command").cloned().unwrap_or(Value::Null);
+            let result = match &command.name {
+                Ok(n) => self.run_command(operator, &tenant, n, &command.args),
+                Err(e) => Err(e.clone()),
             };
+            let correlation = command.correlation;
             responses.push(match result {
                 Ok(data) => json!({"command": name, "correlationData": correlation, "data": data}),
                 Err(e) => error_response(&name, &correlation, &e),
@@ -950,21 +937,13 @@ impl Controller {
             }),
             "removeStation" => decide(&|s| Ok((station::remove(s, at)?, None))),
             "listAuditLog" => {
-                let limit = match args.get("limit") {
-                    None | Some(Value::Null) => 100,
-                    Some(v) => v
-                        .as_u64()
-                        .filter(|l| (1..=10_000).contains(l))
-                        .ok_or_else(|| {
-                            CommandError::invalid_argument(
-                                "\"limit\" must be an integer from 1 to 10000",
-                            )
-                        })? as usize,
-                };
-                let records = self
-                    .store
-                    .audit(tenant, limit)
-                    .map_err(|e| CommandError::internal(e.to_string()))?;
+                let limit = limit_arg(args)?;
+                let records = match after_seq_arg(args)? {
+                    // Paging through the whole chain (`fleetctl audit verify`): oldest first.
+                    Some(after_seq) => self.store.audit_page(tenant, after_seq, limit),
+                    None => self.store.audit(tenant, limit),
+                }
+                .map_err(|e| CommandError::internal(e.to_string()))?;
                 Ok((json!({"records": records}), false))
             }
             other => Err(CommandError::invalid_argument(format!(
@@ -1015,42 +994,6 @@ impl Controller {
 
 fn error_response(command: &Value, correlation: &Value, e: &CommandError) -> Value {
     json!({"command": command, "correlationData": correlation, "error": e.message, "code": e.code.as_str()})
-}
-
-fn serial_arg(args: &Value) -> Result<Serial, CommandError> {
-    match args.get("serial") {
-        Some(Value::String(s)) => {
-            Serial::parse(s).map_err(|e| CommandError::invalid_argument(format!("serial: {e}")))
-        }
-        Some(_) => Err(CommandError::invalid_argument(
-            "\"serial\" must be a string",
-        )),
-        None => Err(CommandError::invalid_argument("missing \"serial\"")),
-    }
-}
-
-fn fingerprint_arg(args: &Value) -> Result<Fingerprint, CommandError> {
-    match args.get("fingerprint") {
-        Some(Value::String(s)) => s
-            .parse()
-            .map_err(|e| CommandError::invalid_argument(format!("fingerprint: {e}"))),
-        Some(_) => Err(CommandError::invalid_argument(
-            "\"fingerprint\" must be a string",
-        )),
-        None => Err(CommandError::invalid_argument(
-            "missing \"fingerprint\": the operator must confirm the station's key",
-        )),
-    }
-}
-
-fn bool_arg(args: &Value, key: &str) -> Result<bool, CommandError> {
-    match args.get(key) {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(CommandError::invalid_argument(format!(
-            "\"{key}\" must be true or false"
-        ))),
-    }
 }
 
 /// The controller as the front door's [`Admission`].

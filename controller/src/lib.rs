@@ -14,6 +14,7 @@ pub mod flood;
 pub mod identity;
 pub mod ids;
 pub mod phone;
+pub mod request;
 pub mod station;
 pub mod store;
 pub mod whitelist;

@@ -1,11 +1,12 @@
 //! The durable store of stations, phones, whitelists and audit records; the only module that
 //! knows redb.
 
+use std::ops::Bound;
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
-use crate::audit::AuditRecord;
+use crate::audit::{record_hash, AuditRecord, GENESIS_PREV_HASH};
 use crate::ids::{Mac, Serial};
 use crate::phone::Phone;
 use crate::station::Station;
@@ -15,6 +16,9 @@ use crate::whitelist::Whitelists;
 const STATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("stations");
 /// Sequence number → audit record as JSON.
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// Tenant → `hash` of the tenant's newest audit record: the head of its chain, where the next
+/// record's `prev_hash` comes from. Updated in the transaction that stores that record.
+const AUDIT_HEADS: TableDefinition<&str, &str> = TableDefinition::new("audit_heads");
 /// MAC → phone record as JSON.
 const PHONES: TableDefinition<&str, &[u8]> = TableDefinition::new("phones");
 /// Records of which there is one for the whole controller, by name, as JSON.
@@ -75,6 +79,7 @@ impl Store {
             txn.open_table(PHONES)?;
             txn.open_table(SINGLES)?;
             txn.open_table(AUDIT)?;
+            txn.open_table(AUDIT_HEADS)?;
             txn.open_table(META)?;
         }
         txn.commit()?;
@@ -142,7 +147,8 @@ impl Store {
     }
 
     /// Applies all changes in ONE write transaction and returns the audit records with their
-    /// assigned `seq`. Either every change is stored or none is.
+    /// assigned `seq`, `prev_hash` and `hash`: each record is chained onto its tenant's
+    /// newest one (PROTOCOL §7). Either every change is stored or none is.
     pub fn apply(&self, changes: Vec<Change>) -> Result<Vec<AuditRecord>, StoreError> {
         let txn = self.db.begin_write()?;
         let stored = match write_changes(&txn, changes) {
@@ -171,9 +177,7 @@ impl Store {
         }
         for entry in table.iter()?.rev() {
             let (key, value) = entry?;
-            let record: AuditRecord = serde_json::from_slice(value.value()).map_err(|error| {
-                StoreError::Corrupt(format!("audit record {}: {error}", key.value()))
-            })?;
+            let record = decode_audit(key.value(), value.value())?;
             if record.tenant == tenant {
                 records.push(record);
                 if records.len() == limit {
@@ -182,6 +186,33 @@ impl Store {
             }
         }
         records.reverse();
+        Ok(records)
+    }
+
+    /// Up to `limit` audit records of `tenant` with `seq` above `after_seq`, oldest first: a page
+    /// of the tenant's whole chain, from `after_seq` 0 on, each next page after the last `seq`.
+    pub fn audit_page(
+        &self,
+        tenant: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(AUDIT)?;
+        let mut records = Vec::new();
+        if limit == 0 {
+            return Ok(records);
+        }
+        for entry in table.range::<u64>((Bound::Excluded(after_seq), Bound::Unbounded))? {
+            let (key, value) = entry?;
+            let record = decode_audit(key.value(), value.value())?;
+            if record.tenant == tenant {
+                records.push(record);
+                if records.len() == limit {
+                    break;
+                }
+            }
+        }
         Ok(records)
     }
 }
@@ -194,6 +225,7 @@ fn write_changes(
     let mut phones = txn.open_table(PHONES)?;
     let mut singles = txn.open_table(SINGLES)?;
     let mut audit = txn.open_table(AUDIT)?;
+    let mut heads = txn.open_table(AUDIT_HEADS)?;
     let mut meta = txn.open_table(META)?;
     let mut next_seq = match meta.get(NEXT_AUDIT_SEQ)? {
         Some(value) => value.value(),
@@ -219,6 +251,12 @@ fn write_changes(
             }
             Change::Audit(mut record) => {
                 record.seq = next_seq;
+                record.prev_hash = match heads.get(record.tenant.as_str())? {
+                    Some(head) => head.value().to_owned(),
+                    None => GENESIS_PREV_HASH.to_owned(),
+                };
+                record.hash = record_hash(&record);
+                heads.insert(record.tenant.as_str(), record.hash.as_str())?;
                 audit.insert(next_seq, encode(&record)?.as_slice())?;
                 next_seq += 1;
                 stored.push(record);
@@ -231,6 +269,11 @@ fn write_changes(
 
 fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|error| StoreError::Encode(error.to_string()))
+}
+
+fn decode_audit(seq: u64, bytes: &[u8]) -> Result<AuditRecord, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|error| StoreError::Corrupt(format!("audit record {seq}: {error}")))
 }
 
 fn decode_station(key: &str, bytes: &[u8]) -> Result<Station, StoreError> {
@@ -436,6 +479,195 @@ mod tests {
         let error = store.audit("default", 10).unwrap_err();
         assert!(matches!(error, StoreError::Corrupt(_)));
         assert!(error.to_string().contains("99"));
+    }
+
+    // --- the audit chain ---
+
+    /// The whole chain of `tenant`, paged as fleetctl pages it.
+    fn whole_chain(store: &Store, tenant: &str, page: usize) -> Vec<AuditRecord> {
+        let mut records: Vec<AuditRecord> = Vec::new();
+        loop {
+            let after = records.last().map_or(0, |r| r.seq);
+            let next = store.audit_page(tenant, after, page).unwrap();
+            if next.is_empty() {
+                return records;
+            }
+            records.extend(next);
+        }
+    }
+
+    /// Changes one stored audit record behind the store's back, as someone with the file could.
+    fn tamper_audit(store: &Store, seq: u64, edit: impl FnOnce(&mut AuditRecord)) {
+        let txn = store.db.begin_write().unwrap();
+        {
+            let mut audit = txn.open_table(AUDIT).unwrap();
+            let mut record: AuditRecord =
+                serde_json::from_slice(audit.get(seq).unwrap().unwrap().value()).unwrap();
+            edit(&mut record);
+            let bytes = serde_json::to_vec(&record).unwrap();
+            audit.insert(seq, bytes.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    /// Removes one stored audit record behind the store's back.
+    fn remove_audit(store: &Store, seq: u64) {
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(AUDIT).unwrap().remove(seq).unwrap();
+        txn.commit().unwrap();
+    }
+
+    #[test]
+    fn audit_hashes_chain_across_transactions_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let store = open(&dir);
+            let stored = store
+                .apply(vec![
+                    Change::Audit(record("default", "a")),
+                    Change::PutStation(station("S1")),
+                    Change::Audit(record("default", "b")),
+                ])
+                .unwrap();
+            assert_eq!(stored[0].prev_hash, GENESIS_PREV_HASH);
+            assert_eq!(stored[1].prev_hash, stored[0].hash);
+            store
+                .apply(vec![Change::Audit(record("default", "c"))])
+                .unwrap();
+            stored
+        };
+        let store = open(&dir);
+        let stored = store
+            .apply(vec![Change::Audit(record("default", "d"))])
+            .unwrap();
+        let log = whole_chain(&store, "default", 2);
+        assert_eq!(log.len(), 4);
+        assert_eq!(log[..2], first[..]);
+        assert_eq!(log[3], stored[0]);
+        assert_eq!(log[3].prev_hash, log[2].hash);
+        for record in &log {
+            assert_eq!(record.hash, crate::audit::record_hash(record));
+            assert_eq!(record.hash.len(), 64);
+        }
+        assert_eq!(crate::audit::verify_chain(&log, None), Ok(()));
+        // What `audit` shows is the same records.
+        assert_eq!(store.audit("default", 100).unwrap(), log);
+    }
+
+    #[test]
+    fn tenants_have_independent_chains() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        for i in 0..3 {
+            store
+                .apply(vec![
+                    Change::Audit(record("default", &format!("d{i}"))),
+                    Change::Audit(record("other", &format!("o{i}"))),
+                ])
+                .unwrap();
+        }
+        let default = whole_chain(&store, "default", 1000);
+        let other = whole_chain(&store, "other", 1000);
+        assert_eq!(default.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 3, 5]);
+        assert_eq!(other.iter().map(|r| r.seq).collect::<Vec<_>>(), [2, 4, 6]);
+        assert_eq!(default[0].prev_hash, GENESIS_PREV_HASH);
+        assert_eq!(other[0].prev_hash, GENESIS_PREV_HASH);
+        assert_eq!(crate::audit::verify_chain(&default, None), Ok(()));
+        assert_eq!(crate::audit::verify_chain(&other, None), Ok(()));
+        // Removing a record of one tenant leaves the other's chain whole.
+        remove_audit(&store, 3);
+        assert_eq!(
+            crate::audit::verify_chain(&whole_chain(&store, "other", 1000), None),
+            Ok(())
+        );
+        let broken = crate::audit::verify_chain(&whole_chain(&store, "default", 1000), None);
+        assert_eq!(broken.map_err(|b| b.seq), Err(5));
+    }
+
+    #[test]
+    fn audit_page_is_ascending_after_seq_and_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let mut changes = Vec::new();
+        for i in 0..10 {
+            let tenant = if i % 2 == 0 { "default" } else { "other" };
+            changes.push(Change::Audit(record(tenant, &format!("a{i}"))));
+        }
+        store.apply(changes).unwrap();
+        let seqs = |after: u64, limit: usize| -> Vec<u64> {
+            store
+                .audit_page("default", after, limit)
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .collect()
+        };
+        assert_eq!(seqs(0, 100), [1, 3, 5, 7, 9]);
+        assert_eq!(seqs(0, 2), [1, 3]);
+        assert_eq!(seqs(3, 2), [5, 7]);
+        assert_eq!(seqs(4, 100), [5, 7, 9]);
+        assert!(seqs(9, 100).is_empty());
+        assert!(seqs(u64::MAX, 100).is_empty());
+        assert!(seqs(0, 0).is_empty());
+        assert!(store.audit_page("nobody", 0, 100).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_record_edited_in_the_file_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        for action in ["a", "b", "c", "d"] {
+            store
+                .apply(vec![Change::Audit(record("default", action))])
+                .unwrap();
+        }
+        let verify = |store: &Store| {
+            crate::audit::verify_chain(&whole_chain(store, "default", 3), None).map_err(|b| b.seq)
+        };
+        assert_eq!(verify(&store), Ok(()));
+        tamper_audit(&store, 2, |r| r.outcome = Outcome::Refused);
+        assert_eq!(verify(&store), Err(2));
+        // Recomputing the edited record's hash moves the break to the next record.
+        tamper_audit(&store, 2, |r| r.hash = crate::audit::record_hash(r));
+        assert_eq!(verify(&store), Err(3));
+    }
+
+    #[test]
+    fn records_from_before_the_chain_decode_and_the_chain_starts_after_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.redb");
+        {
+            // A store written before the chain: no heads table, records without hashes.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut audit = txn.open_table(AUDIT).unwrap();
+                for seq in 1..=2 {
+                    let old = serde_json::json!({
+                        "seq": seq, "time": "2024-03-01T10:00:00Z", "tenant": "default",
+                        "actor": "admin", "device": null, "action": "old", "outcome": "ok",
+                        "reason": null,
+                    });
+                    let bytes = serde_json::to_vec(&old).unwrap();
+                    audit.insert(seq, bytes.as_slice()).unwrap();
+                }
+                txn.open_table(META)
+                    .unwrap()
+                    .insert(NEXT_AUDIT_SEQ, 3)
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let stored = store
+            .apply(vec![Change::Audit(record("default", "new"))])
+            .unwrap();
+        assert_eq!(stored[0].seq, 3);
+        assert_eq!(stored[0].prev_hash, GENESIS_PREV_HASH);
+        let log = whole_chain(&store, "default", 1000);
+        assert_eq!(log.len(), 3);
+        assert!(log[0].hash.is_empty());
+        assert_eq!(crate::audit::verify_chain(&log, None), Ok(()));
     }
 
     // --- phones and whitelists ---

@@ -1,6 +1,7 @@
 //! fleetgate's operator client library: connect to fleetd with an operator certificate, run
 //! operator commands (PROTOCOL §6) and watch the tenant's events. `fleetctl` is built on it.
 
+pub mod audit;
 mod client;
 
 pub use client::{

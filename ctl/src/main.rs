@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
+use fleet_ctl::audit::{ChainBreak, ChainVerifier};
 use fleet_ctl::{fingerprint_matches, operator_name, ClientError, OperatorClient};
 use serde_json::{json, Value};
 use table::Shape;
@@ -55,11 +56,14 @@ enum Top {
     /// The tenant's IP whitelist.
     #[command(subcommand)]
     Whitelist(WhitelistCommand),
-    /// The audit log (listAuditLog).
+    /// The audit log (listAuditLog); `audit verify` checks its hash chain.
+    #[command(args_conflicts_with_subcommands = true)]
     Audit {
         /// At most this many records.
         #[arg(long)]
         limit: Option<u64>,
+        #[command(subcommand)]
+        command: Option<AuditCommand>,
     },
     /// All devices as CSV (exportDevicesCsv).
     ExportCsv,
@@ -143,6 +147,12 @@ enum PhoneCommand {
 }
 
 #[derive(Subcommand)]
+enum AuditCommand {
+    /// Fetch the tenant's whole audit log and check its hash chain; exits non-zero if broken.
+    Verify,
+}
+
+#[derive(Subcommand)]
 enum WhitelistCommand {
     /// Add an IP or CIDR range (addWhitelistEntry).
     Add { entry: String },
@@ -174,6 +184,8 @@ enum Plan {
     InteractiveAccept {
         serial: String,
     },
+    /// `audit verify`: page through the whole audit log.
+    VerifyAudit,
     /// `call`: a command name only known at run time.
     Call {
         command: String,
@@ -280,7 +292,14 @@ fn plan(command: Top) -> anyhow::Result<Plan> {
             ),
             WhitelistCommand::List => action("listWhitelist", json!({}), Shape::Whitelist),
         },
-        Top::Audit { limit } => {
+        Top::Audit {
+            command: Some(AuditCommand::Verify),
+            ..
+        } => return Ok(Plan::VerifyAudit),
+        Top::Audit {
+            limit,
+            command: None,
+        } => {
             let args = limit.map_or_else(|| json!({}), |l| json!({ "limit": l }));
             action("listAuditLog", args, Shape::Audit)
         }
@@ -338,7 +357,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(Cli::parse())) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             match e.downcast_ref::<ClientError>() {
                 Some(ClientError::CommandFailed { code, error }) => {
@@ -351,7 +370,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let credentials = credentials(&cli)?;
     let plan = plan(cli.command)?;
     let client = OperatorClient::connect(
@@ -370,12 +389,117 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             action.shape,
         ),
         Plan::Call { command, args } => (client.call(&command, args).await?, Shape::Raw),
+        Plan::VerifyAudit => {
+            let verdict = verify_audit(&client).await?;
+            return show_verdict(cli.json, &verdict);
+        }
         Plan::InteractiveAccept { serial } => (
             accept_interactively(&client, &serial).await?,
             Shape::Station,
         ),
     };
-    show(cli.json, shape, &data)
+    show(cli.json, shape, &data)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Records per `listAuditLog` page of `audit verify`.
+const AUDIT_PAGE: u64 = 1000;
+
+/// What `audit verify` found.
+struct Verdict {
+    /// Records fetched and checked, up to and including a break.
+    records: u64,
+    /// Leading records from before the chain, not covered by it.
+    unchained: u64,
+    broken: Option<ChainBreak>,
+}
+
+/// Pages through the operator's whole audit log, oldest first, checking the chain as it goes.
+async fn verify_audit(client: &OperatorClient) -> anyhow::Result<Verdict> {
+    let mut verifier = ChainVerifier::new(None);
+    let mut after_seq = 0;
+    loop {
+        let data = client
+            .call(
+                "listAuditLog",
+                json!({ "after_seq": after_seq, "limit": AUDIT_PAGE }),
+            )
+            .await?;
+        let Some(records) = data.get("records").and_then(Value::as_array) else {
+            bail!("listAuditLog answered without a list of records");
+        };
+        let last_page = (records.len() as u64) < AUDIT_PAGE;
+        for record in records {
+            // A fleetd that ignores `after_seq` answers every page with the newest records.
+            if let Some(seq) = record.get("seq").and_then(Value::as_u64) {
+                if seq <= after_seq {
+                    bail!(
+                        "fleetd answered for records after seq {after_seq} with seq {seq}: \
+                         it does not page the audit log (older than this fleetctl?)"
+                    );
+                }
+            }
+            if let Err(broken) = verifier.push(record) {
+                return Ok(Verdict {
+                    records: verifier.records() + 1,
+                    unchained: verifier.unchained(),
+                    broken: Some(broken),
+                });
+            }
+        }
+        // Every listAuditLog is itself audited, so a page is never empty for long: the log ends,
+        // for this check, at the first page that is not full.
+        match verifier.last_seq() {
+            Some(seq) if !last_page => after_seq = seq,
+            _ => {
+                return Ok(Verdict {
+                    records: verifier.records(),
+                    unchained: verifier.unchained(),
+                    broken: None,
+                })
+            }
+        }
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn show_verdict(json: bool, verdict: &Verdict) -> anyhow::Result<ExitCode> {
+    if json {
+        let value = match &verdict.broken {
+            None => json!({
+                "intact": true,
+                "records": verdict.records,
+                "unchained": verdict.unchained,
+            }),
+            Some(broken) => json!({
+                "intact": false,
+                "seq": broken.seq,
+                "problem": broken.problem,
+                "records": verdict.records,
+            }),
+        };
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        match &verdict.broken {
+            None => {
+                println!("audit chain intact: {} records", verdict.records);
+                if verdict.unchained > 0 {
+                    println!(
+                        "(the first {} were stored before audit records were chained and are not covered)",
+                        verdict.unchained
+                    );
+                }
+            }
+            Some(broken) => println!(
+                "audit chain BROKEN at seq {}: {}",
+                broken.seq, broken.problem
+            ),
+        }
+    }
+    Ok(match verdict.broken {
+        None => ExitCode::SUCCESS,
+        Some(_) => ExitCode::FAILURE,
+    })
 }
 
 #[allow(clippy::print_stdout)]

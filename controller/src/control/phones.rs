@@ -16,46 +16,14 @@ use crate::devices_csv;
 use crate::identity::{self, PhonePresented, PhoneRights};
 use crate::ids::{CommandError, Mac};
 use crate::phone::{self, Attempt, Pap, PapDecision, Phone};
+use crate::request::{mac_arg, text_arg};
 use crate::store::Change;
 use crate::whitelist::WhitelistEntry;
-
-/// Longest vendor, type or site accepted from an operator.
-const MAX_TEXT: usize = 256;
 
 type AdmitResult = Result<(Rights, String, &'static str), (Refusal, String, String)>;
 
 fn internal(e: impl std::fmt::Display) -> CommandError {
     CommandError::internal(e.to_string())
-}
-
-fn mac_arg(args: &Value) -> Result<Mac, CommandError> {
-    match args.get("mac") {
-        Some(Value::String(s)) => {
-            Mac::parse(s).map_err(|e| CommandError::invalid_argument(format!("mac: {e}")))
-        }
-        Some(_) => Err(CommandError::invalid_argument("\"mac\" must be a string")),
-        None => Err(CommandError::invalid_argument("missing \"mac\"")),
-    }
-}
-
-/// A free-text field of a phone: optional (empty), a string, not too long, no control characters.
-fn text_arg(args: &Value, key: &str, required: bool) -> Result<String, CommandError> {
-    match args.get(key) {
-        None | Some(Value::Null) if !required => Ok(String::new()),
-        None | Some(Value::Null) => {
-            Err(CommandError::invalid_argument(format!("missing \"{key}\"")))
-        }
-        Some(Value::String(s)) if s.len() > MAX_TEXT => Err(CommandError::invalid_argument(
-            format!("\"{key}\" is longer than {MAX_TEXT} bytes"),
-        )),
-        Some(Value::String(s)) if s.chars().any(char::is_control) => Err(
-            CommandError::invalid_argument(format!("\"{key}\" contains control characters")),
-        ),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(CommandError::invalid_argument(format!(
-            "\"{key}\" must be a string"
-        ))),
-    }
 }
 
 impl Controller {
