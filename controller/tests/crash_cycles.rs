@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use fleet_ctl::OperatorClient;
 use fleet_sim::phone::{self, PhoneProfile, PhoneState, PhoneTarget, ProvisionOutcome};
+use fleet_sim::{spawn_station, SimConfig, StationProfile, StationState};
 use serde_json::json;
 use std::time::Instant;
 
@@ -86,6 +87,62 @@ impl Rng {
     }
 }
 
+/// Waits until station `serial` is Unauthorized with a key; re-checks on every station event.
+async fn wait_unauthorized(
+    op: &OperatorClient,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<(String, serde_json::Value)>,
+    serial: &str,
+) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(view) = op.call("getStation", json!({"serial": serial})).await {
+            if view["state"] == "unauthorized" {
+                if let Some(fp) = view["fingerprint"].as_str() {
+                    return fp.to_owned();
+                }
+            }
+        }
+        loop {
+            let event = tokio::time::timeout_at(deadline, events.recv()).await;
+            match event {
+                _ if tokio::time::Instant::now() >= deadline => panic!("{serial} never asked"),
+                Ok(Some((topic, _))) if topic.ends_with("/audit") => {}
+                Ok(Some(_)) => break,
+                Ok(None) => panic!("event stream closed"),
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Station decisions the operator heard back: authorized with this key, or rejected.
+fn check_station(serial: &str, expected: &Option<String>, view: &serde_json::Value) {
+    match expected {
+        Some(fingerprint) => {
+            assert!(
+                view["state"] == "running" || view["state"] == "not_running",
+                "{serial}: {view}"
+            );
+            assert_eq!(
+                view["fingerprint"],
+                fingerprint.as_str(),
+                "{serial}: pinned key"
+            );
+        }
+        None => assert_eq!(view["state"], "rejected", "{serial}: {view}"),
+    }
+}
+
+async fn check_stations(op: &OperatorClient, stations: &BTreeMap<String, Option<String>>) {
+    for (serial, expected) in stations {
+        let view = op
+            .call("getStation", json!({"serial": serial}))
+            .await
+            .unwrap_or_else(|e| panic!("station {serial} lost: {e}"));
+        check_station(serial, expected, &view);
+    }
+}
+
 async fn check(
     op: &OperatorClient,
     told: &BTreeMap<String, Told>,
@@ -125,6 +182,7 @@ async fn twenty_sigkills_lose_no_acknowledged_decision_and_no_issued_certificate
     eprintln!("kill points seeded with {seed}");
     let mut rng = Rng(seed);
     let mut told: BTreeMap<String, Told> = BTreeMap::new();
+    let mut stations: BTreeMap<String, Option<String>> = BTreeMap::new();
     let mut next_mac = 0u32;
 
     for cycle in 0..CYCLES {
@@ -135,7 +193,33 @@ async fn twenty_sigkills_lose_no_acknowledged_decision_and_no_issued_certificate
         let op = operator(&fleetd, &data).await;
         let t1 = t0.elapsed();
         check(&op, &told, dir.path(), &target).await;
+        check_stations(&op, &stations).await;
         let t2 = t0.elapsed();
+
+        // Onboard one station: it asks, the operator accepts it (or rejects it, every third).
+        let serial = format!("CR-{cycle}");
+        let sdir = dir.path().join(&serial);
+        StationState::init(&sdir, &StationProfile::new(serial.clone(), "6.1.0")).expect("init");
+        let mut events = op.subscribe_events("default").await.expect("events");
+        let mut sim = SimConfig::new(fleetd.server.clone(), target.ca_pem.clone());
+        sim.retry = Duration::from_millis(100);
+        let handle = spawn_station(&sdir, sim);
+        let fingerprint = wait_unauthorized(&op, &mut events, &serial).await;
+        if cycle % 3 == 2 {
+            op.call("rejectStation", json!({"serial": serial}))
+                .await
+                .expect("reject");
+            stations.insert(serial, None);
+        } else {
+            op.call(
+                "acceptStation",
+                json!({"serial": serial, "fingerprint": fingerprint}),
+            )
+            .await
+            .expect("accept");
+            stations.insert(serial, Some(fingerprint));
+        }
+        handle.shutdown().await;
 
         // Onboard one phone fully: created (acknowledged PAP), provisioned (certificate issued
         // and completion acknowledged).
@@ -225,5 +309,6 @@ async fn twenty_sigkills_lose_no_acknowledged_decision_and_no_issued_certificate
     let target = PhoneTarget::new(fleetd.server.clone(), ca);
     let op = operator(&fleetd, &data).await;
     check(&op, &told, dir.path(), &target).await;
+    check_stations(&op, &stations).await;
     assert!(told.values().filter(|t| **t == Told::Provisioned).count() >= CYCLES / 2);
 }
