@@ -74,6 +74,27 @@ fn info(
     }
 }
 
+fn settings() -> ControlSettings {
+    let minutes = time::Duration::minutes;
+    ControlSettings {
+        policy: FirmwarePolicy::default(),
+        catalog: Catalog::default(),
+        chunk_size: 16_384,
+        max_payload_bytes: 65_536,
+        phones: PhonePolicy::default(),
+        flood: FloodSettings {
+            failures: FailurePolicy {
+                max_failures: 100,
+                window: minutes(10),
+                block: minutes(15),
+            },
+            failed_auth_delay: std::time::Duration::ZERO,
+            refusal_audits_per_minute: 100,
+        },
+        clock: Clock::simulated(),
+    }
+}
+
 fn position(events: &[String], needle: &str) -> usize {
     events
         .iter()
@@ -88,28 +109,11 @@ async fn cuts_come_before_the_operators_acknowledgement() {
     let operator = ca.issue_operator("admin", "default").expect("operator");
     let store = Store::open(&dir.path().join("fleet.redb")).expect("store");
     let log = Arc::new(Mutex::new(Log::default()));
-    let minutes = time::Duration::minutes;
     let (controller, outbox) = Controller::new(
         store,
         Arc::new(ca),
         Arc::new(Recorder(log.clone())),
-        ControlSettings {
-            policy: FirmwarePolicy::default(),
-            catalog: Catalog::default(),
-            chunk_size: 16_384,
-            max_payload_bytes: 65_536,
-            phones: PhonePolicy::default(),
-            flood: FloodSettings {
-                failures: FailurePolicy {
-                    max_failures: 100,
-                    window: minutes(10),
-                    block: minutes(15),
-                },
-                failed_auth_delay: std::time::Duration::ZERO,
-                refusal_audits_per_minute: 100,
-            },
-            clock: Clock::simulated(),
-        },
+        settings(),
     )
     .expect("controller");
     log.lock().expect("log").outbox = Some(outbox);
@@ -167,6 +171,40 @@ async fn cuts_come_before_the_operators_acknowledgement() {
         &request(json!({"command": "resetPhoneAuthentication", "mac": "aabbccddeeff", "correlationData": "p"})),
     );
 
+    // Reset and Remove of authorized stations: the same order.
+    for (i, serial) in ["S2", "S3"].into_iter().enumerate() {
+        let key = fleet_certs::self_signed_station(serial).expect("station");
+        let fp = fleet_certs::Fingerprint::of_certificate_der(&key.cert_der).expect("fingerprint");
+        let cert = PresentedCertificate {
+            der: key.cert_der.clone(),
+            trust: Trust::SelfSigned,
+        };
+        let client_id = format!("station-{serial}");
+        assert!(matches!(
+            admission
+                .admit(info(10 + i as u64, &client_id, Some(cert)))
+                .await,
+            Decision::Allow { .. }
+        ));
+        let auth = json!({"serial": serial, "model": "m", "firmware": "6.1.0", "mac_streaming": "a", "mac_control": "b"});
+        controller.handle_message(
+            &format!("stations/{serial}/auth/request"),
+            auth.to_string().as_bytes(),
+        );
+        controller.handle_message(
+            "fleet/control/admin/request",
+            &request(json!({"command": "acceptStation", "serial": serial, "fingerprint": fp.to_string(), "correlationData": format!("a{serial}")})),
+        );
+    }
+    controller.handle_message(
+        "fleet/control/admin/request",
+        &request(json!({"command": "resetStation", "serial": "S2", "delete_authentication": true, "correlationData": "reset"})),
+    );
+    controller.handle_message(
+        "fleet/control/admin/request",
+        &request(json!({"command": "removeStation", "serial": "S3", "correlationData": "remove"})),
+    );
+
     let mut log = log.lock().expect("log");
     log.drain();
     let events = log.events.clone();
@@ -187,4 +225,65 @@ async fn cuts_come_before_the_operators_acknowledgement() {
         cut_phone < reset_ack,
         "cut before the acknowledgement: {events:#?}"
     );
+    for (client, ack) in [("station-S2", "reset"), ("station-S3", "remove")] {
+        let cut = position(&events, &format!("cut {client}"));
+        let acked = position(&events, &format!(r#""correlationData":"{ack}""#));
+        assert!(
+            cut < acked,
+            "{ack}: cut before the acknowledgement: {events:#?}"
+        );
+    }
+}
+
+/// A reconnect race: a decision taken while a CONNECT is between admission and registration
+/// is seen by the session's re-check (`session_opened`), so the old identity is not let in.
+#[tokio::test]
+async fn a_decision_during_admission_is_seen_by_the_recheck() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = fleet_certs::FleetCa::generate("test CA").expect("ca");
+    let operator = ca.issue_operator("admin", "default").expect("operator");
+    let store = Store::open(&dir.path().join("fleet.redb")).expect("store");
+    let log = Arc::new(Mutex::new(Log::default()));
+    let (controller, outbox) = Controller::new(
+        store,
+        Arc::new(ca),
+        Arc::new(Recorder(log.clone())),
+        settings(),
+    )
+    .expect("controller");
+    log.lock().expect("log").outbox = Some(outbox);
+    let admission = ControllerAdmission(controller.clone());
+    let op_cert = PresentedCertificate {
+        der: operator.cert_der.clone(),
+        trust: Trust::FleetCa,
+    };
+    assert!(matches!(
+        admission.admit(info(1, "op", Some(op_cert))).await,
+        Decision::Allow { .. }
+    ));
+    let station = fleet_certs::self_signed_station("R1").expect("station");
+    let cert = || PresentedCertificate {
+        der: station.cert_der.clone(),
+        trust: Trust::SelfSigned,
+    };
+    // The station's first session makes it known (Unauthorized).
+    assert!(matches!(
+        admission.admit(info(2, "station-R1", Some(cert()))).await,
+        Decision::Allow { .. }
+    ));
+    controller.handle_message(
+        "stations/R1/auth/request",
+        br#"{"serial":"R1","model":"m","firmware":"6.1.0","mac_streaming":"a","mac_control":"b"}"#,
+    );
+    // A reconnect is admitted...
+    assert!(matches!(
+        admission.admit(info(3, "station-R1", Some(cert()))).await,
+        Decision::Allow { .. }
+    ));
+    // ...the operator rejects the station before that session is registered...
+    let reject =
+        json!({"commands": [{"command": "rejectStation", "serial": "R1", "correlationData": 1}]});
+    controller.handle_message("fleet/control/admin/request", reject.to_string().as_bytes());
+    // ...and the re-check after registration cuts it.
+    assert_eq!(admission.session_opened("station-R1", 3), None);
 }

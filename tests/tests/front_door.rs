@@ -151,6 +151,63 @@ async fn a_packet_only_a_server_sends_ends_the_connection_and_nothing_else() {
     assert_eq!(connect_v4(&mut other).await, 0);
 }
 
+/// An admitted MQTT 5 legacy-station session.
+async fn v5_session(
+    fleet: &TestFleet,
+    client_id: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio::io::AsyncReadExt;
+    let port = fleet.fleet.local_addr().port();
+    let id = client_id.as_bytes();
+    let mut connect = vec![
+        0x10,
+        (13 + id.len()) as u8,
+        0,
+        4,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        5,
+        0x02,
+        0,
+        60,
+        0,
+    ];
+    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    connect.extend_from_slice(id);
+    let mut stream = tls(&anonymous_connector(fleet), port).await;
+    stream.write_all(&connect).await.expect("connect");
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).await.expect("connack");
+    let mut rest = vec![0u8; head[1] as usize];
+    stream.read_exact(&mut rest).await.expect("connack");
+    assert_eq!((head[0], rest[1]), (0x20, 0), "admitted");
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_close_the_connection_with_the_mqtt5_reason() {
+    use fleet_tests::raw::until_closed;
+    let fleet = TestFleet::start().await;
+    // A remaining length claiming 268 MB: refused from its header, nothing buffered for it.
+    let mut huge = v5_session(&fleet, "station-MF-1").await;
+    huge.write_all(&[0x30, 0xff, 0xff, 0xff, 0x7f, 0, 1, b'a'])
+        .await
+        .expect("write");
+    let sent = until_closed(&mut huge).await;
+    assert_eq!(sent.first(), Some(&0xe0), "a DISCONNECT: {sent:?}");
+    assert_eq!(sent.get(2), Some(&0x95), "packet too large: {sent:?}");
+    // A PUBLISH whose topic length runs past the frame: malformed.
+    let mut bad = v5_session(&fleet, "station-MF-2").await;
+    bad.write_all(&[0x30, 0x04, 0x00, 0x40, b'a', b'b'])
+        .await
+        .expect("write");
+    let sent = until_closed(&mut bad).await;
+    assert_eq!(sent.first(), Some(&0xe0), "a DISCONNECT: {sent:?}");
+    assert_eq!(sent.get(2), Some(&0x81), "malformed packet: {sent:?}");
+}
+
 async fn connect_v4(stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> u8 {
     connect(stream, "station-PX-2").await
 }
