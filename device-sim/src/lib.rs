@@ -4,12 +4,14 @@
 //! ([`phone`]) that provision with a PAP and then connect with the certificate they got.
 //!
 //! Pure parts ([`state`], [`command`], [`firmware`]) are tested without a server; [`station`]
-//! is the tokio shell that drives them over MQTT.
+//! is the tokio shell that drives them over MQTT; [`load`] drives thousands of both through
+//! onboarding against a running fleetd and measures it (`fleet-sim load`).
 
 pub mod admin;
 pub mod command;
 pub mod firmware;
 pub mod fleet;
+pub mod load;
 pub mod phone;
 pub mod state;
 pub mod station;
@@ -18,6 +20,7 @@ pub use admin::{admin_request, serve_admin, AdminError, AdminReply, AdminRequest
 pub use command::{Command, CommandError};
 pub use firmware::{ChunkMessage, ChunkRequest, Download, Step, UpdateOrder};
 pub use fleet::{fleet_serial, spawn_fleet, StationStatus, Tally};
+pub use load::{run_load, Latency, LoadError, LoadOptions, LoadReport, StormReport};
 pub use phone::{
     connect_provisioned, connect_raw, factory_reset, is_provisioned, phone_mac, provision,
     provision_many, set_pap, Mac, PhoneError, PhoneProfile, PhoneRecord, PhoneSession, PhoneState,

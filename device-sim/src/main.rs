@@ -1,5 +1,5 @@
 //! `fleet-sim`: run one simulated station, or many, and play its local admin interface; make
-//! and provision simulated phones.
+//! and provision simulated phones; load fleetd with thousands of both and measure it.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -9,8 +9,9 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use fleet_sim::phone::{self, PhoneProfile, PhoneState, PhoneTarget, ProvisionOutcome};
 use fleet_sim::{
-    admin_request, fingerprint, local_reset, serve_admin, spawn_fleet, spawn_station, AdminRequest,
-    SimConfig, StationProfile, StationState, Tally, DEFAULT_MODEL,
+    admin_request, fingerprint, local_reset, run_load, serve_admin, spawn_fleet, spawn_station,
+    AdminRequest, Latency, LoadOptions, SimConfig, StationProfile, StationState, Tally,
+    DEFAULT_MODEL,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -72,6 +73,69 @@ enum TopCommand {
         #[arg(long, default_value_t = 50)]
         concurrency: usize,
     },
+    /// Onboard N stations and M phones against a running fleetd and measure it.
+    #[command(after_help = LOAD_HELP)]
+    Load(LoadArgs),
+}
+
+const LOAD_HELP: &str = "\
+Every simulated station connects from the same address (stations cannot bind a source address),
+so a load against a real fleetd needs a configuration with higher per-address limits, e.g.
+
+    [limits]
+    connections_per_ip_per_minute = 100000
+    failed_auth_per_ip = 1000
+
+(the defaults, 600 connections a minute and 20 failed authentications per address, stop a load
+of more than a few hundred devices). Phones can also be spread over several loopback addresses
+with --phone-source 127.0.0.2 --phone-source 127.0.0.3 ….
+
+Each run keeps its devices under STATE_DIR/<serial prefix>/ and uses new serials and MACs, so
+runs against the same fleetd do not meet; the devices stay in fleetd's store afterwards.
+The exit status is non-zero when the report counts any error.";
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// fleetd's address, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:8883")]
+    server: String,
+    /// fleetd's data directory: ca.pem, admin.pem and admin.key.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Stations to onboard.
+    #[arg(long, default_value_t = 100)]
+    stations: usize,
+    /// Phones to create and provision.
+    #[arg(long, default_value_t = 0)]
+    phones: usize,
+    /// Devices connecting at once (a station until its CONNACK, a phone for its provisioning).
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+    /// New devices per second; as fast as --concurrency allows when absent.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Commands per request envelope (accepts, phone creations); keep the envelope under
+    /// fleetd's limits.max_payload_bytes (about 250 accepts at 64 KiB).
+    #[arg(long, default_value_t = 100)]
+    accept_batch: usize,
+    /// Where the simulated devices keep their state.
+    #[arg(long, default_value = "fleet-sim-load")]
+    state_dir: PathBuf,
+    /// After onboarding, reboot every station at once and measure the reconnect storm.
+    #[arg(long)]
+    reconnect: bool,
+    /// Stations rejected at the end (one envelope) to measure command-to-cut.
+    #[arg(long, default_value_t = 10)]
+    cut_sample: usize,
+    /// fleetd's process id: its memory is read from /proc/PID/status.
+    #[arg(long)]
+    fleetd_pid: Option<u32>,
+    /// Local source address for phones (repeat it to spread them over several).
+    #[arg(long = "phone-source")]
+    phone_sources: Vec<IpAddr>,
+    /// Write the report as JSON to FILE.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -269,6 +333,85 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+        TopCommand::Load(args) => load(args).await,
+    }
+}
+
+#[allow(clippy::print_stdout)]
+async fn load(args: LoadArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    if fleet_sim::station::split_server(&args.server).is_none() {
+        bail!("--server {:?} is not HOST:PORT", args.server);
+    }
+    let mut opts = LoadOptions::new(args.server, args.data_dir);
+    opts.stations = args.stations;
+    opts.phones = args.phones;
+    opts.concurrency = args.concurrency;
+    opts.rate = args.rate;
+    opts.accept_batch = args.accept_batch;
+    opts.state_dir = args.state_dir;
+    opts.reconnect = args.reconnect;
+    opts.cut_sample = args.cut_sample;
+    opts.fleetd_pid = args.fleetd_pid;
+    opts.phone_sources = args.phone_sources;
+    opts.progress = std::io::stderr().is_terminal();
+    let report = run_load(opts).await?;
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let ms = |l: &Latency| match (l.p50, l.p99, l.max) {
+        (Some(p50), Some(p99), Some(max)) => {
+            format!("p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms")
+        }
+        _ => "not measured".to_owned(),
+    };
+    println!(
+        "onboarded {} of {} stations and {} of {} phones in {:.2} s: {:.1} devices/s",
+        report.stations_authorized,
+        report.stations,
+        report.phones_provisioned,
+        report.phones,
+        report.seconds,
+        report.onboarded_per_s
+    );
+    println!("connect:              {}", ms(&report.connect_ms));
+    println!(
+        "accept to authorized: {}",
+        ms(&report.accept_to_authorized_ms)
+    );
+    if report.phones > 0 {
+        println!("phone provisioning:   {}", ms(&report.provision_ms));
+    }
+    if let Some(storm) = &report.reconnect {
+        println!(
+            "reconnect storm:      {} of {} in {:.2} s ({:.1}/s), {}",
+            storm.connected,
+            storm.stations,
+            storm.seconds,
+            storm.connects_per_s,
+            ms(&storm.connect_ms)
+        );
+    }
+    println!("reject to cut:        {}", ms(&report.reject_to_cut_ms));
+    match (report.fleetd_rss_kib, report.fleetd_rss_kib_per_device) {
+        (Some(kib), Some(per)) => {
+            println!("fleetd RSS:           {kib} KiB, {per:.1} KiB per device")
+        }
+        _ => println!("fleetd RSS:           not measured (no --fleetd-pid)"),
+    }
+    if report.errors.is_empty() {
+        println!("errors:               none");
+        Ok(())
+    } else {
+        let errors: Vec<String> = report
+            .errors
+            .iter()
+            .map(|(kind, n)| format!("{kind} {n}"))
+            .collect();
+        println!("errors:               {}", errors.join(", "));
+        bail!("the load run counted errors")
     }
 }
 

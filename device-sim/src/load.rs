@@ -1,0 +1,1382 @@
+//! `fleet-sim load`: drives many simulated stations and phones through the whole onboarding
+//! path against a running fleetd (mTLS connect, authorization request, the operator's accepts in
+//! batched request envelopes, `authorized` received; phones provisioned with their PAP) and
+//! measures it: connect and accept latencies, onboarding rate, a reconnect storm, the time from
+//! a reject command to the cut, errors by kind and fleetd's memory.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_ctl::{ClientError, OperatorClient};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::phone::{self, PhoneError, PhoneProfile, PhoneState, PhoneTarget, ProvisionOutcome};
+use crate::state::{StateError, StationProfile, StationState};
+use crate::station::{spawn_station, SimConfig, SimEvent, StationControl, StationHandle};
+
+/// Firmware of the simulated stations: the first with a key pair, so that they connect with
+/// mutual TLS.
+const STATION_FIRMWARE: &str = "6.1.0";
+/// Pause of a simulated station before it connects again after a refusal or a lost connection.
+const STATION_RETRY: Duration = Duration::from_millis(200);
+/// A phase that makes no progress for this long is given up; what is missing counts as
+/// `*_timeout` errors.
+const STALL_LIMIT: Duration = Duration::from_secs(60);
+/// How long the operator waits for the answers of one request envelope.
+const OPERATOR_TIMEOUT: Duration = Duration::from_secs(120);
+/// A partly filled batch of accepts waits at most this long for more stations.
+const ACCEPT_LINGER: Duration = Duration::from_millis(20);
+/// Accept envelopes in flight at once.
+const ACCEPTS_IN_FLIGHT: usize = 4;
+/// Without any progress for this long, the operator also lists the unauthorized stations, in
+/// case it missed their events.
+const LIST_AFTER: Duration = Duration::from_secs(3);
+/// How long the simulated devices may take to disconnect at the end.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
+/// Site of the phones the load run creates.
+const PHONE_SITE: &str = "load";
+
+/// What a load run does.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// fleetd's address, `HOST:PORT`.
+    pub server: String,
+    /// fleetd's data directory: `ca.pem`, and the operator's `admin.pem` and `admin.key`.
+    pub data_dir: PathBuf,
+    /// Stations to onboard.
+    pub stations: usize,
+    /// Phones to create and provision.
+    pub phones: usize,
+    /// Devices connecting at once: a station holds its slot from its start to its first
+    /// CONNACK, a phone for its whole provisioning.
+    pub concurrency: usize,
+    /// New devices per second (stations and phones together); as fast as `concurrency`
+    /// allows when `None`.
+    pub rate: Option<f64>,
+    /// Where the simulated devices keep their state; each run uses a new subdirectory.
+    pub state_dir: PathBuf,
+    /// Commands per request envelope (accepts, phone creations). fleetd refuses envelopes over
+    /// `limits.max_payload_bytes` (64 KiB by default): about 250 accepts.
+    pub accept_batch: usize,
+    /// After onboarding, reboot every station at once and measure the reconnect storm.
+    pub reconnect: bool,
+    /// Stations rejected (in one envelope) at the end to measure command-to-cut.
+    pub cut_sample: usize,
+    /// fleetd's process id, to read its memory from `/proc/<pid>/status`.
+    pub fleetd_pid: Option<u32>,
+    /// Show a progress bar on stderr (hidden anyway when stderr is not a terminal).
+    pub progress: bool,
+    /// Local source addresses the phones connect from, in turn (e.g. 127.0.0.2, 127.0.0.3):
+    /// spreads them over fleetd's per-address limits. Empty: the system's choice.
+    pub phone_sources: Vec<IpAddr>,
+}
+
+impl LoadOptions {
+    /// 100 stations, no phones, 100 at once, batches of 100, 10 cut at the end.
+    pub fn new(server: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        LoadOptions {
+            server: server.into(),
+            data_dir: data_dir.into(),
+            stations: 100,
+            phones: 0,
+            concurrency: 100,
+            rate: None,
+            state_dir: PathBuf::from("fleet-sim-load"),
+            accept_batch: 100,
+            reconnect: false,
+            cut_sample: 10,
+            fleetd_pid: None,
+            progress: false,
+            phone_sources: Vec::new(),
+        }
+    }
+}
+
+/// Percentiles of one latency, in milliseconds; `null` when nothing was measured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    /// How many were measured.
+    pub count: u64,
+    /// Median.
+    pub p50: Option<f64>,
+    /// 99th percentile.
+    pub p99: Option<f64>,
+    /// Largest.
+    pub max: Option<f64>,
+}
+
+/// The reconnect storm: every authorized station rebooted at once.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StormReport {
+    /// Stations rebooted.
+    pub stations: usize,
+    /// Stations connected again.
+    pub connected: usize,
+    /// From the reboots to the last station connected again.
+    pub seconds: f64,
+    /// `connected / seconds`.
+    pub connects_per_s: f64,
+    /// From a station's reboot (its old connection closed) to its CONNACK.
+    pub connect_ms: Latency,
+}
+
+/// What a load run measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// Stations started.
+    pub stations: usize,
+    /// Phones created.
+    pub phones: usize,
+    /// Stations that received `authorized`.
+    pub stations_authorized: usize,
+    /// Phones that completed provisioning.
+    pub phones_provisioned: usize,
+    /// Serials of this run are `<serial_prefix>-00001`, …; MACs start with `mac_prefix`.
+    pub serial_prefix: String,
+    /// See `serial_prefix`.
+    pub mac_prefix: String,
+    /// The whole onboarding: from the start to the last device onboarded.
+    pub seconds: f64,
+    /// `(stations_authorized + phones_provisioned) / seconds`.
+    pub onboarded_per_s: f64,
+    /// From a station's start to its first CONNACK.
+    pub connect_ms: Latency,
+    /// From sending the accept envelope to the station receiving `authorized`.
+    pub accept_to_authorized_ms: Latency,
+    /// One phone's provisioning: connect with PAP, CSR, certificate, `provision/complete`.
+    pub provision_ms: Latency,
+    /// From sending the reject envelope to the station's `rejected` or its connection loss.
+    pub reject_to_cut_ms: Latency,
+    /// The reconnect storm, when asked for.
+    pub reconnect: Option<StormReport>,
+    /// Errors by kind; empty for a complete run.
+    pub errors: BTreeMap<String, u64>,
+    /// fleetd's resident memory with every station connected, when its pid was given.
+    pub fleetd_rss_kib: Option<u64>,
+    /// `fleetd_rss_kib / (stations + phones)`.
+    pub fleetd_rss_kib_per_device: Option<f64>,
+}
+
+/// Why a load run could not be made at all. Failures of single devices are counted in
+/// [`LoadReport::errors`] instead.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The options make no run.
+    #[error("invalid options: {0}")]
+    Options(String),
+    /// A file of the data directory could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The operator could not connect or subscribe.
+    #[error("operator: {0}")]
+    Operator(#[from] ClientError),
+    /// A station directory could not be made.
+    #[error("station state: {0}")]
+    Station(#[from] StateError),
+    /// A phone directory could not be made.
+    #[error("phone state: {0}")]
+    Phone(#[from] PhoneError),
+    /// A task of the run failed.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Latencies in microseconds, reported in milliseconds.
+#[derive(Debug)]
+struct Recorder(Option<Histogram<u64>>);
+
+impl Recorder {
+    fn new() -> Self {
+        // Constant bounds that hdrhistogram accepts (low >= 1, high >= 2 * low, 3 digits): always
+        // `Some`. One µs to one hour.
+        Recorder(Histogram::new_with_bounds(1, 3_600_000_000, 3).ok())
+    }
+
+    fn record(&mut self, elapsed: Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        if let Some(histogram) = &mut self.0 {
+            histogram.saturating_record(micros.max(1));
+        }
+    }
+
+    fn latency(&self) -> Latency {
+        let Some(histogram) = self.0.as_ref().filter(|h| !h.is_empty()) else {
+            return Latency::default();
+        };
+        let ms = |micros: u64| micros as f64 / 1000.0;
+        Latency {
+            count: histogram.len(),
+            p50: Some(ms(histogram.value_at_quantile(0.5))),
+            p99: Some(ms(histogram.value_at_quantile(0.99))),
+            max: Some(ms(histogram.max())),
+        }
+    }
+}
+
+/// Errors by kind.
+#[derive(Debug, Default)]
+struct Errors(BTreeMap<String, u64>);
+
+impl Errors {
+    fn count(&mut self, kind: impl Into<String>, n: u64) {
+        if n > 0 {
+            *self.0.entry(kind.into()).or_default() += n;
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+}
+
+/// The error kind of an operator request that got no answer, or of a failed command.
+fn client_error_kind(error: &ClientError) -> String {
+    match error {
+        ClientError::CommandFailed { code, .. } => format!("command_{code}"),
+        ClientError::Timeout(_) => "operator_timeout".into(),
+        ClientError::Connection(_) | ClientError::Closed => "operator_disconnected".into(),
+        _ => "operator_error".into(),
+    }
+}
+
+/// The error kind of a phone provisioning that did not end provisioned.
+fn phone_error_kind(result: &Result<ProvisionOutcome, PhoneError>) -> Option<&'static str> {
+    match result {
+        Ok(ProvisionOutcome::Provisioned) => None,
+        Ok(ProvisionOutcome::Refused { .. }) => Some("phone_refused"),
+        Ok(ProvisionOutcome::Failed { .. }) => Some("phone_provisioning_failed"),
+        Err(PhoneError::Timeout { .. }) => Some("phone_timeout"),
+        Err(PhoneError::Connection { .. } | PhoneError::Closed { .. }) => {
+            Some("phone_disconnected")
+        }
+        Err(_) => Some("phone_provisioning_failed"),
+    }
+}
+
+/// `VmRSS` in KiB from the text of `/proc/<pid>/status`.
+pub fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut words = line["VmRSS:".len()..].split_whitespace();
+    let value: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") | None => Some(value),
+        Some(_) => None,
+    }
+}
+
+fn fleetd_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_vm_rss(&status)
+}
+
+/// A few random hex digits, so that the serials and MACs of one run meet none of an earlier
+/// run against the same fleetd.
+fn run_tag() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    hasher.finish()
+}
+
+/// Admission of new devices: at most `concurrency` connecting at once, and at most `rate` new
+/// ones per second.
+struct Pacer {
+    permits: Arc<Semaphore>,
+    rate: Option<f64>,
+    start: Instant,
+    admitted: AtomicU64,
+}
+
+impl Pacer {
+    async fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        // The semaphore is never closed: acquiring only waits.
+        let permit = Arc::clone(&self.permits).acquire_owned().await.ok();
+        if let Some(rate) = self.rate {
+            let n = self.admitted.fetch_add(1, Ordering::Relaxed);
+            let due = self.start + Duration::from_secs_f64(n as f64 / rate);
+            tokio::time::sleep_until(due).await;
+        }
+        permit
+    }
+}
+
+/// Where one station stands in the run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Stage {
+    /// Started, not seen as unauthorized by the operator yet.
+    Waiting,
+    /// Unauthorized; in the next accept batch.
+    Queued,
+    /// In a batch whose fingerprints are being read.
+    Accepting,
+    /// The accept envelope was sent at this instant.
+    AcceptSent(Instant),
+    /// `authorized` received.
+    Authorized,
+    /// Given up (its error is counted).
+    Failed,
+}
+
+#[derive(Debug)]
+struct StationSlot {
+    serial: String,
+    dir: PathBuf,
+    control: Option<StationControl>,
+    permit: Option<OwnedSemaphorePermit>,
+    started: Option<Instant>,
+    connected: bool,
+    stage: Stage,
+    /// Reconnect storm: rebooted at this instant, not connected again yet.
+    rebooted: Option<Instant>,
+    /// Cut sample: the reject envelope was sent at this instant, no cut seen yet.
+    cut: Option<Instant>,
+    /// Part of the cut sample: its later refusals and disconnections are expected.
+    sampled: bool,
+}
+
+/// Everything the run's tasks report to its coordinator, in one channel so that their order
+/// is kept (a station's start is seen before its events).
+#[derive(Debug)]
+enum Msg {
+    Started {
+        index: usize,
+        control: StationControl,
+        permit: Option<OwnedSemaphorePermit>,
+        at: Instant,
+    },
+    Station {
+        index: usize,
+        event: SimEvent,
+        at: Instant,
+    },
+    AcceptSent {
+        indices: Vec<usize>,
+        at: Instant,
+    },
+    AcceptFailed {
+        index: usize,
+        kind: String,
+    },
+    AcceptAnswered {
+        indices: Vec<usize>,
+        outcome: Result<Vec<Value>, ClientError>,
+    },
+    Unauthorized {
+        serials: Vec<String>,
+    },
+    ListDone,
+    PhoneDone {
+        outcome: Result<Duration, String>,
+    },
+    RejectAnswered {
+        outcome: Result<Vec<Value>, ClientError>,
+    },
+}
+
+/// Runs a whole load: onboarding, the optional reconnect storm, the cut sample; then stops
+/// every simulated device.
+pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
+    if opts.concurrency == 0 || opts.accept_batch == 0 {
+        return Err(LoadError::Options(
+            "concurrency and accept batch must be at least 1".into(),
+        ));
+    }
+    if opts.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        return Err(LoadError::Options("rate must be a positive number".into()));
+    }
+    if opts.phones > 0xff_ffff {
+        return Err(LoadError::Options("at most 16777215 phones".into()));
+    }
+    let read = |name: &str| {
+        let path = opts.data_dir.join(name);
+        std::fs::read_to_string(&path).map_err(|source| LoadError::Read { path, source })
+    };
+    let ca_pem = read("ca.pem")?;
+    let cert_pem = read("admin.pem")?;
+    let key_pem = read("admin.key")?;
+    let info = fleet_certs::inspect_pem(&cert_pem).map_err(ClientError::from)?;
+    let name = fleet_ctl::operator_name(&cert_pem)?;
+    let tenant = info.organization.unwrap_or_else(|| "default".into());
+    let operator = OperatorClient::connect(&opts.server, &ca_pem, &cert_pem, &key_pem, &name)
+        .await?
+        .with_timeout(OPERATOR_TIMEOUT);
+    let events = operator.subscribe_events(&tenant).await?;
+
+    let tag = run_tag();
+    let serial_prefix = format!("LD{:06x}", tag & 0xff_ffff);
+    let mac_prefix = format!("02{:04x}", (tag >> 24) & 0xffff);
+    let base = opts.state_dir.join(&serial_prefix);
+    let station_base = base.join("stations");
+    let slots = {
+        let station_base = station_base.clone();
+        let count = opts.stations;
+        let prefix = serial_prefix.clone();
+        tokio::task::spawn_blocking(move || make_stations(&station_base, count, &prefix))
+            .await
+            .map_err(|e| LoadError::Internal(e.to_string()))??
+    };
+
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut run = Run {
+        opts,
+        operator: Arc::new(operator),
+        tx,
+        rx,
+        events,
+        stop: stop_tx,
+        index_of: slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.serial.clone(), i))
+            .collect(),
+        slots,
+        errors: Errors::default(),
+        bar: ProgressBar::hidden(),
+        last_progress: Instant::now(),
+    };
+    run.bar = run.progress_bar();
+    let sim = SimConfig {
+        server: run.opts.server.clone(),
+        ca_pem: ca_pem.clone(),
+        retry: STATION_RETRY,
+    };
+    let target = PhoneTarget::new(run.opts.server.clone(), ca_pem);
+    let onboarding = run
+        .onboard(sim, stop_rx, &target, &base.join("phones"), &mac_prefix)
+        .await;
+    let (spawner, figures) = match onboarding {
+        Ok(done) => done,
+        Err(e) => {
+            let _ = run.stop.send(true);
+            return Err(e);
+        }
+    };
+    let reconnect = if run.opts.reconnect {
+        Some(run.reconnect_storm().await)
+    } else {
+        None
+    };
+    let rss = run.opts.fleetd_pid.and_then(fleetd_rss_kib);
+    let reject_to_cut_ms = run.cut_sample().await;
+    run.bar.finish_and_clear();
+    run.shutdown(spawner).await;
+
+    let devices = run.opts.stations + run.opts.phones;
+    let onboarded = figures.stations_authorized + figures.phones_provisioned;
+    Ok(LoadReport {
+        stations: run.opts.stations,
+        phones: run.opts.phones,
+        stations_authorized: figures.stations_authorized,
+        phones_provisioned: figures.phones_provisioned,
+        serial_prefix,
+        mac_prefix,
+        seconds: figures.seconds,
+        onboarded_per_s: if figures.seconds > 0.0 {
+            onboarded as f64 / figures.seconds
+        } else {
+            0.0
+        },
+        connect_ms: figures.connect_ms,
+        accept_to_authorized_ms: figures.accept_to_authorized_ms,
+        provision_ms: figures.provision_ms,
+        reject_to_cut_ms,
+        reconnect,
+        errors: run.errors.0,
+        fleetd_rss_kib: rss,
+        fleetd_rss_kib_per_device: rss
+            .filter(|_| devices > 0)
+            .map(|kib| kib as f64 / devices as f64),
+    })
+}
+
+fn make_stations(base: &Path, count: usize, prefix: &str) -> Result<Vec<StationSlot>, LoadError> {
+    let mut slots = Vec::with_capacity(count);
+    for index in 1..=count {
+        let serial = crate::fleet::fleet_serial(prefix, index);
+        let dir = base.join(&serial);
+        StationState::init(&dir, &StationProfile::new(serial.clone(), STATION_FIRMWARE))?;
+        slots.push(StationSlot {
+            serial,
+            dir,
+            control: None,
+            permit: None,
+            started: None,
+            connected: false,
+            stage: Stage::Waiting,
+            rebooted: None,
+            cut: None,
+            sampled: false,
+        });
+    }
+    Ok(slots)
+}
+
+/// The figures of the onboarding phase.
+struct Onboarded {
+    stations_authorized: usize,
+    phones_provisioned: usize,
+    seconds: f64,
+    connect_ms: Latency,
+    accept_to_authorized_ms: Latency,
+    provision_ms: Latency,
+}
+
+struct Run {
+    opts: LoadOptions,
+    operator: Arc<OperatorClient>,
+    tx: mpsc::UnboundedSender<Msg>,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    events: mpsc::UnboundedReceiver<(String, Value)>,
+    stop: watch::Sender<bool>,
+    slots: Vec<StationSlot>,
+    index_of: HashMap<String, usize>,
+    errors: Errors,
+    bar: ProgressBar,
+    last_progress: Instant,
+}
+
+/// What the coordinator's loop woke up for.
+enum Wake {
+    Msg(Msg),
+    Event(String, Value),
+    Tick,
+    Closed,
+}
+
+impl Run {
+    fn progress_bar(&self) -> ProgressBar {
+        if !self.opts.progress {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new((self.opts.stations + self.opts.phones) as u64);
+        let style = ProgressStyle::with_template(
+            "{elapsed_precise} [{wide_bar}] {pos}/{len} {prefix} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        bar.set_style(style);
+        bar.set_prefix("onboarded");
+        bar
+    }
+
+    fn progress(&mut self) {
+        self.last_progress = Instant::now();
+    }
+
+    fn show_errors(&self) {
+        let errors = self.errors.total();
+        if errors > 0 {
+            self.bar.set_message(format!("errors {errors}"));
+        }
+    }
+
+    async fn wake(&mut self, tick: &mut tokio::time::Interval) -> Wake {
+        tokio::select! {
+            msg = self.rx.recv() => msg.map_or(Wake::Closed, Wake::Msg),
+            event = self.events.recv() => match event {
+                Some((topic, value)) => Wake::Event(topic, value),
+                None => Wake::Closed,
+            },
+            _ = tick.tick() => Wake::Tick,
+        }
+    }
+
+    /// Serials an operator event shows as unauthorized, with a key to check.
+    fn unauthorized_in(topic: &str, event: &Value) -> Option<String> {
+        if !topic.ends_with("/stations") || event.get("event")? != "state" {
+            return None;
+        }
+        let station = event.get("station")?;
+        (station.get("state")? == "unauthorized" && station.get("fingerprint")?.is_string())
+            .then(|| station.get("serial")?.as_str().map(str::to_owned))
+            .flatten()
+    }
+
+    async fn onboard(
+        &mut self,
+        sim: SimConfig,
+        stop: watch::Receiver<bool>,
+        target: &PhoneTarget,
+        phone_base: &Path,
+        mac_prefix: &str,
+    ) -> Result<(JoinHandle<Vec<JoinHandle<()>>>, Onboarded), LoadError> {
+        let started = Instant::now();
+        let pacer = Arc::new(Pacer {
+            permits: Arc::new(Semaphore::new(self.opts.concurrency)),
+            rate: self.opts.rate,
+            start: started,
+            admitted: AtomicU64::new(0),
+        });
+        let spawner = tokio::spawn(spawn_stations(
+            self.slots.iter().map(|s| s.dir.clone()).collect(),
+            sim,
+            Arc::clone(&pacer),
+            self.tx.clone(),
+            stop,
+        ));
+        let phones = tokio::spawn(onboard_phones(PhoneRun {
+            operator: Arc::clone(&self.operator),
+            count: self.opts.phones,
+            batch: self.opts.accept_batch,
+            base: phone_base.to_owned(),
+            mac_prefix: mac_prefix.to_owned(),
+            target: target.clone(),
+            sources: self.opts.phone_sources.clone(),
+            pacer,
+            tx: self.tx.clone(),
+        }));
+
+        let mut connect = Recorder::new();
+        let mut accept = Recorder::new();
+        let mut provision = Recorder::new();
+        let mut queue: VecDeque<usize> = VecDeque::new();
+        let mut queued_since: Option<Instant> = None;
+        let mut in_flight = 0usize;
+        let mut listing = false;
+        let mut stations_done = 0usize;
+        let mut stations_authorized = 0usize;
+        let mut phones_done = 0usize;
+        let mut phones_provisioned = 0usize;
+        let mut last_done = started;
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        self.progress();
+        while stations_done < self.slots.len() || phones_done < self.opts.phones {
+            match self.wake(&mut tick).await {
+                Wake::Closed => {
+                    return Err(LoadError::Internal("the operator's events ended".into()))
+                }
+                Wake::Event(topic, event) => {
+                    if let Some(index) = Self::unauthorized_in(&topic, &event)
+                        .and_then(|serial| self.index_of.get(&serial).copied())
+                    {
+                        if self.slots[index].stage == Stage::Waiting {
+                            self.slots[index].stage = Stage::Queued;
+                            queue.push_back(index);
+                            queued_since.get_or_insert_with(Instant::now);
+                        }
+                    }
+                }
+                Wake::Msg(Msg::Unauthorized { serials }) => {
+                    for serial in serials {
+                        if let Some(&index) = self.index_of.get(&serial) {
+                            if self.slots[index].stage == Stage::Waiting
+                                && self.slots[index].connected
+                            {
+                                self.slots[index].stage = Stage::Queued;
+                                queue.push_back(index);
+                                queued_since.get_or_insert_with(Instant::now);
+                            }
+                        }
+                    }
+                }
+                Wake::Msg(Msg::ListDone) => listing = false,
+                Wake::Msg(Msg::Started {
+                    index,
+                    control,
+                    permit,
+                    at,
+                }) => {
+                    let slot = &mut self.slots[index];
+                    slot.control = Some(control);
+                    slot.permit = permit;
+                    slot.started = Some(at);
+                }
+                Wake::Msg(Msg::Station { index, event, at }) => {
+                    let slot = &mut self.slots[index];
+                    match event {
+                        SimEvent::Connected { .. } if !slot.connected => {
+                            slot.connected = true;
+                            slot.permit = None;
+                            if let Some(started) = slot.started {
+                                connect.record(at - started);
+                            }
+                            self.progress();
+                        }
+                        SimEvent::Authorized => {
+                            let before = slot.stage;
+                            if before == Stage::Authorized {
+                                continue;
+                            }
+                            if let Stage::AcceptSent(sent) = before {
+                                accept.record(at - sent);
+                            }
+                            slot.stage = Stage::Authorized;
+                            if before != Stage::Failed {
+                                stations_done += 1;
+                            }
+                            stations_authorized += 1;
+                            last_done = at;
+                            self.bar.inc(1);
+                            self.progress();
+                        }
+                        SimEvent::Refused { .. } => self.errors.count("station_refused", 1),
+                        SimEvent::Disconnected { .. } => {
+                            self.errors.count("station_disconnected", 1);
+                        }
+                        SimEvent::Error { .. } => self.errors.count("station_error", 1),
+                        SimEvent::Rejected | SimEvent::Removed | SimEvent::ResetApplied => {
+                            self.errors.count("station_unexpected_command", 1);
+                        }
+                        _ => {}
+                    }
+                    self.show_errors();
+                }
+                Wake::Msg(Msg::AcceptSent { indices, at }) => {
+                    for index in indices {
+                        if self.slots[index].stage == Stage::Accepting {
+                            self.slots[index].stage = Stage::AcceptSent(at);
+                        }
+                    }
+                }
+                Wake::Msg(Msg::AcceptFailed { index, kind }) => {
+                    self.errors.count(kind, 1);
+                    if self.fail(index) {
+                        stations_done += 1;
+                    }
+                }
+                Wake::Msg(Msg::AcceptAnswered { indices, outcome }) => {
+                    in_flight -= 1;
+                    match outcome {
+                        Ok(responses) => {
+                            for (index, response) in indices.into_iter().zip(responses) {
+                                if let Err(e) = fleet_ctl::response_data(response) {
+                                    self.errors.count(client_error_kind(&e), 1);
+                                    if self.fail(index) {
+                                        stations_done += 1;
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            let kind = client_error_kind(&e);
+                            for index in indices {
+                                if self.fail(index) {
+                                    self.errors.count(kind.clone(), 1);
+                                    stations_done += 1;
+                                }
+                            }
+                        }
+                    }
+                    self.show_errors();
+                }
+                Wake::Msg(Msg::PhoneDone { outcome }) => {
+                    phones_done += 1;
+                    match outcome {
+                        Ok(elapsed) => {
+                            provision.record(elapsed);
+                            phones_provisioned += 1;
+                            last_done = Instant::now();
+                            self.bar.inc(1);
+                        }
+                        Err(kind) => self.errors.count(kind, 1),
+                    }
+                    self.show_errors();
+                    self.progress();
+                }
+                Wake::Msg(Msg::RejectAnswered { .. }) => {}
+                Wake::Tick => {
+                    if self.last_progress.elapsed() > STALL_LIMIT {
+                        for index in 0..self.slots.len() {
+                            if self.fail(index) {
+                                self.errors.count("station_timeout", 1);
+                            }
+                        }
+                        self.errors
+                            .count("phone_timeout", (self.opts.phones - phones_done) as u64);
+                        break;
+                    }
+                    let stalled = self.last_progress.elapsed() > LIST_AFTER;
+                    if stalled && !listing {
+                        listing = true;
+                        self.list_unauthorized();
+                    }
+                }
+            }
+            // Send what is ready: full batches at once, a partial one after a short linger.
+            while in_flight < ACCEPTS_IN_FLIGHT && !queue.is_empty() {
+                let full = queue.len() >= self.opts.accept_batch;
+                let lingered = queued_since.is_some_and(|t| t.elapsed() >= ACCEPT_LINGER);
+                if !(full || lingered) {
+                    break;
+                }
+                let take = queue.len().min(self.opts.accept_batch);
+                let batch: Vec<usize> = queue.drain(..take).collect();
+                queued_since = if queue.is_empty() {
+                    None
+                } else {
+                    Some(Instant::now())
+                };
+                for &index in &batch {
+                    self.slots[index].stage = Stage::Accepting;
+                }
+                in_flight += 1;
+                self.send_accepts(batch);
+            }
+        }
+        // Any phone tasks left (after a stall) stop with the run.
+        phones.abort();
+        Ok((
+            spawner,
+            Onboarded {
+                stations_authorized,
+                phones_provisioned,
+                seconds: (last_done - started).as_secs_f64(),
+                connect_ms: connect.latency(),
+                accept_to_authorized_ms: accept.latency(),
+                provision_ms: provision.latency(),
+            },
+        ))
+    }
+
+    /// Gives a station up; true if it was not done yet.
+    fn fail(&mut self, index: usize) -> bool {
+        let slot = &mut self.slots[index];
+        if matches!(slot.stage, Stage::Authorized | Stage::Failed) {
+            return false;
+        }
+        slot.stage = Stage::Failed;
+        slot.permit = None;
+        true
+    }
+
+    /// One envelope of `acceptStation`, each with the fingerprint the station's own state
+    /// directory shows (what an operator checks on the station's local admin page).
+    fn send_accepts(&self, batch: Vec<usize>) {
+        let operator = Arc::clone(&self.operator);
+        let tx = self.tx.clone();
+        let stations: Vec<(usize, String, PathBuf)> = batch
+            .into_iter()
+            .map(|i| (i, self.slots[i].serial.clone(), self.slots[i].dir.clone()))
+            .collect();
+        let all: Vec<usize> = stations.iter().map(|(i, _, _)| *i).collect();
+        tokio::spawn(async move {
+            let read = tokio::task::spawn_blocking(move || {
+                stations
+                    .into_iter()
+                    .map(|(index, serial, dir)| {
+                        let fingerprint = crate::state::fingerprint(&dir);
+                        (index, serial, fingerprint)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await;
+            let Ok(read) = read else {
+                for index in all {
+                    let _ = tx.send(Msg::AcceptFailed {
+                        index,
+                        kind: "station_local_fingerprint".into(),
+                    });
+                }
+                let _ = tx.send(Msg::AcceptAnswered {
+                    indices: Vec::new(),
+                    outcome: Ok(Vec::new()),
+                });
+                return;
+            };
+            let mut indices = Vec::with_capacity(read.len());
+            let mut commands = Vec::with_capacity(read.len());
+            for (index, serial, fingerprint) in read {
+                match fingerprint {
+                    Ok(Some(fingerprint)) => {
+                        indices.push(index);
+                        commands.push(json!({
+                            "command": "acceptStation",
+                            "serial": serial,
+                            "fingerprint": fingerprint.to_string(),
+                        }));
+                    }
+                    Ok(None) | Err(_) => {
+                        let _ = tx.send(Msg::AcceptFailed {
+                            index,
+                            kind: "station_local_fingerprint".into(),
+                        });
+                    }
+                }
+            }
+            let _ = tx.send(Msg::AcceptSent {
+                indices: indices.clone(),
+                at: Instant::now(),
+            });
+            let outcome = if commands.is_empty() {
+                Ok(Vec::new())
+            } else {
+                operator.request(commands).await
+            };
+            let _ = tx.send(Msg::AcceptAnswered { indices, outcome });
+        });
+    }
+
+    /// Lists the unauthorized stations, in case their events were missed.
+    fn list_unauthorized(&self) {
+        let operator = Arc::clone(&self.operator);
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            if let Ok(data) = operator
+                .call("listStations", json!({"state": "unauthorized"}))
+                .await
+            {
+                let serials = data
+                    .get("stations")
+                    .and_then(Value::as_array)
+                    .map(|stations| {
+                        stations
+                            .iter()
+                            .filter(|s| s.get("fingerprint").is_some_and(Value::is_string))
+                            .filter_map(|s| s.get("serial")?.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let _ = tx.send(Msg::Unauthorized { serials });
+            }
+            let _ = tx.send(Msg::ListDone);
+        });
+    }
+
+    /// Reboots every authorized station at once and measures how they connect again.
+    async fn reconnect_storm(&mut self) -> StormReport {
+        let mut connect = Recorder::new();
+        let started = Instant::now();
+        let mut waiting = 0usize;
+        for slot in &mut self.slots {
+            if slot.stage != Stage::Authorized {
+                continue;
+            }
+            if let Some(control) = &slot.control {
+                if control.reboot() {
+                    // Measured from the `Rebooting` event: the old connection is closed then.
+                    slot.rebooted = Some(started);
+                    waiting += 1;
+                }
+            }
+        }
+        let stations = waiting;
+        self.bar.reset();
+        self.bar.set_length(stations as u64);
+        self.bar.set_prefix("reconnected");
+        let mut last = started;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        self.progress();
+        while waiting > 0 {
+            match self.wake(&mut tick).await {
+                Wake::Closed => break,
+                Wake::Msg(Msg::Station { index, event, at }) => {
+                    let slot = &mut self.slots[index];
+                    match event {
+                        SimEvent::Rebooting if slot.rebooted.is_some() => {
+                            slot.rebooted = Some(at);
+                        }
+                        SimEvent::Connected { .. } => {
+                            if let Some(rebooted) = slot.rebooted.take() {
+                                connect.record(at - rebooted);
+                                waiting -= 1;
+                                last = at;
+                                self.bar.inc(1);
+                                self.progress();
+                            }
+                        }
+                        SimEvent::Refused { .. } => self.errors.count("reconnect_refused", 1),
+                        SimEvent::Disconnected { .. } => {
+                            self.errors.count("reconnect_disconnected", 1);
+                        }
+                        SimEvent::Error { .. } => self.errors.count("station_error", 1),
+                        _ => {}
+                    }
+                    self.show_errors();
+                }
+                Wake::Tick if self.last_progress.elapsed() > STALL_LIMIT => {
+                    self.errors.count("reconnect_timeout", waiting as u64);
+                    for slot in &mut self.slots {
+                        slot.rebooted = None;
+                    }
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let connected = stations - waiting;
+        let seconds = (last - started).as_secs_f64();
+        StormReport {
+            stations,
+            connected,
+            seconds,
+            connects_per_s: if seconds > 0.0 {
+                connected as f64 / seconds
+            } else {
+                0.0
+            },
+            connect_ms: connect.latency(),
+        }
+    }
+
+    /// Rejects `cut_sample` authorized, connected stations in one envelope and measures until
+    /// each hears `rejected` or loses its connection.
+    async fn cut_sample(&mut self) -> Latency {
+        let mut cut = Recorder::new();
+        let sample: Vec<usize> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.stage == Stage::Authorized && s.connected)
+            .map(|(i, _)| i)
+            .take(self.opts.cut_sample)
+            .collect();
+        if sample.len() < self.opts.cut_sample {
+            self.errors.count(
+                "cut_sample_short",
+                (self.opts.cut_sample - sample.len()) as u64,
+            );
+        }
+        if sample.is_empty() {
+            return cut.latency();
+        }
+        let commands: Vec<Value> = sample
+            .iter()
+            .map(|&i| json!({"command": "rejectStation", "serial": self.slots[i].serial}))
+            .collect();
+        let sent = Instant::now();
+        for &index in &sample {
+            self.slots[index].cut = Some(sent);
+            self.slots[index].sampled = true;
+        }
+        let operator = Arc::clone(&self.operator);
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let outcome = operator.request(commands).await;
+            let _ = tx.send(Msg::RejectAnswered { outcome });
+        });
+        let mut waiting = sample.len();
+        let mut answered = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        self.progress();
+        while waiting > 0 || !answered {
+            match self.wake(&mut tick).await {
+                Wake::Closed => break,
+                Wake::Msg(Msg::Station { index, event, at }) => {
+                    let slot = &mut self.slots[index];
+                    let is_cut =
+                        matches!(event, SimEvent::Rejected | SimEvent::Disconnected { .. });
+                    if let (true, Some(sent)) = (is_cut, slot.cut) {
+                        slot.cut = None;
+                        cut.record(at - sent);
+                        waiting -= 1;
+                        self.progress();
+                    } else if !slot.sampled {
+                        match event {
+                            SimEvent::Refused { .. } => self.errors.count("station_refused", 1),
+                            SimEvent::Disconnected { .. } => {
+                                self.errors.count("station_disconnected", 1);
+                            }
+                            SimEvent::Error { .. } => self.errors.count("station_error", 1),
+                            _ => {}
+                        }
+                    }
+                }
+                Wake::Msg(Msg::RejectAnswered { outcome }) => {
+                    answered = true;
+                    match outcome {
+                        Ok(responses) => {
+                            for response in responses {
+                                if let Err(e) = fleet_ctl::response_data(response) {
+                                    self.errors.count(client_error_kind(&e), 1);
+                                }
+                            }
+                        }
+                        Err(e) => self
+                            .errors
+                            .count(client_error_kind(&e), sample.len() as u64),
+                    }
+                }
+                Wake::Tick if self.last_progress.elapsed() > STALL_LIMIT => {
+                    self.errors.count("cut_timeout", waiting as u64);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        cut.latency()
+    }
+
+    /// Stops every station (clean DISCONNECT) and waits, within a limit, for them to end.
+    async fn shutdown(&mut self, spawner: JoinHandle<Vec<JoinHandle<()>>>) {
+        let _ = self.stop.send(true);
+        let stopped = async {
+            if let Ok(tasks) = spawner.await {
+                for task in tasks {
+                    let _ = task.await;
+                }
+            }
+        };
+        if tokio::time::timeout(SHUTDOWN_LIMIT, stopped).await.is_err() {
+            tracing::warn!("simulated stations did not all stop within {SHUTDOWN_LIMIT:?}");
+        }
+    }
+}
+
+/// Starts the stations one after another as the pacer admits them; returns their forwarding
+/// tasks.
+async fn spawn_stations(
+    dirs: Vec<PathBuf>,
+    sim: SimConfig,
+    pacer: Arc<Pacer>,
+    tx: mpsc::UnboundedSender<Msg>,
+    mut stop: watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let mut tasks = Vec::with_capacity(dirs.len());
+    for (index, dir) in dirs.into_iter().enumerate() {
+        let permit = tokio::select! {
+            permit = pacer.admit() => permit,
+            _ = stop.changed() => break,
+        };
+        let at = Instant::now();
+        let handle = spawn_station(dir, sim.clone());
+        let started = Msg::Started {
+            index,
+            control: handle.control(),
+            permit,
+            at,
+        };
+        if tx.send(started).is_err() {
+            handle.shutdown().await;
+            break;
+        }
+        tasks.push(tokio::spawn(forward(
+            index,
+            handle,
+            tx.clone(),
+            stop.clone(),
+        )));
+    }
+    tasks
+}
+
+/// Passes one station's events on, stamped with when they happened, until the run stops.
+async fn forward(
+    index: usize,
+    mut handle: StationHandle,
+    tx: mpsc::UnboundedSender<Msg>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            event = handle.next_event() => match event {
+                Some(event) => {
+                    let _ = tx.send(Msg::Station { index, event, at: Instant::now() });
+                }
+                None => return,
+            },
+            _ = stop.changed() => break,
+        }
+    }
+    handle.shutdown().await;
+}
+
+struct PhoneRun {
+    operator: Arc<OperatorClient>,
+    count: usize,
+    batch: usize,
+    base: PathBuf,
+    mac_prefix: String,
+    target: PhoneTarget,
+    sources: Vec<IpAddr>,
+    pacer: Arc<Pacer>,
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+/// Creates the phones (`createPhone`, `batch` to an envelope) and provisions each with its PAP
+/// as soon as it exists and the pacer admits it.
+async fn onboard_phones(run: PhoneRun) {
+    let mut tasks = Vec::with_capacity(run.count);
+    let indices: Vec<usize> = (1..=run.count).collect();
+    for chunk in indices.chunks(run.batch) {
+        let mut macs = Vec::with_capacity(chunk.len());
+        for &index in chunk {
+            match phone::phone_mac(&run.mac_prefix, index) {
+                Ok(mac) => macs.push((index, mac)),
+                Err(_) => {
+                    let _ = run.tx.send(Msg::PhoneDone {
+                        outcome: Err("phone_invalid_mac".into()),
+                    });
+                }
+            }
+        }
+        let commands: Vec<Value> = macs
+            .iter()
+            .map(|(_, mac)| {
+                json!({
+                    "command": "createPhone",
+                    "mac": mac.as_str(),
+                    "vendor": phone::DEFAULT_VENDOR,
+                    "type": phone::DEFAULT_TYPE,
+                    "site": PHONE_SITE,
+                })
+            })
+            .collect();
+        let responses = match run.operator.request(commands).await {
+            Ok(responses) => responses,
+            Err(e) => {
+                for _ in &macs {
+                    let _ = run.tx.send(Msg::PhoneDone {
+                        outcome: Err(client_error_kind(&e)),
+                    });
+                }
+                continue;
+            }
+        };
+        for ((index, mac), response) in macs.into_iter().zip(responses) {
+            let pap = match fleet_ctl::response_data(response) {
+                Ok(data) => data.get("pap").and_then(Value::as_str).map(str::to_owned),
+                Err(e) => {
+                    let _ = run.tx.send(Msg::PhoneDone {
+                        outcome: Err(client_error_kind(&e)),
+                    });
+                    continue;
+                }
+            };
+            let Some(pap) = pap else {
+                let _ = run.tx.send(Msg::PhoneDone {
+                    outcome: Err("phone_no_pap".into()),
+                });
+                continue;
+            };
+            let mut target = run.target.clone();
+            if !run.sources.is_empty() {
+                target.source = Some(run.sources[index % run.sources.len()]);
+            }
+            let profile = PhoneProfile {
+                mac: mac.to_string(),
+                vendor: phone::DEFAULT_VENDOR.into(),
+                kind: phone::DEFAULT_TYPE.into(),
+                pap: Some(pap),
+            };
+            let dir = run.base.join(mac.as_str());
+            let pacer = Arc::clone(&run.pacer);
+            let tx = run.tx.clone();
+            tasks.push(tokio::spawn(async move {
+                let _permit = pacer.admit().await;
+                let started = Instant::now();
+                let result = match PhoneState::init(&dir, &profile) {
+                    Ok(_) => phone::provision(&dir, &target).await,
+                    Err(e) => Err(e),
+                };
+                let outcome = match phone_error_kind(&result) {
+                    None => Ok(started.elapsed()),
+                    Some(kind) => {
+                        if let Err(e) = &result {
+                            tracing::debug!("phone {}: {e}", profile.mac);
+                        }
+                        Err(kind.to_owned())
+                    }
+                };
+                let _ = tx.send(Msg::PhoneDone { outcome });
+            }));
+        }
+    }
+    for task in tasks {
+        if task.await.is_err() {
+            let _ = run.tx.send(Msg::PhoneDone {
+                outcome: Err("phone_task_failed".into()),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_rss_is_read_from_proc_status() {
+        let status = "Name:\tfleetd\nVmPeak:\t  900 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
+        assert_eq!(parse_vm_rss(status), Some(12345));
+        assert_eq!(parse_vm_rss("Name:\tx\n"), None);
+        assert_eq!(parse_vm_rss("VmRSS:\tlots kB\n"), None);
+    }
+
+    #[test]
+    fn latencies_are_reported_in_milliseconds() {
+        let mut recorder = Recorder::new();
+        assert_eq!(recorder.latency(), Latency::default());
+        for ms in 1..=100u64 {
+            recorder.record(Duration::from_millis(ms));
+        }
+        let latency = recorder.latency();
+        assert_eq!(latency.count, 100);
+        let p50 = latency.p50.unwrap();
+        assert!((49.9..=50.1).contains(&p50), "{p50}");
+        let max = latency.max.unwrap();
+        assert!((99.9..=100.1).contains(&max), "{max}");
+    }
+
+    #[test]
+    fn unauthorized_stations_are_picked_from_state_events() {
+        let event = json!({"event": "state", "station": {
+            "serial": "LD1-00001", "state": "unauthorized", "fingerprint": "AB:CD"}});
+        assert_eq!(
+            Run::unauthorized_in("fleet/events/default/stations", &event).as_deref(),
+            Some("LD1-00001")
+        );
+        assert_eq!(
+            Run::unauthorized_in("fleet/events/default/audit", &event),
+            None
+        );
+        let running = json!({"event": "state", "station": {
+            "serial": "LD1-00001", "state": "running", "fingerprint": "AB:CD"}});
+        assert_eq!(
+            Run::unauthorized_in("fleet/events/default/stations", &running),
+            None
+        );
+        let keyless = json!({"event": "state", "station": {
+            "serial": "LD1-00001", "state": "unauthorized", "fingerprint": null}});
+        assert_eq!(
+            Run::unauthorized_in("fleet/events/default/stations", &keyless),
+            None
+        );
+    }
+
+    #[test]
+    fn errors_are_counted_by_kind() {
+        assert_eq!(
+            client_error_kind(&ClientError::CommandFailed {
+                code: "wrong_state".into(),
+                error: "x".into()
+            }),
+            "command_wrong_state"
+        );
+        assert_eq!(
+            client_error_kind(&ClientError::Timeout(Duration::from_secs(1))),
+            "operator_timeout"
+        );
+        assert_eq!(
+            phone_error_kind(&Ok(ProvisionOutcome::Refused { code: 4 })),
+            Some("phone_refused")
+        );
+        assert_eq!(phone_error_kind(&Ok(ProvisionOutcome::Provisioned)), None);
+        let mut errors = Errors::default();
+        errors.count("a", 2);
+        errors.count("a", 0);
+        errors.count("b", 0);
+        assert_eq!(errors.total(), 2);
+        assert_eq!(errors.0.len(), 1);
+    }
+}

@@ -1,0 +1,83 @@
+//! The CI smoke load: a few hundred simulated devices through the whole onboarding path with
+//! `fleet-sim load`'s library function; the report must be complete and free of errors. No
+//! figure of speed is asserted.
+
+use fleet_sim::{run_load, LoadOptions};
+use fleet_tests::TestFleet;
+
+const STATIONS: usize = 150;
+const PHONES: usize = 50;
+const CUT: usize = 5;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smoke_load_onboards_every_device_without_errors() {
+    // Every simulated device connects from 127.0.0.1: lift the per-address connection limit.
+    let fleet = TestFleet::start_with(|c| {
+        c.limits.connections_per_ip_per_minute = 100_000;
+    })
+    .await;
+    let state = tempfile::tempdir().expect("state dir");
+    let mut opts = LoadOptions::new(fleet.server(), fleet.data_dir());
+    opts.stations = STATIONS;
+    opts.phones = PHONES;
+    opts.concurrency = 50;
+    opts.accept_batch = 20;
+    opts.state_dir = state.path().to_owned();
+    opts.reconnect = true;
+    opts.cut_sample = CUT;
+    opts.fleetd_pid = Some(std::process::id());
+    opts.progress = false;
+
+    let report = run_load(opts).await.expect("load runs");
+    eprintln!(
+        "{}",
+        serde_json::to_string_pretty(&report).expect("report as JSON")
+    );
+
+    assert!(report.errors.is_empty(), "errors: {:?}", report.errors);
+    assert_eq!(report.stations, STATIONS);
+    assert_eq!(report.phones, PHONES);
+    assert_eq!(report.stations_authorized, STATIONS);
+    assert_eq!(report.phones_provisioned, PHONES);
+    assert_eq!(report.connect_ms.count, STATIONS as u64);
+    assert_eq!(report.accept_to_authorized_ms.count, STATIONS as u64);
+    assert_eq!(report.provision_ms.count, PHONES as u64);
+    assert_eq!(report.reject_to_cut_ms.count, CUT as u64);
+    assert!(report.seconds > 0.0);
+    assert!(report.onboarded_per_s > 0.0);
+    let storm = report.reconnect.as_ref().expect("reconnect storm");
+    assert_eq!(storm.stations, STATIONS);
+    assert_eq!(storm.connected, STATIONS);
+    assert_eq!(storm.connect_ms.count, STATIONS as u64);
+    // The test process is fleetd here: its memory is read from /proc.
+    assert!(report.fleetd_rss_kib.is_some_and(|k| k > 0));
+    assert!(report.fleetd_rss_kib_per_device.is_some_and(|k| k > 0.0));
+
+    let json = serde_json::to_value(&report).expect("report as JSON");
+    for key in [
+        "stations",
+        "phones",
+        "seconds",
+        "onboarded_per_s",
+        "connect_ms",
+        "accept_to_authorized_ms",
+        "reject_to_cut_ms",
+        "errors",
+        "fleetd_rss_kib",
+        "fleetd_rss_kib_per_device",
+        "reconnect",
+    ] {
+        assert!(json.get(key).is_some(), "no {key:?} in {json}");
+    }
+    for latency in [
+        &json["connect_ms"],
+        &json["accept_to_authorized_ms"],
+        &json["reject_to_cut_ms"],
+        &json["reconnect"]["connect_ms"],
+    ] {
+        for field in ["p50", "p99", "max"] {
+            assert!(latency[field].is_number(), "no {field} in {latency}");
+        }
+    }
+    assert_eq!(json["errors"], serde_json::json!({}));
+}
