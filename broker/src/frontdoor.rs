@@ -545,9 +545,19 @@ async fn connection(
 
     let shared_rights: SharedRights = Arc::new(std::sync::RwLock::new(rights));
     let (control_tx, control_rx) = mpsc::unbounded_channel();
-    shared
-        .registry
-        .register(&client_id, session_id, shared_rights.clone(), control_tx);
+    // Dropped once this session released its router link (see `Registry::register`).
+    let (released_tx, released_rx) = tokio::sync::oneshot::channel::<()>();
+    let taken_over = shared.registry.register(
+        &client_id,
+        session_id,
+        shared_rights.clone(),
+        control_tx,
+        released_rx,
+    );
+    if let Some(old_released) = taken_over {
+        // Bounded: a stuck old session cannot hold the new one forever.
+        let _ = timeout(Duration::from_secs(2), old_released).await;
+    }
 
     let (mut link_tx, link_rx, notification) =
         match build_link(&shared.links, client_id.clone()).await {
@@ -640,6 +650,8 @@ async fn connection(
     if end != End::LinkGone {
         release_link(&mut pump.link_tx).await;
     }
+    // A session that took this one over may build its link now.
+    drop(released_tx);
     shared.registry.unregister(&client_id, session_id);
     admission.session_closed(&client_id, session_id);
 }

@@ -27,6 +27,9 @@ struct Entry {
     session_id: u64,
     rights: SharedRights,
     control: mpsc::UnboundedSender<Control>,
+    /// Resolves (or fails, when its sender is dropped) once this session has released its link
+    /// in the router.
+    released: tokio::sync::oneshot::Receiver<()>,
 }
 
 #[derive(Default)]
@@ -64,25 +67,31 @@ impl Registry {
     }
 
     /// Registers an admitted session; a live session with the same client id is taken over.
+    /// Returns, for a takeover, what resolves once the old session released its router link:
+    /// the new link must not be built before (the router would see two sessions with one
+    /// client id, and the old one's late DISCONNECT would end the new one).
     pub(crate) fn register(
         &self,
         client_id: &str,
         session_id: u64,
         rights: SharedRights,
         control: mpsc::UnboundedSender<Control>,
-    ) {
+        released: tokio::sync::oneshot::Receiver<()>,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
         let old = lock(&self.sessions).insert(
             client_id.to_owned(),
             Entry {
                 session_id,
                 rights,
                 control,
+                released,
             },
         );
-        if let Some(old) = old {
+        old.map(|old| {
             set(&old.rights, Rights::none());
             let _ = old.control.send(Control::TakenOver);
-        }
+            old.released
+        })
     }
 
     /// Removes a session if it is still the registered one for its client id.

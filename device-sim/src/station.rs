@@ -290,9 +290,12 @@ async fn run_station(
         .unwrap_or_default();
     let mut emitter = Emitter { serial, tx: events };
     let mut next = Next::Boot;
+    // Kept across reboots while the key stays the same, so that a reconnect resumes its TLS
+    // session like a real device's TLS stack would.
+    let mut tls_cache: TlsCache = None;
     loop {
         next = match next {
-            Next::Boot => boot(&dir, &config, &mut control, &mut emitter).await,
+            Next::Boot => boot(&dir, &config, &mut control, &mut emitter, &mut tls_cache).await,
             Next::Reboot => {
                 emitter.emit(SimEvent::Rebooting);
                 Next::Boot
@@ -323,11 +326,15 @@ async fn run_station(
 
 /// One boot: read the state directory, connect, run until the connection ends or the
 /// station is told to reboot, power off or shut down.
+/// The TLS client configuration of the last boot, by the certificate it presents.
+type TlsCache = Option<(Option<String>, Arc<rustls::ClientConfig>)>;
+
 async fn boot(
     dir: &Path,
     config: &SimConfig,
     control: &mut mpsc::UnboundedReceiver<Control>,
     emitter: &mut Emitter,
+    tls_cache: &mut TlsCache,
 ) -> Next {
     let state = match StationState::open(dir) {
         Ok(state) => state,
@@ -352,19 +359,27 @@ async fn boot(
         firmware: state.record.firmware.clone(),
         fingerprint: identity.as_ref().map(|i| i.fingerprint.to_string()),
     });
-    let tls = match fleet_certs::client_config(
-        &config.ca_pem,
-        identity
-            .as_ref()
-            .map(|i| (i.cert_pem.as_str(), i.key_pem.as_str())),
-    ) {
-        Ok(tls) => tls,
-        Err(e) => {
-            emitter.emit(SimEvent::Error {
-                reason: format!("TLS configuration: {e}"),
-            });
-            return Next::Off;
-        }
+    let presented = identity.as_ref().map(|i| i.cert_pem.clone());
+    let tls = match tls_cache {
+        Some((cert, tls)) if *cert == presented => tls.clone(),
+        _ => match fleet_certs::client_config(
+            &config.ca_pem,
+            identity
+                .as_ref()
+                .map(|i| (i.cert_pem.as_str(), i.key_pem.as_str())),
+        ) {
+            Ok(tls) => {
+                let tls = Arc::new(tls);
+                *tls_cache = Some((presented, tls.clone()));
+                tls
+            }
+            Err(e) => {
+                emitter.emit(SimEvent::Error {
+                    reason: format!("TLS configuration: {e}"),
+                });
+                return Next::Off;
+            }
+        },
     };
     let Some((host, port)) = split_server(&config.server) else {
         emitter.emit(SimEvent::Error {
@@ -380,9 +395,7 @@ async fn boot(
         .set_keep_alive(KEEP_ALIVE)
         .set_clean_session(true)
         .set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE)
-        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls),
-        )))
+        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)))
         .set_last_will(LastWill::new(
             topic(&serial, "status"),
             status_payload(false, &firmware),
