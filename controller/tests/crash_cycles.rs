@@ -3,10 +3,12 @@
 //! time. Every acknowledged decision and every issued certificate is checked against what the
 //! clients were told: nothing lost, nothing half-done, and the store opens cleanly every time.
 
+mod common;
+
+use common::{operator, start_fleetd};
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use fleet_ctl::OperatorClient;
@@ -16,55 +18,6 @@ use serde_json::json;
 use std::time::Instant;
 
 const CYCLES: usize = 20;
-
-struct Fleetd {
-    child: Child,
-    server: String,
-}
-
-impl Drop for Fleetd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_fleetd(data: &Path) -> Fleetd {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetd"))
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("fleetd starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("fleetd prints its address");
-    let server = line
-        .trim()
-        .strip_prefix("fleetd listening on ")
-        .unwrap_or_else(|| panic!("fleetd did not start cleanly: {line:?}"))
-        .to_owned();
-    Fleetd { child, server }
-}
-
-async fn operator(fleetd: &Fleetd, data: &Path) -> OperatorClient {
-    let read = |f: &str| std::fs::read_to_string(data.join(f)).expect(f);
-    OperatorClient::connect(
-        &fleetd.server,
-        &read("ca.pem"),
-        &read("admin.pem"),
-        &read("admin.key"),
-        "admin",
-    )
-    .await
-    .expect("operator connects")
-}
 
 /// What the clients were told, and so what must hold after any crash.
 #[derive(Debug, Clone, PartialEq)]

@@ -2,68 +2,17 @@
 //! SIGKILL mid-way, restarted on the same data directory, and every acknowledged decision is
 //! still there. (This test lives in the controller package because it runs the `fleetd` binary.)
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+mod common;
+
+use common::{operator, start_fleetd};
 
 use fleet_ctl::OperatorClient;
+use std::time::Duration;
+
 use fleet_sim::{spawn_station, SimConfig, StationHandle, StationProfile, StationState};
 use serde_json::{json, Value};
 
 const PATIENCE: Duration = Duration::from_secs(30);
-
-struct Fleetd {
-    child: Child,
-    server: String,
-}
-
-impl Drop for Fleetd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_fleetd(data: &Path) -> Fleetd {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetd"))
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("fleetd starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("fleetd prints its address");
-    let addr = line
-        .trim()
-        .strip_prefix("fleetd listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_owned();
-    Fleetd {
-        child,
-        server: addr,
-    }
-}
-
-async fn operator(fleetd: &Fleetd, data: &Path) -> OperatorClient {
-    let read = |f: &str| std::fs::read_to_string(data.join(f)).expect(f);
-    OperatorClient::connect(
-        &fleetd.server,
-        &read("ca.pem"),
-        &read("admin.pem"),
-        &read("admin.key"),
-        "admin",
-    )
-    .await
-    .expect("operator connects")
-}
 
 /// Waits until `serial` shows `state`, re-checking on every station event.
 async fn wait_state(

@@ -74,6 +74,39 @@ fn info(
     }
 }
 
+/// A controller on a fresh store with a recording `SessionControl`, and its `admin` operator
+/// admitted.
+async fn setup() -> (
+    tempfile::TempDir,
+    Arc<Controller>,
+    ControllerAdmission,
+    Arc<Mutex<Log>>,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = fleet_certs::FleetCa::generate("test CA").expect("ca");
+    let operator = ca.issue_operator("admin", "default").expect("operator");
+    let store = Store::open(&dir.path().join("fleet.redb")).expect("store");
+    let log = Arc::new(Mutex::new(Log::default()));
+    let (controller, outbox) = Controller::new(
+        store,
+        Arc::new(ca),
+        Arc::new(Recorder(log.clone())),
+        settings(),
+    )
+    .expect("controller");
+    log.lock().expect("log").outbox = Some(outbox);
+    let admission = ControllerAdmission(controller.clone());
+    let operator_cert = PresentedCertificate {
+        der: operator.cert_der.clone(),
+        trust: Trust::FleetCa,
+    };
+    assert!(matches!(
+        admission.admit(info(1, "op", Some(operator_cert))).await,
+        Decision::Allow { .. }
+    ));
+    (dir, controller, admission, log)
+}
+
 fn settings() -> ControlSettings {
     let minutes = time::Duration::minutes;
     ControlSettings {
@@ -104,30 +137,9 @@ fn position(events: &[String], needle: &str) -> usize {
 
 #[tokio::test]
 async fn cuts_come_before_the_operators_acknowledgement() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ca = fleet_certs::FleetCa::generate("test CA").expect("ca");
-    let operator = ca.issue_operator("admin", "default").expect("operator");
-    let store = Store::open(&dir.path().join("fleet.redb")).expect("store");
-    let log = Arc::new(Mutex::new(Log::default()));
-    let (controller, outbox) = Controller::new(
-        store,
-        Arc::new(ca),
-        Arc::new(Recorder(log.clone())),
-        settings(),
-    )
-    .expect("controller");
-    log.lock().expect("log").outbox = Some(outbox);
-    let admission = ControllerAdmission(controller.clone());
+    let (_dir, controller, admission, log) = setup().await;
 
-    // An operator and a station with its own key are admitted; the station asks to be authorized.
-    let op_cert = PresentedCertificate {
-        der: operator.cert_der.clone(),
-        trust: Trust::FleetCa,
-    };
-    assert!(matches!(
-        admission.admit(info(1, "op", Some(op_cert))).await,
-        Decision::Allow { .. }
-    ));
+    // A station with its own key is admitted and asks to be authorized.
     let station = fleet_certs::self_signed_station("S1").expect("station");
     let st_cert = PresentedCertificate {
         der: station.cert_der.clone(),
@@ -239,28 +251,7 @@ async fn cuts_come_before_the_operators_acknowledgement() {
 /// is seen by the session's re-check (`session_opened`), so the old identity is not let in.
 #[tokio::test]
 async fn a_decision_during_admission_is_seen_by_the_recheck() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ca = fleet_certs::FleetCa::generate("test CA").expect("ca");
-    let operator = ca.issue_operator("admin", "default").expect("operator");
-    let store = Store::open(&dir.path().join("fleet.redb")).expect("store");
-    let log = Arc::new(Mutex::new(Log::default()));
-    let (controller, outbox) = Controller::new(
-        store,
-        Arc::new(ca),
-        Arc::new(Recorder(log.clone())),
-        settings(),
-    )
-    .expect("controller");
-    log.lock().expect("log").outbox = Some(outbox);
-    let admission = ControllerAdmission(controller.clone());
-    let op_cert = PresentedCertificate {
-        der: operator.cert_der.clone(),
-        trust: Trust::FleetCa,
-    };
-    assert!(matches!(
-        admission.admit(info(1, "op", Some(op_cert))).await,
-        Decision::Allow { .. }
-    ));
+    let (_dir, controller, admission, _log) = setup().await;
     let station = fleet_certs::self_signed_station("R1").expect("station");
     let cert = || PresentedCertificate {
         der: station.cert_der.clone(),

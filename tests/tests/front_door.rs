@@ -111,36 +111,13 @@ async fn a_session_takeover_closes_the_old_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_packet_only_a_server_sends_ends_the_connection_and_nothing_else() {
     use fleet_tests::raw::until_closed;
-    use tokio::io::AsyncReadExt;
 
     let fleet = TestFleet::start().await;
     let port = fleet.fleet.local_addr().port();
     let connector = anonymous_connector(&fleet);
-    // MQTT 5 CONNECT (clean start, keepalive 60, no properties) for a legacy station, then a
-    // CONNACK from the client: rumqttd's v5 decoder panics on it (found by fuzzing).
-    let id = b"station-PX-1";
-    let mut connect = vec![
-        0x10,
-        (13 + id.len()) as u8,
-        0,
-        4,
-        b'M',
-        b'Q',
-        b'T',
-        b'T',
-        5,
-        0x02,
-        0,
-        60,
-        0,
-    ];
-    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    connect.extend_from_slice(id);
-    let mut stream = tls(&connector, port).await;
-    stream.write_all(&connect).await.expect("connect");
-    let mut connack = [0u8; 5];
-    stream.read_exact(&mut connack).await.expect("connack");
-    assert_eq!(connack[3], 0, "admitted");
+    // An MQTT 5 session, then a CONNACK from the client: rumqttd's v5 decoder panics on it
+    // (found by fuzzing).
+    let mut stream = v5_session(&fleet, "station-PX-1").await;
     stream
         .write_all(&[0x20, 0x02, 0x00, 0x00])
         .await
