@@ -348,6 +348,22 @@ impl Controller {
             }
         };
         let mut live = self.lock();
+        // Operators may use any client id (PROTOCOL §1), but not one another operator's live
+        // session holds: taking it over would let one operator (of any tenant) cut another.
+        if let (
+            Identity::Operator { name, tenant },
+            Some(LiveSession {
+                identity: Identity::Operator { name: holder, .. },
+                ..
+            }),
+        ) = (&identity, live.sessions.get(&info.client_id))
+        {
+            if holder != name {
+                drop(live);
+                let reason = "client id in use by another operator's session".to_owned();
+                return deny(Refusal::NotAuthorized, reason, tenant, None, false);
+            }
+        }
         let (rights, tenant, device, level) = match &identity {
             Identity::Phone { mac, presented } => {
                 match self.admit_phone(&mut live, mac, presented, info.peer_addr.ip(), at) {

@@ -188,3 +188,37 @@ async fn malformed_frames_close_the_connection_with_the_mqtt5_reason() {
 async fn connect_v4(stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> u8 {
     connect(stream, "station-PX-2").await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_cannot_take_over_another_operators_session() {
+    use fleet_tests::raw::connack;
+    use std::sync::Arc;
+
+    let fleet = TestFleet::start().await;
+    let port = fleet.fleet.local_addr().port();
+    let connector_of = |name: &str, tenant: &str| {
+        let (cert, key) =
+            fleet_certs::data_dir::issue_operator_files(fleet.data_dir(), name, tenant)
+                .expect("issue");
+        let cert = std::fs::read_to_string(cert).expect("cert");
+        let key = std::fs::read_to_string(key).expect("key");
+        let config = fleet_certs::client_config(&fleet.ca_pem(), Some((&cert, &key))).expect("tls");
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    };
+    let alice = connector_of("alice", "default");
+    let mallory = connector_of("mallory", "other");
+    let hello = fleet_tests::raw::connect_frame("console-1", 60, None);
+    let mut first = tls(&alice, port).await;
+    assert_eq!(connack(&mut first, &hello).await, 0);
+    // Another operator with the same client id is refused, and alice's session stays.
+    let mut second = tls(&mallory, port).await;
+    assert_eq!(connack(&mut second, &hello).await, 5);
+    first
+        .write_all(&subscribe_frame("fleet/control/alice/response"))
+        .await
+        .expect("subscribe");
+    read_until_contains(&mut first, &[0x90, 3, 0, 1, 1]).await;
+    // The same operator may take its own session over (a reconnect).
+    let mut again = tls(&alice, port).await;
+    assert_eq!(connack(&mut again, &hello).await, 0);
+}
