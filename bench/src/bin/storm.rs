@@ -1,0 +1,227 @@
+//! Connect storm: N mTLS clients, C at a time, each with its own certificate (made before the
+//! clock starts), MQTT 3.1.1 CONNECT + CONNACK (or the TLS handshake only), connections held
+//! open until every client has finished so the server's RSS per connection can be read.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Mutex, Semaphore};
+use tokio_rustls::TlsConnector;
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Mode {
+    Mqtt,
+    TlsOnly,
+}
+
+#[derive(Parser)]
+struct Args {
+    /// Server address HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:8883")]
+    addr: String,
+    /// TLS server name the server certificate is verified against.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// PEM file of the CA(s) trusted for the server certificate.
+    #[arg(long)]
+    server_ca: std::path::PathBuf,
+    /// Issue client certificates from this CA (PEM cert + key); otherwise self-signed stations.
+    #[arg(long, requires = "issuer_key")]
+    issuer_cert: Option<std::path::PathBuf>,
+    #[arg(long)]
+    issuer_key: Option<std::path::PathBuf>,
+    /// Number of clients.
+    #[arg(short = 'n', long, default_value_t = 2000)]
+    clients: usize,
+    /// Clients connecting at once.
+    #[arg(short = 'c', long, default_value_t = 50)]
+    concurrency: usize,
+    #[arg(long, value_enum, default_value = "mqtt")]
+    mode: Mode,
+    /// Server process to read CPU time and RSS of.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Prefix of serials; client ids are `station-<serial>`.
+    #[arg(long, default_value = "BENCH")]
+    serial_prefix: String,
+    /// Seconds to wait before reading RSS after the last connect.
+    #[arg(long, default_value_t = 1.0)]
+    settle_s: f64,
+    /// Per-client timeout in seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout_s: u64,
+}
+
+fn connect_packet(client_id: &str) -> Vec<u8> {
+    // MQTT 3.1.1 CONNECT, clean session, keep-alive 600 s, no username/password.
+    let mut var = Vec::new();
+    var.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0x02, 0x58]);
+    var.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    var.extend_from_slice(client_id.as_bytes());
+    let mut pkt = vec![0x10];
+    let mut len = var.len();
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        pkt.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    pkt.extend_from_slice(&var);
+    pkt
+}
+
+type Conn = tokio_rustls::client::TlsStream<TcpStream>;
+
+async fn one(
+    cfg: Arc<ClientConfig>,
+    addr: &str,
+    name: ServerName<'static>,
+    connect: Option<Vec<u8>>,
+) -> Result<Conn, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| format!("tcp: {e}"))?;
+    tcp.set_nodelay(true).ok();
+    let mut tls = TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    if let Some(pkt) = connect {
+        tls.write_all(&pkt).await.map_err(|e| format!("write: {e}"))?;
+        tls.flush().await.map_err(|e| format!("flush: {e}"))?;
+        let mut ack = [0u8; 4];
+        tls.read_exact(&mut ack).await.map_err(|e| format!("connack: {e}"))?;
+        if ack[0] != 0x20 {
+            return Err(format!("not a CONNACK: {:#04x}", ack[0]));
+        }
+        if ack[3] != 0 {
+            return Err(format!("CONNACK refused: {}", ack[3]));
+        }
+    }
+    Ok(tls)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let server_ca = std::fs::read_to_string(&args.server_ca).context("server CA")?;
+    let issuer = match (&args.issuer_cert, &args.issuer_key) {
+        (Some(c), Some(k)) => Some(fleet_certs::FleetCa::from_pem(
+            &std::fs::read_to_string(c)?,
+            &std::fs::read_to_string(k)?,
+        )?),
+        _ => None,
+    };
+
+    // Certificates and client configurations, before the clock starts.
+    let t_gen = Instant::now();
+    let mut clients = Vec::with_capacity(args.clients);
+    for i in 0..args.clients {
+        let serial = format!("{}{:06}", args.serial_prefix, i);
+        let (cert, key) = match &issuer {
+            Some(ca) => {
+                let (key, csr) = fleet_certs::phone_key_and_csr(&serial)?;
+                let cert = ca.issue_client_from_csr(&csr, &serial, "station", "bench")?;
+                (cert.cert_pem, key)
+            }
+            None => {
+                let c = fleet_certs::self_signed_station(&serial)?;
+                (c.cert_pem, c.key_pem)
+            }
+        };
+        let cfg = fleet_certs::client_config(&server_ca, Some((&cert, &key)))?;
+        clients.push((serial, Arc::new(cfg)));
+    }
+    eprintln!("made {} client certificates in {:?}", args.clients, t_gen.elapsed());
+
+    let name = ServerName::try_from(args.server_name.clone())?;
+    let before = args.server_pid.map(fleet_bench::proc_sample).transpose()?;
+    let sem = Arc::new(Semaphore::new(args.concurrency));
+    let held: Arc<Mutex<Vec<Conn>>> = Arc::new(Mutex::new(Vec::with_capacity(args.clients)));
+    let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new(3)?));
+    let errors: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>> = Default::default();
+    let addr: Arc<str> = args.addr.clone().into();
+    let timeout = Duration::from_secs(args.timeout_s);
+
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(args.clients);
+    for (serial, cfg) in clients {
+        let permit = sem.clone().acquire_owned().await?;
+        let (held, hist, errors, addr, name) =
+            (held.clone(), hist.clone(), errors.clone(), addr.clone(), name.clone());
+        let pkt = (args.mode == Mode::Mqtt).then(|| connect_packet(&format!("station-{serial}")));
+        tasks.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = tokio::time::timeout(timeout, one(cfg, &addr, name, pkt)).await;
+            let us = t0.elapsed().as_micros() as u64;
+            drop(permit);
+            match r {
+                Ok(Ok(conn)) => {
+                    hist.lock().unwrap().record(us.max(1)).ok();
+                    held.lock().await.push(conn);
+                }
+                Ok(Err(e)) => {
+                    let key: String = e.chars().take(80).collect();
+                    *errors.lock().unwrap().entry(key).or_default() += 1;
+                }
+                Err(_) => *errors.lock().unwrap().entry("timeout".into()).or_default() += 1,
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu_after = args.server_pid.map(fleet_bench::proc_sample).transpose()?;
+    tokio::time::sleep(Duration::from_secs_f64(args.settle_s)).await;
+    let rss_after = args.server_pid.map(fleet_bench::proc_sample).transpose()?;
+
+    let ok = held.lock().await.len();
+    let h = hist.lock().unwrap();
+    let errors = errors.lock().unwrap().clone();
+    let n_err: u64 = errors.values().sum();
+    let mut report = serde_json::json!({
+        "mode": if args.mode == Mode::Mqtt { "mqtt" } else { "tls-only" },
+        "addr": args.addr,
+        "clients": args.clients,
+        "concurrency": args.concurrency,
+        "connected": ok,
+        "seconds": secs,
+        "connections_per_s": ok as f64 / secs,
+        "connect_ms": {
+            "p50": h.value_at_quantile(0.50) as f64 / 1000.0,
+            "p99": h.value_at_quantile(0.99) as f64 / 1000.0,
+            "max": h.max() as f64 / 1000.0,
+        },
+        "errors_total": n_err,
+        "errors": errors,
+    });
+    if let (Some((cpu0, rss0)), Some((cpu1, _)), Some((_, rss1))) = (before, cpu_after, rss_after) {
+        let n = ok.max(1) as f64;
+        let cpu_ms = (cpu1 - cpu0) as f64 * 1000.0 / fleet_bench::CLK_TCK as f64;
+        report["server"] = serde_json::json!({
+            "pid": args.server_pid,
+            "cpu_ms": cpu_ms,
+            "cpu_ms_per_conn": cpu_ms / n,
+            "rss_kib_before": rss0,
+            "rss_kib_after": rss1,
+            "rss_kib_per_conn": (rss1 as f64 - rss0 as f64) / n,
+        });
+    }
+    println!("{}", serde_json::to_string(&report)?);
+    // Close everything.
+    drop(h);
+    held.lock().await.clear();
+    Ok(())
+}
