@@ -27,6 +27,8 @@ pub trait Bus: Send + 'static {
     fn publish(&mut self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), BusError>;
     /// The next message on a subscribed filter. Cancel-safe: usable in `tokio::select!`.
     fn next(&mut self) -> impl Future<Output = Result<BusMessage, BusError>> + Send;
+    /// A message that has already arrived, without waiting (to handle a batch at once).
+    fn try_next(&mut self) -> Option<BusMessage>;
 }
 
 /// The controller's in-process link into rumqttd's router: no TLS, no socket.
@@ -103,5 +105,9 @@ impl Bus for LocalBus {
 
     async fn next(&mut self) -> Result<BusMessage, BusError> {
         self.rx.recv().await.ok_or(BusError::Closed)
+    }
+
+    fn try_next(&mut self) -> Option<BusMessage> {
+        self.rx.try_recv().ok()
     }
 }

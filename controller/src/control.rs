@@ -37,7 +37,56 @@ use crate::station::{
     self, Admit, AuthRequest, DenyReason, Effect, Presented, Standing, Station, StationState,
     Transition,
 };
-use crate::store::{Change, Store};
+use crate::store::{Change, Store, StoreTxn};
+
+/// Bus messages handled in one batch at most (one store transaction, one fsync).
+pub const MAX_BATCH: usize = 256;
+
+/// A future that completes once an audit record is durable (and published).
+type AuditFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
+
+/// One batch of bus messages handled together ([`Controller::handle_batch`]): reads see the
+/// batch's own writes, all its changes are committed in ONE transaction at the end, and
+/// everything it says or does to anyone is held back (in `out`) until that commit.
+pub(crate) struct Cx {
+    txn: StoreTxn,
+    out: Vec<Output>,
+}
+
+/// Something a batch says or does, once its changes are durable.
+enum Output {
+    Publish(Publication),
+    /// An operator's response; if the commit fails, every command of it is answered with the
+    /// store's error instead.
+    Respond {
+        operator: String,
+        commands: Vec<(Value, Value)>,
+        responses: Vec<Value>,
+    },
+    /// End a session (after a message to `after`, if any).
+    Cut {
+        client_id: String,
+        after: Option<String>,
+    },
+    /// Re-read the rights of the station's live session: they grow in place, or it is cut.
+    Recheck(Serial),
+}
+
+impl Cx {
+    fn commit(&mut self, changes: Vec<Change>) -> Result<(), CommandError> {
+        self.txn.apply(changes).map(|_| ()).map_err(|e| {
+            warn!("store: {e}");
+            CommandError::internal(format!("the store refused the change: {e}"))
+        })
+    }
+
+    fn publish(&mut self, topic: String, payload: &Value) {
+        self.out.push(Output::Publish(Publication {
+            topic,
+            payload: payload.to_string().into_bytes(),
+        }));
+    }
+}
 
 /// A message for the bus task to publish, in order.
 #[derive(Debug, Clone)]
@@ -164,6 +213,15 @@ impl Controller {
         self.publish(format!("fleet/events/{tenant}/{kind}"), &body);
     }
 
+    fn event_in(&self, cx: &mut Cx, tenant: &str, kind: &str, body: Value) {
+        let mut body = body;
+        if let Some(obj) = body.as_object_mut() {
+            obj.insert("type".into(), json!(kind));
+            obj.insert("time".into(), json!(rfc3339(self.now())));
+        }
+        cx.publish(format!("fleet/events/{tenant}/{kind}"), &body);
+    }
+
     fn publish_audit(&self, records: &[AuditRecord]) {
         for r in records {
             if let Ok(v) = serde_json::to_value(r) {
@@ -188,8 +246,25 @@ impl Controller {
         }
     }
 
-    fn audit_only(&self, record: AuditRecord) {
-        let _ = self.commit(vec![Change::Audit(record)]);
+    /// Queues an audit record; the future completes once it is durable and published.
+    fn audit_later(&self, record: AuditRecord) -> AuditFuture {
+        let committed = self.store.apply_async(vec![Change::Audit(record)]);
+        let out = self.out.clone();
+        Box::pin(async move {
+            match committed.await {
+                Ok(records) => {
+                    for r in records {
+                        if let Ok(v) = serde_json::to_value(&r) {
+                            let _ = out.send(Publication {
+                                topic: format!("fleet/events/{}/audit", r.tenant),
+                                payload: v.to_string().into_bytes(),
+                            });
+                        }
+                    }
+                }
+                Err(e) => warn!("audit record not stored: {e}"),
+            }
+        })
     }
 
     fn online(&self, live: &Live, serial: &Serial) -> bool {
@@ -239,7 +314,8 @@ impl Controller {
     // ---------------------------------------------------------------- admission
 
     /// Audits a refused CONNECT within the per-address budget (a flood must not fill the disk);
-    /// refusals over the budget are counted into the next audited one.
+    /// refusals over the budget are counted into the next audited one. The record is queued at
+    /// once; the future says when it is durable.
     fn audit_refusal(
         &self,
         ip: IpAddr,
@@ -248,14 +324,14 @@ impl Controller {
         actor: String,
         device: Option<String>,
         reason: &str,
-    ) {
+    ) -> Option<AuditFuture> {
         let budget = self
             .audit_budget
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .spend(ip, at);
         match budget {
-            Some(0) => self.audit_only(AuditRecord::new(
+            Some(0) => Some(self.audit_later(AuditRecord::new(
                 at,
                 tenant,
                 actor,
@@ -263,8 +339,8 @@ impl Controller {
                 "connect",
                 Outcome::Refused,
                 Some(reason.to_owned()),
-            )),
-            Some(left_out) => self.audit_only(AuditRecord::new(
+            ))),
+            Some(left_out) => Some(self.audit_later(AuditRecord::new(
                 at,
                 tenant,
                 actor,
@@ -274,17 +350,22 @@ impl Controller {
                 Some(format!(
                     "{reason} (and {left_out} earlier refusals of this address not audited)"
                 )),
-            )),
-            None => debug!(%ip, "refusal over the audit budget: {reason}"),
+            ))),
+            None => {
+                debug!(%ip, "refusal over the audit budget: {reason}");
+                None
+            }
         }
     }
 
     /// Admission; the flag says whether a refusal is to be answered only after a delay (the
-    /// address is half-way to being refused for failed authentications).
-    fn admit_now(&self, info: ConnectInfo) -> (Decision, bool) {
+    /// address is half-way to being refused for failed authentications). The decision may be
+    /// told only once the returned audit records are durable.
+    fn admit_now(&self, info: ConnectInfo) -> (Decision, bool, Vec<AuditFuture>) {
         let at = self.now();
         let ip = info.peer_addr.ip();
         let slow = std::cell::Cell::new(false);
+        let audits = std::cell::RefCell::new(Vec::new());
         // `counts`: a failed authentication (wrong PAP, unknown device, identity that does not
         // fit); a station an operator rejected does not count.
         let deny = |refusal: Refusal,
@@ -301,7 +382,11 @@ impl Controller {
                     .record_failure(ip, at);
                 slow.set(verdict != Verdict::Allow);
             }
-            self.audit_refusal(ip, at, tenant, info.peer_addr.to_string(), device, &reason);
+            if let Some(audit) =
+                self.audit_refusal(ip, at, tenant, info.peer_addr.to_string(), device, &reason)
+            {
+                audits.borrow_mut().push(audit);
+            }
             Decision::Deny { refusal, reason }
         };
         let verdict = self
@@ -322,29 +407,34 @@ impl Controller {
                 device,
                 false,
             );
-            return (decision, true);
+            return (decision, true, audits.into_inner());
         }
-        let decision = self.decide_admission(&info, at, &deny);
-        (decision, slow.get())
+        let (decision, audit) = self.decide_admission(&info, at, &deny);
+        let mut audits = audits.into_inner();
+        audits.extend(audit);
+        (decision, slow.get(), audits)
     }
 
+    /// The decision, and the audit record of an admitted session (refusals are audited by
+    /// `deny`).
     fn decide_admission(
         &self,
         info: &ConnectInfo,
         at: OffsetDateTime,
         deny: &DenyFn<'_>,
-    ) -> Decision {
+    ) -> (Decision, Option<AuditFuture>) {
         let identity = match identity::identify(info) {
             Ok(i) => i,
             Err(reason) => {
                 let device: String = info.client_id.chars().take(80).collect();
-                return deny(
+                let decision = deny(
                     Refusal::NotAuthorized,
                     reason,
                     station::DEFAULT_TENANT,
                     Some(device),
                     true,
                 );
+                return (decision, None);
             }
         };
         let mut live = self.lock();
@@ -361,7 +451,10 @@ impl Controller {
             if holder != name {
                 drop(live);
                 let reason = "client id in use by another operator's session".to_owned();
-                return deny(Refusal::NotAuthorized, reason, tenant, None, false);
+                return (
+                    deny(Refusal::NotAuthorized, reason, tenant, None, false),
+                    None,
+                );
             }
         }
         let (rights, tenant, device, level) = match &identity {
@@ -370,7 +463,10 @@ impl Controller {
                     Ok((rights, tenant, level)) => (rights, tenant, Some(mac.to_string()), level),
                     Err((refusal, reason, tenant)) => {
                         drop(live);
-                        return deny(refusal, reason, &tenant, Some(mac.to_string()), true);
+                        return (
+                            deny(refusal, reason, &tenant, Some(mac.to_string()), true),
+                            None,
+                        );
                     }
                 }
             }
@@ -388,10 +484,11 @@ impl Controller {
                     Ok(r) => r,
                     Err(e) => {
                         drop(live);
-                        return Decision::Deny {
+                        let decision = Decision::Deny {
                             refusal: Refusal::ServerUnavailable,
                             reason: format!("store unavailable: {e}"),
                         };
+                        return (decision, None);
                     }
                 };
                 let tenant = record
@@ -419,13 +516,14 @@ impl Controller {
                             );
                         }
                         let counts = !matches!(reason, DenyReason::Rejected);
-                        return deny(
+                        let decision = deny(
                             Refusal::NotAuthorized,
                             reason.to_string(),
                             &tenant,
                             Some(serial.to_string()),
                             counts,
                         );
+                        return (decision, None);
                     }
                 };
                 (
@@ -450,7 +548,7 @@ impl Controller {
                 .insert(info.client_id.clone(), (*presented, info.peer_addr.ip()));
         }
         drop(live);
-        self.audit_only(AuditRecord::new(
+        let audit = self.audit_later(AuditRecord::new(
             at,
             tenant,
             info.peer_addr.to_string(),
@@ -459,7 +557,7 @@ impl Controller {
             Outcome::Ok,
             Some(format!("admitted with {level} rights")),
         ));
-        Decision::Allow { rights }
+        (Decision::Allow { rights }, Some(audit))
     }
 
     fn opened(&self, client_id: &str, session_id: u64) -> Option<Rights> {
@@ -502,6 +600,7 @@ impl Controller {
     fn apply_transition(
         &self,
         live: &Live,
+        cx: &mut Cx,
         serial: &Serial,
         transition: Transition,
         audit: AuditRecord,
@@ -513,14 +612,15 @@ impl Controller {
             None => changes.push(Change::DeleteStation(serial.clone())),
         }
         changes.push(Change::Audit(audit));
-        // Durable first; only then does anyone hear of it.
-        self.commit(changes)?;
-        self.run_effects(live, serial, &transition.effects, tenant);
+        // Durable first (at the batch's commit); only then does anyone hear of it.
+        cx.commit(changes)?;
+        self.run_effects(cx, serial, &transition.effects, tenant);
         let view = match &transition.station {
             Some(s) => self.view(live, s),
             None => json!({"serial": serial.as_str(), "state": null, "removed": true}),
         };
-        self.event(
+        self.event_in(
+            cx,
             tenant,
             "stations",
             json!({"event": "state", "station": view}),
@@ -528,42 +628,24 @@ impl Controller {
         Ok(transition.station)
     }
 
-    fn run_effects(&self, live: &Live, serial: &Serial, effects: &[Effect], tenant: &str) {
+    fn run_effects(&self, cx: &mut Cx, serial: &Serial, effects: &[Effect], tenant: &str) {
         let cmd_topic = format!("stations/{serial}/cmd");
-        let client_id = serial.client_id();
         for effect in effects {
             match effect {
-                Effect::Send(cmd) => self.publish(cmd_topic.clone(), &cmd.payload()),
+                Effect::Send(cmd) => cx.publish(cmd_topic.clone(), &cmd.payload()),
                 Effect::Cut(cmd) => {
                     // The station is first sent its `cmd`, so that it knows why; the front door
                     // withdraws its rights now and closes once that message is written (bounded
                     // grace).
-                    self.publish(cmd_topic.clone(), &cmd.payload());
-                    self.sessions.cut(&client_id, Some(cmd_topic.clone()));
+                    cx.publish(cmd_topic.clone(), &cmd.payload());
+                    cx.out.push(Output::Cut {
+                        client_id: serial.client_id(),
+                        after: Some(cmd_topic.clone()),
+                    });
                 }
-                Effect::Rights => {
-                    let Some(LiveSession {
-                        identity: Identity::Station { presented, .. },
-                        ..
-                    }) = live.sessions.get(&client_id)
-                    else {
-                        continue;
-                    };
-                    // Rights only grow in place (an accepted station gains them at once); any
-                    // other change cuts the session, so that no subscription made under the old
-                    // rights outlives them.
-                    match self.station_decision(serial, presented) {
-                        Ok(Admit::Authorized) => {
-                            let rights =
-                                identity::station_rights(serial, StationRights::Authorized);
-                            self.sessions.set_rights(&client_id, rights);
-                        }
-                        _ => {
-                            self.sessions.cut(&client_id, None);
-                        }
-                    }
-                }
-                Effect::Event { kind, detail } => self.event(
+                Effect::Rights => cx.out.push(Output::Recheck(serial.clone())),
+                Effect::Event { kind, detail } => self.event_in(
+                    cx,
                     tenant,
                     if *kind == "identity_mismatch" {
                         "security"
@@ -576,16 +658,113 @@ impl Controller {
         }
     }
 
+    /// What a batch said or did, once it is committed; `live` is still locked.
+    fn perform(&self, live: &Live, output: Output) {
+        match output {
+            Output::Publish(p) => {
+                let _ = self.out.send(p);
+            }
+            Output::Respond {
+                operator,
+                responses,
+                ..
+            } => self.respond(&operator, responses),
+            Output::Cut { client_id, after } => {
+                self.sessions.cut(&client_id, after);
+            }
+            Output::Recheck(serial) => {
+                let client_id = serial.client_id();
+                let Some(LiveSession {
+                    identity: Identity::Station { presented, .. },
+                    ..
+                }) = live.sessions.get(&client_id)
+                else {
+                    return;
+                };
+                // Rights only grow in place (an accepted station gains them at once); any other
+                // change cuts the session, so that no subscription made under the old rights
+                // outlives them.
+                match self.station_decision(&serial, presented) {
+                    Ok(Admit::Authorized) => {
+                        let rights = identity::station_rights(&serial, StationRights::Authorized);
+                        self.sessions.set_rights(&client_id, rights);
+                    }
+                    _ => {
+                        self.sessions.cut(&client_id, None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles a batch of messages from the router in ONE store transaction: every change of
+    /// the batch is committed (one fsync) before anything of it is published, answered or cut.
+    /// Messages are handled in order, each seeing the changes of those before it. Never panics
+    /// on what a peer sent.
+    pub fn handle_batch<'m>(&self, messages: impl IntoIterator<Item = (&'m str, &'m [u8])>) {
+        let mut live = self.lock();
+        let txn = match self.store.begin() {
+            Ok(txn) => txn,
+            Err(e) => {
+                warn!("store: cannot begin a transaction, messages dropped: {e}");
+                return;
+            }
+        };
+        let mut cx = Cx {
+            txn,
+            out: Vec::new(),
+        };
+        for (topic, payload) in messages {
+            self.handle_in(&mut live, &mut cx, topic, payload);
+        }
+        let Cx { txn, out } = cx;
+        match txn.commit() {
+            Ok(records) => {
+                self.publish_audit(&records);
+                for output in out {
+                    self.perform(&live, output);
+                }
+            }
+            Err(e) => {
+                warn!("store: a batch of messages was not committed: {e}");
+                // The batch may have changed the in-memory whitelists; the store has the truth.
+                match self.store.whitelists() {
+                    Ok(w) => live.whitelists = w,
+                    Err(e) => warn!("store: whitelists not reloaded: {e}"),
+                }
+                let error = CommandError::internal(format!("the store refused the change: {e}"));
+                for output in out {
+                    if let Output::Respond {
+                        operator, commands, ..
+                    } = output
+                    {
+                        let responses = commands
+                            .iter()
+                            .map(|(name, correlation)| error_response(name, correlation, &error))
+                            .collect();
+                        self.respond(&operator, responses);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one message from the router (a batch of one).
+    pub fn handle_message(&self, topic: &str, payload: &[u8]) {
+        self.handle_batch([(topic, payload)]);
+    }
+
     // ---------------------------------------------------------------- station messages
 
-    /// Handles one message from the router. Never panics on what a peer sent.
-    pub fn handle_message(&self, topic: &str, payload: &[u8]) {
+    fn handle_in(&self, live: &mut Live, cx: &mut Cx, topic: &str, payload: &[u8]) {
         let levels: Vec<&str> = topic.split('/').collect();
         if payload.len() > self.settings.max_payload_bytes {
             warn!(topic = %topic.escape_default(), "payload over {} bytes dropped", self.settings.max_payload_bytes);
             if let ["fleet", "control", operator, "request"] = levels.as_slice() {
-                self.respond(
+                self.respond_in(
+                    cx,
                     operator,
+                    vec![(Value::Null, Value::Null)],
                     vec![error_response(
                         &Value::Null,
                         &Value::Null,
@@ -599,29 +778,32 @@ impl Controller {
             return;
         }
         match levels.as_slice() {
-            ["stations", serial, "auth", "request"] => self.on_auth_request(serial, payload),
+            ["stations", serial, "auth", "request"] => {
+                self.on_auth_request(live, cx, serial, payload)
+            }
             ["stations", serial, "status"] => {
                 if let Ok(serial) = Serial::parse(serial) {
-                    self.lock().last_seen.insert(serial, self.now());
+                    live.last_seen.insert(serial, self.now());
                 }
             }
             ["stations", serial, "firmware", "request"] => {
-                self.on_firmware_request(serial, payload)
+                self.on_firmware_request(cx, serial, payload)
             }
             ["fleet", "control", operator, "request"] => {
-                self.on_operator_request(operator, payload)
+                self.on_operator_request(live, cx, operator, payload)
             }
-            ["phones", mac, "provision", "request"] => self.on_provision_request(mac, payload),
-            ["phones", mac, "provision", "complete"] => self.on_provision_complete(mac),
+            ["phones", mac, "provision", "request"] => {
+                self.on_provision_request(live, cx, mac, payload)
+            }
+            ["phones", mac, "provision", "complete"] => self.on_provision_complete(live, cx, mac),
             _ => {}
         }
     }
 
-    fn on_auth_request(&self, serial: &str, payload: &[u8]) {
+    fn on_auth_request(&self, live: &mut Live, cx: &mut Cx, serial: &str, payload: &[u8]) {
         let Ok(serial) = Serial::parse(serial) else {
             return;
         };
-        let live = self.lock();
         // Only the station's own session may publish here (the front door enforces it), so the
         // sender is the client id's live session, or its last one if it already closed.
         let Some((presented, ip)) = live.last_station_session.get(&serial.client_id()) else {
@@ -629,7 +811,7 @@ impl Controller {
         };
         let presented = *presented;
         let ip = ip.to_string();
-        let record = match self.store.station(&serial) {
+        let record = match cx.txn.station(&serial) {
             Ok(r) => r,
             Err(e) => {
                 warn!("store: {e}");
@@ -643,8 +825,7 @@ impl Controller {
         let request = match AuthRequest::parse(&serial, payload) {
             Ok(r) => r,
             Err(e) => {
-                drop(live);
-                self.event(&tenant, "stations", json!({"event": "bad_request", "serial": serial.as_str(), "error": e.to_string()}));
+                self.event_in(cx, &tenant, "stations", json!({"event": "bad_request", "serial": serial.as_str(), "error": e.to_string()}));
                 return;
             }
         };
@@ -677,12 +858,12 @@ impl Controller {
             Outcome::Ok,
             Some(reason),
         );
-        if let Err(e) = self.apply_transition(&live, &serial, transition, audit, &tenant) {
+        if let Err(e) = self.apply_transition(live, cx, &serial, transition, audit, &tenant) {
             warn!("auth request of {serial} not applied: {e}");
         }
     }
 
-    fn on_firmware_request(&self, serial: &str, payload: &[u8]) {
+    fn on_firmware_request(&self, cx: &mut Cx, serial: &str, payload: &[u8]) {
         let Ok(serial) = Serial::parse(serial) else {
             return;
         };
@@ -690,7 +871,7 @@ impl Controller {
         let request: Value = match serde_json::from_slice(payload) {
             Ok(v) => v,
             Err(e) => {
-                self.publish(
+                cx.publish(
                     topic,
                     &json!({"error": format!("not JSON: {e}"), "code": "invalid_argument"}),
                 );
@@ -702,14 +883,15 @@ impl Controller {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned();
-        let fail = |code: &str, error: String| {
-            self.publish(
+        let fail = |cx: &mut Cx, code: &str, error: String| {
+            cx.publish(
                 topic.clone(),
                 &json!({"version": version_text, "error": error, "code": code}),
             );
         };
         let Some(offset) = request.get("offset").and_then(Value::as_u64) else {
             return fail(
+                cx,
                 "invalid_argument",
                 "offset must be a non-negative integer".into(),
             );
@@ -719,18 +901,20 @@ impl Controller {
             .and_then(Value::as_u64)
             .unwrap_or(self.settings.chunk_size as u64)
             .min(self.settings.chunk_size as u64);
-        let record = match self.store.station(&serial) {
+        let record = match cx.txn.station(&serial) {
             Ok(Some(r)) => r,
-            _ => return fail("not_found", "no such station".into()),
+            _ => return fail(cx, "not_found", "no such station".into()),
         };
         let Standing::Updating { version, .. } = &record.standing else {
             return fail(
+                cx,
                 "wrong_state",
                 format!("station is {}, not updating", record.standing.label()),
             );
         };
         if *version != version_text {
             return fail(
+                cx,
                 "invalid_argument",
                 format!("the update in progress is {version}"),
             );
@@ -738,12 +922,14 @@ impl Controller {
         let image = parse_version(version).and_then(|v| self.settings.catalog.find(&v).cloned());
         let Some(image) = image else {
             return fail(
+                cx,
                 "not_found",
                 format!("firmware {version} is not in the catalog"),
             );
         };
         if offset > image.size {
             return fail(
+                cx,
                 "invalid_argument",
                 format!("offset {offset} beyond the image size {}", image.size),
             );
@@ -755,9 +941,9 @@ impl Controller {
         });
         if let Err(e) = read {
             warn!("firmware image {}: {e}", image.path.display());
-            return fail("internal", "the firmware image cannot be read".into());
+            return fail(cx, "internal", "the firmware image cannot be read".into());
         }
-        self.publish(
+        cx.publish(
             topic.clone(),
             &json!({
                 "version": version_text,
@@ -777,25 +963,44 @@ impl Controller {
         );
     }
 
-    fn on_operator_request(&self, operator: &str, payload: &[u8]) {
-        let tenant = match self.lock().operators.get(operator) {
+    /// Answers an operator once the batch is committed; `commands` (name, correlation data)
+    /// are what to answer with an error if the commit fails.
+    fn respond_in(
+        &self,
+        cx: &mut Cx,
+        operator: &str,
+        commands: Vec<(Value, Value)>,
+        responses: Vec<Value>,
+    ) {
+        cx.out.push(Output::Respond {
+            operator: operator.to_owned(),
+            commands,
+            responses,
+        });
+    }
+
+    fn on_operator_request(&self, live: &mut Live, cx: &mut Cx, operator: &str, payload: &[u8]) {
+        let tenant = match live.operators.get(operator) {
             Some(t) => t.clone(),
             None => return,
         };
         let commands = match parse_request(payload, MAX_COMMANDS_PER_REQUEST) {
             Ok(c) => c,
             Err(e) => {
-                return self.respond(
+                return self.respond_in(
+                    cx,
                     operator,
+                    vec![(Value::Null, Value::Null)],
                     vec![error_response(&Value::Null, &Value::Null, &e)],
                 );
             }
         };
         let mut responses = Vec::with_capacity(commands.len());
+        let mut answered = Vec::with_capacity(commands.len());
         for command in commands {
             let name = command.args.get("command").cloned().unwrap_or(Value::Null);
             let result = match &command.name {
-                Ok(n) => self.run_command(operator, &tenant, n, &command.args),
+                Ok(n) => self.run_command(live, cx, operator, &tenant, n, &command.args),
                 Err(e) => Err(e.clone()),
             };
             let correlation = command.correlation;
@@ -803,12 +1008,15 @@ impl Controller {
                 Ok(data) => json!({"command": name, "correlationData": correlation, "data": data}),
                 Err(e) => error_response(&name, &correlation, &e),
             });
+            answered.push((name, correlation));
         }
-        self.respond(operator, responses);
+        self.respond_in(cx, operator, answered, responses);
     }
 
     fn run_command(
         &self,
+        live: &mut Live,
+        cx: &mut Cx,
         operator: &str,
         tenant: &str,
         name: &str,
@@ -819,7 +1027,7 @@ impl Controller {
             .get("serial")
             .and_then(Value::as_str)
             .map(|s| s.chars().take(80).collect::<String>());
-        let result = self.dispatch(operator, tenant, name, args, at);
+        let result = self.dispatch(live, cx, operator, tenant, name, args, at);
         // Decisions carry their own audit record in their transaction; a refusal or a read is
         // audited on its own.
         if !matches!(&result, Ok((_, true))) {
@@ -833,69 +1041,73 @@ impl Controller {
                     Some(format!("{}: {}", e.code.as_str(), e.message)),
                 ),
             };
-            self.audit_only(AuditRecord::new(
+            // A failure here fails the whole batch (its commit reports it).
+            let _ = cx.commit(vec![Change::Audit(AuditRecord::new(
                 at, tenant, operator, device, name, outcome, reason,
-            ));
+            ))]);
         }
         result.map(|(v, _)| v)
     }
 
+    /// The stations of `tenant`, as the batch sees them.
+    fn stations_of_tenant(&self, cx: &Cx, tenant: &str) -> Result<Vec<Station>, CommandError> {
+        Ok(cx
+            .txn
+            .stations()
+            .map_err(|e| CommandError::internal(e.to_string()))?
+            .into_iter()
+            .filter(|s| s.tenant == tenant)
+            .collect())
+    }
+
+    /// The station named by `args` (in this tenant), as the batch sees it.
+    fn find_station(&self, cx: &Cx, tenant: &str, args: &Value) -> Result<Station, CommandError> {
+        let serial = serial_arg(args)?;
+        match cx
+            .txn
+            .station(&serial)
+            .map_err(|e| CommandError::internal(e.to_string()))?
+        {
+            // Another tenant's station does not exist for this operator.
+            Some(s) if s.tenant == tenant => Ok(s),
+            _ => Err(CommandError::not_found(format!("no station {serial}"))),
+        }
+    }
+
     /// Runs one command; the flag says whether it already committed its own audit record.
+    #[allow(clippy::too_many_arguments)]
     fn dispatch(
         &self,
+        live: &mut Live,
+        cx: &mut Cx,
         operator: &str,
         tenant: &str,
         name: &str,
         args: &Value,
         at: OffsetDateTime,
     ) -> Result<(Value, bool), CommandError> {
-        let mut live = self.lock();
-        if let Some(result) = self.phone_command(&mut live, operator, tenant, name, args, at) {
+        if let Some(result) = self.phone_command(live, cx, operator, tenant, name, args, at) {
             return result;
         }
-        let stations_of_tenant = || -> Result<Vec<Station>, CommandError> {
-            Ok(self
-                .store
-                .stations()
-                .map_err(|e| CommandError::internal(e.to_string()))?
-                .into_iter()
-                .filter(|s| s.tenant == tenant)
-                .collect())
-        };
-        let find = |args: &Value| -> Result<Station, CommandError> {
-            let serial = serial_arg(args)?;
-            match self
-                .store
-                .station(&serial)
-                .map_err(|e| CommandError::internal(e.to_string()))?
-            {
-                // Another tenant's station does not exist for this operator.
-                Some(s) if s.tenant == tenant => Ok(s),
-                _ => Err(CommandError::not_found(format!("no station {serial}"))),
-            }
-        };
-        let audit = |action: &str, serial: &Serial, reason: Option<String>| {
-            AuditRecord::new(
-                at,
-                tenant,
-                operator,
-                Some(serial.to_string()),
-                action,
-                Outcome::Ok,
-                reason,
-            )
-        };
         // An operator decision on one station: find it (in this tenant), run the transition,
         // commit it with its audit record, apply its effects; the answer is the station as it
         // is now, or `{}` when the record is gone.
         type Step<'a> = dyn Fn(Station) -> Result<(Transition, Option<String>), CommandError> + 'a;
-        let decide = |step: &Step<'_>| -> Result<(Value, bool), CommandError> {
-            let s = find(args)?;
+        let decide = |cx: &mut Cx, step: &Step<'_>| -> Result<(Value, bool), CommandError> {
+            let s = self.find_station(cx, tenant, args)?;
             let serial = s.serial.clone();
             let (transition, reason) = step(s)?;
-            let record = audit(name, &serial, reason);
-            let after = self.apply_transition(&live, &serial, transition, record, tenant)?;
-            let data = after.map_or_else(|| json!({}), |s| self.view(&live, &s));
+            let record = AuditRecord::new(
+                at,
+                tenant,
+                operator,
+                Some(serial.to_string()),
+                name,
+                Outcome::Ok,
+                reason,
+            );
+            let after = self.apply_transition(live, cx, &serial, transition, record, tenant)?;
+            let data = after.map_or_else(|| json!({}), |s| self.view(live, &s));
             Ok((data, true))
         };
         match name {
@@ -911,53 +1123,55 @@ impl Controller {
                         return Err(CommandError::invalid_argument("\"state\" must be a string"))
                     }
                 };
-                let stations: Vec<Value> = stations_of_tenant()?
+                let stations: Vec<Value> = self
+                    .stations_of_tenant(cx, tenant)?
                     .iter()
-                    .filter(|s| filter.is_none_or(|f| s.state(self.online(&live, &s.serial)) == f))
-                    .map(|s| self.view(&live, s))
+                    .filter(|s| filter.is_none_or(|f| s.state(self.online(live, &s.serial)) == f))
+                    .map(|s| self.view(live, s))
                     .collect();
                 Ok((json!({"stations": stations}), false))
             }
             "listRejectedStations" => {
-                let stations: Vec<Value> = stations_of_tenant()?
+                let stations: Vec<Value> = self
+                    .stations_of_tenant(cx, tenant)?
                     .iter()
                     .filter(|s| s.standing == Standing::Rejected)
-                    .map(|s| self.view(&live, s))
+                    .map(|s| self.view(live, s))
                     .collect();
                 Ok((json!({"stations": stations}), false))
             }
             "getStation" => {
-                let s = find(args)?;
-                Ok((self.view(&live, &s), false))
+                let s = self.find_station(cx, tenant, args)?;
+                Ok((self.view(live, &s), false))
             }
-            "acceptStation" => decide(&|s| {
+            "acceptStation" => decide(cx, &|s| {
                 let fingerprint = fingerprint_arg(args)?;
                 Ok((
                     station::accept(s, fingerprint, at)?,
                     Some(format!("fingerprint {fingerprint}")),
                 ))
             }),
-            "rejectStation" => decide(&|s| Ok((station::reject(s, at)?, None))),
-            "clearRejectedStation" => decide(&|s| Ok((station::clear_rejected(s, at)?, None))),
-            "startStationUpdate" => decide(&|s| {
+            "rejectStation" => decide(cx, &|s| Ok((station::reject(s, at)?, None))),
+            "clearRejectedStation" => decide(cx, &|s| Ok((station::clear_rejected(s, at)?, None))),
+            "startStationUpdate" => decide(cx, &|s| {
                 let image = self.update_image(args)?;
                 let reason = format!("to {}", image.version);
                 Ok((station::start_update(s, &image, at)?, Some(reason)))
             }),
-            "resetStation" => decide(&|s| {
+            "resetStation" => decide(cx, &|s| {
                 let delete_authentication = bool_arg(args, "delete_authentication")?;
                 let delete_configuration = bool_arg(args, "delete_configuration")?;
                 let reason = format!("delete_authentication={delete_authentication} delete_configuration={delete_configuration}");
                 let t = station::reset(s, delete_authentication, delete_configuration, at)?;
                 Ok((t, Some(reason)))
             }),
-            "removeStation" => decide(&|s| Ok((station::remove(s, at)?, None))),
+            "removeStation" => decide(cx, &|s| Ok((station::remove(s, at)?, None))),
             "listAuditLog" => {
                 let limit = limit_arg(args)?;
                 let records = match after_seq_arg(args)? {
                     // Paging through the whole chain (`fleetctl audit verify`): oldest first.
-                    Some(after_seq) => self.store.audit_page(tenant, after_seq, limit),
-                    None => self.store.audit(tenant, limit),
+                    Some(after_seq) => cx.txn.audit_page(tenant, after_seq, limit),
+                    None => cx.txn.audit(tenant, limit),
                 }
                 .map_err(|e| CommandError::internal(e.to_string()))?;
                 Ok((json!({"records": records}), false))
@@ -1018,7 +1232,11 @@ pub struct ControllerAdmission(pub Arc<Controller>);
 impl Admission for ControllerAdmission {
     fn admit(&self, info: ConnectInfo) -> BoxFuture<'_, Decision> {
         Box::pin(async move {
-            let (decision, slow) = self.0.admit_now(info);
+            let (decision, slow, audits) = self.0.admit_now(info);
+            // Audited before answered; concurrent admissions share one commit.
+            for audit in audits {
+                audit.await;
+            }
             if slow && matches!(decision, Decision::Deny { .. }) {
                 // A guesser is slowed down before it is refused for good.
                 tokio::time::sleep(self.0.settings.flood.failed_auth_delay).await;
@@ -1036,7 +1254,9 @@ impl Admission for ControllerAdmission {
     }
 
     fn refused(&self, client_id: &str, peer_addr: std::net::SocketAddr, reason: &str) {
-        self.0.audit_refusal(
+        // Queued without waiting: the accept loop must not wait for the disk. The future only
+        // publishes the record once it is durable.
+        let audit = self.0.audit_refusal(
             peer_addr.ip(),
             self.0.now(),
             station::DEFAULT_TENANT,
@@ -1044,5 +1264,8 @@ impl Admission for ControllerAdmission {
             Some(client_id.to_owned()),
             reason,
         );
+        if let (Some(audit), Ok(runtime)) = (audit, tokio::runtime::Handle::try_current()) {
+            runtime.spawn(audit);
+        }
     }
 }

@@ -17,7 +17,7 @@ use tracing::warn;
 
 use crate::clock::Clock;
 use crate::control::{
-    ControlSettings, Controller, ControllerAdmission, FloodSettings, Publication,
+    ControlSettings, Controller, ControllerAdmission, FloodSettings, Publication, MAX_BATCH,
 };
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
 use crate::flood::FailurePolicy;
@@ -229,7 +229,29 @@ async fn run_bus<B: Bus>(
     loop {
         tokio::select! {
             message = bus.next() => match message {
-                Ok(m) => controller.handle_message(&m.topic, &m.payload),
+                Ok(first) => {
+                    // Whatever else has arrived is handled with it: one transaction, one
+                    // fsync for the whole batch (see `Controller::handle_batch`).
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match bus.try_next() {
+                            Some(m) => batch.push(m),
+                            None => break,
+                        }
+                    }
+                    let handle = || {
+                        controller.handle_batch(
+                            batch.iter().map(|m| (m.topic.as_str(), &m.payload[..])),
+                        )
+                    };
+                    // The batch ends with an fsync: let the runtime move the front door's
+                    // tasks to another worker meanwhile (not possible on a current-thread
+                    // runtime, as in some tests).
+                    match tokio::runtime::Handle::current().runtime_flavor() {
+                        tokio::runtime::RuntimeFlavor::CurrentThread => handle(),
+                        _ => tokio::task::block_in_place(handle),
+                    }
+                }
                 Err(e) => {
                     warn!("controller link: {e}");
                     return;

@@ -1,8 +1,16 @@
 //! The durable store of stations, phones, whitelists and audit records; the only module that
 //! knows redb.
+//!
+//! Writes are group-committed: [`Store::apply`] and [`Store::apply_async`] hand their changes to
+//! one writer thread, which commits everything queued at that moment in ONE transaction (one
+//! fsync) and only then answers each caller. A caller is never answered before its changes are
+//! durable. [`Store::begin`] opens a transaction of the caller's own, whose reads see its own
+//! writes: the controller handles a batch of messages in one (see `control.rs`).
 
 use std::ops::Bound;
 use std::path::Path;
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
@@ -50,6 +58,12 @@ pub enum StoreError {
     /// A record that cannot be written as JSON (a time RFC 3339 cannot express).
     #[error("cannot encode a record: {0}")]
     Encode(String),
+    /// The writer thread is gone (the store is shutting down).
+    #[error("the store is closed")]
+    Closed,
+    /// An earlier write of this transaction failed; it will not be committed.
+    #[error("an earlier write of this transaction failed: {0}")]
+    Poisoned(String),
 }
 
 /// One change to the store; `Store::apply` commits a batch of them atomically.
@@ -64,9 +78,117 @@ pub enum Change {
     Audit(AuditRecord),
 }
 
+/// Most requests the writer commits in one transaction.
+const MAX_GROUP: usize = 512;
+
+type WriteResult = Result<Vec<AuditRecord>, StoreError>;
+
+enum Reply {
+    Sync(mpsc::SyncSender<WriteResult>),
+    Async(tokio::sync::oneshot::Sender<WriteResult>),
+}
+
+impl Reply {
+    fn send(self, result: WriteResult) {
+        // A caller that stopped waiting (a dropped future) does not need the answer; its
+        // changes are committed all the same.
+        match self {
+            Reply::Sync(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Async(tx) => {
+                let _ = tx.send(result);
+            }
+        }
+    }
+}
+
+struct WriteRequest {
+    changes: Vec<Change>,
+    reply: Reply,
+}
+
 /// The controller's durable state, in one redb file.
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
+    writer: Option<mpsc::Sender<WriteRequest>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer once it has committed what was queued; joining it
+        // releases the database file before `drop` returns (a restart can reopen it at once).
+        self.writer.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The writer thread: commits every request queued at the moment in one transaction.
+fn run_writer(db: Arc<Database>, queue: mpsc::Receiver<WriteRequest>) {
+    while let Ok(first) = queue.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(request) => group.push(request),
+                Err(_) => break,
+            }
+        }
+        commit_group(&db, group);
+    }
+}
+
+fn commit_group(db: &Database, group: Vec<WriteRequest>) {
+    if group.len() > 1 {
+        if let Ok(results) = try_group(db, &group) {
+            for (request, records) in group.into_iter().zip(results) {
+                request.reply.send(Ok(records));
+            }
+            return;
+        }
+        // Something in the group failed: nothing of it was committed. Each request is tried
+        // on its own, so that one bad request fails alone with its own error.
+    }
+    for request in group {
+        let result = apply_one(db, &request.changes);
+        request.reply.send(result);
+    }
+}
+
+fn try_group(db: &Database, group: &[WriteRequest]) -> Result<Vec<Vec<AuditRecord>>, StoreError> {
+    let txn = db.begin_write()?;
+    let mut results = Vec::with_capacity(group.len());
+    for request in group {
+        match write_changes(&txn, &request.changes) {
+            Ok(records) => results.push(records),
+            Err(error) => {
+                let _ = txn.abort();
+                return Err(error);
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(results)
+}
+
+fn apply_one(db: &Database, changes: &[Change]) -> WriteResult {
+    let txn = db.begin_write()?;
+    let stored = match write_changes(&txn, changes) {
+        Ok(stored) => stored,
+        Err(error) => {
+            // The first error is the one to report; an abort that fails as well leaves the
+            // transaction uncommitted all the same.
+            let _ = txn.abort();
+            return Err(error);
+        }
+    };
+    // redb's default durability is `Immediate`: commit returns only once the transaction is
+    // fsynced. A decision must be on disk before anyone (a station, an operator) is told about
+    // it; otherwise a crash could undo a rejection that was already announced.
+    txn.commit()?;
+    Ok(stored)
 }
 
 impl Store {
@@ -83,56 +205,40 @@ impl Store {
             txn.open_table(META)?;
         }
         txn.commit()?;
-        Ok(Store { db })
+        let db = Arc::new(db);
+        let (writer, queue) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn({
+                let db = db.clone();
+                move || run_writer(db, queue)
+            })
+            .map_err(|e| StoreError::Encode(format!("cannot start the store writer: {e}")))?;
+        Ok(Store {
+            db,
+            writer: Some(writer),
+            thread: Some(thread),
+        })
     }
 
     /// The record of one station.
     pub fn station(&self, serial: &Serial) -> Result<Option<Station>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(STATIONS)?;
-        let Some(value) = table.get(serial.as_str())? else {
-            return Ok(None);
-        };
-        decode_station(serial.as_str(), value.value()).map(Some)
+        read_station(&self.db.begin_read()?.open_table(STATIONS)?, serial)
     }
 
     /// All station records, sorted by serial.
     pub fn stations(&self) -> Result<Vec<Station>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(STATIONS)?;
-        let mut stations = Vec::new();
-        // redb iterates `&str` keys in byte order, which is the order of `Serial`.
-        for entry in table.iter()? {
-            let (key, value) = entry?;
-            stations.push(decode_station(key.value(), value.value())?);
-        }
-        Ok(stations)
+        read_stations(&self.db.begin_read()?.open_table(STATIONS)?)
     }
 
     /// The record of one phone.
     pub fn phone(&self, mac: &Mac) -> Result<Option<Phone>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(PHONES)?;
-        let Some(value) = table.get(mac.as_str())? else {
-            return Ok(None);
-        };
-        decode_phone(mac.as_str(), value.value()).map(Some)
+        read_phone(&self.db.begin_read()?.open_table(PHONES)?, mac)
     }
 
     /// The phone records of `tenant` (of all tenants for `None`), sorted by MAC.
     pub fn phones(&self, tenant: Option<&str>) -> Result<Vec<Phone>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(PHONES)?;
-        let mut phones = Vec::new();
-        // redb iterates `&str` keys in byte order, which is the order of `Mac`.
-        for entry in table.iter()? {
-            let (key, value) = entry?;
-            let phone = decode_phone(key.value(), value.value())?;
-            if tenant.is_none_or(|tenant| phone.tenant == tenant) {
-                phones.push(phone);
-            }
-        }
-        Ok(phones)
+        read_phones(&self.db.begin_read()?.open_table(PHONES)?, tenant)
     }
 
     /// Every tenant's whitelists; empty ones if none were ever stored.
@@ -146,47 +252,52 @@ impl Store {
             .map_err(|error| StoreError::Corrupt(format!("whitelists: {error}")))
     }
 
-    /// Applies all changes in ONE write transaction and returns the audit records with their
-    /// assigned `seq`, `prev_hash` and `hash`: each record is chained onto its tenant's
-    /// newest one (PROTOCOL §7). Either every change is stored or none is.
+    /// Applies all changes atomically (with whatever else is queued at the moment, in one
+    /// transaction) and returns the audit records with their assigned `seq`, `prev_hash` and
+    /// `hash`: each record is chained onto its tenant's newest one (PROTOCOL §7). Either every
+    /// change is stored or none is. Returns once the changes are durable; blocks the thread.
     pub fn apply(&self, changes: Vec<Change>) -> Result<Vec<AuditRecord>, StoreError> {
-        let txn = self.db.begin_write()?;
-        let stored = match write_changes(&txn, changes) {
-            Ok(stored) => stored,
-            Err(error) => {
-                // The first error is the one to report; an abort that fails as well leaves the
-                // transaction uncommitted all the same.
-                let _ = txn.abort();
-                return Err(error);
-            }
-        };
-        // redb's default durability is `Immediate`: commit returns only once the transaction
-        // is fsynced. A decision must be on disk before anyone (a station, an operator) is told
-        // about it; otherwise a crash could undo a rejection that was already announced.
-        txn.commit()?;
-        Ok(stored)
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.submit(changes, Reply::Sync(tx))?;
+        rx.recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// [`Store::apply`] for async callers: the returned future completes once the changes are
+    /// durable. The changes are queued at once, whether the future is awaited or not.
+    pub fn apply_async(
+        &self,
+        changes: Vec<Change>,
+    ) -> impl std::future::Future<Output = Result<Vec<AuditRecord>, StoreError>> + Send + 'static
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let queued = self.submit(changes, Reply::Async(tx));
+        async move {
+            queued?;
+            rx.await.map_err(|_| StoreError::Closed)?
+        }
+    }
+
+    fn submit(&self, changes: Vec<Change>, reply: Reply) -> Result<(), StoreError> {
+        self.writer
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(WriteRequest { changes, reply })
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// A write transaction of the caller's own: its reads see its own writes; nothing is
+    /// durable (or visible to anyone else) before [`StoreTxn::commit`].
+    pub fn begin(&self) -> Result<StoreTxn, StoreError> {
+        Ok(StoreTxn {
+            txn: self.db.begin_write()?,
+            records: Vec::new(),
+            poisoned: None,
+        })
     }
 
     /// The newest `limit` audit records of `tenant`, oldest first.
     pub fn audit(&self, tenant: &str, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(AUDIT)?;
-        let mut records = Vec::new();
-        if limit == 0 {
-            return Ok(records);
-        }
-        for entry in table.iter()?.rev() {
-            let (key, value) = entry?;
-            let record = decode_audit(key.value(), value.value())?;
-            if record.tenant == tenant {
-                records.push(record);
-                if records.len() == limit {
-                    break;
-                }
-            }
-        }
-        records.reverse();
-        Ok(records)
+        read_audit(&self.db.begin_read()?.open_table(AUDIT)?, tenant, limit)
     }
 
     /// Up to `limit` audit records of `tenant` with `seq` above `after_seq`, oldest first: a page
@@ -197,29 +308,180 @@ impl Store {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<AuditRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(AUDIT)?;
-        let mut records = Vec::new();
-        if limit == 0 {
-            return Ok(records);
+        read_audit_page(
+            &self.db.begin_read()?.open_table(AUDIT)?,
+            tenant,
+            after_seq,
+            limit,
+        )
+    }
+}
+
+/// A write transaction held by its caller ([`Store::begin`]). Reads go through it and see its
+/// own writes. If any write fails, the transaction is poisoned and will not commit.
+pub struct StoreTxn {
+    txn: WriteTransaction,
+    records: Vec<AuditRecord>,
+    poisoned: Option<String>,
+}
+
+impl StoreTxn {
+    pub fn station(&self, serial: &Serial) -> Result<Option<Station>, StoreError> {
+        read_station(&self.txn.open_table(STATIONS)?, serial)
+    }
+
+    pub fn stations(&self) -> Result<Vec<Station>, StoreError> {
+        read_stations(&self.txn.open_table(STATIONS)?)
+    }
+
+    pub fn phone(&self, mac: &Mac) -> Result<Option<Phone>, StoreError> {
+        read_phone(&self.txn.open_table(PHONES)?, mac)
+    }
+
+    pub fn phones(&self, tenant: Option<&str>) -> Result<Vec<Phone>, StoreError> {
+        read_phones(&self.txn.open_table(PHONES)?, tenant)
+    }
+
+    pub fn audit(&self, tenant: &str, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        read_audit(&self.txn.open_table(AUDIT)?, tenant, limit)
+    }
+
+    pub fn audit_page(
+        &self,
+        tenant: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        read_audit_page(&self.txn.open_table(AUDIT)?, tenant, after_seq, limit)
+    }
+
+    /// Writes changes into the transaction; the audit records come back with their `seq` and
+    /// hashes (and are kept for [`StoreTxn::commit`]'s answer).
+    pub fn apply(&mut self, changes: Vec<Change>) -> Result<Vec<AuditRecord>, StoreError> {
+        if let Some(reason) = &self.poisoned {
+            return Err(StoreError::Poisoned(reason.clone()));
         }
-        for entry in table.range::<u64>((Bound::Excluded(after_seq), Bound::Unbounded))? {
-            let (key, value) = entry?;
-            let record = decode_audit(key.value(), value.value())?;
-            if record.tenant == tenant {
-                records.push(record);
-                if records.len() == limit {
-                    break;
-                }
+        match write_changes(&self.txn, &changes) {
+            Ok(records) => {
+                self.records.extend(records.iter().cloned());
+                Ok(records)
+            }
+            Err(error) => {
+                // Part of the changes may be written: the whole transaction is void.
+                self.poisoned = Some(error.to_string());
+                Err(error)
             }
         }
-        Ok(records)
     }
+
+    /// Commits (durably: one fsync) and returns every audit record written, in order.
+    pub fn commit(self) -> Result<Vec<AuditRecord>, StoreError> {
+        if let Some(reason) = self.poisoned {
+            let _ = self.txn.abort();
+            return Err(StoreError::Poisoned(reason));
+        }
+        self.txn.commit()?;
+        Ok(self.records)
+    }
+}
+
+fn read_station(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    serial: &Serial,
+) -> Result<Option<Station>, StoreError> {
+    let Some(value) = table.get(serial.as_str())? else {
+        return Ok(None);
+    };
+    decode_station(serial.as_str(), value.value()).map(Some)
+}
+
+fn read_stations(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Vec<Station>, StoreError> {
+    let mut stations = Vec::new();
+    // redb iterates `&str` keys in byte order, which is the order of `Serial`.
+    for entry in table.iter()? {
+        let (key, value) = entry?;
+        stations.push(decode_station(key.value(), value.value())?);
+    }
+    Ok(stations)
+}
+
+fn read_phone(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    mac: &Mac,
+) -> Result<Option<Phone>, StoreError> {
+    let Some(value) = table.get(mac.as_str())? else {
+        return Ok(None);
+    };
+    decode_phone(mac.as_str(), value.value()).map(Some)
+}
+
+fn read_phones(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    tenant: Option<&str>,
+) -> Result<Vec<Phone>, StoreError> {
+    let mut phones = Vec::new();
+    // redb iterates `&str` keys in byte order, which is the order of `Mac`.
+    for entry in table.iter()? {
+        let (key, value) = entry?;
+        let phone = decode_phone(key.value(), value.value())?;
+        if tenant.is_none_or(|tenant| phone.tenant == tenant) {
+            phones.push(phone);
+        }
+    }
+    Ok(phones)
+}
+
+fn read_audit(
+    table: &impl ReadableTable<u64, &'static [u8]>,
+    tenant: &str,
+    limit: usize,
+) -> Result<Vec<AuditRecord>, StoreError> {
+    let mut records = Vec::new();
+    if limit == 0 {
+        return Ok(records);
+    }
+    for entry in table.iter()?.rev() {
+        let (key, value) = entry?;
+        let record = decode_audit(key.value(), value.value())?;
+        if record.tenant == tenant {
+            records.push(record);
+            if records.len() == limit {
+                break;
+            }
+        }
+    }
+    records.reverse();
+    Ok(records)
+}
+
+fn read_audit_page(
+    table: &impl ReadableTable<u64, &'static [u8]>,
+    tenant: &str,
+    after_seq: u64,
+    limit: usize,
+) -> Result<Vec<AuditRecord>, StoreError> {
+    let mut records = Vec::new();
+    if limit == 0 {
+        return Ok(records);
+    }
+    for entry in table.range::<u64>((Bound::Excluded(after_seq), Bound::Unbounded))? {
+        let (key, value) = entry?;
+        let record = decode_audit(key.value(), value.value())?;
+        if record.tenant == tenant {
+            records.push(record);
+            if records.len() == limit {
+                break;
+            }
+        }
+    }
+    Ok(records)
 }
 
 fn write_changes(
     txn: &WriteTransaction,
-    changes: Vec<Change>,
+    changes: &[Change],
 ) -> Result<Vec<AuditRecord>, StoreError> {
     let mut stations = txn.open_table(STATIONS)?;
     let mut phones = txn.open_table(PHONES)?;
@@ -235,21 +497,22 @@ fn write_changes(
     for change in changes {
         match change {
             Change::PutStation(station) => {
-                stations.insert(station.serial.as_str(), encode(&station)?.as_slice())?;
+                stations.insert(station.serial.as_str(), encode(station)?.as_slice())?;
             }
             Change::DeleteStation(serial) => {
                 stations.remove(serial.as_str())?;
             }
             Change::PutPhone(phone) => {
-                phones.insert(phone.mac.as_str(), encode(&phone)?.as_slice())?;
+                phones.insert(phone.mac.as_str(), encode(phone)?.as_slice())?;
             }
             Change::DeletePhone(mac) => {
                 phones.remove(mac.as_str())?;
             }
             Change::PutWhitelists(whitelists) => {
-                singles.insert(WHITELISTS, encode(&whitelists)?.as_slice())?;
+                singles.insert(WHITELISTS, encode(whitelists)?.as_slice())?;
             }
-            Change::Audit(mut record) => {
+            Change::Audit(record) => {
+                let mut record = record.clone();
                 record.seq = next_seq;
                 record.prev_hash = match heads.get(record.tenant.as_str())? {
                     Some(head) => head.value().to_owned(),
@@ -408,6 +671,118 @@ mod tests {
             .apply(vec![Change::Audit(record("default", "x"))])
             .unwrap();
         assert_eq!(next[0].seq, 3);
+    }
+
+    #[test]
+    fn concurrent_applies_are_grouped_yet_each_is_atomic_and_chained() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(open(&dir));
+        let mut bad = station("BAD");
+        bad.updated_at = T0.to_offset(time::UtcOffset::from_hms(0, 0, 30).unwrap());
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                let bad = bad.clone();
+                std::thread::spawn(move || {
+                    let mut ok = 0;
+                    for i in 0..25 {
+                        let serial = format!("T{t}N{i}");
+                        let mut changes = vec![
+                            Change::PutStation(station(&serial)),
+                            Change::Audit(record("default", "auth_request")),
+                        ];
+                        // Every fifth request cannot be stored: it must fail alone.
+                        if i % 5 == 4 {
+                            changes.push(Change::PutStation(bad.clone()));
+                        }
+                        match store.apply(changes) {
+                            Ok(records) => {
+                                assert_eq!(records.len(), 1);
+                                ok += 1;
+                            }
+                            Err(e) => assert!(matches!(e, StoreError::Encode(_)), "{e}"),
+                        }
+                    }
+                    ok
+                })
+            })
+            .collect();
+        let ok: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(ok, 8 * 20);
+        let stations = store.stations().unwrap();
+        assert_eq!(stations.len(), 8 * 20);
+        assert!(stations
+            .iter()
+            .all(|s| !s.serial.as_str().starts_with("BAD")));
+        for t in 0..8 {
+            for i in 0..25 {
+                let stored = store
+                    .station(&Serial::parse(&format!("T{t}N{i}")).unwrap())
+                    .unwrap();
+                assert_eq!(stored.is_some(), i % 5 != 4, "T{t}N{i}");
+            }
+        }
+        // One unbroken chain with gapless sequence numbers.
+        let chain = whole_chain(&store, "default", 7);
+        assert_eq!(chain.len(), 8 * 20);
+        for (n, pair) in chain.windows(2).enumerate() {
+            assert_eq!(pair[1].prev_hash, pair[0].hash, "record {n}");
+            assert_eq!(pair[1].seq, pair[0].seq + 1);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn apply_async_answers_after_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let pending: Vec<_> = (0..50)
+            .map(|i| {
+                store.apply_async(vec![
+                    Change::PutStation(station(&format!("A{i}"))),
+                    Change::Audit(record("default", "connect")),
+                ])
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for p in pending {
+            seqs.push(p.await.unwrap()[0].seq);
+        }
+        assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
+        assert_eq!(store.stations().unwrap().len(), 50);
+    }
+
+    #[test]
+    fn a_callers_transaction_reads_its_own_writes_and_commits_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let mut txn = store.begin().unwrap();
+        let serial = Serial::parse("S1").unwrap();
+        txn.apply(vec![
+            Change::PutStation(station("S1")),
+            Change::Audit(record("default", "a")),
+        ])
+        .unwrap();
+        assert!(txn.station(&serial).unwrap().is_some());
+        assert_eq!(txn.stations().unwrap().len(), 1);
+        assert_eq!(txn.audit("default", 10).unwrap().len(), 1);
+        let records = txn.commit().unwrap();
+        assert_eq!(records.len(), 1);
+        assert!(store.station(&serial).unwrap().is_some());
+
+        // A failed write poisons the transaction: nothing of it is committed.
+        let mut txn = store.begin().unwrap();
+        txn.apply(vec![Change::DeleteStation(serial.clone())])
+            .unwrap();
+        let mut bad = station("S2");
+        bad.updated_at = T0.to_offset(time::UtcOffset::from_hms(0, 0, 30).unwrap());
+        assert!(txn.apply(vec![Change::PutStation(bad)]).is_err());
+        assert!(matches!(
+            txn.apply(vec![Change::Audit(record("default", "b"))]),
+            Err(StoreError::Poisoned(_))
+        ));
+        assert!(matches!(txn.commit(), Err(StoreError::Poisoned(_))));
+        assert!(store.station(&serial).unwrap().is_some());
+        assert_eq!(store.audit("default", 10).unwrap().len(), 1);
     }
 
     #[test]

@@ -278,3 +278,54 @@ async fn a_decision_during_admission_is_seen_by_the_recheck() {
     // ...and the re-check after registration cuts it.
     assert_eq!(admission.session_opened("station-R1", 3), None);
 }
+
+/// A batch of bus messages is one transaction: each message sees the changes of those before
+/// it (an accept right after the station's request), and nothing of the batch is published
+/// before all of it is handled (the controller's outbox stays empty until the commit).
+#[tokio::test]
+async fn a_batch_sees_its_own_writes_and_speaks_only_after_its_commit() {
+    let (_dir, controller, admission, log) = setup().await;
+    log.lock().expect("log").drain();
+    let key = fleet_certs::self_signed_station("B1").expect("station");
+    let fp = fleet_certs::Fingerprint::of_certificate_der(&key.cert_der).expect("fingerprint");
+    let cert = PresentedCertificate {
+        der: key.cert_der.clone(),
+        trust: Trust::SelfSigned,
+    };
+    assert!(matches!(
+        admission.admit(info(2, "station-B1", Some(cert))).await,
+        Decision::Allow { .. }
+    ));
+    let auth = br#"{"serial":"B1","model":"m","firmware":"6.1.0","mac_streaming":"a","mac_control":"b"}"#;
+    let accept = json!({"commands": [
+        {"command": "acceptStation", "serial": "B1", "fingerprint": fp.to_string(), "correlationData": "a"},
+        {"command": "getStation", "serial": "B1", "correlationData": "g"},
+    ]})
+    .to_string();
+    controller.handle_batch([
+        ("stations/B1/auth/request", &auth[..]),
+        ("fleet/control/admin/request", accept.as_bytes()),
+    ]);
+    let mut log = log.lock().expect("log");
+    log.drain();
+    let events = log.events.clone();
+    let response = &events[position(&events, "fleet/control/admin/response")];
+    let body: Value = serde_json::from_str(
+        response
+            .split_once(' ')
+            .and_then(|(_, rest)| rest.split_once(' '))
+            .map(|(_, json)| json)
+            .expect("payload"),
+    )
+    .expect("json");
+    let responses = body["responses"].as_array().expect("responses");
+    assert_eq!(responses.len(), 2, "{body}");
+    assert!(responses[0].get("error").is_none(), "{body}");
+    assert_eq!(responses[1]["data"]["state"], "running", "{body}");
+    // The station's rights grew after the commit, before the operator's acknowledgement.
+    let rights = position(&events, "rights station-B1");
+    let acked = position(&events, "fleet/control/admin/response");
+    assert!(rights < acked, "{events:#?}");
+    // The station was told it is authorized.
+    position(&events, "publish stations/B1/cmd");
+}

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 use tracing::warn;
 
-use super::{Controller, Live};
+use super::{Controller, Cx, Live, Output};
 use crate::audit::{AuditRecord, Outcome};
 use crate::devices_csv;
 use crate::identity::{self, PhonePresented, PhoneRights};
@@ -164,32 +164,32 @@ impl Controller {
     }
 
     /// `phones/<mac>/provision/request`: check the CSR, sign it with the fleet CA, answer.
-    pub(super) fn on_provision_request(&self, mac: &str, payload: &[u8]) {
+    pub(super) fn on_provision_request(&self, live: &Live, cx: &mut Cx, mac: &str, payload: &[u8]) {
         let Ok(mac) = Mac::parse(mac) else {
             return;
         };
         let topic = format!("phones/{mac}/provision/response");
-        let fail = |e: CommandError| {
-            self.publish(
+        let fail = |cx: &mut Cx, e: CommandError| {
+            cx.publish(
                 topic.clone(),
                 &json!({"error": e.message, "code": e.code.as_str()}),
             );
         };
         let request: Value = match serde_json::from_slice(payload) {
             Ok(v) => v,
-            Err(e) => return fail(CommandError::invalid_argument(format!("not JSON: {e}"))),
+            Err(e) => return fail(cx, CommandError::invalid_argument(format!("not JSON: {e}"))),
         };
         let Some(csr) = request.get("csr").and_then(Value::as_str) else {
-            return fail(CommandError::invalid_argument(
-                "missing \"csr\" (a PEM string)",
-            ));
+            return fail(
+                cx,
+                CommandError::invalid_argument("missing \"csr\" (a PEM string)"),
+            );
         };
         let at = self.now();
-        let live = self.lock();
-        let phone = match self.store.phone(&mac) {
+        let phone = match cx.txn.phone(&mac) {
             Ok(Some(p)) => p,
-            Ok(None) => return fail(CommandError::not_found(format!("no phone {mac}"))),
-            Err(e) => return fail(internal(e)),
+            Ok(None) => return fail(cx, CommandError::not_found(format!("no phone {mac}"))),
+            Err(e) => return fail(cx, internal(e)),
         };
         // The CSR must carry the phone's own MAC as CN; the certificate gets OU=phone and the
         // phone's tenant whatever the CSR asked for.
@@ -198,19 +198,24 @@ impl Controller {
             .issue_client_from_csr(csr, mac.as_str(), "phone", &phone.tenant)
         {
             Ok(c) => c,
-            Err(e) => return fail(CommandError::invalid_argument(format!("CSR refused: {e}"))),
+            Err(e) => {
+                return fail(
+                    cx,
+                    CommandError::invalid_argument(format!("CSR refused: {e}")),
+                )
+            }
         };
         let serial = match fleet_certs::inspect(&issued.cert_der) {
             Ok(info) => info.serial_number,
-            Err(e) => return fail(internal(e)),
+            Err(e) => return fail(cx, internal(e)),
         };
         let tenant = phone.tenant.clone();
         let site = phone.site.clone();
         let phone = match phone::issue_certificate(phone, serial.clone(), at) {
             Ok(p) => p,
-            Err(e) => return fail(e),
+            Err(e) => return fail(cx, e),
         };
-        let ip = self.phone_session_ip(&live, &mac);
+        let ip = self.phone_session_ip(live, &mac);
         let audit = AuditRecord::new(
             at,
             &tenant,
@@ -220,11 +225,10 @@ impl Controller {
             Outcome::Ok,
             Some(format!("certificate {serial} issued")),
         );
-        if let Err(e) = self.commit(vec![Change::PutPhone(phone), Change::Audit(audit)]) {
-            return fail(e);
+        if let Err(e) = cx.commit(vec![Change::PutPhone(phone), Change::Audit(audit)]) {
+            return fail(cx, e);
         }
-        drop(live);
-        self.publish(
+        cx.publish(
             topic,
             &json!({
                 "certificate": issued.cert_pem,
@@ -240,13 +244,12 @@ impl Controller {
     }
 
     /// `phones/<mac>/provision/complete`: the phone stored its certificate; its PAP is void.
-    pub(super) fn on_provision_complete(&self, mac: &str) {
+    pub(super) fn on_provision_complete(&self, live: &mut Live, cx: &mut Cx, mac: &str) {
         let Ok(mac) = Mac::parse(mac) else {
             return;
         };
         let at = self.now();
-        let mut live = self.lock();
-        let phone = match self.store.phone(&mac) {
+        let phone = match cx.txn.phone(&mac) {
             Ok(Some(p)) => p,
             _ => return,
         };
@@ -261,7 +264,7 @@ impl Controller {
         let view = phone.view(at);
         let mut changes = vec![Change::PutPhone(phone)];
         // Every successful provisioning from a temporarily whitelisted address extends it.
-        if let Some(ip) = self.phone_session_ip(&live, &mac) {
+        if let Some(ip) = self.phone_session_ip(live, &mac) {
             let duration = self.settings.phones.temporary_whitelist;
             if live
                 .whitelists
@@ -279,16 +282,20 @@ impl Controller {
             Outcome::Ok,
             Some("authentication_successful".into()),
         )));
-        if self.commit(changes).is_err() {
+        if cx.commit(changes).is_err() {
             return;
         }
-        drop(live);
-        self.event(&tenant, "phones", json!({"event": "state", "phone": view}));
+        self.event_in(
+            cx,
+            &tenant,
+            "phones",
+            json!({"event": "state", "phone": view}),
+        );
     }
 
-    fn find_phone(&self, tenant: &str, args: &Value) -> Result<Phone, CommandError> {
+    fn find_phone(&self, cx: &Cx, tenant: &str, args: &Value) -> Result<Phone, CommandError> {
         let mac = mac_arg(args)?;
-        match self.store.phone(&mac).map_err(internal)? {
+        match cx.txn.phone(&mac).map_err(internal)? {
             // Another tenant's phone does not exist for this operator.
             Some(p) if p.tenant == tenant => Ok(p),
             _ => Err(CommandError::not_found(format!("no phone {mac}"))),
@@ -297,9 +304,11 @@ impl Controller {
 
     /// The phone, whitelist and CSV commands; `None` when `name` is none of them. The flag says
     /// whether the command committed its own audit record.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn phone_command(
         &self,
         live: &mut Live,
+        cx: &mut Cx,
         operator: &str,
         tenant: &str,
         name: &str,
@@ -323,7 +332,7 @@ impl Controller {
                 let vendor = text_arg(args, "vendor", true)?;
                 let kind = text_arg(args, "type", true)?;
                 let site = text_arg(args, "site", false)?;
-                if self.store.phone(&mac).map_err(internal)?.is_some() {
+                if cx.txn.phone(&mac).map_err(internal)?.is_some() {
                     return Err(CommandError::invalid_argument(format!(
                         "a phone with MAC {mac} exists already"
                     )));
@@ -338,16 +347,21 @@ impl Controller {
                     at,
                 );
                 let view = phone.view(at);
-                self.commit(vec![
+                cx.commit(vec![
                     Change::PutPhone(phone),
                     audit(Some(mac.to_string()), None),
                 ])?;
-                self.event(tenant, "phones", json!({"event": "state", "phone": view}));
+                self.event_in(
+                    cx,
+                    tenant,
+                    "phones",
+                    json!({"event": "state", "phone": view}),
+                );
                 Ok((view, true))
             })(),
             "listPhones" => (|| {
-                let phones: Vec<Value> = self
-                    .store
+                let phones: Vec<Value> = cx
+                    .txn
                     .phones(Some(tenant))
                     .map_err(internal)?
                     .iter()
@@ -355,41 +369,60 @@ impl Controller {
                     .collect();
                 Ok((json!({"phones": phones}), false))
             })(),
-            "getPhone" => self.find_phone(tenant, args).map(|p| (p.view(at), false)),
+            "getPhone" => self
+                .find_phone(cx, tenant, args)
+                .map(|p| (p.view(at), false)),
             "suspendPhoneAuthentication" => (|| {
-                let phone = self.find_phone(tenant, args)?;
+                let phone = self.find_phone(cx, tenant, args)?;
                 let mac = phone.mac.to_string();
                 let phone = phone::suspend(phone, &self.settings.phones, at);
                 let view = phone.view(at);
-                self.commit(vec![Change::PutPhone(phone), audit(Some(mac), None)])?;
-                self.event(tenant, "phones", json!({"event": "state", "phone": view}));
+                cx.commit(vec![Change::PutPhone(phone), audit(Some(mac), None)])?;
+                self.event_in(
+                    cx,
+                    tenant,
+                    "phones",
+                    json!({"event": "state", "phone": view}),
+                );
                 Ok((view, true))
             })(),
             "resetPhoneAuthentication" => (|| {
-                let phone = self.find_phone(tenant, args)?;
+                let phone = self.find_phone(cx, tenant, args)?;
                 let mac = phone.mac.clone();
                 let phone = phone::reset_authentication(phone, self.new_pap()?, at);
                 let view = phone.view(at);
                 let reason = Some("PAP and certificate voided".to_owned());
-                self.commit(vec![
+                cx.commit(vec![
                     Change::PutPhone(phone),
                     audit(Some(mac.to_string()), reason),
                 ])?;
                 // The old PAP and certificate are invalid at once: the live session goes too,
-                // before the operator hears of it.
-                self.sessions.cut(&mac.client_id(), None);
-                self.event(tenant, "phones", json!({"event": "state", "phone": view}));
+                // (after the commit) before the operator hears of it.
+                cx.out.push(Output::Cut {
+                    client_id: mac.client_id(),
+                    after: None,
+                });
+                self.event_in(
+                    cx,
+                    tenant,
+                    "phones",
+                    json!({"event": "state", "phone": view}),
+                );
                 Ok((view, true))
             })(),
             "deletePhone" => (|| {
-                let phone = self.find_phone(tenant, args)?;
+                let phone = self.find_phone(cx, tenant, args)?;
                 let mac = phone.mac.clone();
-                self.commit(vec![
+                cx.commit(vec![
                     Change::DeletePhone(mac.clone()),
                     audit(Some(mac.to_string()), None),
                 ])?;
-                self.sessions.cut(&mac.client_id(), None);
-                self.event(
+                cx.out.push(Output::Cut {
+                    client_id: mac.client_id(),
+                    after: None,
+                });
+                self.event_in(
+                    cx,
                     tenant,
                     "phones",
                     json!({"event": "deleted", "mac": mac.as_str()}),
@@ -414,7 +447,7 @@ impl Controller {
                         "{entry} is not on the whitelist"
                     )));
                 }
-                self.commit(vec![
+                cx.commit(vec![
                     Change::PutWhitelists(whitelists.clone()),
                     audit(None, Some(entry.to_string())),
                 ])?;
@@ -423,7 +456,7 @@ impl Controller {
             })(),
             "listWhitelist" => Ok((live.whitelists.list(tenant, at), false)),
             "exportDevicesCsv" => (|| {
-                let phones = self.store.phones(Some(tenant)).map_err(internal)?;
+                let phones = cx.txn.phones(Some(tenant)).map_err(internal)?;
                 let csv = devices_csv::export(&phones, at).map_err(internal)?;
                 Ok((json!({"csv": csv}), false))
             })(),
@@ -439,7 +472,7 @@ impl Controller {
                 let mut created = Vec::new();
                 let mut changes = Vec::new();
                 for row in rows {
-                    if self.store.phone(&row.mac).map_err(internal)?.is_some() {
+                    if cx.txn.phone(&row.mac).map_err(internal)?.is_some() {
                         errors.push(json!({"line": row.line, "error": format!("a phone with MAC {} exists already", row.mac)}));
                         continue;
                     }
@@ -464,7 +497,7 @@ impl Controller {
                     )),
                 ));
                 // All phones of the file in one transaction: all or none.
-                self.commit(changes)?;
+                cx.commit(changes)?;
                 Ok((json!({"created": created, "errors": errors}), true))
             })(),
             _ => return None,
