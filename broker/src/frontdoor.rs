@@ -20,7 +20,7 @@ use rumqttd::protocol::{Error as CodecError, Protocol};
 use rumqttd::{Notification, Router, RouterConfig};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_rustls::server::TlsStream;
@@ -116,6 +116,29 @@ pub struct Broker {
     shutdown_tx: watch::Sender<bool>,
 }
 
+/// Pending connections the kernel queues for the listener before `accept`.
+///
+/// `TcpListener::bind` (mio) asks for a backlog of 128 only. When a site loses power, its
+/// thousands of stations come back within seconds: past the backlog, Linux drops their SYNs
+/// (or, with `tcp_abort_on_overflow`, resets them) and each one retries after a second or more,
+/// which stretches the reconnect storm. The kernel caps the value at `net.core.somaxconn`
+/// (4096 by default since Linux 5.4), so raise that too on older kernels.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the public listener with [`LISTEN_BACKLOG`]. Otherwise as `TcpListener::bind`:
+/// `SO_REUSEADDR` on (a restarted fleetd rebinds while old connections are in `TIME_WAIT`), and
+/// `IPV6_V6ONLY` left at the system's default, so `[::]` is dual-stack where the system says so
+/// (`net.ipv6.bindv6only = 0`, Linux's default).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 async fn build_link(links: &LinkFactory, client_id: String) -> Result<LinkParts, BrokerError> {
     let links = links.clone();
     // `LinkBuilder::build` blocks the calling thread until the router answers: keep it off the
@@ -174,13 +197,10 @@ impl Broker {
         let (will_tx, _will_rx, _) =
             build_link(&links, format!("{RESERVED_CLIENT_ID_PREFIX}wills")).await?;
 
-        let listener =
-            TcpListener::bind(settings.listen)
-                .await
-                .map_err(|source| BrokerError::Bind {
-                    addr: settings.listen,
-                    source,
-                })?;
+        let listener = listen(settings.listen).map_err(|source| BrokerError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
         let local_addr = listener.local_addr().map_err(|source| BrokerError::Bind {
             addr: settings.listen,
             source,
@@ -1112,4 +1132,46 @@ impl Pump {
 /// Rights for fleetd's own links (never for a network client).
 pub fn service_rights() -> Rights {
     Rights::danger_everything()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_listener_accepts_on_ipv4_and_ipv6() {
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let addr: SocketAddr = addr.parse().expect("literal address");
+            let listener = match listen(addr) {
+                Ok(l) => l,
+                // A host without IPv6 cannot run the second half.
+                Err(_) if addr.is_ipv6() => continue,
+                Err(e) => panic!("bind {addr}: {e}"),
+            };
+            let local = listener.local_addr().expect("local address");
+            let (client, accepted) = tokio::join!(TcpStream::connect(local), listener.accept());
+            client.expect("connect");
+            accepted.expect("accept");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unspecified_ipv6_listener_is_dual_stack_where_the_system_says_so() {
+        let dual_stack =
+            std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "0");
+        let Ok(listener) = listen("[::]:0".parse().expect("literal address")) else {
+            return;
+        };
+        if !dual_stack {
+            return;
+        }
+        let port = listener.local_addr().expect("local address").port();
+        let (client, accepted) = tokio::join!(
+            TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))),
+            listener.accept()
+        );
+        client.expect("an IPv4 client reaches the [::] listener");
+        let (_, peer) = accepted.expect("accept");
+        assert!(peer.ip().to_canonical().is_ipv4());
+    }
 }
