@@ -9,6 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::ring::Ticketer;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -183,6 +184,18 @@ impl ClientCertVerifier for ClientPolicy {
 }
 
 /// Builds the listener's `ServerConfig` once: TLS 1.3 and 1.2, ring, session resumption on.
+///
+/// Resumption is stateless: TLS 1.3 clients, and TLS 1.2 clients that offer the session-ticket
+/// extension, get tickets sealed under the process's own rotating key (ring's [`Ticketer`]:
+/// ChaCha20-Poly1305, a new random key every 6 hours, the previous one kept, so a ticket
+/// resumes for 6 to 12 hours). The server keeps nothing per device, so every station of a site
+/// can resume after a power cut, however many there are; a restart of fleetd invalidates all
+/// tickets (full handshakes, as with an in-memory cache). A ticket carries the client's
+/// certificate chain, which is what [`ClientPolicy::classify`] checks again after a resumed
+/// handshake. Stateless tickets can be presented more than once; that is harmless because early
+/// data stays off (rustls refuses it with a ticketer) and every resumption still does a fresh
+/// (EC)DHE exchange. Only TLS 1.2 clients without ticket support use the session-ID cache of
+/// `session_cache` entries.
 pub fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -194,6 +207,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(policy)
         .with_single_cert(chain, key)?;
+    config.ticketer = Ticketer::new()?;
     config.session_storage = ServerSessionMemoryCache::new(session_cache);
     Ok(config)
 }
@@ -201,4 +215,126 @@ pub fn server_config(
 /// The crypto provider used everywhere in fleetd.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use rustls::pki_types::PrivatePkcs8KeyDer;
+    use rustls::{ClientConfig, ClientConnection, HandshakeKind, ServerConnection};
+
+    struct Pki {
+        ca: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    impl Pki {
+        fn new() -> Pki {
+            let key = KeyPair::generate().expect("CA key");
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let ca = params.self_signed(&key).expect("CA certificate");
+            Pki {
+                ca: ca.der().clone(),
+                issuer: Issuer::new(params, key),
+            }
+        }
+
+        fn issue(&self, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+            let key = KeyPair::generate().expect("key");
+            let cert = CertificateParams::new(vec![name.to_owned()])
+                .expect("params")
+                .signed_by(&key, &self.issuer)
+                .expect("certificate");
+            let key = PrivatePkcs8KeyDer::from(key.serialize_der());
+            (vec![cert.der().clone()], key.into())
+        }
+    }
+
+    /// Moves TLS records both ways until neither side has anything to send (the server's
+    /// tickets come after the handshake).
+    fn exchange(client: &mut ClientConnection, server: &mut ServerConnection) {
+        loop {
+            let mut moved = false;
+            let mut wire = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut wire).expect("client writes");
+            }
+            if !wire.is_empty() {
+                moved = true;
+                server.read_tls(&mut wire.as_slice()).expect("server reads");
+                server.process_new_packets().expect("server handshake");
+            }
+            wire.clear();
+            while server.wants_write() {
+                server.write_tls(&mut wire).expect("server writes");
+            }
+            if !wire.is_empty() {
+                moved = true;
+                client.read_tls(&mut wire.as_slice()).expect("client reads");
+                client.process_new_packets().expect("client handshake");
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn more_clients_resume_than_the_session_cache_holds() {
+        let provider = provider();
+        let pki = Pki::new();
+        let policy = Arc::new(
+            ClientPolicy::new(std::slice::from_ref(&pki.ca), &[], false, &provider)
+                .expect("policy"),
+        );
+        let (chain, key) = pki.issue("localhost");
+        // One cache entry: a stateful cache could resume one of the clients below at most.
+        let server = Arc::new(
+            server_config(chain, key, policy, provider.clone(), 1).expect("server config"),
+        );
+        assert!(server.ticketer.enabled());
+
+        let mut roots = RootCertStore::empty();
+        roots.add(pki.ca.clone()).expect("root");
+        let clients: Vec<Arc<ClientConfig>> = (0..4)
+            .map(|i| {
+                let (chain, key) = pki.issue(&format!("station-{i}"));
+                let config = ClientConfig::builder_with_provider(provider.clone())
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .expect("TLS 1.3")
+                    .with_root_certificates(roots.clone())
+                    .with_client_auth_cert(chain, key)
+                    .expect("client config");
+                Arc::new(config)
+            })
+            .collect();
+        let handshake = |config: &Arc<ClientConfig>| {
+            let name = "localhost".try_into().expect("server name");
+            let mut client = ClientConnection::new(config.clone(), name).expect("client");
+            let mut server_side = ServerConnection::new(server.clone()).expect("server");
+            exchange(&mut client, &mut server_side);
+            assert!(!server_side.is_handshaking());
+            let presented = server_side
+                .peer_certificates()
+                .map(|chain| chain.to_vec())
+                .unwrap_or_default();
+            (server_side.handshake_kind(), presented)
+        };
+
+        let mut first = Vec::new();
+        for config in &clients {
+            let (kind, presented) = handshake(config);
+            assert_eq!(kind, Some(HandshakeKind::Full));
+            first.push(presented);
+        }
+        for (config, presented) in clients.iter().zip(first) {
+            let (kind, resumed_chain) = handshake(config);
+            assert_eq!(kind, Some(HandshakeKind::Resumed));
+            // The chain the policy checks again after a resumption is the client's own.
+            assert_eq!(resumed_chain, presented);
+            assert!(!resumed_chain.is_empty());
+        }
+    }
 }
