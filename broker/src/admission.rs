@@ -105,4 +105,10 @@ pub trait SessionControl: Send + Sync + 'static {
 
     /// Whether a session with this client id is live.
     fn is_connected(&self, client_id: &str) -> bool;
+
+    /// Delivers a message on one of `client_id`'s mailbox topics ([`crate::mailbox`]) straight
+    /// to its session, at QoS 0, if it subscribed to it. Messages to one session are written in
+    /// the order of these calls, and a `cut` after a `deliver` comes after it. Returns false
+    /// when no such session is live.
+    fn deliver(&self, client_id: &str, topic: String, payload: Vec<u8>) -> bool;
 }

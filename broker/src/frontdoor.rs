@@ -14,7 +14,8 @@ use bytes::BytesMut;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{
     v4::V4, v5::V5, Disconnect, DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason,
-    PubComp, PubCompReason, PubRec, PubRecReason, Publish, SubAck, SubscribeReasonCode,
+    PubComp, PubCompReason, PubRec, PubRecReason, Publish, QoS, SubAck, SubscribeReasonCode,
+    UnsubAck, UnsubAckReason,
 };
 use rumqttd::protocol::{Error as CodecError, Protocol};
 use rumqttd::{Notification, Router, RouterConfig};
@@ -672,6 +673,8 @@ async fn connection(
     }
     // A session that took this one over may build its link now.
     drop(released_tx);
+        filters: Vec::new(),
+        last_delivered: None,
     shared.registry.unregister(&client_id, session_id);
     admission.session_closed(&client_id, session_id);
 }
@@ -809,6 +812,11 @@ impl Pump {
                 read = reader.read_buf(&mut buf) => {
                     match read {
                         Ok(0) | Err(_) => return End::Unclean,
+    /// Every filter granted to this session: mailbox deliveries ([`crate::mailbox`]) go to it
+    /// when one of them matches.
+    filters: Vec<String>,
+    /// Topic of the last mailbox delivery handled: a cut waiting for it needs not wait.
+    last_delivered: Option<String>,
                         Ok(_) => {}
                     }
                     idle_deadline = Instant::now() + keepalive;
@@ -867,8 +875,19 @@ impl Pump {
         if let Some(packet) = frame::server_disconnect(self.version, reason, text) {
             let _ = write_packet(
                 writer,
+                            // The final message came through the mailbox, just before the cut:
+                            // it is written already.
+                            if self.last_delivered.take().as_deref() == Some(topic.as_str()) {
+                                self.disconnect(writer, DisconnectReasonCode::NotAuthorized, "not authorized").await;
+                                return End::Cut;
+                            }
                 self.codec,
                 packet,
+                        Some(Control::Deliver { topic, payload }) => {
+                            if let Step::End(end) = self.deliver(writer, topic, payload).await {
+                                return end;
+                            }
+                        }
                 self.shared.settings.write_timeout,
             )
             .await;
@@ -904,6 +923,37 @@ impl Pump {
                 self.disconnect(
                     writer,
                     DisconnectReasonCode::ProtocolError,
+    /// A mailbox message from the controller: written at QoS 0 if a granted filter matches.
+    async fn deliver(
+        &mut self,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+        topic: String,
+        payload: Vec<u8>,
+    ) -> Step {
+        if !crate::mailbox::reaches(&topic, self.filters.iter()) {
+            self.last_delivered = Some(topic);
+            return Step::Continue;
+        }
+        let last = self
+            .closing
+            .as_ref()
+            .and_then(|(_, t)| t.as_deref())
+            .is_some_and(|t| t == topic);
+        let publish = Publish::new(topic.clone().into_bytes(), payload, false);
+        let step = self.write(writer, Packet::Publish(publish, None)).await;
+        if last {
+            self.disconnect(
+                writer,
+                DisconnectReasonCode::NotAuthorized,
+                "not authorized",
+            )
+            .await;
+            return Step::End(End::Cut);
+        }
+        self.last_delivered = Some(topic);
+        step
+    }
+
                     "protocol error",
                 )
                 .await;
@@ -1013,38 +1063,74 @@ impl Pump {
                     MqttVersion::V311 => SubscribeReasonCode::Failure,
                     MqttVersion::V5 => SubscribeReasonCode::NotAuthorized,
                 };
-                let decisions: Vec<bool> = {
+                // Per filter: `Some(code)` is answered here (denied, or the client's own
+                // mailbox, which the router never sees); `None` goes to the router.
+                let slots: Vec<Option<SubscribeReasonCode>> = {
                     let rights = registry::read(&self.rights);
                     subscribe
                         .filters
                         .iter()
-                        .map(|f| rights.may_subscribe(&f.path))
+                        .map(|f| {
+                            if !rights.may_subscribe(&f.path) {
+                                Some(denied_code)
+                            } else if crate::mailbox::is_own(&self.client_id, &f.path) {
+                                Some(match f.qos {
+                                    QoS::AtMostOnce => SubscribeReasonCode::QoS0,
+                                    QoS::AtLeastOnce => SubscribeReasonCode::QoS1,
+                                    QoS::ExactlyOnce => SubscribeReasonCode::QoS2,
+                                })
+                            } else {
+                                None
+                            }
+                        })
                         .collect()
                 };
-                if decisions.iter().all(|d| *d) {
+                for (filter, slot) in subscribe.filters.iter().zip(&slots) {
+                    if *slot != Some(denied_code) && !self.filters.contains(&filter.path) {
+                        self.filters.push(filter.path.clone());
+                    }
+                }
+                if slots.iter().all(Option::is_none) {
                     return self.forward(Packet::Subscribe(subscribe, props)).await;
                 }
-                debug!(client_id = %self.client_id, "subscription denied");
-                if decisions.iter().all(|d| !*d) {
+                if slots.contains(&Some(denied_code)) {
+                    debug!(client_id = %self.client_id, "subscription denied");
+                }
+                if slots.iter().all(Option::is_some) {
                     let ack = SubAck {
                         pkid: subscribe.pkid,
-                        return_codes: vec![denied_code; decisions.len()],
+                        return_codes: slots.into_iter().flatten().collect(),
                     };
                     return self.write(writer, Packet::SubAck(ack, None)).await;
                 }
-                let slots = decisions
-                    .iter()
-                    .map(|d| if *d { None } else { Some(denied_code) })
-                    .collect();
+                let mut it = slots.iter();
+                subscribe
+                    .filters
+                    .retain(|_| it.next().is_some_and(Option::is_none));
                 self.pending_subs.insert(subscribe.pkid, slots);
-                let mut it = decisions.iter();
-                subscribe.filters.retain(|_| *it.next().unwrap_or(&false));
                 self.forward(Packet::Subscribe(subscribe, props)).await
             }
-            Packet::Unsubscribe(..)
-            | Packet::PubAck(..)
-            | Packet::PubRec(..)
-            | Packet::PubComp(..) => self.forward(packet).await,
+            Packet::Unsubscribe(mut unsubscribe, props) => {
+                self.filters.retain(|f| !unsubscribe.filters.contains(f));
+                // The router never saw the mailbox filters (and answers nothing for a filter it
+                // does not know): they are acknowledged here.
+                let client_id = &self.client_id;
+                let asked = unsubscribe.filters.len();
+                unsubscribe
+                    .filters
+                    .retain(|f| !crate::mailbox::is_own(client_id, f));
+                if unsubscribe.filters.is_empty() {
+                    let ack = UnsubAck {
+                        pkid: unsubscribe.pkid,
+                        reasons: vec![UnsubAckReason::Success; asked],
+                    };
+                    return self.write(writer, Packet::UnsubAck(ack, None)).await;
+                }
+                self.forward(Packet::Unsubscribe(unsubscribe, props)).await
+            }
+            Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..) => {
+                self.forward(packet).await
+            }
             Packet::PingReq(_) => self.write(writer, Packet::PingResp(PingResp)).await,
             Packet::Disconnect(disconnect, _) => {
                 if disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {

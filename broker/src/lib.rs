@@ -10,6 +10,7 @@ pub mod bus;
 pub mod flood;
 pub mod frame;
 pub mod frontdoor;
+pub mod mailbox;
 pub mod registry;
 pub mod tls;
 

@@ -18,6 +18,8 @@ pub(crate) enum Control {
     Cut { last_topic: Option<String> },
     /// Another connection took this client id over.
     TakenOver,
+    /// A message on one of the session's mailbox topics (`crate::mailbox`).
+    Deliver { topic: String, payload: Vec<u8> },
 }
 
 /// Rights shared between the registry (writer) and a pump (reader, on every packet).
@@ -143,5 +145,16 @@ impl SessionControl for Registry {
 
     fn is_connected(&self, client_id: &str) -> bool {
         lock(&self.sessions).contains_key(client_id)
+    }
+
+    fn deliver(&self, client_id: &str, topic: String, payload: Vec<u8>) -> bool {
+        // The same channel as `cut`: a message delivered before a cut is written before it.
+        match lock(&self.sessions).get(client_id) {
+            Some(entry) => entry
+                .control
+                .send(Control::Deliver { topic, payload })
+                .is_ok(),
+            None => false,
+        }
     }
 }

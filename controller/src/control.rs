@@ -137,6 +137,9 @@ struct Live {
     /// published just before its session closed (`mosquitto_pub` does exactly that) reaches the
     /// controller after the close, and is still attributed to the session that sent it.
     last_station_session: HashMap<String, (Presented, IpAddr)>,
+    /// Address of the last admitted session of each phone client id, for the same reason
+    /// (`provision/complete` is often the phone's last message before it disconnects).
+    last_phone_ip: HashMap<String, IpAddr>,
     /// Permanent and temporary whitelists of every tenant (mirrors the store).
     whitelists: Whitelists,
 }
@@ -198,10 +201,23 @@ impl Controller {
     }
 
     fn publish(&self, topic: String, payload: &Value) {
-        let _ = self.out.send(Publication {
+        self.send_out(Publication {
             topic,
             payload: payload.to_string().into_bytes(),
         });
+    }
+
+    /// A message to a device's mailbox (`cmd`, firmware chunks, provisioning answers) goes
+    /// straight to its session (see `fleet_broker::mailbox`); everything else to the router.
+    fn send_out(&self, p: Publication) {
+        match fleet_broker::mailbox::owner(&p.topic) {
+            Some(client_id) => {
+                self.sessions.deliver(&client_id, p.topic, p.payload);
+            }
+            None => {
+                let _ = self.out.send(p);
+            }
+        }
     }
 
     fn event(&self, tenant: &str, kind: &str, body: Value) {
@@ -542,6 +558,10 @@ impl Controller {
                 ip: info.peer_addr.ip(),
             },
         );
+        if let Identity::Phone { .. } = &identity {
+            live.last_phone_ip
+                .insert(info.client_id.clone(), info.peer_addr.ip());
+        }
         if let Identity::Station { serial, presented } = &identity {
             live.last_seen.insert(serial.clone(), at);
             live.last_station_session
@@ -661,9 +681,7 @@ impl Controller {
     /// What a batch said or did, once it is committed; `live` is still locked.
     fn perform(&self, live: &Live, output: Output) {
         match output {
-            Output::Publish(p) => {
-                let _ = self.out.send(p);
-            }
+            Output::Publish(p) => self.send_out(p),
             Output::Respond {
                 operator,
                 responses,

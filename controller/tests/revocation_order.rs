@@ -56,6 +56,14 @@ impl SessionControl for Recorder {
     fn is_connected(&self, _: &str) -> bool {
         true
     }
+    fn deliver(&self, client_id: &str, topic: String, payload: Vec<u8>) -> bool {
+        let mut log = self.0.lock().expect("log");
+        log.drain();
+        let text = String::from_utf8_lossy(&payload).into_owned();
+        log.events
+            .push(format!("publish {topic} {text} (to {client_id})"));
+        true
+    }
 }
 
 fn info(
@@ -296,7 +304,8 @@ async fn a_batch_sees_its_own_writes_and_speaks_only_after_its_commit() {
         admission.admit(info(2, "station-B1", Some(cert))).await,
         Decision::Allow { .. }
     ));
-    let auth = br#"{"serial":"B1","model":"m","firmware":"6.1.0","mac_streaming":"a","mac_control":"b"}"#;
+    let auth =
+        br#"{"serial":"B1","model":"m","firmware":"6.1.0","mac_streaming":"a","mac_control":"b"}"#;
     let accept = json!({"commands": [
         {"command": "acceptStation", "serial": "B1", "fingerprint": fp.to_string(), "correlationData": "a"},
         {"command": "getStation", "serial": "B1", "correlationData": "g"},

@@ -160,7 +160,11 @@ impl Controller {
     }
 
     fn phone_session_ip(&self, live: &Live, mac: &Mac) -> Option<IpAddr> {
-        live.sessions.get(&mac.client_id()).map(|s| s.ip)
+        let client_id = mac.client_id();
+        live.sessions
+            .get(&client_id)
+            .map(|s| s.ip)
+            .or_else(|| live.last_phone_ip.get(&client_id).copied())
     }
 
     /// `phones/<mac>/provision/request`: check the CSR, sign it with the fleet CA, answer.
