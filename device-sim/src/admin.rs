@@ -231,6 +231,7 @@ mod tests {
             server: "127.0.0.1:1".into(),
             ca_pem: ca.cert_pem().to_owned(),
             retry: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(30),
         };
         let mut station = spawn_station(&dir, config);
         let server = serve_admin(&dir, station.control()).await.unwrap();

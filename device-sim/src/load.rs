@@ -161,6 +161,8 @@ pub struct LoadReport {
     pub reconnect: Option<StormReport>,
     /// Errors by kind; empty for a complete run.
     pub errors: BTreeMap<String, u64>,
+    /// The first reason seen for each kind of error (a refusal code, a connection error).
+    pub error_examples: BTreeMap<String, String>,
     /// fleetd's resident memory with every station connected, when its pid was given.
     pub fleetd_rss_kib: Option<u64>,
     /// `fleetd_rss_kib / (stations + phones)`.
@@ -229,11 +231,18 @@ impl Recorder {
     }
 }
 
-/// Errors by kind.
+/// Errors by kind, with the first reason given for each.
 #[derive(Debug, Default)]
-struct Errors(BTreeMap<String, u64>);
+struct Errors(BTreeMap<String, u64>, BTreeMap<String, String>);
 
 impl Errors {
+    fn count_why(&mut self, kind: &str, why: &str) {
+        self.count(kind, 1);
+        self.1
+            .entry(kind.to_owned())
+            .or_insert_with(|| why.chars().take(200).collect());
+    }
+
     fn count(&mut self, kind: impl Into<String>, n: u64) {
         if n > 0 {
             *self.0.entry(kind.into()).or_default() += n;
@@ -461,6 +470,7 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         server: run.opts.server.clone(),
         ca_pem: ca_pem.clone(),
         retry: STATION_RETRY,
+        connect_timeout: Duration::from_secs(30),
     };
     let target = PhoneTarget::new(run.opts.server.clone(), ca_pem);
     let onboarding = run
@@ -504,6 +514,7 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         reject_to_cut_ms,
         reconnect,
         errors: run.errors.0,
+        error_examples: run.errors.1,
         fleetd_rss_kib: rss,
         fleetd_rss_kib_per_device: rss
             .filter(|_| devices > 0)
@@ -730,9 +741,11 @@ impl Run {
                             self.bar.inc(1);
                             self.progress();
                         }
-                        SimEvent::Refused { .. } => self.errors.count("station_refused", 1),
-                        SimEvent::Disconnected { .. } => {
-                            self.errors.count("station_disconnected", 1);
+                        SimEvent::Refused { code } => {
+                            self.errors.count_why("station_refused", &code)
+                        }
+                        SimEvent::Disconnected { reason } => {
+                            self.errors.count_why("station_disconnected", &reason);
                         }
                         SimEvent::Error { .. } => self.errors.count("station_error", 1),
                         SimEvent::Rejected | SimEvent::Removed | SimEvent::ResetApplied => {
@@ -995,9 +1008,11 @@ impl Run {
                                 self.progress();
                             }
                         }
-                        SimEvent::Refused { .. } => self.errors.count("reconnect_refused", 1),
-                        SimEvent::Disconnected { .. } => {
-                            self.errors.count("reconnect_disconnected", 1);
+                        SimEvent::Refused { code } => {
+                            self.errors.count_why("reconnect_refused", &code)
+                        }
+                        SimEvent::Disconnected { reason } => {
+                            self.errors.count_why("reconnect_disconnected", &reason);
                         }
                         SimEvent::Error { .. } => self.errors.count("station_error", 1),
                         _ => {}

@@ -231,6 +231,7 @@ impl Connection {
             server: self.server.clone(),
             ca_pem,
             retry: Duration::from_millis(self.retry_ms),
+            connect_timeout: Duration::from_secs(30),
         })
     }
 }

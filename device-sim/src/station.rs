@@ -35,8 +35,14 @@ pub struct SimConfig {
     pub server: String,
     /// The fleet CA certificate (PEM) that the server certificate must chain to.
     pub ca_pem: String,
-    /// Pause before connecting again after a refusal or a lost connection.
+    /// Pause before connecting again after a refusal or a lost connection; each pause is
+    /// stretched by a random part of up to the same length again, so that a fleet that lost
+    /// its connections together does not come back in lockstep.
     pub retry: Duration,
+    /// Longest wait for the TCP, TLS and MQTT connect together. rumqttc's default of 5 s is too
+    /// short for a fleet reconnecting at once: 10,000 stations at 1,000 connections a second
+    /// take 10 s, and each timed-out station would come back on top of the others.
+    pub connect_timeout: Duration,
 }
 
 impl SimConfig {
@@ -46,8 +52,19 @@ impl SimConfig {
             server: server.into(),
             ca_pem: ca_pem.into(),
             retry: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(30),
         }
     }
+}
+
+/// `retry` stretched by a random fraction of itself (`[retry, 2 × retry)`).
+fn jittered(retry: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // A fresh `RandomState` is randomly keyed: enough to spread reconnects, no crypto needed.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    retry + retry.mul_f64((random % 1_000) as f64 / 1_000.0)
 }
 
 /// Something a station did or had done to it, in order.
@@ -302,7 +319,7 @@ async fn run_station(
             }
             Next::Retry => {
                 tokio::select! {
-                    () = tokio::time::sleep(config.retry) => Next::Boot,
+                    () = tokio::time::sleep(jittered(config.retry)) => Next::Boot,
                     command = control.recv() => match command {
                         Some(Control::Reboot) => Next::Reboot,
                         Some(Control::PowerOn) => Next::Boot,
@@ -403,6 +420,9 @@ async fn boot(
             true,
         ));
     let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+    eventloop
+        .network_options
+        .set_connection_timeout(config.connect_timeout.as_secs().max(1));
     let mut session = Session {
         dir,
         serial,
@@ -1100,6 +1120,7 @@ mod tests {
             server: format!("127.0.0.1:{port}"),
             ca_pem: ca.cert_pem().to_owned(),
             retry: Duration::from_millis(50),
+            connect_timeout: Duration::from_secs(30),
         };
         let mut handle = spawn_station(&station_dir, config);
         let booted = handle.next_event().await.unwrap();
