@@ -456,14 +456,20 @@ async fn connection(
     };
     // The verifier does not run on resumed sessions: apply the policy to the peer certificate
     // after every handshake.
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let certificate = match tls.get_ref().1.peer_certificates() {
-        Some(chain) if !chain.is_empty() => match shared.policy.classify(chain, UnixTime::now()) {
-            Ok(trust) => Ok(Some(PresentedCertificate {
-                der: chain[0].to_vec(),
-                trust,
-            })),
-            Err(reason) => Err(reason),
-        },
+        Some(chain) if !chain.is_empty() => {
+            match shared
+                .policy
+                .classify_after_handshake(chain, UnixTime::now(), resumed)
+            {
+                Ok(trust) => Ok(Some(PresentedCertificate {
+                    der: chain[0].to_vec(),
+                    trust,
+                })),
+                Err(reason) => Err(reason),
+            }
+        }
         _ => Ok(None),
     };
     let (mut reader, mut writer) = tokio::io::split(tls);

@@ -38,6 +38,25 @@ pub struct ClientPolicy {
     allow_self_signed: bool,
     algorithms: WebPkiSupportedAlgorithms,
     hints: Vec<DistinguishedName>,
+    /// Verdicts of the verifier in full handshakes, by chain, each taken once by
+    /// [`ClientPolicy::classify_after_handshake`]: a full handshake's chain was verified a
+    /// moment ago in that very handshake, so it need not be verified twice (a P-256 chain
+    /// verification is a good part of a handshake's CPU).
+    verdicts: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Trust>>,
+}
+
+/// Verdicts kept at most; beyond it they are dropped (only handshakes that failed after the
+/// verifier leave theirs behind).
+const MAX_VERDICTS: usize = 4096;
+
+/// The key of a chain in `verdicts`: every certificate with its length.
+fn chain_key(chain: &[CertificateDer<'_>]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(chain.iter().map(|c| c.len() + 4).sum());
+    for cert in chain {
+        key.extend_from_slice(&u32::try_from(cert.len()).unwrap_or(u32::MAX).to_be_bytes());
+        key.extend_from_slice(cert);
+    }
+    key
 }
 
 impl fmt::Debug for ClientPolicy {
@@ -88,7 +107,30 @@ impl ClientPolicy {
             allow_self_signed,
             algorithms: provider.signature_verification_algorithms,
             hints,
+            verdicts: Default::default(),
         })
+    }
+
+    /// The policy applied to the peer's chain once its handshake is done. A resumed session
+    /// skipped the verifier, so its chain is classified now; a full handshake's verdict was
+    /// kept by the verifier and is taken (classified again only if it is missing).
+    pub fn classify_after_handshake(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+        resumed: bool,
+    ) -> Result<Trust, String> {
+        if !resumed {
+            let kept = self
+                .verdicts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&chain_key(chain));
+            if let Some(trust) = kept {
+                return Ok(trust);
+            }
+        }
+        self.classify(chain, now)
     }
 
     /// Applies the policy to a presented chain (leaf first). Run after every handshake, resumed
@@ -150,7 +192,14 @@ impl ClientCertVerifier for ClientPolicy {
         chain.push(end_entity.clone());
         chain.extend(intermediates.iter().cloned());
         match self.classify(&chain, now) {
-            Ok(_) => Ok(ClientCertVerified::assertion()),
+            Ok(trust) => {
+                let mut verdicts = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
+                if verdicts.len() >= MAX_VERDICTS {
+                    verdicts.clear();
+                }
+                verdicts.insert(chain_key(&chain), trust);
+                Ok(ClientCertVerified::assertion())
+            }
             Err(reason) => Err(rustls::Error::General(reason)),
         }
     }
@@ -279,6 +328,38 @@ mod tests {
                 return;
             }
         }
+    }
+
+    #[test]
+    fn a_full_handshakes_verdict_is_used_once_and_resumed_sessions_are_always_checked() {
+        let pki = Pki::new();
+        let other = Pki::new();
+        let provider = provider();
+        let policy = ClientPolicy::new(std::slice::from_ref(&pki.ca), &[], false, &provider)
+            .expect("policy");
+        let (chain, _) = pki.issue("c1");
+        let now = UnixTime::now();
+        policy
+            .verify_client_cert(&chain[0], &chain[1..], now)
+            .expect("verified");
+        assert_eq!(policy.verdicts.lock().unwrap().len(), 1);
+        // A resumed session is classified, and leaves the verdict alone.
+        let (stranger, _) = other.issue("c2");
+        assert!(policy
+            .classify_after_handshake(&stranger, now, true)
+            .is_err());
+        assert!(policy.classify_after_handshake(&chain, now, true).is_ok());
+        assert_eq!(policy.verdicts.lock().unwrap().len(), 1);
+        // A full handshake takes its verdict.
+        assert_eq!(
+            policy.classify_after_handshake(&chain, now, false),
+            Ok(Trust::FleetCa)
+        );
+        assert!(policy.verdicts.lock().unwrap().is_empty());
+        // Without a verdict, a chain is classified: an untrusted one is refused.
+        assert!(policy
+            .classify_after_handshake(&stranger, now, false)
+            .is_err());
     }
 
     #[test]
