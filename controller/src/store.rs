@@ -292,6 +292,7 @@ impl Store {
             txn: self.db.begin_write()?,
             records: Vec::new(),
             poisoned: None,
+            wrote: false,
         })
     }
 
@@ -323,6 +324,8 @@ pub struct StoreTxn {
     txn: WriteTransaction,
     records: Vec<AuditRecord>,
     poisoned: Option<String>,
+    /// Whether any change was written.
+    wrote: bool,
 }
 
 impl StoreTxn {
@@ -361,6 +364,7 @@ impl StoreTxn {
         if let Some(reason) = &self.poisoned {
             return Err(StoreError::Poisoned(reason.clone()));
         }
+        self.wrote |= !changes.is_empty();
         match write_changes(&self.txn, &changes) {
             Ok(records) => {
                 self.records.extend(records.iter().cloned());
@@ -374,11 +378,16 @@ impl StoreTxn {
         }
     }
 
-    /// Commits (durably: one fsync) and returns every audit record written, in order.
+    /// Commits (durably: one fsync) and returns every audit record written, in order. A
+    /// transaction that wrote nothing (a batch of `status` messages) costs no fsync.
     pub fn commit(self) -> Result<Vec<AuditRecord>, StoreError> {
         if let Some(reason) = self.poisoned {
             let _ = self.txn.abort();
             return Err(StoreError::Poisoned(reason));
+        }
+        if !self.wrote {
+            self.txn.abort()?;
+            return Ok(self.records);
         }
         self.txn.commit()?;
         Ok(self.records)
