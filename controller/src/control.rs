@@ -732,16 +732,32 @@ impl Controller {
             txn,
             out: Vec::new(),
         };
+        let started = std::time::Instant::now();
+        let mut handled = 0usize;
         for (topic, payload) in messages {
             self.handle_in(&mut live, &mut cx, topic, payload);
+            handled += 1;
         }
         let Cx { txn, out } = cx;
+        let handled_at = started.elapsed();
         match txn.commit() {
             Ok(records) => {
+                let committed_at = started.elapsed();
                 self.publish_audit(&records);
+                let outputs = out.len();
                 for output in out {
                     self.perform(&live, output);
                 }
+                debug!(
+                    target: "fleet_controller::batch",
+                    messages = handled,
+                    records = records.len(),
+                    outputs,
+                    handled_ms = handled_at.as_secs_f64() * 1e3,
+                    committed_ms = committed_at.as_secs_f64() * 1e3,
+                    done_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "batch"
+                );
             }
             Err(e) => {
                 warn!("store: a batch of messages was not committed: {e}");

@@ -68,6 +68,9 @@ pub struct LoadOptions {
     /// Commands per request envelope (accepts, phone creations). fleetd refuses envelopes over
     /// `limits.max_payload_bytes` (64 KiB by default): about 250 accepts.
     pub accept_batch: usize,
+    /// Accept nothing before every station is connected and has asked to be authorized: the
+    /// accept → `authorized` latency is then that of a fully connected, otherwise idle fleet.
+    pub hold_accepts: bool,
     /// After onboarding, reboot every station at once and measure the reconnect storm.
     pub reconnect: bool,
     /// Stations rejected (in one envelope) at the end to measure command-to-cut.
@@ -93,6 +96,7 @@ impl LoadOptions {
             rate: None,
             state_dir: PathBuf::from("fleet-sim-load"),
             accept_batch: 100,
+            hold_accepts: false,
             reconnect: false,
             cut_sample: 10,
             fleetd_pid: None,
@@ -665,6 +669,7 @@ impl Run {
         let mut queued_since: Option<Instant> = None;
         let mut in_flight = 0usize;
         let mut listing = false;
+        let mut released = false;
         let mut stations_done = 0usize;
         let mut stations_authorized = 0usize;
         let mut phones_done = 0usize;
@@ -826,8 +831,20 @@ impl Run {
                     }
                 }
             }
+            // Held accepts wait until every station that is still to be accepted is queued.
+            if self.opts.hold_accepts && !released && queue.len() * 10 >= self.slots.len() * 9 {
+                let waiting = self
+                    .slots
+                    .iter()
+                    .filter(|s| matches!(s.stage, Stage::Waiting))
+                    .count();
+                released = waiting == 0;
+            }
             // Send what is ready: full batches at once, a partial one after a short linger.
-            while in_flight < ACCEPTS_IN_FLIGHT && !queue.is_empty() {
+            while (released || !self.opts.hold_accepts)
+                && in_flight < ACCEPTS_IN_FLIGHT
+                && !queue.is_empty()
+            {
                 let full = queue.len() >= self.opts.accept_batch;
                 let lingered = queued_since.is_some_and(|t| t.elapsed() >= ACCEPT_LINGER);
                 if !(full || lingered) {

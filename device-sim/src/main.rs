@@ -118,6 +118,10 @@ struct LoadArgs {
     /// fleetd's limits.max_payload_bytes (about 250 accepts at 64 KiB).
     #[arg(long, default_value_t = 100)]
     accept_batch: usize,
+    /// Accept no station before every station is connected and waiting: accept → authorized
+    /// is then measured with the whole fleet connected and no connects competing for the CPU.
+    #[arg(long)]
+    hold_accepts: bool,
     /// Where the simulated devices keep their state.
     #[arg(long, default_value = "fleet-sim-load")]
     state_dir: PathBuf,
@@ -350,6 +354,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     opts.concurrency = args.concurrency;
     opts.rate = args.rate;
     opts.accept_batch = args.accept_batch;
+    opts.hold_accepts = args.hold_accepts;
     opts.state_dir = args.state_dir;
     opts.reconnect = args.reconnect;
     opts.cut_sample = args.cut_sample;
