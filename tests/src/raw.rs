@@ -69,6 +69,13 @@ pub fn subscribe_frame(filter: &str) -> Vec<u8> {
     frame(0x82, body)
 }
 
+/// UNSUBSCRIBE packet id 2, one filter.
+pub fn unsubscribe_frame(filter: &str) -> Vec<u8> {
+    let mut body = vec![0, 2];
+    push_str(&mut body, filter.as_bytes());
+    frame(0xa2, body)
+}
+
 /// A TLS connector with a device's key (`cert.pem`, `key.pem` of its state directory); it keeps TLS sessions, so
 /// that a second connection resumes the first.
 pub fn device_connector(fleet: &TestFleet, dir: &Path) -> TlsConnector {

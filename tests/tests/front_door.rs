@@ -1,6 +1,6 @@
 //! The front door's own duties (RUMQTTD-NOTES pitfalls): its connection cap and client-id rules
 //! answered with a CONNACK, keepalive enforced, wills kept and fired by the front door, session
-//! takeover closing the old socket.
+//! takeover closing the old socket, mailboxes.
 
 use fleet_tests::raw::{
     anonymous_connector, connack, connect, connect_frame, device_connector, read_until_contains,
@@ -221,4 +221,53 @@ async fn an_operator_cannot_take_over_another_operators_session() {
     // The same operator may take its own session over (a reconnect).
     let mut again = tls(&alice, port).await;
     assert_eq!(connack(&mut again, &hello).await, 0);
+}
+
+/// Mailboxes (docs/protocol.md §4): the controller's `cmd` to a station reaches its exact
+/// subscription and its `stations/<serial>/#` subscription alike, through the front door
+/// rather than the router; SUBSCRIBE and UNSUBSCRIBE of a mailbox are answered by the front
+/// door.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mailbox_messages_reach_exact_and_wildcard_subscriptions() {
+    use fleet_tests::raw::unsubscribe_frame;
+    let fleet = TestFleet::start().await;
+    let mut op = fleet.operator().await;
+    let mut station = fleet.station("MB-1", "6.1.0");
+    let fingerprint = authorize(&mut op, &mut station).await;
+    station.handle.shutdown().await;
+    let connector = device_connector(&fleet, &fleet.dir.path().join("station-MB-1"));
+    let port = fleet.fleet.local_addr().port();
+
+    // An authorized session: its own cmd at QoS 1 (granted 1), then unsubscribed again.
+    let mut session = tls(&connector, port).await;
+    assert_eq!(connect(&mut session, "station-MB-1").await, 0);
+    session
+        .write_all(&subscribe_frame("stations/MB-1/cmd"))
+        .await
+        .expect("subscribe");
+    read_until_contains(&mut session, &[0x90, 3, 0, 1, 1]).await;
+    session
+        .write_all(&unsubscribe_frame("stations/MB-1/cmd"))
+        .await
+        .expect("unsubscribe");
+    read_until_contains(&mut session, &[0xb0, 2, 0, 2]).await;
+
+    // The wildcard (through the router for data, and the mailbox for cmd).
+    session
+        .write_all(&subscribe_frame("stations/MB-1/#"))
+        .await
+        .expect("subscribe");
+    read_until_contains(&mut session, &[0x90, 3, 0, 1, 1]).await;
+
+    // Reject: the `rejected` cmd arrives before the cut, on the wildcard subscription.
+    op.call("rejectStation", json!({"serial": "MB-1"}))
+        .await
+        .expect("reject");
+    let rest = until_closed(&mut session).await;
+    assert!(
+        rest.windows(10).any(|w| w == b"\"rejected\""),
+        "{:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    assert!(!fingerprint.is_empty());
 }
