@@ -60,7 +60,7 @@ run() {
     echo "== $name (port $port, pid $SERVER_PID)" >&2
     "$BIN/storm" --addr "127.0.0.1:$port" --server-name localhost --server-ca "$server_ca" \
         --issuer-cert "$CA" --issuer-key "$CAKEY" -n "$N" -c "$C" --mode "$mode" \
-        --server-pid "$SERVER_PID" --serial-prefix "${name//[^A-Za-z0-9]/}" \
+        --server-pid "$SERVER_PID" --serial-prefix "${name//[^A-Za-z0-9]/}" --reconnect \
         > "$WORK/$name.json"
     cat "$WORK/$name.json" >&2
     stop_server
@@ -134,10 +134,23 @@ for name in ["fleetd", "rumqttd", "mosquitto", "tls-loop"]:
 f = rows[0]
 def ratio(a, b):
     return f"{a / b:.2f}x" if b else "-"
+recon = []
+for name in ["fleetd", "rumqttd", "mosquitto", "tls-loop"]:
+    r = json.load(open(f"{work}/{name}.json"))
+    x = r.get("reconnect") or {}
+    recon.append((name, x.get("connections_per_s", float("nan")), x.get("resumed", 0),
+                  x.get("connected", 0), x.get("cpu_ms_per_conn", float("nan")),
+                  x.get("errors_total", 0), r["connections_per_s"]))
 print(f"N={n} clients, concurrency {c}, mTLS with CA-chained client certificates (P-256)")
 print(f"| server | conn/s | p50 ms | p99 ms | CPU ms/conn | RSS KiB/conn | errors | conn/s vs fleetd | p99 vs fleetd | CPU vs fleetd | RSS vs fleetd |")
 print(f"|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for (name, cps, p50, p99, cpu, rss, err, ok) in rows:
     print(f"| {name} | {cps:.0f} | {p50:.2f} | {p99:.2f} | {cpu:.3f} | {rss:.1f} | {err} | "
           f"{ratio(cps, f[1])} | {ratio(p99, f[3])} | {ratio(cpu, f[4])} | {ratio(rss, f[5])} |")
+print()
+print("Reconnect storm: every client disconnects cleanly, then all connect again with their TLS session")
+print("| server | reconnect conn/s | resumed | CPU ms/conn | errors | vs its own full-handshake storm |")
+print("|---|---:|---:|---:|---:|---:|")
+for (name, cps, resumed, ok, cpu, err, full) in recon:
+    print(f"| {name} | {cps:.0f} | {resumed} of {ok} | {cpu:.3f} | {err} | {ratio(cps, full)} |")
 PY

@@ -456,12 +456,11 @@ async fn connection(
     };
     // The verifier does not run on resumed sessions: apply the policy to the peer certificate
     // after every handshake.
-    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let certificate = match tls.get_ref().1.peer_certificates() {
         Some(chain) if !chain.is_empty() => {
             match shared
                 .policy
-                .classify_after_handshake(chain, UnixTime::now(), resumed)
+                .classify_after_handshake(chain, UnixTime::now())
             {
                 Ok(trust) => Ok(Some(PresentedCertificate {
                     der: chain[0].to_vec(),

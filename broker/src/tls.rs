@@ -38,25 +38,45 @@ pub struct ClientPolicy {
     allow_self_signed: bool,
     algorithms: WebPkiSupportedAlgorithms,
     hints: Vec<DistinguishedName>,
-    /// Verdicts of the verifier in full handshakes, by chain, each taken once by
-    /// [`ClientPolicy::classify_after_handshake`]: a full handshake's chain was verified a
-    /// moment ago in that very handshake, so it need not be verified twice (a P-256 chain
-    /// verification is a good part of a handshake's CPU).
-    verdicts: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Trust>>,
+    /// Verdicts of this policy's verifier, by SHA-256 of the chain, with the period in which
+    /// every certificate of the chain is valid. See [`ClientPolicy::classify_after_handshake`].
+    verdicts: std::sync::Mutex<std::collections::HashMap<[u8; 32], Verdict>>,
 }
 
-/// Verdicts kept at most; beyond it they are dropped (only handshakes that failed after the
-/// verifier leave theirs behind).
-const MAX_VERDICTS: usize = 4096;
+/// A chain this policy accepted, and when it may be relied on.
+#[derive(Debug, Clone, Copy)]
+struct Verdict {
+    trust: Trust,
+    /// Latest `notBefore` and earliest `notAfter` of the chain's certificates (Unix seconds).
+    valid_from: i64,
+    valid_until: i64,
+}
 
-/// The key of a chain in `verdicts`: every certificate with its length.
-fn chain_key(chain: &[CertificateDer<'_>]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(chain.iter().map(|c| c.len() + 4).sum());
+/// Verdicts kept at most (about 80 bytes each); when full, they are all dropped and chains are
+/// verified again as they come.
+const MAX_VERDICTS: usize = 50_000;
+
+/// The key of a chain in `verdicts`: SHA-256 over every certificate with its length.
+fn chain_key(chain: &[CertificateDer<'_>]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
     for cert in chain {
-        key.extend_from_slice(&u32::try_from(cert.len()).unwrap_or(u32::MAX).to_be_bytes());
-        key.extend_from_slice(cert);
+        hasher.update(u32::try_from(cert.len()).unwrap_or(u32::MAX).to_be_bytes());
+        hasher.update(cert);
     }
-    key
+    hasher.finalize().into()
+}
+
+/// The period in which every certificate of the chain is valid; `None` if one does not parse.
+fn validity(chain: &[CertificateDer<'_>]) -> Option<(i64, i64)> {
+    let mut from = i64::MIN;
+    let mut until = i64::MAX;
+    for cert in chain {
+        let (_, parsed) = X509Certificate::from_der(cert).ok()?;
+        from = from.max(parsed.validity().not_before.timestamp());
+        until = until.min(parsed.validity().not_after.timestamp());
+    }
+    Some((from, until))
 }
 
 impl fmt::Debug for ClientPolicy {
@@ -111,26 +131,51 @@ impl ClientPolicy {
         })
     }
 
-    /// The policy applied to the peer's chain once its handshake is done. A resumed session
-    /// skipped the verifier, so its chain is classified now; a full handshake's verdict was
-    /// kept by the verifier and is taken (classified again only if it is missing).
+    /// The policy applied to the peer's chain once its handshake is done, resumed handshakes
+    /// included (they skip the verifier).
+    ///
+    /// Every chain this policy's verifier accepted is remembered (by SHA-256) with the period
+    /// in which all its certificates are valid. A chain found there, checked against `now`, is
+    /// not verified again: the policy is fixed for the life of the process, and a resumed
+    /// session's chain comes from a ticket that only this process can have issued (stateless
+    /// tickets under a key of this process), after this verifier accepted that very chain. So a
+    /// full handshake costs one chain verification instead of two, and a resumed one none. A
+    /// chain not found there is classified in full.
     pub fn classify_after_handshake(
         &self,
         chain: &[CertificateDer<'_>],
         now: UnixTime,
-        resumed: bool,
     ) -> Result<Trust, String> {
-        if !resumed {
-            let kept = self
-                .verdicts
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&chain_key(chain));
-            if let Some(trust) = kept {
-                return Ok(trust);
-            }
+        let kept = self
+            .verdicts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&chain_key(chain))
+            .copied();
+        let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        match kept {
+            Some(v) if v.valid_from <= secs && secs <= v.valid_until => Ok(v.trust),
+            Some(_) => Err("the certificate is outside its validity period".into()),
+            None => self.classify(chain, now),
         }
-        self.classify(chain, now)
+    }
+
+    fn remember(&self, chain: &[CertificateDer<'_>], trust: Trust) {
+        let Some((valid_from, valid_until)) = validity(chain) else {
+            return;
+        };
+        let mut verdicts = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
+        if verdicts.len() >= MAX_VERDICTS {
+            verdicts.clear();
+        }
+        verdicts.insert(
+            chain_key(chain),
+            Verdict {
+                trust,
+                valid_from,
+                valid_until,
+            },
+        );
     }
 
     /// Applies the policy to a presented chain (leaf first). Run after every handshake, resumed
@@ -193,11 +238,7 @@ impl ClientCertVerifier for ClientPolicy {
         chain.extend(intermediates.iter().cloned());
         match self.classify(&chain, now) {
             Ok(trust) => {
-                let mut verdicts = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
-                if verdicts.len() >= MAX_VERDICTS {
-                    verdicts.clear();
-                }
-                verdicts.insert(chain_key(&chain), trust);
+                self.remember(&chain, trust);
                 Ok(ClientCertVerified::assertion())
             }
             Err(reason) => Err(rustls::Error::General(reason)),
@@ -331,7 +372,7 @@ mod tests {
     }
 
     #[test]
-    fn a_full_handshakes_verdict_is_used_once_and_resumed_sessions_are_always_checked() {
+    fn verdicts_are_reused_only_for_the_same_chain_and_within_its_validity() {
         let pki = Pki::new();
         let other = Pki::new();
         let provider = provider();
@@ -343,23 +384,21 @@ mod tests {
             .verify_client_cert(&chain[0], &chain[1..], now)
             .expect("verified");
         assert_eq!(policy.verdicts.lock().unwrap().len(), 1);
-        // A resumed session is classified, and leaves the verdict alone.
+        // The same chain, again and again (a full handshake's check, then resumptions).
+        for _ in 0..3 {
+            assert_eq!(
+                policy.classify_after_handshake(&chain, now),
+                Ok(Trust::FleetCa)
+            );
+        }
+        // An unknown chain is classified in full: an untrusted one is refused.
         let (stranger, _) = other.issue("c2");
-        assert!(policy
-            .classify_after_handshake(&stranger, now, true)
-            .is_err());
-        assert!(policy.classify_after_handshake(&chain, now, true).is_ok());
-        assert_eq!(policy.verdicts.lock().unwrap().len(), 1);
-        // A full handshake takes its verdict.
-        assert_eq!(
-            policy.classify_after_handshake(&chain, now, false),
-            Ok(Trust::FleetCa)
-        );
-        assert!(policy.verdicts.lock().unwrap().is_empty());
-        // Without a verdict, a chain is classified: an untrusted one is refused.
-        assert!(policy
-            .classify_after_handshake(&stranger, now, false)
-            .is_err());
+        assert!(policy.classify_after_handshake(&stranger, now).is_err());
+        // A remembered chain past its validity is refused (rcgen certificates end in 4096).
+        let later = UnixTime::since_unix_epoch(std::time::Duration::from_secs(4_200_000_000 * 30));
+        assert!(policy.classify_after_handshake(&chain, later).is_err());
+        let before = UnixTime::since_unix_epoch(std::time::Duration::from_secs(0));
+        assert!(policy.classify_after_handshake(&chain, before).is_err());
     }
 
     #[test]

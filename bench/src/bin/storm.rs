@@ -57,6 +57,91 @@ struct Args {
     /// Per-client timeout in seconds.
     #[arg(long, default_value_t = 30)]
     timeout_s: u64,
+    /// Then close every connection (MQTT DISCONNECT, TLS close_notify) and connect them all
+    /// again with the same client configurations: a reconnect storm that resumes TLS sessions
+    /// where the server allows it. Reported under "reconnect".
+    #[arg(long)]
+    reconnect: bool,
+}
+
+/// One storm's outcome.
+struct Round {
+    held: Vec<Conn>,
+    seconds: f64,
+    hist: Histogram<u64>,
+    errors: std::collections::BTreeMap<String, u64>,
+    resumed: usize,
+}
+
+/// Connects every client, `concurrency` at once, and keeps the connections.
+async fn round(
+    clients: &[(String, Arc<ClientConfig>)],
+    args: &Args,
+    name: &ServerName<'static>,
+) -> anyhow::Result<Round> {
+    let sem = Arc::new(Semaphore::new(args.concurrency));
+    let held: Arc<Mutex<Vec<Conn>>> = Arc::new(Mutex::new(Vec::with_capacity(clients.len())));
+    let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new(3)?));
+    let errors: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>> = Default::default();
+    let addr: Arc<str> = args.addr.clone().into();
+    let timeout = Duration::from_secs(args.timeout_s);
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(clients.len());
+    for (serial, cfg) in clients {
+        let permit = sem.clone().acquire_owned().await?;
+        let (held, hist, errors, addr, name, cfg) = (
+            held.clone(),
+            hist.clone(),
+            errors.clone(),
+            addr.clone(),
+            name.clone(),
+            cfg.clone(),
+        );
+        let pkt = (args.mode == Mode::Mqtt).then(|| connect_packet(&format!("station-{serial}")));
+        tasks.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = tokio::time::timeout(timeout, one(cfg, &addr, name, pkt)).await;
+            let us = t0.elapsed().as_micros() as u64;
+            drop(permit);
+            match r {
+                Ok(Ok(conn)) => {
+                    hist.lock().unwrap().record(us.max(1)).ok();
+                    held.lock().await.push(conn);
+                }
+                Ok(Err(e)) => {
+                    let key: String = e.chars().take(80).collect();
+                    *errors.lock().unwrap().entry(key).or_default() += 1;
+                }
+                Err(_) => *errors.lock().unwrap().entry("timeout".into()).or_default() += 1,
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let held = std::mem::take(&mut *held.lock().await);
+    let resumed = held
+        .iter()
+        .filter(|c| c.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
+        .count();
+    let hist = hist.lock().unwrap().clone();
+    let errors = errors.lock().unwrap().clone();
+    Ok(Round {
+        held,
+        seconds,
+        hist,
+        errors,
+        resumed,
+    })
+}
+
+fn latency(h: &Histogram<u64>) -> serde_json::Value {
+    serde_json::json!({
+        "p50": h.value_at_quantile(0.50) as f64 / 1000.0,
+        "p99": h.value_at_quantile(0.99) as f64 / 1000.0,
+        "max": h.max() as f64 / 1000.0,
+    })
 }
 
 fn connect_packet(client_id: &str) -> Vec<u8> {
@@ -90,17 +175,23 @@ async fn one(
     name: ServerName<'static>,
     connect: Option<Vec<u8>>,
 ) -> Result<Conn, String> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| format!("tcp: {e}"))?;
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("tcp: {e}"))?;
     tcp.set_nodelay(true).ok();
     let mut tls = TlsConnector::from(cfg)
         .connect(name, tcp)
         .await
         .map_err(|e| format!("tls: {e}"))?;
     if let Some(pkt) = connect {
-        tls.write_all(&pkt).await.map_err(|e| format!("write: {e}"))?;
+        tls.write_all(&pkt)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
         tls.flush().await.map_err(|e| format!("flush: {e}"))?;
         let mut ack = [0u8; 4];
-        tls.read_exact(&mut ack).await.map_err(|e| format!("connack: {e}"))?;
+        tls.read_exact(&mut ack)
+            .await
+            .map_err(|e| format!("connack: {e}"))?;
         if ack[0] != 0x20 {
             return Err(format!("not a CONNACK: {:#04x}", ack[0]));
         }
@@ -143,54 +234,22 @@ async fn main() -> anyhow::Result<()> {
         let cfg = fleet_certs::client_config(&server_ca, Some((&cert, &key)))?;
         clients.push((serial, Arc::new(cfg)));
     }
-    eprintln!("made {} client certificates in {:?}", args.clients, t_gen.elapsed());
+    eprintln!(
+        "made {} client certificates in {:?}",
+        args.clients,
+        t_gen.elapsed()
+    );
 
     let name = ServerName::try_from(args.server_name.clone())?;
     let before = args.server_pid.map(fleet_bench::proc_sample).transpose()?;
-    let sem = Arc::new(Semaphore::new(args.concurrency));
-    let held: Arc<Mutex<Vec<Conn>>> = Arc::new(Mutex::new(Vec::with_capacity(args.clients)));
-    let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new(3)?));
-    let errors: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>> = Default::default();
-    let addr: Arc<str> = args.addr.clone().into();
-    let timeout = Duration::from_secs(args.timeout_s);
-
-    let start = Instant::now();
-    let mut tasks = Vec::with_capacity(args.clients);
-    for (serial, cfg) in clients {
-        let permit = sem.clone().acquire_owned().await?;
-        let (held, hist, errors, addr, name) =
-            (held.clone(), hist.clone(), errors.clone(), addr.clone(), name.clone());
-        let pkt = (args.mode == Mode::Mqtt).then(|| connect_packet(&format!("station-{serial}")));
-        tasks.push(tokio::spawn(async move {
-            let t0 = Instant::now();
-            let r = tokio::time::timeout(timeout, one(cfg, &addr, name, pkt)).await;
-            let us = t0.elapsed().as_micros() as u64;
-            drop(permit);
-            match r {
-                Ok(Ok(conn)) => {
-                    hist.lock().unwrap().record(us.max(1)).ok();
-                    held.lock().await.push(conn);
-                }
-                Ok(Err(e)) => {
-                    let key: String = e.chars().take(80).collect();
-                    *errors.lock().unwrap().entry(key).or_default() += 1;
-                }
-                Err(_) => *errors.lock().unwrap().entry("timeout".into()).or_default() += 1,
-            }
-        }));
-    }
-    for t in tasks {
-        t.await?;
-    }
-    let secs = start.elapsed().as_secs_f64();
+    let first = round(&clients, &args, &name).await?;
+    let secs = first.seconds;
     let cpu_after = args.server_pid.map(fleet_bench::proc_sample).transpose()?;
     tokio::time::sleep(Duration::from_secs_f64(args.settle_s)).await;
     let rss_after = args.server_pid.map(fleet_bench::proc_sample).transpose()?;
 
-    let ok = held.lock().await.len();
-    let h = hist.lock().unwrap();
-    let errors = errors.lock().unwrap().clone();
-    let n_err: u64 = errors.values().sum();
+    let ok = first.held.len();
+    let n_err: u64 = first.errors.values().sum();
     let mut report = serde_json::json!({
         "mode": if args.mode == Mode::Mqtt { "mqtt" } else { "tls-only" },
         "addr": args.addr,
@@ -199,13 +258,9 @@ async fn main() -> anyhow::Result<()> {
         "connected": ok,
         "seconds": secs,
         "connections_per_s": ok as f64 / secs,
-        "connect_ms": {
-            "p50": h.value_at_quantile(0.50) as f64 / 1000.0,
-            "p99": h.value_at_quantile(0.99) as f64 / 1000.0,
-            "max": h.max() as f64 / 1000.0,
-        },
+        "connect_ms": latency(&first.hist),
         "errors_total": n_err,
-        "errors": errors,
+        "errors": first.errors,
     });
     if let (Some((cpu0, rss0)), Some((cpu1, _)), Some((_, rss1))) = (before, cpu_after, rss_after) {
         let n = ok.max(1) as f64;
@@ -219,9 +274,37 @@ async fn main() -> anyhow::Result<()> {
             "rss_kib_per_conn": (rss1 as f64 - rss0 as f64) / n,
         });
     }
+    let mut held = first.held;
+    if args.reconnect {
+        // Everyone leaves cleanly, then comes back at once.
+        for mut conn in held.drain(..) {
+            if args.mode == Mode::Mqtt {
+                let _ = conn.write_all(&[0xe0, 0]).await;
+            }
+            let _ = conn.shutdown().await;
+        }
+        tokio::time::sleep(Duration::from_secs_f64(args.settle_s)).await;
+        let cpu0 = args.server_pid.map(fleet_bench::proc_sample).transpose()?;
+        let again = round(&clients, &args, &name).await?;
+        let cpu1 = args.server_pid.map(fleet_bench::proc_sample).transpose()?;
+        let ok = again.held.len();
+        let mut reconnect = serde_json::json!({
+            "connected": ok,
+            "resumed": again.resumed,
+            "seconds": again.seconds,
+            "connections_per_s": ok as f64 / again.seconds,
+            "connect_ms": latency(&again.hist),
+            "errors_total": again.errors.values().sum::<u64>(),
+            "errors": again.errors,
+        });
+        if let (Some((c0, _)), Some((c1, _))) = (cpu0, cpu1) {
+            let cpu_ms = (c1 - c0) as f64 * 1000.0 / fleet_bench::CLK_TCK as f64;
+            reconnect["cpu_ms_per_conn"] = serde_json::json!(cpu_ms / ok.max(1) as f64);
+        }
+        report["reconnect"] = reconnect;
+        held = again.held;
+    }
     println!("{}", serde_json::to_string(&report)?);
-    // Close everything.
-    drop(h);
-    held.lock().await.clear();
+    drop(held);
     Ok(())
 }
