@@ -51,6 +51,9 @@ type AuditFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send
 pub(crate) struct Cx {
     txn: StoreTxn,
     out: Vec<Output>,
+    /// Every station record the batch wrote, as it stands at the end of the batch (`None`:
+    /// deleted): after the commit, the store holds exactly these.
+    written: HashMap<Serial, Option<Station>>,
 }
 
 /// Something a batch says or does, once its changes are durable.
@@ -74,6 +77,17 @@ enum Output {
 
 impl Cx {
     fn commit(&mut self, changes: Vec<Change>) -> Result<(), CommandError> {
+        for change in &changes {
+            match change {
+                Change::PutStation(s) => {
+                    self.written.insert(s.serial.clone(), Some(s.clone()));
+                }
+                Change::DeleteStation(serial) => {
+                    self.written.insert(serial.clone(), None);
+                }
+                _ => {}
+            }
+        }
         self.txn.apply(changes).map(|_| ()).map_err(|e| {
             warn!("store: {e}");
             CommandError::internal(format!("the store refused the change: {e}"))
@@ -678,8 +692,9 @@ impl Controller {
         }
     }
 
-    /// What a batch said or did, once it is committed; `live` is still locked.
-    fn perform(&self, live: &Live, output: Output) {
+    /// What a batch said or did, once it is committed; `live` is still locked. `written`: the
+    /// station records the batch committed.
+    fn perform(&self, live: &Live, written: &HashMap<Serial, Option<Station>>, output: Output) {
         match output {
             Output::Publish(p) => self.send_out(p),
             Output::Respond {
@@ -702,7 +717,12 @@ impl Controller {
                 // Rights only grow in place (an accepted station gains them at once); any other
                 // change cuts the session, so that no subscription made under the old rights
                 // outlives them.
-                match self.station_decision(&serial, presented) {
+                // The batch's own record is the committed one; no need to read it back.
+                let decision = match written.get(&serial) {
+                    Some(record) => Ok(station::admit(record.as_ref(), presented)),
+                    None => self.station_decision(&serial, presented),
+                };
+                match decision {
                     Ok(Admit::Authorized) => {
                         let rights = identity::station_rights(&serial, StationRights::Authorized);
                         self.sessions.set_rights(&client_id, rights);
@@ -731,6 +751,7 @@ impl Controller {
         let mut cx = Cx {
             txn,
             out: Vec::new(),
+            written: HashMap::new(),
         };
         let started = std::time::Instant::now();
         let mut handled = 0usize;
@@ -738,7 +759,7 @@ impl Controller {
             self.handle_in(&mut live, &mut cx, topic, payload);
             handled += 1;
         }
-        let Cx { txn, out } = cx;
+        let Cx { txn, out, written } = cx;
         let handled_at = started.elapsed();
         match txn.commit() {
             Ok(records) => {
@@ -746,7 +767,7 @@ impl Controller {
                 self.publish_audit(&records);
                 let outputs = out.len();
                 for output in out {
-                    self.perform(&live, output);
+                    self.perform(&live, &written, output);
                 }
                 debug!(
                     target: "fleet_controller::batch",
