@@ -167,6 +167,9 @@ pub struct LoadReport {
     pub errors: BTreeMap<String, u64>,
     /// The first reason seen for each kind of error (a refusal code, a connection error).
     pub error_examples: BTreeMap<String, String>,
+    /// fleetd's CPU time during the onboarding divided by the devices onboarded, when its pid
+    /// was given: what one onboarding costs the server, whoever else shares the machine.
+    pub fleetd_cpu_ms_per_device: Option<f64>,
     /// fleetd's resident memory with every station connected, when its pid was given.
     pub fleetd_rss_kib: Option<u64>,
     /// `fleetd_rss_kib / (stations + phones)`.
@@ -291,6 +294,23 @@ pub fn parse_vm_rss(status: &str) -> Option<u64> {
         Some("kB") | None => Some(value),
         Some(_) => None,
     }
+}
+
+/// User plus system CPU time in clock ticks from the text of `/proc/<pid>/stat` (fields 14
+/// and 15, counted after the parenthesised command name, which may hold spaces).
+pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// fleetd's CPU time so far, in milliseconds (Linux reports it in USER_HZ = 100 ticks a
+/// second).
+fn fleetd_cpu_ms(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_ticks(&stat).map(|ticks| ticks as f64 * 10.0)
 }
 
 fn fleetd_rss_kib(pid: u32) -> Option<u64> {
@@ -477,9 +497,11 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         connect_timeout: Duration::from_secs(30),
     };
     let target = PhoneTarget::new(run.opts.server.clone(), ca_pem);
+    let cpu_before = run.opts.fleetd_pid.and_then(fleetd_cpu_ms);
     let onboarding = run
         .onboard(sim, stop_rx, &target, &base.join("phones"), &mac_prefix)
         .await;
+    let cpu_after = run.opts.fleetd_pid.and_then(fleetd_cpu_ms);
     let (spawner, figures) = match onboarding {
         Ok(done) => done,
         Err(e) => {
@@ -519,6 +541,17 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         reconnect,
         errors: run.errors.0,
         error_examples: run.errors.1,
+        fleetd_cpu_ms_per_device: match (cpu_before, cpu_after) {
+            (Some(before), Some(after))
+                if figures.stations_authorized + figures.phones_provisioned > 0 =>
+            {
+                Some(
+                    (after - before)
+                        / (figures.stations_authorized + figures.phones_provisioned) as f64,
+                )
+            }
+            _ => None,
+        },
         fleetd_rss_kib: rss,
         fleetd_rss_kib_per_device: rss
             .filter(|_| devices > 0)
@@ -526,12 +559,41 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
     })
 }
 
+/// Makes every station's state directory with its key pair and certificate, before the clock
+/// starts: a device's key is made at the factory or on its first boot, not in the onboarding
+/// being measured. Spread over the machine's cores.
 fn make_stations(base: &Path, count: usize, prefix: &str) -> Result<Vec<StationSlot>, LoadError> {
+    let serials: Vec<String> = (1..=count)
+        .map(|index| crate::fleet::fleet_serial(prefix, index))
+        .collect();
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = serials.len().div_ceil(workers).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = serials
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || -> Result<(), LoadError> {
+                    for serial in part {
+                        let state = StationState::init(
+                            base.join(serial),
+                            &StationProfile::new(serial.clone(), STATION_FIRMWARE),
+                        )?;
+                        state.ensure_identity()?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle
+                .join()
+                .map_err(|_| LoadError::Internal("a key-making thread panicked".into()))??;
+        }
+        Ok::<(), LoadError>(())
+    })?;
     let mut slots = Vec::with_capacity(count);
-    for index in 1..=count {
-        let serial = crate::fleet::fleet_serial(prefix, index);
+    for serial in serials {
         let dir = base.join(&serial);
-        StationState::init(&dir, &StationProfile::new(serial.clone(), STATION_FIRMWARE))?;
         slots.push(StationSlot {
             serial,
             dir,
@@ -1343,6 +1405,9 @@ mod tests {
         assert_eq!(parse_vm_rss(status), Some(12345));
         assert_eq!(parse_vm_rss("Name:\tx\n"), None);
         assert_eq!(parse_vm_rss("VmRSS:\tlots kB\n"), None);
+        let stat = "4242 (fleetd (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 37 0 0 20 0 9 0";
+        assert_eq!(parse_cpu_ticks(stat), Some(287));
+        assert_eq!(parse_cpu_ticks("4242 (fleetd) S 1"), None);
     }
 
     #[test]

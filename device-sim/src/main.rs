@@ -407,6 +407,9 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         }
         _ => println!("fleetd RSS:           not measured (no --fleetd-pid)"),
     }
+    if let Some(ms) = report.fleetd_cpu_ms_per_device {
+        println!("fleetd CPU:           {ms:.2} ms per device onboarded");
+    }
     if report.errors.is_empty() {
         println!("errors:               none");
         Ok(())

@@ -52,6 +52,8 @@ async fn a_smoke_load_onboards_every_device_without_errors() {
     // The test process is fleetd here: its memory is read from /proc.
     assert!(report.fleetd_rss_kib.is_some_and(|k| k > 0));
     assert!(report.fleetd_rss_kib_per_device.is_some_and(|k| k > 0.0));
+    // So is its CPU time (the simulator's included: it runs in this process too).
+    assert!(report.fleetd_cpu_ms_per_device.is_some_and(|ms| ms > 0.0));
 
     let json = serde_json::to_value(&report).expect("report as JSON");
     for key in [
@@ -65,6 +67,7 @@ async fn a_smoke_load_onboards_every_device_without_errors() {
         "errors",
         "fleetd_rss_kib",
         "fleetd_rss_kib_per_device",
+        "fleetd_cpu_ms_per_device",
         "reconnect",
     ] {
         assert!(json.get(key).is_some(), "no {key:?} in {json}");
