@@ -194,6 +194,37 @@ fn decode_frames(
 
 /// The CONNACK refusing a client, valid for its protocol version (rumqttd's v4 encoder panics on
 /// v5-only codes).
+/// A server PUBLISH at QoS 1 (no retain, no dup; under 5 with no properties). rumqttd's
+/// `Publish` keeps QoS and packet id to itself, so the front door writes its own mailbox
+/// messages (`crate::mailbox`) with this.
+pub fn publish_qos1(version: MqttVersion, topic: &str, payload: &[u8], pkid: u16) -> Vec<u8> {
+    let properties = usize::from(version == MqttVersion::V5);
+    let remaining = 2 + topic.len() + 2 + properties + payload.len();
+    let mut out = Vec::with_capacity(remaining + 5);
+    out.push(0x32);
+    let mut len = remaining;
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    // Topics are the controller's own (at most a few dozen bytes), never over 65,535.
+    out.extend_from_slice(&u16::try_from(topic.len()).unwrap_or(u16::MAX).to_be_bytes());
+    out.extend_from_slice(topic.as_bytes());
+    out.extend_from_slice(&pkid.to_be_bytes());
+    if version == MqttVersion::V5 {
+        out.push(0);
+    }
+    out.extend_from_slice(payload);
+    out
+}
+
 pub fn refusal_connack(version: MqttVersion, refusal: Refusal, reason: &str) -> Packet {
     let code = match (version, refusal) {
         (_, Refusal::NotAuthorized) => ConnectReturnCode::NotAuthorized,
@@ -279,6 +310,37 @@ pub fn strip_properties(packet: Packet) -> Packet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_qos1_publish_decodes_with_its_topic_packet_id_and_payload() {
+        for version in [MqttVersion::V311, MqttVersion::V5] {
+            for size in [0usize, 10, 200, 20_000] {
+                let payload = vec![b'x'; size];
+                let bytes = publish_qos1(version, "stations/S1/cmd", &payload, 0x8123);
+                assert_eq!(publish_qos_pkid(&bytes), Some((1, 0x8123)));
+                let mut buf = bytes::BytesMut::from(&bytes[..]);
+                let packet = match version {
+                    MqttVersion::V311 => rumqttd::protocol::Protocol::read_mut(
+                        &mut rumqttd::protocol::v4::V4,
+                        &mut buf,
+                        1 << 20,
+                    ),
+                    MqttVersion::V5 => rumqttd::protocol::Protocol::read_mut(
+                        &mut rumqttd::protocol::v5::V5,
+                        &mut buf,
+                        1 << 20,
+                    ),
+                }
+                .expect("decodes");
+                let rumqttd::protocol::Packet::Publish(publish, _) = packet else {
+                    panic!("not a PUBLISH: {packet:?}");
+                };
+                assert_eq!(&publish.topic[..], b"stations/S1/cmd");
+                assert_eq!(publish.payload.len(), size);
+                assert!(buf.is_empty());
+            }
+        }
+    }
     use rumqttd::protocol::Publish;
 
     const MAX: usize = 64 * 1024;

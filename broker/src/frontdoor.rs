@@ -38,6 +38,11 @@ use crate::frame;
 use crate::registry::{self, Control, Registry, SharedRights};
 use crate::tls::{self, ClientPolicy, TlsSetupError};
 
+/// First packet id of the front door's own QoS 1 mailbox messages (see `Pump::mailbox_pkid`).
+const MAILBOX_PKIDS_FROM: u16 = 0x8000;
+/// Mailbox messages a client may leave unacknowledged before the next ones go at QoS 0.
+const MAX_MAILBOX_UNACKED: usize = 64;
+
 /// Client ids with this prefix are reserved for fleetd's own in-process links.
 pub const RESERVED_CLIENT_ID_PREFIX: &str = "fleetd-";
 
@@ -680,6 +685,8 @@ async fn connection(
         closing: None,
         filters: Vec::new(),
         last_delivered: None,
+        mailbox_pkid: MAILBOX_PKIDS_FROM,
+        mailbox_unacked: HashSet::new(),
     };
     let end = match write_packet(&mut writer, codec, connack, settings.write_timeout).await {
         // Boxed: rustc lays the pump's future out beside this function's other states instead
@@ -817,9 +824,14 @@ struct Pump {
     denied_qos2: HashSet<u16>,
     /// Set by a cut: close after a message on this topic was written, or at the deadline.
     closing: Option<(Instant, Option<String>)>,
-    /// Every filter granted to this session: mailbox deliveries ([`crate::mailbox`]) go to it
-    /// when one of them matches.
-    filters: Vec<String>,
+    /// Every filter granted to this session with its QoS: mailbox deliveries
+    /// ([`crate::mailbox`]) go to it when one of them matches.
+    filters: Vec<(String, u8)>,
+    /// Next packet id for a QoS 1 mailbox message. They come from 0x8000–0xFFFF; rumqttd's
+    /// router numbers its own deliveries 1–100, so a PUBACK says whose message it acknowledges.
+    mailbox_pkid: u16,
+    /// Packet ids of mailbox messages not acknowledged yet; their PUBACKs stay here.
+    mailbox_unacked: HashSet<u16>,
     /// Topic of the last mailbox delivery handled: a cut waiting for it needs not wait.
     last_delivered: Option<String>,
 }
@@ -935,17 +947,31 @@ impl Pump {
         topic: String,
         payload: Vec<u8>,
     ) -> Step {
-        if !crate::mailbox::reaches(&topic, self.filters.iter()) {
+        let Some(qos) = crate::mailbox::delivery_qos(&topic, self.filters.iter()) else {
             self.last_delivered = Some(topic);
             return Step::Continue;
-        }
+        };
         let last = self
             .closing
             .as_ref()
             .and_then(|(_, t)| t.as_deref())
             .is_some_and(|t| t == topic);
-        let publish = Publish::new(topic.clone().into_bytes(), payload, false);
-        let step = self.write(writer, Packet::Publish(publish, None)).await;
+        // The controller speaks at QoS 1 (PROTOCOL §3); a QoS 0 subscription gets QoS 0. A
+        // client that leaves too many unacknowledged gets the rest at QoS 0.
+        let step = if qos >= 1 && self.mailbox_unacked.len() < MAX_MAILBOX_UNACKED {
+            let pkid = self.mailbox_pkid;
+            self.mailbox_pkid = if pkid == u16::MAX {
+                MAILBOX_PKIDS_FROM
+            } else {
+                pkid + 1
+            };
+            self.mailbox_unacked.insert(pkid);
+            let bytes = frame::publish_qos1(self.version, &topic, &payload, pkid);
+            self.write_bytes(writer, &bytes).await
+        } else {
+            let publish = Publish::new(topic.clone().into_bytes(), payload, false);
+            self.write(writer, Packet::Publish(publish, None)).await
+        };
         if last {
             self.disconnect(
                 writer,
@@ -957,6 +983,30 @@ impl Pump {
         }
         self.last_delivered = Some(topic);
         step
+    }
+
+    /// Writes an encoded packet, within the write timeout.
+    async fn write_bytes(
+        &self,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+        bytes: &[u8],
+    ) -> Step {
+        let written = timeout(self.shared.settings.write_timeout, async {
+            writer.write_all(bytes).await?;
+            writer.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => Step::Continue,
+            Ok(Err(e)) => {
+                debug!(client_id = %self.client_id, "write: {e}");
+                Step::End(End::Unclean)
+            }
+            Err(_) => {
+                debug!(client_id = %self.client_id, "write timed out");
+                Step::End(End::Unclean)
+            }
+        }
     }
 
     async fn write(&self, writer: &mut WriteHalf<TlsStream<TcpStream>>, packet: Packet) -> Step {
@@ -1120,8 +1170,15 @@ impl Pump {
                         .collect()
                 };
                 for (filter, slot) in subscribe.filters.iter().zip(&slots) {
-                    if *slot != Some(denied_code) && !self.filters.contains(&filter.path) {
-                        self.filters.push(filter.path.clone());
+                    if *slot != Some(denied_code) {
+                        let qos = match filter.qos {
+                            QoS::AtMostOnce => 0,
+                            QoS::AtLeastOnce => 1,
+                            QoS::ExactlyOnce => 2,
+                        };
+                        // A new SUBSCRIBE of a filter replaces the old one (MQTT 3.8.4).
+                        self.filters.retain(|(f, _)| *f != filter.path);
+                        self.filters.push((filter.path.clone(), qos));
                     }
                 }
                 if slots.iter().all(Option::is_none) {
@@ -1145,7 +1202,8 @@ impl Pump {
                 self.forward(Packet::Subscribe(subscribe, props)).await
             }
             Packet::Unsubscribe(mut unsubscribe, props) => {
-                self.filters.retain(|f| !unsubscribe.filters.contains(f));
+                self.filters
+                    .retain(|(f, _)| !unsubscribe.filters.contains(f));
                 // The router never saw the mailbox filters (and answers nothing for a filter it
                 // does not know): they are acknowledged here.
                 let client_id = &self.client_id;
@@ -1162,6 +1220,8 @@ impl Pump {
                 }
                 self.forward(Packet::Unsubscribe(unsubscribe, props)).await
             }
+            // The acknowledgement of a mailbox message is the front door's own.
+            Packet::PubAck(ref ack, _) if self.mailbox_unacked.remove(&ack.pkid) => Step::Continue,
             Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..) => {
                 self.forward(packet).await
             }

@@ -37,9 +37,16 @@ pub fn is_own(client_id: &str, filter: &str) -> bool {
     owner(filter).is_some_and(|owner| owner == client_id)
 }
 
-/// Whether a message on `topic` reaches a session with these granted filters.
-pub fn reaches<'a>(topic: &str, mut filters: impl Iterator<Item = &'a String>) -> bool {
-    filters.any(|f| rumqttd::protocol::matches(topic, f))
+/// The QoS (0, 1 or 2) a message on `topic` is delivered with to a session with these granted
+/// filters and their QoS: the highest of the filters that match; `None` if none does.
+pub fn delivery_qos<'a>(
+    topic: &str,
+    filters: impl Iterator<Item = &'a (String, u8)>,
+) -> Option<u8> {
+    filters
+        .filter(|(f, _)| rumqttd::protocol::matches(topic, f))
+        .map(|(_, qos)| *qos)
+        .max()
 }
 
 #[cfg(test)]
@@ -84,12 +91,19 @@ mod tests {
     }
 
     #[test]
-    fn wildcard_subscriptions_reach_mailboxes_too() {
-        let filters = ["stations/S1/#".to_owned()];
-        assert!(reaches("stations/S1/cmd", filters.iter()));
-        assert!(!reaches("stations/S2/cmd", filters.iter()));
-        let exact = ["stations/S1/cmd".to_owned()];
-        assert!(reaches("stations/S1/cmd", exact.iter()));
-        assert!(!reaches("stations/S1/firmware/chunk", exact.iter()));
+    fn wildcard_subscriptions_reach_mailboxes_too_with_the_highest_qos() {
+        let filters = [("stations/S1/#".to_owned(), 0)];
+        assert_eq!(delivery_qos("stations/S1/cmd", filters.iter()), Some(0));
+        assert_eq!(delivery_qos("stations/S2/cmd", filters.iter()), None);
+        let both = [
+            ("stations/S1/cmd".to_owned(), 1),
+            ("stations/S1/#".to_owned(), 0),
+        ];
+        assert_eq!(delivery_qos("stations/S1/cmd", both.iter()), Some(1));
+        assert_eq!(
+            delivery_qos("stations/S1/firmware/chunk", both.iter()),
+            Some(0)
+        );
+        assert_eq!(delivery_qos("stations/S1/cmd", [].iter()), None);
     }
 }

@@ -271,3 +271,57 @@ async fn mailbox_messages_reach_exact_and_wildcard_subscriptions() {
     );
     assert!(!fingerprint.is_empty());
 }
+
+/// The controller speaks at QoS 1 (PROTOCOL §3): a mailbox message to a QoS 1 subscription is
+/// a QoS 1 PUBLISH with the front door's own packet id, and the front door keeps its PUBACK
+/// (the router, which never sent it, would drop the client for an unsolicited acknowledgement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mailbox_messages_go_at_qos_1_and_their_acknowledgement_stays_in_the_front_door() {
+    use fleet_tests::raw::publish_frame;
+    let fleet = TestFleet::start().await;
+    let mut op = fleet.operator().await;
+    let port = fleet.fleet.local_addr().port();
+    // A legacy station (no key pair) that has to be updated.
+    let mut session = tls(&anonymous_connector(&fleet), port).await;
+    assert_eq!(connect(&mut session, "station-UP-1").await, 0);
+    session
+        .write_all(&subscribe_frame("stations/UP-1/cmd"))
+        .await
+        .expect("subscribe");
+    read_until_contains(&mut session, &[0x90, 3, 0, 1, 1]).await;
+    let request = br#"{"serial":"UP-1","model":"m","firmware":"6.0.5","mac_streaming":"a","mac_control":"b"}"#;
+    session
+        .write_all(&publish_frame("stations/UP-1/auth/request", request))
+        .await
+        .expect("auth request");
+    op.wait_state("UP-1", "update_required").await;
+    op.call(
+        "startStationUpdate",
+        json!({"serial": "UP-1", "version": "6.1.0"}),
+    )
+    .await
+    .expect("update");
+    let seen = read_until_contains(&mut session, b"\"command\":\"update\"").await;
+    // PUBLISH, QoS 1: 0x32, then the remaining length, the topic, and the packet id.
+    let topic = b"stations/UP-1/cmd";
+    let at = seen
+        .windows(topic.len())
+        .position(|w| w == topic)
+        .expect("topic");
+    // Before the topic: 0x32, a one- or two-byte remaining length, and the topic's length.
+    assert!(
+        (at >= 4 && seen[at - 4] == 0x32) || (at >= 5 && seen[at - 5] == 0x32),
+        "{seen:?}"
+    );
+    let pkid = u16::from_be_bytes([seen[at + topic.len()], seen[at + topic.len() + 1]]);
+    assert!(pkid >= 0x8000, "packet id {pkid:#x}");
+    // Acknowledge it. Then a SUBSCRIBE that goes to the router, after the PUBACK, is still
+    // answered: had the PUBACK reached the router, it would have dropped the client.
+    let [hi, lo] = pkid.to_be_bytes();
+    session.write_all(&[0x40, 2, hi, lo]).await.expect("puback");
+    session
+        .write_all(&subscribe_frame("stations/UP-1/firmware/#"))
+        .await
+        .expect("subscribe");
+    read_until_contains(&mut session, &[0x90, 3, 0, 1, 1]).await;
+}
