@@ -80,6 +80,8 @@ pub enum Change {
 
 /// Most requests the writer commits in one transaction.
 const MAX_GROUP: usize = 512;
+/// How long the writer waits for more requests before a commit while it is busy.
+const GROUP_LINGER: std::time::Duration = std::time::Duration::from_micros(500);
 
 type WriteResult = Result<Vec<AuditRecord>, StoreError>;
 
@@ -128,14 +130,26 @@ impl Drop for Store {
 
 /// The writer thread: commits every request queued at the moment in one transaction.
 fn run_writer(db: Arc<Database>, queue: mpsc::Receiver<WriteRequest>) {
+    let mut busy = false;
     while let Ok(first) = queue.recv() {
         let mut group = vec![first];
+        // While requests keep coming (the last group had company), wait a moment for more:
+        // fewer, larger commits. An isolated request is committed at once.
+        let linger_until = busy.then(|| std::time::Instant::now() + GROUP_LINGER);
         while group.len() < MAX_GROUP {
-            match queue.try_recv() {
-                Ok(request) => group.push(request),
-                Err(_) => break,
+            let next = match linger_until {
+                Some(until) => {
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    queue.recv_timeout(left).ok()
+                }
+                None => queue.try_recv().ok(),
+            };
+            match next {
+                Some(request) => group.push(request),
+                None => break,
             }
         }
+        busy = group.len() > 1;
         commit_group(&db, group);
     }
 }
