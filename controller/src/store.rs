@@ -408,14 +408,23 @@ impl StoreTxn {
     }
 }
 
+/// One JSON record by key, decoded with `decode` (which also checks that it is the key's own).
+fn read_one<T>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+    decode: fn(&str, &[u8]) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    let Some(value) = table.get(key)? else {
+        return Ok(None);
+    };
+    decode(key, value.value()).map(Some)
+}
+
 fn read_station(
     table: &impl ReadableTable<&'static str, &'static [u8]>,
     serial: &Serial,
 ) -> Result<Option<Station>, StoreError> {
-    let Some(value) = table.get(serial.as_str())? else {
-        return Ok(None);
-    };
-    decode_station(serial.as_str(), value.value()).map(Some)
+    read_one(table, serial.as_str(), decode_station)
 }
 
 fn read_stations(
@@ -434,10 +443,7 @@ fn read_phone(
     table: &impl ReadableTable<&'static str, &'static [u8]>,
     mac: &Mac,
 ) -> Result<Option<Phone>, StoreError> {
-    let Some(value) = table.get(mac.as_str())? else {
-        return Ok(None);
-    };
-    decode_phone(mac.as_str(), value.value()).map(Some)
+    read_one(table, mac.as_str(), decode_phone)
 }
 
 fn read_phones(
@@ -456,8 +462,17 @@ fn read_phones(
     Ok(phones)
 }
 
-fn read_audit(
-    table: &impl ReadableTable<u64, &'static [u8]>,
+/// The audit entries of `tenant` among `entries`, in their order, `limit` at most.
+fn tenant_records<'a>(
+    entries: impl Iterator<
+        Item = Result<
+            (
+                redb::AccessGuard<'a, u64>,
+                redb::AccessGuard<'a, &'static [u8]>,
+            ),
+            redb::StorageError,
+        >,
+    >,
     tenant: &str,
     limit: usize,
 ) -> Result<Vec<AuditRecord>, StoreError> {
@@ -465,7 +480,7 @@ fn read_audit(
     if limit == 0 {
         return Ok(records);
     }
-    for entry in table.iter()?.rev() {
+    for entry in entries {
         let (key, value) = entry?;
         let record = decode_audit(key.value(), value.value())?;
         if record.tenant == tenant {
@@ -475,6 +490,16 @@ fn read_audit(
             }
         }
     }
+    Ok(records)
+}
+
+fn read_audit(
+    table: &impl ReadableTable<u64, &'static [u8]>,
+    tenant: &str,
+    limit: usize,
+) -> Result<Vec<AuditRecord>, StoreError> {
+    // Newest first while collecting, then oldest first.
+    let mut records = tenant_records(table.iter()?.rev(), tenant, limit)?;
     records.reverse();
     Ok(records)
 }
@@ -485,21 +510,8 @@ fn read_audit_page(
     after_seq: u64,
     limit: usize,
 ) -> Result<Vec<AuditRecord>, StoreError> {
-    let mut records = Vec::new();
-    if limit == 0 {
-        return Ok(records);
-    }
-    for entry in table.range::<u64>((Bound::Excluded(after_seq), Bound::Unbounded))? {
-        let (key, value) = entry?;
-        let record = decode_audit(key.value(), value.value())?;
-        if record.tenant == tenant {
-            records.push(record);
-            if records.len() == limit {
-                break;
-            }
-        }
-    }
-    Ok(records)
+    let range = table.range::<u64>((Bound::Excluded(after_seq), Bound::Unbounded))?;
+    tenant_records(range, tenant, limit)
 }
 
 fn write_changes(
