@@ -416,8 +416,17 @@ async fn write_packet(
     codec
         .write(packet, &mut out)
         .map_err(|e| format!("encode: {e}"))?;
+    write_raw(writer, &out, write_timeout).await
+}
+
+/// Writes encoded bytes and flushes them, within the write timeout.
+async fn write_raw(
+    writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    bytes: &[u8],
+    write_timeout: Duration,
+) -> Result<(), String> {
     timeout(write_timeout, async {
-        writer.write_all(&out).await?;
+        writer.write_all(bytes).await?;
         writer.flush().await
     })
     .await
@@ -991,33 +1000,24 @@ impl Pump {
         writer: &mut WriteHalf<TlsStream<TcpStream>>,
         bytes: &[u8],
     ) -> Step {
-        let written = timeout(self.shared.settings.write_timeout, async {
-            writer.write_all(bytes).await?;
-            writer.flush().await
-        })
-        .await;
-        match written {
-            Ok(Ok(())) => Step::Continue,
-            Ok(Err(e)) => {
-                debug!(client_id = %self.client_id, "write: {e}");
-                Step::End(End::Unclean)
-            }
-            Err(_) => {
-                debug!(client_id = %self.client_id, "write timed out");
-                Step::End(End::Unclean)
-            }
-        }
+        let written = write_raw(writer, bytes, self.shared.settings.write_timeout).await;
+        self.step_after_write(written)
     }
 
     async fn write(&self, writer: &mut WriteHalf<TlsStream<TcpStream>>, packet: Packet) -> Step {
-        match write_packet(
+        let written = write_packet(
             writer,
             self.codec,
             packet,
             self.shared.settings.write_timeout,
         )
-        .await
-        {
+        .await;
+        self.step_after_write(written)
+    }
+
+    /// A failed or timed-out write ends the session.
+    fn step_after_write(&self, written: Result<(), String>) -> Step {
+        match written {
             Ok(()) => Step::Continue,
             Err(e) => {
                 debug!(client_id = %self.client_id, "{e}");
