@@ -897,15 +897,13 @@ impl Pump {
                             return End::TakenOver;
                         }
                         Some(Control::Cut { last_topic: None }) | None => {
-                            self.disconnect(writer, DisconnectReasonCode::NotAuthorized, "not authorized").await;
-                            return End::Cut;
+                            return self.cut_now(writer).await;
                         }
                         Some(Control::Cut { last_topic: Some(topic) }) => {
                             // The final message came through the mailbox, just before the cut:
                             // it is written already.
                             if self.last_delivered.take().as_deref() == Some(topic.as_str()) {
-                                self.disconnect(writer, DisconnectReasonCode::NotAuthorized, "not authorized").await;
-                                return End::Cut;
+                                return self.cut_now(writer).await;
                             }
                             self.closing = Some((Instant::now() + self.shared.settings.cut_grace, Some(topic)));
                         }
@@ -921,8 +919,7 @@ impl Pump {
                     return End::Unclean;
                 }
                 _ = sleep_until(closing_at.unwrap_or(idle_deadline)), if closing_at.is_some() => {
-                    self.disconnect(writer, DisconnectReasonCode::NotAuthorized, "not authorized").await;
-                    return End::Cut;
+                    return self.cut_now(writer).await;
                 }
                 _ = shutdown.changed() => {
                     self.disconnect(writer, DisconnectReasonCode::ServerShuttingDown, "server shutting down").await;
@@ -960,11 +957,7 @@ impl Pump {
             self.last_delivered = Some(topic);
             return Step::Continue;
         };
-        let last = self
-            .closing
-            .as_ref()
-            .and_then(|(_, t)| t.as_deref())
-            .is_some_and(|t| t == topic);
+        let last = self.is_final(topic.as_bytes());
         // The controller speaks at QoS 1 (PROTOCOL §3); a QoS 0 subscription gets QoS 0. A
         // client that leaves too many unacknowledged gets the rest at QoS 0.
         let step = if qos >= 1 && self.mailbox_unacked.len() < MAX_MAILBOX_UNACKED {
@@ -982,16 +975,29 @@ impl Pump {
             self.write(writer, Packet::Publish(publish, None)).await
         };
         if last {
-            self.disconnect(
-                writer,
-                DisconnectReasonCode::NotAuthorized,
-                "not authorized",
-            )
-            .await;
-            return Step::End(End::Cut);
+            return Step::End(self.cut_now(writer).await);
         }
         self.last_delivered = Some(topic);
         step
+    }
+
+    /// Whether a message on `topic` is the one a pending cut waits for.
+    fn is_final(&self, topic: &[u8]) -> bool {
+        self.closing
+            .as_ref()
+            .and_then(|(_, t)| t.as_deref())
+            .is_some_and(|t| t.as_bytes() == topic)
+    }
+
+    /// Ends a cut session: DISCONNECT "not authorized" (under 5), then close.
+    async fn cut_now(&self, writer: &mut WriteHalf<TlsStream<TcpStream>>) -> End {
+        self.disconnect(
+            writer,
+            DisconnectReasonCode::NotAuthorized,
+            "not authorized",
+        )
+        .await;
+        End::Cut
     }
 
     /// Writes an encoded packet, within the write timeout.
@@ -1265,22 +1271,12 @@ impl Pump {
                 Step::End(End::LinkGone)
             }
             Notification::Forward(forward) => {
-                let last = self
-                    .closing
-                    .as_ref()
-                    .and_then(|(_, t)| t.as_deref())
-                    .is_some_and(|t| forward.publish.topic.as_ref() == t.as_bytes());
+                let last = self.is_final(&forward.publish.topic);
                 let step = self
                     .write(writer, Packet::Publish(forward.publish, forward.properties))
                     .await;
                 if last {
-                    self.disconnect(
-                        writer,
-                        DisconnectReasonCode::NotAuthorized,
-                        "not authorized",
-                    )
-                    .await;
-                    return Step::End(End::Cut);
+                    return Step::End(self.cut_now(writer).await);
                 }
                 step
             }

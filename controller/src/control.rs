@@ -88,7 +88,7 @@ impl Cx {
                 _ => {}
             }
         }
-        self.txn.apply(changes).map(|_| ()).map_err(|e| {
+        self.txn.apply(changes).map_err(|e| {
             warn!("store: {e}");
             CommandError::internal(format!("the store refused the change: {e}"))
         })

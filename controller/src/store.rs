@@ -372,17 +372,17 @@ impl StoreTxn {
         read_audit_page(&self.txn.open_table(AUDIT)?, tenant, after_seq, limit)
     }
 
-    /// Writes changes into the transaction; the audit records come back with their `seq` and
-    /// hashes (and are kept for [`StoreTxn::commit`]'s answer).
-    pub fn apply(&mut self, changes: Vec<Change>) -> Result<Vec<AuditRecord>, StoreError> {
+    /// Writes changes into the transaction; their audit records, with `seq` and hashes, come
+    /// back from [`StoreTxn::commit`].
+    pub fn apply(&mut self, changes: Vec<Change>) -> Result<(), StoreError> {
         if let Some(reason) = &self.poisoned {
             return Err(StoreError::Poisoned(reason.clone()));
         }
         self.wrote |= !changes.is_empty();
         match write_changes(&self.txn, &changes) {
             Ok(records) => {
-                self.records.extend(records.iter().cloned());
-                Ok(records)
+                self.records.extend(records);
+                Ok(())
             }
             Err(error) => {
                 // Part of the changes may be written: the whole transaction is void.
