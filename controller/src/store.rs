@@ -574,28 +574,31 @@ fn decode_audit(seq: u64, bytes: &[u8]) -> Result<AuditRecord, StoreError> {
         .map_err(|error| StoreError::Corrupt(format!("audit record {seq}: {error}")))
 }
 
-fn decode_station(key: &str, bytes: &[u8]) -> Result<Station, StoreError> {
-    let station: Station = serde_json::from_slice(bytes)
-        .map_err(|error| StoreError::Corrupt(format!("station {key:?}: {error}")))?;
-    if station.serial.as_str() != key {
+/// A JSON record stored under `key`, which must be its own key (`own_key`): a record under
+/// another key means the file was damaged.
+fn decode_keyed<T: serde::de::DeserializeOwned>(
+    what: &str,
+    key: &str,
+    bytes: &[u8],
+    own_key: impl Fn(&T) -> &str,
+) -> Result<T, StoreError> {
+    let record: T = serde_json::from_slice(bytes)
+        .map_err(|error| StoreError::Corrupt(format!("{what} {key:?}: {error}")))?;
+    let holder = own_key(&record);
+    if holder != key {
         return Err(StoreError::Corrupt(format!(
-            "station {key:?} holds the record of {}",
-            station.serial
+            "{what} {key:?} holds the record of {holder}"
         )));
     }
-    Ok(station)
+    Ok(record)
+}
+
+fn decode_station(key: &str, bytes: &[u8]) -> Result<Station, StoreError> {
+    decode_keyed("station", key, bytes, |s: &Station| s.serial.as_str())
 }
 
 fn decode_phone(key: &str, bytes: &[u8]) -> Result<Phone, StoreError> {
-    let phone: Phone = serde_json::from_slice(bytes)
-        .map_err(|error| StoreError::Corrupt(format!("phone {key:?}: {error}")))?;
-    if phone.mac.as_str() != key {
-        return Err(StoreError::Corrupt(format!(
-            "phone {key:?} holds the record of {}",
-            phone.mac
-        )));
-    }
-    Ok(phone)
+    decode_keyed("phone", key, bytes, |p: &Phone| p.mac.as_str())
 }
 
 #[cfg(test)]
