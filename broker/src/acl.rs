@@ -10,6 +10,19 @@ pub struct Rights {
     pub publish_deny: Vec<String>,
     /// Filters the client may subscribe to: a requested filter must be covered whole by one.
     pub subscribe: Vec<String>,
+    /// Topics (patterns) whose PUBLISHes go straight to the [`crate::Admission`]'s
+    /// `message`, tagged with the session that sent them, instead of through the router:
+    /// whoever else subscribes to them hears nothing. A topic must also be allowed by
+    /// `publish` to be accepted at all.
+    pub inbox: Vec<String>,
+    /// Exact filters the front door grants itself when the client subscribes to them (its
+    /// mailboxes): the router never hears of them, and messages for them arrive through
+    /// [`crate::SessionControl::deliver`]. Each must also be allowed by `subscribe`.
+    pub mailbox: Vec<String>,
+    /// Whether the client's PUBLISHes (and its will) may be retained. Without it the retain
+    /// flag is cleared before the router sees the message, so nothing it publishes outlives
+    /// its session for a later subscriber.
+    pub retain: bool,
 }
 
 impl Rights {
@@ -24,7 +37,20 @@ impl Rights {
             publish: vec!["#".into()],
             publish_deny: vec![],
             subscribe: vec!["#".into()],
+            inbox: vec![],
+            mailbox: vec![],
+            retain: true,
         }
+    }
+
+    /// Whether a PUBLISH to `topic` (already allowed) goes to the admission's inbox.
+    pub fn is_inbox(&self, topic: &str) -> bool {
+        self.inbox.iter().any(|p| topic_matches(p, topic))
+    }
+
+    /// Whether `filter` is exactly one of the client's mailboxes.
+    pub fn is_mailbox(&self, filter: &str) -> bool {
+        self.mailbox.iter().any(|m| m == filter)
     }
 
     /// Whether the client may publish to `topic` (a concrete topic name, no wildcards).
@@ -109,6 +135,7 @@ mod tests {
             publish: vec![format!("stations/{serial}/#")],
             publish_deny: vec![format!("stations/{serial}/cmd")],
             subscribe: vec![format!("stations/{serial}/#")],
+            ..Rights::default()
         }
     }
 
@@ -166,6 +193,7 @@ mod tests {
             ],
             publish_deny: vec![],
             subscribe: vec!["stations/S1/cmd".into()],
+            ..Rights::default()
         };
         assert!(r.may_publish("stations/S1/auth/request"));
         assert!(!r.may_publish("stations/S1/data/x"));

@@ -67,8 +67,16 @@ pub enum Refusal {
 /// The controller's answer to a CONNECT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Allow { rights: Rights },
-    Deny { refusal: Refusal, reason: String },
+    /// `reserved`: the client may use the connection slots kept for operators
+    /// (`Settings::reserved_sessions`), so that a flood of devices never locks them out.
+    Allow {
+        rights: Rights,
+        reserved: bool,
+    },
+    Deny {
+        refusal: Refusal,
+        reason: String,
+    },
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -91,6 +99,21 @@ pub trait Admission: Send + Sync + 'static {
 
     /// Called when an admitted session ends, for whatever reason.
     fn session_closed(&self, client_id: &str, session_id: u64);
+
+    /// A PUBLISH of session `session_id` to one of its inbox topics ([`Rights::inbox`]). The
+    /// front door acknowledges it (PUBACK, or PUBREC/PUBCOMP at QoS 2) once this future has
+    /// completed, and reads nothing more from that client meanwhile: a slow controller slows
+    /// the sender down instead of queueing without bound.
+    fn message(
+        &self,
+        client_id: &str,
+        session_id: u64,
+        topic: String,
+        payload: Vec<u8>,
+    ) -> BoxFuture<'_, ()> {
+        let _ = (client_id, session_id, topic, payload);
+        Box::pin(async {})
+    }
 }
 
 /// How the controller changes live sessions; implemented by the front door.
@@ -111,4 +134,12 @@ pub trait SessionControl: Send + Sync + 'static {
     /// the order of these calls, and a `cut` after a `deliver` comes after it. Returns false
     /// when no such session is live.
     fn deliver(&self, client_id: &str, topic: String, payload: Vec<u8>) -> bool;
+
+    /// Like [`SessionControl::deliver`], but only to the session `session_id` (an answer to a
+    /// request goes to the session that asked, never to one that took its client id over).
+    /// A session with more than its bound of undelivered messages is ended instead (it is not
+    /// reading), so nothing is lost silently: either it is written to that session, or the
+    /// session ends. Returns false when the message was not queued.
+    fn deliver_to(&self, client_id: &str, session_id: u64, topic: String, payload: Vec<u8>)
+        -> bool;
 }

@@ -68,6 +68,16 @@ pub struct Settings {
     /// New TCP connections per source address and minute; beyond it a connection is closed
     /// before its TLS handshake.
     pub connections_per_ip_per_minute: u32,
+    /// Live sessions from one source address at most (the reserved slots come on top, for
+    /// clients whose admission says `reserved`).
+    pub sessions_per_ip: usize,
+    /// Slots of `max_connections` (and of `sessions_per_ip`) that only clients admitted with
+    /// `reserved` (operators) may use.
+    pub reserved_sessions: usize,
+    /// Unfinished TLS handshakes and CONNECT reads from one source address at once.
+    pub handshakes_per_ip: usize,
+    /// Messages queued to one session and not yet written; past it the session is ended.
+    pub max_undelivered: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +122,9 @@ struct SettingsRuntime {
     cut_grace: Duration,
     write_timeout: Duration,
     connections_per_ip_per_minute: u32,
+    sessions_per_ip: usize,
+    reserved_sessions: usize,
+    handshakes_per_ip: usize,
 }
 
 /// The running front door with its router.
@@ -225,8 +238,11 @@ impl Broker {
                 cut_grace: settings.cut_grace,
                 write_timeout: settings.write_timeout,
                 connections_per_ip_per_minute: settings.connections_per_ip_per_minute,
+                sessions_per_ip: settings.sessions_per_ip,
+                reserved_sessions: settings.reserved_sessions,
+                handshakes_per_ip: settings.handshakes_per_ip,
             },
-            registry: Arc::new(Registry::default()),
+            registry: Arc::new(Registry::new(settings.max_undelivered)),
             links,
             policy,
             acceptor: TlsAcceptor::from(Arc::new(server_config)),
@@ -586,7 +602,10 @@ async fn connection(
         version,
     };
     let rights = match admission.admit(info).await {
-        Decision::Allow { rights } => rights,
+        Decision::Allow {
+            rights,
+            reserved: _,
+        } => rights,
         Decision::Deny { refusal, reason } => {
             info!(%peer, client_id = %client_id_for_log(&client_id), "refused by the controller: {reason}");
             return refuse_and_close(&mut writer, codec, refusal, &reason, settings.write_timeout)
@@ -607,10 +626,16 @@ async fn connection(
         ),
     });
     // A will is published on the client's behalf: it must be within its rights at CONNECT.
-    let will = will.filter(|w| std::str::from_utf8(&w.topic).is_ok_and(|t| rights.may_publish(t)));
+    let will = will
+        .filter(|w| std::str::from_utf8(&w.topic).is_ok_and(|t| rights.may_publish(t)))
+        .map(|w| Will {
+            retain: w.retain && rights.retain,
+            ..w
+        });
 
     let shared_rights: SharedRights = Arc::new(std::sync::RwLock::new(rights));
     let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let undelivered = registry::Undelivered::default();
     // Dropped once this session released its router link (see `Registry::register`).
     let (released_tx, released_rx) = tokio::sync::oneshot::channel::<()>();
     let taken_over = shared.registry.register(
@@ -619,6 +644,7 @@ async fn connection(
         shared_rights.clone(),
         control_tx,
         released_rx,
+        undelivered.clone(),
     );
     if let Some(old_released) = taken_over {
         // Bounded: a stuck old session cannot hold the new one forever.
@@ -687,7 +713,11 @@ async fn connection(
         codec,
         version,
         client_id: client_id.clone(),
+        session_id,
         rights: shared_rights,
+        admission: admission.clone(),
+        undelivered,
+        inbox_qos2: HashSet::new(),
         link_tx,
         pending_subs: HashMap::new(),
         denied_qos2: HashSet::new(),
@@ -823,7 +853,14 @@ struct Pump {
     codec: Codec,
     version: MqttVersion,
     client_id: String,
+    session_id: u64,
     rights: SharedRights,
+    /// Takes the session's inbox messages ([`Rights::inbox`]).
+    admission: Arc<dyn Admission>,
+    /// Messages queued to this session by the registry and not taken yet.
+    undelivered: registry::Undelivered,
+    /// QoS 2 inbox messages already handed over: their PUBREL is answered here.
+    inbox_qos2: HashSet<u16>,
     link_tx: LinkTx,
     /// SUBSCRIBEs forwarded in part: per packet id, the codes of the denied filters by position
     /// (`None`: to be filled from the router's SUBACK).
@@ -908,9 +945,15 @@ impl Pump {
                             self.closing = Some((Instant::now() + self.shared.settings.cut_grace, Some(topic)));
                         }
                         Some(Control::Deliver { topic, payload }) => {
+                            self.undelivered.fetch_sub(1, Ordering::AcqRel);
                             if let Step::End(end) = self.deliver(writer, topic, payload).await {
                                 return end;
                             }
+                        }
+                        Some(Control::Overflow) => {
+                            debug!(client_id = %self.client_id, "too many undelivered messages");
+                            self.disconnect(writer, DisconnectReasonCode::QuotaExceeded, "too many undelivered messages: the client is not reading").await;
+                            return End::Cut;
                         }
                     }
                 }
@@ -1079,6 +1122,49 @@ impl Pump {
         }
     }
 
+    /// Hands an inbox PUBLISH to the admission, then acknowledges it: at QoS 1 the PUBACK
+    /// means the controller has it.
+    async fn to_inbox(
+        &mut self,
+        publish: Publish,
+        peeked: Option<(u8, u16)>,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    ) -> Step {
+        let (qos, pkid) = peeked.unwrap_or((0, 0));
+        // A QoS 2 message is handed over once (MQTT 4.3.3): a resent one before its PUBREL is
+        // only acknowledged again.
+        let duplicate = qos == 2 && self.inbox_qos2.contains(&pkid);
+        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+        if !duplicate {
+            self.admission
+                .message(
+                    &self.client_id,
+                    self.session_id,
+                    topic,
+                    publish.payload.to_vec(),
+                )
+                .await;
+        }
+        match qos {
+            1 => {
+                let ack = PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                };
+                self.write(writer, Packet::PubAck(ack, None)).await
+            }
+            2 => {
+                self.inbox_qos2.insert(pkid);
+                let rec = PubRec {
+                    pkid,
+                    reason: PubRecReason::Success,
+                };
+                self.write(writer, Packet::PubRec(rec, None)).await
+            }
+            _ => Step::Continue,
+        }
+    }
+
     async fn forward(&mut self, packet: Packet) -> Step {
         match self.link_tx.send(packet).await {
             Ok(_) => Step::Continue,
@@ -1104,10 +1190,25 @@ impl Pump {
                 .await;
                 Step::End(End::Unclean)
             }
-            Packet::Publish(publish, props) => {
-                let allowed = std::str::from_utf8(&publish.topic)
-                    .is_ok_and(|topic| registry::read(&self.rights).may_publish(topic));
+            Packet::Publish(mut publish, props) => {
+                let (allowed, inbox, retain) = match std::str::from_utf8(&publish.topic) {
+                    Ok(topic) => {
+                        let rights = registry::read(&self.rights);
+                        (
+                            rights.may_publish(topic),
+                            rights.is_inbox(topic),
+                            rights.retain,
+                        )
+                    }
+                    Err(_) => (false, false, false),
+                };
+                if allowed && inbox {
+                    return self.to_inbox(publish, peeked, writer).await;
+                }
                 if allowed {
+                    // Without the right to retain, the message reaches today's subscribers
+                    // only: nothing planted now reaches whoever subscribes later.
+                    publish.retain &= retain;
                     return self.forward(Packet::Publish(publish, props)).await;
                 }
                 debug!(client_id = %self.client_id, topic = %String::from_utf8_lossy(&publish.topic).escape_default(), "publish denied");
@@ -1138,7 +1239,7 @@ impl Pump {
                 }
             }
             Packet::PubRel(pubrel, props) => {
-                if self.denied_qos2.remove(&pubrel.pkid) {
+                if self.denied_qos2.remove(&pubrel.pkid) || self.inbox_qos2.remove(&pubrel.pkid) {
                     let comp = PubComp {
                         pkid: pubrel.pkid,
                         reason: PubCompReason::Success,
@@ -1163,7 +1264,7 @@ impl Pump {
                         .map(|f| {
                             if !rights.may_subscribe(&f.path) {
                                 Some(denied_code)
-                            } else if crate::mailbox::is_own(&self.client_id, &f.path) {
+                            } else if rights.is_mailbox(&f.path) {
                                 Some(match f.qos {
                                     QoS::AtMostOnce => SubscribeReasonCode::QoS0,
                                     QoS::AtLeastOnce => SubscribeReasonCode::QoS1,
@@ -1212,11 +1313,11 @@ impl Pump {
                     .retain(|(f, _)| !unsubscribe.filters.contains(f));
                 // The router never saw the mailbox filters (and answers nothing for a filter it
                 // does not know): they are acknowledged here.
-                let client_id = &self.client_id;
                 let asked = unsubscribe.filters.len();
-                unsubscribe
-                    .filters
-                    .retain(|f| !crate::mailbox::is_own(client_id, f));
+                {
+                    let rights = registry::read(&self.rights);
+                    unsubscribe.filters.retain(|f| !rights.is_mailbox(f));
+                }
                 if unsubscribe.filters.is_empty() {
                     let ack = UnsubAck {
                         pkid: unsubscribe.pkid,

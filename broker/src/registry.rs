@@ -2,7 +2,7 @@
 //! to their pump. Implements [`SessionControl`] for the controller.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tokio::sync::mpsc;
@@ -20,13 +20,19 @@ pub(crate) enum Control {
     TakenOver,
     /// A message on one of the session's mailbox topics (`crate::mailbox`).
     Deliver { topic: String, payload: Vec<u8> },
+    /// More messages were queued to the session than it has taken: end it, with a reason.
+    Overflow,
 }
 
 /// Rights shared between the registry (writer) and a pump (reader, on every packet).
 pub(crate) type SharedRights = Arc<RwLock<Rights>>;
 
+/// Messages queued to one session and not yet taken by its pump; shared by both.
+pub(crate) type Undelivered = Arc<AtomicUsize>;
+
 struct Entry {
     session_id: u64,
+    undelivered: Undelivered,
     rights: SharedRights,
     control: mpsc::UnboundedSender<Control>,
     /// Resolves (or fails, when its sender is dropped) once this session has released its link
@@ -34,10 +40,17 @@ struct Entry {
     released: tokio::sync::oneshot::Receiver<()>,
 }
 
-#[derive(Default)]
 pub struct Registry {
     sessions: Mutex<HashMap<String, Entry>>,
     next_session: AtomicU64,
+    /// Messages one session may have queued and not written; past it the session is cut.
+    max_undelivered: usize,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new(1024)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -55,6 +68,15 @@ pub(crate) fn read(rights: &SharedRights) -> std::sync::RwLockReadGuard<'_, Righ
 }
 
 impl Registry {
+    /// A registry whose sessions may each have `max_undelivered` messages queued at most.
+    pub fn new(max_undelivered: usize) -> Registry {
+        Registry {
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(0),
+            max_undelivered: max_undelivered.max(1),
+        }
+    }
+
     pub(crate) fn next_session_id(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -79,11 +101,13 @@ impl Registry {
         rights: SharedRights,
         control: mpsc::UnboundedSender<Control>,
         released: tokio::sync::oneshot::Receiver<()>,
+        undelivered: Undelivered,
     ) -> Option<tokio::sync::oneshot::Receiver<()>> {
         let old = lock(&self.sessions).insert(
             client_id.to_owned(),
             Entry {
                 session_id,
+                undelivered,
                 rights,
                 control,
                 released,
@@ -148,13 +172,45 @@ impl SessionControl for Registry {
     }
 
     fn deliver(&self, client_id: &str, topic: String, payload: Vec<u8>) -> bool {
-        // The same channel as `cut`: a message delivered before a cut is written before it.
         match lock(&self.sessions).get(client_id) {
-            Some(entry) => entry
-                .control
-                .send(Control::Deliver { topic, payload })
-                .is_ok(),
+            Some(entry) => self.queue(entry, topic, payload),
             None => false,
         }
+    }
+
+    fn deliver_to(
+        &self,
+        client_id: &str,
+        session_id: u64,
+        topic: String,
+        payload: Vec<u8>,
+    ) -> bool {
+        match lock(&self.sessions).get(client_id) {
+            Some(entry) if entry.session_id == session_id => self.queue(entry, topic, payload),
+            _ => false,
+        }
+    }
+}
+
+impl Registry {
+    /// Queues a message to a session's pump, or cuts the session when it has too many queued
+    /// already (it is not reading them): a message is never dropped while the session goes on.
+    fn queue(&self, entry: &Entry, topic: String, payload: Vec<u8>) -> bool {
+        // The same channel as `cut`: a message delivered before a cut is written before it.
+        if entry.undelivered.fetch_add(1, Ordering::AcqRel) >= self.max_undelivered {
+            entry.undelivered.fetch_sub(1, Ordering::AcqRel);
+            set(&entry.rights, Rights::none());
+            let _ = entry.control.send(Control::Overflow);
+            return false;
+        }
+        if entry
+            .control
+            .send(Control::Deliver { topic, payload })
+            .is_err()
+        {
+            entry.undelivered.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
     }
 }

@@ -224,7 +224,7 @@ impl Controller {
     /// A message to a device's mailbox (`cmd`, firmware chunks, provisioning answers) goes
     /// straight to its session (see `fleet_broker::mailbox`); everything else to the router.
     fn send_out(&self, p: Publication) {
-        match fleet_broker::mailbox::owner(&p.topic) {
+        match identity::mailbox_owner(&p.topic) {
             Some(client_id) => {
                 self.sessions.deliver(&client_id, p.topic, p.payload);
             }
@@ -591,7 +591,8 @@ impl Controller {
             Outcome::Ok,
             Some(format!("admitted with {level} rights")),
         ));
-        (Decision::Allow { rights }, Some(audit))
+        let reserved = matches!(identity, Identity::Operator { .. });
+        (Decision::Allow { rights, reserved }, Some(audit))
     }
 
     fn opened(&self, client_id: &str, session_id: u64) -> Option<Rights> {

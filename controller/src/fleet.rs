@@ -138,6 +138,10 @@ impl Fleet {
             cut_grace: server.cut_grace(),
             write_timeout: server.write_timeout(),
             connections_per_ip_per_minute: config.limits.connections_per_ip_per_minute,
+            sessions_per_ip: 5000,
+            reserved_sessions: 16,
+            handshakes_per_ip: 256,
+            max_undelivered: 1024,
         };
         let broker = Broker::bind(settings).await?;
         let bus = broker.local_bus("controller").await?;

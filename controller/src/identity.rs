@@ -134,13 +134,38 @@ pub fn presented_key(p: &Presented) -> Option<Fingerprint> {
     p.key()
 }
 
+/// The client id whose mailbox `topic` is, if it is a mailbox topic: the topics on which only
+/// the controller speaks to one device (`stations/<serial>/cmd`, `…/firmware/chunk`,
+/// `phones/<mac>/provision/response`). They bypass the router (`fleet_broker::mailbox`).
+pub fn mailbox_owner(topic: &str) -> Option<String> {
+    let is_name = |level: &str| !level.is_empty() && !level.contains(['+', '#']);
+    let levels: Vec<&str> = topic.split('/').collect();
+    match levels.as_slice() {
+        ["stations", serial, "cmd"] | ["stations", serial, "firmware", "chunk"]
+            if is_name(serial) =>
+        {
+            Some(format!("{STATION_PREFIX}{serial}"))
+        }
+        ["phones", mac, "provision", "response"] if is_name(mac) => {
+            Some(format!("{PHONE_PREFIX}{mac}"))
+        }
+        _ => None,
+    }
+}
+
+/// A station's rights at `level` (PROTOCOL §4). Only an authorized station may retain: a
+/// pending or legacy client could otherwise plant retained messages on the station's topics
+/// that the real station, once accepted, would receive.
 pub fn station_rights(serial: &Serial, level: StationRights) -> Rights {
     let base = format!("stations/{serial}");
+    let cmd = format!("{base}/cmd");
+    let chunk = format!("{base}/firmware/chunk");
     match level {
         StationRights::Pending => Rights {
             publish: vec![format!("{base}/auth/request"), format!("{base}/status")],
-            publish_deny: vec![],
-            subscribe: vec![format!("{base}/cmd")],
+            subscribe: vec![cmd.clone()],
+            mailbox: vec![cmd],
+            ..Rights::default()
         },
         StationRights::Legacy => Rights {
             publish: vec![
@@ -148,42 +173,56 @@ pub fn station_rights(serial: &Serial, level: StationRights) -> Rights {
                 format!("{base}/status"),
                 format!("{base}/firmware/#"),
             ],
-            publish_deny: vec![],
-            subscribe: vec![format!("{base}/cmd"), format!("{base}/firmware/#")],
+            subscribe: vec![cmd.clone(), format!("{base}/firmware/#")],
+            mailbox: vec![cmd, chunk],
+            ..Rights::default()
         },
         StationRights::Authorized => Rights {
             publish: vec![format!("{base}/#")],
-            publish_deny: vec![format!("{base}/cmd")],
+            publish_deny: vec![cmd.clone()],
             subscribe: vec![format!("{base}/#")],
+            mailbox: vec![cmd, chunk],
+            retain: true,
+            ..Rights::default()
         },
     }
 }
 
+/// A phone's rights (PROTOCOL §4); only a provisioned phone may retain.
 pub fn phone_rights(mac: &Mac, level: PhoneRights) -> Rights {
     let base = format!("phones/{mac}");
+    let response = format!("{base}/provision/response");
     let mut rights = Rights {
         publish: vec![
             format!("{base}/provision/request"),
             format!("{base}/provision/complete"),
         ],
-        publish_deny: vec![],
-        subscribe: vec![format!("{base}/provision/response")],
+        subscribe: vec![response.clone()],
+        mailbox: vec![response],
+        ..Rights::default()
     };
     if level == PhoneRights::Provisioned {
         rights.publish.push(format!("{base}/data/#"));
         rights.subscribe.push(format!("{base}/data/#"));
+        rights.retain = true;
     }
     rights
 }
 
+/// An operator's rights (PROTOCOL §4). Its requests go from its session straight to the
+/// controller (the inbox), tagged with the session, and its responses come back to that session
+/// only (the mailbox): two operators of different tenants with the same name share a topic name
+/// but never a message.
 pub fn operator_rights(name: &str, tenant: &str) -> Rights {
+    let request = format!("fleet/control/{name}/request");
+    let response = format!("fleet/control/{name}/response");
     Rights {
-        publish: vec![format!("fleet/control/{name}/request")],
-        publish_deny: vec![],
-        subscribe: vec![
-            format!("fleet/control/{name}/response"),
-            format!("fleet/events/{tenant}/#"),
-        ],
+        publish: vec![request],
+        subscribe: vec![response, format!("fleet/events/{tenant}/#")],
+        // TODO(issue 9): inbox and mailbox once the controller answers through them.
+        inbox: vec![],
+        mailbox: vec![],
+        ..Rights::default()
     }
 }
 
@@ -265,6 +304,58 @@ mod tests {
         assert!(identify(&info("anything", None)).is_err());
         // A fleet CA certificate does not make a station.
         assert!(identify(&info("station-alice", Some((op.cert_der, Trust::FleetCa)))).is_err());
+    }
+
+    #[test]
+    fn mailbox_topics_and_their_owners() {
+        assert_eq!(
+            mailbox_owner("stations/S1/cmd").as_deref(),
+            Some("station-S1")
+        );
+        assert_eq!(
+            mailbox_owner("stations/S1/firmware/chunk").as_deref(),
+            Some("station-S1")
+        );
+        assert_eq!(
+            mailbox_owner("phones/aabbccddeeff/provision/response").as_deref(),
+            Some("phone-aabbccddeeff")
+        );
+        for not_one in [
+            "stations/S1/status",
+            "stations/S1/auth/request",
+            "stations/S1/firmware/request",
+            "stations/S1/cmd/x",
+            "stations/+/cmd",
+            "stations/#",
+            "stations//cmd",
+            "phones/m/provision/request",
+            "fleet/events/default/stations",
+            "fleet/control/admin/response",
+            "",
+        ] {
+            assert_eq!(mailbox_owner(not_one), None, "{not_one}");
+        }
+    }
+
+    #[test]
+    fn only_authorized_stations_and_provisioned_phones_retain() {
+        let s = Serial::parse("S1").expect("serial");
+        assert!(!station_rights(&s, StationRights::Pending).retain);
+        assert!(!station_rights(&s, StationRights::Legacy).retain);
+        assert!(station_rights(&s, StationRights::Authorized).retain);
+        let m = Mac::parse("aabbccddeeff").expect("mac");
+        assert!(!phone_rights(&m, PhoneRights::Unprovisioned).retain);
+        assert!(phone_rights(&m, PhoneRights::Provisioned).retain);
+        assert!(!operator_rights("admin", "default").retain);
+    }
+
+    #[test]
+    fn an_operators_requests_go_to_the_inbox_and_its_responses_come_by_mailbox() {
+        let r = operator_rights("admin", "acme");
+        assert!(r.may_publish("fleet/control/admin/request"));
+        assert!(!r.may_publish("fleet/control/bob/request"));
+        assert!(r.may_subscribe("fleet/events/acme/#"));
+        assert!(!r.may_subscribe("fleet/events/default/#"));
     }
 
     #[test]

@@ -64,6 +64,9 @@ impl SessionControl for Recorder {
             .push(format!("publish {topic} {text} (to {client_id})"));
         true
     }
+    fn deliver_to(&self, client_id: &str, _: u64, topic: String, payload: Vec<u8>) -> bool {
+        self.deliver(client_id, topic, payload)
+    }
 }
 
 fn info(
