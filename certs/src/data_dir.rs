@@ -12,6 +12,7 @@ use x509_parser::extensions::GeneralName;
 
 use crate::ca::{CertifiedKey, FleetCa};
 use crate::error::CertError;
+use crate::operators::OperatorRegistry;
 use crate::{check_name, Fingerprint};
 
 /// File name of the fleet CA certificate.
@@ -102,12 +103,46 @@ pub fn ensure(dir: &Path, extra_names: &[String]) -> Result<FleetFiles, CertErro
         }
     };
 
+    let registry = OperatorRegistry::new(dir);
+    if !registry.exists() {
+        // A data directory made before the registry: its operator certificates were issued
+        // by this host, so they are the registry's first entries.
+        register_existing_operators(dir, &ca, &registry)?;
+    }
     let admin_cert_path = dir.join(format!("{ADMIN_OPERATOR}.pem"));
     let admin_key_path = dir.join(format!("{ADMIN_OPERATOR}.key"));
-    if !admin_cert_path.exists() || !admin_key_path.exists() {
-        let admin = ca.issue_operator(ADMIN_OPERATOR, DEFAULT_TENANT)?;
-        write_atomic(&admin_key_path, admin.key_pem.as_bytes(), SECRET_MODE)?;
-        write_atomic(&admin_cert_path, admin.cert_pem.as_bytes(), PUBLIC_MODE)?;
+    let admin_record = registry.get(DEFAULT_TENANT, ADMIN_OPERATOR)?;
+    let admin_missing = !admin_cert_path.exists() || !admin_key_path.exists();
+    match admin_record {
+        None => {
+            // First start (or an admin never registered): issue it unless its files are
+            // there, and register it.
+            let cert_pem = if admin_missing {
+                let admin = ca.issue_operator(ADMIN_OPERATOR, DEFAULT_TENANT)?;
+                write_atomic(&admin_key_path, admin.key_pem.as_bytes(), SECRET_MODE)?;
+                write_atomic(&admin_cert_path, admin.cert_pem.as_bytes(), PUBLIC_MODE)?;
+                admin.cert_pem
+            } else {
+                read_text(&admin_cert_path)?
+            };
+            registry.register_pem(&cert_pem, OffsetDateTime::now_utc())?;
+        }
+        // Its files were deleted on the host: issue it again, and the old certificate is void.
+        Some(record) if admin_missing && record.revoked_at.is_none() => {
+            let admin = ca.issue_operator(ADMIN_OPERATOR, DEFAULT_TENANT)?;
+            let info = crate::inspect_pem(&admin.cert_pem)?;
+            write_atomic(&admin_key_path, admin.key_pem.as_bytes(), SECRET_MODE)?;
+            write_atomic(&admin_cert_path, admin.cert_pem.as_bytes(), PUBLIC_MODE)?;
+            registry.replace_certificate(
+                DEFAULT_TENANT,
+                ADMIN_OPERATOR,
+                &info.serial_number,
+                info.fingerprint,
+                OffsetDateTime::now_utc(),
+            )?;
+        }
+        // Present, or revoked: a revoked admin is not brought back by a restart.
+        Some(_) => {}
     }
 
     Ok(FleetFiles {
@@ -129,9 +164,13 @@ pub fn load_ca(dir: &Path) -> Result<FleetCa, CertError> {
     FleetCa::from_pem(&cert, &key)
 }
 
-/// Issues a further operator certificate with the CA in `dir` and writes `DIR/NAME.pem` and
-/// `DIR/NAME.key` (0600), replacing an earlier certificate of that operator. Returns the paths
-/// of the certificate and the key.
+/// Issues a further operator certificate with the CA in `dir`, registers it in the operator
+/// registry ([`OperatorRegistry`]) and writes `OUT/NAME.pem` and `OUT/NAME.key` (0600), `OUT`
+/// being `dir` unless given. Returns the paths of the certificate and the key.
+///
+/// Nothing is ever overwritten: if either file exists, or the name was issued in this tenant
+/// before (even if revoked since), nothing is issued and the error says so. Two tenants may
+/// each have an operator of the same name; their files then need different `out` folders.
 ///
 /// `name` and `tenant` must be 1 to 64 of `A-Za-z0-9-_.`; `name` may not start with `.` nor
 /// be `ca` or `server` in any case (their files belong to the CA and the server).
@@ -140,12 +179,22 @@ pub fn issue_operator_files(
     name: &str,
     tenant: &str,
 ) -> Result<(PathBuf, PathBuf), CertError> {
+    issue_operator_files_into(dir, name, tenant, dir)
+}
+
+/// [`issue_operator_files`] with the files written into `out`.
+pub fn issue_operator_files_into(
+    dir: &Path,
+    name: &str,
+    tenant: &str,
+    out: &Path,
+) -> Result<(PathBuf, PathBuf), CertError> {
     check_name("operator name", name)?;
     check_name("tenant", tenant)?;
     let reserved = ["ca", "server"]
         .iter()
         .any(|r| name.eq_ignore_ascii_case(r));
-    if reserved || name.starts_with('.') {
+    if reserved || name.starts_with('.') || tenant.starts_with('.') {
         return Err(CertError::InvalidName {
             what: "operator name",
             value: name.to_owned(),
@@ -153,12 +202,87 @@ pub fn issue_operator_files(
         });
     }
     let ca = load_ca(dir)?;
+    let cert_path = out.join(format!("{name}.pem"));
+    let key_path = out.join(format!("{name}.key"));
+    for path in [&cert_path, &key_path] {
+        if path.exists() {
+            return Err(CertError::Exists { path: path.clone() });
+        }
+    }
+    let registry = OperatorRegistry::new(dir);
+    if registry.get(tenant, name)?.is_some() {
+        return Err(CertError::OperatorExists {
+            tenant: tenant.to_owned(),
+            name: name.to_owned(),
+        });
+    }
     let operator = ca.issue_operator(name, tenant)?;
-    let cert_path = dir.join(format!("{name}.pem"));
-    let key_path = dir.join(format!("{name}.key"));
-    write_atomic(&key_path, operator.key_pem.as_bytes(), SECRET_MODE)?;
-    write_atomic(&cert_path, operator.cert_pem.as_bytes(), PUBLIC_MODE)?;
+    // The registry claims the name first (create_new): of two concurrent issues, one fails.
+    registry.register_pem(&operator.cert_pem, OffsetDateTime::now_utc())?;
+    create_dir(out)?;
+    write_new(&key_path, operator.key_pem.as_bytes(), SECRET_MODE)?;
+    write_new(&cert_path, operator.cert_pem.as_bytes(), PUBLIC_MODE)?;
     Ok((cert_path, key_path))
+}
+
+/// Registers the operator certificates found in a data directory made before the registry.
+fn register_existing_operators(
+    dir: &Path,
+    ca: &FleetCa,
+    registry: &OperatorRegistry,
+) -> Result<(), CertError> {
+    let Ok((_, ca_cert)) = x509_parser::parse_x509_certificate(ca.cert_der()) else {
+        return Ok(());
+    };
+    let entries = fs::read_dir(dir).map_err(|source| io_error(dir, source))?;
+    let now = OffsetDateTime::now_utc();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "pem") {
+            continue;
+        }
+        let Ok(Some(pem)) = read_optional(&path) else {
+            continue;
+        };
+        let Some(der) = crate::certs_from_pem(&pem)
+            .ok()
+            .and_then(|c| c.into_iter().next())
+        else {
+            continue;
+        };
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+            continue;
+        };
+        let is_operator = crate::inspect(&der)
+            .is_ok_and(|i| i.organizational_unit.as_deref() == Some("operator"));
+        if is_operator && cert.verify_signature(Some(ca_cert.public_key())).is_ok() {
+            match registry.register_pem(&pem, now) {
+                Ok(_) | Err(CertError::OperatorExists { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    // The folder exists from now on, even if no operator was found.
+    create_dir(&dir.join(crate::operators::OPERATORS_DIR))
+}
+
+/// Writes a file that must not exist yet.
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut file = options.open(path).map_err(|source| match source.kind() {
+        io::ErrorKind::AlreadyExists => CertError::Exists {
+            path: path.to_path_buf(),
+        },
+        _ => io_error(path, source),
+    })?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(|source| io_error(path, source))
 }
 
 fn incomplete(present: &Path, missing: &Path) -> CertError {
@@ -318,7 +442,7 @@ fn create_dir(dir: &Path) -> Result<(), CertError> {
 
 /// Writes `contents` to `path` through a temporary file in the same directory and a rename,
 /// so that readers see the old file or the whole new one, never a part.
-fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
+pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
     let parent = path.parent().unwrap_or_else(|| Path::new("."));
     let file_name = path
         .file_name()
@@ -391,7 +515,13 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names.len(), 6, "{names:?}");
+        // The six files, and the operator registry with admin in it.
+        assert_eq!(names.len(), 7, "{names:?}");
+        let admin_record = OperatorRegistry::new(&dir)
+            .get("default", "admin")
+            .unwrap()
+            .unwrap();
+        assert_eq!(admin_record.serial, admin.serial_number);
 
         let second = ensure(&dir, &["fleet.example".into(), "192.0.2.7".into()]).unwrap();
         assert_eq!(second.ca.cert_der(), first.ca.cert_der());
@@ -505,5 +635,53 @@ mod tests {
         assert_eq!(dns.iter().filter(|n| *n == "localhost").count(), 1);
         assert!(dns.contains(&"fleet.example".to_owned()));
         assert_eq!(ips.len(), 3);
+    }
+
+    #[test]
+    fn issuing_never_overwrites_and_a_name_is_not_issued_twice() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        ensure(&dir, &[]).unwrap();
+        let admin_before = fs::read_to_string(dir.join("admin.pem")).unwrap();
+        // acme's admin would overwrite default's admin.pem: refused, nothing issued.
+        let err = issue_operator_files(&dir, "admin", "acme").unwrap_err();
+        assert!(matches!(err, CertError::Exists { .. }), "{err}");
+        assert_eq!(
+            fs::read_to_string(dir.join("admin.pem")).unwrap(),
+            admin_before
+        );
+        assert_eq!(
+            OperatorRegistry::new(&dir).get("acme", "admin").unwrap(),
+            None
+        );
+        // Into a folder of its own it is issued, and registered under acme.
+        let out = tmp.path().join("acme");
+        let (cert, _) = issue_operator_files_into(&dir, "admin", "acme", &out).unwrap();
+        let info = inspect_pem(&fs::read_to_string(cert).unwrap()).unwrap();
+        let record = OperatorRegistry::new(&dir)
+            .get("acme", "admin")
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.serial, info.serial_number);
+        // The same name in the same tenant again: refused, even into another folder.
+        let again = issue_operator_files_into(&dir, "admin", "acme", &tmp.path().join("x"));
+        assert!(matches!(again, Err(CertError::OperatorExists { .. })));
+    }
+
+    #[test]
+    fn a_data_directory_from_before_the_registry_registers_its_operators() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        ensure(&dir, &[]).unwrap();
+        issue_operator_files(&dir, "bob", "acme").unwrap();
+        let bob = inspect_pem(&fs::read_to_string(dir.join("bob.pem")).unwrap()).unwrap();
+        fs::remove_dir_all(dir.join("operators")).unwrap();
+        ensure(&dir, &[]).unwrap();
+        let registry = OperatorRegistry::new(&dir);
+        assert_eq!(
+            registry.get("acme", "bob").unwrap().unwrap().serial,
+            bob.serial_number
+        );
+        assert!(registry.get("default", "admin").unwrap().is_some());
     }
 }

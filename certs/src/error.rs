@@ -66,6 +66,20 @@ pub enum CertError {
         #[source]
         source: std::io::Error,
     },
+    /// An operator of this name was issued in this tenant before (revoked or not).
+    #[error("operator {name:?} of tenant {tenant:?} was issued already; a name is not issued twice (revoke it and choose another name)")]
+    OperatorExists {
+        /// The tenant.
+        tenant: String,
+        /// The operator's name.
+        name: String,
+    },
+    /// A file that would be written exists already and is not replaced.
+    #[error("{} exists already; it is not overwritten (choose another name or another --out directory)", path.display())]
+    Exists {
+        /// The file.
+        path: PathBuf,
+    },
     /// The data directory holds one file of a pair but not the other.
     #[error("{} exists but {} is missing; restore it or remove both", present.display(), missing.display())]
     IncompleteDataDir {

@@ -9,6 +9,7 @@ pub mod data_dir;
 mod error;
 mod fingerprint;
 mod inspect;
+pub mod operators;
 mod station;
 mod tls;
 
@@ -17,6 +18,7 @@ pub use csr::phone_key_and_csr;
 pub use error::{CertError, FingerprintError};
 pub use fingerprint::Fingerprint;
 pub use inspect::{inspect, inspect_pem, CertInfo};
+pub use operators::{OperatorRecord, OperatorRegistry};
 pub use station::{self_signed_station, self_signed_station_with_key};
 pub use tls::{certs_from_pem, client_config, crypto_provider, key_from_pem, split_server};
 

@@ -18,14 +18,14 @@ use crate::audit::{AuditRecord, Outcome};
 use crate::clock::Clock;
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
 use crate::flood::{AuditBudget, FailureLimiter, FailurePolicy, Verdict};
-use crate::identity::{self, Identity, StationRights};
+use crate::identity::{self, Identity, OperatorId, StationRights};
 use crate::phone::PhonePolicy;
 use crate::request::{
     after_seq_arg, bool_arg, fingerprint_arg, limit_arg, parse_request, serial_arg,
 };
 use crate::store::StoreError;
 use crate::whitelist::Whitelists;
-use fleet_certs::FleetCa;
+use fleet_certs::{FleetCa, OperatorRegistry};
 use ring::rand::SystemRandom;
 
 mod phones;
@@ -41,6 +41,37 @@ use crate::store::{Change, Store, StoreTxn};
 
 /// Bus messages handled in one batch at most (one store transaction, one fsync).
 pub const MAX_BATCH: usize = 256;
+
+/// Operator requests queued from the front door's inbox and not yet handled, at most; a full
+/// queue holds the sending sessions back (the front door reads nothing more from them).
+pub const INBOX_CAPACITY: usize = 1024;
+
+/// The operator session that sent a request: the answer goes to that session only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requester {
+    pub client_id: String,
+    pub session_id: u64,
+    pub operator: OperatorId,
+}
+
+/// An operator request from the front door's inbox, tagged with the session that sent it.
+#[derive(Debug)]
+pub struct InboxRequest {
+    pub from: Requester,
+    pub payload: Vec<u8>,
+}
+
+/// One message of a batch ([`Controller::handle_batch`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Incoming<'m> {
+    /// A message from the router (station and phone topics).
+    Routed { topic: &'m str, payload: &'m [u8] },
+    /// An operator request from its session's inbox.
+    Request {
+        from: &'m Requester,
+        payload: &'m [u8],
+    },
+}
 
 /// A future that completes once an audit record is durable (and published).
 type AuditFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
@@ -62,7 +93,7 @@ enum Output {
     /// An operator's response; if the commit fails, every command of it is answered with the
     /// store's error instead.
     Respond {
-        operator: String,
+        to: Requester,
         commands: Vec<(Value, Value)>,
         responses: Vec<Value>,
     },
@@ -143,8 +174,6 @@ struct LiveSession {
 struct Live {
     /// Admitted sessions by client id.
     sessions: HashMap<String, LiveSession>,
-    /// Tenant of each operator name seen at admission.
-    operators: HashMap<String, String>,
     /// Last activity of stations, kept in memory (not worth an fsync per message).
     last_seen: HashMap<Serial, OffsetDateTime>,
     /// Identity and address of the last admitted session of each station client id: a message
@@ -160,6 +189,14 @@ struct Live {
 
 pub struct Controller {
     store: Store,
+    /// The issued operator certificates (`fleet_certs::operators`).
+    operators: OperatorRegistry,
+    /// Live operator sessions by session id, for the inbox: a request is attributed to the
+    /// session that sent it when it arrives, whether or not that session is still open when
+    /// it is handled. Kept apart from `live`, which batches hold across their commit.
+    operator_sessions: Mutex<HashMap<u64, Requester>>,
+    inbox: mpsc::Sender<InboxRequest>,
+    inbox_rx: Mutex<Option<mpsc::Receiver<InboxRequest>>>,
     /// Signs phone certificates at provisioning.
     ca: Arc<FleetCa>,
     rng: SystemRandom,
@@ -182,15 +219,21 @@ impl Controller {
         store: Store,
         ca: Arc<FleetCa>,
         sessions: Arc<dyn SessionControl>,
+        operators: OperatorRegistry,
         settings: ControlSettings,
     ) -> Result<(Arc<Controller>, mpsc::UnboundedReceiver<Publication>), StoreError> {
         let (out, rx) = mpsc::unbounded_channel();
+        let (inbox, inbox_rx) = mpsc::channel(INBOX_CAPACITY);
         let live = Live {
             whitelists: store.whitelists()?,
             ..Live::default()
         };
         let controller = Arc::new(Controller {
             store,
+            operators,
+            operator_sessions: Mutex::new(HashMap::new()),
+            inbox,
+            inbox_rx: Mutex::new(Some(inbox_rx)),
             ca,
             rng: SystemRandom::new(),
             failures: Mutex::new(FailureLimiter::new(settings.flood.failures.clone())),
@@ -201,6 +244,54 @@ impl Controller {
             out,
         });
         Ok((controller, rx))
+    }
+
+    /// The operator requests of the front door's inbox, for the bus task (once).
+    pub fn take_inbox(&self) -> Option<mpsc::Receiver<InboxRequest>> {
+        self.inbox_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// The live operator session `session_id` of `client_id`, if it is one.
+    fn requester(&self, client_id: &str, session_id: u64) -> Option<Requester> {
+        self.operator_sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&session_id)
+            .filter(|r| r.client_id == client_id)
+            .cloned()
+    }
+
+    /// Queues a request of an operator session from the front door's inbox; waits while the
+    /// queue is full.
+    async fn inbox_request(&self, client_id: &str, session_id: u64, payload: Vec<u8>) {
+        let Some(from) = self.requester(client_id, session_id) else {
+            debug!(client_id = %client_id.escape_default(), "inbox message of no operator session dropped");
+            return;
+        };
+        if self
+            .inbox
+            .send(InboxRequest { from, payload })
+            .await
+            .is_err()
+        {
+            warn!("controller inbox closed: operator request dropped");
+        }
+    }
+
+    /// Handles one operator request of a live operator session at once (a batch of one);
+    /// false when `session_id` is no operator session of `client_id`.
+    pub fn handle_request(&self, client_id: &str, session_id: u64, payload: &[u8]) -> bool {
+        let Some(from) = self.requester(client_id, session_id) else {
+            return false;
+        };
+        self.handle_batch([Incoming::Request {
+            from: &from,
+            payload,
+        }]);
+        true
     }
 
     /// The shell's clock (the state machines get `now` from here).
@@ -326,7 +417,10 @@ impl Controller {
 
     fn rights_of(&self, identity: &Identity) -> Result<Option<Rights>, CommandError> {
         Ok(match identity {
-            Identity::Operator { name, tenant } => Some(identity::operator_rights(name, tenant)),
+            Identity::Operator { id, serial } => self
+                .operator_admits(id, serial)
+                .ok()
+                .map(|()| identity::operator_rights(&id.name, &id.tenant)),
             Identity::Phone { mac, presented } => self.phone_rights_now(mac, presented)?,
             Identity::Station { serial, presented } => match self
                 .station_decision(serial, presented)?
@@ -339,6 +433,18 @@ impl Controller {
                 Admit::Deny(_) => None,
             },
         })
+    }
+
+    /// Whether the operator registry admits `id` with the certificate `serial`: registered,
+    /// not revoked, and this very certificate.
+    fn operator_admits(&self, id: &OperatorId, serial: &str) -> Result<(), String> {
+        match self.operators.get(&id.tenant, &id.name) {
+            Ok(Some(record)) => record.admits(serial).map_err(str::to_owned),
+            Ok(None) => Err(format!(
+                "operator {id} is not in the operator registry (a certificate issued elsewhere)"
+            )),
+            Err(e) => Err(format!("operator registry unreadable: {e}")),
+        }
     }
 
     // ---------------------------------------------------------------- admission
@@ -419,11 +525,20 @@ impl Controller {
             }
             Decision::Deny { refusal, reason }
         };
-        let verdict = self
-            .failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .check(ip, at);
+        // A valid operator certificate is never refused for the failures of others from the
+        // same address (a PAP guesser beside the operator's machine must not lock it out).
+        let operator = match identity::identify(&info) {
+            Ok(Identity::Operator { id, serial }) => self.operator_admits(&id, &serial).is_ok(),
+            _ => false,
+        };
+        let verdict = if operator {
+            Verdict::Allow
+        } else {
+            self.failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .check(ip, at)
+        };
         if let Verdict::Refuse { until } = verdict {
             let reason = format!(
                 "too many failed authentications from {ip}; refused until {}",
@@ -470,19 +585,20 @@ impl Controller {
         let mut live = self.lock();
         // Operators may use any client id (PROTOCOL §1), but not one another operator's live
         // session holds: taking it over would let one operator (of any tenant) cut another.
+        // Another operator is another tenant, or another name: both together are who it is.
         if let (
-            Identity::Operator { name, tenant },
+            Identity::Operator { id, .. },
             Some(LiveSession {
-                identity: Identity::Operator { name: holder, .. },
+                identity: Identity::Operator { id: holder, .. },
                 ..
             }),
         ) = (&identity, live.sessions.get(&info.client_id))
         {
-            if holder != name {
+            if holder != id {
                 drop(live);
                 let reason = "client id in use by another operator's session".to_owned();
                 return (
-                    deny(Refusal::NotAuthorized, reason, tenant, None, false),
+                    deny(Refusal::NotAuthorized, reason, &id.tenant, None, false),
                     None,
                 );
             }
@@ -500,11 +616,28 @@ impl Controller {
                     }
                 }
             }
-            Identity::Operator { name, tenant } => {
-                live.operators.insert(name.clone(), tenant.clone());
+            Identity::Operator { id, serial } => {
+                if let Err(reason) = self.operator_admits(id, serial) {
+                    drop(live);
+                    return (
+                        deny(Refusal::NotAuthorized, reason, &id.tenant, None, false),
+                        None,
+                    );
+                }
+                self.operator_sessions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(
+                        info.session_id,
+                        Requester {
+                            client_id: info.client_id.clone(),
+                            session_id: info.session_id,
+                            operator: id.clone(),
+                        },
+                    );
                 (
-                    identity::operator_rights(name, tenant),
-                    tenant.clone(),
+                    identity::operator_rights(&id.name, &id.tenant),
+                    id.tenant.clone(),
                     None,
                     "operator",
                 )
@@ -605,6 +738,10 @@ impl Controller {
     }
 
     fn closed(&self, client_id: &str, session_id: u64) {
+        self.operator_sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&session_id);
         let mut live = self.lock();
         if live
             .sessions
@@ -698,11 +835,7 @@ impl Controller {
     fn perform(&self, live: &Live, written: &HashMap<Serial, Option<Station>>, output: Output) {
         match output {
             Output::Publish(p) => self.send_out(p),
-            Output::Respond {
-                operator,
-                responses,
-                ..
-            } => self.respond(&operator, responses),
+            Output::Respond { to, responses, .. } => self.respond(&to, responses),
             Output::Cut { client_id, after } => {
                 self.sessions.cut(&client_id, after);
             }
@@ -740,7 +873,7 @@ impl Controller {
     /// the batch is committed (one fsync) before anything of it is published, answered or cut.
     /// Messages are handled in order, each seeing the changes of those before it. Never panics
     /// on what a peer sent.
-    pub fn handle_batch<'m>(&self, messages: impl IntoIterator<Item = (&'m str, &'m [u8])>) {
+    pub fn handle_batch<'m>(&self, messages: impl IntoIterator<Item = Incoming<'m>>) {
         let mut live = self.lock();
         let txn = match self.store.begin() {
             Ok(txn) => txn,
@@ -756,8 +889,15 @@ impl Controller {
         };
         let started = std::time::Instant::now();
         let mut handled = 0usize;
-        for (topic, payload) in messages {
-            self.handle_in(&mut live, &mut cx, topic, payload);
+        for message in messages {
+            match message {
+                Incoming::Routed { topic, payload } => {
+                    self.handle_in(&mut live, &mut cx, topic, payload)
+                }
+                Incoming::Request { from, payload } => {
+                    self.on_operator_request(&mut live, &mut cx, from, payload)
+                }
+            }
             handled += 1;
         }
         let Cx { txn, out, written } = cx;
@@ -790,15 +930,12 @@ impl Controller {
                 }
                 let error = CommandError::internal(format!("the store refused the change: {e}"));
                 for output in out {
-                    if let Output::Respond {
-                        operator, commands, ..
-                    } = output
-                    {
+                    if let Output::Respond { to, commands, .. } = output {
                         let responses = commands
                             .iter()
                             .map(|(name, correlation)| error_response(name, correlation, &error))
                             .collect();
-                        self.respond(&operator, responses);
+                        self.respond(&to, responses);
                     }
                 }
             }
@@ -807,7 +944,7 @@ impl Controller {
 
     /// Handles one message from the router (a batch of one).
     pub fn handle_message(&self, topic: &str, payload: &[u8]) {
-        self.handle_batch([(topic, payload)]);
+        self.handle_batch([Incoming::Routed { topic, payload }]);
     }
 
     // ---------------------------------------------------------------- station messages
@@ -816,21 +953,6 @@ impl Controller {
         let levels: Vec<&str> = topic.split('/').collect();
         if payload.len() > self.settings.max_payload_bytes {
             warn!(topic = %topic.escape_default(), "payload over {} bytes dropped", self.settings.max_payload_bytes);
-            if let ["fleet", "control", operator, "request"] = levels.as_slice() {
-                self.respond_in(
-                    cx,
-                    operator,
-                    vec![(Value::Null, Value::Null)],
-                    vec![error_response(
-                        &Value::Null,
-                        &Value::Null,
-                        &CommandError::invalid_argument(format!(
-                            "request over {} bytes",
-                            self.settings.max_payload_bytes
-                        )),
-                    )],
-                );
-            }
             return;
         }
         match levels.as_slice() {
@@ -844,9 +966,6 @@ impl Controller {
             }
             ["stations", serial, "firmware", "request"] => {
                 self.on_firmware_request(cx, serial, payload)
-            }
-            ["fleet", "control", operator, "request"] => {
-                self.on_operator_request(live, cx, operator, payload)
             }
             ["phones", mac, "provision", "request"] => {
                 self.on_provision_request(live, cx, mac, payload)
@@ -1012,11 +1131,17 @@ impl Controller {
 
     // ---------------------------------------------------------------- operators
 
-    fn respond(&self, operator: &str, responses: Vec<Value>) {
-        self.publish(
-            format!("fleet/control/{operator}/response"),
-            &json!({"responses": responses}),
-        );
+    /// Answers the session that sent the request, and no other: responses bypass the router,
+    /// where another operator of the same name (in another tenant) could subscribe.
+    fn respond(&self, to: &Requester, responses: Vec<Value>) {
+        let payload = json!({"responses": responses}).to_string().into_bytes();
+        let topic = format!("fleet/control/{}/response", to.operator.name);
+        if !self
+            .sessions
+            .deliver_to(&to.client_id, to.session_id, topic, payload)
+        {
+            debug!(client_id = %to.client_id, "response not delivered: the session is gone or was ended");
+        }
     }
 
     /// Answers an operator once the batch is committed; `commands` (name, correlation data)
@@ -1024,28 +1149,39 @@ impl Controller {
     fn respond_in(
         &self,
         cx: &mut Cx,
-        operator: &str,
+        to: &Requester,
         commands: Vec<(Value, Value)>,
         responses: Vec<Value>,
     ) {
         cx.out.push(Output::Respond {
-            operator: operator.to_owned(),
+            to: to.clone(),
             commands,
             responses,
         });
     }
 
-    fn on_operator_request(&self, live: &mut Live, cx: &mut Cx, operator: &str, payload: &[u8]) {
-        let tenant = match live.operators.get(operator) {
-            Some(t) => t.clone(),
-            None => return,
-        };
+    fn on_operator_request(&self, live: &mut Live, cx: &mut Cx, from: &Requester, payload: &[u8]) {
+        // The tenant of every command is the tenant of the session that sent it.
+        let operator = from.operator.name.as_str();
+        let tenant = from.operator.tenant.clone();
+        if payload.len() > self.settings.max_payload_bytes {
+            let e = CommandError::invalid_argument(format!(
+                "request over {} bytes",
+                self.settings.max_payload_bytes
+            ));
+            return self.respond_in(
+                cx,
+                from,
+                vec![(Value::Null, Value::Null)],
+                vec![error_response(&Value::Null, &Value::Null, &e)],
+            );
+        }
         let commands = match parse_request(payload, MAX_COMMANDS_PER_REQUEST) {
             Ok(c) => c,
             Err(e) => {
                 return self.respond_in(
                     cx,
-                    operator,
+                    from,
                     vec![(Value::Null, Value::Null)],
                     vec![error_response(&Value::Null, &Value::Null, &e)],
                 );
@@ -1066,7 +1202,7 @@ impl Controller {
             });
             answered.push((name, correlation));
         }
-        self.respond_in(cx, operator, answered, responses);
+        self.respond_in(cx, from, answered, responses);
     }
 
     fn run_command(
@@ -1307,6 +1443,18 @@ impl Admission for ControllerAdmission {
 
     fn session_closed(&self, client_id: &str, session_id: u64) {
         self.0.closed(client_id, session_id);
+    }
+
+    fn message(
+        &self,
+        client_id: &str,
+        session_id: u64,
+        _topic: String,
+        payload: Vec<u8>,
+    ) -> BoxFuture<'_, ()> {
+        // Operators' requests are the only inbox topics (`identity::operator_rights`).
+        let client_id = client_id.to_owned();
+        Box::pin(async move { self.0.inbox_request(&client_id, session_id, payload).await })
     }
 
     fn refused(&self, client_id: &str, peer_addr: std::net::SocketAddr, reason: &str) {

@@ -17,7 +17,8 @@ use tracing::warn;
 
 use crate::clock::Clock;
 use crate::control::{
-    ControlSettings, Controller, ControllerAdmission, FloodSettings, Publication, MAX_BATCH,
+    ControlSettings, Controller, ControllerAdmission, FloodSettings, InboxRequest, Incoming,
+    Publication, MAX_BATCH,
 };
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
 use crate::flood::FailurePolicy;
@@ -153,6 +154,7 @@ impl Fleet {
             store,
             Arc::new(signing_ca),
             broker.sessions(),
+            fleet_certs::OperatorRegistry::new(&server.data_dir),
             ControlSettings {
                 policy,
                 catalog: Catalog::new(images),
@@ -179,7 +181,10 @@ impl Fleet {
                 clock,
             },
         )?;
-        let bus_task = tokio::spawn(run_bus(bus, controller.clone(), outbox));
+        let inbox = controller
+            .take_inbox()
+            .ok_or_else(|| StartError::Config("the controller's inbox is taken".into()))?;
+        let bus_task = tokio::spawn(run_bus(bus, controller.clone(), outbox, inbox));
         broker.serve(Arc::new(ControllerAdmission(controller.clone())));
         Ok(Fleet {
             broker,
@@ -210,18 +215,25 @@ impl Drop for Fleet {
     }
 }
 
-/// The controller's MQTT side: handles what arrives, publishes what the controller produced,
-/// in order.
+/// What one batch holds: router messages and operator requests, in arrival order.
+enum Arrived {
+    Routed(fleet_broker::BusMessage),
+    Request(InboxRequest),
+}
+
+/// The controller's MQTT side: handles what arrives (from the router, and operator requests
+/// from the front door's inbox), publishes what the controller produced, in order.
 async fn run_bus<B: Bus>(
     mut bus: B,
     controller: Arc<Controller>,
     mut outbox: tokio::sync::mpsc::UnboundedReceiver<Publication>,
+    mut inbox: tokio::sync::mpsc::Receiver<InboxRequest>,
 ) {
+    // Operator requests come through the inbox, never through the router.
     for filter in [
         "stations/+/auth/request",
         "stations/+/status",
         "stations/+/firmware/request",
-        "fleet/control/+/request",
         "phones/+/provision/request",
         "phones/+/provision/complete",
     ] {
@@ -231,42 +243,53 @@ async fn run_bus<B: Bus>(
         }
     }
     loop {
-        tokio::select! {
+        let first = tokio::select! {
             message = bus.next() => match message {
-                Ok(first) => {
-                    // Whatever else has arrived is handled with it: one transaction, one
-                    // fsync for the whole batch (see `Controller::handle_batch`).
-                    let mut batch = vec![first];
-                    while batch.len() < MAX_BATCH {
-                        match bus.try_next() {
-                            Some(m) => batch.push(m),
-                            None => break,
-                        }
-                    }
-                    let handle = || {
-                        controller.handle_batch(
-                            batch.iter().map(|m| (m.topic.as_str(), &m.payload[..])),
-                        )
-                    };
-                    // The batch ends with an fsync: let the runtime move the front door's
-                    // tasks to another worker meanwhile (not possible on a current-thread
-                    // runtime, as in some tests).
-                    match tokio::runtime::Handle::current().runtime_flavor() {
-                        tokio::runtime::RuntimeFlavor::CurrentThread => handle(),
-                        _ => tokio::task::block_in_place(handle),
-                    }
-                }
+                Ok(m) => Arrived::Routed(m),
                 Err(e) => {
                     warn!("controller link: {e}");
                     return;
                 }
             },
+            Some(request) = inbox.recv() => Arrived::Request(request),
             Some(p) = outbox.recv() => {
                 if let Err(e) = bus.publish(&p.topic, p.payload, false) {
                     warn!("controller cannot publish: {e}");
                     return;
                 }
+                continue;
             }
+        };
+        // Whatever else has arrived is handled with it: one transaction, one fsync for the
+        // whole batch (see `Controller::handle_batch`).
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            if let Some(m) = bus.try_next() {
+                batch.push(Arrived::Routed(m));
+            } else if let Ok(r) = inbox.try_recv() {
+                batch.push(Arrived::Request(r));
+            } else {
+                break;
+            }
+        }
+        let handle = || {
+            controller.handle_batch(batch.iter().map(|m| match m {
+                Arrived::Routed(m) => Incoming::Routed {
+                    topic: m.topic.as_str(),
+                    payload: &m.payload[..],
+                },
+                Arrived::Request(r) => Incoming::Request {
+                    from: &r.from,
+                    payload: &r.payload[..],
+                },
+            }))
+        };
+        // The batch ends with an fsync: let the runtime move the front door's tasks to
+        // another worker meanwhile (not possible on a current-thread runtime, as in some
+        // tests).
+        match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::CurrentThread => handle(),
+            _ => tokio::task::block_in_place(handle),
         }
     }
 }

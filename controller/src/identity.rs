@@ -19,14 +19,30 @@ pub enum Identity {
         serial: Serial,
         presented: Presented,
     },
+    /// An operator: its tenant and its name together are who it is, and `serial` is the
+    /// certificate it presented (checked against the operator registry at admission).
     Operator {
-        name: String,
-        tenant: String,
+        id: OperatorId,
+        serial: String,
     },
     Phone {
         mac: Mac,
         presented: PhonePresented,
     },
+}
+
+/// An operator: tenant and name together. Two operators of different tenants may share a
+/// name; they never share anything else (sessions, responses, the tenant of a command).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OperatorId {
+    pub tenant: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for OperatorId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.name, self.tenant)
+    }
 }
 
 /// What a phone presented at CONNECT.
@@ -122,7 +138,10 @@ pub fn identify(info: &ConnectInfo) -> Result<Identity, String> {
                 .organization
                 .filter(|t| fleet_certs::check_name("tenant", t).is_ok())
                 .unwrap_or_else(|| crate::station::DEFAULT_TENANT.to_owned());
-            Ok(Identity::Operator { name, tenant })
+            Ok(Identity::Operator {
+                id: OperatorId { tenant, name },
+                serial: cert.serial_number,
+            })
         }
         Some(_) => Err("certificate identifies no operator".into()),
         None => Err("client id identifies no device and no certificate was presented".into()),
@@ -217,11 +236,10 @@ pub fn operator_rights(name: &str, tenant: &str) -> Rights {
     let request = format!("fleet/control/{name}/request");
     let response = format!("fleet/control/{name}/response");
     Rights {
-        publish: vec![request],
-        subscribe: vec![response, format!("fleet/events/{tenant}/#")],
-        // TODO(issue 9): inbox and mailbox once the controller answers through them.
-        inbox: vec![],
-        mailbox: vec![],
+        publish: vec![request.clone()],
+        subscribe: vec![response.clone(), format!("fleet/events/{tenant}/#")],
+        inbox: vec![request],
+        mailbox: vec![response],
         ..Rights::default()
     }
 }
@@ -282,11 +300,17 @@ mod tests {
             "anything",
             Some((op.cert_der.clone(), Trust::FleetCa)),
         ));
+        let serial = fleet_certs::inspect(&op.cert_der)
+            .expect("inspect")
+            .serial_number;
         assert_eq!(
             ok,
             Ok(Identity::Operator {
-                name: "alice".into(),
-                tenant: "default".into()
+                id: OperatorId {
+                    tenant: "default".into(),
+                    name: "alice".into(),
+                },
+                serial,
             })
         );
         // The same certificate self-signed-looking or from another anchor is no operator.
@@ -353,6 +377,8 @@ mod tests {
     fn an_operators_requests_go_to_the_inbox_and_its_responses_come_by_mailbox() {
         let r = operator_rights("admin", "acme");
         assert!(r.may_publish("fleet/control/admin/request"));
+        assert!(r.is_inbox("fleet/control/admin/request"));
+        assert!(r.is_mailbox("fleet/control/admin/response"));
         assert!(!r.may_publish("fleet/control/bob/request"));
         assert!(r.may_subscribe("fleet/events/acme/#"));
         assert!(!r.may_subscribe("fleet/events/default/#"));

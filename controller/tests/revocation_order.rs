@@ -11,10 +11,12 @@ use fleet_broker::{
 };
 use fleet_controller::clock::Clock;
 use fleet_controller::control::{
-    ControlSettings, Controller, ControllerAdmission, FloodSettings, Publication,
+    ControlSettings, Controller, ControllerAdmission, FloodSettings, Incoming, Publication,
+    Requester,
 };
 use fleet_controller::firmware::{Catalog, FirmwarePolicy};
 use fleet_controller::flood::FailurePolicy;
+use fleet_controller::identity::OperatorId;
 use fleet_controller::phone::PhonePolicy;
 use fleet_controller::store::Store;
 use serde_json::{json, Value};
@@ -64,8 +66,12 @@ impl SessionControl for Recorder {
             .push(format!("publish {topic} {text} (to {client_id})"));
         true
     }
-    fn deliver_to(&self, client_id: &str, _: u64, topic: String, payload: Vec<u8>) -> bool {
-        self.deliver(client_id, topic, payload)
+    fn deliver_to(&self, _: &str, _: u64, topic: String, payload: Vec<u8>) -> bool {
+        let mut log = self.0.lock().expect("log");
+        log.drain();
+        let text = String::from_utf8_lossy(&payload).into_owned();
+        log.events.push(format!("publish {topic} {text}"));
+        true
     }
 }
 
@@ -97,11 +103,16 @@ async fn setup() -> (
     let ca = fleet_certs::FleetCa::generate("test CA").expect("ca");
     let operator = ca.issue_operator("admin", "default").expect("operator");
     let store = Store::open(&dir.path().join("fleet.redb")).expect("store");
+    let operators = fleet_certs::OperatorRegistry::new(dir.path());
+    operators
+        .register_pem(&operator.cert_pem, time::OffsetDateTime::now_utc())
+        .expect("register the operator");
     let log = Arc::new(Mutex::new(Log::default()));
     let (controller, outbox) = Controller::new(
         store,
         Arc::new(ca),
         Arc::new(Recorder(log.clone())),
+        operators,
         settings(),
     )
     .expect("controller");
@@ -167,20 +178,21 @@ async fn cuts_come_before_the_operators_acknowledgement() {
     let request = |command: Value| json!({"commands": [command]}).to_string().into_bytes();
 
     // Reject: the station's cut precedes the operator's response.
-    controller.handle_message(
-        "fleet/control/admin/request",
+    controller.handle_request(
+        "op",
+        1,
         &request(json!({"command": "rejectStation", "serial": "S1", "correlationData": "r"})),
     );
     // A phone with a live session, then Reset Authentication.
-    controller.handle_message(
-        "fleet/control/admin/request",
+    controller.handle_request("op", 1,
         &request(json!({"command": "createPhone", "mac": "aabbccddeeff", "vendor": "v", "type": "t", "correlationData": "c"})),
     );
     let mut phone_info = info(3, "phone-aabbccddeeff", None);
     phone_info.username = Some("aabbccddeeff".into());
     // Whitelist the address so that no PAP is needed for this live session.
-    controller.handle_message(
-        "fleet/control/admin/request",
+    controller.handle_request(
+        "op",
+        1,
         &request(
             json!({"command": "addWhitelistEntry", "entry": "127.0.0.1", "correlationData": "w"}),
         ),
@@ -189,8 +201,7 @@ async fn cuts_come_before_the_operators_acknowledgement() {
         admission.admit(phone_info).await,
         Decision::Allow { .. }
     ));
-    controller.handle_message(
-        "fleet/control/admin/request",
+    controller.handle_request("op", 1,
         &request(json!({"command": "resetPhoneAuthentication", "mac": "aabbccddeeff", "correlationData": "p"})),
     );
 
@@ -214,17 +225,16 @@ async fn cuts_come_before_the_operators_acknowledgement() {
             &format!("stations/{serial}/auth/request"),
             auth.to_string().as_bytes(),
         );
-        controller.handle_message(
-            "fleet/control/admin/request",
+        controller.handle_request("op", 1,
             &request(json!({"command": "acceptStation", "serial": serial, "fingerprint": fp.to_string(), "correlationData": format!("a{serial}")})),
         );
     }
-    controller.handle_message(
-        "fleet/control/admin/request",
+    controller.handle_request("op", 1,
         &request(json!({"command": "resetStation", "serial": "S2", "delete_authentication": true, "correlationData": "reset"})),
     );
-    controller.handle_message(
-        "fleet/control/admin/request",
+    controller.handle_request(
+        "op",
+        1,
         &request(json!({"command": "removeStation", "serial": "S3", "correlationData": "remove"})),
     );
 
@@ -285,7 +295,7 @@ async fn a_decision_during_admission_is_seen_by_the_recheck() {
     // ...the operator rejects the station before that session is registered...
     let reject =
         json!({"commands": [{"command": "rejectStation", "serial": "R1", "correlationData": 1}]});
-    controller.handle_message("fleet/control/admin/request", reject.to_string().as_bytes());
+    controller.handle_request("op", 1, reject.to_string().as_bytes());
     // ...and the re-check after registration cuts it.
     assert_eq!(admission.session_opened("station-R1", 3), None);
 }
@@ -314,9 +324,23 @@ async fn a_batch_sees_its_own_writes_and_speaks_only_after_its_commit() {
         {"command": "getStation", "serial": "B1", "correlationData": "g"},
     ]})
     .to_string();
+    let admin = Requester {
+        client_id: "op".into(),
+        session_id: 1,
+        operator: OperatorId {
+            tenant: "default".into(),
+            name: "admin".into(),
+        },
+    };
     controller.handle_batch([
-        ("stations/B1/auth/request", &auth[..]),
-        ("fleet/control/admin/request", accept.as_bytes()),
+        Incoming::Routed {
+            topic: "stations/B1/auth/request",
+            payload: &auth[..],
+        },
+        Incoming::Request {
+            from: &admin,
+            payload: accept.as_bytes(),
+        },
     ]);
     let mut log = log.lock().expect("log");
     log.drain();

@@ -93,8 +93,11 @@ impl TestFleet {
 
     /// An operator of `tenant`, with a certificate issued like `fleetd issue-operator` does.
     pub async fn operator_as(&self, name: &str, tenant: &str) -> Operator {
+        // Each tenant's files in a folder of their own: two tenants may have operators of
+        // the same name.
+        let out = self.dir.path().join(format!("operators-of-{tenant}"));
         let (cert, key) =
-            fleet_certs::data_dir::issue_operator_files(self.data_dir(), name, tenant)
+            fleet_certs::data_dir::issue_operator_files_into(self.data_dir(), name, tenant, &out)
                 .expect("issue operator");
         let cert = std::fs::read_to_string(cert).expect("cert");
         let key = std::fs::read_to_string(key).expect("key");

@@ -28,11 +28,15 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Issue a further operator certificate: writes NAME.pem and NAME.key into the data directory.
+    /// Issue a further operator certificate: registers it and writes NAME.pem and NAME.key
+    /// into the data directory (or --out). Never overwrites; a name is issued once per tenant.
     IssueOperator {
         name: String,
         #[arg(long, default_value = "default")]
         tenant: String,
+        /// Folder for NAME.pem and NAME.key (default: the data directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Print a commented example configuration with every key and its default.
     ExampleConfig,
@@ -63,11 +67,13 @@ fn run() -> anyhow::Result<()> {
         config.server.listen = listen;
     }
     match args.command {
-        Some(Cmd::IssueOperator { name, tenant }) => {
-            let (cert, key) = fleet_certs::data_dir::issue_operator_files(
-                &config.server.data_dir,
+        Some(Cmd::IssueOperator { name, tenant, out }) => {
+            let dir = &config.server.data_dir;
+            let (cert, key) = fleet_certs::data_dir::issue_operator_files_into(
+                dir,
                 &name,
                 &tenant,
+                out.as_deref().unwrap_or(dir),
             )?;
             println!("{}\n{}", cert.display(), key.display());
             Ok(())
