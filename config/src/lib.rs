@@ -23,7 +23,7 @@ pub struct Config {
     pub firmware: FirmwareConfig,
     /// `[phones]`: PAP, lockout and whitelist rules.
     pub phones: PhonesConfig,
-    /// `[limits]`: payload sizes.
+    /// `[limits]`: payload sizes, rates and the most of each resource one client may hold.
     pub limits: LimitsConfig,
 }
 
@@ -183,6 +183,12 @@ pub struct PhonesConfig {
     pub temporary_whitelist_hours: u64,
     /// `suspend_minutes`: how long Suspend Authentication lasts. Default 30.
     pub suspend_minutes: u64,
+    /// `min_whitelist_prefix_v4`: an operator's permanent IPv4 whitelist range with a shorter
+    /// prefix than this is refused unless the operator forces it (a typo such as `/4` for `/24`
+    /// would spare a large part of the Internet the PAP). At most 32. Default 8.
+    pub min_whitelist_prefix_v4: u8,
+    /// `min_whitelist_prefix_v6`: the same for IPv6 ranges. At most 128. Default 32.
+    pub min_whitelist_prefix_v6: u8,
 }
 
 impl Default for PhonesConfig {
@@ -193,6 +199,8 @@ impl Default for PhonesConfig {
             lockouts_before_block: 3,
             temporary_whitelist_hours: 8,
             suspend_minutes: 30,
+            min_whitelist_prefix_v4: 8,
+            min_whitelist_prefix_v6: 32,
         }
     }
 }
@@ -241,6 +249,45 @@ pub struct LimitsConfig {
     /// `refusal_audits_per_ip_per_minute`: refused CONNECTs audited per source address and
     /// minute; the rest are counted and logged, so that a flood cannot fill the disk. Default 10.
     pub refusal_audits_per_ip_per_minute: u32,
+    /// `max_commands_per_request`: most commands in one operator request; a larger request is
+    /// refused whole. Between 1 and 1000. Default 100.
+    pub max_commands_per_request: u32,
+    /// `max_page_size`: most items a list command returns in one page, whatever page size the
+    /// operator asks for. Between 1 and 10000. Default 500.
+    pub max_page_size: u32,
+    /// `max_response_bytes`: most bytes of one operator request's whole response; the
+    /// commands past it are answered with an error instead of their data, so that one request
+    /// cannot make the server build an unbounded reply. At least 65536. Default 4194304 (4 MiB).
+    pub max_response_bytes: usize,
+    /// `operator_commands_per_second`: commands one operator may run per second, on average (a
+    /// token bucket that refills evenly); the commands beyond it are answered `rate_limited`.
+    /// Default 20.
+    pub operator_commands_per_second: u32,
+    /// `operator_command_burst`: commands one operator may run at once after a quiet spell
+    /// (the size of that token bucket). Default 200.
+    pub operator_command_burst: u32,
+    /// `pending_stations_per_ip`: most stations waiting for approval (records created by
+    /// devices, not yet accepted or rejected) whose last request came from one source address;
+    /// past it a new station from that address is refused without a record. Default 1000.
+    pub pending_stations_per_ip: u32,
+    /// `max_pending_stations`: most stations waiting for approval in total. Default 20000.
+    pub max_pending_stations: u32,
+    /// `pending_expiry_hours`: a station waiting for approval that has not been seen for this
+    /// long is deleted. Default 168 (7 days).
+    pub pending_expiry_hours: u64,
+    /// `sessions_per_ip`: most live sessions from one source address. Default 5000.
+    pub sessions_per_ip: u32,
+    /// `reserved_operator_sessions`: slots of `server.max_connections` (and of
+    /// `sessions_per_ip`) that only operators may use, so that a flood of devices cannot lock
+    /// the operators out; less than `server.max_connections`. Default 16.
+    pub reserved_operator_sessions: u32,
+    /// `handshakes_per_ip`: most unfinished TLS handshakes (and CONNECT reads) from one source
+    /// address at once. Default 256.
+    pub handshakes_per_ip: u32,
+    /// `max_undelivered_messages`: most messages queued to one session and not written yet;
+    /// past it the session is ended (a client that does not read must not grow the server's
+    /// memory). Default 1024.
+    pub max_undelivered_messages: u32,
 }
 
 impl Default for LimitsConfig {
@@ -253,7 +300,26 @@ impl Default for LimitsConfig {
             failed_auth_block_minutes: 15,
             failed_auth_delay_ms: 1000,
             refusal_audits_per_ip_per_minute: 10,
+            max_commands_per_request: 100,
+            max_page_size: 500,
+            max_response_bytes: 4 * 1024 * 1024,
+            operator_commands_per_second: 20,
+            operator_command_burst: 200,
+            pending_stations_per_ip: 1000,
+            max_pending_stations: 20_000,
+            pending_expiry_hours: 168,
+            sessions_per_ip: 5000,
+            reserved_operator_sessions: 16,
+            handshakes_per_ip: 256,
+            max_undelivered_messages: 1024,
         }
+    }
+}
+
+impl LimitsConfig {
+    /// `pending_expiry_hours` as a duration.
+    pub fn pending_expiry(&self) -> Duration {
+        Duration::from_secs(self.pending_expiry_hours.saturating_mul(3600))
     }
 }
 
@@ -261,6 +327,12 @@ impl Default for LimitsConfig {
 const MQTT_MAX_PACKET_SIZE: usize = 268_435_460;
 /// Longest grace before a cut: "short and bounded" (PROTOCOL §4).
 const MAX_CUT_GRACE_MS: u64 = 10_000;
+/// Most commands in one operator request: beyond this a request is a flood, not a batch.
+const MAX_COMMANDS_PER_REQUEST: u64 = 1000;
+/// Largest page a list command may be configured to return.
+const MAX_PAGE_SIZE: u64 = 10_000;
+/// Smallest response budget: an error response for each of a few commands must still fit.
+const MIN_RESPONSE_BYTES: usize = 65_536;
 
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -434,6 +506,18 @@ impl Config {
             p.temporary_whitelist_hours,
         )?;
         positive("phones.suspend_minutes", p.suspend_minutes)?;
+        between(
+            "phones.min_whitelist_prefix_v4",
+            p.min_whitelist_prefix_v4.into(),
+            0,
+            32,
+        )?;
+        between(
+            "phones.min_whitelist_prefix_v6",
+            p.min_whitelist_prefix_v6.into(),
+            0,
+            128,
+        )?;
 
         let l = &self.limits;
         if l.max_payload_bytes == 0 || l.max_payload_bytes > s.max_packet_size {
@@ -459,6 +543,50 @@ impl Config {
             "limits.refusal_audits_per_ip_per_minute",
             l.refusal_audits_per_ip_per_minute.into(),
         )?;
+        between(
+            "limits.max_commands_per_request",
+            l.max_commands_per_request.into(),
+            1,
+            MAX_COMMANDS_PER_REQUEST,
+        )?;
+        between(
+            "limits.max_page_size",
+            l.max_page_size.into(),
+            1,
+            MAX_PAGE_SIZE,
+        )?;
+        if l.max_response_bytes < MIN_RESPONSE_BYTES {
+            return Err(ConfigError::invalid(
+                "limits.max_response_bytes",
+                format_args!("must be at least {MIN_RESPONSE_BYTES}"),
+            ));
+        }
+        positive(
+            "limits.operator_commands_per_second",
+            l.operator_commands_per_second.into(),
+        )?;
+        positive(
+            "limits.operator_command_burst",
+            l.operator_command_burst.into(),
+        )?;
+        positive(
+            "limits.pending_stations_per_ip",
+            l.pending_stations_per_ip.into(),
+        )?;
+        positive("limits.max_pending_stations", l.max_pending_stations.into())?;
+        positive("limits.pending_expiry_hours", l.pending_expiry_hours)?;
+        positive("limits.sessions_per_ip", l.sessions_per_ip.into())?;
+        if l.reserved_operator_sessions >= s.max_connections {
+            return Err(ConfigError::invalid(
+                "limits.reserved_operator_sessions",
+                "must be less than server.max_connections",
+            ));
+        }
+        positive("limits.handshakes_per_ip", l.handshakes_per_ip.into())?;
+        positive(
+            "limits.max_undelivered_messages",
+            l.max_undelivered_messages.into(),
+        )?;
         Ok(())
     }
 }
@@ -466,6 +594,16 @@ impl Config {
 fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
     if value == 0 {
         return Err(ConfigError::invalid(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+fn between(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if !(min..=max).contains(&value) {
+        return Err(ConfigError::invalid(
+            key,
+            format_args!("must be between {min} and {max}"),
+        ));
     }
     Ok(())
 }
@@ -541,6 +679,10 @@ lockouts_before_block = 3
 temporary_whitelist_hours = 8
 # Minutes Suspend Authentication lasts.
 suspend_minutes = 30
+# A permanent whitelist range with a shorter prefix than this is refused unless the operator
+# forces it (0.0.0.0/0 and ::/0 are refused always). At most 32 for IPv4, 128 for IPv6.
+min_whitelist_prefix_v4 = 8
+min_whitelist_prefix_v6 = 32
 
 [limits]
 # Largest JSON payload accepted from a device or an operator, in bytes; at most
@@ -558,6 +700,31 @@ failed_auth_block_minutes = 15
 failed_auth_delay_ms = 1000
 # Refused CONNECTs audited per source address and minute (the rest are counted and logged).
 refusal_audits_per_ip_per_minute = 10
+# Most commands in one operator request (1 to 1000).
+max_commands_per_request = 100
+# Most items a list command returns in one page (1 to 10000).
+max_page_size = 500
+# Most bytes of one operator request's whole response (at least 65536); 4 MiB.
+max_response_bytes = 4194304
+# Commands one operator may run per second on average, and at once after a quiet spell;
+# the rest are answered "rate_limited".
+operator_commands_per_second = 20
+operator_command_burst = 200
+# Stations waiting for approval (created by devices, not yet accepted or rejected) whose last
+# request came from one source address, and in total; past either a new station is refused.
+pending_stations_per_ip = 1000
+max_pending_stations = 20000
+# Hours after which a station waiting for approval that has not been seen is deleted (7 days).
+pending_expiry_hours = 168
+# Live sessions from one source address at most.
+sessions_per_ip = 5000
+# Slots of server.max_connections (and of sessions_per_ip) that only operators may use; less
+# than server.max_connections.
+reserved_operator_sessions = 16
+# Unfinished TLS handshakes (and CONNECT reads) from one source address at once.
+handshakes_per_ip = 256
+# Messages queued to one session and not written yet; past it the session is ended.
+max_undelivered_messages = 1024
 "#;
 
 #[cfg(test)]
@@ -700,6 +867,102 @@ mod tests {
         let twice = "[[firmware.images]]\nversion = \"6.1.0\"\nfile = \"a\"\n\
                      [[firmware.images]]\nversion = \"6.1.0\"\nfile = \"b\"";
         assert_eq!(invalid_key(twice), "firmware.images[1].version");
+    }
+
+    #[test]
+    fn the_new_limits_have_their_defaults_and_validate() {
+        let config = Config::default();
+        config.validate().unwrap();
+        let l = &config.limits;
+        assert_eq!(l.max_commands_per_request, 100);
+        assert_eq!(l.max_page_size, 500);
+        assert_eq!(l.max_response_bytes, 4_194_304);
+        assert_eq!(l.operator_commands_per_second, 20);
+        assert_eq!(l.operator_command_burst, 200);
+        assert_eq!(l.pending_stations_per_ip, 1000);
+        assert_eq!(l.max_pending_stations, 20_000);
+        assert_eq!(l.pending_expiry(), Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(l.sessions_per_ip, 5000);
+        assert_eq!(l.reserved_operator_sessions, 16);
+        assert_eq!(l.handshakes_per_ip, 256);
+        assert_eq!(l.max_undelivered_messages, 1024);
+        assert_eq!(config.phones.min_whitelist_prefix_v4, 8);
+        assert_eq!(config.phones.min_whitelist_prefix_v6, 32);
+    }
+
+    /// Each new rule refuses the value just past its bound and accepts the bound itself.
+    #[test]
+    fn the_new_limits_are_checked_at_their_bounds() {
+        let refused = [
+            ("limits", "max_commands_per_request", "0"),
+            ("limits", "max_commands_per_request", "1001"),
+            ("limits", "max_page_size", "0"),
+            ("limits", "max_page_size", "10001"),
+            ("limits", "max_response_bytes", "65535"),
+            ("limits", "operator_commands_per_second", "0"),
+            ("limits", "operator_command_burst", "0"),
+            ("limits", "pending_stations_per_ip", "0"),
+            ("limits", "max_pending_stations", "0"),
+            ("limits", "pending_expiry_hours", "0"),
+            ("limits", "sessions_per_ip", "0"),
+            ("limits", "handshakes_per_ip", "0"),
+            ("limits", "max_undelivered_messages", "0"),
+            ("phones", "min_whitelist_prefix_v4", "33"),
+            ("phones", "min_whitelist_prefix_v6", "129"),
+        ];
+        for (table, key, value) in refused {
+            let text = format!("[{table}]\n{key} = {value}");
+            assert_eq!(invalid_key(&text), format!("{table}.{key}"), "{text}");
+            let message = Config::from_toml_str(&text)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains(key), "{message}");
+        }
+        let accepted = [
+            ("limits", "max_commands_per_request", "1"),
+            ("limits", "max_commands_per_request", "1000"),
+            ("limits", "max_page_size", "1"),
+            ("limits", "max_page_size", "10000"),
+            ("limits", "max_response_bytes", "65536"),
+            ("limits", "operator_command_burst", "1"),
+            ("limits", "reserved_operator_sessions", "0"),
+            ("phones", "min_whitelist_prefix_v4", "0"),
+            ("phones", "min_whitelist_prefix_v4", "32"),
+            ("phones", "min_whitelist_prefix_v6", "0"),
+            ("phones", "min_whitelist_prefix_v6", "128"),
+        ];
+        for (table, key, value) in accepted {
+            let text = format!("[{table}]\n{key} = {value}");
+            let config = Config::from_toml_str(&text).unwrap();
+            assert!(config.validate().is_ok(), "{text}");
+        }
+        // A u8 key cannot even hold a larger or negative prefix; TOML says so and names it.
+        assert!(parse_error("[phones]\nmin_whitelist_prefix_v6 = 300")
+            .contains("min_whitelist_prefix_v6"));
+        assert!(parse_error("[phones]\nmin_whitelist_prefix_v4 = -1")
+            .contains("min_whitelist_prefix_v4"));
+    }
+
+    #[test]
+    fn reserved_operator_sessions_must_leave_room_for_devices() {
+        let text = |max: u32, reserved: u32| {
+            format!(
+                "[server]\nmax_connections = {max}\n\
+                 [limits]\nreserved_operator_sessions = {reserved}"
+            )
+        };
+        assert_eq!(
+            invalid_key(&text(16, 16)),
+            "limits.reserved_operator_sessions"
+        );
+        assert_eq!(
+            invalid_key(&text(10, 16)),
+            "limits.reserved_operator_sessions"
+        );
+        let config = Config::from_toml_str(&text(17, 16)).unwrap();
+        config.validate().unwrap();
     }
 
     #[test]

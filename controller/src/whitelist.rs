@@ -14,12 +14,38 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime, UtcOffset};
 
-/// Why a text is not a whitelist entry.
+/// Why a text is not a whitelist entry, or why an entry may not be added.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("whitelist entry {input:?} is not an IP address or a CIDR range: {reason}")]
+#[error("whitelist entry {input:?} {}: {reason}", .kind.verdict())]
 pub struct WhitelistError {
+    /// The entry as given (shortened), or as normalised for a refused entry.
     pub input: String,
+    /// What is wrong, naming the part at fault (the address, the prefix length).
     pub reason: String,
+    /// Whether the text is no entry at all or an entry refused as too broad, so that the shell
+    /// can tell an operator whether `force` would help.
+    pub kind: WhitelistErrorKind,
+}
+
+/// What kind of [`WhitelistError`] it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WhitelistErrorKind {
+    /// Not an IP address or a CIDR range.
+    Invalid,
+    /// A range broader than the configured minimum prefix; `force` adds it anyway.
+    TooBroad,
+    /// `0.0.0.0/0` or `::/0`: never added, forced or not.
+    WholeInternet,
+}
+
+impl WhitelistErrorKind {
+    fn verdict(self) -> &'static str {
+        match self {
+            WhitelistErrorKind::Invalid => "is not an IP address or a CIDR range",
+            WhitelistErrorKind::TooBroad | WhitelistErrorKind::WholeInternet => "is refused",
+        }
+    }
 }
 
 /// One permanent whitelist entry: an IPv4 or IPv6 address (a host network) or a CIDR range,
@@ -28,17 +54,51 @@ pub struct WhitelistError {
 pub struct WhitelistEntry(IpNet);
 
 impl WhitelistEntry {
-    /// Parses `203.0.113.7`, `203.0.113.0/24`, `2001:db8::1` or `2001:db8::/32`.
+    /// Parses `203.0.113.7`, `203.0.113.0/24`, `2001:db8::1` or `2001:db8::/32`. The error
+    /// names the part that is wrong: ipnet's own message ("invalid IP address syntax") says
+    /// the same for a bad address and for a prefix length of 33, which leaves an operator
+    /// looking at the wrong half.
     pub fn parse(text: &str) -> Result<WhitelistEntry, WhitelistError> {
         let error = |reason: String| WhitelistError {
             input: shorten(text),
             reason,
+            kind: WhitelistErrorKind::Invalid,
         };
-        let net = if text.contains('/') {
-            IpNet::from_str(text).map_err(|e| error(e.to_string()))?
-        } else {
-            IpNet::from(IpAddr::from_str(text).map_err(|e| error(e.to_string()))?)
+        if text.is_empty() {
+            return Err(error("it is empty".to_owned()));
+        }
+        let (addr_text, prefix_text) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
         };
+        let addr = IpAddr::from_str(addr_text)
+            .map_err(|_| error(format!("address {:?} is invalid", shorten(addr_text))))?;
+        let Some(prefix_text) = prefix_text else {
+            return Ok(WhitelistEntry::from_net(IpNet::from(addr)));
+        };
+        let (max, family) = match addr {
+            IpAddr::V4(_) => (32, "IPv4"),
+            IpAddr::V6(_) => (128, "IPv6"),
+        };
+        if prefix_text.is_empty() {
+            return Err(error("the prefix length after \"/\" is missing".to_owned()));
+        }
+        // Only digits: `u8::from_str` would also take "+24".
+        if !prefix_text.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(error(format!(
+                "prefix length {:?} is not a number",
+                shorten(prefix_text)
+            )));
+        }
+        let too_long = || {
+            error(format!(
+                "prefix length {} is larger than {max} for an {family} range",
+                shorten(prefix_text)
+            ))
+        };
+        // All digits: a failure to parse can only be a number too large for a u8.
+        let prefix = u8::from_str(prefix_text).map_err(|_| too_long())?;
+        let net = IpNet::new(addr, prefix).map_err(|_| too_long())?;
         Ok(WhitelistEntry::from_net(net))
     }
 
@@ -65,6 +125,65 @@ impl WhitelistEntry {
     /// Whether the address is in this entry; IPv4-mapped IPv6 addresses count as IPv4.
     pub fn contains(&self, ip: IpAddr) -> bool {
         self.0.contains(&ip.to_canonical())
+    }
+}
+
+/// Whether an operator may add `entry` as a permanent whitelist entry. A range that covers the
+/// whole Internet is always refused: it would switch the PAP off for every phone of the tenant,
+/// and no one means that. A range with a shorter prefix than `min_v4` (IPv4) or `min_v6`
+/// (IPv6) is refused unless `force`: it is more often a typo (`/4` for `/24`) than a wish.
+pub fn check_breadth(
+    entry: &WhitelistEntry,
+    min_v4: u8,
+    min_v6: u8,
+    force: bool,
+) -> Result<(), WhitelistError> {
+    let net = entry.net();
+    let refuse = |kind, reason: String| WhitelistError {
+        input: entry.to_string(),
+        reason,
+        kind,
+    };
+    // `from_net` has turned ::ffff:0.0.0.0/96 into 0.0.0.0/0, so a prefix of 0 is the test.
+    if net.prefix_len() == 0 {
+        return Err(refuse(
+            WhitelistErrorKind::WholeInternet,
+            "it covers every address of the Internet".to_owned(),
+        ));
+    }
+    let min = match net {
+        IpNet::V4(_) => min_v4,
+        IpNet::V6(_) => min_v6,
+    };
+    if net.prefix_len() < min && !force {
+        return Err(refuse(
+            WhitelistErrorKind::TooBroad,
+            format!(
+                "/{} is broader than the minimum /{min}; pass force to add it anyway",
+                net.prefix_len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What [`Whitelists::remove`] took away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removed {
+    /// A permanent entry.
+    Permanent,
+    /// A temporary whitelisting of the address.
+    Temporary,
+    /// The address was both a permanent entry and temporarily whitelisted.
+    Both,
+    /// Nothing: the entry was on neither list.
+    NotFound,
+}
+
+impl Removed {
+    /// Whether anything was removed.
+    pub fn found(self) -> bool {
+        self != Removed::NotFound
     }
 }
 
@@ -135,6 +254,37 @@ impl Whitelists {
             self.permanent.remove(tenant);
         }
         removed
+    }
+
+    /// Takes `ip` off the tenant's temporary whitelist; false if it was not there. An address
+    /// whose time is up but that [`Whitelists::expire`] has not dropped yet still counts as
+    /// there (no `now` is needed to remove it).
+    pub fn remove_temporary(&mut self, tenant: &str, ip: IpAddr) -> bool {
+        let Some(entries) = self.temporary.get_mut(tenant) else {
+            return false;
+        };
+        let removed = entries.remove(&ip.to_canonical()).is_some();
+        if entries.is_empty() {
+            self.temporary.remove(tenant);
+        }
+        removed
+    }
+
+    /// Removes an entry as an operator names it: a single address from the permanent and the
+    /// temporary list both (an operator who removes `203.0.113.7` wants it gone, whichever
+    /// list put it there), a range from the permanent list (temporary entries are never
+    /// ranges).
+    pub fn remove(&mut self, tenant: &str, entry: &WhitelistEntry) -> Removed {
+        let net = entry.net();
+        let permanent = self.remove_permanent(tenant, entry);
+        let temporary =
+            net.prefix_len() == net.max_prefix_len() && self.remove_temporary(tenant, net.addr());
+        match (permanent, temporary) {
+            (true, true) => Removed::Both,
+            (true, false) => Removed::Permanent,
+            (false, true) => Removed::Temporary,
+            (false, false) => Removed::NotFound,
+        }
     }
 
     /// Puts `ip` on the tenant's temporary whitelist until `now + duration`; an address that is
@@ -327,6 +477,195 @@ mod tests {
             assert!(error.to_string().contains(&format!("{bad:?}")), "{error}");
         }
         assert!(serde_json::from_str::<WhitelistEntry>("\"nope\"").is_err());
+    }
+
+    fn reason(text: &str) -> String {
+        let error = WhitelistEntry::parse(text).unwrap_err();
+        assert_eq!(error.kind, WhitelistErrorKind::Invalid, "{text}");
+        error.reason
+    }
+
+    #[test]
+    fn parse_errors_name_the_part_that_is_wrong() {
+        assert_eq!(
+            reason("10.0.0.1/33"),
+            "prefix length 33 is larger than 32 for an IPv4 range"
+        );
+        assert_eq!(
+            reason("2001:db8::/129"),
+            "prefix length 129 is larger than 128 for an IPv6 range"
+        );
+        // Larger than a u8 can hold: still too large, not "not a number".
+        assert_eq!(
+            reason("10.0.0.0/99999999999"),
+            "prefix length 99999999999 is larger than 32 for an IPv4 range"
+        );
+        // ::ffff:a.b.c.d is IPv6 as written, so its prefix may go to 128.
+        assert_eq!(
+            reason("::ffff:10.0.0.0/129"),
+            "prefix length 129 is larger than 128 for an IPv6 range"
+        );
+        assert_eq!(
+            reason("10.0.0.0/abc"),
+            "prefix length \"abc\" is not a number"
+        );
+        assert_eq!(
+            reason("10.0.0.0/+8"),
+            "prefix length \"+8\" is not a number"
+        );
+        assert_eq!(
+            reason("10.0.0.0/-1"),
+            "prefix length \"-1\" is not a number"
+        );
+        assert_eq!(
+            reason("10.0.0.0/8/9"),
+            "prefix length \"8/9\" is not a number"
+        );
+        assert_eq!(
+            reason("10.0.0.0/ 8"),
+            "prefix length \" 8\" is not a number"
+        );
+        assert_eq!(
+            reason("10.0.0.0/"),
+            "the prefix length after \"/\" is missing"
+        );
+        assert_eq!(reason("10.0.0.300/8"), "address \"10.0.0.300\" is invalid");
+        assert_eq!(reason("10.0.0.300"), "address \"10.0.0.300\" is invalid");
+        assert_eq!(reason("/24"), "address \"\" is invalid");
+        assert_eq!(reason("example.com"), "address \"example.com\" is invalid");
+        assert_eq!(reason(""), "it is empty");
+        assert_eq!(
+            WhitelistEntry::parse("10.0.0.1/33")
+                .unwrap_err()
+                .to_string(),
+            "whitelist entry \"10.0.0.1/33\" is not an IP address or a CIDR range: \
+             prefix length 33 is larger than 32 for an IPv4 range"
+        );
+        // Untrusted text stays short in the message.
+        let long = format!("10.0.0.0/{}", "x".repeat(200));
+        assert!(WhitelistEntry::parse(&long).unwrap_err().to_string().len() < 300);
+        // The bounds themselves are fine.
+        assert_eq!(entry("0.0.0.0/0").net().prefix_len(), 0);
+        assert_eq!(entry("10.0.0.1/32").to_string(), "10.0.0.1");
+        assert_eq!(entry("2001:db8::1/128").to_string(), "2001:db8::1");
+        assert_eq!(entry("10.0.0.0/08").to_string(), "10.0.0.0/8");
+    }
+
+    #[test]
+    fn the_whole_internet_is_refused_even_forced() {
+        for text in ["0.0.0.0/0", "::/0", "::ffff:0.0.0.0/96", "10.1.2.3/0"] {
+            for force in [false, true] {
+                let error = check_breadth(&entry(text), 8, 32, force).unwrap_err();
+                assert_eq!(error.kind, WhitelistErrorKind::WholeInternet, "{text}");
+                assert!(
+                    error
+                        .to_string()
+                        .contains("covers every address of the Internet"),
+                    "{error}"
+                );
+            }
+        }
+        // Even with no minimum at all.
+        assert!(check_breadth(&entry("::/0"), 0, 0, true).is_err());
+        assert_eq!(
+            check_breadth(&entry("::ffff:0.0.0.0/96"), 8, 32, true)
+                .unwrap_err()
+                .to_string(),
+            "whitelist entry \"0.0.0.0/0\" is refused: it covers every address of the Internet"
+        );
+    }
+
+    #[test]
+    fn ranges_broader_than_the_minimum_need_force() {
+        let error = check_breadth(&entry("10.0.0.0/7"), 8, 32, false).unwrap_err();
+        assert_eq!(error.kind, WhitelistErrorKind::TooBroad);
+        assert_eq!(error.input, "10.0.0.0/7");
+        assert_eq!(
+            error.reason,
+            "/7 is broader than the minimum /8; pass force to add it anyway"
+        );
+        assert_eq!(
+            check_breadth(&entry("16.0.0.0/4"), 8, 32, false)
+                .unwrap_err()
+                .to_string(),
+            "whitelist entry \"16.0.0.0/4\" is refused: \
+             /4 is broader than the minimum /8; pass force to add it anyway"
+        );
+        assert_eq!(check_breadth(&entry("10.0.0.0/7"), 8, 32, true), Ok(()));
+        assert_eq!(check_breadth(&entry("10.0.0.0/8"), 8, 32, false), Ok(()));
+        assert_eq!(check_breadth(&entry("10.0.0.1"), 32, 128, false), Ok(()));
+        // Each family has its own minimum.
+        assert!(check_breadth(&entry("2001:db8::/31"), 8, 32, false).is_err());
+        assert_eq!(check_breadth(&entry("2001:db8::/32"), 8, 32, false), Ok(()));
+        assert_eq!(check_breadth(&entry("2001::/16"), 8, 32, true), Ok(()));
+        assert_eq!(check_breadth(&entry("2001:db8::1"), 32, 128, false), Ok(()));
+        // A mapped range is an IPv4 range and meets the IPv4 minimum.
+        assert_eq!(
+            check_breadth(&entry("::ffff:10.0.0.0/104"), 8, 128, false),
+            Ok(())
+        );
+        assert!(check_breadth(&entry("::ffff:10.0.0.0/103"), 8, 0, false).is_err());
+    }
+
+    #[test]
+    fn remove_takes_a_host_off_both_lists_and_a_range_off_the_permanent_one() {
+        let eight = Duration::hours(8);
+        let mut lists = Whitelists::default();
+        let host = entry("203.0.113.7");
+        lists.add_permanent("a", host.clone());
+        lists.grant_temporary("a", ip("203.0.113.7"), T0, eight);
+        assert_eq!(lists.remove("a", &host), Removed::Both);
+        assert!(!lists.is_whitelisted("a", ip("203.0.113.7"), T0));
+        assert_eq!(lists.remove("a", &host), Removed::NotFound);
+        assert!(!lists.remove("a", &host).found());
+
+        lists.add_permanent("a", host.clone());
+        assert_eq!(lists.remove("a", &host), Removed::Permanent);
+        lists.grant_temporary("a", ip("::ffff:203.0.113.7"), T0, eight);
+        assert_eq!(lists.remove("b", &host), Removed::NotFound, "per tenant");
+        assert_eq!(
+            lists.remove("a", &entry("::ffff:203.0.113.7")),
+            Removed::Temporary
+        );
+        assert!(lists.remove("a", &host) == Removed::NotFound);
+
+        // A range is never temporary, even when its network address is.
+        lists.grant_temporary("a", ip("203.0.113.0"), T0, eight);
+        lists.add_permanent("a", entry("203.0.113.0/24"));
+        assert_eq!(
+            lists.remove("a", &entry("203.0.113.0/24")),
+            Removed::Permanent
+        );
+        assert!(lists.is_whitelisted("a", ip("203.0.113.0"), T0));
+        assert_eq!(
+            lists.remove("a", &entry("203.0.113.0/24")),
+            Removed::NotFound
+        );
+
+        lists.grant_temporary("a", ip("2001:db8::7"), T0, eight);
+        assert_eq!(lists.remove("a", &entry("2001:db8::7")), Removed::Temporary);
+        assert_eq!(lists.remove("a", &entry("203.0.113.0")), Removed::Temporary);
+        assert_eq!(lists, Whitelists::default(), "empty tenants are dropped");
+    }
+
+    #[test]
+    fn a_temporary_entry_can_be_removed() {
+        let mut lists = Whitelists::default();
+        lists.grant_temporary("a", ip("192.0.2.1"), T0, Duration::hours(8));
+        lists.grant_temporary("a", ip("192.0.2.2"), T0, Duration::hours(8));
+        assert!(!lists.remove_temporary("b", ip("192.0.2.1")));
+        assert!(!lists.remove_temporary("a", ip("192.0.2.3")));
+        assert!(lists.remove_temporary("a", ip("::ffff:192.0.2.1")));
+        assert!(!lists.remove_temporary("a", ip("192.0.2.1")));
+        assert!(!lists.is_whitelisted("a", ip("192.0.2.1"), T0));
+        assert!(lists.is_whitelisted("a", ip("192.0.2.2"), T0));
+        assert!(lists.remove_temporary("a", ip("192.0.2.2")));
+        assert_eq!(lists.next_expiry(), None);
+        // Past its end but not yet dropped by `expire`: still there to remove.
+        lists.grant_temporary("a", ip("192.0.2.4"), T0, Duration::ZERO);
+        assert!(!lists.is_whitelisted("a", ip("192.0.2.4"), T0));
+        assert!(lists.remove_temporary("a", ip("192.0.2.4")));
+        assert_eq!(lists, Whitelists::default());
     }
 
     #[test]
