@@ -17,11 +17,14 @@ use tracing::{debug, info, warn};
 use crate::audit::{AuditRecord, Outcome};
 use crate::clock::Clock;
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
-use crate::flood::{AuditBudget, FailureLimiter, FailurePolicy, Verdict};
+use crate::flood::{
+    AuditBudget, FailureLimiter, FailurePolicy, OperatorBudget, PendingLimits, Verdict,
+};
 use crate::identity::{self, Identity, OperatorId, StationRights};
 use crate::phone::PhonePolicy;
 use crate::request::{
-    after_seq_arg, bool_arg, fingerprint_arg, limit_arg, parse_request, serial_arg,
+    after_arg, after_seq_arg, bool_arg, fingerprint_arg, limit_arg, page_limit_arg, parse_request,
+    serial_arg, text_arg,
 };
 use crate::store::StoreError;
 use crate::whitelist::Whitelists;
@@ -30,8 +33,6 @@ use ring::rand::SystemRandom;
 
 mod phones;
 
-/// Commands in one operator request at most (a request is handled under one lock).
-const MAX_COMMANDS_PER_REQUEST: usize = 1000;
 use crate::ids::{CommandError, ErrorCode, Serial};
 use crate::station::{
     self, Admit, AuthRequest, DenyReason, Effect, Presented, Standing, Station, StationState,
@@ -149,7 +150,55 @@ pub struct ControlSettings {
     pub max_payload_bytes: usize,
     pub phones: PhonePolicy,
     pub flood: FloodSettings,
+    pub requests: RequestLimits,
+    pub pending: PendingSettings,
+    /// Shortest prefix of a permanent whitelist range (IPv4, IPv6) without `force`.
+    pub whitelist_min_prefix: (u8, u8),
     pub clock: Clock,
+}
+
+/// What one operator request, and one operator, may ask of the controller.
+#[derive(Debug, Clone)]
+pub struct RequestLimits {
+    pub max_commands: usize,
+    /// Items of a list command's page at most.
+    pub page_size: usize,
+    /// Bytes of a request's whole response at most (decisions are answered regardless; reads
+    /// beyond it get `too_large`).
+    pub max_response_bytes: usize,
+    pub commands_per_second: u32,
+    pub burst: u32,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits {
+            max_commands: 100,
+            page_size: 500,
+            max_response_bytes: 4 << 20,
+            commands_per_second: 20,
+            burst: 200,
+        }
+    }
+}
+
+/// Stations waiting for approval: how many, and for how long unseen.
+#[derive(Debug, Clone)]
+pub struct PendingSettings {
+    pub limits: PendingLimits,
+    pub expiry: time::Duration,
+}
+
+impl Default for PendingSettings {
+    fn default() -> Self {
+        PendingSettings {
+            limits: PendingLimits {
+                per_ip: 1000,
+                total: 20_000,
+            },
+            expiry: time::Duration::days(7),
+        }
+    }
 }
 
 /// Refuses a CONNECT: refusal, reason, tenant, device, and whether it counts as a failed
@@ -185,6 +234,77 @@ struct Live {
     last_phone_ip: HashMap<String, IpAddr>,
     /// Permanent and temporary whitelists of every tenant (mirrors the store).
     whitelists: Whitelists,
+    /// Stations waiting for approval, and who is who case-insensitively (mirrors the store).
+    pending: PendingIndex,
+}
+
+/// The stations waiting for approval (records a device created, neither accepted nor rejected)
+/// with the address of their last request, and every serial by its lower-case form: what the
+/// pending-station limits and the one-serial-per-case rule are checked against without a scan.
+#[derive(Default)]
+struct PendingIndex {
+    waiting: HashMap<Serial, Option<IpAddr>>,
+    per_ip: HashMap<IpAddr, u32>,
+    folded: HashMap<String, Serial>,
+}
+
+impl PendingIndex {
+    fn build(stations: &[Station]) -> PendingIndex {
+        let mut index = PendingIndex::default();
+        for s in stations {
+            index.update(&s.serial, Some(s));
+        }
+        index
+    }
+
+    fn is_waiting(s: &Station) -> bool {
+        !matches!(s.standing, Standing::Authorized | Standing::Rejected)
+    }
+
+    /// Records the station's record as it now stands (`None`: deleted).
+    fn update(&mut self, serial: &Serial, record: Option<&Station>) {
+        if let Some(Some(ip)) = self.waiting.remove(serial) {
+            if let Some(n) = self.per_ip.get_mut(&ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_ip.remove(&ip);
+                }
+            }
+        }
+        let folded = serial.as_str().to_ascii_lowercase();
+        match record {
+            Some(s) => {
+                self.folded.insert(folded, serial.clone());
+                if Self::is_waiting(s) {
+                    let ip = s.ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok());
+                    if let Some(ip) = ip {
+                        *self.per_ip.entry(ip).or_default() += 1;
+                    }
+                    self.waiting.insert(serial.clone(), ip);
+                }
+            }
+            None => {
+                if self.folded.get(&folded) == Some(serial) {
+                    self.folded.remove(&folded);
+                }
+            }
+        }
+    }
+
+    fn from_ip(&self, ip: IpAddr) -> u32 {
+        self.per_ip.get(&ip).copied().unwrap_or(0)
+    }
+
+    fn total(&self) -> u32 {
+        u32::try_from(self.waiting.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Another station whose serial differs from `serial` only in case.
+    fn case_twin(&self, serial: &Serial) -> Option<&Serial> {
+        self.folded
+            .get(&serial.as_str().to_ascii_lowercase())
+            .filter(|other| *other != serial)
+    }
 }
 
 pub struct Controller {
@@ -202,6 +322,8 @@ pub struct Controller {
     rng: SystemRandom,
     failures: Mutex<FailureLimiter>,
     audit_budget: Mutex<AuditBudget>,
+    /// Commands per second of each operator (`rate_limited` past it).
+    budget: Mutex<OperatorBudget<OperatorId>>,
     sessions: Arc<dyn SessionControl>,
     /// Serialises decisions: a decision and the rights of live sessions change together.
     live: Mutex<Live>,
@@ -226,6 +348,7 @@ impl Controller {
         let (inbox, inbox_rx) = mpsc::channel(INBOX_CAPACITY);
         let live = Live {
             whitelists: store.whitelists()?,
+            pending: PendingIndex::build(&store.stations()?),
             ..Live::default()
         };
         let controller = Arc::new(Controller {
@@ -238,6 +361,10 @@ impl Controller {
             rng: SystemRandom::new(),
             failures: Mutex::new(FailureLimiter::new(settings.flood.failures.clone())),
             audit_budget: Mutex::new(AuditBudget::new(settings.flood.refusal_audits_per_minute)),
+            budget: Mutex::new(OperatorBudget::new(
+                settings.requests.commands_per_second,
+                settings.requests.burst,
+            )),
             sessions,
             live: Mutex::new(live),
             settings,
@@ -447,6 +574,25 @@ impl Controller {
         }
     }
 
+    /// The tenant of the device a client id names (`phone-<mac>`, `station-<serial>`), if the
+    /// device is known; else the default tenant.
+    fn tenant_of_client_id(&self, client_id: &str) -> String {
+        let tenant = if client_id.starts_with(identity::PHONE_PREFIX) {
+            crate::ids::Mac::from_client_id(client_id)
+                .ok()
+                .and_then(|mac| self.store.phone(&mac).ok().flatten())
+                .map(|p| p.tenant)
+        } else if let Some(serial) = client_id.strip_prefix(identity::STATION_PREFIX) {
+            Serial::parse(serial)
+                .ok()
+                .and_then(|serial| self.store.station(&serial).ok().flatten())
+                .map(|s| s.tenant)
+        } else {
+            None
+        };
+        tenant.unwrap_or_else(|| station::DEFAULT_TENANT.to_owned())
+    }
+
     // ---------------------------------------------------------------- admission
 
     /// Audits a refused CONNECT within the per-address budget (a flood must not fill the disk);
@@ -572,13 +718,9 @@ impl Controller {
             Ok(i) => i,
             Err(reason) => {
                 let device: String = info.client_id.chars().take(80).collect();
-                let decision = deny(
-                    Refusal::NotAuthorized,
-                    reason,
-                    station::DEFAULT_TENANT,
-                    Some(device),
-                    true,
-                );
+                // Audited in the device's tenant when the client id names a known device.
+                let tenant = self.tenant_of_client_id(&info.client_id);
+                let decision = deny(Refusal::NotAuthorized, reason, &tenant, Some(device), true);
                 return (decision, None);
             }
         };
@@ -658,6 +800,20 @@ impl Controller {
                     .as_ref()
                     .map(|r| r.tenant.clone())
                     .unwrap_or_else(|| station::DEFAULT_TENANT.to_owned());
+                if record.is_none() {
+                    let ip = info.peer_addr.ip().to_string();
+                    if let Err(reason) = self.may_add_pending(&live, serial, &ip) {
+                        drop(live);
+                        let decision = deny(
+                            Refusal::QuotaExceeded,
+                            reason,
+                            &tenant,
+                            Some(serial.to_string()),
+                            false,
+                        );
+                        return (decision, None);
+                    }
+                }
                 let (level, name) = match station::admit(record.as_ref(), presented) {
                     Admit::Pending => (StationRights::Pending, "pending"),
                     Admit::Legacy => (StationRights::Legacy, "legacy"),
@@ -783,10 +939,61 @@ impl Controller {
             Some(s) => changes.push(Change::PutStation(s.clone())),
             None => changes.push(Change::DeleteStation(serial.clone())),
         }
+        let at = audit.time;
         changes.push(Change::Audit(audit));
+        // The live session holding the station's client id must present the key the record
+        // pins; another key (an impostor that took the client id) never hears `authorized`:
+        // it is cut, and the security event raised.
+        let mut effects = transition.effects.clone();
+        if let Some(record) = transition.station.as_ref().filter(|s| {
+            s.standing == Standing::Authorized
+                && effects.contains(&Effect::Send(station::Command::Authorized))
+        }) {
+            let holder = live
+                .sessions
+                .get(&serial.client_id())
+                .and_then(|s| match &s.identity {
+                    Identity::Station { presented, .. } => Some((*presented, s.ip)),
+                    _ => None,
+                });
+            if let Some((presented, ip)) = holder.filter(|(p, _)| p.key() != record.fingerprint) {
+                effects.retain(|e| !matches!(e, Effect::Send(_) | Effect::Rights));
+                changes.push(Change::Audit(AuditRecord::new(
+                    at,
+                    tenant,
+                    format!("station-{serial}"),
+                    Some(serial.to_string()),
+                    "identity_mismatch",
+                    Outcome::Refused,
+                    Some(format!(
+                        "the live session from {ip} presents {}, not the accepted key: cut",
+                        presented
+                            .key()
+                            .map_or("no key".to_owned(), |k| k.to_string())
+                    )),
+                )));
+                cx.out.push(Output::Cut {
+                    client_id: serial.client_id(),
+                    after: None,
+                });
+                self.event_in(
+                    cx,
+                    tenant,
+                    "security",
+                    json!({
+                        "event": "identity_mismatch",
+                        "serial": serial.as_str(),
+                        "pinned": record.fingerprint.map(|f| f.to_string()),
+                        "presented": presented.key().map(|p| p.to_string()),
+                        "ip": ip.to_string(),
+                        "advice": "a session with another key held the station's client id when it was accepted: it was cut",
+                    }),
+                );
+            }
+        }
         // Durable first (at the batch's commit); only then does anyone hear of it.
         cx.commit(changes)?;
-        self.run_effects(cx, serial, &transition.effects, tenant);
+        self.run_effects(cx, serial, &effects, tenant);
         let view = match &transition.station {
             Some(s) => self.view(live, s),
             None => json!({"serial": serial.as_str(), "state": null, "removed": true}),
@@ -905,6 +1112,9 @@ impl Controller {
         match txn.commit() {
             Ok(records) => {
                 let committed_at = started.elapsed();
+                for (serial, record) in &written {
+                    live.pending.update(serial, record.as_ref());
+                }
                 self.publish_audit(&records);
                 let outputs = out.len();
                 for output in out {
@@ -923,10 +1133,15 @@ impl Controller {
             }
             Err(e) => {
                 warn!("store: a batch of messages was not committed: {e}");
-                // The batch may have changed the in-memory whitelists; the store has the truth.
+                // The batch may have changed the in-memory whitelists and the pending index; the
+                // store has the truth.
                 match self.store.whitelists() {
                     Ok(w) => live.whitelists = w,
                     Err(e) => warn!("store: whitelists not reloaded: {e}"),
+                }
+                match self.store.stations() {
+                    Ok(stations) => live.pending = PendingIndex::build(&stations),
+                    Err(e) => warn!("store: pending stations not reloaded: {e}"),
                 }
                 let error = CommandError::internal(format!("the store refused the change: {e}"));
                 for output in out {
@@ -1004,6 +1219,27 @@ impl Controller {
                 return;
             }
         };
+        if record.is_none() {
+            if let Err(reason) = self.may_add_pending(live, &serial, &ip) {
+                let at = self.now();
+                let _ = cx.commit(vec![Change::Audit(AuditRecord::new(
+                    at,
+                    &tenant,
+                    format!("station-{serial}"),
+                    Some(serial.to_string()),
+                    "auth_request",
+                    Outcome::Refused,
+                    Some(reason.clone()),
+                ))]);
+                self.event_in(
+                    cx,
+                    &tenant,
+                    "stations",
+                    json!({"event": "refused", "serial": serial.as_str(), "error": reason}),
+                );
+                return;
+            }
+        }
         let before = record.as_ref().map(|r| r.standing.clone());
         let at = self.now();
         let transition = station::on_auth_request(
@@ -1033,9 +1269,90 @@ impl Controller {
             Outcome::Ok,
             Some(reason),
         );
-        if let Err(e) = self.apply_transition(live, cx, &serial, transition, audit, &tenant) {
-            warn!("auth request of {serial} not applied: {e}");
+        match self.apply_transition(live, cx, &serial, transition, audit, &tenant) {
+            // Counted at once, so that one batch cannot pass the limits either; the index is
+            // rebuilt from the store if the batch's commit fails.
+            Ok(record) => live.pending.update(&serial, record.as_ref()),
+            Err(e) => warn!("auth request of {serial} not applied: {e}"),
         }
+    }
+
+    /// Whether a new station record may be made for `serial`, requested from `ip`: within the
+    /// pending-station limits, and no other station's serial differs from it only in case.
+    fn may_add_pending(&self, live: &Live, serial: &Serial, ip: &str) -> Result<(), String> {
+        if let Some(twin) = live.pending.case_twin(serial) {
+            return Err(format!(
+                "serial {serial} differs from the known station {twin} only in case; serials are \
+                 case-sensitive and no two stations may differ only in case"
+            ));
+        }
+        let from_ip = ip
+            .parse::<IpAddr>()
+            .map_or(0, |ip| live.pending.from_ip(ip));
+        self.settings
+            .pending
+            .limits
+            .admit_new_pending(from_ip, live.pending.total())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Deletes the stations that have waited for approval unseen for longer than
+    /// `[limits] pending_expiry_hours` (and are not connected), each with an audit record.
+    /// Returns how many. The bus task calls it every minute; tests call it after moving the
+    /// simulated clock.
+    pub fn expire_pending(&self) -> usize {
+        let mut live = self.lock();
+        let now = self.now();
+        let expiry = self.settings.pending.expiry;
+        let candidates: Vec<Serial> = live.pending.waiting.keys().cloned().collect();
+        let mut changes = Vec::new();
+        let mut expired = Vec::new();
+        for serial in candidates {
+            if live.sessions.contains_key(&serial.client_id()) {
+                continue;
+            }
+            let Ok(Some(record)) = self.store.station(&serial) else {
+                continue;
+            };
+            let seen = [record.last_seen, live.last_seen.get(&serial).copied()]
+                .into_iter()
+                .flatten()
+                .fold(record.updated_at, |a, b| a.max(b));
+            if PendingIndex::is_waiting(&record) && crate::flood::pending_expired(seen, now, expiry)
+            {
+                changes.push(Change::DeleteStation(serial.clone()));
+                changes.push(Change::Audit(AuditRecord::new(
+                    now,
+                    &record.tenant,
+                    "controller",
+                    Some(serial.to_string()),
+                    "expire",
+                    Outcome::Ok,
+                    Some(format!(
+                        "waited for approval unseen since {}",
+                        rfc3339(seen)
+                    )),
+                )));
+                expired.push((serial, record.tenant));
+            }
+        }
+        if expired.is_empty() {
+            return 0;
+        }
+        if let Err(e) = self.commit(changes) {
+            warn!("expired stations not deleted: {e}");
+            return 0;
+        }
+        for (serial, tenant) in &expired {
+            live.pending.update(serial, None);
+            live.last_seen.remove(serial);
+            self.event(
+                tenant,
+                "stations",
+                json!({"event": "expired", "serial": serial.as_str()}),
+            );
+        }
+        expired.len()
     }
 
     fn on_firmware_request(&self, cx: &mut Cx, serial: &str, payload: &[u8]) {
@@ -1176,7 +1493,7 @@ impl Controller {
                 vec![error_response(&Value::Null, &Value::Null, &e)],
             );
         }
-        let commands = match parse_request(payload, MAX_COMMANDS_PER_REQUEST) {
+        let commands = match parse_request(payload, self.settings.requests.max_commands) {
             Ok(c) => c,
             Err(e) => {
                 return self.respond_in(
@@ -1187,20 +1504,80 @@ impl Controller {
                 );
             }
         };
+        // One operator's share of the controller: commands past its budget are not run.
+        let at = self.now();
+        let wanted = u32::try_from(commands.len()).unwrap_or(u32::MAX);
+        let taken =
+            self.budget
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(&from.operator, wanted, at);
+        let limited = CommandError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "more than {} commands a second (burst {}); retry in {} ms",
+                self.settings.requests.commands_per_second,
+                self.settings.requests.burst,
+                taken
+                    .retry_after
+                    .map_or(0, |d| d.whole_milliseconds().max(1))
+            ),
+        );
+        let mut granted = taken.granted;
+        let mut refused = 0u32;
+        let max_bytes = self.settings.requests.max_response_bytes;
+        let mut bytes = 0usize;
         let mut responses = Vec::with_capacity(commands.len());
         let mut answered = Vec::with_capacity(commands.len());
         for command in commands {
             let name = command.args.get("command").cloned().unwrap_or(Value::Null);
+            let correlation = command.correlation;
+            if granted == 0 {
+                refused += 1;
+                responses.push(error_response(&name, &correlation, &limited));
+                answered.push((name, correlation));
+                continue;
+            }
+            granted -= 1;
             let result = match &command.name {
                 Ok(n) => self.run_command(live, cx, operator, &tenant, n, &command.args),
                 Err(e) => Err(e.clone()),
             };
-            let correlation = command.correlation;
-            responses.push(match result {
-                Ok(data) => json!({"command": name, "correlationData": correlation, "data": data}),
-                Err(e) => error_response(&name, &correlation, &e),
-            });
+            let mut response = match result {
+                Ok((data, decided)) => (
+                    json!({"command": name, "correlationData": correlation, "data": data}),
+                    decided,
+                ),
+                Err(e) => (error_response(&name, &correlation, &e), false),
+            };
+            // The whole response stays within its bound: a read that would pass it is answered
+            // `too_large` instead (a decision is answered whatever its size; it is small).
+            let size = serde_json::to_vec(&response.0).map_or(0, |v| v.len());
+            if !response.1 && bytes + size > max_bytes {
+                let e = CommandError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "the response would exceed {max_bytes} bytes: ask for a smaller page (limit, after) or fewer commands in one request"
+                    ),
+                );
+                response.0 = error_response(&name, &correlation, &e);
+            } else {
+                bytes += size;
+            }
+            responses.push(response.0);
             answered.push((name, correlation));
+        }
+        if refused > 0 {
+            // One record for the lot: a flooding operator cannot fill the audit log with them.
+            let _ = cx.commit(vec![Change::Audit(AuditRecord::new(
+                at,
+                &tenant,
+                operator,
+                None,
+                "request",
+                Outcome::Refused,
+                Some(format!("rate_limited: {refused} commands not run")),
+            ))]);
         }
         self.respond_in(cx, from, answered, responses);
     }
@@ -1213,7 +1590,7 @@ impl Controller {
         tenant: &str,
         name: &str,
         args: &Value,
-    ) -> Result<Value, CommandError> {
+    ) -> Result<(Value, bool), CommandError> {
         let at = self.now();
         let device = args
             .get("serial")
@@ -1238,18 +1615,32 @@ impl Controller {
                 at, tenant, operator, device, name, outcome, reason,
             ))]);
         }
-        result.map(|(v, _)| v)
+        result
     }
 
-    /// The stations of `tenant`, as the batch sees them.
-    fn stations_of_tenant(&self, cx: &Cx, tenant: &str) -> Result<Vec<Station>, CommandError> {
-        Ok(cx
+    /// A page of the stations `keep` accepts, as the batch sees them: `{"stations": […]}`,
+    /// with `"next"` (the `after` of the next page) when more follow.
+    fn stations_page(
+        &self,
+        live: &Live,
+        cx: &Cx,
+        args: &Value,
+        keep: &dyn Fn(&Station) -> bool,
+    ) -> Result<Value, CommandError> {
+        let limit = page_limit_arg(args, self.settings.requests.page_size)?
+            .min(self.settings.requests.page_size);
+        let after = after_arg(args)?;
+        let (page, more) = cx
             .txn
-            .stations()
-            .map_err(|e| CommandError::internal(e.to_string()))?
-            .into_iter()
-            .filter(|s| s.tenant == tenant)
-            .collect())
+            .stations_page(after.as_deref(), limit, keep)
+            .map_err(|e| CommandError::internal(e.to_string()))?;
+        let mut data = json!({
+            "stations": page.iter().map(|s| self.view(live, s)).collect::<Vec<_>>(),
+        });
+        if let (true, Some(last)) = (more, page.last()) {
+            data["next"] = json!(last.serial.as_str());
+        }
+        Ok(data)
     }
 
     /// The station named by `args` (in this tenant), as the batch sees it.
@@ -1315,22 +1706,15 @@ impl Controller {
                         return Err(CommandError::invalid_argument("\"state\" must be a string"))
                     }
                 };
-                let stations: Vec<Value> = self
-                    .stations_of_tenant(cx, tenant)?
-                    .iter()
-                    .filter(|s| filter.is_none_or(|f| s.state(self.online(live, &s.serial)) == f))
-                    .map(|s| self.view(live, s))
-                    .collect();
-                Ok((json!({"stations": stations}), false))
+                let keep = |s: &Station| {
+                    s.tenant == tenant
+                        && filter.is_none_or(|f| s.state(self.online(live, &s.serial)) == f)
+                };
+                Ok((self.stations_page(live, cx, args, &keep)?, false))
             }
             "listRejectedStations" => {
-                let stations: Vec<Value> = self
-                    .stations_of_tenant(cx, tenant)?
-                    .iter()
-                    .filter(|s| s.standing == Standing::Rejected)
-                    .map(|s| self.view(live, s))
-                    .collect();
-                Ok((json!({"stations": stations}), false))
+                let keep = |s: &Station| s.tenant == tenant && s.standing == Standing::Rejected;
+                Ok((self.stations_page(live, cx, args, &keep)?, false))
             }
             "getStation" => {
                 let s = self.find_station(cx, tenant, args)?;
@@ -1359,7 +1743,7 @@ impl Controller {
             }),
             "removeStation" => decide(cx, &|s| Ok((station::remove(s, at)?, None))),
             "listAuditLog" => {
-                let limit = limit_arg(args)?;
+                let limit = limit_arg(args)?.min(self.settings.requests.page_size);
                 let records = match after_seq_arg(args)? {
                     // Paging through the whole chain (`fleetctl audit verify`): oldest first.
                     Some(after_seq) => cx.txn.audit_page(tenant, after_seq, limit),
@@ -1367,6 +1751,116 @@ impl Controller {
                 }
                 .map_err(|e| CommandError::internal(e.to_string()))?;
                 Ok((json!({"records": records}), false))
+            }
+            "listOperators" => {
+                let records = self
+                    .operators
+                    .list(tenant)
+                    .map_err(|e| CommandError::internal(e.to_string()))?;
+                let online: Vec<&OperatorId> = live
+                    .sessions
+                    .values()
+                    .filter_map(|s| match &s.identity {
+                        Identity::Operator { id, .. } => Some(id),
+                        _ => None,
+                    })
+                    .collect();
+                let operators: Vec<Value> = records
+                    .iter()
+                    .map(|r| {
+                        let is_online = online
+                            .iter()
+                            .any(|id| id.tenant == r.tenant && id.name == r.name);
+                        operator_view(r, is_online)
+                    })
+                    .collect();
+                Ok((json!({"operators": operators}), false))
+            }
+            "revokeOperator" => {
+                let name = text_arg(args, "name", true)?;
+                if name == operator {
+                    return Err(CommandError::invalid_argument(
+                        "an operator cannot revoke itself; ask another operator of the tenant",
+                    ));
+                }
+                let by = format!("{operator}@{tenant}");
+                // Durable (fsynced) before anyone hears of it, and before the cut.
+                let record = self
+                    .operators
+                    .revoke(tenant, &name, &by, at)
+                    .map_err(|e| match e {
+                        fleet_certs::CertError::InvalidName { .. } => {
+                            CommandError::invalid_argument(e.to_string())
+                        }
+                        e => CommandError::internal(e.to_string()),
+                    })?
+                    .ok_or_else(|| CommandError::not_found(format!("no operator {name}")))?;
+                cx.commit(vec![Change::Audit(AuditRecord::new(
+                    at,
+                    tenant,
+                    operator,
+                    Some(format!("operator {name}")),
+                    "revokeOperator",
+                    Outcome::Ok,
+                    Some(format!("certificate {} revoked", record.serial)),
+                ))])?;
+                // Its live sessions end at once (after the commit): their certificate is void.
+                for (client_id, session) in &live.sessions {
+                    if let Identity::Operator { id, .. } = &session.identity {
+                        if id.tenant == tenant && id.name == name {
+                            cx.out.push(Output::Cut {
+                                client_id: client_id.clone(),
+                                after: None,
+                            });
+                        }
+                    }
+                }
+                Ok((operator_view(&record, false), true))
+            }
+            "listAddressBlocks" | "liftAddressBlock" if tenant != station::DEFAULT_TENANT => {
+                Err(CommandError::forbidden(
+                    "address blocks are fleet-wide: only operators of tenant default see and lift them",
+                ))
+            }
+            "listAddressBlocks" => {
+                let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+                let blocks: Vec<Value> = failures
+                    .blocks(at)
+                    .into_iter()
+                    .map(|b| {
+                        json!({
+                            "address": b.ip.to_string(),
+                            "until": rfc3339(b.until),
+                            "failures": failures.failures(b.ip, at),
+                        })
+                    })
+                    .collect();
+                Ok((json!({"blocks": blocks}), false))
+            }
+            "liftAddressBlock" => {
+                let text = text_arg(args, "address", true)?;
+                let ip: IpAddr = text.parse().map_err(|_| {
+                    CommandError::invalid_argument(format!("{text:?} is not an IP address"))
+                })?;
+                let ip = ip.to_canonical();
+                let lifted = self
+                    .failures
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .lift(ip, at);
+                if !lifted {
+                    return Err(CommandError::not_found(format!("{ip} is not blocked")));
+                }
+                cx.commit(vec![Change::Audit(AuditRecord::new(
+                    at,
+                    tenant,
+                    operator,
+                    Some(ip.to_string()),
+                    "liftAddressBlock",
+                    Outcome::Ok,
+                    None,
+                ))])?;
+                Ok((json!({}), true))
             }
             other => Err(CommandError::invalid_argument(format!(
                 "unknown command {:?}",
@@ -1412,6 +1906,20 @@ impl Controller {
         }
         Ok(image)
     }
+}
+
+/// An operator as `listOperators` shows it.
+fn operator_view(r: &fleet_certs::OperatorRecord, online: bool) -> Value {
+    json!({
+        "name": r.name,
+        "tenant": r.tenant,
+        "serial": r.serial,
+        "fingerprint": r.fingerprint.to_string(),
+        "issued_at": rfc3339(r.issued_at),
+        "revoked_at": r.revoked_at.map(rfc3339),
+        "revoked_by": r.revoked_by,
+        "online": online,
+    })
 }
 
 fn error_response(command: &Value, correlation: &Value, e: &CommandError) -> Value {

@@ -18,10 +18,11 @@ use tracing::warn;
 use crate::clock::Clock;
 use crate::control::{
     ControlSettings, Controller, ControllerAdmission, FloodSettings, InboxRequest, Incoming,
-    Publication, MAX_BATCH,
+    PendingSettings, Publication, RequestLimits, MAX_BATCH,
 };
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
 use crate::flood::FailurePolicy;
+use crate::flood::PendingLimits;
 use crate::phone::PhonePolicy;
 use crate::store::Store;
 
@@ -139,10 +140,10 @@ impl Fleet {
             cut_grace: server.cut_grace(),
             write_timeout: server.write_timeout(),
             connections_per_ip_per_minute: config.limits.connections_per_ip_per_minute,
-            sessions_per_ip: 5000,
-            reserved_sessions: 16,
-            handshakes_per_ip: 256,
-            max_undelivered: 1024,
+            sessions_per_ip: config.limits.sessions_per_ip as usize,
+            reserved_sessions: config.limits.reserved_operator_sessions as usize,
+            handshakes_per_ip: config.limits.handshakes_per_ip as usize,
+            max_undelivered: config.limits.max_undelivered_messages as usize,
         };
         let broker = Broker::bind(settings).await?;
         let bus = broker.local_bus("controller").await?;
@@ -178,6 +179,24 @@ impl Fleet {
                     failed_auth_delay: Duration::from_millis(limits.failed_auth_delay_ms),
                     refusal_audits_per_minute: limits.refusal_audits_per_ip_per_minute,
                 },
+                requests: RequestLimits {
+                    max_commands: limits.max_commands_per_request as usize,
+                    page_size: limits.max_page_size as usize,
+                    max_response_bytes: limits.max_response_bytes,
+                    commands_per_second: limits.operator_commands_per_second,
+                    burst: limits.operator_command_burst,
+                },
+                pending: PendingSettings {
+                    limits: PendingLimits {
+                        per_ip: limits.pending_stations_per_ip,
+                        total: limits.max_pending_stations,
+                    },
+                    expiry: minutes(limits.pending_expiry_hours.saturating_mul(60)),
+                },
+                whitelist_min_prefix: (
+                    phones.min_whitelist_prefix_v4,
+                    phones.min_whitelist_prefix_v6,
+                ),
                 clock,
             },
         )?;
@@ -242,8 +261,19 @@ async fn run_bus<B: Bus>(
             return;
         }
     }
+    // Stations that waited unseen for too long are deleted; checked every minute.
+    let mut sweep = tokio::time::interval(Duration::from_secs(60));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
+            _ = sweep.tick() => {
+                let expire = || controller.expire_pending();
+                match tokio::runtime::Handle::current().runtime_flavor() {
+                    tokio::runtime::RuntimeFlavor::CurrentThread => expire(),
+                    _ => tokio::task::block_in_place(expire),
+                };
+                continue;
+            }
             message = bus.next() => match message {
                 Ok(m) => Arrived::Routed(m),
                 Err(e) => {

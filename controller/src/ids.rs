@@ -232,6 +232,11 @@ pub enum ErrorCode {
     WrongState,
     FingerprintMismatch,
     Forbidden,
+    /// The operator sent more commands than its budget allows (`[limits]
+    /// operator_commands_per_second`); the message says when to retry.
+    RateLimited,
+    /// The request's whole response would exceed `[limits] max_response_bytes`.
+    TooLarge,
     Internal,
 }
 
@@ -244,6 +249,8 @@ impl ErrorCode {
             ErrorCode::WrongState => "wrong_state",
             ErrorCode::FingerprintMismatch => "fingerprint_mismatch",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooLarge => "too_large",
             ErrorCode::Internal => "internal",
         }
     }

@@ -148,6 +148,27 @@ pub fn after_seq_arg(args: &Value) -> Result<Option<u64>, CommandError> {
     }
 }
 
+/// `after` of a paged list: the serial or MAC after which the page starts (the `next` of the
+/// previous page); absent or `null` for the first page.
+pub fn after_arg(args: &Value) -> Result<Option<String>, CommandError> {
+    match args.get("after") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.len() <= MAX_TEXT => Ok(Some(s.clone())),
+        Some(_) => Err(CommandError::invalid_argument(format!(
+            "\"after\" must be a string of at most {MAX_TEXT} characters"
+        ))),
+    }
+}
+
+/// `limit` of a paged list other than the audit log: 1 to 10000, the page size when absent.
+/// The shell caps it at the configured page size.
+pub fn page_limit_arg(args: &Value, page_size: usize) -> Result<usize, CommandError> {
+    match args.get("limit") {
+        None | Some(Value::Null) => Ok(page_size),
+        Some(_) => limit_arg(args),
+    }
+}
+
 /// `listAuditLog`'s `limit`: 1 to 10000, 100 when absent or `null`.
 pub fn limit_arg(args: &Value) -> Result<usize, CommandError> {
     let invalid = || {

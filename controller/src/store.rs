@@ -355,6 +355,62 @@ impl StoreTxn {
         read_phone(&self.txn.open_table(PHONES)?, mac)
     }
 
+    /// A page of stations: up to `limit` records with a serial after `after` that `keep`
+    /// accepts, in serial order, and whether more such records follow. Reads one record at a
+    /// time: memory is bounded by the page, whatever the size of the table.
+    pub fn stations_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        keep: &dyn Fn(&Station) -> bool,
+    ) -> Result<(Vec<Station>, bool), StoreError> {
+        let table = self.txn.open_table(STATIONS)?;
+        let range = match after {
+            Some(after) => table
+                .range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?,
+            None => table.range::<&str>(..)?,
+        };
+        let mut page = Vec::new();
+        for entry in range {
+            let (key, value) = entry?;
+            let station = decode_station(key.value(), value.value())?;
+            if keep(&station) {
+                if page.len() == limit {
+                    return Ok((page, true));
+                }
+                page.push(station);
+            }
+        }
+        Ok((page, false))
+    }
+
+    /// A page of phones, as [`StoreTxn::stations_page`].
+    pub fn phones_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        keep: &dyn Fn(&Phone) -> bool,
+    ) -> Result<(Vec<Phone>, bool), StoreError> {
+        let table = self.txn.open_table(PHONES)?;
+        let range = match after {
+            Some(after) => table
+                .range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?,
+            None => table.range::<&str>(..)?,
+        };
+        let mut page = Vec::new();
+        for entry in range {
+            let (key, value) = entry?;
+            let phone = decode_phone(key.value(), value.value())?;
+            if keep(&phone) {
+                if page.len() == limit {
+                    return Ok((page, true));
+                }
+                page.push(phone);
+            }
+        }
+        Ok((page, false))
+    }
+
     pub fn phones(&self, tenant: Option<&str>) -> Result<Vec<Phone>, StoreError> {
         read_phones(&self.txn.open_table(PHONES)?, tenant)
     }

@@ -146,6 +146,9 @@ fn settings() -> ControlSettings {
             failed_auth_delay: std::time::Duration::ZERO,
             refusal_audits_per_minute: 100,
         },
+        requests: Default::default(),
+        pending: Default::default(),
+        whitelist_min_prefix: (8, 32),
         clock: Clock::simulated(),
     }
 }

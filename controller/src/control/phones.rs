@@ -16,9 +16,9 @@ use crate::devices_csv;
 use crate::identity::{self, PhonePresented, PhoneRights};
 use crate::ids::{CommandError, Mac};
 use crate::phone::{self, Attempt, Pap, PapDecision, Phone};
-use crate::request::{mac_arg, text_arg};
+use crate::request::{after_arg, bool_arg, mac_arg, page_limit_arg, text_arg};
 use crate::store::Change;
-use crate::whitelist::WhitelistEntry;
+use crate::whitelist::{self, WhitelistEntry};
 
 type AdmitResult = Result<(Rights, String, &'static str), (Refusal, String, String)>;
 
@@ -293,7 +293,7 @@ impl Controller {
             cx,
             &tenant,
             "phones",
-            json!({"event": "state", "phone": view}),
+            json!({"event": "state", "phone": without_pap(&view)}),
         );
     }
 
@@ -359,19 +359,25 @@ impl Controller {
                     cx,
                     tenant,
                     "phones",
-                    json!({"event": "state", "phone": view}),
+                    json!({"event": "state", "phone": without_pap(&view)}),
                 );
                 Ok((view, true))
             })(),
             "listPhones" => (|| {
-                let phones: Vec<Value> = cx
+                let page_size = self.settings.requests.page_size;
+                let limit = page_limit_arg(args, page_size)?.min(page_size);
+                let after = after_arg(args)?;
+                let (page, more) = cx
                     .txn
-                    .phones(Some(tenant))
-                    .map_err(internal)?
-                    .iter()
-                    .map(|p| p.view(at))
-                    .collect();
-                Ok((json!({"phones": phones}), false))
+                    .phones_page(after.as_deref(), limit, &|p| p.tenant == tenant)
+                    .map_err(internal)?;
+                let mut data = json!({
+                    "phones": page.iter().map(|p| p.view(at)).collect::<Vec<_>>(),
+                });
+                if let (true, Some(last)) = (more, page.last()) {
+                    data["next"] = json!(last.mac.as_str());
+                }
+                Ok((data, false))
             })(),
             "getPhone" => self
                 .find_phone(cx, tenant, args)
@@ -386,7 +392,7 @@ impl Controller {
                     cx,
                     tenant,
                     "phones",
-                    json!({"event": "state", "phone": view}),
+                    json!({"event": "state", "phone": without_pap(&view)}),
                 );
                 Ok((view, true))
             })(),
@@ -410,7 +416,7 @@ impl Controller {
                     cx,
                     tenant,
                     "phones",
-                    json!({"event": "state", "phone": view}),
+                    json!({"event": "state", "phone": without_pap(&view)}),
                 );
                 Ok((view, true))
             })(),
@@ -445,8 +451,13 @@ impl Controller {
                 };
                 let mut whitelists = live.whitelists.clone();
                 if name == "addWhitelistEntry" {
+                    let force = bool_arg(args, "force")?;
+                    let (v4, v6) = self.settings.whitelist_min_prefix;
+                    whitelist::check_breadth(&entry, v4, v6, force)
+                        .map_err(|e| CommandError::invalid_argument(format!("entry: {e}")))?;
                     whitelists.add_permanent(tenant, entry.clone());
-                } else if !whitelists.remove_permanent(tenant, &entry) {
+                } else if !whitelists.remove(tenant, &entry).found() {
+                    // A temporary entry can be removed too (Removed::Temporary).
                     return Err(CommandError::not_found(format!(
                         "{entry} is not on the whitelist"
                     )));
@@ -508,4 +519,14 @@ impl Controller {
         };
         Some(result)
     }
+}
+
+/// A phone's view for an event: without its PAP, which goes only to the operator who created or
+/// reset it (in the command's answer), never to every subscriber of the tenant's events.
+fn without_pap(view: &Value) -> Value {
+    let mut view = view.clone();
+    if let Some(obj) = view.as_object_mut() {
+        obj.remove("pap");
+    }
+    view
 }
