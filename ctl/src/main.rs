@@ -3,6 +3,7 @@
 mod table;
 
 use std::io::{BufRead as _, Write as _};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -66,6 +67,12 @@ enum Top {
     /// The tenant's IP whitelist.
     #[command(subcommand)]
     Whitelist(WhitelistCommand),
+    /// The tenant's operators and their certificates.
+    #[command(subcommand)]
+    Operators(OperatorCommand),
+    /// Addresses blocked after failed authentications.
+    #[command(subcommand)]
+    Blocks(BlockCommand),
     /// The audit log (listAuditLog); `audit verify` checks its hash chain.
     #[command(args_conflicts_with_subcommands = true)]
     Audit {
@@ -178,11 +185,36 @@ enum AuditCommand {
 #[derive(Subcommand)]
 enum WhitelistCommand {
     /// Add an IP or CIDR range (addWhitelistEntry).
-    Add { entry: String },
+    Add {
+        entry: String,
+        /// Add a range broader than fleetd's minimum prefix (the whole Internet is refused
+        /// even so).
+        #[arg(long)]
+        force: bool,
+    },
     /// Remove an entry (removeWhitelistEntry).
     Remove { entry: String },
     /// Show both whitelists (listWhitelist).
     List,
+}
+
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// List the tenant's operators (listOperators).
+    List,
+    /// Revoke an operator's certificate (revokeOperator): fleetd admits it no more.
+    Revoke { name: String },
+}
+
+#[derive(Subcommand)]
+enum BlockCommand {
+    /// List blocked addresses (listAddressBlocks).
+    List,
+    /// Lift the block of an address (liftAddressBlock).
+    Lift {
+        /// An IPv4 or IPv6 address, as `blocks list` shows it.
+        address: IpAddr,
+    },
 }
 
 /// A command to send and how to show its answer.
@@ -326,8 +358,12 @@ fn plan(command: Top) -> anyhow::Result<Plan> {
             PhoneCommand::Export => action("exportDevicesCsv", json!({}), Shape::Csv),
         },
         Top::Whitelist(command) => match command {
-            WhitelistCommand::Add { entry } => {
-                action("addWhitelistEntry", json!({ "entry": entry }), Shape::Done)
+            WhitelistCommand::Add { entry, force } => {
+                let mut args = json!({ "entry": entry });
+                if force {
+                    args["force"] = json!(true);
+                }
+                action("addWhitelistEntry", args, Shape::Done)
             }
             WhitelistCommand::Remove { entry } => action(
                 "removeWhitelistEntry",
@@ -335,6 +371,23 @@ fn plan(command: Top) -> anyhow::Result<Plan> {
                 Shape::Done,
             ),
             WhitelistCommand::List => action("listWhitelist", json!({}), Shape::Whitelist),
+        },
+        Top::Operators(command) => match command {
+            OperatorCommand::List => action("listOperators", json!({}), Shape::Operators),
+            OperatorCommand::Revoke { name } => {
+                if name.trim().is_empty() {
+                    bail!("NAME must not be empty");
+                }
+                action("revokeOperator", json!({ "name": name }), Shape::Operator)
+            }
+        },
+        Top::Blocks(command) => match command {
+            BlockCommand::List => action("listAddressBlocks", json!({}), Shape::Blocks),
+            BlockCommand::Lift { address } => action(
+                "liftAddressBlock",
+                json!({ "address": address.to_string() }),
+                Shape::Done,
+            ),
         },
         Top::Audit {
             command: Some(AuditCommand::Verify),
@@ -635,6 +688,60 @@ mod tests {
             other => panic!("not paged: {other:?}"),
         }
         assert!(matches!(planned(&["audit", "verify"]), Plan::VerifyAudit));
+    }
+
+    #[test]
+    fn operators_and_blocks() {
+        assert_eq!(
+            sent(&["operators", "list"]),
+            ("listOperators", json!({}), Shape::Operators)
+        );
+        assert_eq!(
+            sent(&["operators", "revoke", "bob"]),
+            ("revokeOperator", json!({"name": "bob"}), Shape::Operator)
+        );
+        assert!(plan(parsed(&["operators", "revoke", " "]).unwrap().command).is_err());
+        assert!(parsed(&["operators", "revoke"]).is_err());
+        assert_eq!(
+            sent(&["blocks", "list"]),
+            ("listAddressBlocks", json!({}), Shape::Blocks)
+        );
+        assert_eq!(
+            sent(&["blocks", "lift", "203.0.113.7"]),
+            (
+                "liftAddressBlock",
+                json!({"address": "203.0.113.7"}),
+                Shape::Done
+            )
+        );
+        // Parsed at the edge, sent in its canonical form.
+        assert_eq!(
+            sent(&["blocks", "lift", "2001:DB8:0::1"]).1,
+            json!({"address": "2001:db8::1"})
+        );
+        for address in ["203.0.113.0/24", "203.0.113.7:8883", "fleet.example", ""] {
+            assert!(parsed(&["blocks", "lift", address]).is_err(), "{address}");
+        }
+    }
+
+    #[test]
+    fn whitelist_add_forces_only_when_told() {
+        assert_eq!(
+            sent(&["whitelist", "add", "203.0.113.0/24"]),
+            (
+                "addWhitelistEntry",
+                json!({"entry": "203.0.113.0/24"}),
+                Shape::Done
+            )
+        );
+        assert_eq!(
+            sent(&["whitelist", "add", "10.0.0.0/7", "--force"]),
+            (
+                "addWhitelistEntry",
+                json!({"entry": "10.0.0.0/7", "force": true}),
+                Shape::Done
+            )
+        );
     }
 
     #[test]
