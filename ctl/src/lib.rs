@@ -1,8 +1,10 @@
 //! fleetgate's operator client library: connect to fleetd with an operator certificate, run
-//! operator commands (PROTOCOL §6) and watch the tenant's events. `fleetctl` is built on it.
+//! operator commands (PROTOCOL §6), page through their lists and watch the tenant's events.
+//! `fleetctl` is built on it.
 
 pub mod audit;
 mod client;
+pub mod paging;
 
 pub use client::{
     operator_name, response_data, split_server, ClientError, OperatorClient, DEFAULT_TIMEOUT,

@@ -3,19 +3,30 @@
 mod table;
 
 use std::io::{BufRead as _, Write as _};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
-use fleet_ctl::audit::{ChainBreak, ChainVerifier};
+use fleet_ctl::paging::{
+    fetch_pages, ChainCheck, ListPager, Listing, NewestRecords, Verdict, MAX_PAGE,
+};
 use fleet_ctl::{fingerprint_matches, operator_name, ClientError, OperatorClient};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use table::Shape;
 
 #[derive(Parser)]
-#[command(name = "fleetctl", version, about = "Operate a fleetgate fleet")]
+#[command(
+    name = "fleetctl",
+    version,
+    about = "Operate a fleetgate fleet",
+    after_help = "Lists are fetched a page at a time, following fleetd's `next`. A page answered \
+                  rate_limited is asked again after the wait fleetd names (1 s if it names \
+                  none), up to 10 times in a row; one answered too_large is asked again half \
+                  as big. Other commands print such errors and exit non-zero."
+)]
 struct Cli {
     /// fleetd's address, HOST:PORT.
     #[arg(long, global = true, default_value = "127.0.0.1:8883")]
@@ -38,7 +49,7 @@ struct Cli {
     /// Print the response data as JSON.
     #[arg(long, global = true)]
     json: bool,
-    /// Seconds to wait for the answer.
+    /// Seconds to wait for the answer (to each page, for lists).
     #[arg(long, global = true, default_value_t = 10)]
     timeout: u64,
     #[command(subcommand)]
@@ -56,11 +67,19 @@ enum Top {
     /// The tenant's IP whitelist.
     #[command(subcommand)]
     Whitelist(WhitelistCommand),
+    /// The tenant's operators and their certificates.
+    #[command(subcommand)]
+    Operators(OperatorCommand),
+    /// Addresses blocked after failed authentications.
+    #[command(subcommand)]
+    Blocks(BlockCommand),
     /// The audit log (listAuditLog); `audit verify` checks its hash chain.
     #[command(args_conflicts_with_subcommands = true)]
     Audit {
-        /// At most this many records.
-        #[arg(long)]
+        /// The newest this many records, oldest first [default: fleetd's, 100]. Up to 500 (the
+        /// most one listAuditLog returns) is one request; above that fleetctl pages back
+        /// through the log with after_seq until it has them.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         limit: Option<u64>,
         #[command(subcommand)]
         command: Option<AuditCommand>,
@@ -78,11 +97,14 @@ enum Top {
 
 #[derive(Subcommand)]
 enum StationCommand {
-    /// List stations (listStations).
+    /// List stations (listStations), every page.
     List {
         /// Only stations in this state (e.g. unauthorized, running).
         #[arg(long)]
         state: Option<String>,
+        /// Only the first N stations [default: all of them, page after page].
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
     },
     /// Show one station (getStation).
     Get { serial: String },
@@ -95,8 +117,12 @@ enum StationCommand {
     },
     /// Reject a station (rejectStation).
     Reject { serial: String },
-    /// List rejected stations (listRejectedStations).
-    Rejected,
+    /// List rejected stations (listRejectedStations), every page.
+    Rejected {
+        /// Only the first N stations [default: all of them, page after page].
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+    },
     /// Clear a rejected station so it may ask again (clearRejectedStation).
     Clear { serial: String },
     /// Start a firmware update (startStationUpdate).
@@ -130,8 +156,12 @@ enum PhoneCommand {
         #[arg(long, default_value = "")]
         site: String,
     },
-    /// List phones (listPhones).
-    List,
+    /// List phones (listPhones), every page.
+    List {
+        /// Only the first N phones [default: all of them, page after page].
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+    },
     /// Show one phone (getPhone).
     Get { mac: String },
     /// Suspend Authentication (suspendPhoneAuthentication).
@@ -155,14 +185,40 @@ enum AuditCommand {
 #[derive(Subcommand)]
 enum WhitelistCommand {
     /// Add an IP or CIDR range (addWhitelistEntry).
-    Add { entry: String },
+    Add {
+        entry: String,
+        /// Add a range broader than fleetd's minimum prefix (the whole Internet is refused
+        /// even so).
+        #[arg(long)]
+        force: bool,
+    },
     /// Remove an entry (removeWhitelistEntry).
     Remove { entry: String },
     /// Show both whitelists (listWhitelist).
     List,
 }
 
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// List the tenant's operators (listOperators).
+    List,
+    /// Revoke an operator's certificate (revokeOperator): fleetd admits it no more.
+    Revoke { name: String },
+}
+
+#[derive(Subcommand)]
+enum BlockCommand {
+    /// List blocked addresses (listAddressBlocks).
+    List,
+    /// Lift the block of an address (liftAddressBlock).
+    Lift {
+        /// An IPv4 or IPv6 address, as `blocks list` shows it.
+        address: IpAddr,
+    },
+}
+
 /// A command to send and how to show its answer.
+#[derive(Debug, PartialEq)]
 struct Action {
     command: &'static str,
     args: Value,
@@ -178,8 +234,13 @@ fn action(command: &'static str, args: Value, shape: Shape) -> Action {
 }
 
 /// Everything validated, nothing done yet.
+#[derive(Debug)]
 enum Plan {
     Send(Action),
+    /// A list command, page after page.
+    List(ListPager),
+    /// `audit --limit` above one page: page back through the audit log.
+    NewestAudit(NewestRecords),
     /// `stations accept` without `--fingerprint`: look, ask, then send.
     InteractiveAccept {
         serial: String,
@@ -196,9 +257,12 @@ enum Plan {
 fn plan(command: Top) -> anyhow::Result<Plan> {
     Ok(Plan::Send(match command {
         Top::Stations(command) => match command {
-            StationCommand::List { state } => {
-                let args = state.map_or_else(|| json!({}), |s| json!({ "state": s }));
-                action("listStations", args, Shape::Stations)
+            StationCommand::List { state, limit } => {
+                let mut filter = Map::new();
+                if let Some(state) = state {
+                    filter.insert("state".into(), json!(state));
+                }
+                return Ok(Plan::List(ListPager::new(Listing::Stations, filter, limit)));
             }
             StationCommand::Get { serial } => {
                 action("getStation", json!({ "serial": serial }), Shape::Station)
@@ -218,7 +282,13 @@ fn plan(command: Top) -> anyhow::Result<Plan> {
             StationCommand::Reject { serial } => {
                 action("rejectStation", json!({ "serial": serial }), Shape::Station)
             }
-            StationCommand::Rejected => action("listRejectedStations", json!({}), Shape::Stations),
+            StationCommand::Rejected { limit } => {
+                return Ok(Plan::List(ListPager::new(
+                    Listing::RejectedStations,
+                    Map::new(),
+                    limit,
+                )))
+            }
             StationCommand::Clear { serial } => action(
                 "clearRejectedStation",
                 json!({ "serial": serial }),
@@ -259,7 +329,13 @@ fn plan(command: Top) -> anyhow::Result<Plan> {
                 json!({ "mac": mac, "vendor": vendor, "type": phone_type, "site": site }),
                 Shape::Phone,
             ),
-            PhoneCommand::List => action("listPhones", json!({}), Shape::Phones),
+            PhoneCommand::List { limit } => {
+                return Ok(Plan::List(ListPager::new(
+                    Listing::Phones,
+                    Map::new(),
+                    limit,
+                )))
+            }
             PhoneCommand::Get { mac } => action("getPhone", json!({ "mac": mac }), Shape::Phone),
             PhoneCommand::Suspend { mac } => action(
                 "suspendPhoneAuthentication",
@@ -282,8 +358,12 @@ fn plan(command: Top) -> anyhow::Result<Plan> {
             PhoneCommand::Export => action("exportDevicesCsv", json!({}), Shape::Csv),
         },
         Top::Whitelist(command) => match command {
-            WhitelistCommand::Add { entry } => {
-                action("addWhitelistEntry", json!({ "entry": entry }), Shape::Done)
+            WhitelistCommand::Add { entry, force } => {
+                let mut args = json!({ "entry": entry });
+                if force {
+                    args["force"] = json!(true);
+                }
+                action("addWhitelistEntry", args, Shape::Done)
             }
             WhitelistCommand::Remove { entry } => action(
                 "removeWhitelistEntry",
@@ -292,10 +372,31 @@ fn plan(command: Top) -> anyhow::Result<Plan> {
             ),
             WhitelistCommand::List => action("listWhitelist", json!({}), Shape::Whitelist),
         },
+        Top::Operators(command) => match command {
+            OperatorCommand::List => action("listOperators", json!({}), Shape::Operators),
+            OperatorCommand::Revoke { name } => {
+                if name.trim().is_empty() {
+                    bail!("NAME must not be empty");
+                }
+                action("revokeOperator", json!({ "name": name }), Shape::Operator)
+            }
+        },
+        Top::Blocks(command) => match command {
+            BlockCommand::List => action("listAddressBlocks", json!({}), Shape::Blocks),
+            BlockCommand::Lift { address } => action(
+                "liftAddressBlock",
+                json!({ "address": address.to_string() }),
+                Shape::Done,
+            ),
+        },
         Top::Audit {
             command: Some(AuditCommand::Verify),
             ..
         } => return Ok(Plan::VerifyAudit),
+        Top::Audit {
+            limit: Some(limit),
+            command: None,
+        } if limit > MAX_PAGE => return Ok(Plan::NewestAudit(NewestRecords::new(limit))),
         Top::Audit {
             limit,
             command: None,
@@ -388,9 +489,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             client.call(action.command, action.args).await?,
             action.shape,
         ),
+        Plan::List(pager) => {
+            let listing = pager.listing();
+            let data = fetch_pages(&client, pager).await?;
+            if !cli.json {
+                if let Some(next) = data.get("next").and_then(Value::as_str) {
+                    eprintln!(
+                        "(more {} after {next}: raise --limit or leave it out to see them all)",
+                        listing.field()
+                    );
+                }
+            }
+            (data, listing_shape(listing))
+        }
+        Plan::NewestAudit(pager) => (fetch_pages(&client, pager).await?, Shape::Audit),
         Plan::Call { command, args } => (client.call(&command, args).await?, Shape::Raw),
         Plan::VerifyAudit => {
-            let verdict = verify_audit(&client).await?;
+            let verdict = fetch_pages(&client, ChainCheck::new()).await?;
             return show_verdict(cli.json, &verdict);
         }
         Plan::InteractiveAccept { serial } => (
@@ -402,63 +517,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Records per `listAuditLog` page of `audit verify`.
-const AUDIT_PAGE: u64 = 1000;
-
-/// What `audit verify` found.
-struct Verdict {
-    /// Records fetched and checked, up to and including a break.
-    records: u64,
-    /// Leading records from before the chain, not covered by it.
-    unchained: u64,
-    broken: Option<ChainBreak>,
-}
-
-/// Pages through the operator's whole audit log, oldest first, checking the chain as it goes.
-async fn verify_audit(client: &OperatorClient) -> anyhow::Result<Verdict> {
-    let mut verifier = ChainVerifier::new(None);
-    let mut after_seq = 0;
-    loop {
-        let data = client
-            .call(
-                "listAuditLog",
-                json!({ "after_seq": after_seq, "limit": AUDIT_PAGE }),
-            )
-            .await?;
-        let Some(records) = data.get("records").and_then(Value::as_array) else {
-            bail!("listAuditLog answered without a list of records");
-        };
-        let last_page = (records.len() as u64) < AUDIT_PAGE;
-        for record in records {
-            // A fleetd that ignores `after_seq` answers every page with the newest records.
-            if let Some(seq) = record.get("seq").and_then(Value::as_u64) {
-                if seq <= after_seq {
-                    bail!(
-                        "fleetd answered for records after seq {after_seq} with seq {seq}: \
-                         it does not page the audit log (older than this fleetctl?)"
-                    );
-                }
-            }
-            if let Err(broken) = verifier.push(record) {
-                return Ok(Verdict {
-                    records: verifier.records() + 1,
-                    unchained: verifier.unchained(),
-                    broken: Some(broken),
-                });
-            }
-        }
-        // Every listAuditLog is itself audited, so a page is never empty for long: the log ends,
-        // for this check, at the first page that is not full.
-        match verifier.last_seq() {
-            Some(seq) if !last_page => after_seq = seq,
-            _ => {
-                return Ok(Verdict {
-                    records: verifier.records(),
-                    unchained: verifier.unchained(),
-                    broken: None,
-                })
-            }
-        }
+fn listing_shape(listing: Listing) -> Shape {
+    match listing {
+        Listing::Stations | Listing::RejectedStations => Shape::Stations,
+        Listing::Phones => Shape::Phones,
     }
 }
 
@@ -536,4 +598,177 @@ async fn accept_interactively(client: &OperatorClient, serial: &str) -> anyhow::
             json!({ "serial": serial, "fingerprint": expected }),
         )
         .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_ctl::paging::Pager as _;
+
+    fn parsed(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("fleetctl").chain(args.iter().copied()))
+    }
+
+    fn planned(args: &[&str]) -> Plan {
+        plan(parsed(args).expect("the arguments parse").command).expect("a plan")
+    }
+
+    /// The command, arguments and shape of a plan that sends one command.
+    fn sent(args: &[&str]) -> (&'static str, Value, Shape) {
+        match planned(args) {
+            Plan::Send(action) => (action.command, action.args, action.shape),
+            other => panic!("{args:?}: not one command but {other:?}"),
+        }
+    }
+
+    /// The command and first request of a paged list, and how it is shown.
+    fn listed(args: &[&str]) -> (&'static str, Value, Shape) {
+        match planned(args) {
+            Plan::List(pager) => (
+                pager.command(),
+                pager.request(),
+                listing_shape(pager.listing()),
+            ),
+            other => panic!("{args:?}: not a list but {other:?}"),
+        }
+    }
+
+    #[test]
+    fn lists_page_and_limit_only_when_asked() {
+        assert_eq!(
+            listed(&["stations", "list"]),
+            ("listStations", json!({}), Shape::Stations)
+        );
+        assert_eq!(
+            listed(&["stations", "list", "--state", "running", "--limit", "5"]),
+            (
+                "listStations",
+                json!({"state": "running", "limit": 5}),
+                Shape::Stations
+            )
+        );
+        assert_eq!(
+            listed(&["stations", "rejected"]),
+            ("listRejectedStations", json!({}), Shape::Stations)
+        );
+        assert_eq!(
+            listed(&["stations", "rejected", "--limit", "3"]),
+            ("listRejectedStations", json!({"limit": 3}), Shape::Stations)
+        );
+        assert_eq!(
+            listed(&["phones", "list"]),
+            ("listPhones", json!({}), Shape::Phones)
+        );
+        assert_eq!(
+            listed(&["phones", "list", "--limit", "9000"]),
+            ("listPhones", json!({"limit": MAX_PAGE}), Shape::Phones)
+        );
+        for args in [
+            &["phones", "list", "--limit", "0"][..],
+            &["stations", "list", "--limit", "-1"],
+            &["stations", "rejected", "--limit", "many"],
+            &["audit", "--limit", "0"],
+        ] {
+            assert!(parsed(args).is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn audit_pages_only_beyond_one_listauditlog() {
+        assert_eq!(sent(&["audit"]), ("listAuditLog", json!({}), Shape::Audit));
+        assert_eq!(
+            sent(&["audit", "--limit", "500"]),
+            ("listAuditLog", json!({"limit": 500}), Shape::Audit)
+        );
+        match planned(&["audit", "--limit", "501"]) {
+            Plan::NewestAudit(pager) => {
+                assert_eq!(pager.command(), "listAuditLog");
+                assert_eq!(pager.request(), json!({"limit": 500}));
+            }
+            other => panic!("not paged: {other:?}"),
+        }
+        assert!(matches!(planned(&["audit", "verify"]), Plan::VerifyAudit));
+    }
+
+    #[test]
+    fn operators_and_blocks() {
+        assert_eq!(
+            sent(&["operators", "list"]),
+            ("listOperators", json!({}), Shape::Operators)
+        );
+        assert_eq!(
+            sent(&["operators", "revoke", "bob"]),
+            ("revokeOperator", json!({"name": "bob"}), Shape::Operator)
+        );
+        assert!(plan(parsed(&["operators", "revoke", " "]).unwrap().command).is_err());
+        assert!(parsed(&["operators", "revoke"]).is_err());
+        assert_eq!(
+            sent(&["blocks", "list"]),
+            ("listAddressBlocks", json!({}), Shape::Blocks)
+        );
+        assert_eq!(
+            sent(&["blocks", "lift", "203.0.113.7"]),
+            (
+                "liftAddressBlock",
+                json!({"address": "203.0.113.7"}),
+                Shape::Done
+            )
+        );
+        // Parsed at the edge, sent in its canonical form.
+        assert_eq!(
+            sent(&["blocks", "lift", "2001:DB8:0::1"]).1,
+            json!({"address": "2001:db8::1"})
+        );
+        for address in ["203.0.113.0/24", "203.0.113.7:8883", "fleet.example", ""] {
+            assert!(parsed(&["blocks", "lift", address]).is_err(), "{address}");
+        }
+    }
+
+    #[test]
+    fn whitelist_add_forces_only_when_told() {
+        assert_eq!(
+            sent(&["whitelist", "add", "203.0.113.0/24"]),
+            (
+                "addWhitelistEntry",
+                json!({"entry": "203.0.113.0/24"}),
+                Shape::Done
+            )
+        );
+        assert_eq!(
+            sent(&["whitelist", "add", "10.0.0.0/7", "--force"]),
+            (
+                "addWhitelistEntry",
+                json!({"entry": "10.0.0.0/7", "force": true}),
+                Shape::Done
+            )
+        );
+    }
+
+    #[test]
+    fn the_other_commands_are_as_they_were() {
+        assert_eq!(
+            sent(&["stations", "get", "ST-1"]),
+            ("getStation", json!({"serial": "ST-1"}), Shape::Station)
+        );
+        assert_eq!(
+            sent(&["whitelist", "remove", "203.0.113.7"]),
+            (
+                "removeWhitelistEntry",
+                json!({"entry": "203.0.113.7"}),
+                Shape::Done
+            )
+        );
+        assert_eq!(
+            sent(&["whitelist", "list"]),
+            ("listWhitelist", json!({}), Shape::Whitelist)
+        );
+        assert!(matches!(
+            planned(&["stations", "accept", "ST-1"]),
+            Plan::InteractiveAccept { serial } if serial == "ST-1"
+        ));
+        assert!(matches!(
+            planned(&["call", "getStation", r#"{"serial":"A"}"#]),
+            Plan::Call { command, args } if command == "getStation" && args == json!({"serial": "A"})
+        ));
+    }
 }

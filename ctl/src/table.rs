@@ -11,6 +11,9 @@ pub(crate) enum Shape {
     Phones,
     Phone,
     Whitelist,
+    Operators,
+    Operator,
+    Blocks,
     Audit,
     Csv,
     Import,
@@ -201,6 +204,56 @@ pub(crate) fn render(shape: Shape, data: &Value) -> String {
             }
             out
         }
+        Shape::Operators => {
+            let rows: Vec<Vec<String>> = list(data, "operators")
+                .iter()
+                .map(|o| {
+                    vec![
+                        text(o, "name"),
+                        text(o, "tenant"),
+                        text(o, "serial"),
+                        text(o, "issued_at"),
+                        text(o, "revoked_at"),
+                        text(o, "online"),
+                        text(o, "fingerprint"),
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                return "no operators\n".to_owned();
+            }
+            render_table(
+                &[
+                    "NAME",
+                    "TENANT",
+                    "SERIAL",
+                    "ISSUED",
+                    "REVOKED",
+                    "ONLINE",
+                    "FINGERPRINT",
+                ],
+                &rows,
+            )
+        }
+        Shape::Operator => details(&[
+            ("Name", text(data, "name")),
+            ("Tenant", text(data, "tenant")),
+            ("Serial", text(data, "serial")),
+            ("Fingerprint", text(data, "fingerprint")),
+            ("Issued", text(data, "issued_at")),
+            ("Revoked", text(data, "revoked_at")),
+            ("Online", text(data, "online")),
+        ]),
+        Shape::Blocks => {
+            let rows: Vec<Vec<String>> = list(data, "blocks")
+                .iter()
+                .map(|b| vec![text(b, "address"), text(b, "until"), text(b, "failures")])
+                .collect();
+            if rows.is_empty() {
+                return "no address blocks\n".to_owned();
+            }
+            render_table(&["ADDRESS", "UNTIL", "FAILURES"], &rows)
+        }
         Shape::Audit => {
             let rows: Vec<Vec<String>> = list(data, "records")
                 .iter()
@@ -292,5 +345,68 @@ mod tests {
         assert_eq!(lines[3], "Status:         Running");
         assert!(lines.contains(&"Fingerprint:    AB:CD"), "{out}");
         assert!(lines.contains(&"MAC streaming:  aabbccddeeff"), "{out}");
+    }
+
+    #[test]
+    fn operators_table_shows_revocation_and_presence() {
+        let data = json!({"operators": [
+            {"name": "admin", "tenant": "default", "serial": "01AB", "fingerprint": "AA:BB",
+             "issued_at": "2024-05-01T10:00:00Z", "revoked_at": null, "online": true},
+            {"name": "bob", "tenant": "default", "serial": "02CD", "fingerprint": "CC:DD",
+             "issued_at": "2024-05-02T10:00:00Z", "revoked_at": "2024-06-01T00:00:00Z",
+             "online": false},
+        ]});
+        let out = render(Shape::Operators, &data);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[0],
+            "NAME   TENANT   SERIAL  ISSUED                REVOKED               ONLINE  FINGERPRINT"
+        );
+        assert_eq!(
+            lines[1],
+            "admin  default  01AB    2024-05-01T10:00:00Z  -                     yes     AA:BB"
+        );
+        assert!(
+            lines[2].contains("2024-06-01T00:00:00Z  no      CC:DD"),
+            "{out}"
+        );
+        assert_eq!(
+            render(Shape::Operators, &json!({"operators": []})),
+            "no operators\n"
+        );
+    }
+
+    #[test]
+    fn a_revoked_operator_says_when() {
+        let data = json!({"name": "bob", "tenant": "default", "serial": "02CD",
+            "fingerprint": "CC:DD", "issued_at": "2024-05-02T10:00:00Z",
+            "revoked_at": "2024-06-01T00:00:00Z", "online": false});
+        let out = render(Shape::Operator, &data);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "Name:         bob");
+        assert!(
+            lines.contains(&"Revoked:      2024-06-01T00:00:00Z"),
+            "{out}"
+        );
+        assert!(lines.contains(&"Online:       no"), "{out}");
+    }
+
+    #[test]
+    fn blocks_table_lists_address_until_and_failures() {
+        let data = json!({"blocks": [
+            {"address": "203.0.113.7", "until": "2024-05-01T10:15:00Z", "failures": 12},
+            {"address": "2001:db8::1", "until": "2024-05-01T10:20:00Z", "failures": 5},
+        ]});
+        let out = render(Shape::Blocks, &data);
+        assert_eq!(
+            out,
+            "ADDRESS      UNTIL                 FAILURES\n\
+             203.0.113.7  2024-05-01T10:15:00Z  12\n\
+             2001:db8::1  2024-05-01T10:20:00Z  5\n"
+        );
+        assert_eq!(
+            render(Shape::Blocks, &json!({"blocks": []})),
+            "no address blocks\n"
+        );
     }
 }
