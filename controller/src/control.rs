@@ -291,7 +291,7 @@ impl PendingIndex {
         }
     }
 
-    fn from_ip(&self, ip: IpAddr) -> u32 {
+    fn waiting_from(&self, ip: IpAddr) -> u32 {
         self.per_ip.get(&ip).copied().unwrap_or(0)
     }
 
@@ -1288,7 +1288,7 @@ impl Controller {
         }
         let from_ip = ip
             .parse::<IpAddr>()
-            .map_or(0, |ip| live.pending.from_ip(ip));
+            .map_or(0, |ip| live.pending.waiting_from(ip));
         self.settings
             .pending
             .limits

@@ -12,7 +12,11 @@ use tokio::io::AsyncWriteExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_cap_is_answered_with_a_connack() {
-    let fleet = TestFleet::start_with(|c| c.server.max_connections = 1).await;
+    let fleet = TestFleet::start_with(|c| {
+        c.server.max_connections = 1;
+        c.limits.reserved_operator_sessions = 0;
+    })
+    .await;
     let port = fleet.fleet.local_addr().port();
     let connector = anonymous_connector(&fleet);
     let mut first = tls(&connector, port).await;
@@ -20,6 +24,33 @@ async fn the_connection_cap_is_answered_with_a_connack() {
     let mut second = tls(&connector, port).await;
     // 3.1.1 has no "quota exceeded": 3, server unavailable, instead of a silent drop.
     assert_eq!(connect(&mut second, "station-CAP-2").await, 3);
+}
+
+/// Issue 9: certificate-less sessions filled the cap and an operator got 0x97. The last
+/// `reserved_operator_sessions` slots are for operators.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_devices_leaves_the_reserved_slots_to_operators() {
+    let fleet = TestFleet::start_with(|c| {
+        c.server.max_connections = 3;
+        c.limits.reserved_operator_sessions = 1;
+    })
+    .await;
+    let port = fleet.fleet.local_addr().port();
+    let connector = anonymous_connector(&fleet);
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let mut stream = tls(&connector, port).await;
+        assert_eq!(connect(&mut stream, &format!("station-RS-{i}")).await, 0);
+        held.push(stream);
+    }
+    let mut third = tls(&connector, port).await;
+    assert_eq!(
+        connect(&mut third, "station-RS-9").await,
+        3,
+        "a device may not take the reserved slot"
+    );
+    // The operator still gets in.
+    let _op = fleet.operator().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
