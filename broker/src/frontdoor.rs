@@ -4,7 +4,7 @@
 //! rights on every PUBLISH and SUBSCRIBE.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,12 +30,12 @@ use tracing::{debug, info, warn};
 
 use crate::acl::Rights;
 use crate::admission::{
-    Admission, ConnectInfo, Decision, MqttVersion, PresentedCertificate, Refusal,
+    Admission, ConnectInfo, Decision, MqttVersion, PresentedCertificate, Refusal, SessionControl,
 };
 use crate::bus::LocalBus;
-use crate::flood::ConnectionRate;
+use crate::flood::{ConnectionRate, PendingHandshakes};
 use crate::frame;
-use crate::registry::{self, Control, Registry, SharedRights};
+use crate::registry::{self, Control, NewSession, Registry, SessionCaps, SharedRights};
 use crate::tls::{self, ClientPolicy, TlsSetupError};
 
 /// First packet id of the front door's own QoS 1 mailbox messages (see `Pump::mailbox_pkid`).
@@ -69,12 +69,15 @@ pub struct Settings {
     /// before its TLS handshake.
     pub connections_per_ip_per_minute: u32,
     /// Live sessions from one source address at most (the reserved slots come on top, for
-    /// clients whose admission says `reserved`).
+    /// clients whose admission says `reserved`). Checked after admission; a client beyond it
+    /// gets CONNACK 3 (3.1.1) or 0x97 Quota Exceeded (5).
     pub sessions_per_ip: usize,
     /// Slots of `max_connections` (and of `sessions_per_ip`) that only clients admitted with
-    /// `reserved` (operators) may use.
+    /// `reserved` (operators) may use. At most `max_connections - 1`: a larger value would
+    /// leave no slot for anyone else, and is taken as that.
     pub reserved_sessions: usize,
-    /// Unfinished TLS handshakes and CONNECT reads from one source address at once.
+    /// Unfinished TLS handshakes and CONNECT reads from one source address at once; beyond it
+    /// the accept loop closes a new socket before any TLS work.
     pub handshakes_per_ip: usize,
     /// Messages queued to one session and not yet written; past it the session is ended.
     pub max_undelivered: usize,
@@ -107,6 +110,8 @@ struct Shared {
     policy: Arc<ClientPolicy>,
     acceptor: TlsAcceptor,
     open_sockets: AtomicUsize,
+    /// Sockets in their TLS handshake or waiting for CONNECT, per source address.
+    handshakes: Mutex<PendingHandshakes>,
     /// Publishes wills on behalf of clients whose own link is gone.
     will_link: Mutex<LinkTx>,
     shutdown: watch::Receiver<bool>,
@@ -114,6 +119,14 @@ struct Shared {
 
 struct SettingsRuntime {
     max_connections: usize,
+    /// Sockets open at once, whatever their state: the process's descriptors are bounded.
+    ///
+    /// This cap cannot keep slots for operators the way `reserved_sessions` does for sessions:
+    /// who a client is, is known only from its certificate, after the TLS handshake, and the cap
+    /// must be applied before it. What keeps one source address from filling it with sockets
+    /// that never finish their handshake is `handshakes_per_ip` ([`PendingHandshakes`]); a
+    /// flood from many addresses fills it only until the handshake and connect timeouts close
+    /// its sockets.
     max_sockets: usize,
     handshake_timeout: Duration,
     connect_timeout: Duration,
@@ -122,8 +135,6 @@ struct SettingsRuntime {
     cut_grace: Duration,
     write_timeout: Duration,
     connections_per_ip_per_minute: u32,
-    sessions_per_ip: usize,
-    reserved_sessions: usize,
     handshakes_per_ip: usize,
 }
 
@@ -238,15 +249,23 @@ impl Broker {
                 cut_grace: settings.cut_grace,
                 write_timeout: settings.write_timeout,
                 connections_per_ip_per_minute: settings.connections_per_ip_per_minute,
-                sessions_per_ip: settings.sessions_per_ip,
-                reserved_sessions: settings.reserved_sessions,
                 handshakes_per_ip: settings.handshakes_per_ip,
             },
-            registry: Arc::new(Registry::new(settings.max_undelivered)),
+            registry: Arc::new(Registry::with_caps(
+                settings.max_undelivered,
+                SessionCaps {
+                    max_sessions: settings.max_connections,
+                    per_address: settings.sessions_per_ip,
+                    reserved: settings
+                        .reserved_sessions
+                        .min(settings.max_connections.saturating_sub(1)),
+                },
+            )),
             links,
             policy,
             acceptor: TlsAcceptor::from(Arc::new(server_config)),
             open_sockets: AtomicUsize::new(0),
+            handshakes: Mutex::new(PendingHandshakes::new(settings.handshakes_per_ip)),
             will_link: Mutex::new(will_tx),
             shutdown: shutdown_rx,
         });
@@ -313,6 +332,35 @@ impl Drop for SocketSlot {
     }
 }
 
+/// A connection counted in [`Shared::handshakes`] from its accept until its CONNECT is read, or
+/// until it ends before.
+struct HandshakeSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl HandshakeSlot {
+    /// The slot, or `None` when `ip` has as many unfinished handshakes as it may.
+    fn begin(shared: &Arc<Shared>, ip: IpAddr) -> Option<HandshakeSlot> {
+        let mut handshakes = shared.handshakes.lock().unwrap_or_else(|e| e.into_inner());
+        handshakes.begin(ip).then(|| HandshakeSlot {
+            shared: shared.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut handshakes = self
+            .shared
+            .handshakes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        handshakes.end(self.ip);
+    }
+}
+
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<dyn Admission>) {
     let mut shutdown = shared.shutdown.clone();
     let mut rate = ConnectionRate::new(shared.settings.connections_per_ip_per_minute);
@@ -341,6 +389,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<
             admission.refused("-", peer, &reason);
             continue;
         }
+        // One address may not hold more of the sockets below than its share (see `max_sockets`).
+        let Some(handshake) = HandshakeSlot::begin(&shared, peer.ip()) else {
+            let reason = format!(
+                "too many unfinished handshakes from this address (at most {})",
+                shared.settings.handshakes_per_ip
+            );
+            admission.refused("-", peer, &reason);
+            continue;
+        };
         if shared.open_sockets.fetch_add(1, Ordering::Relaxed) >= shared.settings.max_sockets {
             shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
             debug!(%peer, "socket cap reached, closing");
@@ -352,7 +409,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<
         tokio::spawn(async move {
             let _slot = slot;
             let shared = _slot.0.clone();
-            connection(shared, admission, tcp, peer).await;
+            connection(shared, admission, tcp, peer, handshake).await;
         });
     }
     info!("front door stopped accepting");
@@ -464,6 +521,7 @@ async fn connection(
     admission: Arc<dyn Admission>,
     tcp: TcpStream,
     peer: SocketAddr,
+    pending: HandshakeSlot,
 ) {
     let settings = &shared.settings;
     // The handshake's state (rustls's `ServerConnection` inside `Accept`) and the CONNECT read
@@ -563,6 +621,8 @@ async fn connection(
     let Packet::Connect(connect, _props, last_will, will_props, login) = connect else {
         return;
     };
+    // The CONNECT is read: this connection no longer counts as an unfinished handshake.
+    drop(pending);
     let client_id = connect.client_id.clone();
 
     let refuse = |refusal: Refusal, reason: String| async move {
@@ -572,7 +632,11 @@ async fn connection(
     // PROTOCOL §2: every refused CONNECT gets 5 / 0x87, a client id of the wrong form included.
     let refusal = if !client_id_is_valid(&client_id) {
         Some(refuse(Refusal::NotAuthorized, "client id of the wrong form".into()).await)
-    } else if shared.registry.len() >= settings.max_connections {
+    } else if shared.registry.len() >= settings.max_connections
+        && !shared.registry.is_connected(&client_id)
+    {
+        // Before admission only the hard cap: who may use the reserved slots, and how many
+        // sessions this address has, is decided once the admission has spoken (`register`).
         Some(refuse(Refusal::QuotaExceeded, "connection limit reached".into()).await)
     } else if let Err(reason) = &certificate {
         Some(
@@ -601,11 +665,8 @@ async fn connection(
         certificate: certificate.ok().flatten(),
         version,
     };
-    let rights = match admission.admit(info).await {
-        Decision::Allow {
-            rights,
-            reserved: _,
-        } => rights,
+    let (rights, reserved) = match admission.admit(info).await {
+        Decision::Allow { rights, reserved } => (rights, reserved),
         Decision::Deny { refusal, reason } => {
             info!(%peer, client_id = %client_id_for_log(&client_id), "refused by the controller: {reason}");
             return refuse_and_close(&mut writer, codec, refusal, &reason, settings.write_timeout)
@@ -638,14 +699,33 @@ async fn connection(
     let undelivered = registry::Undelivered::default();
     // Dropped once this session released its router link (see `Registry::register`).
     let (released_tx, released_rx) = tokio::sync::oneshot::channel::<()>();
-    let taken_over = shared.registry.register(
-        &client_id,
+    let session = NewSession {
         session_id,
-        shared_rights.clone(),
-        control_tx,
-        released_rx,
-        undelivered.clone(),
-    );
+        address: peer.ip(),
+        reserved,
+        rights: shared_rights.clone(),
+        control: control_tx,
+        released: released_rx,
+        undelivered: undelivered.clone(),
+    };
+    let taken_over = match shared.registry.register(&client_id, session) {
+        Ok(taken_over) => taken_over,
+        Err(cap) => {
+            let reason = cap.reason();
+            info!(%peer, client_id = %client_id_for_log(&client_id), "refused: {reason}");
+            admission.refused(&client_id_for_log(&client_id), peer, reason);
+            // The admission counted the session as live when it allowed it.
+            admission.session_closed(&client_id, session_id);
+            return refuse_and_close(
+                &mut writer,
+                codec,
+                Refusal::QuotaExceeded,
+                reason,
+                settings.write_timeout,
+            )
+            .await;
+        }
+    };
     if let Some(old_released) = taken_over {
         // Bounded: a stuck old session cannot hold the new one forever.
         let _ = timeout(Duration::from_secs(2), old_released).await;
@@ -1124,7 +1204,7 @@ impl Pump {
 
     /// Hands an inbox PUBLISH to the admission, then acknowledges it: at QoS 1 the PUBACK
     /// means the controller has it.
-    async fn to_inbox(
+    async fn hand_to_inbox(
         &mut self,
         publish: Publish,
         peeked: Option<(u8, u16)>,
@@ -1203,7 +1283,7 @@ impl Pump {
                     Err(_) => (false, false, false),
                 };
                 if allowed && inbox {
-                    return self.to_inbox(publish, peeked, writer).await;
+                    return self.hand_to_inbox(publish, peeked, writer).await;
                 }
                 if allowed {
                     // Without the right to retain, the message reaches today's subscribers
