@@ -701,6 +701,8 @@ async fn connection(
         let connack = frame::reason_connack(ConnectReturnCode::BadAuthenticationMethod, reason);
         return close_with(&mut writer, codec, connack, settings.write_timeout, &limits).await;
     }
+    // Read: not kept in the state of this task for the session's life.
+    drop(props);
 
     let refuse = |refusal: Refusal, reason: String| async move {
         info!(%peer, client_id = %client_id_for_log(&connect.client_id), ?refusal, "refused: {reason}");
