@@ -1,6 +1,6 @@
-//! Per-source-address connection rate limit of the front door: a token bucket per address,
-//! checked when a TCP connection is accepted, before any TLS work is spent on it. Pure: the
-//! caller passes `now`.
+//! Per-source-address limits the accept loop checks before any TLS work is spent on a
+//! connection: the connection rate (a token bucket per address) and the sockets still in their
+//! TLS handshake or waiting for CONNECT. Pure: the caller passes `now`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -61,9 +61,109 @@ impl ConnectionRate {
     }
 }
 
+/// Connections from each source address that are in their TLS handshake or waiting for
+/// CONNECT. One address may hold only so many: the socket cap above them cannot tell an operator
+/// from a flood before the handshake, and without this one address could fill it.
+#[derive(Debug)]
+pub struct PendingHandshakes {
+    per_address: usize,
+    pending: HashMap<IpAddr, usize>,
+}
+
+impl PendingHandshakes {
+    /// At most `per_address` unfinished handshakes from one address (at least 1).
+    pub fn new(per_address: usize) -> PendingHandshakes {
+        PendingHandshakes {
+            per_address: per_address.max(1),
+            pending: HashMap::new(),
+        }
+    }
+
+    /// Counts a new connection from `ip`, or returns false (and counts nothing) when `ip`
+    /// already has its share.
+    pub fn begin(&mut self, ip: IpAddr) -> bool {
+        let pending = self.pending.entry(ip).or_insert(0);
+        if *pending >= self.per_address {
+            return false;
+        }
+        *pending += 1;
+        true
+    }
+
+    /// A connection from `ip` counted by [`PendingHandshakes::begin`] finished its handshake
+    /// and CONNECT, or ended.
+    pub fn end(&mut self, ip: IpAddr) {
+        if let Some(pending) = self.pending.get_mut(&ip) {
+            *pending = pending.saturating_sub(1);
+            if *pending == 0 {
+                self.pending.remove(&ip);
+            }
+        }
+    }
+
+    /// Unfinished handshakes from `ip`.
+    pub fn pending(&self, ip: IpAddr) -> usize {
+        self.pending.get(&ip).copied().unwrap_or(0)
+    }
+
+    /// Addresses with an unfinished handshake (the map forgets the others).
+    pub fn addresses(&self) -> usize {
+        self.pending.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn one_address_holds_its_share_of_handshakes_and_no_more() {
+        let mut pending = PendingHandshakes::new(2);
+        let a: IpAddr = "192.0.2.1".parse().expect("ip");
+        let b: IpAddr = "192.0.2.2".parse().expect("ip");
+        assert!(pending.begin(a));
+        assert!(pending.begin(a));
+        assert!(!pending.begin(a), "a's share is taken");
+        assert!(pending.begin(b), "another address is not affected");
+        pending.end(a);
+        assert!(pending.begin(a), "a finished one: room again");
+        pending.end(a);
+        pending.end(a);
+        pending.end(b);
+        assert_eq!(pending.addresses(), 0, "nothing kept for idle addresses");
+        pending.end(b);
+        assert_eq!(pending.pending(b), 0);
+    }
+
+    proptest! {
+        /// However `begin` and `end` interleave, an address never holds more than its share, and
+        /// the count is what was begun and not ended.
+        #[test]
+        fn the_share_holds_under_any_interleaving(
+            steps in proptest::collection::vec((0u8..3, any::<bool>()), 0..64),
+            share in 1usize..4,
+        ) {
+            let mut pending = PendingHandshakes::new(share);
+            let mut model = [0usize; 3];
+            for (who, begin) in steps {
+                let ip = IpAddr::from([192, 0, 2, who]);
+                let slot = &mut model[usize::from(who)];
+                if begin {
+                    let admitted = pending.begin(ip);
+                    prop_assert_eq!(admitted, *slot < share);
+                    if admitted {
+                        *slot += 1;
+                    }
+                } else if *slot > 0 {
+                    pending.end(ip);
+                    *slot -= 1;
+                }
+                prop_assert_eq!(pending.pending(ip), *slot);
+                prop_assert!(pending.pending(ip) <= share);
+            }
+        }
+    }
 
     #[test]
     fn a_burst_is_allowed_then_the_rate_holds_per_address() {

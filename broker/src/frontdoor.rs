@@ -4,7 +4,7 @@
 //! rights on every PUBLISH and SUBSCRIBE.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,9 +13,10 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{
-    v4::V4, v5::V5, Disconnect, DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason,
-    PubComp, PubCompReason, PubRec, PubRecReason, Publish, QoS, SubAck, SubscribeReasonCode,
-    UnsubAck, UnsubAckReason,
+    v4::V4, v5::V5, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect,
+    DisconnectReasonCode, LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp,
+    PubCompReason, PubRec, PubRecReason, Publish, PublishProperties, QoS, SubAck,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use rumqttd::protocol::{Error as CodecError, Protocol};
 use rumqttd::{Notification, Router, RouterConfig};
@@ -30,12 +31,12 @@ use tracing::{debug, info, warn};
 
 use crate::acl::Rights;
 use crate::admission::{
-    Admission, ConnectInfo, Decision, MqttVersion, PresentedCertificate, Refusal,
+    Admission, ConnectInfo, Decision, MqttVersion, PresentedCertificate, Refusal, SessionControl,
 };
 use crate::bus::LocalBus;
-use crate::flood::ConnectionRate;
+use crate::flood::{ConnectionRate, PendingHandshakes};
 use crate::frame;
-use crate::registry::{self, Control, Registry, SharedRights};
+use crate::registry::{self, Control, NewSession, Registry, SessionCaps, SharedRights};
 use crate::tls::{self, ClientPolicy, TlsSetupError};
 
 /// First packet id of the front door's own QoS 1 mailbox messages (see `Pump::mailbox_pkid`).
@@ -69,12 +70,15 @@ pub struct Settings {
     /// before its TLS handshake.
     pub connections_per_ip_per_minute: u32,
     /// Live sessions from one source address at most (the reserved slots come on top, for
-    /// clients whose admission says `reserved`).
+    /// clients whose admission says `reserved`). Checked after admission; a client beyond it
+    /// gets CONNACK 3 (3.1.1) or 0x97 Quota Exceeded (5).
     pub sessions_per_ip: usize,
     /// Slots of `max_connections` (and of `sessions_per_ip`) that only clients admitted with
-    /// `reserved` (operators) may use.
+    /// `reserved` (operators) may use. At most `max_connections - 1`: a larger value would
+    /// leave no slot for anyone else, and is taken as that.
     pub reserved_sessions: usize,
-    /// Unfinished TLS handshakes and CONNECT reads from one source address at once.
+    /// Unfinished TLS handshakes and CONNECT reads from one source address at once; beyond it
+    /// the accept loop closes a new socket before any TLS work.
     pub handshakes_per_ip: usize,
     /// Messages queued to one session and not yet written; past it the session is ended.
     pub max_undelivered: usize,
@@ -107,6 +111,8 @@ struct Shared {
     policy: Arc<ClientPolicy>,
     acceptor: TlsAcceptor,
     open_sockets: AtomicUsize,
+    /// Sockets in their TLS handshake or waiting for CONNECT, per source address.
+    handshakes: Mutex<PendingHandshakes>,
     /// Publishes wills on behalf of clients whose own link is gone.
     will_link: Mutex<LinkTx>,
     shutdown: watch::Receiver<bool>,
@@ -114,6 +120,14 @@ struct Shared {
 
 struct SettingsRuntime {
     max_connections: usize,
+    /// Sockets open at once, whatever their state: the process's descriptors are bounded.
+    ///
+    /// This cap cannot keep slots for operators the way `reserved_sessions` does for sessions:
+    /// who a client is, is known only from its certificate, after the TLS handshake, and the cap
+    /// must be applied before it. What keeps one source address from filling it with sockets
+    /// that never finish their handshake is `handshakes_per_ip` ([`PendingHandshakes`]); a
+    /// flood from many addresses fills it only until the handshake and connect timeouts close
+    /// its sockets.
     max_sockets: usize,
     handshake_timeout: Duration,
     connect_timeout: Duration,
@@ -122,12 +136,6 @@ struct SettingsRuntime {
     cut_grace: Duration,
     write_timeout: Duration,
     connections_per_ip_per_minute: u32,
-    // Per-address session and handshake caps: configured and passed in, enforced by the
-    // front-door caps work still open on issue 9 (see its note).
-    #[allow(dead_code)]
-    sessions_per_ip: usize,
-    reserved_sessions: usize,
-    #[allow(dead_code)]
     handshakes_per_ip: usize,
 }
 
@@ -242,15 +250,23 @@ impl Broker {
                 cut_grace: settings.cut_grace,
                 write_timeout: settings.write_timeout,
                 connections_per_ip_per_minute: settings.connections_per_ip_per_minute,
-                sessions_per_ip: settings.sessions_per_ip,
-                reserved_sessions: settings.reserved_sessions,
                 handshakes_per_ip: settings.handshakes_per_ip,
             },
-            registry: Arc::new(Registry::new(settings.max_undelivered)),
+            registry: Arc::new(Registry::with_caps(
+                settings.max_undelivered,
+                SessionCaps {
+                    max_sessions: settings.max_connections,
+                    per_address: settings.sessions_per_ip,
+                    reserved: settings
+                        .reserved_sessions
+                        .min(settings.max_connections.saturating_sub(1)),
+                },
+            )),
             links,
             policy,
             acceptor: TlsAcceptor::from(Arc::new(server_config)),
             open_sockets: AtomicUsize::new(0),
+            handshakes: Mutex::new(PendingHandshakes::new(settings.handshakes_per_ip)),
             will_link: Mutex::new(will_tx),
             shutdown: shutdown_rx,
         });
@@ -317,6 +333,35 @@ impl Drop for SocketSlot {
     }
 }
 
+/// A connection counted in [`Shared::handshakes`] from its accept until its CONNECT is read, or
+/// until it ends before.
+struct HandshakeSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl HandshakeSlot {
+    /// The slot, or `None` when `ip` has as many unfinished handshakes as it may.
+    fn begin(shared: &Arc<Shared>, ip: IpAddr) -> Option<HandshakeSlot> {
+        let mut handshakes = shared.handshakes.lock().unwrap_or_else(|e| e.into_inner());
+        handshakes.begin(ip).then(|| HandshakeSlot {
+            shared: shared.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut handshakes = self
+            .shared
+            .handshakes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        handshakes.end(self.ip);
+    }
+}
+
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<dyn Admission>) {
     let mut shutdown = shared.shutdown.clone();
     let mut rate = ConnectionRate::new(shared.settings.connections_per_ip_per_minute);
@@ -345,6 +390,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<
             admission.refused("-", peer, &reason);
             continue;
         }
+        // One address may not hold more of the sockets below than its share (see `max_sockets`).
+        let Some(handshake) = HandshakeSlot::begin(&shared, peer.ip()) else {
+            let reason = format!(
+                "too many unfinished handshakes from this address (at most {})",
+                shared.settings.handshakes_per_ip
+            );
+            admission.refused("-", peer, &reason);
+            continue;
+        };
         if shared.open_sockets.fetch_add(1, Ordering::Relaxed) >= shared.settings.max_sockets {
             shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
             debug!(%peer, "socket cap reached, closing");
@@ -356,7 +410,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<
         tokio::spawn(async move {
             let _slot = slot;
             let shared = _slot.0.clone();
-            connection(shared, admission, tcp, peer).await;
+            connection(shared, admission, tcp, peer, handshake).await;
         });
     }
     info!("front door stopped accepting");
@@ -393,6 +447,24 @@ struct Will {
     payload: bytes::Bytes,
     retain: bool,
     delay: Duration,
+    /// What the will's properties say of the message (MQTT 5 §3.1.3.2): published with it,
+    /// user properties in their order [MQTT-3.1.3-10].
+    properties: Option<PublishProperties>,
+}
+
+/// The PUBLISH properties of a will published with `will` (its delay is the front door's).
+fn will_publish_properties(will: &LastWillProperties) -> Option<PublishProperties> {
+    let properties = PublishProperties {
+        payload_format_indicator: will.payload_format_indicator,
+        message_expiry_interval: will.message_expiry_interval,
+        topic_alias: None,
+        response_topic: will.response_topic.clone(),
+        correlation_data: will.correlation_data.clone(),
+        user_properties: will.user_properties.clone(),
+        subscription_identifiers: Vec::new(),
+        content_type: will.content_type.clone(),
+    };
+    (properties != PublishProperties::default()).then_some(properties)
 }
 
 /// Read buffer of a session with no partial packet: enough for PINGREQ and most small packets.
@@ -432,11 +504,45 @@ async fn write_packet(
     packet: Packet,
     write_timeout: Duration,
 ) -> Result<(), String> {
+    write_packet_within(writer, codec, packet, write_timeout, None).await
+}
+
+/// Writes a packet that fits the client's Maximum Packet Size (MQTT 5; `None`: no limit), if
+/// need be without its properties ([`fit`]); one that cannot fit is not written at all.
+async fn write_packet_within(
+    writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    codec: Codec,
+    packet: Packet,
+    write_timeout: Duration,
+    max_packet_size: Option<usize>,
+) -> Result<(), String> {
+    match fit(encode(codec, packet)?, max_packet_size) {
+        Some(bytes) => write_raw(writer, &bytes, write_timeout).await,
+        None => {
+            debug!("a packet larger than the client's maximum packet size was not sent");
+            Ok(())
+        }
+    }
+}
+
+fn encode(codec: Codec, packet: Packet) -> Result<BytesMut, String> {
     let mut out = BytesMut::with_capacity(64);
     codec
         .write(packet, &mut out)
         .map_err(|e| format!("encode: {e}"))?;
-    write_raw(writer, &out, write_timeout).await
+    Ok(out)
+}
+
+/// An encoded packet within the client's Maximum Packet Size [MQTT-3.1.2-24]: as it is, or
+/// without its properties when those are only diagnostics (reason string, user properties:
+/// [MQTT-3.2.2-19], [MQTT-3.14.2-3], …), or `None` when it cannot fit.
+fn fit(encoded: BytesMut, max_packet_size: Option<usize>) -> Option<BytesMut> {
+    match max_packet_size {
+        Some(max) if encoded.len() > max => frame::without_properties(&encoded)
+            .filter(|smaller| smaller.len() <= max)
+            .map(|smaller| BytesMut::from(&smaller[..])),
+        _ => Some(encoded),
+    }
 }
 
 /// Writes encoded bytes and flushes them, within the write timeout.
@@ -468,6 +574,7 @@ async fn connection(
     admission: Arc<dyn Admission>,
     tcp: TcpStream,
     peer: SocketAddr,
+    pending: HandshakeSlot,
 ) {
     let settings = &shared.settings;
     // The handshake's state (rustls's `ServerConnection` inside `Accept`) and the CONNECT read
@@ -545,6 +652,14 @@ async fn connection(
     };
     let codec = Codec(version);
     let connect = loop {
+        // What rumqttd's decoder does not look at (the reserved flag, a property twice, …) is
+        // checked on the raw frame once all of it is here.
+        if let Some(frame) = frame::complete_frame_len(&buf).and_then(|len| buf.get(..len)) {
+            if let Err(violation) = frame::check_connect(frame) {
+                return refuse_violation(&shared, &*admission, &mut writer, codec, peer, violation)
+                    .await;
+            }
+        }
         match codec.read(&mut buf, settings.max_packet_size) {
             Ok(packet) => break packet,
             Err(CodecError::InsufficientBytes(_)) => {
@@ -560,14 +675,34 @@ async fn connection(
             }
             Err(e) => {
                 debug!(%peer, "malformed CONNECT: {e}");
-                return;
+                let violation =
+                    frame::Violation::Malformed("CONNECT not in the format of the standard");
+                return refuse_violation(&shared, &*admission, &mut writer, codec, peer, violation)
+                    .await;
             }
         }
     };
-    let Packet::Connect(connect, _props, last_will, will_props, login) = connect else {
+    let Packet::Connect(connect, props, last_will, will_props, login) = connect else {
         return;
     };
+    // The CONNECT is read: this connection no longer counts as an unfinished handshake.
+    drop(pending);
     let client_id = connect.client_id.clone();
+    let limits = ClientLimits::of(version, props.as_ref());
+
+    if props
+        .as_ref()
+        .is_some_and(|p| p.authentication_method.is_some())
+    {
+        // MQTT 5 §4.12 [MQTT-4.12.0-1]: the front door supports no extended authentication.
+        let reason = "authentication method not supported";
+        info!(%peer, client_id = %client_id_for_log(&client_id), "refused: {reason}");
+        admission.refused(&client_id_for_log(&client_id), peer, reason);
+        let connack = frame::reason_connack(ConnectReturnCode::BadAuthenticationMethod, reason);
+        return close_with(&mut writer, codec, connack, settings.write_timeout, &limits).await;
+    }
+    // Read: not kept in the state of this task for the session's life.
+    drop(props);
 
     let refuse = |refusal: Refusal, reason: String| async move {
         info!(%peer, client_id = %client_id_for_log(&connect.client_id), ?refusal, "refused: {reason}");
@@ -576,7 +711,11 @@ async fn connection(
     // PROTOCOL §2: every refused CONNECT gets 5 / 0x87, a client id of the wrong form included.
     let refusal = if !client_id_is_valid(&client_id) {
         Some(refuse(Refusal::NotAuthorized, "client id of the wrong form".into()).await)
-    } else if shared.registry.len() >= settings.max_connections {
+    } else if shared.registry.len() >= settings.max_connections
+        && !shared.registry.is_connected(&client_id)
+    {
+        // Before admission only the hard cap: who may use the reserved slots, and how many
+        // sessions this address has, is decided once the admission has spoken (`register`).
         Some(refuse(Refusal::QuotaExceeded, "connection limit reached".into()).await)
     } else if let Err(reason) = &certificate {
         Some(
@@ -591,8 +730,15 @@ async fn connection(
     };
     if let Some((refusal, reason)) = refusal {
         admission.refused(&client_id_for_log(&client_id), peer, &reason);
-        return refuse_and_close(&mut writer, codec, refusal, &reason, settings.write_timeout)
-            .await;
+        return refuse_and_close(
+            &mut writer,
+            codec,
+            refusal,
+            &reason,
+            settings.write_timeout,
+            &limits,
+        )
+        .await;
     }
 
     let session_id = shared.registry.next_session_id();
@@ -605,33 +751,19 @@ async fn connection(
         certificate: certificate.ok().flatten(),
         version,
     };
-    let rights = match admission.admit(info).await {
-        Decision::Allow { rights, reserved } => {
-            // The last `reserved_sessions` slots are for clients admitted as `reserved`
-            // (operators): a flood of devices never locks them out.
-            let cap = settings
-                .max_connections
-                .saturating_sub(settings.reserved_sessions);
-            if !reserved && shared.registry.len() >= cap {
-                let reason = "connection limit reached (the rest is reserved for operators)";
-                info!(%peer, client_id = %client_id_for_log(&client_id), "refused: {reason}");
-                admission.session_closed(&client_id, session_id);
-                admission.refused(&client_id_for_log(&client_id), peer, reason);
-                return refuse_and_close(
-                    &mut writer,
-                    codec,
-                    Refusal::QuotaExceeded,
-                    reason,
-                    settings.write_timeout,
-                )
-                .await;
-            }
-            rights
-        }
+    let (rights, reserved) = match admission.admit(info).await {
+        Decision::Allow { rights, reserved } => (rights, reserved),
         Decision::Deny { refusal, reason } => {
             info!(%peer, client_id = %client_id_for_log(&client_id), "refused by the controller: {reason}");
-            return refuse_and_close(&mut writer, codec, refusal, &reason, settings.write_timeout)
-                .await;
+            return refuse_and_close(
+                &mut writer,
+                codec,
+                refusal,
+                &reason,
+                settings.write_timeout,
+                &limits,
+            )
+            .await;
         }
     };
 
@@ -646,6 +778,7 @@ async fn connection(
                 .unwrap_or(0)
                 .into(),
         ),
+        properties: will_props.as_ref().and_then(will_publish_properties),
     });
     // A will is published on the client's behalf: it must be within its rights at CONNECT.
     let will = will
@@ -660,14 +793,34 @@ async fn connection(
     let undelivered = registry::Undelivered::default();
     // Dropped once this session released its router link (see `Registry::register`).
     let (released_tx, released_rx) = tokio::sync::oneshot::channel::<()>();
-    let taken_over = shared.registry.register(
-        &client_id,
+    let session = NewSession {
         session_id,
-        shared_rights.clone(),
-        control_tx,
-        released_rx,
-        undelivered.clone(),
-    );
+        address: peer.ip(),
+        reserved,
+        rights: shared_rights.clone(),
+        control: control_tx,
+        released: released_rx,
+        undelivered: undelivered.clone(),
+    };
+    let taken_over = match shared.registry.register(&client_id, session) {
+        Ok(taken_over) => taken_over,
+        Err(cap) => {
+            let reason = cap.reason();
+            info!(%peer, client_id = %client_id_for_log(&client_id), "refused: {reason}");
+            admission.refused(&client_id_for_log(&client_id), peer, reason);
+            // The admission counted the session as live when it allowed it.
+            admission.session_closed(&client_id, session_id);
+            return refuse_and_close(
+                &mut writer,
+                codec,
+                Refusal::QuotaExceeded,
+                reason,
+                settings.write_timeout,
+                &limits,
+            )
+            .await;
+        }
+    };
     if let Some(old_released) = taken_over {
         // Bounded: a stuck old session cannot hold the new one forever.
         let _ = timeout(Duration::from_secs(2), old_released).await;
@@ -685,6 +838,7 @@ async fn connection(
                     Refusal::ServerUnavailable,
                     reason,
                     settings.write_timeout,
+                    &limits,
                 )
                 .await;
                 shared.registry.unregister(&client_id, session_id);
@@ -702,6 +856,7 @@ async fn connection(
                 Refusal::NotAuthorized,
                 reason,
                 settings.write_timeout,
+                &limits,
             )
             .await;
             release_link(&mut link_tx).await;
@@ -710,25 +865,10 @@ async fn connection(
             return;
         }
     }
-    let connack: Option<Packet> = notification.into();
-    let connack = match connack {
-        Some(Packet::ConnAck(mut ack, props)) => {
-            ack.session_present = false;
-            Packet::ConnAck(ack, props)
-        }
-        _ => Packet::ConnAck(
-            rumqttd::protocol::ConnAck {
-                session_present: false,
-                code: rumqttd::protocol::ConnectReturnCode::Success,
-            },
-            None,
-        ),
-    };
-    let keepalive = match connect.keep_alive {
-        0 => settings.idle_timeout,
-        // MQTT: the server may close after one and a half keepalive periods of silence.
-        k => Duration::from_millis(u64::from(k) * 1500),
-    };
+    // The router's CONNACK is a success; what it says of the session (topic aliases) is not
+    // what the front door offers.
+    drop(notification);
+    let (connack, keepalive) = success_connack(settings, version, connect.keep_alive, &limits);
 
     let mut pump = Pump {
         shared: shared.clone(),
@@ -740,6 +880,7 @@ async fn connection(
         admission: admission.clone(),
         undelivered,
         inbox_qos2: HashSet::new(),
+        router_qos2: HashSet::new(),
         link_tx,
         pending_subs: HashMap::new(),
         denied_qos2: HashSet::new(),
@@ -748,8 +889,19 @@ async fn connection(
         last_delivered: None,
         mailbox_pkid: MAILBOX_PKIDS_FROM,
         mailbox_unacked: HashSet::new(),
+        aliases: frame::TopicAliases::default(),
+        limits,
+        flight: flight::RouterFlight::default(),
     };
-    let end = match write_packet(&mut writer, codec, connack, settings.write_timeout).await {
+    let written = write_packet_within(
+        &mut writer,
+        codec,
+        connack,
+        settings.write_timeout,
+        limits.max_packet_size,
+    )
+    .await;
+    let end = match written {
         // Boxed: rustc lays the pump's future out beside this function's other states instead
         // of over them; boxed, an idle session's task is about 3.5 KiB smaller (12.4 KiB with
         // the pump inline, 4.8 KiB plus the pump's 4.2 KiB boxed).
@@ -781,6 +933,90 @@ async fn connection(
     admission.session_closed(&client_id, session_id);
 }
 
+/// What an MQTT 5 client said in its CONNECT about what it accepts and expects.
+#[derive(Debug, Clone, Copy)]
+struct ClientLimits {
+    /// Maximum Packet Size: no packet larger than this is sent to the client [MQTT-3.1.2-24].
+    max_packet_size: Option<usize>,
+    /// Session Expiry Interval of the CONNECT (0 when absent).
+    session_expiry: u32,
+    /// Receive Maximum: QoS 1 and 2 PUBLISHes the client takes unacknowledged at once
+    /// [MQTT-3.3.4-9] (65,535 when absent; no limit under 3.1.1).
+    receive_maximum: usize,
+}
+
+impl ClientLimits {
+    fn of(version: MqttVersion, props: Option<&rumqttd::protocol::ConnectProperties>) -> Self {
+        match (version, props) {
+            (MqttVersion::V5, props) => ClientLimits {
+                max_packet_size: props
+                    .and_then(|p| p.max_packet_size)
+                    .map(|max| usize::try_from(max).unwrap_or(usize::MAX)),
+                session_expiry: props.and_then(|p| p.session_expiry_interval).unwrap_or(0),
+                // `check_connect` refused a Receive Maximum of 0.
+                receive_maximum: usize::from(
+                    props
+                        .and_then(|p| p.receive_maximum)
+                        .unwrap_or(u16::MAX)
+                        .max(1),
+                ),
+            },
+            (MqttVersion::V311, _) => ClientLimits {
+                max_packet_size: None,
+                session_expiry: 0,
+                receive_maximum: usize::MAX,
+            },
+        }
+    }
+}
+
+/// The CONNACK of an admitted client and the silence after which its session ends.
+///
+/// Under MQTT 5 it says what the front door offers: topic aliases up to
+/// [`frame::TOPIC_ALIAS_MAXIMUM`], packets up to `max_packet_size`, no shared subscriptions, a
+/// session that ends with the connection (Session Expiry Interval 0 when the client asked for
+/// more: sessions never outlive their connection), and, to a client that asked for no
+/// keepalive, the Server Keep Alive the front door enforces instead [MQTT-3.2.2-22].
+fn success_connack(
+    settings: &SettingsRuntime,
+    version: MqttVersion,
+    keep_alive: u16,
+    limits: &ClientLimits,
+) -> (Packet, Duration) {
+    let ack = ConnAck {
+        session_present: false,
+        code: ConnectReturnCode::Success,
+    };
+    // MQTT: the server may close after one and a half keepalive periods of silence.
+    let one_and_a_half = |secs: u16| Duration::from_millis(u64::from(secs) * 1500);
+    if version == MqttVersion::V311 {
+        let keepalive = match keep_alive {
+            0 => settings.idle_timeout,
+            k => one_and_a_half(k),
+        };
+        return (Packet::ConnAck(ack, None), keepalive);
+    }
+    // A client that asked for no keepalive is told the one that keeps `idle_timeout`.
+    let server_keep_alive = (keep_alive == 0).then(|| {
+        let secs = settings
+            .idle_timeout
+            .as_millis()
+            .div_ceil(1500)
+            .clamp(1, 65_535);
+        u16::try_from(secs).unwrap_or(u16::MAX)
+    });
+    let keepalive = one_and_a_half(server_keep_alive.unwrap_or(keep_alive));
+    let props = ConnAckProperties {
+        session_expiry_interval: (limits.session_expiry > 0).then_some(0),
+        max_packet_size: u32::try_from(settings.max_packet_size).ok(),
+        topic_alias_max: Some(frame::TOPIC_ALIAS_MAXIMUM),
+        shared_subscription_available: Some(0),
+        server_keep_alive,
+        ..ConnAckProperties::default()
+    };
+    (Packet::ConnAck(ack, Some(props)), keepalive)
+}
+
 /// Frees the client's session in the router (its will, if any, was handled by the front door).
 async fn release_link(link_tx: &mut LinkTx) {
     let disconnect = Disconnect {
@@ -796,9 +1032,49 @@ async fn refuse_and_close(
     refusal: Refusal,
     reason: &str,
     write_timeout: Duration,
+    limits: &ClientLimits,
 ) {
     let connack = frame::refusal_connack(codec.0, refusal, reason);
-    let _ = write_packet(writer, codec, connack, write_timeout).await;
+    close_with(writer, codec, connack, write_timeout, limits).await;
+}
+
+/// Writes a refusing CONNACK, within the client's Maximum Packet Size, and closes.
+async fn close_with(
+    writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    codec: Codec,
+    connack: Packet,
+    write_timeout: Duration,
+    limits: &ClientLimits,
+) {
+    let _ = write_packet_within(
+        writer,
+        codec,
+        connack,
+        write_timeout,
+        limits.max_packet_size,
+    )
+    .await;
+    let _ = writer.shutdown().await;
+}
+
+/// Refuses a CONNECT that breaks the standard: CONNACK 0x81 (Malformed Packet) or 0x82
+/// (Protocol Error) under MQTT 5, which has them; under 3.1.1 the connection is closed
+/// without one ([MQTT-3.1.4-1]). Audited like the front door's other refusals.
+async fn refuse_violation(
+    shared: &Shared,
+    admission: &dyn Admission,
+    writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    codec: Codec,
+    peer: SocketAddr,
+    violation: frame::Violation,
+) {
+    info!(%peer, "refused: {violation}");
+    admission.refused("-", peer, &violation.to_string());
+    if codec.0 == MqttVersion::V5 {
+        let connack = frame::reason_connack(violation.connack_code(), &violation.to_string());
+        // The client's Maximum Packet Size is in the CONNECT refused: not to be trusted.
+        let _ = write_packet(writer, codec, connack, shared.settings.write_timeout).await;
+    }
     let _ = writer.shutdown().await;
 }
 
@@ -811,7 +1087,7 @@ fn publish_will(shared: Arc<Shared>, client_id: String, will: Will) {
     let publish = move |shared: &Shared| {
         let packet = Packet::Publish(
             Publish::new(will.topic.clone(), will.payload.clone(), will.retain),
-            None,
+            will.properties.clone(),
         );
         let mut link = shared.will_link.lock().unwrap_or_else(|e| e.into_inner());
         // `send` completes without waiting (it pushes to the router's channel).
@@ -883,6 +1159,9 @@ struct Pump {
     undelivered: registry::Undelivered,
     /// QoS 2 inbox messages already handed over: their PUBREL is answered here.
     inbox_qos2: HashSet<u16>,
+    /// QoS 2 PUBLISHes forwarded to the router and not released yet: their PUBREL goes to the
+    /// router, which drops a client for a PUBREL it does not know.
+    router_qos2: HashSet<u16>,
     link_tx: LinkTx,
     /// SUBSCRIBEs forwarded in part: per packet id, the codes of the denied filters by position
     /// (`None`: to be filled from the router's SUBACK).
@@ -902,6 +1181,13 @@ struct Pump {
     mailbox_unacked: HashSet<u16>,
     /// Topic of the last mailbox delivery handled: a cut waiting for it needs not wait.
     last_delivered: Option<String>,
+    /// The client's topic aliases (MQTT 5).
+    aliases: frame::TopicAliases,
+    /// What the client's CONNECT said it accepts.
+    limits: ClientLimits,
+    /// The router's QoS 1 and 2 messages in flight to the client: with `mailbox_unacked`, what
+    /// the client's Receive Maximum counts.
+    flight: flight::RouterFlight,
 }
 
 enum Step {
@@ -1001,11 +1287,12 @@ impl Pump {
         text: &str,
     ) {
         if let Some(packet) = frame::server_disconnect(self.version, reason, text) {
-            let _ = write_packet(
+            let _ = write_packet_within(
                 writer,
                 self.codec,
                 packet,
                 self.shared.settings.write_timeout,
+                self.limits.max_packet_size,
             )
             .await;
         }
@@ -1024,17 +1311,28 @@ impl Pump {
         };
         let last = self.is_final(topic.as_bytes());
         // The controller speaks at QoS 1 (PROTOCOL §3); a QoS 0 subscription gets QoS 0. A
-        // client that leaves too many unacknowledged gets the rest at QoS 0.
-        let step = if qos >= 1 && self.mailbox_unacked.len() < MAX_MAILBOX_UNACKED {
-            let pkid = self.mailbox_pkid;
-            self.mailbox_pkid = if pkid == u16::MAX {
-                MAILBOX_PKIDS_FROM
-            } else {
-                pkid + 1
-            };
-            self.mailbox_unacked.insert(pkid);
+        // client that leaves too many unacknowledged (64, or its Receive Maximum with what the
+        // router has in flight to it) gets the rest at QoS 0.
+        let step = if qos >= 1
+            && self.mailbox_unacked.len() < MAX_MAILBOX_UNACKED
+            && self.flight.in_flight() + self.mailbox_unacked.len() < self.limits.receive_maximum
+        {
+            let pkid = unused_mailbox_pkid(self.mailbox_pkid, &self.mailbox_unacked);
             let bytes = frame::publish_qos1(self.version, &topic, &payload, pkid);
-            self.write_bytes(writer, &bytes).await
+            if self
+                .limits
+                .max_packet_size
+                .is_some_and(|max| bytes.len() > max)
+            {
+                // Too large for the client: not sent, and taken as delivered [MQTT-3.1.2-25]
+                // (its packet id was never used).
+                debug!(client_id = %self.client_id, "a mailbox message exceeds the client's maximum packet size");
+                Step::Continue
+            } else {
+                self.mailbox_pkid = next_mailbox_pkid(pkid);
+                self.mailbox_unacked.insert(pkid);
+                self.write_bytes(writer, &bytes).await
+            }
         } else {
             let publish = Publish::new(topic.clone().into_bytes(), payload, false);
             self.write(writer, Packet::Publish(publish, None)).await
@@ -1075,15 +1373,159 @@ impl Pump {
         self.step_after_write(written)
     }
 
+    /// Writes a packet within the client's Maximum Packet Size ([`write_packet_within`]).
     async fn write(&self, writer: &mut WriteHalf<TlsStream<TcpStream>>, packet: Packet) -> Step {
-        let written = write_packet(
+        let written = write_packet_within(
             writer,
             self.codec,
             packet,
             self.shared.settings.write_timeout,
+            self.limits.max_packet_size,
         )
         .await;
         self.step_after_write(written)
+    }
+
+    /// Writes a PUBLISH from the router (`last`: the one a pending cut waits for).
+    ///
+    /// One larger than the client's Maximum Packet Size is not sent, and the router is told it
+    /// was delivered, as the standard has it: "Where a Packet is too large to send, the Server
+    /// MUST discard it without sending it and then behave as if it had completed sending that
+    /// Application Message" [MQTT-3.1.2-25]. One at QoS 1 or 2 waits while the client has as
+    /// many unacknowledged as its Receive Maximum allows [MQTT-3.3.4-9]; nothing else waits for
+    /// it [MQTT-3.3.4-10]. [`flight::RouterFlight`] keeps the order the router needs.
+    async fn write_forward(
+        &mut self,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+        publish: Publish,
+        properties: Option<PublishProperties>,
+        last: bool,
+    ) -> Step {
+        let mut bytes = match encode(self.codec, Packet::Publish(publish, properties)) {
+            Ok(bytes) => bytes,
+            Err(e) => return self.step_after_write(Err(e)),
+        };
+        // The front door never sends a PUBLISH twice: DUP is 0 whatever the publisher's was
+        // [MQTT-3.3.1-3] (rumqttd's router keeps it).
+        if let Some(first) = bytes.first_mut() {
+            *first &= !0x08;
+        }
+        let fits = self
+            .limits
+            .max_packet_size
+            .is_none_or(|max| bytes.len() <= max);
+        if !fits {
+            debug!(client_id = %self.client_id, size = bytes.len(), "a PUBLISH exceeds the client's maximum packet size: discarded");
+        }
+        let step = match frame::publish_qos_pkid(&bytes) {
+            Some((qos @ 1..=2, pkid)) => {
+                let room = self.router_room();
+                let effects = self.flight.forwarded(pkid, qos, bytes, fits, last, room);
+                self.carry_out(effects, writer).await
+            }
+            _ if fits => {
+                return match self.write_bytes(writer, &bytes).await {
+                    Step::Continue if last => Step::End(self.cut_now(writer).await),
+                    step => step,
+                };
+            }
+            _ => Step::Continue,
+        };
+        match step {
+            // A discarded message counts as delivered: a cut waiting for it need not wait.
+            Step::Continue if last && !fits => Step::End(self.cut_now(writer).await),
+            step => step,
+        }
+    }
+
+    /// What the client's Receive Maximum leaves to the router's messages.
+    fn router_room(&self) -> usize {
+        self.limits
+            .receive_maximum
+            .saturating_sub(self.mailbox_unacked.len())
+    }
+
+    /// Carries out what [`flight::RouterFlight`] asks: acknowledgements to the router, and
+    /// writes to the client.
+    async fn carry_out(
+        &mut self,
+        effects: Vec<flight::Effect>,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    ) -> Step {
+        for effect in effects {
+            let step = match effect {
+                flight::Effect::Router(ack) => {
+                    let packet = match ack {
+                        flight::ToRouter::Acked(pkid) => Packet::PubAck(
+                            PubAck {
+                                pkid,
+                                reason: PubAckReason::Success,
+                            },
+                            None,
+                        ),
+                        flight::ToRouter::Received(pkid) => Packet::PubRec(
+                            PubRec {
+                                pkid,
+                                reason: PubRecReason::Success,
+                            },
+                            None,
+                        ),
+                        flight::ToRouter::Completed(pkid) => Packet::PubComp(
+                            PubComp {
+                                pkid,
+                                reason: PubCompReason::Success,
+                            },
+                            None,
+                        ),
+                    };
+                    self.forward(packet).await
+                }
+                flight::Effect::Write { bytes, last } => {
+                    match self.write_bytes(writer, &bytes).await {
+                        Step::Continue if last => Step::End(self.cut_now(writer).await),
+                        step => step,
+                    }
+                }
+            };
+            if let Step::End(end) = step {
+                return Step::End(end);
+            }
+        }
+        Step::Continue
+    }
+
+    /// A client's PUBACK, PUBREC or PUBCOMP of a message from the router: it goes to the
+    /// router, then what it frees (the turn of a discarded message, room in the Receive
+    /// Maximum) is used.
+    async fn acknowledged(
+        &mut self,
+        packet: Packet,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    ) -> Step {
+        let ack = match &packet {
+            Packet::PubAck(ack, _) => Some(flight::ClientAck::Acked(ack.pkid)),
+            Packet::PubComp(comp, _) => Some(flight::ClientAck::Completed(comp.pkid)),
+            Packet::PubRec(rec, _) => Some(flight::ClientAck::Received {
+                pkid: rec.pkid,
+                // MQTT 5 §4.9: a PUBREC of 0x80 or more ends the message's flight.
+                failed: !matches!(
+                    rec.reason,
+                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                ),
+            }),
+            _ => None,
+        };
+        if let Step::End(end) = self.forward(packet).await {
+            return Step::End(end);
+        }
+        match ack {
+            Some(ack) => {
+                let room = self.router_room();
+                let effects = self.flight.acknowledged(ack, room);
+                self.carry_out(effects, writer).await
+            }
+            None => Step::Continue,
+        }
     }
 
     /// A failed or timed-out write ends the session.
@@ -1113,6 +1555,15 @@ impl Pump {
                 )
                 .await;
                 return Step::End(End::Unclean);
+            }
+            // What rumqttd's decoder does not look at, on the raw frame once all of it is here.
+            if let Some(frame) = frame::complete_frame_len(buf).and_then(|len| buf.get(..len)) {
+                if let Err(violation) = frame::check_frame(frame, self.version) {
+                    debug!(client_id = %self.client_id, "{violation}");
+                    self.disconnect(writer, violation.disconnect_code(), &violation.to_string())
+                        .await;
+                    return Step::End(End::Unclean);
+                }
             }
             let peeked = frame::publish_qos_pkid(buf);
             let packet = match self.codec.read(buf, self.shared.settings.max_packet_size) {
@@ -1212,7 +1663,21 @@ impl Pump {
                 .await;
                 Step::End(End::Unclean)
             }
-            Packet::Publish(mut publish, props) => {
+            Packet::Publish(mut publish, mut props) => {
+                if self.version == MqttVersion::V5 {
+                    // The topic an alias stands for is the one rights are checked against and
+                    // the router sees; the router gets no alias.
+                    let alias = props.as_mut().and_then(|p| p.topic_alias.take());
+                    match self.aliases.resolve(&publish.topic, alias) {
+                        Ok(topic) => publish.topic = topic,
+                        Err(e) => {
+                            debug!(client_id = %self.client_id, "{e}");
+                            self.disconnect(writer, e.disconnect_code(), &e.to_string())
+                                .await;
+                            return Step::End(End::Unclean);
+                        }
+                    }
+                }
                 let (allowed, inbox, retain) = match std::str::from_utf8(&publish.topic) {
                     Ok(topic) => {
                         let rights = registry::read(&self.rights);
@@ -1231,6 +1696,17 @@ impl Pump {
                     // Without the right to retain, the message reaches today's subscribers
                     // only: nothing planted now reaches whoever subscribes later.
                     publish.retain &= retain;
+                    if let Some((2, pkid)) = peeked {
+                        // Handed to the router once [MQTT-4.3.3-10]: a QoS 2 message resent
+                        // before its PUBREL is only acknowledged again.
+                        if !self.router_qos2.insert(pkid) {
+                            let rec = PubRec {
+                                pkid,
+                                reason: PubRecReason::Success,
+                            };
+                            return self.write(writer, Packet::PubRec(rec, None)).await;
+                        }
+                    }
                     return self.forward(Packet::Publish(publish, props)).await;
                 }
                 debug!(client_id = %self.client_id, topic = %String::from_utf8_lossy(&publish.topic).escape_default(), "publish denied");
@@ -1261,15 +1737,38 @@ impl Pump {
                 }
             }
             Packet::PubRel(pubrel, props) => {
-                if self.denied_qos2.remove(&pubrel.pkid) || self.inbox_qos2.remove(&pubrel.pkid) {
-                    let comp = PubComp {
-                        pkid: pubrel.pkid,
-                        reason: PubCompReason::Success,
-                    };
-                    self.write(writer, Packet::PubComp(comp, None)).await
-                } else {
-                    self.forward(Packet::PubRel(pubrel, props)).await
+                let pkid = pubrel.pkid;
+                if self.router_qos2.remove(&pkid) {
+                    return self.forward(Packet::PubRel(pubrel, props)).await;
                 }
+                let denied = self.denied_qos2.remove(&pkid);
+                let inbox = self.inbox_qos2.remove(&pkid);
+                // [MQTT-4.3.3-11]: every PUBREL is answered with a PUBCOMP; one for a packet id
+                // nobody knows says so under MQTT 5 (0x92), instead of reaching the router,
+                // which would drop the client.
+                let reason = if denied || inbox || self.version == MqttVersion::V311 {
+                    PubCompReason::Success
+                } else {
+                    PubCompReason::PacketIdentifierNotFound
+                };
+                self.write(writer, Packet::PubComp(PubComp { pkid, reason }, None))
+                    .await
+            }
+            Packet::Subscribe(ref subscribe, _)
+                if self.version == MqttVersion::V5
+                    && subscribe
+                        .filters
+                        .iter()
+                        .any(|f| f.path.starts_with("$share/")) =>
+            {
+                // The CONNACK said Shared Subscription Available 0 (MQTT 5 §3.2.2.3.13).
+                self.disconnect(
+                    writer,
+                    DisconnectReasonCode::SharedSubscriptionNotSupported,
+                    "shared subscriptions are not supported",
+                )
+                .await;
+                Step::End(End::Unclean)
             }
             Packet::Subscribe(mut subscribe, props) => {
                 let denied_code = match self.version {
@@ -1331,31 +1830,68 @@ impl Pump {
                 self.forward(Packet::Subscribe(subscribe, props)).await
             }
             Packet::Unsubscribe(mut unsubscribe, props) => {
-                self.filters
-                    .retain(|(f, _)| !unsubscribe.filters.contains(f));
-                // The router never saw the mailbox filters (and answers nothing for a filter it
-                // does not know): they are acknowledged here.
-                let asked = unsubscribe.filters.len();
-                {
+                // The front door answers every UNSUBSCRIBE itself, with one reason per filter
+                // in their order [MQTT-3.10.4-4] to [MQTT-3.10.4-6], [MQTT-3.11.3-1]: the router
+                // answers nothing for a filter it does not know, one UNSUBACK per filter it
+                // removed, and never saw the mailbox filters.
+                let asked = std::mem::take(&mut unsubscribe.filters);
+                let granted = |f: &String| self.filters.iter().any(|(g, _)| g == f);
+                let reasons = asked
+                    .iter()
+                    .map(|f| {
+                        if granted(f) {
+                            UnsubAckReason::Success
+                        } else {
+                            UnsubAckReason::NoSubscriptionExisted
+                        }
+                    })
+                    .collect();
+                // The router holds the granted filters that are not mailboxes.
+                unsubscribe.filters = {
                     let rights = registry::read(&self.rights);
-                    unsubscribe.filters.retain(|f| !rights.is_mailbox(f));
+                    asked
+                        .iter()
+                        .filter(|f| granted(f) && !rights.is_mailbox(f))
+                        .cloned()
+                        .collect()
+                };
+                self.filters.retain(|(f, _)| !asked.contains(f));
+                let ack = UnsubAck {
+                    pkid: unsubscribe.pkid,
+                    reasons,
+                };
+                if !unsubscribe.filters.is_empty() {
+                    if let Step::End(end) =
+                        self.forward(Packet::Unsubscribe(unsubscribe, props)).await
+                    {
+                        return Step::End(end);
+                    }
                 }
-                if unsubscribe.filters.is_empty() {
-                    let ack = UnsubAck {
-                        pkid: unsubscribe.pkid,
-                        reasons: vec![UnsubAckReason::Success; asked],
-                    };
-                    return self.write(writer, Packet::UnsubAck(ack, None)).await;
-                }
-                self.forward(Packet::Unsubscribe(unsubscribe, props)).await
+                self.write(writer, Packet::UnsubAck(ack, None)).await
             }
             // The acknowledgement of a mailbox message is the front door's own.
-            Packet::PubAck(ref ack, _) if self.mailbox_unacked.remove(&ack.pkid) => Step::Continue,
+            Packet::PubAck(ref ack, _) if self.mailbox_unacked.remove(&ack.pkid) => {
+                let room = self.router_room();
+                let effects = self.flight.room_freed(room);
+                self.carry_out(effects, writer).await
+            }
             Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..) => {
-                self.forward(packet).await
+                self.acknowledged(packet, writer).await
             }
             Packet::PingReq(_) => self.write(writer, Packet::PingResp(PingResp)).await,
-            Packet::Disconnect(disconnect, _) => {
+            Packet::Disconnect(disconnect, props) => {
+                let expiry = props.and_then(|p| p.session_expiry_interval).unwrap_or(0);
+                if self.limits.session_expiry == 0 && expiry != 0 {
+                    // MQTT 5 §3.14.2.2.2: after none in CONNECT, a Session Expiry Interval in
+                    // DISCONNECT is a Protocol Error and not a valid DISCONNECT (the will fires).
+                    self.disconnect(
+                        writer,
+                        DisconnectReasonCode::ProtocolError,
+                        "session expiry interval in DISCONNECT after none in CONNECT",
+                    )
+                    .await;
+                    return Step::End(End::Unclean);
+                }
                 if disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
                     Step::End(End::CleanWithWill)
                 } else {
@@ -1395,13 +1931,8 @@ impl Pump {
             }
             Notification::Forward(forward) => {
                 let last = self.is_final(&forward.publish.topic);
-                let step = self
-                    .write(writer, Packet::Publish(forward.publish, forward.properties))
-                    .await;
-                if last {
-                    return Step::End(self.cut_now(writer).await);
-                }
-                step
+                self.write_forward(writer, forward.publish, forward.properties, last)
+                    .await
             }
             other => {
                 let packet: Option<Packet> = other.into();
@@ -1419,10 +1950,422 @@ impl Pump {
                         }
                         self.write(writer, Packet::SubAck(ack, props)).await
                     }
-                    // The front door answers PINGREQ itself.
-                    Some(Packet::PingResp(_)) | None => Step::Continue,
+                    // The release of a message the client never got (too large for it): the
+                    // front door completed it already.
+                    Some(Packet::PubRel(rel, _)) if self.flight.swallows(rel.pkid) => {
+                        Step::Continue
+                    }
+                    // The front door answers PINGREQ and UNSUBSCRIBE itself.
+                    Some(Packet::PingResp(_) | Packet::UnsubAck(..)) | None => Step::Continue,
                     Some(packet) => self.write(writer, packet).await,
                 }
+            }
+        }
+    }
+}
+
+fn next_mailbox_pkid(pkid: u16) -> u16 {
+    if pkid == u16::MAX {
+        MAILBOX_PKIDS_FROM
+    } else {
+        pkid + 1
+    }
+}
+
+/// The first packet id from `from` on (0x8000 to 0xFFFF, then round again) that no
+/// unacknowledged mailbox message has [MQTT-2.2.1-4]. At most [`MAX_MAILBOX_UNACKED`] are in use,
+/// so one is found within that many steps.
+fn unused_mailbox_pkid(from: u16, in_use: &HashSet<u16>) -> u16 {
+    let mut pkid = from.max(MAILBOX_PKIDS_FROM);
+    for _ in 0..=MAX_MAILBOX_UNACKED {
+        if !in_use.contains(&pkid) {
+            break;
+        }
+        pkid = next_mailbox_pkid(pkid);
+    }
+    pkid
+}
+
+/// What rumqttd's router has in flight to one client, and what the front door does about it.
+/// Pure: the pump hands it events and carries out the effects it returns.
+///
+/// Two rules meet here. The router takes acknowledgements only in the order it sent the
+/// messages ("We don't support out of order acks", rumqttd iobufs.rs: PUBACKs and PUBRECs in
+/// the order of the PUBLISHes, PUBCOMPs in the order of the PUBRECs) and drops the client
+/// otherwise. And the front door answers some messages for the client: one too large for the
+/// client's Maximum Packet Size is discarded and completed as if sent [MQTT-3.1.2-25]; one that
+/// finds no room in the client's Receive Maximum waits [MQTT-3.3.4-9]. So a discarded message's
+/// acknowledgement goes to the router only when every message before it is acknowledged, and a
+/// waiting message keeps its place.
+mod flight {
+    use std::collections::{HashSet, VecDeque};
+
+    use bytes::BytesMut;
+
+    /// An acknowledgement the front door sends to the router for the client.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) enum ToRouter {
+        /// PUBACK.
+        Acked(u16),
+        /// PUBREC.
+        Received(u16),
+        /// PUBCOMP.
+        Completed(u16),
+    }
+
+    #[derive(Debug, PartialEq, Eq)]
+    pub(super) enum Effect {
+        Router(ToRouter),
+        /// Write this PUBLISH to the client (`last`: the one a pending cut waits for).
+        Write {
+            bytes: BytesMut,
+            last: bool,
+        },
+    }
+
+    /// A client's acknowledgement of a message from the router.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) enum ClientAck {
+        /// PUBACK.
+        Acked(u16),
+        /// PUBREC; `failed`: a reason code of 0x80 or more, which ends the message's flight.
+        Received { pkid: u16, failed: bool },
+        /// PUBCOMP.
+        Completed(u16),
+    }
+
+    #[derive(Debug)]
+    enum Fate {
+        /// Written to the client; its acknowledgement is the client's.
+        Written,
+        /// Too large for the client: never written, acknowledged here in its turn.
+        Discarded,
+        /// Waiting for room in the client's Receive Maximum.
+        Waiting { bytes: BytesMut, last: bool },
+    }
+
+    #[derive(Debug)]
+    struct Unacked {
+        pkid: u16,
+        qos: u8,
+        fate: Fate,
+    }
+
+    #[derive(Debug, Default)]
+    pub(super) struct RouterFlight {
+        /// QoS 1 and 2 messages not acknowledged (PUBACK, PUBREC) yet, in the router's order.
+        unacked: VecDeque<Unacked>,
+        /// QoS 2 messages received (PUBREC) and not completed (PUBCOMP) yet, in PUBREC order;
+        /// `true`: discarded, completed here.
+        unreleased: VecDeque<(u16, bool)>,
+        /// Discarded QoS 2 messages whose PUBREL from the router the client must not see.
+        swallow: HashSet<u16>,
+    }
+
+    impl RouterFlight {
+        /// Messages written to the client and not acknowledged yet (what its Receive Maximum
+        /// counts: MQTT 5 §4.9).
+        pub(super) fn in_flight(&self) -> usize {
+            let unacked = self
+                .unacked
+                .iter()
+                .filter(|m| matches!(m.fate, Fate::Written))
+                .count();
+            let unreleased = self.unreleased.iter().filter(|(_, d)| !d).count();
+            unacked + unreleased
+        }
+
+        /// A QoS 1 or 2 PUBLISH from the router, encoded in `bytes`. `fits`: within the
+        /// client's Maximum Packet Size; `room`: how many messages the client's Receive Maximum
+        /// leaves to the router (besides the front door's own).
+        pub(super) fn forwarded(
+            &mut self,
+            pkid: u16,
+            qos: u8,
+            bytes: BytesMut,
+            fits: bool,
+            last: bool,
+            room: usize,
+        ) -> Vec<Effect> {
+            let fate = if fits {
+                Fate::Waiting { bytes, last }
+            } else {
+                Fate::Discarded
+            };
+            self.unacked.push_back(Unacked { pkid, qos, fate });
+            self.settle(room)
+        }
+
+        /// The client acknowledged a message; its acknowledgement goes to the router (by the
+        /// caller, first), then the effects.
+        pub(super) fn acknowledged(&mut self, ack: ClientAck, room: usize) -> Vec<Effect> {
+            match ack {
+                ClientAck::Acked(pkid) | ClientAck::Received { pkid, failed: true } => {
+                    self.remove_unacked(pkid);
+                }
+                ClientAck::Received {
+                    pkid,
+                    failed: false,
+                } => {
+                    if self.remove_unacked(pkid) {
+                        self.unreleased.push_back((pkid, false));
+                    }
+                }
+                ClientAck::Completed(pkid) => {
+                    if let Some(at) = self.unreleased.iter().position(|(p, _)| *p == pkid) {
+                        self.unreleased.remove(at);
+                    }
+                }
+            }
+            self.settle(room)
+        }
+
+        /// The client's Receive Maximum has room again (it acknowledged one of the front
+        /// door's own messages).
+        pub(super) fn room_freed(&mut self, room: usize) -> Vec<Effect> {
+            self.settle(room)
+        }
+
+        /// Whether a PUBREL from the router is for a discarded message (not for the client).
+        pub(super) fn swallows(&mut self, pkid: u16) -> bool {
+            self.swallow.remove(&pkid)
+        }
+
+        fn remove_unacked(&mut self, pkid: u16) -> bool {
+            match self.unacked.iter().position(|m| m.pkid == pkid) {
+                Some(at) => self.unacked.remove(at).is_some(),
+                None => false,
+            }
+        }
+
+        /// Acknowledges the discarded messages whose turn it is, then writes waiting ones while
+        /// there is room, in order.
+        fn settle(&mut self, room: usize) -> Vec<Effect> {
+            let mut effects = Vec::new();
+            while let Some(Unacked {
+                fate: Fate::Discarded,
+                ..
+            }) = self.unacked.front()
+            {
+                let Some(m) = self.unacked.pop_front() else {
+                    break;
+                };
+                if m.qos == 1 {
+                    effects.push(Effect::Router(ToRouter::Acked(m.pkid)));
+                } else {
+                    effects.push(Effect::Router(ToRouter::Received(m.pkid)));
+                    self.swallow.insert(m.pkid);
+                    self.unreleased.push_back((m.pkid, true));
+                }
+            }
+            while let Some(&(pkid, true)) = self.unreleased.front() {
+                self.unreleased.pop_front();
+                effects.push(Effect::Router(ToRouter::Completed(pkid)));
+            }
+            let mut in_flight = self.in_flight();
+            for m in self.unacked.iter_mut() {
+                if !matches!(m.fate, Fate::Waiting { .. }) {
+                    continue;
+                }
+                if in_flight >= room {
+                    break;
+                }
+                if let Fate::Waiting { bytes, last } = std::mem::replace(&mut m.fate, Fate::Written)
+                {
+                    effects.push(Effect::Write { bytes, last });
+                    in_flight += 1;
+                }
+            }
+            effects
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn bytes(n: u8) -> BytesMut {
+            BytesMut::from(&[n][..])
+        }
+
+        fn router_acks(effects: &[Effect]) -> Vec<ToRouter> {
+            effects
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::Router(a) => Some(*a),
+                    Effect::Write { .. } => None,
+                })
+                .collect()
+        }
+
+        #[test]
+        fn a_discarded_message_is_acknowledged_in_its_turn() {
+            let mut flight = RouterFlight::default();
+            let e = flight.forwarded(1, 1, bytes(1), true, false, 10);
+            assert!(matches!(&e[..], [Effect::Write { .. }]));
+            // Discarded behind an unacknowledged one: its PUBACK waits.
+            assert_eq!(flight.forwarded(2, 1, bytes(2), false, false, 10), vec![]);
+            assert_eq!(
+                router_acks(&flight.acknowledged(ClientAck::Acked(1), 10)),
+                [ToRouter::Acked(2)]
+            );
+            // At the head, at once; a QoS 2 one is received and completed, and its PUBREL
+            // swallowed.
+            assert_eq!(
+                router_acks(&flight.forwarded(3, 2, bytes(3), false, false, 10)),
+                [ToRouter::Received(3), ToRouter::Completed(3)]
+            );
+            assert!(flight.swallows(3));
+            assert!(!flight.swallows(3));
+            assert_eq!(flight.in_flight(), 0);
+        }
+
+        #[test]
+        fn completions_keep_the_order_of_receipts() {
+            let mut flight = RouterFlight::default();
+            flight.forwarded(1, 2, bytes(1), true, false, 10);
+            let received = ClientAck::Received {
+                pkid: 1,
+                failed: false,
+            };
+            assert_eq!(flight.acknowledged(received, 10), vec![]);
+            // Discarded after 1 was received: received at once, completed after 1 is.
+            assert_eq!(
+                router_acks(&flight.forwarded(2, 2, bytes(2), false, false, 10)),
+                [ToRouter::Received(2)]
+            );
+            assert_eq!(flight.in_flight(), 1, "1 awaits its PUBCOMP");
+            assert_eq!(
+                router_acks(&flight.acknowledged(ClientAck::Completed(1), 10)),
+                [ToRouter::Completed(2)]
+            );
+        }
+
+        #[test]
+        fn messages_wait_for_room_in_the_receive_maximum_and_keep_their_order() {
+            let mut flight = RouterFlight::default();
+            let mut written = Vec::new();
+            for pkid in 1..=4u16 {
+                for e in flight.forwarded(pkid, 1, bytes(pkid as u8), true, pkid == 4, 2) {
+                    if let Effect::Write { bytes, .. } = e {
+                        written.push(bytes[0]);
+                    }
+                }
+            }
+            assert_eq!(written, [1, 2]);
+            assert_eq!(flight.in_flight(), 2);
+            let e = flight.acknowledged(ClientAck::Acked(1), 2);
+            assert!(matches!(&e[..], [Effect::Write { bytes, last: false }] if bytes[0] == 3));
+            // Room freed elsewhere (a mailbox message acknowledged): nothing, still full.
+            assert_eq!(flight.room_freed(2), vec![]);
+            let e = flight.acknowledged(ClientAck::Acked(2), 2);
+            assert!(matches!(&e[..], [Effect::Write { bytes, last: true }] if bytes[0] == 4));
+        }
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Forward { qos: u8, fits: bool },
+            AckNext,
+            CompleteNext,
+            ShrinkRoom,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (1u8..3, any::<bool>()).prop_map(|(qos, fits)| Op::Forward { qos, fits }),
+                Just(Op::AckNext),
+                Just(Op::CompleteNext),
+                Just(Op::ShrinkRoom),
+            ]
+        }
+
+        proptest! {
+            /// Whatever the router sends and the client acknowledges (in order, as clients do),
+            /// the router gets its PUBACKs and PUBRECs in the order of its PUBLISHes and its
+            /// PUBCOMPs in the order of the PUBRECs; the client never has more written and
+            /// unacknowledged than the room; and the client gets the messages that fit in the
+            /// router's order.
+            #[test]
+            fn the_router_sees_its_order_and_the_client_its_room(
+                ops in proptest::collection::vec(op(), 0..80),
+                start_room in 1usize..4,
+            ) {
+                let mut flight = RouterFlight::default();
+                let mut room = start_room;
+                let mut next_pkid = 1u16;
+                let mut sent = Vec::new(); // (pkid, qos, fits) in router order
+                let mut to_router: Vec<ToRouter> = Vec::new();
+                let mut client_unacked: VecDeque<(u16, u8)> = VecDeque::new();
+                let mut client_received: VecDeque<u16> = VecDeque::new();
+                let mut written = Vec::new();
+                for op in ops {
+                    let effects = match op {
+                        Op::Forward { qos, fits } => {
+                            let pkid = next_pkid;
+                            next_pkid += 1;
+                            sent.push((pkid, qos, fits));
+                            let b = BytesMut::from(&pkid.to_be_bytes()[..]);
+                            flight.forwarded(pkid, qos, b, fits, false, room)
+                        }
+                        Op::AckNext => match client_unacked.pop_front() {
+                            Some((pkid, 1)) => {
+                                to_router.push(ToRouter::Acked(pkid));
+                                flight.acknowledged(ClientAck::Acked(pkid), room)
+                            }
+                            Some((pkid, _)) => {
+                                to_router.push(ToRouter::Received(pkid));
+                                client_received.push_back(pkid);
+                                flight.acknowledged(ClientAck::Received { pkid, failed: false }, room)
+                            }
+                            None => vec![],
+                        },
+                        Op::CompleteNext => match client_received.pop_front() {
+                            Some(pkid) => {
+                                to_router.push(ToRouter::Completed(pkid));
+                                flight.acknowledged(ClientAck::Completed(pkid), room)
+                            }
+                            None => vec![],
+                        },
+                        Op::ShrinkRoom => {
+                            room = room.saturating_sub(1).max(1);
+                            flight.room_freed(room)
+                        }
+                    };
+                    let mut wrote = false;
+                    for effect in effects {
+                        match effect {
+                            Effect::Router(ack) => to_router.push(ack),
+                            Effect::Write { bytes, .. } => {
+                                wrote = true;
+                                let pkid = u16::from_be_bytes([bytes[0], bytes[1]]);
+                                let qos = sent.iter().find(|(p, ..)| *p == pkid).map(|s| s.1).unwrap_or(0);
+                                client_unacked.push_back((pkid, qos));
+                                written.push(pkid);
+                            }
+                        }
+                    }
+                    if wrote {
+                        prop_assert!(flight.in_flight() <= room, "written beyond the room");
+                    }
+                }
+                let acks: Vec<u16> = to_router.iter().filter_map(|a| match a {
+                    ToRouter::Acked(p) | ToRouter::Received(p) => Some(*p),
+                    ToRouter::Completed(_) => None,
+                }).collect();
+                let order: Vec<u16> = sent.iter().map(|s| s.0).collect();
+                prop_assert_eq!(&acks[..], &order[..acks.len()]);
+                let recs: Vec<u16> = to_router.iter().filter_map(|a| match a {
+                    ToRouter::Received(p) => Some(*p),
+                    _ => None,
+                }).collect();
+                let comps: Vec<u16> = to_router.iter().filter_map(|a| match a {
+                    ToRouter::Completed(p) => Some(*p),
+                    _ => None,
+                }).collect();
+                prop_assert_eq!(&comps[..], &recs[..comps.len()]);
+                let fitting: Vec<u16> = sent.iter().filter(|s| s.2).map(|s| s.0).collect();
+                prop_assert_eq!(&written[..], &fitting[..written.len()]);
             }
         }
     }

@@ -9,7 +9,6 @@ use fleet_tests::raw::{
 };
 use fleet_tests::{authorize, TestFleet, PATIENCE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Waits until the server closes `stream` (EOF or reset); panics after PATIENCE.
 async fn closed_by_server<S: AsyncReadExt + Unpin>(stream: &mut S, what: &str) {
@@ -33,15 +32,27 @@ async fn slow_and_idle_clients_are_cut_and_do_not_delay_an_honest_station() {
     let port = fleet.fleet.local_addr().port();
     let connector = anonymous_connector(&fleet);
 
+    // The attackers come from addresses of their own (127.0.0.2, .3), each within the share of
+    // unfinished handshakes one address may hold: what is tested here is the timeouts.
+    let from = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(std::net::SocketAddr::from(([127, 0, 0, last], 0)))
+            .expect("bind");
+        socket
+            .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+            .await
+            .expect("tcp")
+    };
     // Hundreds of sockets that never start TLS.
     let mut silent = Vec::new();
     for _ in 0..200 {
-        silent.push(TcpStream::connect(("127.0.0.1", port)).await.expect("tcp"));
+        silent.push(from(2).await);
     }
     // Handshakes that stall half-way: a TLS record header promising more than ever comes.
     let mut stalled = Vec::new();
     for _ in 0..100 {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await.expect("tcp");
+        let mut s = from(3).await;
         s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
             .await
             .expect("write");
