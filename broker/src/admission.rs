@@ -102,17 +102,19 @@ pub trait Admission: Send + Sync + 'static {
 
     /// A PUBLISH of session `session_id` to one of its inbox topics ([`Rights::inbox`]). The
     /// front door acknowledges it (PUBACK, or PUBREC/PUBCOMP at QoS 2) once this future has
-    /// completed, and reads nothing more from that client meanwhile: a slow controller slows
-    /// the sender down instead of queueing without bound.
+    /// completed with `true`, and reads nothing more from that client meanwhile: a slow
+    /// controller slows the sender down instead of queueing without bound. `false` (the message
+    /// could not be handled durably) ends the session unacknowledged, so that the client sends
+    /// it again.
     fn message(
         &self,
         client_id: &str,
         session_id: u64,
         topic: String,
         payload: Vec<u8>,
-    ) -> BoxFuture<'_, ()> {
+    ) -> BoxFuture<'_, bool> {
         let _ = (client_id, session_id, topic, payload);
-        Box::pin(async {})
+        Box::pin(async { true })
     }
 }
 

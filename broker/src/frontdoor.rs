@@ -1609,7 +1609,8 @@ impl Pump {
         let duplicate = qos == 2 && self.inbox_qos2.contains(&pkid);
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
         if !duplicate {
-            self.admission
+            let handled = self
+                .admission
                 .message(
                     &self.client_id,
                     self.session_id,
@@ -1617,6 +1618,16 @@ impl Pump {
                     publish.payload.to_vec(),
                 )
                 .await;
+            if !handled {
+                // Not acknowledged: the client sends it again on its next connection.
+                self.disconnect(
+                    writer,
+                    DisconnectReasonCode::UnspecifiedError,
+                    "the message could not be stored; send it again",
+                )
+                .await;
+                return Step::End(End::Unclean);
+            }
         }
         match qos {
             1 => {

@@ -62,6 +62,22 @@ pub struct InboxRequest {
     pub payload: Vec<u8>,
 }
 
+/// What the front door's inbox hands the controller.
+#[derive(Debug)]
+pub enum InboxItem {
+    /// An operator's request.
+    Request(InboxRequest),
+    /// A device's message on one of its inbox topics (a phone's `provision/complete`): its
+    /// session acknowledges it only once `handled` fires, after the batch that handled it was
+    /// committed, so that a device told "done" is never lost in a crash. `handled` says
+    /// whether that commit succeeded.
+    Device {
+        topic: String,
+        payload: Vec<u8>,
+        handled: tokio::sync::oneshot::Sender<bool>,
+    },
+}
+
 /// One message of a batch ([`Controller::handle_batch`]).
 #[derive(Debug, Clone, Copy)]
 pub enum Incoming<'m> {
@@ -315,8 +331,8 @@ pub struct Controller {
     /// session that sent it when it arrives, whether or not that session is still open when
     /// it is handled. Kept apart from `live`, which batches hold across their commit.
     operator_sessions: Mutex<HashMap<u64, Requester>>,
-    inbox: mpsc::Sender<InboxRequest>,
-    inbox_rx: Mutex<Option<mpsc::Receiver<InboxRequest>>>,
+    inbox: mpsc::Sender<InboxItem>,
+    inbox_rx: Mutex<Option<mpsc::Receiver<InboxItem>>>,
     /// Signs phone certificates at provisioning.
     ca: Arc<FleetCa>,
     rng: SystemRandom,
@@ -374,7 +390,7 @@ impl Controller {
     }
 
     /// The operator requests of the front door's inbox, for the bus task (once).
-    pub fn take_inbox(&self) -> Option<mpsc::Receiver<InboxRequest>> {
+    pub fn take_inbox(&self) -> Option<mpsc::Receiver<InboxItem>> {
         self.inbox_rx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -393,19 +409,37 @@ impl Controller {
 
     /// Queues a request of an operator session from the front door's inbox; waits while the
     /// queue is full.
-    async fn inbox_request(&self, client_id: &str, session_id: u64, payload: Vec<u8>) {
+    async fn inbox_request(&self, client_id: &str, session_id: u64, payload: Vec<u8>) -> bool {
         let Some(from) = self.requester(client_id, session_id) else {
             debug!(client_id = %client_id.escape_default(), "inbox message of no operator session dropped");
-            return;
+            return true;
         };
         if self
             .inbox
-            .send(InboxRequest { from, payload })
+            .send(InboxItem::Request(InboxRequest { from, payload }))
             .await
             .is_err()
         {
             warn!("controller inbox closed: operator request dropped");
+            return false;
         }
+        true
+    }
+
+    /// Queues a device's inbox message and waits until the batch that handled it is committed
+    /// (or dropped: then the device is not acknowledged either, and its session goes on).
+    async fn inbox_device(&self, topic: String, payload: Vec<u8>) -> bool {
+        let (handled, done) = tokio::sync::oneshot::channel();
+        let item = InboxItem::Device {
+            topic,
+            payload,
+            handled,
+        };
+        if self.inbox.send(item).await.is_err() {
+            warn!("controller inbox closed: device message dropped");
+            return false;
+        }
+        done.await.unwrap_or(false)
     }
 
     /// Handles one operator request of a live operator session at once (a batch of one);
@@ -1080,13 +1114,14 @@ impl Controller {
     /// the batch is committed (one fsync) before anything of it is published, answered or cut.
     /// Messages are handled in order, each seeing the changes of those before it. Never panics
     /// on what a peer sent.
-    pub fn handle_batch<'m>(&self, messages: impl IntoIterator<Item = Incoming<'m>>) {
+    /// Returns whether the batch's changes were committed.
+    pub fn handle_batch<'m>(&self, messages: impl IntoIterator<Item = Incoming<'m>>) -> bool {
         let mut live = self.lock();
         let txn = match self.store.begin() {
             Ok(txn) => txn,
             Err(e) => {
                 warn!("store: cannot begin a transaction, messages dropped: {e}");
-                return;
+                return false;
             }
         };
         let mut cx = Cx {
@@ -1130,6 +1165,7 @@ impl Controller {
                     done_ms = started.elapsed().as_secs_f64() * 1e3,
                     "batch"
                 );
+                true
             }
             Err(e) => {
                 warn!("store: a batch of messages was not committed: {e}");
@@ -1153,6 +1189,7 @@ impl Controller {
                         self.respond(&to, responses);
                     }
                 }
+                false
             }
         }
     }
@@ -1957,12 +1994,19 @@ impl Admission for ControllerAdmission {
         &self,
         client_id: &str,
         session_id: u64,
-        _topic: String,
+        topic: String,
         payload: Vec<u8>,
-    ) -> BoxFuture<'_, ()> {
-        // Operators' requests are the only inbox topics (`identity::operator_rights`).
+    ) -> BoxFuture<'_, bool> {
+        // Operators' requests, and devices' messages that are acknowledged once committed
+        // (`identity::phone_rights`).
         let client_id = client_id.to_owned();
-        Box::pin(async move { self.0.inbox_request(&client_id, session_id, payload).await })
+        Box::pin(async move {
+            if client_id.starts_with(identity::PHONE_PREFIX) {
+                self.0.inbox_device(topic, payload).await
+            } else {
+                self.0.inbox_request(&client_id, session_id, payload).await
+            }
+        })
     }
 
     fn refused(&self, client_id: &str, peer_addr: std::net::SocketAddr, reason: &str) {

@@ -17,8 +17,8 @@ use tracing::warn;
 
 use crate::clock::Clock;
 use crate::control::{
-    ControlSettings, Controller, ControllerAdmission, FloodSettings, InboxRequest, Incoming,
-    PendingSettings, Publication, RequestLimits, MAX_BATCH,
+    ControlSettings, Controller, ControllerAdmission, FloodSettings, InboxItem, InboxRequest,
+    Incoming, PendingSettings, Publication, RequestLimits, MAX_BATCH,
 };
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
 use crate::flood::FailurePolicy;
@@ -238,6 +238,29 @@ impl Drop for Fleet {
 enum Arrived {
     Routed(fleet_broker::BusMessage),
     Request(InboxRequest),
+    /// A device's inbox message; `handled` fires after the batch's commit.
+    Device {
+        topic: String,
+        payload: Vec<u8>,
+        handled: tokio::sync::oneshot::Sender<bool>,
+    },
+}
+
+impl From<InboxItem> for Arrived {
+    fn from(item: InboxItem) -> Arrived {
+        match item {
+            InboxItem::Request(r) => Arrived::Request(r),
+            InboxItem::Device {
+                topic,
+                payload,
+                handled,
+            } => Arrived::Device {
+                topic,
+                payload,
+                handled,
+            },
+        }
+    }
 }
 
 /// The controller's MQTT side: handles what arrives (from the router, and operator requests
@@ -246,7 +269,7 @@ async fn run_bus<B: Bus>(
     mut bus: B,
     controller: Arc<Controller>,
     mut outbox: tokio::sync::mpsc::UnboundedReceiver<Publication>,
-    mut inbox: tokio::sync::mpsc::Receiver<InboxRequest>,
+    mut inbox: tokio::sync::mpsc::Receiver<InboxItem>,
 ) {
     // Operator requests come through the inbox, never through the router.
     for filter in [
@@ -281,7 +304,7 @@ async fn run_bus<B: Bus>(
                     return;
                 }
             },
-            Some(request) = inbox.recv() => Arrived::Request(request),
+            Some(item) = inbox.recv() => Arrived::from(item),
             Some(p) = outbox.recv() => {
                 if let Err(e) = bus.publish(&p.topic, p.payload, false) {
                     warn!("controller cannot publish: {e}");
@@ -296,8 +319,8 @@ async fn run_bus<B: Bus>(
         while batch.len() < MAX_BATCH {
             if let Some(m) = bus.try_next() {
                 batch.push(Arrived::Routed(m));
-            } else if let Ok(r) = inbox.try_recv() {
-                batch.push(Arrived::Request(r));
+            } else if let Ok(item) = inbox.try_recv() {
+                batch.push(Arrived::from(item));
             } else {
                 break;
             }
@@ -312,14 +335,25 @@ async fn run_bus<B: Bus>(
                     from: &r.from,
                     payload: &r.payload[..],
                 },
+                Arrived::Device { topic, payload, .. } => Incoming::Routed {
+                    topic: topic.as_str(),
+                    payload: &payload[..],
+                },
             }))
         };
         // The batch ends with an fsync: let the runtime move the front door's tasks to
         // another worker meanwhile (not possible on a current-thread runtime, as in some
         // tests).
-        match tokio::runtime::Handle::current().runtime_flavor() {
+        let committed = match tokio::runtime::Handle::current().runtime_flavor() {
             tokio::runtime::RuntimeFlavor::CurrentThread => handle(),
             _ => tokio::task::block_in_place(handle),
+        };
+        // The batch is committed: the devices' inbox messages may be acknowledged (or, if it
+        // failed, their sessions end unacknowledged and they send them again).
+        for arrived in batch {
+            if let Arrived::Device { handled, .. } = arrived {
+                let _ = handled.send(committed);
+            }
         }
     }
 }

@@ -211,13 +211,14 @@ pub fn station_rights(serial: &Serial, level: StationRights) -> Rights {
 pub fn phone_rights(mac: &Mac, level: PhoneRights) -> Rights {
     let base = format!("phones/{mac}");
     let response = format!("{base}/provision/response");
+    let complete = format!("{base}/provision/complete");
     let mut rights = Rights {
-        publish: vec![
-            format!("{base}/provision/request"),
-            format!("{base}/provision/complete"),
-        ],
+        publish: vec![format!("{base}/provision/request"), complete.clone()],
         subscribe: vec![response.clone()],
         mailbox: vec![response],
+        // Acknowledged only once committed: a phone told its provisioning is done is
+        // provisioned, whatever crashes after.
+        inbox: vec![complete],
         ..Rights::default()
     };
     if level == PhoneRights::Provisioned {
