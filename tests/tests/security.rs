@@ -333,3 +333,325 @@ async fn a_paps_never_appear_in_phone_events() {
     assert!(event["phone"].get("pap").is_none(), "{event}");
     assert!(!event.to_string().contains(&pap), "{event}");
 }
+
+/// An MQTT 3.1.1 CONNECT with a user name and no password.
+fn connect_with_username(client_id: &str, username: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x82, 0, 60];
+    for s in [client_id, username] {
+        body.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        body.extend_from_slice(s.as_bytes());
+    }
+    let mut out = vec![0x10, body.len() as u8];
+    out.extend(body);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_refused_for_a_bad_username_is_audited_in_its_own_tenant() {
+    let fleet = TestFleet::start().await;
+    let port = fleet.fleet.local_addr().port();
+    let acme = fleet.operator_as("ops", "acme").await;
+    acme.call(
+        "createPhone",
+        json!({"mac": "aabbcc0000a1", "vendor": "v", "type": "t", "site": "s"}),
+    )
+    .await
+    .expect("create");
+    let connector = fleet_tests::raw::anonymous_connector(&fleet);
+    let mut stream = tls(&connector, port).await;
+    assert_eq!(
+        connack(
+            &mut stream,
+            &connect_with_username("phone-aabbcc0000a1", "not-the-mac")
+        )
+        .await,
+        5
+    );
+    let audit = acme
+        .call("listAuditLog", json!({"limit": 100}))
+        .await
+        .expect("audit");
+    assert!(
+        records(&audit).iter().any(|r| r["action"] == "connect"
+            && r["outcome"] == "refused"
+            && r["device"] == "phone-aabbcc0000a1"),
+        "{audit}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pap_guesses_beside_the_operator_never_lock_the_operator_out_and_blocks_can_be_lifted() {
+    let fleet = TestFleet::start_with(|c| {
+        c.limits.failed_auth_per_ip = 3;
+        c.limits.failed_auth_delay_ms = 1;
+    })
+    .await;
+    let admin = fleet.operator().await;
+    let acme = fleet.operator_as("ops", "acme").await;
+    admin
+        .call(
+            "createPhone",
+            json!({"mac": "aabbcc0000b1", "vendor": "v", "type": "t", "site": "s"}),
+        )
+        .await
+        .expect("create");
+    let guesser = fleet.phone("aabbcc0000b1", None, "127.0.0.1");
+    for _ in 0..4 {
+        guesser.connect_raw(Some("000000")).await;
+    }
+    // The address is blocked now, yet an operator from it still gets in.
+    let again = fleet.operator().await;
+    let blocks = again
+        .call("listAddressBlocks", json!({}))
+        .await
+        .expect("blocks");
+    assert!(
+        blocks["blocks"]
+            .as_array()
+            .expect("blocks")
+            .iter()
+            .any(|b| b["address"] == "127.0.0.1"),
+        "{blocks}"
+    );
+    // Blocks are fleet-wide: another tenant's operator may not lift them.
+    assert_eq!(
+        code_of(
+            acme.call("liftAddressBlock", json!({"address": "127.0.0.1"}))
+                .await
+        ),
+        "forbidden"
+    );
+    admin
+        .call("liftAddressBlock", json!({"address": "127.0.0.1"}))
+        .await
+        .expect("lift");
+    let after = admin
+        .call("listAddressBlocks", json!({}))
+        .await
+        .expect("blocks");
+    assert_eq!(after["blocks"], json!([]), "{after}");
+    assert_eq!(
+        code_of(
+            admin
+                .call("liftAddressBlock", json!({"address": "127.0.0.1"}))
+                .await
+        ),
+        "not_found"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stations_waiting_for_approval_are_bounded_per_address_and_unseen_ones_expire() {
+    let fleet = TestFleet::start_with(|c| {
+        c.limits.pending_stations_per_ip = 2;
+        c.limits.pending_expiry_hours = 1;
+    })
+    .await;
+    let mut op = fleet.operator().await;
+    let first = fleet.station("PW-1", "6.1.0");
+    let second = fleet.station("PW-2", "6.1.0");
+    op.wait_state("PW-1", "unauthorized").await;
+    op.wait_state("PW-2", "unauthorized").await;
+    // A third from the same address is refused at CONNECT, with the reason, audited.
+    let port = fleet.fleet.local_addr().port();
+    let key = fleet_certs::self_signed_station("PW-3").expect("key");
+    let config = fleet_certs::client_config(&fleet.ca_pem(), Some((&key.cert_pem, &key.key_pem)))
+        .expect("tls");
+    let third = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let mut stream = tls(&third, port).await;
+    assert_eq!(
+        connack(&mut stream, &connect_frame("station-PW-3", 60, None)).await,
+        3
+    );
+    let audit = op
+        .call("listAuditLog", json!({"limit": 100}))
+        .await
+        .expect("audit");
+    assert!(
+        records(&audit).iter().any(|r| r["device"] == "PW-3"
+            && r["outcome"] == "refused"
+            && r["reason"]
+                .as_str()
+                .is_some_and(|t| t.contains("waiting for approval"))),
+        "{audit}"
+    );
+    // A serial that differs from a known one only in case is refused too.
+    let twin = fleet_certs::self_signed_station("pw-1").expect("key");
+    let config = fleet_certs::client_config(&fleet.ca_pem(), Some((&twin.cert_pem, &twin.key_pem)))
+        .expect("tls");
+    let twin = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let mut stream = tls(&twin, port).await;
+    assert_ne!(
+        connack(&mut stream, &connect_frame("station-pw-1", 60, None)).await,
+        0
+    );
+
+    // Unseen for longer than the expiry: deleted, audited.
+    first.handle.shutdown().await;
+    second.handle.shutdown().await;
+    for serial in ["PW-1", "PW-2"] {
+        op.wait_event("stations", |e| {
+            e["event"] == "offline" && e["station"]["serial"] == serial
+        })
+        .await;
+    }
+    assert_eq!(fleet.fleet.controller().expire_pending(), 0, "not yet");
+    fleet
+        .clock
+        .advance(time::Duration::hours(1) + time::Duration::minutes(1));
+    assert_eq!(fleet.fleet.controller().expire_pending(), 2);
+    let list = op.call("listStations", json!({})).await.expect("list");
+    assert_eq!(list["stations"], json!([]), "{list}");
+    let audit = op
+        .call("listAuditLog", json!({"limit": 100}))
+        .await
+        .expect("audit");
+    assert_eq!(
+        records(&audit)
+            .iter()
+            .filter(|r| r["action"] == "expire")
+            .count(),
+        2,
+        "{audit}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_holding_the_client_id_never_hears_authorized() {
+    let fleet = TestFleet::start().await;
+    let mut op = fleet.operator().await;
+    let real = fleet.station("IM-1", "6.1.0");
+    let fingerprint = real.local_fingerprint();
+    op.wait_state("IM-1", "unauthorized").await;
+    real.handle.shutdown().await;
+
+    // Another key takes the client id (it sends no auth request) and listens for `cmd`.
+    let port = fleet.fleet.local_addr().port();
+    let key = fleet_certs::self_signed_station("IM-1").expect("key");
+    let config = fleet_certs::client_config(&fleet.ca_pem(), Some((&key.cert_pem, &key.key_pem)))
+        .expect("tls");
+    let impostor = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let mut stream = tls(&impostor, port).await;
+    assert_eq!(
+        connack(&mut stream, &connect_frame("station-IM-1", 60, None)).await,
+        0
+    );
+    stream
+        .write_all(&subscribe_frame("stations/IM-1/cmd"))
+        .await
+        .expect("subscribe");
+    read_until_contains(&mut stream, &[0x90]).await;
+
+    op.call(
+        "acceptStation",
+        json!({"serial": "IM-1", "fingerprint": fingerprint}),
+    )
+    .await
+    .expect("accept");
+    let heard = fleet_tests::raw::until_closed(&mut stream).await;
+    assert!(
+        !heard.windows(10).any(|w| w == b"authorized"),
+        "the impostor heard authorized"
+    );
+    let event = op
+        .wait_event("security", |e| {
+            e["event"] == "identity_mismatch" && e["serial"] == "IM-1"
+        })
+        .await;
+    assert_eq!(event["pinned"], fingerprint.as_str(), "{event}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_message_planted_before_acceptance_never_reaches_the_station() {
+    let fleet = TestFleet::start().await;
+    let mut op = fleet.operator().await;
+    let port = fleet.fleet.local_addr().port();
+    // A certificate-less client plants a retained status for a station not yet accepted.
+    let anonymous = fleet_tests::raw::anonymous_connector(&fleet);
+    let mut planter = tls(&anonymous, port).await;
+    assert_eq!(
+        connack(&mut planter, &connect_frame("station-RT-1", 60, None)).await,
+        0
+    );
+    let mut retained = fleet_tests::raw::publish_frame("stations/RT-1/status", b"planted");
+    retained[0] |= 0x01;
+    planter.write_all(&retained).await.expect("publish");
+    planter.write_all(&[0xE0, 0]).await.expect("disconnect");
+    let _ = fleet_tests::raw::until_closed(&mut planter).await;
+
+    // The real station is accepted, then subscribes to its whole tree.
+    let mut station = fleet.station("RT-1", "6.1.0");
+    fleet_tests::authorize(&mut op, &mut station).await;
+    station.handle.shutdown().await;
+    let connector =
+        fleet_tests::raw::device_connector(&fleet, &fleet.dir.path().join("station-RT-1"));
+    let mut stream = tls(&connector, port).await;
+    assert_eq!(
+        connack(&mut stream, &connect_frame("station-RT-1", 60, None)).await,
+        0
+    );
+    stream
+        .write_all(&subscribe_frame("stations/RT-1/#"))
+        .await
+        .expect("subscribe");
+    let heard = read_for(&mut stream, Duration::from_millis(800)).await;
+    assert!(
+        !heard.windows(7).any(|w| w == b"planted"),
+        "the planted retained message reached the accepted station"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_that_does_not_read_loses_no_response_silently() {
+    let fleet = TestFleet::start_with(|c| {
+        c.limits.max_undelivered_messages = 20;
+        c.server.write_timeout_ms = 2000;
+    })
+    .await;
+    let port = fleet.fleet.local_addr().port();
+    let files = fleet.data_dir();
+    let cert = std::fs::read_to_string(files.join("admin.pem")).expect("cert");
+    let key = std::fs::read_to_string(files.join("admin.key")).expect("key");
+    let config = fleet_certs::client_config(&fleet.ca_pem(), Some((&cert, &key))).expect("tls");
+    let admin = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let mut stream = fleet_tests::raw::tls_small_receive_buffer(&admin, port).await;
+    assert_eq!(
+        connack(&mut stream, &connect_frame("admin-burst", 60, None)).await,
+        0
+    );
+    stream
+        .write_all(&subscribe_frame("fleet/control/admin/response"))
+        .await
+        .expect("subscribe");
+    read_until_contains(&mut stream, &[0x90]).await;
+    // 400 requests, without reading a single response.
+    let request =
+        json!({"commands": [{"command": "exportDevicesCsv", "correlationData": 1}]}).to_string();
+    let frame = fleet_tests::raw::publish_frame("fleet/control/admin/request", request.as_bytes());
+    let mut sent = 0;
+    for _ in 0..400 {
+        match tokio::time::timeout(Duration::from_secs(5), stream.write_all(&frame)).await {
+            Ok(Ok(())) => sent += 1,
+            _ => break,
+        }
+    }
+    // Either every response arrives, or the session is ended: none is dropped while it goes on.
+    let needle = b"\"responses\"";
+    let mut heard = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let ended = loop {
+        let count = heard.windows(needle.len()).filter(|w| w == needle).count();
+        if count >= sent {
+            break false;
+        }
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => heard.extend_from_slice(&buf[..n]),
+            Err(_) => {
+                panic!("{count} of {sent} responses and the session goes on: responses were lost")
+            }
+        }
+    };
+    let _ = ended;
+}
