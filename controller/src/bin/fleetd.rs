@@ -50,6 +50,8 @@ fn main() {
     }
 }
 
+// stdout is what scripts read (PROTOCOL §8): the issued files, the example configuration.
+#[allow(clippy::print_stdout)]
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -86,6 +88,8 @@ fn run() -> anyhow::Result<()> {
     }
 }
 
+// stdout says where fleetd listens, for scripts and tests.
+#[allow(clippy::print_stdout)]
 fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,0 +1,190 @@
+//! The architecture's invariants as tests (rust-analyzer's "tidy" tests): each reads the
+//! workspace's sources and fails, naming the file, when a rule of ARCHITECTURE.md is broken.
+
+use std::path::{Path, PathBuf};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Every `.rs` file under `dir`, recursively.
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// A file's code without its unit tests (everything from the first `#[cfg(test)]` on) and
+/// without comment lines.
+fn code(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).expect("source");
+    let text = match text.find("#[cfg(test)]") {
+        Some(at) => &text[..at],
+        None => &text[..],
+    };
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The files of `files` whose code contains one of `needles`, with the needle.
+fn offenders(files: &[PathBuf], needles: &[&str]) -> Vec<String> {
+    let mut found = Vec::new();
+    for file in files {
+        let code = code(file);
+        for needle in needles {
+            if code.contains(needle) {
+                found.push(format!("{}: {needle}", file.display()));
+            }
+        }
+    }
+    found
+}
+
+/// Architecture Invariant: the broker knows nothing about stations, phones or operators; the
+/// fleet's topic names reach it as data (`Rights`) only.
+#[test]
+fn no_fleet_topic_or_client_id_is_spelled_in_the_broker() {
+    let files = rust_files(&workspace().join("broker/src"));
+    let found = offenders(
+        &files,
+        &[
+            "\"stations/",
+            "\"phones/",
+            "\"fleet/",
+            "\"station-",
+            "\"phone-",
+            "\"op-",
+        ],
+    );
+    assert!(found.is_empty(), "fleet names in the broker: {found:#?}");
+}
+
+/// Architecture Invariant: only the store knows redb.
+#[test]
+fn only_the_store_knows_redb() {
+    let root = workspace();
+    let mut files = Vec::new();
+    for krate in [
+        "broker",
+        "certs",
+        "config",
+        "controller",
+        "ctl",
+        "device-sim",
+        "tests",
+    ] {
+        files.extend(rust_files(&root.join(krate).join("src")));
+    }
+    files.retain(|f| !f.ends_with("controller/src/store.rs"));
+    let found = offenders(&files, &["redb::", "use redb"]);
+    assert!(found.is_empty(), "redb outside the store: {found:#?}");
+}
+
+/// Architecture Invariant: the pure modules know no I/O and no clock; `now` is passed in.
+#[test]
+fn the_pure_modules_do_no_io_and_read_no_clock() {
+    let root = workspace().join("controller/src");
+    let pure = [
+        "station.rs",
+        "phone.rs",
+        "whitelist.rs",
+        "devices_csv.rs",
+        "identity.rs",
+        "firmware.rs",
+        "flood.rs",
+        "request.rs",
+    ]
+    .map(|f| root.join(f));
+    let mut files = pure.to_vec();
+    files.push(workspace().join("broker/src/acl.rs"));
+    files.push(workspace().join("broker/src/mailbox.rs"));
+    files.push(workspace().join("broker/src/flood.rs"));
+    let found = offenders(
+        &files,
+        &[
+            "std::fs",
+            "tokio",
+            "TcpStream",
+            "TcpListener",
+            "UdpSocket",
+            "SystemTime",
+            "Instant::now",
+            "now_utc",
+            "Clock",
+        ],
+    );
+    assert!(
+        found.is_empty(),
+        "I/O or a clock in a pure module: {found:#?}"
+    );
+}
+
+/// Every dependency a workspace crate declares is used by its code (an unused one, like
+/// `rumqttd` in the controller, hides who knows what).
+#[test]
+fn every_declared_dependency_is_used() {
+    let root = workspace();
+    let mut unused = Vec::new();
+    for krate in [
+        "broker",
+        "certs",
+        "config",
+        "controller",
+        "ctl",
+        "device-sim",
+        "tests",
+    ] {
+        let dir = root.join(krate);
+        let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).expect("manifest");
+        let mut sources = String::new();
+        for sub in ["src", "tests", "benches"] {
+            for file in rust_files(&dir.join(sub)) {
+                sources.push_str(&std::fs::read_to_string(file).expect("source"));
+            }
+        }
+        let mut section = "";
+        for line in manifest.lines() {
+            let line = line.trim();
+            if line.starts_with('[') {
+                section = line;
+                continue;
+            }
+            if !(section == "[dependencies]" || section == "[dev-dependencies]") {
+                continue;
+            }
+            let Some((name, _)) = line.split_once(['=', '.']) else {
+                continue;
+            };
+            let name = name.trim();
+            if name.is_empty() || name.starts_with('#') {
+                continue;
+            }
+            let ident = name.replace('-', "_");
+            if !sources.contains(&format!("{ident}::"))
+                && !sources.contains(&format!("use {ident}"))
+            {
+                unused.push(format!("{krate}: {name}"));
+            }
+        }
+    }
+    assert!(unused.is_empty(), "declared but unused: {unused:#?}");
+}
