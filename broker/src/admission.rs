@@ -123,6 +123,13 @@ pub trait SessionControl: Send + Sync + 'static {
     /// Replace the rights of a live session at once. Returns false when no such session is live.
     fn set_rights(&self, client_id: &str, rights: Rights) -> bool;
 
+    /// [`SessionControl::set_rights`] only if the live session of `client_id` is `session_id`
+    /// (the one the caller checked), never a session that took the client id over meanwhile.
+    fn set_rights_of(&self, client_id: &str, session_id: u64, rights: Rights) -> bool {
+        let _ = session_id;
+        self.set_rights(client_id, rights)
+    }
+
     /// Revoke a live session now: from this call on it may neither publish nor subscribe. The
     /// socket is closed once a message on `last_topic` has been written to the client, or after
     /// a short bounded grace. Returns false when no such session is live.

@@ -303,6 +303,16 @@ impl SessionControl for Registry {
         }
     }
 
+    fn set_rights_of(&self, client_id: &str, session_id: u64, rights: Rights) -> bool {
+        match lock(&self.sessions).by_id.get(client_id) {
+            Some(entry) if entry.session_id == session_id => {
+                set(&entry.rights, rights);
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn cut(&self, client_id: &str, last_topic: Option<String>) -> bool {
         // Rights are withdrawn synchronously, before this returns: from now on the session can
         // neither publish nor subscribe, whatever the pump is doing.

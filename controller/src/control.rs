@@ -121,6 +121,13 @@ enum Output {
     },
     /// Re-read the rights of the station's live session: they grow in place, or it is cut.
     Recheck(Serial),
+    /// A mailbox message to one session only.
+    DeliverTo {
+        client_id: String,
+        session_id: u64,
+        topic: String,
+        payload: Vec<u8>,
+    },
 }
 
 impl Cx {
@@ -233,6 +240,9 @@ struct LiveSession {
     session_id: u64,
     identity: Identity,
     ip: IpAddr,
+    /// The session this one replaces, until this one is registered by the front door
+    /// (`opened`): if its registration fails (a cap), the previous one is still the live one.
+    previous: Option<Box<LiveSession>>,
 }
 
 #[derive(Default)]
@@ -277,8 +287,11 @@ impl PendingIndex {
         !matches!(s.standing, Standing::Authorized | Standing::Rejected)
     }
 
-    /// Records the station's record as it now stands (`None`: deleted).
+    /// Records the station's record as it now stands (`None`: deleted). A waiting station counts
+    /// against the address that first made its record, whichever address asks again later:
+    /// moving records to another address would free the first one's share.
     fn update(&mut self, serial: &Serial, record: Option<&Station>) {
+        let counted = self.waiting.get(serial).copied();
         if let Some(Some(ip)) = self.waiting.remove(serial) {
             if let Some(n) = self.per_ip.get_mut(&ip) {
                 *n = n.saturating_sub(1);
@@ -292,7 +305,9 @@ impl PendingIndex {
             Some(s) => {
                 self.folded.insert(folded, serial.clone());
                 if Self::is_waiting(s) {
-                    let ip = s.ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok());
+                    let ip = counted.unwrap_or_else(|| {
+                        s.ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok())
+                    });
                     if let Some(ip) = ip {
                         *self.per_ip.entry(ip).or_default() += 1;
                     }
@@ -315,11 +330,14 @@ impl PendingIndex {
         u32::try_from(self.waiting.len()).unwrap_or(u32::MAX)
     }
 
-    /// Another station whose serial differs from `serial` only in case.
+    /// Another station whose serial differs from `serial` only in case and that an operator
+    /// decided on (accepted or rejected): a look-alike of it is refused. Twins that are both
+    /// waiting are both shown (their fingerprints tell them apart), so that a squatter's
+    /// lower-case record cannot lock the real station out.
     fn case_twin(&self, serial: &Serial) -> Option<&Serial> {
         self.folded
             .get(&serial.as_str().to_ascii_lowercase())
-            .filter(|other| *other != serial)
+            .filter(|other| *other != serial && !self.waiting.contains_key(*other))
     }
 }
 
@@ -578,8 +596,8 @@ impl Controller {
 
     fn rights_of(&self, identity: &Identity) -> Result<Option<Rights>, CommandError> {
         Ok(match identity {
-            Identity::Operator { id, serial } => self
-                .operator_admits(id, serial)
+            Identity::Operator { id, serial, key } => self
+                .operator_admits(id, serial, key)
                 .ok()
                 .map(|()| identity::operator_rights(&id.name, &id.tenant)),
             Identity::Phone { mac, presented } => self.phone_rights_now(mac, presented)?,
@@ -598,8 +616,21 @@ impl Controller {
 
     /// Whether the operator registry admits `id` with the certificate `serial`: registered,
     /// not revoked, and this very certificate.
-    fn operator_admits(&self, id: &OperatorId, serial: &str) -> Result<(), String> {
+    fn operator_admits(
+        &self,
+        id: &OperatorId,
+        serial: &str,
+        key: &fleet_certs::Fingerprint,
+    ) -> Result<(), String> {
         match self.operators.get(&id.tenant, &id.name) {
+            // The very certificate issued: its serial and its key, for this tenant and name (a
+            // case-insensitive file system could hand back another's record).
+            Ok(Some(record)) if record.tenant != id.tenant || record.name != id.name => {
+                Err(format!("operator {id} is not in the operator registry"))
+            }
+            Ok(Some(record)) if record.fingerprint != *key => {
+                Err("not the key issued to this operator".to_owned())
+            }
             Ok(Some(record)) => record.admits(serial).map_err(str::to_owned),
             Ok(None) => Err(format!(
                 "operator {id} is not in the operator registry (a certificate issued elsewhere)"
@@ -708,7 +739,9 @@ impl Controller {
         // A valid operator certificate is never refused for the failures of others from the
         // same address (a PAP guesser beside the operator's machine must not lock it out).
         let operator = match identity::identify(&info) {
-            Ok(Identity::Operator { id, serial }) => self.operator_admits(&id, &serial).is_ok(),
+            Ok(Identity::Operator { id, serial, key }) => {
+                self.operator_admits(&id, &serial, &key).is_ok()
+            }
             _ => false,
         };
         let verdict = if operator {
@@ -792,8 +825,8 @@ impl Controller {
                     }
                 }
             }
-            Identity::Operator { id, serial } => {
-                if let Err(reason) = self.operator_admits(id, serial) {
+            Identity::Operator { id, serial, key } => {
+                if let Err(reason) = self.operator_admits(id, serial, key) {
                     drop(live);
                     return (
                         deny(Refusal::NotAuthorized, reason, &id.tenant, None, false),
@@ -887,12 +920,17 @@ impl Controller {
                 )
             }
         };
+        let previous = live.sessions.remove(&info.client_id).map(|mut p| {
+            p.previous = None;
+            Box::new(p)
+        });
         live.sessions.insert(
             info.client_id.clone(),
             LiveSession {
                 session_id: info.session_id,
                 identity: identity.clone(),
                 ip: info.peer_addr.ip(),
+                previous,
             },
         );
         if let Identity::Phone { .. } = &identity {
@@ -919,11 +957,13 @@ impl Controller {
     }
 
     fn opened(&self, client_id: &str, session_id: u64) -> Option<Rights> {
-        let live = self.lock();
+        let mut live = self.lock();
         let session = live
             .sessions
-            .get(client_id)
+            .get_mut(client_id)
             .filter(|s| s.session_id == session_id)?;
+        // Registered: the session it took over is gone.
+        session.previous = None;
         self.rights_of(&session.identity).ok().flatten()
     }
 
@@ -933,6 +973,18 @@ impl Controller {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&session_id);
         let mut live = self.lock();
+        // A session that was never registered (refused for a cap after its admission) leaves
+        // the one it would have taken over in place, if the front door still holds it.
+        let restore = live
+            .sessions
+            .get_mut(client_id)
+            .filter(|s| s.session_id == session_id)
+            .and_then(|s| s.previous.take())
+            .filter(|_| self.sessions.is_connected(client_id));
+        if let Some(previous) = restore {
+            live.sessions.insert(client_id.to_owned(), *previous);
+            return;
+        }
         if live
             .sessions
             .get(client_id)
@@ -987,10 +1039,27 @@ impl Controller {
                 .sessions
                 .get(&serial.client_id())
                 .and_then(|s| match &s.identity {
-                    Identity::Station { presented, .. } => Some((*presented, s.ip)),
+                    Identity::Station { presented, .. } => Some((*presented, s.ip, s.session_id)),
                     _ => None,
                 });
-            if let Some((presented, ip)) = holder.filter(|(p, _)| p.key() != record.fingerprint) {
+            if let Some((_, _, session_id)) =
+                holder.filter(|(p, _, _)| p.key() == record.fingerprint)
+            {
+                // `authorized` goes to the session whose key was checked, and to no other.
+                effects.retain(|e| *e != Effect::Send(station::Command::Authorized));
+                cx.out.push(Output::DeliverTo {
+                    client_id: serial.client_id(),
+                    session_id,
+                    topic: format!("stations/{serial}/cmd"),
+                    payload: station::Command::Authorized
+                        .payload()
+                        .to_string()
+                        .into_bytes(),
+                });
+            }
+            if let Some((presented, ip, _)) =
+                holder.filter(|(p, _, _)| p.key() != record.fingerprint)
+            {
                 effects.retain(|e| !matches!(e, Effect::Send(_) | Effect::Rights));
                 changes.push(Change::Audit(AuditRecord::new(
                     at,
@@ -1080,10 +1149,20 @@ impl Controller {
             Output::Cut { client_id, after } => {
                 self.sessions.cut(&client_id, after);
             }
+            Output::DeliverTo {
+                client_id,
+                session_id,
+                topic,
+                payload,
+            } => {
+                self.sessions
+                    .deliver_to(&client_id, session_id, topic, payload);
+            }
             Output::Recheck(serial) => {
                 let client_id = serial.client_id();
                 let Some(LiveSession {
                     identity: Identity::Station { presented, .. },
+                    session_id,
                     ..
                 }) = live.sessions.get(&client_id)
                 else {
@@ -1100,7 +1179,9 @@ impl Controller {
                 match decision {
                     Ok(Admit::Authorized) => {
                         let rights = identity::station_rights(&serial, StationRights::Authorized);
-                        self.sessions.set_rights(&client_id, rights);
+                        // Only the session whose key was checked; one that took the client id
+                        // over since is re-checked by its own admission.
+                        self.sessions.set_rights_of(&client_id, *session_id, rights);
                     }
                     _ => {
                         self.sessions.cut(&client_id, None);
@@ -1181,6 +1262,11 @@ impl Controller {
                 }
                 let error = CommandError::internal(format!("the store refused the change: {e}"));
                 for output in out {
+                    // A cut is never wrong to carry out: it only takes rights away.
+                    if let Output::Cut { client_id, after } = output {
+                        self.sessions.cut(&client_id, after);
+                        continue;
+                    }
                     if let Output::Respond { to, commands, .. } = output {
                         let responses = commands
                             .iter()
@@ -1518,6 +1604,23 @@ impl Controller {
         // The tenant of every command is the tenant of the session that sent it.
         let operator = from.operator.name.as_str();
         let tenant = from.operator.tenant.clone();
+        // A request queued before its operator was revoked does not run after it.
+        let revoked = match self.operators.get(&tenant, operator) {
+            Ok(Some(record)) => record.revoked_at.is_some(),
+            Ok(None) | Err(_) => true,
+        };
+        if revoked {
+            let e = CommandError::forbidden(format!(
+                "operator {} is revoked: its requests are not run",
+                from.operator
+            ));
+            return self.respond_in(
+                cx,
+                from,
+                vec![(Value::Null, Value::Null)],
+                vec![error_response(&Value::Null, &Value::Null, &e)],
+            );
+        }
         if payload.len() > self.settings.max_payload_bytes {
             let e = CommandError::invalid_argument(format!(
                 "request over {} bytes",
@@ -1841,7 +1944,13 @@ impl Controller {
                     Outcome::Ok,
                     Some(format!("certificate {} revoked", record.serial)),
                 ))])?;
-                // Its live sessions end at once (after the commit): their certificate is void.
+                // Nothing more of its sessions reaches the inbox...
+                self.operator_sessions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|_, r| !(r.operator.tenant == tenant && r.operator.name == name));
+                // ...and its live sessions end at once (after the commit, or even if it fails:
+                // the registry already says revoked): their certificate is void.
                 for (client_id, session) in &live.sessions {
                     if let Identity::Operator { id, .. } = &session.identity {
                         if id.tenant == tenant && id.name == name {

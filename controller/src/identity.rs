@@ -19,11 +19,12 @@ pub enum Identity {
         serial: Serial,
         presented: Presented,
     },
-    /// An operator: its tenant and its name together are who it is, and `serial` is the
+    /// An operator: its tenant and its name together are who it is; `serial` and `key` are the
     /// certificate it presented (checked against the operator registry at admission).
     Operator {
         id: OperatorId,
         serial: String,
+        key: Fingerprint,
     },
     Phone {
         mac: Mac,
@@ -134,13 +135,19 @@ pub fn identify(info: &ConnectInfo) -> Result<Identity, String> {
                 .common_name
                 .filter(|n| fleet_certs::check_name("operator name", n).is_ok())
                 .ok_or("operator certificate without a usable CN")?;
-            let tenant = cert
-                .organization
-                .filter(|t| fleet_certs::check_name("tenant", t).is_ok())
-                .unwrap_or_else(|| crate::station::DEFAULT_TENANT.to_owned());
+            // No O is the default tenant (PROTOCOL §1); an O that is no usable tenant name is
+            // refused, never quietly taken for `default`.
+            let tenant = match cert.organization {
+                None => crate::station::DEFAULT_TENANT.to_owned(),
+                Some(t) if fleet_certs::check_name("tenant", &t).is_ok() && !t.starts_with('.') => {
+                    t
+                }
+                Some(_) => return Err("operator certificate with an unusable O (tenant)".into()),
+            };
             Ok(Identity::Operator {
                 id: OperatorId { tenant, name },
                 serial: cert.serial_number,
+                key: cert.fingerprint,
             })
         }
         Some(_) => Err("certificate identifies no operator".into()),
@@ -301,9 +308,8 @@ mod tests {
             "anything",
             Some((op.cert_der.clone(), Trust::FleetCa)),
         ));
-        let serial = fleet_certs::inspect(&op.cert_der)
-            .expect("inspect")
-            .serial_number;
+        let inspected = fleet_certs::inspect(&op.cert_der).expect("inspect");
+        let (serial, key) = (inspected.serial_number, inspected.fingerprint);
         assert_eq!(
             ok,
             Ok(Identity::Operator {
@@ -312,6 +318,7 @@ mod tests {
                     name: "alice".into(),
                 },
                 serial,
+                key,
             })
         );
         // The same certificate self-signed-looking or from another anchor is no operator.
