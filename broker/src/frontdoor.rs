@@ -1253,7 +1253,7 @@ impl Pump {
                             self.closing = Some((Instant::now() + self.shared.settings.cut_grace, Some(topic)));
                         }
                         Some(Control::Deliver { topic, payload }) => {
-                            self.undelivered.fetch_sub(1, Ordering::AcqRel);
+                            self.undelivered.taken(payload.len());
                             if let Step::End(end) = self.deliver(writer, topic, payload).await {
                                 return end;
                             }

@@ -30,7 +30,27 @@ pub(crate) enum Control {
 pub(crate) type SharedRights = Arc<RwLock<Rights>>;
 
 /// Messages queued to one session and not yet taken by its pump; shared by both.
-pub(crate) type Undelivered = Arc<AtomicUsize>;
+pub(crate) type Undelivered = Arc<Backlog>;
+
+/// Bytes of messages one session may have queued and not taken, at most: with
+/// `max_undelivered` messages, what bounds a session that reads just too slowly (responses may
+/// be megabytes each).
+pub const MAX_UNDELIVERED_BYTES: usize = 32 << 20;
+
+/// What is queued to one session and not taken yet: messages and their bytes.
+#[derive(Debug, Default)]
+pub(crate) struct Backlog {
+    messages: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Backlog {
+    /// The pump took a message of `len` bytes.
+    pub(crate) fn taken(&self, len: usize) {
+        self.messages.fetch_sub(1, Ordering::AcqRel);
+        self.bytes.fetch_sub(len, Ordering::AcqRel);
+    }
+}
 
 /// How many sessions the registry holds, in all and from one source address, and how many of
 /// them only clients admitted as `reserved` (operators) may use: a flood of devices, from one
@@ -356,8 +376,12 @@ impl Registry {
     /// already (it is not reading them): a message is never dropped while the session goes on.
     fn queue(&self, entry: &Entry, topic: String, payload: Vec<u8>) -> bool {
         // The same channel as `cut`: a message delivered before a cut is written before it.
-        if entry.undelivered.fetch_add(1, Ordering::AcqRel) >= self.max_undelivered {
-            entry.undelivered.fetch_sub(1, Ordering::AcqRel);
+        let backlog = &entry.undelivered;
+        let len = payload.len();
+        let messages = backlog.messages.fetch_add(1, Ordering::AcqRel);
+        let bytes = backlog.bytes.fetch_add(len, Ordering::AcqRel);
+        if messages >= self.max_undelivered || bytes + len > MAX_UNDELIVERED_BYTES {
+            backlog.taken(len);
             set(&entry.rights, Rights::none());
             let _ = entry.control.send(Control::Overflow);
             return false;
@@ -367,7 +391,7 @@ impl Registry {
             .send(Control::Deliver { topic, payload })
             .is_err()
         {
-            entry.undelivered.fetch_sub(1, Ordering::AcqRel);
+            backlog.taken(len);
             return false;
         }
         true

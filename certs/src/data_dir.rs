@@ -219,9 +219,15 @@ pub fn issue_operator_files_into(
     let operator = ca.issue_operator(name, tenant)?;
     // The registry claims the name first (create_new): of two concurrent issues, one fails.
     registry.register_pem(&operator.cert_pem, OffsetDateTime::now_utc())?;
-    create_dir(out)?;
-    write_new(&key_path, operator.key_pem.as_bytes(), SECRET_MODE)?;
-    write_new(&cert_path, operator.cert_pem.as_bytes(), PUBLIC_MODE)?;
+    let written = create_dir(out)
+        .and_then(|()| write_new(&key_path, operator.key_pem.as_bytes(), SECRET_MODE))
+        .and_then(|()| write_new(&cert_path, operator.cert_pem.as_bytes(), PUBLIC_MODE));
+    if let Err(e) = written {
+        // Nobody has this key: the name is free again, and no half-written file stays.
+        let _ = fs::remove_file(&key_path);
+        let _ = registry.unregister(tenant, name);
+        return Err(e);
+    }
     Ok((cert_path, key_path))
 }
 
@@ -262,8 +268,7 @@ fn register_existing_operators(
             }
         }
     }
-    // The folder exists from now on, even if no operator was found.
-    create_dir(&dir.join(crate::operators::OPERATORS_DIR))
+    registry.mark_migrated()
 }
 
 /// Writes a file that must not exist yet.

@@ -21,6 +21,9 @@ use crate::{check_name, inspect_pem, Fingerprint};
 
 /// Folder of the registry inside the data directory.
 pub const OPERATORS_DIR: &str = "operators";
+/// File in the registry folder that says the data directory's earlier operator certificates
+/// were registered.
+const MIGRATED_MARKER: &str = ".registered";
 
 /// One issued operator certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,9 +70,23 @@ impl OperatorRegistry {
         }
     }
 
-    /// Whether the registry folder exists (a data directory made before it did has none).
+    /// Whether the operator certificates of the data directory were registered (a data directory
+    /// made before the registry has not been yet): a marker file, written once they are.
     pub fn exists(&self) -> bool {
-        self.root.is_dir()
+        self.root.join(MIGRATED_MARKER).is_file()
+    }
+
+    /// Marks the data directory's earlier operator certificates as registered.
+    pub fn mark_migrated(&self) -> Result<(), CertError> {
+        create_dirs(&self.root)?;
+        crate::data_dir::write_atomic(&self.root.join(MIGRATED_MARKER), b"", 0o600)
+    }
+
+    /// Forgets a record whose files could not be written (issuing failed half-way), so that
+    /// the name is not lost for good. Only for a record this process has just registered.
+    pub(crate) fn unregister(&self, tenant: &str, name: &str) -> Result<(), CertError> {
+        let path = self.path(tenant, name)?;
+        fs::remove_file(&path).map_err(|source| CertError::Io { path, source })
     }
 
     fn path(&self, tenant: &str, name: &str) -> Result<PathBuf, CertError> {

@@ -91,7 +91,8 @@ pub enum Incoming<'m> {
 }
 
 /// A future that completes once an audit record is durable (and published).
-type AuditFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
+/// It says whether the record was stored.
+type AuditFuture = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'static>>;
 
 /// One batch of bus messages handled together ([`Controller::handle_batch`]): reads see the
 /// batch's own writes, all its changes are committed in ONE transaction at the end, and
@@ -121,6 +122,8 @@ enum Output {
     },
     /// Re-read the rights of the station's live session: they grow in place, or it is cut.
     Recheck(Serial),
+    /// End an address's block for failed authentications.
+    LiftBlock(IpAddr),
     /// A mailbox message to one session only.
     DeliverTo {
         client_id: String,
@@ -358,6 +361,9 @@ pub struct Controller {
     audit_budget: Mutex<AuditBudget>,
     /// Commands per second of each operator (`rate_limited` past it).
     budget: Mutex<OperatorBudget<OperatorId>>,
+    /// When each operator's rate-limited commands were last audited, and how many were left out
+    /// since: one record a minute at most, so that a flood of tiny requests cannot fill the log.
+    rate_audits: Mutex<HashMap<OperatorId, (OffsetDateTime, u64)>>,
     sessions: Arc<dyn SessionControl>,
     /// Serialises decisions: a decision and the rights of live sessions change together.
     live: Mutex<Live>,
@@ -395,6 +401,7 @@ impl Controller {
             rng: SystemRandom::new(),
             failures: Mutex::new(FailureLimiter::new(settings.flood.failures.clone())),
             audit_budget: Mutex::new(AuditBudget::new(settings.flood.refusal_audits_per_minute)),
+            rate_audits: Mutex::new(HashMap::new()),
             budget: Mutex::new(OperatorBudget::new(
                 settings.requests.commands_per_second,
                 settings.requests.burst,
@@ -561,8 +568,12 @@ impl Controller {
                             });
                         }
                     }
+                    true
                 }
-                Err(e) => warn!("audit record not stored: {e}"),
+                Err(e) => {
+                    warn!("audit record not stored: {e}");
+                    false
+                }
             }
         })
     }
@@ -887,20 +898,6 @@ impl Controller {
                     Admit::Authorized => (StationRights::Authorized, "authorized"),
                     Admit::Deny(reason) => {
                         drop(live);
-                        if let DenyReason::IdentityMismatch { pinned, presented } = &reason {
-                            self.event(
-                                &tenant,
-                                "security",
-                                json!({
-                                    "event": "identity_mismatch",
-                                    "serial": serial.as_str(),
-                                    "pinned": pinned.to_string(),
-                                    "presented": presented.map(|p| p.to_string()),
-                                    "ip": info.peer_addr.ip().to_string(),
-                                    "advice": "possible clone, or authentication deleted on the station: remove the station, then reboot it",
-                                }),
-                            );
-                        }
                         let counts = !matches!(reason, DenyReason::Rejected);
                         let decision = deny(
                             Refusal::NotAuthorized,
@@ -909,7 +906,34 @@ impl Controller {
                             Some(serial.to_string()),
                             counts,
                         );
-                        return (decision, None);
+                        // The security event goes out after the refusal's audit record (queued
+                        // by `deny`) is durable: `admit` awaits these in order.
+                        let event = match &reason {
+                            DenyReason::IdentityMismatch { pinned, presented } => {
+                                let mut body = json!({
+                                    "event": "identity_mismatch",
+                                    "serial": serial.as_str(),
+                                    "pinned": pinned.to_string(),
+                                    "presented": presented.map(|p| p.to_string()),
+                                    "ip": info.peer_addr.ip().to_string(),
+                                    "advice": "possible clone, or authentication deleted on the station: remove the station, then reboot it",
+                                    "type": "security",
+                                });
+                                body["time"] = json!(rfc3339(at));
+                                let out = self.out.clone();
+                                let publication = Publication {
+                                    topic: format!("fleet/events/{tenant}/security"),
+                                    payload: body.to_string().into_bytes(),
+                                };
+                                let later: AuditFuture = Box::pin(async move {
+                                    let _ = out.send(publication);
+                                    true
+                                });
+                                Some(later)
+                            }
+                            _ => None,
+                        };
+                        return (decision, event);
                     }
                 };
                 (
@@ -1148,6 +1172,13 @@ impl Controller {
             Output::Respond { to, responses, .. } => self.respond(&to, responses),
             Output::Cut { client_id, after } => {
                 self.sessions.cut(&client_id, after);
+            }
+            Output::LiftBlock(ip) => {
+                let now = self.now();
+                self.failures
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .lift(ip, now);
             }
             Output::DeliverTo {
                 client_id,
@@ -1708,16 +1739,33 @@ impl Controller {
             answered.push((name, correlation));
         }
         if refused > 0 {
-            // One record for the lot: a flooding operator cannot fill the audit log with them.
-            let _ = cx.commit(vec![Change::Audit(AuditRecord::new(
-                at,
-                &tenant,
-                operator,
-                None,
-                "request",
-                Outcome::Refused,
-                Some(format!("rate_limited: {refused} commands not run")),
-            ))]);
+            // One record a minute for the lot: a flooding operator cannot fill the audit log.
+            let due = {
+                let mut audits = self.rate_audits.lock().unwrap_or_else(|e| e.into_inner());
+                let entry = audits
+                    .entry(from.operator.clone())
+                    .or_insert((at - time::Duration::MINUTE, 0));
+                entry.1 += u64::from(refused);
+                if entry.0 + time::Duration::MINUTE <= at {
+                    entry.0 = at;
+                    Some(std::mem::take(&mut entry.1))
+                } else {
+                    None
+                }
+            };
+            if let Some(count) = due {
+                let _ = cx.commit(vec![Change::Audit(AuditRecord::new(
+                    at,
+                    &tenant,
+                    operator,
+                    None,
+                    "request",
+                    Outcome::Refused,
+                    Some(format!(
+                        "rate_limited: {count} commands not run since the last such record"
+                    )),
+                ))]);
+            }
         }
         self.respond_in(cx, from, answered, responses);
     }
@@ -1989,14 +2037,18 @@ impl Controller {
                     CommandError::invalid_argument(format!("{text:?} is not an IP address"))
                 })?;
                 let ip = ip.to_canonical();
-                let lifted = self
+                let blocked = self
                     .failures
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .lift(ip, at);
-                if !lifted {
+                    .blocks(at)
+                    .iter()
+                    .any(|b| b.ip == ip);
+                if !blocked {
                     return Err(CommandError::not_found(format!("{ip} is not blocked")));
                 }
+                // Lifted once its audit record is committed.
+                cx.out.push(Output::LiftBlock(ip));
                 cx.commit(vec![Change::Audit(AuditRecord::new(
                     at,
                     tenant,
@@ -2078,10 +2130,20 @@ pub struct ControllerAdmission(pub Arc<Controller>);
 impl Admission for ControllerAdmission {
     fn admit(&self, info: ConnectInfo) -> BoxFuture<'_, Decision> {
         Box::pin(async move {
+            let (client_id, session_id) = (info.client_id.clone(), info.session_id);
             let (decision, slow, audits) = self.0.admit_now(info);
             // Audited before answered; concurrent admissions share one commit.
+            let mut stored = true;
             for audit in audits {
-                audit.await;
+                stored &= audit.await;
+            }
+            if !stored && matches!(decision, Decision::Allow { .. }) {
+                // No admission without its audit record.
+                self.0.closed(&client_id, session_id);
+                return Decision::Deny {
+                    refusal: Refusal::ServerUnavailable,
+                    reason: "the admission could not be audited".into(),
+                };
             }
             if slow && matches!(decision, Decision::Deny { .. }) {
                 // A guesser is slowed down before it is refused for good.
