@@ -1019,17 +1019,43 @@ impl Controller {
                 ..
             }) = live.sessions.remove(client_id)
             {
-                live.last_seen.insert(serial.clone(), self.now());
-                if let Ok(Some(station)) = self.store.station(&serial) {
-                    let view = self.view(&live, &station);
-                    drop(live);
-                    self.event(
-                        &station.tenant,
-                        "stations",
-                        json!({"event": "offline", "station": view}),
-                    );
+                match self.store.station(&serial) {
+                    Ok(Some(station)) => {
+                        live.last_seen.insert(serial.clone(), self.now());
+                        let view = self.view(&live, &station);
+                        drop(live);
+                        self.event(
+                            &station.tenant,
+                            "stations",
+                            json!({"event": "offline", "station": view}),
+                        );
+                    }
+                    // No record (a client that never asked): nothing to remember it by.
+                    _ => {
+                        live.last_seen.remove(&serial);
+                        Self::bound_last_sessions(&mut live);
+                    }
                 }
+            } else {
+                Self::bound_last_sessions(&mut live);
             }
+        }
+    }
+
+    /// The identities of closed sessions are kept so that a message sent just before a close is
+    /// still attributed (PROTOCOL §3); anonymous clients must not grow them without bound: past
+    /// a bound, only those of live sessions are kept.
+    fn bound_last_sessions(live: &mut Live) {
+        let bound = 2 * live.sessions.len() + 10_000;
+        if live.last_station_session.len() > bound {
+            let sessions = &live.sessions;
+            live.last_station_session
+                .retain(|client_id, _| sessions.contains_key(client_id));
+        }
+        if live.last_phone_ip.len() > bound {
+            let sessions = &live.sessions;
+            live.last_phone_ip
+                .retain(|client_id, _| sessions.contains_key(client_id));
         }
     }
 
