@@ -183,6 +183,62 @@ pub struct ControlSettings {
     pub clock: Clock,
 }
 
+impl ControlSettings {
+    /// The controller's settings from a checked configuration (`fleet_config::Config::validate`),
+    /// with the firmware policy and catalog the shell read from disk, on `clock`.
+    pub fn from_config(
+        config: &fleet_config::Config,
+        policy: FirmwarePolicy,
+        catalog: Catalog,
+        clock: Clock,
+    ) -> ControlSettings {
+        let phones = &config.phones;
+        let limits = &config.limits;
+        let minutes = |m: u64| time::Duration::minutes(i64::try_from(m).unwrap_or(i64::MAX));
+        ControlSettings {
+            policy,
+            catalog,
+            chunk_size: config.firmware.chunk_size,
+            max_payload_bytes: config.limits.max_payload_bytes,
+            phones: PhonePolicy {
+                pap_attempts: phones.pap_attempts,
+                lockout: minutes(phones.lockout_minutes),
+                lockouts_before_block: phones.lockouts_before_block,
+                temporary_whitelist: minutes(phones.temporary_whitelist_hours.saturating_mul(60)),
+                suspend: minutes(phones.suspend_minutes),
+            },
+            flood: FloodSettings {
+                failures: FailurePolicy {
+                    max_failures: limits.failed_auth_per_ip,
+                    window: minutes(limits.failed_auth_window_minutes),
+                    block: minutes(limits.failed_auth_block_minutes),
+                },
+                failed_auth_delay: std::time::Duration::from_millis(limits.failed_auth_delay_ms),
+                refusal_audits_per_minute: limits.refusal_audits_per_ip_per_minute,
+            },
+            requests: RequestLimits {
+                max_commands: limits.max_commands_per_request as usize,
+                page_size: limits.max_page_size as usize,
+                max_response_bytes: limits.max_response_bytes,
+                commands_per_second: limits.operator_commands_per_second,
+                burst: limits.operator_command_burst,
+            },
+            pending: PendingSettings {
+                limits: PendingLimits {
+                    per_ip: limits.pending_stations_per_ip,
+                    total: limits.max_pending_stations,
+                },
+                expiry: minutes(limits.pending_expiry_hours.saturating_mul(60)),
+            },
+            whitelist_min_prefix: (
+                phones.min_whitelist_prefix_v4,
+                phones.min_whitelist_prefix_v6,
+            ),
+            clock,
+        }
+    }
+}
+
 /// What one operator request, and one operator, may ask of the controller.
 #[derive(Debug, Clone)]
 pub struct RequestLimits {

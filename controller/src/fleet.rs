@@ -17,13 +17,10 @@ use tracing::warn;
 
 use crate::clock::Clock;
 use crate::control::{
-    ControlSettings, Controller, ControllerAdmission, FloodSettings, InboxItem, InboxRequest,
-    Incoming, PendingSettings, Publication, RequestLimits, MAX_BATCH,
+    ControlSettings, Controller, ControllerAdmission, InboxItem, InboxRequest, Incoming,
+    Publication, MAX_BATCH,
 };
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
-use crate::flood::FailurePolicy;
-use crate::flood::PendingLimits;
-use crate::phone::PhonePolicy;
 use crate::store::Store;
 
 /// Name of the store file inside the data directory.
@@ -147,58 +144,13 @@ impl Fleet {
         };
         let broker = Broker::bind(settings).await?;
         let bus = broker.local_bus("controller").await?;
-        let phones = &config.phones;
-        let limits = &config.limits;
-        let minutes = |m: u64| time::Duration::minutes(i64::try_from(m).unwrap_or(i64::MAX));
         let signing_ca = fleet_certs::FleetCa::from_pem(files.ca.cert_pem(), &files.ca.key_pem())?;
         let (controller, outbox) = Controller::new(
             store,
             Arc::new(signing_ca),
             broker.sessions(),
             fleet_certs::OperatorRegistry::new(&server.data_dir),
-            ControlSettings {
-                policy,
-                catalog: Catalog::new(images),
-                chunk_size: config.firmware.chunk_size,
-                max_payload_bytes: config.limits.max_payload_bytes,
-                phones: PhonePolicy {
-                    pap_attempts: phones.pap_attempts,
-                    lockout: minutes(phones.lockout_minutes),
-                    lockouts_before_block: phones.lockouts_before_block,
-                    temporary_whitelist: minutes(
-                        phones.temporary_whitelist_hours.saturating_mul(60),
-                    ),
-                    suspend: minutes(phones.suspend_minutes),
-                },
-                flood: FloodSettings {
-                    failures: FailurePolicy {
-                        max_failures: limits.failed_auth_per_ip,
-                        window: minutes(limits.failed_auth_window_minutes),
-                        block: minutes(limits.failed_auth_block_minutes),
-                    },
-                    failed_auth_delay: Duration::from_millis(limits.failed_auth_delay_ms),
-                    refusal_audits_per_minute: limits.refusal_audits_per_ip_per_minute,
-                },
-                requests: RequestLimits {
-                    max_commands: limits.max_commands_per_request as usize,
-                    page_size: limits.max_page_size as usize,
-                    max_response_bytes: limits.max_response_bytes,
-                    commands_per_second: limits.operator_commands_per_second,
-                    burst: limits.operator_command_burst,
-                },
-                pending: PendingSettings {
-                    limits: PendingLimits {
-                        per_ip: limits.pending_stations_per_ip,
-                        total: limits.max_pending_stations,
-                    },
-                    expiry: minutes(limits.pending_expiry_hours.saturating_mul(60)),
-                },
-                whitelist_min_prefix: (
-                    phones.min_whitelist_prefix_v4,
-                    phones.min_whitelist_prefix_v6,
-                ),
-                clock,
-            },
+            ControlSettings::from_config(config, policy, Catalog::new(images), clock),
         )?;
         let inbox = controller
             .take_inbox()

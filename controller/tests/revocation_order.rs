@@ -11,13 +11,10 @@ use fleet_broker::{
 };
 use fleet_controller::clock::Clock;
 use fleet_controller::control::{
-    ControlSettings, Controller, ControllerAdmission, FloodSettings, Incoming, Publication,
-    Requester,
+    ControlSettings, Controller, ControllerAdmission, Incoming, Publication, Requester,
 };
 use fleet_controller::firmware::{Catalog, FirmwarePolicy};
-use fleet_controller::flood::FailurePolicy;
 use fleet_controller::identity::OperatorId;
-use fleet_controller::phone::PhonePolicy;
 use fleet_controller::store::Store;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -130,27 +127,17 @@ async fn setup() -> (
 }
 
 fn settings() -> ControlSettings {
-    let minutes = time::Duration::minutes;
-    ControlSettings {
-        policy: FirmwarePolicy::default(),
-        catalog: Catalog::default(),
-        chunk_size: 16_384,
-        max_payload_bytes: 65_536,
-        phones: PhonePolicy::default(),
-        flood: FloodSettings {
-            failures: FailurePolicy {
-                max_failures: 100,
-                window: minutes(10),
-                block: minutes(15),
-            },
-            failed_auth_delay: std::time::Duration::ZERO,
-            refusal_audits_per_minute: 100,
-        },
-        requests: Default::default(),
-        pending: Default::default(),
-        whitelist_min_prefix: (8, 32),
-        clock: Clock::simulated(),
-    }
+    // The defaults, with the failure limits out of the way of these tests.
+    let mut config = fleet_config::Config::default();
+    config.limits.failed_auth_per_ip = 100;
+    config.limits.failed_auth_delay_ms = 0;
+    config.limits.refusal_audits_per_ip_per_minute = 100;
+    ControlSettings::from_config(
+        &config,
+        FirmwarePolicy::default(),
+        Catalog::default(),
+        Clock::simulated(),
+    )
 }
 
 fn position(events: &[String], needle: &str) -> usize {
