@@ -1,0 +1,617 @@
+//! Operator flood (issue 9): the outside review's attack, measured.
+//!
+//! One operator (certificate and key on the command line) fills its own audit log with cheap
+//! commands as fast as fleetd lets it, sends one request over the command bound, then sends
+//! requests of `listAuditLog` commands (each asking for `limit` records) for `--seconds`. All
+//! the while an honest client connects every `--probe-interval-ms` (a certificate-less legacy
+//! station `station-HONEST-<n>` from `--probe-source`, full TLS handshake, MQTT 3.1.1 CONNECT)
+//! and the time from TCP connect to CONNACK is recorded; fleetd's VmRSS and VmHWM are sampled
+//! from /proc. Prints one JSON report on stdout.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use fleet_ctl::{ClientError, OperatorClient};
+use hdrhistogram::Histogram;
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpSocket;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsConnector;
+
+#[derive(Parser)]
+struct Args {
+    /// fleetd's address HOST:PORT.
+    #[arg(long)]
+    server: String,
+    /// The fleet CA (DATA_DIR/ca.pem), to verify fleetd's certificate.
+    #[arg(long)]
+    ca: std::path::PathBuf,
+    /// The attacking operator's certificate (PEM).
+    #[arg(long)]
+    cert: std::path::PathBuf,
+    /// Its key (PEM).
+    #[arg(long)]
+    key: std::path::PathBuf,
+    /// fleetd's process id, for VmRSS / VmHWM and CPU time.
+    #[arg(long)]
+    fleetd_pid: u32,
+    /// Audit-filling commands to send.
+    #[arg(long, default_value_t = 11_000)]
+    fill: usize,
+    /// The cheap command that fills the audit log (every operator command is audited).
+    #[arg(long, default_value = "listWhitelist")]
+    fill_command: String,
+    /// Commands per audit-filling request (fleetd takes at most 100).
+    #[arg(long, default_value_t = 100)]
+    fill_batch: usize,
+    /// Audit-filling requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    fill_in_flight: usize,
+    /// Size of the one over-bound request sent before the flood (the review sent 150); 0 skips it.
+    #[arg(long, default_value_t = 150)]
+    oversized: usize,
+    /// `listAuditLog` commands per flood request.
+    #[arg(long, default_value_t = 100)]
+    list_batch: usize,
+    /// The `limit` each `listAuditLog` asks for.
+    #[arg(long, default_value_t = 10_000)]
+    list_limit: u64,
+    /// Flood requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    list_in_flight: usize,
+    /// How long the `listAuditLog` flood lasts.
+    #[arg(long, default_value_t = 30.0)]
+    seconds: f64,
+    /// Probing before the attack starts, for a baseline.
+    #[arg(long, default_value_t = 3.0)]
+    baseline_s: f64,
+    /// One honest CONNECT every this many milliseconds.
+    #[arg(long, default_value_t = 200)]
+    probe_interval_ms: u64,
+    /// Source address of the honest client.
+    #[arg(long, default_value = "127.0.0.2")]
+    probe_source: IpAddr,
+    /// A probe that has no CONNACK after this long counts as an error.
+    #[arg(long, default_value_t = 30)]
+    probe_timeout_s: u64,
+    /// Count the operator's own audit records at the end (pages of 500 with `after_seq`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    count_audit: bool,
+}
+
+/// What came back for one kind of command, by error code (`ok` for data).
+#[derive(Default)]
+struct Tally {
+    by_code: BTreeMap<String, u64>,
+    records: u64,
+    response_bytes: u64,
+    requests: u64,
+    request_errors: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    fn add(&mut self, responses: &[Value]) {
+        self.requests += 1;
+        for r in responses {
+            let code = match r.get("code").and_then(Value::as_str) {
+                Some(code) => code.to_owned(),
+                None if r.get("error").is_some() => "error".into(),
+                None => "ok".into(),
+            };
+            if let Some(records) = r
+                .get("data")
+                .and_then(|d| d.get("records"))
+                .and_then(Value::as_array)
+            {
+                self.records += records.len() as u64;
+            }
+            self.response_bytes += serde_json::to_vec(r).map_or(0, |v| v.len() as u64);
+            *self.by_code.entry(code).or_default() += 1;
+        }
+    }
+
+    fn failed(&mut self, e: &ClientError) {
+        self.requests += 1;
+        let key: String = e.to_string().chars().take(80).collect();
+        *self.request_errors.entry(key).or_default() += 1;
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "requests": self.requests,
+            "commands": self.by_code,
+            "records_returned": self.records,
+            "response_bytes": self.response_bytes,
+            "request_errors": self.request_errors,
+        })
+    }
+}
+
+fn ms(h: &Histogram<u64>) -> Value {
+    if h.is_empty() {
+        return Value::Null;
+    }
+    json!({
+        "count": h.len(),
+        "p50": h.value_at_quantile(0.50) as f64 / 1000.0,
+        "p99": h.value_at_quantile(0.99) as f64 / 1000.0,
+        "max": h.max() as f64 / 1000.0,
+    })
+}
+
+/// One honest CONNECT: when it started (seconds into the run) and its time to CONNACK.
+type Probe = (f64, Result<Duration, String>);
+
+/// VmRSS and VmHWM of `pid`, KiB.
+fn rss(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+fn cpu_s(pid: u32) -> f64 {
+    fleet_bench::proc_sample(pid)
+        .map_or(0.0, |(ticks, _)| ticks as f64 / fleet_bench::CLK_TCK as f64)
+}
+
+/// MQTT 3.1.1 CONNECT, clean session, keep-alive 60 s, no username/password.
+fn connect_packet(client_id: &str) -> Vec<u8> {
+    let mut var = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0x00, 0x3c];
+    var.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    var.extend_from_slice(client_id.as_bytes());
+    let mut pkt = vec![0x10, var.len() as u8];
+    pkt.extend_from_slice(&var);
+    pkt
+}
+
+/// One honest CONNECT: TCP connect from `source`, TLS, CONNECT, CONNACK; the time to CONNACK.
+async fn probe(
+    n: u64,
+    server: SocketAddr,
+    source: IpAddr,
+    connector: TlsConnector,
+    name: ServerName<'static>,
+) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    let socket = match source {
+        IpAddr::V4(_) => TcpSocket::new_v4(),
+        IpAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| format!("socket: {e}"))?;
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .map_err(|e| format!("bind: {e}"))?;
+    let tcp = socket
+        .connect(server)
+        .await
+        .map_err(|e| format!("tcp: {e}"))?;
+    tcp.set_nodelay(true).ok();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    tls.write_all(&connect_packet(&format!("station-HONEST-{n}")))
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    tls.flush().await.map_err(|e| format!("flush: {e}"))?;
+    let mut ack = [0u8; 4];
+    tls.read_exact(&mut ack)
+        .await
+        .map_err(|e| format!("connack: {e}"))?;
+    let elapsed = t0.elapsed();
+    if ack[0] != 0x20 {
+        return Err(format!("not a CONNACK: {:#04x}", ack[0]));
+    }
+    if ack[3] != 0 {
+        return Err(format!("CONNACK refused: {}", ack[3]));
+    }
+    let _ = tls.write_all(&[0xe0, 0]).await;
+    let _ = tls.shutdown().await;
+    Ok(elapsed)
+}
+
+/// The wait a `rate_limited` text names (`retry in N ms`), else 1 s.
+fn retry_after(responses: &[Value]) -> Duration {
+    responses
+        .iter()
+        .filter_map(|r| r.get("error").and_then(Value::as_str))
+        .filter_map(|text| {
+            let rest = &text[text.find("retry in ")? + 9..];
+            rest.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .max()
+        .map_or(Duration::from_secs(1), |ms| Duration::from_millis(ms + 5))
+}
+
+/// Runs one command, waiting out `rate_limited` answers.
+async fn patient(client: &OperatorClient, command: Value) -> anyhow::Result<Value> {
+    for _ in 0..100 {
+        let responses = client.request(vec![command.clone()]).await?;
+        let first = responses.first().cloned().unwrap_or(Value::Null);
+        if first.get("code").and_then(Value::as_str) == Some("rate_limited") {
+            tokio::time::sleep(retry_after(&responses)).await;
+            continue;
+        }
+        return fleet_ctl::response_data(first).map_err(Into::into);
+    }
+    anyhow::bail!("still rate_limited after 100 tries")
+}
+
+/// The operator's newest audit record's `seq`.
+async fn newest_seq(client: &OperatorClient) -> anyhow::Result<u64> {
+    let data = patient(client, json!({"command": "listAuditLog", "limit": 1})).await?;
+    Ok(data["records"]
+        .as_array()
+        .and_then(|r| r.last())
+        .and_then(|r| r["seq"].as_u64())
+        .unwrap_or(0))
+}
+
+/// How many audit records the operator's tenant has (its whole chain, pages of 500).
+async fn count_audit(client: &OperatorClient) -> anyhow::Result<u64> {
+    let (mut after, mut total) = (0u64, 0u64);
+    loop {
+        let data = patient(
+            client,
+            json!({"command": "listAuditLog", "limit": 500, "after_seq": after}),
+        )
+        .await?;
+        let records = data["records"].as_array().cloned().unwrap_or_default();
+        total += records.len() as u64;
+        match records.last().and_then(|r| r["seq"].as_u64()) {
+            Some(seq) if records.len() == 500 => after = seq,
+            _ => return Ok(total),
+        }
+    }
+}
+
+/// One request on a connection of its own, its response read raw: a request refused as a whole
+/// is answered with `"correlationData": null`, which [`OperatorClient`] cannot match.
+async fn raw_request(
+    server: &str,
+    ca: &str,
+    cert: &str,
+    key: &str,
+    name: &str,
+    payload: String,
+) -> anyhow::Result<Value> {
+    use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
+    let (host, port) = fleet_ctl::split_server(server).context("server address")?;
+    let tls = fleet_certs::client_config(ca, Some((cert, key)))?;
+    let mut options = MqttOptions::new(format!("op-{name}-oversized"), host, port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(16 << 20, 16 << 20)
+        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(tls),
+        )));
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    client
+        .subscribe(format!("fleet/control/{name}/response"), QoS::AtLeastOnce)
+        .await?;
+    let mut sent = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, eventloop.poll()).await?? {
+            Event::Incoming(Incoming::SubAck(_)) if !sent => {
+                client
+                    .publish(
+                        format!("fleet/control/{name}/request"),
+                        QoS::AtLeastOnce,
+                        false,
+                        payload.clone(),
+                    )
+                    .await?;
+                sent = true;
+            }
+            Event::Incoming(Incoming::Publish(p)) => {
+                let _ = client.disconnect().await;
+                return Ok(serde_json::from_slice(&p.payload)?);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Sends `requests` (each a list of commands), `in_flight` at once, until they are all sent or
+/// `until` has passed; returns the tally and the round-trip times.
+async fn send_all(
+    client: &Arc<OperatorClient>,
+    requests: impl Iterator<Item = Vec<Value>>,
+    in_flight: usize,
+    until: Option<Instant>,
+) -> anyhow::Result<(Tally, Histogram<u64>)> {
+    let sem = Arc::new(Semaphore::new(in_flight));
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let rtt = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
+    let mut tasks = Vec::new();
+    for request in requests {
+        if until.is_some_and(|u| Instant::now() >= u) {
+            break;
+        }
+        let permit = sem.clone().acquire_owned().await?;
+        let (client, tally, rtt) = (client.clone(), tally.clone(), rtt.clone());
+        tasks.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let result = client.request(request).await;
+            let us = t0.elapsed().as_micros() as u64;
+            drop(permit);
+            rtt.lock().unwrap().record(us.max(1)).ok();
+            match result {
+                Ok(responses) => tally.lock().unwrap().add(&responses),
+                Err(e) => tally.lock().unwrap().failed(&e),
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let tally = std::mem::take(&mut *tally.lock().unwrap());
+    let rtt = rtt.lock().unwrap().clone();
+    Ok((tally, rtt))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = std::fs::read_to_string(&args.ca).context("CA")?;
+    let cert = std::fs::read_to_string(&args.cert).context("operator certificate")?;
+    let key = std::fs::read_to_string(&args.key).context("operator key")?;
+    let name = fleet_ctl::operator_name(&cert)?;
+    let pid = args.fleetd_pid;
+    let server: SocketAddr = tokio::net::lookup_host(&args.server)
+        .await?
+        .next()
+        .context("server address")?;
+
+    // RSS, every 50 ms, with a per-second timeline.
+    let stop = Arc::new(AtomicBool::new(false));
+    let rss_peak = Arc::new(AtomicU64::new(0));
+    let rss_start = rss(pid).context("fleetd's /proc status")?;
+    let timeline: Arc<Mutex<Vec<(f64, u64)>>> = Arc::default();
+    let t_start = Instant::now();
+    let sampler = {
+        let (stop, peak, timeline) = (stop.clone(), rss_peak.clone(), timeline.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let mut next_mark = 0.0;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                if let Some((now, _)) = rss(pid) {
+                    peak.fetch_max(now, Ordering::Relaxed);
+                    let t = t_start.elapsed().as_secs_f64();
+                    if t >= next_mark {
+                        timeline
+                            .lock()
+                            .unwrap()
+                            .push(((t * 10.0).round() / 10.0, now));
+                        next_mark += 1.0;
+                    }
+                }
+            }
+        })
+    };
+
+    // The honest client: one CONNECT every interval, each on its own task so that a slow one
+    // does not delay the next (no coordinated omission). Full handshakes: no resumption.
+    let mut probe_cfg: ClientConfig = fleet_certs::client_config(&ca, None)?;
+    probe_cfg.resumption = rustls::client::Resumption::disabled();
+    let connector = TlsConnector::from(Arc::new(probe_cfg));
+    let server_name = ServerName::from(server.ip());
+    let probes: Arc<Mutex<Vec<Probe>>> = Arc::default();
+    let prober = {
+        let (stop, probes) = (stop.clone(), probes.clone());
+        let (source, timeout) = (args.probe_source, Duration::from_secs(args.probe_timeout_s));
+        let interval = Duration::from_millis(args.probe_interval_ms);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut tasks = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                n += 1;
+                let (connector, name, probes) =
+                    (connector.clone(), server_name.clone(), probes.clone());
+                tasks.push(tokio::spawn(async move {
+                    let at = t_start.elapsed().as_secs_f64();
+                    let r =
+                        tokio::time::timeout(timeout, probe(n, server, source, connector, name))
+                            .await
+                            .unwrap_or_else(|_| Err("timeout".into()));
+                    probes.lock().unwrap().push((at, r));
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        })
+    };
+
+    let client = Arc::new(
+        OperatorClient::connect(&args.server, &ca, &cert, &key, &name)
+            .await?
+            .with_timeout(Duration::from_secs(120)),
+    );
+    let seq_before = newest_seq(&client).await?;
+    tokio::time::sleep(Duration::from_secs_f64(args.baseline_s)).await;
+
+    // 1. Fill the audit log.
+    let fill_begin = t_start.elapsed().as_secs_f64();
+    let cpu0 = cpu_s(pid);
+    let tool0 = cpu_s(std::process::id());
+    let t_fill = Instant::now();
+    let batch = args.fill_batch.max(1);
+    let fill_command = args.fill_command.clone();
+    let fill_requests = (0..args.fill.div_ceil(batch)).map(|i| {
+        let n = batch.min(args.fill - i * batch);
+        vec![json!({ "command": fill_command }); n]
+    });
+    let (fill, fill_rtt) = send_all(&client, fill_requests, args.fill_in_flight, None).await?;
+    let fill_seconds = t_fill.elapsed().as_secs_f64();
+    let cpu1 = cpu_s(pid);
+    let tool1 = cpu_s(std::process::id());
+
+    // 2. One request over the command bound, as the review sent it.
+    let list = json!({"command": "listAuditLog", "limit": args.list_limit});
+    let oversized = if args.oversized > 0 {
+        let t0 = Instant::now();
+        let payload = json!({"commands": vec![list.clone(); args.oversized]}).to_string();
+        let mut answer = match raw_request(&args.server, &ca, &cert, &key, &name, payload).await {
+            Ok(answer) => {
+                let responses = answer["responses"].as_array().cloned().unwrap_or_default();
+                let mut tally = Tally::default();
+                tally.add(&responses);
+                json!({
+                    "commands_sent": args.oversized,
+                    "responses": responses.len(),
+                    "answer": tally.by_code,
+                    "first": responses.first(),
+                })
+            }
+            Err(e) => json!({"commands_sent": args.oversized, "request_error": e.to_string()}),
+        };
+        answer["ms"] = json!(t0.elapsed().as_secs_f64() * 1000.0);
+        answer
+    } else {
+        Value::Null
+    };
+
+    // 3. The read flood.
+    let flood_begin = t_start.elapsed().as_secs_f64();
+    let until = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let list_batch = args.list_batch;
+    let flood_requests = std::iter::repeat_with(|| vec![list.clone(); list_batch]);
+    let t_flood = Instant::now();
+    let (flood, flood_rtt) =
+        send_all(&client, flood_requests, args.list_in_flight, Some(until)).await?;
+    let flood_seconds = t_flood.elapsed().as_secs_f64();
+    let flood_end = t_start.elapsed().as_secs_f64();
+    let cpu2 = cpu_s(pid);
+    let tool2 = cpu_s(std::process::id());
+
+    // Probing continues a little after the flood, then stops.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    prober.await?;
+    sampler.await?;
+    let rss_end = rss(pid).unwrap_or((0, 0));
+
+    let seq_after = newest_seq(&client).await?;
+    let audit_records = if args.count_audit {
+        Some(count_audit(&client).await?)
+    } else {
+        None
+    };
+
+    // Probes by phase (by when they started).
+    let mut phases: Vec<(&str, Histogram<u64>, BTreeMap<String, u64>)> =
+        ["baseline", "fill", "flood", "after"]
+            .iter()
+            .map(|p| (*p, Histogram::<u64>::new(3).unwrap(), BTreeMap::new()))
+            .collect();
+    let mut all = Histogram::<u64>::new(3)?;
+    let mut all_errors: BTreeMap<String, u64> = BTreeMap::new();
+    for (at, r) in probes.lock().unwrap().iter() {
+        let i = if *at < fill_begin {
+            0
+        } else if *at < flood_begin {
+            1
+        } else if *at < flood_end {
+            2
+        } else {
+            3
+        };
+        match r {
+            Ok(d) => {
+                let us = (d.as_micros() as u64).max(1);
+                phases[i].1.record(us).ok();
+                if (1..=2).contains(&i) {
+                    all.record(us).ok();
+                }
+            }
+            Err(e) => {
+                let key: String = e.chars().take(80).collect();
+                *phases[i].2.entry(key.clone()).or_default() += 1;
+                if (1..=2).contains(&i) {
+                    *all_errors.entry(key).or_default() += 1;
+                }
+            }
+        }
+    }
+    let mut honest = serde_json::Map::new();
+    honest.insert(
+        "during_attack_ms".into(),
+        json!({"latency": ms(&all), "errors": all_errors}),
+    );
+    for (phase, h, errors) in &phases {
+        honest.insert((*phase).into(), json!({"latency": ms(h), "errors": errors}));
+    }
+
+    let report = json!({
+        "server": args.server,
+        "operator": name,
+        "fleetd": {
+            "pid": pid,
+            "vm_rss_kib_start": rss_start.0,
+            "vm_hwm_kib_start": rss_start.1,
+            "vm_rss_kib_peak_sampled": rss_peak.load(Ordering::Relaxed),
+            "vm_hwm_kib_end": rss_end.1,
+            "vm_rss_kib_end": rss_end.0,
+            "cpu_s_fill": cpu1 - cpu0,
+            "cpu_s_flood": cpu2 - cpu1,
+        },
+        "tool": {
+            "cpu_s_fill": tool1 - tool0,
+            "cpu_s_flood": tool2 - tool1,
+        },
+        "fleetd_rss_timeline_kib": timeline.lock().unwrap().clone(),
+        "fill": {
+            "command": args.fill_command,
+            "commands_sent": args.fill,
+            "per_request": batch,
+            "in_flight": args.fill_in_flight,
+            "seconds": fill_seconds,
+            "answers": fill.json(),
+            "request_ms": ms(&fill_rtt),
+        },
+        "oversized_request": oversized,
+        "flood": {
+            "per_request": list_batch,
+            "limit": args.list_limit,
+            "in_flight": args.list_in_flight,
+            "seconds": flood_seconds,
+            "answers": flood.json(),
+            "request_ms": ms(&flood_rtt),
+        },
+        "audit": {
+            "newest_seq_before": seq_before,
+            "newest_seq_after": seq_after,
+            "tenant_records_at_end": audit_records,
+        },
+        "honest_connack": honest,
+        "probe": {
+            "interval_ms": args.probe_interval_ms,
+            "source": args.probe_source,
+            "client": "certificate-less legacy station, full TLS handshake, MQTT 3.1.1",
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
