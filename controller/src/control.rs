@@ -1792,6 +1792,20 @@ impl Controller {
                 continue;
             }
             granted -= 1;
+            // Once the response is full, a read is not even run: its answer could only be
+            // `too_large`, and reading and encoding a page for nothing is the work a flood wants.
+            let read = command.name.as_deref().is_ok_and(is_read_command);
+            if read && bytes >= max_bytes {
+                let e = CommandError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "the response reached {max_bytes} bytes: ask for a smaller page (limit, after) or fewer commands in one request"
+                    ),
+                );
+                responses.push(error_response(&name, &correlation, &e));
+                answered.push((name, correlation));
+                continue;
+            }
             let result = match &command.name {
                 Ok(n) => self.run_command(live, cx, operator, &tenant, n, &command.args),
                 Err(e) => Err(e.clone()),
@@ -2186,6 +2200,11 @@ impl Controller {
         }
         Ok(image)
     }
+}
+
+/// Whether an operator command only reads (it changes nothing and is audited as a read).
+fn is_read_command(name: &str) -> bool {
+    name.starts_with("list") || name.starts_with("get") || name.starts_with("export")
 }
 
 /// An operator as `listOperators` shows it.
