@@ -364,24 +364,13 @@ impl StoreTxn {
         limit: usize,
         keep: &dyn Fn(&Station) -> bool,
     ) -> Result<(Vec<Station>, bool), StoreError> {
-        let table = self.txn.open_table(STATIONS)?;
-        let range = match after {
-            Some(after) => table
-                .range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?,
-            None => table.range::<&str>(..)?,
-        };
-        let mut page = Vec::new();
-        for entry in range {
-            let (key, value) = entry?;
-            let station = decode_station(key.value(), value.value())?;
-            if keep(&station) {
-                if page.len() == limit {
-                    return Ok((page, true));
-                }
-                page.push(station);
-            }
-        }
-        Ok((page, false))
+        read_page(
+            &self.txn.open_table(STATIONS)?,
+            after,
+            limit,
+            decode_station,
+            keep,
+        )
     }
 
     /// A page of phones, as [`StoreTxn::stations_page`].
@@ -391,24 +380,13 @@ impl StoreTxn {
         limit: usize,
         keep: &dyn Fn(&Phone) -> bool,
     ) -> Result<(Vec<Phone>, bool), StoreError> {
-        let table = self.txn.open_table(PHONES)?;
-        let range = match after {
-            Some(after) => table
-                .range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?,
-            None => table.range::<&str>(..)?,
-        };
-        let mut page = Vec::new();
-        for entry in range {
-            let (key, value) = entry?;
-            let phone = decode_phone(key.value(), value.value())?;
-            if keep(&phone) {
-                if page.len() == limit {
-                    return Ok((page, true));
-                }
-                page.push(phone);
-            }
-        }
-        Ok((page, false))
+        read_page(
+            &self.txn.open_table(PHONES)?,
+            after,
+            limit,
+            decode_phone,
+            keep,
+        )
     }
 
     pub fn phones(&self, tenant: Option<&str>) -> Result<Vec<Phone>, StoreError> {
@@ -647,6 +625,35 @@ fn decode_keyed<T: serde::de::DeserializeOwned>(
         )));
     }
     Ok(record)
+}
+
+/// Up to `limit` records of a keyed table after `after` (in key order) that `keep` accepts,
+/// and whether more follow; one record decoded at a time.
+fn read_page<T>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    after: Option<&str>,
+    limit: usize,
+    decode: fn(&str, &[u8]) -> Result<T, StoreError>,
+    keep: &dyn Fn(&T) -> bool,
+) -> Result<(Vec<T>, bool), StoreError> {
+    let range = match after {
+        Some(after) => {
+            table.range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?
+        }
+        None => table.range::<&str>(..)?,
+    };
+    let mut page = Vec::new();
+    for entry in range {
+        let (key, value) = entry?;
+        let record = decode(key.value(), value.value())?;
+        if keep(&record) {
+            if page.len() == limit {
+                return Ok((page, true));
+            }
+            page.push(record);
+        }
+    }
+    Ok((page, false))
 }
 
 fn decode_station(key: &str, bytes: &[u8]) -> Result<Station, StoreError> {

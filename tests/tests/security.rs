@@ -28,6 +28,14 @@ fn operator_connector(
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
+/// A TLS connector with a new self-signed station key for `serial` (a device nobody accepted).
+fn station_connector(fleet: &TestFleet, serial: &str) -> tokio_rustls::TlsConnector {
+    let key = fleet_certs::self_signed_station(serial).expect("key");
+    let config = fleet_certs::client_config(&fleet.ca_pem(), Some((&key.cert_pem, &key.key_pem)))
+        .expect("tls");
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
 /// Reads for `wait`; returns what arrived (nothing is expected).
 async fn read_for<S: AsyncReadExt + Unpin>(stream: &mut S, wait: Duration) -> Vec<u8> {
     let mut got = Vec::new();
@@ -454,10 +462,7 @@ async fn stations_waiting_for_approval_are_bounded_per_address_and_unseen_ones_e
     op.wait_state("PW-2", "unauthorized").await;
     // A third from the same address is refused at CONNECT, with the reason, audited.
     let port = fleet.fleet.local_addr().port();
-    let key = fleet_certs::self_signed_station("PW-3").expect("key");
-    let config = fleet_certs::client_config(&fleet.ca_pem(), Some((&key.cert_pem, &key.key_pem)))
-        .expect("tls");
-    let third = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let third = station_connector(&fleet, "PW-3");
     let mut stream = tls(&third, port).await;
     assert_eq!(
         connack(&mut stream, &connect_frame("station-PW-3", 60, None)).await,
@@ -524,10 +529,7 @@ async fn an_impostor_holding_the_client_id_never_hears_authorized() {
 
     // Another key takes the client id (it sends no auth request) and listens for `cmd`.
     let port = fleet.fleet.local_addr().port();
-    let key = fleet_certs::self_signed_station("IM-1").expect("key");
-    let config = fleet_certs::client_config(&fleet.ca_pem(), Some((&key.cert_pem, &key.key_pem)))
-        .expect("tls");
-    let impostor = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let impostor = station_connector(&fleet, "IM-1");
     let mut stream = tls(&impostor, port).await;
     assert_eq!(
         connack(&mut stream, &connect_frame("station-IM-1", 60, None)).await,
@@ -660,10 +662,7 @@ async fn a_look_alike_serial_of_an_accepted_station_is_refused() {
     let mut station = fleet.station("CT-1", "6.1.0");
     fleet_tests::authorize(&mut op, &mut station).await;
     let port = fleet.fleet.local_addr().port();
-    let twin = fleet_certs::self_signed_station("ct-1").expect("key");
-    let config = fleet_certs::client_config(&fleet.ca_pem(), Some((&twin.cert_pem, &twin.key_pem)))
-        .expect("tls");
-    let twin = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let twin = station_connector(&fleet, "ct-1");
     let mut stream = tls(&twin, port).await;
     assert_ne!(
         connack(&mut stream, &connect_frame("station-ct-1", 60, None)).await,

@@ -3,6 +3,17 @@
 
 use std::path::{Path, PathBuf};
 
+/// The workspace's member crates, by folder.
+const CRATES: [&str; 7] = [
+    "broker",
+    "certs",
+    "config",
+    "controller",
+    "ctl",
+    "device-sim",
+    "tests",
+];
+
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -83,15 +94,7 @@ fn no_fleet_topic_or_client_id_is_spelled_in_the_broker() {
 fn only_the_store_knows_redb() {
     let root = workspace();
     let mut files = Vec::new();
-    for krate in [
-        "broker",
-        "certs",
-        "config",
-        "controller",
-        "ctl",
-        "device-sim",
-        "tests",
-    ] {
+    for krate in CRATES {
         files.extend(rust_files(&root.join(krate).join("src")));
     }
     files.retain(|f| !f.ends_with("controller/src/store.rs"));
@@ -144,15 +147,7 @@ fn the_pure_modules_do_no_io_and_read_no_clock() {
 fn every_declared_dependency_is_used() {
     let root = workspace();
     let mut unused = Vec::new();
-    for krate in [
-        "broker",
-        "certs",
-        "config",
-        "controller",
-        "ctl",
-        "device-sim",
-        "tests",
-    ] {
+    for krate in CRATES {
         let dir = root.join(krate);
         let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).expect("manifest");
         let mut sources = String::new();
