@@ -271,15 +271,20 @@ fn register_existing_operators(
     registry.mark_migrated()
 }
 
-/// Writes a file that must not exist yet.
-fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
+/// Opens a file that must not exist yet, with `mode` (owner-only for keys).
+pub(crate) fn open_new(path: &Path, mode: u32) -> io::Result<fs::File> {
     let mut options = fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
     #[cfg(not(unix))]
     let _ = mode;
-    let mut file = options.open(path).map_err(|source| match source.kind() {
+    options.open(path)
+}
+
+/// Writes a file that must not exist yet.
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
+    let mut file = open_new(path, mode).map_err(|source| match source.kind() {
         io::ErrorKind::AlreadyExists => CertError::Exists {
             path: path.to_path_buf(),
         },
@@ -461,13 +466,7 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
-        #[cfg(not(unix))]
-        let _ = mode;
-        let mut file = options.open(&tmp)?;
+        let mut file = open_new(&tmp, mode)?;
         file.write_all(contents)?;
         file.sync_all()?;
         drop(file);

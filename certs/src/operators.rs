@@ -110,11 +110,7 @@ impl OperatorRegistry {
         create_dirs(&dir)?;
         let json = serde_json::to_vec_pretty(record)
             .map_err(|e| CertError::InvalidCertificate(e.to_string()))?;
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = match options.open(&path) {
+        let mut file = match crate::data_dir::open_new(&path, 0o600) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Err(CertError::OperatorExists {

@@ -420,6 +420,8 @@ pub struct Controller {
     /// When each operator's rate-limited commands were last audited, and how many were left out
     /// since: one record a minute at most, so that a flood of tiny requests cannot fill the log.
     rate_audits: Mutex<HashMap<OperatorId, (OffsetDateTime, u64)>>,
+    /// Operators revoked while this process runs (the registry has them too).
+    revoked: Mutex<std::collections::HashSet<OperatorId>>,
     sessions: Arc<dyn SessionControl>,
     /// Serialises decisions: a decision and the rights of live sessions change together.
     live: Mutex<Live>,
@@ -458,6 +460,7 @@ impl Controller {
             failures: Mutex::new(FailureLimiter::new(settings.flood.failures.clone())),
             audit_budget: Mutex::new(AuditBudget::new(settings.flood.refusal_audits_per_minute)),
             rate_audits: Mutex::new(HashMap::new()),
+            revoked: Mutex::new(std::collections::HashSet::new()),
             budget: Mutex::new(OperatorBudget::new(
                 settings.requests.commands_per_second,
                 settings.requests.burst,
@@ -1717,11 +1720,14 @@ impl Controller {
         // The tenant of every command is the tenant of the session that sent it.
         let operator = from.operator.name.as_str();
         let tenant = from.operator.tenant.clone();
-        // A request queued before its operator was revoked does not run after it.
-        let revoked = match self.operators.get(&tenant, operator) {
-            Ok(Some(record)) => record.revoked_at.is_some(),
-            Ok(None) | Err(_) => true,
-        };
+        // A request queued before its operator was revoked does not run after it. (Its session
+        // was admitted with the registered certificate; what can change since is a revocation,
+        // which `revokeOperator` records here too: no file read per request.)
+        let revoked = self
+            .revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&from.operator);
         if revoked {
             let e = CommandError::forbidden(format!(
                 "operator {} is revoked: its requests are not run",
@@ -2088,6 +2094,13 @@ impl Controller {
                     Outcome::Ok,
                     Some(format!("certificate {} revoked", record.serial)),
                 ))])?;
+                self.revoked
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(OperatorId {
+                        tenant: tenant.to_owned(),
+                        name: name.clone(),
+                    });
                 // Nothing more of its sessions reaches the inbox...
                 self.operator_sessions
                     .lock()
