@@ -12,7 +12,6 @@ pub mod firmware;
 pub mod fleet;
 pub mod flood;
 pub mod identity;
-pub mod ids;
 pub mod phone;
 pub mod request;
 pub mod station;

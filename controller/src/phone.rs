@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime, UtcOffset};
 
-use crate::ids::{CommandError, Mac};
+use fleet_protocol::{CommandError, Mac};
 
 /// Counts and durations of the phone rules (PROTOCOL §5); the defaults are the manual's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -863,11 +863,11 @@ mod tests {
         assert!(certificate_valid(&phone, "02"));
         // Provisioned: no second certificate, no second completion.
         let error = issue_certificate(phone.clone(), "03".into(), T0).unwrap_err();
-        assert_eq!(error.code, crate::ids::ErrorCode::WrongState);
+        assert_eq!(error.code, fleet_protocol::ErrorCode::WrongState);
         assert!(complete(phone, T0).is_err());
         // No certificate, no completion.
         let error = complete(self::phone(), T0).unwrap_err();
-        assert_eq!(error.code, crate::ids::ErrorCode::WrongState);
+        assert_eq!(error.code, fleet_protocol::ErrorCode::WrongState);
         assert!(error.to_string().contains("no certificate issued"));
     }
 

@@ -12,7 +12,7 @@ use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
 use crate::firmware::{FirmwareClass, FirmwareImage, FirmwarePolicy};
-use crate::ids::{CommandError, Fingerprint, IdError, Serial};
+use fleet_protocol::{CommandError, Fingerprint, IdError, Serial};
 
 /// The tenant every station belongs to until stations are assigned to tenants.
 pub const DEFAULT_TENANT: &str = "default";
@@ -746,7 +746,7 @@ pub fn remove(station: Station, _now: OffsetDateTime) -> Result<Transition, Comm
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::ErrorCode;
+    use fleet_protocol::ErrorCode;
     use time::macros::datetime;
 
     const T0: OffsetDateTime = datetime!(2024-03-01 10:00:00 UTC);
