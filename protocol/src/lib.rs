@@ -6,6 +6,7 @@
 pub mod error;
 pub mod fingerprint;
 pub mod ids;
+pub mod payload;
 pub mod topic;
 
 pub use error::{CommandError, ErrorCode};
