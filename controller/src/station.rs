@@ -1288,17 +1288,24 @@ mod tests {
             }
         }
 
+        impl World {
+            /// No station yet, default policy, at T0.
+            fn new() -> World {
+                World {
+                    record: None,
+                    rejected: false,
+                    policy: FirmwarePolicy::default(),
+                    now: T0,
+                }
+            }
+        }
+
         proptest! {
             #[test]
             fn invariants_hold_over_random_event_sequences(
                 events in prop::collection::vec(event(), 1..60)
             ) {
-                let mut world = World {
-                    record: None,
-                    rejected: false,
-                    policy: FirmwarePolicy::default(),
-                    now: T0,
-                };
+                let mut world = World::new();
                 for event in &events {
                     world.apply(event)?;
                     world.check()?;
@@ -1309,12 +1316,7 @@ mod tests {
             fn a_failed_command_changes_nothing(
                 events in prop::collection::vec(event(), 1..40)
             ) {
-                let mut world = World {
-                    record: None,
-                    rejected: false,
-                    policy: FirmwarePolicy::default(),
-                    now: T0,
-                };
+                let mut world = World::new();
                 for event in &events {
                     let before = world.record.clone();
                     let failed = match (event, before.clone()) {
