@@ -3,6 +3,7 @@
 //!
 //! Pure: the shell passes `now` and the duration, and stores the result.
 
+use fleet_protocol::shorten;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
@@ -389,15 +390,6 @@ impl Whitelists {
 
 fn utc(time: OffsetDateTime) -> OffsetDateTime {
     time.to_offset(UtcOffset::UTC)
-}
-
-/// Keeps untrusted text quoted in an error message short.
-fn shorten(text: &str) -> String {
-    const MAX: usize = 80;
-    match text.char_indices().nth(MAX) {
-        Some((end, _)) => format!("{}…", &text[..end]),
-        None => text.to_owned(),
-    }
 }
 
 #[cfg(test)]
