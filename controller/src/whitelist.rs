@@ -3,7 +3,6 @@
 //!
 //! Pure: the shell passes `now` and the duration, and stores the result.
 
-use fleet_protocol::shorten;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
@@ -12,6 +11,8 @@ use std::str::FromStr;
 use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime, UtcOffset};
+
+use fleet_protocol::shorten;
 
 /// Why a text is not a whitelist entry, or why an entry may not be added.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
