@@ -16,29 +16,27 @@ use tracing::{debug, info, warn};
 
 use crate::audit::{AuditRecord, Outcome};
 use crate::clock::Clock;
-use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
+use crate::firmware::{parse_version, Catalog, FirmwarePolicy};
 use crate::flood::{
     AuditBudget, FailureLimiter, FailurePolicy, OperatorBudget, PendingLimits, Verdict,
 };
 use crate::identity::{self, Identity, OperatorId, StationRights};
 use crate::phone::PhonePolicy;
-use crate::request::{
-    after_arg, after_seq_arg, bool_arg, fingerprint_arg, limit_arg, page_limit_arg, parse_request,
-    serial_arg, text_arg,
-};
 use crate::store::StoreError;
 use crate::whitelist::Whitelists;
 use fleet_certs::{FleetCa, OperatorRegistry};
 use ring::rand::SystemRandom;
 
+mod commands;
+mod phone_commands;
 mod phones;
 
 use crate::station::{
-    self, Admit, AuthRequest, DenyReason, Effect, Presented, Standing, Station, StationState,
-    Transition,
+    self, Admit, AuthRequest, DenyReason, Effect, Presented, Standing, Station, Transition,
 };
 use crate::store::{Change, Store, StoreTxn};
-use fleet_protocol::{ClaimedClient, CommandError, ErrorCode, EventKind, Serial, Topic};
+use fleet_protocol::envelope::{response_json, ResponseEntry};
+use fleet_protocol::{ClaimedClient, CommandError, EventKind, Serial, Topic};
 
 /// Bus messages handled in one batch at most (one store transaction, one fsync).
 pub const MAX_BATCH: usize = 256;
@@ -133,8 +131,17 @@ enum Output {
     },
 }
 
+/// The receipt of [`Cx::record`]: a change and its audit record are in the batch's
+/// transaction. Only `record` makes one, so a command that answers with it has been audited.
+pub(super) struct Recorded(());
+
 impl Cx {
-    fn commit(&mut self, changes: Vec<Change>) -> Result<(), CommandError> {
+    /// Writes `changes` and then their `audit` record into the batch's transaction.
+    fn record(
+        &mut self,
+        mut changes: Vec<Change>,
+        audit: AuditRecord,
+    ) -> Result<Recorded, CommandError> {
         for change in &changes {
             match change {
                 Change::PutStation(s) => {
@@ -146,10 +153,12 @@ impl Cx {
                 _ => {}
             }
         }
+        changes.push(Change::Audit(audit));
         self.txn.apply(changes).map_err(|e| {
             warn!("store: {e}");
             CommandError::internal(format!("the store refused the change: {e}"))
-        })
+        })?;
+        Ok(Recorded(()))
     }
 
     fn publish(&mut self, topic: String, payload: &Value) {
@@ -1130,14 +1139,13 @@ impl Controller {
         transition: Transition,
         audit: AuditRecord,
         tenant: &str,
-    ) -> Result<Option<Station>, CommandError> {
-        let mut changes = Vec::with_capacity(2);
-        match &transition.station {
-            Some(s) => changes.push(Change::PutStation(s.clone())),
-            None => changes.push(Change::DeleteStation(serial.clone())),
-        }
+    ) -> Result<(Option<Station>, Recorded), CommandError> {
+        let change = match &transition.station {
+            Some(s) => Change::PutStation(s.clone()),
+            None => Change::DeleteStation(serial.clone()),
+        };
         let at = audit.time;
-        changes.push(Change::Audit(audit));
+        let mut mismatch = None;
         // The live session holding the station's client id must present the key the record
         // pins; another key (an impostor that took the client id) never hears `authorized`:
         // it is cut, and the security event raised.
@@ -1172,7 +1180,7 @@ impl Controller {
                 holder.filter(|(p, _, _)| p.key() != record.fingerprint)
             {
                 effects.retain(|e| !matches!(e, Effect::Send(_) | Effect::Rights));
-                changes.push(Change::Audit(AuditRecord::new(
+                mismatch = Some(AuditRecord::new(
                     at,
                     tenant,
                     serial.client_id(),
@@ -1185,7 +1193,7 @@ impl Controller {
                             .key()
                             .map_or("no key".to_owned(), |k| k.to_string())
                     )),
-                )));
+                ));
                 cx.out.push(Output::Cut {
                     client_id: serial.client_id(),
                     after: None,
@@ -1206,7 +1214,10 @@ impl Controller {
             }
         }
         // Durable first (at the batch's commit); only then does anyone hear of it.
-        cx.commit(changes)?;
+        let recorded = cx.record(vec![change], audit)?;
+        if let Some(mismatch) = mismatch {
+            cx.record(Vec::new(), mismatch)?;
+        }
         self.run_effects(cx, serial, &effects, tenant);
         let view = match &transition.station {
             Some(s) => self.view(live, s),
@@ -1218,7 +1229,7 @@ impl Controller {
             EventKind::Stations,
             json!({"event": "state", "station": view}),
         );
-        Ok(transition.station)
+        Ok((transition.station, recorded))
     }
 
     fn run_effects(&self, cx: &mut Cx, serial: &Serial, effects: &[Effect], tenant: &str) {
@@ -1388,7 +1399,14 @@ impl Controller {
                     if let Output::Respond { to, commands, .. } = output {
                         let responses = commands
                             .iter()
-                            .map(|(name, correlation)| error_response(name, correlation, &error))
+                            .map(|(command, correlation)| {
+                                ResponseEntry {
+                                    command: command.clone(),
+                                    correlation: correlation.clone(),
+                                    outcome: Err(error.clone()),
+                                }
+                                .to_json()
+                            })
                             .collect();
                         self.respond(&to, responses);
                     }
@@ -1457,7 +1475,7 @@ impl Controller {
         if record.is_none() {
             if let Err(reason) = self.may_add_pending(live, &serial, &ip) {
                 let at = self.now();
-                let _ = cx.commit(vec![Change::Audit(AuditRecord::new(
+                let audit = AuditRecord::new(
                     at,
                     &tenant,
                     serial.client_id(),
@@ -1465,7 +1483,8 @@ impl Controller {
                     "auth_request",
                     Outcome::Refused,
                     Some(reason.clone()),
-                ))]);
+                );
+                let _ = cx.record(Vec::new(), audit);
                 self.event_in(
                     cx,
                     &tenant,
@@ -1507,7 +1526,7 @@ impl Controller {
         match self.apply_transition(live, cx, &serial, transition, audit, &tenant) {
             // Counted at once, so that one batch cannot pass the limits either; the index is
             // rebuilt from the store if the batch's commit fails.
-            Ok(record) => live.pending.update(&serial, record.as_ref()),
+            Ok((record, _)) => live.pending.update(&serial, record.as_ref()),
             Err(e) => warn!("auth request of {serial} not applied: {e}"),
         }
     }
@@ -1683,7 +1702,7 @@ impl Controller {
     /// Answers the session that sent the request, and no other: responses bypass the router,
     /// where another operator of the same name (in another tenant) could subscribe.
     fn respond(&self, to: &Requester, responses: Vec<Value>) {
-        let payload = json!({"responses": responses}).to_string().into_bytes();
+        let payload = response_json(responses).to_string().into_bytes();
         let topic = Topic::OperatorResponse(to.operator.name.clone()).to_string();
         if !self
             .sessions
@@ -1692,543 +1711,6 @@ impl Controller {
             debug!(client_id = %to.client_id, "response not delivered: the session is gone or was ended");
         }
     }
-
-    /// Answers an operator once the batch is committed; `commands` (name, correlation data)
-    /// are what to answer with an error if the commit fails.
-    fn respond_in(
-        &self,
-        cx: &mut Cx,
-        to: &Requester,
-        commands: Vec<(Value, Value)>,
-        responses: Vec<Value>,
-    ) {
-        cx.out.push(Output::Respond {
-            to: to.clone(),
-            commands,
-            responses,
-        });
-    }
-
-    fn on_operator_request(&self, live: &mut Live, cx: &mut Cx, from: &Requester, payload: &[u8]) {
-        // The tenant of every command is the tenant of the session that sent it.
-        let operator = from.operator.name.as_str();
-        let tenant = from.operator.tenant.clone();
-        // A request queued before its operator was revoked does not run after it. (Its session
-        // was admitted with the registered certificate; what can change since is a revocation,
-        // which `revokeOperator` records here too: no file read per request.)
-        let revoked = self
-            .revoked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&from.operator);
-        if revoked {
-            let e = CommandError::forbidden(format!(
-                "operator {} is revoked: its requests are not run",
-                from.operator
-            ));
-            return self.respond_in(
-                cx,
-                from,
-                vec![(Value::Null, Value::Null)],
-                vec![error_response(&Value::Null, &Value::Null, &e)],
-            );
-        }
-        if payload.len() > self.settings.max_payload_bytes {
-            let e = CommandError::invalid_argument(format!(
-                "request over {} bytes",
-                self.settings.max_payload_bytes
-            ));
-            return self.respond_in(
-                cx,
-                from,
-                vec![(Value::Null, Value::Null)],
-                vec![error_response(&Value::Null, &Value::Null, &e)],
-            );
-        }
-        let commands = match parse_request(payload, self.settings.requests.max_commands) {
-            Ok(c) => c,
-            Err(e) => {
-                return self.respond_in(
-                    cx,
-                    from,
-                    vec![(Value::Null, Value::Null)],
-                    vec![error_response(&Value::Null, &Value::Null, &e)],
-                );
-            }
-        };
-        // One operator's share of the controller: commands past its budget are not run.
-        let at = self.now();
-        let wanted = u32::try_from(commands.len()).unwrap_or(u32::MAX);
-        let taken =
-            self.budget
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take(&from.operator, wanted, at);
-        let limited = CommandError::new(
-            ErrorCode::RateLimited,
-            format!(
-                "more than {} commands a second (burst {}); retry in {} ms",
-                self.settings.requests.commands_per_second,
-                self.settings.requests.burst,
-                taken
-                    .retry_after
-                    .map_or(0, |d| d.whole_milliseconds().max(1))
-            ),
-        );
-        let mut granted = taken.granted;
-        let mut refused = 0u32;
-        let max_bytes = self.settings.requests.max_response_bytes;
-        let mut bytes = 0usize;
-        let mut responses = Vec::with_capacity(commands.len());
-        let mut answered = Vec::with_capacity(commands.len());
-        for command in commands {
-            let name = command.args.get("command").cloned().unwrap_or(Value::Null);
-            let correlation = command.correlation;
-            if granted == 0 {
-                refused += 1;
-                responses.push(error_response(&name, &correlation, &limited));
-                answered.push((name, correlation));
-                continue;
-            }
-            granted -= 1;
-            // Once the response is full, a read is not even run: its answer could only be
-            // `too_large`, and reading and encoding a page for nothing is the work a flood wants.
-            let read = command.name.as_deref().is_ok_and(is_read_command);
-            if read && bytes >= max_bytes {
-                let e = CommandError::new(
-                    ErrorCode::TooLarge,
-                    format!(
-                        "the response reached {max_bytes} bytes: ask for a smaller page (limit, after) or fewer commands in one request"
-                    ),
-                );
-                responses.push(error_response(&name, &correlation, &e));
-                answered.push((name, correlation));
-                continue;
-            }
-            let result = match &command.name {
-                Ok(n) => self.run_command(live, cx, operator, &tenant, n, &command.args),
-                Err(e) => Err(e.clone()),
-            };
-            let mut response = match result {
-                Ok((data, decided)) => (
-                    json!({"command": name, "correlationData": correlation, "data": data}),
-                    decided,
-                ),
-                Err(e) => (error_response(&name, &correlation, &e), false),
-            };
-            // The whole response stays within its bound: a read that would pass it is answered
-            // `too_large` instead (a decision is answered whatever its size; it is small).
-            let size = serde_json::to_vec(&response.0).map_or(0, |v| v.len());
-            if !response.1 && bytes + size > max_bytes {
-                let e = CommandError::new(
-                    ErrorCode::TooLarge,
-                    format!(
-                        "the response would exceed {max_bytes} bytes: ask for a smaller page (limit, after) or fewer commands in one request"
-                    ),
-                );
-                response.0 = error_response(&name, &correlation, &e);
-            } else {
-                bytes += size;
-            }
-            responses.push(response.0);
-            answered.push((name, correlation));
-        }
-        if refused > 0 {
-            // One record a minute for the lot: a flooding operator cannot fill the audit log.
-            let due = {
-                let mut audits = self.rate_audits.lock().unwrap_or_else(|e| e.into_inner());
-                let entry = audits
-                    .entry(from.operator.clone())
-                    .or_insert((at - time::Duration::MINUTE, 0));
-                entry.1 += u64::from(refused);
-                if entry.0 + time::Duration::MINUTE <= at {
-                    entry.0 = at;
-                    Some(std::mem::take(&mut entry.1))
-                } else {
-                    None
-                }
-            };
-            if let Some(count) = due {
-                let _ = cx.commit(vec![Change::Audit(AuditRecord::new(
-                    at,
-                    &tenant,
-                    operator,
-                    None,
-                    "request",
-                    Outcome::Refused,
-                    Some(format!(
-                        "rate_limited: {count} commands not run since the last such record"
-                    )),
-                ))]);
-            }
-        }
-        self.respond_in(cx, from, answered, responses);
-    }
-
-    fn run_command(
-        &self,
-        live: &mut Live,
-        cx: &mut Cx,
-        operator: &str,
-        tenant: &str,
-        name: &str,
-        args: &Value,
-    ) -> Result<(Value, bool), CommandError> {
-        let at = self.now();
-        let device = args
-            .get("serial")
-            .and_then(Value::as_str)
-            .map(|s| s.chars().take(80).collect::<String>());
-        let result = self.dispatch(live, cx, operator, tenant, name, args, at);
-        // Decisions carry their own audit record in their transaction; a refusal or a read is
-        // audited on its own.
-        if !matches!(&result, Ok((_, true))) {
-            let (outcome, reason) = match &result {
-                Ok(_) => (Outcome::Ok, None),
-                Err(e) if e.code == ErrorCode::Internal => {
-                    (Outcome::Error, Some(e.message.clone()))
-                }
-                Err(e) => (
-                    Outcome::Refused,
-                    Some(format!("{}: {}", e.code.as_str(), e.message)),
-                ),
-            };
-            // A failure here fails the whole batch (its commit reports it).
-            let _ = cx.commit(vec![Change::Audit(AuditRecord::new(
-                at, tenant, operator, device, name, outcome, reason,
-            ))]);
-        }
-        result
-    }
-
-    /// A page of the stations `keep` accepts, as the batch sees them: `{"stations": […]}`,
-    /// with `"next"` (the `after` of the next page) when more follow.
-    fn stations_page(
-        &self,
-        live: &Live,
-        cx: &Cx,
-        args: &Value,
-        keep: &dyn Fn(&Station) -> bool,
-    ) -> Result<Value, CommandError> {
-        let limit = page_limit_arg(args, self.settings.requests.page_size)?
-            .min(self.settings.requests.page_size);
-        let after = after_arg(args)?;
-        let (page, more) = cx
-            .txn
-            .stations_page(after.as_deref(), limit, keep)
-            .map_err(|e| CommandError::internal(e.to_string()))?;
-        let mut data = json!({
-            "stations": page.iter().map(|s| self.view(live, s)).collect::<Vec<_>>(),
-        });
-        if let (true, Some(last)) = (more, page.last()) {
-            data["next"] = json!(last.serial.as_str());
-        }
-        Ok(data)
-    }
-
-    /// The station named by `args` (in this tenant), as the batch sees it.
-    fn find_station(&self, cx: &Cx, tenant: &str, args: &Value) -> Result<Station, CommandError> {
-        let serial = serial_arg(args)?;
-        match cx
-            .txn
-            .station(&serial)
-            .map_err(|e| CommandError::internal(e.to_string()))?
-        {
-            // Another tenant's station does not exist for this operator.
-            Some(s) if s.tenant == tenant => Ok(s),
-            _ => Err(CommandError::not_found(format!("no station {serial}"))),
-        }
-    }
-
-    /// Runs one command; the flag says whether it already committed its own audit record.
-    #[allow(clippy::too_many_arguments)]
-    fn dispatch(
-        &self,
-        live: &mut Live,
-        cx: &mut Cx,
-        operator: &str,
-        tenant: &str,
-        name: &str,
-        args: &Value,
-        at: OffsetDateTime,
-    ) -> Result<(Value, bool), CommandError> {
-        if let Some(result) = self.phone_command(live, cx, operator, tenant, name, args, at) {
-            return result;
-        }
-        // An operator decision on one station: find it (in this tenant), run the transition,
-        // commit it with its audit record, apply its effects; the answer is the station as it
-        // is now, or `{}` when the record is gone.
-        type Step<'a> = dyn Fn(Station) -> Result<(Transition, Option<String>), CommandError> + 'a;
-        let decide = |cx: &mut Cx, step: &Step<'_>| -> Result<(Value, bool), CommandError> {
-            let s = self.find_station(cx, tenant, args)?;
-            let serial = s.serial.clone();
-            let (transition, reason) = step(s)?;
-            let record = AuditRecord::new(
-                at,
-                tenant,
-                operator,
-                Some(serial.to_string()),
-                name,
-                Outcome::Ok,
-                reason,
-            );
-            let after = self.apply_transition(live, cx, &serial, transition, record, tenant)?;
-            let data = after.map_or_else(|| json!({}), |s| self.view(live, &s));
-            Ok((data, true))
-        };
-        match name {
-            "listStations" => {
-                let filter = match args.get("state") {
-                    None | Some(Value::Null) => None,
-                    Some(Value::String(s)) => {
-                        Some(StationState::from_name(s).ok_or_else(|| {
-                            CommandError::invalid_argument(format!("unknown state {s:?}"))
-                        })?)
-                    }
-                    Some(_) => {
-                        return Err(CommandError::invalid_argument("\"state\" must be a string"))
-                    }
-                };
-                let keep = |s: &Station| {
-                    s.tenant == tenant
-                        && filter.is_none_or(|f| s.state(self.online(live, &s.serial)) == f)
-                };
-                Ok((self.stations_page(live, cx, args, &keep)?, false))
-            }
-            "listRejectedStations" => {
-                let keep = |s: &Station| s.tenant == tenant && s.standing == Standing::Rejected;
-                Ok((self.stations_page(live, cx, args, &keep)?, false))
-            }
-            "getStation" => {
-                let s = self.find_station(cx, tenant, args)?;
-                Ok((self.view(live, &s), false))
-            }
-            "acceptStation" => decide(cx, &|s| {
-                let fingerprint = fingerprint_arg(args)?;
-                Ok((
-                    station::accept(s, fingerprint, at)?,
-                    Some(format!("fingerprint {fingerprint}")),
-                ))
-            }),
-            "rejectStation" => decide(cx, &|s| Ok((station::reject(s, at)?, None))),
-            "clearRejectedStation" => decide(cx, &|s| Ok((station::clear_rejected(s, at)?, None))),
-            "startStationUpdate" => decide(cx, &|s| {
-                let image = self.update_image(args)?;
-                let reason = format!("to {}", image.version);
-                Ok((station::start_update(s, &image, at)?, Some(reason)))
-            }),
-            "resetStation" => decide(cx, &|s| {
-                let delete_authentication = bool_arg(args, "delete_authentication")?;
-                let delete_configuration = bool_arg(args, "delete_configuration")?;
-                let reason = format!("delete_authentication={delete_authentication} delete_configuration={delete_configuration}");
-                let t = station::reset(s, delete_authentication, delete_configuration, at)?;
-                Ok((t, Some(reason)))
-            }),
-            "removeStation" => decide(cx, &|s| Ok((station::remove(s, at)?, None))),
-            "listAuditLog" => {
-                let limit = limit_arg(args)?.min(self.settings.requests.page_size);
-                let records = match after_seq_arg(args)? {
-                    // Paging through the whole chain (`fleetctl audit verify`): oldest first.
-                    Some(after_seq) => cx.txn.audit_page(tenant, after_seq, limit),
-                    None => cx.txn.audit(tenant, limit),
-                }
-                .map_err(|e| CommandError::internal(e.to_string()))?;
-                Ok((json!({"records": records}), false))
-            }
-            "listOperators" => {
-                let records = self
-                    .operators
-                    .list(tenant)
-                    .map_err(|e| CommandError::internal(e.to_string()))?;
-                let online: Vec<&OperatorId> = live
-                    .sessions
-                    .values()
-                    .filter_map(|s| match &s.identity {
-                        Identity::Operator { id, .. } => Some(id),
-                        _ => None,
-                    })
-                    .collect();
-                let operators: Vec<Value> = records
-                    .iter()
-                    .map(|r| {
-                        let is_online = online
-                            .iter()
-                            .any(|id| id.tenant == r.tenant && id.name == r.name);
-                        operator_view(r, is_online)
-                    })
-                    .collect();
-                Ok((json!({"operators": operators}), false))
-            }
-            "revokeOperator" => {
-                let name = text_arg(args, "name", true)?;
-                if name == operator {
-                    return Err(CommandError::invalid_argument(
-                        "an operator cannot revoke itself; ask another operator of the tenant",
-                    ));
-                }
-                let by = format!("{operator}@{tenant}");
-                // Durable (fsynced) before anyone hears of it, and before the cut.
-                let record = self
-                    .operators
-                    .revoke(tenant, &name, &by, at)
-                    .map_err(|e| match e {
-                        fleet_certs::CertError::InvalidName { .. } => {
-                            CommandError::invalid_argument(e.to_string())
-                        }
-                        e => CommandError::internal(e.to_string()),
-                    })?
-                    .ok_or_else(|| CommandError::not_found(format!("no operator {name}")))?;
-                cx.commit(vec![Change::Audit(AuditRecord::new(
-                    at,
-                    tenant,
-                    operator,
-                    Some(format!("operator {name}")),
-                    "revokeOperator",
-                    Outcome::Ok,
-                    Some(format!("certificate {} revoked", record.serial)),
-                ))])?;
-                self.revoked
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(OperatorId {
-                        tenant: tenant.to_owned(),
-                        name: name.clone(),
-                    });
-                // Nothing more of its sessions reaches the inbox...
-                self.operator_sessions
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .retain(|_, r| !(r.operator.tenant == tenant && r.operator.name == name));
-                // ...and its live sessions end at once (after the commit, or even if it fails:
-                // the registry already says revoked): their certificate is void.
-                for (client_id, session) in &live.sessions {
-                    if let Identity::Operator { id, .. } = &session.identity {
-                        if id.tenant == tenant && id.name == name {
-                            cx.out.push(Output::Cut {
-                                client_id: client_id.clone(),
-                                after: None,
-                            });
-                        }
-                    }
-                }
-                Ok((operator_view(&record, false), true))
-            }
-            "listAddressBlocks" | "liftAddressBlock" if tenant != station::DEFAULT_TENANT => {
-                Err(CommandError::forbidden(
-                    "address blocks are fleet-wide: only operators of tenant default see and lift them",
-                ))
-            }
-            "listAddressBlocks" => {
-                let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-                let blocks: Vec<Value> = failures
-                    .blocks(at)
-                    .into_iter()
-                    .map(|b| {
-                        json!({
-                            "address": b.ip.to_string(),
-                            "until": rfc3339(b.until),
-                            "failures": failures.failures(b.ip, at),
-                        })
-                    })
-                    .collect();
-                Ok((json!({"blocks": blocks}), false))
-            }
-            "liftAddressBlock" => {
-                let text = text_arg(args, "address", true)?;
-                let ip: IpAddr = text.parse().map_err(|_| {
-                    CommandError::invalid_argument(format!("{text:?} is not an IP address"))
-                })?;
-                let ip = ip.to_canonical();
-                let blocked = self
-                    .failures
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .blocks(at)
-                    .iter()
-                    .any(|b| b.ip == ip);
-                if !blocked {
-                    return Err(CommandError::not_found(format!("{ip} is not blocked")));
-                }
-                // Lifted once its audit record is committed.
-                cx.out.push(Output::LiftBlock(ip));
-                cx.commit(vec![Change::Audit(AuditRecord::new(
-                    at,
-                    tenant,
-                    operator,
-                    Some(ip.to_string()),
-                    "liftAddressBlock",
-                    Outcome::Ok,
-                    None,
-                ))])?;
-                Ok((json!({}), true))
-            }
-            other => Err(CommandError::invalid_argument(format!(
-                "unknown command {:?}",
-                other.chars().take(64).collect::<String>()
-            ))),
-        }
-    }
-}
-
-impl Controller {
-    /// The image a `startStationUpdate` asks for: `version`, or the latest of the catalog.
-    fn update_image(&self, args: &Value) -> Result<FirmwareImage, CommandError> {
-        let image = match args.get("version") {
-            None | Some(Value::Null) => self
-                .settings
-                .catalog
-                .latest()
-                .cloned()
-                .ok_or_else(|| CommandError::not_found("the firmware catalog is empty"))?,
-            Some(Value::String(v)) => {
-                let version = parse_version(v).ok_or_else(|| {
-                    CommandError::invalid_argument(format!("version {v:?} is not a version"))
-                })?;
-                self.settings
-                    .catalog
-                    .find(&version)
-                    .cloned()
-                    .ok_or_else(|| {
-                        CommandError::not_found(format!("firmware {v} is not in the catalog"))
-                    })?
-            }
-            Some(_) => {
-                return Err(CommandError::invalid_argument(
-                    "\"version\" must be a string",
-                ))
-            }
-        };
-        if image.version < self.settings.policy.min_firmware {
-            return Err(CommandError::invalid_argument(format!(
-                "firmware {} is below {}",
-                image.version, self.settings.policy.min_firmware
-            )));
-        }
-        Ok(image)
-    }
-}
-
-/// Whether an operator command only reads (it changes nothing and is audited as a read).
-fn is_read_command(name: &str) -> bool {
-    name.starts_with("list") || name.starts_with("get") || name.starts_with("export")
-}
-
-/// An operator as `listOperators` shows it.
-fn operator_view(r: &fleet_certs::OperatorRecord, online: bool) -> Value {
-    json!({
-        "name": r.name,
-        "tenant": r.tenant,
-        "serial": r.serial,
-        "fingerprint": r.fingerprint.to_string(),
-        "issued_at": rfc3339(r.issued_at),
-        "revoked_at": r.revoked_at.map(rfc3339),
-        "revoked_by": r.revoked_by,
-        "online": online,
-    })
-}
-
-fn error_response(command: &Value, correlation: &Value, e: &CommandError) -> Value {
-    json!({"command": command, "correlationData": correlation, "error": e.message, "code": e.code.as_str()})
 }
 
 /// The controller as the front door's [`Admission`].

@@ -75,67 +75,7 @@ impl Standing {
     }
 }
 
-/// The state shown to people (PROTOCOL §5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StationState {
-    UpdateRequired,
-    Updating,
-    Unsupported,
-    Unauthorized,
-    Running,
-    NotRunning,
-    Rejected,
-}
-
-impl StationState {
-    /// The JSON name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StationState::UpdateRequired => "update_required",
-            StationState::Updating => "updating",
-            StationState::Unsupported => "unsupported",
-            StationState::Unauthorized => "unauthorized",
-            StationState::Running => "running",
-            StationState::NotRunning => "not_running",
-            StationState::Rejected => "rejected",
-        }
-    }
-
-    /// What people see.
-    pub fn label(self) -> &'static str {
-        match self {
-            StationState::UpdateRequired => "Update Required",
-            StationState::Updating => "Updating",
-            StationState::Unsupported => "Unsupported",
-            StationState::Unauthorized => "Unauthorized",
-            StationState::Running => "Running",
-            StationState::NotRunning => "Not Running",
-            StationState::Rejected => "Rejected",
-        }
-    }
-
-    /// Parses a JSON name, e.g. the `state` filter of `listStations`.
-    pub fn from_name(name: &str) -> Option<StationState> {
-        [
-            StationState::UpdateRequired,
-            StationState::Updating,
-            StationState::Unsupported,
-            StationState::Unauthorized,
-            StationState::Running,
-            StationState::NotRunning,
-            StationState::Rejected,
-        ]
-        .into_iter()
-        .find(|state| state.as_str() == name)
-    }
-}
-
-impl fmt::Display for StationState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.label())
-    }
-}
+pub use fleet_protocol::StationState;
 
 impl Station {
     /// A record for a serial seen for the first time; the auth request fills in the rest.

@@ -1,12 +1,10 @@
 //! Replays the `operator_request` fuzz corpus and its regressions through the request parser
-//! and every argument parser on stable: no input may panic.
+//! (the envelope and every command's arguments) on stable: no input may panic.
 
 use std::fs;
 use std::path::Path;
 
-use fleet_controller::request::{
-    bool_arg, fingerprint_arg, limit_arg, mac_arg, parse_request, serial_arg, text_arg,
-};
+use fleet_controller::request::parse_request;
 
 /// As in fuzz/fuzz_targets/operator_request.rs.
 const MAX_COMMANDS: usize = 64;
@@ -25,21 +23,7 @@ fn replay(dir: &str) -> (usize, usize) {
             continue;
         };
         assert!(parsed.len() <= MAX_COMMANDS, "{}", path.display());
-        for command in &parsed {
-            commands += 1;
-            let args = &command.args;
-            let _ = serial_arg(args);
-            let _ = fingerprint_arg(args);
-            let _ = mac_arg(args);
-            let _ = limit_arg(args);
-            for key in ["delete_authentication", "delete_configuration"] {
-                let _ = bool_arg(args, key);
-            }
-            for key in ["vendor", "type", "site", "entry", "csv", "state", "version"] {
-                let _ = text_arg(args, key, true);
-                let _ = text_arg(args, key, false);
-            }
-        }
+        commands += parsed.len();
     }
     (files, commands)
 }

@@ -8,12 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use fleet_protocol::{Filter, Topic};
+use fleet_protocol::envelope::{request_json, COMMAND, CORRELATION_DATA, RESPONSES};
+use fleet_protocol::{CommandError, Filter, OperatorCommand, Topic};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS,
     SubscribeReasonCode, TlsConfiguration, Transport,
 };
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -62,6 +63,17 @@ pub enum ClientError {
         /// Human-readable text.
         error: String,
     },
+}
+
+impl From<CommandError> for ClientError {
+    /// A command refused before it was sent, by the rules the controller applies to it: reported
+    /// as the controller reports it.
+    fn from(e: CommandError) -> ClientError {
+        ClientError::CommandFailed {
+            code: e.code.as_str().to_owned(),
+            error: e.message,
+        }
+    }
 }
 
 type Waiters = HashMap<String, oneshot::Sender<Value>>;
@@ -269,7 +281,7 @@ impl OperatorClient {
                 self.client_id,
                 self.next.fetch_add(1, Ordering::Relaxed)
             );
-            fields.insert("correlationData".into(), Value::String(key.clone()));
+            fields.insert(CORRELATION_DATA.into(), Value::String(key.clone()));
             let (tx, rx) = oneshot::channel();
             keys.push(key);
             waiting.push(rx);
@@ -279,7 +291,7 @@ impl OperatorClient {
                 .responses
                 .insert(keys[keys.len() - 1].clone(), tx);
         }
-        let payload = json!({ "commands": sent }).to_string();
+        let payload = request_json(sent).to_string();
         let topic = Topic::OperatorRequest(self.name.clone()).to_string();
         let outcome = async {
             self.client
@@ -305,8 +317,15 @@ impl OperatorClient {
         result
     }
 
-    /// Runs one command with `args` (a JSON object, or null for none) and returns its `data`,
-    /// or [`ClientError::CommandFailed`] with the controller's code and text.
+    /// Runs `command` and returns its `data`, or [`ClientError::CommandFailed`] with the
+    /// controller's code and text.
+    pub async fn run(&self, command: &OperatorCommand) -> Result<Value, ClientError> {
+        self.exchange(command.to_json()).await
+    }
+
+    /// Runs the command named `command` with `args` (a JSON object, or null for none), as they
+    /// are: for commands only known at run time (`fleetctl call`) and for tests that send what
+    /// no [`OperatorCommand`] can hold.
     pub async fn call(&self, command: &str, args: Value) -> Result<Value, ClientError> {
         let mut fields = match args {
             Value::Object(fields) => fields,
@@ -317,8 +336,13 @@ impl OperatorClient {
                 ))
             }
         };
-        fields.insert("command".into(), Value::String(command.to_owned()));
-        let mut responses = self.request(vec![Value::Object(fields)]).await?;
+        fields.insert(COMMAND.into(), Value::String(command.to_owned()));
+        self.exchange(Value::Object(fields)).await
+    }
+
+    /// Sends one command entry and returns its data.
+    async fn exchange(&self, entry: Value) -> Result<Value, ClientError> {
+        let mut responses = self.request(vec![entry]).await?;
         let response = responses
             .pop()
             .ok_or_else(|| ClientError::Malformed("no response".into()))?;
@@ -414,12 +438,12 @@ fn route(shared: &Shared, topic: &str, payload: &[u8]) {
     let mut routes = shared.routes();
     if let Some(Topic::OperatorResponse(_)) = Topic::parse(topic) {
         let responses = value
-            .get("responses")
+            .get(RESPONSES)
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
         for response in responses {
-            let key = match response.get("correlationData") {
+            let key = match response.get(CORRELATION_DATA) {
                 Some(Value::String(key)) => key.clone(),
                 Some(other) => other.to_string(),
                 None => continue,
@@ -443,6 +467,7 @@ fn route(shared: &Shared, topic: &str, payload: &[u8]) {
 mod tests {
     use super::*;
     use fleet_protocol::EventKind;
+    use serde_json::json;
 
     #[test]
     fn response_data_and_errors() {

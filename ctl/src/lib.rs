@@ -6,21 +6,17 @@ pub mod audit;
 mod client;
 pub mod paging;
 
+use fleet_protocol::StationState;
+
 pub use client::{
     operator_name, response_data, split_server, ClientError, OperatorClient, DEFAULT_TIMEOUT,
 };
 
 /// The label people see for a station `state` (PROTOCOL §5); the state itself when unknown.
 pub fn station_label(state: &str) -> &str {
-    match state {
-        "update_required" => "Update Required",
-        "updating" => "Updating",
-        "unsupported" => "Unsupported",
-        "unauthorized" => "Unauthorized",
-        "running" => "Running",
-        "not_running" => "Not Running",
-        "rejected" => "Rejected",
-        other => other,
+    match StationState::from_name(state) {
+        Some(known) => known.label(),
+        None => state,
     }
 }
 

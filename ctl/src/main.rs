@@ -14,7 +14,10 @@ use fleet_ctl::paging::{
     fetch_pages, ChainCheck, ListPager, Listing, NewestRecords, Verdict, MAX_PAGE,
 };
 use fleet_ctl::{fingerprint_matches, operator_name, ClientError, OperatorClient};
-use serde_json::{json, Map, Value};
+use fleet_protocol::command::arg;
+use fleet_protocol::OperatorCommand as C;
+use fleet_protocol::{FirmwareVersion, IpAddress, PageLimit, Serial, Text};
+use serde_json::{json, Value};
 use table::Shape;
 
 #[derive(Parser)]
@@ -220,17 +223,12 @@ enum BlockCommand {
 /// A command to send and how to show its answer.
 #[derive(Debug, PartialEq)]
 struct Action {
-    command: &'static str,
-    args: Value,
+    command: C,
     shape: Shape,
 }
 
-fn action(command: &'static str, args: Value, shape: Shape) -> Action {
-    Action {
-        command,
-        args,
-        shape,
-    }
+fn action(command: C, shape: Shape) -> Action {
+    Action { command, shape }
 }
 
 /// Everything validated, nothing done yet.
@@ -243,151 +241,50 @@ enum Plan {
     NewestAudit(NewestRecords),
     /// `stations accept` without `--fingerprint`: look, ask, then send.
     InteractiveAccept {
-        serial: String,
+        serial: Serial,
     },
     /// `audit verify`: page through the whole audit log.
     VerifyAudit,
-    /// `call`: a command name only known at run time.
+    /// `call`: a command name only known at run time, sent as it is.
     Call {
         command: String,
         args: Value,
     },
 }
 
+/// The arguments as operator commands. An argument the controller would refuse is refused
+/// here, in the controller's own words (its parsers are these), before anything is sent.
 fn plan(command: Top) -> anyhow::Result<Plan> {
     Ok(Plan::Send(match command {
-        Top::Stations(command) => match command {
-            StationCommand::List { state, limit } => {
-                let mut filter = Map::new();
-                if let Some(state) = state {
-                    filter.insert("state".into(), json!(state));
-                }
-                return Ok(Plan::List(ListPager::new(Listing::Stations, filter, limit)));
-            }
-            StationCommand::Get { serial } => {
-                action("getStation", json!({ "serial": serial }), Shape::Station)
-            }
-            StationCommand::Accept {
-                serial,
-                fingerprint: Some(fingerprint),
-            } => action(
-                "acceptStation",
-                json!({ "serial": serial, "fingerprint": fingerprint.trim() }),
-                Shape::Station,
-            ),
-            StationCommand::Accept {
-                serial,
-                fingerprint: None,
-            } => return Ok(Plan::InteractiveAccept { serial }),
-            StationCommand::Reject { serial } => {
-                action("rejectStation", json!({ "serial": serial }), Shape::Station)
-            }
-            StationCommand::Rejected { limit } => {
-                return Ok(Plan::List(ListPager::new(
-                    Listing::RejectedStations,
-                    Map::new(),
-                    limit,
-                )))
-            }
-            StationCommand::Clear { serial } => action(
-                "clearRejectedStation",
-                json!({ "serial": serial }),
-                Shape::Done,
-            ),
-            StationCommand::Update { serial, version } => {
-                let mut args = json!({ "serial": serial });
-                if let Some(version) = version {
-                    args["version"] = json!(version);
-                }
-                action("startStationUpdate", args, Shape::Station)
-            }
-            StationCommand::Reset {
-                serial,
-                delete_authentication,
-                delete_configuration,
-            } => action(
-                "resetStation",
-                json!({
-                    "serial": serial,
-                    "delete_authentication": delete_authentication,
-                    "delete_configuration": delete_configuration,
-                }),
-                Shape::Station,
-            ),
-            StationCommand::Remove { serial } => {
-                action("removeStation", json!({ "serial": serial }), Shape::Done)
-            }
-        },
-        Top::Phones(command) => match command {
-            PhoneCommand::Create {
-                mac,
-                vendor,
-                phone_type,
-                site,
-            } => action(
-                "createPhone",
-                json!({ "mac": mac, "vendor": vendor, "type": phone_type, "site": site }),
-                Shape::Phone,
-            ),
-            PhoneCommand::List { limit } => {
-                return Ok(Plan::List(ListPager::new(
-                    Listing::Phones,
-                    Map::new(),
-                    limit,
-                )))
-            }
-            PhoneCommand::Get { mac } => action("getPhone", json!({ "mac": mac }), Shape::Phone),
-            PhoneCommand::Suspend { mac } => action(
-                "suspendPhoneAuthentication",
-                json!({ "mac": mac }),
-                Shape::Phone,
-            ),
-            PhoneCommand::ResetAuthentication { mac } => action(
-                "resetPhoneAuthentication",
-                json!({ "mac": mac }),
-                Shape::Phone,
-            ),
-            PhoneCommand::Delete { mac } => {
-                action("deletePhone", json!({ "mac": mac }), Shape::Done)
-            }
-            PhoneCommand::Import { file } => {
-                let csv = std::fs::read_to_string(&file)
-                    .with_context(|| format!("cannot read {}", file.display()))?;
-                action("importPhonesCsv", json!({ "csv": csv }), Shape::Import)
-            }
-            PhoneCommand::Export => action("exportDevicesCsv", json!({}), Shape::Csv),
-        },
+        Top::Stations(command) => return plan_station(command),
+        Top::Phones(command) => return plan_phone(command),
         Top::Whitelist(command) => match command {
             WhitelistCommand::Add { entry, force } => {
-                let mut args = json!({ "entry": entry });
-                if force {
-                    args["force"] = json!(true);
-                }
-                action("addWhitelistEntry", args, Shape::Done)
+                let entry = arg::entry(&entry).map_err(ClientError::from)?;
+                action(C::AddWhitelistEntry { entry, force }, Shape::Done)
             }
-            WhitelistCommand::Remove { entry } => action(
-                "removeWhitelistEntry",
-                json!({ "entry": entry }),
-                Shape::Done,
-            ),
-            WhitelistCommand::List => action("listWhitelist", json!({}), Shape::Whitelist),
+            WhitelistCommand::Remove { entry } => {
+                let entry = arg::entry(&entry).map_err(ClientError::from)?;
+                action(C::RemoveWhitelistEntry { entry }, Shape::Done)
+            }
+            WhitelistCommand::List => action(C::ListWhitelist, Shape::Whitelist),
         },
         Top::Operators(command) => match command {
-            OperatorCommand::List => action("listOperators", json!({}), Shape::Operators),
+            OperatorCommand::List => action(C::ListOperators, Shape::Operators),
             OperatorCommand::Revoke { name } => {
                 if name.trim().is_empty() {
                     bail!("NAME must not be empty");
                 }
-                action("revokeOperator", json!({ "name": name }), Shape::Operator)
+                let name = Text::parse("name", &name).map_err(ClientError::from)?;
+                action(C::RevokeOperator { name }, Shape::Operator)
             }
         },
         Top::Blocks(command) => match command {
-            BlockCommand::List => action("listAddressBlocks", json!({}), Shape::Blocks),
-            BlockCommand::Lift { address } => action(
-                "liftAddressBlock",
-                json!({ "address": address.to_string() }),
-                Shape::Done,
-            ),
+            BlockCommand::List => action(C::ListAddressBlocks, Shape::Blocks),
+            BlockCommand::Lift { address } => {
+                let address = IpAddress::new(address);
+                action(C::LiftAddressBlock { address }, Shape::Done)
+            }
         },
         Top::Audit {
             command: Some(AuditCommand::Verify),
@@ -401,10 +298,17 @@ fn plan(command: Top) -> anyhow::Result<Plan> {
             limit,
             command: None,
         } => {
-            let args = limit.map_or_else(|| json!({}), |l| json!({ "limit": l }));
-            action("listAuditLog", args, Shape::Audit)
+            let limit = limit
+                .map(PageLimit::new)
+                .transpose()
+                .map_err(ClientError::from)?;
+            let command = C::ListAuditLog {
+                limit,
+                after_seq: None,
+            };
+            action(command, Shape::Audit)
         }
-        Top::ExportCsv => action("exportDevicesCsv", json!({}), Shape::Csv),
+        Top::ExportCsv => action(C::ExportDevicesCsv, Shape::Csv),
         Top::Call { command, args } => {
             let args: Value = serde_json::from_str(&args).context("ARGS must be a JSON object")?;
             if !args.is_object() {
@@ -412,6 +316,130 @@ fn plan(command: Top) -> anyhow::Result<Plan> {
             }
             return Ok(Plan::Call { command, args });
         }
+    }))
+}
+
+fn plan_station(command: StationCommand) -> anyhow::Result<Plan> {
+    let serial = |text: &str| arg::serial(text).map_err(ClientError::from);
+    Ok(Plan::Send(match command {
+        StationCommand::List { state, limit } => {
+            let state = state
+                .as_deref()
+                .map(arg::state)
+                .transpose()
+                .map_err(ClientError::from)?;
+            let listing = Listing::Stations { state };
+            return Ok(Plan::List(ListPager::new(listing, limit)));
+        }
+        StationCommand::Get { serial: s } => action(
+            C::GetStation {
+                serial: serial(&s)?,
+            },
+            Shape::Station,
+        ),
+        StationCommand::Accept {
+            serial: s,
+            fingerprint: Some(fingerprint),
+        } => {
+            let command = C::AcceptStation {
+                serial: serial(&s)?,
+                fingerprint: arg::fingerprint(fingerprint.trim()).map_err(ClientError::from)?,
+            };
+            action(command, Shape::Station)
+        }
+        StationCommand::Accept {
+            serial: s,
+            fingerprint: None,
+        } => {
+            return Ok(Plan::InteractiveAccept {
+                serial: serial(&s)?,
+            })
+        }
+        StationCommand::Reject { serial: s } => action(
+            C::RejectStation {
+                serial: serial(&s)?,
+            },
+            Shape::Station,
+        ),
+        StationCommand::Rejected { limit } => {
+            return Ok(Plan::List(ListPager::new(Listing::RejectedStations, limit)))
+        }
+        StationCommand::Clear { serial: s } => action(
+            C::ClearRejectedStation {
+                serial: serial(&s)?,
+            },
+            Shape::Done,
+        ),
+        StationCommand::Update { serial: s, version } => {
+            let version = version
+                .as_deref()
+                .map(FirmwareVersion::parse)
+                .transpose()
+                .map_err(ClientError::from)?;
+            let command = C::StartStationUpdate {
+                serial: serial(&s)?,
+                version,
+            };
+            action(command, Shape::Station)
+        }
+        StationCommand::Reset {
+            serial: s,
+            delete_authentication,
+            delete_configuration,
+        } => {
+            let command = C::ResetStation {
+                serial: serial(&s)?,
+                delete_authentication,
+                delete_configuration,
+            };
+            action(command, Shape::Station)
+        }
+        StationCommand::Remove { serial: s } => action(
+            C::RemoveStation {
+                serial: serial(&s)?,
+            },
+            Shape::Done,
+        ),
+    }))
+}
+
+fn plan_phone(command: PhoneCommand) -> anyhow::Result<Plan> {
+    let mac = |text: &str| arg::mac(text).map_err(ClientError::from);
+    Ok(Plan::Send(match command {
+        PhoneCommand::Create {
+            mac: m,
+            vendor,
+            phone_type,
+            site,
+        } => {
+            let text = |key: &str, text: &str| Text::parse(key, text).map_err(ClientError::from);
+            let command = C::CreatePhone {
+                mac: mac(&m)?,
+                vendor: text("vendor", &vendor)?,
+                kind: text("type", &phone_type)?,
+                site: text("site", &site)?,
+            };
+            action(command, Shape::Phone)
+        }
+        PhoneCommand::List { limit } => {
+            return Ok(Plan::List(ListPager::new(Listing::Phones, limit)))
+        }
+        PhoneCommand::Get { mac: m } => action(C::GetPhone { mac: mac(&m)? }, Shape::Phone),
+        PhoneCommand::Suspend { mac: m } => {
+            let command = C::SuspendPhoneAuthentication { mac: mac(&m)? };
+            action(command, Shape::Phone)
+        }
+        PhoneCommand::ResetAuthentication { mac: m } => {
+            let command = C::ResetPhoneAuthentication { mac: mac(&m)? };
+            action(command, Shape::Phone)
+        }
+        PhoneCommand::Delete { mac: m } => action(C::DeletePhone { mac: mac(&m)? }, Shape::Done),
+        PhoneCommand::Import { file } => {
+            let csv = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            action(C::ImportPhonesCsv { csv }, Shape::Import)
+        }
+        PhoneCommand::Export => action(C::ExportDevicesCsv, Shape::Csv),
     }))
 }
 
@@ -485,10 +513,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     .with_context(|| format!("cannot reach fleetd at {}", cli.server))?
     .with_timeout(Duration::from_secs(cli.timeout));
     let (data, shape) = match plan {
-        Plan::Send(action) => (
-            client.call(action.command, action.args).await?,
-            action.shape,
-        ),
+        Plan::Send(action) => (client.run(&action.command).await?, action.shape),
         Plan::List(pager) => {
             let listing = pager.listing();
             let data = fetch_pages(&client, pager).await?;
@@ -519,7 +544,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn listing_shape(listing: Listing) -> Shape {
     match listing {
-        Listing::Stations | Listing::RejectedStations => Shape::Stations,
+        Listing::Stations { .. } | Listing::RejectedStations => Shape::Stations,
         Listing::Phones => Shape::Phones,
     }
 }
@@ -577,10 +602,11 @@ fn show(json: bool, shape: Shape, data: &Value) -> anyhow::Result<()> {
 /// The manual's authorize page: show serial, MACs and fingerprint, have the operator type the
 /// fingerprint from the station's local admin page, and accept only when they match.
 #[allow(clippy::print_stdout)]
-async fn accept_interactively(client: &OperatorClient, serial: &str) -> anyhow::Result<Value> {
-    let station = client
-        .call("getStation", json!({ "serial": serial }))
-        .await?;
+async fn accept_interactively(client: &OperatorClient, serial: &Serial) -> anyhow::Result<Value> {
+    let get = C::GetStation {
+        serial: serial.clone(),
+    };
+    let station = client.run(&get).await?;
     print!("{}", table::render(Shape::Station, &station));
     let Some(expected) = station.get("fingerprint").and_then(Value::as_str) else {
         bail!("station {serial} has no fingerprint (legacy firmware): update it first");
@@ -592,12 +618,11 @@ async fn accept_interactively(client: &OperatorClient, serial: &str) -> anyhow::
     if !fingerprint_matches(&typed, expected) {
         bail!("the fingerprint does not match: station {serial} was not accepted");
     }
-    Ok(client
-        .call(
-            "acceptStation",
-            json!({ "serial": serial, "fingerprint": expected }),
-        )
-        .await?)
+    let accept = C::AcceptStation {
+        serial: serial.clone(),
+        fingerprint: arg::fingerprint(expected).map_err(ClientError::from)?,
+    };
+    Ok(client.run(&accept).await?)
 }
 
 #[cfg(test)]
@@ -613,10 +638,18 @@ mod tests {
         plan(parsed(args).expect("the arguments parse").command).expect("a plan")
     }
 
+    /// The name and the wire arguments of `command`.
+    fn wire(command: &C) -> (&'static str, Value) {
+        (command.name().as_str(), Value::Object(command.arguments()))
+    }
+
     /// The command, arguments and shape of a plan that sends one command.
     fn sent(args: &[&str]) -> (&'static str, Value, Shape) {
         match planned(args) {
-            Plan::Send(action) => (action.command, action.args, action.shape),
+            Plan::Send(action) => {
+                let (command, args) = wire(&action.command);
+                (command, args, action.shape)
+            }
             other => panic!("{args:?}: not one command but {other:?}"),
         }
     }
@@ -624,11 +657,10 @@ mod tests {
     /// The command and first request of a paged list, and how it is shown.
     fn listed(args: &[&str]) -> (&'static str, Value, Shape) {
         match planned(args) {
-            Plan::List(pager) => (
-                pager.command(),
-                pager.request(),
-                listing_shape(pager.listing()),
-            ),
+            Plan::List(pager) => {
+                let (command, args) = wire(&pager.request());
+                (command, args, listing_shape(pager.listing()))
+            }
             other => panic!("{args:?}: not a list but {other:?}"),
         }
     }
@@ -682,8 +714,10 @@ mod tests {
         );
         match planned(&["audit", "--limit", "501"]) {
             Plan::NewestAudit(pager) => {
-                assert_eq!(pager.command(), "listAuditLog");
-                assert_eq!(pager.request(), json!({"limit": 500}));
+                assert_eq!(
+                    wire(&pager.request()),
+                    ("listAuditLog", json!({"limit": 500}))
+                );
             }
             other => panic!("not paged: {other:?}"),
         }
@@ -764,7 +798,7 @@ mod tests {
         );
         assert!(matches!(
             planned(&["stations", "accept", "ST-1"]),
-            Plan::InteractiveAccept { serial } if serial == "ST-1"
+            Plan::InteractiveAccept { serial } if serial.as_str() == "ST-1"
         ));
         assert!(matches!(
             planned(&["call", "getStation", r#"{"serial":"A"}"#]),

@@ -5,7 +5,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use fleet_protocol::{After, CommandName, OperatorCommand, PageLimit, StationState};
+use serde_json::{json, Value};
 
 use crate::audit::{ChainBreak, ChainVerifier};
 use crate::{ClientError, OperatorClient};
@@ -30,14 +31,12 @@ pub enum Step {
 }
 
 /// A listing fetched a page at a time. It does no I/O and knows no clock: [`fetch_pages`] sends
-/// `request()` as `command()`, hands the answer's data to `handle`, and repeats until `Done`.
+/// `request()`, hands the answer's data to `handle`, and repeats until `Done`.
 pub trait Pager {
     /// What the whole listing comes to.
     type Output;
-    /// The operator command every page is asked with.
-    fn command(&self) -> &'static str;
-    /// The arguments that ask for the next page.
-    fn request(&self) -> Value;
+    /// The operator command that asks for the next page.
+    fn request(&self) -> OperatorCommand;
     /// Takes the data of the answer to the last `request()`.
     fn handle(&mut self, data: Value) -> Result<Step, ClientError>;
     /// The last request was answered `too_large`: ask for half as many items from now on.
@@ -50,19 +49,14 @@ pub trait Pager {
 /// Where pages come from: fleetd, or a script in tests.
 pub trait PageSource {
     /// Runs one operator command and returns its data or its error.
-    fn fetch(&self, command: &str, args: Value)
-        -> impl Future<Output = Result<Value, ClientError>>;
+    fn fetch(&self, command: &OperatorCommand) -> impl Future<Output = Result<Value, ClientError>>;
     /// Waits before asking again.
     fn pause(&self, wait: Duration) -> impl Future<Output = ()>;
 }
 
 impl PageSource for OperatorClient {
-    fn fetch(
-        &self,
-        command: &str,
-        args: Value,
-    ) -> impl Future<Output = Result<Value, ClientError>> {
-        self.call(command, args)
+    fn fetch(&self, command: &OperatorCommand) -> impl Future<Output = Result<Value, ClientError>> {
+        self.run(command)
     }
 
     async fn pause(&self, wait: Duration) {
@@ -79,7 +73,8 @@ pub async fn fetch_pages<S: PageSource, P: Pager>(
 ) -> Result<P::Output, ClientError> {
     let mut retry = RateLimitRetry::default();
     loop {
-        match source.fetch(pager.command(), pager.request()).await {
+        let request = pager.request();
+        match source.fetch(&request).await {
             Ok(data) => {
                 retry.answered();
                 if pager.handle(data)? == Step::Done {
@@ -88,7 +83,7 @@ pub async fn fetch_pages<S: PageSource, P: Pager>(
             }
             Err(error) => {
                 if let Some(wait) = retry.wait(&error) {
-                    tracing::info!("{}: {error}; asking again in {wait:?}", pager.command());
+                    tracing::info!("{}: {error}; asking again in {wait:?}", request.name());
                     source.pause(wait).await;
                 } else if !(has_code(&error, "too_large") && pager.shrink()) {
                     return Err(error);
@@ -178,8 +173,8 @@ fn half(page: u64) -> Option<u64> {
 /// The list commands that page with `limit` and `after` and answer `next` when there is more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listing {
-    /// `listStations` (`state`?).
-    Stations,
+    /// `listStations`, of the stations in `state` only if given.
+    Stations { state: Option<StationState> },
     /// `listRejectedStations`.
     RejectedStations,
     /// `listPhones`.
@@ -188,18 +183,32 @@ pub enum Listing {
 
 impl Listing {
     /// The operator command.
-    pub fn command(self) -> &'static str {
+    pub fn command(self) -> CommandName {
         match self {
-            Listing::Stations => "listStations",
-            Listing::RejectedStations => "listRejectedStations",
-            Listing::Phones => "listPhones",
+            Listing::Stations { .. } => CommandName::ListStations,
+            Listing::RejectedStations => CommandName::ListRejectedStations,
+            Listing::Phones => CommandName::ListPhones,
+        }
+    }
+
+    /// The command that asks for a page of `limit` items (the server's page size when
+    /// `None`) after `after`.
+    fn page(self, limit: Option<PageLimit>, after: Option<After>) -> OperatorCommand {
+        match self {
+            Listing::Stations { state } => OperatorCommand::ListStations {
+                state,
+                limit,
+                after,
+            },
+            Listing::RejectedStations => OperatorCommand::ListRejectedStations { limit, after },
+            Listing::Phones => OperatorCommand::ListPhones { limit, after },
         }
     }
 
     /// The field of the answer that holds the items.
     pub fn field(self) -> &'static str {
         match self {
-            Listing::Stations | Listing::RejectedStations => "stations",
+            Listing::Stations { .. } | Listing::RejectedStations => "stations",
             Listing::Phones => "phones",
         }
     }
@@ -207,7 +216,7 @@ impl Listing {
     /// The field of an item that `next` and `after` name.
     fn key(self) -> &'static str {
         match self {
-            Listing::Stations | Listing::RejectedStations => "serial",
+            Listing::Stations { .. } | Listing::RejectedStations => "serial",
             Listing::Phones => "mac",
         }
     }
@@ -219,23 +228,20 @@ impl Listing {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListPager {
     listing: Listing,
-    /// The arguments every page carries (`state`).
-    filter: Map<String, Value>,
     limit: Option<u64>,
     /// The page size after a `too_large`; the server's own until then.
     page: Option<u64>,
-    after: Option<String>,
+    after: Option<After>,
     items: Vec<Value>,
     /// Where a listing cut short by `limit` would go on.
     left_out: Option<String>,
 }
 
 impl ListPager {
-    /// Pages through `listing` with `filter` in every request; `limit` items at most.
-    pub fn new(listing: Listing, filter: Map<String, Value>, limit: Option<u64>) -> ListPager {
+    /// Pages through `listing`; `limit` items at most (at least one is asked for).
+    pub fn new(listing: Listing, limit: Option<u64>) -> ListPager {
         ListPager {
             listing,
-            filter,
             limit,
             page: None,
             after: None,
@@ -265,19 +271,9 @@ impl ListPager {
 impl Pager for ListPager {
     type Output = Value;
 
-    fn command(&self) -> &'static str {
-        self.listing.command()
-    }
-
-    fn request(&self) -> Value {
-        let mut args = self.filter.clone();
-        if let Some(limit) = self.page_limit() {
-            args.insert("limit".into(), json!(limit));
-        }
-        if let Some(after) = &self.after {
-            args.insert("after".into(), json!(after));
-        }
-        Value::Object(args)
+    fn request(&self) -> OperatorCommand {
+        let limit = self.page_limit().map(PageLimit::saturating);
+        self.listing.page(limit, self.after.clone())
     }
 
     fn handle(&mut self, mut data: Value) -> Result<Step, ClientError> {
@@ -317,12 +313,12 @@ impl Pager for ListPager {
         let Some(next) = next else {
             return Ok(Step::Done);
         };
-        if self.after.as_deref() == Some(next.as_str()) {
+        if self.after.as_ref().map(After::as_str) == Some(next.as_str()) {
             return Err(ClientError::Malformed(format!(
                 "{command} answered the page after {next:?} with the same \"next\""
             )));
         }
-        self.after = Some(next);
+        self.after = Some(After::new(&next)?);
         Ok(Step::More)
     }
 
@@ -440,14 +436,14 @@ impl NewestRecords {
 impl Pager for NewestRecords {
     type Output = Value;
 
-    fn command(&self) -> &'static str {
-        "listAuditLog"
-    }
-
-    fn request(&self) -> Value {
-        match &self.window {
-            None => json!({ "limit": self.first_page() }),
-            Some(window) => json!({ "after_seq": window.after, "limit": self.page }),
+    fn request(&self) -> OperatorCommand {
+        let (limit, after_seq) = match &self.window {
+            None => (self.first_page(), None),
+            Some(window) => (self.page, Some(window.after)),
+        };
+        OperatorCommand::ListAuditLog {
+            limit: Some(PageLimit::saturating(limit)),
+            after_seq,
         }
     }
 
@@ -564,12 +560,11 @@ impl ChainCheck {
 impl Pager for ChainCheck {
     type Output = Verdict;
 
-    fn command(&self) -> &'static str {
-        "listAuditLog"
-    }
-
-    fn request(&self) -> Value {
-        json!({ "after_seq": self.after_seq, "limit": self.page })
+    fn request(&self) -> OperatorCommand {
+        OperatorCommand::ListAuditLog {
+            limit: Some(PageLimit::saturating(self.page)),
+            after_seq: Some(self.after_seq),
+        }
     }
 
     fn handle(&mut self, data: Value) -> Result<Step, ClientError> {
@@ -653,9 +648,17 @@ mod tests {
         }
     }
 
+    /// The name and the arguments of `command`, as they go on the wire.
+    fn asked_for(command: &OperatorCommand) -> (String, Value) {
+        (
+            command.name().to_string(),
+            Value::Object(command.arguments()),
+        )
+    }
+
     impl PageSource for Script {
-        async fn fetch(&self, command: &str, args: Value) -> Result<Value, ClientError> {
-            self.asked.borrow_mut().push((command.to_owned(), args));
+        async fn fetch(&self, command: &OperatorCommand) -> Result<Value, ClientError> {
+            self.asked.borrow_mut().push(asked_for(command));
             self.answers
                 .borrow_mut()
                 .pop_front()
@@ -692,10 +695,19 @@ mod tests {
             .collect()
     }
 
-    fn running() -> Map<String, Value> {
-        let mut filter = Map::new();
-        filter.insert("state".into(), json!("running"));
-        filter
+    fn running() -> Listing {
+        Listing::Stations {
+            state: Some(StationState::Running),
+        }
+    }
+
+    const STATIONS: Listing = Listing::Stations { state: None };
+
+    /// Every station the script has, page after page.
+    async fn every_station(script: &Script) -> Value {
+        fetch_pages(script, ListPager::new(STATIONS, None))
+            .await
+            .expect("listed")
     }
 
     #[tokio::test]
@@ -705,7 +717,7 @@ mod tests {
             stations(&["C", "D"], Some("D")),
             stations(&["E"], None),
         ]);
-        let pager = ListPager::new(Listing::Stations, running(), None);
+        let pager = ListPager::new(running(), None);
         let data = fetch_pages(&script, pager).await.unwrap();
         assert_eq!(serials(&data), ["A", "B", "C", "D", "E"]);
         assert_eq!(data.get("next"), None);
@@ -727,7 +739,7 @@ mod tests {
     #[tokio::test]
     async fn a_limit_within_one_page_is_one_request() {
         let script = Script::new(vec![stations(&["A", "B"], Some("B"))]);
-        let pager = ListPager::new(Listing::RejectedStations, Map::new(), Some(2));
+        let pager = ListPager::new(Listing::RejectedStations, Some(2));
         let data = fetch_pages(&script, pager).await.unwrap();
         assert_eq!(serials(&data), ["A", "B"]);
         assert_eq!(data["next"], "B", "the rest is there");
@@ -742,7 +754,7 @@ mod tests {
             stations(&["A", "B"], Some("B")),
             stations(&["C", "D"], Some("D")),
         ]);
-        let pager = ListPager::new(Listing::Stations, Map::new(), Some(3));
+        let pager = ListPager::new(STATIONS, Some(3));
         let data = fetch_pages(&script, pager).await.unwrap();
         assert_eq!(serials(&data), ["A", "B", "C"]);
         assert_eq!(data["next"], "C");
@@ -751,14 +763,14 @@ mod tests {
             [json!({"limit": 3}), json!({"limit": 1, "after": "B"})]
         );
 
-        let pager = ListPager::new(Listing::Stations, Map::new(), Some(1200));
-        assert_eq!(pager.request(), json!({"limit": MAX_PAGE}));
+        let pager = ListPager::new(STATIONS, Some(1200));
+        assert_eq!(asked_for(&pager.request()).1, json!({"limit": MAX_PAGE}));
     }
 
     #[tokio::test]
     async fn a_limit_that_covers_everything_leaves_no_next() {
         let script = Script::new(vec![stations(&["A"], None)]);
-        let pager = ListPager::new(Listing::Stations, Map::new(), Some(5));
+        let pager = ListPager::new(STATIONS, Some(5));
         let data = fetch_pages(&script, pager).await.unwrap();
         assert_eq!(serials(&data), ["A"]);
         assert_eq!(data.get("next"), None);
@@ -770,7 +782,7 @@ mod tests {
             Ok(json!({"phones": [{"mac": "m1"}], "next": "m1"})),
             Ok(json!({"phones": [{"mac": "m2"}]})),
         ]);
-        let pager = ListPager::new(Listing::Phones, Map::new(), None);
+        let pager = ListPager::new(Listing::Phones, None);
         let data = fetch_pages(&script, pager).await.unwrap();
         assert_eq!(data, json!({"phones": [{"mac": "m1"}, {"mac": "m2"}]}));
         assert_eq!(script.asked(), [json!({}), json!({"after": "m1"})]);
@@ -780,18 +792,13 @@ mod tests {
     #[tokio::test]
     async fn an_old_fleetd_without_paging_is_listed_in_one_request() {
         let script = Script::new(vec![stations(&["A", "B", "C"], None)]);
-        let data = fetch_pages(&script, ListPager::new(Listing::Stations, Map::new(), None))
-            .await
-            .unwrap();
+        let data = every_station(&script).await;
         assert_eq!(serials(&data), ["A", "B", "C"]);
         // One that ignores `limit` is cut short here, and says where the rest would follow.
         let script = Script::new(vec![stations(&["A", "B", "C"], None)]);
-        let data = fetch_pages(
-            &script,
-            ListPager::new(Listing::Stations, Map::new(), Some(2)),
-        )
-        .await
-        .unwrap();
+        let data = fetch_pages(&script, ListPager::new(STATIONS, Some(2)))
+            .await
+            .unwrap();
         assert_eq!(serials(&data), ["A", "B"]);
         assert_eq!(data["next"], "B");
     }
@@ -803,8 +810,7 @@ mod tests {
             Ok(json!({"stations": [], "next": 7})),
         ] {
             let script = Script::new(vec![answer]);
-            let result =
-                fetch_pages(&script, ListPager::new(Listing::Stations, Map::new(), None)).await;
+            let result = fetch_pages(&script, ListPager::new(STATIONS, None)).await;
             assert!(
                 matches!(result, Err(ClientError::Malformed(_))),
                 "{result:?}"
@@ -815,8 +821,7 @@ mod tests {
             stations(&["A"], Some("A")),
             stations(&["A"], Some("A")),
         ]);
-        let result =
-            fetch_pages(&script, ListPager::new(Listing::Stations, Map::new(), None)).await;
+        let result = fetch_pages(&script, ListPager::new(STATIONS, None)).await;
         assert!(
             matches!(result, Err(ClientError::Malformed(_))),
             "{result:?}"
@@ -835,9 +840,7 @@ mod tests {
             failed("rate_limited", "too many commands"),
             stations(&["B"], None),
         ]);
-        let data = fetch_pages(&script, ListPager::new(Listing::Stations, Map::new(), None))
-            .await
-            .unwrap();
+        let data = every_station(&script).await;
         assert_eq!(serials(&data), ["A", "B"]);
         assert_eq!(
             *script.pauses.borrow(),
@@ -863,8 +866,7 @@ mod tests {
         answers.push(stations(&["B"], Some("B")));
         answers.extend((0..=RATE_LIMIT_RETRIES).map(|_| limited()));
         let script = Script::new(answers);
-        let result =
-            fetch_pages(&script, ListPager::new(Listing::Stations, Map::new(), None)).await;
+        let result = fetch_pages(&script, ListPager::new(STATIONS, None)).await;
         match result {
             Err(ClientError::CommandFailed { code, .. }) => assert_eq!(code, "rate_limited"),
             other => panic!("unexpected {other:?}"),
@@ -879,8 +881,7 @@ mod tests {
     #[tokio::test]
     async fn other_errors_are_not_retried() {
         let script = Script::new(vec![failed("forbidden", "no")]);
-        let result =
-            fetch_pages(&script, ListPager::new(Listing::Stations, Map::new(), None)).await;
+        let result = fetch_pages(&script, ListPager::new(STATIONS, None)).await;
         assert!(
             matches!(&result, Err(ClientError::CommandFailed { code, .. }) if code == "forbidden")
         );
@@ -895,9 +896,7 @@ mod tests {
             failed("too_large", "again"),
             stations(&["B"], None),
         ]);
-        let data = fetch_pages(&script, ListPager::new(Listing::Stations, Map::new(), None))
-            .await
-            .unwrap();
+        let data = every_station(&script).await;
         assert_eq!(serials(&data), ["A", "B"]);
         assert_eq!(
             script.asked(),
@@ -910,7 +909,7 @@ mod tests {
         );
         assert!(script.pauses.borrow().is_empty());
         // Not below one item.
-        let mut pager = ListPager::new(Listing::Stations, Map::new(), Some(1));
+        let mut pager = ListPager::new(STATIONS, Some(1));
         assert!(!pager.shrink());
         let script = Script::new(vec![failed("too_large", "one is too many")]);
         let result = fetch_pages(&script, pager).await;
@@ -959,7 +958,8 @@ mod tests {
     }
 
     impl PageSource for AuditLog {
-        async fn fetch(&self, command: &str, args: Value) -> Result<Value, ClientError> {
+        async fn fetch(&self, command: &OperatorCommand) -> Result<Value, ClientError> {
+            let (command, args) = asked_for(command);
             assert_eq!(command, "listAuditLog");
             self.asked.borrow_mut().push(args.clone());
             let limit = args["limit"].as_u64().unwrap_or(100) as usize;
@@ -1046,7 +1046,7 @@ mod tests {
         let log = AuditLog::new(2000, 1, MAX_PAGE as usize);
         let mut pager = NewestRecords::new(700);
         assert!(pager.shrink());
-        assert_eq!(pager.request(), json!({"limit": 250}));
+        assert_eq!(asked_for(&pager.request()).1, json!({"limit": 250}));
         let data = fetch_pages(&log, pager).await.unwrap();
         assert_eq!(seqs(&data), log.seqs[log.seqs.len() - 700..]);
         assert!(log.asked.borrow().iter().all(|a| a["limit"] == 250));

@@ -1,33 +1,29 @@
-//! An operator request payload, through the controller's envelope parser and then every
-//! argument parser on every command's arguments (as the command dispatch would call them).
+//! An operator request payload through the one request parser: the envelope and every entry's
+//! command with all its arguments (`fleet_protocol::envelope::parse_request`, which the
+//! controller runs on every request).
 
 #![no_main]
 
-use fleet_controller::request::{
-    bool_arg, fingerprint_arg, limit_arg, mac_arg, parse_request, serial_arg, text_arg,
-};
+use fleet_protocol::envelope::{parse_request, EntryCommand};
 use libfuzzer_sys::fuzz_target;
 
 /// More than any real request carries; the parser's own limit is what is fuzzed.
 const MAX_COMMANDS: usize = 64;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(commands) = parse_request(data, MAX_COMMANDS) else {
+    let Ok(entries) = parse_request(data, MAX_COMMANDS) else {
         return;
     };
-    assert!(commands.len() <= MAX_COMMANDS);
-    for command in &commands {
-        let args = &command.args;
-        let _ = serial_arg(args);
-        let _ = fingerprint_arg(args);
-        let _ = mac_arg(args);
-        let _ = limit_arg(args);
-        for key in ["delete_authentication", "delete_configuration"] {
-            let _ = bool_arg(args, key);
-        }
-        for key in ["vendor", "type", "site", "entry", "csv", "state", "version"] {
-            let _ = text_arg(args, key, true);
-            let _ = text_arg(args, key, false);
+    assert!(entries.len() <= MAX_COMMANDS);
+    for entry in &entries {
+        // What parses is what the wire form of the command reads back as.
+        if let EntryCommand::Named {
+            parsed: Ok(command),
+            ..
+        } = &entry.command
+        {
+            let again = fleet_protocol::OperatorCommand::from_entry(&command.to_json());
+            assert_eq!(again.as_ref(), Ok(command));
         }
     }
 });

@@ -1,5 +1,5 @@
-//! Phones in the controller's shell: admission with PAP and whitelists (PROTOCOL §2, §5),
-//! provisioning over MQTT (§3), and the phone, whitelist and CSV operator commands (§6). The
+//! Phones in the controller's shell: admission with PAP and whitelists (PROTOCOL §2, §5) and
+//! provisioning over MQTT (§3); the operator's phone commands are `phone_commands.rs`. The
 //! rules themselves are the pure `phone` and `whitelist` modules; this file does the I/O around
 //! them, and commits every decision before anyone is told.
 
@@ -10,27 +10,20 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 use tracing::warn;
 
-use super::{Controller, Cx, Live, Output};
+use super::{Controller, Cx, Live};
 use crate::audit::{AuditRecord, Outcome};
-use crate::devices_csv;
 use crate::identity::{self, PhonePresented, PhoneRights};
-use crate::phone::{self, Attempt, Pap, PapDecision, Phone};
-use crate::request::{after_arg, bool_arg, mac_arg, page_limit_arg, text_arg};
+use crate::phone::{self, Attempt, PapDecision};
 use crate::store::Change;
-use crate::whitelist::{self, WhitelistEntry};
 use fleet_protocol::{CommandError, EventKind, Mac, Topic};
 
 type AdmitResult = Result<(Rights, String, &'static str), (Refusal, String, String)>;
 
-fn internal(e: impl std::fmt::Display) -> CommandError {
+pub(super) fn internal(e: impl std::fmt::Display) -> CommandError {
     CommandError::internal(e.to_string())
 }
 
 impl Controller {
-    fn new_pap(&self) -> Result<Pap, CommandError> {
-        Pap::generate(&self.rng).map_err(|_| CommandError::internal("no randomness for a PAP"))
-    }
-
     /// Admission of a phone. Commits what the attempt changed (failure counts, lockouts, the
     /// temporary whitelist) before answering.
     pub(super) fn admit_phone(
@@ -230,7 +223,7 @@ impl Controller {
             Outcome::Ok,
             Some(format!("certificate {serial} issued")),
         );
-        if let Err(e) = cx.commit(vec![Change::PutPhone(phone), Change::Audit(audit)]) {
+        if let Err(e) = cx.record(vec![Change::PutPhone(phone)], audit) {
             return fail(cx, e);
         }
         cx.publish(
@@ -275,7 +268,7 @@ impl Controller {
                 changes.push(Change::PutWhitelists(live.whitelists.clone()));
             }
         }
-        changes.push(Change::Audit(AuditRecord::new(
+        let audit = AuditRecord::new(
             at,
             &tenant,
             mac.client_id(),
@@ -283,8 +276,8 @@ impl Controller {
             "provision_complete",
             Outcome::Ok,
             Some("authentication_successful".into()),
-        )));
-        if cx.commit(changes).is_err() {
+        );
+        if cx.record(changes, audit).is_err() {
             return;
         }
         self.event_in(
@@ -294,234 +287,11 @@ impl Controller {
             json!({"event": "state", "phone": without_pap(&view)}),
         );
     }
-
-    fn find_phone(&self, cx: &Cx, tenant: &str, args: &Value) -> Result<Phone, CommandError> {
-        let mac = mac_arg(args)?;
-        match cx.txn.phone(&mac).map_err(internal)? {
-            // Another tenant's phone does not exist for this operator.
-            Some(p) if p.tenant == tenant => Ok(p),
-            _ => Err(CommandError::not_found(format!("no phone {mac}"))),
-        }
-    }
-
-    /// The phone, whitelist and CSV commands; `None` when `name` is none of them. The flag says
-    /// whether the command committed its own audit record.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn phone_command(
-        &self,
-        live: &mut Live,
-        cx: &mut Cx,
-        operator: &str,
-        tenant: &str,
-        name: &str,
-        args: &Value,
-        at: OffsetDateTime,
-    ) -> Option<Result<(Value, bool), CommandError>> {
-        let audit = |device: Option<String>, reason: Option<String>| {
-            Change::Audit(AuditRecord::new(
-                at,
-                tenant,
-                operator,
-                device,
-                name,
-                Outcome::Ok,
-                reason,
-            ))
-        };
-        let result = match name {
-            "createPhone" => (|| {
-                let mac = mac_arg(args)?;
-                let vendor = text_arg(args, "vendor", true)?;
-                let kind = text_arg(args, "type", true)?;
-                let site = text_arg(args, "site", false)?;
-                if cx.txn.phone(&mac).map_err(internal)?.is_some() {
-                    return Err(CommandError::invalid_argument(format!(
-                        "a phone with MAC {mac} exists already"
-                    )));
-                }
-                let phone = Phone::new(
-                    mac.clone(),
-                    tenant.into(),
-                    vendor,
-                    kind,
-                    site,
-                    self.new_pap()?,
-                    at,
-                );
-                let view = phone.view(at);
-                cx.commit(vec![
-                    Change::PutPhone(phone),
-                    audit(Some(mac.to_string()), None),
-                ])?;
-                self.event_in(
-                    cx,
-                    tenant,
-                    EventKind::Phones,
-                    json!({"event": "state", "phone": without_pap(&view)}),
-                );
-                Ok((view, true))
-            })(),
-            "listPhones" => (|| {
-                let page_size = self.settings.requests.page_size;
-                let limit = page_limit_arg(args, page_size)?.min(page_size);
-                let after = after_arg(args)?;
-                let (page, more) = cx
-                    .txn
-                    .phones_page(after.as_deref(), limit, &|p| p.tenant == tenant)
-                    .map_err(internal)?;
-                let mut data = json!({
-                    "phones": page.iter().map(|p| p.view(at)).collect::<Vec<_>>(),
-                });
-                if let (true, Some(last)) = (more, page.last()) {
-                    data["next"] = json!(last.mac.as_str());
-                }
-                Ok((data, false))
-            })(),
-            "getPhone" => self
-                .find_phone(cx, tenant, args)
-                .map(|p| (p.view(at), false)),
-            "suspendPhoneAuthentication" => (|| {
-                let phone = self.find_phone(cx, tenant, args)?;
-                let mac = phone.mac.to_string();
-                let phone = phone::suspend(phone, &self.settings.phones, at);
-                let view = phone.view(at);
-                cx.commit(vec![Change::PutPhone(phone), audit(Some(mac), None)])?;
-                self.event_in(
-                    cx,
-                    tenant,
-                    EventKind::Phones,
-                    json!({"event": "state", "phone": without_pap(&view)}),
-                );
-                Ok((view, true))
-            })(),
-            "resetPhoneAuthentication" => (|| {
-                let phone = self.find_phone(cx, tenant, args)?;
-                let mac = phone.mac.clone();
-                let phone = phone::reset_authentication(phone, self.new_pap()?, at);
-                let view = phone.view(at);
-                let reason = Some("PAP and certificate voided".to_owned());
-                cx.commit(vec![
-                    Change::PutPhone(phone),
-                    audit(Some(mac.to_string()), reason),
-                ])?;
-                // The old PAP and certificate are invalid at once: the live session goes too,
-                // (after the commit) before the operator hears of it.
-                cx.out.push(Output::Cut {
-                    client_id: mac.client_id(),
-                    after: None,
-                });
-                self.event_in(
-                    cx,
-                    tenant,
-                    EventKind::Phones,
-                    json!({"event": "state", "phone": without_pap(&view)}),
-                );
-                Ok((view, true))
-            })(),
-            "deletePhone" => (|| {
-                let phone = self.find_phone(cx, tenant, args)?;
-                let mac = phone.mac.clone();
-                cx.commit(vec![
-                    Change::DeletePhone(mac.clone()),
-                    audit(Some(mac.to_string()), None),
-                ])?;
-                cx.out.push(Output::Cut {
-                    client_id: mac.client_id(),
-                    after: None,
-                });
-                self.event_in(
-                    cx,
-                    tenant,
-                    EventKind::Phones,
-                    json!({"event": "deleted", "mac": mac.as_str()}),
-                );
-                Ok((json!({}), true))
-            })(),
-            "addWhitelistEntry" | "removeWhitelistEntry" => (|| {
-                let entry: WhitelistEntry = match args.get("entry") {
-                    Some(Value::String(s)) => s
-                        .parse()
-                        .map_err(|e| CommandError::invalid_argument(format!("entry: {e}")))?,
-                    Some(_) => {
-                        return Err(CommandError::invalid_argument("\"entry\" must be a string"))
-                    }
-                    None => return Err(CommandError::invalid_argument("missing \"entry\"")),
-                };
-                let mut whitelists = live.whitelists.clone();
-                if name == "addWhitelistEntry" {
-                    let force = bool_arg(args, "force")?;
-                    let (v4, v6) = self.settings.whitelist_min_prefix;
-                    whitelist::check_breadth(&entry, v4, v6, force)
-                        .map_err(|e| CommandError::invalid_argument(format!("entry: {e}")))?;
-                    whitelists.add_permanent(tenant, entry.clone());
-                } else if !whitelists.remove(tenant, &entry).found() {
-                    // A temporary entry can be removed too (Removed::Temporary).
-                    return Err(CommandError::not_found(format!(
-                        "{entry} is not on the whitelist"
-                    )));
-                }
-                cx.commit(vec![
-                    Change::PutWhitelists(whitelists.clone()),
-                    audit(None, Some(entry.to_string())),
-                ])?;
-                live.whitelists = whitelists;
-                Ok((json!({}), true))
-            })(),
-            "listWhitelist" => Ok((live.whitelists.list(tenant, at), false)),
-            "exportDevicesCsv" => (|| {
-                let phones = cx.txn.phones(Some(tenant)).map_err(internal)?;
-                let csv = devices_csv::export(&phones, at).map_err(internal)?;
-                Ok((json!({"csv": csv}), false))
-            })(),
-            "importPhonesCsv" => (|| {
-                let Some(text) = args.get("csv").and_then(Value::as_str) else {
-                    return Err(CommandError::invalid_argument("\"csv\" must be a string"));
-                };
-                let (rows, bad) = devices_csv::parse_import(text);
-                let mut errors: Vec<Value> = bad
-                    .iter()
-                    .map(|e| json!({"line": e.line, "error": e.error}))
-                    .collect();
-                let mut created = Vec::new();
-                let mut changes = Vec::new();
-                for row in rows {
-                    if cx.txn.phone(&row.mac).map_err(internal)?.is_some() {
-                        errors.push(json!({"line": row.line, "error": format!("a phone with MAC {} exists already", row.mac)}));
-                        continue;
-                    }
-                    let phone = Phone::new(
-                        row.mac,
-                        tenant.into(),
-                        row.vendor,
-                        row.kind,
-                        row.site,
-                        self.new_pap()?,
-                        at,
-                    );
-                    created.push(phone.view(at));
-                    changes.push(Change::PutPhone(phone));
-                }
-                changes.push(audit(
-                    None,
-                    Some(format!(
-                        "{} created, {} errors",
-                        created.len(),
-                        errors.len()
-                    )),
-                ));
-                // All phones of the file in one transaction: all or none.
-                cx.commit(changes)?;
-                Ok((json!({"created": created, "errors": errors}), true))
-            })(),
-            _ => return None,
-        };
-        Some(result)
-    }
 }
 
 /// A phone's view for an event: without its PAP, which goes only to the operator who created or
 /// reset it (in the command's answer), never to every subscriber of the tenant's events.
-fn without_pap(view: &Value) -> Value {
+pub(super) fn without_pap(view: &Value) -> Value {
     let mut view = view.clone();
     if let Some(obj) = view.as_object_mut() {
         obj.remove("pap");
