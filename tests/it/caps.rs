@@ -9,14 +9,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleet_broker::{Admission, BoxFuture, Broker, ConnectInfo, Decision, Rights, Settings};
-use fleet_tests::raw::{anonymous_connector, connect, tls, tls_from};
+use fleet_broker::{Admission, BoxFuture, ConnectInfo, Decision, Rights, Settings};
+use fleet_tests::door::FrontDoor;
+use fleet_tests::raw::{anonymous_connector, connect, connect_v5, tls, tls_from};
 use fleet_tests::{TestFleet, PATIENCE};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
 /// fleetd keeps some of `max_connections` for operators: certificate-less legacy stations fill
 /// the others and are refused with CONNACK 3 (3.1.1's "server unavailable"; 0x97 under 5), the
@@ -123,48 +123,14 @@ impl Recorder {
 }
 
 struct Door {
-    _broker: Broker,
+    front: FrontDoor,
     recorder: Arc<Recorder>,
-    connector: TlsConnector,
-    port: u16,
 }
 
 async fn door(configure: impl FnOnce(&mut Settings)) -> Door {
-    let ca = fleet_certs::FleetCa::generate("caps test CA").expect("CA");
-    let issued = ca
-        .issue_server(&["localhost".into()], &["127.0.0.1".parse().expect("ip")])
-        .expect("server certificate");
-    let mut settings = Settings {
-        listen: "127.0.0.1:0".parse().expect("address"),
-        server_chain: fleet_certs::certs_from_pem(&issued.cert_pem).expect("chain"),
-        server_key: fleet_certs::key_from_pem(&issued.key_pem).expect("key"),
-        fleet_ca: fleet_certs::certs_from_pem(ca.cert_pem()).expect("CA"),
-        manufacturer_cas: vec![],
-        allow_self_signed: true,
-        max_connections: 100,
-        handshake_timeout: Duration::from_secs(30),
-        connect_timeout: Duration::from_secs(30),
-        max_packet_size: 64 * 1024,
-        idle_timeout: Duration::from_secs(60),
-        cut_grace: Duration::from_secs(1),
-        write_timeout: Duration::from_secs(5),
-        connections_per_ip_per_minute: 100_000,
-        sessions_per_ip: 100,
-        reserved_sessions: 2,
-        handshakes_per_ip: 64,
-        max_undelivered: 64,
-    };
-    configure(&mut settings);
-    let broker = Broker::bind(settings).await.expect("broker binds");
     let recorder = Arc::new(Recorder::default());
-    broker.serve(recorder.clone());
-    let config = fleet_certs::client_config(ca.cert_pem(), None).expect("client TLS");
-    Door {
-        port: broker.local_addr().port(),
-        _broker: broker,
-        recorder,
-        connector: TlsConnector::from(Arc::new(config)),
-    }
+    let front = FrontDoor::start(recorder.clone(), configure).await;
+    Door { front, recorder }
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -173,7 +139,7 @@ fn ip(s: &str) -> IpAddr {
 
 /// A TLS session from `source`, and the CONNACK code of a 3.1.1 CONNECT as `client_id`.
 async fn session_from(door: &Door, source: &str, client_id: &str) -> (TlsStream<TcpStream>, u8) {
-    let mut stream = tls_from(&door.connector, door.port, ip(source))
+    let mut stream = tls_from(&door.front.connector, door.front.port, ip(source))
         .await
         .expect("handshake");
     let code = connect(&mut stream, client_id).await;
@@ -182,39 +148,10 @@ async fn session_from(door: &Door, source: &str, client_id: &str) -> (TlsStream<
 
 /// An MQTT 5 CONNECT as `client_id` from `source`: the CONNACK's reason code and reason string.
 async fn v5_session_from(door: &Door, source: &str, client_id: &str) -> (u8, String) {
-    let mut stream = tls_from(&door.connector, door.port, ip(source))
+    let mut stream = tls_from(&door.front.connector, door.front.port, ip(source))
         .await
         .expect("handshake");
-    let id = client_id.as_bytes();
-    let mut connect = vec![
-        0x10,
-        (13 + id.len()) as u8,
-        0,
-        4,
-        b'M',
-        b'Q',
-        b'T',
-        b'T',
-        5,
-        2,
-        0,
-        60,
-        0,
-    ];
-    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    connect.extend_from_slice(id);
-    stream.write_all(&connect).await.expect("write");
-    let mut head = [0u8; 2];
-    stream.read_exact(&mut head).await.expect("CONNACK");
-    let mut body = vec![0u8; usize::from(head[1])];
-    stream.read_exact(&mut body).await.expect("CONNACK");
-    assert_eq!(head[0], 0x20, "a CONNACK");
-    // Flags, code, property length, then a Reason String property (0x1F) if any.
-    let reason = match body.get(2..) {
-        Some([_, 0x1f, _, _, text @ ..]) => String::from_utf8_lossy(text).into_owned(),
-        _ => String::new(),
-    };
-    (body[1], reason)
+    connect_v5(&mut stream, client_id).await
 }
 
 /// Sessions per source address: a client that is not reserved may have `sessions_per_ip` from
@@ -326,13 +263,13 @@ async fn idle_sockets_beyond_the_handshake_share_are_closed_and_another_address_
     let mut idle = Vec::new();
     for _ in 0..SHARE {
         idle.push(
-            TcpStream::connect(("127.0.0.1", door.port))
+            TcpStream::connect(("127.0.0.1", door.front.port))
                 .await
                 .expect("tcp"),
         );
     }
     for i in 0..SHARE {
-        let mut extra = TcpStream::connect(("127.0.0.1", door.port))
+        let mut extra = TcpStream::connect(("127.0.0.1", door.front.port))
             .await
             .expect("tcp");
         assert!(
@@ -356,7 +293,8 @@ async fn idle_sockets_beyond_the_handshake_share_are_closed_and_another_address_
     drop(idle);
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let mut first = loop {
-        if let Ok(stream) = tls_from(&door.connector, door.port, ip("127.0.0.1")).await {
+        if let Ok(stream) = tls_from(&door.front.connector, door.front.port, ip("127.0.0.1")).await
+        {
             break stream;
         }
         assert!(

@@ -3,8 +3,8 @@
 //! takeover closing the old socket, mailboxes.
 
 use fleet_tests::raw::{
-    anonymous_connector, connack, connect, connect_frame, device_connector, read_until_contains,
-    subscribe_frame, tls, until_closed, Will,
+    anonymous_connector, connack, connect, connect_frame, connect_v5, device_connector,
+    read_until_contains, subscribe_frame, tls, until_closed, Will,
 };
 use fleet_tests::{authorize, TestFleet};
 use serde_json::json;
@@ -164,33 +164,9 @@ async fn v5_session(
     fleet: &TestFleet,
     client_id: &str,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    use tokio::io::AsyncReadExt;
     let port = fleet.fleet.local_addr().port();
-    let id = client_id.as_bytes();
-    let mut connect = vec![
-        0x10,
-        (13 + id.len()) as u8,
-        0,
-        4,
-        b'M',
-        b'Q',
-        b'T',
-        b'T',
-        5,
-        0x02,
-        0,
-        60,
-        0,
-    ];
-    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    connect.extend_from_slice(id);
     let mut stream = tls(&anonymous_connector(fleet), port).await;
-    stream.write_all(&connect).await.expect("connect");
-    let mut head = [0u8; 2];
-    stream.read_exact(&mut head).await.expect("connack");
-    let mut rest = vec![0u8; head[1] as usize];
-    stream.read_exact(&mut rest).await.expect("connack");
-    assert_eq!((head[0], rest[1]), (0x20, 0), "admitted");
+    assert_eq!(connect_v5(&mut stream, client_id).await.0, 0, "admitted");
     stream
 }
 
