@@ -132,9 +132,9 @@ mod tests {
 
     fn station(serial: &str) -> Rights {
         Rights {
-            publish: vec![format!("stations/{serial}/#")],
-            publish_deny: vec![format!("stations/{serial}/cmd")],
-            subscribe: vec![format!("stations/{serial}/#")],
+            publish: vec![format!("devices/{serial}/#")],
+            publish_deny: vec![format!("devices/{serial}/cmd")],
+            subscribe: vec![format!("devices/{serial}/#")],
             ..Rights::default()
         }
     }
@@ -142,16 +142,16 @@ mod tests {
     #[test]
     fn authorized_station_may_use_its_own_tree_but_not_publish_cmd() {
         let r = station("S1");
-        assert!(r.may_publish("stations/S1/status"));
-        assert!(r.may_publish("stations/S1/data/x/y"));
-        assert!(!r.may_publish("stations/S1/cmd"));
-        assert!(!r.may_publish("stations/S2/status"));
-        assert!(r.may_subscribe("stations/S1/cmd"));
-        assert!(r.may_subscribe("stations/S1/#"));
-        assert!(r.may_subscribe("stations/S1/+/x"));
-        assert!(!r.may_subscribe("stations/+/cmd"));
+        assert!(r.may_publish("devices/S1/status"));
+        assert!(r.may_publish("devices/S1/data/x/y"));
+        assert!(!r.may_publish("devices/S1/cmd"));
+        assert!(!r.may_publish("devices/S2/status"));
+        assert!(r.may_subscribe("devices/S1/cmd"));
+        assert!(r.may_subscribe("devices/S1/#"));
+        assert!(r.may_subscribe("devices/S1/+/x"));
+        assert!(!r.may_subscribe("devices/+/cmd"));
         assert!(!r.may_subscribe("#"));
-        assert!(!r.may_subscribe("stations/#"));
+        assert!(!r.may_subscribe("devices/#"));
     }
 
     #[test]
@@ -187,19 +187,16 @@ mod tests {
     #[test]
     fn pending_station_rights_are_exact() {
         let r = Rights {
-            publish: vec![
-                "stations/S1/auth/request".into(),
-                "stations/S1/status".into(),
-            ],
+            publish: vec!["devices/S1/auth/request".into(), "devices/S1/status".into()],
             publish_deny: vec![],
-            subscribe: vec!["stations/S1/cmd".into()],
+            subscribe: vec!["devices/S1/cmd".into()],
             ..Rights::default()
         };
-        assert!(r.may_publish("stations/S1/auth/request"));
-        assert!(!r.may_publish("stations/S1/data/x"));
-        assert!(r.may_subscribe("stations/S1/cmd"));
-        assert!(!r.may_subscribe("stations/S1/#"));
-        assert!(!r.may_subscribe("stations/S1/+"));
+        assert!(r.may_publish("devices/S1/auth/request"));
+        assert!(!r.may_publish("devices/S1/data/x"));
+        assert!(r.may_subscribe("devices/S1/cmd"));
+        assert!(!r.may_subscribe("devices/S1/#"));
+        assert!(!r.may_subscribe("devices/S1/+"));
     }
 
     fn level() -> impl Strategy<Value = String> {

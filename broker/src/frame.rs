@@ -810,7 +810,7 @@ mod tests {
         for version in [MqttVersion::V311, MqttVersion::V5] {
             for size in [0usize, 10, 200, 20_000] {
                 let payload = vec![b'x'; size];
-                let bytes = publish_qos1(version, "stations/S1/cmd", &payload, 0x8123);
+                let bytes = publish_qos1(version, "devices/S1/cmd", &payload, 0x8123);
                 assert_eq!(publish_qos_pkid(&bytes), Some((1, 0x8123)));
                 let mut buf = bytes::BytesMut::from(&bytes[..]);
                 let packet = match version {
@@ -829,7 +829,7 @@ mod tests {
                 let rumqttd::protocol::Packet::Publish(publish, _) = packet else {
                     panic!("not a PUBLISH: {packet:?}");
                 };
-                assert_eq!(&publish.topic[..], b"stations/S1/cmd");
+                assert_eq!(&publish.topic[..], b"devices/S1/cmd");
                 assert_eq!(publish.payload.len(), size);
                 assert!(buf.is_empty());
             }

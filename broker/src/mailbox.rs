@@ -23,18 +23,18 @@ mod tests {
 
     #[test]
     fn wildcard_subscriptions_reach_mailboxes_too_with_the_highest_qos() {
-        let filters = [("stations/S1/#".to_owned(), 0)];
-        assert_eq!(delivery_qos("stations/S1/cmd", filters.iter()), Some(0));
-        assert_eq!(delivery_qos("stations/S2/cmd", filters.iter()), None);
+        let filters = [("devices/S1/#".to_owned(), 0)];
+        assert_eq!(delivery_qos("devices/S1/cmd", filters.iter()), Some(0));
+        assert_eq!(delivery_qos("devices/S2/cmd", filters.iter()), None);
         let both = [
-            ("stations/S1/cmd".to_owned(), 1),
-            ("stations/S1/#".to_owned(), 0),
+            ("devices/S1/cmd".to_owned(), 1),
+            ("devices/S1/#".to_owned(), 0),
         ];
-        assert_eq!(delivery_qos("stations/S1/cmd", both.iter()), Some(1));
+        assert_eq!(delivery_qos("devices/S1/cmd", both.iter()), Some(1));
         assert_eq!(
-            delivery_qos("stations/S1/firmware/chunk", both.iter()),
+            delivery_qos("devices/S1/firmware/chunk", both.iter()),
             Some(0)
         );
-        assert_eq!(delivery_qos("stations/S1/cmd", [].iter()), None);
+        assert_eq!(delivery_qos("devices/S1/cmd", [].iter()), None);
     }
 }

@@ -420,7 +420,7 @@ mod tests {
         roots.add(pki.ca.clone()).expect("root");
         let clients: Vec<Arc<ClientConfig>> = (0..4)
             .map(|i| {
-                let (chain, key) = pki.issue(&format!("station-{i}"));
+                let (chain, key) = pki.issue(&format!("client-{i}"));
                 let config = ClientConfig::builder_with_provider(provider.clone())
                     .with_protocol_versions(&[&rustls::version::TLS13])
                     .expect("TLS 1.3")

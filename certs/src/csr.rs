@@ -45,7 +45,7 @@ mod tests {
         let key_fingerprint =
             Fingerprint::of_spki_der(&rcgen::PublicKeyData::subject_public_key_info(&key));
         assert_eq!(
-            Fingerprint::of_certificate_pem(&issued.cert_pem).unwrap(),
+            crate::certificate_pem_fingerprint(&issued.cert_pem).unwrap(),
             key_fingerprint
         );
         // A CSR for one MAC is no good for another.

@@ -89,32 +89,3 @@ pub enum CertError {
         missing: PathBuf,
     },
 }
-
-/// Why a text is not a [`crate::Fingerprint`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FingerprintError {
-    /// Neither 32 `:`-separated hex byte pairs (95 characters) nor 64 hex digits.
-    #[error(
-        "fingerprint has {found} characters; expected 32 hex byte pairs joined by ':' (95 characters) or 64 hex digits"
-    )]
-    Length {
-        /// The number of characters found.
-        found: usize,
-    },
-    /// A character that should be a hex digit is not.
-    #[error("fingerprint character {position} ({found:?}) is not a hex digit")]
-    NotHex {
-        /// 1-based position of the character.
-        position: usize,
-        /// The character found.
-        found: char,
-    },
-    /// A character that should be `:` is not.
-    #[error("fingerprint character {position} ({found:?}) should be ':'")]
-    Separator {
-        /// 1-based position of the character.
-        position: usize,
-        /// The character found.
-        found: char,
-    },
-}

@@ -3,7 +3,7 @@
 use time::OffsetDateTime;
 
 use crate::error::CertError;
-use crate::fingerprint::Fingerprint;
+use crate::Fingerprint;
 
 /// What the fleet needs to know about a certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]

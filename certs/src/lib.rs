@@ -15,8 +15,10 @@ mod tls;
 
 pub use ca::{CertifiedKey, FleetCa, IssuedCert};
 pub use csr::phone_key_and_csr;
-pub use error::{CertError, FingerprintError};
-pub use fingerprint::Fingerprint;
+pub use error::CertError;
+pub use fingerprint::{
+    certificate_fingerprint, certificate_pem_fingerprint, Fingerprint, FingerprintError,
+};
 pub use inspect::{inspect, inspect_pem, CertInfo};
 pub use operators::{OperatorRecord, OperatorRegistry};
 pub use station::{self_signed_station, self_signed_station_with_key};

@@ -55,7 +55,7 @@ fn certify_station(serial: &str, key: KeyPair) -> Result<CertifiedKey, CertError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{inspect, Fingerprint};
+    use crate::inspect;
 
     #[test]
     fn station_certificate_is_self_signed_with_the_serial_as_cn() {
@@ -82,13 +82,13 @@ mod tests {
         assert_ne!(first.cert_der, again.cert_der);
         assert_eq!(again.key_pem, first.key_pem);
         assert_eq!(
-            Fingerprint::of_certificate_der(&first.cert_der).unwrap(),
-            Fingerprint::of_certificate_pem(&again.cert_pem).unwrap()
+            crate::certificate_fingerprint(&first.cert_der).unwrap(),
+            crate::certificate_pem_fingerprint(&again.cert_pem).unwrap()
         );
         let other = self_signed_station("ST-0042").unwrap();
         assert_ne!(
-            Fingerprint::of_certificate_der(&first.cert_der).unwrap(),
-            Fingerprint::of_certificate_der(&other.cert_der).unwrap()
+            crate::certificate_fingerprint(&first.cert_der).unwrap(),
+            crate::certificate_fingerprint(&other.cert_der).unwrap()
         );
     }
 
@@ -110,7 +110,7 @@ mod tests {
         assert!(output.status.success(), "{output:?}");
         let stdout = String::from_utf8(output.stdout).unwrap();
         let (_, hex) = stdout.trim().split_once("= ").expect("openssl dgst output");
-        let fingerprint = Fingerprint::of_certificate_pem(&station.cert_pem).unwrap();
+        let fingerprint = crate::certificate_pem_fingerprint(&station.cert_pem).unwrap();
         assert_eq!(hex.to_uppercase(), fingerprint.to_string());
     }
 

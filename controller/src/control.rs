@@ -33,12 +33,12 @@ use ring::rand::SystemRandom;
 
 mod phones;
 
-use crate::ids::{CommandError, ErrorCode, Serial};
 use crate::station::{
     self, Admit, AuthRequest, DenyReason, Effect, Presented, Standing, Station, StationState,
     Transition,
 };
 use crate::store::{Change, Store, StoreTxn};
+use fleet_protocol::{ClaimedClient, CommandError, ErrorCode, EventKind, Serial, Topic};
 
 /// Bus messages handled in one batch at most (one store transaction, one fsync).
 pub const MAX_BATCH: usize = 256;
@@ -570,28 +570,31 @@ impl Controller {
         }
     }
 
-    fn event(&self, tenant: &str, kind: &str, body: Value) {
+    fn event(&self, tenant: &str, kind: EventKind, body: Value) {
         let mut body = body;
         if let Some(obj) = body.as_object_mut() {
-            obj.insert("type".into(), json!(kind));
+            obj.insert("type".into(), json!(kind.as_str()));
             obj.insert("time".into(), json!(rfc3339(self.now())));
         }
-        self.publish(format!("fleet/events/{tenant}/{kind}"), &body);
+        self.publish(Topic::Event(tenant.to_owned(), kind).to_string(), &body);
     }
 
-    fn event_in(&self, cx: &mut Cx, tenant: &str, kind: &str, body: Value) {
+    fn event_in(&self, cx: &mut Cx, tenant: &str, kind: EventKind, body: Value) {
         let mut body = body;
         if let Some(obj) = body.as_object_mut() {
-            obj.insert("type".into(), json!(kind));
+            obj.insert("type".into(), json!(kind.as_str()));
             obj.insert("time".into(), json!(rfc3339(self.now())));
         }
-        cx.publish(format!("fleet/events/{tenant}/{kind}"), &body);
+        cx.publish(Topic::Event(tenant.to_owned(), kind).to_string(), &body);
     }
 
     fn publish_audit(&self, records: &[AuditRecord]) {
         for r in records {
             if let Ok(v) = serde_json::to_value(r) {
-                self.publish(format!("fleet/events/{}/audit", r.tenant), &v);
+                self.publish(
+                    Topic::Event(r.tenant.clone(), EventKind::Audit).to_string(),
+                    &v,
+                );
             }
         }
     }
@@ -622,7 +625,7 @@ impl Controller {
                     for r in records {
                         if let Ok(v) = serde_json::to_value(&r) {
                             let _ = out.send(Publication {
-                                topic: format!("fleet/events/{}/audit", r.tenant),
+                                topic: Topic::Event(r.tenant.clone(), EventKind::Audit).to_string(),
                                 payload: v.to_string().into_bytes(),
                             });
                         }
@@ -712,18 +715,16 @@ impl Controller {
     /// The tenant of the device a client id names (`phone-<mac>`, `station-<serial>`), if the
     /// device is known; else the default tenant.
     fn tenant_of_client_id(&self, client_id: &str) -> String {
-        let tenant = if client_id.starts_with(identity::PHONE_PREFIX) {
-            crate::ids::Mac::from_client_id(client_id)
+        let tenant = match ClaimedClient::of(client_id) {
+            ClaimedClient::Phone(mac) => mac
                 .ok()
                 .and_then(|mac| self.store.phone(&mac).ok().flatten())
-                .map(|p| p.tenant)
-        } else if let Some(serial) = client_id.strip_prefix(identity::STATION_PREFIX) {
-            Serial::parse(serial)
+                .map(|p| p.tenant),
+            ClaimedClient::Station(serial) => serial
                 .ok()
                 .and_then(|serial| self.store.station(&serial).ok().flatten())
-                .map(|s| s.tenant)
-        } else {
-            None
+                .map(|s| s.tenant),
+            ClaimedClient::Other => None,
         };
         tenant.unwrap_or_else(|| station::DEFAULT_TENANT.to_owned())
     }
@@ -976,12 +977,13 @@ impl Controller {
                                     "presented": presented.map(|p| p.to_string()),
                                     "ip": info.peer_addr.ip().to_string(),
                                     "advice": "possible clone, or authentication deleted on the station: remove the station, then reboot it",
-                                    "type": "security",
+                                    "type": EventKind::Security.as_str(),
                                 });
                                 body["time"] = json!(rfc3339(at));
                                 let out = self.out.clone();
                                 let publication = Publication {
-                                    topic: format!("fleet/events/{tenant}/security"),
+                                    topic: Topic::Event(tenant.to_owned(), EventKind::Security)
+                                        .to_string(),
                                     payload: body.to_string().into_bytes(),
                                 };
                                 let later: AuditFuture = Box::pin(async move {
@@ -1085,7 +1087,7 @@ impl Controller {
                         drop(live);
                         self.event(
                             &station.tenant,
-                            "stations",
+                            EventKind::Stations,
                             json!({"event": "offline", "station": view}),
                         );
                     }
@@ -1159,7 +1161,7 @@ impl Controller {
                 cx.out.push(Output::DeliverTo {
                     client_id: serial.client_id(),
                     session_id,
-                    topic: format!("stations/{serial}/cmd"),
+                    topic: Topic::StationCmd(serial.clone()).to_string(),
                     payload: station::Command::Authorized
                         .payload()
                         .to_string()
@@ -1173,7 +1175,7 @@ impl Controller {
                 changes.push(Change::Audit(AuditRecord::new(
                     at,
                     tenant,
-                    format!("station-{serial}"),
+                    serial.client_id(),
                     Some(serial.to_string()),
                     "identity_mismatch",
                     Outcome::Refused,
@@ -1191,7 +1193,7 @@ impl Controller {
                 self.event_in(
                     cx,
                     tenant,
-                    "security",
+                    EventKind::Security,
                     json!({
                         "event": "identity_mismatch",
                         "serial": serial.as_str(),
@@ -1213,14 +1215,14 @@ impl Controller {
         self.event_in(
             cx,
             tenant,
-            "stations",
+            EventKind::Stations,
             json!({"event": "state", "station": view}),
         );
         Ok(transition.station)
     }
 
     fn run_effects(&self, cx: &mut Cx, serial: &Serial, effects: &[Effect], tenant: &str) {
-        let cmd_topic = format!("stations/{serial}/cmd");
+        let cmd_topic = Topic::StationCmd(serial.clone()).to_string();
         for effect in effects {
             match effect {
                 Effect::Send(cmd) => cx.publish(cmd_topic.clone(), &cmd.payload()),
@@ -1239,9 +1241,9 @@ impl Controller {
                     cx,
                     tenant,
                     if *kind == "identity_mismatch" {
-                        "security"
+                        EventKind::Security
                     } else {
-                        "stations"
+                        EventKind::Stations
                     },
                     json!({"event": kind, "serial": serial.as_str(), "detail": detail}),
                 ),
@@ -1404,35 +1406,29 @@ impl Controller {
     // ---------------------------------------------------------------- station messages
 
     fn handle_in(&self, live: &mut Live, cx: &mut Cx, topic: &str, payload: &[u8]) {
-        let levels: Vec<&str> = topic.split('/').collect();
         if payload.len() > self.settings.max_payload_bytes {
             warn!(topic = %topic.escape_default(), "payload over {} bytes dropped", self.settings.max_payload_bytes);
             return;
         }
-        match levels.as_slice() {
-            ["stations", serial, "auth", "request"] => {
+        match Topic::parse(topic) {
+            Some(Topic::StationAuthRequest(serial)) => {
                 self.on_auth_request(live, cx, serial, payload)
             }
-            ["stations", serial, "status"] => {
-                if let Ok(serial) = Serial::parse(serial) {
-                    live.last_seen.insert(serial, self.now());
-                }
+            Some(Topic::StationStatus(serial)) => {
+                live.last_seen.insert(serial, self.now());
             }
-            ["stations", serial, "firmware", "request"] => {
+            Some(Topic::StationFirmwareRequest(serial)) => {
                 self.on_firmware_request(cx, serial, payload)
             }
-            ["phones", mac, "provision", "request"] => {
+            Some(Topic::PhoneProvisionRequest(mac)) => {
                 self.on_provision_request(live, cx, mac, payload)
             }
-            ["phones", mac, "provision", "complete"] => self.on_provision_complete(live, cx, mac),
+            Some(Topic::PhoneProvisionComplete(mac)) => self.on_provision_complete(live, cx, mac),
             _ => {}
         }
     }
 
-    fn on_auth_request(&self, live: &mut Live, cx: &mut Cx, serial: &str, payload: &[u8]) {
-        let Ok(serial) = Serial::parse(serial) else {
-            return;
-        };
+    fn on_auth_request(&self, live: &mut Live, cx: &mut Cx, serial: Serial, payload: &[u8]) {
         // Only the station's own session may publish here (the front door enforces it), so the
         // sender is the client id's live session, or its last one if it already closed.
         let Some((presented, ip)) = live.last_station_session.get(&serial.client_id()) else {
@@ -1454,7 +1450,7 @@ impl Controller {
         let request = match AuthRequest::parse(&serial, payload) {
             Ok(r) => r,
             Err(e) => {
-                self.event_in(cx, &tenant, "stations", json!({"event": "bad_request", "serial": serial.as_str(), "error": e.to_string()}));
+                self.event_in(cx, &tenant, EventKind::Stations, json!({"event": "bad_request", "serial": serial.as_str(), "error": e.to_string()}));
                 return;
             }
         };
@@ -1464,7 +1460,7 @@ impl Controller {
                 let _ = cx.commit(vec![Change::Audit(AuditRecord::new(
                     at,
                     &tenant,
-                    format!("station-{serial}"),
+                    serial.client_id(),
                     Some(serial.to_string()),
                     "auth_request",
                     Outcome::Refused,
@@ -1473,7 +1469,7 @@ impl Controller {
                 self.event_in(
                     cx,
                     &tenant,
-                    "stations",
+                    EventKind::Stations,
                     json!({"event": "refused", "serial": serial.as_str(), "error": reason}),
                 );
                 return;
@@ -1502,7 +1498,7 @@ impl Controller {
         let audit = AuditRecord::new(
             at,
             &tenant,
-            format!("station-{serial}"),
+            serial.client_id(),
             Some(serial.to_string()),
             "auth_request",
             Outcome::Ok,
@@ -1587,18 +1583,15 @@ impl Controller {
             live.last_seen.remove(serial);
             self.event(
                 tenant,
-                "stations",
+                EventKind::Stations,
                 json!({"event": "expired", "serial": serial.as_str()}),
             );
         }
         expired.len()
     }
 
-    fn on_firmware_request(&self, cx: &mut Cx, serial: &str, payload: &[u8]) {
-        let Ok(serial) = Serial::parse(serial) else {
-            return;
-        };
-        let topic = format!("stations/{serial}/firmware/chunk");
+    fn on_firmware_request(&self, cx: &mut Cx, serial: Serial, payload: &[u8]) {
+        let topic = Topic::StationFirmwareChunk(serial.clone()).to_string();
         let request: Value = match serde_json::from_slice(payload) {
             Ok(v) => v,
             Err(e) => {
@@ -1691,7 +1684,7 @@ impl Controller {
     /// where another operator of the same name (in another tenant) could subscribe.
     fn respond(&self, to: &Requester, responses: Vec<Value>) {
         let payload = json!({"responses": responses}).to_string().into_bytes();
-        let topic = format!("fleet/control/{}/response", to.operator.name);
+        let topic = Topic::OperatorResponse(to.operator.name.clone()).to_string();
         if !self
             .sessions
             .deliver_to(&to.client_id, to.session_id, topic, payload)
@@ -2286,7 +2279,7 @@ impl Admission for ControllerAdmission {
         // (`identity::phone_rights`).
         let client_id = client_id.to_owned();
         Box::pin(async move {
-            if client_id.starts_with(identity::PHONE_PREFIX) {
+            if let ClaimedClient::Phone(_) = ClaimedClient::of(&client_id) {
                 self.0.inbox_device(topic, payload).await
             } else {
                 self.0.inbox_request(&client_id, session_id, payload).await

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
-use crate::ids::Mac;
 use crate::phone::{AuthState, Phone};
+use fleet_protocol::Mac;
 
 /// The columns, in export order (PROTOCOL §6).
 pub const HEADER: [&str; 7] = [

@@ -3,6 +3,8 @@
 //! integration tests both start the system through [`Fleet::start`].
 
 use std::io::Read;
+
+use fleet_protocol::Filter;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -224,14 +226,9 @@ async fn run_bus<B: Bus>(
     mut inbox: tokio::sync::mpsc::Receiver<InboxItem>,
 ) {
     // Operator requests come through the inbox, never through the router.
-    for filter in [
-        "stations/+/auth/request",
-        "stations/+/status",
-        "stations/+/firmware/request",
-        "phones/+/provision/request",
-        "phones/+/provision/complete",
-    ] {
-        if let Err(e) = bus.subscribe(filter) {
+    for filter in Filter::CONTROLLER {
+        let filter = filter.to_string();
+        if let Err(e) = bus.subscribe(&filter) {
             warn!("controller cannot subscribe to {filter}: {e}");
             return;
         }

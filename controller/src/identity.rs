@@ -4,13 +4,9 @@
 use fleet_broker::{ConnectInfo, Rights, Trust};
 use fleet_certs::Fingerprint;
 
-use crate::ids::{Mac, Serial};
-use crate::station::Presented;
+use fleet_protocol::{ClaimedClient, Filter, Mac, PhoneLeaf, Serial, StationLeaf, Topic};
 
-/// Client id prefix of stations (PROTOCOL §1).
-pub const STATION_PREFIX: &str = "station-";
-/// Client id prefix of phones (PROTOCOL §1).
-pub const PHONE_PREFIX: &str = "phone-";
+use crate::station::Presented;
 
 /// A client whose presented identity is consistent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,8 +75,9 @@ pub fn identify(info: &ConnectInfo) -> Result<Identity, String> {
         )),
         None => None,
     };
-    if let Some(rest) = info.client_id.strip_prefix(STATION_PREFIX) {
-        let serial = Serial::parse(rest).map_err(|e| format!("client id: {e}"))?;
+    let claimed = ClaimedClient::of(&info.client_id);
+    if let ClaimedClient::Station(serial) = claimed {
+        let serial = serial.map_err(|e| format!("client id: {e}"))?;
         let presented = match cert {
             None => Presented::NoCertificate,
             Some((cert, Trust::SelfSigned | Trust::ManufacturerCa)) => {
@@ -98,8 +95,8 @@ pub fn identify(info: &ConnectInfo) -> Result<Identity, String> {
         };
         return Ok(Identity::Station { serial, presented });
     }
-    if info.client_id.starts_with(PHONE_PREFIX) {
-        let mac = Mac::from_client_id(&info.client_id).map_err(|e| format!("client id: {e}"))?;
+    if let ClaimedClient::Phone(mac) = claimed {
+        let mac = mac.map_err(|e| format!("client id: {e}"))?;
         let presented = match cert {
             Some((cert, Trust::FleetCa)) => {
                 if cert.organizational_unit.as_deref() != Some("phone")
@@ -160,67 +157,57 @@ pub fn presented_key(p: &Presented) -> Option<Fingerprint> {
     p.key()
 }
 
-/// The client id whose mailbox `topic` is, if it is a mailbox topic: the topics on which only
-/// the controller speaks to one device (`stations/<serial>/cmd`, `…/firmware/chunk`,
-/// `phones/<mac>/provision/response`). They bypass the router (`fleet_broker::mailbox`).
+/// The client id whose mailbox `topic` is, if it is a mailbox topic (`Topic::mailbox_owner`).
+/// Messages to them bypass the router (`fleet_broker::mailbox`).
 pub fn mailbox_owner(topic: &str) -> Option<String> {
-    let is_name = |level: &str| !level.is_empty() && !level.contains(['+', '#']);
-    let levels: Vec<&str> = topic.split('/').collect();
-    match levels.as_slice() {
-        ["stations", serial, "cmd"] | ["stations", serial, "firmware", "chunk"]
-            if is_name(serial) =>
-        {
-            Some(format!("{STATION_PREFIX}{serial}"))
-        }
-        ["phones", mac, "provision", "response"] if is_name(mac) => {
-            Some(format!("{PHONE_PREFIX}{mac}"))
-        }
-        _ => None,
-    }
+    Topic::parse(topic)?.mailbox_owner()
 }
 
 /// A station's rights at `level` (PROTOCOL §4). Only an authorized station may retain: a
 /// pending or legacy client could otherwise plant retained messages on the station's topics
 /// that the real station, once accepted, would receive.
 pub fn station_rights(serial: &Serial, level: StationRights) -> Rights {
-    let base = format!("stations/{serial}");
-    let cmd = format!("{base}/cmd");
-    let chunk = format!("{base}/firmware/chunk");
+    let topic = |leaf| Topic::station(serial.clone(), leaf).to_string();
+    let cmd = topic(StationLeaf::Cmd);
+    let chunk = topic(StationLeaf::FirmwareChunk);
+    let announce = vec![topic(StationLeaf::AuthRequest), topic(StationLeaf::Status)];
     match level {
         StationRights::Pending => Rights {
-            publish: vec![format!("{base}/auth/request"), format!("{base}/status")],
+            publish: announce,
             subscribe: vec![cmd.clone()],
             mailbox: vec![cmd],
             ..Rights::default()
         },
-        StationRights::Legacy => Rights {
-            publish: vec![
-                format!("{base}/auth/request"),
-                format!("{base}/status"),
-                format!("{base}/firmware/#"),
-            ],
-            subscribe: vec![cmd.clone(), format!("{base}/firmware/#")],
-            mailbox: vec![cmd, chunk],
-            ..Rights::default()
-        },
-        StationRights::Authorized => Rights {
-            publish: vec![format!("{base}/#")],
-            publish_deny: vec![cmd.clone()],
-            subscribe: vec![format!("{base}/#")],
-            mailbox: vec![cmd, chunk],
-            retain: true,
-            ..Rights::default()
-        },
+        StationRights::Legacy => {
+            let firmware = Filter::StationFirmware(serial.clone()).to_string();
+            Rights {
+                publish: [announce, vec![firmware.clone()]].concat(),
+                subscribe: vec![cmd.clone(), firmware],
+                mailbox: vec![cmd, chunk],
+                ..Rights::default()
+            }
+        }
+        StationRights::Authorized => {
+            let tree = Filter::StationTree(serial.clone()).to_string();
+            Rights {
+                publish: vec![tree.clone()],
+                publish_deny: vec![cmd.clone()],
+                subscribe: vec![tree],
+                mailbox: vec![cmd, chunk],
+                retain: true,
+                ..Rights::default()
+            }
+        }
     }
 }
 
 /// A phone's rights (PROTOCOL §4); only a provisioned phone may retain.
 pub fn phone_rights(mac: &Mac, level: PhoneRights) -> Rights {
-    let base = format!("phones/{mac}");
-    let response = format!("{base}/provision/response");
-    let complete = format!("{base}/provision/complete");
+    let topic = |leaf| Topic::phone(mac.clone(), leaf).to_string();
+    let response = topic(PhoneLeaf::ProvisionResponse);
+    let complete = topic(PhoneLeaf::ProvisionComplete);
     let mut rights = Rights {
-        publish: vec![format!("{base}/provision/request"), complete.clone()],
+        publish: vec![topic(PhoneLeaf::ProvisionRequest), complete.clone()],
         subscribe: vec![response.clone()],
         mailbox: vec![response],
         // Acknowledged only once committed: a phone told its provisioning is done is
@@ -229,8 +216,9 @@ pub fn phone_rights(mac: &Mac, level: PhoneRights) -> Rights {
         ..Rights::default()
     };
     if level == PhoneRights::Provisioned {
-        rights.publish.push(format!("{base}/data/#"));
-        rights.subscribe.push(format!("{base}/data/#"));
+        let data = Filter::PhoneData(mac.clone()).to_string();
+        rights.publish.push(data.clone());
+        rights.subscribe.push(data);
         rights.retain = true;
     }
     rights
@@ -241,11 +229,14 @@ pub fn phone_rights(mac: &Mac, level: PhoneRights) -> Rights {
 /// only (the mailbox): two operators of different tenants with the same name share a topic name
 /// but never a message.
 pub fn operator_rights(name: &str, tenant: &str) -> Rights {
-    let request = format!("fleet/control/{name}/request");
-    let response = format!("fleet/control/{name}/response");
+    let request = Topic::OperatorRequest(name.to_owned()).to_string();
+    let response = Topic::OperatorResponse(name.to_owned()).to_string();
     Rights {
         publish: vec![request.clone()],
-        subscribe: vec![response.clone(), format!("fleet/events/{tenant}/#")],
+        subscribe: vec![
+            response.clone(),
+            Filter::Events(tenant.to_owned()).to_string(),
+        ],
         inbox: vec![request],
         mailbox: vec![response],
         ..Rights::default()
@@ -269,11 +260,16 @@ mod tests {
         }
     }
 
+    /// `station-<serial>`, for any text, well-formed or not.
+    fn station_id(serial: &str) -> String {
+        format!("{}{serial}", fleet_protocol::STATION_CLIENT_ID_PREFIX)
+    }
+
     #[test]
     fn station_client_id_must_match_the_certificate() {
         let cert = fleet_certs::self_signed_station("S1").expect("cert");
         let ok = identify(&info(
-            "station-S1",
+            &station_id("S1"),
             Some((cert.cert_der.clone(), Trust::SelfSigned)),
         ));
         assert!(matches!(
@@ -284,13 +280,13 @@ mod tests {
             })
         ));
         let wrong = identify(&info(
-            "station-S2",
+            &station_id("S2"),
             Some((cert.cert_der.clone(), Trust::SelfSigned)),
         ));
         assert!(wrong.is_err());
-        let bad_serial = identify(&info("station-S_1", None));
+        let bad_serial = identify(&info(&station_id("S_1"), None));
         assert!(bad_serial.is_err());
-        let legacy = identify(&info("station-S1", None));
+        let legacy = identify(&info(&station_id("S1"), None));
         assert!(matches!(
             legacy,
             Ok(Identity::Station {
@@ -335,37 +331,25 @@ mod tests {
         .is_err());
         assert!(identify(&info("anything", None)).is_err());
         // A fleet CA certificate does not make a station.
-        assert!(identify(&info("station-alice", Some((op.cert_der, Trust::FleetCa)))).is_err());
+        assert!(identify(&info(
+            &station_id("alice"),
+            Some((op.cert_der, Trust::FleetCa))
+        ))
+        .is_err());
     }
 
     #[test]
-    fn mailbox_topics_and_their_owners() {
-        assert_eq!(
-            mailbox_owner("stations/S1/cmd").as_deref(),
-            Some("station-S1")
-        );
-        assert_eq!(
-            mailbox_owner("stations/S1/firmware/chunk").as_deref(),
-            Some("station-S1")
-        );
-        assert_eq!(
-            mailbox_owner("phones/aabbccddeeff/provision/response").as_deref(),
-            Some("phone-aabbccddeeff")
-        );
+    fn mailbox_topics_are_the_protocols_and_only_names_are_owners() {
+        let s = Serial::parse("S1").expect("serial");
+        let cmd = Topic::StationCmd(s.clone()).to_string();
+        assert_eq!(mailbox_owner(&cmd), Some(s.client_id()));
         for not_one in [
-            "stations/S1/status",
-            "stations/S1/auth/request",
-            "stations/S1/firmware/request",
-            "stations/S1/cmd/x",
-            "stations/+/cmd",
-            "stations/#",
-            "stations//cmd",
-            "phones/m/provision/request",
-            "fleet/events/default/stations",
-            "fleet/control/admin/response",
-            "",
+            Filter::StationTree(s.clone()).to_string(),
+            Filter::EveryStation(StationLeaf::Cmd).to_string(),
+            format!("{cmd}/x"),
+            String::new(),
         ] {
-            assert_eq!(mailbox_owner(not_one), None, "{not_one}");
+            assert_eq!(mailbox_owner(&not_one), None, "{not_one}");
         }
     }
 
@@ -384,28 +368,32 @@ mod tests {
     #[test]
     fn an_operators_requests_go_to_the_inbox_and_its_responses_come_by_mailbox() {
         let r = operator_rights("admin", "acme");
-        assert!(r.may_publish("fleet/control/admin/request"));
-        assert!(r.is_inbox("fleet/control/admin/request"));
-        assert!(r.is_mailbox("fleet/control/admin/response"));
-        assert!(!r.may_publish("fleet/control/bob/request"));
-        assert!(r.may_subscribe("fleet/events/acme/#"));
-        assert!(!r.may_subscribe("fleet/events/default/#"));
+        let request = |name: &str| Topic::OperatorRequest(name.into()).to_string();
+        assert!(r.may_publish(&request("admin")));
+        assert!(r.is_inbox(&request("admin")));
+        assert!(r.is_mailbox(&Topic::OperatorResponse("admin".into()).to_string()));
+        assert!(!r.may_publish(&request("bob")));
+        assert!(r.may_subscribe(&Filter::Events("acme".into()).to_string()));
+        assert!(!r.may_subscribe(&Filter::Events("default".into()).to_string()));
     }
 
     #[test]
     fn station_rights_follow_protocol_section_4() {
         let s = Serial::parse("S1").expect("serial");
+        let topic = |leaf| Topic::station(s.clone(), leaf).to_string();
+        let data = Topic::StationData(s.clone(), "x".into()).to_string();
         let pending = station_rights(&s, StationRights::Pending);
-        assert!(pending.may_publish("stations/S1/auth/request"));
-        assert!(!pending.may_publish("stations/S1/data/x"));
-        assert!(!pending.may_subscribe("stations/S1/firmware/chunk"));
+        assert!(pending.may_publish(&topic(StationLeaf::AuthRequest)));
+        assert!(!pending.may_publish(&data));
+        assert!(!pending.may_subscribe(&topic(StationLeaf::FirmwareChunk)));
         let legacy = station_rights(&s, StationRights::Legacy);
-        assert!(legacy.may_publish("stations/S1/firmware/request"));
-        assert!(legacy.may_subscribe("stations/S1/firmware/chunk"));
+        assert!(legacy.may_publish(&topic(StationLeaf::FirmwareRequest)));
+        assert!(legacy.may_subscribe(&topic(StationLeaf::FirmwareChunk)));
         let auth = station_rights(&s, StationRights::Authorized);
-        assert!(auth.may_publish("stations/S1/data/x"));
-        assert!(!auth.may_publish("stations/S1/cmd"));
-        assert!(!auth.may_subscribe("stations/S2/cmd"));
+        assert!(auth.may_publish(&data));
+        assert!(!auth.may_publish(&topic(StationLeaf::Cmd)));
+        let other = Serial::parse("S2").expect("serial");
+        assert!(!auth.may_subscribe(&Topic::StationCmd(other).to_string()));
         assert!(!auth.may_subscribe("#"));
     }
 }

@@ -12,11 +12,11 @@ pub mod firmware;
 pub mod fleet;
 pub mod flood;
 pub mod identity;
-pub mod ids;
 pub mod phone;
 pub mod request;
 pub mod station;
 pub mod store;
+pub mod views;
 pub mod whitelist;
 
 pub use fleet::{Fleet, StartError};

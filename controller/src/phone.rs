@@ -7,11 +7,10 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime, UtcOffset};
 
-use crate::ids::{CommandError, Mac};
+use fleet_protocol::{CommandError, Mac};
 
 /// Counts and durations of the phone rules (PROTOCOL §5); the defaults are the manual's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,33 +251,6 @@ impl Phone {
         self.suspended_until.is_some_and(|until| until > now)
     }
 
-    /// The phone object of operator responses (PROTOCOL §6).
-    pub fn view(&self, now: OffsetDateTime) -> Value {
-        let state = self.state_at(now);
-        let mut view = Map::new();
-        view.insert("mac".into(), json!(self.mac.as_str()));
-        view.insert("vendor".into(), json!(self.vendor));
-        view.insert("type".into(), json!(self.kind));
-        view.insert("site".into(), json!(self.site));
-        view.insert("created_at".into(), json!(rfc3339(self.created_at)));
-        view.insert("auth_state".into(), json!(state.name()));
-        view.insert("label".into(), json!(state.label()));
-        if state != AuthState::Successful {
-            if let Some(pap) = &self.pap {
-                view.insert("pap".into(), json!(pap.as_str()));
-            }
-        }
-        let suspended_until = self.suspended_until.filter(|until| *until > now);
-        view.insert(
-            "suspended_until".into(),
-            json!(suspended_until.and_then(rfc3339)),
-        );
-        if let AuthState::Failed { until } = state {
-            view.insert("failed_until".into(), json!(rfc3339(until)));
-        }
-        Value::Object(view)
-    }
-
     /// Ends a lockout whose time has passed, as the record to store.
     fn settle(mut self, now: OffsetDateTime) -> Phone {
         if self.auth != self.state_at(now) {
@@ -491,6 +463,7 @@ pub fn certificate_valid(phone: &Phone, serial: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
     use time::macros::datetime;
 
     const T0: OffsetDateTime = datetime!(2024-03-01 10:00:00 UTC);
@@ -863,11 +836,11 @@ mod tests {
         assert!(certificate_valid(&phone, "02"));
         // Provisioned: no second certificate, no second completion.
         let error = issue_certificate(phone.clone(), "03".into(), T0).unwrap_err();
-        assert_eq!(error.code, crate::ids::ErrorCode::WrongState);
+        assert_eq!(error.code, fleet_protocol::ErrorCode::WrongState);
         assert!(complete(phone, T0).is_err());
         // No certificate, no completion.
         let error = complete(self::phone(), T0).unwrap_err();
-        assert_eq!(error.code, crate::ids::ErrorCode::WrongState);
+        assert_eq!(error.code, fleet_protocol::ErrorCode::WrongState);
         assert!(error.to_string().contains("no certificate issued"));
     }
 

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::ids::{CommandError, Fingerprint, Mac, Serial};
+use fleet_protocol::{CommandError, Fingerprint, Mac, Serial};
 
 /// Longest vendor, type or site accepted from an operator.
 pub const MAX_TEXT: usize = 256;
@@ -191,7 +191,7 @@ pub fn limit_arg(args: &Value) -> Result<usize, CommandError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::ErrorCode;
+    use fleet_protocol::ErrorCode;
     use proptest::prelude::*;
     use serde_json::json;
 

@@ -7,18 +7,14 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
-use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
 use crate::firmware::{FirmwareClass, FirmwareImage, FirmwarePolicy};
-use crate::ids::{CommandError, Fingerprint, IdError, Serial};
+pub use fleet_protocol::payload::{AuthRequest, AuthRequestError, StationCommand as Command};
+use fleet_protocol::{CommandError, Fingerprint, Serial};
 
 /// The tenant every station belongs to until stations are assigned to tenants.
 pub const DEFAULT_TENANT: &str = "default";
-
-/// Longest text accepted for a field of an auth request; a station has no reason to send more.
-pub const MAX_FIELD_LEN: usize = 256;
 
 /// What the controller keeps about one station.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,36 +168,6 @@ impl Station {
         }
     }
 
-    /// The station object of operator responses (PROTOCOL §6).
-    pub fn view(&self, online: bool) -> Value {
-        let state = self.state(online);
-        let mut view = Map::new();
-        view.insert("serial".into(), json!(self.serial.as_str()));
-        view.insert("model".into(), json!(self.model));
-        view.insert("firmware".into(), json!(self.firmware));
-        view.insert("mac_streaming".into(), json!(self.mac_streaming));
-        view.insert("mac_control".into(), json!(self.mac_control));
-        view.insert(
-            "fingerprint".into(),
-            json!(self.fingerprint.map(|fp| fp.to_string())),
-        );
-        view.insert("state".into(), json!(state.as_str()));
-        view.insert("label".into(), json!(state.label()));
-        view.insert("online".into(), json!(online));
-        view.insert("last_seen".into(), json!(self.last_seen.and_then(rfc3339)));
-        view.insert("ip".into(), json!(self.ip));
-        match &self.standing {
-            Standing::Unsupported { reason } => {
-                view.insert("reason".into(), json!(reason));
-            }
-            Standing::Updating { version, .. } => {
-                view.insert("update_version".into(), json!(version));
-            }
-            _ => {}
-        }
-        Value::Object(view)
-    }
-
     /// Takes in what an auth request says about the station.
     fn refresh(&mut self, req: AuthRequest, ip: Option<String>, now: OffsetDateTime) {
         self.model = req.model;
@@ -222,11 +188,6 @@ impl Station {
             _ => None,
         }
     }
-}
-
-/// RFC 3339 in UTC; `None` only for a time RFC 3339 cannot write (beyond year 9999).
-fn rfc3339(time: OffsetDateTime) -> Option<String> {
-    time.to_offset(UtcOffset::UTC).format(&Rfc3339).ok()
 }
 
 fn utc(now: OffsetDateTime) -> OffsetDateTime {
@@ -347,137 +308,6 @@ pub enum Effect {
     Rights,
     /// Raise an event on `fleet/events/<tenant>/…`, e.g. `identity_mismatch`.
     Event { kind: &'static str, detail: String },
-}
-
-/// A command to a station (PROTOCOL §3, `stations/<serial>/cmd`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
-    Authorized,
-    Rejected,
-    Update {
-        version: String,
-        sha256: String,
-        size: u64,
-    },
-    Reset {
-        delete_authentication: bool,
-        delete_configuration: bool,
-    },
-    Removed,
-}
-
-impl Command {
-    /// The value of the `command` field.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Command::Authorized => "authorized",
-            Command::Rejected => "rejected",
-            Command::Update { .. } => "update",
-            Command::Reset { .. } => "reset",
-            Command::Removed => "removed",
-        }
-    }
-
-    /// The JSON payload, exactly as PROTOCOL §3 writes it.
-    pub fn payload(&self) -> Value {
-        match self {
-            Command::Authorized | Command::Rejected | Command::Removed => {
-                json!({ "command": self.name() })
-            }
-            Command::Update {
-                version,
-                sha256,
-                size,
-            } => json!({
-                "command": self.name(),
-                "version": version,
-                "sha256": sha256,
-                "size": size,
-            }),
-            Command::Reset {
-                delete_authentication,
-                delete_configuration,
-            } => json!({
-                "command": self.name(),
-                "delete_authentication": delete_authentication,
-                "delete_configuration": delete_configuration,
-            }),
-        }
-    }
-}
-
-/// A station's `stations/<serial>/auth/request`, checked against the topic's serial.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuthRequest {
-    pub model: String,
-    pub firmware: String,
-    pub mac_streaming: String,
-    pub mac_control: String,
-}
-
-/// Why an auth request payload is refused; it changes nothing.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuthRequestError {
-    #[error("auth request is not JSON: {0}")]
-    NotJson(String),
-    #[error("auth request is not a JSON object")]
-    NotAnObject,
-    #[error("auth request has no {0:?}")]
-    Missing(&'static str),
-    #[error("auth request field {0:?} is not a string")]
-    NotAString(&'static str),
-    #[error("auth request field {0:?} is longer than {MAX_FIELD_LEN} bytes")]
-    TooLong(&'static str),
-    #[error("auth request serial: {0}")]
-    Serial(IdError),
-    #[error("auth request for serial {payload} came on the topic of {topic}")]
-    SerialMismatch { topic: Serial, payload: Serial },
-}
-
-impl From<AuthRequestError> for CommandError {
-    fn from(error: AuthRequestError) -> CommandError {
-        CommandError::invalid_argument(error.to_string())
-    }
-}
-
-impl AuthRequest {
-    /// Parses the payload received on `stations/<topic_serial>/auth/request`.
-    pub fn parse(topic_serial: &Serial, payload: &[u8]) -> Result<AuthRequest, AuthRequestError> {
-        let value: Value = serde_json::from_slice(payload)
-            .map_err(|error| AuthRequestError::NotJson(error.to_string()))?;
-        AuthRequest::from_json(topic_serial, &value)
-    }
-
-    /// Reads the request from JSON; unknown fields are ignored (PROTOCOL §3).
-    pub fn from_json(
-        topic_serial: &Serial,
-        value: &Value,
-    ) -> Result<AuthRequest, AuthRequestError> {
-        let object = value.as_object().ok_or(AuthRequestError::NotAnObject)?;
-        let field = |name: &'static str| -> Result<String, AuthRequestError> {
-            match object.get(name) {
-                None | Some(Value::Null) => Err(AuthRequestError::Missing(name)),
-                Some(Value::String(text)) if text.len() > MAX_FIELD_LEN => {
-                    Err(AuthRequestError::TooLong(name))
-                }
-                Some(Value::String(text)) => Ok(text.clone()),
-                Some(_) => Err(AuthRequestError::NotAString(name)),
-            }
-        };
-        let serial = Serial::parse(&field("serial")?).map_err(AuthRequestError::Serial)?;
-        if &serial != topic_serial {
-            return Err(AuthRequestError::SerialMismatch {
-                topic: topic_serial.clone(),
-                payload: serial,
-            });
-        }
-        Ok(AuthRequest {
-            model: field("model")?,
-            firmware: field("firmware")?,
-            mac_streaming: field("mac_streaming")?,
-            mac_control: field("mac_control")?,
-        })
-    }
 }
 
 /// The outcome of a transition: the new record and what the shell must do.
@@ -746,7 +576,8 @@ pub fn remove(station: Station, _now: OffsetDateTime) -> Result<Transition, Comm
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::ErrorCode;
+    use fleet_protocol::ErrorCode;
+    use serde_json::{json, Value};
     use time::macros::datetime;
 
     const T0: OffsetDateTime = datetime!(2024-03-01 10:00:00 UTC);
@@ -1029,56 +860,6 @@ mod tests {
         assert_eq!(station.fingerprint, Some(key(3)));
     }
 
-    #[test]
-    fn auth_request_parsing_names_the_field() {
-        let s = serial();
-        let good = br#"{"serial":"MC-1","model":"M","firmware":"6.1.0","mac_streaming":"a","mac_control":"b","extra":1}"#;
-        let req = AuthRequest::parse(&s, good).unwrap();
-        assert_eq!(req.firmware, "6.1.0");
-        assert!(matches!(
-            AuthRequest::parse(&s, b"nope"),
-            Err(AuthRequestError::NotJson(_))
-        ));
-        assert_eq!(
-            AuthRequest::parse(&s, b"[1]"),
-            Err(AuthRequestError::NotAnObject)
-        );
-        assert_eq!(
-            AuthRequest::parse(&s, br#"{"serial":"MC-1","model":"M"}"#),
-            Err(AuthRequestError::Missing("firmware"))
-        );
-        assert_eq!(
-            AuthRequest::parse(
-                &s,
-                br#"{"serial":"MC-1","model":"M","firmware":610,"mac_streaming":"a","mac_control":"b"}"#
-            ),
-            Err(AuthRequestError::NotAString("firmware"))
-        );
-        let other = AuthRequest::parse(
-            &s,
-            br#"{"serial":"MC-2","model":"M","firmware":"6.1.0","mac_streaming":"a","mac_control":"b"}"#,
-        );
-        assert!(matches!(
-            other,
-            Err(AuthRequestError::SerialMismatch { .. })
-        ));
-        assert!(matches!(
-            AuthRequest::parse(&s, br#"{"serial":"MC 1"}"#),
-            Err(AuthRequestError::Serial(_))
-        ));
-        let long = format!(
-            r#"{{"serial":"MC-1","model":"{}","firmware":"6.1.0","mac_streaming":"a","mac_control":"b"}}"#,
-            "m".repeat(300)
-        );
-        assert_eq!(
-            AuthRequest::parse(&s, long.as_bytes()),
-            Err(AuthRequestError::TooLong("model"))
-        );
-        let error: CommandError = AuthRequestError::Missing("model").into();
-        assert_eq!(error.code, ErrorCode::InvalidArgument);
-        assert!(error.message.contains("model"));
-    }
-
     // --- operator commands ---
 
     #[test]
@@ -1219,33 +1000,6 @@ mod tests {
     }
 
     // --- views and payloads ---
-
-    #[test]
-    fn command_payloads_match_the_protocol() {
-        assert_eq!(
-            Command::Authorized.payload(),
-            json!({"command": "authorized"})
-        );
-        assert_eq!(Command::Rejected.payload(), json!({"command": "rejected"}));
-        assert_eq!(Command::Removed.payload(), json!({"command": "removed"}));
-        assert_eq!(
-            Command::Update {
-                version: "6.1.2".into(),
-                sha256: "ab".into(),
-                size: 7
-            }
-            .payload(),
-            json!({"command": "update", "version": "6.1.2", "sha256": "ab", "size": 7})
-        );
-        assert_eq!(
-            Command::Reset {
-                delete_authentication: true,
-                delete_configuration: false
-            }
-            .payload(),
-            json!({"command": "reset", "delete_authentication": true, "delete_configuration": false})
-        );
-    }
 
     #[test]
     fn states_and_labels() {

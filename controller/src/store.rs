@@ -15,10 +15,10 @@ use std::thread::JoinHandle;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use crate::audit::{record_hash, AuditRecord, GENESIS_PREV_HASH};
-use crate::ids::{Mac, Serial};
 use crate::phone::Phone;
 use crate::station::Station;
 use crate::whitelist::Whitelists;
+use fleet_protocol::{Mac, Serial};
 
 /// Serial → station record as JSON.
 const STATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("stations");
@@ -681,7 +681,7 @@ mod tests {
             firmware: "6.1.0".into(),
             mac_streaming: "001122334455".into(),
             mac_control: "001122334466".into(),
-            fingerprint: Some(crate::ids::Fingerprint::from_bytes([7; 32])),
+            fingerprint: Some(fleet_protocol::Fingerprint::from_bytes([7; 32])),
             standing: Standing::Unauthorized,
             created_at: T0,
             updated_at: T0,

@@ -10,8 +10,6 @@ use std::str::FromStr;
 
 use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
-use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime, UtcOffset};
 
 /// Why a text is not a whitelist entry, or why an entry may not be added.
@@ -373,34 +371,20 @@ impl Whitelists {
             .unwrap_or_default()
     }
 
-    /// `listWhitelist` data (PROTOCOL §6): `{"permanent": [entry], "temporary": [{"ip",
-    /// "expires_at"}]}`, without what has expired at `now`.
-    pub fn list(&self, tenant: &str, now: OffsetDateTime) -> Value {
-        let permanent: Vec<String> = self
-            .permanent(tenant)
-            .iter()
-            .map(WhitelistEntry::to_string)
-            .collect();
-        let temporary: Vec<Value> = self
-            .temporary
+    /// The temporary whitelist of `tenant` that is still in force at `now`: each address with
+    /// when it expires, in address order.
+    pub fn temporary(
+        &self,
+        tenant: &str,
+        now: OffsetDateTime,
+    ) -> impl Iterator<Item = (IpAddr, OffsetDateTime)> + '_ {
+        self.temporary
             .get(tenant)
             .into_iter()
             .flatten()
-            .filter(|(_, entry)| entry.expires_at > now)
-            .map(|(ip, entry)| {
-                json!({
-                    "ip": ip.to_string(),
-                    "expires_at": rfc3339(entry.expires_at),
-                })
-            })
-            .collect();
-        json!({ "permanent": permanent, "temporary": temporary })
+            .filter(move |(_, entry)| entry.expires_at > now)
+            .map(|(ip, entry)| (*ip, entry.expires_at))
     }
-}
-
-/// RFC 3339 in UTC; `None` only for a time RFC 3339 cannot write (beyond year 9999).
-fn rfc3339(time: OffsetDateTime) -> Option<String> {
-    time.to_offset(UtcOffset::UTC).format(&Rfc3339).ok()
 }
 
 fn utc(time: OffsetDateTime) -> OffsetDateTime {
@@ -419,6 +403,7 @@ fn shorten(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use time::macros::datetime;
 
     const T0: OffsetDateTime = datetime!(2024-03-01 10:00:00 UTC);

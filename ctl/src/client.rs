@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use fleet_protocol::{Filter, Topic};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS,
     SubscribeReasonCode, TlsConfiguration, Transport,
@@ -151,7 +152,7 @@ impl OperatorClient {
         let (host, port) =
             split_server(server).ok_or_else(|| ClientError::Address(server.to_owned()))?;
         let tls = fleet_certs::client_config(ca_pem, Some((cert_pem, key_pem)))?;
-        let client_id = format!("op-{operator_name}-{}", random_tag());
+        let client_id = fleet_protocol::operator_client_id(operator_name, &random_tag());
         let mut options = MqttOptions::new(client_id.clone(), host, port);
         options
             .set_keep_alive(Duration::from_secs(30))
@@ -190,7 +191,7 @@ impl OperatorClient {
             shared,
             task,
         };
-        let response_topic = format!("fleet/control/{operator_name}/response");
+        let response_topic = Topic::OperatorResponse(operator_name.to_owned()).to_string();
         tokio::time::timeout(CONNECT_TIMEOUT, operator.subscribe(&response_topic))
             .await
             .map_err(|_| ClientError::Timeout(CONNECT_TIMEOUT))??;
@@ -241,10 +242,11 @@ impl OperatorClient {
         &self,
         tenant: &str,
     ) -> Result<mpsc::UnboundedReceiver<(String, Value)>, ClientError> {
-        let prefix = format!("fleet/events/{tenant}/");
+        let prefix = Filter::events_prefix(tenant);
         let (tx, rx) = mpsc::unbounded_channel();
-        self.shared.routes().events.push((prefix.clone(), tx));
-        self.subscribe(&format!("{prefix}#")).await?;
+        self.shared.routes().events.push((prefix, tx));
+        self.subscribe(&Filter::Events(tenant.to_owned()).to_string())
+            .await?;
         Ok(rx)
     }
 
@@ -278,7 +280,7 @@ impl OperatorClient {
                 .insert(keys[keys.len() - 1].clone(), tx);
         }
         let payload = json!({ "commands": sent }).to_string();
-        let topic = format!("fleet/control/{}/request", self.name);
+        let topic = Topic::OperatorRequest(self.name.clone()).to_string();
         let outcome = async {
             self.client
                 .publish(topic, QoS::AtLeastOnce, false, payload)
@@ -410,7 +412,7 @@ fn route(shared: &Shared, topic: &str, payload: &[u8]) {
         }
     };
     let mut routes = shared.routes();
-    if topic.starts_with("fleet/control/") && topic.ends_with("/response") {
+    if let Some(Topic::OperatorResponse(_)) = Topic::parse(topic) {
         let responses = value
             .get("responses")
             .and_then(Value::as_array)
@@ -440,6 +442,7 @@ fn route(shared: &Shared, topic: &str, payload: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleet_protocol::EventKind;
 
     #[test]
     fn response_data_and_errors() {
@@ -458,6 +461,8 @@ mod tests {
 
     #[test]
     fn responses_are_routed_by_correlation_data() {
+        let response = Topic::OperatorResponse("admin".into()).to_string();
+        let security = |tenant: &str| Topic::Event(tenant.into(), EventKind::Security).to_string();
         let shared = Shared {
             routes: Mutex::new(Routes::default()),
         };
@@ -469,34 +474,22 @@ mod tests {
         shared
             .routes()
             .events
-            .push(("fleet/events/default/".into(), etx));
+            .push((Filter::events_prefix("default"), etx));
 
         let payload = json!({"responses": [
             {"command": "b", "correlationData": "c-2", "data": {}},
             {"command": "z", "correlationData": "someone-else", "data": {}},
         ]});
-        route(
-            &shared,
-            "fleet/control/admin/response",
-            payload.to_string().as_bytes(),
-        );
+        route(&shared, &response, payload.to_string().as_bytes());
         assert_eq!(rx2.try_recv().unwrap()["command"], "b");
         assert!(rx1.try_recv().is_err());
-        route(&shared, "fleet/control/admin/response", b"not json");
+        route(&shared, &response, b"not json");
 
         let event = json!({"type": "identity_mismatch", "serial": "A"});
-        route(
-            &shared,
-            "fleet/events/default/security",
-            event.to_string().as_bytes(),
-        );
-        route(
-            &shared,
-            "fleet/events/other/security",
-            event.to_string().as_bytes(),
-        );
+        route(&shared, &security("default"), event.to_string().as_bytes());
+        route(&shared, &security("other"), event.to_string().as_bytes());
         let (topic, value) = erx.try_recv().unwrap();
-        assert_eq!(topic, "fleet/events/default/security");
+        assert_eq!(topic, security("default"));
         assert_eq!(value, event);
         assert!(erx.try_recv().is_err());
     }

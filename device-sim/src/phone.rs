@@ -904,7 +904,7 @@ async fn provision_connected(
 /// Refuses a certificate that is not for the phone's own key: storing it would leave a phone
 /// that cannot connect.
 fn check_certificate_for_key(cert_pem: &str, key_pem: &str) -> Result<(), PhoneError> {
-    let issued = Fingerprint::of_certificate_pem(cert_pem)?;
+    let issued = fleet_certs::certificate_pem_fingerprint(cert_pem)?;
     let key = fleet_certs::key_from_pem(key_pem)?;
     let signing_key = fleet_certs::crypto_provider()
         .key_provider

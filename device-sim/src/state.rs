@@ -364,7 +364,7 @@ impl StationState {
                 (certified.cert_pem, certified.key_pem)
             }
         };
-        let fingerprint = Fingerprint::of_certificate_pem(&cert_pem)?;
+        let fingerprint = fleet_certs::certificate_pem_fingerprint(&cert_pem)?;
         Ok(Some(Identity {
             cert_pem,
             key_pem,

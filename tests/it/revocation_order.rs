@@ -198,7 +198,7 @@ async fn cuts_come_before_the_operators_acknowledgement() {
     // Reset and Remove of authorized stations: the same order.
     for (i, serial) in ["S2", "S3"].into_iter().enumerate() {
         let key = fleet_certs::self_signed_station(serial).expect("station");
-        let fp = fleet_certs::Fingerprint::of_certificate_der(&key.cert_der).expect("fingerprint");
+        let fp = fleet_certs::certificate_fingerprint(&key.cert_der).expect("fingerprint");
         let cert = PresentedCertificate {
             der: key.cert_der.clone(),
             trust: Trust::SelfSigned,
@@ -298,7 +298,7 @@ async fn a_batch_sees_its_own_writes_and_speaks_only_after_its_commit() {
     let (_dir, controller, admission, log) = setup().await;
     log.lock().expect("log").drain();
     let key = fleet_certs::self_signed_station("B1").expect("station");
-    let fp = fleet_certs::Fingerprint::of_certificate_der(&key.cert_der).expect("fingerprint");
+    let fp = fleet_certs::certificate_fingerprint(&key.cert_der).expect("fingerprint");
     let cert = PresentedCertificate {
         der: key.cert_der.clone(),
         trust: Trust::SelfSigned,

@@ -35,7 +35,7 @@ async fn authorize_a_station() {
 
     // Accepting with a fingerprint other than the station's key is refused and changes nothing.
     let other = fleet_certs::self_signed_station("X").expect("key");
-    let wrong = fleet_certs::Fingerprint::of_certificate_der(&other.cert_der)
+    let wrong = fleet_certs::certificate_fingerprint(&other.cert_der)
         .expect("fp")
         .to_string();
     let refused = op

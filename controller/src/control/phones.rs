@@ -14,11 +14,11 @@ use super::{Controller, Cx, Live, Output};
 use crate::audit::{AuditRecord, Outcome};
 use crate::devices_csv;
 use crate::identity::{self, PhonePresented, PhoneRights};
-use crate::ids::{CommandError, Mac};
 use crate::phone::{self, Attempt, Pap, PapDecision, Phone};
 use crate::request::{after_arg, bool_arg, mac_arg, page_limit_arg, text_arg};
 use crate::store::Change;
 use crate::whitelist::{self, WhitelistEntry};
+use fleet_protocol::{CommandError, EventKind, Mac, Topic};
 
 type AdmitResult = Result<(Rights, String, &'static str), (Refusal, String, String)>;
 
@@ -133,7 +133,11 @@ impl Controller {
                     return Err((Refusal::ServerUnavailable, e.message, tenant));
                 }
                 if before != after {
-                    self.event(&tenant, "phones", json!({"event": "state", "phone": view}));
+                    self.event(
+                        &tenant,
+                        EventKind::Phones,
+                        json!({"event": "state", "phone": view}),
+                    );
                 }
                 result
             }
@@ -168,11 +172,8 @@ impl Controller {
     }
 
     /// `phones/<mac>/provision/request`: check the CSR, sign it with the fleet CA, answer.
-    pub(super) fn on_provision_request(&self, live: &Live, cx: &mut Cx, mac: &str, payload: &[u8]) {
-        let Ok(mac) = Mac::parse(mac) else {
-            return;
-        };
-        let topic = format!("phones/{mac}/provision/response");
+    pub(super) fn on_provision_request(&self, live: &Live, cx: &mut Cx, mac: Mac, payload: &[u8]) {
+        let topic = Topic::PhoneProvisionResponse(mac.clone()).to_string();
         let fail = |cx: &mut Cx, e: CommandError| {
             cx.publish(
                 topic.clone(),
@@ -241,17 +242,14 @@ impl Controller {
                     "tenant": tenant,
                     "site": site,
                     "client_id": mac.client_id(),
-                    "data_topic": format!("phones/{mac}/data"),
+                    "data_topic": Topic::PhoneData(mac.clone(), String::new()).to_string(),
                 },
             }),
         );
     }
 
     /// `phones/<mac>/provision/complete`: the phone stored its certificate; its PAP is void.
-    pub(super) fn on_provision_complete(&self, live: &mut Live, cx: &mut Cx, mac: &str) {
-        let Ok(mac) = Mac::parse(mac) else {
-            return;
-        };
+    pub(super) fn on_provision_complete(&self, live: &mut Live, cx: &mut Cx, mac: Mac) {
         let at = self.now();
         let phone = match cx.txn.phone(&mac) {
             Ok(Some(p)) => p,
@@ -292,7 +290,7 @@ impl Controller {
         self.event_in(
             cx,
             &tenant,
-            "phones",
+            EventKind::Phones,
             json!({"event": "state", "phone": without_pap(&view)}),
         );
     }
@@ -358,7 +356,7 @@ impl Controller {
                 self.event_in(
                     cx,
                     tenant,
-                    "phones",
+                    EventKind::Phones,
                     json!({"event": "state", "phone": without_pap(&view)}),
                 );
                 Ok((view, true))
@@ -391,7 +389,7 @@ impl Controller {
                 self.event_in(
                     cx,
                     tenant,
-                    "phones",
+                    EventKind::Phones,
                     json!({"event": "state", "phone": without_pap(&view)}),
                 );
                 Ok((view, true))
@@ -415,7 +413,7 @@ impl Controller {
                 self.event_in(
                     cx,
                     tenant,
-                    "phones",
+                    EventKind::Phones,
                     json!({"event": "state", "phone": without_pap(&view)}),
                 );
                 Ok((view, true))
@@ -434,7 +432,7 @@ impl Controller {
                 self.event_in(
                     cx,
                     tenant,
-                    "phones",
+                    EventKind::Phones,
                     json!({"event": "deleted", "mac": mac.as_str()}),
                 );
                 Ok((json!({}), true))

@@ -1,12 +1,10 @@
-//! Identifiers parsed once at the edge (serials, fingerprints) and the errors of operator commands.
+//! The fleet's identifiers (PROTOCOL §1): station serials, phone MACs, and the client ids made
+//! of them. Parsed once at the edge; a value that exists is valid.
 
 use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
-
-/// SHA-256 over a station's DER SubjectPublicKeyInfo (PROTOCOL §1); one type for the whole fleet.
-pub use fleet_certs::Fingerprint;
 
 /// Longest serial a station may have (PROTOCOL §1).
 pub const MAX_SERIAL_LEN: usize = 64;
@@ -159,14 +157,23 @@ impl Mac {
         let mac = client_id
             .strip_prefix(PHONE_CLIENT_ID_PREFIX)
             .ok_or_else(refused)?;
-        let normalised = mac.len() == 12
-            && mac
+        Mac::parse_normalised(mac).map_err(|_| refused())
+    }
+
+    /// Parses a MAC that must already be in its normalised form (12 lower-case hex digits), as
+    /// in client ids and topics: one phone has exactly one of each.
+    pub fn parse_normalised(text: &str) -> Result<Mac, IdError> {
+        let normalised = text.len() == 12
+            && text
                 .bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !normalised {
-            return Err(refused());
+            return Err(IdError::Mac {
+                mac: shorten(text),
+                problem: "is not 12 lower-case hex digits".into(),
+            });
         }
-        Ok(Mac(mac.to_owned()))
+        Ok(Mac(text.to_owned()))
     }
 
     /// The client id this phone must connect with.
@@ -203,13 +210,39 @@ impl<'de> Deserialize<'de> for Mac {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
         // Stored and wire MACs are always normalised; anything else is not one of ours.
-        match Mac::parse(&text) {
-            Ok(mac) if mac.0 == text => Ok(mac),
-            Ok(_) => Err(serde::de::Error::custom(format!(
-                "MAC {:?} is not 12 lower-case hex digits",
-                shorten(&text)
-            ))),
-            Err(error) => Err(serde::de::Error::custom(error)),
+        Mac::parse_normalised(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Prefix of the client ids `fleetctl` connects with: `op-<operator>-<random tag>`. Operators
+/// may use any client id (PROTOCOL §1); this one only keeps fleetctl's sessions recognisable.
+pub const OPERATOR_CLIENT_ID_PREFIX: &str = "op-";
+
+/// The client id `fleetctl` connects operator `name` with; `tag` tells its sessions apart.
+pub fn operator_client_id(name: &str, tag: &str) -> String {
+    format!("{OPERATOR_CLIENT_ID_PREFIX}{name}-{tag}")
+}
+
+/// What a client id claims to be (PROTOCOL §1), before any certificate is looked at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimedClient {
+    /// `station-…`: the serial, or why it is none.
+    Station(Result<Serial, IdError>),
+    /// `phone-…`: the MAC, or why it is none.
+    Phone(Result<Mac, IdError>),
+    /// Anything else: only an operator certificate can identify such a client.
+    Other,
+}
+
+impl ClaimedClient {
+    /// Reads what `client_id` claims.
+    pub fn of(client_id: &str) -> ClaimedClient {
+        if let Some(serial) = client_id.strip_prefix(STATION_CLIENT_ID_PREFIX) {
+            ClaimedClient::Station(Serial::parse(serial))
+        } else if client_id.starts_with(PHONE_CLIENT_ID_PREFIX) {
+            ClaimedClient::Phone(Mac::from_client_id(client_id))
+        } else {
+            ClaimedClient::Other
         }
     }
 }
@@ -220,86 +253,6 @@ fn shorten(text: &str) -> String {
     match text.char_indices().nth(MAX) {
         Some((end, _)) => format!("{}…", &text[..end]),
         None => text.to_owned(),
-    }
-}
-
-/// Machine-readable code of an operator command error (PROTOCOL §6), the `code` of a response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    NotFound,
-    InvalidArgument,
-    WrongState,
-    FingerprintMismatch,
-    Forbidden,
-    /// The operator sent more commands than its budget allows (`[limits]
-    /// operator_commands_per_second`); the message says when to retry.
-    RateLimited,
-    /// The request's whole response would exceed `[limits] max_response_bytes`.
-    TooLarge,
-    Internal,
-}
-
-impl ErrorCode {
-    /// The JSON name of the code.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::InvalidArgument => "invalid_argument",
-            ErrorCode::WrongState => "wrong_state",
-            ErrorCode::FingerprintMismatch => "fingerprint_mismatch",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::TooLarge => "too_large",
-            ErrorCode::Internal => "internal",
-        }
-    }
-}
-
-impl fmt::Display for ErrorCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// An operator command that could not be carried out: the `error` text and `code` of a response.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct CommandError {
-    pub code: ErrorCode,
-    pub message: String,
-}
-
-impl CommandError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> CommandError {
-        CommandError {
-            code,
-            message: message.into(),
-        }
-    }
-
-    pub fn not_found(message: impl Into<String>) -> CommandError {
-        CommandError::new(ErrorCode::NotFound, message)
-    }
-
-    pub fn invalid_argument(message: impl Into<String>) -> CommandError {
-        CommandError::new(ErrorCode::InvalidArgument, message)
-    }
-
-    pub fn wrong_state(message: impl Into<String>) -> CommandError {
-        CommandError::new(ErrorCode::WrongState, message)
-    }
-
-    pub fn fingerprint_mismatch(message: impl Into<String>) -> CommandError {
-        CommandError::new(ErrorCode::FingerprintMismatch, message)
-    }
-
-    pub fn forbidden(message: impl Into<String>) -> CommandError {
-        CommandError::new(ErrorCode::Forbidden, message)
-    }
-
-    pub fn internal(message: impl Into<String>) -> CommandError {
-        CommandError::new(ErrorCode::Internal, message)
     }
 }
 
@@ -430,32 +383,24 @@ mod tests {
     }
 
     #[test]
-    fn fingerprint_round_trips_through_text_and_json() {
-        let fp = Fingerprint::from_bytes([0xab; 32]);
-        let text = fp.to_string();
-        assert!(text.starts_with("AB:AB:"));
-        assert_eq!(text.parse::<Fingerprint>().unwrap(), fp);
-        let json = serde_json::to_string(&fp).unwrap();
-        assert_eq!(serde_json::from_str::<Fingerprint>(&json).unwrap(), fp);
-    }
-
-    #[test]
-    fn error_codes_have_their_json_names() {
-        for code in [
-            ErrorCode::NotFound,
-            ErrorCode::InvalidArgument,
-            ErrorCode::WrongState,
-            ErrorCode::FingerprintMismatch,
-            ErrorCode::Forbidden,
-            ErrorCode::Internal,
-        ] {
-            assert_eq!(
-                serde_json::to_value(code).unwrap(),
-                serde_json::json!(code.as_str())
-            );
-        }
-        let error = CommandError::wrong_state("station S1 is Rejected");
-        assert_eq!(error.code, ErrorCode::WrongState);
-        assert_eq!(error.to_string(), "station S1 is Rejected");
+    fn a_client_id_claims_a_station_a_phone_or_nothing() {
+        assert_eq!(
+            ClaimedClient::of("station-S1"),
+            ClaimedClient::Station(Ok(Serial::parse("S1").unwrap()))
+        );
+        assert!(matches!(
+            ClaimedClient::of("station-S_1"),
+            ClaimedClient::Station(Err(_))
+        ));
+        assert_eq!(
+            ClaimedClient::of("phone-0011aabbccdd"),
+            ClaimedClient::Phone(Ok(Mac::parse("0011aabbccdd").unwrap()))
+        );
+        assert!(matches!(
+            ClaimedClient::of("phone-0011AABBCCDD"),
+            ClaimedClient::Phone(Err(_))
+        ));
+        assert_eq!(ClaimedClient::of("op-admin-1"), ClaimedClient::Other);
+        assert_eq!(operator_client_id("admin", "x1"), "op-admin-x1");
     }
 }

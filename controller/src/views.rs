@@ -1,0 +1,98 @@
+//! The operator's views of stations and phones: the JSON objects of PROTOCOL §6's responses and
+//! events. Kept out of the pure state machines (`station`, `phone`), which know no wire format.
+
+use serde_json::{json, Map, Value};
+use time::format_description::well_known::Rfc3339;
+use time::{OffsetDateTime, UtcOffset};
+
+use crate::phone::{AuthState, Phone};
+use crate::station::{Standing, Station};
+use crate::whitelist::{WhitelistEntry, Whitelists};
+
+impl Station {
+    /// The station object of operator responses (PROTOCOL §6).
+    pub fn view(&self, online: bool) -> Value {
+        let state = self.state(online);
+        let mut view = Map::new();
+        view.insert("serial".into(), json!(self.serial.as_str()));
+        view.insert("model".into(), json!(self.model));
+        view.insert("firmware".into(), json!(self.firmware));
+        view.insert("mac_streaming".into(), json!(self.mac_streaming));
+        view.insert("mac_control".into(), json!(self.mac_control));
+        view.insert(
+            "fingerprint".into(),
+            json!(self.fingerprint.map(|fp| fp.to_string())),
+        );
+        view.insert("state".into(), json!(state.as_str()));
+        view.insert("label".into(), json!(state.label()));
+        view.insert("online".into(), json!(online));
+        view.insert("last_seen".into(), json!(self.last_seen.and_then(rfc3339)));
+        view.insert("ip".into(), json!(self.ip));
+        match &self.standing {
+            Standing::Unsupported { reason } => {
+                view.insert("reason".into(), json!(reason));
+            }
+            Standing::Updating { version, .. } => {
+                view.insert("update_version".into(), json!(version));
+            }
+            _ => {}
+        }
+        Value::Object(view)
+    }
+}
+
+impl Phone {
+    /// The phone object of operator responses (PROTOCOL §6).
+    pub fn view(&self, now: OffsetDateTime) -> Value {
+        let state = self.state_at(now);
+        let mut view = Map::new();
+        view.insert("mac".into(), json!(self.mac.as_str()));
+        view.insert("vendor".into(), json!(self.vendor));
+        view.insert("type".into(), json!(self.kind));
+        view.insert("site".into(), json!(self.site));
+        view.insert("created_at".into(), json!(rfc3339(self.created_at)));
+        view.insert("auth_state".into(), json!(state.name()));
+        view.insert("label".into(), json!(state.label()));
+        if state != AuthState::Successful {
+            if let Some(pap) = &self.pap {
+                view.insert("pap".into(), json!(pap.as_str()));
+            }
+        }
+        let suspended_until = self.suspended_until.filter(|until| *until > now);
+        view.insert(
+            "suspended_until".into(),
+            json!(suspended_until.and_then(rfc3339)),
+        );
+        if let AuthState::Failed { until } = state {
+            view.insert("failed_until".into(), json!(rfc3339(until)));
+        }
+        Value::Object(view)
+    }
+}
+
+impl Whitelists {
+    /// `listWhitelist` data (PROTOCOL §6): `{"permanent": [entry], "temporary": [{"ip",
+    /// "expires_at"}]}`, without what has expired at `now`.
+    pub fn list(&self, tenant: &str, now: OffsetDateTime) -> Value {
+        let permanent: Vec<String> = self
+            .permanent(tenant)
+            .iter()
+            .map(WhitelistEntry::to_string)
+            .collect();
+        let temporary: Vec<Value> = self
+            .temporary(tenant, now)
+            .map(|(ip, expires_at)| {
+                json!({
+                    "ip": ip.to_string(),
+                    "expires_at": rfc3339(expires_at),
+                })
+            })
+            .collect();
+        json!({ "permanent": permanent, "temporary": temporary })
+    }
+}
+
+/// RFC 3339 in UTC; `None` only for a time RFC 3339 cannot write (beyond year 9999).
+fn rfc3339(time: OffsetDateTime) -> Option<String> {
+    time.to_offset(UtcOffset::UTC).format(&Rfc3339).ok()
+}

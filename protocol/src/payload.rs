@@ -1,0 +1,229 @@
+//! The payloads of the device topics (PROTOCOL §3) that both sides read or write: a command
+//! to a station (`stations/<serial>/cmd`) and a station's auth request.
+
+use serde_json::{json, Value};
+
+use crate::{CommandError, IdError, Serial};
+
+/// Longest text accepted for a field of an auth request; a station has no reason to send more.
+pub const MAX_FIELD_LEN: usize = 256;
+
+/// A command to a station (PROTOCOL §3, `stations/<serial>/cmd`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StationCommand {
+    Authorized,
+    Rejected,
+    Update {
+        version: String,
+        sha256: String,
+        size: u64,
+    },
+    Reset {
+        delete_authentication: bool,
+        delete_configuration: bool,
+    },
+    Removed,
+}
+
+impl StationCommand {
+    /// The value of the `command` field.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StationCommand::Authorized => "authorized",
+            StationCommand::Rejected => "rejected",
+            StationCommand::Update { .. } => "update",
+            StationCommand::Reset { .. } => "reset",
+            StationCommand::Removed => "removed",
+        }
+    }
+
+    /// The JSON payload, exactly as PROTOCOL §3 writes it.
+    pub fn payload(&self) -> Value {
+        match self {
+            StationCommand::Authorized | StationCommand::Rejected | StationCommand::Removed => {
+                json!({ "command": self.name() })
+            }
+            StationCommand::Update {
+                version,
+                sha256,
+                size,
+            } => json!({
+                "command": self.name(),
+                "version": version,
+                "sha256": sha256,
+                "size": size,
+            }),
+            StationCommand::Reset {
+                delete_authentication,
+                delete_configuration,
+            } => json!({
+                "command": self.name(),
+                "delete_authentication": delete_authentication,
+                "delete_configuration": delete_configuration,
+            }),
+        }
+    }
+}
+
+/// A station's `stations/<serial>/auth/request`, checked against the topic's serial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthRequest {
+    pub model: String,
+    pub firmware: String,
+    pub mac_streaming: String,
+    pub mac_control: String,
+}
+
+/// Why an auth request payload is refused; it changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthRequestError {
+    #[error("auth request is not JSON: {0}")]
+    NotJson(String),
+    #[error("auth request is not a JSON object")]
+    NotAnObject,
+    #[error("auth request has no {0:?}")]
+    Missing(&'static str),
+    #[error("auth request field {0:?} is not a string")]
+    NotAString(&'static str),
+    #[error("auth request field {0:?} is longer than {MAX_FIELD_LEN} bytes")]
+    TooLong(&'static str),
+    #[error("auth request serial: {0}")]
+    Serial(IdError),
+    #[error("auth request for serial {payload} came on the topic of {topic}")]
+    SerialMismatch { topic: Serial, payload: Serial },
+}
+
+impl From<AuthRequestError> for CommandError {
+    fn from(error: AuthRequestError) -> CommandError {
+        CommandError::invalid_argument(error.to_string())
+    }
+}
+
+impl AuthRequest {
+    /// Parses the payload received on `stations/<topic_serial>/auth/request`.
+    pub fn parse(topic_serial: &Serial, payload: &[u8]) -> Result<AuthRequest, AuthRequestError> {
+        let value: Value = serde_json::from_slice(payload)
+            .map_err(|error| AuthRequestError::NotJson(error.to_string()))?;
+        AuthRequest::from_json(topic_serial, &value)
+    }
+
+    /// Reads the request from JSON; unknown fields are ignored (PROTOCOL §3).
+    pub fn from_json(
+        topic_serial: &Serial,
+        value: &Value,
+    ) -> Result<AuthRequest, AuthRequestError> {
+        let object = value.as_object().ok_or(AuthRequestError::NotAnObject)?;
+        let field = |name: &'static str| -> Result<String, AuthRequestError> {
+            match object.get(name) {
+                None | Some(Value::Null) => Err(AuthRequestError::Missing(name)),
+                Some(Value::String(text)) if text.len() > MAX_FIELD_LEN => {
+                    Err(AuthRequestError::TooLong(name))
+                }
+                Some(Value::String(text)) => Ok(text.clone()),
+                Some(_) => Err(AuthRequestError::NotAString(name)),
+            }
+        };
+        let serial = Serial::parse(&field("serial")?).map_err(AuthRequestError::Serial)?;
+        if &serial != topic_serial {
+            return Err(AuthRequestError::SerialMismatch {
+                topic: topic_serial.clone(),
+                payload: serial,
+            });
+        }
+        Ok(AuthRequest {
+            model: field("model")?,
+            firmware: field("firmware")?,
+            mac_streaming: field("mac_streaming")?,
+            mac_control: field("mac_control")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorCode;
+
+    #[test]
+    fn command_payloads_match_the_protocol() {
+        assert_eq!(
+            StationCommand::Authorized.payload(),
+            json!({"command": "authorized"})
+        );
+        assert_eq!(
+            StationCommand::Rejected.payload(),
+            json!({"command": "rejected"})
+        );
+        assert_eq!(
+            StationCommand::Removed.payload(),
+            json!({"command": "removed"})
+        );
+        assert_eq!(
+            StationCommand::Update {
+                version: "6.1.2".into(),
+                sha256: "ab".into(),
+                size: 7
+            }
+            .payload(),
+            json!({"command": "update", "version": "6.1.2", "sha256": "ab", "size": 7})
+        );
+        assert_eq!(
+            StationCommand::Reset {
+                delete_authentication: true,
+                delete_configuration: false
+            }
+            .payload(),
+            json!({"command": "reset", "delete_authentication": true, "delete_configuration": false})
+        );
+    }
+
+    #[test]
+    fn auth_request_parsing_names_the_field() {
+        let s = Serial::parse("MC-1").unwrap();
+        let good = br#"{"serial":"MC-1","model":"M","firmware":"6.1.0","mac_streaming":"a","mac_control":"b","extra":1}"#;
+        let req = AuthRequest::parse(&s, good).unwrap();
+        assert_eq!(req.firmware, "6.1.0");
+        assert!(matches!(
+            AuthRequest::parse(&s, b"nope"),
+            Err(AuthRequestError::NotJson(_))
+        ));
+        assert_eq!(
+            AuthRequest::parse(&s, b"[1]"),
+            Err(AuthRequestError::NotAnObject)
+        );
+        assert_eq!(
+            AuthRequest::parse(&s, br#"{"serial":"MC-1","model":"M"}"#),
+            Err(AuthRequestError::Missing("firmware"))
+        );
+        assert_eq!(
+            AuthRequest::parse(
+                &s,
+                br#"{"serial":"MC-1","model":"M","firmware":610,"mac_streaming":"a","mac_control":"b"}"#
+            ),
+            Err(AuthRequestError::NotAString("firmware"))
+        );
+        let other = AuthRequest::parse(
+            &s,
+            br#"{"serial":"MC-2","model":"M","firmware":"6.1.0","mac_streaming":"a","mac_control":"b"}"#,
+        );
+        assert!(matches!(
+            other,
+            Err(AuthRequestError::SerialMismatch { .. })
+        ));
+        assert!(matches!(
+            AuthRequest::parse(&s, br#"{"serial":"MC 1"}"#),
+            Err(AuthRequestError::Serial(_))
+        ));
+        let long = format!(
+            r#"{{"serial":"MC-1","model":"{}","firmware":"6.1.0","mac_streaming":"a","mac_control":"b"}}"#,
+            "m".repeat(300)
+        );
+        assert_eq!(
+            AuthRequest::parse(&s, long.as_bytes()),
+            Err(AuthRequestError::TooLong("model"))
+        );
+        let error: CommandError = AuthRequestError::Missing("model").into();
+        assert_eq!(error.code, ErrorCode::InvalidArgument);
+        assert!(error.message.contains("model"));
+    }
+}
