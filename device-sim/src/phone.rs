@@ -4,10 +4,9 @@
 //! behind a given public IP (rumqttc cannot).
 
 use std::fmt;
-use std::fs;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +24,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+
+use crate::state_file::{
+    read_optional, remove_optional, write_atomically, write_private, FileError, Record, StateFile,
+};
 
 /// File name of the phone's state inside its directory.
 pub const PHONE_FILE: &str = "phone.json";
@@ -56,27 +59,10 @@ const MAX_PACKET_SIZE: usize = 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PhoneError {
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// `phone.json` is not valid.
-    #[error("{}: {source}", path.display())]
-    Json {
-        /// The file.
-        path: PathBuf,
-        /// The parse error.
-        #[source]
-        source: serde_json::Error,
-    },
-    /// The directory already holds a phone.
-    #[error("{} already holds a phone", .0.display())]
-    AlreadyInitialized(PathBuf),
+    /// A file of the directory could not be read or written, `phone.json` is not valid, or
+    /// the directory already holds a phone.
+    #[error(transparent)]
+    File(#[from] FileError),
     /// A MAC address is not 12 hex digits.
     #[error("invalid MAC address {0:?}: must be 12 hex digits")]
     InvalidMac(String),
@@ -135,13 +121,6 @@ pub enum PhoneError {
     /// The provisioning response is neither a certificate nor an error.
     #[error("malformed provisioning response: {0}")]
     BadResponse(String),
-}
-
-fn io_error(path: &Path) -> impl FnOnce(io::Error) -> PhoneError + '_ {
-    move |source| PhoneError::Io {
-        path: path.to_owned(),
-        source,
-    }
 }
 
 /// A phone's MAC: 12 lower-case hex digits (PROTOCOL §1). Parsed from that form, upper case,
@@ -238,81 +217,26 @@ pub struct PhoneRecord {
 }
 
 /// A phone's state directory, read.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PhoneState {
-    dir: PathBuf,
-    /// What `phone.json` holds.
-    pub record: PhoneRecord,
+pub type PhoneState = StateFile<PhoneRecord>;
+
+impl Record for PhoneRecord {
+    const FILE: &'static str = PHONE_FILE;
+    const DEVICE: &'static str = "phone";
+    type Error = PhoneError;
 }
 
-impl PhoneState {
+impl StateFile<PhoneRecord> {
     /// Creates `dir` (if needed) and a new `phone.json` in it; fails if one exists.
     pub fn init(dir: impl AsRef<Path>, profile: &PhoneProfile) -> Result<Self, PhoneError> {
-        let dir = dir.as_ref();
-        fs::create_dir_all(dir).map_err(io_error(dir))?;
-        if dir.join(PHONE_FILE).exists() {
-            return Err(PhoneError::AlreadyInitialized(dir.to_owned()));
-        }
-        let state = PhoneState {
-            dir: dir.to_owned(),
-            record: PhoneRecord {
+        StateFile::create(dir.as_ref(), || {
+            Ok(PhoneRecord {
                 mac: profile.mac.parse()?,
                 vendor: profile.vendor.clone(),
                 kind: profile.kind.clone(),
                 pap: profile.pap.clone(),
                 configuration: None,
-            },
-        };
-        state.save()?;
-        Ok(state)
-    }
-
-    /// Reads `dir/phone.json`.
-    pub fn open(dir: impl AsRef<Path>) -> Result<Self, PhoneError> {
-        let dir = dir.as_ref();
-        let file = dir.join(PHONE_FILE);
-        let text = fs::read(&file).map_err(io_error(&file))?;
-        let record = serde_json::from_slice(&text).map_err(|source| PhoneError::Json {
-            path: file.clone(),
-            source,
-        })?;
-        Ok(PhoneState {
-            dir: dir.to_owned(),
-            record,
+            })
         })
-    }
-
-    /// Whether `dir` holds a phone.
-    pub fn exists(dir: impl AsRef<Path>) -> bool {
-        dir.as_ref().join(PHONE_FILE).is_file()
-    }
-
-    /// Reads `phone.json`, lets `change` edit it and writes it back.
-    pub fn update(
-        dir: impl AsRef<Path>,
-        change: impl FnOnce(&mut PhoneRecord),
-    ) -> Result<Self, PhoneError> {
-        let mut state = Self::open(dir)?;
-        change(&mut state.record);
-        state.save()?;
-        Ok(state)
-    }
-
-    /// Writes `phone.json` through a temporary file, so a crash never leaves half of it.
-    pub fn save(&self) -> Result<(), PhoneError> {
-        let file = self.dir.join(PHONE_FILE);
-        let temporary = self.dir.join(format!("{PHONE_FILE}.tmp"));
-        let text = serde_json::to_vec_pretty(&self.record).map_err(|source| PhoneError::Json {
-            path: file.clone(),
-            source,
-        })?;
-        fs::write(&temporary, text).map_err(io_error(&temporary))?;
-        fs::rename(&temporary, &file).map_err(io_error(&file))
-    }
-
-    /// The state directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// The MAC.
@@ -322,8 +246,8 @@ impl PhoneState {
 
     /// The provisioned certificate and key as (certificate PEM, key PEM), if both exist.
     pub fn identity(&self) -> Result<Option<(String, String)>, PhoneError> {
-        let key = read_optional(&self.dir.join(PHONE_KEY_FILE))?;
-        let cert = read_optional(&self.dir.join(PHONE_CERT_FILE))?;
+        let key = read_optional(&self.dir().join(PHONE_KEY_FILE))?;
+        let cert = read_optional(&self.dir().join(PHONE_CERT_FILE))?;
         Ok(cert.zip(key))
     }
 }
@@ -352,45 +276,6 @@ pub fn factory_reset(dir: impl AsRef<Path>) -> Result<(), PhoneError> {
 pub fn is_provisioned(dir: impl AsRef<Path>) -> bool {
     let dir = dir.as_ref();
     dir.join(PHONE_KEY_FILE).is_file() && dir.join(PHONE_CERT_FILE).is_file()
-}
-
-fn read_optional(path: &Path) -> Result<Option<String>, PhoneError> {
-    match fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_error(path)(e)),
-    }
-}
-
-fn remove_optional(path: &Path) -> Result<(), PhoneError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_error(path)(e)),
-    }
-}
-
-/// Writes a private key readable by the owner only.
-fn write_private(path: &Path, text: &str) -> Result<(), PhoneError> {
-    use std::io::Write;
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path).map_err(io_error(path))?;
-    file.write_all(text.as_bytes()).map_err(io_error(path))
-}
-
-/// Writes a file through a temporary one, so a crash never leaves half of it.
-fn write_atomically(path: &Path, text: &str) -> Result<(), PhoneError> {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    let temporary = PathBuf::from(temporary);
-    fs::write(&temporary, text).map_err(io_error(&temporary))?;
-    fs::rename(&temporary, path).map_err(io_error(path))
 }
 
 /// Where and how a phone reaches the server.
@@ -888,8 +773,8 @@ async fn provision_connected(
     };
     check_certificate_for_key(&certificate, &key_pem)?;
     fleet_certs::certs_from_pem(&ca)?;
-    write_atomically(&dir.join(PHONE_CERT_FILE), &certificate)?;
-    write_atomically(&dir.join(SERVER_CA_FILE), &ca)?;
+    write_atomically(&dir.join(PHONE_CERT_FILE), certificate.as_bytes())?;
+    write_atomically(&dir.join(SERVER_CA_FILE), ca.as_bytes())?;
     PhoneState::update(dir, |record| record.configuration = response.config)?;
 
     link.publish(
@@ -1167,6 +1052,8 @@ pub async fn provision_many(
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     fn profile() -> PhoneProfile {
@@ -1205,7 +1092,7 @@ mod tests {
         assert_eq!(PhoneState::open(dir.path()).unwrap(), state);
         assert!(matches!(
             PhoneState::init(dir.path(), &profile()),
-            Err(PhoneError::AlreadyInitialized(_))
+            Err(PhoneError::File(FileError::AlreadyInitialized { .. }))
         ));
         set_pap(dir.path(), Some("654321".into())).unwrap();
         let state = PhoneState::open(dir.path()).unwrap();
