@@ -203,15 +203,10 @@ fn decode_frames(
     Ok(packets)
 }
 
-/// A server PUBLISH at QoS 1 (no retain, no dup; under 5 with no properties). rumqttd's
-/// `Publish` keeps QoS and packet id to itself, so the front door writes its own mailbox
-/// messages (`crate::mailbox`) with this.
-pub fn publish_qos1(version: MqttVersion, topic: &str, payload: &[u8], pkid: u16) -> Vec<u8> {
-    let properties = usize::from(version == MqttVersion::V5);
-    let remaining = 2 + topic.len() + 2 + properties + payload.len();
-    let mut out = Vec::with_capacity(remaining + 5);
-    out.push(0x32);
-    let mut len = remaining;
+/// Appends `len` as MQTT's Remaining Length (a variable byte integer, MQTT 5 §1.5.5): seven
+/// bits a byte, least significant first, the high bit set on every byte but the last.
+pub fn push_remaining_length(out: &mut Vec<u8>, len: usize) {
+    let mut len = len;
     loop {
         let mut byte = (len % 128) as u8;
         len /= 128;
@@ -223,6 +218,17 @@ pub fn publish_qos1(version: MqttVersion, topic: &str, payload: &[u8], pkid: u16
             break;
         }
     }
+}
+
+/// A server PUBLISH at QoS 1 (no retain, no dup; under 5 with no properties). rumqttd's
+/// `Publish` keeps QoS and packet id to itself, so the front door writes its own mailbox
+/// messages (`crate::mailbox`) with this.
+pub fn publish_qos1(version: MqttVersion, topic: &str, payload: &[u8], pkid: u16) -> Vec<u8> {
+    let properties = usize::from(version == MqttVersion::V5);
+    let remaining = 2 + topic.len() + 2 + properties + payload.len();
+    let mut out = Vec::with_capacity(remaining + 5);
+    out.push(0x32);
+    push_remaining_length(&mut out, remaining);
     // Topics are the controller's own (at most a few dozen bytes), never over 65,535.
     out.extend_from_slice(&u16::try_from(topic.len()).unwrap_or(u16::MAX).to_be_bytes());
     out.extend_from_slice(topic.as_bytes());
@@ -651,8 +657,16 @@ pub fn check_frame(frame: &[u8], version: MqttVersion) -> Result<(), Violation> 
     }
 }
 
-fn check_subscribe(frame: &[u8], v5: bool) -> Result<(), Violation> {
-    let truncated = Violation::Malformed("truncated SUBSCRIBE");
+/// The texts a SUBSCRIBE's or UNSUBSCRIBE's violations are named with.
+struct FilterPacket {
+    truncated: &'static str,
+    no_filter: &'static str,
+}
+
+/// Skips the packet id and (MQTT 5) the properties of a SUBSCRIBE or UNSUBSCRIBE, and checks
+/// that at least one topic filter follows: the cursor is at the first filter.
+fn filters_of<'a>(frame: &'a [u8], v5: bool, names: FilterPacket) -> Result<Cursor<'a>, Violation> {
+    let truncated = Violation::Malformed(names.truncated);
     let (_, mut c) = frame_body(frame)?;
     c.u16().ok_or(truncated)?;
     if v5 {
@@ -661,11 +675,21 @@ fn check_subscribe(frame: &[u8], v5: bool) -> Result<(), Violation> {
     }
     if c.is_empty() {
         return Err(if v5 {
-            Violation::ProtocolError("a SUBSCRIBE without a topic filter")
+            Violation::ProtocolError(names.no_filter)
         } else {
-            Violation::Malformed("a SUBSCRIBE without a topic filter")
+            Violation::Malformed(names.no_filter)
         });
     }
+    Ok(c)
+}
+
+fn check_subscribe(frame: &[u8], v5: bool) -> Result<(), Violation> {
+    let names = FilterPacket {
+        truncated: "truncated SUBSCRIBE",
+        no_filter: "a SUBSCRIBE without a topic filter",
+    };
+    let truncated = Violation::Malformed(names.truncated);
+    let mut c = filters_of(frame, v5, names)?;
     while !c.is_empty() {
         c.utf8("a topic filter that is not UTF-8")?;
         let options = c.u8().ok_or(truncated)?;
@@ -686,20 +710,11 @@ fn check_subscribe(frame: &[u8], v5: bool) -> Result<(), Violation> {
 }
 
 fn check_unsubscribe(frame: &[u8], v5: bool) -> Result<(), Violation> {
-    let truncated = Violation::Malformed("truncated UNSUBSCRIBE");
-    let (_, mut c) = frame_body(frame)?;
-    c.u16().ok_or(truncated)?;
-    if v5 {
-        let len = c.vbi().ok_or(truncated)?;
-        c.take(len).ok_or(truncated)?;
-    }
-    if c.is_empty() {
-        return Err(if v5 {
-            Violation::ProtocolError("an UNSUBSCRIBE without a topic filter")
-        } else {
-            Violation::Malformed("an UNSUBSCRIBE without a topic filter")
-        });
-    }
+    let names = FilterPacket {
+        truncated: "truncated UNSUBSCRIBE",
+        no_filter: "an UNSUBSCRIBE without a topic filter",
+    };
+    let mut c = filters_of(frame, v5, names)?;
     while !c.is_empty() {
         c.utf8("a topic filter that is not UTF-8")?;
     }
@@ -804,6 +819,25 @@ pub fn without_properties(encoded: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remaining_lengths_read_back_as_written_at_every_width() {
+        for len in [
+            0,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            2_097_151,
+            2_097_152,
+            268_435_455,
+        ] {
+            let mut out = Vec::new();
+            push_remaining_length(&mut out, len);
+            assert_eq!(remaining_length(&out), Ok(Some((len, out.len()))), "{len}");
+        }
+    }
 
     #[test]
     fn a_qos1_publish_decodes_with_its_topic_packet_id_and_payload() {

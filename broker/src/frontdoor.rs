@@ -14,9 +14,10 @@ use bytes::BytesMut;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{
     v4::V4, v5::V5, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect,
-    DisconnectReasonCode, LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp,
-    PubCompReason, PubRec, PubRecReason, Publish, PublishProperties, QoS, SubAck,
-    SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    DisconnectProperties, DisconnectReasonCode, LastWill, LastWillProperties, Packet, PingResp,
+    PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, PubRel, PubRelProperties,
+    Publish, PublishProperties, QoS, SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode,
+    UnsubAck, UnsubAckReason, Unsubscribe, UnsubscribeProperties,
 };
 use rumqttd::protocol::{Error as CodecError, Protocol};
 use rumqttd::{Notification, Router, RouterConfig};
@@ -569,6 +570,8 @@ fn client_id_is_valid(id: &str) -> bool {
             .all(|c| c.is_ascii_graphic() && !matches!(c, '+' | '#' | '/' | '$'))
 }
 
+/// One client connection, from the TLS handshake to the end of its session. Each step is a
+/// function of its own; a step that refuses the client has answered it and closed already.
 async fn connection(
     shared: Arc<Shared>,
     admission: Arc<dyn Admission>,
@@ -576,120 +579,35 @@ async fn connection(
     peer: SocketAddr,
     pending: HandshakeSlot,
 ) {
-    let settings = &shared.settings;
-    // The handshake's state (rustls's `ServerConnection` inside `Accept`) and the CONNECT read
-    // below are boxed: they are over before the session starts, and unboxed they would size the
-    // task of every idle connection.
-    let handshake = Box::pin(timeout(
-        settings.handshake_timeout,
-        shared.acceptor.accept(tcp),
-    ));
-    let tls = match handshake.await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            debug!(%peer, "TLS handshake failed: {e}");
-            return;
-        }
-        Err(_) => {
-            debug!(%peer, "TLS handshake timed out");
-            return;
-        }
-    };
-    // The verifier does not run on resumed sessions: apply the policy to the peer certificate
-    // after every handshake.
-    let certificate = match tls.get_ref().1.peer_certificates() {
-        Some(chain) if !chain.is_empty() => {
-            match shared
-                .policy
-                .classify_after_handshake(chain, UnixTime::now())
-            {
-                Ok(trust) => Ok(Some(PresentedCertificate {
-                    der: chain[0].to_vec(),
-                    trust,
-                })),
-                Err(reason) => Err(reason),
-            }
-        }
-        _ => Ok(None),
+    let Some((tls, certificate)) = handshake(&shared, tcp, peer).await else {
+        return;
     };
     let (mut reader, mut writer) = tokio::io::split(tls);
     let mut buf = BytesMut::with_capacity(4096);
-
-    // CONNECT, within the connect timeout.
-    let deadline = Instant::now() + settings.connect_timeout;
-    let first = Box::pin(timeout(settings.connect_timeout, async {
-        loop {
-            match frame::connect_version(&buf) {
-                Ok(Some(v)) => break Ok(v),
-                Ok(None) => read_more(&mut reader, &mut buf)
-                    .await
-                    .map_err(|e| e.to_string())?,
-                Err(frame::PreambleError::UnsupportedLevel(level)) => {
-                    let _ = write_packet(
-                        &mut writer,
-                        Codec(MqttVersion::V311),
-                        frame::unsupported_version_connack(),
-                        settings.write_timeout,
-                    )
-                    .await;
-                    break Err(format!("unsupported protocol level {level}"));
-                }
-                Err(e) => break Err(e.to_string()),
-            }
-        }
-    }))
-    .await;
-    let version = match first {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            debug!(%peer, "no usable CONNECT: {e}");
-            return;
-        }
-        Err(_) => {
-            debug!(%peer, "no CONNECT in time");
-            return;
-        }
+    let Some((version, packet)) = read_connect(
+        &shared,
+        &*admission,
+        &mut reader,
+        &mut writer,
+        &mut buf,
+        peer,
+    )
+    .await
+    else {
+        return;
     };
-    let codec = Codec(version);
-    let connect = loop {
-        // What rumqttd's decoder does not look at (the reserved flag, a property twice, …) is
-        // checked on the raw frame once all of it is here.
-        if let Some(frame) = frame::complete_frame_len(&buf).and_then(|len| buf.get(..len)) {
-            if let Err(violation) = frame::check_connect(frame) {
-                return refuse_violation(&shared, &*admission, &mut writer, codec, peer, violation)
-                    .await;
-            }
-        }
-        match codec.read(&mut buf, settings.max_packet_size) {
-            Ok(packet) => break packet,
-            Err(CodecError::InsufficientBytes(_)) => {
-                match timeout(
-                    deadline.saturating_duration_since(Instant::now()),
-                    read_more(&mut reader, &mut buf),
-                )
-                .await
-                {
-                    Ok(Ok(())) => {}
-                    _ => return,
-                }
-            }
-            Err(e) => {
-                debug!(%peer, "malformed CONNECT: {e}");
-                let violation =
-                    frame::Violation::Malformed("CONNECT not in the format of the standard");
-                return refuse_violation(&shared, &*admission, &mut writer, codec, peer, violation)
-                    .await;
-            }
-        }
-    };
-    let Packet::Connect(connect, props, last_will, will_props, login) = connect else {
+    let Packet::Connect(connect, props, last_will, will_props, login) = packet else {
         return;
     };
     // The CONNECT is read: this connection no longer counts as an unfinished handshake.
     drop(pending);
     let client_id = connect.client_id.clone();
     let limits = ClientLimits::of(version, props.as_ref());
-
+    let reply = Reply {
+        codec: Codec(version),
+        write_timeout: shared.settings.write_timeout,
+        limits,
+    };
     if props
         .as_ref()
         .is_some_and(|p| p.authentication_method.is_some())
@@ -699,46 +617,14 @@ async fn connection(
         info!(%peer, client_id = %client_id_for_log(&client_id), "refused: {reason}");
         admission.refused(&client_id_for_log(&client_id), peer, reason);
         let connack = frame::reason_connack(ConnectReturnCode::BadAuthenticationMethod, reason);
-        return close_with(&mut writer, codec, connack, settings.write_timeout, &limits).await;
+        return reply.close_with(&mut writer, connack).await;
     }
     // Read: not kept in the state of this task for the session's life.
     drop(props);
-
-    let refuse = |refusal: Refusal, reason: String| async move {
-        info!(%peer, client_id = %client_id_for_log(&connect.client_id), ?refusal, "refused: {reason}");
-        (refusal, reason)
-    };
-    // PROTOCOL §2: every refused CONNECT gets 5 / 0x87, a client id of the wrong form included.
-    let refusal = if !client_id_is_valid(&client_id) {
-        Some(refuse(Refusal::NotAuthorized, "client id of the wrong form".into()).await)
-    } else if shared.registry.len() >= settings.max_connections
-        && !shared.registry.is_connected(&client_id)
-    {
-        // Before admission only the hard cap: who may use the reserved slots, and how many
-        // sessions this address has, is decided once the admission has spoken (`register`).
-        Some(refuse(Refusal::QuotaExceeded, "connection limit reached".into()).await)
-    } else if let Err(reason) = &certificate {
-        Some(
-            refuse(
-                Refusal::NotAuthorized,
-                format!("client certificate refused: {reason}"),
-            )
-            .await,
-        )
-    } else {
-        None
-    };
-    if let Some((refusal, reason)) = refusal {
+    if let Some((refusal, reason)) = refusal_before_admission(&shared, &client_id, &certificate) {
+        info!(%peer, client_id = %client_id_for_log(&client_id), ?refusal, "refused: {reason}");
         admission.refused(&client_id_for_log(&client_id), peer, &reason);
-        return refuse_and_close(
-            &mut writer,
-            codec,
-            refusal,
-            &reason,
-            settings.write_timeout,
-            &limits,
-        )
-        .await;
+        return reply.refuse(&mut writer, refusal, &reason).await;
     }
 
     let session_id = shared.registry.next_session_id();
@@ -755,22 +641,201 @@ async fn connection(
         Decision::Allow { rights, reserved } => (rights, reserved),
         Decision::Deny { refusal, reason } => {
             info!(%peer, client_id = %client_id_for_log(&client_id), "refused by the controller: {reason}");
-            return refuse_and_close(
-                &mut writer,
-                codec,
-                refusal,
-                &reason,
-                settings.write_timeout,
-                &limits,
-            )
-            .await;
+            return reply.refuse(&mut writer, refusal, &reason).await;
         }
     };
+    let will = will_within(last_will, will_props, &rights);
+    let opening = Opening {
+        client_id,
+        session_id,
+        peer,
+        reserved,
+    };
+    let Some(session) =
+        open_session(&shared, &*admission, opening, rights, &reply, &mut writer).await
+    else {
+        return;
+    };
+    let (connack, keepalive) =
+        success_connack(&shared.settings, version, connect.keep_alive, &limits);
+    let written = reply.write(&mut writer, connack).await;
+    run_session(
+        shared,
+        admission,
+        session,
+        will,
+        written.is_ok(),
+        keepalive,
+        (reader, writer, buf),
+    )
+    .await;
+}
 
-    let will = last_will.map(|w| Will {
+/// The TLS handshake, within the handshake timeout, and the certificate policy applied to what
+/// the client presented: `Err` is why its certificate is refused (answered after CONNECT).
+async fn handshake(
+    shared: &Shared,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<(
+    TlsStream<TcpStream>,
+    Result<Option<PresentedCertificate>, String>,
+)> {
+    // The handshake's state (rustls's `ServerConnection` inside `Accept`) is boxed: it is over
+    // before the session starts, and unboxed it would size the task of every idle connection.
+    let handshake = Box::pin(timeout(
+        shared.settings.handshake_timeout,
+        shared.acceptor.accept(tcp),
+    ));
+    let tls = in_time(
+        handshake.await,
+        peer,
+        "TLS handshake failed",
+        "TLS handshake timed out",
+    )?;
+    // The verifier does not run on resumed sessions: apply the policy to the peer certificate
+    // after every handshake.
+    let certificate = match tls.get_ref().1.peer_certificates() {
+        Some(chain) if !chain.is_empty() => shared
+            .policy
+            .classify_after_handshake(chain, UnixTime::now())
+            .map(|trust| {
+                Some(PresentedCertificate {
+                    der: chain[0].to_vec(),
+                    trust,
+                })
+            }),
+        _ => Ok(None),
+    };
+    Some((tls, certificate))
+}
+
+/// The value of a step that had to finish in time; `None`, logged with `failed` or `late`, if
+/// it failed or timed out.
+fn in_time<T, E: std::fmt::Display>(
+    outcome: Result<Result<T, E>, tokio::time::error::Elapsed>,
+    peer: SocketAddr,
+    failed: &str,
+    late: &str,
+) -> Option<T> {
+    match outcome {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(e)) => {
+            debug!(%peer, "{failed}: {e}");
+            None
+        }
+        Err(_) => {
+            debug!(%peer, "{late}");
+            None
+        }
+    }
+}
+
+/// Reads the CONNECT within the connect timeout: its protocol version first, then the whole
+/// packet, checked on the raw frame where rumqttd's decoder is lenient. `None`: the client got
+/// its answer (or nothing, as the standard wants) and the connection is closed.
+async fn read_connect(
+    shared: &Shared,
+    admission: &dyn Admission,
+    reader: &mut ReadHalf<TlsStream<TcpStream>>,
+    writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    buf: &mut BytesMut,
+    peer: SocketAddr,
+) -> Option<(MqttVersion, Packet)> {
+    let settings = &shared.settings;
+    let deadline = Instant::now() + settings.connect_timeout;
+    // Boxed, as the handshake: over before the session starts.
+    let first = Box::pin(timeout(settings.connect_timeout, async {
+        loop {
+            match frame::connect_version(buf) {
+                Ok(Some(v)) => break Ok(v),
+                Ok(None) => read_more(reader, buf).await.map_err(|e| e.to_string())?,
+                Err(frame::PreambleError::UnsupportedLevel(level)) => {
+                    let _ = write_packet(
+                        writer,
+                        Codec(MqttVersion::V311),
+                        frame::unsupported_version_connack(),
+                        settings.write_timeout,
+                    )
+                    .await;
+                    break Err(format!("unsupported protocol level {level}"));
+                }
+                Err(e) => break Err(e.to_string()),
+            }
+        }
+    }))
+    .await;
+    let version = in_time(first, peer, "no usable CONNECT", "no CONNECT in time")?;
+    let codec = Codec(version);
+    loop {
+        // What rumqttd's decoder does not look at (the reserved flag, a property twice, …) is
+        // checked on the raw frame once all of it is here.
+        if let Some(frame) = frame::complete_frame_len(buf).and_then(|len| buf.get(..len)) {
+            if let Err(violation) = frame::check_connect(frame) {
+                refuse_violation(shared, admission, writer, codec, peer, violation).await;
+                return None;
+            }
+        }
+        match codec.read(buf, settings.max_packet_size) {
+            Ok(packet) => return Some((version, packet)),
+            Err(CodecError::InsufficientBytes(_)) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match timeout(left, read_more(reader, buf)).await {
+                    Ok(Ok(())) => {}
+                    _ => return None,
+                }
+            }
+            Err(e) => {
+                debug!(%peer, "malformed CONNECT: {e}");
+                let violation =
+                    frame::Violation::Malformed("CONNECT not in the format of the standard");
+                refuse_violation(shared, admission, writer, codec, peer, violation).await;
+                return None;
+            }
+        }
+    }
+}
+
+/// What refuses a CONNECT before the admission is asked (PROTOCOL §2: 5 / 0x87, a client id
+/// of the wrong form included), with the reason to log and audit.
+fn refusal_before_admission(
+    shared: &Shared,
+    client_id: &str,
+    certificate: &Result<Option<PresentedCertificate>, String>,
+) -> Option<(Refusal, String)> {
+    if !client_id_is_valid(client_id) {
+        Some((Refusal::NotAuthorized, "client id of the wrong form".into()))
+    } else if shared.registry.len() >= shared.settings.max_connections
+        && !shared.registry.is_connected(client_id)
+    {
+        // Before admission only the hard cap: who may use the reserved slots, and how many
+        // sessions this address has, is decided once the admission has spoken (`register`).
+        Some((Refusal::QuotaExceeded, "connection limit reached".into()))
+    } else if let Err(reason) = certificate {
+        Some((
+            Refusal::NotAuthorized,
+            format!("client certificate refused: {reason}"),
+        ))
+    } else {
+        None
+    }
+}
+
+/// The client's will, if it is within its rights at CONNECT (it is published on the client's
+/// behalf), retained only if the client may retain.
+fn will_within(
+    last_will: Option<LastWill>,
+    will_props: Option<LastWillProperties>,
+    rights: &Rights,
+) -> Option<Will> {
+    let w = last_will?;
+    if !std::str::from_utf8(&w.topic).is_ok_and(|t| rights.may_publish(t)) {
+        return None;
+    }
+    Some(Will {
         topic: w.topic,
         payload: w.message,
-        retain: w.retain,
+        retain: w.retain && rights.retain,
         delay: Duration::from_secs(
             will_props
                 .as_ref()
@@ -779,19 +844,51 @@ async fn connection(
                 .into(),
         ),
         properties: will_props.as_ref().and_then(will_publish_properties),
-    });
-    // A will is published on the client's behalf: it must be within its rights at CONNECT.
-    let will = will
-        .filter(|w| std::str::from_utf8(&w.topic).is_ok_and(|t| rights.may_publish(t)))
-        .map(|w| Will {
-            retain: w.retain && rights.retain,
-            ..w
-        });
+    })
+}
 
+/// Who is being let in: what `open_session` needs besides the rights.
+struct Opening {
+    client_id: String,
+    session_id: u64,
+    peer: SocketAddr,
+    reserved: bool,
+}
+
+/// A session that is registered, linked to the router and told to the admission.
+struct OpenSession {
+    client_id: String,
+    session_id: u64,
+    rights: SharedRights,
+    control_rx: mpsc::UnboundedReceiver<Control>,
+    undelivered: registry::Undelivered,
+    /// Dropped once this session released its router link (see `Registry::register`).
+    released_tx: tokio::sync::oneshot::Sender<()>,
+    link_tx: LinkTx,
+    link_rx: LinkRx,
+    codec: Codec,
+    limits: ClientLimits,
+}
+
+/// Registers the session (taking over an older one of the same client id), builds its router
+/// link and tells the admission it is open. `None`: refused, answered and undone.
+async fn open_session(
+    shared: &Shared,
+    admission: &dyn Admission,
+    opening: Opening,
+    rights: Rights,
+    reply: &Reply,
+    writer: &mut WriteHalf<TlsStream<TcpStream>>,
+) -> Option<OpenSession> {
+    let Opening {
+        client_id,
+        session_id,
+        peer,
+        reserved,
+    } = opening;
     let shared_rights: SharedRights = Arc::new(std::sync::RwLock::new(rights));
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let undelivered = registry::Undelivered::default();
-    // Dropped once this session released its router link (see `Registry::register`).
     let (released_tx, released_rx) = tokio::sync::oneshot::channel::<()>();
     let session = NewSession {
         session_id,
@@ -810,73 +907,92 @@ async fn connection(
             admission.refused(&client_id_for_log(&client_id), peer, reason);
             // The admission counted the session as live when it allowed it.
             admission.session_closed(&client_id, session_id);
-            return refuse_and_close(
-                &mut writer,
-                codec,
-                Refusal::QuotaExceeded,
-                reason,
-                settings.write_timeout,
-                &limits,
-            )
-            .await;
+            reply.refuse(writer, Refusal::QuotaExceeded, reason).await;
+            return None;
         }
     };
     if let Some(old_released) = taken_over {
         // Bounded: a stuck old session cannot hold the new one forever.
         let _ = timeout(Duration::from_secs(2), old_released).await;
     }
-
+    let undo = |shared: &Shared| {
+        shared.registry.unregister(&client_id, session_id);
+        admission.session_closed(&client_id, session_id);
+    };
     let (mut link_tx, link_rx, notification) =
         match build_link(&shared.links, client_id.clone()).await {
             Ok(parts) => parts,
             Err(e) => {
                 warn!(client_id = %client_id, "router refused the link: {e}");
-                let reason = "router unavailable";
-                refuse_and_close(
-                    &mut writer,
-                    codec,
-                    Refusal::ServerUnavailable,
-                    reason,
-                    settings.write_timeout,
-                    &limits,
-                )
-                .await;
-                shared.registry.unregister(&client_id, session_id);
-                admission.session_closed(&client_id, session_id);
-                return;
+                reply
+                    .refuse(writer, Refusal::ServerUnavailable, "router unavailable")
+                    .await;
+                undo(shared);
+                return None;
             }
         };
-    match admission.session_opened(&client_id, session_id) {
-        Some(now) => registry::set(&shared_rights, now),
-        None => {
-            let reason = "not authorized";
-            refuse_and_close(
-                &mut writer,
-                codec,
-                Refusal::NotAuthorized,
-                reason,
-                settings.write_timeout,
-                &limits,
-            )
-            .await;
-            release_link(&mut link_tx).await;
-            shared.registry.unregister(&client_id, session_id);
-            admission.session_closed(&client_id, session_id);
-            return;
-        }
-    }
     // The router's CONNACK is a success; what it says of the session (topic aliases) is not
     // what the front door offers.
     drop(notification);
-    let (connack, keepalive) = success_connack(settings, version, connect.keep_alive, &limits);
+    match admission.session_opened(&client_id, session_id) {
+        Some(now) => registry::set(&shared_rights, now),
+        None => {
+            reply
+                .refuse(writer, Refusal::NotAuthorized, "not authorized")
+                .await;
+            release_link(&mut link_tx).await;
+            undo(shared);
+            return None;
+        }
+    }
+    Some(OpenSession {
+        client_id,
+        session_id,
+        rights: shared_rights,
+        control_rx,
+        undelivered,
+        released_tx,
+        link_tx,
+        link_rx,
+        codec: reply.codec,
+        limits: reply.limits,
+    })
+}
 
+/// Runs an open session whose CONNACK was written (`connacked`) until it ends, then fires its
+/// will if the end calls for it, releases its link and unregisters it.
+async fn run_session(
+    shared: Arc<Shared>,
+    admission: Arc<dyn Admission>,
+    session: OpenSession,
+    will: Option<Will>,
+    connacked: bool,
+    keepalive: Duration,
+    (mut reader, mut writer, buf): (
+        ReadHalf<TlsStream<TcpStream>>,
+        WriteHalf<TlsStream<TcpStream>>,
+        BytesMut,
+    ),
+) {
+    let OpenSession {
+        client_id,
+        session_id,
+        rights,
+        control_rx,
+        undelivered,
+        released_tx,
+        link_tx,
+        link_rx,
+        codec,
+        limits,
+    } = session;
     let mut pump = Pump {
         shared: shared.clone(),
         codec,
-        version,
+        version: codec.0,
         client_id: client_id.clone(),
         session_id,
-        rights: shared_rights,
+        rights,
         admission: admission.clone(),
         undelivered,
         inbox_qos2: HashSet::new(),
@@ -893,30 +1009,21 @@ async fn connection(
         limits,
         flight: flight::RouterFlight::default(),
     };
-    let written = write_packet_within(
-        &mut writer,
-        codec,
-        connack,
-        settings.write_timeout,
-        limits.max_packet_size,
-    )
-    .await;
-    let end = match written {
+    let end = if connacked {
         // Boxed: rustc lays the pump's future out beside this function's other states instead
         // of over them; boxed, an idle session's task is about 3.5 KiB smaller (12.4 KiB with
         // the pump inline, 4.8 KiB plus the pump's 4.2 KiB boxed).
-        Ok(()) => {
-            Box::pin(pump.run(
-                &mut reader,
-                &mut writer,
-                buf,
-                link_rx,
-                control_rx,
-                keepalive,
-            ))
-            .await
-        }
-        Err(_) => End::Unclean,
+        Box::pin(pump.run(
+            &mut reader,
+            &mut writer,
+            buf,
+            link_rx,
+            control_rx,
+            keepalive,
+        ))
+        .await
+    } else {
+        End::Unclean
     };
     debug!(client_id = %client_id, ?end, "session ended");
     let _ = timeout(Duration::from_secs(1), writer.shutdown()).await;
@@ -1025,36 +1132,48 @@ async fn release_link(link_tx: &mut LinkTx) {
     let _ = link_tx.send(Packet::Disconnect(disconnect, None)).await;
 }
 
-/// Answers a CONNECT with the refusal's CONNACK and closes the connection.
-async fn refuse_and_close(
-    writer: &mut WriteHalf<TlsStream<TcpStream>>,
+/// How a CONNECT is answered before its session starts: in the client's protocol version,
+/// within the write timeout and the client's Maximum Packet Size.
+#[derive(Clone, Copy)]
+struct Reply {
     codec: Codec,
-    refusal: Refusal,
-    reason: &str,
     write_timeout: Duration,
-    limits: &ClientLimits,
-) {
-    let connack = frame::refusal_connack(codec.0, refusal, reason);
-    close_with(writer, codec, connack, write_timeout, limits).await;
+    limits: ClientLimits,
 }
 
-/// Writes a refusing CONNACK, within the client's Maximum Packet Size, and closes.
-async fn close_with(
-    writer: &mut WriteHalf<TlsStream<TcpStream>>,
-    codec: Codec,
-    connack: Packet,
-    write_timeout: Duration,
-    limits: &ClientLimits,
-) {
-    let _ = write_packet_within(
-        writer,
-        codec,
-        connack,
-        write_timeout,
-        limits.max_packet_size,
-    )
-    .await;
-    let _ = writer.shutdown().await;
+impl Reply {
+    /// Answers with the refusal's CONNACK and closes the connection.
+    async fn refuse(
+        &self,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+        refusal: Refusal,
+        reason: &str,
+    ) {
+        let connack = frame::refusal_connack(self.codec.0, refusal, reason);
+        self.close_with(writer, connack).await;
+    }
+
+    /// Writes a refusing CONNACK and closes.
+    async fn close_with(&self, writer: &mut WriteHalf<TlsStream<TcpStream>>, connack: Packet) {
+        let _ = self.write(writer, connack).await;
+        let _ = writer.shutdown().await;
+    }
+
+    /// Writes a packet within the client's Maximum Packet Size ([`write_packet_within`]).
+    async fn write(
+        &self,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+        packet: Packet,
+    ) -> Result<(), String> {
+        write_packet_within(
+            writer,
+            self.codec,
+            packet,
+            self.write_timeout,
+            self.limits.max_packet_size,
+        )
+        .await
+    }
 }
 
 /// Refuses a CONNECT that breaks the standard: CONNACK 0x81 (Malformed Packet) or 0x82
@@ -1196,6 +1315,16 @@ enum Step {
 }
 
 impl Pump {
+    /// How this session's packets are written: its codec, the write timeout and the client's
+    /// Maximum Packet Size.
+    fn reply(&self) -> Reply {
+        Reply {
+            codec: self.codec,
+            write_timeout: self.shared.settings.write_timeout,
+            limits: self.limits,
+        }
+    }
+
     async fn run(
         &mut self,
         reader: &mut ReadHalf<TlsStream<TcpStream>>,
@@ -1287,14 +1416,7 @@ impl Pump {
         text: &str,
     ) {
         if let Some(packet) = frame::server_disconnect(self.version, reason, text) {
-            let _ = write_packet_within(
-                writer,
-                self.codec,
-                packet,
-                self.shared.settings.write_timeout,
-                self.limits.max_packet_size,
-            )
-            .await;
+            let _ = self.reply().write(writer, packet).await;
         }
     }
 
@@ -1375,14 +1497,7 @@ impl Pump {
 
     /// Writes a packet within the client's Maximum Packet Size ([`write_packet_within`]).
     async fn write(&self, writer: &mut WriteHalf<TlsStream<TcpStream>>, packet: Packet) -> Step {
-        let written = write_packet_within(
-            writer,
-            self.codec,
-            packet,
-            self.shared.settings.write_timeout,
-            self.limits.max_packet_size,
-        )
-        .await;
+        let written = self.reply().write(writer, packet).await;
         self.step_after_write(written)
     }
 
@@ -1666,105 +1781,12 @@ impl Pump {
             Packet::Publish(_, Some(props)) if !props.subscription_identifiers.is_empty() => {
                 // MQTT 5 §3.3.4: a client must not send subscription identifiers (and rumqttd's
                 // encoder garbles a PUBLISH that carries them).
-                self.disconnect(
-                    writer,
-                    DisconnectReasonCode::ProtocolError,
-                    "protocol error",
-                )
-                .await;
-                Step::End(End::Unclean)
+                self.protocol_error(writer, "protocol error").await
             }
-            Packet::Publish(mut publish, mut props) => {
-                if self.version == MqttVersion::V5 {
-                    // The topic an alias stands for is the one rights are checked against and
-                    // the router sees; the router gets no alias.
-                    let alias = props.as_mut().and_then(|p| p.topic_alias.take());
-                    match self.aliases.resolve(&publish.topic, alias) {
-                        Ok(topic) => publish.topic = topic,
-                        Err(e) => {
-                            debug!(client_id = %self.client_id, "{e}");
-                            self.disconnect(writer, e.disconnect_code(), &e.to_string())
-                                .await;
-                            return Step::End(End::Unclean);
-                        }
-                    }
-                }
-                let (allowed, inbox, retain) = match std::str::from_utf8(&publish.topic) {
-                    Ok(topic) => {
-                        let rights = registry::read(&self.rights);
-                        (
-                            rights.may_publish(topic),
-                            rights.is_inbox(topic),
-                            rights.retain,
-                        )
-                    }
-                    Err(_) => (false, false, false),
-                };
-                if allowed && inbox {
-                    return self.hand_to_inbox(publish, peeked, writer).await;
-                }
-                if allowed {
-                    // Without the right to retain, the message reaches today's subscribers
-                    // only: nothing planted now reaches whoever subscribes later.
-                    publish.retain &= retain;
-                    if let Some((2, pkid)) = peeked {
-                        // Handed to the router once [MQTT-4.3.3-10]: a QoS 2 message resent
-                        // before its PUBREL is only acknowledged again.
-                        if !self.router_qos2.insert(pkid) {
-                            let rec = PubRec {
-                                pkid,
-                                reason: PubRecReason::Success,
-                            };
-                            return self.write(writer, Packet::PubRec(rec, None)).await;
-                        }
-                    }
-                    return self.forward(Packet::Publish(publish, props)).await;
-                }
-                debug!(client_id = %self.client_id, topic = %String::from_utf8_lossy(&publish.topic).escape_default(), "publish denied");
-                let (qos, pkid) = peeked.unwrap_or((0, 0));
-                let v5 = self.version == MqttVersion::V5;
-                match qos {
-                    1 => {
-                        // 3.1.1 has no refusal: acknowledge and drop. MQTT 5: 0x87.
-                        let reason = if v5 {
-                            PubAckReason::NotAuthorized
-                        } else {
-                            PubAckReason::Success
-                        };
-                        self.write(writer, Packet::PubAck(PubAck { pkid, reason }, None))
-                            .await
-                    }
-                    2 => {
-                        let reason = if v5 {
-                            PubRecReason::NotAuthorized
-                        } else {
-                            self.denied_qos2.insert(pkid);
-                            PubRecReason::Success
-                        };
-                        self.write(writer, Packet::PubRec(PubRec { pkid, reason }, None))
-                            .await
-                    }
-                    _ => Step::Continue,
-                }
+            Packet::Publish(publish, props) => {
+                self.on_publish(publish, props, peeked, writer).await
             }
-            Packet::PubRel(pubrel, props) => {
-                let pkid = pubrel.pkid;
-                if self.router_qos2.remove(&pkid) {
-                    return self.forward(Packet::PubRel(pubrel, props)).await;
-                }
-                let denied = self.denied_qos2.remove(&pkid);
-                let inbox = self.inbox_qos2.remove(&pkid);
-                // [MQTT-4.3.3-11]: every PUBREL is answered with a PUBCOMP; one for a packet id
-                // nobody knows says so under MQTT 5 (0x92), instead of reaching the router,
-                // which would drop the client.
-                let reason = if denied || inbox || self.version == MqttVersion::V311 {
-                    PubCompReason::Success
-                } else {
-                    PubCompReason::PacketIdentifierNotFound
-                };
-                self.write(writer, Packet::PubComp(PubComp { pkid, reason }, None))
-                    .await
-            }
+            Packet::PubRel(pubrel, props) => self.on_pubrel(pubrel, props, writer).await,
             Packet::Subscribe(ref subscribe, _)
                 if self.version == MqttVersion::V5
                     && subscribe
@@ -1781,104 +1803,11 @@ impl Pump {
                 .await;
                 Step::End(End::Unclean)
             }
-            Packet::Subscribe(mut subscribe, props) => {
-                let denied_code = match self.version {
-                    MqttVersion::V311 => SubscribeReasonCode::Failure,
-                    MqttVersion::V5 => SubscribeReasonCode::NotAuthorized,
-                };
-                // Per filter: `Some(code)` is answered here (denied, or the client's own
-                // mailbox, which the router never sees); `None` goes to the router.
-                let slots: Vec<Option<SubscribeReasonCode>> = {
-                    let rights = registry::read(&self.rights);
-                    subscribe
-                        .filters
-                        .iter()
-                        .map(|f| {
-                            if !rights.may_subscribe(&f.path) {
-                                Some(denied_code)
-                            } else if rights.is_mailbox(&f.path) {
-                                Some(match f.qos {
-                                    QoS::AtMostOnce => SubscribeReasonCode::QoS0,
-                                    QoS::AtLeastOnce => SubscribeReasonCode::QoS1,
-                                    QoS::ExactlyOnce => SubscribeReasonCode::QoS2,
-                                })
-                            } else {
-                                None
-                            }
-                        })
-                        .collect()
-                };
-                for (filter, slot) in subscribe.filters.iter().zip(&slots) {
-                    if *slot != Some(denied_code) {
-                        let qos = match filter.qos {
-                            QoS::AtMostOnce => 0,
-                            QoS::AtLeastOnce => 1,
-                            QoS::ExactlyOnce => 2,
-                        };
-                        // A new SUBSCRIBE of a filter replaces the old one (MQTT 3.8.4).
-                        self.filters.retain(|(f, _)| *f != filter.path);
-                        self.filters.push((filter.path.clone(), qos));
-                    }
-                }
-                if slots.iter().all(Option::is_none) {
-                    return self.forward(Packet::Subscribe(subscribe, props)).await;
-                }
-                if slots.contains(&Some(denied_code)) {
-                    debug!(client_id = %self.client_id, "subscription denied");
-                }
-                if slots.iter().all(Option::is_some) {
-                    let ack = SubAck {
-                        pkid: subscribe.pkid,
-                        return_codes: slots.into_iter().flatten().collect(),
-                    };
-                    return self.write(writer, Packet::SubAck(ack, None)).await;
-                }
-                let mut it = slots.iter();
-                subscribe
-                    .filters
-                    .retain(|_| it.next().is_some_and(Option::is_none));
-                self.pending_subs.insert(subscribe.pkid, slots);
-                self.forward(Packet::Subscribe(subscribe, props)).await
+            Packet::Subscribe(subscribe, props) => {
+                self.on_subscribe(subscribe, props, writer).await
             }
-            Packet::Unsubscribe(mut unsubscribe, props) => {
-                // The front door answers every UNSUBSCRIBE itself, with one reason per filter
-                // in their order [MQTT-3.10.4-4] to [MQTT-3.10.4-6], [MQTT-3.11.3-1]: the router
-                // answers nothing for a filter it does not know, one UNSUBACK per filter it
-                // removed, and never saw the mailbox filters.
-                let asked = std::mem::take(&mut unsubscribe.filters);
-                let granted = |f: &String| self.filters.iter().any(|(g, _)| g == f);
-                let reasons = asked
-                    .iter()
-                    .map(|f| {
-                        if granted(f) {
-                            UnsubAckReason::Success
-                        } else {
-                            UnsubAckReason::NoSubscriptionExisted
-                        }
-                    })
-                    .collect();
-                // The router holds the granted filters that are not mailboxes.
-                unsubscribe.filters = {
-                    let rights = registry::read(&self.rights);
-                    asked
-                        .iter()
-                        .filter(|f| granted(f) && !rights.is_mailbox(f))
-                        .cloned()
-                        .collect()
-                };
-                self.filters.retain(|(f, _)| !asked.contains(f));
-                let ack = UnsubAck {
-                    pkid: unsubscribe.pkid,
-                    reasons,
-                };
-                if !unsubscribe.filters.is_empty() {
-                    if let Step::End(end) =
-                        self.forward(Packet::Unsubscribe(unsubscribe, props)).await
-                    {
-                        return Step::End(end);
-                    }
-                }
-                self.write(writer, Packet::UnsubAck(ack, None)).await
+            Packet::Unsubscribe(unsubscribe, props) => {
+                self.on_unsubscribe(unsubscribe, props, writer).await
             }
             // The acknowledgement of a mailbox message is the front door's own.
             Packet::PubAck(ref ack, _) if self.mailbox_unacked.remove(&ack.pkid) => {
@@ -1891,34 +1820,276 @@ impl Pump {
             }
             Packet::PingReq(_) => self.write(writer, Packet::PingResp(PingResp)).await,
             Packet::Disconnect(disconnect, props) => {
-                let expiry = props.and_then(|p| p.session_expiry_interval).unwrap_or(0);
-                if self.limits.session_expiry == 0 && expiry != 0 {
-                    // MQTT 5 §3.14.2.2.2: after none in CONNECT, a Session Expiry Interval in
-                    // DISCONNECT is a Protocol Error and not a valid DISCONNECT (the will fires).
-                    self.disconnect(
-                        writer,
-                        DisconnectReasonCode::ProtocolError,
-                        "session expiry interval in DISCONNECT after none in CONNECT",
-                    )
-                    .await;
-                    return Step::End(End::Unclean);
-                }
-                if disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
-                    Step::End(End::CleanWithWill)
-                } else {
-                    Step::End(End::Clean)
-                }
+                self.on_disconnect(disconnect, props, writer).await
             }
             // A second CONNECT, or a packet only a server sends: protocol error.
-            _ => {
-                self.disconnect(
-                    writer,
-                    DisconnectReasonCode::ProtocolError,
-                    "protocol error",
-                )
-                .await;
-                Step::End(End::Unclean)
+            _ => self.protocol_error(writer, "protocol error").await,
+        }
+    }
+
+    /// Ends the session with DISCONNECT 0x82 (MQTT 5) saying `reason`.
+    async fn protocol_error(
+        &mut self,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+        reason: &str,
+    ) -> Step {
+        self.disconnect(writer, DisconnectReasonCode::ProtocolError, reason)
+            .await;
+        Step::End(End::Unclean)
+    }
+
+    /// A client's PUBLISH: to the controller's inbox, to the router, or refused.
+    async fn on_publish(
+        &mut self,
+        mut publish: Publish,
+        mut props: Option<PublishProperties>,
+        peeked: Option<(u8, u16)>,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    ) -> Step {
+        if self.version == MqttVersion::V5 {
+            // The topic an alias stands for is the one rights are checked against and
+            // the router sees; the router gets no alias.
+            let alias = props.as_mut().and_then(|p| p.topic_alias.take());
+            match self.aliases.resolve(&publish.topic, alias) {
+                Ok(topic) => publish.topic = topic,
+                Err(e) => {
+                    debug!(client_id = %self.client_id, "{e}");
+                    self.disconnect(writer, e.disconnect_code(), &e.to_string())
+                        .await;
+                    return Step::End(End::Unclean);
+                }
             }
+        }
+        let (allowed, inbox, retain) = match std::str::from_utf8(&publish.topic) {
+            Ok(topic) => {
+                let rights = registry::read(&self.rights);
+                (
+                    rights.may_publish(topic),
+                    rights.is_inbox(topic),
+                    rights.retain,
+                )
+            }
+            Err(_) => (false, false, false),
+        };
+        if allowed && inbox {
+            return self.hand_to_inbox(publish, peeked, writer).await;
+        }
+        if allowed {
+            // Without the right to retain, the message reaches today's subscribers
+            // only: nothing planted now reaches whoever subscribes later.
+            publish.retain &= retain;
+            if let Some((2, pkid)) = peeked {
+                // Handed to the router once [MQTT-4.3.3-10]: a QoS 2 message resent
+                // before its PUBREL is only acknowledged again.
+                if !self.router_qos2.insert(pkid) {
+                    let rec = PubRec {
+                        pkid,
+                        reason: PubRecReason::Success,
+                    };
+                    return self.write(writer, Packet::PubRec(rec, None)).await;
+                }
+            }
+            return self.forward(Packet::Publish(publish, props)).await;
+        }
+        self.deny_publish(&publish.topic, peeked, writer).await
+    }
+
+    /// Answers a PUBLISH outside the client's rights (PROTOCOL §4): dropped, acknowledged as
+    /// 3.1.1 allows or refused with 0x87 under MQTT 5.
+    async fn deny_publish(
+        &mut self,
+        topic: &[u8],
+        peeked: Option<(u8, u16)>,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    ) -> Step {
+        debug!(client_id = %self.client_id, topic = %String::from_utf8_lossy(topic).escape_default(), "publish denied");
+        let (qos, pkid) = peeked.unwrap_or((0, 0));
+        let v5 = self.version == MqttVersion::V5;
+        match qos {
+            1 => {
+                // 3.1.1 has no refusal: acknowledge and drop. MQTT 5: 0x87.
+                let reason = if v5 {
+                    PubAckReason::NotAuthorized
+                } else {
+                    PubAckReason::Success
+                };
+                self.write(writer, Packet::PubAck(PubAck { pkid, reason }, None))
+                    .await
+            }
+            2 => {
+                let reason = if v5 {
+                    PubRecReason::NotAuthorized
+                } else {
+                    self.denied_qos2.insert(pkid);
+                    PubRecReason::Success
+                };
+                self.write(writer, Packet::PubRec(PubRec { pkid, reason }, None))
+                    .await
+            }
+            _ => Step::Continue,
+        }
+    }
+
+    /// A client's PUBREL: to the router if the router holds the message, else answered here.
+    async fn on_pubrel(
+        &mut self,
+        pubrel: PubRel,
+        props: Option<PubRelProperties>,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    ) -> Step {
+        let pkid = pubrel.pkid;
+        if self.router_qos2.remove(&pkid) {
+            return self.forward(Packet::PubRel(pubrel, props)).await;
+        }
+        let denied = self.denied_qos2.remove(&pkid);
+        let inbox = self.inbox_qos2.remove(&pkid);
+        // [MQTT-4.3.3-11]: every PUBREL is answered with a PUBCOMP; one for a packet id
+        // nobody knows says so under MQTT 5 (0x92), instead of reaching the router,
+        // which would drop the client.
+        let reason = if denied || inbox || self.version == MqttVersion::V311 {
+            PubCompReason::Success
+        } else {
+            PubCompReason::PacketIdentifierNotFound
+        };
+        self.write(writer, Packet::PubComp(PubComp { pkid, reason }, None))
+            .await
+    }
+
+    /// A client's SUBSCRIBE: each filter denied, answered here (mailboxes) or sent on to the
+    /// router; one SUBACK with the codes in the filters' order either way.
+    async fn on_subscribe(
+        &mut self,
+        mut subscribe: Subscribe,
+        props: Option<SubscribeProperties>,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    ) -> Step {
+        let denied_code = match self.version {
+            MqttVersion::V311 => SubscribeReasonCode::Failure,
+            MqttVersion::V5 => SubscribeReasonCode::NotAuthorized,
+        };
+        // Per filter: `Some(code)` is answered here (denied, or the client's own
+        // mailbox, which the router never sees); `None` goes to the router.
+        let slots: Vec<Option<SubscribeReasonCode>> = {
+            let rights = registry::read(&self.rights);
+            subscribe
+                .filters
+                .iter()
+                .map(|f| {
+                    if !rights.may_subscribe(&f.path) {
+                        Some(denied_code)
+                    } else if rights.is_mailbox(&f.path) {
+                        Some(match f.qos {
+                            QoS::AtMostOnce => SubscribeReasonCode::QoS0,
+                            QoS::AtLeastOnce => SubscribeReasonCode::QoS1,
+                            QoS::ExactlyOnce => SubscribeReasonCode::QoS2,
+                        })
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        };
+        for (filter, slot) in subscribe.filters.iter().zip(&slots) {
+            if *slot != Some(denied_code) {
+                let qos = match filter.qos {
+                    QoS::AtMostOnce => 0,
+                    QoS::AtLeastOnce => 1,
+                    QoS::ExactlyOnce => 2,
+                };
+                // A new SUBSCRIBE of a filter replaces the old one (MQTT 3.8.4).
+                self.filters.retain(|(f, _)| *f != filter.path);
+                self.filters.push((filter.path.clone(), qos));
+            }
+        }
+        if slots.iter().all(Option::is_none) {
+            return self.forward(Packet::Subscribe(subscribe, props)).await;
+        }
+        if slots.contains(&Some(denied_code)) {
+            debug!(client_id = %self.client_id, "subscription denied");
+        }
+        if slots.iter().all(Option::is_some) {
+            let ack = SubAck {
+                pkid: subscribe.pkid,
+                return_codes: slots.into_iter().flatten().collect(),
+            };
+            return self.write(writer, Packet::SubAck(ack, None)).await;
+        }
+        let mut it = slots.iter();
+        subscribe
+            .filters
+            .retain(|_| it.next().is_some_and(Option::is_none));
+        self.pending_subs.insert(subscribe.pkid, slots);
+        self.forward(Packet::Subscribe(subscribe, props)).await
+    }
+
+    /// A client's UNSUBSCRIBE, always answered by the front door.
+    async fn on_unsubscribe(
+        &mut self,
+        mut unsubscribe: Unsubscribe,
+        props: Option<UnsubscribeProperties>,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    ) -> Step {
+        // The front door answers every UNSUBSCRIBE itself, with one reason per filter
+        // in their order [MQTT-3.10.4-4] to [MQTT-3.10.4-6], [MQTT-3.11.3-1]: the router
+        // answers nothing for a filter it does not know, one UNSUBACK per filter it
+        // removed, and never saw the mailbox filters.
+        let asked = std::mem::take(&mut unsubscribe.filters);
+        let granted = |f: &String| self.filters.iter().any(|(g, _)| g == f);
+        let reasons = asked
+            .iter()
+            .map(|f| {
+                if granted(f) {
+                    UnsubAckReason::Success
+                } else {
+                    UnsubAckReason::NoSubscriptionExisted
+                }
+            })
+            .collect();
+        // The router holds the granted filters that are not mailboxes.
+        unsubscribe.filters = {
+            let rights = registry::read(&self.rights);
+            asked
+                .iter()
+                .filter(|f| granted(f) && !rights.is_mailbox(f))
+                .cloned()
+                .collect()
+        };
+        self.filters.retain(|(f, _)| !asked.contains(f));
+        let ack = UnsubAck {
+            pkid: unsubscribe.pkid,
+            reasons,
+        };
+        if !unsubscribe.filters.is_empty() {
+            if let Step::End(end) = self.forward(Packet::Unsubscribe(unsubscribe, props)).await {
+                return Step::End(end);
+            }
+        }
+        self.write(writer, Packet::UnsubAck(ack, None)).await
+    }
+
+    /// A client's DISCONNECT: whether its will fires.
+    async fn on_disconnect(
+        &mut self,
+        disconnect: Disconnect,
+        props: Option<DisconnectProperties>,
+        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    ) -> Step {
+        let expiry = props.and_then(|p| p.session_expiry_interval).unwrap_or(0);
+        if self.limits.session_expiry == 0 && expiry != 0 {
+            // MQTT 5 §3.14.2.2.2: after none in CONNECT, a Session Expiry Interval in
+            // DISCONNECT is a Protocol Error and not a valid DISCONNECT (the will fires).
+            self.disconnect(
+                writer,
+                DisconnectReasonCode::ProtocolError,
+                "session expiry interval in DISCONNECT after none in CONNECT",
+            )
+            .await;
+            return Step::End(End::Unclean);
+        }
+        if disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
+            Step::End(End::CleanWithWill)
+        } else {
+            Step::End(End::Clean)
         }
     }
 

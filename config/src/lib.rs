@@ -422,6 +422,16 @@ impl Config {
 
     /// Checks every value; the error names the first key that is wrong.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_server()?;
+        not_blank("stations.min_firmware", &self.stations.min_firmware)?;
+        not_blank("stations.update_from", &self.stations.update_from)?;
+        self.validate_firmware()?;
+        self.validate_phones()?;
+        self.validate_limits()
+    }
+
+    /// `[server]`.
+    fn validate_server(&self) -> Result<(), ConfigError> {
         let s = &self.server;
         if s.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid("server.data_dir", "must not be empty"));
@@ -464,10 +474,12 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
 
-        not_blank("stations.min_firmware", &self.stations.min_firmware)?;
-        not_blank("stations.update_from", &self.stations.update_from)?;
-
+    /// `[firmware]` and its images.
+    fn validate_firmware(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
         let f = &self.firmware;
         if f.chunk_size == 0 || f.chunk_size > s.max_packet_size {
             return Err(ConfigError::invalid(
@@ -493,7 +505,11 @@ impl Config {
                 }
             }
         }
+        Ok(())
+    }
 
+    /// `[phones]`.
+    fn validate_phones(&self) -> Result<(), ConfigError> {
         let p = &self.phones;
         positive("phones.pap_attempts", u64::from(p.pap_attempts))?;
         positive("phones.lockout_minutes", p.lockout_minutes)?;
@@ -518,7 +534,12 @@ impl Config {
             0,
             128,
         )?;
+        Ok(())
+    }
 
+    /// `[limits]`, some of them against `[server]`.
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
         let l = &self.limits;
         if l.max_payload_bytes == 0 || l.max_payload_bytes > s.max_packet_size {
             return Err(ConfigError::invalid(

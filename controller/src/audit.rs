@@ -210,8 +210,9 @@ mod tests {
     const VECTOR_FIRST: &str = "ae8be7224381edcf8f0ce3b11b9d5365a9d492d088d05f5d23c1d0b7e73b3c41";
     const VECTOR_SECOND: &str = "923f66dc5a2d97671ab31055e994590f3d56770fdb29e2004e392d23c21e60b4";
 
-    fn vector_records() -> [AuditRecord; 2] {
-        let mut first = AuditRecord::new(
+    /// An operator's refused `rejectStation`, the first test vector's record.
+    fn refused_reject() -> AuditRecord {
+        AuditRecord::new(
             datetime!(2024-05-01 12:00:00 +02:00),
             "default",
             "admin",
@@ -219,7 +220,11 @@ mod tests {
             "rejectStation",
             Outcome::Refused,
             Some("station S1 is Rejected already".into()),
-        );
+        )
+    }
+
+    fn vector_records() -> [AuditRecord; 2] {
+        let mut first = refused_reject();
         first.seq = 42;
         first.prev_hash = GENESIS_PREV_HASH.into();
         first.hash = record_hash(&first);
@@ -429,15 +434,7 @@ mod tests {
 
     #[test]
     fn json_has_rfc3339_time_and_outcome_names() {
-        let record = AuditRecord::new(
-            datetime!(2024-05-01 12:00:00 +02:00),
-            "default",
-            "admin",
-            Some("S1".into()),
-            "rejectStation",
-            Outcome::Refused,
-            Some("station S1 is Rejected already".into()),
-        );
+        let record = refused_reject();
         let json = serde_json::to_value(&record).unwrap();
         assert_eq!(json["seq"], 0);
         assert_eq!(json["time"], "2024-05-01T10:00:00Z");

@@ -5,6 +5,7 @@
 //! the effects (publish, cut the session, re-evaluate rights, raise events).
 
 use std::fmt;
+use std::ops::ControlFlow;
 
 use serde::{Deserialize, Serialize};
 use time::{OffsetDateTime, UtcOffset};
@@ -340,32 +341,9 @@ pub fn on_auth_request(
 ) -> Transition {
     let now = utc(now);
     let key = presented.key();
-    let mut station = match record {
-        // The manual: Reject "ignore[s] all further authorization requests from this device".
-        Some(station) if station.standing == Standing::Rejected => {
-            return Transition::unchanged(station)
-        }
-        // An authorized station asking with another key: admission refuses such a session, and
-        // should a request get through anyway it must not replace the pinned key (a clone
-        // would otherwise unpin the real station).
-        Some(station) => match station.pinned() {
-            Some(pinned) if Some(pinned) != key => {
-                let reason = DenyReason::IdentityMismatch {
-                    pinned,
-                    presented: key,
-                };
-                let detail = format!("station {}: {reason}", station.serial);
-                return Transition {
-                    station: Some(station),
-                    effects: vec![Effect::Event {
-                        kind: reason.as_str(),
-                        detail,
-                    }],
-                };
-            }
-            _ => station,
-        },
-        None => Station::first_seen(serial, now),
+    let mut station = match station_to_refresh(record, serial, key, now) {
+        ControlFlow::Continue(station) => station,
+        ControlFlow::Break(unchanged) => return unchanged,
     };
 
     let was_authorized = station.pinned().is_some();
@@ -433,6 +411,44 @@ pub fn on_auth_request(
         station: Some(station),
         effects,
     }
+}
+
+/// The record an auth request may refresh: the known station or a new one. `Break`: the
+/// request changes nothing (the station is rejected, or asks with a key other than its pinned
+/// one).
+fn station_to_refresh(
+    record: Option<Station>,
+    serial: Serial,
+    key: Option<Fingerprint>,
+    now: OffsetDateTime,
+) -> ControlFlow<Transition, Station> {
+    ControlFlow::Continue(match record {
+        // The manual: Reject "ignore[s] all further authorization requests from this device".
+        Some(station) if station.standing == Standing::Rejected => {
+            return ControlFlow::Break(Transition::unchanged(station))
+        }
+        // An authorized station asking with another key: admission refuses such a session, and
+        // should a request get through anyway it must not replace the pinned key (a clone
+        // would otherwise unpin the real station).
+        Some(station) => match station.pinned() {
+            Some(pinned) if Some(pinned) != key => {
+                let reason = DenyReason::IdentityMismatch {
+                    pinned,
+                    presented: key,
+                };
+                let detail = format!("station {}: {reason}", station.serial);
+                return ControlFlow::Break(Transition {
+                    station: Some(station),
+                    effects: vec![Effect::Event {
+                        kind: reason.as_str(),
+                        detail,
+                    }],
+                });
+            }
+            _ => station,
+        },
+        None => Station::first_seen(serial, now),
+    })
 }
 
 fn not_in(station: &Station, wanted: &str) -> CommandError {
@@ -1288,17 +1304,24 @@ mod tests {
             }
         }
 
+        impl World {
+            /// No station yet, default policy, at T0.
+            fn new() -> World {
+                World {
+                    record: None,
+                    rejected: false,
+                    policy: FirmwarePolicy::default(),
+                    now: T0,
+                }
+            }
+        }
+
         proptest! {
             #[test]
             fn invariants_hold_over_random_event_sequences(
                 events in prop::collection::vec(event(), 1..60)
             ) {
-                let mut world = World {
-                    record: None,
-                    rejected: false,
-                    policy: FirmwarePolicy::default(),
-                    now: T0,
-                };
+                let mut world = World::new();
                 for event in &events {
                     world.apply(event)?;
                     world.check()?;
@@ -1309,12 +1332,7 @@ mod tests {
             fn a_failed_command_changes_nothing(
                 events in prop::collection::vec(event(), 1..40)
             ) {
-                let mut world = World {
-                    record: None,
-                    rejected: false,
-                    policy: FirmwarePolicy::default(),
-                    now: T0,
-                };
+                let mut world = World::new();
                 for event in &events {
                     let before = world.record.clone();
                     let failed = match (event, before.clone()) {

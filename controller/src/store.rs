@@ -205,6 +205,71 @@ fn apply_one(db: &Database, changes: &[Change]) -> WriteResult {
     Ok(stored)
 }
 
+/// The reads of records, the same through a read transaction ([`Store`]) and through a write
+/// transaction ([`StoreTxn`], which sees its own writes): `$txn` is what tables are opened on.
+macro_rules! record_reads {
+    ($self:ident => $txn:expr) => {
+        /// The record of one station.
+        pub fn station(&$self, serial: &Serial) -> Result<Option<Station>, StoreError> {
+            read_station(&$txn.open_table(STATIONS)?, serial)
+        }
+
+        /// All station records, sorted by serial.
+        pub fn stations(&$self) -> Result<Vec<Station>, StoreError> {
+            read_stations(&$txn.open_table(STATIONS)?)
+        }
+
+        /// The record of one phone.
+        pub fn phone(&$self, mac: &Mac) -> Result<Option<Phone>, StoreError> {
+            read_phone(&$txn.open_table(PHONES)?, mac)
+        }
+
+        /// The phone records of `tenant` (of all tenants for `None`), sorted by MAC.
+        pub fn phones(&$self, tenant: Option<&str>) -> Result<Vec<Phone>, StoreError> {
+            read_phones(&$txn.open_table(PHONES)?, tenant)
+        }
+
+        /// A page of stations: up to `limit` records with a serial after `after` that `keep`
+        /// accepts, in serial order, and whether more such records follow. Reads one record at
+        /// a time: memory is bounded by the page, whatever the size of the table.
+        pub fn stations_page(
+            &$self,
+            after: Option<&str>,
+            limit: usize,
+            keep: &dyn Fn(&Station) -> bool,
+        ) -> Result<(Vec<Station>, bool), StoreError> {
+            read_page(&$txn.open_table(STATIONS)?, after, limit, decode_station, keep)
+        }
+
+        /// A page of phones, as `stations_page`.
+        pub fn phones_page(
+            &$self,
+            after: Option<&str>,
+            limit: usize,
+            keep: &dyn Fn(&Phone) -> bool,
+        ) -> Result<(Vec<Phone>, bool), StoreError> {
+            read_page(&$txn.open_table(PHONES)?, after, limit, decode_phone, keep)
+        }
+
+        /// The newest `limit` audit records of `tenant`, oldest first.
+        pub fn audit(&$self, tenant: &str, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+            read_audit(&$txn.open_table(AUDIT)?, tenant, limit)
+        }
+
+        /// Up to `limit` audit records of `tenant` with `seq` above `after_seq`, oldest first:
+        /// a page of the tenant's whole chain, from `after_seq` 0 on, each next page after the
+        /// last `seq`.
+        pub fn audit_page(
+            &$self,
+            tenant: &str,
+            after_seq: u64,
+            limit: usize,
+        ) -> Result<Vec<AuditRecord>, StoreError> {
+            read_audit_page(&$txn.open_table(AUDIT)?, tenant, after_seq, limit)
+        }
+    };
+}
+
 impl Store {
     /// Opens the store at `path`, creating the file and its tables if missing.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -233,26 +298,6 @@ impl Store {
             writer: Some(writer),
             thread: Some(thread),
         })
-    }
-
-    /// The record of one station.
-    pub fn station(&self, serial: &Serial) -> Result<Option<Station>, StoreError> {
-        read_station(&self.db.begin_read()?.open_table(STATIONS)?, serial)
-    }
-
-    /// All station records, sorted by serial.
-    pub fn stations(&self) -> Result<Vec<Station>, StoreError> {
-        read_stations(&self.db.begin_read()?.open_table(STATIONS)?)
-    }
-
-    /// The record of one phone.
-    pub fn phone(&self, mac: &Mac) -> Result<Option<Phone>, StoreError> {
-        read_phone(&self.db.begin_read()?.open_table(PHONES)?, mac)
-    }
-
-    /// The phone records of `tenant` (of all tenants for `None`), sorted by MAC.
-    pub fn phones(&self, tenant: Option<&str>) -> Result<Vec<Phone>, StoreError> {
-        read_phones(&self.db.begin_read()?.open_table(PHONES)?, tenant)
     }
 
     /// Every tenant's whitelists; empty ones if none were ever stored.
@@ -310,26 +355,7 @@ impl Store {
         })
     }
 
-    /// The newest `limit` audit records of `tenant`, oldest first.
-    pub fn audit(&self, tenant: &str, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
-        read_audit(&self.db.begin_read()?.open_table(AUDIT)?, tenant, limit)
-    }
-
-    /// Up to `limit` audit records of `tenant` with `seq` above `after_seq`, oldest first: a page
-    /// of the tenant's whole chain, from `after_seq` 0 on, each next page after the last `seq`.
-    pub fn audit_page(
-        &self,
-        tenant: &str,
-        after_seq: u64,
-        limit: usize,
-    ) -> Result<Vec<AuditRecord>, StoreError> {
-        read_audit_page(
-            &self.db.begin_read()?.open_table(AUDIT)?,
-            tenant,
-            after_seq,
-            limit,
-        )
-    }
+    record_reads!(self => self.db.begin_read()?);
 }
 
 /// A write transaction held by its caller ([`Store::begin`]). Reads go through it and see its
@@ -343,68 +369,7 @@ pub struct StoreTxn {
 }
 
 impl StoreTxn {
-    pub fn station(&self, serial: &Serial) -> Result<Option<Station>, StoreError> {
-        read_station(&self.txn.open_table(STATIONS)?, serial)
-    }
-
-    pub fn stations(&self) -> Result<Vec<Station>, StoreError> {
-        read_stations(&self.txn.open_table(STATIONS)?)
-    }
-
-    pub fn phone(&self, mac: &Mac) -> Result<Option<Phone>, StoreError> {
-        read_phone(&self.txn.open_table(PHONES)?, mac)
-    }
-
-    /// A page of stations: up to `limit` records with a serial after `after` that `keep`
-    /// accepts, in serial order, and whether more such records follow. Reads one record at a
-    /// time: memory is bounded by the page, whatever the size of the table.
-    pub fn stations_page(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-        keep: &dyn Fn(&Station) -> bool,
-    ) -> Result<(Vec<Station>, bool), StoreError> {
-        read_page(
-            &self.txn.open_table(STATIONS)?,
-            after,
-            limit,
-            decode_station,
-            keep,
-        )
-    }
-
-    /// A page of phones, as [`StoreTxn::stations_page`].
-    pub fn phones_page(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-        keep: &dyn Fn(&Phone) -> bool,
-    ) -> Result<(Vec<Phone>, bool), StoreError> {
-        read_page(
-            &self.txn.open_table(PHONES)?,
-            after,
-            limit,
-            decode_phone,
-            keep,
-        )
-    }
-
-    pub fn phones(&self, tenant: Option<&str>) -> Result<Vec<Phone>, StoreError> {
-        read_phones(&self.txn.open_table(PHONES)?, tenant)
-    }
-
-    pub fn audit(&self, tenant: &str, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
-        read_audit(&self.txn.open_table(AUDIT)?, tenant, limit)
-    }
-
-    pub fn audit_page(
-        &self,
-        tenant: &str,
-        after_seq: u64,
-        limit: usize,
-    ) -> Result<Vec<AuditRecord>, StoreError> {
-        read_audit_page(&self.txn.open_table(AUDIT)?, tenant, after_seq, limit)
-    }
+    record_reads!(self => self.txn);
 
     /// Writes changes into the transaction; their audit records, with `seq` and hashes, come
     /// back from [`StoreTxn::commit`].

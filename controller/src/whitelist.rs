@@ -12,6 +12,8 @@ use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime, UtcOffset};
 
+use fleet_protocol::shorten;
+
 /// Why a text is not a whitelist entry, or why an entry may not be added.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("whitelist entry {input:?} {}: {reason}", .kind.verdict())]
@@ -389,15 +391,6 @@ impl Whitelists {
 
 fn utc(time: OffsetDateTime) -> OffsetDateTime {
     time.to_offset(UtcOffset::UTC)
-}
-
-/// Keeps untrusted text quoted in an error message short.
-fn shorten(text: &str) -> String {
-    const MAX: usize = 80;
-    match text.char_indices().nth(MAX) {
-        Some((end, _)) => format!("{}…", &text[..end]),
-        None => text.to_owned(),
-    }
 }
 
 #[cfg(test)]

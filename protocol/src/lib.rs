@@ -12,7 +12,7 @@ pub mod topic;
 pub use error::{CommandError, ErrorCode};
 pub use fingerprint::{Fingerprint, FingerprintError};
 pub use ids::{
-    operator_client_id, ClaimedClient, IdError, Mac, Serial, MAX_SERIAL_LEN,
+    operator_client_id, shorten, ClaimedClient, IdError, Mac, Serial, MAX_SERIAL_LEN,
     OPERATOR_CLIENT_ID_PREFIX, PHONE_CLIENT_ID_PREFIX, STATION_CLIENT_ID_PREFIX,
 };
 pub use topic::{EventKind, Filter, PhoneLeaf, StationLeaf, Topic};
