@@ -24,12 +24,12 @@ pub use fleet::{fleet_serial, spawn_fleet, StationStatus, Tally};
 pub use load::{run_load, Latency, LoadError, LoadOptions, LoadReport, StormReport};
 pub use phone::{
     connect_provisioned, connect_raw, factory_reset, is_provisioned, phone_mac, provision,
-    provision_many, set_pap, Mac, PhoneError, PhoneProfile, PhoneRecord, PhoneSession, PhoneState,
+    provision_many, set_pap, PhoneError, PhoneProfile, PhoneRecord, PhoneSession, PhoneState,
     PhoneTarget, ProvisionOutcome, SessionEnd,
 };
 pub use state::{
-    fingerprint, local_reset, Identity, PendingUpdate, Serial, StateError, StationProfile,
-    StationRecord, StationState, DEFAULT_MODEL,
+    fingerprint, local_reset, Identity, PendingUpdate, StateError, StationProfile, StationRecord,
+    StationState, DEFAULT_MODEL,
 };
 pub use state_file::{FileError, StateFile};
 pub use station::{spawn_station, SimConfig, SimEvent, StationControl, StationHandle};

@@ -7,12 +7,12 @@ use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use fleet_certs::{CertError, Fingerprint};
+use fleet_protocol::{IdError, Mac, Topic};
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
 };
@@ -63,9 +63,9 @@ pub enum PhoneError {
     /// the directory already holds a phone.
     #[error(transparent)]
     File(#[from] FileError),
-    /// A MAC address is not 12 hex digits.
-    #[error("invalid MAC address {0:?}: must be 12 hex digits")]
-    InvalidMac(String),
+    /// A MAC address is not of the form PROTOCOL §1 gives it.
+    #[error(transparent)]
+    Id(#[from] IdError),
     /// A key, CSR or certificate could not be made or read.
     #[error("phone key or certificate: {0}")]
     Certificate(#[from] CertError),
@@ -121,56 +121,6 @@ pub enum PhoneError {
     /// The provisioning response is neither a certificate nor an error.
     #[error("malformed provisioning response: {0}")]
     BadResponse(String),
-}
-
-/// A phone's MAC: 12 lower-case hex digits (PROTOCOL §1). Parsed from that form, upper case,
-/// or with `:` or `-` separators.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Mac(String);
-
-impl Mac {
-    /// The 12 lower-case hex digits.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl FromStr for Mac {
-    type Err = PhoneError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let digits: String = s
-            .chars()
-            .filter(|c| !matches!(c, ':' | '-'))
-            .map(|c| c.to_ascii_lowercase())
-            .collect();
-        if digits.len() == 12 && digits.chars().all(|c| c.is_ascii_hexdigit()) {
-            Ok(Mac(digits))
-        } else {
-            Err(PhoneError::InvalidMac(s.to_owned()))
-        }
-    }
-}
-
-impl TryFrom<String> for Mac {
-    type Error = PhoneError;
-
-    fn try_from(value: String) -> Result<Self, Self::Error> {
-        value.parse()
-    }
-}
-
-impl From<Mac> for String {
-    fn from(value: Mac) -> Self {
-        value.0
-    }
-}
-
-impl fmt::Display for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
 }
 
 /// What a new phone is made from (`fleet-sim phone init`).
@@ -339,26 +289,6 @@ impl fmt::Display for ProvisionOutcome {
     }
 }
 
-/// The topic the phone asks for its certificate on.
-pub fn provision_request_topic(mac: &Mac) -> String {
-    format!("phones/{mac}/provision/request")
-}
-
-/// The topic the controller answers on.
-pub fn provision_response_topic(mac: &Mac) -> String {
-    format!("phones/{mac}/provision/response")
-}
-
-/// The topic the phone says it stored everything on.
-pub fn provision_complete_topic(mac: &Mac) -> String {
-    format!("phones/{mac}/provision/complete")
-}
-
-/// The MQTT client id of a phone.
-pub fn phone_client_id(mac: &Mac) -> String {
-    format!("phone-{mac}")
-}
-
 /// The CONNECT of an unprovisioned phone: client id `phone-<mac>`, username `<mac>`,
 /// password = `password` or empty, clean session.
 ///
@@ -372,7 +302,7 @@ pub fn pap_connect(mac: &Mac, password: Option<&str>) -> Connect {
 
 /// The CONNECT of a provisioned phone: client id `phone-<mac>`, no username or password.
 pub fn certificate_connect(mac: &Mac) -> Connect {
-    let mut connect = Connect::new(phone_client_id(mac));
+    let mut connect = Connect::new(mac.client_id());
     connect.keep_alive = KEEP_ALIVE.as_secs().try_into().unwrap_or(u16::MAX);
     connect.clean_session = true;
     connect
@@ -712,7 +642,7 @@ async fn provision_connected(
     link: &mut Link,
 ) -> Result<ProvisionOutcome, PhoneError> {
     let mac = &state.record.mac;
-    let response_topic = provision_response_topic(mac);
+    let response_topic = Topic::PhoneProvisionResponse(mac.clone()).to_string();
     let mut inbox = Vec::new();
     if link.subscribe(&response_topic, &mut inbox).await? == 0x80 {
         return Err(PhoneError::SubscribeDenied(response_topic));
@@ -728,7 +658,7 @@ async fn provision_connected(
         "type": state.record.kind,
     });
     link.publish(
-        &provision_request_topic(mac),
+        &Topic::PhoneProvisionRequest(mac.clone()).to_string(),
         Bytes::from(request.to_string()),
         &mut inbox,
     )
@@ -778,7 +708,7 @@ async fn provision_connected(
     PhoneState::update(dir, |record| record.configuration = response.config)?;
 
     link.publish(
-        &provision_complete_topic(mac),
+        &Topic::PhoneProvisionComplete(mac.clone()).to_string(),
         Bytes::from_static(b"{}"),
         &mut inbox,
     )
@@ -985,11 +915,7 @@ fn session_end(error: PhoneError) -> SessionEnd {
 pub fn phone_mac(prefix: &str, index: usize) -> Result<Mac, PhoneError> {
     let prefix = prefix.to_ascii_lowercase();
     let width = 12usize.saturating_sub(prefix.len());
-    let mac = format!("{prefix}{index:0width$x}");
-    if mac.len() != 12 {
-        return Err(PhoneError::InvalidMac(mac));
-    }
-    mac.parse()
+    Ok(Mac::parse(&format!("{prefix}{index:0width$x}"))?)
 }
 
 /// Provisions `count` phones, `base_dir/<mac>` each (made with no PAP if new: the caller's
@@ -1053,6 +979,8 @@ pub async fn provision_many(
 #[cfg(test)]
 mod tests {
     use std::fs;
+
+    use fleet_protocol::Filter;
 
     use super::*;
 
@@ -1154,7 +1082,7 @@ mod tests {
             panic!("not a CONNECT");
         };
         assert!(bytes.is_empty());
-        assert_eq!(connect.client_id, "phone-0011aabbccdd");
+        assert_eq!(connect.client_id, mac.client_id());
         assert!(connect.clean_session);
         let login = connect.login.unwrap();
         assert_eq!(login.username, "0011aabbccdd");
@@ -1173,14 +1101,15 @@ mod tests {
         let Some(Packet::Connect(connect)) = decode(&mut bytes).unwrap() else {
             panic!("not a CONNECT");
         };
-        assert_eq!(connect.client_id, "phone-0011aabbccdd");
+        assert_eq!(connect.client_id, mac.client_id());
         assert_eq!(connect.login, None);
     }
 
     #[test]
     fn decode_waits_for_whole_packets() {
         let mac: Mac = "0011aabbccdd".parse().unwrap();
-        let mut publish = Publish::new(provision_request_topic(&mac), QoS::AtLeastOnce, "{}");
+        let topic = Topic::PhoneProvisionRequest(mac.clone()).to_string();
+        let mut publish = Publish::new(topic, QoS::AtLeastOnce, "{}");
         publish.pkid = 7;
         let whole = encode(&Packet::Publish(publish.clone())).unwrap();
         let mut partial = BytesMut::from(&whole[..whole.len() - 1]);
@@ -1366,11 +1295,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         PhoneState::init(dir.path(), &profile()).unwrap();
 
+        let mac: Mac = "0011aabbccdd".parse().unwrap();
+        let data_topic = |rest: &str| Topic::PhoneData(mac.clone(), rest.into()).to_string();
         let server = async {
             let (mut conn, peer) = fake.accept().await;
             assert_eq!(peer.ip(), IpAddr::from([127, 0, 0, 2]));
             let connect = conn.connack(ConnectReturnCode::Success).await;
-            assert_eq!(connect.client_id, "phone-0011aabbccdd");
+            assert_eq!(connect.client_id, mac.client_id());
             let login = connect.login.unwrap();
             assert_eq!(
                 (login.username.as_str(), login.password.as_str()),
@@ -1379,9 +1310,15 @@ mod tests {
             let filter = conn
                 .suback(SubscribeReasonCode::Success(QoS::AtLeastOnce))
                 .await;
-            assert_eq!(filter, "phones/0011aabbccdd/provision/response");
+            assert_eq!(
+                filter,
+                Topic::PhoneProvisionResponse(mac.clone()).to_string()
+            );
             let request = conn.puback().await;
-            assert_eq!(request.topic, "phones/0011aabbccdd/provision/request");
+            assert_eq!(
+                request.topic,
+                Topic::PhoneProvisionRequest(mac.clone()).to_string()
+            );
             let request: Value = serde_json::from_slice(&request.payload).unwrap();
             assert_eq!(request["vendor"], "Yealink");
             assert_eq!(request["type"], "T54W");
@@ -1408,7 +1345,10 @@ mod tests {
             };
             assert_eq!(ack.pkid, 9);
             let complete = conn.puback().await;
-            assert_eq!(complete.topic, "phones/0011aabbccdd/provision/complete");
+            assert_eq!(
+                complete.topic,
+                Topic::PhoneProvisionComplete(mac.clone()).to_string()
+            );
             assert_eq!(&complete.payload[..], b"{}");
             assert_eq!(conn.recv().await, Packet::Disconnect);
         };
@@ -1431,27 +1371,24 @@ mod tests {
                 .peer_certificates()
                 .map(|c| c[0].to_vec());
             let connect = conn.connack(ConnectReturnCode::Success).await;
-            assert_eq!(connect.client_id, "phone-0011aabbccdd");
+            assert_eq!(connect.client_id, mac.client_id());
             assert_eq!(connect.login, None);
             conn.suback(SubscribeReasonCode::Success(QoS::AtLeastOnce))
                 .await;
             let data = conn.puback().await;
-            assert_eq!(data.topic, "phones/0011aabbccdd/data/hello");
+            assert_eq!(data.topic, data_topic("hello"));
             (conn, presented)
         };
         let client = async {
             let mut session = connect_provisioned(dir.path(), &target).await.unwrap();
             assert_eq!(
                 session
-                    .subscribe("phones/0011aabbccdd/data/#")
+                    .subscribe(&Filter::PhoneData(mac.clone()).to_string())
                     .await
                     .unwrap(),
                 1
             );
-            session
-                .publish("phones/0011aabbccdd/data/hello", "hi")
-                .await
-                .unwrap();
+            session.publish(&data_topic("hello"), "hi").await.unwrap();
             session
         };
         let (mut session, (conn, presented)) = tokio::join!(client, server);

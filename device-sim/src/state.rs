@@ -4,9 +4,9 @@
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use fleet_certs::{CertError, Fingerprint};
+use fleet_protocol::{IdError, Mac, Serial};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -34,61 +34,12 @@ pub enum StateError {
     /// the directory already holds a station.
     #[error(transparent)]
     File(#[from] FileError),
-    /// The serial is not 1 to 64 of `A-Z a-z 0-9 -`.
-    #[error("invalid serial {0:?}: must be 1 to 64 of A-Z a-z 0-9 -")]
-    InvalidSerial(String),
-    /// A MAC address is not 12 hex digits.
-    #[error("invalid MAC address {0:?}: must be 12 hex digits")]
-    InvalidMac(String),
+    /// The serial or a MAC is not of the form PROTOCOL §1 gives it.
+    #[error(transparent)]
+    Id(#[from] IdError),
     /// The key pair could not be made or read.
     #[error("station key pair: {0}")]
     Certificate(#[from] CertError),
-}
-
-/// A station serial: 1 to 64 of `A-Z a-z 0-9 -` (PROTOCOL §1).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Serial(String);
-
-impl Serial {
-    /// The serial as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl FromStr for Serial {
-    type Err = StateError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let valid = (1..=64).contains(&s.len())
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-        if valid {
-            Ok(Serial(s.to_owned()))
-        } else {
-            Err(StateError::InvalidSerial(s.to_owned()))
-        }
-    }
-}
-
-impl TryFrom<String> for Serial {
-    type Error = StateError;
-
-    fn try_from(value: String) -> Result<Self, Self::Error> {
-        value.parse()
-    }
-}
-
-impl From<Serial> for String {
-    fn from(value: Serial) -> Self {
-        value.0
-    }
-}
-
-impl fmt::Display for Serial {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
 }
 
 /// What a new station is made from (`fleet-sim station init`).
@@ -145,10 +96,10 @@ pub struct StationRecord {
     pub model: String,
     /// Installed firmware version.
     pub firmware: String,
-    /// MAC of the streaming interface, 12 lower-case hex digits.
-    pub mac_streaming: String,
-    /// MAC of the control interface, 12 lower-case hex digits.
-    pub mac_control: String,
+    /// MAC of the streaming interface.
+    pub mac_streaming: Mac,
+    /// MAC of the control interface.
+    pub mac_control: Mac,
     /// The station's configuration (what "Delete Configuration" resets).
     #[serde(default = "default_configuration")]
     pub configuration: Value,
@@ -179,26 +130,12 @@ pub fn firmware_has_key_pair(firmware: &str) -> bool {
 
 /// A MAC derived from the serial, so that re-creating a station gives the same MACs.
 /// The first byte is unicast and locally administered.
-fn derived_mac(serial: &str, interface: &str) -> String {
+fn derived_mac(serial: &Serial, interface: &str) -> Result<Mac, IdError> {
     let digest = Sha256::digest(format!("{interface}:{serial}").as_bytes());
     let mut bytes = [0u8; 6];
     bytes.copy_from_slice(&digest[..6]);
     bytes[0] = (bytes[0] & 0xfc) | 0x02;
-    hex::encode(bytes)
-}
-
-/// Accepts `aabbccddeeff`, `AA:BB:…` or `aa-bb-…`; returns 12 lower-case hex digits.
-fn normalize_mac(mac: &str) -> Result<String, StateError> {
-    let digits: String = mac
-        .chars()
-        .filter(|c| !matches!(c, ':' | '-'))
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    if digits.len() == 12 && digits.chars().all(|c| c.is_ascii_hexdigit()) {
-        Ok(digits)
-    } else {
-        Err(StateError::InvalidMac(mac.to_owned()))
-    }
+    Mac::parse(&hex::encode(bytes))
 }
 
 /// The station's key pair and certificate as PEM.
@@ -228,8 +165,8 @@ impl StateFile<StationRecord> {
         StateFile::create(dir.as_ref(), || {
             let serial: Serial = profile.serial.parse()?;
             let mac = |given: &Option<String>, interface| match given {
-                Some(mac) => normalize_mac(mac),
-                None => Ok(derived_mac(serial.as_str(), interface)),
+                Some(mac) => Mac::parse(mac),
+                None => derived_mac(&serial, interface),
             };
             Ok(StationRecord {
                 mac_streaming: mac(&profile.mac_streaming, "streaming")?,
@@ -379,7 +316,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StationState::init(dir.path(), &StationProfile::new("ST-1", "6.1.0")).unwrap();
         assert_eq!(state.record.model, DEFAULT_MODEL);
-        assert_eq!(state.record.mac_streaming.len(), 12);
+        assert_eq!(state.record.mac_streaming.as_str().len(), 12);
         assert_ne!(state.record.mac_streaming, state.record.mac_control);
         let again = StationState::open(dir.path()).unwrap();
         assert_eq!(again, state);
@@ -398,14 +335,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
             StationState::init(dir.path(), &StationProfile::new("bad serial", "6.1.0")),
-            Err(StateError::InvalidSerial(_))
+            Err(StateError::Id(IdError::SerialCharacter { .. }))
         ));
         let mut profile = StationProfile::new("ST-2", "6.1.0");
         profile.mac_streaming = Some("AA:BB:CC:DD:EE:FF".into());
         profile.mac_control = Some("00-11-22-33-44-55".into());
         let state = StationState::init(dir.path(), &profile).unwrap();
-        assert_eq!(state.record.mac_streaming, "aabbccddeeff");
-        assert_eq!(state.record.mac_control, "001122334455");
+        assert_eq!(state.record.mac_streaming.as_str(), "aabbccddeeff");
+        assert_eq!(state.record.mac_control.as_str(), "001122334455");
     }
 
     #[test]
