@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleet_broker::{Admission, BoxFuture, ConnectInfo, Decision, Rights, Settings};
+use fleet_protocol::{operator_client_id, OPERATOR_CLIENT_ID_PREFIX};
 use fleet_tests::door::FrontDoor;
 use fleet_tests::raw::{anonymous_connector, connect, connect_v5, tls, tls_from};
-use fleet_tests::{TestFleet, PATIENCE};
+use fleet_tests::{serial, TestFleet, PATIENCE};
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -31,7 +32,7 @@ async fn legacy_stations_fill_the_device_slots_and_an_operator_still_gets_in() {
     let mut refused = None;
     for i in 0..MAX {
         let mut stream = tls(&connector, port).await;
-        match connect(&mut stream, &format!("station-CAPS-{i}")).await {
+        match connect(&mut stream, &serial(&format!("CAPS-{i}")).client_id()).await {
             0 => admitted.push(stream),
             code => {
                 refused = Some(code);
@@ -94,7 +95,7 @@ impl Admission for Recorder {
                 .push((info.client_id.clone(), info.session_id));
             Decision::Allow {
                 rights: Rights::none(),
-                reserved: info.client_id.starts_with("op-"),
+                reserved: info.client_id.starts_with(OPERATOR_CLIENT_ID_PREFIX),
             }
         })
     }
@@ -131,6 +132,11 @@ async fn door(configure: impl FnOnce(&mut Settings)) -> Door {
     let recorder = Arc::new(Recorder::default());
     let front = FrontDoor::start(recorder.clone(), configure).await;
     Door { front, recorder }
+}
+
+/// A client id as `fleetctl` makes them for operator `name`: one the recorder admits reserved.
+fn operator(name: &str) -> String {
+    operator_client_id(name, "caps")
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -204,10 +210,10 @@ async fn one_address_cannot_take_more_than_its_share_of_sessions() {
     open.push(stream);
 
     // An operator may use the reserved slot of the address; a second one may not.
-    let (stream, code) = session_from(&door, "127.0.0.1", "op-1").await;
+    let (stream, code) = session_from(&door, "127.0.0.1", &operator("1")).await;
     assert_eq!(code, 0);
     open.push(stream);
-    let (_, code) = session_from(&door, "127.0.0.1", "op-2").await;
+    let (_, code) = session_from(&door, "127.0.0.1", &operator("2")).await;
     assert_eq!(code, 3);
     // Another address has its own share.
     let (stream, code) = session_from(&door, "127.0.0.2", "c4").await;
@@ -232,12 +238,12 @@ async fn the_reserved_slots_stay_free_for_reserved_clients() {
     }
     let (_, code) = session_from(&door, "127.0.0.3", "d3").await;
     assert_eq!(code, 3, "the device slots are full");
-    for id in ["op-1", "op-2"] {
-        let (stream, code) = session_from(&door, "127.0.0.3", id).await;
+    for id in [operator("1"), operator("2")] {
+        let (stream, code) = session_from(&door, "127.0.0.3", &id).await;
         assert_eq!(code, 0, "{id} uses a reserved slot");
         open.push(stream);
     }
-    let (_, code) = session_from(&door, "127.0.0.3", "op-3").await;
+    let (_, code) = session_from(&door, "127.0.0.3", &operator("3")).await;
     assert_eq!(code, 3, "nobody gets more than max_connections");
     assert_eq!(door.recorder.refusals("connection limit reached"), 2);
 }

@@ -2,8 +2,9 @@
 //! service with real TLS, simulated phones bound to 127.0.0.x source addresses (phones behind
 //! different public IPs), and a simulated clock for the 30-minute and 8-hour rules.
 
+use fleet_protocol::Filter;
 use fleet_sim::phone::{self, PhoneError, ProvisionOutcome};
-use fleet_tests::{code_of, wrong_pap, TestFleet, TestPhone};
+use fleet_tests::{code_of, mac, wrong_pap, TestFleet, TestPhone};
 use serde_json::json;
 use time::Duration;
 
@@ -76,7 +77,7 @@ async fn transition_1_authentication_successful() {
     let mut session = phone.connect().await.expect("certificate accepted");
     assert_eq!(
         session
-            .subscribe("phones/aabbcc000002/data/#")
+            .subscribe(&Filter::PhoneData(mac("aabbcc000002")).to_string())
             .await
             .expect("suback"),
         1
@@ -503,7 +504,8 @@ async fn a_revoked_phone_certificate_is_refused_on_a_resumed_tls_session() {
     let connector = device_connector(&fleet, &phone.dir);
     let port = fleet.fleet.local_addr().port();
     let mut first = tls(&connector, port).await;
-    assert_eq!(connect(&mut first, "phone-aabbcc000040").await, 0);
+    let client_id = mac("aabbcc000040").client_id();
+    assert_eq!(connect(&mut first, &client_id).await, 0);
     drop(first);
     op.call("resetPhoneAuthentication", json!({"mac": "aabbcc000040"}))
         .await
@@ -514,5 +516,5 @@ async fn a_revoked_phone_certificate_is_refused_on_a_resumed_tls_session() {
         Some(HandshakeKind::Resumed),
         "the TLS session must be resumed for this test to mean anything"
     );
-    assert_eq!(connect(&mut second, "phone-aabbcc000040").await, 5);
+    assert_eq!(connect(&mut second, &client_id).await, 5);
 }

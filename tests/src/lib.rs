@@ -13,6 +13,7 @@ use fleet_config::{Config, FirmwareImage};
 use fleet_controller::clock::Clock;
 use fleet_controller::Fleet;
 use fleet_ctl::{ClientError, OperatorClient};
+use fleet_protocol::{EventKind, Mac, Serial, StationLeaf, Topic};
 use fleet_sim::{spawn_station, SimConfig, SimEvent, StationHandle, StationProfile, StationState};
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -110,8 +111,18 @@ impl TestFleet {
 
     /// A simulated station with its own state directory, booted.
     pub fn station(&self, serial: &str, firmware: &str) -> Station {
-        let dir = self.dir.path().join(format!("station-{serial}"));
-        Station::boot(dir, serial, firmware, self.server(), self.ca_pem())
+        Station::boot(
+            self.station_dir(serial),
+            serial,
+            firmware,
+            self.server(),
+            self.ca_pem(),
+        )
+    }
+
+    /// The state directory of the station [`TestFleet::station`] made for `serial`.
+    pub fn station_dir(&self, serial: &str) -> PathBuf {
+        self.dir.path().join("stations").join(serial)
     }
 }
 
@@ -259,7 +270,7 @@ impl Operator {
                         let last = self.call("getStation", json!({"serial": serial})).await;
                         panic!("station {serial} never reached {what}; last: {last:?}")
                     }
-                    Ok(Some((topic, _))) if topic.ends_with("/audit") => {}
+                    Ok(Some((topic, _))) if is_event(&topic, EventKind::Audit) => {}
                     Ok(Some(_)) => break,
                     Ok(None) => panic!("event stream closed"),
                     Err(_) => {}
@@ -268,22 +279,58 @@ impl Operator {
         }
     }
 
-    /// Waits for an event on `fleet/events/default/<kind>` matching `pick`.
-    pub async fn wait_event(&mut self, kind: &str, mut pick: impl FnMut(&Value) -> bool) -> Value {
-        let suffix = format!("/{kind}");
+    /// Waits for an event of `kind` (on `fleet/events/<tenant>/<kind>`) matching `pick`.
+    pub async fn wait_event(
+        &mut self,
+        kind: EventKind,
+        mut pick: impl FnMut(&Value) -> bool,
+    ) -> Value {
+        let kind_name = kind.as_str();
         let deadline = tokio::time::Instant::now() + self.patience;
         loop {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                _ if tokio::time::Instant::now() >= deadline => panic!("no {kind} event came"),
-                Ok(Some((topic, event))) if topic.ends_with(&suffix) && pick(&event) => {
-                    return event
+                _ if tokio::time::Instant::now() >= deadline => {
+                    panic!("no {kind_name} event came")
                 }
+                Ok(Some((topic, event))) if is_event(&topic, kind) && pick(&event) => return event,
                 Ok(Some(_)) => {}
                 Ok(None) => panic!("event stream closed"),
-                Err(_) => panic!("no {kind} event came"),
+                Err(_) => panic!("no {kind_name} event came"),
             }
         }
     }
+}
+
+/// Whether `topic` is an event of `kind` (of any tenant).
+fn is_event(topic: &str, kind: EventKind) -> bool {
+    matches!(Topic::parse(topic), Some(Topic::Event(_, k)) if k == kind)
+}
+
+/// The serial `text`; panics unless it is one (tests name their stations with valid ones).
+pub fn serial(text: &str) -> Serial {
+    Serial::parse(text).expect("a valid serial")
+}
+
+/// The MAC `text`, in any form PROTOCOL §1 allows; panics unless it is one.
+pub fn mac(text: &str) -> Mac {
+    Mac::parse(text).expect("a valid MAC")
+}
+
+/// The topic `leaf` of station `serial` (`stations/<serial>/<leaf>`).
+pub fn station_topic(serial: &str, leaf: StationLeaf) -> String {
+    Topic::station(crate::serial(serial), leaf).to_string()
+}
+
+/// Station `serial`'s application data topic `rest` (`stations/<serial>/data/<rest>`).
+pub fn station_data(serial: &str, rest: &str) -> String {
+    Topic::StationData(crate::serial(serial), rest.into()).to_string()
+}
+
+/// The filter of all of station `serial`'s application data (`stations/<serial>/data/#`).
+/// fleet-protocol's `Filter` has no such variant (no one in the fleet subscribes to it): it is
+/// the data topic's root, one level down.
+pub fn station_data_filter(serial: &str) -> String {
+    format!("{}/#", station_data(serial, ""))
 }
 
 /// The arguments of a `createPhone` of `mac`: a Yealink T54W in Berlin.
@@ -336,7 +383,7 @@ impl TestFleet {
     /// A phone with MAC `mac`, the PAP its user typed (if any), behind source address `source`.
     pub fn phone(&self, mac: &str, pap: Option<&str>, source: &str) -> TestPhone {
         use fleet_sim::phone::{PhoneProfile, PhoneState, PhoneTarget};
-        let dir = self.dir.path().join(format!("phone-{mac}"));
+        let dir = self.dir.path().join("phones").join(mac);
         let mut profile = PhoneProfile::new(mac);
         profile.pap = pap.map(str::to_owned);
         PhoneState::init(&dir, &profile).expect("phone init");
