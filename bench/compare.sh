@@ -116,7 +116,7 @@ run mosquitto "$P" "$CA" mqtt
 
 # (d) bare rustls mutual-TLS accept loop: the floor TLS sets on this machine.
 P="$(free_port)"
-"$BIN/tls-loop-server" --listen "127.0.0.1:$P" --cert "$SCERT" --key "$SKEY" \
+"$BIN/tls-loop-server" --listen "127.0.0.1:$P" --cert "$SCERT" --key "$SKEY" --ca "$CA" \
     >"$WORK/tls-loop.log" 2>&1 &
 SERVER_PID=$!
 run tls-loop "$P" "$CA" tls-only

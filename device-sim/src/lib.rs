@@ -3,7 +3,7 @@
 //! fleetd over TLS, ask for authorization and obey the controller's commands; and phones
 //! ([`phone`]) that provision with a PAP and then connect with the certificate they got.
 //!
-//! Pure parts ([`state`], [`command`], [`firmware`]) are tested without a server; [`station`]
+//! Pure parts ([`state`], [`state_file`], [`command`], [`firmware`]) are tested without a server; [`station`]
 //! is the tokio shell that drives them over MQTT; [`load`] drives thousands of both through
 //! onboarding against a running fleetd and measures it (`fleet-sim load`).
 
@@ -14,6 +14,7 @@ pub mod fleet;
 pub mod load;
 pub mod phone;
 pub mod state;
+pub mod state_file;
 pub mod station;
 
 pub use admin::{admin_request, serve_admin, AdminError, AdminReply, AdminRequest, AdminServer};
@@ -23,11 +24,12 @@ pub use fleet::{fleet_serial, spawn_fleet, StationStatus, Tally};
 pub use load::{run_load, Latency, LoadError, LoadOptions, LoadReport, StormReport};
 pub use phone::{
     connect_provisioned, connect_raw, factory_reset, is_provisioned, phone_mac, provision,
-    provision_many, set_pap, Mac, PhoneError, PhoneProfile, PhoneRecord, PhoneSession, PhoneState,
+    provision_many, set_pap, PhoneError, PhoneProfile, PhoneRecord, PhoneSession, PhoneState,
     PhoneTarget, ProvisionOutcome, SessionEnd,
 };
 pub use state::{
-    fingerprint, local_reset, Identity, PendingUpdate, Serial, StateError, StationProfile,
-    StationRecord, StationState, DEFAULT_MODEL,
+    fingerprint, local_reset, Identity, PendingUpdate, StateError, StationProfile, StationRecord,
+    StationState, DEFAULT_MODEL,
 };
+pub use state_file::{FileError, StateFile};
 pub use station::{spawn_station, SimConfig, SimEvent, StationControl, StationHandle};

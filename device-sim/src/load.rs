@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_ctl::{ClientError, OperatorClient};
+use fleet_protocol::{EventKind, Topic};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -681,7 +682,11 @@ impl Run {
 
     /// Serials an operator event shows as unauthorized, with a key to check.
     fn unauthorized_in(topic: &str, event: &Value) -> Option<String> {
-        if !topic.ends_with("/stations") || event.get("event")? != "state" {
+        let stations = matches!(
+            Topic::parse(topic),
+            Some(Topic::Event(_, EventKind::Stations))
+        );
+        if !stations || event.get("event")? != "state" {
             return None;
         }
         let station = event.get("station")?;
@@ -1427,28 +1432,21 @@ mod tests {
 
     #[test]
     fn unauthorized_stations_are_picked_from_state_events() {
+        let stations_events = Topic::Event("default".into(), EventKind::Stations).to_string();
+        let audit_events = Topic::Event("default".into(), EventKind::Audit).to_string();
         let event = json!({"event": "state", "station": {
             "serial": "LD1-00001", "state": "unauthorized", "fingerprint": "AB:CD"}});
         assert_eq!(
-            Run::unauthorized_in("fleet/events/default/stations", &event).as_deref(),
+            Run::unauthorized_in(&stations_events, &event).as_deref(),
             Some("LD1-00001")
         );
-        assert_eq!(
-            Run::unauthorized_in("fleet/events/default/audit", &event),
-            None
-        );
+        assert_eq!(Run::unauthorized_in(&audit_events, &event), None);
         let running = json!({"event": "state", "station": {
             "serial": "LD1-00001", "state": "running", "fingerprint": "AB:CD"}});
-        assert_eq!(
-            Run::unauthorized_in("fleet/events/default/stations", &running),
-            None
-        );
+        assert_eq!(Run::unauthorized_in(&stations_events, &running), None);
         let keyless = json!({"event": "state", "station": {
             "serial": "LD1-00001", "state": "unauthorized", "fingerprint": null}});
-        assert_eq!(
-            Run::unauthorized_in("fleet/events/default/stations", &keyless),
-            None
-        );
+        assert_eq!(Run::unauthorized_in(&stations_events, &keyless), None);
     }
 
     #[test]

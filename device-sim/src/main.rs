@@ -135,8 +135,8 @@ struct LoadArgs {
     #[arg(long)]
     fleetd_pid: Option<u32>,
     /// Local source address for phones (repeat it to spread them over several).
-    #[arg(long = "phone-source")]
-    phone_sources: Vec<IpAddr>,
+    #[arg(long)]
+    phone_source: Vec<IpAddr>,
     /// Write the report as JSON to FILE.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -359,7 +359,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     opts.reconnect = args.reconnect;
     opts.cut_sample = args.cut_sample;
     opts.fleetd_pid = args.fleetd_pid;
-    opts.phone_sources = args.phone_sources;
+    opts.phone_sources = args.phone_source;
     opts.progress = std::io::stderr().is_terminal();
     let report = run_load(opts).await?;
     if let Some(path) = &args.json {

@@ -4,16 +4,15 @@
 //! behind a given public IP (rumqttc cannot).
 
 use std::fmt;
-use std::fs;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use fleet_certs::{CertError, Fingerprint};
+use fleet_protocol::{IdError, Mac, Topic};
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
 };
@@ -25,6 +24,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+
+use crate::state_file::{
+    read_optional, remove_optional, write_atomically, write_private, FileError, Record, StateFile,
+};
 
 /// File name of the phone's state inside its directory.
 pub const PHONE_FILE: &str = "phone.json";
@@ -56,30 +59,13 @@ const MAX_PACKET_SIZE: usize = 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PhoneError {
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// `phone.json` is not valid.
-    #[error("{}: {source}", path.display())]
-    Json {
-        /// The file.
-        path: PathBuf,
-        /// The parse error.
-        #[source]
-        source: serde_json::Error,
-    },
-    /// The directory already holds a phone.
-    #[error("{} already holds a phone", .0.display())]
-    AlreadyInitialized(PathBuf),
-    /// A MAC address is not 12 hex digits.
-    #[error("invalid MAC address {0:?}: must be 12 hex digits")]
-    InvalidMac(String),
+    /// A file of the directory could not be read or written, `phone.json` is not valid, or
+    /// the directory already holds a phone.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// A MAC address is not of the form PROTOCOL §1 gives it.
+    #[error(transparent)]
+    Id(#[from] IdError),
     /// A key, CSR or certificate could not be made or read.
     #[error("phone key or certificate: {0}")]
     Certificate(#[from] CertError),
@@ -137,63 +123,6 @@ pub enum PhoneError {
     BadResponse(String),
 }
 
-fn io_error(path: &Path) -> impl FnOnce(io::Error) -> PhoneError + '_ {
-    move |source| PhoneError::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-/// A phone's MAC: 12 lower-case hex digits (PROTOCOL §1). Parsed from that form, upper case,
-/// or with `:` or `-` separators.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Mac(String);
-
-impl Mac {
-    /// The 12 lower-case hex digits.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl FromStr for Mac {
-    type Err = PhoneError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let digits: String = s
-            .chars()
-            .filter(|c| !matches!(c, ':' | '-'))
-            .map(|c| c.to_ascii_lowercase())
-            .collect();
-        if digits.len() == 12 && digits.chars().all(|c| c.is_ascii_hexdigit()) {
-            Ok(Mac(digits))
-        } else {
-            Err(PhoneError::InvalidMac(s.to_owned()))
-        }
-    }
-}
-
-impl TryFrom<String> for Mac {
-    type Error = PhoneError;
-
-    fn try_from(value: String) -> Result<Self, Self::Error> {
-        value.parse()
-    }
-}
-
-impl From<Mac> for String {
-    fn from(value: Mac) -> Self {
-        value.0
-    }
-}
-
-impl fmt::Display for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
 /// What a new phone is made from (`fleet-sim phone init`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PhoneProfile {
@@ -238,81 +167,26 @@ pub struct PhoneRecord {
 }
 
 /// A phone's state directory, read.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PhoneState {
-    dir: PathBuf,
-    /// What `phone.json` holds.
-    pub record: PhoneRecord,
+pub type PhoneState = StateFile<PhoneRecord>;
+
+impl Record for PhoneRecord {
+    const FILE: &'static str = PHONE_FILE;
+    const DEVICE: &'static str = "phone";
+    type Error = PhoneError;
 }
 
-impl PhoneState {
+impl StateFile<PhoneRecord> {
     /// Creates `dir` (if needed) and a new `phone.json` in it; fails if one exists.
     pub fn init(dir: impl AsRef<Path>, profile: &PhoneProfile) -> Result<Self, PhoneError> {
-        let dir = dir.as_ref();
-        fs::create_dir_all(dir).map_err(io_error(dir))?;
-        if dir.join(PHONE_FILE).exists() {
-            return Err(PhoneError::AlreadyInitialized(dir.to_owned()));
-        }
-        let state = PhoneState {
-            dir: dir.to_owned(),
-            record: PhoneRecord {
+        StateFile::create(dir.as_ref(), || {
+            Ok(PhoneRecord {
                 mac: profile.mac.parse()?,
                 vendor: profile.vendor.clone(),
                 kind: profile.kind.clone(),
                 pap: profile.pap.clone(),
                 configuration: None,
-            },
-        };
-        state.save()?;
-        Ok(state)
-    }
-
-    /// Reads `dir/phone.json`.
-    pub fn open(dir: impl AsRef<Path>) -> Result<Self, PhoneError> {
-        let dir = dir.as_ref();
-        let file = dir.join(PHONE_FILE);
-        let text = fs::read(&file).map_err(io_error(&file))?;
-        let record = serde_json::from_slice(&text).map_err(|source| PhoneError::Json {
-            path: file.clone(),
-            source,
-        })?;
-        Ok(PhoneState {
-            dir: dir.to_owned(),
-            record,
+            })
         })
-    }
-
-    /// Whether `dir` holds a phone.
-    pub fn exists(dir: impl AsRef<Path>) -> bool {
-        dir.as_ref().join(PHONE_FILE).is_file()
-    }
-
-    /// Reads `phone.json`, lets `change` edit it and writes it back.
-    pub fn update(
-        dir: impl AsRef<Path>,
-        change: impl FnOnce(&mut PhoneRecord),
-    ) -> Result<Self, PhoneError> {
-        let mut state = Self::open(dir)?;
-        change(&mut state.record);
-        state.save()?;
-        Ok(state)
-    }
-
-    /// Writes `phone.json` through a temporary file, so a crash never leaves half of it.
-    pub fn save(&self) -> Result<(), PhoneError> {
-        let file = self.dir.join(PHONE_FILE);
-        let temporary = self.dir.join(format!("{PHONE_FILE}.tmp"));
-        let text = serde_json::to_vec_pretty(&self.record).map_err(|source| PhoneError::Json {
-            path: file.clone(),
-            source,
-        })?;
-        fs::write(&temporary, text).map_err(io_error(&temporary))?;
-        fs::rename(&temporary, &file).map_err(io_error(&file))
-    }
-
-    /// The state directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// The MAC.
@@ -322,8 +196,8 @@ impl PhoneState {
 
     /// The provisioned certificate and key as (certificate PEM, key PEM), if both exist.
     pub fn identity(&self) -> Result<Option<(String, String)>, PhoneError> {
-        let key = read_optional(&self.dir.join(PHONE_KEY_FILE))?;
-        let cert = read_optional(&self.dir.join(PHONE_CERT_FILE))?;
+        let key = read_optional(&self.dir().join(PHONE_KEY_FILE))?;
+        let cert = read_optional(&self.dir().join(PHONE_CERT_FILE))?;
         Ok(cert.zip(key))
     }
 }
@@ -352,45 +226,6 @@ pub fn factory_reset(dir: impl AsRef<Path>) -> Result<(), PhoneError> {
 pub fn is_provisioned(dir: impl AsRef<Path>) -> bool {
     let dir = dir.as_ref();
     dir.join(PHONE_KEY_FILE).is_file() && dir.join(PHONE_CERT_FILE).is_file()
-}
-
-fn read_optional(path: &Path) -> Result<Option<String>, PhoneError> {
-    match fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_error(path)(e)),
-    }
-}
-
-fn remove_optional(path: &Path) -> Result<(), PhoneError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_error(path)(e)),
-    }
-}
-
-/// Writes a private key readable by the owner only.
-fn write_private(path: &Path, text: &str) -> Result<(), PhoneError> {
-    use std::io::Write;
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path).map_err(io_error(path))?;
-    file.write_all(text.as_bytes()).map_err(io_error(path))
-}
-
-/// Writes a file through a temporary one, so a crash never leaves half of it.
-fn write_atomically(path: &Path, text: &str) -> Result<(), PhoneError> {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    let temporary = PathBuf::from(temporary);
-    fs::write(&temporary, text).map_err(io_error(&temporary))?;
-    fs::rename(&temporary, path).map_err(io_error(path))
 }
 
 /// Where and how a phone reaches the server.
@@ -454,26 +289,6 @@ impl fmt::Display for ProvisionOutcome {
     }
 }
 
-/// The topic the phone asks for its certificate on.
-pub fn provision_request_topic(mac: &Mac) -> String {
-    format!("phones/{mac}/provision/request")
-}
-
-/// The topic the controller answers on.
-pub fn provision_response_topic(mac: &Mac) -> String {
-    format!("phones/{mac}/provision/response")
-}
-
-/// The topic the phone says it stored everything on.
-pub fn provision_complete_topic(mac: &Mac) -> String {
-    format!("phones/{mac}/provision/complete")
-}
-
-/// The MQTT client id of a phone.
-pub fn phone_client_id(mac: &Mac) -> String {
-    format!("phone-{mac}")
-}
-
 /// The CONNECT of an unprovisioned phone: client id `phone-<mac>`, username `<mac>`,
 /// password = `password` or empty, clean session.
 ///
@@ -487,7 +302,7 @@ pub fn pap_connect(mac: &Mac, password: Option<&str>) -> Connect {
 
 /// The CONNECT of a provisioned phone: client id `phone-<mac>`, no username or password.
 pub fn certificate_connect(mac: &Mac) -> Connect {
-    let mut connect = Connect::new(phone_client_id(mac));
+    let mut connect = Connect::new(mac.client_id());
     connect.keep_alive = KEEP_ALIVE.as_secs().try_into().unwrap_or(u16::MAX);
     connect.clean_session = true;
     connect
@@ -827,7 +642,7 @@ async fn provision_connected(
     link: &mut Link,
 ) -> Result<ProvisionOutcome, PhoneError> {
     let mac = &state.record.mac;
-    let response_topic = provision_response_topic(mac);
+    let response_topic = Topic::PhoneProvisionResponse(mac.clone()).to_string();
     let mut inbox = Vec::new();
     if link.subscribe(&response_topic, &mut inbox).await? == 0x80 {
         return Err(PhoneError::SubscribeDenied(response_topic));
@@ -843,7 +658,7 @@ async fn provision_connected(
         "type": state.record.kind,
     });
     link.publish(
-        &provision_request_topic(mac),
+        &Topic::PhoneProvisionRequest(mac.clone()).to_string(),
         Bytes::from(request.to_string()),
         &mut inbox,
     )
@@ -888,12 +703,12 @@ async fn provision_connected(
     };
     check_certificate_for_key(&certificate, &key_pem)?;
     fleet_certs::certs_from_pem(&ca)?;
-    write_atomically(&dir.join(PHONE_CERT_FILE), &certificate)?;
-    write_atomically(&dir.join(SERVER_CA_FILE), &ca)?;
+    write_atomically(&dir.join(PHONE_CERT_FILE), certificate.as_bytes())?;
+    write_atomically(&dir.join(SERVER_CA_FILE), ca.as_bytes())?;
     PhoneState::update(dir, |record| record.configuration = response.config)?;
 
     link.publish(
-        &provision_complete_topic(mac),
+        &Topic::PhoneProvisionComplete(mac.clone()).to_string(),
         Bytes::from_static(b"{}"),
         &mut inbox,
     )
@@ -1100,11 +915,7 @@ fn session_end(error: PhoneError) -> SessionEnd {
 pub fn phone_mac(prefix: &str, index: usize) -> Result<Mac, PhoneError> {
     let prefix = prefix.to_ascii_lowercase();
     let width = 12usize.saturating_sub(prefix.len());
-    let mac = format!("{prefix}{index:0width$x}");
-    if mac.len() != 12 {
-        return Err(PhoneError::InvalidMac(mac));
-    }
-    mac.parse()
+    Ok(Mac::parse(&format!("{prefix}{index:0width$x}"))?)
 }
 
 /// Provisions `count` phones, `base_dir/<mac>` each (made with no PAP if new: the caller's
@@ -1167,6 +978,10 @@ pub async fn provision_many(
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
+    use fleet_protocol::Filter;
+
     use super::*;
 
     fn profile() -> PhoneProfile {
@@ -1205,7 +1020,7 @@ mod tests {
         assert_eq!(PhoneState::open(dir.path()).unwrap(), state);
         assert!(matches!(
             PhoneState::init(dir.path(), &profile()),
-            Err(PhoneError::AlreadyInitialized(_))
+            Err(PhoneError::File(FileError::AlreadyInitialized { .. }))
         ));
         set_pap(dir.path(), Some("654321".into())).unwrap();
         let state = PhoneState::open(dir.path()).unwrap();
@@ -1267,7 +1082,7 @@ mod tests {
             panic!("not a CONNECT");
         };
         assert!(bytes.is_empty());
-        assert_eq!(connect.client_id, "phone-0011aabbccdd");
+        assert_eq!(connect.client_id, mac.client_id());
         assert!(connect.clean_session);
         let login = connect.login.unwrap();
         assert_eq!(login.username, "0011aabbccdd");
@@ -1286,14 +1101,15 @@ mod tests {
         let Some(Packet::Connect(connect)) = decode(&mut bytes).unwrap() else {
             panic!("not a CONNECT");
         };
-        assert_eq!(connect.client_id, "phone-0011aabbccdd");
+        assert_eq!(connect.client_id, mac.client_id());
         assert_eq!(connect.login, None);
     }
 
     #[test]
     fn decode_waits_for_whole_packets() {
         let mac: Mac = "0011aabbccdd".parse().unwrap();
-        let mut publish = Publish::new(provision_request_topic(&mac), QoS::AtLeastOnce, "{}");
+        let topic = Topic::PhoneProvisionRequest(mac.clone()).to_string();
+        let mut publish = Publish::new(topic, QoS::AtLeastOnce, "{}");
         publish.pkid = 7;
         let whole = encode(&Packet::Publish(publish.clone())).unwrap();
         let mut partial = BytesMut::from(&whole[..whole.len() - 1]);
@@ -1479,11 +1295,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         PhoneState::init(dir.path(), &profile()).unwrap();
 
+        let mac: Mac = "0011aabbccdd".parse().unwrap();
+        let data_topic = |rest: &str| Topic::PhoneData(mac.clone(), rest.into()).to_string();
         let server = async {
             let (mut conn, peer) = fake.accept().await;
             assert_eq!(peer.ip(), IpAddr::from([127, 0, 0, 2]));
             let connect = conn.connack(ConnectReturnCode::Success).await;
-            assert_eq!(connect.client_id, "phone-0011aabbccdd");
+            assert_eq!(connect.client_id, mac.client_id());
             let login = connect.login.unwrap();
             assert_eq!(
                 (login.username.as_str(), login.password.as_str()),
@@ -1492,9 +1310,15 @@ mod tests {
             let filter = conn
                 .suback(SubscribeReasonCode::Success(QoS::AtLeastOnce))
                 .await;
-            assert_eq!(filter, "phones/0011aabbccdd/provision/response");
+            assert_eq!(
+                filter,
+                Topic::PhoneProvisionResponse(mac.clone()).to_string()
+            );
             let request = conn.puback().await;
-            assert_eq!(request.topic, "phones/0011aabbccdd/provision/request");
+            assert_eq!(
+                request.topic,
+                Topic::PhoneProvisionRequest(mac.clone()).to_string()
+            );
             let request: Value = serde_json::from_slice(&request.payload).unwrap();
             assert_eq!(request["vendor"], "Yealink");
             assert_eq!(request["type"], "T54W");
@@ -1521,7 +1345,10 @@ mod tests {
             };
             assert_eq!(ack.pkid, 9);
             let complete = conn.puback().await;
-            assert_eq!(complete.topic, "phones/0011aabbccdd/provision/complete");
+            assert_eq!(
+                complete.topic,
+                Topic::PhoneProvisionComplete(mac.clone()).to_string()
+            );
             assert_eq!(&complete.payload[..], b"{}");
             assert_eq!(conn.recv().await, Packet::Disconnect);
         };
@@ -1544,27 +1371,24 @@ mod tests {
                 .peer_certificates()
                 .map(|c| c[0].to_vec());
             let connect = conn.connack(ConnectReturnCode::Success).await;
-            assert_eq!(connect.client_id, "phone-0011aabbccdd");
+            assert_eq!(connect.client_id, mac.client_id());
             assert_eq!(connect.login, None);
             conn.suback(SubscribeReasonCode::Success(QoS::AtLeastOnce))
                 .await;
             let data = conn.puback().await;
-            assert_eq!(data.topic, "phones/0011aabbccdd/data/hello");
+            assert_eq!(data.topic, data_topic("hello"));
             (conn, presented)
         };
         let client = async {
             let mut session = connect_provisioned(dir.path(), &target).await.unwrap();
             assert_eq!(
                 session
-                    .subscribe("phones/0011aabbccdd/data/#")
+                    .subscribe(&Filter::PhoneData(mac.clone()).to_string())
                     .await
                     .unwrap(),
                 1
             );
-            session
-                .publish("phones/0011aabbccdd/data/hello", "hi")
-                .await
-                .unwrap();
+            session.publish(&data_topic("hello"), "hi").await.unwrap();
             session
         };
         let (mut session, (conn, presented)) = tokio::join!(client, server);

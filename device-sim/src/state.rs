@@ -3,14 +3,17 @@
 
 use std::fmt;
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use fleet_certs::{CertError, Fingerprint};
+use fleet_protocol::{IdError, Mac, Serial};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+use crate::state_file::{
+    io_error, read_optional, remove_optional, write_private, FileError, Record, StateFile,
+};
 
 /// Model name a station gets when none is given.
 pub const DEFAULT_MODEL: &str = "MC-Station";
@@ -27,89 +30,16 @@ const KEY_PAIR_FIRMWARE: semver::Version = semver::Version::new(6, 1, 0);
 /// What went wrong with a station's state directory.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// `station.json` is not valid.
-    #[error("{}: {source}", path.display())]
-    Json {
-        /// The file.
-        path: PathBuf,
-        /// The parse error.
-        #[source]
-        source: serde_json::Error,
-    },
-    /// The directory already holds a station.
-    #[error("{} already holds a station", .0.display())]
-    AlreadyInitialized(PathBuf),
-    /// The serial is not 1 to 64 of `A-Z a-z 0-9 -`.
-    #[error("invalid serial {0:?}: must be 1 to 64 of A-Z a-z 0-9 -")]
-    InvalidSerial(String),
-    /// A MAC address is not 12 hex digits.
-    #[error("invalid MAC address {0:?}: must be 12 hex digits")]
-    InvalidMac(String),
+    /// A file of the directory could not be read or written, `station.json` is not valid, or
+    /// the directory already holds a station.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// The serial or a MAC is not of the form PROTOCOL §1 gives it.
+    #[error(transparent)]
+    Id(#[from] IdError),
     /// The key pair could not be made or read.
     #[error("station key pair: {0}")]
     Certificate(#[from] CertError),
-}
-
-fn io_error(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
-    move |source| StateError::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-/// A station serial: 1 to 64 of `A-Z a-z 0-9 -` (PROTOCOL §1).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Serial(String);
-
-impl Serial {
-    /// The serial as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl FromStr for Serial {
-    type Err = StateError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let valid = (1..=64).contains(&s.len())
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-        if valid {
-            Ok(Serial(s.to_owned()))
-        } else {
-            Err(StateError::InvalidSerial(s.to_owned()))
-        }
-    }
-}
-
-impl TryFrom<String> for Serial {
-    type Error = StateError;
-
-    fn try_from(value: String) -> Result<Self, Self::Error> {
-        value.parse()
-    }
-}
-
-impl From<Serial> for String {
-    fn from(value: Serial) -> Self {
-        value.0
-    }
-}
-
-impl fmt::Display for Serial {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
 }
 
 /// What a new station is made from (`fleet-sim station init`).
@@ -155,12 +85,7 @@ pub struct PendingUpdate {
 }
 
 /// The contents of `station.json`, bound to its directory.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StationState {
-    dir: PathBuf,
-    /// Everything in `station.json`.
-    pub record: StationRecord,
-}
+pub type StationState = StateFile<StationRecord>;
 
 /// The fields of `station.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,10 +96,10 @@ pub struct StationRecord {
     pub model: String,
     /// Installed firmware version.
     pub firmware: String,
-    /// MAC of the streaming interface, 12 lower-case hex digits.
-    pub mac_streaming: String,
-    /// MAC of the control interface, 12 lower-case hex digits.
-    pub mac_control: String,
+    /// MAC of the streaming interface.
+    pub mac_streaming: Mac,
+    /// MAC of the control interface.
+    pub mac_control: Mac,
     /// The station's configuration (what "Delete Configuration" resets).
     #[serde(default = "default_configuration")]
     pub configuration: Value,
@@ -184,6 +109,12 @@ pub struct StationRecord {
     /// A firmware download to resume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_update: Option<PendingUpdate>,
+}
+
+impl Record for StationRecord {
+    const FILE: &'static str = STATION_FILE;
+    const DEVICE: &'static str = "station";
+    type Error = StateError;
 }
 
 /// The configuration of a new or reset station.
@@ -199,26 +130,12 @@ pub fn firmware_has_key_pair(firmware: &str) -> bool {
 
 /// A MAC derived from the serial, so that re-creating a station gives the same MACs.
 /// The first byte is unicast and locally administered.
-fn derived_mac(serial: &str, interface: &str) -> String {
+fn derived_mac(serial: &Serial, interface: &str) -> Result<Mac, IdError> {
     let digest = Sha256::digest(format!("{interface}:{serial}").as_bytes());
     let mut bytes = [0u8; 6];
     bytes.copy_from_slice(&digest[..6]);
     bytes[0] = (bytes[0] & 0xfc) | 0x02;
-    hex::encode(bytes)
-}
-
-/// Accepts `aabbccddeeff`, `AA:BB:…` or `aa-bb-…`; returns 12 lower-case hex digits.
-fn normalize_mac(mac: &str) -> Result<String, StateError> {
-    let digits: String = mac
-        .chars()
-        .filter(|c| !matches!(c, ':' | '-'))
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    if digits.len() == 12 && digits.chars().all(|c| c.is_ascii_hexdigit()) {
-        Ok(digits)
-    } else {
-        Err(StateError::InvalidMac(mac.to_owned()))
-    }
+    Mac::parse(&hex::encode(bytes))
 }
 
 /// The station's key pair and certificate as PEM.
@@ -241,86 +158,27 @@ impl fmt::Debug for Identity {
     }
 }
 
-impl StationState {
+impl StateFile<StationRecord> {
     /// Creates `dir` (if needed) and a new `station.json` in it; fails if one exists.
     /// The key pair is made at first boot (or by [`fingerprint`]), like a real station.
     pub fn init(dir: impl AsRef<Path>, profile: &StationProfile) -> Result<Self, StateError> {
-        let dir = dir.as_ref();
-        fs::create_dir_all(dir).map_err(io_error(dir))?;
-        let file = dir.join(STATION_FILE);
-        if file.exists() {
-            return Err(StateError::AlreadyInitialized(dir.to_owned()));
-        }
-        let serial: Serial = profile.serial.parse()?;
-        let mac = |given: &Option<String>, interface| match given {
-            Some(mac) => normalize_mac(mac),
-            None => Ok(derived_mac(serial.as_str(), interface)),
-        };
-        let record = StationRecord {
-            mac_streaming: mac(&profile.mac_streaming, "streaming")?,
-            mac_control: mac(&profile.mac_control, "control")?,
-            serial,
-            model: profile.model.clone(),
-            firmware: profile.firmware.clone(),
-            configuration: default_configuration(),
-            authorized: false,
-            pending_update: None,
-        };
-        let state = StationState {
-            dir: dir.to_owned(),
-            record,
-        };
-        state.save()?;
-        Ok(state)
-    }
-
-    /// Reads `dir/station.json`.
-    pub fn open(dir: impl AsRef<Path>) -> Result<Self, StateError> {
-        let dir = dir.as_ref();
-        let file = dir.join(STATION_FILE);
-        let text = fs::read(&file).map_err(io_error(&file))?;
-        let record = serde_json::from_slice(&text).map_err(|source| StateError::Json {
-            path: file.clone(),
-            source,
-        })?;
-        Ok(StationState {
-            dir: dir.to_owned(),
-            record,
+        StateFile::create(dir.as_ref(), || {
+            let serial: Serial = profile.serial.parse()?;
+            let mac = |given: &Option<String>, interface| match given {
+                Some(mac) => Mac::parse(mac),
+                None => derived_mac(&serial, interface),
+            };
+            Ok(StationRecord {
+                mac_streaming: mac(&profile.mac_streaming, "streaming")?,
+                mac_control: mac(&profile.mac_control, "control")?,
+                serial,
+                model: profile.model.clone(),
+                firmware: profile.firmware.clone(),
+                configuration: default_configuration(),
+                authorized: false,
+                pending_update: None,
+            })
         })
-    }
-
-    /// Whether `dir` holds a station.
-    pub fn exists(dir: impl AsRef<Path>) -> bool {
-        dir.as_ref().join(STATION_FILE).is_file()
-    }
-
-    /// Reads `station.json`, lets `change` edit it and writes it back: every change goes
-    /// through the file, so a local admin edit made meanwhile is not overwritten.
-    pub fn update(
-        dir: impl AsRef<Path>,
-        change: impl FnOnce(&mut StationRecord),
-    ) -> Result<Self, StateError> {
-        let mut state = Self::open(dir)?;
-        change(&mut state.record);
-        state.save()?;
-        Ok(state)
-    }
-
-    /// Writes `station.json` (through a temporary file, so a crash never leaves half of it).
-    pub fn save(&self) -> Result<(), StateError> {
-        let file = self.dir.join(STATION_FILE);
-        let temporary = self.dir.join(format!("{STATION_FILE}.tmp"));
-        let text = serde_json::to_vec_pretty(&self.record).map_err(|source| StateError::Json {
-            path: file.clone(),
-            source,
-        })?;
-        fs::write(&temporary, text).map_err(io_error(&temporary))?;
-        fs::rename(&temporary, &file).map_err(io_error(&file))
-    }
-
-    /// The state directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// The serial.
@@ -335,7 +193,7 @@ impl StationState {
 
     /// Path of the part file of a download of `version`.
     pub fn part_file(&self, version: &str) -> PathBuf {
-        part_file(&self.dir, version)
+        part_file(self.dir(), version)
     }
 
     /// The station's key pair, made now if the firmware has key pairs and none exists (what a
@@ -345,8 +203,8 @@ impl StationState {
         if !self.has_key_pair_firmware() {
             return Ok(None);
         }
-        let key_path = self.dir.join(KEY_FILE);
-        let cert_path = self.dir.join(CERT_FILE);
+        let key_path = self.dir().join(KEY_FILE);
+        let cert_path = self.dir().join(CERT_FILE);
         let serial = self.record.serial.as_str();
         let (cert_pem, key_pem) = match read_optional(&key_path)? {
             Some(key_pem) => match read_optional(&cert_path)? {
@@ -389,36 +247,6 @@ pub fn part_file(dir: &Path, version: &str) -> PathBuf {
     dir.join(format!("firmware-{safe}.part"))
 }
 
-fn read_optional(path: &Path) -> Result<Option<String>, StateError> {
-    match fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_error(path)(e)),
-    }
-}
-
-fn remove_optional(path: &Path) -> Result<(), StateError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_error(path)(e)),
-    }
-}
-
-/// Writes a private key readable by the owner only.
-fn write_private(path: &Path, text: &str) -> Result<(), StateError> {
-    use std::io::Write;
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path).map_err(io_error(path))?;
-    file.write_all(text.as_bytes()).map_err(io_error(path))
-}
-
 /// The local admin page's fingerprint. For firmware 6.1.0 or later whose key does not exist
 /// yet, the key pair is made first, exactly as the next boot would; `None` for legacy firmware,
 /// which has no key pair.
@@ -456,7 +284,7 @@ pub fn local_reset(
 
 /// Removes a file that may not exist.
 pub(crate) fn remove_file_if_present(path: &Path) -> Result<(), StateError> {
-    remove_optional(path)
+    Ok(remove_optional(path)?)
 }
 
 #[cfg(test)]
@@ -488,13 +316,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StationState::init(dir.path(), &StationProfile::new("ST-1", "6.1.0")).unwrap();
         assert_eq!(state.record.model, DEFAULT_MODEL);
-        assert_eq!(state.record.mac_streaming.len(), 12);
+        assert_eq!(state.record.mac_streaming.as_str().len(), 12);
         assert_ne!(state.record.mac_streaming, state.record.mac_control);
         let again = StationState::open(dir.path()).unwrap();
         assert_eq!(again, state);
         assert!(matches!(
             StationState::init(dir.path(), &StationProfile::new("ST-1", "6.1.0")),
-            Err(StateError::AlreadyInitialized(_))
+            Err(StateError::File(FileError::AlreadyInitialized { .. }))
         ));
         // The MACs are a function of the serial.
         let other = tempfile::tempdir().unwrap();
@@ -507,14 +335,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
             StationState::init(dir.path(), &StationProfile::new("bad serial", "6.1.0")),
-            Err(StateError::InvalidSerial(_))
+            Err(StateError::Id(IdError::SerialCharacter { .. }))
         ));
         let mut profile = StationProfile::new("ST-2", "6.1.0");
         profile.mac_streaming = Some("AA:BB:CC:DD:EE:FF".into());
         profile.mac_control = Some("00-11-22-33-44-55".into());
         let state = StationState::init(dir.path(), &profile).unwrap();
-        assert_eq!(state.record.mac_streaming, "aabbccddeeff");
-        assert_eq!(state.record.mac_control, "001122334455");
+        assert_eq!(state.record.mac_streaming.as_str(), "aabbccddeeff");
+        assert_eq!(state.record.mac_control.as_str(), "001122334455");
     }
 
     #[test]

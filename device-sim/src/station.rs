@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleet_protocol::{Serial, StationLeaf, Topic};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, QoS,
     SubscribeReasonCode, TlsConfiguration, Transport,
@@ -405,16 +406,16 @@ async fn boot(
         return Next::Off;
     };
 
-    let serial = state.serial().to_string();
+    let serial = state.serial().clone();
     let firmware = state.record.firmware.clone();
-    let mut options = MqttOptions::new(format!("station-{serial}"), host, port);
+    let mut options = MqttOptions::new(serial.client_id(), host, port);
     options
         .set_keep_alive(KEEP_ALIVE)
         .set_clean_session(true)
         .set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE)
         .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)))
         .set_last_will(LastWill::new(
-            topic(&serial, "status"),
+            topic(&serial, StationLeaf::Status),
             status_payload(false, &firmware),
             QoS::AtLeastOnce,
             true,
@@ -508,8 +509,8 @@ async fn boot(
     }
 }
 
-fn topic(serial: &str, leaf: &str) -> String {
-    format!("stations/{serial}/{leaf}")
+fn topic(serial: &Serial, leaf: StationLeaf) -> String {
+    Topic::station(serial.clone(), leaf).to_string()
 }
 
 fn status_payload(online: bool, firmware: &str) -> Vec<u8> {
@@ -521,7 +522,7 @@ fn status_payload(online: bool, firmware: &str) -> Vec<u8> {
 /// One connection's worth of station behaviour.
 struct Session<'a> {
     dir: &'a Path,
-    serial: String,
+    serial: Serial,
     firmware: String,
     legacy: bool,
     client: AsyncClient,
@@ -531,7 +532,7 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    fn publish(&self, leaf: &str, retain: bool, payload: Vec<u8>) {
+    fn publish(&self, leaf: StationLeaf, retain: bool, payload: Vec<u8>) {
         let topic = topic(&self.serial, leaf);
         if let Err(e) = self
             .client
@@ -541,7 +542,7 @@ impl Session<'_> {
         }
     }
 
-    fn subscribe(&self, leaf: &str) {
+    fn subscribe(&self, leaf: StationLeaf) {
         let topic = topic(&self.serial, leaf);
         if let Err(e) = self.client.try_subscribe(&topic, QoS::AtLeastOnce) {
             tracing::warn!(serial = %self.serial, "cannot subscribe to {topic}: {e}");
@@ -550,7 +551,7 @@ impl Session<'_> {
 
     fn subscribe_chunks(&mut self) {
         if !self.chunk_subscribed {
-            self.subscribe("firmware/chunk");
+            self.subscribe(StationLeaf::FirmwareChunk);
             self.chunk_subscribed = true;
         }
     }
@@ -561,8 +562,12 @@ impl Session<'_> {
 
     /// CONNACK: announce, subscribe, ask for authorization, resume a download.
     fn on_connected(&mut self) -> Option<Next> {
-        self.publish("status", true, status_payload(true, &self.firmware));
-        self.subscribe("cmd");
+        self.publish(
+            StationLeaf::Status,
+            true,
+            status_payload(true, &self.firmware),
+        );
+        self.subscribe(StationLeaf::Cmd);
         let state = match StationState::open(self.dir) {
             Ok(state) => state,
             Err(e) => {
@@ -581,7 +586,11 @@ impl Session<'_> {
             "mac_streaming": record.mac_streaming,
             "mac_control": record.mac_control,
         });
-        self.publish("auth/request", false, request.to_string().into_bytes());
+        self.publish(
+            StationLeaf::AuthRequest,
+            false,
+            request.to_string().into_bytes(),
+        );
         let pending = state.record.pending_update?;
         let mut sha256 = [0u8; 32];
         if hex::decode_to_slice(&pending.sha256, &mut sha256).is_err() {
@@ -597,13 +606,15 @@ impl Session<'_> {
     }
 
     fn on_publish(&mut self, topic_name: &str, payload: &[u8]) -> Option<Next> {
-        if topic_name == topic(&self.serial, "cmd") {
-            self.on_command(payload)
-        } else if topic_name == topic(&self.serial, "firmware/chunk") {
-            self.on_chunk(payload)
-        } else {
-            tracing::debug!(serial = %self.serial, "ignoring message on {topic_name}");
-            None
+        match Topic::parse(topic_name) {
+            Some(Topic::StationCmd(serial)) if serial == self.serial => self.on_command(payload),
+            Some(Topic::StationFirmwareChunk(serial)) if serial == self.serial => {
+                self.on_chunk(payload)
+            }
+            _ => {
+                tracing::debug!(serial = %self.serial, "ignoring message on {topic_name}");
+                None
+            }
         }
     }
 
@@ -806,7 +817,7 @@ impl Session<'_> {
 
     fn send_request(&self, request: &crate::firmware::ChunkRequest) {
         match serde_json::to_vec(request) {
-            Ok(payload) => self.publish("firmware/request", false, payload),
+            Ok(payload) => self.publish(StationLeaf::FirmwareRequest, false, payload),
             Err(e) => self.error(format!("cannot encode chunk request: {e}")),
         }
     }
@@ -816,7 +827,11 @@ impl Session<'_> {
         if !connected || eventloop.network.is_none() {
             return;
         }
-        self.publish("status", true, status_payload(false, &self.firmware));
+        self.publish(
+            StationLeaf::Status,
+            true,
+            status_payload(false, &self.firmware),
+        );
         if self.client.try_disconnect().is_err() {
             return;
         }
@@ -850,7 +865,7 @@ mod tests {
         emitter: &'a Emitter,
         legacy: bool,
     ) -> (Session<'a>, EventLoop) {
-        let serial = StationState::open(dir).unwrap().serial().to_string();
+        let serial = StationState::open(dir).unwrap().serial().clone();
         let firmware = StationState::open(dir).unwrap().record.firmware;
         let (client, eventloop) = AsyncClient::new(MqttOptions::new("t", "localhost", 1), 256);
         let session = Session {
@@ -882,6 +897,11 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Topic `leaf` of station `serial`.
+    fn of(serial: &str, leaf: StationLeaf) -> String {
+        topic(&serial.parse().unwrap(), leaf)
     }
 
     fn emitter() -> (Emitter, mpsc::UnboundedReceiver<SimEvent>) {
@@ -942,10 +962,10 @@ mod tests {
         assert_eq!(
             topics,
             [
-                "stations/OLD-1/status",
-                "SUBSCRIBE stations/OLD-1/cmd",
-                "SUBSCRIBE stations/OLD-1/firmware/chunk",
-                "stations/OLD-1/auth/request",
+                of("OLD-1", StationLeaf::Status),
+                format!("SUBSCRIBE {}", of("OLD-1", StationLeaf::Cmd)),
+                format!("SUBSCRIBE {}", of("OLD-1", StationLeaf::FirmwareChunk)),
+                of("OLD-1", StationLeaf::AuthRequest),
             ]
         );
         assert_eq!(sent[0].1, json!({"online": true, "firmware": "6.0.5"}));
@@ -970,16 +990,16 @@ mod tests {
         session.on_connected();
         sent(&mut eventloop);
         assert!(session
-            .on_publish("stations/OLD-2/cmd", &update_command(&image))
+            .on_publish(&of("OLD-2", StationLeaf::Cmd), &update_command(&image))
             .is_none());
         let (topic, request) = sent(&mut eventloop).pop().unwrap();
-        assert_eq!(topic, "stations/OLD-2/firmware/request");
+        assert_eq!(topic, of("OLD-2", StationLeaf::FirmwareRequest));
         assert_eq!(
             request,
             json!({"version": "6.1.0", "offset": 0, "length": 16384})
         );
         session.on_publish(
-            "stations/OLD-2/firmware/chunk",
+            &of("OLD-2", StationLeaf::FirmwareChunk),
             &chunk_for(&image, &request),
         );
         drop((session, eventloop));
@@ -1001,12 +1021,13 @@ mod tests {
             &json!({"version": "6.1.0", "offset": 0, "length": 16384}),
         );
         assert!(session
-            .on_publish("stations/OLD-2/firmware/chunk", &stale)
+            .on_publish(&of("OLD-2", StationLeaf::FirmwareChunk), &stale)
             .is_none());
         assert!(sent(&mut eventloop).is_empty());
         let next = loop {
             let chunk = chunk_for(&image, &request);
-            if let Some(next) = session.on_publish("stations/OLD-2/firmware/chunk", &chunk) {
+            if let Some(next) = session.on_publish(&of("OLD-2", StationLeaf::FirmwareChunk), &chunk)
+            {
                 break next;
             }
             request = sent(&mut eventloop).pop().unwrap().1;
@@ -1038,13 +1059,13 @@ mod tests {
         corrupt[100] ^= 1;
         let (emitter, mut rx) = emitter();
         let (mut session, mut eventloop) = fake_session(&dir, &emitter, true);
-        session.on_publish("stations/OLD-3/cmd", &update_command(&image));
+        session.on_publish(&of("OLD-3", StationLeaf::Cmd), &update_command(&image));
         let mut answered = 0;
         while let Some((_, request)) = sent(&mut eventloop).pop() {
             answered += 1;
             assert!(answered < 100, "download does not end");
             session.on_publish(
-                "stations/OLD-3/firmware/chunk",
+                &of("OLD-3", StationLeaf::FirmwareChunk),
                 &chunk_for(&corrupt, &request),
             );
         }
@@ -1068,7 +1089,7 @@ mod tests {
         StationState::open(&dir).unwrap().ensure_identity().unwrap();
         let (emitter, mut rx) = emitter();
         let (mut session, _eventloop) = fake_session(&dir, &emitter, false);
-        let cmd = "stations/ST-1/cmd";
+        let cmd = &of("ST-1", StationLeaf::Cmd);
 
         assert!(session
             .on_publish(cmd, br#"{"command":"authorized"}"#)

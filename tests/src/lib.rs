@@ -2,6 +2,8 @@
 //! store) on `127.0.0.1:0` with real TLS and real certificates, and connects simulated stations
 //! and operators to it. Tests wait for events with a timeout, never sleep for them.
 
+pub mod door;
+pub mod process;
 pub mod raw;
 
 use std::path::{Path, PathBuf};
@@ -11,6 +13,7 @@ use fleet_config::{Config, FirmwareImage};
 use fleet_controller::clock::Clock;
 use fleet_controller::Fleet;
 use fleet_ctl::{ClientError, OperatorClient};
+use fleet_protocol::{EventKind, Mac, Serial, StationLeaf, Topic};
 use fleet_sim::{spawn_station, SimConfig, SimEvent, StationHandle, StationProfile, StationState};
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -87,8 +90,7 @@ impl TestFleet {
         let client = OperatorClient::connect(&self.server(), &self.ca_pem(), &cert, &key, "admin")
             .await
             .expect("operator connects");
-        let events = client.subscribe_events("default").await.expect("events");
-        Operator { client, events }
+        Operator::new(client, "default").await
     }
 
     /// An operator of `tenant`, with a certificate issued like `fleetd issue-operator` does.
@@ -104,22 +106,23 @@ impl TestFleet {
         let client = OperatorClient::connect(&self.server(), &self.ca_pem(), &cert, &key, name)
             .await
             .expect("operator connects");
-        let events = client.subscribe_events(tenant).await.expect("events");
-        Operator { client, events }
+        Operator::new(client, tenant).await
     }
 
     /// A simulated station with its own state directory, booted.
     pub fn station(&self, serial: &str, firmware: &str) -> Station {
-        let dir = self.dir.path().join(format!("station-{serial}"));
-        StationState::init(&dir, &StationProfile::new(serial, firmware)).expect("station init");
-        let mut config = SimConfig::new(self.server(), self.ca_pem());
-        config.retry = Duration::from_millis(200);
-        let handle = spawn_station(&dir, config);
-        Station {
-            serial: serial.to_owned(),
-            dir,
-            handle,
-        }
+        Station::boot(
+            self.station_dir(serial),
+            serial,
+            firmware,
+            self.server(),
+            self.ca_pem(),
+        )
+    }
+
+    /// The state directory of the station [`TestFleet::station`] made for `serial`.
+    pub fn station_dir(&self, serial: &str) -> PathBuf {
+        self.dir.path().join("stations").join(serial)
     }
 }
 
@@ -130,6 +133,26 @@ pub struct Station {
 }
 
 impl Station {
+    /// Makes station `serial` with `firmware` in the state directory `dir` and boots it
+    /// against `server`, which it trusts by `ca_pem`.
+    pub fn boot(
+        dir: PathBuf,
+        serial: &str,
+        firmware: &str,
+        server: String,
+        ca_pem: String,
+    ) -> Self {
+        StationState::init(&dir, &StationProfile::new(serial, firmware)).expect("station init");
+        let mut config = SimConfig::new(server, ca_pem);
+        config.retry = Duration::from_millis(200);
+        let handle = spawn_station(&dir, config);
+        Station {
+            serial: serial.to_owned(),
+            dir,
+            handle,
+        }
+    }
+
     /// Waits until the station reports an event for which `pick` returns something.
     pub async fn wait_for<T>(
         &mut self,
@@ -170,9 +193,21 @@ impl Station {
 pub struct Operator {
     pub client: OperatorClient,
     pub events: UnboundedReceiver<(String, Value)>,
+    /// How long a wait for a station's view or an event may take ([`PATIENCE`] unless set).
+    pub patience: Duration,
 }
 
 impl Operator {
+    /// `client`, hearing the events of `tenant`.
+    pub async fn new(client: OperatorClient, tenant: &str) -> Self {
+        let events = client.subscribe_events(tenant).await.expect("events");
+        Operator {
+            client,
+            events,
+            patience: PATIENCE,
+        }
+    }
+
     pub async fn call(&self, command: &str, args: Value) -> Result<Value, ClientError> {
         self.client.call(command, args).await
     }
@@ -188,6 +223,30 @@ impl Operator {
         self.wait_view(serial, state, |v| v["state"] == state).await
     }
 
+    /// Waits until station `serial` asked to be authorized: Unauthorized, with the key of its
+    /// latest request (after a reset the record shows no key until the rebooted station asked
+    /// again). Returns that key's fingerprint.
+    pub async fn wait_request(&mut self, serial: &str) -> String {
+        let view = self
+            .wait_view(serial, "unauthorized with a key", |v| {
+                v["state"] == "unauthorized" && v["fingerprint"].is_string()
+            })
+            .await;
+        view["fingerprint"]
+            .as_str()
+            .expect("a fingerprint")
+            .to_owned()
+    }
+
+    /// Creates a phone in the portal (with [`new_phone`]) and returns its PAP.
+    pub async fn create_phone(&self, mac: &str) -> String {
+        let view = self
+            .call("createPhone", new_phone(mac))
+            .await
+            .expect("createPhone");
+        view["pap"].as_str().expect("a PAP").to_owned()
+    }
+
     /// Waits until the station's view satisfies `done`: checks now, then on every event.
     pub async fn wait_view(
         &mut self,
@@ -195,7 +254,7 @@ impl Operator {
         what: &str,
         done: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let deadline = tokio::time::Instant::now() + self.patience;
         loop {
             if let Ok(view) = self.call("getStation", json!({"serial": serial})).await {
                 if done(&view) {
@@ -211,7 +270,7 @@ impl Operator {
                         let last = self.call("getStation", json!({"serial": serial})).await;
                         panic!("station {serial} never reached {what}; last: {last:?}")
                     }
-                    Ok(Some((topic, _))) if topic.ends_with("/audit") => {}
+                    Ok(Some((topic, _))) if is_event(&topic, EventKind::Audit) => {}
                     Ok(Some(_)) => break,
                     Ok(None) => panic!("event stream closed"),
                     Err(_) => {}
@@ -220,22 +279,69 @@ impl Operator {
         }
     }
 
-    /// Waits for an event on `fleet/events/default/<kind>` matching `pick`.
-    pub async fn wait_event(&mut self, kind: &str, mut pick: impl FnMut(&Value) -> bool) -> Value {
-        let suffix = format!("/{kind}");
-        let deadline = tokio::time::Instant::now() + PATIENCE;
+    /// Waits for an event of `kind` (on `fleet/events/<tenant>/<kind>`) matching `pick`.
+    pub async fn wait_event(
+        &mut self,
+        kind: EventKind,
+        mut pick: impl FnMut(&Value) -> bool,
+    ) -> Value {
+        let kind_name = kind.as_str();
+        let deadline = tokio::time::Instant::now() + self.patience;
         loop {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                _ if tokio::time::Instant::now() >= deadline => panic!("no {kind} event came"),
-                Ok(Some((topic, event))) if topic.ends_with(&suffix) && pick(&event) => {
-                    return event
+                _ if tokio::time::Instant::now() >= deadline => {
+                    panic!("no {kind_name} event came")
                 }
+                Ok(Some((topic, event))) if is_event(&topic, kind) && pick(&event) => return event,
                 Ok(Some(_)) => {}
                 Ok(None) => panic!("event stream closed"),
-                Err(_) => panic!("no {kind} event came"),
+                Err(_) => panic!("no {kind_name} event came"),
             }
         }
     }
+}
+
+/// Whether `topic` is an event of `kind` (of any tenant).
+fn is_event(topic: &str, kind: EventKind) -> bool {
+    matches!(Topic::parse(topic), Some(Topic::Event(_, k)) if k == kind)
+}
+
+/// The serial `text`; panics unless it is one (tests name their stations with valid ones).
+pub fn serial(text: &str) -> Serial {
+    Serial::parse(text).expect("a valid serial")
+}
+
+/// The MAC `text`, in any form PROTOCOL §1 allows; panics unless it is one.
+pub fn mac(text: &str) -> Mac {
+    Mac::parse(text).expect("a valid MAC")
+}
+
+/// The topic `leaf` of station `serial` (`stations/<serial>/<leaf>`).
+pub fn station_topic(serial: &str, leaf: StationLeaf) -> String {
+    Topic::station(crate::serial(serial), leaf).to_string()
+}
+
+/// Station `serial`'s application data topic `rest` (`stations/<serial>/data/<rest>`).
+pub fn station_data(serial: &str, rest: &str) -> String {
+    Topic::StationData(crate::serial(serial), rest.into()).to_string()
+}
+
+/// The filter of all of station `serial`'s application data (`stations/<serial>/data/#`).
+/// fleet-protocol's `Filter` has no such variant (no one in the fleet subscribes to it): it is
+/// the data topic's root, one level down.
+pub fn station_data_filter(serial: &str) -> String {
+    format!("{}/#", station_data(serial, ""))
+}
+
+/// The arguments of a `createPhone` of `mac`: a Yealink T54W in Berlin.
+pub fn new_phone(mac: &str) -> Value {
+    json!({"mac": mac, "vendor": "Yealink", "type": "T54W", "site": "Berlin"})
+}
+
+/// Another 6-digit PAP than `pap`: a wrong guess.
+pub fn wrong_pap(pap: &str) -> String {
+    let n: u32 = pap.parse().expect("digits");
+    format!("{:06}", (n + 1) % 1_000_000)
 }
 
 /// The error code of a failed command.
@@ -248,17 +354,11 @@ pub fn code_of(result: Result<Value, ClientError>) -> String {
 
 /// Authorizes a station end to end and returns its fingerprint.
 pub async fn authorize(op: &mut Operator, station: &mut Station) -> String {
-    // Unauthorized, with the key of the station's latest request (after a reset the record
-    // shows no key until the rebooted station asked again).
-    let view = op
-        .wait_view(&station.serial, "unauthorized with a key", |v| {
-            v["state"] == "unauthorized" && v["fingerprint"].is_string()
-        })
-        .await;
+    let asked = op.wait_request(&station.serial).await;
     // The operator compares it with the station's local admin interface; the station has booted,
     // so reading its key does not race with the boot that makes it.
     let fingerprint = station.local_fingerprint();
-    assert_eq!(view["fingerprint"], fingerprint.as_str());
+    assert_eq!(asked, fingerprint);
     let view = op
         .call(
             "acceptStation",
@@ -283,7 +383,7 @@ impl TestFleet {
     /// A phone with MAC `mac`, the PAP its user typed (if any), behind source address `source`.
     pub fn phone(&self, mac: &str, pap: Option<&str>, source: &str) -> TestPhone {
         use fleet_sim::phone::{PhoneProfile, PhoneState, PhoneTarget};
-        let dir = self.dir.path().join(format!("phone-{mac}"));
+        let dir = self.dir.path().join("phones").join(mac);
         let mut profile = PhoneProfile::new(mac);
         profile.pap = pap.map(str::to_owned);
         PhoneState::init(&dir, &profile).expect("phone init");

@@ -1,5 +1,6 @@
-//! A bare MQTT 3.1.1 client over TLS, written frame by frame, for tests that need what a stock
-//! library hides: the exact CONNACK code, a resumed TLS session, a client that goes silent.
+//! A bare MQTT client over TLS (3.1.1, and 5 where a test needs it), written frame by frame,
+//! for tests that need what a stock library hides: the exact CONNACK code, a resumed TLS
+//! session, a client that goes silent. Deliberately independent of fleet-broker's codec.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,25 +20,36 @@ pub struct Will<'a> {
     pub retain: bool,
 }
 
-fn push_str(out: &mut Vec<u8>, s: &[u8]) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s);
-}
-
-fn frame(first: u8, body: Vec<u8>) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut len = body.len();
+/// Appends `n` as an MQTT variable byte integer (a remaining length, a property length).
+pub fn vbi(mut n: usize, out: &mut Vec<u8>) {
     loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
+        let mut byte = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
             byte |= 0x80;
         }
         out.push(byte);
-        if len == 0 {
+        if n == 0 {
             break;
         }
     }
+}
+
+/// A length-prefixed string (or binary data).
+pub fn string(s: &[u8]) -> Vec<u8> {
+    let mut out = (s.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(s);
+    out
+}
+
+fn push_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend(string(s));
+}
+
+/// A frame: its first byte, then the remaining length, then `body`.
+pub fn frame(first: u8, body: Vec<u8>) -> Vec<u8> {
+    let mut out = vec![first];
+    vbi(body.len(), &mut out);
     out.extend(body);
     out
 }
@@ -57,6 +69,39 @@ pub fn connect_frame(client_id: &str, keepalive: u16, will: Option<&Will<'_>>) -
     if let Some(w) = will {
         push_str(&mut body, w.topic.as_bytes());
         push_str(&mut body, w.payload.as_bytes());
+    }
+    frame(0x10, body)
+}
+
+/// An MQTT 5 will: its properties, topic and payload.
+pub struct WillV5<'a> {
+    pub properties: &'a [u8],
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+}
+
+/// An MQTT 5 CONNECT with Clean Start, `extra_flags` or-ed into its connect flags.
+pub fn connect_v5_frame(
+    client_id: &str,
+    extra_flags: u8,
+    keepalive: u16,
+    props: &[u8],
+    will: Option<&WillV5<'_>>,
+) -> Vec<u8> {
+    let mut flags = 0x02 | extra_flags;
+    if will.is_some() {
+        flags |= 0x04;
+    }
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, flags];
+    body.extend(keepalive.to_be_bytes());
+    vbi(props.len(), &mut body);
+    body.extend_from_slice(props);
+    body.extend(string(client_id.as_bytes()));
+    if let Some(w) = will {
+        vbi(w.properties.len(), &mut body);
+        body.extend_from_slice(w.properties);
+        body.extend(string(w.topic.as_bytes()));
+        body.extend(string(w.payload));
     }
     frame(0x10, body)
 }
@@ -115,6 +160,32 @@ pub async fn connack(stream: &mut TlsStream<TcpStream>, connect: &[u8]) -> u8 {
 /// Connects with a clean session, keepalive 60 and no will; returns the CONNACK code.
 pub async fn connect(stream: &mut TlsStream<TcpStream>, client_id: &str) -> u8 {
     connack(stream, &connect_frame(client_id, 60, None)).await
+}
+
+/// An MQTT 5 CONNECT with Clean Start, keepalive 60 and no properties; returns the CONNACK's
+/// reason code and its Reason String (empty if none). The stream stays open for more.
+pub async fn connect_v5(stream: &mut TlsStream<TcpStream>, client_id: &str) -> (u8, String) {
+    stream
+        .write_all(&connect_v5_frame(client_id, 0, 60, &[], None))
+        .await
+        .expect("write");
+    let mut head = [0u8; 2];
+    let mut body = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        stream.read_exact(&mut head).await?;
+        body.resize(usize::from(head[1]), 0);
+        stream.read_exact(&mut body).await
+    })
+    .await
+    .expect("CONNACK in time")
+    .expect("CONNACK");
+    assert_eq!(head[0], 0x20, "a CONNACK");
+    // Flags, code, property length, then a Reason String property (0x1F) if any.
+    let reason = match body.get(2..) {
+        Some([_, 0x1f, _, _, text @ ..]) => String::from_utf8_lossy(text).into_owned(),
+        _ => String::new(),
+    };
+    (body[1], reason)
 }
 
 /// Reads until the server closes the connection; returns what it sent before.

@@ -4,7 +4,7 @@
 //! commands as fast as fleetd lets it, sends one request over the command bound, then sends
 //! requests of `listAuditLog` commands (each asking for `limit` records) for `--seconds`. All
 //! the while an honest client connects every `--probe-interval-ms` (a certificate-less legacy
-//! station `station-HONEST-<n>` from `--probe-source`, full TLS handshake, MQTT 3.1.1 CONNECT)
+//! station `HONEST-<n>` from `--probe-source`, full TLS handshake, MQTT 3.1.1 CONNECT)
 //! and the time from TCP connect to CONNACK is recorded; fleetd's VmRSS and VmHWM are sampled
 //! from /proc. Prints one JSON report on stdout.
 
@@ -17,11 +17,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use fleet_ctl::{ClientError, OperatorClient};
+use fleet_protocol::{operator_client_id, Serial, Topic};
 use hdrhistogram::Histogram;
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpSocket;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsConnector;
@@ -168,16 +169,6 @@ fn cpu_s(pid: u32) -> f64 {
         .map_or(0.0, |(ticks, _)| ticks as f64 / fleet_bench::CLK_TCK as f64)
 }
 
-/// MQTT 3.1.1 CONNECT, clean session, keep-alive 60 s, no username/password.
-fn connect_packet(client_id: &str) -> Vec<u8> {
-    let mut var = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0x00, 0x3c];
-    var.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    var.extend_from_slice(client_id.as_bytes());
-    let mut pkt = vec![0x10, var.len() as u8];
-    pkt.extend_from_slice(&var);
-    pkt
-}
-
 /// One honest CONNECT: TCP connect from `source`, TLS, CONNECT, CONNACK; the time to CONNACK.
 async fn probe(
     n: u64,
@@ -204,21 +195,11 @@ async fn probe(
         .connect(name, tcp)
         .await
         .map_err(|e| format!("tls: {e}"))?;
-    tls.write_all(&connect_packet(&format!("station-HONEST-{n}")))
-        .await
-        .map_err(|e| format!("write: {e}"))?;
-    tls.flush().await.map_err(|e| format!("flush: {e}"))?;
-    let mut ack = [0u8; 4];
-    tls.read_exact(&mut ack)
-        .await
-        .map_err(|e| format!("connack: {e}"))?;
+    let honest = Serial::parse(&format!("HONEST-{n}")).map_err(|e| e.to_string())?;
+    let connect =
+        fleet_bench::connect_packet(&honest.client_id(), 60).map_err(|e| e.to_string())?;
+    fleet_bench::connack(&mut tls, &connect).await?;
     let elapsed = t0.elapsed();
-    if ack[0] != 0x20 {
-        return Err(format!("not a CONNACK: {:#04x}", ack[0]));
-    }
-    if ack[3] != 0 {
-        return Err(format!("CONNACK refused: {}", ack[3]));
-    }
     let _ = tls.write_all(&[0xe0, 0]).await;
     let _ = tls.shutdown().await;
     Ok(elapsed)
@@ -292,7 +273,7 @@ async fn raw_request(
     use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
     let (host, port) = fleet_ctl::split_server(server).context("server address")?;
     let tls = fleet_certs::client_config(ca, Some((cert, key)))?;
-    let mut options = MqttOptions::new(format!("op-{name}-oversized"), host, port);
+    let mut options = MqttOptions::new(operator_client_id(name, "oversized"), host, port);
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(16 << 20, 16 << 20)
@@ -301,7 +282,10 @@ async fn raw_request(
         )));
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     client
-        .subscribe(format!("fleet/control/{name}/response"), QoS::AtLeastOnce)
+        .subscribe(
+            Topic::OperatorResponse(name.to_owned()).to_string(),
+            QoS::AtLeastOnce,
+        )
         .await?;
     let mut sent = false;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -311,7 +295,7 @@ async fn raw_request(
             Event::Incoming(Incoming::SubAck(_)) if !sent => {
                 client
                     .publish(
-                        format!("fleet/control/{name}/request"),
+                        Topic::OperatorRequest(name.to_owned()).to_string(),
                         QoS::AtLeastOnce,
                         false,
                         payload.clone(),

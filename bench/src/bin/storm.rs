@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use fleet_protocol::Serial;
 use hdrhistogram::Histogram;
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, Semaphore};
 use tokio_rustls::TlsConnector;
@@ -48,7 +49,7 @@ struct Args {
     /// Server process to read CPU time and RSS of.
     #[arg(long)]
     server_pid: Option<u32>,
-    /// Prefix of serials; client ids are `station-<serial>`.
+    /// Prefix of serials; each client connects as its station (`Serial::client_id`).
     #[arg(long, default_value = "BENCH")]
     serial_prefix: String,
     /// Seconds to wait before reading RSS after the last connect.
@@ -75,7 +76,7 @@ struct Round {
 
 /// Connects every client, `concurrency` at once, and keeps the connections.
 async fn round(
-    clients: &[(String, Arc<ClientConfig>)],
+    clients: &[(Serial, Arc<ClientConfig>)],
     args: &Args,
     name: &ServerName<'static>,
 ) -> anyhow::Result<Round> {
@@ -97,7 +98,10 @@ async fn round(
             name.clone(),
             cfg.clone(),
         );
-        let pkt = (args.mode == Mode::Mqtt).then(|| connect_packet(&format!("station-{serial}")));
+        let pkt = match args.mode {
+            Mode::Mqtt => Some(fleet_bench::connect_packet(&serial.client_id(), 600)?),
+            Mode::TlsOnly => None,
+        };
         tasks.push(tokio::spawn(async move {
             let t0 = Instant::now();
             let r = tokio::time::timeout(timeout, one(cfg, &addr, name, pkt)).await;
@@ -144,29 +148,6 @@ fn latency(h: &Histogram<u64>) -> serde_json::Value {
     })
 }
 
-fn connect_packet(client_id: &str) -> Vec<u8> {
-    // MQTT 3.1.1 CONNECT, clean session, keep-alive 600 s, no username/password.
-    let mut var = Vec::new();
-    var.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0x02, 0x58]);
-    var.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    var.extend_from_slice(client_id.as_bytes());
-    let mut pkt = vec![0x10];
-    let mut len = var.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        pkt.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-    pkt.extend_from_slice(&var);
-    pkt
-}
-
 type Conn = tokio_rustls::client::TlsStream<TcpStream>;
 
 async fn one(
@@ -184,20 +165,7 @@ async fn one(
         .await
         .map_err(|e| format!("tls: {e}"))?;
     if let Some(pkt) = connect {
-        tls.write_all(&pkt)
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        tls.flush().await.map_err(|e| format!("flush: {e}"))?;
-        let mut ack = [0u8; 4];
-        tls.read_exact(&mut ack)
-            .await
-            .map_err(|e| format!("connack: {e}"))?;
-        if ack[0] != 0x20 {
-            return Err(format!("not a CONNACK: {:#04x}", ack[0]));
-        }
-        if ack[3] != 0 {
-            return Err(format!("CONNACK refused: {}", ack[3]));
-        }
+        fleet_bench::connack(&mut tls, &pkt).await?;
     }
     Ok(tls)
 }
@@ -219,15 +187,15 @@ async fn main() -> anyhow::Result<()> {
     let t_gen = Instant::now();
     let mut clients = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
-        let serial = format!("{}{:06}", args.serial_prefix, i);
+        let serial = Serial::parse(&format!("{}{:06}", args.serial_prefix, i))?;
         let (cert, key) = match &issuer {
             Some(ca) => {
-                let (key, csr) = fleet_certs::phone_key_and_csr(&serial)?;
-                let cert = ca.issue_client_from_csr(&csr, &serial, "station", "bench")?;
+                let (key, csr) = fleet_certs::phone_key_and_csr(serial.as_str())?;
+                let cert = ca.issue_client_from_csr(&csr, serial.as_str(), "station", "bench")?;
                 (cert.cert_pem, key)
             }
             None => {
-                let c = fleet_certs::self_signed_station(&serial)?;
+                let c = fleet_certs::self_signed_station(serial.as_str())?;
                 (c.cert_pem, c.key_pem)
             }
         };

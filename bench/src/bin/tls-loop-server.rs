@@ -1,15 +1,13 @@
-//! Bare rustls mutual-TLS accept loop: client certificates required, any certificate accepted
-//! once the handshake signature verifies under its key (like fleetd's self-signed policy), one
-//! tokio task per connection, no MQTT. Connections are held until the peer closes them.
+//! Bare rustls mutual-TLS accept loop: client certificates required and verified by rustls's
+//! own verifier against `--ca` (the clients' CA-chained certificates, as mosquitto and rumqttd
+//! verify them in compare.sh), one tokio task per connection, no MQTT. Connections are held
+//! until the peer closes them.
 
 use std::sync::Arc;
 
 use clap::Parser;
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -22,52 +20,9 @@ struct Args {
     cert: std::path::PathBuf,
     #[arg(long)]
     key: std::path::PathBuf,
-}
-
-#[derive(Debug)]
-struct AnyClientCert(Arc<CryptoProvider>);
-
-impl ClientCertVerifier for AnyClientCert {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-    fn verify_client_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        Ok(ClientCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    /// The CA (PEM) that client certificates must chain to.
+    #[arg(long)]
+    ca: std::path::PathBuf,
 }
 
 #[tokio::main]
@@ -76,9 +31,15 @@ async fn main() -> anyhow::Result<()> {
     let provider = fleet_certs::crypto_provider();
     let certs = fleet_certs::certs_from_pem(&std::fs::read_to_string(&args.cert)?)?;
     let key = fleet_certs::key_from_pem(&std::fs::read_to_string(&args.key)?)?;
-    let config = ServerConfig::builder_with_provider(provider.clone())
+    let mut roots = RootCertStore::empty();
+    for ca in fleet_certs::certs_from_pem(&std::fs::read_to_string(&args.ca)?)? {
+        roots.add(ca)?;
+    }
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_client_cert_verifier(Arc::new(AnyClientCert(provider)))
+        .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)?;
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind(&args.listen).await?;

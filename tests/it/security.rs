@@ -7,8 +7,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_tests::raw::{connack, connect_frame, read_until_contains, subscribe_frame, tls};
+use fleet_protocol::{EventKind, Filter, StationLeaf, Topic};
+use fleet_tests::raw::{
+    connack, connect_frame, frame, read_until_contains, string, subscribe_frame, tls,
+};
 use fleet_tests::{code_of, TestFleet};
+use fleet_tests::{mac, serial, station_topic};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -73,7 +77,9 @@ async fn operators_of_different_tenants_with_the_same_name_share_nothing() {
         0
     );
     listener
-        .write_all(&subscribe_frame("fleet/control/admin/response"))
+        .write_all(&subscribe_frame(
+            &Topic::OperatorResponse("admin".into()).to_string(),
+        ))
         .await
         .expect("subscribe");
     read_until_contains(&mut listener, &[0x90]).await;
@@ -336,7 +342,7 @@ async fn a_paps_never_appear_in_phone_events() {
         .expect("create");
     let pap = phone["pap"].as_str().expect("pap").to_owned();
     let event = admin
-        .wait_event("phones", |e| e["phone"]["mac"] == "aabbcc000009")
+        .wait_event(EventKind::Phones, |e| e["phone"]["mac"] == "aabbcc000009")
         .await;
     assert!(event["phone"].get("pap").is_none(), "{event}");
     assert!(!event.to_string().contains(&pap), "{event}");
@@ -345,13 +351,9 @@ async fn a_paps_never_appear_in_phone_events() {
 /// An MQTT 3.1.1 CONNECT with a user name and no password.
 fn connect_with_username(client_id: &str, username: &str) -> Vec<u8> {
     let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x82, 0, 60];
-    for s in [client_id, username] {
-        body.extend_from_slice(&(s.len() as u16).to_be_bytes());
-        body.extend_from_slice(s.as_bytes());
-    }
-    let mut out = vec![0x10, body.len() as u8];
-    out.extend(body);
-    out
+    body.extend(string(client_id.as_bytes()));
+    body.extend(string(username.as_bytes()));
+    frame(0x10, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,7 +372,7 @@ async fn a_phone_refused_for_a_bad_username_is_audited_in_its_own_tenant() {
     assert_eq!(
         connack(
             &mut stream,
-            &connect_with_username("phone-aabbcc0000a1", "not-the-mac")
+            &connect_with_username(&mac("aabbcc0000a1").client_id(), "not-the-mac")
         )
         .await,
         5
@@ -382,7 +384,7 @@ async fn a_phone_refused_for_a_bad_username_is_audited_in_its_own_tenant() {
     assert!(
         records(&audit).iter().any(|r| r["action"] == "connect"
             && r["outcome"] == "refused"
-            && r["device"] == "phone-aabbcc0000a1"),
+            && r["device"] == mac("aabbcc0000a1").client_id()),
         "{audit}"
     );
 }
@@ -465,7 +467,11 @@ async fn stations_waiting_for_approval_are_bounded_per_address_and_unseen_ones_e
     let third = station_connector(&fleet, "PW-3");
     let mut stream = tls(&third, port).await;
     assert_eq!(
-        connack(&mut stream, &connect_frame("station-PW-3", 60, None)).await,
+        connack(
+            &mut stream,
+            &connect_frame(&serial("PW-3").client_id(), 60, None)
+        )
+        .await,
         3
     );
     let audit = op
@@ -532,11 +538,15 @@ async fn an_impostor_holding_the_client_id_never_hears_authorized() {
     let impostor = station_connector(&fleet, "IM-1");
     let mut stream = tls(&impostor, port).await;
     assert_eq!(
-        connack(&mut stream, &connect_frame("station-IM-1", 60, None)).await,
+        connack(
+            &mut stream,
+            &connect_frame(&serial("IM-1").client_id(), 60, None)
+        )
+        .await,
         0
     );
     stream
-        .write_all(&subscribe_frame("stations/IM-1/cmd"))
+        .write_all(&subscribe_frame(&station_topic("IM-1", StationLeaf::Cmd)))
         .await
         .expect("subscribe");
     read_until_contains(&mut stream, &[0x90]).await;
@@ -553,7 +563,7 @@ async fn an_impostor_holding_the_client_id_never_hears_authorized() {
         "the impostor heard authorized"
     );
     let event = op
-        .wait_event("security", |e| {
+        .wait_event(EventKind::Security, |e| {
             e["event"] == "identity_mismatch" && e["serial"] == "IM-1"
         })
         .await;
@@ -569,10 +579,15 @@ async fn a_retained_message_planted_before_acceptance_never_reaches_the_station(
     let anonymous = fleet_tests::raw::anonymous_connector(&fleet);
     let mut planter = tls(&anonymous, port).await;
     assert_eq!(
-        connack(&mut planter, &connect_frame("station-RT-1", 60, None)).await,
+        connack(
+            &mut planter,
+            &connect_frame(&serial("RT-1").client_id(), 60, None)
+        )
+        .await,
         0
     );
-    let mut retained = fleet_tests::raw::publish_frame("stations/RT-1/status", b"planted");
+    let mut retained =
+        fleet_tests::raw::publish_frame(&station_topic("RT-1", StationLeaf::Status), b"planted");
     retained[0] |= 0x01;
     planter.write_all(&retained).await.expect("publish");
     planter.write_all(&[0xE0, 0]).await.expect("disconnect");
@@ -582,15 +597,20 @@ async fn a_retained_message_planted_before_acceptance_never_reaches_the_station(
     let mut station = fleet.station("RT-1", "6.1.0");
     fleet_tests::authorize(&mut op, &mut station).await;
     station.handle.shutdown().await;
-    let connector =
-        fleet_tests::raw::device_connector(&fleet, &fleet.dir.path().join("station-RT-1"));
+    let connector = fleet_tests::raw::device_connector(&fleet, &fleet.station_dir("RT-1"));
     let mut stream = tls(&connector, port).await;
     assert_eq!(
-        connack(&mut stream, &connect_frame("station-RT-1", 60, None)).await,
+        connack(
+            &mut stream,
+            &connect_frame(&serial("RT-1").client_id(), 60, None)
+        )
+        .await,
         0
     );
     stream
-        .write_all(&subscribe_frame("stations/RT-1/#"))
+        .write_all(&subscribe_frame(
+            &Filter::StationTree(serial("RT-1")).to_string(),
+        ))
         .await
         .expect("subscribe");
     let heard = read_for(&mut stream, Duration::from_millis(800)).await;
@@ -619,14 +639,19 @@ async fn an_operator_that_does_not_read_loses_no_response_silently() {
         0
     );
     stream
-        .write_all(&subscribe_frame("fleet/control/admin/response"))
+        .write_all(&subscribe_frame(
+            &Topic::OperatorResponse("admin".into()).to_string(),
+        ))
         .await
         .expect("subscribe");
     read_until_contains(&mut stream, &[0x90]).await;
     // 400 requests, without reading a single response.
     let request =
         json!({"commands": [{"command": "exportDevicesCsv", "correlationData": 1}]}).to_string();
-    let frame = fleet_tests::raw::publish_frame("fleet/control/admin/request", request.as_bytes());
+    let frame = fleet_tests::raw::publish_frame(
+        &Topic::OperatorRequest("admin".into()).to_string(),
+        request.as_bytes(),
+    );
     let mut sent = 0;
     for _ in 0..400 {
         match tokio::time::timeout(Duration::from_secs(5), stream.write_all(&frame)).await {
@@ -665,7 +690,11 @@ async fn a_look_alike_serial_of_an_accepted_station_is_refused() {
     let twin = station_connector(&fleet, "ct-1");
     let mut stream = tls(&twin, port).await;
     assert_ne!(
-        connack(&mut stream, &connect_frame("station-ct-1", 60, None)).await,
+        connack(
+            &mut stream,
+            &connect_frame(&serial("ct-1").client_id(), 60, None)
+        )
+        .await,
         0,
         "serials are case-sensitive, but no station may differ from an accepted one only in case"
     );

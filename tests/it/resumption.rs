@@ -1,8 +1,10 @@
 //! rustls skips the client-certificate verifier on resumed TLS sessions: a rejected or reset
 //! station that resumes its old session must still be refused or held to pending rights.
 
+use fleet_protocol::StationLeaf;
 use fleet_tests::raw::{connect, device_connector, subscribe_frame, tls, until_closed};
 use fleet_tests::{authorize, TestFleet};
+use fleet_tests::{serial, station_data_filter, station_topic};
 use rustls::HandshakeKind;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,7 +16,7 @@ async fn a_resumed_tls_session_of_a_rejected_station_is_refused() {
     let station = fleet.station("RS-1", "6.1.0");
     op.wait_state("RS-1", "unauthorized").await;
     station.handle.shutdown().await;
-    let connector = device_connector(&fleet, &fleet.dir.path().join("station-RS-1"));
+    let connector = device_connector(&fleet, &fleet.station_dir("RS-1"));
     let port = fleet.fleet.local_addr().port();
 
     // First connection: a full handshake, admitted with pending rights.
@@ -23,9 +25,9 @@ async fn a_resumed_tls_session_of_a_rejected_station_is_refused() {
         first.get_ref().1.handshake_kind(),
         Some(HandshakeKind::Full)
     );
-    assert_eq!(connect(&mut first, "station-RS-1").await, 0);
+    assert_eq!(connect(&mut first, &serial("RS-1").client_id()).await, 0);
     first
-        .write_all(&subscribe_frame("stations/RS-1/cmd"))
+        .write_all(&subscribe_frame(&station_topic("RS-1", StationLeaf::Cmd)))
         .await
         .expect("subscribe");
     let mut suback = [0u8; 5];
@@ -49,7 +51,7 @@ async fn a_resumed_tls_session_of_a_rejected_station_is_refused() {
         "the session must be resumed for this test to mean anything"
     );
     assert_eq!(
-        connect(&mut second, "station-RS-1").await,
+        connect(&mut second, &serial("RS-1").client_id()).await,
         5,
         "refused: not authorized"
     );
@@ -62,12 +64,15 @@ async fn a_resumed_tls_session_of_a_reset_station_gets_no_authorized_rights() {
     let mut station = fleet.station("RS-2", "6.1.0");
     authorize(&mut op, &mut station).await;
     station.handle.shutdown().await;
-    let connector = device_connector(&fleet, &fleet.dir.path().join("station-RS-2"));
+    let connector = device_connector(&fleet, &fleet.station_dir("RS-2"));
     let port = fleet.fleet.local_addr().port();
 
     let mut first = tls(&connector, port).await;
-    assert_eq!(connect(&mut first, "station-RS-2").await, 0);
-    for filter in ["stations/RS-2/cmd", "stations/RS-2/data/#"] {
+    assert_eq!(connect(&mut first, &serial("RS-2").client_id()).await, 0);
+    for filter in [
+        &station_topic("RS-2", StationLeaf::Cmd),
+        &station_data_filter("RS-2"),
+    ] {
         first
             .write_all(&subscribe_frame(filter))
             .await
@@ -95,9 +100,9 @@ async fn a_resumed_tls_session_of_a_reset_station_gets_no_authorized_rights() {
         second.get_ref().1.handshake_kind(),
         Some(HandshakeKind::Resumed)
     );
-    assert_eq!(connect(&mut second, "station-RS-2").await, 0);
+    assert_eq!(connect(&mut second, &serial("RS-2").client_id()).await, 0);
     second
-        .write_all(&subscribe_frame("stations/RS-2/data/#"))
+        .write_all(&subscribe_frame(&station_data_filter("RS-2")))
         .await
         .expect("subscribe");
     let mut suback = [0u8; 5];

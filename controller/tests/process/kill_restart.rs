@@ -1,76 +1,32 @@
 //! Durability: `fleetd` runs as a process, operators take decisions, the process is killed with
 //! SIGKILL mid-way, restarted on the same data directory, and every acknowledged decision is
-//! still there. (This test lives in the controller package because it runs the `fleetd` binary.)
+//! still there.
 
-mod common;
+use fleet_sim::StationHandle;
+use fleet_tests::process::Fleetd;
+use serde_json::json;
 
-use common::{operator, start_fleetd};
-
-use fleet_ctl::OperatorClient;
-use std::time::Duration;
-
-use fleet_sim::{spawn_station, SimConfig, StationHandle, StationProfile, StationState};
-use serde_json::{json, Value};
-
-const PATIENCE: Duration = Duration::from_secs(30);
-
-/// Waits until `serial` shows `state`, re-checking on every station event.
-async fn wait_state(
-    op: &OperatorClient,
-    events: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Value)>,
-    serial: &str,
-    state: &str,
-) -> Value {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Ok(view) = op.call("getStation", json!({"serial": serial})).await {
-            if view["state"] == state {
-                return view;
-            }
-        }
-        // Re-check on station events only: every getStation is itself audited.
-        loop {
-            let event = tokio::time::timeout_at(deadline, events.recv()).await;
-            match event {
-                _ if tokio::time::Instant::now() >= deadline => {
-                    panic!("{serial} never reached {state}")
-                }
-                Ok(Some((topic, _))) if topic.ends_with("/audit") => {}
-                Ok(Some(_)) => break,
-                Ok(None) => panic!("event stream closed"),
-                Err(_) => {}
-            }
-        }
-    }
-}
+use crate::FLEETD;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_decisions_survive_sigkill() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("fleet-data");
-    let fleetd = start_fleetd(&data);
-    let op = operator(&fleetd, &data).await;
-    let mut events = op.subscribe_events("default").await.expect("events");
-    let ca = std::fs::read_to_string(data.join("ca.pem")).expect("ca");
+    let fleetd = Fleetd::start(FLEETD.as_ref(), &data);
+    let mut op = fleetd.operator().await;
 
     let serials: Vec<String> = (1..=6).map(|i| format!("KILL-{i}")).collect();
-    let mut stations: Vec<StationHandle> = Vec::new();
-    for serial in &serials {
-        let sdir = dir.path().join(serial);
-        StationState::init(&sdir, &StationProfile::new(serial.clone(), "6.1.0")).expect("init");
-        let mut config = SimConfig::new(fleetd.server.clone(), ca.clone());
-        config.retry = Duration::from_millis(200);
-        stations.push(spawn_station(&sdir, config));
-    }
+    let stations: Vec<StationHandle> = serials
+        .iter()
+        .map(|serial| {
+            fleetd
+                .station(dir.path().join(serial), serial, "6.1.0")
+                .handle
+        })
+        .collect();
     let mut fingerprints = Vec::new();
     for serial in &serials {
-        let view = wait_state(&op, &mut events, serial, "unauthorized").await;
-        fingerprints.push(
-            view["fingerprint"]
-                .as_str()
-                .expect("fingerprint")
-                .to_owned(),
-        );
+        fingerprints.push(op.wait_request(serial).await);
     }
 
     // Acknowledged decisions: accept 1, 2, 3 and 5; reject 4.
@@ -103,11 +59,7 @@ async fn acknowledged_decisions_survive_sigkill() {
         }
     };
     let mut fleetd = fleetd;
-    let kill = async {
-        // SIGKILL: no shutdown path runs.
-        fleetd.child.kill().expect("kill -9");
-        fleetd.child.wait().expect("reaped");
-    };
+    let kill = async { fleetd.kill() };
     let (_maybe, ()) = tokio::join!(in_flight, kill);
     drop(op);
     for s in stations {
@@ -115,8 +67,8 @@ async fn acknowledged_decisions_survive_sigkill() {
     }
 
     // Restart on the same data directory: the store opens cleanly and holds every decision.
-    let fleetd = start_fleetd(&data);
-    let op = operator(&fleetd, &data).await;
+    let fleetd = Fleetd::start(FLEETD.as_ref(), &data);
+    let op = fleetd.operator().await;
     for (serial, expected) in &acknowledged {
         let view = op
             .call("getStation", json!({"serial": serial}))

@@ -2,11 +2,13 @@
 //! answered with a CONNACK, keepalive enforced, wills kept and fired by the front door, session
 //! takeover closing the old socket, mailboxes.
 
+use fleet_protocol::{Filter, StationLeaf, Topic, STATION_CLIENT_ID_PREFIX};
 use fleet_tests::raw::{
-    anonymous_connector, connack, connect, connect_frame, device_connector, read_until_contains,
-    subscribe_frame, tls, until_closed, Will,
+    anonymous_connector, connack, connect, connect_frame, connect_v5, device_connector,
+    read_until_contains, subscribe_frame, tls, until_closed, Will,
 };
 use fleet_tests::{authorize, TestFleet};
+use fleet_tests::{serial, station_topic};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
@@ -20,10 +22,10 @@ async fn the_connection_cap_is_answered_with_a_connack() {
     let port = fleet.fleet.local_addr().port();
     let connector = anonymous_connector(&fleet);
     let mut first = tls(&connector, port).await;
-    assert_eq!(connect(&mut first, "station-CAP-1").await, 0);
+    assert_eq!(connect(&mut first, &serial("CAP-1").client_id()).await, 0);
     let mut second = tls(&connector, port).await;
     // 3.1.1 has no "quota exceeded": 3, server unavailable, instead of a silent drop.
-    assert_eq!(connect(&mut second, "station-CAP-2").await, 3);
+    assert_eq!(connect(&mut second, &serial("CAP-2").client_id()).await, 3);
 }
 
 /// Issue 9: certificate-less sessions filled the cap and an operator got 0x97. The last
@@ -40,12 +42,13 @@ async fn a_flood_of_devices_leaves_the_reserved_slots_to_operators() {
     let mut held = Vec::new();
     for i in 0..2 {
         let mut stream = tls(&connector, port).await;
-        assert_eq!(connect(&mut stream, &format!("station-RS-{i}")).await, 0);
+        let client_id = serial(&format!("RS-{i}")).client_id();
+        assert_eq!(connect(&mut stream, &client_id).await, 0);
         held.push(stream);
     }
     let mut third = tls(&connector, port).await;
     assert_eq!(
-        connect(&mut third, "station-RS-9").await,
+        connect(&mut third, &serial("RS-9").client_id()).await,
         3,
         "a device may not take the reserved slot"
     );
@@ -59,7 +62,9 @@ async fn a_client_id_of_the_wrong_form_is_refused_and_audited() {
     let op = fleet.operator().await;
     let port = fleet.fleet.local_addr().port();
     let connector = anonymous_connector(&fleet);
-    for client_id in ["", "a/b", "a+b", "fleetd-controller", "station-bad_serial"] {
+    // The last one claims a station, with a serial of the wrong form.
+    let bad_serial = format!("{STATION_CLIENT_ID_PREFIX}bad_serial");
+    for client_id in ["", "a/b", "a+b", "fleetd-controller", &bad_serial] {
         let mut stream = tls(&connector, port).await;
         assert_eq!(connect(&mut stream, client_id).await, 5, "{client_id:?}");
     }
@@ -83,10 +88,11 @@ async fn a_silent_client_is_cut_and_its_will_fires_but_a_clean_disconnect_discar
     let mut station = fleet.station("KA-1", "6.1.0");
     authorize(&mut op, &mut station).await;
     station.handle.shutdown().await;
-    let connector = device_connector(&fleet, &fleet.dir.path().join("station-KA-1"));
+    let connector = device_connector(&fleet, &fleet.station_dir("KA-1"));
     let port = fleet.fleet.local_addr().port();
+    let status = station_topic("KA-1", StationLeaf::Status);
     let will = |payload| Will {
-        topic: "stations/KA-1/status",
+        topic: &status,
         payload,
         retain: true,
     };
@@ -94,7 +100,7 @@ async fn a_silent_client_is_cut_and_its_will_fires_but_a_clean_disconnect_discar
     // Keepalive 1 s and then silence: the front door cuts after 1.5 s, and the will fires.
     let mut silent = tls(&connector, port).await;
     let hello = connect_frame(
-        "station-KA-1",
+        &serial("KA-1").client_id(),
         1,
         Some(&will(r#"{"online":false,"by":"will"}"#)),
     );
@@ -104,7 +110,7 @@ async fn a_silent_client_is_cut_and_its_will_fires_but_a_clean_disconnect_discar
     // A clean DISCONNECT discards the will.
     let mut clean = tls(&connector, port).await;
     let hello = connect_frame(
-        "station-KA-1",
+        &serial("KA-1").client_id(),
         60,
         Some(&will(r#"{"online":false,"by":"discarded"}"#)),
     );
@@ -113,9 +119,12 @@ async fn a_silent_client_is_cut_and_its_will_fires_but_a_clean_disconnect_discar
     until_closed(&mut clean).await;
 
     let mut reader = tls(&connector, port).await;
-    assert_eq!(connect(&mut reader, "station-KA-1").await, 0);
+    assert_eq!(connect(&mut reader, &serial("KA-1").client_id()).await, 0);
     reader
-        .write_all(&subscribe_frame("stations/KA-1/status"))
+        .write_all(&subscribe_frame(&station_topic(
+            "KA-1",
+            StationLeaf::Status,
+        )))
         .await
         .expect("subscribe");
     let seen = read_until_contains(&mut reader, b"\"by\":\"will\"").await;
@@ -128,12 +137,12 @@ async fn a_session_takeover_closes_the_old_connection() {
     let port = fleet.fleet.local_addr().port();
     let connector = anonymous_connector(&fleet);
     let mut old = tls(&connector, port).await;
-    assert_eq!(connect(&mut old, "station-TO-1").await, 0);
+    assert_eq!(connect(&mut old, &serial("TO-1").client_id()).await, 0);
     let mut new = tls(&connector, port).await;
-    assert_eq!(connect(&mut new, "station-TO-1").await, 0);
+    assert_eq!(connect(&mut new, &serial("TO-1").client_id()).await, 0);
     until_closed(&mut old).await;
     // The new session works.
-    new.write_all(&subscribe_frame("stations/TO-1/cmd"))
+    new.write_all(&subscribe_frame(&station_topic("TO-1", StationLeaf::Cmd)))
         .await
         .expect("subscribe");
     read_until_contains(&mut new, &[0x90, 3, 0, 1, 1]).await;
@@ -148,7 +157,7 @@ async fn a_packet_only_a_server_sends_ends_the_connection_and_nothing_else() {
     let connector = anonymous_connector(&fleet);
     // An MQTT 5 session, then a CONNACK from the client: rumqttd's v5 decoder panics on it
     // (found by fuzzing).
-    let mut stream = v5_session(&fleet, "station-PX-1").await;
+    let mut stream = v5_session(&fleet, &serial("PX-1").client_id()).await;
     stream
         .write_all(&[0x20, 0x02, 0x00, 0x00])
         .await
@@ -164,33 +173,9 @@ async fn v5_session(
     fleet: &TestFleet,
     client_id: &str,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    use tokio::io::AsyncReadExt;
     let port = fleet.fleet.local_addr().port();
-    let id = client_id.as_bytes();
-    let mut connect = vec![
-        0x10,
-        (13 + id.len()) as u8,
-        0,
-        4,
-        b'M',
-        b'Q',
-        b'T',
-        b'T',
-        5,
-        0x02,
-        0,
-        60,
-        0,
-    ];
-    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    connect.extend_from_slice(id);
     let mut stream = tls(&anonymous_connector(fleet), port).await;
-    stream.write_all(&connect).await.expect("connect");
-    let mut head = [0u8; 2];
-    stream.read_exact(&mut head).await.expect("connack");
-    let mut rest = vec![0u8; head[1] as usize];
-    stream.read_exact(&mut rest).await.expect("connack");
-    assert_eq!((head[0], rest[1]), (0x20, 0), "admitted");
+    assert_eq!(connect_v5(&mut stream, client_id).await.0, 0, "admitted");
     stream
 }
 
@@ -199,7 +184,7 @@ async fn malformed_frames_close_the_connection_with_the_mqtt5_reason() {
     use fleet_tests::raw::until_closed;
     let fleet = TestFleet::start().await;
     // A remaining length claiming 268 MB: refused from its header, nothing buffered for it.
-    let mut huge = v5_session(&fleet, "station-MF-1").await;
+    let mut huge = v5_session(&fleet, &serial("MF-1").client_id()).await;
     huge.write_all(&[0x30, 0xff, 0xff, 0xff, 0x7f, 0, 1, b'a'])
         .await
         .expect("write");
@@ -207,7 +192,7 @@ async fn malformed_frames_close_the_connection_with_the_mqtt5_reason() {
     assert_eq!(sent.first(), Some(&0xe0), "a DISCONNECT: {sent:?}");
     assert_eq!(sent.get(2), Some(&0x95), "packet too large: {sent:?}");
     // A PUBLISH whose topic length runs past the frame: malformed.
-    let mut bad = v5_session(&fleet, "station-MF-2").await;
+    let mut bad = v5_session(&fleet, &serial("MF-2").client_id()).await;
     bad.write_all(&[0x30, 0x04, 0x00, 0x40, b'a', b'b'])
         .await
         .expect("write");
@@ -217,7 +202,7 @@ async fn malformed_frames_close_the_connection_with_the_mqtt5_reason() {
 }
 
 async fn connect_v4(stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> u8 {
-    connect(stream, "station-PX-2").await
+    connect(stream, &serial("PX-2").client_id()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,7 +230,9 @@ async fn an_operator_cannot_take_over_another_operators_session() {
     let mut second = tls(&mallory, port).await;
     assert_eq!(connack(&mut second, &hello).await, 5);
     first
-        .write_all(&subscribe_frame("fleet/control/alice/response"))
+        .write_all(&subscribe_frame(
+            &Topic::OperatorResponse("alice".into()).to_string(),
+        ))
         .await
         .expect("subscribe");
     read_until_contains(&mut first, &[0x90, 3, 0, 1, 1]).await;
@@ -266,26 +253,28 @@ async fn mailbox_messages_reach_exact_and_wildcard_subscriptions() {
     let mut station = fleet.station("MB-1", "6.1.0");
     let fingerprint = authorize(&mut op, &mut station).await;
     station.handle.shutdown().await;
-    let connector = device_connector(&fleet, &fleet.dir.path().join("station-MB-1"));
+    let connector = device_connector(&fleet, &fleet.station_dir("MB-1"));
     let port = fleet.fleet.local_addr().port();
 
     // An authorized session: its own cmd at QoS 1 (granted 1), then unsubscribed again.
     let mut session = tls(&connector, port).await;
-    assert_eq!(connect(&mut session, "station-MB-1").await, 0);
+    assert_eq!(connect(&mut session, &serial("MB-1").client_id()).await, 0);
     session
-        .write_all(&subscribe_frame("stations/MB-1/cmd"))
+        .write_all(&subscribe_frame(&station_topic("MB-1", StationLeaf::Cmd)))
         .await
         .expect("subscribe");
     read_until_contains(&mut session, &[0x90, 3, 0, 1, 1]).await;
     session
-        .write_all(&unsubscribe_frame("stations/MB-1/cmd"))
+        .write_all(&unsubscribe_frame(&station_topic("MB-1", StationLeaf::Cmd)))
         .await
         .expect("unsubscribe");
     read_until_contains(&mut session, &[0xb0, 2, 0, 2]).await;
 
     // The wildcard (through the router for data, and the mailbox for cmd).
     session
-        .write_all(&subscribe_frame("stations/MB-1/#"))
+        .write_all(&subscribe_frame(
+            &Filter::StationTree(serial("MB-1")).to_string(),
+        ))
         .await
         .expect("subscribe");
     read_until_contains(&mut session, &[0x90, 3, 0, 1, 1]).await;
@@ -314,15 +303,18 @@ async fn mailbox_messages_go_at_qos_1_and_their_acknowledgement_stays_in_the_fro
     let port = fleet.fleet.local_addr().port();
     // A legacy station (no key pair) that has to be updated.
     let mut session = tls(&anonymous_connector(&fleet), port).await;
-    assert_eq!(connect(&mut session, "station-UP-1").await, 0);
+    assert_eq!(connect(&mut session, &serial("UP-1").client_id()).await, 0);
     session
-        .write_all(&subscribe_frame("stations/UP-1/cmd"))
+        .write_all(&subscribe_frame(&station_topic("UP-1", StationLeaf::Cmd)))
         .await
         .expect("subscribe");
     read_until_contains(&mut session, &[0x90, 3, 0, 1, 1]).await;
     let request = br#"{"serial":"UP-1","model":"m","firmware":"6.0.5","mac_streaming":"a","mac_control":"b"}"#;
     session
-        .write_all(&publish_frame("stations/UP-1/auth/request", request))
+        .write_all(&publish_frame(
+            &station_topic("UP-1", StationLeaf::AuthRequest),
+            request,
+        ))
         .await
         .expect("auth request");
     op.wait_state("UP-1", "update_required").await;
@@ -334,7 +326,8 @@ async fn mailbox_messages_go_at_qos_1_and_their_acknowledgement_stays_in_the_fro
     .expect("update");
     let seen = read_until_contains(&mut session, b"\"command\":\"update\"").await;
     // PUBLISH, QoS 1: 0x32, then the remaining length, the topic, and the packet id.
-    let topic = b"stations/UP-1/cmd";
+    let topic = station_topic("UP-1", StationLeaf::Cmd);
+    let topic = topic.as_bytes();
     let at = seen
         .windows(topic.len())
         .position(|w| w == topic)
@@ -351,7 +344,9 @@ async fn mailbox_messages_go_at_qos_1_and_their_acknowledgement_stays_in_the_fro
     let [hi, lo] = pkid.to_be_bytes();
     session.write_all(&[0x40, 2, hi, lo]).await.expect("puback");
     session
-        .write_all(&subscribe_frame("stations/UP-1/firmware/#"))
+        .write_all(&subscribe_frame(
+            &Filter::StationFirmware(serial("UP-1")).to_string(),
+        ))
         .await
         .expect("subscribe");
     read_until_contains(&mut session, &[0x90, 3, 0, 1, 1]).await;

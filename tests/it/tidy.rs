@@ -3,6 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
+use fleet_protocol::{
+    Filter, PhoneLeaf, StationLeaf, OPERATOR_CLIENT_ID_PREFIX, PHONE_CLIENT_ID_PREFIX,
+    STATION_CLIENT_ID_PREFIX,
+};
+
 /// The workspace's member crates, by folder.
 const CRATES: [&str; 8] = [
     "protocol",
@@ -51,6 +56,11 @@ fn code(path: &Path) -> String {
         Some(at) => &text[..at],
         None => &text[..],
     };
+    without_comments(text)
+}
+
+/// `text` without its comment lines.
+fn without_comments(text: &str) -> String {
     text.lines()
         .filter(|l| !l.trim_start().starts_with("//"))
         .collect::<Vec<_>>()
@@ -58,11 +68,11 @@ fn code(path: &Path) -> String {
 }
 
 /// The files of `files` whose code contains one of `needles`, with the needle.
-fn offenders(files: &[PathBuf], needles: &[&str]) -> Vec<String> {
+fn offenders(files: &[PathBuf], needles: &[impl AsRef<str>]) -> Vec<String> {
     let mut found = Vec::new();
     for file in files {
         let code = code(file);
-        for needle in needles {
+        for needle in needles.iter().map(AsRef::as_ref) {
             if code.contains(needle) {
                 found.push(format!("{}: {needle}", file.display()));
             }
@@ -71,23 +81,59 @@ fn offenders(files: &[PathBuf], needles: &[&str]) -> Vec<String> {
     found
 }
 
+/// How a string literal that spells a fleet name by hand starts: a quote, then a topic root
+/// (`stations/`, `phones/`, `fleet/`) or a client-id prefix (`station-`, `phone-`, `op-`), each
+/// as fleet-protocol writes it.
+fn fleet_name_literals() -> Vec<String> {
+    let root = |filter: Filter| {
+        let text = filter.to_string();
+        let root = text.split('/').next().unwrap_or_default();
+        format!("\"{root}/")
+    };
+    vec![
+        root(Filter::EveryStation(StationLeaf::Cmd)),
+        root(Filter::EveryPhone(PhoneLeaf::ProvisionRequest)),
+        root(Filter::AllEvents),
+        format!("\"{STATION_CLIENT_ID_PREFIX}"),
+        format!("\"{PHONE_CLIENT_ID_PREFIX}"),
+        format!("\"{OPERATOR_CLIENT_ID_PREFIX}"),
+    ]
+}
+
 /// Architecture Invariant: the broker knows nothing about stations, phones or operators; the
 /// fleet's topic names reach it as data (`Rights`) only.
 #[test]
 fn no_fleet_topic_or_client_id_is_spelled_in_the_broker() {
     let files = rust_files(&workspace().join("broker/src"));
-    let found = offenders(
-        &files,
-        &[
-            "\"stations/",
-            "\"phones/",
-            "\"fleet/",
-            "\"station-",
-            "\"phone-",
-            "\"op-",
-        ],
-    );
+    let found = offenders(&files, &fleet_name_literals());
     assert!(found.is_empty(), "fleet names in the broker: {found:#?}");
+}
+
+/// One crate names the protocol: no topic or client id is spelled by hand outside
+/// fleet-protocol, in code or in tests, the simulator, the benches and the fuzz targets
+/// included. Everyone else asks it (`Topic`, `Filter`, `Serial::client_id`, …).
+#[test]
+fn fleet_names_are_spelled_only_by_the_protocol() {
+    let root = workspace();
+    let mut files = Vec::new();
+    for krate in CRATES.iter().filter(|krate| **krate != "protocol") {
+        files.extend(rust_files(&root.join(krate)));
+    }
+    files.extend(rust_files(&root.join("bench/src")));
+    files.extend(rust_files(&root.join("fuzz/fuzz_targets")));
+    let needles = fleet_name_literals();
+    let mut found = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).expect("source");
+        let code = without_comments(&text);
+        for needle in needles.iter().filter(|n| code.contains(n.as_str())) {
+            found.push(format!("{}: {needle}", file.display()));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "fleet names spelled outside fleet-protocol: {found:#?}"
+    );
 }
 
 /// Architecture Invariant: only the store knows redb.
@@ -152,11 +198,10 @@ fn every_declared_dependency_is_used() {
     for krate in CRATES {
         let dir = root.join(krate);
         let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).expect("manifest");
+        // All of the crate's code: `src`, and its tests wherever its manifest puts them.
         let mut sources = String::new();
-        for sub in ["src", "tests", "benches"] {
-            for file in rust_files(&dir.join(sub)) {
-                sources.push_str(&std::fs::read_to_string(file).expect("source"));
-            }
+        for file in rust_files(&dir) {
+            sources.push_str(&std::fs::read_to_string(file).expect("source"));
         }
         let mut section = "";
         for line in manifest.lines() {

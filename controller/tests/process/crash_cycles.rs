@@ -3,19 +3,16 @@
 //! time. Every acknowledged decision and every issued certificate is checked against what the
 //! clients were told: nothing lost, nothing half-done, and the store opens cleanly every time.
 
-mod common;
-
-use common::{operator, start_fleetd};
-
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use fleet_ctl::OperatorClient;
 use fleet_sim::phone::{self, PhoneProfile, PhoneState, PhoneTarget, ProvisionOutcome};
-use fleet_sim::{spawn_station, SimConfig, StationProfile, StationState};
+use fleet_tests::process::Fleetd;
+use fleet_tests::{new_phone, Operator};
 use serde_json::json;
-use std::time::Instant;
+
+use crate::FLEETD;
 
 const CYCLES: usize = 20;
 
@@ -40,34 +37,6 @@ impl Rng {
     }
 }
 
-/// Waits until station `serial` is Unauthorized with a key; re-checks on every station event.
-async fn wait_unauthorized(
-    op: &OperatorClient,
-    events: &mut tokio::sync::mpsc::UnboundedReceiver<(String, serde_json::Value)>,
-    serial: &str,
-) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(view) = op.call("getStation", json!({"serial": serial})).await {
-            if view["state"] == "unauthorized" {
-                if let Some(fp) = view["fingerprint"].as_str() {
-                    return fp.to_owned();
-                }
-            }
-        }
-        loop {
-            let event = tokio::time::timeout_at(deadline, events.recv()).await;
-            match event {
-                _ if tokio::time::Instant::now() >= deadline => panic!("{serial} never asked"),
-                Ok(Some((topic, _))) if topic.ends_with("/audit") => {}
-                Ok(Some(_)) => break,
-                Ok(None) => panic!("event stream closed"),
-                Err(_) => {}
-            }
-        }
-    }
-}
-
 /// Station decisions the operator heard back: authorized with this key, or rejected.
 fn check_station(serial: &str, expected: &Option<String>, view: &serde_json::Value) {
     match expected {
@@ -86,7 +55,7 @@ fn check_station(serial: &str, expected: &Option<String>, view: &serde_json::Val
     }
 }
 
-async fn check_stations(op: &OperatorClient, stations: &BTreeMap<String, Option<String>>) {
+async fn check_stations(op: &Operator, stations: &BTreeMap<String, Option<String>>) {
     for (serial, expected) in stations {
         let view = op
             .call("getStation", json!({"serial": serial}))
@@ -96,12 +65,7 @@ async fn check_stations(op: &OperatorClient, stations: &BTreeMap<String, Option<
     }
 }
 
-async fn check(
-    op: &OperatorClient,
-    told: &BTreeMap<String, Told>,
-    dir: &Path,
-    target: &PhoneTarget,
-) {
+async fn check(op: &Operator, told: &BTreeMap<String, Told>, dir: &Path, target: &PhoneTarget) {
     for (mac, what) in told {
         let view = op
             .call("getPhone", json!({"mac": mac}))
@@ -140,10 +104,9 @@ async fn twenty_sigkills_lose_no_acknowledged_decision_and_no_issued_certificate
 
     for cycle in 0..CYCLES {
         let t0 = Instant::now();
-        let fleetd = start_fleetd(&data);
-        let ca = std::fs::read_to_string(data.join("ca.pem")).expect("ca");
-        let target = PhoneTarget::new(fleetd.server.clone(), ca);
-        let op = operator(&fleetd, &data).await;
+        let fleetd = Fleetd::start(FLEETD.as_ref(), &data);
+        let target = PhoneTarget::new(fleetd.server.clone(), fleetd.ca_pem());
+        let mut op = fleetd.operator().await;
         let t1 = t0.elapsed();
         check(&op, &told, dir.path(), &target).await;
         check_stations(&op, &stations).await;
@@ -151,13 +114,8 @@ async fn twenty_sigkills_lose_no_acknowledged_decision_and_no_issued_certificate
 
         // Onboard one station: it asks, the operator accepts it (or rejects it, every third).
         let serial = format!("CR-{cycle}");
-        let sdir = dir.path().join(&serial);
-        StationState::init(&sdir, &StationProfile::new(serial.clone(), "6.1.0")).expect("init");
-        let mut events = op.subscribe_events("default").await.expect("events");
-        let mut sim = SimConfig::new(fleetd.server.clone(), target.ca_pem.clone());
-        sim.retry = Duration::from_millis(100);
-        let handle = spawn_station(&sdir, sim);
-        let fingerprint = wait_unauthorized(&op, &mut events, &serial).await;
+        let station = fleetd.station(dir.path().join(&serial), &serial, "6.1.0");
+        let fingerprint = op.wait_request(&serial).await;
         if cycle % 3 == 2 {
             op.call("rejectStation", json!({"serial": serial}))
                 .await
@@ -172,20 +130,13 @@ async fn twenty_sigkills_lose_no_acknowledged_decision_and_no_issued_certificate
             .expect("accept");
             stations.insert(serial, Some(fingerprint));
         }
-        handle.shutdown().await;
+        station.handle.shutdown().await;
 
         // Onboard one phone fully: created (acknowledged PAP), provisioned (certificate issued
         // and completion acknowledged).
         next_mac += 1;
         let mac = format!("0c0000{next_mac:06x}");
-        let view = op
-            .call(
-                "createPhone",
-                json!({"mac": mac, "vendor": "v", "type": "t"}),
-            )
-            .await
-            .expect("createPhone");
-        let pap = view["pap"].as_str().expect("pap").to_owned();
+        let pap = op.create_phone(&mac).await;
         told.insert(mac.clone(), Told::Pap(pap.clone()));
         let mut profile = PhoneProfile::new(mac.clone());
         profile.pap = Some(pap);
@@ -211,13 +162,7 @@ async fn twenty_sigkills_lose_no_acknowledged_decision_and_no_issued_certificate
         let acked = std::sync::Mutex::new(Vec::new());
         let requests = async {
             for mac in &burst {
-                if let Ok(v) = op
-                    .call(
-                        "createPhone",
-                        json!({"mac": mac, "vendor": "v", "type": "t"}),
-                    )
-                    .await
-                {
+                if let Ok(v) = op.call("createPhone", new_phone(mac)).await {
                     let pap = v["pap"].as_str().unwrap_or_default().to_owned();
                     acked.lock().expect("ledger").push((mac.clone(), pap));
                 }
@@ -236,8 +181,7 @@ async fn twenty_sigkills_lose_no_acknowledged_decision_and_no_issued_certificate
         let mut fleetd = fleetd;
         let killer = async {
             tokio::time::sleep(kill_after).await;
-            fleetd.child.kill().expect("kill -9");
-            fleetd.child.wait().expect("reaped");
+            fleetd.kill();
         };
         // Requests still waiting for an answer after the kill are abandoned: they were never
         // acknowledged.
@@ -257,10 +201,9 @@ async fn twenty_sigkills_lose_no_acknowledged_decision_and_no_issued_certificate
         eprintln!("cycle {cycle}: killed after {kill_after:?}, {} phones told; start {t1:?} check {t2:?} all {:?}", told.len(), t0.elapsed());
     }
     // A last restart: the store opens cleanly and holds everything.
-    let fleetd = start_fleetd(&data);
-    let ca = std::fs::read_to_string(data.join("ca.pem")).expect("ca");
-    let target = PhoneTarget::new(fleetd.server.clone(), ca);
-    let op = operator(&fleetd, &data).await;
+    let fleetd = Fleetd::start(FLEETD.as_ref(), &data);
+    let target = PhoneTarget::new(fleetd.server.clone(), fleetd.ca_pem());
+    let op = fleetd.operator().await;
     check(&op, &told, dir.path(), &target).await;
     check_stations(&op, &stations).await;
     assert!(told.values().filter(|t| **t == Told::Provisioned).count() >= CYCLES / 2);

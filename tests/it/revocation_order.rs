@@ -16,6 +16,9 @@ use fleet_controller::control::{
 use fleet_controller::firmware::{Catalog, FirmwarePolicy};
 use fleet_controller::identity::OperatorId;
 use fleet_controller::store::Store;
+use fleet_protocol::payload::StationCommand;
+use fleet_protocol::{StationLeaf, Topic};
+use fleet_tests::{mac, serial, station_topic};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -158,11 +161,13 @@ async fn cuts_come_before_the_operators_acknowledgement() {
         trust: Trust::SelfSigned,
     };
     assert!(matches!(
-        admission.admit(info(2, "station-S1", Some(st_cert))).await,
+        admission
+            .admit(info(2, &serial("S1").client_id(), Some(st_cert)))
+            .await,
         Decision::Allow { .. }
     ));
     controller.handle_message(
-        "stations/S1/auth/request",
+        &station_topic("S1", StationLeaf::AuthRequest),
         br#"{"serial":"S1","model":"m","firmware":"6.1.0","mac_streaming":"a","mac_control":"b"}"#,
     );
     let request = |command: Value| json!({"commands": [command]}).to_string().into_bytes();
@@ -177,7 +182,7 @@ async fn cuts_come_before_the_operators_acknowledgement() {
     controller.handle_request("op", 1,
         &request(json!({"command": "createPhone", "mac": "aabbccddeeff", "vendor": "v", "type": "t", "correlationData": "c"})),
     );
-    let mut phone_info = info(3, "phone-aabbccddeeff", None);
+    let mut phone_info = info(3, &mac("aabbccddeeff").client_id(), None);
     phone_info.username = Some("aabbccddeeff".into());
     // Whitelist the address so that no PAP is needed for this live session.
     controller.handle_request(
@@ -203,7 +208,7 @@ async fn cuts_come_before_the_operators_acknowledgement() {
             der: key.cert_der.clone(),
             trust: Trust::SelfSigned,
         };
-        let client_id = format!("station-{serial}");
+        let client_id = self::serial(serial).client_id();
         assert!(matches!(
             admission
                 .admit(info(10 + i as u64, &client_id, Some(cert)))
@@ -212,7 +217,7 @@ async fn cuts_come_before_the_operators_acknowledgement() {
         ));
         let auth = json!({"serial": serial, "model": "m", "firmware": "6.1.0", "mac_streaming": "a", "mac_control": "b"});
         controller.handle_message(
-            &format!("stations/{serial}/auth/request"),
+            &station_topic(serial, StationLeaf::AuthRequest),
             auth.to_string().as_bytes(),
         );
         controller.handle_request("op", 1,
@@ -231,8 +236,13 @@ async fn cuts_come_before_the_operators_acknowledgement() {
     let mut log = log.lock().expect("log");
     log.drain();
     let events = log.events.clone();
-    let cut_station = position(&events, "cut station-S1");
-    let told_station = position(&events, r#"publish stations/S1/cmd {"command":"rejected"}"#);
+    let cut_station = position(&events, &format!("cut {}", serial("S1").client_id()));
+    let rejected = StationCommand::Rejected.payload();
+    let told = format!(
+        "publish {} {rejected}",
+        station_topic("S1", StationLeaf::Cmd)
+    );
+    let told_station = position(&events, &told);
     let reject_ack = position(&events, r#""correlationData":"r""#);
     assert!(
         told_station < cut_station,
@@ -242,13 +252,16 @@ async fn cuts_come_before_the_operators_acknowledgement() {
         cut_station < reject_ack,
         "cut before the acknowledgement: {events:#?}"
     );
-    let cut_phone = position(&events, "cut phone-aabbccddeeff");
+    let cut_phone = position(&events, &format!("cut {}", mac("aabbccddeeff").client_id()));
     let reset_ack = position(&events, r#""correlationData":"p""#);
     assert!(
         cut_phone < reset_ack,
         "cut before the acknowledgement: {events:#?}"
     );
-    for (client, ack) in [("station-S2", "reset"), ("station-S3", "remove")] {
+    for (client, ack) in [
+        (&serial("S2").client_id(), "reset"),
+        (&serial("S3").client_id(), "remove"),
+    ] {
         let cut = position(&events, &format!("cut {client}"));
         let acked = position(&events, &format!(r#""correlationData":"{ack}""#));
         assert!(
@@ -270,16 +283,20 @@ async fn a_decision_during_admission_is_seen_by_the_recheck() {
     };
     // The station's first session makes it known (Unauthorized).
     assert!(matches!(
-        admission.admit(info(2, "station-R1", Some(cert()))).await,
+        admission
+            .admit(info(2, &serial("R1").client_id(), Some(cert())))
+            .await,
         Decision::Allow { .. }
     ));
     controller.handle_message(
-        "stations/R1/auth/request",
+        &station_topic("R1", StationLeaf::AuthRequest),
         br#"{"serial":"R1","model":"m","firmware":"6.1.0","mac_streaming":"a","mac_control":"b"}"#,
     );
     // A reconnect is admitted...
     assert!(matches!(
-        admission.admit(info(3, "station-R1", Some(cert()))).await,
+        admission
+            .admit(info(3, &serial("R1").client_id(), Some(cert())))
+            .await,
         Decision::Allow { .. }
     ));
     // ...the operator rejects the station before that session is registered...
@@ -287,7 +304,7 @@ async fn a_decision_during_admission_is_seen_by_the_recheck() {
         json!({"commands": [{"command": "rejectStation", "serial": "R1", "correlationData": 1}]});
     controller.handle_request("op", 1, reject.to_string().as_bytes());
     // ...and the re-check after registration cuts it.
-    assert_eq!(admission.session_opened("station-R1", 3), None);
+    assert_eq!(admission.session_opened(&serial("R1").client_id(), 3), None);
 }
 
 /// A batch of bus messages is one transaction: each message sees the changes of those before
@@ -304,7 +321,9 @@ async fn a_batch_sees_its_own_writes_and_speaks_only_after_its_commit() {
         trust: Trust::SelfSigned,
     };
     assert!(matches!(
-        admission.admit(info(2, "station-B1", Some(cert))).await,
+        admission
+            .admit(info(2, &serial("B1").client_id(), Some(cert)))
+            .await,
         Decision::Allow { .. }
     ));
     let auth =
@@ -324,7 +343,7 @@ async fn a_batch_sees_its_own_writes_and_speaks_only_after_its_commit() {
     };
     controller.handle_batch([
         Incoming::Routed {
-            topic: "stations/B1/auth/request",
+            topic: &station_topic("B1", StationLeaf::AuthRequest),
             payload: &auth[..],
         },
         Incoming::Request {
@@ -335,7 +354,10 @@ async fn a_batch_sees_its_own_writes_and_speaks_only_after_its_commit() {
     let mut log = log.lock().expect("log");
     log.drain();
     let events = log.events.clone();
-    let response = &events[position(&events, "fleet/control/admin/response")];
+    let response = &events[position(
+        &events,
+        &Topic::OperatorResponse("admin".into()).to_string(),
+    )];
     let body: Value = serde_json::from_str(
         response
             .split_once(' ')
@@ -349,9 +371,15 @@ async fn a_batch_sees_its_own_writes_and_speaks_only_after_its_commit() {
     assert!(responses[0].get("error").is_none(), "{body}");
     assert_eq!(responses[1]["data"]["state"], "running", "{body}");
     // The station's rights grew after the commit, before the operator's acknowledgement.
-    let rights = position(&events, "rights station-B1");
-    let acked = position(&events, "fleet/control/admin/response");
+    let rights = position(&events, &format!("rights {}", serial("B1").client_id()));
+    let acked = position(
+        &events,
+        &Topic::OperatorResponse("admin".into()).to_string(),
+    );
     assert!(rights < acked, "{events:#?}");
     // The station was told it is authorized.
-    position(&events, "publish stations/B1/cmd");
+    position(
+        &events,
+        &format!("publish {}", station_topic("B1", StationLeaf::Cmd)),
+    );
 }

@@ -1,6 +1,7 @@
 //! The station manual's procedures (seeds/000), one test each, named after them, against the
 //! real fleet service with real TLS and simulated stations.
 
+use fleet_protocol::EventKind;
 use fleet_sim::SimEvent;
 use fleet_tests::{authorize, code_of, TestFleet};
 use serde_json::json;
@@ -234,7 +235,7 @@ async fn security_recommendations_authentication_deleted_on_the_station_only() {
         })
         .await;
     let event = op
-        .wait_event("security", |e| {
+        .wait_event(EventKind::Security, |e| {
             e["event"] == "identity_mismatch" && e["serial"] == "ST-0006"
         })
         .await;

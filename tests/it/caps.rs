@@ -9,14 +9,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleet_broker::{Admission, BoxFuture, Broker, ConnectInfo, Decision, Rights, Settings};
-use fleet_tests::raw::{anonymous_connector, connect, tls, tls_from};
-use fleet_tests::{TestFleet, PATIENCE};
+use fleet_broker::{Admission, BoxFuture, ConnectInfo, Decision, Rights, Settings};
+use fleet_protocol::{operator_client_id, OPERATOR_CLIENT_ID_PREFIX};
+use fleet_tests::door::FrontDoor;
+use fleet_tests::raw::{anonymous_connector, connect, connect_v5, tls, tls_from};
+use fleet_tests::{serial, TestFleet, PATIENCE};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
 /// fleetd keeps some of `max_connections` for operators: certificate-less legacy stations fill
 /// the others and are refused with CONNACK 3 (3.1.1's "server unavailable"; 0x97 under 5), the
@@ -31,7 +32,7 @@ async fn legacy_stations_fill_the_device_slots_and_an_operator_still_gets_in() {
     let mut refused = None;
     for i in 0..MAX {
         let mut stream = tls(&connector, port).await;
-        match connect(&mut stream, &format!("station-CAPS-{i}")).await {
+        match connect(&mut stream, &serial(&format!("CAPS-{i}")).client_id()).await {
             0 => admitted.push(stream),
             code => {
                 refused = Some(code);
@@ -94,7 +95,7 @@ impl Admission for Recorder {
                 .push((info.client_id.clone(), info.session_id));
             Decision::Allow {
                 rights: Rights::none(),
-                reserved: info.client_id.starts_with("op-"),
+                reserved: info.client_id.starts_with(OPERATOR_CLIENT_ID_PREFIX),
             }
         })
     }
@@ -123,48 +124,19 @@ impl Recorder {
 }
 
 struct Door {
-    _broker: Broker,
+    front: FrontDoor,
     recorder: Arc<Recorder>,
-    connector: TlsConnector,
-    port: u16,
 }
 
 async fn door(configure: impl FnOnce(&mut Settings)) -> Door {
-    let ca = fleet_certs::FleetCa::generate("caps test CA").expect("CA");
-    let issued = ca
-        .issue_server(&["localhost".into()], &["127.0.0.1".parse().expect("ip")])
-        .expect("server certificate");
-    let mut settings = Settings {
-        listen: "127.0.0.1:0".parse().expect("address"),
-        server_chain: fleet_certs::certs_from_pem(&issued.cert_pem).expect("chain"),
-        server_key: fleet_certs::key_from_pem(&issued.key_pem).expect("key"),
-        fleet_ca: fleet_certs::certs_from_pem(ca.cert_pem()).expect("CA"),
-        manufacturer_cas: vec![],
-        allow_self_signed: true,
-        max_connections: 100,
-        handshake_timeout: Duration::from_secs(30),
-        connect_timeout: Duration::from_secs(30),
-        max_packet_size: 64 * 1024,
-        idle_timeout: Duration::from_secs(60),
-        cut_grace: Duration::from_secs(1),
-        write_timeout: Duration::from_secs(5),
-        connections_per_ip_per_minute: 100_000,
-        sessions_per_ip: 100,
-        reserved_sessions: 2,
-        handshakes_per_ip: 64,
-        max_undelivered: 64,
-    };
-    configure(&mut settings);
-    let broker = Broker::bind(settings).await.expect("broker binds");
     let recorder = Arc::new(Recorder::default());
-    broker.serve(recorder.clone());
-    let config = fleet_certs::client_config(ca.cert_pem(), None).expect("client TLS");
-    Door {
-        port: broker.local_addr().port(),
-        _broker: broker,
-        recorder,
-        connector: TlsConnector::from(Arc::new(config)),
-    }
+    let front = FrontDoor::start(recorder.clone(), configure).await;
+    Door { front, recorder }
+}
+
+/// A client id as `fleetctl` makes them for operator `name`: one the recorder admits reserved.
+fn operator(name: &str) -> String {
+    operator_client_id(name, "caps")
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -173,7 +145,7 @@ fn ip(s: &str) -> IpAddr {
 
 /// A TLS session from `source`, and the CONNACK code of a 3.1.1 CONNECT as `client_id`.
 async fn session_from(door: &Door, source: &str, client_id: &str) -> (TlsStream<TcpStream>, u8) {
-    let mut stream = tls_from(&door.connector, door.port, ip(source))
+    let mut stream = tls_from(&door.front.connector, door.front.port, ip(source))
         .await
         .expect("handshake");
     let code = connect(&mut stream, client_id).await;
@@ -182,39 +154,10 @@ async fn session_from(door: &Door, source: &str, client_id: &str) -> (TlsStream<
 
 /// An MQTT 5 CONNECT as `client_id` from `source`: the CONNACK's reason code and reason string.
 async fn v5_session_from(door: &Door, source: &str, client_id: &str) -> (u8, String) {
-    let mut stream = tls_from(&door.connector, door.port, ip(source))
+    let mut stream = tls_from(&door.front.connector, door.front.port, ip(source))
         .await
         .expect("handshake");
-    let id = client_id.as_bytes();
-    let mut connect = vec![
-        0x10,
-        (13 + id.len()) as u8,
-        0,
-        4,
-        b'M',
-        b'Q',
-        b'T',
-        b'T',
-        5,
-        2,
-        0,
-        60,
-        0,
-    ];
-    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    connect.extend_from_slice(id);
-    stream.write_all(&connect).await.expect("write");
-    let mut head = [0u8; 2];
-    stream.read_exact(&mut head).await.expect("CONNACK");
-    let mut body = vec![0u8; usize::from(head[1])];
-    stream.read_exact(&mut body).await.expect("CONNACK");
-    assert_eq!(head[0], 0x20, "a CONNACK");
-    // Flags, code, property length, then a Reason String property (0x1F) if any.
-    let reason = match body.get(2..) {
-        Some([_, 0x1f, _, _, text @ ..]) => String::from_utf8_lossy(text).into_owned(),
-        _ => String::new(),
-    };
-    (body[1], reason)
+    connect_v5(&mut stream, client_id).await
 }
 
 /// Sessions per source address: a client that is not reserved may have `sessions_per_ip` from
@@ -267,10 +210,10 @@ async fn one_address_cannot_take_more_than_its_share_of_sessions() {
     open.push(stream);
 
     // An operator may use the reserved slot of the address; a second one may not.
-    let (stream, code) = session_from(&door, "127.0.0.1", "op-1").await;
+    let (stream, code) = session_from(&door, "127.0.0.1", &operator("1")).await;
     assert_eq!(code, 0);
     open.push(stream);
-    let (_, code) = session_from(&door, "127.0.0.1", "op-2").await;
+    let (_, code) = session_from(&door, "127.0.0.1", &operator("2")).await;
     assert_eq!(code, 3);
     // Another address has its own share.
     let (stream, code) = session_from(&door, "127.0.0.2", "c4").await;
@@ -295,12 +238,12 @@ async fn the_reserved_slots_stay_free_for_reserved_clients() {
     }
     let (_, code) = session_from(&door, "127.0.0.3", "d3").await;
     assert_eq!(code, 3, "the device slots are full");
-    for id in ["op-1", "op-2"] {
-        let (stream, code) = session_from(&door, "127.0.0.3", id).await;
+    for id in [operator("1"), operator("2")] {
+        let (stream, code) = session_from(&door, "127.0.0.3", &id).await;
         assert_eq!(code, 0, "{id} uses a reserved slot");
         open.push(stream);
     }
-    let (_, code) = session_from(&door, "127.0.0.3", "op-3").await;
+    let (_, code) = session_from(&door, "127.0.0.3", &operator("3")).await;
     assert_eq!(code, 3, "nobody gets more than max_connections");
     assert_eq!(door.recorder.refusals("connection limit reached"), 2);
 }
@@ -326,13 +269,13 @@ async fn idle_sockets_beyond_the_handshake_share_are_closed_and_another_address_
     let mut idle = Vec::new();
     for _ in 0..SHARE {
         idle.push(
-            TcpStream::connect(("127.0.0.1", door.port))
+            TcpStream::connect(("127.0.0.1", door.front.port))
                 .await
                 .expect("tcp"),
         );
     }
     for i in 0..SHARE {
-        let mut extra = TcpStream::connect(("127.0.0.1", door.port))
+        let mut extra = TcpStream::connect(("127.0.0.1", door.front.port))
             .await
             .expect("tcp");
         assert!(
@@ -356,7 +299,8 @@ async fn idle_sockets_beyond_the_handshake_share_are_closed_and_another_address_
     drop(idle);
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let mut first = loop {
-        if let Ok(stream) = tls_from(&door.connector, door.port, ip("127.0.0.1")).await {
+        if let Ok(stream) = tls_from(&door.front.connector, door.front.port, ip("127.0.0.1")).await
+        {
             break stream;
         }
         assert!(

@@ -8,17 +8,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_broker::{
-    Admission, BoxFuture, Broker, ConnectInfo, Decision, Rights, SessionControl, Settings,
-};
+use fleet_broker::{Admission, BoxFuture, ConnectInfo, Decision, Rights, SessionControl};
+use fleet_tests::door::FrontDoor;
+use fleet_tests::raw::{connect_v5_frame, frame as packet, string, vbi, WillV5};
+use fleet_tests::PATIENCE;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{error::Elapsed, timeout};
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
-const PATIENCE: Duration = Duration::from_secs(20);
 const SERVER_MAX_PACKET_SIZE: usize = 64 * 1024;
 
 /// Admits everyone with [`rights_of`].
@@ -55,75 +54,19 @@ impl Admission for Open {
     fn session_closed(&self, _client_id: &str, _session_id: u64) {}
 }
 
-struct Server {
-    broker: Broker,
-    connector: TlsConnector,
-    port: u16,
-}
+type Server = FrontDoor;
 
 async fn server() -> Server {
-    let ca = fleet_certs::FleetCa::generate("mqtt5 test CA").expect("CA");
-    let issued = ca
-        .issue_server(&["localhost".into()], &["127.0.0.1".parse().expect("ip")])
-        .expect("server certificate");
-    let settings = Settings {
-        listen: "127.0.0.1:0".parse().expect("address"),
-        server_chain: fleet_certs::certs_from_pem(&issued.cert_pem).expect("chain"),
-        server_key: fleet_certs::key_from_pem(&issued.key_pem).expect("key"),
-        fleet_ca: fleet_certs::certs_from_pem(ca.cert_pem()).expect("CA"),
-        manufacturer_cas: vec![],
-        allow_self_signed: true,
-        max_connections: 100,
-        handshake_timeout: Duration::from_secs(10),
-        connect_timeout: Duration::from_secs(10),
-        max_packet_size: SERVER_MAX_PACKET_SIZE,
-        idle_timeout: Duration::from_secs(60),
-        cut_grace: Duration::from_secs(1),
-        write_timeout: Duration::from_secs(5),
-        connections_per_ip_per_minute: 100_000,
-        sessions_per_ip: 100,
-        reserved_sessions: 2,
-        handshakes_per_ip: 64,
-        max_undelivered: 1024,
-    };
-    let broker = Broker::bind(settings).await.expect("broker binds");
-    broker.serve(Arc::new(Open));
-    let config = fleet_certs::client_config(ca.cert_pem(), None).expect("client TLS");
-    Server {
-        port: broker.local_addr().port(),
-        broker,
-        connector: TlsConnector::from(Arc::new(config)),
-    }
+    FrontDoor::start(Arc::new(Open), |s| {
+        s.handshake_timeout = Duration::from_secs(10);
+        s.connect_timeout = Duration::from_secs(10);
+        s.max_packet_size = SERVER_MAX_PACKET_SIZE;
+        s.max_undelivered = 1024;
+    })
+    .await
 }
 
 // ------------------------------------------------------------------------ frames, by hand
-
-fn vbi(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-fn packet(first: u8, body: Vec<u8>) -> Vec<u8> {
-    let mut out = vec![first];
-    vbi(body.len(), &mut out);
-    out.extend(body);
-    out
-}
-
-fn string(s: &[u8]) -> Vec<u8> {
-    let mut out = (s.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(s);
-    out
-}
 
 fn p_u8(id: u8, v: u8) -> Vec<u8> {
     vec![id, v]
@@ -152,39 +95,6 @@ fn p_pair(k: &str, v: &str) -> Vec<u8> {
     out.extend(string(k.as_bytes()));
     out.extend(string(v.as_bytes()));
     out
-}
-
-/// A will: its properties, topic and payload.
-struct Will<'a> {
-    properties: &'a [u8],
-    topic: &'a str,
-    payload: &'a [u8],
-}
-
-/// An MQTT 5 CONNECT with Clean Start, `extra_flags` or-ed into its connect flags.
-fn connect_v5(
-    client_id: &str,
-    extra_flags: u8,
-    keepalive: u16,
-    props: &[u8],
-    will: Option<&Will<'_>>,
-) -> Vec<u8> {
-    let mut flags = 0x02 | extra_flags;
-    if will.is_some() {
-        flags |= 0x04;
-    }
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, flags];
-    body.extend(keepalive.to_be_bytes());
-    vbi(props.len(), &mut body);
-    body.extend_from_slice(props);
-    body.extend(string(client_id.as_bytes()));
-    if let Some(w) = will {
-        vbi(w.properties.len(), &mut body);
-        body.extend_from_slice(w.properties);
-        body.extend(string(w.topic.as_bytes()));
-        body.extend(string(w.payload));
-    }
-    packet(0x10, body)
 }
 
 /// An MQTT 3.1.1 CONNECT with a clean session.
@@ -488,7 +398,7 @@ impl Client {
 async fn session(server: &Server, client_id: &str, props: &[u8]) -> (Client, Frame) {
     let mut client = Client::open(server).await;
     client
-        .send(&connect_v5(client_id, 0, 60, props, None))
+        .send(&connect_v5_frame(client_id, 0, 60, props, None))
         .await;
     let connack = client.expect("a CONNACK").await;
     assert_eq!((connack.kind(), connack.reason()), (2, 0), "{connack:?}");
@@ -680,7 +590,9 @@ async fn a_topic_alias_out_of_range_or_unknown_ends_the_connection() {
 async fn a_second_connect_is_a_protocol_error() {
     let server = server().await;
     let (mut client, _) = session(&server, "twice", &[]).await;
-    client.send(&connect_v5("twice", 0, 60, &[], None)).await;
+    client
+        .send(&connect_v5_frame("twice", 0, 60, &[], None))
+        .await;
     client.expect_disconnect(0x82).await;
 }
 
@@ -709,7 +621,8 @@ async fn an_unsupported_protocol_level_is_answered_and_closed() {
 async fn a_connect_with_the_reserved_flag_set_is_malformed() {
     let server = server().await;
     let mut v5 = Client::open(&server).await;
-    v5.send(&connect_v5("reserved", 0x01, 60, &[], None)).await;
+    v5.send(&connect_v5_frame("reserved", 0x01, 60, &[], None))
+        .await;
     v5.expect_refusal(0x81).await;
     let mut v4 = Client::open(&server).await;
     v4.send(&connect_v4("reserved-4", 0x01)).await;
@@ -726,7 +639,9 @@ async fn receive_maximum_0_and_a_property_twice_are_protocol_errors() {
     let twice = [p_u32(0x11, 10), p_u32(0x11, 20)].concat();
     for props in [p_u16(0x21, 0), twice, p_u32(0x27, 0)] {
         let mut client = Client::open(&server).await;
-        client.send(&connect_v5("props", 0, 60, &props, None)).await;
+        client
+            .send(&connect_v5_frame("props", 0, 60, &props, None))
+            .await;
         client.expect_refusal(0x82).await;
     }
 }
@@ -739,7 +654,9 @@ async fn an_authentication_method_is_refused_with_0x8c() {
     let server = server().await;
     let mut client = Client::open(&server).await;
     let props = [p_str(0x15, "SCRAM-SHA-256"), vec![0x16, 0, 1, b'x']].concat();
-    client.send(&connect_v5("scram", 0, 60, &props, None)).await;
+    client
+        .send(&connect_v5_frame("scram", 0, 60, &props, None))
+        .await;
     client.expect_refusal(0x8c).await;
 }
 
@@ -1015,14 +932,14 @@ async fn a_will_is_published_with_its_properties() {
         p_u8(0x01, 1),
     ]
     .concat();
-    let will = Will {
+    let will = WillV5 {
         properties: &props,
         topic: "t/will",
         payload: b"gone",
     };
     let mut client = Client::open(&server).await;
     client
-        .send(&connect_v5("will", 0, 60, &[], Some(&will)))
+        .send(&connect_v5_frame("will", 0, 60, &[], Some(&will)))
         .await;
     assert_eq!(client.expect("a CONNACK").await.reason(), 0);
     drop(client); // no DISCONNECT: the will fires
@@ -1059,7 +976,7 @@ async fn the_connack_says_what_the_server_does() {
     let server = server().await;
     let mut client = Client::open(&server).await;
     client
-        .send(&connect_v5("says", 0, 0, &p_u32(0x11, 3600), None))
+        .send(&connect_v5_frame("says", 0, 0, &p_u32(0x11, 3600), None))
         .await;
     let connack = client.expect("a CONNACK").await;
     assert_eq!(connack.reason(), 0);
@@ -1134,14 +1051,14 @@ async fn a_session_expiry_in_disconnect_after_none_in_connect_is_a_protocol_erro
     let server = server().await;
     let (mut sub, _) = session(&server, "dx-sub", &[]).await;
     subscribed(&mut sub, &[("t/will", 0)]).await;
-    let will = Will {
+    let will = WillV5 {
         properties: &[],
         topic: "t/will",
         payload: b"dx",
     };
     let mut client = Client::open(&server).await;
     client
-        .send(&connect_v5("dx", 0, 60, &[], Some(&will)))
+        .send(&connect_v5_frame("dx", 0, 60, &[], Some(&will)))
         .await;
     assert_eq!(client.expect("a CONNACK").await.reason(), 0);
     client

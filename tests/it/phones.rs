@@ -2,24 +2,13 @@
 //! service with real TLS, simulated phones bound to 127.0.0.x source addresses (phones behind
 //! different public IPs), and a simulated clock for the 30-minute and 8-hour rules.
 
+use fleet_protocol::Filter;
 use fleet_sim::phone::{self, PhoneError, ProvisionOutcome};
-use fleet_tests::{code_of, TestFleet, TestPhone};
+use fleet_tests::{code_of, mac, wrong_pap, TestFleet, TestPhone};
 use serde_json::json;
 use time::Duration;
 
 const ME: &str = "127.0.0.2";
-
-/// Creates a phone in the portal and returns its PAP.
-async fn create(op: &fleet_tests::Operator, mac: &str) -> String {
-    let view = op
-        .call(
-            "createPhone",
-            json!({"mac": mac, "vendor": "Yealink", "type": "T54W", "site": "Berlin"}),
-        )
-        .await
-        .expect("createPhone");
-    view["pap"].as_str().expect("a PAP").to_owned()
-}
 
 async fn auth_state(op: &fleet_tests::Operator, mac: &str) -> String {
     let view = op
@@ -27,12 +16,6 @@ async fn auth_state(op: &fleet_tests::Operator, mac: &str) -> String {
         .await
         .expect("getPhone");
     view["auth_state"].as_str().expect("auth_state").to_owned()
-}
-
-fn wrong(pap: &str) -> String {
-    // Another 6-digit PAP.
-    let n: u32 = pap.parse().expect("digits");
-    format!("{:06}", (n + 1) % 1_000_000)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,7 +58,7 @@ async fn setup_of_phones() {
 async fn transition_1_authentication_successful() {
     let fleet = TestFleet::start().await;
     let op = fleet.operator().await;
-    let pap = create(&op, "aabbcc000002").await;
+    let pap = op.create_phone("aabbcc000002").await;
     let phone = fleet.phone("aabbcc000002", Some(&pap), ME);
     assert_eq!(phone.provision().await, ProvisionOutcome::Provisioned);
     assert_eq!(
@@ -94,7 +77,7 @@ async fn transition_1_authentication_successful() {
     let mut session = phone.connect().await.expect("certificate accepted");
     assert_eq!(
         session
-            .subscribe("phones/aabbcc000002/data/#")
+            .subscribe(&Filter::PhoneData(mac("aabbcc000002")).to_string())
             .await
             .expect("suback"),
         1
@@ -107,11 +90,11 @@ async fn transition_1_authentication_successful() {
 async fn transition_2_three_failures_authentication_failed() {
     let fleet = TestFleet::start().await;
     let op = fleet.operator().await;
-    let pap = create(&op, "aabbcc000003").await;
+    let pap = op.create_phone("aabbcc000003").await;
     let phone = fleet.phone("aabbcc000003", None, ME);
     for _ in 0..3 {
         assert_eq!(
-            phone.connect_raw(Some(&wrong(&pap))).await,
+            phone.connect_raw(Some(&wrong_pap(&pap))).await,
             4,
             "wrong PAP: 4"
         );
@@ -128,10 +111,10 @@ async fn transition_2_three_failures_authentication_failed() {
 async fn transition_3_back_to_needed_after_30_minutes() {
     let fleet = TestFleet::start().await;
     let op = fleet.operator().await;
-    let pap = create(&op, "aabbcc000004").await;
+    let pap = op.create_phone("aabbcc000004").await;
     let phone = fleet.phone("aabbcc000004", Some(&pap), ME);
     for _ in 0..3 {
-        assert_eq!(phone.connect_raw(Some(&wrong(&pap))).await, 4);
+        assert_eq!(phone.connect_raw(Some(&wrong_pap(&pap))).await, 4);
     }
     fleet.clock.advance(Duration::minutes(29));
     assert_eq!(
@@ -151,13 +134,13 @@ async fn transition_3_back_to_needed_after_30_minutes() {
 async fn transition_4_authentication_blocked_and_brute_force() {
     let fleet = TestFleet::start().await;
     let op = fleet.operator().await;
-    let pap = create(&op, "aabbcc000005").await;
+    let pap = op.create_phone("aabbcc000005").await;
     let phone = fleet.phone("aabbcc000005", None, ME);
     // A guesser: 3 lockouts of 3 wrong PAPs, waiting out each lockout.
     let mut guesses = 0;
     for round in 0..3 {
         for _ in 0..3 {
-            assert_eq!(phone.connect_raw(Some(&wrong(&pap))).await, 4);
+            assert_eq!(phone.connect_raw(Some(&wrong_pap(&pap))).await, 4);
             guesses += 1;
         }
         if round < 2 {
@@ -187,11 +170,11 @@ async fn transition_4_authentication_blocked_and_brute_force() {
 async fn transition_5_reset_back_to_needed() {
     let fleet = TestFleet::start().await;
     let op = fleet.operator().await;
-    let pap = create(&op, "aabbcc000006").await;
+    let pap = op.create_phone("aabbcc000006").await;
     let phone = fleet.phone("aabbcc000006", None, ME);
     for round in 0..3 {
         for _ in 0..3 {
-            phone.connect_raw(Some(&wrong(&pap))).await;
+            phone.connect_raw(Some(&wrong_pap(&pap))).await;
         }
         if round < 2 {
             fleet.clock.advance(Duration::minutes(31));
@@ -217,7 +200,7 @@ async fn transition_5_reset_back_to_needed() {
 async fn suspend_authentication() {
     let fleet = TestFleet::start().await;
     let op = fleet.operator().await;
-    create(&op, "aabbcc000007").await;
+    op.create_phone("aabbcc000007").await;
     let phone = fleet.phone("aabbcc000007", None, ME);
     assert_eq!(phone.connect_raw(None).await, 4, "a PAP is required");
     op.call("suspendPhoneAuthentication", json!({"mac": "aabbcc000007"}))
@@ -245,7 +228,7 @@ async fn suspend_authentication() {
 async fn reset_authentication() {
     let fleet = TestFleet::start().await;
     let op = fleet.operator().await;
-    let pap = create(&op, "aabbcc000008").await;
+    let pap = op.create_phone("aabbcc000008").await;
     let phone = fleet.phone("aabbcc000008", Some(&pap), ME);
     assert_eq!(phone.provision().await, ProvisionOutcome::Provisioned);
     let mut session = phone.connect().await.expect("certificate accepted");
@@ -276,7 +259,7 @@ async fn reset_authentication() {
 async fn factory_reset_requires_reset_authentication() {
     let fleet = TestFleet::start().await;
     let op = fleet.operator().await;
-    let pap = create(&op, "aabbcc000009").await;
+    let pap = op.create_phone("aabbcc000009").await;
     let phone = fleet.phone("aabbcc000009", Some(&pap), ME);
     assert_eq!(phone.provision().await, ProvisionOutcome::Provisioned);
     phone.factory_reset();
@@ -297,8 +280,8 @@ async fn factory_reset_requires_reset_authentication() {
 async fn permanent_whitelisting() {
     let fleet = TestFleet::start().await;
     let op = fleet.operator().await;
-    create(&op, "aabbcc00000a").await;
-    create(&op, "aabbcc00000b").await;
+    op.create_phone("aabbcc00000a").await;
+    op.create_phone("aabbcc00000b").await;
     let inside = fleet.phone("aabbcc00000a", None, "127.0.0.5");
     let outside = fleet.phone("aabbcc00000b", None, "127.0.0.9");
     assert_eq!(inside.connect_raw(None).await, 4);
@@ -339,9 +322,9 @@ async fn permanent_whitelisting() {
 async fn temporary_whitelisting() {
     let fleet = TestFleet::start().await;
     let op = fleet.operator().await;
-    let pap = create(&op, "aabbcc00000c").await;
+    let pap = op.create_phone("aabbcc00000c").await;
     for mac in ["aabbcc00000d", "aabbcc00000e", "aabbcc00000f"] {
-        create(&op, mac).await;
+        op.create_phone(mac).await;
     }
     let site = "127.0.0.6";
     // Granted: a successful PAP puts the address on the temporary whitelist for 8 hours.
@@ -376,14 +359,14 @@ async fn temporary_whitelisting() {
 async fn csv_export() {
     let fleet = TestFleet::start().await;
     let op = fleet.operator().await;
-    let pap = create(&op, "aabbcc000010").await;
+    let pap = op.create_phone("aabbcc000010").await;
     op.call(
         "createPhone",
         json!({"mac": "aabbcc000011", "vendor": "=HYPERLINK(\"http://x\")", "type": "a,b", "site": "+1"}),
     )
     .await
     .expect("create");
-    let done = create(&op, "aabbcc000012").await;
+    let done = op.create_phone("aabbcc000012").await;
     let phone = fleet.phone("aabbcc000012", Some(&done), ME);
     assert_eq!(phone.provision().await, ProvisionOutcome::Provisioned);
 
@@ -453,7 +436,7 @@ async fn tenant_isolation() {
     let fleet = TestFleet::start().await;
     let a = fleet.operator().await;
     let b = fleet.operator_as("bob", "acme").await;
-    create(&a, "aabbcc000020").await;
+    a.create_phone("aabbcc000020").await;
     // Tenant B's operator neither sees nor changes tenant A's phones.
     let listed = b.call("listPhones", json!({})).await.expect("list");
     assert_eq!(listed["phones"].as_array().map(Vec::len), Some(0));
@@ -493,7 +476,7 @@ async fn permanent_whitelisting_of_an_ipv6_address() {
     // A dual-stack listener: IPv4 clients arrive as IPv4-mapped addresses, IPv6 ones as they are.
     let fleet = TestFleet::start_with(|c| c.server.listen = "[::]:0".parse().expect("addr")).await;
     let op = fleet.operator().await;
-    create(&op, "aabbcc000030").await;
+    op.create_phone("aabbcc000030").await;
     let mut phone = fleet.phone("aabbcc000030", None, "::1");
     phone.target.server = format!("[::1]:{}", fleet.fleet.local_addr().port());
     assert_eq!(phone.connect_raw(None).await, 4, "a PAP is needed");
@@ -502,7 +485,7 @@ async fn permanent_whitelisting_of_an_ipv6_address() {
         .expect("add IPv6 address");
     assert_eq!(phone.provision().await, ProvisionOutcome::Provisioned);
     // The IPv4 side of the same listener is not whitelisted by it.
-    create(&op, "aabbcc000031").await;
+    op.create_phone("aabbcc000031").await;
     let v4 = fleet.phone("aabbcc000031", None, ME);
     assert_eq!(v4.connect_raw(None).await, 4);
 }
@@ -514,14 +497,15 @@ async fn a_revoked_phone_certificate_is_refused_on_a_resumed_tls_session() {
 
     let fleet = TestFleet::start().await;
     let op = fleet.operator().await;
-    let pap = create(&op, "aabbcc000040").await;
+    let pap = op.create_phone("aabbcc000040").await;
     let phone = fleet.phone("aabbcc000040", Some(&pap), ME);
     assert_eq!(phone.provision().await, ProvisionOutcome::Provisioned);
     // A client that keeps its TLS sessions, with the phone's certificate.
     let connector = device_connector(&fleet, &phone.dir);
     let port = fleet.fleet.local_addr().port();
     let mut first = tls(&connector, port).await;
-    assert_eq!(connect(&mut first, "phone-aabbcc000040").await, 0);
+    let client_id = mac("aabbcc000040").client_id();
+    assert_eq!(connect(&mut first, &client_id).await, 0);
     drop(first);
     op.call("resetPhoneAuthentication", json!({"mac": "aabbcc000040"}))
         .await
@@ -532,5 +516,5 @@ async fn a_revoked_phone_certificate_is_refused_on_a_resumed_tls_session() {
         Some(HandshakeKind::Resumed),
         "the TLS session must be resumed for this test to mean anything"
     );
-    assert_eq!(connect(&mut second, "phone-aabbcc000040").await, 5);
+    assert_eq!(connect(&mut second, &client_id).await, 5);
 }

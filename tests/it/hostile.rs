@@ -8,6 +8,7 @@ use fleet_tests::raw::{
     tls_small_receive_buffer,
 };
 use fleet_tests::{authorize, TestFleet, PATIENCE};
+use fleet_tests::{serial, station_data, station_data_filter};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Waits until the server closes `stream` (EOF or reset); panics after PATIENCE.
@@ -93,12 +94,12 @@ async fn a_client_that_stops_reading_is_cut_by_the_write_timeout() {
     let mut station = fleet.station("NR-1", "6.1.0");
     authorize(&mut op, &mut station).await;
     station.handle.shutdown().await;
-    let connector = device_connector(&fleet, &fleet.dir.path().join("station-NR-1"));
+    let connector = device_connector(&fleet, &fleet.station_dir("NR-1"));
     let port = fleet.fleet.local_addr().port();
     let mut stream = tls_small_receive_buffer(&connector, port).await;
-    assert_eq!(connect(&mut stream, "station-NR-1").await, 0);
+    assert_eq!(connect(&mut stream, &serial("NR-1").client_id()).await, 0);
     stream
-        .write_all(&subscribe_frame("stations/NR-1/data/#"))
+        .write_all(&subscribe_frame(&station_data_filter("NR-1")))
         .await
         .expect("subscribe");
     op.wait_state("NR-1", "running").await;
@@ -106,7 +107,7 @@ async fn a_client_that_stops_reading_is_cut_by_the_write_timeout() {
     // block, and the write timeout ends the session.
     let (_reader, mut writer) = tokio::io::split(stream);
     let writing = tokio::spawn(async move {
-        let chunk = publish_frame("stations/NR-1/data/x", &[0x55; 60_000]);
+        let chunk = publish_frame(&station_data("NR-1", "x"), &[0x55; 60_000]);
         for _ in 0..2_000 {
             if writer.write_all(&chunk).await.is_err() {
                 break;

@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleet_protocol::{StationLeaf, Topic};
+use fleet_tests::{serial, station_topic};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,17 +19,17 @@ async fn station_and_operator_talk_through_the_front_door() {
 
     let station = fleet_certs::self_signed_station("S1").unwrap();
     let cfg = fleet_certs::client_config(&ca, Some((&station.cert_pem, &station.key_pem))).unwrap();
-    let mut opts = MqttOptions::new("station-S1", "127.0.0.1", port);
+    let mut opts = MqttOptions::new(serial("S1").client_id(), "127.0.0.1", port);
     opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
         Arc::new(cfg),
     )));
     let (client, mut el) = AsyncClient::new(opts, 10);
     client
-        .subscribe("stations/S1/cmd", QoS::AtLeastOnce)
+        .subscribe(station_topic("S1", StationLeaf::Cmd), QoS::AtLeastOnce)
         .await
         .unwrap();
     client
-        .publish("stations/S1/auth/request", QoS::AtLeastOnce, false, r#"{"serial":"S1","model":"m","firmware":"6.1.0","mac_streaming":"001122334455","mac_control":"001122334456"}"#)
+        .publish(station_topic("S1", StationLeaf::AuthRequest), QoS::AtLeastOnce, false, r#"{"serial":"S1","model":"m","firmware":"6.1.0","mac_streaming":"001122334455","mac_control":"001122334456"}"#)
         .await
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -50,9 +52,12 @@ async fn station_and_operator_talk_through_the_front_door() {
         Arc::new(cfg),
     )));
     let (op, mut oel) = AsyncClient::new(opts, 10);
-    op.subscribe("fleet/control/admin/response", QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    op.subscribe(
+        Topic::OperatorResponse("admin".into()).to_string(),
+        QoS::AtLeastOnce,
+    )
+    .await
+    .unwrap();
     loop {
         let ev = tokio::time::timeout_at(deadline, oel.poll())
             .await
@@ -64,7 +69,7 @@ async fn station_and_operator_talk_through_the_front_door() {
         }
     }
     op.publish(
-        "fleet/control/admin/request",
+        Topic::OperatorRequest("admin".into()).to_string(),
         QoS::AtLeastOnce,
         false,
         r#"{"commands":[{"command":"listStations","correlationData":1}]}"#,

@@ -3,25 +3,9 @@
 
 use fleet_sim::phone::ProvisionOutcome;
 use fleet_tests::raw::{anonymous_connector, tls_from};
-use fleet_tests::TestFleet;
+use fleet_tests::{wrong_pap, TestFleet};
 use serde_json::json;
 use time::Duration;
-
-async fn create(op: &fleet_tests::Operator, mac: &str) -> String {
-    let view = op
-        .call(
-            "createPhone",
-            json!({"mac": mac, "vendor": "v", "type": "t"}),
-        )
-        .await
-        .expect("createPhone");
-    view["pap"].as_str().expect("pap").to_owned()
-}
-
-fn wrong(pap: &str) -> String {
-    let n: u32 = pap.parse().expect("digits");
-    format!("{:06}", (n + 1) % 1_000_000)
-}
 
 async fn refusals(op: &fleet_tests::Operator, needle: &str) -> usize {
     let audit = op
@@ -49,12 +33,12 @@ async fn pap_guesses_over_many_macs_are_slowed_then_refused_and_audited() {
     let mut paps = Vec::new();
     for i in 0..8 {
         let mac = format!("0200000000{i:02x}");
-        paps.push((mac.clone(), create(&op, &mac).await));
+        paps.push((mac.clone(), op.create_phone(&mac).await));
     }
     // One guess per MAC: no single phone ever reaches its own lockout.
     for (mac, pap) in &paps[..6] {
         let phone = fleet.phone(mac, None, "127.0.0.7");
-        assert_eq!(phone.connect_raw(Some(&wrong(pap))).await, 4, "{mac}");
+        assert_eq!(phone.connect_raw(Some(&wrong_pap(pap))).await, 4, "{mac}");
     }
     // The sprayer's address is now refused, even with a right PAP; no PAP is checked.
     let (mac, pap) = &paps[6];

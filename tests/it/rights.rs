@@ -4,8 +4,10 @@
 
 use std::sync::Arc;
 
+use fleet_protocol::{Filter, StationLeaf};
 use fleet_sim::SimEvent;
 use fleet_tests::{authorize, TestFleet, PATIENCE};
+use fleet_tests::{serial, station_data, station_data_filter, station_topic};
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
@@ -21,7 +23,7 @@ async fn v4_station(
     let key = std::fs::read_to_string(dir.join("key.pem")).expect("station key");
     let tls = fleet_certs::client_config(&fleet.ca_pem(), Some((&cert, &key))).expect("tls");
     let port = fleet.fleet.local_addr().port();
-    let mut opts = MqttOptions::new(format!("station-{serial}"), "127.0.0.1", port);
+    let mut opts = MqttOptions::new(fleet_tests::serial(serial).client_id(), "127.0.0.1", port);
     opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
         Arc::new(tls),
     )));
@@ -69,22 +71,25 @@ async fn a_station_cannot_use_another_stations_topics_nor_publish_its_own_cmd() 
     authorize(&mut op, &mut s2).await;
 
     // RT-1, authorized, played by a stock client with its key.
-    let (client, mut el) = v4_station(&fleet, &fleet.dir.path().join("station-RT-1"), "RT-1").await;
+    let (client, mut el) = v4_station(&fleet, &fleet.station_dir("RT-1"), "RT-1").await;
+    // RT-1's topics: what its tree filter covers, `stations/RT-1/…`.
+    let rt1_tree = Filter::StationTree(serial("RT-1")).to_string();
+    let rt1_tree = rt1_tree.trim_end_matches('#');
     for (filter, allowed) in [
-        ("stations/RT-1/#", true),
-        ("stations/RT-2/cmd", false),
-        ("stations/RT-2/#", false),
-        ("#", false),
-        ("stations/+/cmd", false),
-        ("fleet/events/default/#", false),
+        (Filter::StationTree(serial("RT-1")).to_string(), true),
+        (station_topic("RT-2", StationLeaf::Cmd), false),
+        (Filter::StationTree(serial("RT-2")).to_string(), false),
+        ("#".into(), false),
+        (Filter::EveryStation(StationLeaf::Cmd).to_string(), false),
+        (Filter::Events("default".into()).to_string(), false),
     ] {
         client
-            .subscribe(filter, QoS::AtLeastOnce)
+            .subscribe(&filter, QoS::AtLeastOnce)
             .await
             .expect("subscribe");
         let mut packet = next_incoming(&mut el, "SUBACK").await;
         // Retained messages of the granted filter may come first.
-        while matches!(&packet, Packet::Publish(p) if p.topic.starts_with("stations/RT-1/")) {
+        while matches!(&packet, Packet::Publish(p) if p.topic.starts_with(rt1_tree)) {
             packet = next_incoming(&mut el, "SUBACK").await;
         }
         match packet {
@@ -107,23 +112,30 @@ async fn a_station_cannot_use_another_stations_topics_nor_publish_its_own_cmd() 
     }
     // Forged commands, to its own cmd and to another station's, are dropped (3.1.1 acknowledges
     // them); its own data topic goes through.
-    for topic in ["stations/RT-1/cmd", "stations/RT-2/cmd"] {
+    for topic in [
+        &station_topic("RT-1", StationLeaf::Cmd),
+        &station_topic("RT-2", StationLeaf::Cmd),
+    ] {
         client
             .publish(topic, QoS::AtLeastOnce, false, r#"{"command":"removed"}"#)
             .await
             .expect("publish");
     }
     client
-        .publish("stations/RT-1/data/x", QoS::AtLeastOnce, false, "mine")
+        .publish(&station_data("RT-1", "x"), QoS::AtLeastOnce, false, "mine")
         .await
         .expect("publish");
     let mut acks = 0;
     loop {
         match next_incoming(&mut el, "own data").await {
             Packet::Publish(p) => {
-                assert_ne!(p.topic, "stations/RT-1/cmd", "a forged cmd got through");
-                assert!(p.topic.starts_with("stations/RT-1/"), "{}", p.topic);
-                if p.topic == "stations/RT-1/data/x" {
+                assert_ne!(
+                    p.topic,
+                    station_topic("RT-1", StationLeaf::Cmd),
+                    "a forged cmd got through"
+                );
+                assert!(p.topic.starts_with(rt1_tree), "{}", p.topic);
+                if p.topic == station_data("RT-1", "x") {
                     break;
                 }
             }
@@ -152,7 +164,7 @@ async fn a_station_cannot_use_another_stations_topics_nor_publish_its_own_cmd() 
     assert_eq!(first, "reset", "RT-2 obeyed a command forged by RT-1");
     loop {
         match next_incoming(&mut el, "RT-1's reset").await {
-            Packet::Publish(p) if p.topic == "stations/RT-1/cmd" => {
+            Packet::Publish(p) if p.topic == station_topic("RT-1", StationLeaf::Cmd) => {
                 let payload = String::from_utf8_lossy(&p.payload).into_owned();
                 assert!(payload.contains("reset"), "forged cmd delivered: {payload}");
                 break;
@@ -173,7 +185,11 @@ async fn mqtt5_clients_get_reason_0x87() {
     let tls =
         fleet_certs::client_config(&fleet.ca_pem(), Some((&station.cert_pem, &station.key_pem)))
             .expect("tls");
-    let mut opts = O5::new("station-V5-1", "127.0.0.1", fleet.fleet.local_addr().port());
+    let mut opts = O5::new(
+        serial("V5-1").client_id(),
+        "127.0.0.1",
+        fleet.fleet.local_addr().port(),
+    );
     opts.set_transport(rumqttc::Transport::tls_with_config(
         TlsConfiguration::Rustls(Arc::new(tls)),
     ));
@@ -192,7 +208,7 @@ async fn mqtt5_clients_get_reason_0x87() {
     }
     // Pending station: it may not subscribe to its data, nor publish there.
     client
-        .subscribe("stations/V5-1/data/#", Q5::AtLeastOnce)
+        .subscribe(&station_data_filter("V5-1"), Q5::AtLeastOnce)
         .await
         .expect("subscribe");
     match next(&mut el).await {
@@ -200,7 +216,7 @@ async fn mqtt5_clients_get_reason_0x87() {
         other => panic!("expected SUBACK, got {other:?}"),
     }
     client
-        .publish("stations/V5-1/data/x", Q5::AtLeastOnce, false, "x")
+        .publish(&station_data("V5-1", "x"), Q5::AtLeastOnce, false, "x")
         .await
         .expect("publish");
     match next(&mut el).await {
@@ -209,7 +225,7 @@ async fn mqtt5_clients_get_reason_0x87() {
     }
     // Its own cmd is fine to subscribe to.
     client
-        .subscribe("stations/V5-1/cmd", Q5::AtLeastOnce)
+        .subscribe(&station_topic("V5-1", StationLeaf::Cmd), Q5::AtLeastOnce)
         .await
         .expect("subscribe");
     match next(&mut el).await {
