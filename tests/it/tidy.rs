@@ -230,3 +230,20 @@ fn every_declared_dependency_is_used() {
     }
     assert!(unused.is_empty(), "declared but unused: {unused:#?}");
 }
+
+/// Architecture Invariant: the state machines speak no wire format: the operator's JSON views
+/// are built in `views.rs`, the shell.
+#[test]
+fn the_state_machines_speak_no_json() {
+    let root = workspace().join("controller/src");
+    let files = [
+        "station.rs",
+        "phone.rs",
+        "whitelist.rs",
+        "firmware.rs",
+        "identity.rs",
+    ]
+    .map(|f| root.join(f));
+    let found = offenders(&files, &["serde_json", "json!"]);
+    assert!(found.is_empty(), "JSON in a state machine: {found:#?}");
+}
