@@ -8,7 +8,10 @@
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
-use super::{rfc3339, Controller, Cx, Live, Output, Recorded, Requester};
+use super::durable::{Batch, Recorded};
+use super::effects::Output;
+use super::live::Live;
+use super::{rfc3339, Controller, Requester};
 use crate::audit::{AuditRecord, Outcome};
 use crate::firmware::FirmwareImage;
 use crate::identity::{Identity, OperatorId};
@@ -30,14 +33,14 @@ pub(super) enum Answer {
 }
 
 /// The context of one operator command: the batch it runs in, who asks, and when.
-pub(super) struct Asking<'a> {
+pub(super) struct Asking<'a, 'd> {
     pub(super) live: &'a mut Live,
-    pub(super) cx: &'a mut Cx,
+    pub(super) cx: &'a mut Batch<'d>,
     pub(super) operator: &'a OperatorId,
     pub(super) at: OffsetDateTime,
 }
 
-impl Asking<'_> {
+impl Asking<'_, '_> {
     /// The tenant the command runs in: the operator's own.
     pub(super) fn tenant(&self) -> &str {
         &self.operator.tenant
@@ -68,7 +71,7 @@ impl Controller {
     pub(super) fn on_operator_request(
         &self,
         live: &mut Live,
-        cx: &mut Cx,
+        cx: &mut Batch<'_>,
         from: &Requester,
         payload: &[u8],
     ) {
@@ -167,7 +170,7 @@ impl Controller {
 
     /// Runs one entry and audits what its command does not audit itself: a read (outcome ok)
     /// or a refusal. An entry without a command name asked for nothing and is not audited.
-    fn run_entry(&self, cx: &mut Asking<'_>, entry: RequestEntry, responses: &mut Responses) {
+    fn run_entry(&self, cx: &mut Asking<'_, '_>, entry: RequestEntry, responses: &mut Responses) {
         let (name, device, parsed) = match entry.command {
             EntryCommand::Unnamed(e) => {
                 return responses.answer(entry.echo, entry.correlation, Err(e), false)
@@ -210,7 +213,7 @@ impl Controller {
     /// arguments (a fleet-wide command is `forbidden` to other tenants whatever it names).
     fn answer(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         name: &str,
         parsed: Result<OperatorCommand, CommandError>,
     ) -> Result<Answer, CommandError> {
@@ -227,7 +230,7 @@ impl Controller {
     /// since: a flooding operator cannot fill the audit log.
     fn audit_rate_limited(
         &self,
-        cx: &mut Cx,
+        cx: &mut Batch<'_>,
         operator: &OperatorId,
         refused: u32,
         at: OffsetDateTime,
@@ -262,7 +265,11 @@ impl Controller {
     }
 
     /// Hands each command to its own method.
-    fn apply(&self, cx: &mut Asking<'_>, command: OperatorCommand) -> Result<Answer, CommandError> {
+    fn apply(
+        &self,
+        cx: &mut Asking<'_, '_>,
+        command: OperatorCommand,
+    ) -> Result<Answer, CommandError> {
         use OperatorCommand as C;
         match command {
             C::ListStations {
@@ -317,7 +324,7 @@ impl Controller {
 
     fn list_stations(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         state: Option<StationState>,
         limit: Option<PageLimit>,
         after: Option<After>,
@@ -333,7 +340,7 @@ impl Controller {
 
     fn list_rejected_stations(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         limit: Option<PageLimit>,
         after: Option<After>,
     ) -> Result<Answer, CommandError> {
@@ -342,14 +349,18 @@ impl Controller {
         Ok(Answer::Read(page))
     }
 
-    fn get_station(&self, cx: &mut Asking<'_>, serial: &Serial) -> Result<Answer, CommandError> {
+    fn get_station(
+        &self,
+        cx: &mut Asking<'_, '_>,
+        serial: &Serial,
+    ) -> Result<Answer, CommandError> {
         let s = self.find_station(cx.cx, cx.tenant(), serial)?;
         Ok(Answer::Read(self.view(cx.live, &s)))
     }
 
     fn accept_station(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         serial: &Serial,
         fingerprint: Fingerprint,
     ) -> Result<Answer, CommandError> {
@@ -360,7 +371,11 @@ impl Controller {
         })
     }
 
-    fn reject_station(&self, cx: &mut Asking<'_>, serial: &Serial) -> Result<Answer, CommandError> {
+    fn reject_station(
+        &self,
+        cx: &mut Asking<'_, '_>,
+        serial: &Serial,
+    ) -> Result<Answer, CommandError> {
         let at = cx.at;
         self.decide_station(cx, CommandName::RejectStation, serial, |s| {
             Ok((station::reject(s, at)?, None))
@@ -369,7 +384,7 @@ impl Controller {
 
     fn clear_rejected_station(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         serial: &Serial,
     ) -> Result<Answer, CommandError> {
         let at = cx.at;
@@ -380,7 +395,7 @@ impl Controller {
 
     fn start_station_update(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         serial: &Serial,
         version: Option<&FirmwareVersion>,
     ) -> Result<Answer, CommandError> {
@@ -394,7 +409,7 @@ impl Controller {
 
     fn reset_station(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         serial: &Serial,
         delete_authentication: bool,
         delete_configuration: bool,
@@ -407,7 +422,11 @@ impl Controller {
         })
     }
 
-    fn remove_station(&self, cx: &mut Asking<'_>, serial: &Serial) -> Result<Answer, CommandError> {
+    fn remove_station(
+        &self,
+        cx: &mut Asking<'_, '_>,
+        serial: &Serial,
+    ) -> Result<Answer, CommandError> {
         let at = cx.at;
         self.decide_station(cx, CommandName::RemoveStation, serial, |s| {
             Ok((station::remove(s, at)?, None))
@@ -419,7 +438,7 @@ impl Controller {
     /// station as it is now, or `{}` when the record is gone.
     fn decide_station(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         command: CommandName,
         serial: &Serial,
         step: impl FnOnce(Station) -> Result<(Transition, Option<String>), CommandError>,
@@ -427,9 +446,8 @@ impl Controller {
         let s = self.find_station(cx.cx, cx.tenant(), serial)?;
         let (transition, reason) = step(s)?;
         let record = cx.done(command, Some(serial.to_string()), reason);
-        let tenant = cx.operator.tenant.as_str();
         let (after, recorded) =
-            self.apply_transition(cx.live, cx.cx, serial, transition, record, tenant)?;
+            self.apply_transition(cx.live, cx.cx, serial, transition, record)?;
         let data = after.map_or_else(|| json!({}), |s| self.view(cx.live, &s));
         Ok(Answer::Decided(data, recorded))
     }
@@ -439,7 +457,7 @@ impl Controller {
     fn stations_page(
         &self,
         live: &Live,
-        cx: &Cx,
+        cx: &Batch<'_>,
         limit: Option<PageLimit>,
         after: Option<&After>,
         keep: &dyn Fn(&Station) -> bool,
@@ -447,7 +465,7 @@ impl Controller {
         let page_size = self.settings.requests.page_size;
         let limit = limit.map_or(page_size, PageLimit::get).min(page_size);
         let (page, more) = cx
-            .txn
+            .txn()
             .stations_page(after.map(After::as_str), limit, keep)
             .map_err(|e| CommandError::internal(e.to_string()))?;
         let mut data = json!({
@@ -462,12 +480,12 @@ impl Controller {
     /// The station `serial` (in this tenant), as the batch sees it.
     fn find_station(
         &self,
-        cx: &Cx,
+        cx: &Batch<'_>,
         tenant: &str,
         serial: &Serial,
     ) -> Result<Station, CommandError> {
         match cx
-            .txn
+            .txn()
             .station(serial)
             .map_err(|e| CommandError::internal(e.to_string()))?
         {
@@ -505,14 +523,14 @@ impl Controller {
 
     fn list_audit_log(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         limit: Option<PageLimit>,
         after_seq: Option<u64>,
     ) -> Result<Answer, CommandError> {
         let limit = limit
             .map_or(DEFAULT_AUDIT_LIMIT, PageLimit::get)
             .min(self.settings.requests.page_size);
-        let txn = &cx.cx.txn;
+        let txn = cx.cx.txn();
         let records = match after_seq {
             // Paging through the whole chain (`fleetctl audit verify`): oldest first.
             Some(after_seq) => txn.audit_page(cx.tenant(), after_seq, limit),
@@ -522,7 +540,7 @@ impl Controller {
         Ok(Answer::Read(json!({"records": records})))
     }
 
-    fn list_operators(&self, cx: &mut Asking<'_>) -> Result<Answer, CommandError> {
+    fn list_operators(&self, cx: &mut Asking<'_, '_>) -> Result<Answer, CommandError> {
         let records = self
             .operators
             .list(cx.tenant())
@@ -548,7 +566,11 @@ impl Controller {
         Ok(Answer::Read(json!({"operators": operators})))
     }
 
-    fn revoke_operator(&self, cx: &mut Asking<'_>, name: &Text) -> Result<Answer, CommandError> {
+    fn revoke_operator(
+        &self,
+        cx: &mut Asking<'_, '_>,
+        name: &Text,
+    ) -> Result<Answer, CommandError> {
         let name = name.as_str();
         if name == cx.operator.name {
             return Err(CommandError::invalid_argument(
@@ -590,16 +612,13 @@ impl Controller {
         // registry already says revoked): their certificate is void.
         for (client_id, session) in &cx.live.sessions {
             if matches!(&session.identity, Identity::Operator { id, .. } if *id == revoked) {
-                cx.cx.out.push(Output::Cut {
-                    client_id: client_id.clone(),
-                    after: None,
-                });
+                cx.cx.out.cut(client_id.clone(), None);
             }
         }
         Ok(Answer::Decided(operator_view(&record, false), recorded))
     }
 
-    fn list_address_blocks(&self, cx: &mut Asking<'_>) -> Result<Answer, CommandError> {
+    fn list_address_blocks(&self, cx: &mut Asking<'_, '_>) -> Result<Answer, CommandError> {
         let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         let blocks: Vec<Value> = failures
             .blocks(cx.at)
@@ -617,7 +636,7 @@ impl Controller {
 
     fn lift_address_block(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         address: IpAddress,
     ) -> Result<Answer, CommandError> {
         let ip = address.get();

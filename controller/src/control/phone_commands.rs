@@ -4,8 +4,9 @@
 use serde_json::{json, Value};
 
 use super::commands::{Answer, Asking};
+use super::durable::Batch;
 use super::phones::{internal, without_pap};
-use super::{Controller, Cx, Output};
+use super::Controller;
 use crate::devices_csv;
 use crate::phone::{self, Pap, Phone};
 use crate::store::Change;
@@ -18,8 +19,8 @@ impl Controller {
     }
 
     /// The phone `mac` (in this tenant), as the batch sees it.
-    fn find_phone(&self, cx: &Cx, tenant: &str, mac: &Mac) -> Result<Phone, CommandError> {
-        match cx.txn.phone(mac).map_err(internal)? {
+    fn find_phone(&self, cx: &Batch<'_>, tenant: &str, mac: &Mac) -> Result<Phone, CommandError> {
+        match cx.txn().phone(mac).map_err(internal)? {
             // Another tenant's phone does not exist for this operator.
             Some(p) if p.tenant == tenant => Ok(p),
             _ => Err(CommandError::not_found(format!("no phone {mac}"))),
@@ -27,25 +28,22 @@ impl Controller {
     }
 
     /// Announces a phone's new state on the tenant's events, without its PAP.
-    fn phone_event(&self, cx: &mut Asking<'_>, view: &Value) {
-        let tenant = cx.operator.tenant.clone();
-        self.event_in(
-            cx.cx,
-            &tenant,
-            EventKind::Phones,
-            json!({"event": "state", "phone": without_pap(view)}),
-        );
+    fn phone_event(&self, cx: &mut Asking<'_, '_>, view: &Value) {
+        let body = json!({"event": "state", "phone": without_pap(view)});
+        cx.cx
+            .out
+            .event(&cx.operator.tenant, EventKind::Phones, body, self.now());
     }
 
     pub(super) fn create_phone(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         mac: Mac,
         vendor: Text,
         kind: Text,
         site: Text,
     ) -> Result<Answer, CommandError> {
-        if cx.cx.txn.phone(&mac).map_err(internal)?.is_some() {
+        if cx.cx.txn().phone(&mac).map_err(internal)?.is_some() {
             return Err(CommandError::invalid_argument(format!(
                 "a phone with MAC {mac} exists already"
             )));
@@ -68,7 +66,7 @@ impl Controller {
 
     pub(super) fn list_phones(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         limit: Option<PageLimit>,
         after: Option<After>,
     ) -> Result<Answer, CommandError> {
@@ -77,7 +75,7 @@ impl Controller {
         let tenant = cx.tenant();
         let (page, more) = cx
             .cx
-            .txn
+            .txn()
             .phones_page(after.as_ref().map(After::as_str), limit, &|p| {
                 p.tenant == tenant
             })
@@ -91,14 +89,18 @@ impl Controller {
         Ok(Answer::Read(data))
     }
 
-    pub(super) fn get_phone(&self, cx: &mut Asking<'_>, mac: &Mac) -> Result<Answer, CommandError> {
+    pub(super) fn get_phone(
+        &self,
+        cx: &mut Asking<'_, '_>,
+        mac: &Mac,
+    ) -> Result<Answer, CommandError> {
         let phone = self.find_phone(cx.cx, cx.tenant(), mac)?;
         Ok(Answer::Read(phone.view(cx.at)))
     }
 
     pub(super) fn suspend_phone_authentication(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         mac: &Mac,
     ) -> Result<Answer, CommandError> {
         let phone = self.find_phone(cx.cx, cx.tenant(), mac)?;
@@ -116,7 +118,7 @@ impl Controller {
 
     pub(super) fn reset_phone_authentication(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         mac: &Mac,
     ) -> Result<Answer, CommandError> {
         let phone = self.find_phone(cx.cx, cx.tenant(), mac)?;
@@ -130,17 +132,14 @@ impl Controller {
         let recorded = cx.cx.record(vec![Change::PutPhone(phone)], audit)?;
         // The old PAP and certificate are invalid at once: the live session goes too, (after
         // the commit) before the operator hears of it.
-        cx.cx.out.push(Output::Cut {
-            client_id: mac.client_id(),
-            after: None,
-        });
+        cx.cx.out.cut(mac.client_id(), None);
         self.phone_event(cx, &view);
         Ok(Answer::Decided(view, recorded))
     }
 
     pub(super) fn delete_phone(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         mac: &Mac,
     ) -> Result<Answer, CommandError> {
         self.find_phone(cx.cx, cx.tenant(), mac)?;
@@ -148,23 +147,17 @@ impl Controller {
         let recorded = cx
             .cx
             .record(vec![Change::DeletePhone(mac.clone())], audit)?;
-        cx.cx.out.push(Output::Cut {
-            client_id: mac.client_id(),
-            after: None,
-        });
-        let tenant = cx.operator.tenant.clone();
-        self.event_in(
-            cx.cx,
-            &tenant,
-            EventKind::Phones,
-            json!({"event": "deleted", "mac": mac.as_str()}),
-        );
+        cx.cx.out.cut(mac.client_id(), None);
+        let body = json!({"event": "deleted", "mac": mac.as_str()});
+        cx.cx
+            .out
+            .event(&cx.operator.tenant, EventKind::Phones, body, self.now());
         Ok(Answer::Decided(json!({}), recorded))
     }
 
     pub(super) fn add_whitelist_entry(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         entry: WhitelistEntry,
         force: bool,
     ) -> Result<Answer, CommandError> {
@@ -178,7 +171,7 @@ impl Controller {
 
     pub(super) fn remove_whitelist_entry(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         entry: WhitelistEntry,
     ) -> Result<Answer, CommandError> {
         let mut whitelists = cx.live.whitelists.clone();
@@ -195,7 +188,7 @@ impl Controller {
     /// (and is reloaded from the store if the batch is not committed).
     fn store_whitelists(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         command: CommandName,
         whitelists: whitelist::Whitelists,
         entry: &WhitelistEntry,
@@ -208,12 +201,15 @@ impl Controller {
         Ok(Answer::Decided(json!({}), recorded))
     }
 
-    pub(super) fn list_whitelist(&self, cx: &mut Asking<'_>) -> Result<Answer, CommandError> {
+    pub(super) fn list_whitelist(&self, cx: &mut Asking<'_, '_>) -> Result<Answer, CommandError> {
         Ok(Answer::Read(cx.live.whitelists.list(cx.tenant(), cx.at)))
     }
 
-    pub(super) fn export_devices_csv(&self, cx: &mut Asking<'_>) -> Result<Answer, CommandError> {
-        let phones = cx.cx.txn.phones(Some(cx.tenant())).map_err(internal)?;
+    pub(super) fn export_devices_csv(
+        &self,
+        cx: &mut Asking<'_, '_>,
+    ) -> Result<Answer, CommandError> {
+        let phones = cx.cx.txn().phones(Some(cx.tenant())).map_err(internal)?;
         let csv = devices_csv::export(&phones, cx.at).map_err(internal)?;
         Ok(Answer::Read(json!({"csv": csv})))
     }
@@ -221,7 +217,7 @@ impl Controller {
     /// Every good row becomes a phone, all in one transaction: all or none.
     pub(super) fn import_phones_csv(
         &self,
-        cx: &mut Asking<'_>,
+        cx: &mut Asking<'_, '_>,
         text: &str,
     ) -> Result<Answer, CommandError> {
         let (rows, bad) = devices_csv::parse_import(text);
@@ -232,7 +228,7 @@ impl Controller {
         let mut created = Vec::new();
         let mut changes = Vec::new();
         for row in rows {
-            if cx.cx.txn.phone(&row.mac).map_err(internal)?.is_some() {
+            if cx.cx.txn().phone(&row.mac).map_err(internal)?.is_some() {
                 errors.push(json!({"line": row.line, "error": format!("a phone with MAC {} exists already", row.mac)}));
                 continue;
             }

@@ -10,130 +10,161 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 use tracing::warn;
 
-use super::{Controller, Cx, Live};
+use super::admission::{Granted, Judgement, Refused};
+use super::durable::{Batch, Written};
+use super::effects::Outbox;
+use super::live::Live;
+use super::{Controller, Decisions};
 use crate::audit::{AuditRecord, Outcome};
 use crate::identity::{self, PhonePresented, PhoneRights};
-use crate::phone::{self, Attempt, PapDecision};
+use crate::phone::{self, Attempt, PapDecision, Phone};
 use crate::store::Change;
 use fleet_protocol::{CommandError, EventKind, Mac, Topic};
 
-type AdmitResult = Result<(Rights, String, &'static str), (Refusal, String, String)>;
+/// A PAP attempt: the password given (or none), from where, and when.
+struct PapAttempt<'a> {
+    password: Option<&'a str>,
+    ip: IpAddr,
+    at: OffsetDateTime,
+}
 
 pub(super) fn internal(e: impl std::fmt::Display) -> CommandError {
     CommandError::internal(e.to_string())
 }
 
+/// A phone's refusal: every one counts as a failed authentication of the address.
+fn refuse(mac: &Mac, refusal: Refusal, reason: String, tenant: String) -> Judgement {
+    Judgement::Refuse(Refused {
+        refusal,
+        reason,
+        tenant,
+        device: Some(mac.to_string()),
+        counts: true,
+        told: Outbox::default(),
+    })
+}
+
+/// An admitted phone.
+fn granted(mac: &Mac, rights: PhoneRights, tenant: String, level: &'static str) -> Judgement {
+    Judgement::Admit(Granted {
+        rights: identity::phone_rights(mac, rights),
+        tenant,
+        device: Some(mac.to_string()),
+        level,
+        reserved: false,
+    })
+}
+
 impl Controller {
-    /// Admission of a phone. Commits what the attempt changed (failure counts, lockouts, the
-    /// temporary whitelist) before answering.
+    /// Admission of a phone: by its certificate, or by PAP (or whitelist) through the pure
+    /// `phone::attempt`.
     pub(super) fn admit_phone(
         &self,
-        live: &mut Live,
+        decisions: &mut Decisions,
         mac: &Mac,
         presented: &PhonePresented,
         ip: IpAddr,
         at: OffsetDateTime,
-    ) -> AdmitResult {
+    ) -> Judgement {
         let unknown_tenant = crate::station::DEFAULT_TENANT.to_owned();
         let phone = match self.store.phone(mac) {
             Ok(Some(p)) => p,
             Ok(None) => {
-                return Err((
-                    Refusal::NotAuthorized,
-                    format!("unknown phone {mac}"),
-                    unknown_tenant,
-                ))
+                let reason = format!("unknown phone {mac}");
+                return refuse(mac, Refusal::NotAuthorized, reason, unknown_tenant);
             }
             Err(e) => {
-                return Err((
-                    Refusal::ServerUnavailable,
-                    format!("store: {e}"),
-                    unknown_tenant,
-                ))
+                let reason = format!("store: {e}");
+                return refuse(mac, Refusal::ServerUnavailable, reason, unknown_tenant);
             }
         };
-        let tenant = phone.tenant.clone();
         match presented {
-            PhonePresented::Certificate {
-                serial,
-                tenant: cert_tenant,
-            } => {
-                if *cert_tenant != phone.tenant || !phone::certificate_valid(&phone, serial) {
-                    return Err((
-                        Refusal::NotAuthorized,
-                        "certificate revoked, or not this phone's".into(),
-                        tenant,
-                    ));
+            PhonePresented::Certificate { serial, tenant } => {
+                if *tenant != phone.tenant || !phone::certificate_valid(&phone, serial) {
+                    let reason = "certificate revoked, or not this phone's".to_owned();
+                    return refuse(mac, Refusal::NotAuthorized, reason, phone.tenant);
                 }
-                let rights = identity::phone_rights(mac, PhoneRights::Provisioned);
-                Ok((rights, tenant, "provisioned phone"))
+                let level = "provisioned phone";
+                granted(mac, PhoneRights::Provisioned, phone.tenant, level)
             }
             PhonePresented::Pap { password } => {
-                let policy = &self.settings.phones;
-                let whitelisted = live.whitelists.is_whitelisted(&tenant, ip, at);
-                let before = phone.state_at(at).name();
-                let attempt = Attempt {
+                let attempt = PapAttempt {
                     password: password.as_deref(),
-                    whitelisted,
+                    ip,
+                    at,
                 };
-                let (phone, decision) = phone::attempt(phone, &attempt, policy, at);
-                let after = phone.state_at(at).name();
-                let view = phone.view(at);
-                let mut changes = vec![Change::PutPhone(phone)];
-                if before != after {
-                    changes.push(Change::Audit(AuditRecord::new(
-                        at,
-                        &tenant,
-                        ip.to_string(),
-                        Some(mac.to_string()),
-                        "auth_state",
-                        Outcome::Ok,
-                        Some(format!("{before} -> {after}")),
-                    )));
-                }
-                let result = match decision {
-                    PapDecision::AdmitUnprovisioned { pap_checked } => {
-                        if pap_checked {
-                            // A correct PAP puts the client's address on the tenant's temporary
-                            // whitelist.
-                            live.whitelists.expire(at);
-                            live.whitelists.grant_temporary(
-                                &tenant,
-                                ip,
-                                at,
-                                policy.temporary_whitelist,
-                            );
-                            changes.push(Change::PutWhitelists(live.whitelists.clone()));
-                        }
-                        let rights = identity::phone_rights(mac, PhoneRights::Unprovisioned);
-                        let level = if pap_checked {
-                            "unprovisioned phone, correct PAP"
-                        } else {
-                            "unprovisioned phone, no PAP required"
-                        };
-                        Ok((rights, tenant.clone(), level))
-                    }
-                    PapDecision::WrongPap => Err((
-                        Refusal::BadUserNameOrPassword,
-                        "wrong or missing PAP".to_owned(),
-                        tenant.clone(),
-                    )),
-                    PapDecision::Locked { reason } | PapDecision::NotAllowed { reason } => {
-                        Err((Refusal::NotAuthorized, reason, tenant.clone()))
-                    }
-                };
-                if let Err(e) = self.commit(changes) {
-                    return Err((Refusal::ServerUnavailable, e.message, tenant));
-                }
-                if before != after {
-                    self.event(
-                        &tenant,
-                        EventKind::Phones,
-                        json!({"event": "state", "phone": view}),
-                    );
-                }
-                result
+                self.attempt_pap(decisions, phone, attempt)
             }
+        }
+    }
+
+    /// A phone without certificate: counts wrong PAPs towards lockout and block, and a
+    /// correct one whitelists the address. What the attempt changed is committed (and waited
+    /// for) before the answer, so that the next attempt sees it.
+    fn attempt_pap(
+        &self,
+        decisions: &mut Decisions,
+        phone: Phone,
+        pap: PapAttempt<'_>,
+    ) -> Judgement {
+        let Decisions { live, durable } = decisions;
+        let (mac, tenant, at, ip) = (phone.mac.clone(), phone.tenant.clone(), pap.at, pap.ip);
+        let policy = &self.settings.phones;
+        let attempt = Attempt {
+            password: pap.password,
+            whitelisted: live.whitelists.is_whitelisted(&tenant, ip, at),
+        };
+        let before = phone.state_at(at).name();
+        let (phone, decision) = phone::attempt(phone, &attempt, policy, at);
+        let after = phone.state_at(at).name();
+        let mut told = Outbox::default();
+        if before != after {
+            let body = json!({"event": "state", "phone": phone.view(at)});
+            told.event(&tenant, EventKind::Phones, body, self.now());
+        }
+        let mut changes = vec![Change::PutPhone(phone)];
+        if before != after {
+            changes.push(Change::Audit(AuditRecord::new(
+                at,
+                &tenant,
+                ip.to_string(),
+                Some(mac.to_string()),
+                "auth_state",
+                Outcome::Ok,
+                Some(format!("{before} -> {after}")),
+            )));
+        }
+        let judgement = match decision {
+            PapDecision::AdmitUnprovisioned { pap_checked } => {
+                if pap_checked {
+                    // A correct PAP puts the client's address on the tenant's temporary
+                    // whitelist.
+                    live.whitelists.expire(at);
+                    let duration = policy.temporary_whitelist;
+                    live.whitelists.grant_temporary(&tenant, ip, at, duration);
+                    changes.push(Change::PutWhitelists(live.whitelists.clone()));
+                }
+                let level = if pap_checked {
+                    "unprovisioned phone, correct PAP"
+                } else {
+                    "unprovisioned phone, no PAP required"
+                };
+                granted(&mac, PhoneRights::Unprovisioned, tenant.clone(), level)
+            }
+            PapDecision::WrongPap => {
+                let reason = "wrong or missing PAP".to_owned();
+                refuse(&mac, Refusal::BadUserNameOrPassword, reason, tenant.clone())
+            }
+            PapDecision::Locked { reason } | PapDecision::NotAllowed { reason } => {
+                refuse(&mac, Refusal::NotAuthorized, reason, tenant.clone())
+            }
+        };
+        match durable.commit(changes) {
+            Ok(records) => {
+                self.carry_out(&records, told, &Written::new());
+                judgement
+            }
+            Err(e) => refuse(&mac, Refusal::ServerUnavailable, e.message, tenant),
         }
     }
 
@@ -165,13 +196,17 @@ impl Controller {
     }
 
     /// `phones/<mac>/provision/request`: check the CSR, sign it with the fleet CA, answer.
-    pub(super) fn on_provision_request(&self, live: &Live, cx: &mut Cx, mac: Mac, payload: &[u8]) {
-        let topic = Topic::PhoneProvisionResponse(mac.clone()).to_string();
-        let fail = |cx: &mut Cx, e: CommandError| {
-            cx.publish(
-                topic.clone(),
-                &json!({"error": e.message, "code": e.code.as_str()}),
-            );
+    pub(super) fn on_provision_request(
+        &self,
+        live: &Live,
+        cx: &mut Batch<'_>,
+        mac: Mac,
+        payload: &[u8],
+    ) {
+        let topic = Topic::PhoneProvisionResponse(mac.clone());
+        let fail = |cx: &mut Batch<'_>, e: CommandError| {
+            let error = json!({"error": e.message, "code": e.code.as_str()});
+            cx.out.publish(&topic, &error);
         };
         let request: Value = match serde_json::from_slice(payload) {
             Ok(v) => v,
@@ -184,7 +219,7 @@ impl Controller {
             );
         };
         let at = self.now();
-        let phone = match cx.txn.phone(&mac) {
+        let phone = match cx.txn().phone(&mac) {
             Ok(Some(p)) => p,
             Ok(None) => return fail(cx, CommandError::not_found(format!("no phone {mac}"))),
             Err(e) => return fail(cx, internal(e)),
@@ -226,8 +261,8 @@ impl Controller {
         if let Err(e) = cx.record(vec![Change::PutPhone(phone)], audit) {
             return fail(cx, e);
         }
-        cx.publish(
-            topic,
+        cx.out.publish(
+            &topic,
             &json!({
                 "certificate": issued.cert_pem,
                 "ca": self.ca.cert_pem(),
@@ -242,9 +277,9 @@ impl Controller {
     }
 
     /// `phones/<mac>/provision/complete`: the phone stored its certificate; its PAP is void.
-    pub(super) fn on_provision_complete(&self, live: &mut Live, cx: &mut Cx, mac: Mac) {
+    pub(super) fn on_provision_complete(&self, live: &mut Live, cx: &mut Batch<'_>, mac: Mac) {
         let at = self.now();
-        let phone = match cx.txn.phone(&mac) {
+        let phone = match cx.txn().phone(&mac) {
             Ok(Some(p)) => p,
             _ => return,
         };
@@ -280,12 +315,8 @@ impl Controller {
         if cx.record(changes, audit).is_err() {
             return;
         }
-        self.event_in(
-            cx,
-            &tenant,
-            EventKind::Phones,
-            json!({"event": "state", "phone": without_pap(&view)}),
-        );
+        let body = json!({"event": "state", "phone": without_pap(&view)});
+        cx.out.event(&tenant, EventKind::Phones, body, self.now());
     }
 }
 

@@ -1,0 +1,250 @@
+//! What the controller says and does, held back until the change behind it is durable: ONE
+//! outbox for batches and admissions alike. A decision fills an [`Outbox`]; once its commit
+//! returned, [`Controller::carry_out`] publishes the commit's audit records and then every
+//! output in order (publications, mailbox messages, operator responses, cuts, rights
+//! re-checks). A commit that failed tells nothing ([`Controller::abandon`]).
+
+use std::net::IpAddr;
+
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+use tracing::{debug, warn};
+
+use super::durable::{Queued, Written};
+use super::{rfc3339, Controller, Requester};
+use crate::audit::AuditRecord;
+use crate::identity::{self, StationRights};
+use crate::station::{self, Admit, Presented};
+use fleet_protocol::envelope::{response_json, ResponseEntry};
+use fleet_protocol::{CommandError, EventKind, Serial, Topic};
+
+/// A message for the bus task to publish, in order.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// Something the controller says or does once its change is durable.
+pub(super) enum Output {
+    /// A message to the router, or to a device's mailbox (`fleet_broker::mailbox`).
+    Publish(Publication),
+    /// An operator's response; if the commit fails, every command of it is answered with the
+    /// store's error instead.
+    Respond {
+        to: Requester,
+        /// (`command`, `correlationData`) of every entry.
+        commands: Vec<(Value, Value)>,
+        responses: Vec<Value>,
+    },
+    /// End a session (after a message to `after`, if any).
+    Cut {
+        client_id: String,
+        after: Option<String>,
+    },
+    /// Re-check the rights of the station's live session `session_id`, which presented
+    /// `presented`: they grow in place, or it is cut.
+    Recheck {
+        serial: Serial,
+        session_id: u64,
+        presented: Presented,
+    },
+    /// End an address's block for failed authentications.
+    LiftBlock(IpAddr),
+    /// A mailbox message to one session only.
+    DeliverTo {
+        client_id: String,
+        session_id: u64,
+        topic: String,
+        payload: Vec<u8>,
+    },
+}
+
+/// What a decision says and does, in order, once it is durable.
+#[derive(Default)]
+pub(super) struct Outbox(Vec<Output>);
+
+impl Outbox {
+    pub(super) fn push(&mut self, output: Output) {
+        self.0.push(output);
+    }
+
+    pub(super) fn publish(&mut self, topic: &Topic, payload: &Value) {
+        self.push(Output::Publish(Publication {
+            topic: topic.to_string(),
+            payload: payload.to_string().into_bytes(),
+        }));
+    }
+
+    /// An event on `fleet/events/<tenant>/<kind>`: `body` with its `type` and `time`.
+    pub(super) fn event(&mut self, tenant: &str, kind: EventKind, body: Value, at: OffsetDateTime) {
+        let mut body = body;
+        if let Some(obj) = body.as_object_mut() {
+            obj.insert("type".into(), json!(kind.as_str()));
+            obj.insert("time".into(), json!(rfc3339(at)));
+        }
+        self.publish(&Topic::Event(tenant.to_owned(), kind), &body);
+    }
+
+    /// End `client_id`'s session, after its message on `after` if any.
+    pub(super) fn cut(&mut self, client_id: String, after: Option<&Topic>) {
+        self.push(Output::Cut {
+            client_id,
+            after: after.map(Topic::to_string),
+        });
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// A commit queued for the writer thread, and what to carry out once it is durable.
+pub(super) struct Pending {
+    pub(super) committed: Queued,
+    pub(super) out: Outbox,
+}
+
+impl Controller {
+    /// Carries out what a durable change says and does: its audit records first (on
+    /// `fleet/events/<tenant>/audit`), then `out` in order. `written`: the station records the
+    /// change wrote (a batch's), for rights re-checks.
+    pub(super) fn carry_out(&self, records: &[AuditRecord], out: Outbox, written: &Written) {
+        let mut audit = Outbox::default();
+        for r in records {
+            if let Ok(v) = serde_json::to_value(r) {
+                audit.publish(&Topic::Event(r.tenant.clone(), EventKind::Audit), &v);
+            }
+        }
+        for output in audit.0.into_iter().chain(out.0) {
+            self.perform(output, written);
+        }
+    }
+
+    /// Tells at once what rests on nothing stored (a station went offline).
+    pub(super) fn tell(&self, out: Outbox) {
+        self.carry_out(&[], out, &Written::new());
+    }
+
+    /// Waits until a queued commit is durable, then carries out what it says; false, and
+    /// nothing told, if it was not stored.
+    pub(super) async fn settle(&self, pending: Pending) -> bool {
+        match pending.committed.await {
+            Ok(records) => {
+                self.carry_out(&records, pending.out, &Written::new());
+                true
+            }
+            Err(e) => {
+                warn!("audit record not stored: {e}");
+                false
+            }
+        }
+    }
+
+    /// A batch whose commit failed: nothing of it is told. Its cuts still run (a cut only takes
+    /// rights away), and every command of every operator request is answered `error`.
+    pub(super) fn abandon(&self, out: Outbox, error: &CommandError) {
+        for output in out.0 {
+            match output {
+                Output::Cut { client_id, after } => {
+                    self.sessions.cut(&client_id, after);
+                }
+                Output::Respond { to, commands, .. } => {
+                    let responses = commands
+                        .into_iter()
+                        .map(|(command, correlation)| {
+                            let outcome = Err(error.clone());
+                            ResponseEntry {
+                                command,
+                                correlation,
+                                outcome,
+                            }
+                            .to_json()
+                        })
+                        .collect();
+                    self.respond(&to, responses);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn perform(&self, output: Output, written: &Written) {
+        match output {
+            Output::Publish(p) => self.send_out(p),
+            Output::Respond { to, responses, .. } => self.respond(&to, responses),
+            Output::Cut { client_id, after } => {
+                self.sessions.cut(&client_id, after);
+            }
+            Output::LiftBlock(ip) => {
+                let now = self.now();
+                self.failures
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .lift(ip, now);
+            }
+            Output::DeliverTo {
+                client_id,
+                session_id,
+                topic,
+                payload,
+            } => {
+                self.sessions
+                    .deliver_to(&client_id, session_id, topic, payload);
+            }
+            Output::Recheck {
+                serial,
+                session_id,
+                presented,
+            } => self.recheck(&serial, session_id, &presented, written),
+        }
+    }
+
+    /// Rights only grow in place (an accepted station gains them at once); any other change
+    /// cuts the session, so that no subscription made under the old rights outlives them.
+    fn recheck(&self, serial: &Serial, session_id: u64, presented: &Presented, written: &Written) {
+        let client_id = serial.client_id();
+        // The batch's own record is the committed one; no need to read it back.
+        let decision = match written.get(serial) {
+            Some(record) => Ok(station::admit(record.as_ref(), presented)),
+            None => self.station_decision(serial, presented),
+        };
+        match decision {
+            Ok(Admit::Authorized) => {
+                let rights = identity::station_rights(serial, StationRights::Authorized);
+                // Only the session whose key was checked; one that took the client id over
+                // since is re-checked by its own admission.
+                self.sessions.set_rights_of(&client_id, session_id, rights);
+            }
+            _ => {
+                self.sessions.cut(&client_id, None);
+            }
+        }
+    }
+
+    /// A message to a device's mailbox (`cmd`, firmware chunks, provisioning answers) goes
+    /// straight to its session (see `fleet_broker::mailbox`); everything else to the router.
+    fn send_out(&self, p: Publication) {
+        match identity::mailbox_owner(&p.topic) {
+            Some(client_id) => {
+                self.sessions.deliver(&client_id, p.topic, p.payload);
+            }
+            None => {
+                let _ = self.out.send(p);
+            }
+        }
+    }
+
+    /// Answers the session that sent the request, and no other: responses bypass the router,
+    /// where another operator of the same name (in another tenant) could subscribe.
+    fn respond(&self, to: &Requester, responses: Vec<Value>) {
+        let payload = response_json(responses).to_string().into_bytes();
+        let topic = Topic::OperatorResponse(to.operator.name.clone()).to_string();
+        if !self
+            .sessions
+            .deliver_to(&to.client_id, to.session_id, topic, payload)
+        {
+            debug!(client_id = %to.client_id, "response not delivered: the session is gone or was ended");
+        }
+    }
+}

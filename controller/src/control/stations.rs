@@ -1,0 +1,418 @@
+//! Stations in the controller's shell: the messages stations send (`auth/request`,
+//! `firmware/request`; PROTOCOL §3), the transitions of the pure `station` state machine
+//! written into the batch with their audit records, their effects queued for after the commit,
+//! and the expiry of stations that waited unseen for too long.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::net::IpAddr;
+
+use base64::Engine;
+use serde_json::{json, Value};
+use tracing::warn;
+
+use super::durable::{Batch, Recorded};
+use super::effects::{Outbox, Output};
+use super::live::{Live, LiveSession, PendingIndex};
+use super::{rfc3339, Controller};
+use crate::audit::{AuditRecord, Outcome};
+use crate::firmware::parse_version;
+use crate::identity::Identity;
+use crate::station::{self, AuthRequest, Effect, Standing, Station, Transition};
+use crate::store::Change;
+use fleet_protocol::{CommandError, EventKind, Serial, Topic};
+
+impl Controller {
+    pub(super) fn on_auth_request(
+        &self,
+        live: &mut Live,
+        cx: &mut Batch<'_>,
+        serial: Serial,
+        payload: &[u8],
+    ) {
+        // Only the station's own session may publish here (the front door enforces it), so the
+        // sender is the client id's live session, or its last one if it already closed.
+        let Some((presented, ip)) = live.last_station_session.get(&serial.client_id()) else {
+            return;
+        };
+        let presented = *presented;
+        let ip = ip.to_string();
+        let record = match cx.txn().station(&serial) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("store: {e}");
+                return;
+            }
+        };
+        let tenant = record
+            .as_ref()
+            .map(|r| r.tenant.clone())
+            .unwrap_or_else(|| station::DEFAULT_TENANT.to_owned());
+        let request = match AuthRequest::parse(&serial, payload) {
+            Ok(r) => r,
+            Err(e) => {
+                let body = json!({"event": "bad_request", "serial": serial.as_str(), "error": e.to_string()});
+                return cx.out.event(&tenant, EventKind::Stations, body, self.now());
+            }
+        };
+        if record.is_none() {
+            if let Err(reason) = self.may_add_pending(live, &serial, &ip) {
+                let audit = AuditRecord::new(
+                    self.now(),
+                    &tenant,
+                    serial.client_id(),
+                    Some(serial.to_string()),
+                    "auth_request",
+                    Outcome::Refused,
+                    Some(reason.clone()),
+                );
+                let _ = cx.record(Vec::new(), audit);
+                let body = json!({"event": "refused", "serial": serial.as_str(), "error": reason});
+                return cx.out.event(&tenant, EventKind::Stations, body, self.now());
+            }
+        }
+        let before = record.as_ref().map(|r| r.standing.clone());
+        let at = self.now();
+        let transition = station::on_auth_request(
+            record,
+            serial.clone(),
+            request,
+            presented,
+            Some(ip),
+            &self.settings.policy,
+            at,
+        );
+        let reason = match &transition.station {
+            Some(s) => format!(
+                "{} -> {}",
+                before.as_ref().map(|b| b.label()).unwrap_or("new"),
+                s.standing.label()
+            ),
+            None => "deleted".into(),
+        };
+        let audit = AuditRecord::new(
+            at,
+            &tenant,
+            serial.client_id(),
+            Some(serial.to_string()),
+            "auth_request",
+            Outcome::Ok,
+            Some(reason),
+        );
+        match self.apply_transition(live, cx, &serial, transition, audit) {
+            // Counted at once, so that one batch cannot pass the limits either; the index is
+            // rebuilt from the store if the batch's commit fails.
+            Ok((record, _)) => live.pending.update(&serial, record.as_ref()),
+            Err(e) => warn!("auth request of {serial} not applied: {e}"),
+        }
+    }
+
+    /// Whether a new station record may be made for `serial`, requested from `ip`: within the
+    /// pending-station limits, and no other station's serial differs from it only in case.
+    pub(super) fn may_add_pending(
+        &self,
+        live: &Live,
+        serial: &Serial,
+        ip: &str,
+    ) -> Result<(), String> {
+        if let Some(twin) = live.pending.case_twin(serial) {
+            return Err(format!(
+                "serial {serial} differs from the known station {twin} only in case; serials are \
+                 case-sensitive and no two stations may differ only in case"
+            ));
+        }
+        let from_ip = ip
+            .parse::<IpAddr>()
+            .map_or(0, |ip| live.pending.waiting_from(ip));
+        self.settings
+            .pending
+            .limits
+            .admit_new_pending(from_ip, live.pending.total())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Deletes the stations that have waited for approval unseen for longer than
+    /// `[limits] pending_expiry_hours` (and are not connected), each with an audit record.
+    /// Returns how many. The bus task calls it every minute; tests call it after moving the
+    /// simulated clock.
+    pub fn expire_pending(&self) -> usize {
+        let mut guard = self.lock();
+        let live = &guard.live;
+        let now = self.now();
+        let expiry = self.settings.pending.expiry;
+        let mut changes = Vec::new();
+        let mut expired = Vec::new();
+        for serial in live.pending.waiting.keys() {
+            if live.sessions.contains_key(&serial.client_id()) {
+                continue;
+            }
+            let Ok(Some(record)) = self.store.station(serial) else {
+                continue;
+            };
+            let seen = [record.last_seen, live.last_seen.get(serial).copied()]
+                .into_iter()
+                .flatten()
+                .fold(record.updated_at, |a, b| a.max(b));
+            if PendingIndex::is_waiting(&record) && crate::flood::pending_expired(seen, now, expiry)
+            {
+                changes.push(Change::DeleteStation(serial.clone()));
+                changes.push(Change::Audit(AuditRecord::new(
+                    now,
+                    &record.tenant,
+                    "controller",
+                    Some(serial.to_string()),
+                    "expire",
+                    Outcome::Ok,
+                    Some(format!(
+                        "waited for approval unseen since {}",
+                        rfc3339(seen)
+                    )),
+                )));
+                expired.push((serial.clone(), record.tenant));
+            }
+        }
+        if expired.is_empty() {
+            return 0;
+        }
+        let records = match guard.durable.commit(changes) {
+            Ok(records) => records,
+            Err(e) => {
+                warn!("expired stations not deleted: {e}");
+                return 0;
+            }
+        };
+        let mut told = Outbox::default();
+        for (serial, tenant) in &expired {
+            guard.live.pending.update(serial, None);
+            guard.live.last_seen.remove(serial);
+            let body = json!({"event": "expired", "serial": serial.as_str()});
+            told.event(tenant, EventKind::Stations, body, self.now());
+        }
+        self.carry_out(&records, told, &Default::default());
+        expired.len()
+    }
+
+    /// `stations/<serial>/firmware/request`: a chunk of the image of the update in progress,
+    /// or an error, on `…/firmware/chunk`.
+    pub(super) fn on_firmware_request(&self, cx: &mut Batch<'_>, serial: Serial, payload: &[u8]) {
+        let topic = Topic::StationFirmwareChunk(serial.clone());
+        let request: Value = match serde_json::from_slice(payload) {
+            Ok(v) => v,
+            Err(e) => {
+                let error = json!({"error": format!("not JSON: {e}"), "code": "invalid_argument"});
+                return cx.out.publish(&topic, &error);
+            }
+        };
+        let version = request
+            .get("version")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let answer = match self.firmware_chunk(cx, &serial, &request, version) {
+            Ok(chunk) => chunk,
+            Err((code, error)) => json!({"version": version, "error": error, "code": code}),
+        };
+        cx.out.publish(&topic, &answer);
+    }
+
+    /// The chunk a firmware request asks for, or its error code and text.
+    fn firmware_chunk(
+        &self,
+        cx: &Batch<'_>,
+        serial: &Serial,
+        request: &Value,
+        version_text: &str,
+    ) -> Result<Value, (&'static str, String)> {
+        let invalid = |error: String| ("invalid_argument", error);
+        let Some(offset) = request.get("offset").and_then(Value::as_u64) else {
+            return Err(invalid("offset must be a non-negative integer".into()));
+        };
+        let chunk_size = self.settings.chunk_size as u64;
+        let length = request
+            .get("length")
+            .and_then(Value::as_u64)
+            .unwrap_or(chunk_size)
+            .min(chunk_size);
+        let record = match cx.txn().station(serial) {
+            Ok(Some(r)) => r,
+            _ => return Err(("not_found", "no such station".into())),
+        };
+        let Standing::Updating { version, .. } = &record.standing else {
+            let label = record.standing.label();
+            return Err(("wrong_state", format!("station is {label}, not updating")));
+        };
+        if version != version_text {
+            return Err(invalid(format!("the update in progress is {version}")));
+        }
+        let image = parse_version(version).and_then(|v| self.settings.catalog.find(&v).cloned());
+        let Some(image) = image else {
+            let error = format!("firmware {version} is not in the catalog");
+            return Err(("not_found", error));
+        };
+        if offset > image.size {
+            let size = image.size;
+            return Err(invalid(format!(
+                "offset {offset} beyond the image size {size}"
+            )));
+        }
+        let mut data = vec![0u8; (length.min(image.size - offset)) as usize];
+        let read = std::fs::File::open(&image.path).and_then(|mut f| {
+            f.seek(SeekFrom::Start(offset))?;
+            f.read_exact(&mut data)
+        });
+        if let Err(e) = read {
+            warn!("firmware image {}: {e}", image.path.display());
+            return Err(("internal", "the firmware image cannot be read".into()));
+        }
+        Ok(json!({
+            "version": version_text,
+            "offset": offset,
+            "total": image.size,
+            "data": base64::engine::general_purpose::STANDARD.encode(&data),
+        }))
+    }
+
+    /// Writes a station's transition into the batch with its audit record (in `audit`'s
+    /// tenant) and queues its effects and its `state` event for after the commit. Returns the
+    /// record as it now stands (`None`: deleted).
+    pub(super) fn apply_transition(
+        &self,
+        live: &Live,
+        cx: &mut Batch<'_>,
+        serial: &Serial,
+        transition: Transition,
+        audit: AuditRecord,
+    ) -> Result<(Option<Station>, Recorded), CommandError> {
+        let change = match &transition.station {
+            Some(s) => Change::PutStation(s.clone()),
+            None => Change::DeleteStation(serial.clone()),
+        };
+        let mut effects = transition.effects.clone();
+        let accepted = transition.station.as_ref().filter(|s| {
+            s.standing == Standing::Authorized
+                && effects.contains(&Effect::Send(station::Command::Authorized))
+        });
+        let mismatch = accepted
+            .and_then(|record| self.authorize_holder(live, cx, record, &mut effects, &audit));
+        // Durable first (at the batch's commit); only then does anyone hear of it.
+        let tenant = audit.tenant.clone();
+        let recorded = cx.record(vec![change], audit)?;
+        if let Some(mismatch) = mismatch {
+            cx.record(Vec::new(), mismatch)?;
+        }
+        self.run_effects(live, &mut cx.out, serial, &effects, &tenant);
+        let view = match &transition.station {
+            Some(s) => self.view(live, s),
+            None => json!({"serial": serial.as_str(), "state": null, "removed": true}),
+        };
+        let body = json!({"event": "state", "station": view});
+        cx.out.event(&tenant, EventKind::Stations, body, self.now());
+        Ok((transition.station, recorded))
+    }
+
+    /// An accepted station's `authorized` goes only to the live session that presents the key
+    /// its record pins. A session with another key (an impostor that took the client id) never
+    /// hears it and gets no rights: it is cut and the security event raised; the audit record
+    /// of that is returned, to be written after the acceptance's own.
+    fn authorize_holder(
+        &self,
+        live: &Live,
+        cx: &mut Batch<'_>,
+        record: &Station,
+        effects: &mut Vec<Effect>,
+        audit: &AuditRecord,
+    ) -> Option<AuditRecord> {
+        let serial = &record.serial;
+        let (presented, ip, session_id) =
+            live.sessions
+                .get(&serial.client_id())
+                .and_then(|s| match &s.identity {
+                    Identity::Station { presented, .. } => Some((*presented, s.ip, s.session_id)),
+                    _ => None,
+                })?;
+        if presented.key() == record.fingerprint {
+            effects.retain(|e| *e != Effect::Send(station::Command::Authorized));
+            cx.out.push(Output::DeliverTo {
+                client_id: serial.client_id(),
+                session_id,
+                topic: Topic::StationCmd(serial.clone()).to_string(),
+                payload: station::Command::Authorized
+                    .payload()
+                    .to_string()
+                    .into_bytes(),
+            });
+            return None;
+        }
+        effects.retain(|e| !matches!(e, Effect::Send(_) | Effect::Rights));
+        let presents = presented
+            .key()
+            .map_or("no key".to_owned(), |k| k.to_string());
+        cx.out.cut(serial.client_id(), None);
+        let body = json!({
+            "event": "identity_mismatch",
+            "serial": serial.as_str(),
+            "pinned": record.fingerprint.map(|f| f.to_string()),
+            "presented": presented.key().map(|p| p.to_string()),
+            "ip": ip.to_string(),
+            "advice": "a session with another key held the station's client id when it was accepted: it was cut",
+        });
+        cx.out
+            .event(&audit.tenant, EventKind::Security, body, self.now());
+        Some(AuditRecord::new(
+            audit.time,
+            &audit.tenant,
+            serial.client_id(),
+            Some(serial.to_string()),
+            "identity_mismatch",
+            Outcome::Refused,
+            Some(format!(
+                "the live session from {ip} presents {presents}, not the accepted key: cut"
+            )),
+        ))
+    }
+
+    fn run_effects(
+        &self,
+        live: &Live,
+        out: &mut Outbox,
+        serial: &Serial,
+        effects: &[Effect],
+        tenant: &str,
+    ) {
+        let cmd_topic = Topic::StationCmd(serial.clone());
+        for effect in effects {
+            match effect {
+                Effect::Send(cmd) => out.publish(&cmd_topic, &cmd.payload()),
+                Effect::Cut(cmd) => {
+                    // The station is first sent its `cmd`, so that it knows why; the front door
+                    // withdraws its rights now and closes once that message is written (bounded
+                    // grace).
+                    out.publish(&cmd_topic, &cmd.payload());
+                    out.cut(serial.client_id(), Some(&cmd_topic));
+                }
+                Effect::Rights => {
+                    // The session as it is now: the batch holds the lock until the re-check.
+                    if let Some(LiveSession {
+                        identity: Identity::Station { presented, .. },
+                        session_id,
+                        ..
+                    }) = live.sessions.get(&serial.client_id())
+                    {
+                        out.push(Output::Recheck {
+                            serial: serial.clone(),
+                            session_id: *session_id,
+                            presented: *presented,
+                        });
+                    }
+                }
+                Effect::Event { kind, detail } => {
+                    let kind_of = if *kind == "identity_mismatch" {
+                        EventKind::Security
+                    } else {
+                        EventKind::Stations
+                    };
+                    let body = json!({"event": kind, "serial": serial.as_str(), "detail": detail});
+                    out.event(tenant, kind_of, body, self.now());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The shell against a real store, a recording session registry and a simulated clock: what is
+//! told, and in which order, around the commits.
+
+use std::sync::Arc;
+
+use fleet_broker::{
+    Admission, ConnectInfo, Decision, MqttVersion, PresentedCertificate, Rights, SessionControl,
+    Trust,
+};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::{ControlSettings, Controller, ControllerAdmission, Publication};
+use crate::clock::Clock;
+use crate::firmware::{Catalog, FirmwarePolicy};
+use crate::store::Store;
+use fleet_protocol::{EventKind, Serial, Topic};
+
+/// A session registry that has every session and takes every order.
+struct Sessions;
+
+impl SessionControl for Sessions {
+    fn set_rights(&self, _: &str, _: Rights) -> bool {
+        true
+    }
+    fn cut(&self, _: &str, _: Option<String>) -> bool {
+        true
+    }
+    fn is_connected(&self, _: &str) -> bool {
+        true
+    }
+    fn deliver(&self, _: &str, _: String, _: Vec<u8>) -> bool {
+        true
+    }
+    fn deliver_to(&self, _: &str, _: u64, _: String, _: Vec<u8>) -> bool {
+        true
+    }
+}
+
+struct Shell {
+    _dir: tempfile::TempDir,
+    clock: Clock,
+    controller: Arc<Controller>,
+    admission: ControllerAdmission,
+    published: UnboundedReceiver<Publication>,
+}
+
+fn connect(session_id: u64, client_id: &str, der: Option<&[u8]>) -> ConnectInfo {
+    ConnectInfo {
+        session_id,
+        client_id: client_id.into(),
+        username: None,
+        password: None,
+        peer_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 40000)),
+        certificate: der.map(|der| PresentedCertificate {
+            der: der.to_vec(),
+            trust: Trust::SelfSigned,
+        }),
+        version: MqttVersion::V311,
+    }
+}
+
+/// A controller with its `admin` operator connected as `op` (session 1).
+async fn shell() -> Shell {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = fleet_certs::FleetCa::generate("test CA").expect("ca");
+    let operator = ca.issue_operator("admin", "default").expect("operator");
+    let operators = fleet_certs::OperatorRegistry::new(dir.path());
+    operators
+        .register_pem(&operator.cert_pem, time::OffsetDateTime::now_utc())
+        .expect("register the operator");
+    let store = Store::open(&dir.path().join("fleet.redb")).expect("store");
+    let clock = Clock::simulated();
+    let mut config = fleet_config::Config::default();
+    config.limits.failed_auth_delay_ms = 0;
+    let settings = ControlSettings::from_config(
+        &config,
+        FirmwarePolicy::default(),
+        Catalog::default(),
+        clock.clone(),
+    );
+    let (controller, published) =
+        Controller::new(store, Arc::new(ca), Arc::new(Sessions), operators, settings)
+            .expect("controller");
+    let admission = ControllerAdmission(controller.clone());
+    let mut op = connect(1, "op", None);
+    op.certificate = Some(PresentedCertificate {
+        der: operator.cert_der.clone(),
+        trust: Trust::FleetCa,
+    });
+    assert!(matches!(admission.admit(op).await, Decision::Allow { .. }));
+    Shell {
+        _dir: dir,
+        clock,
+        controller,
+        admission,
+        published,
+    }
+}
+
+impl Shell {
+    fn command(&self, command: Value) {
+        let request = json!({ "commands": [command] }).to_string();
+        assert!(self.controller.handle_request("op", 1, request.as_bytes()));
+    }
+
+    /// Station `serial` with a key of its own, accepted by the operator; its session closed.
+    async fn accepted_station(&self, serial: &str) {
+        let key = fleet_certs::self_signed_station(serial).expect("station");
+        let client_id = Serial::parse(serial).expect("serial").client_id();
+        let admitted = self
+            .admission
+            .admit(connect(2, &client_id, Some(&key.cert_der)))
+            .await;
+        assert!(matches!(admitted, Decision::Allow { .. }), "{admitted:?}");
+        let request = json!({"serial": serial, "model": "m", "firmware": "6.1.0",
+            "mac_streaming": "a", "mac_control": "b"});
+        self.controller.handle_message(
+            &Topic::StationAuthRequest(serial.parse().expect("serial")).to_string(),
+            request.to_string().as_bytes(),
+        );
+        let fingerprint = fleet_certs::certificate_fingerprint(&key.cert_der).expect("key");
+        self.command(json!({"command": "acceptStation", "serial": serial,
+            "fingerprint": fingerprint.to_string()}));
+        self.admission.session_closed(&client_id, 2);
+    }
+
+    /// A session with another key than the accepted one for the station `S1`: refused.
+    async fn impostor(&self) {
+        let impostor = fleet_certs::self_signed_station("S1").expect("another key");
+        let refused = self
+            .admission
+            .admit(connect(3, &s1(), Some(&impostor.cert_der)))
+            .await;
+        assert!(matches!(refused, Decision::Deny { .. }), "{refused:?}");
+    }
+
+    /// The topics published since the last call.
+    fn topics(&mut self) -> Vec<String> {
+        let mut topics = Vec::new();
+        while let Ok(p) = self.published.try_recv() {
+            topics.push(p.topic);
+        }
+        topics
+    }
+}
+
+fn s1() -> String {
+    Serial::parse("S1").expect("serial").client_id()
+}
+
+#[tokio::test]
+async fn an_identity_mismatch_is_told_after_its_refusal_is_audited() {
+    let mut shell = shell().await;
+    shell.accepted_station("S1").await;
+    shell.topics();
+    shell.impostor().await;
+    let event = |kind| Topic::Event("default".into(), kind).to_string();
+    assert_eq!(
+        shell.topics(),
+        [event(EventKind::Audit), event(EventKind::Security)]
+    );
+}
+
+#[tokio::test]
+async fn an_identity_mismatch_whose_refusal_is_not_stored_is_not_told() {
+    let mut shell = shell().await;
+    shell.accepted_station("S1").await;
+    shell.topics();
+    // A time RFC 3339 cannot write (a year before 0): no audit record of it can be stored.
+    assert!(shell.clock.advance(-time::Duration::days(3000 * 365)));
+    shell.impostor().await;
+    let told = shell.topics();
+    assert!(
+        !told.contains(&Topic::Event("default".into(), EventKind::Security).to_string()),
+        "a security event whose refusal is not on record: {told:?}"
+    );
+}
