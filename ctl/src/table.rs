@@ -86,91 +86,124 @@ fn details(pairs: &[(&str, String)]) -> String {
         .collect()
 }
 
+/// What a table cell shows of an item.
+#[derive(Clone, Copy)]
+enum Cell {
+    /// The field, as [`text`] writes it.
+    Field(&'static str),
+    /// A station's state by its label.
+    StationState,
+    /// A phone's authentication state by its label.
+    PhoneState,
+}
+
+impl Cell {
+    fn of(self, item: &Value) -> String {
+        match self {
+            Cell::Field(field) => text(item, field),
+            Cell::StationState => station_state(item),
+            Cell::PhoneState => phone_state(item),
+        }
+    }
+}
+
+/// A list of the answer shown as a table: the answer's field that holds it, its columns
+/// (header and cell), and what to say when it is empty.
+struct Table {
+    field: &'static str,
+    columns: &'static [(&'static str, Cell)],
+    empty: &'static str,
+}
+
+const STATIONS: Table = Table {
+    field: "stations",
+    columns: &[
+        ("SERIAL", Cell::Field("serial")),
+        ("MODEL", Cell::Field("model")),
+        ("FIRMWARE", Cell::Field("firmware")),
+        ("STATE", Cell::StationState),
+        ("ONLINE", Cell::Field("online")),
+        ("IP", Cell::Field("ip")),
+        ("LAST SEEN", Cell::Field("last_seen")),
+    ],
+    empty: "no stations\n",
+};
+
+const PHONES: Table = Table {
+    field: "phones",
+    columns: &[
+        ("MAC", Cell::Field("mac")),
+        ("VENDOR", Cell::Field("vendor")),
+        ("TYPE", Cell::Field("type")),
+        ("SITE", Cell::Field("site")),
+        ("AUTHENTICATION", Cell::PhoneState),
+        ("PAP", Cell::Field("pap")),
+        ("CREATED", Cell::Field("created_at")),
+    ],
+    empty: "no phones\n",
+};
+
+const OPERATORS: Table = Table {
+    field: "operators",
+    columns: &[
+        ("NAME", Cell::Field("name")),
+        ("TENANT", Cell::Field("tenant")),
+        ("SERIAL", Cell::Field("serial")),
+        ("ISSUED", Cell::Field("issued_at")),
+        ("REVOKED", Cell::Field("revoked_at")),
+        ("ONLINE", Cell::Field("online")),
+        ("FINGERPRINT", Cell::Field("fingerprint")),
+    ],
+    empty: "no operators\n",
+};
+
+const BLOCKS: Table = Table {
+    field: "blocks",
+    columns: &[
+        ("ADDRESS", Cell::Field("address")),
+        ("UNTIL", Cell::Field("until")),
+        ("FAILURES", Cell::Field("failures")),
+    ],
+    empty: "no address blocks\n",
+};
+
+const AUDIT: Table = Table {
+    field: "records",
+    columns: &[
+        ("TIME", Cell::Field("time")),
+        ("ACTOR", Cell::Field("actor")),
+        ("DEVICE", Cell::Field("device")),
+        ("ACTION", Cell::Field("action")),
+        ("OUTCOME", Cell::Field("outcome")),
+        ("REASON", Cell::Field("reason")),
+    ],
+    empty: "no audit records\n",
+};
+
+fn render_list(table: &Table, data: &Value) -> String {
+    let rows: Vec<Vec<String>> = list(data, table.field)
+        .iter()
+        .map(|item| {
+            table
+                .columns
+                .iter()
+                .map(|(_, cell)| cell.of(item))
+                .collect()
+        })
+        .collect();
+    if rows.is_empty() {
+        return table.empty.to_owned();
+    }
+    let headers: Vec<&str> = table.columns.iter().map(|(header, _)| *header).collect();
+    render_table(&headers, &rows)
+}
+
 /// Renders `data` as `shape` says.
 pub(crate) fn render(shape: Shape, data: &Value) -> String {
     match shape {
-        Shape::Stations => {
-            let rows: Vec<Vec<String>> = list(data, "stations")
-                .iter()
-                .map(|s| {
-                    vec![
-                        text(s, "serial"),
-                        text(s, "model"),
-                        text(s, "firmware"),
-                        station_state(s),
-                        text(s, "online"),
-                        text(s, "ip"),
-                        text(s, "last_seen"),
-                    ]
-                })
-                .collect();
-            if rows.is_empty() {
-                return "no stations\n".to_owned();
-            }
-            render_table(
-                &[
-                    "SERIAL",
-                    "MODEL",
-                    "FIRMWARE",
-                    "STATE",
-                    "ONLINE",
-                    "IP",
-                    "LAST SEEN",
-                ],
-                &rows,
-            )
-        }
-        Shape::Station => {
-            let mut pairs = vec![
-                ("Serial", text(data, "serial")),
-                ("Model", text(data, "model")),
-                ("Firmware", text(data, "firmware")),
-                ("Status", station_state(data)),
-            ];
-            if data.get("reason").is_some() {
-                pairs.push(("Reason", text(data, "reason")));
-            }
-            pairs.extend([
-                ("MAC streaming", text(data, "mac_streaming")),
-                ("MAC control", text(data, "mac_control")),
-                ("Fingerprint", text(data, "fingerprint")),
-                ("Online", text(data, "online")),
-                ("Last seen", text(data, "last_seen")),
-                ("IP", text(data, "ip")),
-            ]);
-            details(&pairs)
-        }
-        Shape::Phones => {
-            let rows: Vec<Vec<String>> = list(data, "phones")
-                .iter()
-                .map(|p| {
-                    vec![
-                        text(p, "mac"),
-                        text(p, "vendor"),
-                        text(p, "type"),
-                        text(p, "site"),
-                        phone_state(p),
-                        text(p, "pap"),
-                        text(p, "created_at"),
-                    ]
-                })
-                .collect();
-            if rows.is_empty() {
-                return "no phones\n".to_owned();
-            }
-            render_table(
-                &[
-                    "MAC",
-                    "VENDOR",
-                    "TYPE",
-                    "SITE",
-                    "AUTHENTICATION",
-                    "PAP",
-                    "CREATED",
-                ],
-                &rows,
-            )
-        }
+        Shape::Stations => render_list(&STATIONS, data),
+        Shape::Station => station(data),
+        Shape::Phones => render_list(&PHONES, data),
         Shape::Phone => details(&[
             ("MAC", text(data, "mac")),
             ("Vendor", text(data, "vendor")),
@@ -180,61 +213,8 @@ pub(crate) fn render(shape: Shape, data: &Value) -> String {
             ("PAP", text(data, "pap")),
             ("Created", text(data, "created_at")),
         ]),
-        Shape::Whitelist => {
-            let mut out = String::from("Permanent whitelist:\n");
-            let permanent = list(data, "permanent");
-            if permanent.is_empty() {
-                out.push_str("  (empty)\n");
-            }
-            for entry in permanent {
-                let entry = entry
-                    .as_str()
-                    .map_or_else(|| entry.to_string(), str::to_owned);
-                out.push_str(&format!("  {entry}\n"));
-            }
-            out.push_str("Temporary whitelist:\n");
-            let temporary: Vec<Vec<String>> = list(data, "temporary")
-                .iter()
-                .map(|t| vec![text(t, "ip"), text(t, "expires_at")])
-                .collect();
-            if temporary.is_empty() {
-                out.push_str("  (empty)\n");
-            } else {
-                out.push_str(&render_table(&["IP", "EXPIRES"], &temporary));
-            }
-            out
-        }
-        Shape::Operators => {
-            let rows: Vec<Vec<String>> = list(data, "operators")
-                .iter()
-                .map(|o| {
-                    vec![
-                        text(o, "name"),
-                        text(o, "tenant"),
-                        text(o, "serial"),
-                        text(o, "issued_at"),
-                        text(o, "revoked_at"),
-                        text(o, "online"),
-                        text(o, "fingerprint"),
-                    ]
-                })
-                .collect();
-            if rows.is_empty() {
-                return "no operators\n".to_owned();
-            }
-            render_table(
-                &[
-                    "NAME",
-                    "TENANT",
-                    "SERIAL",
-                    "ISSUED",
-                    "REVOKED",
-                    "ONLINE",
-                    "FINGERPRINT",
-                ],
-                &rows,
-            )
-        }
+        Shape::Whitelist => whitelist(data),
+        Shape::Operators => render_list(&OPERATORS, data),
         Shape::Operator => details(&[
             ("Name", text(data, "name")),
             ("Tenant", text(data, "tenant")),
@@ -244,38 +224,8 @@ pub(crate) fn render(shape: Shape, data: &Value) -> String {
             ("Revoked", text(data, "revoked_at")),
             ("Online", text(data, "online")),
         ]),
-        Shape::Blocks => {
-            let rows: Vec<Vec<String>> = list(data, "blocks")
-                .iter()
-                .map(|b| vec![text(b, "address"), text(b, "until"), text(b, "failures")])
-                .collect();
-            if rows.is_empty() {
-                return "no address blocks\n".to_owned();
-            }
-            render_table(&["ADDRESS", "UNTIL", "FAILURES"], &rows)
-        }
-        Shape::Audit => {
-            let rows: Vec<Vec<String>> = list(data, "records")
-                .iter()
-                .map(|r| {
-                    vec![
-                        text(r, "time"),
-                        text(r, "actor"),
-                        text(r, "device"),
-                        text(r, "action"),
-                        text(r, "outcome"),
-                        text(r, "reason"),
-                    ]
-                })
-                .collect();
-            if rows.is_empty() {
-                return "no audit records\n".to_owned();
-            }
-            render_table(
-                &["TIME", "ACTOR", "DEVICE", "ACTION", "OUTCOME", "REASON"],
-                &rows,
-            )
-        }
+        Shape::Blocks => render_list(&BLOCKS, data),
+        Shape::Audit => render_list(&AUDIT, data),
         Shape::Csv => {
             let mut csv = text(data, "csv");
             if !csv.ends_with('\n') {
@@ -283,31 +233,79 @@ pub(crate) fn render(shape: Shape, data: &Value) -> String {
             }
             csv
         }
-        Shape::Import => {
-            let created = list(data, "created");
-            let mut out = format!("created {} phones\n", created.len());
-            for phone in created {
-                out.push_str(&format!(
-                    "  {}  PAP {}\n",
-                    text(phone, "mac"),
-                    text(phone, "pap")
-                ));
-            }
-            for error in list(data, "errors") {
-                out.push_str(&format!(
-                    "line {}: {}\n",
-                    text(error, "line"),
-                    text(error, "error")
-                ));
-            }
-            out
-        }
+        Shape::Import => import(data),
         Shape::Done => "ok\n".to_owned(),
         Shape::Raw => format!(
             "{}\n",
             serde_json::to_string_pretty(data).unwrap_or_else(|_| data.to_string())
         ),
     }
+}
+
+fn station(data: &Value) -> String {
+    let mut pairs = vec![
+        ("Serial", text(data, "serial")),
+        ("Model", text(data, "model")),
+        ("Firmware", text(data, "firmware")),
+        ("Status", station_state(data)),
+    ];
+    if data.get("reason").is_some() {
+        pairs.push(("Reason", text(data, "reason")));
+    }
+    pairs.extend([
+        ("MAC streaming", text(data, "mac_streaming")),
+        ("MAC control", text(data, "mac_control")),
+        ("Fingerprint", text(data, "fingerprint")),
+        ("Online", text(data, "online")),
+        ("Last seen", text(data, "last_seen")),
+        ("IP", text(data, "ip")),
+    ]);
+    details(&pairs)
+}
+
+fn whitelist(data: &Value) -> String {
+    let mut out = String::from("Permanent whitelist:\n");
+    let permanent = list(data, "permanent");
+    if permanent.is_empty() {
+        out.push_str("  (empty)\n");
+    }
+    for entry in permanent {
+        let entry = entry
+            .as_str()
+            .map_or_else(|| entry.to_string(), str::to_owned);
+        out.push_str(&format!("  {entry}\n"));
+    }
+    out.push_str("Temporary whitelist:\n");
+    let temporary: Vec<Vec<String>> = list(data, "temporary")
+        .iter()
+        .map(|t| vec![text(t, "ip"), text(t, "expires_at")])
+        .collect();
+    if temporary.is_empty() {
+        out.push_str("  (empty)\n");
+    } else {
+        out.push_str(&render_table(&["IP", "EXPIRES"], &temporary));
+    }
+    out
+}
+
+fn import(data: &Value) -> String {
+    let created = list(data, "created");
+    let mut out = format!("created {} phones\n", created.len());
+    for phone in created {
+        out.push_str(&format!(
+            "  {}  PAP {}\n",
+            text(phone, "mac"),
+            text(phone, "pap")
+        ));
+    }
+    for error in list(data, "errors") {
+        out.push_str(&format!(
+            "line {}: {}\n",
+            text(error, "line"),
+            text(error, "error")
+        ));
+    }
+    out
 }
 
 #[cfg(test)]
