@@ -518,3 +518,30 @@ async fn a_revoked_phone_certificate_is_refused_on_a_resumed_tls_session() {
     );
     assert_eq!(connect(&mut second, &client_id).await, 5);
 }
+
+/// docs/protocol.md: phone `state` events carry no PAP (every operator of the tenant hears
+/// them), also when the change comes from the phone's own CONNECT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phone_state_events_carry_no_pap() {
+    let fleet = TestFleet::start().await;
+    let mut op = fleet.operator().await;
+    let pap = op.create_phone("aabbcc0000e1").await;
+    let phone = fleet.phone("aabbcc0000e1", None, ME);
+    for _ in 0..3 {
+        assert_eq!(phone.connect_raw(Some(&wrong_pap(&pap))).await, 4);
+    }
+    let failed = tokio::time::timeout(op.patience, async {
+        loop {
+            let (_, event) = op.events.recv().await.expect("events");
+            if event["event"] == "state" {
+                assert!(event["phone"].get("pap").is_none(), "PAP in {event}");
+                if event["phone"]["auth_state"] == "authentication_failed" {
+                    return event;
+                }
+            }
+        }
+    })
+    .await
+    .expect("an authentication_failed event");
+    assert_eq!(failed["phone"]["mac"], "aabbcc0000e1");
+}

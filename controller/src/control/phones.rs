@@ -119,7 +119,7 @@ impl Controller {
         let after = phone.state_at(at).name();
         let mut told = Outbox::default();
         if before != after {
-            let body = json!({"event": "state", "phone": phone.view(at)});
+            let body = json!({"event": "state", "phone": without_pap(&phone.view(at))});
             told.event(&tenant, EventKind::Phones, body, self.now());
         }
         let mut changes = vec![Change::PutPhone(phone)];
