@@ -851,20 +851,23 @@ mod tests {
         assert_eq!(store.audit("default", 10).unwrap().len(), 1);
     }
 
+    /// The store in `dir` after `changes` were applied and it was closed and opened again.
+    fn reopened(dir: &tempfile::TempDir, changes: Vec<Change>) -> Store {
+        open(dir).apply(changes).unwrap();
+        open(dir)
+    }
+
     #[test]
     fn reopen_keeps_everything_and_seq_keeps_rising() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let store = open(&dir);
-            store
-                .apply(vec![
-                    Change::PutStation(station("S1")),
-                    Change::Audit(record("default", "a")),
-                    Change::Audit(record("default", "b")),
-                ])
-                .unwrap();
-        }
-        let store = open(&dir);
+        let store = reopened(
+            &dir,
+            vec![
+                Change::PutStation(station("S1")),
+                Change::Audit(record("default", "a")),
+                Change::Audit(record("default", "b")),
+            ],
+        );
         assert_eq!(store.stations().unwrap(), vec![station("S1")]);
         let stored = store
             .apply(vec![Change::Audit(record("default", "c"))])
@@ -876,16 +879,23 @@ mod tests {
         assert_eq!(log[0].time, T0);
     }
 
+    /// A store with ten audit records `a0`…`a9`, the even ones of `default`, the odd of `other`.
+    fn with_ten_audit_records(dir: &tempfile::TempDir) -> Store {
+        let store = open(dir);
+        let changes = (0..10)
+            .map(|i| {
+                let tenant = if i % 2 == 0 { "default" } else { "other" };
+                Change::Audit(record(tenant, &format!("a{i}")))
+            })
+            .collect();
+        store.apply(changes).unwrap();
+        store
+    }
+
     #[test]
     fn audit_is_per_tenant_newest_last_and_limited() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir);
-        let mut changes = Vec::new();
-        for i in 0..10 {
-            let tenant = if i % 2 == 0 { "default" } else { "other" };
-            changes.push(Change::Audit(record(tenant, &format!("a{i}"))));
-        }
-        store.apply(changes).unwrap();
+        let store = with_ten_audit_records(&dir);
         let log = store.audit("default", 3).unwrap();
         let actions: Vec<&str> = log.iter().map(|r| r.action.as_str()).collect();
         assert_eq!(actions, ["a4", "a6", "a8"]);
@@ -1028,13 +1038,7 @@ mod tests {
     #[test]
     fn audit_page_is_ascending_after_seq_and_limited() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir);
-        let mut changes = Vec::new();
-        for i in 0..10 {
-            let tenant = if i % 2 == 0 { "default" } else { "other" };
-            changes.push(Change::Audit(record(tenant, &format!("a{i}"))));
-        }
-        store.apply(changes).unwrap();
+        let store = with_ten_audit_records(&dir);
         let seqs = |after: u64, limit: usize| -> Vec<u64> {
             store
                 .audit_page("default", after, limit)
@@ -1238,17 +1242,14 @@ mod tests {
     #[test]
     fn reopen_keeps_phones_and_whitelists() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let store = open(&dir);
-            store
-                .apply(vec![
-                    Change::PutPhone(phone("000000000001", "default")),
-                    Change::PutWhitelists(whitelists()),
-                    Change::PutStation(station("S1")),
-                ])
-                .unwrap();
-        }
-        let store = open(&dir);
+        let store = reopened(
+            &dir,
+            vec![
+                Change::PutPhone(phone("000000000001", "default")),
+                Change::PutWhitelists(whitelists()),
+                Change::PutStation(station("S1")),
+            ],
+        );
         assert_eq!(
             store.phones(Some("default")).unwrap(),
             vec![phone("000000000001", "default")]
