@@ -12,7 +12,7 @@ use time::{OffsetDateTime, UtcOffset};
 
 use crate::firmware::{FirmwareClass, FirmwareImage, FirmwarePolicy};
 pub use fleet_protocol::payload::{AuthRequest, AuthRequestError, StationCommand as Command};
-use fleet_protocol::{CommandError, Fingerprint, Serial};
+use fleet_protocol::{Fingerprint, Serial};
 
 /// The tenant every station belongs to until stations are assigned to tenants.
 pub const DEFAULT_TENANT: &str = "default";
@@ -391,8 +391,34 @@ fn station_to_refresh(
     })
 }
 
-fn not_in(station: &Station, wanted: &str) -> CommandError {
-    CommandError::wrong_state(format!(
+/// Why an operator command cannot change a station; the text names the station and what is
+/// wrong. The shell answers it with the matching error code (`views.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The station is not in a state the command applies to.
+    #[error("{0}")]
+    WrongState(String),
+    /// The station's key is not the one the operator checked.
+    #[error("{0}")]
+    FingerprintMismatch(String),
+    /// The command's arguments ask for nothing the station can do.
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+impl Refused {
+    /// The text of the refusal.
+    pub fn message(&self) -> &str {
+        match self {
+            Refused::WrongState(m)
+            | Refused::FingerprintMismatch(m)
+            | Refused::InvalidArgument(m) => m,
+        }
+    }
+}
+
+fn not_in(station: &Station, wanted: &str) -> Refused {
+    Refused::WrongState(format!(
         "station {} is {}, not {wanted}",
         station.serial,
         station.standing.label()
@@ -404,20 +430,20 @@ pub fn accept(
     mut station: Station,
     fingerprint: Fingerprint,
     now: OffsetDateTime,
-) -> Result<Transition, CommandError> {
+) -> Result<Transition, Refused> {
     if station.standing != Standing::Unauthorized {
         return Err(not_in(&station, "Unauthorized"));
     }
     match station.fingerprint {
         Some(key) if key == fingerprint => {}
         Some(key) => {
-            return Err(CommandError::fingerprint_mismatch(format!(
+            return Err(Refused::FingerprintMismatch(format!(
                 "station {} presented key {key}, not {fingerprint}",
                 station.serial
             )))
         }
         None => {
-            return Err(CommandError::fingerprint_mismatch(format!(
+            return Err(Refused::FingerprintMismatch(format!(
                 "station {} has not presented a key since its authentication was reset, so it \
                  cannot be {fingerprint}",
                 station.serial
@@ -433,9 +459,9 @@ pub fn accept(
 }
 
 /// Reject: deny access and ignore all further authorization requests until cleared.
-pub fn reject(mut station: Station, now: OffsetDateTime) -> Result<Transition, CommandError> {
+pub fn reject(mut station: Station, now: OffsetDateTime) -> Result<Transition, Refused> {
     if station.standing == Standing::Rejected {
-        return Err(CommandError::wrong_state(format!(
+        return Err(Refused::WrongState(format!(
             "station {} is Rejected already",
             station.serial
         )));
@@ -450,7 +476,7 @@ pub fn reject(mut station: Station, now: OffsetDateTime) -> Result<Transition, C
 
 /// Clear a rejected station: it is forgotten; after its next reboot it asks again and shows as
 /// Unauthorized.
-pub fn clear_rejected(station: Station, _now: OffsetDateTime) -> Result<Transition, CommandError> {
+pub fn clear_rejected(station: Station, _now: OffsetDateTime) -> Result<Transition, Refused> {
     if station.standing != Standing::Rejected {
         return Err(not_in(&station, "Rejected"));
     }
@@ -465,7 +491,7 @@ pub fn start_update(
     mut station: Station,
     image: &FirmwareImage,
     now: OffsetDateTime,
-) -> Result<Transition, CommandError> {
+) -> Result<Transition, Refused> {
     if !matches!(
         station.standing,
         Standing::UpdateRequired | Standing::Updating { .. }
@@ -497,10 +523,10 @@ pub fn reset(
     delete_authentication: bool,
     delete_configuration: bool,
     now: OffsetDateTime,
-) -> Result<Transition, CommandError> {
+) -> Result<Transition, Refused> {
     if !delete_authentication && !delete_configuration {
-        return Err(CommandError::invalid_argument(
-            "reset needs delete_authentication, delete_configuration or both",
+        return Err(Refused::InvalidArgument(
+            "reset needs delete_authentication, delete_configuration or both".into(),
         ));
     }
     if station.standing != Standing::Authorized {
@@ -521,7 +547,7 @@ pub fn reset(
 }
 
 /// Remove Device, from any standing: the record is deleted, which forces re-authentication.
-pub fn remove(station: Station, _now: OffsetDateTime) -> Result<Transition, CommandError> {
+pub fn remove(station: Station, _now: OffsetDateTime) -> Result<Transition, Refused> {
     drop(station);
     Ok(Transition {
         station: None,
@@ -532,7 +558,6 @@ pub fn remove(station: Station, _now: OffsetDateTime) -> Result<Transition, Comm
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleet_protocol::ErrorCode;
     use serde_json::{json, Value};
     use time::macros::datetime;
 
@@ -833,12 +858,18 @@ mod tests {
     fn accept_with_another_fingerprint_is_a_mismatch() {
         let station = with_standing(Standing::Unauthorized, Some(key(1)));
         let error = accept(station, key(2), T0).unwrap_err();
-        assert_eq!(error.code, ErrorCode::FingerprintMismatch);
-        assert!(error.message.contains(&key(1).to_string()));
-        assert!(error.message.contains(&key(2).to_string()));
+        assert!(
+            matches!(error, Refused::FingerprintMismatch(_)),
+            "{error:?}"
+        );
+        assert!(error.message().contains(&key(1).to_string()));
+        assert!(error.message().contains(&key(2).to_string()));
         let keyless = with_standing(Standing::Unauthorized, None);
         let error = accept(keyless, key(2), T0).unwrap_err();
-        assert_eq!(error.code, ErrorCode::FingerprintMismatch);
+        assert!(
+            matches!(error, Refused::FingerprintMismatch(_)),
+            "{error:?}"
+        );
     }
 
     #[test]
@@ -851,8 +882,8 @@ mod tests {
         ] {
             let label = standing.label();
             let error = accept(with_standing(standing, Some(key(1))), key(1), T0).unwrap_err();
-            assert_eq!(error.code, ErrorCode::WrongState);
-            assert!(error.message.contains(label), "{}", error.message);
+            assert!(matches!(error, Refused::WrongState(_)), "{error:?}");
+            assert!(error.message().contains(label), "{}", error.message());
         }
     }
 
@@ -869,7 +900,7 @@ mod tests {
             assert_eq!(t.effects, vec![Effect::Cut(Command::Rejected)]);
         }
         let error = reject(with_standing(Standing::Rejected, None), T0).unwrap_err();
-        assert_eq!(error.code, ErrorCode::WrongState);
+        assert!(matches!(error, Refused::WrongState(_)), "{error:?}");
     }
 
     #[test]
@@ -881,7 +912,7 @@ mod tests {
         let t = ask(t.station, "6.1.0", Presented::Key(key(1)));
         assert_eq!(t.station.unwrap().state(true), StationState::Unauthorized);
         let error = clear_rejected(authorized(), T0).unwrap_err();
-        assert_eq!(error.code, ErrorCode::WrongState);
+        assert!(matches!(error, Refused::WrongState(_)), "{error:?}");
     }
 
     #[test]
@@ -898,7 +929,7 @@ mod tests {
         // Starting again re-sends.
         assert!(start_update(station, &image(), T0).is_ok());
         let error = start_update(authorized(), &image(), T0).unwrap_err();
-        assert_eq!(error.code, ErrorCode::WrongState);
+        assert!(matches!(error, Refused::WrongState(_)), "{error:?}");
     }
 
     #[test]
@@ -939,9 +970,9 @@ mod tests {
     #[test]
     fn reset_needs_an_authorized_station_and_a_flag() {
         let error = reset(authorized(), false, false, T0).unwrap_err();
-        assert_eq!(error.code, ErrorCode::InvalidArgument);
+        assert!(matches!(error, Refused::InvalidArgument(_)), "{error:?}");
         let error = reset(with_standing(Standing::Unauthorized, None), true, true, T0).unwrap_err();
-        assert_eq!(error.code, ErrorCode::WrongState);
+        assert!(matches!(error, Refused::WrongState(_)), "{error:?}");
     }
 
     #[test]
@@ -1104,7 +1135,7 @@ mod tests {
                 self.now += time::Duration::seconds(1);
                 let now = self.now;
                 let before = self.record.clone();
-                let command = |result: Result<Transition, CommandError>,
+                let command = |result: Result<Transition, Refused>,
                                world: &mut World|
                  -> Option<Transition> {
                     match result {

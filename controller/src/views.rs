@@ -1,6 +1,8 @@
 //! The operator's views of stations and phones: the JSON objects of PROTOCOL §6's responses and
-//! events. Kept out of the pure state machines (`station`, `phone`), which know no wire format.
+//! events, and the error codes the state machines' refusals are answered with. Kept out of the
+//! pure state machines (`station`, `phone`), which know no wire format.
 
+use fleet_protocol::CommandError;
 use serde_json::{json, Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
@@ -89,6 +91,23 @@ impl Whitelists {
             })
             .collect();
         json!({ "permanent": permanent, "temporary": temporary })
+    }
+}
+
+impl From<crate::station::Refused> for CommandError {
+    fn from(refused: crate::station::Refused) -> CommandError {
+        use crate::station::Refused;
+        match refused {
+            Refused::WrongState(m) => CommandError::wrong_state(m),
+            Refused::FingerprintMismatch(m) => CommandError::fingerprint_mismatch(m),
+            Refused::InvalidArgument(m) => CommandError::invalid_argument(m),
+        }
+    }
+}
+
+impl From<crate::phone::Refused> for CommandError {
+    fn from(refused: crate::phone::Refused) -> CommandError {
+        CommandError::wrong_state(refused.0)
     }
 }
 

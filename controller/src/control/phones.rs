@@ -246,7 +246,7 @@ impl Controller {
         let site = phone.site.clone();
         let phone = match phone::issue_certificate(phone, serial.clone(), at) {
             Ok(p) => p,
-            Err(e) => return fail(cx, e),
+            Err(e) => return fail(cx, e.into()),
         };
         let ip = self.phone_session_ip(live, &mac);
         let audit = AuditRecord::new(
