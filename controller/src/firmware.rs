@@ -60,11 +60,9 @@ impl FirmwarePolicy {
 
 /// Parses a firmware version as strict semver, tolerating a leading `v` or `V`.
 pub fn parse_version(text: &str) -> Option<Version> {
-    let text = text
-        .strip_prefix('v')
-        .or_else(|| text.strip_prefix('V'))
-        .unwrap_or(text);
-    Version::parse(text).ok()
+    fleet_protocol::FirmwareVersion::parse(text)
+        .ok()
+        .map(|v| v.version().clone())
 }
 
 /// Keeps an untrusted string quoted in a reason short.

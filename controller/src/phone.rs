@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime, UtcOffset};
 
-use fleet_protocol::Mac;
+use fleet_protocol::{Mac, PhoneState};
 
 /// Counts and durations of the phone rules (PROTOCOL §5); the defaults are the manual's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,24 +153,24 @@ pub enum AuthState {
 }
 
 impl AuthState {
+    /// The state people see, without its lockout's end.
+    pub fn shown(&self) -> PhoneState {
+        match self {
+            AuthState::Needed => PhoneState::Needed,
+            AuthState::Failed { .. } => PhoneState::Failed,
+            AuthState::Blocked => PhoneState::Blocked,
+            AuthState::Successful => PhoneState::Successful,
+        }
+    }
+
     /// The JSON name, `auth_state` of a phone.
     pub fn name(&self) -> &'static str {
-        match self {
-            AuthState::Needed => "authentication_needed",
-            AuthState::Failed { .. } => "authentication_failed",
-            AuthState::Blocked => "authentication_blocked",
-            AuthState::Successful => "authentication_successful",
-        }
+        self.shown().as_str()
     }
 
     /// What people see.
     pub fn label(&self) -> &'static str {
-        match self {
-            AuthState::Needed => "Authentication needed",
-            AuthState::Failed { .. } => "Authentication failed (temporarily blocked)",
-            AuthState::Blocked => "Authentication blocked (permanently)",
-            AuthState::Successful => "Authentication successful",
-        }
+        self.shown().label()
     }
 }
 

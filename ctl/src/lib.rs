@@ -22,13 +22,7 @@ pub fn station_label(state: &str) -> &str {
 
 /// The label people see for a phone `auth_state` (PROTOCOL §5); the state itself when unknown.
 pub fn phone_label(auth_state: &str) -> &str {
-    match auth_state {
-        "authentication_needed" => "Authentication needed",
-        "authentication_failed" => "Authentication failed (temporarily blocked)",
-        "authentication_blocked" => "Authentication blocked (permanently)",
-        "authentication_successful" => "Authentication successful",
-        other => other,
-    }
+    fleet_protocol::PhoneState::from_name(auth_state).map_or(auth_state, |s| s.label())
 }
 
 /// Whether the fingerprint an operator typed is `expected`: case, spaces and the choice of

@@ -25,6 +25,6 @@ pub use ids::{
     operator_client_id, shorten, ClaimedClient, IdError, Mac, Serial, MAX_SERIAL_LEN,
     OPERATOR_CLIENT_ID_PREFIX, PHONE_CLIENT_ID_PREFIX, STATION_CLIENT_ID_PREFIX,
 };
-pub use state::StationState;
+pub use state::{PhoneState, StationState};
 pub use topic::{EventKind, Filter, PhoneLeaf, StationLeaf, Topic};
 pub use whitelist::{WhitelistEntry, WhitelistError, WhitelistErrorKind};

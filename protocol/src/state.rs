@@ -69,3 +69,48 @@ impl fmt::Display for StationState {
         f.write_str(self.label())
     }
 }
+/// A phone's `auth_state` as people see it (PROTOCOL §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PhoneState {
+    Needed,
+    Failed,
+    Blocked,
+    Successful,
+}
+
+impl PhoneState {
+    /// Every state, in the order of PROTOCOL §5's table.
+    pub const ALL: [PhoneState; 4] = [
+        PhoneState::Needed,
+        PhoneState::Failed,
+        PhoneState::Blocked,
+        PhoneState::Successful,
+    ];
+
+    /// The JSON name, `auth_state` of a phone.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PhoneState::Needed => "authentication_needed",
+            PhoneState::Failed => "authentication_failed",
+            PhoneState::Blocked => "authentication_blocked",
+            PhoneState::Successful => "authentication_successful",
+        }
+    }
+
+    /// What people see.
+    pub fn label(self) -> &'static str {
+        match self {
+            PhoneState::Needed => "Authentication needed",
+            PhoneState::Failed => "Authentication failed (temporarily blocked)",
+            PhoneState::Blocked => "Authentication blocked (permanently)",
+            PhoneState::Successful => "Authentication successful",
+        }
+    }
+
+    /// Parses a JSON name.
+    pub fn from_name(name: &str) -> Option<PhoneState> {
+        PhoneState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == name)
+    }
+}
