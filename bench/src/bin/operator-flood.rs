@@ -465,6 +465,20 @@ struct Phase {
     cpu_end: Cpu,
 }
 
+impl Phase {
+    /// `sent` is what [`send_all`] returned.
+    fn new(begin: f64, seconds: f64, sent: (Tally, Histogram<u64>), cpu_end: Cpu) -> Self {
+        let (answers, rtt) = sent;
+        Phase {
+            begin,
+            seconds,
+            answers,
+            rtt,
+            cpu_end,
+        }
+    }
+}
+
 /// 1. Fills the audit log with `--fill` cheap commands; returns the CPU used before it, and
 ///    the phase.
 async fn fill_audit(
@@ -481,16 +495,9 @@ async fn fill_audit(
         let n = batch.min(args.fill - i * batch);
         vec![json!({ "command": fill_command }); n]
     });
-    let (answers, rtt) = send_all(client, fill_requests, args.fill_in_flight, None).await?;
+    let sent = send_all(client, fill_requests, args.fill_in_flight, None).await?;
     let seconds = t_fill.elapsed().as_secs_f64();
-    let cpu_end = Cpu::now(args.fleetd_pid);
-    let phase = Phase {
-        begin,
-        seconds,
-        answers,
-        rtt,
-        cpu_end,
-    };
+    let phase = Phase::new(begin, seconds, sent, Cpu::now(args.fleetd_pid));
     Ok((cpu_start, phase))
 }
 
@@ -540,17 +547,10 @@ async fn read_flood(
     let list_batch = args.list_batch;
     let flood_requests = std::iter::repeat_with(|| vec![list.clone(); list_batch]);
     let t_flood = Instant::now();
-    let (answers, rtt) = send_all(client, flood_requests, args.list_in_flight, Some(until)).await?;
+    let sent = send_all(client, flood_requests, args.list_in_flight, Some(until)).await?;
     let seconds = t_flood.elapsed().as_secs_f64();
     let end = t_start.elapsed().as_secs_f64();
-    let cpu_end = Cpu::now(args.fleetd_pid);
-    let phase = Phase {
-        begin,
-        seconds,
-        answers,
-        rtt,
-        cpu_end,
-    };
+    let phase = Phase::new(begin, seconds, sent, Cpu::now(args.fleetd_pid));
     Ok((phase, end))
 }
 
