@@ -431,31 +431,12 @@ enum Msg {
 /// Runs a whole load: onboarding, the optional reconnect storm, the cut sample; then stops
 /// every simulated device.
 pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
-    if opts.concurrency == 0 || opts.accept_batch == 0 {
-        return Err(LoadError::Options(
-            "concurrency and accept batch must be at least 1".into(),
-        ));
-    }
-    if opts.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
-        return Err(LoadError::Options("rate must be a positive number".into()));
-    }
-    if opts.phones > 0xff_ffff {
-        return Err(LoadError::Options("at most 16777215 phones".into()));
-    }
-    let read = |name: &str| {
-        let path = opts.data_dir.join(name);
-        std::fs::read_to_string(&path).map_err(|source| LoadError::Read { path, source })
-    };
-    let ca_pem = read("ca.pem")?;
-    let cert_pem = read("admin.pem")?;
-    let key_pem = read("admin.key")?;
-    let info = fleet_certs::inspect_pem(&cert_pem).map_err(ClientError::from)?;
-    let name = fleet_ctl::operator_name(&cert_pem)?;
-    let tenant = info.organization.unwrap_or_else(|| "default".into());
-    let operator = OperatorClient::connect(&opts.server, &ca_pem, &cert_pem, &key_pem, &name)
-        .await?
-        .with_timeout(OPERATOR_TIMEOUT);
-    let events = operator.subscribe_events(&tenant).await?;
+    check_options(&opts)?;
+    let Operator {
+        ca_pem,
+        client: operator,
+        events,
+    } = connect_operator(&opts).await?;
 
     let tag = run_tag();
     let serial_prefix = format!("LD{:06x}", tag & 0xff_ffff);
@@ -510,53 +491,61 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
             return Err(e);
         }
     };
-    let reconnect = if run.opts.reconnect {
-        Some(run.reconnect_storm().await)
-    } else {
-        None
-    };
-    let rss = run.opts.fleetd_pid.and_then(fleetd_rss_kib);
-    let reject_to_cut_ms = run.cut_sample().await;
-    run.bar.finish_and_clear();
-    run.shutdown(spawner).await;
-
-    let devices = run.opts.stations + run.opts.phones;
-    let onboarded = figures.stations_authorized + figures.phones_provisioned;
-    Ok(LoadReport {
-        stations: run.opts.stations,
-        phones: run.opts.phones,
-        stations_authorized: figures.stations_authorized,
-        phones_provisioned: figures.phones_provisioned,
+    let later = run.after_onboarding(spawner).await;
+    Ok(run.report(
         serial_prefix,
         mac_prefix,
-        seconds: figures.seconds,
-        onboarded_per_s: if figures.seconds > 0.0 {
-            onboarded as f64 / figures.seconds
-        } else {
-            0.0
-        },
-        connect_ms: figures.connect_ms,
-        accept_to_authorized_ms: figures.accept_to_authorized_ms,
-        provision_ms: figures.provision_ms,
-        reject_to_cut_ms,
-        reconnect,
-        errors: run.errors.0,
-        error_examples: run.errors.1,
-        fleetd_cpu_ms_per_device: match (cpu_before, cpu_after) {
-            (Some(before), Some(after))
-                if figures.stations_authorized + figures.phones_provisioned > 0 =>
-            {
-                Some(
-                    (after - before)
-                        / (figures.stations_authorized + figures.phones_provisioned) as f64,
-                )
-            }
-            _ => None,
-        },
-        fleetd_rss_kib: rss,
-        fleetd_rss_kib_per_device: rss
-            .filter(|_| devices > 0)
-            .map(|kib| kib as f64 / devices as f64),
+        figures,
+        (cpu_before, cpu_after),
+        later,
+    ))
+}
+
+/// Refuses options that make no run.
+fn check_options(opts: &LoadOptions) -> Result<(), LoadError> {
+    if opts.concurrency == 0 || opts.accept_batch == 0 {
+        return Err(LoadError::Options(
+            "concurrency and accept batch must be at least 1".into(),
+        ));
+    }
+    if opts.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        return Err(LoadError::Options("rate must be a positive number".into()));
+    }
+    if opts.phones > 0xff_ffff {
+        return Err(LoadError::Options("at most 16777215 phones".into()));
+    }
+    Ok(())
+}
+
+/// The operator of the data directory, connected and subscribed to its tenant's events.
+struct Operator {
+    /// The fleet CA (PEM).
+    ca_pem: String,
+    client: OperatorClient,
+    events: mpsc::UnboundedReceiver<(String, Value)>,
+}
+
+/// Reads the fleet CA and the operator's certificate and key from the data directory, connects
+/// the operator and subscribes to its tenant's events.
+async fn connect_operator(opts: &LoadOptions) -> Result<Operator, LoadError> {
+    let read = |name: &str| {
+        let path = opts.data_dir.join(name);
+        std::fs::read_to_string(&path).map_err(|source| LoadError::Read { path, source })
+    };
+    let ca_pem = read("ca.pem")?;
+    let cert_pem = read("admin.pem")?;
+    let key_pem = read("admin.key")?;
+    let info = fleet_certs::inspect_pem(&cert_pem).map_err(ClientError::from)?;
+    let name = fleet_ctl::operator_name(&cert_pem)?;
+    let tenant = info.organization.unwrap_or_else(|| "default".into());
+    let operator = OperatorClient::connect(&opts.server, &ca_pem, &cert_pem, &key_pem, &name)
+        .await?
+        .with_timeout(OPERATOR_TIMEOUT);
+    let events = operator.subscribe_events(&tenant).await?;
+    Ok(Operator {
+        ca_pem,
+        client: operator,
+        events,
     })
 }
 
@@ -619,6 +608,78 @@ struct Onboarded {
     connect_ms: Latency,
     accept_to_authorized_ms: Latency,
     provision_ms: Latency,
+}
+
+/// The figures of the phases after the onboarding.
+struct Later {
+    reconnect: Option<StormReport>,
+    fleetd_rss_kib: Option<u64>,
+    reject_to_cut_ms: Latency,
+}
+
+/// Where the onboarding phase stands: the accept queue, what is done, what was measured.
+struct Onboarding {
+    started: Instant,
+    connect: Recorder,
+    accept: Recorder,
+    provision: Recorder,
+    /// Stations seen as unauthorized, for the next accept batch.
+    queue: VecDeque<usize>,
+    /// When the oldest station of a partial batch was queued.
+    queued_since: Option<Instant>,
+    /// Accept envelopes sent and not answered yet.
+    in_flight: usize,
+    /// A listing of the unauthorized stations is under way.
+    listing: bool,
+    /// Held accepts may go.
+    released: bool,
+    stations_done: usize,
+    stations_authorized: usize,
+    phones_done: usize,
+    phones_provisioned: usize,
+    last_done: Instant,
+}
+
+impl Onboarding {
+    fn new(started: Instant) -> Self {
+        Onboarding {
+            started,
+            connect: Recorder::new(),
+            accept: Recorder::new(),
+            provision: Recorder::new(),
+            queue: VecDeque::new(),
+            queued_since: None,
+            in_flight: 0,
+            listing: false,
+            released: false,
+            stations_done: 0,
+            stations_authorized: 0,
+            phones_done: 0,
+            phones_provisioned: 0,
+            last_done: started,
+        }
+    }
+
+    fn figures(self) -> Onboarded {
+        Onboarded {
+            stations_authorized: self.stations_authorized,
+            phones_provisioned: self.phones_provisioned,
+            seconds: (self.last_done - self.started).as_secs_f64(),
+            connect_ms: self.connect.latency(),
+            accept_to_authorized_ms: self.accept.latency(),
+            provision_ms: self.provision.latency(),
+        }
+    }
+}
+
+/// What the onboarding loop does after one wake-up.
+enum Then {
+    /// Send the accept batches that are ready.
+    SendAccepts,
+    /// Wait for the next wake-up (a repeated `authorized` changes nothing).
+    Wait,
+    /// End the phase: it stalled.
+    Stop,
 }
 
 struct Run {
@@ -695,6 +756,9 @@ impl Run {
             .flatten()
     }
 
+    /// The onboarding phase: starts the stations and phones, queues each station the operator
+    /// sees as unauthorized, accepts the queued ones in batches, and counts every device done
+    /// when it is onboarded or given up.
     async fn onboard(
         &mut self,
         sim: SimConfig,
@@ -704,6 +768,49 @@ impl Run {
         mac_prefix: &str,
     ) -> Result<(JoinHandle<Vec<JoinHandle<()>>>, Onboarded), LoadError> {
         let started = Instant::now();
+        let (spawner, phones) =
+            self.start_devices(started, sim, stop, target, phone_base, mac_prefix);
+        let mut phase = Onboarding::new(started);
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        self.progress();
+        while phase.stations_done < self.slots.len() || phase.phones_done < self.opts.phones {
+            let then = match self.wake(&mut tick).await {
+                Wake::Closed => {
+                    return Err(LoadError::Internal("the operator's events ended".into()))
+                }
+                Wake::Event(topic, event) => {
+                    if let Some(index) = Self::unauthorized_in(&topic, &event)
+                        .and_then(|serial| self.index_of.get(&serial).copied())
+                    {
+                        self.queue(&mut phase, index);
+                    }
+                    Then::SendAccepts
+                }
+                Wake::Msg(msg) => self.on_onboarding_msg(&mut phase, msg),
+                Wake::Tick => self.on_onboarding_tick(&mut phase),
+            };
+            match then {
+                Then::SendAccepts => self.send_ready_accepts(&mut phase),
+                Then::Wait => {}
+                Then::Stop => break,
+            }
+        }
+        // Any phone tasks left (after a stall) stop with the run.
+        phones.abort();
+        Ok((spawner, phase.figures()))
+    }
+
+    /// Starts the stations and the phones, admitted by one pacer; returns the station spawner
+    /// and the phones' task.
+    fn start_devices(
+        &self,
+        started: Instant,
+        sim: SimConfig,
+        stop: watch::Receiver<bool>,
+        target: &PhoneTarget,
+        phone_base: &Path,
+        mac_prefix: &str,
+    ) -> (JoinHandle<Vec<JoinHandle<()>>>, JoinHandle<()>) {
         let pacer = Arc::new(Pacer {
             permits: Arc::new(Semaphore::new(self.opts.concurrency)),
             rate: self.opts.rate,
@@ -728,222 +835,223 @@ impl Run {
             pacer,
             tx: self.tx.clone(),
         }));
+        (spawner, phones)
+    }
 
-        let mut connect = Recorder::new();
-        let mut accept = Recorder::new();
-        let mut provision = Recorder::new();
-        let mut queue: VecDeque<usize> = VecDeque::new();
-        let mut queued_since: Option<Instant> = None;
-        let mut in_flight = 0usize;
-        let mut listing = false;
-        let mut released = false;
-        let mut stations_done = 0usize;
-        let mut stations_authorized = 0usize;
-        let mut phones_done = 0usize;
-        let mut phones_provisioned = 0usize;
-        let mut last_done = started;
-        let mut tick = tokio::time::interval(Duration::from_millis(10));
-        self.progress();
-        while stations_done < self.slots.len() || phones_done < self.opts.phones {
-            match self.wake(&mut tick).await {
-                Wake::Closed => {
-                    return Err(LoadError::Internal("the operator's events ended".into()))
-                }
-                Wake::Event(topic, event) => {
-                    if let Some(index) = Self::unauthorized_in(&topic, &event)
-                        .and_then(|serial| self.index_of.get(&serial).copied())
-                    {
-                        if self.slots[index].stage == Stage::Waiting {
-                            self.slots[index].stage = Stage::Queued;
-                            queue.push_back(index);
-                            queued_since.get_or_insert_with(Instant::now);
+    /// Puts a waiting station in the next accept batch.
+    fn queue(&mut self, phase: &mut Onboarding, index: usize) {
+        if self.slots[index].stage == Stage::Waiting {
+            self.slots[index].stage = Stage::Queued;
+            phase.queue.push_back(index);
+            phase.queued_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// A message of the run's tasks during the onboarding.
+    fn on_onboarding_msg(&mut self, phase: &mut Onboarding, msg: Msg) -> Then {
+        match msg {
+            Msg::Unauthorized { serials } => {
+                for serial in serials {
+                    if let Some(&index) = self.index_of.get(&serial) {
+                        if self.slots[index].connected {
+                            self.queue(phase, index);
                         }
                     }
                 }
-                Wake::Msg(Msg::Unauthorized { serials }) => {
-                    for serial in serials {
-                        if let Some(&index) = self.index_of.get(&serial) {
-                            if self.slots[index].stage == Stage::Waiting
-                                && self.slots[index].connected
-                            {
-                                self.slots[index].stage = Stage::Queued;
-                                queue.push_back(index);
-                                queued_since.get_or_insert_with(Instant::now);
-                            }
+            }
+            Msg::ListDone => phase.listing = false,
+            Msg::Started {
+                index,
+                control,
+                permit,
+                at,
+            } => {
+                let slot = &mut self.slots[index];
+                slot.control = Some(control);
+                slot.permit = permit;
+                slot.started = Some(at);
+            }
+            Msg::Station { index, event, at } => {
+                return self.on_onboarding_station(phase, index, event, at)
+            }
+            Msg::AcceptSent { indices, at } => {
+                for index in indices {
+                    if self.slots[index].stage == Stage::Accepting {
+                        self.slots[index].stage = Stage::AcceptSent(at);
+                    }
+                }
+            }
+            Msg::AcceptFailed { index, kind } => {
+                self.errors.count(kind, 1);
+                if self.fail(index) {
+                    phase.stations_done += 1;
+                }
+            }
+            Msg::AcceptAnswered { indices, outcome } => {
+                self.on_accepts_answered(phase, indices, outcome)
+            }
+            Msg::PhoneDone { outcome } => {
+                phase.phones_done += 1;
+                match outcome {
+                    Ok(elapsed) => {
+                        phase.provision.record(elapsed);
+                        phase.phones_provisioned += 1;
+                        phase.last_done = Instant::now();
+                        self.bar.inc(1);
+                    }
+                    Err(kind) => self.errors.count(kind, 1),
+                }
+                self.show_errors();
+                self.progress();
+            }
+            Msg::RejectAnswered { .. } => {}
+        }
+        Then::SendAccepts
+    }
+
+    /// A station's event during the onboarding: its first CONNACK, `authorized`, or trouble.
+    fn on_onboarding_station(
+        &mut self,
+        phase: &mut Onboarding,
+        index: usize,
+        event: SimEvent,
+        at: Instant,
+    ) -> Then {
+        let slot = &mut self.slots[index];
+        match event {
+            SimEvent::Connected { .. } if !slot.connected => {
+                slot.connected = true;
+                slot.permit = None;
+                if let Some(started) = slot.started {
+                    phase.connect.record(at - started);
+                }
+                self.progress();
+            }
+            SimEvent::Authorized => {
+                let before = slot.stage;
+                if before == Stage::Authorized {
+                    return Then::Wait;
+                }
+                if let Stage::AcceptSent(sent) = before {
+                    phase.accept.record(at - sent);
+                }
+                slot.stage = Stage::Authorized;
+                if before != Stage::Failed {
+                    phase.stations_done += 1;
+                }
+                phase.stations_authorized += 1;
+                phase.last_done = at;
+                self.bar.inc(1);
+                self.progress();
+            }
+            SimEvent::Refused { code } => self.errors.count_why("station_refused", &code),
+            SimEvent::Disconnected { reason } => {
+                self.errors.count_why("station_disconnected", &reason);
+            }
+            SimEvent::Error { .. } => self.errors.count("station_error", 1),
+            SimEvent::Rejected | SimEvent::Removed | SimEvent::ResetApplied => {
+                self.errors.count("station_unexpected_command", 1);
+            }
+            _ => {}
+        }
+        self.show_errors();
+        Then::SendAccepts
+    }
+
+    /// The answers to one accept envelope: a station whose accept failed is given up.
+    fn on_accepts_answered(
+        &mut self,
+        phase: &mut Onboarding,
+        indices: Vec<usize>,
+        outcome: Result<Vec<Value>, ClientError>,
+    ) {
+        phase.in_flight -= 1;
+        match outcome {
+            Ok(responses) => {
+                for (index, response) in indices.into_iter().zip(responses) {
+                    if let Err(e) = fleet_ctl::response_data(response) {
+                        self.errors.count(client_error_kind(&e), 1);
+                        if self.fail(index) {
+                            phase.stations_done += 1;
                         }
                     }
                 }
-                Wake::Msg(Msg::ListDone) => listing = false,
-                Wake::Msg(Msg::Started {
-                    index,
-                    control,
-                    permit,
-                    at,
-                }) => {
-                    let slot = &mut self.slots[index];
-                    slot.control = Some(control);
-                    slot.permit = permit;
-                    slot.started = Some(at);
-                }
-                Wake::Msg(Msg::Station { index, event, at }) => {
-                    let slot = &mut self.slots[index];
-                    match event {
-                        SimEvent::Connected { .. } if !slot.connected => {
-                            slot.connected = true;
-                            slot.permit = None;
-                            if let Some(started) = slot.started {
-                                connect.record(at - started);
-                            }
-                            self.progress();
-                        }
-                        SimEvent::Authorized => {
-                            let before = slot.stage;
-                            if before == Stage::Authorized {
-                                continue;
-                            }
-                            if let Stage::AcceptSent(sent) = before {
-                                accept.record(at - sent);
-                            }
-                            slot.stage = Stage::Authorized;
-                            if before != Stage::Failed {
-                                stations_done += 1;
-                            }
-                            stations_authorized += 1;
-                            last_done = at;
-                            self.bar.inc(1);
-                            self.progress();
-                        }
-                        SimEvent::Refused { code } => {
-                            self.errors.count_why("station_refused", &code)
-                        }
-                        SimEvent::Disconnected { reason } => {
-                            self.errors.count_why("station_disconnected", &reason);
-                        }
-                        SimEvent::Error { .. } => self.errors.count("station_error", 1),
-                        SimEvent::Rejected | SimEvent::Removed | SimEvent::ResetApplied => {
-                            self.errors.count("station_unexpected_command", 1);
-                        }
-                        _ => {}
-                    }
-                    self.show_errors();
-                }
-                Wake::Msg(Msg::AcceptSent { indices, at }) => {
-                    for index in indices {
-                        if self.slots[index].stage == Stage::Accepting {
-                            self.slots[index].stage = Stage::AcceptSent(at);
-                        }
-                    }
-                }
-                Wake::Msg(Msg::AcceptFailed { index, kind }) => {
-                    self.errors.count(kind, 1);
+            }
+            Err(e) => {
+                let kind = client_error_kind(&e);
+                for index in indices {
                     if self.fail(index) {
-                        stations_done += 1;
+                        self.errors.count(kind.clone(), 1);
+                        phase.stations_done += 1;
                     }
                 }
-                Wake::Msg(Msg::AcceptAnswered { indices, outcome }) => {
-                    in_flight -= 1;
-                    match outcome {
-                        Ok(responses) => {
-                            for (index, response) in indices.into_iter().zip(responses) {
-                                if let Err(e) = fleet_ctl::response_data(response) {
-                                    self.errors.count(client_error_kind(&e), 1);
-                                    if self.fail(index) {
-                                        stations_done += 1;
-                                    }
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            let kind = client_error_kind(&e);
-                            for index in indices {
-                                if self.fail(index) {
-                                    self.errors.count(kind.clone(), 1);
-                                    stations_done += 1;
-                                }
-                            }
-                        }
-                    }
-                    self.show_errors();
-                }
-                Wake::Msg(Msg::PhoneDone { outcome }) => {
-                    phones_done += 1;
-                    match outcome {
-                        Ok(elapsed) => {
-                            provision.record(elapsed);
-                            phones_provisioned += 1;
-                            last_done = Instant::now();
-                            self.bar.inc(1);
-                        }
-                        Err(kind) => self.errors.count(kind, 1),
-                    }
-                    self.show_errors();
-                    self.progress();
-                }
-                Wake::Msg(Msg::RejectAnswered { .. }) => {}
-                Wake::Tick => {
-                    if self.last_progress.elapsed() > STALL_LIMIT {
-                        for index in 0..self.slots.len() {
-                            if self.fail(index) {
-                                self.errors.count("station_timeout", 1);
-                            }
-                        }
-                        self.errors
-                            .count("phone_timeout", (self.opts.phones - phones_done) as u64);
-                        break;
-                    }
-                    let stalled = self.last_progress.elapsed() > LIST_AFTER;
-                    if stalled && !listing {
-                        listing = true;
-                        self.list_unauthorized();
-                    }
-                }
-            }
-            // Held accepts wait until every station that is still to be accepted is queued.
-            if self.opts.hold_accepts && !released && queue.len() * 10 >= self.slots.len() * 9 {
-                let waiting = self
-                    .slots
-                    .iter()
-                    .filter(|s| matches!(s.stage, Stage::Waiting))
-                    .count();
-                released = waiting == 0;
-            }
-            // Send what is ready: full batches at once, a partial one after a short linger.
-            while (released || !self.opts.hold_accepts)
-                && in_flight < ACCEPTS_IN_FLIGHT
-                && !queue.is_empty()
-            {
-                let full = queue.len() >= self.opts.accept_batch;
-                let lingered = queued_since.is_some_and(|t| t.elapsed() >= ACCEPT_LINGER);
-                if !(full || lingered) {
-                    break;
-                }
-                let take = queue.len().min(self.opts.accept_batch);
-                let batch: Vec<usize> = queue.drain(..take).collect();
-                queued_since = if queue.is_empty() {
-                    None
-                } else {
-                    Some(Instant::now())
-                };
-                for &index in &batch {
-                    self.slots[index].stage = Stage::Accepting;
-                }
-                in_flight += 1;
-                self.send_accepts(batch);
             }
         }
-        // Any phone tasks left (after a stall) stop with the run.
-        phones.abort();
-        Ok((
-            spawner,
-            Onboarded {
-                stations_authorized,
-                phones_provisioned,
-                seconds: (last_done - started).as_secs_f64(),
-                connect_ms: connect.latency(),
-                accept_to_authorized_ms: accept.latency(),
-                provision_ms: provision.latency(),
-            },
-        ))
+        self.show_errors();
+    }
+
+    /// The onboarding's clock: gives everything left up after `STALL_LIMIT` without progress,
+    /// and lists the unauthorized stations after `LIST_AFTER`.
+    fn on_onboarding_tick(&mut self, phase: &mut Onboarding) -> Then {
+        if self.last_progress.elapsed() > STALL_LIMIT {
+            for index in 0..self.slots.len() {
+                if self.fail(index) {
+                    self.errors.count("station_timeout", 1);
+                }
+            }
+            self.errors.count(
+                "phone_timeout",
+                (self.opts.phones - phase.phones_done) as u64,
+            );
+            return Then::Stop;
+        }
+        let stalled = self.last_progress.elapsed() > LIST_AFTER;
+        if stalled && !phase.listing {
+            phase.listing = true;
+            self.list_unauthorized();
+        }
+        Then::SendAccepts
+    }
+
+    /// Sends the accept batches that are ready.
+    fn send_ready_accepts(&mut self, phase: &mut Onboarding) {
+        // Held accepts wait until every station that is still to be accepted is queued.
+        if self.opts.hold_accepts
+            && !phase.released
+            && phase.queue.len() * 10 >= self.slots.len() * 9
+        {
+            let waiting = self
+                .slots
+                .iter()
+                .filter(|s| matches!(s.stage, Stage::Waiting))
+                .count();
+            phase.released = waiting == 0;
+        }
+        // Send what is ready: full batches at once, a partial one after a short linger.
+        while (phase.released || !self.opts.hold_accepts)
+            && phase.in_flight < ACCEPTS_IN_FLIGHT
+            && !phase.queue.is_empty()
+        {
+            let full = phase.queue.len() >= self.opts.accept_batch;
+            let lingered = phase
+                .queued_since
+                .is_some_and(|t| t.elapsed() >= ACCEPT_LINGER);
+            if !(full || lingered) {
+                break;
+            }
+            let take = phase.queue.len().min(self.opts.accept_batch);
+            let batch: Vec<usize> = phase.queue.drain(..take).collect();
+            phase.queued_since = if phase.queue.is_empty() {
+                None
+            } else {
+                Some(Instant::now())
+            };
+            for &index in &batch {
+                self.slots[index].stage = Stage::Accepting;
+            }
+            phase.in_flight += 1;
+            self.send_accepts(batch);
+        }
     }
 
     /// Gives a station up; true if it was not done yet.
@@ -1228,6 +1336,76 @@ impl Run {
         };
         if tokio::time::timeout(SHUTDOWN_LIMIT, stopped).await.is_err() {
             tracing::warn!("simulated stations did not all stop within {SHUTDOWN_LIMIT:?}");
+        }
+    }
+
+    /// The phases after the onboarding: the reconnect storm when asked for, fleetd's memory
+    /// with every station connected, the cut sample; then every simulated device stops.
+    async fn after_onboarding(&mut self, spawner: JoinHandle<Vec<JoinHandle<()>>>) -> Later {
+        let reconnect = if self.opts.reconnect {
+            Some(self.reconnect_storm().await)
+        } else {
+            None
+        };
+        let fleetd_rss_kib = self.opts.fleetd_pid.and_then(fleetd_rss_kib);
+        let reject_to_cut_ms = self.cut_sample().await;
+        self.bar.finish_and_clear();
+        self.shutdown(spawner).await;
+        Later {
+            reconnect,
+            fleetd_rss_kib,
+            reject_to_cut_ms,
+        }
+    }
+
+    /// The report of the whole run; `fleetd_cpu_ms` is fleetd's CPU time before and after the
+    /// onboarding.
+    fn report(
+        self,
+        serial_prefix: String,
+        mac_prefix: String,
+        figures: Onboarded,
+        fleetd_cpu_ms: (Option<f64>, Option<f64>),
+        later: Later,
+    ) -> LoadReport {
+        let rss = later.fleetd_rss_kib;
+        let devices = self.opts.stations + self.opts.phones;
+        let onboarded = figures.stations_authorized + figures.phones_provisioned;
+        LoadReport {
+            stations: self.opts.stations,
+            phones: self.opts.phones,
+            stations_authorized: figures.stations_authorized,
+            phones_provisioned: figures.phones_provisioned,
+            serial_prefix,
+            mac_prefix,
+            seconds: figures.seconds,
+            onboarded_per_s: if figures.seconds > 0.0 {
+                onboarded as f64 / figures.seconds
+            } else {
+                0.0
+            },
+            connect_ms: figures.connect_ms,
+            accept_to_authorized_ms: figures.accept_to_authorized_ms,
+            provision_ms: figures.provision_ms,
+            reject_to_cut_ms: later.reject_to_cut_ms,
+            reconnect: later.reconnect,
+            errors: self.errors.0,
+            error_examples: self.errors.1,
+            fleetd_cpu_ms_per_device: match fleetd_cpu_ms {
+                (Some(before), Some(after))
+                    if figures.stations_authorized + figures.phones_provisioned > 0 =>
+                {
+                    Some(
+                        (after - before)
+                            / (figures.stations_authorized + figures.phones_provisioned) as f64,
+                    )
+                }
+                _ => None,
+            },
+            fleetd_rss_kib: rss,
+            fleetd_rss_kib_per_device: rss
+                .filter(|_| devices > 0)
+                .map(|kib| kib as f64 / devices as f64),
         }
     }
 }

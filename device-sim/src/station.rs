@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::command::Command;
 use crate::firmware::{ChunkMessage, DiskPartFile, Download, Step, UpdateOrder};
-use crate::state::{self, PendingUpdate, StationState};
+use crate::state::{self, Identity, PendingUpdate, StationState};
 
 /// Keepalive the station asks for.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
@@ -342,11 +342,11 @@ async fn run_station(
     }
 }
 
-/// One boot: read the state directory, connect, run until the connection ends or the
-/// station is told to reboot, power off or shut down.
 /// The TLS client configuration of the last boot, by the certificate it presents.
 type TlsCache = Option<(Option<String>, Arc<rustls::ClientConfig>)>;
 
+/// One boot: read the state directory, connect, run until the connection ends or the
+/// station is told to reboot, power off or shut down.
 async fn boot(
     dir: &Path,
     config: &SimConfig,
@@ -354,50 +354,15 @@ async fn boot(
     emitter: &mut Emitter,
     tls_cache: &mut TlsCache,
 ) -> Next {
-    let state = match StationState::open(dir) {
-        Ok(state) => state,
-        Err(e) => {
-            emitter.emit(SimEvent::Error {
-                reason: e.to_string(),
-            });
-            return Next::Retry;
-        }
-    };
-    emitter.serial = state.serial().to_string();
-    let identity = match state.ensure_identity() {
-        Ok(identity) => identity,
-        Err(e) => {
-            emitter.emit(SimEvent::Error {
-                reason: e.to_string(),
-            });
-            return Next::Retry;
-        }
+    let Some((state, identity)) = read_state(dir, emitter) else {
+        return Next::Retry;
     };
     emitter.emit(SimEvent::Booted {
         firmware: state.record.firmware.clone(),
         fingerprint: identity.as_ref().map(|i| i.fingerprint.to_string()),
     });
-    let presented = identity.as_ref().map(|i| i.cert_pem.clone());
-    let tls = match tls_cache {
-        Some((cert, tls)) if *cert == presented => tls.clone(),
-        _ => match fleet_certs::client_config(
-            &config.ca_pem,
-            identity
-                .as_ref()
-                .map(|i| (i.cert_pem.as_str(), i.key_pem.as_str())),
-        ) {
-            Ok(tls) => {
-                let tls = Arc::new(tls);
-                *tls_cache = Some((presented, tls.clone()));
-                tls
-            }
-            Err(e) => {
-                emitter.emit(SimEvent::Error {
-                    reason: format!("TLS configuration: {e}"),
-                });
-                return Next::Off;
-            }
-        },
+    let Some(tls) = tls_config(config, identity.as_ref(), tls_cache, emitter) else {
+        return Next::Off;
     };
     let Some((host, port)) = split_server(&config.server) else {
         emitter.emit(SimEvent::Error {
@@ -408,22 +373,13 @@ async fn boot(
 
     let serial = state.serial().clone();
     let firmware = state.record.firmware.clone();
-    let mut options = MqttOptions::new(serial.client_id(), host, port);
-    options
-        .set_keep_alive(KEEP_ALIVE)
-        .set_clean_session(true)
-        .set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE)
-        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)))
-        .set_last_will(LastWill::new(
-            topic(&serial, StationLeaf::Status),
-            status_payload(false, &firmware),
-            QoS::AtLeastOnce,
-            true,
-        ));
-    let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
-    eventloop
-        .network_options
-        .set_connection_timeout(config.connect_timeout.as_secs().max(1));
+    let (client, eventloop) = mqtt_client(
+        &serial,
+        &firmware,
+        (host, port),
+        tls,
+        config.connect_timeout,
+    );
     let mut session = Session {
         dir,
         serial,
@@ -433,80 +389,93 @@ async fn boot(
         emitter,
         download: None,
         chunk_subscribed: false,
+        connected: false,
     };
-    let mut connected = false;
-    loop {
-        tokio::select! {
-            polled = eventloop.poll() => match polled {
-                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                    connected = true;
-                    session.emitter.emit(SimEvent::Connected {
-                        with_certificate: !session.legacy,
-                    });
-                    if let Some(next) = session.on_connected() {
-                        session.disconnect_cleanly(&mut eventloop, connected).await;
-                        return next;
-                    }
-                }
-                Ok(Event::Incoming(Incoming::Publish(publish))) => {
-                    if let Some(next) = session.on_publish(&publish.topic, &publish.payload) {
-                        session.disconnect_cleanly(&mut eventloop, connected).await;
-                        return next;
-                    }
-                }
-                Ok(Event::Incoming(Incoming::SubAck(ack))) => {
-                    if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
-                        tracing::warn!(serial = %session.serial, "subscription denied: {ack:?}");
-                    }
-                }
-                Ok(_) => {}
-                Err(ConnectionError::ConnectionRefused(code)) => {
-                    session.emitter.emit(SimEvent::Refused {
-                        code: format!("{code:?}"),
-                    });
-                    return Next::Retry;
-                }
-                Err(e) => {
-                    // rumqttc reads packets in batches: a `cmd` that arrived together with
-                    // the broker cutting the station (rejected, reset, removed) is still in
-                    // the event queue. Obey it: that is why the broker sent it first.
-                    let mut next = Next::Retry;
-                    let buffered: Vec<Event> = eventloop.state.events.drain(..).collect();
-                    for event in buffered {
-                        if let Event::Incoming(Incoming::Publish(publish)) = event {
-                            if let Some(after) = session.on_publish(&publish.topic, &publish.payload) {
-                                next = after;
-                            }
-                        }
-                    }
-                    session.emitter.emit(SimEvent::Disconnected {
-                        reason: e.to_string(),
-                    });
-                    return next;
-                }
-            },
-            command = control.recv() => match command {
-                Some(Control::Reboot) => {
-                    session.disconnect_cleanly(&mut eventloop, connected).await;
-                    return Next::Reboot;
-                }
-                Some(Control::PowerOff) => {
-                    // Dropping the event loop closes the socket without DISCONNECT.
-                    drop(eventloop);
-                    session.emitter.emit(SimEvent::PoweredOff);
-                    return Next::Off;
-                }
-                Some(Control::PowerOn) => {}
-                Some(Control::Shutdown) | None => {
-                    session.disconnect_cleanly(&mut eventloop, connected).await;
-                    session.emitter.emit(SimEvent::Disconnected {
-                        reason: "shut down".to_owned(),
-                    });
-                    return Next::Shutdown;
-                }
-            },
+    session.run(eventloop, control).await
+}
+
+/// The station's state and its key pair (made on the first boot of firmware that has one);
+/// `None` once the reason they cannot be read is reported.
+fn read_state(dir: &Path, emitter: &mut Emitter) -> Option<(StationState, Option<Identity>)> {
+    let state = match StationState::open(dir) {
+        Ok(state) => state,
+        Err(e) => {
+            emitter.emit(SimEvent::Error {
+                reason: e.to_string(),
+            });
+            return None;
         }
+    };
+    emitter.serial = state.serial().to_string();
+    let identity = match state.ensure_identity() {
+        Ok(identity) => identity,
+        Err(e) => {
+            emitter.emit(SimEvent::Error {
+                reason: e.to_string(),
+            });
+            return None;
+        }
+    };
+    Some((state, identity))
+}
+
+/// The TLS client configuration that presents `identity`'s certificate (none for legacy
+/// firmware): the cached one while the certificate stays the same; `None` once the reason it
+/// cannot be made is reported.
+fn tls_config(
+    config: &SimConfig,
+    identity: Option<&Identity>,
+    tls_cache: &mut TlsCache,
+    emitter: &Emitter,
+) -> Option<Arc<rustls::ClientConfig>> {
+    let presented = identity.map(|i| i.cert_pem.clone());
+    match tls_cache {
+        Some((cert, tls)) if *cert == presented => Some(tls.clone()),
+        _ => match fleet_certs::client_config(
+            &config.ca_pem,
+            identity.map(|i| (i.cert_pem.as_str(), i.key_pem.as_str())),
+        ) {
+            Ok(tls) => {
+                let tls = Arc::new(tls);
+                *tls_cache = Some((presented, tls.clone()));
+                Some(tls)
+            }
+            Err(e) => {
+                emitter.emit(SimEvent::Error {
+                    reason: format!("TLS configuration: {e}"),
+                });
+                None
+            }
+        },
     }
+}
+
+/// The MQTT client of one boot: the station's client id over TLS, with an "offline" status
+/// as its will.
+fn mqtt_client(
+    serial: &Serial,
+    firmware: &str,
+    (host, port): (String, u16),
+    tls: Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
+) -> (AsyncClient, EventLoop) {
+    let mut options = MqttOptions::new(serial.client_id(), host, port);
+    options
+        .set_keep_alive(KEEP_ALIVE)
+        .set_clean_session(true)
+        .set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE)
+        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)))
+        .set_last_will(LastWill::new(
+            topic(serial, StationLeaf::Status),
+            status_payload(false, firmware),
+            QoS::AtLeastOnce,
+            true,
+        ));
+    let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+    eventloop
+        .network_options
+        .set_connection_timeout(connect_timeout.as_secs().max(1));
+    (client, eventloop)
 }
 
 fn topic(serial: &Serial, leaf: StationLeaf) -> String {
@@ -529,9 +498,109 @@ struct Session<'a> {
     emitter: &'a Emitter,
     download: Option<Download<DiskPartFile>>,
     chunk_subscribed: bool,
+    /// A CONNACK was received on this connection.
+    connected: bool,
 }
 
 impl Session<'_> {
+    /// Runs the connection until it ends or the station is told to reboot, power off or shut
+    /// down.
+    async fn run(
+        &mut self,
+        mut eventloop: EventLoop,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> Next {
+        loop {
+            tokio::select! {
+                polled = eventloop.poll() => {
+                    if let Some(next) = self.on_polled(polled, &mut eventloop).await {
+                        return next;
+                    }
+                }
+                command = control.recv() => match command {
+                    Some(Control::Reboot) => {
+                        self.disconnect_cleanly(&mut eventloop, self.connected).await;
+                        return Next::Reboot;
+                    }
+                    Some(Control::PowerOff) => {
+                        // Dropping the event loop closes the socket without DISCONNECT.
+                        drop(eventloop);
+                        self.emitter.emit(SimEvent::PoweredOff);
+                        return Next::Off;
+                    }
+                    Some(Control::PowerOn) => {}
+                    Some(Control::Shutdown) | None => {
+                        self.disconnect_cleanly(&mut eventloop, self.connected).await;
+                        self.emitter.emit(SimEvent::Disconnected {
+                            reason: "shut down".to_owned(),
+                        });
+                        return Next::Shutdown;
+                    }
+                },
+            }
+        }
+    }
+
+    /// What the event loop polled; `Some` when the boot ends.
+    async fn on_polled(
+        &mut self,
+        polled: Result<Event, ConnectionError>,
+        eventloop: &mut EventLoop,
+    ) -> Option<Next> {
+        match polled {
+            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                self.connected = true;
+                self.emitter.emit(SimEvent::Connected {
+                    with_certificate: !self.legacy,
+                });
+                if let Some(next) = self.on_connected() {
+                    self.disconnect_cleanly(eventloop, self.connected).await;
+                    return Some(next);
+                }
+            }
+            Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                if let Some(next) = self.on_publish(&publish.topic, &publish.payload) {
+                    self.disconnect_cleanly(eventloop, self.connected).await;
+                    return Some(next);
+                }
+            }
+            Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
+                    tracing::warn!(serial = %self.serial, "subscription denied: {ack:?}");
+                }
+            }
+            Ok(_) => {}
+            Err(ConnectionError::ConnectionRefused(code)) => {
+                self.emitter.emit(SimEvent::Refused {
+                    code: format!("{code:?}"),
+                });
+                return Some(Next::Retry);
+            }
+            Err(e) => return Some(self.on_connection_lost(eventloop, e)),
+        }
+        None
+    }
+
+    /// The connection is lost or could not be made.
+    fn on_connection_lost(&mut self, eventloop: &mut EventLoop, error: ConnectionError) -> Next {
+        // rumqttc reads packets in batches: a `cmd` that arrived together with the broker
+        // cutting the station (rejected, reset, removed) is still in the event queue. Obey it:
+        // that is why the broker sent it first.
+        let mut next = Next::Retry;
+        let buffered: Vec<Event> = eventloop.state.events.drain(..).collect();
+        for event in buffered {
+            if let Event::Incoming(Incoming::Publish(publish)) = event {
+                if let Some(after) = self.on_publish(&publish.topic, &publish.payload) {
+                    next = after;
+                }
+            }
+        }
+        self.emitter.emit(SimEvent::Disconnected {
+            reason: error.to_string(),
+        });
+        next
+    }
+
     fn publish(&self, leaf: StationLeaf, retain: bool, payload: Vec<u8>) {
         let topic = topic(&self.serial, leaf);
         if let Err(e) = self
@@ -877,6 +946,7 @@ mod tests {
             emitter,
             download: None,
             chunk_subscribed: false,
+            connected: false,
         };
         (session, eventloop)
     }

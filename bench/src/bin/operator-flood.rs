@@ -25,6 +25,7 @@ use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpSocket;
 use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
 #[derive(Parser)]
@@ -150,6 +151,9 @@ fn ms(h: &Histogram<u64>) -> Value {
 
 /// One honest CONNECT: when it started (seconds into the run) and its time to CONNACK.
 type Probe = (f64, Result<Duration, String>);
+
+/// The honest client's probes so far, shared with their tasks.
+type Probes = Arc<Mutex<Vec<Probe>>>;
 
 /// VmRSS and VmHWM of `pid`, KiB.
 fn rss(pid: u32) -> Option<(u64, u64)> {
@@ -350,28 +354,34 @@ async fn send_all(
     Ok((tally, rtt))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let ca = std::fs::read_to_string(&args.ca).context("CA")?;
-    let cert = std::fs::read_to_string(&args.cert).context("operator certificate")?;
-    let key = std::fs::read_to_string(&args.key).context("operator key")?;
-    let name = fleet_ctl::operator_name(&cert)?;
-    let pid = args.fleetd_pid;
-    let server: SocketAddr = tokio::net::lookup_host(&args.server)
-        .await?
-        .next()
-        .context("server address")?;
+/// CPU seconds fleetd and this tool have used so far.
+#[derive(Clone, Copy)]
+struct Cpu {
+    fleetd: f64,
+    tool: f64,
+}
 
-    // RSS, every 50 ms, with a per-second timeline.
-    let stop = Arc::new(AtomicBool::new(false));
-    let rss_peak = Arc::new(AtomicU64::new(0));
-    let rss_start = rss(pid).context("fleetd's /proc status")?;
+impl Cpu {
+    fn now(pid: u32) -> Self {
+        Cpu {
+            fleetd: cpu_s(pid),
+            tool: cpu_s(std::process::id()),
+        }
+    }
+}
+
+/// fleetd's RSS, sampled every 50 ms until `stop`: its peak and a per-second timeline.
+struct RssSampler {
+    peak: Arc<AtomicU64>,
+    timeline: Arc<Mutex<Vec<(f64, u64)>>>,
+    task: JoinHandle<()>,
+}
+
+fn sample_rss(pid: u32, stop: &Arc<AtomicBool>, t_start: Instant) -> RssSampler {
+    let peak = Arc::new(AtomicU64::new(0));
     let timeline: Arc<Mutex<Vec<(f64, u64)>>> = Arc::default();
-    let t_start = Instant::now();
-    let sampler = {
-        let (stop, peak, timeline) = (stop.clone(), rss_peak.clone(), timeline.clone());
+    let task = {
+        let (stop, peak, timeline) = (stop.clone(), peak.clone(), timeline.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(50));
             let mut next_mark = 0.0;
@@ -391,14 +401,27 @@ async fn main() -> anyhow::Result<()> {
             }
         })
     };
+    RssSampler {
+        peak,
+        timeline,
+        task,
+    }
+}
 
-    // The honest client: one CONNECT every interval, each on its own task so that a slow one
-    // does not delay the next (no coordinated omission). Full handshakes: no resumption.
-    let mut probe_cfg: ClientConfig = fleet_certs::client_config(&ca, None)?;
+/// The honest client: one CONNECT every interval until `stop`, each on its own task so that a
+/// slow one does not delay the next (no coordinated omission). Full handshakes: no resumption.
+fn spawn_prober(
+    args: &Args,
+    ca: &str,
+    server: SocketAddr,
+    stop: &Arc<AtomicBool>,
+    t_start: Instant,
+) -> anyhow::Result<(JoinHandle<()>, Probes)> {
+    let mut probe_cfg: ClientConfig = fleet_certs::client_config(ca, None)?;
     probe_cfg.resumption = rustls::client::Resumption::disabled();
     let connector = TlsConnector::from(Arc::new(probe_cfg));
     let server_name = ServerName::from(server.ip());
-    let probes: Arc<Mutex<Vec<Probe>>> = Arc::default();
+    let probes: Probes = Arc::default();
     let prober = {
         let (stop, probes) = (stop.clone(), probes.clone());
         let (source, timeout) = (args.probe_source, Duration::from_secs(args.probe_timeout_s));
@@ -427,19 +450,44 @@ async fn main() -> anyhow::Result<()> {
             }
         })
     };
+    Ok((prober, probes))
+}
 
-    let client = Arc::new(
-        OperatorClient::connect(&args.server, &ca, &cert, &key, &name)
-            .await?
-            .with_timeout(Duration::from_secs(120)),
-    );
-    let seq_before = newest_seq(&client).await?;
-    tokio::time::sleep(Duration::from_secs_f64(args.baseline_s)).await;
+/// One phase of requests: the audit fill or the read flood.
+struct Phase {
+    /// When it began, seconds into the run.
+    begin: f64,
+    /// From its first request to its last answer.
+    seconds: f64,
+    answers: Tally,
+    rtt: Histogram<u64>,
+    /// CPU used by its end.
+    cpu_end: Cpu,
+}
 
-    // 1. Fill the audit log.
-    let fill_begin = t_start.elapsed().as_secs_f64();
-    let cpu0 = cpu_s(pid);
-    let tool0 = cpu_s(std::process::id());
+impl Phase {
+    /// `sent` is what [`send_all`] returned.
+    fn new(begin: f64, seconds: f64, sent: (Tally, Histogram<u64>), cpu_end: Cpu) -> Self {
+        let (answers, rtt) = sent;
+        Phase {
+            begin,
+            seconds,
+            answers,
+            rtt,
+            cpu_end,
+        }
+    }
+}
+
+/// 1. Fills the audit log with `--fill` cheap commands; returns the CPU used before it, and
+///    the phase.
+async fn fill_audit(
+    args: &Args,
+    client: &Arc<OperatorClient>,
+    t_start: Instant,
+) -> anyhow::Result<(Cpu, Phase)> {
+    let begin = t_start.elapsed().as_secs_f64();
+    let cpu_start = Cpu::now(args.fleetd_pid);
     let t_fill = Instant::now();
     let batch = args.fill_batch.max(1);
     let fill_command = args.fill_command.clone();
@@ -447,64 +495,73 @@ async fn main() -> anyhow::Result<()> {
         let n = batch.min(args.fill - i * batch);
         vec![json!({ "command": fill_command }); n]
     });
-    let (fill, fill_rtt) = send_all(&client, fill_requests, args.fill_in_flight, None).await?;
-    let fill_seconds = t_fill.elapsed().as_secs_f64();
-    let cpu1 = cpu_s(pid);
-    let tool1 = cpu_s(std::process::id());
+    let sent = send_all(client, fill_requests, args.fill_in_flight, None).await?;
+    let seconds = t_fill.elapsed().as_secs_f64();
+    let phase = Phase::new(begin, seconds, sent, Cpu::now(args.fleetd_pid));
+    Ok((cpu_start, phase))
+}
 
-    // 2. One request over the command bound, as the review sent it.
-    let list = json!({"command": "listAuditLog", "limit": args.list_limit});
-    let oversized = if args.oversized > 0 {
-        let t0 = Instant::now();
-        let payload = json!({"commands": vec![list.clone(); args.oversized]}).to_string();
-        let mut answer = match raw_request(&args.server, &ca, &cert, &key, &name, payload).await {
-            Ok(answer) => {
-                let responses = answer["responses"].as_array().cloned().unwrap_or_default();
-                let mut tally = Tally::default();
-                tally.add(&responses);
-                json!({
-                    "commands_sent": args.oversized,
-                    "responses": responses.len(),
-                    "answer": tally.by_code,
-                    "first": responses.first(),
-                })
-            }
-            Err(e) => json!({"commands_sent": args.oversized, "request_error": e.to_string()}),
-        };
-        answer["ms"] = json!(t0.elapsed().as_secs_f64() * 1000.0);
-        answer
-    } else {
-        Value::Null
+/// 2. One request over the command bound, as the review sent it: `--oversized` copies of
+///    `list`; `null` when that is 0.
+async fn oversized_request(
+    args: &Args,
+    ca: &str,
+    cert: &str,
+    key: &str,
+    name: &str,
+    list: &Value,
+) -> Value {
+    if args.oversized == 0 {
+        return Value::Null;
+    }
+    let t0 = Instant::now();
+    let payload = json!({"commands": vec![list.clone(); args.oversized]}).to_string();
+    let mut answer = match raw_request(&args.server, ca, cert, key, name, payload).await {
+        Ok(answer) => {
+            let responses = answer["responses"].as_array().cloned().unwrap_or_default();
+            let mut tally = Tally::default();
+            tally.add(&responses);
+            json!({
+                "commands_sent": args.oversized,
+                "responses": responses.len(),
+                "answer": tally.by_code,
+                "first": responses.first(),
+            })
+        }
+        Err(e) => json!({"commands_sent": args.oversized, "request_error": e.to_string()}),
     };
+    answer["ms"] = json!(t0.elapsed().as_secs_f64() * 1000.0);
+    answer
+}
 
-    // 3. The read flood.
-    let flood_begin = t_start.elapsed().as_secs_f64();
+/// 3. The read flood: requests of `list` for `--seconds`; returns the phase and when it ended,
+///    seconds into the run.
+async fn read_flood(
+    args: &Args,
+    client: &Arc<OperatorClient>,
+    list: &Value,
+    t_start: Instant,
+) -> anyhow::Result<(Phase, f64)> {
+    let begin = t_start.elapsed().as_secs_f64();
     let until = Instant::now() + Duration::from_secs_f64(args.seconds);
     let list_batch = args.list_batch;
     let flood_requests = std::iter::repeat_with(|| vec![list.clone(); list_batch]);
     let t_flood = Instant::now();
-    let (flood, flood_rtt) =
-        send_all(&client, flood_requests, args.list_in_flight, Some(until)).await?;
-    let flood_seconds = t_flood.elapsed().as_secs_f64();
-    let flood_end = t_start.elapsed().as_secs_f64();
-    let cpu2 = cpu_s(pid);
-    let tool2 = cpu_s(std::process::id());
+    let sent = send_all(client, flood_requests, args.list_in_flight, Some(until)).await?;
+    let seconds = t_flood.elapsed().as_secs_f64();
+    let end = t_start.elapsed().as_secs_f64();
+    let phase = Phase::new(begin, seconds, sent, Cpu::now(args.fleetd_pid));
+    Ok((phase, end))
+}
 
-    // Probing continues a little after the flood, then stops.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    prober.await?;
-    sampler.await?;
-    let rss_end = rss(pid).unwrap_or((0, 0));
-
-    let seq_after = newest_seq(&client).await?;
-    let audit_records = if args.count_audit {
-        Some(count_audit(&client).await?)
-    } else {
-        None
-    };
-
-    // Probes by phase (by when they started).
+/// The honest client's CONNACK times and errors by phase (by when each probe started), and
+/// over the whole attack (fill and flood).
+fn honest_connack(
+    probes: &[Probe],
+    fill_begin: f64,
+    flood_begin: f64,
+    flood_end: f64,
+) -> anyhow::Result<serde_json::Map<String, Value>> {
     let mut phases: Vec<(&str, Histogram<u64>, BTreeMap<String, u64>)> =
         ["baseline", "fill", "flood", "after"]
             .iter()
@@ -512,7 +569,7 @@ async fn main() -> anyhow::Result<()> {
             .collect();
     let mut all = Histogram::<u64>::new(3)?;
     let mut all_errors: BTreeMap<String, u64> = BTreeMap::new();
-    for (at, r) in probes.lock().unwrap().iter() {
+    for (at, r) in probes {
         let i = if *at < fill_begin {
             0
         } else if *at < flood_begin {
@@ -547,55 +604,142 @@ async fn main() -> anyhow::Result<()> {
     for (phase, h, errors) in &phases {
         honest.insert((*phase).into(), json!({"latency": ms(h), "errors": errors}));
     }
+    Ok(honest)
+}
 
-    let report = json!({
+/// Everything a run measured, for its report.
+struct Measured {
+    operator: String,
+    rss_start: (u64, u64),
+    rss_peak: u64,
+    rss_end: (u64, u64),
+    rss_timeline: Vec<(f64, u64)>,
+    cpu_start: Cpu,
+    fill: Phase,
+    oversized: Value,
+    flood: Phase,
+    seq_before: u64,
+    seq_after: u64,
+    audit_records: Option<u64>,
+    honest: serde_json::Map<String, Value>,
+}
+
+/// The JSON report printed on stdout.
+fn report(args: &Args, m: Measured) -> Value {
+    json!({
         "server": args.server,
-        "operator": name,
+        "operator": m.operator,
         "fleetd": {
-            "pid": pid,
-            "vm_rss_kib_start": rss_start.0,
-            "vm_hwm_kib_start": rss_start.1,
-            "vm_rss_kib_peak_sampled": rss_peak.load(Ordering::Relaxed),
-            "vm_hwm_kib_end": rss_end.1,
-            "vm_rss_kib_end": rss_end.0,
-            "cpu_s_fill": cpu1 - cpu0,
-            "cpu_s_flood": cpu2 - cpu1,
+            "pid": args.fleetd_pid,
+            "vm_rss_kib_start": m.rss_start.0,
+            "vm_hwm_kib_start": m.rss_start.1,
+            "vm_rss_kib_peak_sampled": m.rss_peak,
+            "vm_hwm_kib_end": m.rss_end.1,
+            "vm_rss_kib_end": m.rss_end.0,
+            "cpu_s_fill": m.fill.cpu_end.fleetd - m.cpu_start.fleetd,
+            "cpu_s_flood": m.flood.cpu_end.fleetd - m.fill.cpu_end.fleetd,
         },
         "tool": {
-            "cpu_s_fill": tool1 - tool0,
-            "cpu_s_flood": tool2 - tool1,
+            "cpu_s_fill": m.fill.cpu_end.tool - m.cpu_start.tool,
+            "cpu_s_flood": m.flood.cpu_end.tool - m.fill.cpu_end.tool,
         },
-        "fleetd_rss_timeline_kib": timeline.lock().unwrap().clone(),
+        "fleetd_rss_timeline_kib": m.rss_timeline,
         "fill": {
             "command": args.fill_command,
             "commands_sent": args.fill,
-            "per_request": batch,
+            "per_request": args.fill_batch.max(1),
             "in_flight": args.fill_in_flight,
-            "seconds": fill_seconds,
-            "answers": fill.json(),
-            "request_ms": ms(&fill_rtt),
+            "seconds": m.fill.seconds,
+            "answers": m.fill.answers.json(),
+            "request_ms": ms(&m.fill.rtt),
         },
-        "oversized_request": oversized,
+        "oversized_request": m.oversized,
         "flood": {
-            "per_request": list_batch,
+            "per_request": args.list_batch,
             "limit": args.list_limit,
             "in_flight": args.list_in_flight,
-            "seconds": flood_seconds,
-            "answers": flood.json(),
-            "request_ms": ms(&flood_rtt),
+            "seconds": m.flood.seconds,
+            "answers": m.flood.answers.json(),
+            "request_ms": ms(&m.flood.rtt),
         },
         "audit": {
-            "newest_seq_before": seq_before,
-            "newest_seq_after": seq_after,
-            "tenant_records_at_end": audit_records,
+            "newest_seq_before": m.seq_before,
+            "newest_seq_after": m.seq_after,
+            "tenant_records_at_end": m.audit_records,
         },
-        "honest_connack": honest,
+        "honest_connack": m.honest,
         "probe": {
             "interval_ms": args.probe_interval_ms,
             "source": args.probe_source,
             "client": "certificate-less legacy station, full TLS handshake, MQTT 3.1.1",
         },
-    });
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = std::fs::read_to_string(&args.ca).context("CA")?;
+    let cert = std::fs::read_to_string(&args.cert).context("operator certificate")?;
+    let key = std::fs::read_to_string(&args.key).context("operator key")?;
+    let name = fleet_ctl::operator_name(&cert)?;
+    let pid = args.fleetd_pid;
+    let server: SocketAddr = tokio::net::lookup_host(&args.server)
+        .await?
+        .next()
+        .context("server address")?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let rss_start = rss(pid).context("fleetd's /proc status")?;
+    let t_start = Instant::now();
+    let sampler = sample_rss(pid, &stop, t_start);
+    let (prober, probes) = spawn_prober(&args, &ca, server, &stop, t_start)?;
+
+    let client = Arc::new(
+        OperatorClient::connect(&args.server, &ca, &cert, &key, &name)
+            .await?
+            .with_timeout(Duration::from_secs(120)),
+    );
+    let seq_before = newest_seq(&client).await?;
+    tokio::time::sleep(Duration::from_secs_f64(args.baseline_s)).await;
+
+    let (cpu_start, fill) = fill_audit(&args, &client, t_start).await?;
+    let list = json!({"command": "listAuditLog", "limit": args.list_limit});
+    let oversized = oversized_request(&args, &ca, &cert, &key, &name, &list).await;
+    let (flood, flood_end) = read_flood(&args, &client, &list, t_start).await?;
+
+    // Probing continues a little after the flood, then stops.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    prober.await?;
+    sampler.task.await?;
+    let rss_end = rss(pid).unwrap_or((0, 0));
+
+    let seq_after = newest_seq(&client).await?;
+    let audit_records = if args.count_audit {
+        Some(count_audit(&client).await?)
+    } else {
+        None
+    };
+
+    let honest = honest_connack(&probes.lock().unwrap(), fill.begin, flood.begin, flood_end)?;
+    let measured = Measured {
+        operator: name,
+        rss_start,
+        rss_peak: sampler.peak.load(Ordering::Relaxed),
+        rss_end,
+        rss_timeline: sampler.timeline.lock().unwrap().clone(),
+        cpu_start,
+        fill,
+        oversized,
+        flood,
+        seq_before,
+        seq_after,
+        audit_records,
+        honest,
+    };
+    let report = report(&args, measured);
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

@@ -170,6 +170,74 @@ async fn one(
     Ok(tls)
 }
 
+/// Every client's serial and TLS configuration with its own certificate, made before the clock
+/// starts: issued by `issuer`, or self-signed stations without one.
+fn make_clients(
+    args: &Args,
+    server_ca: &str,
+    issuer: Option<&fleet_certs::FleetCa>,
+) -> anyhow::Result<Vec<(Serial, Arc<ClientConfig>)>> {
+    let t_gen = Instant::now();
+    let mut clients = Vec::with_capacity(args.clients);
+    for i in 0..args.clients {
+        let serial = Serial::parse(&format!("{}{:06}", args.serial_prefix, i))?;
+        let (cert, key) = match issuer {
+            Some(ca) => {
+                let (key, csr) = fleet_certs::phone_key_and_csr(serial.as_str())?;
+                let cert = ca.issue_client_from_csr(&csr, serial.as_str(), "station", "bench")?;
+                (cert.cert_pem, key)
+            }
+            None => {
+                let c = fleet_certs::self_signed_station(serial.as_str())?;
+                (c.cert_pem, c.key_pem)
+            }
+        };
+        let cfg = fleet_certs::client_config(server_ca, Some((&cert, &key)))?;
+        clients.push((serial, Arc::new(cfg)));
+    }
+    eprintln!(
+        "made {} client certificates in {:?}",
+        args.clients,
+        t_gen.elapsed()
+    );
+    Ok(clients)
+}
+
+/// The reconnect storm: every held connection leaves cleanly, then all clients come back at
+/// once; returns its report and the new connections.
+async fn reconnect(
+    mut held: Vec<Conn>,
+    clients: &[(Serial, Arc<ClientConfig>)],
+    args: &Args,
+    name: &ServerName<'static>,
+) -> anyhow::Result<(serde_json::Value, Vec<Conn>)> {
+    for mut conn in held.drain(..) {
+        if args.mode == Mode::Mqtt {
+            let _ = conn.write_all(&[0xe0, 0]).await;
+        }
+        let _ = conn.shutdown().await;
+    }
+    tokio::time::sleep(Duration::from_secs_f64(args.settle_s)).await;
+    let cpu0 = args.server_pid.map(fleet_bench::proc_sample).transpose()?;
+    let again = round(clients, args, name).await?;
+    let cpu1 = args.server_pid.map(fleet_bench::proc_sample).transpose()?;
+    let ok = again.held.len();
+    let mut reconnect = serde_json::json!({
+        "connected": ok,
+        "resumed": again.resumed,
+        "seconds": again.seconds,
+        "connections_per_s": ok as f64 / again.seconds,
+        "connect_ms": latency(&again.hist),
+        "errors_total": again.errors.values().sum::<u64>(),
+        "errors": again.errors,
+    });
+    if let (Some((c0, _)), Some((c1, _))) = (cpu0, cpu1) {
+        let cpu_ms = (c1 - c0) as f64 * 1000.0 / fleet_bench::CLK_TCK as f64;
+        reconnect["cpu_ms_per_conn"] = serde_json::json!(cpu_ms / ok.max(1) as f64);
+    }
+    Ok((reconnect, again.held))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -182,31 +250,7 @@ async fn main() -> anyhow::Result<()> {
         )?),
         _ => None,
     };
-
-    // Certificates and client configurations, before the clock starts.
-    let t_gen = Instant::now();
-    let mut clients = Vec::with_capacity(args.clients);
-    for i in 0..args.clients {
-        let serial = Serial::parse(&format!("{}{:06}", args.serial_prefix, i))?;
-        let (cert, key) = match &issuer {
-            Some(ca) => {
-                let (key, csr) = fleet_certs::phone_key_and_csr(serial.as_str())?;
-                let cert = ca.issue_client_from_csr(&csr, serial.as_str(), "station", "bench")?;
-                (cert.cert_pem, key)
-            }
-            None => {
-                let c = fleet_certs::self_signed_station(serial.as_str())?;
-                (c.cert_pem, c.key_pem)
-            }
-        };
-        let cfg = fleet_certs::client_config(&server_ca, Some((&cert, &key)))?;
-        clients.push((serial, Arc::new(cfg)));
-    }
-    eprintln!(
-        "made {} client certificates in {:?}",
-        args.clients,
-        t_gen.elapsed()
-    );
+    let clients = make_clients(&args, &server_ca, issuer.as_ref())?;
 
     let name = ServerName::try_from(args.server_name.clone())?;
     let before = args.server_pid.map(fleet_bench::proc_sample).transpose()?;
@@ -244,33 +288,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut held = first.held;
     if args.reconnect {
-        // Everyone leaves cleanly, then comes back at once.
-        for mut conn in held.drain(..) {
-            if args.mode == Mode::Mqtt {
-                let _ = conn.write_all(&[0xe0, 0]).await;
-            }
-            let _ = conn.shutdown().await;
-        }
-        tokio::time::sleep(Duration::from_secs_f64(args.settle_s)).await;
-        let cpu0 = args.server_pid.map(fleet_bench::proc_sample).transpose()?;
-        let again = round(&clients, &args, &name).await?;
-        let cpu1 = args.server_pid.map(fleet_bench::proc_sample).transpose()?;
-        let ok = again.held.len();
-        let mut reconnect = serde_json::json!({
-            "connected": ok,
-            "resumed": again.resumed,
-            "seconds": again.seconds,
-            "connections_per_s": ok as f64 / again.seconds,
-            "connect_ms": latency(&again.hist),
-            "errors_total": again.errors.values().sum::<u64>(),
-            "errors": again.errors,
-        });
-        if let (Some((c0, _)), Some((c1, _))) = (cpu0, cpu1) {
-            let cpu_ms = (c1 - c0) as f64 * 1000.0 / fleet_bench::CLK_TCK as f64;
-            reconnect["cpu_ms_per_conn"] = serde_json::json!(cpu_ms / ok.max(1) as f64);
-        }
+        let (reconnect, again) = reconnect(held, &clients, &args, &name).await?;
         report["reconnect"] = reconnect;
-        held = again.held;
+        held = again;
     }
     println!("{}", serde_json::to_string(&report)?);
     drop(held);
