@@ -250,3 +250,98 @@ fn the_state_machines_speak_no_json() {
         "wire format in a state machine: {found:#?}"
     );
 }
+
+/// Longest function allowed outside tests, in lines, unless its doc comment says why it must
+/// be one piece (the words "one piece").
+const MAX_FUNCTION_LINES: usize = 100;
+
+/// The functions of `text` (rustfmt's layout: a body ends at the first line that is its
+/// indentation and `}`) longer than `max` lines, by name and length, tests left out.
+fn long_functions(text: &str, max: usize) -> Vec<(String, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let end = lines
+        .iter()
+        .position(|l| l.trim() == "#[cfg(test)]")
+        .unwrap_or(lines.len());
+    let mut long = Vec::new();
+    for (i, line) in lines[..end].iter().enumerate() {
+        let code = line.trim_start();
+        let indent = line.len() - code.len();
+        let signature = [
+            "fn ",
+            "pub fn ",
+            "async fn ",
+            "pub async fn ",
+            "pub(crate) fn ",
+        ]
+        .iter()
+        .chain(&[
+            "pub(super) fn ",
+            "pub(crate) async fn ",
+            "const fn ",
+            "pub const fn ",
+        ])
+        .find_map(|start| code.strip_prefix(start));
+        let Some(signature) = signature else { continue };
+        let name: String = signature
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let close = format!("{}}}", " ".repeat(indent));
+        let Some(length) = lines[i..end].iter().position(|l| *l == close) else {
+            continue;
+        };
+        let docs = lines[..i]
+            .iter()
+            .rev()
+            .take_while(|l| {
+                let t = l.trim_start();
+                t.starts_with("///") || t.starts_with("#[") || t.starts_with("//")
+            })
+            .any(|l| l.contains("one piece"));
+        if length + 1 > max && !docs {
+            long.push((name, length + 1));
+        }
+    }
+    long
+}
+
+/// Architecture Invariant: no function outside tests is longer than about 100 lines, unless its
+/// doc comment says why it must be one piece.
+#[test]
+fn no_function_is_longer_than_a_hundred_lines() {
+    let root = workspace();
+    let mut files = Vec::new();
+    for dir in CRATES.iter().chain(&["bench"]) {
+        files.extend(rust_files(&root.join(dir).join("src")));
+    }
+    let mut found = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).expect("source");
+        for (name, length) in long_functions(&text, MAX_FUNCTION_LINES) {
+            found.push(format!("{}: {name} ({length} lines)", file.display()));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "functions over {MAX_FUNCTION_LINES} lines: {found:#?}"
+    );
+}
+
+#[test]
+fn long_functions_are_found_and_a_reason_lets_one_be() {
+    let body = |name: &str, doc: &str| {
+        let lines = vec!["    let x = 1;"; 120].join("\n");
+        format!("{doc}\nfn {name}() {{\n{lines}\n}}\n")
+    };
+    let text = [
+        body("long", "/// Does much."),
+        body(
+            "kept",
+            "/// Must be one piece: the order of the steps is the protocol.",
+        ),
+        "fn short() {\n    let y = 2;\n}\n".to_owned(),
+    ]
+    .concat();
+    assert_eq!(long_functions(&text, 100), vec![("long".to_owned(), 122)]);
+}
