@@ -345,3 +345,47 @@ fn long_functions_are_found_and_a_reason_lets_one_be() {
     .concat();
     assert_eq!(long_functions(&text, 100), vec![("long".to_owned(), 122)]);
 }
+
+/// The crates of the service other than the front door: they must not speak MQTT on the wire or
+/// terminate TLS themselves.
+const NOT_THE_BROKER: [&str; 4] = ["protocol", "controller", "config", "certs"];
+
+/// Architecture Invariant: only `fleet-broker` knows MQTT frames and terminates TLS.
+#[test]
+fn only_the_broker_knows_mqtt_frames_and_terminates_tls() {
+    let root = workspace();
+    let mut files = Vec::new();
+    for krate in NOT_THE_BROKER {
+        files.extend(rust_files(&root.join(krate).join("src")));
+    }
+    let needles = [
+        "rumqttd::",
+        "use rumqttd",
+        "rumqttc::",
+        "use rumqttc",
+        "tokio_rustls",
+        "ServerConnection",
+    ];
+    let found = offenders(&files, &needles);
+    assert!(
+        found.is_empty(),
+        "MQTT or TLS outside the broker: {found:#?}"
+    );
+}
+
+/// Architecture Invariant: there is no internal port; the front door's listener is the only
+/// socket the service opens (`Broker::bind`).
+#[test]
+fn the_front_door_is_the_only_listener() {
+    let root = workspace();
+    let mut files = Vec::new();
+    for krate in NOT_THE_BROKER.iter().chain(&["broker"]) {
+        files.extend(rust_files(&root.join(krate).join("src")));
+    }
+    files.retain(|f| !f.ends_with("broker/src/frontdoor.rs"));
+    let found = offenders(&files, &["TcpListener", "UdpSocket", "UnixListener"]);
+    assert!(
+        found.is_empty(),
+        "a listener besides the front door: {found:#?}"
+    );
+}
