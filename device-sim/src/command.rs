@@ -1,5 +1,6 @@
 //! The `stations/<serial>/cmd` payloads a station obeys (PROTOCOL §3), parsed once at the edge.
 
+use fleet_protocol::payload::{StationCommand, StationCommandError};
 use serde_json::Value;
 
 use crate::firmware::UpdateOrder;
@@ -44,63 +45,47 @@ pub enum CommandError {
 
 impl Command {
     /// Parses a `cmd` payload; returns the command and the whole payload (for logs and events).
+    /// The fields are read by the protocol's own parser ([`StationCommand::from_json`]).
     pub fn parse(payload: &[u8]) -> Result<(Command, Value), CommandError> {
         let value: Value = serde_json::from_slice(payload)?;
-        let command = Self::from_json(&value)?;
+        let command = match StationCommand::from_json(&value) {
+            Ok(command) => Command::from_protocol(command)?,
+            Err(StationCommandError::Unknown(name)) => Command::Unknown(name),
+            Err(StationCommandError::Field { command, field }) => {
+                return Err(CommandError::Field { command, field })
+            }
+        };
         Ok((command, value))
     }
 
-    fn from_json(value: &Value) -> Result<Command, CommandError> {
-        let name = value
-            .get("command")
-            .and_then(Value::as_str)
-            .ok_or(CommandError::Field {
-                command: String::new(),
-                field: "command",
-            })?;
-        let missing = |field| CommandError::Field {
-            command: name.to_owned(),
-            field,
-        };
-        let flag = |field| {
-            value
-                .get(field)
-                .and_then(Value::as_bool)
-                .ok_or(missing(field))
-        };
-        Ok(match name {
-            "authorized" => Command::Authorized,
-            "rejected" => Command::Rejected,
-            "removed" => Command::Removed,
-            "reset" => Command::Reset {
-                delete_authentication: flag("delete_authentication")?,
-                delete_configuration: flag("delete_configuration")?,
+    fn from_protocol(command: StationCommand) -> Result<Command, CommandError> {
+        Ok(match command {
+            StationCommand::Authorized => Command::Authorized,
+            StationCommand::Rejected => Command::Rejected,
+            StationCommand::Removed => Command::Removed,
+            StationCommand::Reset {
+                delete_authentication,
+                delete_configuration,
+            } => Command::Reset {
+                delete_authentication,
+                delete_configuration,
             },
-            "update" => {
-                let version = value
-                    .get("version")
-                    .and_then(Value::as_str)
-                    .filter(|v| !v.is_empty())
-                    .ok_or(missing("version"))?;
-                let sha256 = value
-                    .get("sha256")
-                    .and_then(Value::as_str)
-                    .and_then(|text| {
-                        let mut bytes = [0u8; 32];
-                        hex::decode_to_slice(text, &mut bytes).ok().map(|()| bytes)
-                    })
-                    .ok_or(missing("sha256"))?;
-                let size = value
-                    .get("size")
-                    .and_then(Value::as_u64)
-                    .ok_or(missing("size"))?;
+            StationCommand::Update {
+                version,
+                sha256,
+                size,
+            } => {
+                let mut bytes = [0u8; 32];
+                hex::decode_to_slice(&sha256, &mut bytes).map_err(|_| CommandError::Field {
+                    command: "update".into(),
+                    field: "sha256",
+                })?;
                 Command::Update(UpdateOrder {
-                    version: version.to_owned(),
-                    sha256,
+                    version,
+                    sha256: bytes,
                     size,
                 })
             }
-            other => Command::Unknown(other.to_owned()),
         })
     }
 }

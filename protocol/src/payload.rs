@@ -63,6 +63,73 @@ impl StationCommand {
             }),
         }
     }
+
+    /// Reads a `cmd` payload as a station does; unknown fields are ignored (PROTOCOL §3). An
+    /// `update`'s `sha256` must be 64 hex digits and its `version` not empty.
+    pub fn from_json(value: &Value) -> Result<StationCommand, StationCommandError> {
+        let name =
+            value
+                .get("command")
+                .and_then(Value::as_str)
+                .ok_or(StationCommandError::Field {
+                    command: String::new(),
+                    field: "command",
+                })?;
+        let missing = |field| StationCommandError::Field {
+            command: name.to_owned(),
+            field,
+        };
+        let flag = |field| {
+            value
+                .get(field)
+                .and_then(Value::as_bool)
+                .ok_or(missing(field))
+        };
+        Ok(match name {
+            "authorized" => StationCommand::Authorized,
+            "rejected" => StationCommand::Rejected,
+            "removed" => StationCommand::Removed,
+            "reset" => StationCommand::Reset {
+                delete_authentication: flag("delete_authentication")?,
+                delete_configuration: flag("delete_configuration")?,
+            },
+            "update" => StationCommand::Update {
+                version: value
+                    .get("version")
+                    .and_then(Value::as_str)
+                    .filter(|v| !v.is_empty())
+                    .ok_or(missing("version"))?
+                    .to_owned(),
+                sha256: value
+                    .get("sha256")
+                    .and_then(Value::as_str)
+                    .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                    .ok_or(missing("sha256"))?
+                    .to_owned(),
+                size: value
+                    .get("size")
+                    .and_then(Value::as_u64)
+                    .ok_or(missing("size"))?,
+            },
+            other => return Err(StationCommandError::Unknown(other.to_owned())),
+        })
+    }
+}
+
+/// Why a `cmd` payload is no command a station can obey.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StationCommandError {
+    /// A required field is missing or of the wrong type.
+    #[error("command {command:?}: field {field:?} is missing or malformed")]
+    Field {
+        /// The command name, if there was one.
+        command: String,
+        /// The field.
+        field: &'static str,
+    },
+    /// A command this version of the protocol does not know.
+    #[error("unknown command {0:?}")]
+    Unknown(String),
 }
 
 /// A station's `stations/<serial>/auth/request`, checked against the topic's serial.
@@ -225,5 +292,54 @@ mod tests {
         let error: CommandError = AuthRequestError::Missing("model").into();
         assert_eq!(error.code, ErrorCode::InvalidArgument);
         assert!(error.message.contains("model"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_station_command_reads_back_as_written(
+            which in 0usize..5,
+            version in "[0-9]{1,2}\\.[0-9]{1,2}\\.[0-9]{1,2}",
+            sha256 in "[0-9a-fA-F]{64}",
+            size: u64,
+            flags: (bool, bool),
+        ) {
+            let command = match which {
+                0 => StationCommand::Authorized,
+                1 => StationCommand::Rejected,
+                2 => StationCommand::Removed,
+                3 => StationCommand::Update { version, sha256, size },
+                _ => StationCommand::Reset {
+                    delete_authentication: flags.0,
+                    delete_configuration: flags.1,
+                },
+            };
+            proptest::prop_assert_eq!(StationCommand::from_json(&command.payload()), Ok(command));
+        }
+    }
+
+    #[test]
+    fn a_cmd_that_is_not_one_says_which_field() {
+        let field =
+            |text: &str| match StationCommand::from_json(&serde_json::from_str(text).unwrap()) {
+                Err(StationCommandError::Field { field, .. }) => field,
+                other => panic!("{text}: {other:?}"),
+            };
+        assert_eq!(field(r#"{"nocommand":1}"#), "command");
+        assert_eq!(
+            field(r#"{"command":"reset","delete_authentication":true}"#),
+            "delete_configuration"
+        );
+        assert_eq!(
+            field(r#"{"command":"update","version":"6.1.0","sha256":"abcd","size":1}"#),
+            "sha256"
+        );
+        assert_eq!(
+            field(r#"{"command":"update","sha256":"00","size":-1}"#),
+            "version"
+        );
+        assert_eq!(
+            StationCommand::from_json(&json!({"command": "dance"})),
+            Err(StationCommandError::Unknown("dance".into()))
+        );
     }
 }
