@@ -6,8 +6,6 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
-use base64::Engine as _;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Bytes asked for per chunk.
@@ -33,110 +31,9 @@ impl UpdateOrder {
     }
 }
 
-/// Payload of `stations/<serial>/firmware/request`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChunkRequest {
-    /// Version being downloaded.
-    pub version: String,
-    /// First byte wanted.
-    pub offset: u64,
-    /// Bytes wanted.
-    pub length: u64,
-}
-
-/// Payload of `stations/<serial>/firmware/chunk`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ChunkMessage {
-    /// Bytes of the image.
-    Data {
-        /// Version they belong to.
-        version: String,
-        /// Position of the first byte.
-        offset: u64,
-        /// Size of the whole image.
-        total: u64,
-        /// The bytes.
-        data: Vec<u8>,
-    },
-    /// The controller cannot serve the request.
-    Error {
-        /// Version asked for.
-        version: String,
-        /// Human-readable reason.
-        error: String,
-        /// Machine code: `not_found`, `invalid_argument`, ….
-        code: String,
-    },
-}
-
-/// A chunk payload that cannot be understood.
-#[derive(Debug, thiserror::Error)]
-pub enum ChunkError {
-    /// Not the JSON described in the contract.
-    #[error("malformed chunk: {0}")]
-    Json(#[from] serde_json::Error),
-    /// `data` is not standard base64.
-    #[error("chunk data is not base64: {0}")]
-    Base64(#[from] base64::DecodeError),
-    /// Neither `data` nor `error`.
-    #[error("chunk has neither data nor error")]
-    Incomplete,
-}
-
-#[derive(Deserialize)]
-struct RawChunk {
-    version: String,
-    offset: Option<u64>,
-    total: Option<u64>,
-    data: Option<String>,
-    error: Option<String>,
-    code: Option<String>,
-}
-
-impl ChunkMessage {
-    /// Parses a `firmware/chunk` payload.
-    pub fn parse(payload: &[u8]) -> Result<Self, ChunkError> {
-        let raw: RawChunk = serde_json::from_slice(payload)?;
-        if let Some(error) = raw.error {
-            return Ok(ChunkMessage::Error {
-                version: raw.version,
-                error,
-                code: raw.code.unwrap_or_default(),
-            });
-        }
-        match (raw.offset, raw.total, raw.data) {
-            (Some(offset), Some(total), Some(data)) => Ok(ChunkMessage::Data {
-                version: raw.version,
-                offset,
-                total,
-                data: base64::engine::general_purpose::STANDARD.decode(data)?,
-            }),
-            _ => Err(ChunkError::Incomplete),
-        }
-    }
-
-    /// The payload as the controller sends it (for fakes and tests).
-    pub fn to_json(&self) -> serde_json::Value {
-        match self {
-            ChunkMessage::Data {
-                version,
-                offset,
-                total,
-                data,
-            } => serde_json::json!({
-                "version": version,
-                "offset": offset,
-                "total": total,
-                "data": base64::engine::general_purpose::STANDARD.encode(data),
-            }),
-            ChunkMessage::Error {
-                version,
-                error,
-                code,
-            } => serde_json::json!({ "version": version, "error": error, "code": code }),
-        }
-    }
-}
+pub use fleet_protocol::payload::{
+    ChunkError, FirmwareChunk as ChunkMessage, FirmwareRequest as ChunkRequest,
+};
 
 /// Where the downloaded bytes go; its length is the resume offset.
 pub trait PartFile {

@@ -1,6 +1,9 @@
 //! The payloads of the device topics (PROTOCOL §3) that both sides read or write: a command
-//! to a station (`stations/<serial>/cmd`) and a station's auth request.
+//! to a station (`stations/<serial>/cmd`), a station's auth request, and the firmware transfer
+//! (`…/firmware/request` and `…/firmware/chunk`, docs/protocol.md).
 
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::{CommandError, IdError, Serial};
@@ -206,6 +209,169 @@ impl AuthRequest {
     }
 }
 
+/// Payload of `stations/<serial>/firmware/request`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirmwareRequest {
+    /// Version being downloaded.
+    pub version: String,
+    /// First byte wanted.
+    pub offset: u64,
+    /// Bytes wanted.
+    pub length: u64,
+}
+
+/// Payload of `stations/<serial>/firmware/chunk`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FirmwareChunk {
+    /// Bytes of the image.
+    Data {
+        /// Version they belong to.
+        version: String,
+        /// Position of the first byte.
+        offset: u64,
+        /// Size of the whole image.
+        total: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// The controller cannot serve the request.
+    Error {
+        /// Version asked for.
+        version: String,
+        /// Human-readable reason.
+        error: String,
+        /// Machine code: `not_found`, `invalid_argument`, ….
+        code: String,
+    },
+}
+
+/// A chunk payload that cannot be understood.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    /// Not the JSON described in the contract.
+    #[error("malformed chunk: {0}")]
+    Json(#[from] serde_json::Error),
+    /// `data` is not standard base64.
+    #[error("chunk data is not base64: {0}")]
+    Base64(#[from] base64::DecodeError),
+    /// Neither `data` nor `error`.
+    #[error("chunk has neither data nor error")]
+    Incomplete,
+}
+
+#[derive(Deserialize)]
+struct RawChunk {
+    version: String,
+    offset: Option<u64>,
+    total: Option<u64>,
+    data: Option<String>,
+    error: Option<String>,
+    code: Option<String>,
+}
+
+impl FirmwareChunk {
+    /// Parses a `firmware/chunk` payload.
+    pub fn parse(payload: &[u8]) -> Result<Self, ChunkError> {
+        let raw: RawChunk = serde_json::from_slice(payload)?;
+        if let Some(error) = raw.error {
+            return Ok(FirmwareChunk::Error {
+                version: raw.version,
+                error,
+                code: raw.code.unwrap_or_default(),
+            });
+        }
+        match (raw.offset, raw.total, raw.data) {
+            (Some(offset), Some(total), Some(data)) => Ok(FirmwareChunk::Data {
+                version: raw.version,
+                offset,
+                total,
+                data: base64::engine::general_purpose::STANDARD.decode(data)?,
+            }),
+            _ => Err(ChunkError::Incomplete),
+        }
+    }
+
+    /// The payload as the controller sends it.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            FirmwareChunk::Data {
+                version,
+                offset,
+                total,
+                data,
+            } => json!({
+                "version": version,
+                "offset": offset,
+                "total": total,
+                "data": base64::engine::general_purpose::STANDARD.encode(data),
+            }),
+            FirmwareChunk::Error {
+                version,
+                error,
+                code,
+            } => json!({ "version": version, "error": error, "code": code }),
+        }
+    }
+}
+
+impl FirmwareRequest {
+    /// Reads a request as the controller does: `version` and `length` may be missing (`length`
+    /// is then `default_length`), `offset` may not. Nothing in it is trusted further.
+    pub fn read(payload: &[u8], default_length: u64) -> Result<FirmwareRequest, RequestError> {
+        let value: Value =
+            serde_json::from_slice(payload).map_err(|e| RequestError::NotJson(e.to_string()))?;
+        let version = value
+            .get("version")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let Some(offset) = value.get("offset").and_then(Value::as_u64) else {
+            return Err(RequestError::Offset { version });
+        };
+        let length = value
+            .get("length")
+            .and_then(Value::as_u64)
+            .unwrap_or(default_length);
+        Ok(FirmwareRequest {
+            version,
+            offset,
+            length,
+        })
+    }
+}
+
+/// Why a firmware request cannot be served as it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Not JSON: there is no version to answer for ([`RequestError::reply`] has none).
+    #[error("not JSON: {0}")]
+    NotJson(String),
+    /// No usable `offset`.
+    #[error("offset must be a non-negative integer")]
+    Offset {
+        /// The version the request named, "" if none.
+        version: String,
+    },
+}
+
+impl RequestError {
+    /// The `firmware/chunk` answer: an `invalid_argument` error, for the request's version if
+    /// it named one.
+    pub fn reply(&self) -> Value {
+        match self {
+            RequestError::NotJson(_) => {
+                json!({"error": self.to_string(), "code": "invalid_argument"})
+            }
+            RequestError::Offset { version } => FirmwareChunk::Error {
+                version: version.clone(),
+                error: self.to_string(),
+                code: "invalid_argument".into(),
+            }
+            .to_json(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,5 +507,34 @@ mod tests {
             StationCommand::from_json(&json!({"command": "dance"})),
             Err(StationCommandError::Unknown("dance".into()))
         );
+    }
+
+    #[test]
+    fn a_firmware_request_is_read_as_the_controller_reads_it() {
+        let read = |text: &str| FirmwareRequest::read(text.as_bytes(), 16);
+        assert_eq!(
+            read(r#"{"version":"6.1.2","offset":32}"#),
+            Ok(FirmwareRequest {
+                version: "6.1.2".into(),
+                offset: 32,
+                length: 16
+            })
+        );
+        let no_offset = read(r#"{"version":"6.1.2","offset":-1}"#).unwrap_err();
+        assert_eq!(
+            no_offset.reply(),
+            json!({"version": "6.1.2", "error": "offset must be a non-negative integer", "code": "invalid_argument"})
+        );
+        let not_json = read("nope").unwrap_err();
+        assert!(not_json.reply().get("version").is_none());
+        assert_eq!(not_json.reply()["code"], "invalid_argument");
+        let chunk = FirmwareChunk::Data {
+            version: "6.1.2".into(),
+            offset: 0,
+            total: 3,
+            data: b"abc".to_vec(),
+        };
+        let bytes = chunk.to_json().to_string();
+        assert_eq!(FirmwareChunk::parse(bytes.as_bytes()).unwrap(), chunk);
     }
 }

@@ -6,8 +6,7 @@
 use std::io::{Read, Seek, SeekFrom};
 use std::net::IpAddr;
 
-use base64::Engine;
-use serde_json::{json, Value};
+use serde_json::json;
 use tracing::warn;
 
 use super::durable::{Batch, Recorded};
@@ -19,6 +18,7 @@ use crate::firmware::parse_version;
 use crate::identity::Identity;
 use crate::station::{self, AuthRequest, Effect, Standing, Station, Transition};
 use crate::store::Change;
+use fleet_protocol::payload::{FirmwareChunk, FirmwareRequest};
 use fleet_protocol::{CommandError, EventKind, Serial, Topic};
 
 impl Controller {
@@ -195,22 +195,19 @@ impl Controller {
     /// or an error, on `…/firmware/chunk`.
     pub(super) fn on_firmware_request(&self, cx: &mut Batch<'_>, serial: Serial, payload: &[u8]) {
         let topic = Topic::StationFirmwareChunk(serial.clone());
-        let request: Value = match serde_json::from_slice(payload) {
-            Ok(v) => v,
-            Err(e) => {
-                let error = json!({"error": format!("not JSON: {e}"), "code": "invalid_argument"});
-                return cx.out.publish(&topic, &error);
-            }
+        let request = match FirmwareRequest::read(payload, self.settings.chunk_size as u64) {
+            Ok(request) => request,
+            Err(e) => return cx.out.publish(&topic, &e.reply()),
         };
-        let version = request
-            .get("version")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let answer = match self.firmware_chunk(cx, &serial, &request, version) {
+        let answer = match self.firmware_chunk(cx, &serial, &request) {
             Ok(chunk) => chunk,
-            Err((code, error)) => json!({"version": version, "error": error, "code": code}),
+            Err((code, error)) => FirmwareChunk::Error {
+                version: request.version,
+                error,
+                code: code.to_owned(),
+            },
         };
-        cx.out.publish(&topic, &answer);
+        cx.out.publish(&topic, &answer.to_json());
     }
 
     /// The chunk a firmware request asks for, or its error code and text.
@@ -218,19 +215,13 @@ impl Controller {
         &self,
         cx: &Batch<'_>,
         serial: &Serial,
-        request: &Value,
-        version_text: &str,
-    ) -> Result<Value, (&'static str, String)> {
+        request: &FirmwareRequest,
+    ) -> Result<FirmwareChunk, (&'static str, String)> {
         let invalid = |error: String| ("invalid_argument", error);
-        let Some(offset) = request.get("offset").and_then(Value::as_u64) else {
-            return Err(invalid("offset must be a non-negative integer".into()));
-        };
-        let chunk_size = self.settings.chunk_size as u64;
-        let length = request
-            .get("length")
-            .and_then(Value::as_u64)
-            .unwrap_or(chunk_size)
-            .min(chunk_size);
+        let (offset, length) = (
+            request.offset,
+            request.length.min(self.settings.chunk_size as u64),
+        );
         let record = match cx.txn().station(serial) {
             Ok(Some(r)) => r,
             _ => return Err(("not_found", "no such station".into())),
@@ -239,7 +230,7 @@ impl Controller {
             let label = record.standing.label();
             return Err(("wrong_state", format!("station is {label}, not updating")));
         };
-        if version != version_text {
+        if *version != request.version {
             return Err(invalid(format!("the update in progress is {version}")));
         }
         let image = parse_version(version).and_then(|v| self.settings.catalog.find(&v).cloned());
@@ -262,12 +253,12 @@ impl Controller {
             warn!("firmware image {}: {e}", image.path.display());
             return Err(("internal", "the firmware image cannot be read".into()));
         }
-        Ok(json!({
-            "version": version_text,
-            "offset": offset,
-            "total": image.size,
-            "data": base64::engine::general_purpose::STANDARD.encode(&data),
-        }))
+        Ok(FirmwareChunk::Data {
+            version: request.version.clone(),
+            offset,
+            total: image.size,
+            data,
+        })
     }
 
     /// Writes a station's transition into the batch with its audit record (in `audit`'s
