@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use fleet_certs::{CertError, Fingerprint};
+use fleet_protocol::payload::{ProvisionRequest, ProvisionResponse};
 use fleet_protocol::{IdError, Mac, Topic};
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
@@ -601,16 +602,6 @@ fn unexpected(waiting_for: &str, packet: &Packet) -> PhoneError {
     PhoneError::Protocol(format!("expected {waiting_for}, got {packet:?}"))
 }
 
-/// The controller's answer on `provision/response`.
-#[derive(Deserialize)]
-struct ProvisionResponse {
-    certificate: Option<String>,
-    ca: Option<String>,
-    config: Option<Value>,
-    error: Option<String>,
-    code: Option<String>,
-}
-
 /// One complete provisioning attempt (PROTOCOL §3): CONNECT with the PAP from `phone.json`
 /// (empty when there is none), SUBSCRIBE `…/provision/response`, a fresh key (stored 0600 as
 /// `key.pem`, replacing any old key and certificate) and PUBLISH its CSR on
@@ -652,11 +643,12 @@ async fn provision_connected(
     let (key_pem, csr_pem) = fleet_certs::phone_key_and_csr(mac.as_str())?;
     remove_optional(&dir.join(PHONE_CERT_FILE))?;
     write_private(&dir.join(PHONE_KEY_FILE), &key_pem)?;
-    let request = serde_json::json!({
-        "csr": csr_pem,
-        "vendor": state.record.vendor,
-        "type": state.record.kind,
-    });
+    let request = ProvisionRequest {
+        csr: csr_pem,
+        vendor: state.record.vendor.clone(),
+        kind: state.record.kind.clone(),
+    }
+    .to_json();
     link.publish(
         &Topic::PhoneProvisionRequest(mac.clone()).to_string(),
         Bytes::from(request.to_string()),
@@ -677,35 +669,22 @@ async fn provision_connected(
             .await?
         }
     };
-    let response: ProvisionResponse = serde_json::from_slice(&response.payload)
-        .map_err(|e| PhoneError::BadResponse(e.to_string()))?;
-    let (certificate, ca) = match response {
-        ProvisionResponse {
-            certificate: Some(certificate),
-            ca: Some(ca),
-            ..
-        } => (certificate, ca),
-        ProvisionResponse {
-            error: Some(error),
-            code,
-            ..
-        } => {
-            return Ok(ProvisionOutcome::Failed {
-                code: code.unwrap_or_default(),
-                error,
-            })
-        }
-        _ => {
-            return Err(PhoneError::BadResponse(
-                "neither \"certificate\" and \"ca\" nor \"error\"".into(),
-            ))
-        }
-    };
+    let (certificate, ca, config) =
+        match ProvisionResponse::parse(&response.payload).map_err(PhoneError::BadResponse)? {
+            ProvisionResponse::Issued {
+                certificate,
+                ca,
+                config,
+            } => (certificate, ca, config),
+            ProvisionResponse::Refused { error, code } => {
+                return Ok(ProvisionOutcome::Failed { code, error })
+            }
+        };
     check_certificate_for_key(&certificate, &key_pem)?;
     fleet_certs::certs_from_pem(&ca)?;
     write_atomically(&dir.join(PHONE_CERT_FILE), certificate.as_bytes())?;
     write_atomically(&dir.join(SERVER_CA_FILE), ca.as_bytes())?;
-    PhoneState::update(dir, |record| record.configuration = response.config)?;
+    PhoneState::update(dir, |record| record.configuration = config)?;
 
     link.publish(
         &Topic::PhoneProvisionComplete(mac.clone()).to_string(),

@@ -372,6 +372,88 @@ impl RequestError {
     }
 }
 
+/// A phone's `phones/<mac>/provision/request` (PROTOCOL §3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvisionRequest {
+    /// The phone's CSR, PEM.
+    pub csr: String,
+    pub vendor: String,
+    /// The phone's `type`.
+    pub kind: String,
+}
+
+impl ProvisionRequest {
+    /// The payload as a phone sends it.
+    pub fn to_json(&self) -> Value {
+        json!({"csr": self.csr, "vendor": self.vendor, "type": self.kind})
+    }
+
+    /// The CSR of a request, as the controller reads it: `vendor` and `type` are the phone's
+    /// own say and change nothing, so only `csr` must be there.
+    pub fn csr_of(payload: &[u8]) -> Result<String, CommandError> {
+        let value: Value = serde_json::from_slice(payload)
+            .map_err(|e| CommandError::invalid_argument(format!("not JSON: {e}")))?;
+        match value.get("csr").and_then(Value::as_str) {
+            Some(csr) => Ok(csr.to_owned()),
+            None => Err(CommandError::invalid_argument(
+                "missing \"csr\" (a PEM string)",
+            )),
+        }
+    }
+}
+
+/// The controller's `phones/<mac>/provision/response` (PROTOCOL §3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProvisionResponse {
+    /// The phone's certificate, the fleet CA and its configuration.
+    Issued {
+        certificate: String,
+        ca: String,
+        config: Option<Value>,
+    },
+    /// Why no certificate was issued.
+    Refused { error: String, code: String },
+}
+
+impl ProvisionResponse {
+    /// The payload as the controller sends it.
+    pub fn to_json(&self) -> Value {
+        match self {
+            ProvisionResponse::Issued {
+                certificate,
+                ca,
+                config,
+            } => {
+                let mut value = json!({"certificate": certificate, "ca": ca});
+                if let Some(config) = config {
+                    value["config"] = config.clone();
+                }
+                value
+            }
+            ProvisionResponse::Refused { error, code } => json!({"error": error, "code": code}),
+        }
+    }
+
+    /// Reads a response as a phone does: a certificate with its CA, or an error (its `code` ""
+    /// if none); anything else is refused with why.
+    pub fn parse(payload: &[u8]) -> Result<ProvisionResponse, String> {
+        let value: Value = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+        let text = |field: &str| value.get(field).and_then(Value::as_str).map(str::to_owned);
+        match (text("certificate"), text("ca"), text("error")) {
+            (Some(certificate), Some(ca), _) => Ok(ProvisionResponse::Issued {
+                certificate,
+                ca,
+                config: value.get("config").filter(|c| !c.is_null()).cloned(),
+            }),
+            (_, _, Some(error)) => Ok(ProvisionResponse::Refused {
+                error,
+                code: text("code").unwrap_or_default(),
+            }),
+            _ => Err("neither \"certificate\" and \"ca\" nor \"error\"".into()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,5 +618,37 @@ mod tests {
         };
         let bytes = chunk.to_json().to_string();
         assert_eq!(FirmwareChunk::parse(bytes.as_bytes()).unwrap(), chunk);
+    }
+
+    #[test]
+    fn provisioning_payloads_read_back_as_written() {
+        let request = ProvisionRequest {
+            csr: "PEM".into(),
+            vendor: "Yealink".into(),
+            kind: "T54W".into(),
+        };
+        let bytes = request.to_json().to_string();
+        assert_eq!(ProvisionRequest::csr_of(bytes.as_bytes()), Ok("PEM".into()));
+        let missing = ProvisionRequest::csr_of(b"{}").unwrap_err();
+        assert_eq!(missing.message, "missing \"csr\" (a PEM string)");
+        assert!(ProvisionRequest::csr_of(b"nope")
+            .unwrap_err()
+            .message
+            .starts_with("not JSON"));
+        for response in [
+            ProvisionResponse::Issued {
+                certificate: "C".into(),
+                ca: "A".into(),
+                config: Some(json!({"site": "Berlin"})),
+            },
+            ProvisionResponse::Refused {
+                error: "no phone".into(),
+                code: "not_found".into(),
+            },
+        ] {
+            let bytes = response.to_json().to_string();
+            assert_eq!(ProvisionResponse::parse(bytes.as_bytes()), Ok(response));
+        }
+        assert!(ProvisionResponse::parse(br#"{"certificate":"C"}"#).is_err());
     }
 }

@@ -19,6 +19,7 @@ use crate::audit::{AuditRecord, Outcome};
 use crate::identity::{self, PhonePresented, PhoneRights};
 use crate::phone::{self, Attempt, PapDecision, Phone};
 use crate::store::Change;
+use fleet_protocol::payload::{ProvisionRequest, ProvisionResponse};
 use fleet_protocol::{CommandError, EventKind, Mac, Topic};
 
 /// A PAP attempt: the password given (or none), from where, and when.
@@ -205,18 +206,15 @@ impl Controller {
     ) {
         let topic = Topic::PhoneProvisionResponse(mac.clone());
         let fail = |cx: &mut Batch<'_>, e: CommandError| {
-            let error = json!({"error": e.message, "code": e.code.as_str()});
-            cx.out.publish(&topic, &error);
+            let refused = ProvisionResponse::Refused {
+                error: e.message,
+                code: e.code.as_str().to_owned(),
+            };
+            cx.out.publish(&topic, &refused.to_json());
         };
-        let request: Value = match serde_json::from_slice(payload) {
-            Ok(v) => v,
-            Err(e) => return fail(cx, CommandError::invalid_argument(format!("not JSON: {e}"))),
-        };
-        let Some(csr) = request.get("csr").and_then(Value::as_str) else {
-            return fail(
-                cx,
-                CommandError::invalid_argument("missing \"csr\" (a PEM string)"),
-            );
+        let csr = match ProvisionRequest::csr_of(payload) {
+            Ok(csr) => csr,
+            Err(e) => return fail(cx, e),
         };
         let at = self.now();
         let phone = match cx.txn().phone(&mac) {
@@ -228,7 +226,7 @@ impl Controller {
         // phone's tenant whatever the CSR asked for.
         let issued = match self
             .ca
-            .issue_client_from_csr(csr, mac.as_str(), "phone", &phone.tenant)
+            .issue_client_from_csr(&csr, mac.as_str(), "phone", &phone.tenant)
         {
             Ok(c) => c,
             Err(e) => {
@@ -261,19 +259,17 @@ impl Controller {
         if let Err(e) = cx.record(vec![Change::PutPhone(phone)], audit) {
             return fail(cx, e);
         }
-        cx.out.publish(
-            &topic,
-            &json!({
-                "certificate": issued.cert_pem,
-                "ca": self.ca.cert_pem(),
-                "config": {
-                    "tenant": tenant,
-                    "site": site,
-                    "client_id": mac.client_id(),
-                    "data_topic": Topic::PhoneData(mac.clone(), String::new()).to_string(),
-                },
-            }),
-        );
+        let issued = ProvisionResponse::Issued {
+            certificate: issued.cert_pem,
+            ca: self.ca.cert_pem().to_owned(),
+            config: Some(json!({
+                "tenant": tenant,
+                "site": site,
+                "client_id": mac.client_id(),
+                "data_topic": Topic::PhoneData(mac.clone(), String::new()).to_string(),
+            })),
+        };
+        cx.out.publish(&topic, &issued.to_json());
     }
 
     /// `phones/<mac>/provision/complete`: the phone stored its certificate; its PAP is void.
