@@ -135,11 +135,15 @@ impl Controller {
                 Some(format!("{before} -> {after}")),
             )));
         }
+        // The in-memory whitelists as they were, should the commit fail: a grant that was
+        // never stored must not let anyone in.
+        let mut restore = None;
         let judgement = match decision {
             PapDecision::AdmitUnprovisioned { pap_checked } => {
                 if pap_checked {
                     // A correct PAP puts the client's address on the tenant's temporary
                     // whitelist.
+                    restore = Some(live.whitelists.clone());
                     live.whitelists.expire(at);
                     let duration = policy.temporary_whitelist;
                     live.whitelists.grant_temporary(&tenant, ip, at, duration);
@@ -165,7 +169,12 @@ impl Controller {
                 self.carry_out(&records, told, &Written::new());
                 judgement
             }
-            Err(e) => refuse(&mac, Refusal::ServerUnavailable, e.message, tenant),
+            Err(e) => {
+                if let Some(whitelists) = restore {
+                    live.whitelists = whitelists;
+                }
+                refuse(&mac, Refusal::ServerUnavailable, e.message, tenant)
+            }
         }
     }
 

@@ -176,3 +176,53 @@ async fn an_identity_mismatch_whose_refusal_is_not_stored_is_not_told() {
         "a security event whose refusal is not on record: {told:?}"
     );
 }
+
+/// A phone's PAP CONNECT from 127.0.0.1 (`password` `None`: none).
+fn phone_connect(session_id: u64, mac: &str, password: Option<&str>) -> ConnectInfo {
+    let mut info = connect(
+        session_id,
+        &fleet_protocol::Mac::parse(mac).expect("mac").client_id(),
+        None,
+    );
+    info.username = Some(mac.into());
+    info.password = password.map(str::to_owned);
+    info
+}
+
+#[tokio::test]
+async fn a_correct_pap_whose_commit_fails_whitelists_nothing() {
+    let shell = shell().await;
+    let mac = "0011aabbcc01";
+    shell.command(
+        json!({"command": "createPhone", "mac": mac, "vendor": "Yealink",
+        "type": "T54W", "site": "Berlin"}),
+    );
+    let phone = shell
+        .controller
+        .store
+        .phone(&fleet_protocol::Mac::parse(mac).expect("mac"))
+        .expect("store")
+        .expect("the phone");
+    let pap = phone.pap.expect("a PAP").as_str().to_owned();
+    // A time RFC 3339 cannot write (a year before 0): the attempt's changes cannot be stored.
+    let back = time::Duration::days(3000 * 365);
+    assert!(shell.clock.advance(-back));
+    let failed = shell
+        .admission
+        .admit(phone_connect(10, mac, Some(&pap)))
+        .await;
+    assert!(matches!(failed, Decision::Deny { .. }), "{failed:?}");
+    // Nothing was stored, so the address is on no whitelist, not even in memory.
+    let at = shell.clock.now();
+    let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+    let whitelisted = shell
+        .controller
+        .lock()
+        .live
+        .whitelists
+        .is_whitelisted("default", ip, at);
+    assert!(
+        !whitelisted,
+        "whitelisted by an attempt that was never stored"
+    );
+}
