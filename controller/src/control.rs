@@ -132,9 +132,9 @@ pub struct Controller {
     out: mpsc::UnboundedSender<Publication>,
 }
 
+/// RFC 3339 in UTC, "" for a time it cannot write.
 fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    crate::times::rfc3339(t).unwrap_or_default()
 }
 
 impl Controller {

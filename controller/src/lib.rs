@@ -16,6 +16,7 @@ pub mod phone;
 pub mod request;
 pub mod station;
 pub mod store;
+pub mod times;
 pub mod views;
 pub mod whitelist;
 

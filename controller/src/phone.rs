@@ -7,9 +7,9 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use time::format_description::well_known::Rfc3339;
-use time::{Duration, OffsetDateTime, UtcOffset};
+use time::{Duration, OffsetDateTime};
 
+use crate::times::{rfc3339, utc};
 use fleet_protocol::{Mac, PhoneState};
 
 /// Counts and durations of the phone rules (PROTOCOL §5); the defaults are the manual's.
@@ -259,15 +259,6 @@ impl Phone {
         }
         self
     }
-}
-
-/// RFC 3339 in UTC; `None` only for a time RFC 3339 cannot write (beyond year 9999).
-fn rfc3339(time: OffsetDateTime) -> Option<String> {
-    time.to_offset(UtcOffset::UTC).format(&Rfc3339).ok()
-}
-
-fn utc(now: OffsetDateTime) -> OffsetDateTime {
-    now.to_offset(UtcOffset::UTC)
 }
 
 /// What a CONNECT without a client certificate presented.
@@ -625,7 +616,7 @@ mod tests {
             pap("000000"),
             datetime!(2024-03-01 12:00:00 +02:00),
         );
-        assert_eq!(berlin.created_at.offset(), UtcOffset::UTC);
+        assert_eq!(berlin.created_at.offset(), time::UtcOffset::UTC);
     }
 
     #[test]

@@ -8,9 +8,10 @@ use std::fmt;
 use std::ops::ControlFlow;
 
 use serde::{Deserialize, Serialize};
-use time::{OffsetDateTime, UtcOffset};
+use time::OffsetDateTime;
 
 use crate::firmware::{FirmwareClass, FirmwareImage, FirmwarePolicy};
+use crate::times::utc;
 pub use fleet_protocol::payload::{AuthRequest, AuthRequestError, StationCommand as Command};
 use fleet_protocol::{Fingerprint, Serial};
 
@@ -129,10 +130,6 @@ impl Station {
             _ => None,
         }
     }
-}
-
-fn utc(now: OffsetDateTime) -> OffsetDateTime {
-    now.to_offset(UtcOffset::UTC)
 }
 
 /// What a station presents at CONNECT.

@@ -4,11 +4,11 @@
 
 use fleet_protocol::CommandError;
 use serde_json::{json, Map, Value};
-use time::format_description::well_known::Rfc3339;
-use time::{OffsetDateTime, UtcOffset};
+use time::OffsetDateTime;
 
 use crate::phone::{AuthState, Phone};
 use crate::station::{Standing, Station};
+use crate::times::rfc3339;
 use crate::whitelist::{WhitelistEntry, Whitelists};
 
 impl Station {
@@ -109,9 +109,4 @@ impl From<crate::phone::Refused> for CommandError {
     fn from(refused: crate::phone::Refused) -> CommandError {
         CommandError::wrong_state(refused.0)
     }
-}
-
-/// RFC 3339 in UTC; `None` only for a time RFC 3339 cannot write (beyond year 9999).
-fn rfc3339(time: OffsetDateTime) -> Option<String> {
-    time.to_offset(UtcOffset::UTC).format(&Rfc3339).ok()
 }

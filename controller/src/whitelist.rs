@@ -8,7 +8,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use time::{Duration, OffsetDateTime, UtcOffset};
+use time::{Duration, OffsetDateTime};
+
+use crate::times::utc;
 
 pub use fleet_protocol::whitelist::{WhitelistEntry, WhitelistError, WhitelistErrorKind};
 
@@ -240,10 +242,6 @@ impl Whitelists {
             .filter(move |(_, entry)| entry.expires_at > now)
             .map(|(ip, entry)| (*ip, entry.expires_at))
     }
-}
-
-fn utc(time: OffsetDateTime) -> OffsetDateTime {
-    time.to_offset(UtcOffset::UTC)
 }
 
 #[cfg(test)]
