@@ -157,12 +157,6 @@ pub fn presented_key(p: &Presented) -> Option<Fingerprint> {
     p.key()
 }
 
-/// The client id whose mailbox `topic` is, if it is a mailbox topic (`Topic::mailbox_owner`).
-/// Messages to them bypass the router (`fleet_broker::mailbox`).
-pub fn mailbox_owner(topic: &str) -> Option<String> {
-    Topic::parse(topic)?.mailbox_owner()
-}
-
 /// A station's rights at `level` (PROTOCOL §4). Only an authorized station may retain: a
 /// pending or legacy client could otherwise plant retained messages on the station's topics
 /// that the real station, once accepted, would receive.
@@ -336,21 +330,6 @@ mod tests {
             Some((op.cert_der, Trust::FleetCa))
         ))
         .is_err());
-    }
-
-    #[test]
-    fn mailbox_topics_are_the_protocols_and_only_names_are_owners() {
-        let s = Serial::parse("S1").expect("serial");
-        let cmd = Topic::StationCmd(s.clone()).to_string();
-        assert_eq!(mailbox_owner(&cmd), Some(s.client_id()));
-        for not_one in [
-            Filter::StationTree(s.clone()).to_string(),
-            Filter::EveryStation(StationLeaf::Cmd).to_string(),
-            format!("{cmd}/x"),
-            String::new(),
-        ] {
-            assert_eq!(mailbox_owner(&not_one), None, "{not_one}");
-        }
     }
 
     #[test]

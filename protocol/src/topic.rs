@@ -437,6 +437,10 @@ mod tests {
             "stations/S1/status",
             "stations/S1/firmware/request",
             "stations/S1/data/cmd",
+            "stations/S1/cmd/x",
+            "stations/+/cmd",
+            "stations/S1/#",
+            "",
             "phones/0011aabbccdd/provision/request",
             "fleet/control/admin/response",
         ] {

@@ -27,8 +27,13 @@ pub struct Publication {
 
 /// Something the controller says or does once its change is durable.
 pub(super) enum Output {
-    /// A message to the router, or to a device's mailbox (`fleet_broker::mailbox`).
+    /// A message to the router.
     Publish(Publication),
+    /// A message to one device's mailbox (`fleet_broker::mailbox`): straight to its session.
+    Mailbox {
+        client_id: String,
+        publication: Publication,
+    },
     /// An operator's response; if the commit fails, every command of it is answered with the
     /// store's error instead.
     Respond {
@@ -69,11 +74,20 @@ impl Outbox {
         self.0.push(output);
     }
 
+    /// A message on `topic`: to its device's mailbox if it is one (`Topic::mailbox_owner`),
+    /// else to the router.
     pub(super) fn publish(&mut self, topic: &Topic, payload: &Value) {
-        self.push(Output::Publish(Publication {
+        let publication = Publication {
             topic: topic.to_string(),
             payload: payload.to_string().into_bytes(),
-        }));
+        };
+        self.push(match topic.mailbox_owner() {
+            Some(client_id) => Output::Mailbox {
+                client_id,
+                publication,
+            },
+            None => Output::Publish(publication),
+        });
     }
 
     /// An event on `fleet/events/<tenant>/<kind>`: `body` with its `type` and `time`.
@@ -171,7 +185,16 @@ impl Controller {
 
     fn perform(&self, output: Output, written: &Written) {
         match output {
-            Output::Publish(p) => self.send_out(p),
+            Output::Publish(p) => {
+                let _ = self.out.send(p);
+            }
+            Output::Mailbox {
+                client_id,
+                publication,
+            } => {
+                self.sessions
+                    .deliver(&client_id, publication.topic, publication.payload);
+            }
             Output::Respond { to, responses, .. } => self.respond(&to, responses),
             Output::Cut { client_id, after } => {
                 self.sessions.cut(&client_id, after);
@@ -218,19 +241,6 @@ impl Controller {
             }
             _ => {
                 self.sessions.cut(&client_id, None);
-            }
-        }
-    }
-
-    /// A message to a device's mailbox (`cmd`, firmware chunks, provisioning answers) goes
-    /// straight to its session (see `fleet_broker::mailbox`); everything else to the router.
-    fn send_out(&self, p: Publication) {
-        match identity::mailbox_owner(&p.topic) {
-            Some(client_id) => {
-                self.sessions.deliver(&client_id, p.topic, p.payload);
-            }
-            None => {
-                let _ = self.out.send(p);
             }
         }
     }
