@@ -116,6 +116,8 @@ struct Shared {
     handshakes: Mutex<PendingHandshakes>,
     /// Publishes wills on behalf of clients whose own link is gone.
     will_link: Mutex<LinkTx>,
+    /// Sessions' router links live now ([`Broker::router_links`]).
+    router_links: AtomicUsize,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -269,6 +271,7 @@ impl Broker {
             open_sockets: AtomicUsize::new(0),
             handshakes: Mutex::new(PendingHandshakes::new(settings.handshakes_per_ip)),
             will_link: Mutex::new(will_tx),
+            router_links: AtomicUsize::new(0),
             shutdown: shutdown_rx,
         });
         Ok(Broker {
@@ -281,6 +284,12 @@ impl Broker {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// How many live sessions have a link into the router: only those that published or
+    /// subscribed past their inbox and mailboxes (fleetd's own links are not counted).
+    pub fn router_links(&self) -> usize {
+        self.shared.router_links.load(Ordering::Relaxed)
     }
 
     /// The live sessions, for the controller ([`crate::SessionControl`]).
@@ -447,6 +456,9 @@ struct Will {
     topic: bytes::Bytes,
     payload: bytes::Bytes,
     retain: bool,
+    /// On one of the session's inbox topics ([`Rights::inbox`]): handed to the admission, not
+    /// to the router.
+    inbox: bool,
     delay: Duration,
     /// What the will's properties say of the message (MQTT 5 §3.1.3.2): published with it,
     /// user properties in their order [MQTT-3.1.3-10].
@@ -829,10 +841,12 @@ fn will_within(
     rights: &Rights,
 ) -> Option<Will> {
     let w = last_will?;
-    if !std::str::from_utf8(&w.topic).is_ok_and(|t| rights.may_publish(t)) {
+    let topic = std::str::from_utf8(&w.topic).ok()?;
+    if !rights.may_publish(topic) {
         return None;
     }
     Some(Will {
+        inbox: rights.is_inbox(topic),
         topic: w.topic,
         payload: w.message,
         retain: w.retain && rights.retain,
@@ -855,7 +869,8 @@ struct Opening {
     reserved: bool,
 }
 
-/// A session that is registered, linked to the router and told to the admission.
+/// A session that is registered and told to the admission (its router link comes later, if it
+/// needs one: [`Pump::router_link`]).
 struct OpenSession {
     client_id: String,
     session_id: u64,
@@ -864,14 +879,12 @@ struct OpenSession {
     undelivered: registry::Undelivered,
     /// Dropped once this session released its router link (see `Registry::register`).
     released_tx: tokio::sync::oneshot::Sender<()>,
-    link_tx: LinkTx,
-    link_rx: LinkRx,
     codec: Codec,
     limits: ClientLimits,
 }
 
-/// Registers the session (taking over an older one of the same client id), builds its router
-/// link and tells the admission it is open. `None`: refused, answered and undone.
+/// Registers the session (taking over an older one of the same client id) and tells the
+/// admission it is open. `None`: refused, answered and undone.
 async fn open_session(
     shared: &Shared,
     admission: &dyn Admission,
@@ -919,28 +932,12 @@ async fn open_session(
         shared.registry.unregister(&client_id, session_id);
         admission.session_closed(&client_id, session_id);
     };
-    let (mut link_tx, link_rx, notification) =
-        match build_link(&shared.links, client_id.clone()).await {
-            Ok(parts) => parts,
-            Err(e) => {
-                warn!(client_id = %client_id, "router refused the link: {e}");
-                reply
-                    .refuse(writer, Refusal::ServerUnavailable, "router unavailable")
-                    .await;
-                undo(shared);
-                return None;
-            }
-        };
-    // The router's CONNACK is a success; what it says of the session (topic aliases) is not
-    // what the front door offers.
-    drop(notification);
     match admission.session_opened(&client_id, session_id) {
         Some(now) => registry::set(&shared_rights, now),
         None => {
             reply
                 .refuse(writer, Refusal::NotAuthorized, "not authorized")
                 .await;
-            release_link(&mut link_tx).await;
             undo(shared);
             return None;
         }
@@ -952,8 +949,6 @@ async fn open_session(
         control_rx,
         undelivered,
         released_tx,
-        link_tx,
-        link_rx,
         codec: reply.codec,
         limits: reply.limits,
     })
@@ -981,8 +976,6 @@ async fn run_session(
         control_rx,
         undelivered,
         released_tx,
-        link_tx,
-        link_rx,
         codec,
         limits,
     } = session;
@@ -997,7 +990,8 @@ async fn run_session(
         undelivered,
         inbox_qos2: HashSet::new(),
         router_qos2: HashSet::new(),
-        link_tx,
+        link_tx: None,
+        link_rx: None,
         pending_subs: HashMap::new(),
         denied_qos2: HashSet::new(),
         closing: None,
@@ -1013,15 +1007,7 @@ async fn run_session(
         // Boxed: rustc lays the pump's future out beside this function's other states instead
         // of over them; boxed, an idle session's task is about 3.5 KiB smaller (12.4 KiB with
         // the pump inline, 4.8 KiB plus the pump's 4.2 KiB boxed).
-        Box::pin(pump.run(
-            &mut reader,
-            &mut writer,
-            buf,
-            link_rx,
-            control_rx,
-            keepalive,
-        ))
-        .await
+        Box::pin(pump.run(&mut reader, &mut writer, buf, control_rx, keepalive)).await
     } else {
         End::Unclean
     };
@@ -1029,10 +1015,20 @@ async fn run_session(
     let _ = timeout(Duration::from_secs(1), writer.shutdown()).await;
 
     if let (Some(will), true) = (will, end.fires_will()) {
-        publish_will(shared.clone(), client_id.clone(), will);
+        fire_will(
+            shared.clone(),
+            admission.clone(),
+            &client_id,
+            session_id,
+            will,
+        )
+        .await;
     }
-    if end != End::LinkGone {
-        release_link(&mut pump.link_tx).await;
+    if let Some(mut link_tx) = pump.link_tx.take() {
+        if end != End::LinkGone {
+            release_link(&mut link_tx).await;
+        }
+        shared.router_links.fetch_sub(1, Ordering::Relaxed);
     }
     // A session that took this one over may build its link now.
     drop(released_tx);
@@ -1202,30 +1198,53 @@ fn client_id_for_log(id: &str) -> String {
     id.chars().take(64).flat_map(char::escape_default).collect()
 }
 
-fn publish_will(shared: Arc<Shared>, client_id: String, will: Will) {
-    let publish = move |shared: &Shared| {
-        let packet = Packet::Publish(
-            Publish::new(will.topic.clone(), will.payload.clone(), will.retain),
-            will.properties.clone(),
-        );
-        let mut link = shared.will_link.lock().unwrap_or_else(|e| e.into_inner());
-        // `send` completes without waiting (it pushes to the router's channel).
-        let fut = link.send(packet);
-        let _ = poll_once(fut);
-    };
+/// Fires a session's will: at once, before the session is unregistered (so that a session
+/// taking its client id over comes after it), or after its delay.
+async fn fire_will(
+    shared: Arc<Shared>,
+    admission: Arc<dyn Admission>,
+    client_id: &str,
+    session_id: u64,
+    will: Will,
+) {
     if will.delay.is_zero() {
-        publish(&shared);
-    } else {
-        tokio::spawn(async move {
-            tokio::time::sleep(will.delay).await;
-            // A client that came back within the delay cancels its will (MQTT 5).
-            let back =
-                crate::admission::SessionControl::is_connected(&*shared.registry, &client_id);
-            if !back {
-                publish(&shared);
-            }
-        });
+        return publish_will(&shared, &*admission, client_id, session_id, will).await;
     }
+    let client_id = client_id.to_owned();
+    tokio::spawn(async move {
+        tokio::time::sleep(will.delay).await;
+        // A client that came back within the delay cancels its will (MQTT 5).
+        if !crate::admission::SessionControl::is_connected(&*shared.registry, &client_id) {
+            publish_will(&shared, &*admission, &client_id, session_id, will).await;
+        }
+    });
+}
+
+/// Publishes a will: to the admission if its topic is one of the session's inbox topics (as
+/// the session's own PUBLISHes to it would be), else through the wills' link into the router
+/// (the session's own link, if it had one, is gone or going).
+async fn publish_will(
+    shared: &Shared,
+    admission: &dyn Admission,
+    client_id: &str,
+    session_id: u64,
+    will: Will,
+) {
+    if will.inbox {
+        let topic = String::from_utf8_lossy(&will.topic).into_owned();
+        let payload = will.payload.to_vec();
+        admission
+            .message(client_id, session_id, topic, payload)
+            .await;
+        return;
+    }
+    let packet = Packet::Publish(
+        Publish::new(will.topic, will.payload, will.retain),
+        will.properties,
+    );
+    let mut link = shared.will_link.lock().unwrap_or_else(|e| e.into_inner());
+    // `send` completes without waiting (it pushes to the router's channel).
+    let _ = poll_once(link.send(packet));
 }
 
 /// Polls a future that is known to complete without suspending (rumqttd's `LinkTx::send` pushes
@@ -1281,7 +1300,11 @@ struct Pump {
     /// QoS 2 PUBLISHes forwarded to the router and not released yet: their PUBREL goes to the
     /// router, which drops a client for a PUBREL it does not know.
     router_qos2: HashSet<u16>,
-    link_tx: LinkTx,
+    /// The session's link into the router, built on its first need ([`Pump::router_link`]):
+    /// a device that only speaks to the controller never gets one.
+    link_tx: Option<LinkTx>,
+    /// The link's receiving side, polled by [`Pump::run`] while there is a link.
+    link_rx: Option<LinkRx>,
     /// SUBSCRIBEs forwarded in part: per packet id, the codes of the denied filters by position
     /// (`None`: to be filled from the router's SUBACK).
     pending_subs: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
@@ -1330,7 +1353,6 @@ impl Pump {
         reader: &mut ReadHalf<TlsStream<TcpStream>>,
         writer: &mut WriteHalf<TlsStream<TcpStream>>,
         mut buf: BytesMut,
-        mut link_rx: LinkRx,
         mut control: mpsc::UnboundedReceiver<Control>,
         keepalive: Duration,
     ) -> End {
@@ -1354,13 +1376,13 @@ impl Pump {
                         return end;
                     }
                 }
-                next = link_rx.next() => {
+                next = from_router(&mut self.link_rx) => {
                     let notification = match next {
                         Ok(Some(n)) => n,
                         Ok(None) => continue,
                         Err(_) => return End::LinkGone,
                     };
-                    if let Step::End(end) = self.outgoing(notification, &link_rx, writer).await {
+                    if let Step::End(end) = self.outgoing(notification, writer).await {
                         return end;
                     }
                 }
@@ -1764,10 +1786,46 @@ impl Pump {
         }
     }
 
+    /// Sends a packet into the router (acknowledgements of the router's messages, and what
+    /// [`Pump::router_link`] made a link for).
     async fn forward(&mut self, packet: Packet) -> Step {
-        match self.link_tx.send(packet).await {
+        let Some(link_tx) = self.link_tx.as_mut() else {
+            // Nothing the router sent can be acknowledged without a link.
+            return Step::Continue;
+        };
+        match link_tx.send(packet).await {
             Ok(_) => Step::Continue,
             Err(_) => Step::End(End::LinkGone),
+        }
+    }
+
+    /// Builds the session's router link if it has none: before its first PUBLISH or SUBSCRIBE
+    /// that the router must see (one to its inbox or mailboxes never needs it). A router that
+    /// cannot take it ends the session with DISCONNECT 0x89 (Server busy).
+    async fn router_link(&mut self, writer: &mut WriteHalf<TlsStream<TcpStream>>) -> Step {
+        if self.link_tx.is_some() {
+            return Step::Continue;
+        }
+        match build_link(&self.shared.links, self.client_id.clone()).await {
+            Ok((link_tx, link_rx, notification)) => {
+                // The router's CONNACK is a success; what it says of the session (topic
+                // aliases) is not what the front door offers.
+                drop(notification);
+                self.link_tx = Some(link_tx);
+                self.link_rx = Some(link_rx);
+                self.shared.router_links.fetch_add(1, Ordering::Relaxed);
+                Step::Continue
+            }
+            Err(e) => {
+                warn!(client_id = %client_id_for_log(&self.client_id), "router refused the link: {e}");
+                self.disconnect(
+                    writer,
+                    DisconnectReasonCode::ServerBusy,
+                    "router unavailable",
+                )
+                .await;
+                Step::End(End::Unclean)
+            }
         }
     }
 
@@ -1889,6 +1947,9 @@ impl Pump {
                     return self.write(writer, Packet::PubRec(rec, None)).await;
                 }
             }
+            if let Step::End(end) = self.router_link(writer).await {
+                return Step::End(end);
+            }
             return self.forward(Packet::Publish(publish, props)).await;
         }
         self.deny_publish(&publish.topic, peeked, writer).await
@@ -2002,6 +2063,9 @@ impl Pump {
             }
         }
         if slots.iter().all(Option::is_none) {
+            if let Step::End(end) = self.router_link(writer).await {
+                return Step::End(end);
+            }
             return self.forward(Packet::Subscribe(subscribe, props)).await;
         }
         if slots.contains(&Some(denied_code)) {
@@ -2018,6 +2082,9 @@ impl Pump {
         subscribe
             .filters
             .retain(|_| it.next().is_some_and(Option::is_none));
+        if let Step::End(end) = self.router_link(writer).await {
+            return Step::End(end);
+        }
         self.pending_subs.insert(subscribe.pkid, slots);
         self.forward(Packet::Subscribe(subscribe, props)).await
     }
@@ -2096,12 +2163,15 @@ impl Pump {
     async fn outgoing(
         &mut self,
         notification: Notification,
-        link_rx: &LinkRx,
         writer: &mut WriteHalf<TlsStream<TcpStream>>,
     ) -> Step {
         match notification {
             Notification::Unschedule => {
-                if link_rx.wake().await.is_err() {
+                let woken = match &self.link_rx {
+                    Some(link_rx) => link_rx.wake().await.is_ok(),
+                    None => false,
+                };
+                if !woken {
                     return Step::End(End::LinkGone);
                 }
                 Step::Continue
@@ -2143,6 +2213,14 @@ impl Pump {
                 }
             }
         }
+    }
+}
+
+/// The next notification of the session's router link; pending forever while it has none.
+async fn from_router(link_rx: &mut Option<LinkRx>) -> Result<Option<Notification>, LinkError> {
+    match link_rx {
+        Some(link_rx) => link_rx.next().await,
+        None => std::future::pending().await,
     }
 }
 

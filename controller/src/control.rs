@@ -48,8 +48,9 @@ use live::{Live, PendingIndex};
 /// Bus messages handled in one batch at most (one store transaction, one fsync).
 pub const MAX_BATCH: usize = 256;
 
-/// Operator requests queued from the front door's inbox and not yet handled, at most; a full
-/// queue holds the sending sessions back (the front door reads nothing more from them).
+/// Messages (devices' and operators') queued from the front door's inbox and not yet handled,
+/// at most; a full queue holds the sending sessions back (the front door reads nothing more
+/// from them).
 pub const INBOX_CAPACITY: usize = 1024;
 
 /// The operator session that sent a request: the answer goes to that session only.
@@ -72,22 +73,24 @@ pub struct InboxRequest {
 pub enum InboxItem {
     /// An operator's request.
     Request(InboxRequest),
-    /// A device's message on one of its inbox topics (a phone's `provision/complete`): its
-    /// session acknowledges it only once `handled` fires, after the batch that handled it was
-    /// committed, so that a device told "done" is never lost in a crash. `handled` says
-    /// whether that commit succeeded.
+    /// A device's message to the controller, from its session's inbox (every topic a device
+    /// speaks to the controller on: `identity::station_rights`, `identity::phone_rights`).
+    /// With `handled`, its session acknowledges it only once `handled` fires, after the batch
+    /// that handled it was committed, so that a device told "done" is never lost in a crash
+    /// (a phone's `provision/complete`); `handled` says whether that commit succeeded. Without
+    /// it, the session acknowledges it as soon as it is queued here.
     Device {
         topic: String,
         payload: Vec<u8>,
-        handled: tokio::sync::oneshot::Sender<bool>,
+        handled: Option<tokio::sync::oneshot::Sender<bool>>,
     },
 }
 
 /// One message of a batch ([`Controller::handle_batch`]).
 #[derive(Debug, Clone, Copy)]
 pub enum Incoming<'m> {
-    /// A message from the router (station and phone topics).
-    Routed { topic: &'m str, payload: &'m [u8] },
+    /// A device's message to the controller (station and phone topics), from its session.
+    Device { topic: &'m str, payload: &'m [u8] },
     /// An operator request from its session's inbox.
     Request {
         from: &'m Requester,
@@ -214,10 +217,19 @@ impl Controller {
         true
     }
 
-    /// Queues a device's inbox message and waits until the batch that handled it is committed
-    /// (or dropped: then the device is not acknowledged either, and its session goes on).
+    /// Queues a device's inbox message, waiting while the queue is full (the front door reads
+    /// nothing more from that device meanwhile). A phone's `provision/complete` also waits
+    /// until the batch that handled it is committed (or dropped: then the phone is not
+    /// acknowledged either, and sends it again); anything else is the controller's once queued.
     async fn inbox_device(&self, topic: String, payload: Vec<u8>) -> bool {
-        let (handled, done) = tokio::sync::oneshot::channel();
+        let durable = matches!(Topic::parse(&topic), Some(Topic::PhoneProvisionComplete(_)));
+        let (handled, done) = match durable {
+            true => {
+                let (handled, done) = tokio::sync::oneshot::channel();
+                (Some(handled), Some(done))
+            }
+            false => (None, None),
+        };
         let item = InboxItem::Device {
             topic,
             payload,
@@ -227,7 +239,10 @@ impl Controller {
             warn!("controller inbox closed: device message dropped");
             return false;
         }
-        done.await.unwrap_or(false)
+        match done {
+            Some(done) => done.await.unwrap_or(false),
+            None => true,
+        }
     }
 
     /// Handles one operator request of a live operator session at once (a batch of one);
@@ -344,7 +359,7 @@ impl Controller {
         let mut handled = 0usize;
         for message in messages {
             match message {
-                Incoming::Routed { topic, payload } => {
+                Incoming::Device { topic, payload } => {
                     self.on_routed(live, &mut batch, topic, payload)
                 }
                 Incoming::Request { from, payload } => {
@@ -398,12 +413,12 @@ impl Controller {
         }
     }
 
-    /// Handles one message from the router (a batch of one).
+    /// Handles one message of a device (a batch of one).
     pub fn handle_message(&self, topic: &str, payload: &[u8]) {
-        self.handle_batch([Incoming::Routed { topic, payload }]);
+        self.handle_batch([Incoming::Device { topic, payload }]);
     }
 
-    /// A message from the router, or a device's inbox, to whom it is for.
+    /// A device's message, to whom it is for.
     fn on_routed(&self, live: &mut Live, cx: &mut durable::Batch<'_>, topic: &str, payload: &[u8]) {
         if payload.len() > self.settings.max_payload_bytes {
             warn!(topic = %topic.escape_default(), "payload over {} bytes dropped", self.settings.max_payload_bytes);

@@ -4,7 +4,6 @@
 
 use std::io::Read;
 
-use fleet_protocol::Filter;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,8 +18,7 @@ use tracing::warn;
 
 use crate::clock::Clock;
 use crate::control::{
-    ControlSettings, Controller, ControllerAdmission, InboxItem, InboxRequest, Incoming,
-    Publication, MAX_BATCH,
+    ControlSettings, Controller, ControllerAdmission, InboxItem, Incoming, Publication, MAX_BATCH,
 };
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
 use crate::store::Store;
@@ -171,6 +169,11 @@ impl Fleet {
         self.broker.local_addr()
     }
 
+    /// Live sessions with a router link ([`Broker::router_links`]).
+    pub fn router_links(&self) -> usize {
+        self.broker.router_links()
+    }
+
     pub fn controller(&self) -> &Arc<Controller> {
         &self.controller
     }
@@ -188,51 +191,15 @@ impl Drop for Fleet {
     }
 }
 
-/// What one batch holds: router messages and operator requests, in arrival order.
-enum Arrived {
-    Routed(fleet_broker::BusMessage),
-    Request(InboxRequest),
-    /// A device's inbox message; `handled` fires after the batch's commit.
-    Device {
-        topic: String,
-        payload: Vec<u8>,
-        handled: tokio::sync::oneshot::Sender<bool>,
-    },
-}
-
-impl From<InboxItem> for Arrived {
-    fn from(item: InboxItem) -> Arrived {
-        match item {
-            InboxItem::Request(r) => Arrived::Request(r),
-            InboxItem::Device {
-                topic,
-                payload,
-                handled,
-            } => Arrived::Device {
-                topic,
-                payload,
-                handled,
-            },
-        }
-    }
-}
-
-/// The controller's MQTT side: handles what arrives (from the router, and operator requests
-/// from the front door's inbox), publishes what the controller produced, in order.
+/// The controller's MQTT side: handles what arrives from the front door's inbox (devices'
+/// messages and operator requests, straight from their sessions: the controller subscribes to
+/// nothing in the router), publishes what the controller produced, in order.
 async fn run_bus<B: Bus>(
     mut bus: B,
     controller: Arc<Controller>,
     mut outbox: tokio::sync::mpsc::UnboundedReceiver<Publication>,
     mut inbox: tokio::sync::mpsc::Receiver<InboxItem>,
 ) {
-    // Operator requests come through the inbox, never through the router.
-    for filter in Filter::CONTROLLER {
-        let filter = filter.to_string();
-        if let Err(e) = bus.subscribe(&filter) {
-            warn!("controller cannot subscribe to {filter}: {e}");
-            return;
-        }
-    }
     // Stations that waited unseen for too long are deleted; checked every minute.
     let mut sweep = tokio::time::interval(Duration::from_secs(60));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -246,14 +213,7 @@ async fn run_bus<B: Bus>(
                 };
                 continue;
             }
-            message = bus.next() => match message {
-                Ok(m) => Arrived::Routed(m),
-                Err(e) => {
-                    warn!("controller link: {e}");
-                    return;
-                }
-            },
-            Some(item) = inbox.recv() => Arrived::from(item),
+            Some(item) = inbox.recv() => item,
             Some(p) = outbox.recv() => {
                 if let Err(e) = bus.publish(&p.topic, p.payload, false) {
                     warn!("controller cannot publish: {e}");
@@ -266,25 +226,18 @@ async fn run_bus<B: Bus>(
         // whole batch (see `Controller::handle_batch`).
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
-            if let Some(m) = bus.try_next() {
-                batch.push(Arrived::Routed(m));
-            } else if let Ok(item) = inbox.try_recv() {
-                batch.push(Arrived::from(item));
-            } else {
-                break;
+            match inbox.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
             }
         }
         let handle = || {
             controller.handle_batch(batch.iter().map(|m| match m {
-                Arrived::Routed(m) => Incoming::Routed {
-                    topic: m.topic.as_str(),
-                    payload: &m.payload[..],
-                },
-                Arrived::Request(r) => Incoming::Request {
+                InboxItem::Request(r) => Incoming::Request {
                     from: &r.from,
                     payload: &r.payload[..],
                 },
-                Arrived::Device { topic, payload, .. } => Incoming::Routed {
+                InboxItem::Device { topic, payload, .. } => Incoming::Device {
                     topic: topic.as_str(),
                     payload: &payload[..],
                 },
@@ -300,7 +253,11 @@ async fn run_bus<B: Bus>(
         // The batch is committed: the devices' inbox messages may be acknowledged (or, if it
         // failed, their sessions end unacknowledged and they send them again).
         for arrived in batch {
-            if let Arrived::Device { handled, .. } = arrived {
+            if let InboxItem::Device {
+                handled: Some(handled),
+                ..
+            } = arrived
+            {
                 let _ = handled.send(committed);
             }
         }

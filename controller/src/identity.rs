@@ -165,10 +165,15 @@ pub fn station_rights(serial: &Serial, level: StationRights) -> Rights {
     let cmd = topic(StationLeaf::Cmd);
     let chunk = topic(StationLeaf::FirmwareChunk);
     let announce = vec![topic(StationLeaf::AuthRequest), topic(StationLeaf::Status)];
+    // What a station says to the controller goes from its session straight to the controller
+    // (the inbox), never through the router: a station that only talks to the controller
+    // needs no router link at all.
+    let inbox = [announce.clone(), vec![topic(StationLeaf::FirmwareRequest)]].concat();
     match level {
         StationRights::Pending => Rights {
-            publish: announce,
+            publish: announce.clone(),
             subscribe: vec![cmd.clone()],
+            inbox: announce,
             mailbox: vec![cmd],
             ..Rights::default()
         },
@@ -177,6 +182,7 @@ pub fn station_rights(serial: &Serial, level: StationRights) -> Rights {
             Rights {
                 publish: [announce, vec![firmware.clone()]].concat(),
                 subscribe: vec![cmd.clone(), firmware],
+                inbox,
                 mailbox: vec![cmd, chunk],
                 ..Rights::default()
             }
@@ -187,9 +193,9 @@ pub fn station_rights(serial: &Serial, level: StationRights) -> Rights {
                 publish: vec![tree.clone()],
                 publish_deny: vec![cmd.clone()],
                 subscribe: vec![tree],
+                inbox,
                 mailbox: vec![cmd, chunk],
                 retain: true,
-                ..Rights::default()
             }
         }
     }
@@ -200,13 +206,14 @@ pub fn phone_rights(mac: &Mac, level: PhoneRights) -> Rights {
     let topic = |leaf| Topic::phone(mac.clone(), leaf).to_string();
     let response = topic(PhoneLeaf::ProvisionResponse);
     let complete = topic(PhoneLeaf::ProvisionComplete);
+    let to_controller = vec![topic(PhoneLeaf::ProvisionRequest), complete];
     let mut rights = Rights {
-        publish: vec![topic(PhoneLeaf::ProvisionRequest), complete.clone()],
+        publish: to_controller.clone(),
         subscribe: vec![response.clone()],
         mailbox: vec![response],
-        // Acknowledged only once committed: a phone told its provisioning is done is
-        // provisioned, whatever crashes after.
-        inbox: vec![complete],
+        // Straight to the controller, past the router; `provision/complete` is acknowledged
+        // only once committed (`Controller::inbox_device`).
+        inbox: to_controller,
         ..Rights::default()
     };
     if level == PhoneRights::Provisioned {
@@ -354,6 +361,43 @@ mod tests {
         assert!(!r.may_publish(&request("bob")));
         assert!(r.may_subscribe(&Filter::Events("acme".into()).to_string()));
         assert!(!r.may_subscribe(&Filter::Events("default".into()).to_string()));
+    }
+
+    #[test]
+    fn what_devices_say_to_the_controller_goes_to_the_inbox_and_their_data_to_the_router() {
+        let s = Serial::parse("S1").expect("serial");
+        let topic = |leaf| Topic::station(s.clone(), leaf).to_string();
+        let to_controller = [
+            StationLeaf::AuthRequest,
+            StationLeaf::Status,
+            StationLeaf::FirmwareRequest,
+        ];
+        for level in [
+            StationRights::Pending,
+            StationRights::Legacy,
+            StationRights::Authorized,
+        ] {
+            let rights = station_rights(&s, level);
+            // Wherever it may say it at all (a pending station may not ask for firmware).
+            for t in to_controller
+                .map(topic)
+                .iter()
+                .filter(|t| rights.may_publish(t))
+            {
+                assert!(rights.is_inbox(t), "{level:?}: {t}");
+            }
+        }
+        let authorized = station_rights(&s, StationRights::Authorized);
+        let data = Topic::StationData(s.clone(), "x".into()).to_string();
+        assert!(authorized.may_publish(&data) && !authorized.is_inbox(&data));
+
+        let m = Mac::parse("aabbccddeeff").expect("mac");
+        let phone = |leaf| Topic::phone(m.clone(), leaf).to_string();
+        let provisioned = phone_rights(&m, PhoneRights::Provisioned);
+        assert!(provisioned.is_inbox(&phone(PhoneLeaf::ProvisionRequest)));
+        assert!(provisioned.is_inbox(&phone(PhoneLeaf::ProvisionComplete)));
+        let data = Topic::PhoneData(m.clone(), "x".into()).to_string();
+        assert!(provisioned.may_publish(&data) && !provisioned.is_inbox(&data));
     }
 
     #[test]

@@ -287,9 +287,10 @@ pub enum Filter {
     PhoneData(Mac),
     /// `fleet/events/<tenant>/#`: every event of one tenant.
     Events(String),
-    /// `stations/+/<leaf>`: one leaf of every station (the controller's subscriptions).
+    /// `stations/+/<leaf>`: one leaf of every station (for tests and tools: no client may
+    /// subscribe to it).
     EveryStation(StationLeaf),
-    /// `phones/+/<leaf>`: one leaf of every phone (the controller's subscriptions).
+    /// `phones/+/<leaf>`: one leaf of every phone (likewise).
     EveryPhone(PhoneLeaf),
     /// `fleet/events/#`: every event of every tenant. No operator may subscribe to it; the
     /// name exists for tests and tools that check exactly that.
@@ -297,16 +298,6 @@ pub enum Filter {
 }
 
 impl Filter {
-    /// What the controller subscribes to through the router: every device message addressed
-    /// to it (operator requests come through the front door's inbox instead).
-    pub const CONTROLLER: [Filter; 5] = [
-        Filter::EveryStation(StationLeaf::AuthRequest),
-        Filter::EveryStation(StationLeaf::Status),
-        Filter::EveryStation(StationLeaf::FirmwareRequest),
-        Filter::EveryPhone(PhoneLeaf::ProvisionRequest),
-        Filter::EveryPhone(PhoneLeaf::ProvisionComplete),
-    ];
-
     /// The prefix every topic of `fleet/events/<tenant>/` starts with, slash included.
     pub fn events_prefix(tenant: &str) -> String {
         format!("{FLEET}/events/{tenant}/")
@@ -467,16 +458,13 @@ mod tests {
             "fleet/events/acme/#"
         );
         assert_eq!(Filter::AllEvents.to_string(), "fleet/events/#");
-        let controller: Vec<String> = Filter::CONTROLLER.iter().map(|f| f.to_string()).collect();
         assert_eq!(
-            controller,
-            [
-                "stations/+/auth/request",
-                "stations/+/status",
-                "stations/+/firmware/request",
-                "phones/+/provision/request",
-                "phones/+/provision/complete",
-            ]
+            Filter::EveryStation(StationLeaf::AuthRequest).to_string(),
+            "stations/+/auth/request"
+        );
+        assert_eq!(
+            Filter::EveryPhone(PhoneLeaf::ProvisionComplete).to_string(),
+            "phones/+/provision/complete"
         );
     }
 

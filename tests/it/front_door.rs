@@ -8,7 +8,7 @@ use fleet_tests::raw::{
     read_until_contains, subscribe_frame, tls, until_closed, Will,
 };
 use fleet_tests::{authorize, TestFleet};
-use fleet_tests::{serial, station_topic};
+use fleet_tests::{serial, station_data, station_topic};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
@@ -90,9 +90,11 @@ async fn a_silent_client_is_cut_and_its_will_fires_but_a_clean_disconnect_discar
     station.handle.shutdown().await;
     let connector = device_connector(&fleet, &fleet.station_dir("KA-1"));
     let port = fleet.fleet.local_addr().port();
-    let status = station_topic("KA-1", StationLeaf::Status);
+    // A will on a data topic goes through the router (one on the status topic goes to the
+    // controller: `sessions::a_will_on_an_inbox_topic_reaches_the_admission_not_the_router`).
+    let last_words = station_data("KA-1", "last-words");
     let will = |payload| Will {
-        topic: &status,
+        topic: &last_words,
         payload,
         retain: true,
     };
@@ -121,10 +123,7 @@ async fn a_silent_client_is_cut_and_its_will_fires_but_a_clean_disconnect_discar
     let mut reader = tls(&connector, port).await;
     assert_eq!(connect(&mut reader, &serial("KA-1").client_id()).await, 0);
     reader
-        .write_all(&subscribe_frame(&station_topic(
-            "KA-1",
-            StationLeaf::Status,
-        )))
+        .write_all(&subscribe_frame(&last_words))
         .await
         .expect("subscribe");
     let seen = read_until_contains(&mut reader, b"\"by\":\"will\"").await;

@@ -16,6 +16,7 @@ mod resumption;
 mod revocation_order;
 mod rights;
 mod security;
+mod sessions;
 mod smoke;
 mod stations;
 mod tidy;

@@ -342,7 +342,7 @@ async fn a_batch_sees_its_own_writes_and_speaks_only_after_its_commit() {
         },
     };
     controller.handle_batch([
-        Incoming::Routed {
+        Incoming::Device {
             topic: &station_topic("B1", StationLeaf::AuthRequest),
             payload: &auth[..],
         },

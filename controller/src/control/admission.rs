@@ -552,14 +552,16 @@ impl Admission for ControllerAdmission {
         topic: String,
         payload: Vec<u8>,
     ) -> BoxFuture<'_, bool> {
-        // Operators' requests, and devices' messages that are acknowledged once committed
-        // (`identity::phone_rights`).
+        // Operators' requests, and everything a device says to the controller
+        // (`identity::station_rights`, `identity::phone_rights`): the front door checked the
+        // topic against the session's rights, so it is the device's own.
         let client_id = from.to_owned();
         Box::pin(async move {
-            if let ClaimedClient::Phone(_) = ClaimedClient::of(&client_id) {
-                self.0.inbox_device(topic, payload).await
-            } else {
-                self.0.inbox_request(&client_id, session, payload).await
+            match ClaimedClient::of(&client_id) {
+                ClaimedClient::Phone(_) | ClaimedClient::Station(_) => {
+                    self.0.inbox_device(topic, payload).await
+                }
+                ClaimedClient::Other => self.0.inbox_request(&client_id, session, payload).await,
             }
         })
     }
