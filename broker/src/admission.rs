@@ -87,7 +87,8 @@ pub trait Admission: Send + Sync + 'static {
     /// well-formed client id). The session is not live until this returns `Allow`.
     fn admit(&self, info: ConnectInfo) -> BoxFuture<'_, Decision>;
 
-    /// Called once an admitted session is registered, just before its CONNACK: returns the
+    /// Called once an admitted session is registered, just before its CONNACK, on tokio's
+    /// blocking pool (it may wait for a lock held across a disk write): returns the
     /// session's rights as they are now, or `None` to cut it at once. This closes the race
     /// between an admission and a decision (reject, reset, remove) taken while it was under way:
     /// a decision taken after this call finds the session registered and cuts it.
@@ -97,7 +98,8 @@ pub trait Admission: Send + Sync + 'static {
     /// connection cap, certificate refused on re-check), so that the refusal is audited too.
     fn refused(&self, client_id: &str, peer_addr: SocketAddr, reason: &str);
 
-    /// Called when an admitted session ends, for whatever reason.
+    /// Called when an admitted session ends, for whatever reason; on tokio's blocking pool,
+    /// like `session_opened`.
     fn session_closed(&self, client_id: &str, session_id: u64);
 
     /// A PUBLISH of session `session_id` to one of its inbox topics ([`Rights::inbox`]). The

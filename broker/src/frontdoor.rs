@@ -664,7 +664,7 @@ async fn connection(
         reserved,
     };
     let Some(session) =
-        open_session(&shared, &*admission, opening, rights, &reply, &mut writer).await
+        open_session(&shared, &admission, opening, rights, &reply, &mut writer).await
     else {
         return;
     };
@@ -887,7 +887,7 @@ struct OpenSession {
 /// admission it is open. `None`: refused, answered and undone.
 async fn open_session(
     shared: &Shared,
-    admission: &dyn Admission,
+    admission: &Arc<dyn Admission>,
     opening: Opening,
     rights: Rights,
     reply: &Reply,
@@ -919,7 +919,7 @@ async fn open_session(
             info!(%peer, client_id = %client_id_for_log(&client_id), "refused: {reason}");
             admission.refused(&client_id_for_log(&client_id), peer, reason);
             // The admission counted the session as live when it allowed it.
-            admission.session_closed(&client_id, session_id);
+            closed(admission, &client_id, session_id).await;
             reply.refuse(writer, Refusal::QuotaExceeded, reason).await;
             return None;
         }
@@ -928,17 +928,22 @@ async fn open_session(
         // Bounded: a stuck old session cannot hold the new one forever.
         let _ = timeout(Duration::from_secs(2), old_released).await;
     }
-    let undo = |shared: &Shared| {
-        shared.registry.unregister(&client_id, session_id);
-        admission.session_closed(&client_id, session_id);
+    let opened = {
+        let (client_id, admission) = (client_id.clone(), Arc::clone(admission));
+        // Off the async workers, as every synchronous call of the admission (`closed`).
+        tokio::task::spawn_blocking(move || admission.session_opened(&client_id, session_id))
+            .await
+            .ok()
+            .flatten()
     };
-    match admission.session_opened(&client_id, session_id) {
+    match opened {
         Some(now) => registry::set(&shared_rights, now),
         None => {
             reply
                 .refuse(writer, Refusal::NotAuthorized, "not authorized")
                 .await;
-            undo(shared);
+            shared.registry.unregister(&client_id, session_id);
+            closed(admission, &client_id, session_id).await;
             return None;
         }
     }
@@ -1033,7 +1038,16 @@ async fn run_session(
     // A session that took this one over may build its link now.
     drop(released_tx);
     shared.registry.unregister(&client_id, session_id);
-    admission.session_closed(&client_id, session_id);
+    closed(&admission, &client_id, session_id).await;
+}
+
+/// Tells the admission a session ended, on the blocking pool: its synchronous calls may wait
+/// for the controller's lock, which a batch holds across its commit (an fsync), and must not
+/// hold an async worker meanwhile.
+async fn closed(admission: &Arc<dyn Admission>, client_id: &str, session_id: u64) {
+    let (client_id, admission) = (client_id.to_owned(), Arc::clone(admission));
+    let _ =
+        tokio::task::spawn_blocking(move || admission.session_closed(&client_id, session_id)).await;
 }
 
 /// What an MQTT 5 client said in its CONNECT about what it accepts and expects.
@@ -1442,18 +1456,22 @@ impl Pump {
         }
     }
 
-    /// A mailbox message from the controller: written at QoS 0 if a granted filter matches.
+    /// A mailbox message from the controller: written if a granted filter matches (at QoS 1,
+    /// or the subscription's lower QoS), and, once the session is cut, only if it is the
+    /// message the cut waits for.
     async fn deliver(
         &mut self,
         writer: &mut WriteHalf<TlsStream<TcpStream>>,
         topic: String,
         payload: Vec<u8>,
     ) -> Step {
-        let Some(qos) = crate::mailbox::delivery_qos(&topic, self.filters.iter()) else {
+        let last = self.is_final(topic.as_bytes());
+        let qos = crate::mailbox::delivery_qos(&topic, self.filters.iter());
+        // A cut session gets nothing more but the message its cut waits for.
+        let Some(qos) = qos.filter(|_| self.closing.is_none() || last) else {
             self.last_delivered = Some(topic);
             return Step::Continue;
         };
-        let last = self.is_final(topic.as_bytes());
         // The controller speaks at QoS 1 (PROTOCOL §3); a QoS 0 subscription gets QoS 0. A
         // client that leaves too many unacknowledged (64, or its Receive Maximum with what the
         // router has in flight to it) gets the rest at QoS 0.
@@ -1547,13 +1565,16 @@ impl Pump {
         if let Some(first) = bytes.first_mut() {
             *first &= !0x08;
         }
-        let fits = self
+        let within = self
             .limits
             .max_packet_size
             .is_none_or(|max| bytes.len() <= max);
-        if !fits {
+        if !within {
             debug!(client_id = %self.client_id, size = bytes.len(), "a PUBLISH exceeds the client's maximum packet size: discarded");
         }
+        // A cut session gets nothing more but the message its cut waits for: the others are
+        // discarded as if sent.
+        let fits = within && (self.closing.is_none() || last);
         let step = match frame::publish_qos_pkid(&bytes) {
             Some((qos @ 1..=2, pkid)) => {
                 let room = self.router_room();

@@ -19,7 +19,8 @@ use fleet_tests::{authorize, TestFleet, PATIENCE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
-/// Admits everyone: `in/<id>` is its inbox, `mbox/<id>` its mailbox, `data/<id>/…` its data
+/// Admits everyone: `in/<id>` is its inbox, `mbox/<id>` and `final/<id>` its mailboxes,
+/// `data/<id>/…` its data
 /// (through the router); everyone may subscribe to all data. Records what reaches the inbox.
 struct Recorder {
     messages: Mutex<Vec<(String, String, Vec<u8>)>>,
@@ -43,12 +44,13 @@ impl Recorder {
 fn rights_of(client_id: &str) -> Rights {
     let inbox = format!("in/{client_id}");
     let mailbox = format!("mbox/{client_id}");
+    let last_words = format!("final/{client_id}");
     Rights {
         publish: vec![inbox.clone(), format!("data/{client_id}/#")],
         publish_deny: vec![],
-        subscribe: vec![mailbox.clone(), "data/#".into()],
+        subscribe: vec![mailbox.clone(), last_words.clone(), "data/#".into()],
         inbox: vec![inbox],
-        mailbox: vec![mailbox],
+        mailbox: vec![mailbox, last_words],
         retain: true,
     }
 }
@@ -284,4 +286,27 @@ async fn stations_and_phones_onboard_without_router_links() {
         "{outcome:?}"
     );
     assert_eq!(fleet.fleet.router_links(), operators);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_session_gets_nothing_more_but_the_message_its_cut_waits_for() {
+    let door = door(Recorder::new(0)).await;
+    let sessions = door.broker.sessions();
+    let mut stream = tls(&door.connector, door.port).await;
+    assert_eq!(connect(&mut stream, "cut").await, 0);
+    for filter in ["mbox/cut", "final/cut"] {
+        stream
+            .write_all(&subscribe_frame(filter))
+            .await
+            .expect("subscribe");
+        read_until_contains(&mut stream, &[0x90, 0x03, 0x00, 0x01, 0x01]).await;
+    }
+    assert!(sessions.cut("cut", Some("final/cut".into())));
+    // Queued after the cut, before its final message (a firmware chunk read late, say).
+    assert!(sessions.deliver("cut", "mbox/cut".into(), b"too late".to_vec()));
+    assert!(sessions.deliver("cut", "final/cut".into(), b"rejected".to_vec()));
+    let rest = until_closed(&mut stream).await;
+    let seen = |needle: &[u8]| rest.windows(needle.len()).any(|w| w == needle);
+    assert!(seen(b"rejected"), "{:?}", String::from_utf8_lossy(&rest));
+    assert!(!seen(b"too late"), "{:?}", String::from_utf8_lossy(&rest));
 }

@@ -511,11 +511,23 @@ pub struct ControllerAdmission(pub Arc<Controller>);
 impl Admission for ControllerAdmission {
     fn admit(&self, info: ConnectInfo) -> BoxFuture<'_, Decision> {
         Box::pin(async move {
-            let Admitted {
+            // On the blocking pool: the decision takes the controller's lock, which a batch
+            // holds across its commit, and a phone's PAP attempt commits before it answers (the
+            // next attempt must see its count). Neither may hold an async worker meanwhile.
+            let controller = Arc::clone(&self.0);
+            let asked = info.clone();
+            let admitted = tokio::task::spawn_blocking(move || controller.admit_now(&asked)).await;
+            let Ok(Admitted {
                 decision,
                 slow,
                 pending,
-            } = self.0.admit_now(&info);
+            }) = admitted
+            else {
+                return Decision::Deny {
+                    refusal: Refusal::ServerUnavailable,
+                    reason: "the admission failed".into(),
+                };
+            };
             // Audited before answered; concurrent admissions share one commit.
             let stored = match pending {
                 Some(pending) => self.0.settle(pending).await,

@@ -56,6 +56,12 @@ pub(super) enum Output {
     },
     /// End an address's block for failed authentications.
     LiftBlock(IpAddr),
+    /// A chunk of a firmware image for a station's mailbox, read from its file after the
+    /// batch, on a blocking thread, off the controller's lock.
+    FirmwareChunk {
+        serial: Serial,
+        read: super::stations::ChunkRead,
+    },
     /// A mailbox message to one session only.
     DeliverTo {
         client_id: String,
@@ -183,6 +189,24 @@ impl Controller {
         }
     }
 
+    /// Reads a firmware chunk on a blocking thread and delivers it to the station's session.
+    /// A station asks for one chunk at a time and each chunk says its offset, so chunks need no
+    /// order with the station's other messages; one that comes after a cut is not written.
+    fn send_chunk(&self, serial: Serial, read: super::stations::ChunkRead) {
+        let sessions = std::sync::Arc::clone(&self.sessions);
+        let send = move || {
+            let topic = Topic::StationFirmwareChunk(serial);
+            let payload = read.answer().to_json().to_string().into_bytes();
+            if let Some(client_id) = topic.mailbox_owner() {
+                sessions.deliver(&client_id, topic.to_string(), payload);
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(send)),
+            Err(_) => send(),
+        }
+    }
+
     fn perform(&self, output: Output, written: &Written) {
         match output {
             Output::Publish(p) => {
@@ -196,6 +220,7 @@ impl Controller {
                     .deliver(&client_id, publication.topic, publication.payload);
             }
             Output::Respond { to, responses, .. } => self.respond(&to, responses),
+            Output::FirmwareChunk { serial, read } => self.send_chunk(serial, read),
             Output::Cut { client_id, after } => {
                 self.sessions.cut(&client_id, after);
             }

@@ -199,24 +199,27 @@ impl Controller {
             Ok(request) => request,
             Err(e) => return cx.out.publish(&topic, &e.reply()),
         };
-        let answer = match self.firmware_chunk(cx, &serial, &request) {
-            Ok(chunk) => chunk,
-            Err((code, error)) => FirmwareChunk::Error {
-                version: request.version,
-                error,
-                code: code.to_owned(),
-            },
-        };
-        cx.out.publish(&topic, &answer.to_json());
+        match self.firmware_chunk(cx, &serial, &request) {
+            // Read from the file after the batch, off the controller's lock.
+            Ok(read) => cx.out.push(Output::FirmwareChunk { serial, read }),
+            Err((code, error)) => {
+                let answer = FirmwareChunk::Error {
+                    version: request.version,
+                    error,
+                    code: code.to_owned(),
+                };
+                cx.out.publish(&topic, &answer.to_json());
+            }
+        }
     }
 
-    /// The chunk a firmware request asks for, or its error code and text.
+    /// Which part of which image a firmware request asks for, or its error code and text.
     fn firmware_chunk(
         &self,
         cx: &Batch<'_>,
         serial: &Serial,
         request: &FirmwareRequest,
-    ) -> Result<FirmwareChunk, (&'static str, String)> {
+    ) -> Result<ChunkRead, (&'static str, String)> {
         let invalid = |error: String| ("invalid_argument", error);
         let (offset, length) = (
             request.offset,
@@ -244,20 +247,12 @@ impl Controller {
                 "offset {offset} beyond the image size {size}"
             )));
         }
-        let mut data = vec![0u8; (length.min(image.size - offset)) as usize];
-        let read = std::fs::File::open(&image.path).and_then(|mut f| {
-            f.seek(SeekFrom::Start(offset))?;
-            f.read_exact(&mut data)
-        });
-        if let Err(e) = read {
-            warn!("firmware image {}: {e}", image.path.display());
-            return Err(("internal", "the firmware image cannot be read".into()));
-        }
-        Ok(FirmwareChunk::Data {
+        Ok(ChunkRead {
             version: request.version.clone(),
+            path: image.path,
             offset,
+            length: length.min(image.size - offset),
             total: image.size,
-            data,
         })
     }
 
@@ -402,6 +397,46 @@ impl Controller {
                     };
                     let body = json!({"event": kind, "serial": serial.as_str(), "detail": detail});
                     out.event(tenant, kind_of, body, self.now());
+                }
+            }
+        }
+    }
+}
+
+/// A chunk of a firmware image to read and send to a station: decided in the batch (the
+/// station is updating to this version, the range is inside the image), read after it, off the
+/// controller's lock ([`ChunkRead::answer`]).
+#[derive(Debug)]
+pub(super) struct ChunkRead {
+    version: String,
+    path: std::path::PathBuf,
+    offset: u64,
+    length: u64,
+    total: u64,
+}
+
+impl ChunkRead {
+    /// Reads the chunk from the image file: the station's `firmware/chunk` message, data or
+    /// error. Blocking I/O: for a blocking thread.
+    pub(super) fn answer(self) -> FirmwareChunk {
+        let mut data = vec![0u8; usize::try_from(self.length).unwrap_or(0)];
+        let read = std::fs::File::open(&self.path).and_then(|mut f| {
+            f.seek(SeekFrom::Start(self.offset))?;
+            f.read_exact(&mut data)
+        });
+        match read {
+            Ok(()) => FirmwareChunk::Data {
+                version: self.version,
+                offset: self.offset,
+                total: self.total,
+                data,
+            },
+            Err(e) => {
+                warn!("firmware image {}: {e}", self.path.display());
+                FirmwareChunk::Error {
+                    version: self.version,
+                    error: "the firmware image cannot be read".into(),
+                    code: "internal".into(),
                 }
             }
         }
