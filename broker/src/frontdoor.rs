@@ -3,23 +3,18 @@
 //! socket and the client's own in-process link into rumqttd's router, enforcing the client's
 //! rights on every PUBLISH and SUBSCRIBE.
 
-use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::Error as CodecError;
 use rumqttd::protocol::{
-    v4::V4, v5::V5, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect,
-    DisconnectProperties, DisconnectReasonCode, LastWill, LastWillProperties, Packet, PingResp,
-    PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, PubRel, PubRelProperties,
-    Publish, PublishProperties, QoS, SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode,
-    UnsubAck, UnsubAckReason, Unsubscribe, UnsubscribeProperties,
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
+    LastWillProperties, Packet, Publish, PublishProperties,
 };
-use rumqttd::protocol::{Error as CodecError, Protocol};
 use rumqttd::{Notification, Router, RouterConfig};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -38,12 +33,8 @@ use crate::bus::LocalBus;
 use crate::flood::{ConnectionRate, PendingHandshakes};
 use crate::frame;
 use crate::registry::{self, Control, NewSession, Registry, SessionCaps, SharedRights};
+use crate::session::{encode, fit, Action, ClientLimits, Codec, End, Session, SessionConfig};
 use crate::tls::{self, ClientPolicy, TlsSetupError};
-
-/// First packet id of the front door's own QoS 1 mailbox messages (see `Pump::mailbox_pkid`).
-const MAILBOX_PKIDS_FROM: u16 = 0x8000;
-/// Mailbox messages a client may leave unacknowledged before the next ones go at QoS 0.
-const MAX_MAILBOX_UNACKED: usize = 64;
 
 /// Client ids with this prefix are reserved for fleetd's own in-process links.
 pub const RESERVED_CLIENT_ID_PREFIX: &str = "fleetd-";
@@ -426,32 +417,6 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<
     info!("front door stopped accepting");
 }
 
-/// The codec of the client's protocol version.
-#[derive(Clone, Copy)]
-struct Codec(MqttVersion);
-
-impl Codec {
-    fn read(&self, buf: &mut BytesMut, max: usize) -> Result<Packet, CodecError> {
-        // rumqttd's decoder is not ours: a panic on hostile bytes must end this connection, not
-        // the task. Fuzzing found one (a v5 CONNACK or UNSUBACK from a client hits
-        // `unreachable!`); `drain_frames` refuses server-only packet types before decoding, and
-        // this stays as insurance for what fuzzing has not found.
-        let version = self.0;
-        std::panic::catch_unwind(AssertUnwindSafe(|| match version {
-            MqttVersion::V311 => V4.read_mut(buf, max),
-            MqttVersion::V5 => V5.read_mut(buf, max),
-        }))
-        .unwrap_or(Err(CodecError::IncorrectPacketFormat))
-    }
-
-    fn write(&self, packet: Packet, out: &mut BytesMut) -> Result<usize, CodecError> {
-        match self.0 {
-            MqttVersion::V311 => V4.write(frame::strip_properties(packet), out),
-            MqttVersion::V5 => V5.write(packet, out),
-        }
-    }
-}
-
 struct Will {
     topic: bytes::Bytes,
     payload: bytes::Bytes,
@@ -535,26 +500,6 @@ async fn write_packet_within(
             debug!("a packet larger than the client's maximum packet size was not sent");
             Ok(())
         }
-    }
-}
-
-fn encode(codec: Codec, packet: Packet) -> Result<BytesMut, String> {
-    let mut out = BytesMut::with_capacity(64);
-    codec
-        .write(packet, &mut out)
-        .map_err(|e| format!("encode: {e}"))?;
-    Ok(out)
-}
-
-/// An encoded packet within the client's Maximum Packet Size [MQTT-3.1.2-24]: as it is, or
-/// without its properties when those are only diagnostics (reason string, user properties:
-/// [MQTT-3.2.2-19], [MQTT-3.14.2-3], …), or `None` when it cannot fit.
-fn fit(encoded: BytesMut, max_packet_size: Option<usize>) -> Option<BytesMut> {
-    match max_packet_size {
-        Some(max) if encoded.len() > max => frame::without_properties(&encoded)
-            .filter(|smaller| smaller.len() <= max)
-            .map(|smaller| BytesMut::from(&smaller[..])),
-        _ => Some(encoded),
     }
 }
 
@@ -984,35 +929,30 @@ async fn run_session(
         codec,
         limits,
     } = session;
+    let config = SessionConfig {
+        client_id: client_id.clone(),
+        version: codec.0,
+        rights,
+        limits,
+        max_packet_size: shared.settings.max_packet_size,
+        keepalive,
+        cut_grace: shared.settings.cut_grace,
+    };
     let mut pump = Pump {
         shared: shared.clone(),
-        codec,
-        version: codec.0,
+        admission: admission.clone(),
         client_id: client_id.clone(),
         session_id,
-        rights,
-        admission: admission.clone(),
         undelivered,
-        inbox_qos2: HashSet::new(),
-        router_qos2: HashSet::new(),
         link_tx: None,
         link_rx: None,
-        pending_subs: HashMap::new(),
-        denied_qos2: HashSet::new(),
-        closing: None,
-        filters: Vec::new(),
-        last_delivered: None,
-        mailbox_pkid: MAILBOX_PKIDS_FROM,
-        mailbox_unacked: HashSet::new(),
-        aliases: frame::TopicAliases::default(),
-        limits,
-        flight: flight::RouterFlight::default(),
+        session: Session::new(config, now()),
     };
     let end = if connacked {
         // Boxed: rustc lays the pump's future out beside this function's other states instead
         // of over them; boxed, an idle session's task is about 3.5 KiB smaller (12.4 KiB with
         // the pump inline, 4.8 KiB plus the pump's 4.2 KiB boxed).
-        Box::pin(pump.run(&mut reader, &mut writer, buf, control_rx, keepalive)).await
+        Box::pin(pump.run(&mut reader, &mut writer, buf, control_rx)).await
     } else {
         End::Unclean
     };
@@ -1048,43 +988,6 @@ async fn closed(admission: &Arc<dyn Admission>, client_id: &str, session_id: u64
     let (client_id, admission) = (client_id.to_owned(), Arc::clone(admission));
     let _ =
         tokio::task::spawn_blocking(move || admission.session_closed(&client_id, session_id)).await;
-}
-
-/// What an MQTT 5 client said in its CONNECT about what it accepts and expects.
-#[derive(Debug, Clone, Copy)]
-struct ClientLimits {
-    /// Maximum Packet Size: no packet larger than this is sent to the client [MQTT-3.1.2-24].
-    max_packet_size: Option<usize>,
-    /// Session Expiry Interval of the CONNECT (0 when absent).
-    session_expiry: u32,
-    /// Receive Maximum: QoS 1 and 2 PUBLISHes the client takes unacknowledged at once
-    /// [MQTT-3.3.4-9] (65,535 when absent; no limit under 3.1.1).
-    receive_maximum: usize,
-}
-
-impl ClientLimits {
-    fn of(version: MqttVersion, props: Option<&rumqttd::protocol::ConnectProperties>) -> Self {
-        match (version, props) {
-            (MqttVersion::V5, props) => ClientLimits {
-                max_packet_size: props
-                    .and_then(|p| p.max_packet_size)
-                    .map(|max| usize::try_from(max).unwrap_or(usize::MAX)),
-                session_expiry: props.and_then(|p| p.session_expiry_interval).unwrap_or(0),
-                // `check_connect` refused a Receive Maximum of 0.
-                receive_maximum: usize::from(
-                    props
-                        .and_then(|p| p.receive_maximum)
-                        .unwrap_or(u16::MAX)
-                        .max(1),
-                ),
-            },
-            (MqttVersion::V311, _) => ClientLimits {
-                max_packet_size: None,
-                session_expiry: 0,
-                receive_maximum: usize::MAX,
-            },
-        }
-    }
 }
 
 /// The CONNACK of an admitted client and the silence after which its session ends.
@@ -1272,560 +1175,126 @@ pub(crate) fn poll_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
-    /// The client sent DISCONNECT: no will.
-    Clean,
-    /// MQTT 5 DISCONNECT 0x04: disconnect with will.
-    CleanWithWill,
-    /// Network error, timeout, protocol error.
-    Unclean,
-    /// The controller revoked the session.
-    Cut,
-    /// A new connection took over the client id: its will would race the new session's state.
-    TakenOver,
-    /// The router dropped the link.
-    LinkGone,
-    Shutdown,
-}
-
-impl End {
-    fn fires_will(self) -> bool {
-        matches!(
-            self,
-            End::CleanWithWill | End::Unclean | End::Cut | End::LinkGone | End::Shutdown
-        )
-    }
-}
-
+/// The I/O shell of one session: moves bytes between the socket, the router link, the
+/// registry's control channel and the admission's inbox, and drives the [`Session`], which
+/// holds every MQTT rule.
 struct Pump {
     shared: Arc<Shared>,
-    codec: Codec,
-    version: MqttVersion,
-    client_id: String,
-    session_id: u64,
-    rights: SharedRights,
     /// Takes the session's inbox messages ([`Rights::inbox`]).
     admission: Arc<dyn Admission>,
+    client_id: String,
+    session_id: u64,
     /// Messages queued to this session by the registry and not taken yet.
     undelivered: registry::Undelivered,
-    /// QoS 2 inbox messages already handed over: their PUBREL is answered here.
-    inbox_qos2: HashSet<u16>,
-    /// QoS 2 PUBLISHes forwarded to the router and not released yet: their PUBREL goes to the
-    /// router, which drops a client for a PUBREL it does not know.
-    router_qos2: HashSet<u16>,
     /// The session's link into the router, built on its first need ([`Pump::router_link`]):
     /// a device that only speaks to the controller never gets one.
     link_tx: Option<LinkTx>,
     /// The link's receiving side, polled by [`Pump::run`] while there is a link.
     link_rx: Option<LinkRx>,
-    /// SUBSCRIBEs forwarded in part: per packet id, the codes of the denied filters by position
-    /// (`None`: to be filled from the router's SUBACK).
-    pending_subs: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
-    /// QoS 2 publishes refused under 3.1.1 (acknowledged, not forwarded): their PUBREL is
-    /// answered here.
-    denied_qos2: HashSet<u16>,
-    /// Set by a cut: close after a message on this topic was written, or at the deadline.
-    closing: Option<(Instant, Option<String>)>,
-    /// Every filter granted to this session with its QoS: mailbox deliveries
-    /// ([`crate::mailbox`]) go to it when one of them matches.
-    filters: Vec<(String, u8)>,
-    /// Next packet id for a QoS 1 mailbox message. They come from 0x8000–0xFFFF; rumqttd's
-    /// router numbers its own deliveries 1–100, so a PUBACK says whose message it acknowledges.
-    mailbox_pkid: u16,
-    /// Packet ids of mailbox messages not acknowledged yet; their PUBACKs stay here.
-    mailbox_unacked: HashSet<u16>,
-    /// Topic of the last mailbox delivery handled: a cut waiting for it needs not wait.
-    last_delivered: Option<String>,
-    /// The client's topic aliases (MQTT 5).
-    aliases: frame::TopicAliases,
-    /// What the client's CONNECT said it accepts.
-    limits: ClientLimits,
-    /// The router's QoS 1 and 2 messages in flight to the client: with `mailbox_unacked`, what
-    /// the client's Receive Maximum counts.
-    flight: flight::RouterFlight,
-}
-
-enum Step {
-    Continue,
-    End(End),
+    session: Session,
 }
 
 impl Pump {
-    /// How this session's packets are written: its codec, the write timeout and the client's
-    /// Maximum Packet Size.
-    fn reply(&self) -> Reply {
-        Reply {
-            codec: self.codec,
-            write_timeout: self.shared.settings.write_timeout,
-            limits: self.limits,
-        }
-    }
-
     async fn run(
         &mut self,
         reader: &mut ReadHalf<TlsStream<TcpStream>>,
         writer: &mut WriteHalf<TlsStream<TcpStream>>,
         mut buf: BytesMut,
         mut control: mpsc::UnboundedReceiver<Control>,
-        keepalive: Duration,
     ) -> End {
         let mut shutdown = self.shared.shutdown.clone();
-        let mut idle_deadline = Instant::now() + keepalive;
         // Frames that arrived together with the CONNECT.
-        if let Step::End(end) = self.drain_frames(&mut buf, writer).await {
-            return end;
-        }
+        self.session.handle_client(&mut buf, now());
         loop {
+            if let Some(end) = self.carry_out(&mut buf, writer).await {
+                return end;
+            }
             fit_read_buffer(&mut buf);
-            let closing_at = self.closing.as_ref().map(|(at, _)| *at);
+            let deadline = Instant::from_std(self.session.poll_timeout());
             tokio::select! {
                 read = reader.read_buf(&mut buf) => {
                     match read {
                         Ok(0) | Err(_) => return End::Unclean,
-                        Ok(_) => {}
-                    }
-                    idle_deadline = Instant::now() + keepalive;
-                    if let Step::End(end) = self.drain_frames(&mut buf, writer).await {
-                        return end;
+                        Ok(_) => self.session.handle_client(&mut buf, now()),
                     }
                 }
-                next = from_router(&mut self.link_rx) => {
-                    let notification = match next {
-                        Ok(Some(n)) => n,
-                        Ok(None) => continue,
-                        Err(_) => return End::LinkGone,
-                    };
-                    if let Step::End(end) = self.outgoing(notification, writer).await {
-                        return end;
+                next = from_router(&mut self.link_rx) => match next {
+                    Ok(Some(Notification::Unschedule)) => {
+                        let woken = match &self.link_rx {
+                            Some(link_rx) => link_rx.wake().await.is_ok(),
+                            None => false,
+                        };
+                        if !woken {
+                            return End::LinkGone;
+                        }
                     }
-                }
+                    Ok(Some(notification)) => self.session.handle_router(notification),
+                    Ok(None) => {}
+                    Err(_) => return End::LinkGone,
+                },
                 c = control.recv() => {
-                    match c {
-                        Some(Control::TakenOver) => {
-                            self.disconnect(writer, DisconnectReasonCode::SessionTakenOver, "session taken over").await;
-                            return End::TakenOver;
-                        }
-                        Some(Control::Cut { last_topic: None }) | None => {
-                            return self.cut_now(writer).await;
-                        }
-                        Some(Control::Cut { last_topic: Some(topic) }) => {
-                            // The final message came through the mailbox, just before the cut:
-                            // it is written already.
-                            if self.last_delivered.take().as_deref() == Some(topic.as_str()) {
-                                return self.cut_now(writer).await;
-                            }
-                            self.closing = Some((Instant::now() + self.shared.settings.cut_grace, Some(topic)));
-                        }
-                        Some(Control::Deliver { topic, payload }) => {
-                            self.undelivered.taken(payload.len());
-                            if let Step::End(end) = self.deliver(writer, topic, payload).await {
-                                return end;
-                            }
-                        }
-                        Some(Control::Overflow) => {
-                            debug!(client_id = %self.client_id, "too many undelivered messages");
-                            self.disconnect(writer, DisconnectReasonCode::QuotaExceeded, "too many undelivered messages: the client is not reading").await;
-                            return End::Cut;
-                        }
+                    // The registry dropped the session: as a cut.
+                    let c = c.unwrap_or(Control::Cut { last_topic: None });
+                    if let Control::Deliver { payload, .. } = &c {
+                        self.undelivered.taken(payload.len());
                     }
+                    self.session.handle_control(c, now());
                 }
-                _ = sleep_until(idle_deadline) => {
-                    debug!(client_id = %self.client_id, "keepalive expired");
-                    return End::Unclean;
-                }
-                _ = sleep_until(closing_at.unwrap_or(idle_deadline)), if closing_at.is_some() => {
-                    return self.cut_now(writer).await;
-                }
-                _ = shutdown.changed() => {
-                    self.disconnect(writer, DisconnectReasonCode::ServerShuttingDown, "server shutting down").await;
-                    return End::Shutdown;
-                }
+                _ = sleep_until(deadline) => self.session.handle_timeout(now()),
+                _ = shutdown.changed() => self.session.shutdown(),
             }
         }
     }
 
-    async fn disconnect(
-        &self,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-        reason: DisconnectReasonCode,
-        text: &str,
-    ) {
-        if let Some(packet) = frame::server_disconnect(self.version, reason, text) {
-            let _ = self.reply().write(writer, packet).await;
-        }
-    }
-
-    /// A mailbox message from the controller: written if a granted filter matches (at QoS 1,
-    /// or the subscription's lower QoS), and, once the session is cut, only if it is the
-    /// message the cut waits for.
-    async fn deliver(
-        &mut self,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-        topic: String,
-        payload: Vec<u8>,
-    ) -> Step {
-        let last = self.is_final(topic.as_bytes());
-        let qos = crate::mailbox::delivery_qos(&topic, self.filters.iter());
-        // A cut session gets nothing more but the message its cut waits for.
-        let Some(qos) = qos.filter(|_| self.closing.is_none() || last) else {
-            self.last_delivered = Some(topic);
-            return Step::Continue;
-        };
-        // The controller speaks at QoS 1 (PROTOCOL §3); a QoS 0 subscription gets QoS 0. A
-        // client that leaves too many unacknowledged (64, or its Receive Maximum with what the
-        // router has in flight to it) gets the rest at QoS 0.
-        let step = if qos >= 1
-            && self.mailbox_unacked.len() < MAX_MAILBOX_UNACKED
-            && self.flight.in_flight() + self.mailbox_unacked.len() < self.limits.receive_maximum
-        {
-            let pkid = unused_mailbox_pkid(self.mailbox_pkid, &self.mailbox_unacked);
-            let bytes = frame::publish_qos1(self.version, &topic, &payload, pkid);
-            if self
-                .limits
-                .max_packet_size
-                .is_some_and(|max| bytes.len() > max)
-            {
-                // Too large for the client: not sent, and taken as delivered [MQTT-3.1.2-25]
-                // (its packet id was never used).
-                debug!(client_id = %self.client_id, "a mailbox message exceeds the client's maximum packet size");
-                Step::Continue
-            } else {
-                self.mailbox_pkid = next_mailbox_pkid(pkid);
-                self.mailbox_unacked.insert(pkid);
-                self.write_bytes(writer, &bytes).await
-            }
-        } else {
-            let publish = Publish::new(topic.clone().into_bytes(), payload, false);
-            self.write(writer, Packet::Publish(publish, None)).await
-        };
-        if last {
-            return Step::End(self.cut_now(writer).await);
-        }
-        self.last_delivered = Some(topic);
-        step
-    }
-
-    /// Whether a message on `topic` is the one a pending cut waits for.
-    fn is_final(&self, topic: &[u8]) -> bool {
-        self.closing
-            .as_ref()
-            .and_then(|(_, t)| t.as_deref())
-            .is_some_and(|t| t.as_bytes() == topic)
-    }
-
-    /// Ends a cut session: DISCONNECT "not authorized" (under 5), then close.
-    async fn cut_now(&self, writer: &mut WriteHalf<TlsStream<TcpStream>>) -> End {
-        self.disconnect(
-            writer,
-            DisconnectReasonCode::NotAuthorized,
-            "not authorized",
-        )
-        .await;
-        End::Cut
-    }
-
-    /// Writes an encoded packet, within the write timeout.
-    async fn write_bytes(
-        &self,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-        bytes: &[u8],
-    ) -> Step {
-        let written = write_raw(writer, bytes, self.shared.settings.write_timeout).await;
-        self.step_after_write(written)
-    }
-
-    /// Writes a packet within the client's Maximum Packet Size ([`write_packet_within`]).
-    async fn write(&self, writer: &mut WriteHalf<TlsStream<TcpStream>>, packet: Packet) -> Step {
-        let written = self.reply().write(writer, packet).await;
-        self.step_after_write(written)
-    }
-
-    /// Writes a PUBLISH from the router (`last`: the one a pending cut waits for).
-    ///
-    /// One larger than the client's Maximum Packet Size is not sent, and the router is told it
-    /// was delivered, as the standard has it: "Where a Packet is too large to send, the Server
-    /// MUST discard it without sending it and then behave as if it had completed sending that
-    /// Application Message" [MQTT-3.1.2-25]. One at QoS 1 or 2 waits while the client has as
-    /// many unacknowledged as its Receive Maximum allows [MQTT-3.3.4-9]; nothing else waits for
-    /// it [MQTT-3.3.4-10]. [`flight::RouterFlight`] keeps the order the router needs.
-    async fn write_forward(
-        &mut self,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-        publish: Publish,
-        properties: Option<PublishProperties>,
-        last: bool,
-    ) -> Step {
-        let mut bytes = match encode(self.codec, Packet::Publish(publish, properties)) {
-            Ok(bytes) => bytes,
-            Err(e) => return self.step_after_write(Err(e)),
-        };
-        // The front door never sends a PUBLISH twice: DUP is 0 whatever the publisher's was
-        // [MQTT-3.3.1-3] (rumqttd's router keeps it).
-        if let Some(first) = bytes.first_mut() {
-            *first &= !0x08;
-        }
-        let within = self
-            .limits
-            .max_packet_size
-            .is_none_or(|max| bytes.len() <= max);
-        if !within {
-            debug!(client_id = %self.client_id, size = bytes.len(), "a PUBLISH exceeds the client's maximum packet size: discarded");
-        }
-        // A cut session gets nothing more but the message its cut waits for: the others are
-        // discarded as if sent.
-        let fits = within && (self.closing.is_none() || last);
-        let step = match frame::publish_qos_pkid(&bytes) {
-            Some((qos @ 1..=2, pkid)) => {
-                let room = self.router_room();
-                let effects = self.flight.forwarded(pkid, qos, bytes, fits, last, room);
-                self.carry_out(effects, writer).await
-            }
-            _ if fits => {
-                return match self.write_bytes(writer, &bytes).await {
-                    Step::Continue if last => Step::End(self.cut_now(writer).await),
-                    step => step,
-                };
-            }
-            _ => Step::Continue,
-        };
-        match step {
-            // A discarded message counts as delivered: a cut waiting for it need not wait.
-            Step::Continue if last && !fits => Step::End(self.cut_now(writer).await),
-            step => step,
-        }
-    }
-
-    /// What the client's Receive Maximum leaves to the router's messages.
-    fn router_room(&self) -> usize {
-        self.limits
-            .receive_maximum
-            .saturating_sub(self.mailbox_unacked.len())
-    }
-
-    /// Carries out what [`flight::RouterFlight`] asks: acknowledgements to the router, and
-    /// writes to the client.
+    /// Carries out the session's actions, in order; `Some` once it has ended.
     async fn carry_out(
-        &mut self,
-        effects: Vec<flight::Effect>,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-    ) -> Step {
-        for effect in effects {
-            let step = match effect {
-                flight::Effect::Router(ack) => {
-                    let packet = match ack {
-                        flight::ToRouter::Acked(pkid) => Packet::PubAck(
-                            PubAck {
-                                pkid,
-                                reason: PubAckReason::Success,
-                            },
-                            None,
-                        ),
-                        flight::ToRouter::Received(pkid) => Packet::PubRec(
-                            PubRec {
-                                pkid,
-                                reason: PubRecReason::Success,
-                            },
-                            None,
-                        ),
-                        flight::ToRouter::Completed(pkid) => Packet::PubComp(
-                            PubComp {
-                                pkid,
-                                reason: PubCompReason::Success,
-                            },
-                            None,
-                        ),
-                    };
-                    self.forward(packet).await
-                }
-                flight::Effect::Write { bytes, last } => {
-                    match self.write_bytes(writer, &bytes).await {
-                        Step::Continue if last => Step::End(self.cut_now(writer).await),
-                        step => step,
-                    }
-                }
-            };
-            if let Step::End(end) = step {
-                return Step::End(end);
-            }
-        }
-        Step::Continue
-    }
-
-    /// A client's PUBACK, PUBREC or PUBCOMP of a message from the router: it goes to the
-    /// router, then what it frees (the turn of a discarded message, room in the Receive
-    /// Maximum) is used.
-    async fn acknowledged(
-        &mut self,
-        packet: Packet,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-    ) -> Step {
-        let ack = match &packet {
-            Packet::PubAck(ack, _) => Some(flight::ClientAck::Acked(ack.pkid)),
-            Packet::PubComp(comp, _) => Some(flight::ClientAck::Completed(comp.pkid)),
-            Packet::PubRec(rec, _) => Some(flight::ClientAck::Received {
-                pkid: rec.pkid,
-                // MQTT 5 §4.9: a PUBREC of 0x80 or more ends the message's flight.
-                failed: !matches!(
-                    rec.reason,
-                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
-                ),
-            }),
-            _ => None,
-        };
-        if let Step::End(end) = self.forward(packet).await {
-            return Step::End(end);
-        }
-        match ack {
-            Some(ack) => {
-                let room = self.router_room();
-                let effects = self.flight.acknowledged(ack, room);
-                self.carry_out(effects, writer).await
-            }
-            None => Step::Continue,
-        }
-    }
-
-    /// A failed or timed-out write ends the session.
-    fn step_after_write(&self, written: Result<(), String>) -> Step {
-        match written {
-            Ok(()) => Step::Continue,
-            Err(e) => {
-                debug!(client_id = %self.client_id, "{e}");
-                Step::End(End::Unclean)
-            }
-        }
-    }
-
-    /// Decodes and handles every complete frame in `buf`.
-    async fn drain_frames(
         &mut self,
         buf: &mut BytesMut,
         writer: &mut WriteHalf<TlsStream<TcpStream>>,
-    ) -> Step {
-        loop {
-            if buf.first().is_some_and(|b| frame::server_only(*b)) {
-                debug!(client_id = %self.client_id, "a packet only a server sends");
-                self.disconnect(
-                    writer,
-                    DisconnectReasonCode::ProtocolError,
-                    "protocol error",
-                )
-                .await;
-                return Step::End(End::Unclean);
-            }
-            // What rumqttd's decoder does not look at, on the raw frame once all of it is here.
-            if let Some(frame) = frame::complete_frame_len(buf).and_then(|len| buf.get(..len)) {
-                if let Err(violation) = frame::check_frame(frame, self.version) {
-                    debug!(client_id = %self.client_id, "{violation}");
-                    self.disconnect(writer, violation.disconnect_code(), &violation.to_string())
+    ) -> Option<End> {
+        while let Some(action) = self.session.poll_action() {
+            match action {
+                Action::Write(bytes) => {
+                    let written =
+                        write_raw(writer, &bytes, self.shared.settings.write_timeout).await;
+                    if let Err(e) = written {
+                        debug!(client_id = %self.client_id, "{e}");
+                        return Some(End::Unclean);
+                    }
+                }
+                Action::Inbox { topic, payload } => {
+                    let handled = self
+                        .admission
+                        .message(&self.client_id, self.session_id, topic, payload)
                         .await;
-                    return Step::End(End::Unclean);
+                    self.session.inbox_done(handled);
+                    self.session.resume(buf);
                 }
-            }
-            let peeked = frame::publish_qos_pkid(buf);
-            let packet = match self.codec.read(buf, self.shared.settings.max_packet_size) {
-                Ok(p) => p,
-                Err(CodecError::InsufficientBytes(_)) => return Step::Continue,
-                Err(CodecError::PayloadSizeLimitExceeded(_)) => {
-                    self.disconnect(
-                        writer,
-                        DisconnectReasonCode::PacketTooLarge,
-                        "packet too large",
-                    )
-                    .await;
-                    return Step::End(End::Unclean);
+                Action::Router(packet) => {
+                    if matches!(*packet, Packet::Publish(..) | Packet::Subscribe(..))
+                        && !self.router_link().await
+                    {
+                        self.session.router_unavailable();
+                        continue;
+                    }
+                    if let Some(link_tx) = self.link_tx.as_mut() {
+                        if link_tx.send(*packet).await.is_err() {
+                            return Some(End::LinkGone);
+                        }
+                    }
                 }
-                Err(e) => {
-                    debug!(client_id = %self.client_id, "malformed packet: {e}");
-                    self.disconnect(
-                        writer,
-                        DisconnectReasonCode::MalformedPacket,
-                        "malformed packet",
-                    )
-                    .await;
-                    return Step::End(End::Unclean);
-                }
-            };
-            if let Step::End(end) = self.incoming(packet, peeked, writer).await {
-                return Step::End(end);
+                Action::End(end) => return Some(end),
             }
         }
-    }
-
-    /// Hands an inbox PUBLISH to the admission, then acknowledges it: at QoS 1 the PUBACK
-    /// means the controller has it.
-    async fn hand_to_inbox(
-        &mut self,
-        publish: Publish,
-        peeked: Option<(u8, u16)>,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-    ) -> Step {
-        let (qos, pkid) = peeked.unwrap_or((0, 0));
-        // A QoS 2 message is handed over once (MQTT 4.3.3): a resent one before its PUBREL is
-        // only acknowledged again.
-        let duplicate = qos == 2 && self.inbox_qos2.contains(&pkid);
-        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-        if !duplicate {
-            let handled = self
-                .admission
-                .message(
-                    &self.client_id,
-                    self.session_id,
-                    topic,
-                    publish.payload.to_vec(),
-                )
-                .await;
-            if !handled {
-                // Not acknowledged: the client sends it again on its next connection.
-                self.disconnect(
-                    writer,
-                    DisconnectReasonCode::UnspecifiedError,
-                    "the message could not be stored; send it again",
-                )
-                .await;
-                return Step::End(End::Unclean);
-            }
-        }
-        match qos {
-            1 => {
-                let ack = PubAck {
-                    pkid,
-                    reason: PubAckReason::Success,
-                };
-                self.write(writer, Packet::PubAck(ack, None)).await
-            }
-            2 => {
-                self.inbox_qos2.insert(pkid);
-                let rec = PubRec {
-                    pkid,
-                    reason: PubRecReason::Success,
-                };
-                self.write(writer, Packet::PubRec(rec, None)).await
-            }
-            _ => Step::Continue,
-        }
-    }
-
-    /// Sends a packet into the router (acknowledgements of the router's messages, and what
-    /// [`Pump::router_link`] made a link for).
-    async fn forward(&mut self, packet: Packet) -> Step {
-        let Some(link_tx) = self.link_tx.as_mut() else {
-            // Nothing the router sent can be acknowledged without a link.
-            return Step::Continue;
-        };
-        match link_tx.send(packet).await {
-            Ok(_) => Step::Continue,
-            Err(_) => Step::End(End::LinkGone),
-        }
+        None
     }
 
     /// Builds the session's router link if it has none: before its first PUBLISH or SUBSCRIBE
-    /// that the router must see (one to its inbox or mailboxes never needs it). A router that
-    /// cannot take it ends the session with DISCONNECT 0x89 (Server busy).
-    async fn router_link(&mut self, writer: &mut WriteHalf<TlsStream<TcpStream>>) -> Step {
+    /// that the router must see (one to its inbox or mailboxes never needs it). False: the
+    /// router cannot take it.
+    async fn router_link(&mut self) -> bool {
         if self.link_tx.is_some() {
-            return Step::Continue;
+            return true;
         }
         match build_link(&self.shared.links, self.client_id.clone()).await {
             Ok((link_tx, link_rx, notification)) => {
@@ -1835,406 +1304,19 @@ impl Pump {
                 self.link_tx = Some(link_tx);
                 self.link_rx = Some(link_rx);
                 self.shared.router_links.fetch_add(1, Ordering::Relaxed);
-                Step::Continue
+                true
             }
             Err(e) => {
                 warn!(client_id = %client_id_for_log(&self.client_id), "router refused the link: {e}");
-                self.disconnect(
-                    writer,
-                    DisconnectReasonCode::ServerBusy,
-                    "router unavailable",
-                )
-                .await;
-                Step::End(End::Unclean)
+                false
             }
         }
     }
+}
 
-    async fn incoming(
-        &mut self,
-        packet: Packet,
-        peeked: Option<(u8, u16)>,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-    ) -> Step {
-        match packet {
-            Packet::Publish(_, Some(props)) if !props.subscription_identifiers.is_empty() => {
-                // MQTT 5 §3.3.4: a client must not send subscription identifiers (and rumqttd's
-                // encoder garbles a PUBLISH that carries them).
-                self.protocol_error(writer, "protocol error").await
-            }
-            Packet::Publish(publish, props) => {
-                self.on_publish(publish, props, peeked, writer).await
-            }
-            Packet::PubRel(pubrel, props) => self.on_pubrel(pubrel, props, writer).await,
-            Packet::Subscribe(ref subscribe, _)
-                if self.version == MqttVersion::V5
-                    && subscribe
-                        .filters
-                        .iter()
-                        .any(|f| f.path.starts_with("$share/")) =>
-            {
-                // The CONNACK said Shared Subscription Available 0 (MQTT 5 §3.2.2.3.13).
-                self.disconnect(
-                    writer,
-                    DisconnectReasonCode::SharedSubscriptionNotSupported,
-                    "shared subscriptions are not supported",
-                )
-                .await;
-                Step::End(End::Unclean)
-            }
-            Packet::Subscribe(subscribe, props) => {
-                self.on_subscribe(subscribe, props, writer).await
-            }
-            Packet::Unsubscribe(unsubscribe, props) => {
-                self.on_unsubscribe(unsubscribe, props, writer).await
-            }
-            // The acknowledgement of a mailbox message is the front door's own.
-            Packet::PubAck(ref ack, _) if self.mailbox_unacked.remove(&ack.pkid) => {
-                let room = self.router_room();
-                let effects = self.flight.room_freed(room);
-                self.carry_out(effects, writer).await
-            }
-            Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..) => {
-                self.acknowledged(packet, writer).await
-            }
-            Packet::PingReq(_) => self.write(writer, Packet::PingResp(PingResp)).await,
-            Packet::Disconnect(disconnect, props) => {
-                self.on_disconnect(disconnect, props, writer).await
-            }
-            // A second CONNECT, or a packet only a server sends: protocol error.
-            _ => self.protocol_error(writer, "protocol error").await,
-        }
-    }
-
-    /// Ends the session with DISCONNECT 0x82 (MQTT 5) saying `reason`.
-    async fn protocol_error(
-        &mut self,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-        reason: &str,
-    ) -> Step {
-        self.disconnect(writer, DisconnectReasonCode::ProtocolError, reason)
-            .await;
-        Step::End(End::Unclean)
-    }
-
-    /// A client's PUBLISH: to the controller's inbox, to the router, or refused.
-    async fn on_publish(
-        &mut self,
-        mut publish: Publish,
-        mut props: Option<PublishProperties>,
-        peeked: Option<(u8, u16)>,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-    ) -> Step {
-        if self.version == MqttVersion::V5 {
-            // The topic an alias stands for is the one rights are checked against and
-            // the router sees; the router gets no alias.
-            let alias = props.as_mut().and_then(|p| p.topic_alias.take());
-            match self.aliases.resolve(&publish.topic, alias) {
-                Ok(topic) => publish.topic = topic,
-                Err(e) => {
-                    debug!(client_id = %self.client_id, "{e}");
-                    self.disconnect(writer, e.disconnect_code(), &e.to_string())
-                        .await;
-                    return Step::End(End::Unclean);
-                }
-            }
-        }
-        let (allowed, inbox, retain) = match std::str::from_utf8(&publish.topic) {
-            Ok(topic) => {
-                let rights = registry::read(&self.rights);
-                (
-                    rights.may_publish(topic),
-                    rights.is_inbox(topic),
-                    rights.retain,
-                )
-            }
-            Err(_) => (false, false, false),
-        };
-        if allowed && inbox {
-            return self.hand_to_inbox(publish, peeked, writer).await;
-        }
-        if allowed {
-            // Without the right to retain, the message reaches today's subscribers
-            // only: nothing planted now reaches whoever subscribes later.
-            publish.retain &= retain;
-            if let Some((2, pkid)) = peeked {
-                // Handed to the router once [MQTT-4.3.3-10]: a QoS 2 message resent
-                // before its PUBREL is only acknowledged again.
-                if !self.router_qos2.insert(pkid) {
-                    let rec = PubRec {
-                        pkid,
-                        reason: PubRecReason::Success,
-                    };
-                    return self.write(writer, Packet::PubRec(rec, None)).await;
-                }
-            }
-            if let Step::End(end) = self.router_link(writer).await {
-                return Step::End(end);
-            }
-            return self.forward(Packet::Publish(publish, props)).await;
-        }
-        self.deny_publish(&publish.topic, peeked, writer).await
-    }
-
-    /// Answers a PUBLISH outside the client's rights (PROTOCOL §4): dropped, acknowledged as
-    /// 3.1.1 allows or refused with 0x87 under MQTT 5.
-    async fn deny_publish(
-        &mut self,
-        topic: &[u8],
-        peeked: Option<(u8, u16)>,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-    ) -> Step {
-        debug!(client_id = %self.client_id, topic = %String::from_utf8_lossy(topic).escape_default(), "publish denied");
-        let (qos, pkid) = peeked.unwrap_or((0, 0));
-        let v5 = self.version == MqttVersion::V5;
-        match qos {
-            1 => {
-                // 3.1.1 has no refusal: acknowledge and drop. MQTT 5: 0x87.
-                let reason = if v5 {
-                    PubAckReason::NotAuthorized
-                } else {
-                    PubAckReason::Success
-                };
-                self.write(writer, Packet::PubAck(PubAck { pkid, reason }, None))
-                    .await
-            }
-            2 => {
-                let reason = if v5 {
-                    PubRecReason::NotAuthorized
-                } else {
-                    self.denied_qos2.insert(pkid);
-                    PubRecReason::Success
-                };
-                self.write(writer, Packet::PubRec(PubRec { pkid, reason }, None))
-                    .await
-            }
-            _ => Step::Continue,
-        }
-    }
-
-    /// A client's PUBREL: to the router if the router holds the message, else answered here.
-    async fn on_pubrel(
-        &mut self,
-        pubrel: PubRel,
-        props: Option<PubRelProperties>,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-    ) -> Step {
-        let pkid = pubrel.pkid;
-        if self.router_qos2.remove(&pkid) {
-            return self.forward(Packet::PubRel(pubrel, props)).await;
-        }
-        let denied = self.denied_qos2.remove(&pkid);
-        let inbox = self.inbox_qos2.remove(&pkid);
-        // [MQTT-4.3.3-11]: every PUBREL is answered with a PUBCOMP; one for a packet id
-        // nobody knows says so under MQTT 5 (0x92), instead of reaching the router,
-        // which would drop the client.
-        let reason = if denied || inbox || self.version == MqttVersion::V311 {
-            PubCompReason::Success
-        } else {
-            PubCompReason::PacketIdentifierNotFound
-        };
-        self.write(writer, Packet::PubComp(PubComp { pkid, reason }, None))
-            .await
-    }
-
-    /// A client's SUBSCRIBE: each filter denied, answered here (mailboxes) or sent on to the
-    /// router; one SUBACK with the codes in the filters' order either way.
-    async fn on_subscribe(
-        &mut self,
-        mut subscribe: Subscribe,
-        props: Option<SubscribeProperties>,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-    ) -> Step {
-        let denied_code = match self.version {
-            MqttVersion::V311 => SubscribeReasonCode::Failure,
-            MqttVersion::V5 => SubscribeReasonCode::NotAuthorized,
-        };
-        // Per filter: `Some(code)` is answered here (denied, or the client's own
-        // mailbox, which the router never sees); `None` goes to the router.
-        let slots: Vec<Option<SubscribeReasonCode>> = {
-            let rights = registry::read(&self.rights);
-            subscribe
-                .filters
-                .iter()
-                .map(|f| {
-                    if !rights.may_subscribe(&f.path) {
-                        Some(denied_code)
-                    } else if rights.is_mailbox(&f.path) {
-                        Some(match f.qos {
-                            QoS::AtMostOnce => SubscribeReasonCode::QoS0,
-                            QoS::AtLeastOnce => SubscribeReasonCode::QoS1,
-                            QoS::ExactlyOnce => SubscribeReasonCode::QoS2,
-                        })
-                    } else {
-                        None
-                    }
-                })
-                .collect()
-        };
-        for (filter, slot) in subscribe.filters.iter().zip(&slots) {
-            if *slot != Some(denied_code) {
-                let qos = match filter.qos {
-                    QoS::AtMostOnce => 0,
-                    QoS::AtLeastOnce => 1,
-                    QoS::ExactlyOnce => 2,
-                };
-                // A new SUBSCRIBE of a filter replaces the old one (MQTT 3.8.4).
-                self.filters.retain(|(f, _)| *f != filter.path);
-                self.filters.push((filter.path.clone(), qos));
-            }
-        }
-        if slots.iter().all(Option::is_none) {
-            if let Step::End(end) = self.router_link(writer).await {
-                return Step::End(end);
-            }
-            return self.forward(Packet::Subscribe(subscribe, props)).await;
-        }
-        if slots.contains(&Some(denied_code)) {
-            debug!(client_id = %self.client_id, "subscription denied");
-        }
-        if slots.iter().all(Option::is_some) {
-            let ack = SubAck {
-                pkid: subscribe.pkid,
-                return_codes: slots.into_iter().flatten().collect(),
-            };
-            return self.write(writer, Packet::SubAck(ack, None)).await;
-        }
-        let mut it = slots.iter();
-        subscribe
-            .filters
-            .retain(|_| it.next().is_some_and(Option::is_none));
-        if let Step::End(end) = self.router_link(writer).await {
-            return Step::End(end);
-        }
-        self.pending_subs.insert(subscribe.pkid, slots);
-        self.forward(Packet::Subscribe(subscribe, props)).await
-    }
-
-    /// A client's UNSUBSCRIBE, always answered by the front door.
-    async fn on_unsubscribe(
-        &mut self,
-        mut unsubscribe: Unsubscribe,
-        props: Option<UnsubscribeProperties>,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-    ) -> Step {
-        // The front door answers every UNSUBSCRIBE itself, with one reason per filter
-        // in their order [MQTT-3.10.4-4] to [MQTT-3.10.4-6], [MQTT-3.11.3-1]: the router
-        // answers nothing for a filter it does not know, one UNSUBACK per filter it
-        // removed, and never saw the mailbox filters.
-        let asked = std::mem::take(&mut unsubscribe.filters);
-        let granted = |f: &String| self.filters.iter().any(|(g, _)| g == f);
-        let reasons = asked
-            .iter()
-            .map(|f| {
-                if granted(f) {
-                    UnsubAckReason::Success
-                } else {
-                    UnsubAckReason::NoSubscriptionExisted
-                }
-            })
-            .collect();
-        // The router holds the granted filters that are not mailboxes.
-        unsubscribe.filters = {
-            let rights = registry::read(&self.rights);
-            asked
-                .iter()
-                .filter(|f| granted(f) && !rights.is_mailbox(f))
-                .cloned()
-                .collect()
-        };
-        self.filters.retain(|(f, _)| !asked.contains(f));
-        let ack = UnsubAck {
-            pkid: unsubscribe.pkid,
-            reasons,
-        };
-        if !unsubscribe.filters.is_empty() {
-            if let Step::End(end) = self.forward(Packet::Unsubscribe(unsubscribe, props)).await {
-                return Step::End(end);
-            }
-        }
-        self.write(writer, Packet::UnsubAck(ack, None)).await
-    }
-
-    /// A client's DISCONNECT: whether its will fires.
-    async fn on_disconnect(
-        &mut self,
-        disconnect: Disconnect,
-        props: Option<DisconnectProperties>,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-    ) -> Step {
-        let expiry = props.and_then(|p| p.session_expiry_interval).unwrap_or(0);
-        if self.limits.session_expiry == 0 && expiry != 0 {
-            // MQTT 5 §3.14.2.2.2: after none in CONNECT, a Session Expiry Interval in
-            // DISCONNECT is a Protocol Error and not a valid DISCONNECT (the will fires).
-            self.disconnect(
-                writer,
-                DisconnectReasonCode::ProtocolError,
-                "session expiry interval in DISCONNECT after none in CONNECT",
-            )
-            .await;
-            return Step::End(End::Unclean);
-        }
-        if disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
-            Step::End(End::CleanWithWill)
-        } else {
-            Step::End(End::Clean)
-        }
-    }
-
-    async fn outgoing(
-        &mut self,
-        notification: Notification,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-    ) -> Step {
-        match notification {
-            Notification::Unschedule => {
-                let woken = match &self.link_rx {
-                    Some(link_rx) => link_rx.wake().await.is_ok(),
-                    None => false,
-                };
-                if !woken {
-                    return Step::End(End::LinkGone);
-                }
-                Step::Continue
-            }
-            Notification::Disconnect(d, _) => {
-                self.disconnect(writer, d.reason_code, "disconnected by the server")
-                    .await;
-                Step::End(End::LinkGone)
-            }
-            Notification::Forward(forward) => {
-                let last = self.is_final(&forward.publish.topic);
-                self.write_forward(writer, forward.publish, forward.properties, last)
-                    .await
-            }
-            other => {
-                let packet: Option<Packet> = other.into();
-                match packet {
-                    Some(Packet::SubAck(mut ack, props)) => {
-                        if let Some(slots) = self.pending_subs.remove(&ack.pkid) {
-                            let mut granted = ack.return_codes.into_iter();
-                            ack.return_codes = slots
-                                .into_iter()
-                                .map(|slot| {
-                                    slot.or_else(|| granted.next())
-                                        .unwrap_or(SubscribeReasonCode::Failure)
-                                })
-                                .collect();
-                        }
-                        self.write(writer, Packet::SubAck(ack, props)).await
-                    }
-                    // The release of a message the client never got (too large for it): the
-                    // front door completed it already.
-                    Some(Packet::PubRel(rel, _)) if self.flight.swallows(rel.pkid) => {
-                        Step::Continue
-                    }
-                    // The front door answers PINGREQ and UNSUBSCRIBE itself.
-                    Some(Packet::PingResp(_) | Packet::UnsubAck(..)) | None => Step::Continue,
-                    Some(packet) => self.write(writer, packet).await,
-                }
-            }
-        }
-    }
+/// The pump's clock, for the session (tokio's, so that paused-time tests can move it).
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
 }
 
 /// The next notification of the session's router link; pending forever while it has none.
@@ -2242,413 +1324,6 @@ async fn from_router(link_rx: &mut Option<LinkRx>) -> Result<Option<Notification
     match link_rx {
         Some(link_rx) => link_rx.next().await,
         None => std::future::pending().await,
-    }
-}
-
-fn next_mailbox_pkid(pkid: u16) -> u16 {
-    if pkid == u16::MAX {
-        MAILBOX_PKIDS_FROM
-    } else {
-        pkid + 1
-    }
-}
-
-/// The first packet id from `from` on (0x8000 to 0xFFFF, then round again) that no
-/// unacknowledged mailbox message has [MQTT-2.2.1-4]. At most [`MAX_MAILBOX_UNACKED`] are in use,
-/// so one is found within that many steps.
-fn unused_mailbox_pkid(from: u16, in_use: &HashSet<u16>) -> u16 {
-    let mut pkid = from.max(MAILBOX_PKIDS_FROM);
-    for _ in 0..=MAX_MAILBOX_UNACKED {
-        if !in_use.contains(&pkid) {
-            break;
-        }
-        pkid = next_mailbox_pkid(pkid);
-    }
-    pkid
-}
-
-/// What rumqttd's router has in flight to one client, and what the front door does about it.
-/// Pure: the pump hands it events and carries out the effects it returns.
-///
-/// Two rules meet here. The router takes acknowledgements only in the order it sent the
-/// messages ("We don't support out of order acks", rumqttd iobufs.rs: PUBACKs and PUBRECs in
-/// the order of the PUBLISHes, PUBCOMPs in the order of the PUBRECs) and drops the client
-/// otherwise. And the front door answers some messages for the client: one too large for the
-/// client's Maximum Packet Size is discarded and completed as if sent [MQTT-3.1.2-25]; one that
-/// finds no room in the client's Receive Maximum waits [MQTT-3.3.4-9]. So a discarded message's
-/// acknowledgement goes to the router only when every message before it is acknowledged, and a
-/// waiting message keeps its place.
-mod flight {
-    use std::collections::{HashSet, VecDeque};
-
-    use bytes::BytesMut;
-
-    /// An acknowledgement the front door sends to the router for the client.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub(super) enum ToRouter {
-        /// PUBACK.
-        Acked(u16),
-        /// PUBREC.
-        Received(u16),
-        /// PUBCOMP.
-        Completed(u16),
-    }
-
-    #[derive(Debug, PartialEq, Eq)]
-    pub(super) enum Effect {
-        Router(ToRouter),
-        /// Write this PUBLISH to the client (`last`: the one a pending cut waits for).
-        Write {
-            bytes: BytesMut,
-            last: bool,
-        },
-    }
-
-    /// A client's acknowledgement of a message from the router.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub(super) enum ClientAck {
-        /// PUBACK.
-        Acked(u16),
-        /// PUBREC; `failed`: a reason code of 0x80 or more, which ends the message's flight.
-        Received { pkid: u16, failed: bool },
-        /// PUBCOMP.
-        Completed(u16),
-    }
-
-    #[derive(Debug)]
-    enum Fate {
-        /// Written to the client; its acknowledgement is the client's.
-        Written,
-        /// Too large for the client: never written, acknowledged here in its turn.
-        Discarded,
-        /// Waiting for room in the client's Receive Maximum.
-        Waiting { bytes: BytesMut, last: bool },
-    }
-
-    #[derive(Debug)]
-    struct Unacked {
-        pkid: u16,
-        qos: u8,
-        fate: Fate,
-    }
-
-    #[derive(Debug, Default)]
-    pub(super) struct RouterFlight {
-        /// QoS 1 and 2 messages not acknowledged (PUBACK, PUBREC) yet, in the router's order.
-        unacked: VecDeque<Unacked>,
-        /// QoS 2 messages received (PUBREC) and not completed (PUBCOMP) yet, in PUBREC order;
-        /// `true`: discarded, completed here.
-        unreleased: VecDeque<(u16, bool)>,
-        /// Discarded QoS 2 messages whose PUBREL from the router the client must not see.
-        swallow: HashSet<u16>,
-    }
-
-    impl RouterFlight {
-        /// Messages written to the client and not acknowledged yet (what its Receive Maximum
-        /// counts: MQTT 5 §4.9).
-        pub(super) fn in_flight(&self) -> usize {
-            let unacked = self
-                .unacked
-                .iter()
-                .filter(|m| matches!(m.fate, Fate::Written))
-                .count();
-            let unreleased = self.unreleased.iter().filter(|(_, d)| !d).count();
-            unacked + unreleased
-        }
-
-        /// A QoS 1 or 2 PUBLISH from the router, encoded in `bytes`. `fits`: within the
-        /// client's Maximum Packet Size; `room`: how many messages the client's Receive Maximum
-        /// leaves to the router (besides the front door's own).
-        pub(super) fn forwarded(
-            &mut self,
-            pkid: u16,
-            qos: u8,
-            bytes: BytesMut,
-            fits: bool,
-            last: bool,
-            room: usize,
-        ) -> Vec<Effect> {
-            let fate = if fits {
-                Fate::Waiting { bytes, last }
-            } else {
-                Fate::Discarded
-            };
-            self.unacked.push_back(Unacked { pkid, qos, fate });
-            self.settle(room)
-        }
-
-        /// The client acknowledged a message; its acknowledgement goes to the router (by the
-        /// caller, first), then the effects.
-        pub(super) fn acknowledged(&mut self, ack: ClientAck, room: usize) -> Vec<Effect> {
-            match ack {
-                ClientAck::Acked(pkid) | ClientAck::Received { pkid, failed: true } => {
-                    self.remove_unacked(pkid);
-                }
-                ClientAck::Received {
-                    pkid,
-                    failed: false,
-                } => {
-                    if self.remove_unacked(pkid) {
-                        self.unreleased.push_back((pkid, false));
-                    }
-                }
-                ClientAck::Completed(pkid) => {
-                    if let Some(at) = self.unreleased.iter().position(|(p, _)| *p == pkid) {
-                        self.unreleased.remove(at);
-                    }
-                }
-            }
-            self.settle(room)
-        }
-
-        /// The client's Receive Maximum has room again (it acknowledged one of the front
-        /// door's own messages).
-        pub(super) fn room_freed(&mut self, room: usize) -> Vec<Effect> {
-            self.settle(room)
-        }
-
-        /// Whether a PUBREL from the router is for a discarded message (not for the client).
-        pub(super) fn swallows(&mut self, pkid: u16) -> bool {
-            self.swallow.remove(&pkid)
-        }
-
-        fn remove_unacked(&mut self, pkid: u16) -> bool {
-            match self.unacked.iter().position(|m| m.pkid == pkid) {
-                Some(at) => self.unacked.remove(at).is_some(),
-                None => false,
-            }
-        }
-
-        /// Acknowledges the discarded messages whose turn it is, then writes waiting ones while
-        /// there is room, in order.
-        fn settle(&mut self, room: usize) -> Vec<Effect> {
-            let mut effects = Vec::new();
-            while let Some(Unacked {
-                fate: Fate::Discarded,
-                ..
-            }) = self.unacked.front()
-            {
-                let Some(m) = self.unacked.pop_front() else {
-                    break;
-                };
-                if m.qos == 1 {
-                    effects.push(Effect::Router(ToRouter::Acked(m.pkid)));
-                } else {
-                    effects.push(Effect::Router(ToRouter::Received(m.pkid)));
-                    self.swallow.insert(m.pkid);
-                    self.unreleased.push_back((m.pkid, true));
-                }
-            }
-            while let Some(&(pkid, true)) = self.unreleased.front() {
-                self.unreleased.pop_front();
-                effects.push(Effect::Router(ToRouter::Completed(pkid)));
-            }
-            let mut in_flight = self.in_flight();
-            for m in self.unacked.iter_mut() {
-                if !matches!(m.fate, Fate::Waiting { .. }) {
-                    continue;
-                }
-                if in_flight >= room {
-                    break;
-                }
-                if let Fate::Waiting { bytes, last } = std::mem::replace(&mut m.fate, Fate::Written)
-                {
-                    effects.push(Effect::Write { bytes, last });
-                    in_flight += 1;
-                }
-            }
-            effects
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-        use proptest::prelude::*;
-
-        fn bytes(n: u8) -> BytesMut {
-            BytesMut::from(&[n][..])
-        }
-
-        fn router_acks(effects: &[Effect]) -> Vec<ToRouter> {
-            effects
-                .iter()
-                .filter_map(|e| match e {
-                    Effect::Router(a) => Some(*a),
-                    Effect::Write { .. } => None,
-                })
-                .collect()
-        }
-
-        #[test]
-        fn a_discarded_message_is_acknowledged_in_its_turn() {
-            let mut flight = RouterFlight::default();
-            let e = flight.forwarded(1, 1, bytes(1), true, false, 10);
-            assert!(matches!(&e[..], [Effect::Write { .. }]));
-            // Discarded behind an unacknowledged one: its PUBACK waits.
-            assert_eq!(flight.forwarded(2, 1, bytes(2), false, false, 10), vec![]);
-            assert_eq!(
-                router_acks(&flight.acknowledged(ClientAck::Acked(1), 10)),
-                [ToRouter::Acked(2)]
-            );
-            // At the head, at once; a QoS 2 one is received and completed, and its PUBREL
-            // swallowed.
-            assert_eq!(
-                router_acks(&flight.forwarded(3, 2, bytes(3), false, false, 10)),
-                [ToRouter::Received(3), ToRouter::Completed(3)]
-            );
-            assert!(flight.swallows(3));
-            assert!(!flight.swallows(3));
-            assert_eq!(flight.in_flight(), 0);
-        }
-
-        #[test]
-        fn completions_keep_the_order_of_receipts() {
-            let mut flight = RouterFlight::default();
-            flight.forwarded(1, 2, bytes(1), true, false, 10);
-            let received = ClientAck::Received {
-                pkid: 1,
-                failed: false,
-            };
-            assert_eq!(flight.acknowledged(received, 10), vec![]);
-            // Discarded after 1 was received: received at once, completed after 1 is.
-            assert_eq!(
-                router_acks(&flight.forwarded(2, 2, bytes(2), false, false, 10)),
-                [ToRouter::Received(2)]
-            );
-            assert_eq!(flight.in_flight(), 1, "1 awaits its PUBCOMP");
-            assert_eq!(
-                router_acks(&flight.acknowledged(ClientAck::Completed(1), 10)),
-                [ToRouter::Completed(2)]
-            );
-        }
-
-        #[test]
-        fn messages_wait_for_room_in_the_receive_maximum_and_keep_their_order() {
-            let mut flight = RouterFlight::default();
-            let mut written = Vec::new();
-            for pkid in 1..=4u16 {
-                for e in flight.forwarded(pkid, 1, bytes(pkid as u8), true, pkid == 4, 2) {
-                    if let Effect::Write { bytes, .. } = e {
-                        written.push(bytes[0]);
-                    }
-                }
-            }
-            assert_eq!(written, [1, 2]);
-            assert_eq!(flight.in_flight(), 2);
-            let e = flight.acknowledged(ClientAck::Acked(1), 2);
-            assert!(matches!(&e[..], [Effect::Write { bytes, last: false }] if bytes[0] == 3));
-            // Room freed elsewhere (a mailbox message acknowledged): nothing, still full.
-            assert_eq!(flight.room_freed(2), vec![]);
-            let e = flight.acknowledged(ClientAck::Acked(2), 2);
-            assert!(matches!(&e[..], [Effect::Write { bytes, last: true }] if bytes[0] == 4));
-        }
-
-        #[derive(Debug, Clone)]
-        enum Op {
-            Forward { qos: u8, fits: bool },
-            AckNext,
-            CompleteNext,
-            ShrinkRoom,
-        }
-
-        fn op() -> impl Strategy<Value = Op> {
-            prop_oneof![
-                (1u8..3, any::<bool>()).prop_map(|(qos, fits)| Op::Forward { qos, fits }),
-                Just(Op::AckNext),
-                Just(Op::CompleteNext),
-                Just(Op::ShrinkRoom),
-            ]
-        }
-
-        proptest! {
-            /// Whatever the router sends and the client acknowledges (in order, as clients do),
-            /// the router gets its PUBACKs and PUBRECs in the order of its PUBLISHes and its
-            /// PUBCOMPs in the order of the PUBRECs; the client never has more written and
-            /// unacknowledged than the room; and the client gets the messages that fit in the
-            /// router's order.
-            #[test]
-            fn the_router_sees_its_order_and_the_client_its_room(
-                ops in proptest::collection::vec(op(), 0..80),
-                start_room in 1usize..4,
-            ) {
-                let mut flight = RouterFlight::default();
-                let mut room = start_room;
-                let mut next_pkid = 1u16;
-                let mut sent = Vec::new(); // (pkid, qos, fits) in router order
-                let mut to_router: Vec<ToRouter> = Vec::new();
-                let mut client_unacked: VecDeque<(u16, u8)> = VecDeque::new();
-                let mut client_received: VecDeque<u16> = VecDeque::new();
-                let mut written = Vec::new();
-                for op in ops {
-                    let effects = match op {
-                        Op::Forward { qos, fits } => {
-                            let pkid = next_pkid;
-                            next_pkid += 1;
-                            sent.push((pkid, qos, fits));
-                            let b = BytesMut::from(&pkid.to_be_bytes()[..]);
-                            flight.forwarded(pkid, qos, b, fits, false, room)
-                        }
-                        Op::AckNext => match client_unacked.pop_front() {
-                            Some((pkid, 1)) => {
-                                to_router.push(ToRouter::Acked(pkid));
-                                flight.acknowledged(ClientAck::Acked(pkid), room)
-                            }
-                            Some((pkid, _)) => {
-                                to_router.push(ToRouter::Received(pkid));
-                                client_received.push_back(pkid);
-                                flight.acknowledged(ClientAck::Received { pkid, failed: false }, room)
-                            }
-                            None => vec![],
-                        },
-                        Op::CompleteNext => match client_received.pop_front() {
-                            Some(pkid) => {
-                                to_router.push(ToRouter::Completed(pkid));
-                                flight.acknowledged(ClientAck::Completed(pkid), room)
-                            }
-                            None => vec![],
-                        },
-                        Op::ShrinkRoom => {
-                            room = room.saturating_sub(1).max(1);
-                            flight.room_freed(room)
-                        }
-                    };
-                    let mut wrote = false;
-                    for effect in effects {
-                        match effect {
-                            Effect::Router(ack) => to_router.push(ack),
-                            Effect::Write { bytes, .. } => {
-                                wrote = true;
-                                let pkid = u16::from_be_bytes([bytes[0], bytes[1]]);
-                                let qos = sent.iter().find(|(p, ..)| *p == pkid).map(|s| s.1).unwrap_or(0);
-                                client_unacked.push_back((pkid, qos));
-                                written.push(pkid);
-                            }
-                        }
-                    }
-                    if wrote {
-                        prop_assert!(flight.in_flight() <= room, "written beyond the room");
-                    }
-                }
-                let acks: Vec<u16> = to_router.iter().filter_map(|a| match a {
-                    ToRouter::Acked(p) | ToRouter::Received(p) => Some(*p),
-                    ToRouter::Completed(_) => None,
-                }).collect();
-                let order: Vec<u16> = sent.iter().map(|s| s.0).collect();
-                prop_assert_eq!(&acks[..], &order[..acks.len()]);
-                let recs: Vec<u16> = to_router.iter().filter_map(|a| match a {
-                    ToRouter::Received(p) => Some(*p),
-                    _ => None,
-                }).collect();
-                let comps: Vec<u16> = to_router.iter().filter_map(|a| match a {
-                    ToRouter::Completed(p) => Some(*p),
-                    _ => None,
-                }).collect();
-                prop_assert_eq!(&comps[..], &recs[..comps.len()]);
-                let fitting: Vec<u16> = sent.iter().filter(|s| s.2).map(|s| s.0).collect();
-                prop_assert_eq!(&written[..], &fitting[..written.len()]);
-            }
-        }
     }
 }
 

@@ -7,11 +7,13 @@
 pub mod acl;
 pub mod admission;
 pub mod bus;
+mod flight;
 pub mod flood;
 pub mod frame;
 pub mod frontdoor;
 pub mod mailbox;
 pub mod registry;
+mod session;
 pub mod tls;
 
 pub use acl::Rights;
