@@ -437,7 +437,11 @@ fn will_publish_properties(will: &LastWillProperties) -> Option<PublishPropertie
         message_expiry_interval: will.message_expiry_interval,
         topic_alias: None,
         response_topic: will.response_topic.clone(),
-        correlation_data: will.correlation_data.clone(),
+        // A copy, as the will's topic and payload (`will_within`).
+        correlation_data: will
+            .correlation_data
+            .as_deref()
+            .map(bytes::Bytes::copy_from_slice),
         user_properties: will.user_properties.clone(),
         subscription_identifiers: Vec::new(),
         content_type: will.content_type.clone(),
@@ -790,10 +794,12 @@ fn will_within(
     if !rights.may_publish(topic) {
         return None;
     }
+    // Copies: the CONNECT's fields are slices of the read buffer it came in, which a will
+    // kept for the session's life would keep in memory whole (4 KiB per idle session).
     Some(Will {
         inbox: rights.is_inbox(topic),
-        topic: w.topic,
-        payload: w.message,
+        topic: bytes::Bytes::copy_from_slice(&w.topic),
+        payload: bytes::Bytes::copy_from_slice(&w.message),
         retain: w.retain && rights.retain,
         delay: Duration::from_secs(
             will_props
@@ -1362,6 +1368,35 @@ mod tests {
         buf.extend_from_slice(&[0x30, 0x80]);
         fit_read_buffer(&mut buf);
         assert!(buf.capacity() - buf.len() >= READ_CHUNK);
+    }
+
+    #[test]
+    fn a_kept_will_holds_copies_not_the_read_buffer_it_came_in() {
+        let packet = bytes::Bytes::from(vec![b'x'; READ_CHUNK]);
+        let inside = |b: &bytes::Bytes| packet.as_ptr_range().contains(&b.as_ptr());
+        let will = LastWill {
+            topic: packet.slice(0..4),
+            message: packet.slice(4..8),
+            qos: rumqttd::protocol::QoS::AtLeastOnce,
+            retain: false,
+        };
+        let props = LastWillProperties {
+            delay_interval: None,
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: Some(packet.slice(8..12)),
+            user_properties: vec![],
+        };
+        let rights = Rights {
+            publish: vec!["xxxx".into()],
+            ..Rights::default()
+        };
+        let kept = will_within(Some(will), Some(props), &rights).expect("within the rights");
+        assert!(!inside(&kept.topic) && !inside(&kept.payload));
+        let data = kept.properties.and_then(|p| p.correlation_data);
+        assert!(data.is_some_and(|d| !inside(&d)));
     }
 
     #[tokio::test]
