@@ -19,7 +19,7 @@ use rumqttd::{Notification, Router, RouterConfig};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -407,14 +407,26 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<
         }
         let slot = SocketSlot(shared.clone());
         let _ = tcp.set_nodelay(true);
-        let admission = admission.clone();
+        let task = connection(shared.clone(), admission.clone(), tcp, peer, handshake);
+        log_size_once(&SIZE_OF_CONNECTION, "connection task", &task);
         tokio::spawn(async move {
             let _slot = slot;
-            let shared = _slot.0.clone();
-            connection(shared, admission, tcp, peer, handshake).await;
+            task.await;
         });
     }
     info!("front door stopped accepting");
+}
+
+static SIZE_OF_CONNECTION: std::sync::Once = std::sync::Once::new();
+static SIZE_OF_PUMP: std::sync::Once = std::sync::Once::new();
+static SIZE_OF_SESSION: std::sync::Once = std::sync::Once::new();
+
+/// Logs, once per process (target `fleet_broker::memory`, level debug), what one session's
+/// future takes: the figures behind BENCHMARKS.md's memory per idle station.
+fn log_size_once<T>(once: &std::sync::Once, what: &str, value: &T) {
+    once.call_once(|| {
+        debug!(target: "fleet_broker::memory", bytes = std::mem::size_of_val(value), "{what}");
+    });
 }
 
 struct Will {
@@ -826,7 +838,7 @@ struct OpenSession {
     client_id: String,
     session_id: u64,
     rights: SharedRights,
-    control_rx: mpsc::UnboundedReceiver<Control>,
+    control: Arc<registry::ControlQueue>,
     undelivered: registry::Undelivered,
     /// Dropped once this session released its router link (see `Registry::register`).
     released_tx: tokio::sync::oneshot::Sender<()>,
@@ -851,7 +863,7 @@ async fn open_session(
         reserved,
     } = opening;
     let shared_rights: SharedRights = Arc::new(std::sync::RwLock::new(rights));
-    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let control = Arc::new(registry::ControlQueue::default());
     let undelivered = registry::Undelivered::default();
     let (released_tx, released_rx) = tokio::sync::oneshot::channel::<()>();
     let session = NewSession {
@@ -859,7 +871,7 @@ async fn open_session(
         address: peer.ip(),
         reserved,
         rights: shared_rights.clone(),
-        control: control_tx,
+        control: control.clone(),
         released: released_rx,
         undelivered: undelivered.clone(),
     };
@@ -902,7 +914,7 @@ async fn open_session(
         client_id,
         session_id,
         rights: shared_rights,
-        control_rx,
+        control,
         undelivered,
         released_tx,
         codec: reply.codec,
@@ -929,7 +941,7 @@ async fn run_session(
         client_id,
         session_id,
         rights,
-        control_rx,
+        control,
         undelivered,
         released_tx,
         codec,
@@ -958,10 +970,15 @@ async fn run_session(
         // Boxed: rustc lays the pump's future out beside this function's other states instead
         // of over them; boxed, an idle session's task is about 3.5 KiB smaller (12.4 KiB with
         // the pump inline, 4.8 KiB plus the pump's 4.2 KiB boxed).
-        Box::pin(pump.run(&mut reader, &mut writer, buf, control_rx)).await
+        log_size_once(&SIZE_OF_SESSION, "pump and session state", &pump);
+        let run = Box::pin(pump.run(&mut reader, &mut writer, buf, &control));
+        log_size_once(&SIZE_OF_PUMP, "session pump (boxed)", &*run);
+        run.await
     } else {
         End::Unclean
     };
+    // Nothing more is taken: deliveries from now on say so (`SessionControl::deliver`).
+    control.close();
     debug!(client_id = %client_id, ?end, "session ended");
     let _ = timeout(Duration::from_secs(1), writer.shutdown()).await;
 
@@ -1206,7 +1223,7 @@ impl Pump {
         reader: &mut ReadHalf<TlsStream<TcpStream>>,
         writer: &mut WriteHalf<TlsStream<TcpStream>>,
         mut buf: BytesMut,
-        mut control: mpsc::UnboundedReceiver<Control>,
+        control: &registry::ControlQueue,
     ) -> End {
         let mut shutdown = self.shared.shutdown.clone();
         // Frames that arrived together with the CONNECT.
@@ -1239,8 +1256,6 @@ impl Pump {
                     Err(_) => return End::LinkGone,
                 },
                 c = control.recv() => {
-                    // The registry dropped the session: as a cut.
-                    let c = c.unwrap_or(Control::Cut { last_topic: None });
                     if let Control::Deliver { payload, .. } = &c {
                         self.undelivered.taken(payload.len());
                     }
