@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::link::LinkError;
 use crate::phone::{self, PhoneError, PhoneProfile, PhoneState, PhoneTarget, ProvisionOutcome};
 use crate::state::{StateError, StationProfile, StationState};
 use crate::station::{spawn_station, SimConfig, SimEvent, StationControl, StationHandle};
@@ -278,10 +279,12 @@ fn phone_error_kind(result: &Result<ProvisionOutcome, PhoneError>) -> Option<&'s
         Ok(ProvisionOutcome::Provisioned) => None,
         Ok(ProvisionOutcome::Refused { .. }) => Some("phone_refused"),
         Ok(ProvisionOutcome::Failed { .. }) => Some("phone_provisioning_failed"),
-        Err(PhoneError::Timeout { .. }) => Some("phone_timeout"),
-        Err(PhoneError::Connection { .. } | PhoneError::Closed { .. }) => {
-            Some("phone_disconnected")
-        }
+        Err(PhoneError::Link(LinkError::Timeout { .. })) => Some("phone_timeout"),
+        Err(PhoneError::Link(
+            LinkError::Connection { .. }
+            | LinkError::ClosedBeforeTls { .. }
+            | LinkError::Closed { .. },
+        )) => Some("phone_disconnected"),
         Err(_) => Some("phone_provisioning_failed"),
     }
 }
@@ -477,6 +480,7 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         ca_pem: ca_pem.clone(),
         retry: STATION_RETRY,
         connect_timeout: Duration::from_secs(30),
+        source: None,
     };
     let target = PhoneTarget::new(run.opts.server.clone(), ca_pem);
     let cpu_before = run.opts.fleetd_pid.and_then(fleetd_cpu_ms);
@@ -945,7 +949,7 @@ impl Run {
                 self.progress();
             }
             SimEvent::Refused { code } => self.errors.count_why("station_refused", &code),
-            SimEvent::Disconnected { reason } => {
+            SimEvent::Disconnected { reason, .. } => {
                 self.errors.count_why("station_disconnected", &reason);
             }
             SimEvent::Error { .. } => self.errors.count("station_error", 1),
@@ -1203,7 +1207,7 @@ impl Run {
                         SimEvent::Refused { code } => {
                             self.errors.count_why("reconnect_refused", &code)
                         }
-                        SimEvent::Disconnected { reason } => {
+                        SimEvent::Disconnected { reason, .. } => {
                             self.errors.count_why("reconnect_disconnected", &reason);
                         }
                         SimEvent::Error { .. } => self.errors.count("station_error", 1),

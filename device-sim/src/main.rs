@@ -79,8 +79,8 @@ enum TopCommand {
 }
 
 const LOAD_HELP: &str = "\
-Every simulated station connects from the same address (stations cannot bind a source address),
-so a load against a real fleetd needs a configuration with higher per-address limits, e.g.
+Every simulated station connects from the same address, so a load against a real fleetd needs
+a configuration with higher per-address limits, e.g.
 
     [limits]
     connections_per_ip_per_minute = 100000
@@ -222,6 +222,9 @@ struct Connection {
     /// Milliseconds to wait before connecting again after a refusal or a lost connection.
     #[arg(long, default_value_t = 1000)]
     retry_ms: u64,
+    /// Local source address to connect from, e.g. 127.0.0.2 to play a station behind that IP.
+    #[arg(long)]
+    source: Option<IpAddr>,
 }
 
 impl Connection {
@@ -236,6 +239,7 @@ impl Connection {
             ca_pem,
             retry: Duration::from_millis(self.retry_ms),
             connect_timeout: Duration::from_secs(30),
+            source: self.source,
         })
     }
 }
