@@ -15,6 +15,7 @@ pub mod fleet;
 pub mod link;
 pub mod load;
 pub mod phone;
+pub mod spread;
 pub mod state;
 pub mod state_file;
 pub mod station;
@@ -30,6 +31,7 @@ pub use phone::{
     provision_many, set_pap, PhoneError, PhoneProfile, PhoneRecord, PhoneSession, PhoneState,
     PhoneTarget, ProvisionOutcome, SessionEnd,
 };
+pub use spread::{SourcePlan, Spread, DEVICES_PER_ADDRESS};
 pub use state::{
     fingerprint, local_reset, Identity, PendingUpdate, StateError, StationProfile, StationRecord,
     StationState, DEFAULT_MODEL,
