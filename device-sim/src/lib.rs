@@ -14,6 +14,7 @@ pub mod firmware;
 pub mod fleet;
 pub mod link;
 pub mod load;
+pub mod open_files;
 pub mod phone;
 pub mod spread;
 pub mod state;

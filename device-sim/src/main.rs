@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
+use fleet_sim::open_files::{raise_open_files, OpenFiles};
 use fleet_sim::phone::{self, PhoneProfile, PhoneState, PhoneTarget, ProvisionOutcome};
 use fleet_sim::{
     admin_request, fingerprint, local_reset, run_load, serve_admin, spawn_fleet, spawn_station,
@@ -90,6 +91,9 @@ per-address limits in fleetd). An error example that starts with \"per-address l
 refusal by one of those limits. The operator's command budget
 (limits.operator_commands_per_second: 20 a second after a burst of 200) bounds the accepts:
 lift it in fleetd for a faster run.
+
+fleet-sim raises its soft limit on open files to the hard limit (RUST_LOG=info shows it): each
+device holds a socket, so raise the hard limit (ulimit -Hn) for more devices than it allows.
 
 Each run keeps its devices under STATE_DIR/<serial prefix>/ and uses new serials and MACs, so
 runs against the same fleetd do not meet; the devices stay in fleetd's store afterwards.
@@ -314,6 +318,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    let open_files = open_files();
     match Cli::parse().command {
         TopCommand::Station(command) => station(command).await,
         TopCommand::Stations {
@@ -356,7 +361,29 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
-        TopCommand::Load(args) => load(args).await,
+        TopCommand::Load(args) => load(args, open_files).await,
+    }
+}
+
+/// Raises the soft limit on open files to the hard one and says how many devices it allows; a
+/// failure is only a warning.
+fn open_files() -> Option<OpenFiles> {
+    match raise_open_files() {
+        Ok(files) => {
+            match files.devices() {
+                Some(devices) => tracing::info!(
+                    before = ?files.before,
+                    now = ?files.now,
+                    "the limit on open files allows about {devices} simulated devices at once"
+                ),
+                None => tracing::info!("no limit on open files"),
+            }
+            Some(files)
+        }
+        Err(e) => {
+            tracing::warn!("cannot raise the limit on open files: {e}");
+            None
+        }
     }
 }
 
@@ -390,9 +417,18 @@ fn load_options(args: LoadArgs) -> anyhow::Result<LoadOptions> {
     Ok(opts)
 }
 
-async fn load(args: LoadArgs) -> anyhow::Result<()> {
+async fn load(args: LoadArgs, open_files: Option<OpenFiles>) -> anyhow::Result<()> {
     let json = args.json.clone();
     let opts = load_options(args)?;
+    let devices = (opts.stations + opts.phones) as u64;
+    if let Some(allowed) = open_files.and_then(|f| f.devices()) {
+        if allowed < devices {
+            tracing::warn!(
+                "the limit on open files allows about {allowed} devices at once, fewer than the \
+                 {devices} of this run: raise the hard limit (ulimit -Hn)"
+            );
+        }
+    }
     let report = run_load(opts).await?;
     if let Some(path) = &json {
         let text = serde_json::to_string_pretty(&report)?;
