@@ -232,6 +232,7 @@ mod tests {
             ca_pem: ca.cert_pem().to_owned(),
             retry: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(30),
+            source: None,
         };
         let mut station = spawn_station(&dir, config);
         let server = serve_admin(&dir, station.control()).await.unwrap();

@@ -4,15 +4,19 @@
 //! ([`phone`]) that provision with a PAP and then connect with the certificate they got.
 //!
 //! Pure parts ([`state`], [`state_file`], [`command`], [`firmware`]) are tested without a server; [`station`]
-//! is the tokio shell that drives them over MQTT; [`load`] drives thousands of both through
+//! is the tokio shell that drives them over MQTT ([`link`], the simulator's own MQTT client,
+//! which connects from a chosen source address); [`load`] drives thousands of both through
 //! onboarding against a running fleetd and measures it (`fleet-sim load`).
 
 pub mod admin;
 pub mod command;
 pub mod firmware;
 pub mod fleet;
+pub mod link;
 pub mod load;
+pub mod open_files;
 pub mod phone;
+pub mod spread;
 pub mod state;
 pub mod state_file;
 pub mod station;
@@ -21,12 +25,14 @@ pub use admin::{admin_request, serve_admin, AdminError, AdminReply, AdminRequest
 pub use command::{Command, CommandError};
 pub use firmware::{ChunkMessage, ChunkRequest, Download, Step, UpdateOrder};
 pub use fleet::{fleet_serial, spawn_fleet, StationStatus, Tally};
+pub use link::LinkError;
 pub use load::{run_load, Latency, LoadError, LoadOptions, LoadReport, StormReport};
 pub use phone::{
     connect_provisioned, connect_raw, factory_reset, is_provisioned, phone_mac, provision,
     provision_many, set_pap, PhoneError, PhoneProfile, PhoneRecord, PhoneSession, PhoneState,
     PhoneTarget, ProvisionOutcome, SessionEnd,
 };
+pub use spread::{SourcePlan, Spread, DEVICES_PER_ADDRESS};
 pub use state::{
     fingerprint, local_reset, Identity, PendingUpdate, StateError, StationProfile, StationRecord,
     StationState, DEFAULT_MODEL,

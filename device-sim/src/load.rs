@@ -2,7 +2,8 @@
 //! path against a running fleetd (mTLS connect, authorization request, the operator's accepts in
 //! batched request envelopes, `authorized` received; phones provisioned with their PAP) and
 //! measures it: connect and accept latencies, onboarding rate, a reconnect storm, the time from
-//! a reject command to the cut, errors by kind and fleetd's memory.
+//! a reject command to the cut, errors by kind and fleetd's memory. Against a server on
+//! loopback the devices come from many addresses ([`crate::spread`]), as a real fleet does.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -15,13 +16,16 @@ use fleet_ctl::{ClientError, OperatorClient};
 use fleet_protocol::{EventKind, Topic};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
+use rumqttc::mqttbytes::v4::ConnectReturnCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::link::LinkError;
 use crate::phone::{self, PhoneError, PhoneProfile, PhoneState, PhoneTarget, ProvisionOutcome};
+use crate::spread::{self, Rotation, SourcePlan, Spread};
 use crate::state::{StateError, StationProfile, StationState};
 use crate::station::{spawn_station, SimConfig, SimEvent, StationControl, StationHandle};
 
@@ -80,13 +84,21 @@ pub struct LoadOptions {
     pub fleetd_pid: Option<u32>,
     /// Show a progress bar on stderr (hidden anyway when stderr is not a terminal).
     pub progress: bool,
-    /// Local source addresses the phones connect from, in turn (e.g. 127.0.0.2, 127.0.0.3):
-    /// spreads them over fleetd's per-address limits. Empty: the system's choice.
+    /// Local source addresses the stations connect from, in turn (e.g. 127.0.0.2,
+    /// 127.0.0.3). Empty: as `spread` says.
+    pub station_sources: Vec<IpAddr>,
+    /// Local source addresses the phones connect from, in turn. Empty: as `spread` says.
     pub phone_sources: Vec<IpAddr>,
+    /// Where the devices without addresses of their own connect from: by default, against a
+    /// server on IPv4 loopback, from 127.0.0.2, 127.0.0.3, … with at most
+    /// [`spread::DEVICES_PER_ADDRESS`] to each, so that fleetd's default per-address
+    /// `[limits]` let the whole run through.
+    pub spread: Spread,
 }
 
 impl LoadOptions {
-    /// 100 stations, no phones, 100 at once, batches of 100, 10 cut at the end.
+    /// 100 stations, no phones, 100 at once, batches of 100, 10 cut at the end, spread over
+    /// loopback addresses when the server is on loopback.
     pub fn new(server: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
         LoadOptions {
             server: server.into(),
@@ -102,7 +114,9 @@ impl LoadOptions {
             cut_sample: 10,
             fleetd_pid: None,
             progress: false,
+            station_sources: Vec::new(),
             phone_sources: Vec::new(),
+            spread: Spread::default(),
         }
     }
 }
@@ -164,9 +178,13 @@ pub struct LoadReport {
     pub reject_to_cut_ms: Latency,
     /// The reconnect storm, when asked for.
     pub reconnect: Option<StormReport>,
+    /// Distinct local source addresses the run chose for its devices; 0 when the system chose
+    /// (on loopback, every device then comes from 127.0.0.1).
+    pub source_addresses: usize,
     /// Errors by kind; empty for a complete run.
     pub errors: BTreeMap<String, u64>,
-    /// The first reason seen for each kind of error (a refusal code, a connection error).
+    /// The first reason seen for each kind of error (a refusal code, a connection error);
+    /// one that fleetd's per-address limits gave starts with "per-address limit:".
     pub error_examples: BTreeMap<String, String>,
     /// fleetd's CPU time during the onboarding divided by the devices onboarded, when its pid
     /// was given: what one onboarding costs the server, whoever else shares the machine.
@@ -248,7 +266,7 @@ impl Errors {
         self.count(kind, 1);
         self.1
             .entry(kind.to_owned())
-            .or_insert_with(|| why.chars().take(200).collect());
+            .or_insert_with(|| why.chars().take(300).collect());
     }
 
     fn count(&mut self, kind: impl Into<String>, n: u64) {
@@ -259,6 +277,26 @@ impl Errors {
 
     fn total(&self) -> u64 {
         self.0.values().sum()
+    }
+
+    /// Counts a station's trouble: a refusal as `<phase>_refused`, a lost connection as
+    /// `<phase>_disconnected`, each with its example; a local error as `station_error`. Other
+    /// events count nothing.
+    fn count_trouble(&mut self, phase: &str, event: &SimEvent) {
+        match event {
+            SimEvent::Refused { code } => {
+                self.count_why(&format!("{phase}_refused"), &station_refusal_example(code));
+            }
+            SimEvent::Disconnected {
+                reason,
+                closed_before_tls,
+            } => self.count_why(
+                &format!("{phase}_disconnected"),
+                &disconnect_example(reason, *closed_before_tls),
+            ),
+            SimEvent::Error { .. } => self.count("station_error", 1),
+            _ => {}
+        }
     }
 }
 
@@ -272,17 +310,50 @@ fn client_error_kind(error: &ClientError) -> String {
     }
 }
 
-/// The error kind of a phone provisioning that did not end provisioned.
-fn phone_error_kind(result: &Result<ProvisionOutcome, PhoneError>) -> Option<&'static str> {
-    match result {
-        Ok(ProvisionOutcome::Provisioned) => None,
-        Ok(ProvisionOutcome::Refused { .. }) => Some("phone_refused"),
-        Ok(ProvisionOutcome::Failed { .. }) => Some("phone_provisioning_failed"),
-        Err(PhoneError::Timeout { .. }) => Some("phone_timeout"),
-        Err(PhoneError::Connection { .. } | PhoneError::Closed { .. }) => {
-            Some("phone_disconnected")
+/// Why one device failed: its error kind, and the reason for the report's examples.
+type Failure = (String, String);
+
+/// The error kind and reason of a phone provisioning that did not end provisioned.
+fn phone_failure(result: &Result<ProvisionOutcome, PhoneError>) -> Option<Failure> {
+    let (kind, why) = match result {
+        Ok(ProvisionOutcome::Provisioned) => return None,
+        Ok(outcome @ ProvisionOutcome::Refused { code }) => (
+            "phone_refused",
+            spread::refusal_example(&outcome.to_string(), *code == 3),
+        ),
+        Ok(outcome @ ProvisionOutcome::Failed { .. }) => {
+            ("phone_provisioning_failed", outcome.to_string())
         }
-        Err(_) => Some("phone_provisioning_failed"),
+        Err(PhoneError::Link(e)) => (
+            match e {
+                LinkError::Timeout { .. } => "phone_timeout",
+                LinkError::Connection { .. }
+                | LinkError::ClosedBeforeTls { .. }
+                | LinkError::Closed { .. } => "phone_disconnected",
+                _ => "phone_provisioning_failed",
+            },
+            disconnect_example(
+                &e.to_string(),
+                matches!(e, LinkError::ClosedBeforeTls { .. }),
+            ),
+        ),
+        Err(e) => ("phone_provisioning_failed", e.to_string()),
+    };
+    Some((kind.to_owned(), why))
+}
+
+/// The example of a station's refused CONNACK, by the return code's name.
+fn station_refusal_example(code: &str) -> String {
+    let unavailable = format!("{:?}", ConnectReturnCode::ServiceUnavailable);
+    spread::refusal_example(code, code == unavailable)
+}
+
+/// The example of a lost connection, or one that could not be made.
+fn disconnect_example(reason: &str, closed_before_tls: bool) -> String {
+    if closed_before_tls {
+        spread::closed_before_tls_example(reason)
+    } else {
+        reason.to_owned()
     }
 }
 
@@ -421,7 +492,7 @@ enum Msg {
     },
     ListDone,
     PhoneDone {
-        outcome: Result<Duration, String>,
+        outcome: Result<Duration, Failure>,
     },
     RejectAnswered {
         outcome: Result<Vec<Value>, ClientError>,
@@ -452,10 +523,12 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
             .map_err(|e| LoadError::Internal(e.to_string()))??
     };
 
+    let sources = source_plan(&opts).await;
     let (tx, rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut run = Run {
         opts,
+        sources,
         operator: Arc::new(operator),
         tx,
         rx,
@@ -477,6 +550,7 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         ca_pem: ca_pem.clone(),
         retry: STATION_RETRY,
         connect_timeout: Duration::from_secs(30),
+        source: None,
     };
     let target = PhoneTarget::new(run.opts.server.clone(), ca_pem);
     let cpu_before = run.opts.fleetd_pid.and_then(fleetd_cpu_ms);
@@ -501,11 +575,45 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
     ))
 }
 
+/// Where each device connects from: the addresses given for it, or else a spread over
+/// loopback addresses when the server's name resolves to IPv4 loopback only.
+async fn source_plan(opts: &LoadOptions) -> SourcePlan {
+    let reachable = match (opts.spread, fleet_certs::split_server(&opts.server)) {
+        (Spread::Loopback { .. }, Some((host, port))) => {
+            match tokio::net::lookup_host((host.as_str(), port)).await {
+                Ok(resolved) => spread::spreadable(&resolved.collect::<Vec<_>>()),
+                Err(_) => false,
+            }
+        }
+        _ => false,
+    };
+    let plan = SourcePlan::new(
+        (&opts.station_sources, opts.stations),
+        (&opts.phone_sources, opts.phones),
+        opts.spread,
+        reachable,
+    );
+    tracing::info!(
+        "devices connect from {} chosen source addresses (0: the system's choice)",
+        plan.distinct()
+    );
+    plan
+}
+
 /// Refuses options that make no run.
 fn check_options(opts: &LoadOptions) -> Result<(), LoadError> {
     if opts.concurrency == 0 || opts.accept_batch == 0 {
         return Err(LoadError::Options(
             "concurrency and accept batch must be at least 1".into(),
+        ));
+    }
+    if opts.spread
+        == (Spread::Loopback {
+            devices_per_address: 0,
+        })
+    {
+        return Err(LoadError::Options(
+            "devices per address must be at least 1".into(),
         ));
     }
     if opts.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
@@ -684,6 +792,7 @@ enum Then {
 
 struct Run {
     opts: LoadOptions,
+    sources: SourcePlan,
     operator: Arc<OperatorClient>,
     tx: mpsc::UnboundedSender<Msg>,
     rx: mpsc::UnboundedReceiver<Msg>,
@@ -819,7 +928,7 @@ impl Run {
         });
         let spawner = tokio::spawn(spawn_stations(
             self.slots.iter().map(|s| s.dir.clone()).collect(),
-            sim,
+            (sim, self.sources.stations.clone()),
             Arc::clone(&pacer),
             self.tx.clone(),
             stop,
@@ -831,7 +940,7 @@ impl Run {
             base: phone_base.to_owned(),
             mac_prefix: mac_prefix.to_owned(),
             target: target.clone(),
-            sources: self.opts.phone_sources.clone(),
+            sources: self.sources.phones.clone(),
             pacer,
             tx: self.tx.clone(),
         }));
@@ -899,7 +1008,7 @@ impl Run {
                         phase.last_done = Instant::now();
                         self.bar.inc(1);
                     }
-                    Err(kind) => self.errors.count(kind, 1),
+                    Err((kind, why)) => self.errors.count_why(&kind, &why),
                 }
                 self.show_errors();
                 self.progress();
@@ -944,15 +1053,10 @@ impl Run {
                 self.bar.inc(1);
                 self.progress();
             }
-            SimEvent::Refused { code } => self.errors.count_why("station_refused", &code),
-            SimEvent::Disconnected { reason } => {
-                self.errors.count_why("station_disconnected", &reason);
-            }
-            SimEvent::Error { .. } => self.errors.count("station_error", 1),
             SimEvent::Rejected | SimEvent::Removed | SimEvent::ResetApplied => {
                 self.errors.count("station_unexpected_command", 1);
             }
-            _ => {}
+            trouble => self.errors.count_trouble("station", &trouble),
         }
         self.show_errors();
         Then::SendAccepts
@@ -1200,14 +1304,7 @@ impl Run {
                                 self.progress();
                             }
                         }
-                        SimEvent::Refused { code } => {
-                            self.errors.count_why("reconnect_refused", &code)
-                        }
-                        SimEvent::Disconnected { reason } => {
-                            self.errors.count_why("reconnect_disconnected", &reason);
-                        }
-                        SimEvent::Error { .. } => self.errors.count("station_error", 1),
-                        _ => {}
+                        trouble => self.errors.count_trouble("reconnect", &trouble),
                     }
                     self.show_errors();
                 }
@@ -1289,30 +1386,12 @@ impl Run {
                         waiting -= 1;
                         self.progress();
                     } else if !slot.sampled {
-                        match event {
-                            SimEvent::Refused { .. } => self.errors.count("station_refused", 1),
-                            SimEvent::Disconnected { .. } => {
-                                self.errors.count("station_disconnected", 1);
-                            }
-                            SimEvent::Error { .. } => self.errors.count("station_error", 1),
-                            _ => {}
-                        }
+                        self.errors.count_trouble("station", &event);
                     }
                 }
                 Wake::Msg(Msg::RejectAnswered { outcome }) => {
                     answered = true;
-                    match outcome {
-                        Ok(responses) => {
-                            for response in responses {
-                                if let Err(e) = fleet_ctl::response_data(response) {
-                                    self.errors.count(client_error_kind(&e), 1);
-                                }
-                            }
-                        }
-                        Err(e) => self
-                            .errors
-                            .count(client_error_kind(&e), sample.len() as u64),
-                    }
+                    waiting -= self.on_rejects_answered(&sample, outcome);
                 }
                 Wake::Tick if self.last_progress.elapsed() > STALL_LIMIT => {
                     self.errors.count("cut_timeout", waiting as u64);
@@ -1322,6 +1401,43 @@ impl Run {
             }
         }
         cut.latency()
+    }
+
+    /// The answers to the reject envelope: a reject that failed is counted as its error, and
+    /// its cut is not waited for. Returns how many cuts that gives up.
+    fn on_rejects_answered(
+        &mut self,
+        sample: &[usize],
+        outcome: Result<Vec<Value>, ClientError>,
+    ) -> usize {
+        let failed: Vec<(usize, ClientError)> = match outcome {
+            Ok(responses) => sample
+                .iter()
+                .zip(responses)
+                .filter_map(|(&index, response)| {
+                    fleet_ctl::response_data(response).err().map(|e| (index, e))
+                })
+                .collect(),
+            Err(e) => {
+                let kind = client_error_kind(&e);
+                self.errors.count_why(&kind, &e.to_string());
+                self.errors
+                    .count(kind, sample.len().saturating_sub(1) as u64);
+                return sample
+                    .iter()
+                    .filter(|&&index| self.slots[index].cut.take().is_some())
+                    .count();
+            }
+        };
+        let mut given_up = 0;
+        for (index, e) in failed {
+            self.errors
+                .count_why(&client_error_kind(&e), &e.to_string());
+            if self.slots[index].cut.take().is_some() {
+                given_up += 1;
+            }
+        }
+        given_up
     }
 
     /// Stops every station (clean DISCONNECT) and waits, within a limit, for them to end.
@@ -1389,6 +1505,7 @@ impl Run {
             provision_ms: figures.provision_ms,
             reject_to_cut_ms: later.reject_to_cut_ms,
             reconnect: later.reconnect,
+            source_addresses: self.sources.distinct(),
             errors: self.errors.0,
             error_examples: self.errors.1,
             fleetd_cpu_ms_per_device: match fleetd_cpu_ms {
@@ -1410,11 +1527,11 @@ impl Run {
     }
 }
 
-/// Starts the stations one after another as the pacer admits them; returns their forwarding
-/// tasks.
+/// Starts the stations one after another as the pacer admits them, each from its source
+/// address; returns their forwarding tasks.
 async fn spawn_stations(
     dirs: Vec<PathBuf>,
-    sim: SimConfig,
+    (sim, sources): (SimConfig, Rotation),
     pacer: Arc<Pacer>,
     tx: mpsc::UnboundedSender<Msg>,
     mut stop: watch::Receiver<bool>,
@@ -1426,7 +1543,11 @@ async fn spawn_stations(
             _ = stop.changed() => break,
         };
         let at = Instant::now();
-        let handle = spawn_station(dir, sim.clone());
+        let config = SimConfig {
+            source: sources.of(index),
+            ..sim.clone()
+        };
+        let handle = spawn_station(dir, config);
         let started = Msg::Started {
             index,
             control: handle.control(),
@@ -1475,7 +1596,7 @@ struct PhoneRun {
     base: PathBuf,
     mac_prefix: String,
     target: PhoneTarget,
-    sources: Vec<IpAddr>,
+    sources: Rotation,
     pacer: Arc<Pacer>,
     tx: mpsc::UnboundedSender<Msg>,
 }
@@ -1490,9 +1611,9 @@ async fn onboard_phones(run: PhoneRun) {
         for &index in chunk {
             match phone::phone_mac(&run.mac_prefix, index) {
                 Ok(mac) => macs.push((index, mac)),
-                Err(_) => {
+                Err(e) => {
                     let _ = run.tx.send(Msg::PhoneDone {
-                        outcome: Err("phone_invalid_mac".into()),
+                        outcome: Err(("phone_invalid_mac".into(), e.to_string())),
                     });
                 }
             }
@@ -1514,7 +1635,7 @@ async fn onboard_phones(run: PhoneRun) {
             Err(e) => {
                 for _ in &macs {
                     let _ = run.tx.send(Msg::PhoneDone {
-                        outcome: Err(client_error_kind(&e)),
+                        outcome: Err((client_error_kind(&e), e.to_string())),
                     });
                 }
                 continue;
@@ -1525,21 +1646,20 @@ async fn onboard_phones(run: PhoneRun) {
                 Ok(data) => data.get("pap").and_then(Value::as_str).map(str::to_owned),
                 Err(e) => {
                     let _ = run.tx.send(Msg::PhoneDone {
-                        outcome: Err(client_error_kind(&e)),
+                        outcome: Err((client_error_kind(&e), e.to_string())),
                     });
                     continue;
                 }
             };
             let Some(pap) = pap else {
                 let _ = run.tx.send(Msg::PhoneDone {
-                    outcome: Err("phone_no_pap".into()),
+                    outcome: Err(("phone_no_pap".into(), "createPhone answered no PAP".into())),
                 });
                 continue;
             };
             let mut target = run.target.clone();
-            if !run.sources.is_empty() {
-                target.source = Some(run.sources[index % run.sources.len()]);
-            }
+            // Phone numbers start at 1.
+            target.source = run.sources.of(index - 1);
             let profile = PhoneProfile {
                 mac: mac.to_string(),
                 vendor: phone::DEFAULT_VENDOR.into(),
@@ -1556,13 +1676,11 @@ async fn onboard_phones(run: PhoneRun) {
                     Ok(_) => phone::provision(&dir, &target).await,
                     Err(e) => Err(e),
                 };
-                let outcome = match phone_error_kind(&result) {
+                let outcome = match phone_failure(&result) {
                     None => Ok(started.elapsed()),
-                    Some(kind) => {
-                        if let Err(e) = &result {
-                            tracing::debug!("phone {}: {e}", profile.mac);
-                        }
-                        Err(kind.to_owned())
+                    Some(failure) => {
+                        tracing::debug!("phone {}: {}", profile.mac, failure.1);
+                        Err(failure)
                     }
                 };
                 let _ = tx.send(Msg::PhoneDone { outcome });
@@ -1572,7 +1690,7 @@ async fn onboard_phones(run: PhoneRun) {
     for task in tasks {
         if task.await.is_err() {
             let _ = run.tx.send(Msg::PhoneDone {
-                outcome: Err("phone_task_failed".into()),
+                outcome: Err(("phone_task_failed".into(), "a phone's task panicked".into())),
             });
         }
     }
@@ -1640,16 +1758,58 @@ mod tests {
             client_error_kind(&ClientError::Timeout(Duration::from_secs(1))),
             "operator_timeout"
         );
+        let kind = |result| phone_failure(&result).map(|(kind, _)| kind);
         assert_eq!(
-            phone_error_kind(&Ok(ProvisionOutcome::Refused { code: 4 })),
+            kind(Ok(ProvisionOutcome::Refused { code: 4 })).as_deref(),
             Some("phone_refused")
         );
-        assert_eq!(phone_error_kind(&Ok(ProvisionOutcome::Provisioned)), None);
+        assert_eq!(kind(Ok(ProvisionOutcome::Provisioned)), None);
+        let timeout = LinkError::Timeout {
+            waiting_for: "CONNACK",
+            limit: Duration::from_secs(1),
+        };
+        assert_eq!(
+            kind(Err(PhoneError::Link(timeout))).as_deref(),
+            Some("phone_timeout")
+        );
         let mut errors = Errors::default();
         errors.count("a", 2);
         errors.count("a", 0);
         errors.count("b", 0);
         assert_eq!(errors.total(), 2);
         assert_eq!(errors.0.len(), 1);
+    }
+
+    #[test]
+    fn error_examples_name_fleetds_per_address_limits() {
+        let closed = LinkError::ClosedBeforeTls {
+            server: "127.0.0.1:8883".into(),
+            source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "tls handshake eof"),
+        };
+        let (kind, why) = phone_failure(&Err(PhoneError::Link(closed))).unwrap();
+        assert_eq!(kind, "phone_disconnected");
+        assert!(why.starts_with("per-address limit: "), "{why}");
+        assert!(why.contains("tls handshake eof"), "{why}");
+        let (kind, why) = phone_failure(&Ok(ProvisionOutcome::Refused { code: 3 })).unwrap();
+        assert_eq!(kind, "phone_refused");
+        assert!(why.contains("limits.sessions_per_ip"), "{why}");
+        let (_, why) = phone_failure(&Ok(ProvisionOutcome::Refused { code: 5 })).unwrap();
+        assert_eq!(why, "refused: not authorized (5)");
+
+        assert!(station_refusal_example("ServiceUnavailable").contains("a per-address limit"));
+        assert_eq!(station_refusal_example("NotAuthorized"), "NotAuthorized");
+        let closed = disconnect_example("x closed the connection before TLS: eof", true);
+        assert!(closed.starts_with("per-address limit: "), "{closed}");
+        assert_eq!(
+            disconnect_example("connection refused", false),
+            "connection refused"
+        );
+
+        // The first example of a kind is kept, whole up to 300 characters.
+        let mut errors = Errors::default();
+        errors.count_why("station_disconnected", &closed);
+        errors.count_why("station_disconnected", "later");
+        assert_eq!(errors.1["station_disconnected"], closed);
+        assert_eq!(errors.0["station_disconnected"], 2);
     }
 }

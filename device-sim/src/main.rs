@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
+use fleet_sim::open_files::{raise_open_files, OpenFiles};
 use fleet_sim::phone::{self, PhoneProfile, PhoneState, PhoneTarget, ProvisionOutcome};
 use fleet_sim::{
     admin_request, fingerprint, local_reset, run_load, serve_admin, spawn_fleet, spawn_station,
-    AdminRequest, Latency, LoadOptions, SimConfig, StationProfile, StationState, Tally,
-    DEFAULT_MODEL,
+    AdminRequest, Latency, LoadOptions, SimConfig, Spread, StationProfile, StationState, Tally,
+    DEFAULT_MODEL, DEVICES_PER_ADDRESS,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -79,16 +80,20 @@ enum TopCommand {
 }
 
 const LOAD_HELP: &str = "\
-Every simulated station connects from the same address (stations cannot bind a source address),
-so a load against a real fleetd needs a configuration with higher per-address limits, e.g.
+A fleet is many sites, each behind its own address. Against a fleetd on IPv4 loopback, the
+simulated devices connect from 127.0.0.2, 127.0.0.3, … (Linux routes all of 127.0.0.0/8 to lo),
+at most --devices-per-address (100) to each, in turn: few enough that fleetd's default
+per-address [limits] (600 connections a minute, 256 unfinished handshakes, 5000 sessions, 1000
+stations waiting for approval) let the whole run through. --station-source and --phone-source
+choose the addresses instead (repeat them for several; one for a single address); --no-spread
+leaves the choice to the system (on loopback: everything from 127.0.0.1, which needs higher
+per-address limits in fleetd). An error example that starts with \"per-address limit:\" is a
+refusal by one of those limits. The operator's command budget
+(limits.operator_commands_per_second: 20 a second after a burst of 200) bounds the accepts:
+lift it in fleetd for a faster run.
 
-    [limits]
-    connections_per_ip_per_minute = 100000
-    failed_auth_per_ip = 1000
-
-(the defaults, 600 connections a minute and 20 failed authentications per address, stop a load
-of more than a few hundred devices). Phones can also be spread over several loopback addresses
-with --phone-source 127.0.0.2 --phone-source 127.0.0.3 ….
+fleet-sim raises its soft limit on open files to the hard limit (RUST_LOG=info shows it): each
+device holds a socket, so raise the hard limit (ulimit -Hn) for more devices than it allows.
 
 Each run keeps its devices under STATE_DIR/<serial prefix>/ and uses new serials and MACs, so
 runs against the same fleetd do not meet; the devices stay in fleetd's store afterwards.
@@ -134,9 +139,22 @@ struct LoadArgs {
     /// fleetd's process id: its memory is read from /proc/PID/status.
     #[arg(long)]
     fleetd_pid: Option<u32>,
-    /// Local source address for phones (repeat it to spread them over several).
+    /// Local source address for stations (repeat it to use several in turn); instead of the
+    /// spread.
+    #[arg(long)]
+    station_source: Vec<IpAddr>,
+    /// Local source address for phones (repeat it to use several in turn); instead of the
+    /// spread.
     #[arg(long)]
     phone_source: Vec<IpAddr>,
+    /// Against a fleetd on IPv4 loopback, devices connect from 127.0.0.2, 127.0.0.3, … with at
+    /// most this many to an address.
+    #[arg(long, default_value_t = DEVICES_PER_ADDRESS, conflicts_with = "no_spread")]
+    devices_per_address: usize,
+    /// No spread: devices without --station-source or --phone-source connect from the
+    /// system's choice of address.
+    #[arg(long)]
+    no_spread: bool,
     /// Write the report as JSON to FILE.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -222,6 +240,9 @@ struct Connection {
     /// Milliseconds to wait before connecting again after a refusal or a lost connection.
     #[arg(long, default_value_t = 1000)]
     retry_ms: u64,
+    /// Local source address to connect from, e.g. 127.0.0.2 to play a station behind that IP.
+    #[arg(long)]
+    source: Option<IpAddr>,
 }
 
 impl Connection {
@@ -236,6 +257,7 @@ impl Connection {
             ca_pem,
             retry: Duration::from_millis(self.retry_ms),
             connect_timeout: Duration::from_secs(30),
+            source: self.source,
         })
     }
 }
@@ -296,6 +318,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    let open_files = open_files();
     match Cli::parse().command {
         TopCommand::Station(command) => station(command).await,
         TopCommand::Stations {
@@ -338,12 +361,34 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
-        TopCommand::Load(args) => load(args).await,
+        TopCommand::Load(args) => load(args, open_files).await,
     }
 }
 
-#[allow(clippy::print_stdout)]
-async fn load(args: LoadArgs) -> anyhow::Result<()> {
+/// Raises the soft limit on open files to the hard one and says how many devices it allows; a
+/// failure is only a warning.
+fn open_files() -> Option<OpenFiles> {
+    match raise_open_files() {
+        Ok(files) => {
+            match files.devices() {
+                Some(devices) => tracing::info!(
+                    before = ?files.before,
+                    now = ?files.now,
+                    "the limit on open files allows about {devices} simulated devices at once"
+                ),
+                None => tracing::info!("no limit on open files"),
+            }
+            Some(files)
+        }
+        Err(e) => {
+            tracing::warn!("cannot raise the limit on open files: {e}");
+            None
+        }
+    }
+}
+
+/// The library's options from the command line's.
+fn load_options(args: LoadArgs) -> anyhow::Result<LoadOptions> {
     use std::io::IsTerminal as _;
     if fleet_sim::station::split_server(&args.server).is_none() {
         bail!("--server {:?} is not HOST:PORT", args.server);
@@ -359,14 +404,48 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     opts.reconnect = args.reconnect;
     opts.cut_sample = args.cut_sample;
     opts.fleetd_pid = args.fleetd_pid;
+    opts.station_sources = args.station_source;
     opts.phone_sources = args.phone_source;
+    opts.spread = if args.no_spread {
+        Spread::Off
+    } else {
+        Spread::Loopback {
+            devices_per_address: args.devices_per_address,
+        }
+    };
     opts.progress = std::io::stderr().is_terminal();
+    Ok(opts)
+}
+
+async fn load(args: LoadArgs, open_files: Option<OpenFiles>) -> anyhow::Result<()> {
+    let json = args.json.clone();
+    let opts = load_options(args)?;
+    let devices = (opts.stations + opts.phones) as u64;
+    if let Some(allowed) = open_files.and_then(|f| f.devices()) {
+        if allowed < devices {
+            tracing::warn!(
+                "the limit on open files allows about {allowed} devices at once, fewer than the \
+                 {devices} of this run: raise the hard limit (ulimit -Hn)"
+            );
+        }
+    }
     let report = run_load(opts).await?;
-    if let Some(path) = &args.json {
+    if let Some(path) = &json {
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, text + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    print_report(&report);
+    if report.errors.is_empty() {
+        Ok(())
+    } else {
+        bail!("the load run counted errors")
+    }
+}
+
+/// The report's summary, for people.
+#[allow(clippy::print_stdout)]
+fn print_report(report: &fleet_sim::LoadReport) {
     let ms = |l: &Latency| match (l.p50, l.p99, l.max) {
         (Some(p50), Some(p99), Some(max)) => {
             format!("p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms")
@@ -401,6 +480,10 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         );
     }
     println!("reject to cut:        {}", ms(&report.reject_to_cut_ms));
+    match report.source_addresses {
+        0 => println!("source addresses:     the system's choice"),
+        n => println!("source addresses:     {n}"),
+    }
     match (report.fleetd_rss_kib, report.fleetd_rss_kib_per_device) {
         (Some(kib), Some(per)) => {
             println!("fleetd RSS:           {kib} KiB, {per:.1} KiB per device")
@@ -412,7 +495,6 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     }
     if report.errors.is_empty() {
         println!("errors:               none");
-        Ok(())
     } else {
         let errors: Vec<String> = report
             .errors
@@ -420,7 +502,9 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
             .map(|(kind, n)| format!("{kind} {n}"))
             .collect();
         println!("errors:               {}", errors.join(", "));
-        bail!("the load run counted errors")
+        for (kind, example) in &report.error_examples {
+            println!("  {kind}: {example}");
+        }
     }
 }
 

@@ -1,31 +1,23 @@
 //! Simulated phones: a state directory like a phone's flash (`phone.json`, `key.pem`,
-//! `cert.pem`, `ca-from-server.pem`), PAP provisioning and certificate connections over a small
-//! MQTT 3.1.1 client of its own, which can bind a chosen local source address to play a phone
-//! behind a given public IP (rumqttc cannot).
+//! `cert.pem`, `ca-from-server.pem`), PAP provisioning and certificate connections over the
+//! simulator's own MQTT client ([`crate::link`]), which can bind a chosen local source address
+//! to play a phone behind a given public IP.
 
 use std::fmt;
-use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use fleet_certs::{CertError, Fingerprint};
 use fleet_protocol::payload::{ProvisionRequest, ProvisionResponse};
 use fleet_protocol::{IdError, Mac, Topic};
-use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
-};
-use rumqttc::mqttbytes::QoS;
-use rustls::pki_types::ServerName;
+use rumqttc::mqttbytes::v4::{Connect, Packet, Publish};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
+use crate::link::{return_code, Link, LinkError};
 use crate::state_file::{
     read_optional, remove_optional, write_atomically, write_private, FileError, Record, StateFile,
 };
@@ -43,17 +35,10 @@ pub const DEFAULT_VENDOR: &str = "Simphone";
 /// Type of a phone made without one.
 pub const DEFAULT_TYPE: &str = "SP-100";
 
-/// Longest wait for the TCP connection and the TLS handshake.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest wait for any one reply (CONNACK, SUBACK, PUBACK, the provisioning response); long
-/// enough for a server provisioning thousands of phones at once.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest wait for a write to the server.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keepalive the phone asks for; a live session pings at half of it.
 const KEEP_ALIVE: Duration = Duration::from_secs(60);
-/// Largest MQTT packet accepted from the server.
-const MAX_PACKET_SIZE: usize = 1024 * 1024;
 
 /// What went wrong with a phone: its state directory, or talking to the server. A refusal of
 /// provisioning is a [`ProvisionOutcome`], not an error.
@@ -73,55 +58,24 @@ pub enum PhoneError {
     /// `connect_provisioned` on a phone without a certificate.
     #[error("the phone is not provisioned (no key.pem and cert.pem)")]
     NotProvisioned,
-    /// The server address is not `HOST:PORT`, or HOST is not a TLS server name.
-    #[error("server address {0:?} is not HOST:PORT")]
-    InvalidServer(String),
-    /// The server's name resolved to no address of the source address's family.
-    #[error("{server} has no address reachable from {source_ip}")]
-    NoAddress {
-        /// The server address.
-        server: String,
-        /// The local source address.
-        source_ip: IpAddr,
-    },
-    /// The TCP connection or the TLS handshake failed, or the connection broke.
-    #[error("connection to {server}: {source}")]
-    Connection {
-        /// The server address.
-        server: String,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
+    /// Talking to the server failed: the connection, the TLS handshake, MQTT, a time limit.
+    #[error(transparent)]
+    Link(#[from] LinkError),
     /// The server answered CONNECT with a refusal (4 wrong PAP, 5 not authorized).
     #[error("CONNECT refused with return code {code}")]
     Refused {
         /// The CONNACK return code.
         code: u8,
     },
-    /// The server closed the connection while the phone waited for `waiting_for`.
-    #[error("the server closed the connection while the phone waited for {waiting_for}")]
-    Closed {
-        /// What the phone waited for.
-        waiting_for: &'static str,
-    },
-    /// Nothing came within the time limit.
-    #[error("no {waiting_for} within {limit:?}")]
-    Timeout {
-        /// What the phone waited for.
-        waiting_for: &'static str,
-        /// The time limit.
-        limit: Duration,
-    },
-    /// The server sent bytes that are not MQTT 3.1.1, or a packet that makes no sense here.
-    #[error("MQTT protocol: {0}")]
-    Protocol(String),
     /// The server denied a SUBSCRIBE (SUBACK 0x80) the phone needs.
     #[error("subscription to {0} denied")]
     SubscribeDenied(String),
     /// The provisioning response is neither a certificate nor an error.
     #[error("malformed provisioning response: {0}")]
     BadResponse(String),
+    /// A provisioning task of [`provision_many`] panicked or was cancelled.
+    #[error("provisioning task failed: {0}")]
+    Task(String),
 }
 
 /// What a new phone is made from (`fleet-sim phone init`).
@@ -309,297 +263,21 @@ pub fn certificate_connect(mac: &Mac) -> Connect {
     connect
 }
 
-/// Encodes one packet.
-pub fn encode(packet: &Packet) -> Result<BytesMut, PhoneError> {
-    let mut buffer = BytesMut::new();
-    packet
-        .write(&mut buffer, MAX_PACKET_SIZE)
-        .map_err(|e| PhoneError::Protocol(e.to_string()))?;
-    Ok(buffer)
-}
-
-/// Decodes the first whole packet of `buffer` and removes it; `None` if more bytes are needed.
-pub fn decode(buffer: &mut BytesMut) -> Result<Option<Packet>, PhoneError> {
-    match Packet::read(buffer, MAX_PACKET_SIZE) {
-        Ok(packet) => Ok(Some(packet)),
-        Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
-        Err(e) => Err(PhoneError::Protocol(e.to_string())),
-    }
-}
-
-/// Opens a TCP connection to `server` (`HOST:PORT`), from `source` if given (port chosen by the
-/// system), with a time limit.
-pub async fn tcp_connect(server: &str, source: Option<IpAddr>) -> Result<TcpStream, PhoneError> {
-    let (host, port) = fleet_certs::split_server(server)
-        .ok_or_else(|| PhoneError::InvalidServer(server.to_owned()))?;
-    let connection_error = |source| PhoneError::Connection {
-        server: server.to_owned(),
-        source,
-    };
-    let attempt = async {
-        let addresses = tokio::net::lookup_host((host.as_str(), port))
-            .await
-            .map_err(connection_error)?;
-        let mut last_error = None;
-        for address in addresses {
-            if source.is_some_and(|s| s.is_ipv4() != address.is_ipv4()) {
-                continue;
-            }
-            match connect_from(address, source).await {
-                Ok(stream) => return Ok(stream),
-                Err(e) => last_error = Some(e),
-            }
-        }
-        Err(match (last_error, source) {
-            (Some(e), _) => connection_error(e),
-            (None, Some(source_ip)) => PhoneError::NoAddress {
-                server: server.to_owned(),
-                source_ip,
-            },
-            (None, None) => connection_error(io::Error::new(
-                io::ErrorKind::NotFound,
-                "the name resolved to no address",
-            )),
-        })
-    };
-    tokio::time::timeout(CONNECT_TIMEOUT, attempt)
-        .await
-        .map_err(|_| PhoneError::Timeout {
-            waiting_for: "TCP connection",
-            limit: CONNECT_TIMEOUT,
-        })?
-}
-
-async fn connect_from(address: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
-    let socket = if address.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    if let Some(source) = source {
-        socket.bind(SocketAddr::new(source, 0))?;
-    }
-    let stream = socket.connect(address).await?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
-/// One MQTT 3.1.1 connection over TLS: whole packets in and out, every wait bounded.
-struct Link {
-    server: String,
-    stream: TlsStream<TcpStream>,
-    incoming: BytesMut,
-    next_pkid: u16,
-}
-
-impl Link {
-    /// TCP (from the target's source address), then TLS trusting the target's CA and presenting
-    /// `identity` (certificate PEM, key PEM) if given.
-    async fn open(
-        target: &PhoneTarget,
-        identity: Option<(&str, &str)>,
-    ) -> Result<Link, PhoneError> {
-        let (host, _) = fleet_certs::split_server(&target.server)
-            .ok_or_else(|| PhoneError::InvalidServer(target.server.clone()))?;
-        let name = ServerName::try_from(host)
-            .map_err(|_| PhoneError::InvalidServer(target.server.clone()))?;
-        let config = fleet_certs::client_config(&target.ca_pem, identity)?;
-        let tcp = tcp_connect(&target.server, target.source).await?;
-        let handshake = TlsConnector::from(Arc::new(config)).connect(name, tcp);
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
-            .await
-            .map_err(|_| PhoneError::Timeout {
-                waiting_for: "TLS handshake",
-                limit: CONNECT_TIMEOUT,
-            })?
-            .map_err(|source| PhoneError::Connection {
-                server: target.server.clone(),
-                source,
-            })?;
-        Ok(Link {
-            server: target.server.clone(),
-            stream,
-            incoming: BytesMut::with_capacity(4096),
-            next_pkid: 1,
-        })
-    }
-
-    fn pkid(&mut self) -> u16 {
-        let pkid = self.next_pkid;
-        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-        pkid
-    }
-
-    async fn send(&mut self, packet: &Packet) -> Result<(), PhoneError> {
-        let bytes = encode(packet)?;
-        let write = async {
-            self.stream.write_all(&bytes).await?;
-            self.stream.flush().await
-        };
-        tokio::time::timeout(WRITE_TIMEOUT, write)
-            .await
-            .map_err(|_| PhoneError::Timeout {
-                waiting_for: "write to the server",
-                limit: WRITE_TIMEOUT,
-            })?
-            .map_err(|source| PhoneError::Connection {
-                server: self.server.clone(),
-                source,
-            })
-    }
-
-    /// The next packet, without a time limit. Cancel-safe: bytes read stay in `incoming`.
-    async fn recv(&mut self, waiting_for: &'static str) -> Result<Packet, PhoneError> {
-        loop {
-            if let Some(packet) = decode(&mut self.incoming)? {
-                return Ok(packet);
-            }
-            let read = self
-                .stream
-                .read_buf(&mut self.incoming)
-                .await
-                .map_err(|source| PhoneError::Connection {
-                    server: self.server.clone(),
-                    source,
-                })?;
-            if read == 0 {
-                return Err(PhoneError::Closed { waiting_for });
-            }
-        }
-    }
-
-    /// The next packet within [`REPLY_TIMEOUT`].
-    async fn recv_within(&mut self, waiting_for: &'static str) -> Result<Packet, PhoneError> {
-        tokio::time::timeout(REPLY_TIMEOUT, self.recv(waiting_for))
-            .await
-            .map_err(|_| PhoneError::Timeout {
-                waiting_for,
-                limit: REPLY_TIMEOUT,
-            })?
-    }
-
-    /// Sends CONNECT and returns the CONNACK return code.
-    async fn connect(&mut self, connect: Connect) -> Result<u8, PhoneError> {
-        self.send(&Packet::Connect(connect)).await?;
-        match self.recv_within("CONNACK").await? {
-            Packet::ConnAck(ConnAck { code, .. }) => Ok(return_code(code)),
-            other => Err(unexpected("CONNACK", &other)),
-        }
-    }
-
-    /// Acknowledges a QoS 1 PUBLISH from the server.
-    async fn acknowledge(&mut self, publish: &Publish) -> Result<(), PhoneError> {
-        if publish.qos == QoS::AtLeastOnce {
-            self.send(&Packet::PubAck(PubAck::new(publish.pkid)))
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// Reads packets until `done` picks one, within [`REPLY_TIMEOUT`] in all. PUBLISHes that
-    /// `done` does not pick are acknowledged and kept in `inbox`; ping responses are dropped.
-    async fn wait_for<T>(
-        &mut self,
-        waiting_for: &'static str,
-        inbox: &mut Vec<Publish>,
-        mut done: impl FnMut(&Packet) -> Option<T>,
-    ) -> Result<T, PhoneError> {
-        let wait = async {
-            loop {
-                let packet = self.recv(waiting_for).await?;
-                if let Some(found) = done(&packet) {
-                    if let Packet::Publish(publish) = &packet {
-                        self.acknowledge(publish).await?;
-                    }
-                    return Ok(found);
-                }
-                match packet {
-                    Packet::Publish(publish) => {
-                        self.acknowledge(&publish).await?;
-                        inbox.push(publish);
-                    }
-                    Packet::PingResp | Packet::PubAck(_) | Packet::SubAck(_) => {}
-                    Packet::Disconnect => return Err(PhoneError::Closed { waiting_for }),
-                    other => return Err(unexpected(waiting_for, &other)),
-                }
-            }
-        };
-        tokio::time::timeout(REPLY_TIMEOUT, wait)
-            .await
-            .map_err(|_| PhoneError::Timeout {
-                waiting_for,
-                limit: REPLY_TIMEOUT,
-            })?
-    }
-
-    /// SUBSCRIBE one filter at QoS 1; the SUBACK code (0, 1, 2 granted QoS; 0x80 denied).
-    async fn subscribe(
-        &mut self,
-        filter: &str,
-        inbox: &mut Vec<Publish>,
-    ) -> Result<u8, PhoneError> {
-        let pkid = self.pkid();
-        let mut subscribe = Subscribe::new(filter, QoS::AtLeastOnce);
-        subscribe.pkid = pkid;
-        self.send(&Packet::Subscribe(subscribe)).await?;
-        self.wait_for("SUBACK", inbox, |packet| match packet {
-            Packet::SubAck(ack) if ack.pkid == pkid => Some(
-                ack.return_codes
-                    .first()
-                    .map_or(0x80, |code| suback_code(*code)),
-            ),
-            _ => None,
-        })
-        .await
-    }
-
-    /// PUBLISH at QoS 1 and wait for its PUBACK.
-    async fn publish(
-        &mut self,
-        topic: &str,
-        payload: Bytes,
-        inbox: &mut Vec<Publish>,
-    ) -> Result<(), PhoneError> {
-        let pkid = self.pkid();
-        let mut publish = Publish::from_bytes(topic, QoS::AtLeastOnce, payload);
-        publish.pkid = pkid;
-        self.send(&Packet::Publish(publish)).await?;
-        self.wait_for("PUBACK", inbox, |packet| match packet {
-            Packet::PubAck(ack) if ack.pkid == pkid => Some(()),
-            _ => None,
-        })
-        .await
-    }
-
-    /// DISCONNECT and close; errors do not matter any more.
-    async fn disconnect(mut self) {
-        let _ = self.send(&Packet::Disconnect).await;
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, self.stream.shutdown()).await;
-    }
-}
-
-fn return_code(code: ConnectReturnCode) -> u8 {
-    match code {
-        ConnectReturnCode::Success => 0,
-        ConnectReturnCode::RefusedProtocolVersion => 1,
-        ConnectReturnCode::BadClientId => 2,
-        ConnectReturnCode::ServiceUnavailable => 3,
-        ConnectReturnCode::BadUserNamePassword => 4,
-        ConnectReturnCode::NotAuthorized => 5,
-    }
-}
-
-fn suback_code(code: SubscribeReasonCode) -> u8 {
-    match code {
-        SubscribeReasonCode::Success(QoS::AtMostOnce) => 0,
-        SubscribeReasonCode::Success(QoS::AtLeastOnce) => 1,
-        SubscribeReasonCode::Success(QoS::ExactlyOnce) => 2,
-        SubscribeReasonCode::Failure => 0x80,
-    }
-}
-
-fn unexpected(waiting_for: &str, packet: &Packet) -> PhoneError {
-    PhoneError::Protocol(format!("expected {waiting_for}, got {packet:?}"))
+/// TCP from the target's source address, then TLS trusting the target's CA and presenting
+/// `identity` (certificate PEM, key PEM) if given.
+async fn open_link(
+    target: &PhoneTarget,
+    identity: Option<(&str, &str)>,
+) -> Result<Link, PhoneError> {
+    let tls = fleet_certs::client_config(&target.ca_pem, identity)?;
+    let link = Link::open(
+        &target.server,
+        target.source,
+        Arc::new(tls),
+        HANDSHAKE_TIMEOUT,
+    )
+    .await?;
+    Ok(link)
 }
 
 /// One complete provisioning attempt (PROTOCOL §3): CONNECT with the PAP from `phone.json`
@@ -615,10 +293,11 @@ pub async fn provision(
     let dir = dir.as_ref();
     let state = PhoneState::open(dir)?;
     let mac = state.record.mac.clone();
-    let mut link = Link::open(target, None).await?;
-    let code = link
-        .connect(pap_connect(&mac, state.record.pap.as_deref()))
-        .await?;
+    let mut link = open_link(target, None).await?;
+    let code = return_code(
+        link.connect(pap_connect(&mac, state.record.pap.as_deref()))
+            .await?,
+    );
     if code != 0 {
         return Ok(ProvisionOutcome::Refused { code });
     }
@@ -725,10 +404,11 @@ pub async fn connect_raw(
     password: Option<&str>,
 ) -> Result<u8, PhoneError> {
     let state = PhoneState::open(dir)?;
-    let mut link = Link::open(target, None).await?;
-    let code = link
-        .connect(pap_connect(&state.record.mac, password))
-        .await?;
+    let mut link = open_link(target, None).await?;
+    let code = return_code(
+        link.connect(pap_connect(&state.record.mac, password))
+            .await?,
+    );
     if code == 0 {
         link.disconnect().await;
     }
@@ -764,22 +444,22 @@ impl fmt::Debug for PhoneSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PhoneSession")
             .field("mac", &self.mac)
-            .field("server", &self.link.server)
+            .field("server", &self.link.server())
             .finish_non_exhaustive()
     }
 }
 
 /// Connects with `cert.pem`/`key.pem` (client id `phone-<mac>`, no username or password).
 /// `Err(PhoneError::Refused { code })` on a refused CONNACK; a server that refuses the
-/// certificate during or right after the TLS handshake gives `Connection` or `Closed` instead.
+/// certificate during or right after the TLS handshake gives a [`LinkError`] instead.
 pub async fn connect_provisioned(
     dir: impl AsRef<Path>,
     target: &PhoneTarget,
 ) -> Result<PhoneSession, PhoneError> {
     let state = PhoneState::open(dir)?;
     let (cert_pem, key_pem) = state.identity()?.ok_or(PhoneError::NotProvisioned)?;
-    let mut link = Link::open(target, Some((&cert_pem, &key_pem))).await?;
-    let code = link.connect(certificate_connect(&state.record.mac)).await?;
+    let mut link = open_link(target, Some((&cert_pem, &key_pem))).await?;
+    let code = return_code(link.connect(certificate_connect(&state.record.mac)).await?);
     if code != 0 {
         return Err(PhoneError::Refused { code });
     }
@@ -798,7 +478,7 @@ impl PhoneSession {
 
     /// SUBSCRIBE `filter` at QoS 1; returns the SUBACK code (0, 1, 2 granted; 0x80 denied).
     pub async fn subscribe(&mut self, filter: &str) -> Result<u8, PhoneError> {
-        self.link.subscribe(filter, &mut self.inbox).await
+        Ok(self.link.subscribe(filter, &mut self.inbox).await?)
     }
 
     /// PUBLISH at QoS 1 and wait for the PUBACK. (A 3.1.1 server acknowledges a denied
@@ -810,7 +490,8 @@ impl PhoneSession {
     ) -> Result<(), PhoneError> {
         self.link
             .publish(topic, payload.into(), &mut self.inbox)
-            .await
+            .await?;
+        Ok(())
     }
 
     /// The next message for the phone (topic, payload), within `limit` (at most 30 s);
@@ -831,8 +512,8 @@ impl PhoneSession {
             });
         match tokio::time::timeout(limit, wait).await {
             Ok(Ok(message)) => Ok(Some(message)),
-            Ok(Err(PhoneError::Timeout { .. })) | Err(_) => Ok(None),
-            Ok(Err(e)) => Err(e),
+            Ok(Err(LinkError::Timeout { .. })) | Err(_) => Ok(None),
+            Ok(Err(e)) => Err(e.into()),
         }
     }
 
@@ -870,22 +551,11 @@ impl PhoneSession {
     }
 }
 
-fn session_end(error: PhoneError) -> SessionEnd {
-    match error {
-        PhoneError::Closed { .. } => SessionEnd::ClosedByServer,
-        // A TLS close without close_notify, or a reset, is the server going away too.
-        PhoneError::Connection { ref source, .. }
-            if matches!(
-                source.kind(),
-                io::ErrorKind::UnexpectedEof
-                    | io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::ConnectionAborted
-                    | io::ErrorKind::BrokenPipe
-            ) =>
-        {
-            SessionEnd::ClosedByServer
-        }
-        other => SessionEnd::Failed(other),
+fn session_end(error: LinkError) -> SessionEnd {
+    if error.is_closed_by_server() {
+        SessionEnd::ClosedByServer
+    } else {
+        SessionEnd::Failed(error.into())
     }
 }
 
@@ -943,11 +613,9 @@ pub async fn provision_many(
     let mut results = Vec::with_capacity(count);
     for (mac, task) in tasks {
         let result = match task {
-            Ok(task) => task.await.unwrap_or_else(|e| {
-                Err(PhoneError::Protocol(format!(
-                    "provisioning task failed: {e}"
-                )))
-            }),
+            Ok(task) => task
+                .await
+                .unwrap_or_else(|e| Err(PhoneError::Task(e.to_string()))),
             Err(e) => Err(e),
         };
         results.push((mac, result));
@@ -958,10 +626,17 @@ pub async fn provision_many(
 #[cfg(test)]
 mod tests {
     use std::fs;
+    use std::net::SocketAddr;
 
+    use bytes::BytesMut;
     use fleet_protocol::Filter;
+    use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, PubAck, SubscribeReasonCode};
+    use rumqttc::mqttbytes::QoS;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     use super::*;
+    use crate::link::{decode, encode};
 
     fn profile() -> PhoneProfile {
         PhoneProfile {
@@ -1082,50 +757,6 @@ mod tests {
         };
         assert_eq!(connect.client_id, mac.client_id());
         assert_eq!(connect.login, None);
-    }
-
-    #[test]
-    fn decode_waits_for_whole_packets() {
-        let mac: Mac = "0011aabbccdd".parse().unwrap();
-        let topic = Topic::PhoneProvisionRequest(mac.clone()).to_string();
-        let mut publish = Publish::new(topic, QoS::AtLeastOnce, "{}");
-        publish.pkid = 7;
-        let whole = encode(&Packet::Publish(publish.clone())).unwrap();
-        let mut partial = BytesMut::from(&whole[..whole.len() - 1]);
-        assert_eq!(decode(&mut partial).unwrap(), None);
-        partial.extend_from_slice(&whole[whole.len() - 1..]);
-        assert_eq!(
-            decode(&mut partial).unwrap(),
-            Some(Packet::Publish(publish))
-        );
-        let mut garbage = BytesMut::from(&[0xf0u8, 0x00][..]);
-        assert!(decode(&mut garbage).is_err());
-    }
-
-    #[tokio::test]
-    async fn tcp_connect_binds_the_chosen_source_address() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = listener.local_addr().unwrap().to_string();
-        let source: IpAddr = "127.0.0.2".parse().unwrap();
-        let (client, accepted) =
-            tokio::join!(tcp_connect(&server, Some(source)), listener.accept());
-        let client = client.unwrap();
-        let (_, peer) = accepted.unwrap();
-        assert_eq!(peer.ip(), source);
-        assert_eq!(client.local_addr().unwrap().ip(), source);
-
-        let (client, accepted) = tokio::join!(tcp_connect(&server, None), listener.accept());
-        client.unwrap();
-        assert_eq!(accepted.unwrap().1.ip(), IpAddr::from([127, 0, 0, 1]));
-
-        assert!(matches!(
-            tcp_connect("localhost", None).await,
-            Err(PhoneError::InvalidServer(_))
-        ));
-        assert!(matches!(
-            tcp_connect(&server, Some("::1".parse().unwrap())).await,
-            Err(PhoneError::NoAddress { .. })
-        ));
     }
 
     #[test]

@@ -1,33 +1,31 @@
 //! The station's run loop (the tokio shell around the state directory, the command parser and
-//! the firmware download): boot, connect, ask for authorization, obey `cmd`, reboot.
+//! the firmware download): boot, connect (over [`crate::link`], from a chosen source address
+//! if given), ask for authorization, obey `cmd`, reboot.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_protocol::{Serial, StationLeaf, Topic};
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, QoS,
-    SubscribeReasonCode, TlsConfiguration, Transport,
+use rumqttc::mqttbytes::v4::{
+    Connect, ConnectReturnCode, LastWill, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
 };
+use rumqttc::mqttbytes::QoS;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::command::Command;
 use crate::firmware::{ChunkMessage, DiskPartFile, Download, Step, UpdateOrder};
+use crate::link::{Link, LinkError};
 use crate::state::{self, Identity, PendingUpdate, StationState};
 
-/// Keepalive the station asks for.
+/// Keepalive the station asks for; it pings once per keepalive.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// How long a clean disconnect may take before the connection is just dropped.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
-/// Requests queued towards the MQTT event loop; the shell never waits for room in it.
-const REQUEST_CAPACITY: usize = 256;
-/// Largest MQTT packet accepted or sent: a 16 KiB chunk is about 22 KB as base64 in JSON,
-/// more than rumqttc's 10 KiB default.
-const MAX_PACKET_SIZE: usize = 1024 * 1024;
 
 /// How a station reaches the server.
 #[derive(Clone, Debug)]
@@ -40,20 +38,24 @@ pub struct SimConfig {
     /// stretched by a random part of up to the same length again, so that a fleet that lost
     /// its connections together does not come back in lockstep.
     pub retry: Duration,
-    /// Longest wait for the TCP, TLS and MQTT connect together. rumqttc's default of 5 s is too
-    /// short for a fleet reconnecting at once: 10,000 stations at 1,000 connections a second
-    /// take 10 s, and each timed-out station would come back on top of the others.
+    /// Longest wait for the TCP, TLS and MQTT connect together. 5 s would be too short for a
+    /// fleet reconnecting at once: 10,000 stations at 1,000 connections a second take 10 s,
+    /// and each timed-out station would come back on top of the others.
     pub connect_timeout: Duration,
+    /// Local source address to connect from (e.g. 127.0.0.2, to play a station behind that
+    /// IP); the system's choice when `None`.
+    pub source: Option<IpAddr>,
 }
 
 impl SimConfig {
-    /// A configuration with a 1 s retry.
+    /// A configuration with a 1 s retry, connecting from the system's choice of address.
     pub fn new(server: impl Into<String>, ca_pem: impl Into<String>) -> Self {
         SimConfig {
             server: server.into(),
             ca_pem: ca_pem.into(),
             retry: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(30),
+            source: None,
         }
     }
 }
@@ -85,13 +87,16 @@ pub enum SimEvent {
     },
     /// CONNACK refused, e.g. `NotAuthorized`.
     Refused {
-        /// rumqttc's name of the return code.
+        /// The name of the return code (`NotAuthorized`, `ServiceUnavailable`, …).
         code: String,
     },
     /// The connection was lost or could not be made.
     Disconnected {
         /// Why.
         reason: String,
+        /// The server closed the connection before the TLS handshake was done (fleetd does,
+        /// past a per-address limit): [`LinkError::ClosedBeforeTls`].
+        closed_before_tls: bool,
     },
     /// `power_off()`: the connection was dropped without DISCONNECT.
     PoweredOff,
@@ -162,7 +167,7 @@ impl fmt::Display for SimEvent {
                 }
             }
             SimEvent::Refused { code } => write!(f, "refused: {code}"),
-            SimEvent::Disconnected { reason } => write!(f, "disconnected: {reason}"),
+            SimEvent::Disconnected { reason, .. } => write!(f, "disconnected: {reason}"),
             SimEvent::PoweredOff => write!(f, "powered off"),
             SimEvent::Command { payload, .. } => write!(f, "command {payload}"),
             SimEvent::Authorized => write!(f, "authorized"),
@@ -364,34 +369,20 @@ async fn boot(
     let Some(tls) = tls_config(config, identity.as_ref(), tls_cache, emitter) else {
         return Next::Off;
     };
-    let Some((host, port)) = split_server(&config.server) else {
+    if split_server(&config.server).is_none() {
         emitter.emit(SimEvent::Error {
             reason: format!("server address {:?} is not HOST:PORT", config.server),
         });
         return Next::Off;
-    };
-
+    }
     let serial = state.serial().clone();
     let firmware = state.record.firmware.clone();
-    let (client, eventloop) = mqtt_client(
-        &serial,
-        &firmware,
-        (host, port),
-        tls,
-        config.connect_timeout,
-    );
-    let mut session = Session {
-        dir,
-        serial,
-        firmware,
-        legacy: identity.is_none(),
-        client,
-        emitter,
-        download: None,
-        chunk_subscribed: false,
-        connected: false,
+    let mut session = Session::new(dir, serial, firmware, identity.is_none(), emitter);
+    let connect = connect(config, tls, session.connect_packet());
+    let Some(link) = session.connecting(connect, control).await else {
+        return session.next.take().unwrap_or(Next::Retry);
     };
-    session.run(eventloop, control).await
+    session.run(link, control).await
 }
 
 /// The station's state and its key pair (made on the first boot of firmware that has one);
@@ -450,32 +441,20 @@ fn tls_config(
     }
 }
 
-/// The MQTT client of one boot: the station's client id over TLS, with an "offline" status
-/// as its will.
-fn mqtt_client(
-    serial: &Serial,
-    firmware: &str,
-    (host, port): (String, u16),
+/// TCP (from the configured source address), TLS and `connect`, within the connect timeout:
+/// the link and the CONNACK's return code.
+async fn connect(
+    config: &SimConfig,
     tls: Arc<rustls::ClientConfig>,
-    connect_timeout: Duration,
-) -> (AsyncClient, EventLoop) {
-    let mut options = MqttOptions::new(serial.client_id(), host, port);
-    options
-        .set_keep_alive(KEEP_ALIVE)
-        .set_clean_session(true)
-        .set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE)
-        .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)))
-        .set_last_will(LastWill::new(
-            topic(serial, StationLeaf::Status),
-            status_payload(false, firmware),
-            QoS::AtLeastOnce,
-            true,
-        ));
-    let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
-    eventloop
-        .network_options
-        .set_connection_timeout(connect_timeout.as_secs().max(1));
-    (client, eventloop)
+    connect: Connect,
+) -> Result<(Link, ConnectReturnCode), LinkError> {
+    let limit = config.connect_timeout;
+    let attempt = async {
+        let mut link = Link::open(&config.server, config.source, tls, limit).await?;
+        let code = link.connect(connect).await?;
+        Ok((link, code))
+    };
+    crate::link::within(limit, "connection", attempt).await?
 }
 
 fn topic(serial: &Serial, leaf: StationLeaf) -> String {
@@ -488,52 +467,163 @@ fn status_payload(online: bool, firmware: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-/// One connection's worth of station behaviour.
+/// One connection's worth of station behaviour. The handlers only queue what they send
+/// (`outbox`); the run loop writes it.
 struct Session<'a> {
     dir: &'a Path,
     serial: Serial,
     firmware: String,
     legacy: bool,
-    client: AsyncClient,
     emitter: &'a Emitter,
     download: Option<Download<DiskPartFile>>,
     chunk_subscribed: bool,
-    /// A CONNACK was received on this connection.
-    connected: bool,
+    /// Packets to write, in order.
+    outbox: Vec<Packet>,
+    next_pkid: u16,
+    /// A PINGREQ went out and its PINGRESP has not come yet.
+    ping_outstanding: bool,
+    /// How the boot ends, once that is decided.
+    next: Option<Next>,
 }
 
-impl Session<'_> {
+impl<'a> Session<'a> {
+    fn new(
+        dir: &'a Path,
+        serial: Serial,
+        firmware: String,
+        legacy: bool,
+        emitter: &'a Emitter,
+    ) -> Self {
+        Session {
+            dir,
+            serial,
+            firmware,
+            legacy,
+            emitter,
+            download: None,
+            chunk_subscribed: false,
+            outbox: Vec::new(),
+            next_pkid: 1,
+            ping_outstanding: false,
+            next: None,
+        }
+    }
+
+    /// The station's CONNECT: its client id, a clean session, an "offline" status as its will.
+    fn connect_packet(&self) -> Connect {
+        let mut connect = Connect::new(self.serial.client_id());
+        connect.keep_alive = KEEP_ALIVE.as_secs().try_into().unwrap_or(u16::MAX);
+        connect.clean_session = true;
+        connect.last_will = Some(LastWill::new(
+            topic(&self.serial, StationLeaf::Status),
+            status_payload(false, &self.firmware),
+            QoS::AtLeastOnce,
+            true,
+        ));
+        connect
+    }
+
+    /// Waits for `connect` to end, obeying the controls meanwhile; the link once the CONNACK
+    /// accepts the station, or `None` with `next` set (a refusal or a failure is reported).
+    async fn connecting(
+        &mut self,
+        connect: impl std::future::Future<Output = Result<(Link, ConnectReturnCode), LinkError>>,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> Option<Link> {
+        tokio::pin!(connect);
+        loop {
+            let command = tokio::select! {
+                connected = &mut connect => break self.on_connect(connected),
+                command = control.recv() => command,
+            };
+            self.next = match command {
+                Some(Control::PowerOn) => continue,
+                Some(Control::Reboot) => Some(Next::Reboot),
+                Some(Control::PowerOff) => {
+                    self.emitter.emit(SimEvent::PoweredOff);
+                    Some(Next::Off)
+                }
+                Some(Control::Shutdown) | None => {
+                    self.emit_shut_down();
+                    Some(Next::Shutdown)
+                }
+            };
+            return None;
+        }
+    }
+
+    fn on_connect(
+        &mut self,
+        connected: Result<(Link, ConnectReturnCode), LinkError>,
+    ) -> Option<Link> {
+        match connected {
+            Ok((link, ConnectReturnCode::Success)) => return Some(link),
+            // The server closes a refused connection itself.
+            Ok((_, code)) => self.emitter.emit(SimEvent::Refused {
+                code: format!("{code:?}"),
+            }),
+            Err(e) => self.emitter.emit(SimEvent::Disconnected {
+                reason: e.to_string(),
+                closed_before_tls: matches!(e, LinkError::ClosedBeforeTls { .. }),
+            }),
+        }
+        self.next = Some(Next::Retry);
+        None
+    }
+
+    fn emit_shut_down(&self) {
+        self.emitter.emit(SimEvent::Disconnected {
+            reason: "shut down".to_owned(),
+            closed_before_tls: false,
+        });
+    }
+
     /// Runs the connection until it ends or the station is told to reboot, power off or shut
     /// down.
     async fn run(
         &mut self,
-        mut eventloop: EventLoop,
+        mut link: Link,
         control: &mut mpsc::UnboundedReceiver<Control>,
     ) -> Next {
+        self.emitter.emit(SimEvent::Connected {
+            with_certificate: !self.legacy,
+        });
+        self.next = self.on_connected();
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
         loop {
+            if let Some(next) = self.next.take() {
+                self.disconnect_cleanly(link).await;
+                return next;
+            }
+            if let Err(e) = self.flush(&mut link).await {
+                return self.on_connection_lost(e);
+            }
             tokio::select! {
-                polled = eventloop.poll() => {
-                    if let Some(next) = self.on_polled(polled, &mut eventloop).await {
-                        return next;
+                packet = link.recv("a packet") => match packet {
+                    Ok(packet) => self.next = self.on_packet(packet),
+                    Err(e) => return self.on_connection_lost(e),
+                },
+                _ = ping.tick() => {
+                    if self.ping_outstanding {
+                        let silence = LinkError::Timeout { waiting_for: "PINGRESP", limit: KEEP_ALIVE };
+                        return self.on_connection_lost(silence);
                     }
+                    self.ping_outstanding = true;
+                    self.outbox.push(Packet::PingReq);
                 }
                 command = control.recv() => match command {
-                    Some(Control::Reboot) => {
-                        self.disconnect_cleanly(&mut eventloop, self.connected).await;
-                        return Next::Reboot;
-                    }
+                    Some(Control::Reboot) => self.next = Some(Next::Reboot),
                     Some(Control::PowerOff) => {
-                        // Dropping the event loop closes the socket without DISCONNECT.
-                        drop(eventloop);
+                        // Dropping the link closes the socket without DISCONNECT.
+                        drop(link);
                         self.emitter.emit(SimEvent::PoweredOff);
                         return Next::Off;
                     }
                     Some(Control::PowerOn) => {}
                     Some(Control::Shutdown) | None => {
-                        self.disconnect_cleanly(&mut eventloop, self.connected).await;
-                        self.emitter.emit(SimEvent::Disconnected {
-                            reason: "shut down".to_owned(),
-                        });
+                        self.disconnect_cleanly(link).await;
+                        self.emit_shut_down();
                         return Next::Shutdown;
                     }
                 },
@@ -541,81 +631,70 @@ impl Session<'_> {
         }
     }
 
-    /// What the event loop polled; `Some` when the boot ends.
-    async fn on_polled(
-        &mut self,
-        polled: Result<Event, ConnectionError>,
-        eventloop: &mut EventLoop,
-    ) -> Option<Next> {
-        match polled {
-            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                self.connected = true;
-                self.emitter.emit(SimEvent::Connected {
-                    with_certificate: !self.legacy,
-                });
-                if let Some(next) = self.on_connected() {
-                    self.disconnect_cleanly(eventloop, self.connected).await;
-                    return Some(next);
+    /// Writes what the handlers queued.
+    async fn flush(&mut self, link: &mut Link) -> Result<(), LinkError> {
+        if self.outbox.is_empty() {
+            return Ok(());
+        }
+        let packets = std::mem::take(&mut self.outbox);
+        link.send_all(&packets).await
+    }
+
+    /// A packet from the server; `Some` when the boot ends.
+    fn on_packet(&mut self, packet: Packet) -> Option<Next> {
+        match packet {
+            Packet::Publish(publish) => {
+                if publish.qos == QoS::AtLeastOnce {
+                    self.outbox.push(Packet::PubAck(PubAck::new(publish.pkid)));
                 }
+                self.on_publish(&publish.topic, &publish.payload)
             }
-            Ok(Event::Incoming(Incoming::Publish(publish))) => {
-                if let Some(next) = self.on_publish(&publish.topic, &publish.payload) {
-                    self.disconnect_cleanly(eventloop, self.connected).await;
-                    return Some(next);
-                }
-            }
-            Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+            Packet::SubAck(ack) => {
                 if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
                     tracing::warn!(serial = %self.serial, "subscription denied: {ack:?}");
                 }
+                None
             }
-            Ok(_) => {}
-            Err(ConnectionError::ConnectionRefused(code)) => {
-                self.emitter.emit(SimEvent::Refused {
-                    code: format!("{code:?}"),
-                });
-                return Some(Next::Retry);
+            Packet::PingResp => {
+                self.ping_outstanding = false;
+                None
             }
-            Err(e) => return Some(self.on_connection_lost(eventloop, e)),
+            Packet::PubAck(_) => None,
+            other => {
+                tracing::debug!(serial = %self.serial, "ignoring {other:?}");
+                None
+            }
         }
-        None
     }
 
-    /// The connection is lost or could not be made.
-    fn on_connection_lost(&mut self, eventloop: &mut EventLoop, error: ConnectionError) -> Next {
-        // rumqttc reads packets in batches: a `cmd` that arrived together with the broker
-        // cutting the station (rejected, reset, removed) is still in the event queue. Obey it:
-        // that is why the broker sent it first.
-        let mut next = Next::Retry;
-        let buffered: Vec<Event> = eventloop.state.events.drain(..).collect();
-        for event in buffered {
-            if let Event::Incoming(Incoming::Publish(publish)) = event {
-                if let Some(after) = self.on_publish(&publish.topic, &publish.payload) {
-                    next = after;
-                }
-            }
-        }
+    /// The connection is lost. A `cmd` that came with the broker cutting the station
+    /// (rejected, reset, removed) was read and obeyed before: the link hands out every whole
+    /// packet it read before it reports the end.
+    fn on_connection_lost(&mut self, error: LinkError) -> Next {
         self.emitter.emit(SimEvent::Disconnected {
             reason: error.to_string(),
+            closed_before_tls: false,
         });
-        next
+        Next::Retry
     }
 
-    fn publish(&self, leaf: StationLeaf, retain: bool, payload: Vec<u8>) {
-        let topic = topic(&self.serial, leaf);
-        if let Err(e) = self
-            .client
-            .try_publish(&topic, QoS::AtLeastOnce, retain, payload)
-        {
-            tracing::warn!(serial = %self.serial, "cannot publish to {topic}: {e}");
-        }
+    fn pkid(&mut self) -> u16 {
+        let pkid = self.next_pkid;
+        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+        pkid
     }
 
-    fn subscribe(&self, leaf: StationLeaf) {
-        let topic = topic(&self.serial, leaf);
-        if let Err(e) = self.client.try_subscribe(&topic, QoS::AtLeastOnce) {
-            tracing::warn!(serial = %self.serial, "cannot subscribe to {topic}: {e}");
-        }
+    fn publish(&mut self, leaf: StationLeaf, retain: bool, payload: Vec<u8>) {
+        let mut publish = Publish::new(topic(&self.serial, leaf), QoS::AtLeastOnce, payload);
+        publish.retain = retain;
+        publish.pkid = self.pkid();
+        self.outbox.push(Packet::Publish(publish));
+    }
+
+    fn subscribe(&mut self, leaf: StationLeaf) {
+        let mut subscribe = Subscribe::new(topic(&self.serial, leaf), QoS::AtLeastOnce);
+        subscribe.pkid = self.pkid();
+        self.outbox.push(Packet::Subscribe(subscribe));
     }
 
     fn subscribe_chunks(&mut self) {
@@ -884,7 +963,7 @@ impl Session<'_> {
         self.emitter.emit(SimEvent::UpdateFailed { reason });
     }
 
-    fn send_request(&self, request: &crate::firmware::ChunkRequest) {
+    fn send_request(&mut self, request: &crate::firmware::ChunkRequest) {
         match serde_json::to_vec(request) {
             Ok(payload) => self.publish(StationLeaf::FirmwareRequest, false, payload),
             Err(e) => self.error(format!("cannot encode chunk request: {e}")),
@@ -892,28 +971,21 @@ impl Session<'_> {
     }
 
     /// Says "offline" and DISCONNECTs, so that the will does not fire.
-    async fn disconnect_cleanly(&self, eventloop: &mut EventLoop, connected: bool) {
-        if !connected || eventloop.network.is_none() {
-            return;
-        }
+    async fn disconnect_cleanly(&mut self, mut link: Link) {
         self.publish(
             StationLeaf::Status,
             true,
             status_payload(false, &self.firmware),
         );
-        if self.client.try_disconnect().is_err() {
-            return;
-        }
-        let drained = tokio::time::timeout(DISCONNECT_GRACE, async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
+        self.outbox.push(Packet::Disconnect);
+        let packets = std::mem::take(&mut self.outbox);
+        let said = tokio::time::timeout(DISCONNECT_GRACE, async {
+            // A connection that breaks now ends anyway.
+            let _ = link.send_all(&packets).await;
+            link.close().await;
         })
         .await;
-        if drained.is_err() {
+        if said.is_err() {
             tracing::debug!(serial = %self.serial, "clean disconnect timed out");
         }
     }
@@ -924,44 +996,31 @@ mod tests {
     use super::*;
 
     use crate::state::{StationProfile, KEY_FILE};
-    use rumqttc::Request;
     use sha2::{Digest, Sha256};
 
-    /// A session whose MQTT client is never connected: what it sends stays queued in the
-    /// event loop, where the test reads it (the fake transport).
-    fn fake_session<'a>(
-        dir: &'a Path,
-        emitter: &'a Emitter,
-        legacy: bool,
-    ) -> (Session<'a>, EventLoop) {
-        let serial = StationState::open(dir).unwrap().serial().clone();
-        let firmware = StationState::open(dir).unwrap().record.firmware;
-        let (client, eventloop) = AsyncClient::new(MqttOptions::new("t", "localhost", 1), 256);
-        let session = Session {
+    /// A session that is never connected: what it sends stays in its outbox, where the test
+    /// reads it (the fake transport).
+    fn fake_session<'a>(dir: &'a Path, emitter: &'a Emitter, legacy: bool) -> Session<'a> {
+        let state = StationState::open(dir).unwrap();
+        Session::new(
             dir,
-            serial,
-            firmware,
+            state.serial().clone(),
+            state.record.firmware,
             legacy,
-            client,
             emitter,
-            download: None,
-            chunk_subscribed: false,
-            connected: false,
-        };
-        (session, eventloop)
+        )
     }
 
     /// (topic, payload) of everything sent; subscriptions as ("SUBSCRIBE <filter>", null).
-    fn sent(eventloop: &mut EventLoop) -> Vec<(String, Value)> {
-        eventloop.clean();
-        eventloop
-            .pending
+    fn sent(session: &mut Session<'_>) -> Vec<(String, Value)> {
+        session
+            .outbox
             .drain(..)
-            .filter_map(|request| match request {
-                Request::Publish(p) => {
+            .filter_map(|packet| match packet {
+                Packet::Publish(p) => {
                     Some((p.topic.clone(), serde_json::from_slice(&p.payload).unwrap()))
                 }
-                Request::Subscribe(s) => {
+                Packet::Subscribe(s) => {
                     Some((format!("SUBSCRIBE {}", s.filters[0].path), Value::Null))
                 }
                 _ => None,
@@ -1025,9 +1084,9 @@ mod tests {
         let dir = base.path().join("OLD-1");
         StationState::init(&dir, &StationProfile::new("OLD-1", "6.0.5")).unwrap();
         let (emitter, _rx) = emitter();
-        let (mut session, mut eventloop) = fake_session(&dir, &emitter, true);
+        let mut session = fake_session(&dir, &emitter, true);
         assert!(session.on_connected().is_none());
-        let sent = sent(&mut eventloop);
+        let sent = sent(&mut session);
         let topics: Vec<&str> = sent.iter().map(|(t, _)| t.as_str()).collect();
         assert_eq!(
             topics,
@@ -1056,13 +1115,13 @@ mod tests {
         let (emitter, mut rx) = emitter();
 
         // First boot: the update starts, one chunk arrives, then the power goes.
-        let (mut session, mut eventloop) = fake_session(&dir, &emitter, true);
+        let mut session = fake_session(&dir, &emitter, true);
         session.on_connected();
-        sent(&mut eventloop);
+        sent(&mut session);
         assert!(session
             .on_publish(&of("OLD-2", StationLeaf::Cmd), &update_command(&image))
             .is_none());
-        let (topic, request) = sent(&mut eventloop).pop().unwrap();
+        let (topic, request) = sent(&mut session).pop().unwrap();
         assert_eq!(topic, of("OLD-2", StationLeaf::FirmwareRequest));
         assert_eq!(
             request,
@@ -1072,7 +1131,7 @@ mod tests {
             &of("OLD-2", StationLeaf::FirmwareChunk),
             &chunk_for(&image, &request),
         );
-        drop((session, eventloop));
+        drop(session);
         assert_eq!(
             std::fs::metadata(dir.join("firmware-6.1.0.part"))
                 .unwrap()
@@ -1081,9 +1140,9 @@ mod tests {
         );
 
         // Second boot: it resumes where the part file ends.
-        let (mut session, mut eventloop) = fake_session(&dir, &emitter, true);
+        let mut session = fake_session(&dir, &emitter, true);
         assert!(session.on_connected().is_none());
-        let mut request = sent(&mut eventloop).pop().unwrap().1;
+        let mut request = sent(&mut session).pop().unwrap().1;
         assert_eq!(request["offset"], 16384);
         // A duplicate of an old chunk is ignored.
         let stale = chunk_for(
@@ -1093,14 +1152,14 @@ mod tests {
         assert!(session
             .on_publish(&of("OLD-2", StationLeaf::FirmwareChunk), &stale)
             .is_none());
-        assert!(sent(&mut eventloop).is_empty());
+        assert!(sent(&mut session).is_empty());
         let next = loop {
             let chunk = chunk_for(&image, &request);
             if let Some(next) = session.on_publish(&of("OLD-2", StationLeaf::FirmwareChunk), &chunk)
             {
                 break next;
             }
-            request = sent(&mut eventloop).pop().unwrap().1;
+            request = sent(&mut session).pop().unwrap().1;
         };
         assert!(matches!(next, Next::Reboot));
         let state = StationState::open(&dir).unwrap();
@@ -1128,10 +1187,10 @@ mod tests {
         let mut corrupt = image.clone();
         corrupt[100] ^= 1;
         let (emitter, mut rx) = emitter();
-        let (mut session, mut eventloop) = fake_session(&dir, &emitter, true);
+        let mut session = fake_session(&dir, &emitter, true);
         session.on_publish(&of("OLD-3", StationLeaf::Cmd), &update_command(&image));
         let mut answered = 0;
-        while let Some((_, request)) = sent(&mut eventloop).pop() {
+        while let Some((_, request)) = sent(&mut session).pop() {
             answered += 1;
             assert!(answered < 100, "download does not end");
             session.on_publish(
@@ -1158,7 +1217,7 @@ mod tests {
         StationState::init(&dir, &StationProfile::new("ST-1", "6.1.0")).unwrap();
         StationState::open(&dir).unwrap().ensure_identity().unwrap();
         let (emitter, mut rx) = emitter();
-        let (mut session, _eventloop) = fake_session(&dir, &emitter, false);
+        let mut session = fake_session(&dir, &emitter, false);
         let cmd = &of("ST-1", StationLeaf::Cmd);
 
         assert!(session
@@ -1195,12 +1254,52 @@ mod tests {
         );
     }
 
+    /// A 6.1.0 station's directory (kept while the `TempDir` lives), and a CA for its config.
+    fn station_dir(serial: &str) -> (tempfile::TempDir, PathBuf, fleet_certs::FleetCa) {
+        let dir = tempfile::tempdir().unwrap();
+        let station_dir = dir.path().join(serial);
+        StationState::init(&station_dir, &crate::StationProfile::new(serial, "6.1.0")).unwrap();
+        let ca = fleet_certs::FleetCa::generate("test CA").unwrap();
+        (dir, station_dir, ca)
+    }
+
+    #[tokio::test]
+    async fn a_station_connects_from_its_source_address_and_tells_a_close_before_tls() {
+        let (_dir, station_dir, ca) = station_dir("ST-8");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut config = SimConfig::new(
+            listener.local_addr().unwrap().to_string(),
+            ca.cert_pem().to_owned(),
+        );
+        config.source = Some("127.0.0.3".parse().unwrap());
+        let mut handle = spawn_station(&station_dir, config);
+        // As fleetd past a per-address limit: accept, then close before any TLS.
+        let (tcp, peer) = listener.accept().await.unwrap();
+        assert_eq!(peer.ip(), IpAddr::from([127, 0, 0, 3]));
+        drop(tcp);
+        let lost = loop {
+            match handle.next_event().await.unwrap() {
+                SimEvent::Booted { .. } => {}
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(
+                lost,
+                SimEvent::Disconnected {
+                    closed_before_tls: true,
+                    ..
+                }
+            ),
+            "{lost:?}"
+        );
+        handle.power_off();
+        handle.shutdown().await;
+    }
+
     #[tokio::test]
     async fn a_station_without_server_reports_and_retries() {
-        let dir = tempfile::tempdir().unwrap();
-        let station_dir = dir.path().join("ST-9");
-        StationState::init(&station_dir, &crate::StationProfile::new("ST-9", "6.1.0")).unwrap();
-        let ca = fleet_certs::FleetCa::generate("test CA").unwrap();
+        let (_dir, station_dir, ca) = station_dir("ST-9");
         // A port nobody listens on: bind, note the port, close.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -1212,6 +1311,7 @@ mod tests {
             ca_pem: ca.cert_pem().to_owned(),
             retry: Duration::from_millis(50),
             connect_timeout: Duration::from_secs(30),
+            source: None,
         };
         let mut handle = spawn_station(&station_dir, config);
         let booted = handle.next_event().await.unwrap();
@@ -1226,7 +1326,16 @@ mod tests {
             "{booted:?}"
         );
         let lost = handle.next_event().await.unwrap();
-        assert!(matches!(lost, SimEvent::Disconnected { .. }), "{lost:?}");
+        assert!(
+            matches!(
+                lost,
+                SimEvent::Disconnected {
+                    closed_before_tls: false,
+                    ..
+                }
+            ),
+            "{lost:?}"
+        );
         // It boots again by itself.
         let again = handle.next_event().await.unwrap();
         assert!(matches!(again, SimEvent::Booted { .. }), "{again:?}");

@@ -5,6 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+
+/// Descriptors fleetd holds besides its clients' sockets: the listener, the store, the
+/// runtime's own, the log.
+const RESERVED_FILES: u64 = 64;
 
 #[derive(Parser)]
 #[command(
@@ -88,9 +93,49 @@ fn run() -> anyhow::Result<()> {
     }
 }
 
+/// Raises the soft limit on open files to the hard one, and says how many connections it
+/// allows: each client holds a socket, and the usual soft limit of 1024 would turn clients
+/// away long before `server.max_connections`. A failure is a warning, never fatal.
+fn raise_open_files(max_connections: u32) {
+    let limit = getrlimit(Resource::Nofile);
+    if let (Some(soft), Some(hard)) = (limit.current, limit.maximum) {
+        let raised = Rlimit {
+            current: Some(hard),
+            maximum: Some(hard),
+        };
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::Nofile, raised) {
+                tracing::warn!("cannot raise the limit on open files from {soft} to {hard}: {e}");
+            }
+        }
+    }
+    let Some(files) = getrlimit(Resource::Nofile).current else {
+        tracing::info!("no limit on open files");
+        return;
+    };
+    let connections = connections_allowed(files);
+    tracing::info!(
+        open_files = files,
+        before = ?limit.current,
+        "the limit on open files allows about {connections} connections"
+    );
+    if connections < u64::from(max_connections) {
+        tracing::warn!(
+            "server.max_connections is {max_connections}, more than the limit on open files \
+             allows: raise the hard limit (ulimit -Hn) or lower server.max_connections"
+        );
+    }
+}
+
+/// Connections that `open_files` descriptors leave room for.
+fn connections_allowed(open_files: u64) -> u64 {
+    open_files.saturating_sub(RESERVED_FILES)
+}
+
 // stdout says where fleetd listens, for scripts and tests.
 #[allow(clippy::print_stdout)]
 fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
+    raise_open_files(config.server.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -109,4 +154,16 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
         fleet.shutdown();
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connections_allowed_leave_room_for_fleetds_own_files() {
+        assert_eq!(connections_allowed(20_000), 20_000 - RESERVED_FILES);
+        assert_eq!(connections_allowed(1024), 960);
+        assert_eq!(connections_allowed(3), 0);
+    }
 }
