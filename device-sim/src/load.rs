@@ -178,6 +178,10 @@ pub struct LoadReport {
     pub reject_to_cut_ms: Latency,
     /// The reconnect storm, when asked for.
     pub reconnect: Option<StormReport>,
+    /// Accepts that fleetd answered `rate_limited` (the operator's command budget,
+    /// `[limits] operator_commands_per_second`) and that were sent again once it allowed: not
+    /// errors, but a sign that the budget, not fleetd's speed, set the onboarding's pace.
+    pub accepts_deferred: u64,
     /// Distinct local source addresses the run chose for its devices; 0 when the system chose
     /// (on loopback, every device then comes from 127.0.0.1).
     pub source_addresses: usize,
@@ -301,6 +305,24 @@ impl Errors {
 }
 
 /// The error kind of an operator request that got no answer, or of a failed command.
+/// How long to wait when fleetd refused a command for the operator's command budget: the
+/// "retry in N ms" of its text (PROTOCOL §6), one second if it says none.
+fn rate_limited(error: &ClientError) -> Option<Duration> {
+    let ClientError::CommandFailed { code, error } = error else {
+        return None;
+    };
+    if code != "rate_limited" {
+        return None;
+    }
+    let ms = error
+        .split("retry in ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(1000);
+    Some(Duration::from_millis(ms.clamp(10, 10_000)))
+}
+
 fn client_error_kind(error: &ClientError) -> String {
     match error {
         ClientError::CommandFailed { code, .. } => format!("command_{code}"),
@@ -710,6 +732,7 @@ fn make_stations(base: &Path, count: usize, prefix: &str) -> Result<Vec<StationS
 
 /// The figures of the onboarding phase.
 struct Onboarded {
+    accepts_deferred: u64,
     stations_authorized: usize,
     phones_provisioned: usize,
     seconds: f64,
@@ -741,6 +764,10 @@ struct Onboarding {
     listing: bool,
     /// Held accepts may go.
     released: bool,
+    /// fleetd answered `rate_limited` (the operator's command budget): no accept goes before.
+    paused_until: Option<Instant>,
+    /// Accepts answered `rate_limited` and sent again.
+    accepts_deferred: u64,
     stations_done: usize,
     stations_authorized: usize,
     phones_done: usize,
@@ -760,6 +787,8 @@ impl Onboarding {
             in_flight: 0,
             listing: false,
             released: false,
+            paused_until: None,
+            accepts_deferred: 0,
             stations_done: 0,
             stations_authorized: 0,
             phones_done: 0,
@@ -770,6 +799,7 @@ impl Onboarding {
 
     fn figures(self) -> Onboarded {
         Onboarded {
+            accepts_deferred: self.accepts_deferred,
             stations_authorized: self.stations_authorized,
             phones_provisioned: self.phones_provisioned,
             seconds: (self.last_done - self.started).as_secs_f64(),
@@ -1062,7 +1092,9 @@ impl Run {
         Then::SendAccepts
     }
 
-    /// The answers to one accept envelope: a station whose accept failed is given up.
+    /// The answers to one accept envelope: a station whose accept failed is given up, one
+    /// refused for the operator's command budget (`rate_limited`) is accepted again once the
+    /// budget allows, as an operator would: fleetd's limit is the pace, not an error.
     fn on_accepts_answered(
         &mut self,
         phase: &mut Onboarding,
@@ -1074,6 +1106,15 @@ impl Run {
             Ok(responses) => {
                 for (index, response) in indices.into_iter().zip(responses) {
                     if let Err(e) = fleet_ctl::response_data(response) {
+                        if let Some(wait) = rate_limited(&e) {
+                            let until = Instant::now() + wait;
+                            phase.paused_until = phase.paused_until.max(Some(until));
+                            phase.accepts_deferred += 1;
+                            self.slots[index].stage = Stage::Queued;
+                            phase.queue.push_back(index);
+                            phase.queued_since.get_or_insert_with(Instant::now);
+                            continue;
+                        }
                         self.errors.count(client_error_kind(&e), 1);
                         if self.fail(index) {
                             phase.stations_done += 1;
@@ -1119,6 +1160,9 @@ impl Run {
 
     /// Sends the accept batches that are ready.
     fn send_ready_accepts(&mut self, phase: &mut Onboarding) {
+        if phase.paused_until.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
         // Held accepts wait until every station that is still to be accepted is queued.
         if self.opts.hold_accepts
             && !phase.released
@@ -1505,6 +1549,7 @@ impl Run {
             provision_ms: figures.provision_ms,
             reject_to_cut_ms: later.reject_to_cut_ms,
             reconnect: later.reconnect,
+            accepts_deferred: figures.accepts_deferred,
             source_addresses: self.sources.distinct(),
             errors: self.errors.0,
             error_examples: self.errors.1,
@@ -1743,6 +1788,27 @@ mod tests {
         let keyless = json!({"event": "state", "station": {
             "serial": "LD1-00001", "state": "unauthorized", "fingerprint": null}});
         assert_eq!(Run::unauthorized_in(&stations_events, &keyless), None);
+    }
+
+    #[test]
+    fn a_rate_limited_answer_says_how_long_to_wait() {
+        let limited = |error: &str| ClientError::CommandFailed {
+            code: "rate_limited".into(),
+            error: error.into(),
+        };
+        let wait = rate_limited(&limited(
+            "more than 20 commands a second (burst 200); retry in 350 ms",
+        ));
+        assert_eq!(wait, Some(Duration::from_millis(350)));
+        assert_eq!(
+            rate_limited(&limited("slow down")),
+            Some(Duration::from_secs(1))
+        );
+        let other = ClientError::CommandFailed {
+            code: "not_found".into(),
+            error: "retry in 5 ms".into(),
+        };
+        assert_eq!(rate_limited(&other), None);
     }
 
     #[test]

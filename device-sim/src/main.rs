@@ -480,6 +480,12 @@ fn print_report(report: &fleet_sim::LoadReport) {
         );
     }
     println!("reject to cut:        {}", ms(&report.reject_to_cut_ms));
+    if report.accepts_deferred > 0 {
+        println!(
+            "accepts deferred:     {} (rate_limited: the operator's command budget, [limits] operator_commands_per_second, set the pace)",
+            report.accepts_deferred
+        );
+    }
     match report.source_addresses {
         0 => println!("source addresses:     the system's choice"),
         n => println!("source addresses:     {n}"),
