@@ -138,6 +138,11 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
     raise_open_files(config.server.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Admissions, session openings and ends, router links and firmware reads wait on the
+        // blocking pool (they may wait for the controller's lock or the disk, never on an async
+        // worker): bounded, so that a connect storm queues them instead of starting hundreds of
+        // threads.
+        .max_blocking_threads(128)
         .build()
         .context("tokio runtime")?;
     runtime.block_on(async {
