@@ -68,6 +68,13 @@ pub struct InboxRequest {
     pub payload: Vec<u8>,
 }
 
+/// The two queues of the front door's inbox, for the bus task: operators' requests (taken
+/// first) and devices' messages.
+pub struct Inbox {
+    pub requests: mpsc::Receiver<InboxItem>,
+    pub devices: mpsc::Receiver<InboxItem>,
+}
+
 /// What the front door's inbox hands the controller.
 #[derive(Debug)]
 pub enum InboxItem {
@@ -115,8 +122,12 @@ pub struct Controller {
     /// session that sent it when it arrives, whether or not that session is still open when
     /// it is handled. Kept apart from `decisions`, which batches hold across their commit.
     operator_sessions: Mutex<HashMap<u64, Requester>>,
+    /// Devices' messages from the front door's inbox.
     inbox: mpsc::Sender<InboxItem>,
-    inbox_rx: Mutex<Option<mpsc::Receiver<InboxItem>>>,
+    /// Operators' requests from the front door's inbox: a queue of their own, which the bus
+    /// task takes first, so that a reject is not queued behind a reconnect storm's messages.
+    requests: mpsc::Sender<InboxItem>,
+    inbox_rx: Mutex<Option<Inbox>>,
     /// Signs phone certificates at provisioning.
     ca: Arc<FleetCa>,
     rng: SystemRandom,
@@ -149,7 +160,8 @@ impl Controller {
         settings: ControlSettings,
     ) -> Result<(Arc<Controller>, mpsc::UnboundedReceiver<Publication>), StoreError> {
         let (out, rx) = mpsc::unbounded_channel();
-        let (inbox, inbox_rx) = mpsc::channel(INBOX_CAPACITY);
+        let (inbox, devices) = mpsc::channel(INBOX_CAPACITY);
+        let (requests, operators_rx) = mpsc::channel(INBOX_CAPACITY);
         let live = Live {
             whitelists: store.whitelists()?,
             pending: PendingIndex::build(&store.stations()?),
@@ -161,7 +173,11 @@ impl Controller {
             operators,
             operator_sessions: Mutex::new(HashMap::new()),
             inbox,
-            inbox_rx: Mutex::new(Some(inbox_rx)),
+            requests,
+            inbox_rx: Mutex::new(Some(Inbox {
+                requests: operators_rx,
+                devices,
+            })),
             ca,
             rng: SystemRandom::new(),
             failures: Mutex::new(FailureLimiter::new(settings.flood.failures.clone())),
@@ -180,8 +196,8 @@ impl Controller {
         Ok((controller, rx))
     }
 
-    /// The operator requests of the front door's inbox, for the bus task (once).
-    pub fn take_inbox(&self) -> Option<mpsc::Receiver<InboxItem>> {
+    /// What the front door's inbox queued, for the bus task (once).
+    pub fn take_inbox(&self) -> Option<Inbox> {
         self.inbox_rx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -206,7 +222,7 @@ impl Controller {
             return true;
         };
         if self
-            .inbox
+            .requests
             .send(InboxItem::Request(InboxRequest { from, payload }))
             .await
             .is_err()

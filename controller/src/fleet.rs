@@ -18,7 +18,8 @@ use tracing::warn;
 
 use crate::clock::Clock;
 use crate::control::{
-    ControlSettings, Controller, ControllerAdmission, InboxItem, Incoming, Publication, MAX_BATCH,
+    ControlSettings, Controller, ControllerAdmission, Inbox, InboxItem, Incoming, Publication,
+    MAX_BATCH,
 };
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
 use crate::store::Store;
@@ -198,13 +199,29 @@ async fn run_bus<B: Bus>(
     mut bus: B,
     controller: Arc<Controller>,
     mut outbox: tokio::sync::mpsc::UnboundedReceiver<Publication>,
-    mut inbox: tokio::sync::mpsc::Receiver<InboxItem>,
+    inbox: Inbox,
 ) {
+    let Inbox {
+        mut requests,
+        mut devices,
+    } = inbox;
     // Stations that waited unseen for too long are deleted; checked every minute.
     let mut sweep = tokio::time::interval(Duration::from_secs(60));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
+            // In this order: operators' requests (a reject is never queued behind a storm of
+            // devices), then what earlier batches publish (events reach operators before more
+            // is decided, and the outbox stays bounded), the sweep, and devices' messages.
+            biased;
+            Some(item) = requests.recv() => item,
+            Some(p) = outbox.recv() => {
+                if let Err(e) = bus.publish(&p.topic, p.payload, false) {
+                    warn!("controller cannot publish: {e}");
+                    return;
+                }
+                continue;
+            }
             _ = sweep.tick() => {
                 let expire = || controller.expire_pending();
                 match tokio::runtime::Handle::current().runtime_flavor() {
@@ -213,20 +230,14 @@ async fn run_bus<B: Bus>(
                 };
                 continue;
             }
-            Some(item) = inbox.recv() => item,
-            Some(p) = outbox.recv() => {
-                if let Err(e) = bus.publish(&p.topic, p.payload, false) {
-                    warn!("controller cannot publish: {e}");
-                    return;
-                }
-                continue;
-            }
+            Some(item) = devices.recv() => item,
         };
         // Whatever else has arrived is handled with it: one transaction, one fsync for the
         // whole batch (see `Controller::handle_batch`).
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
-            match inbox.try_recv() {
+            // Operators' requests first: a reject never waits behind a storm of devices.
+            match requests.try_recv().or_else(|_| devices.try_recv()) {
                 Ok(item) => batch.push(item),
                 Err(_) => break,
             }
