@@ -2,6 +2,7 @@
 //! store) on `127.0.0.1:0` with real TLS and real certificates, and connects simulated stations
 //! and operators to it. Tests wait for events with a timeout, never sleep for them.
 
+pub mod churn;
 pub mod door;
 pub mod process;
 pub mod raw;

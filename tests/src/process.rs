@@ -1,7 +1,8 @@
-//! `fleetd` as a process, for the tests that SIGKILL it: start it on a data directory, read the
-//! address it bound, connect its `admin` operator, kill it. The caller names the binary: only
-//! the package that defines `fleetd` (fleet-controller) is given its path by cargo
-//! (`CARGO_BIN_EXE_fleetd`), which also guarantees that it was built.
+//! `fleetd` as a process, for the tests that SIGKILL it or read its memory: start it on a data
+//! directory, read the address it bound, connect its `admin` operator, read its resident set
+//! size, kill it. The caller names the binary: only the package that defines `fleetd`
+//! (fleet-controller) is given its path by cargo (`CARGO_BIN_EXE_fleetd`), which also
+//! guarantees that it was built.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -35,7 +36,24 @@ impl Fleetd {
     /// Starts the `fleetd` at `bin` on `data` at an ephemeral port; panics unless it starts
     /// cleanly.
     pub fn start(bin: &Path, data: &Path) -> Fleetd {
-        let mut child = Command::new(bin)
+        Fleetd::spawn(Command::new(bin), data)
+    }
+
+    /// Like [`Fleetd::start`], with the configuration file `config` (TOML), written beside the
+    /// data directory (`<data>.toml`); `--data-dir` and `--listen` still override it.
+    pub fn start_with_config(bin: &Path, data: &Path, config: &str) -> Fleetd {
+        let file = data.with_extension("toml");
+        if let Some(parent) = file.parent() {
+            std::fs::create_dir_all(parent).expect("folder of the configuration file");
+        }
+        std::fs::write(&file, config).expect("configuration file");
+        let mut command = Command::new(bin);
+        command.arg("--config").arg(&file);
+        Fleetd::spawn(command, data)
+    }
+
+    fn spawn(mut command: Command, data: &Path) -> Fleetd {
+        let mut child = command
             .arg("--data-dir")
             .arg(data)
             .arg("--listen")
@@ -68,33 +86,57 @@ impl Fleetd {
         self.child.wait().expect("reaped");
     }
 
-    /// The fleet CA of the data directory, PEM.
-    pub fn ca_pem(&self) -> String {
-        self.read("ca.pem")
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
-    fn read(&self, file: &str) -> String {
-        std::fs::read_to_string(self.data.join(file)).expect(file)
+    /// Its resident set size now, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid()).expect("fleetd's VmRSS in /proc")
+    }
+
+    /// The fleet CA of the data directory, PEM.
+    pub fn ca_pem(&self) -> String {
+        read(&self.data, "ca.pem")
     }
 
     /// The `admin` operator of the data directory, hearing tenant `default`'s events.
     pub async fn operator(&self) -> Operator {
-        let client = OperatorClient::connect(
-            &self.server,
-            &self.ca_pem(),
-            &self.read("admin.pem"),
-            &self.read("admin.key"),
-            "admin",
-        )
-        .await
-        .expect("operator connects");
-        let mut operator = Operator::new(client, "default").await;
-        operator.patience = PROCESS_PATIENCE;
-        operator
+        operator_of(&self.server, &self.data).await
     }
 
     /// A simulated station in its own state directory `dir`, booted against this process.
     pub fn station(&self, dir: PathBuf, serial: &str, firmware: &str) -> Station {
         Station::boot(dir, serial, firmware, self.server.clone(), self.ca_pem())
     }
+}
+
+fn read(data: &Path, file: &str) -> String {
+    std::fs::read_to_string(data.join(file)).expect(file)
+}
+
+/// The `admin` operator of the fleetd at `server` whose data directory is `data` (its
+/// `ca.pem`, `admin.pem` and `admin.key`), hearing tenant `default`'s events, with
+/// [`PROCESS_PATIENCE`].
+pub async fn operator_of(server: &str, data: &Path) -> Operator {
+    let client = OperatorClient::connect(
+        server,
+        &read(data, "ca.pem"),
+        &read(data, "admin.pem"),
+        &read(data, "admin.key"),
+        "admin",
+    )
+    .await
+    .expect("operator connects");
+    let mut operator = Operator::new(client, "default").await;
+    operator.patience = PROCESS_PATIENCE;
+    operator
+}
+
+/// The resident set size of process `pid` in KiB (`VmRSS` of `/proc/<pid>/status`); `None`
+/// when there is no such process.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    fleet_sim::load::parse_vm_rss(&status)
 }
