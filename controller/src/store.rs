@@ -270,10 +270,17 @@ macro_rules! record_reads {
     };
 }
 
+/// redb's page cache, at most. Its default (1 GiB) keeps every page written in memory, so the
+/// audit log (a record per CONNECT) grew fleetd's memory with every session it had seen; the
+/// stations, phones and whitelists of a large fleet and the newest audit pages fit in this.
+pub const CACHE_BYTES: usize = 64 << 20;
+
 impl Store {
     /// Opens the store at `path`, creating the file and its tables if missing.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path)?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)?;
         let txn = db.begin_write()?;
         {
             txn.open_table(STATIONS)?;
