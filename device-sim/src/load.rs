@@ -305,22 +305,35 @@ impl Errors {
 }
 
 /// The error kind of an operator request that got no answer, or of a failed command.
-/// How long to wait when fleetd refused a command for the operator's command budget: the
-/// "retry in N ms" of its text (PROTOCOL §6), one second if it says none.
-fn rate_limited(error: &ClientError) -> Option<Duration> {
+/// fleetd refused a command for the operator's command budget (PROTOCOL §6): how long to wait
+/// (the "retry in N ms" of its text, one second if it says none) and the budget's commands a
+/// second ("more than N commands a second", 1 if it says none).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct RateLimited {
+    wait: Duration,
+    per_second: usize,
+}
+
+fn rate_limited(error: &ClientError) -> Option<RateLimited> {
     let ClientError::CommandFailed { code, error } = error else {
         return None;
     };
     if code != "rate_limited" {
         return None;
     }
-    let ms = error
-        .split("retry in ")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or(1000);
-    Some(Duration::from_millis(ms.clamp(10, 10_000)))
+    let number_after = |marker: &str| {
+        error
+            .split(marker)
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    let ms = number_after("retry in ").unwrap_or(1000);
+    let per_second = number_after("more than ").unwrap_or(1).max(1);
+    Some(RateLimited {
+        wait: Duration::from_millis(ms.clamp(10, 10_000)),
+        per_second: usize::try_from(per_second).unwrap_or(usize::MAX),
+    })
 }
 
 fn client_error_kind(error: &ClientError) -> String {
@@ -565,6 +578,7 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         errors: Errors::default(),
         bar: ProgressBar::hidden(),
         last_progress: Instant::now(),
+        budget: None,
     };
     run.bar = run.progress_bar();
     let sim = SimConfig {
@@ -766,6 +780,8 @@ struct Onboarding {
     released: bool,
     /// fleetd answered `rate_limited` (the operator's command budget): no accept goes before.
     paused_until: Option<Instant>,
+    /// The budget's commands a second, once fleetd said it: accepts then go at that pace.
+    pace: Option<usize>,
     /// Accepts answered `rate_limited` and sent again.
     accepts_deferred: u64,
     stations_done: usize,
@@ -788,6 +804,7 @@ impl Onboarding {
             listing: false,
             released: false,
             paused_until: None,
+            pace: None,
             accepts_deferred: 0,
             stations_done: 0,
             stations_authorized: 0,
@@ -833,6 +850,8 @@ struct Run {
     errors: Errors,
     bar: ProgressBar,
     last_progress: Instant,
+    /// The operator's command budget, commands a second, once fleetd said it (`rate_limited`).
+    budget: Option<usize>,
 }
 
 /// What the coordinator's loop woke up for.
@@ -1106,8 +1125,10 @@ impl Run {
             Ok(responses) => {
                 for (index, response) in indices.into_iter().zip(responses) {
                     if let Err(e) = fleet_ctl::response_data(response) {
-                        if let Some(wait) = rate_limited(&e) {
-                            let until = Instant::now() + wait;
+                        if let Some(limited) = rate_limited(&e) {
+                            let until = Instant::now() + limited.wait;
+                            phase.pace = Some(limited.per_second);
+                            self.budget = Some(limited.per_second);
                             phase.paused_until = phase.paused_until.max(Some(until));
                             phase.accepts_deferred += 1;
                             self.slots[index].stage = Stage::Queued;
@@ -1187,7 +1208,13 @@ impl Run {
             if !(full || lingered) {
                 break;
             }
-            let take = phase.queue.len().min(self.opts.accept_batch);
+            let mut take = phase.queue.len().min(self.opts.accept_batch);
+            if let Some(per_second) = phase.pace {
+                // As many as the budget gives back in a second, then a second's pause.
+                take = take.min(per_second);
+                let pause = Duration::from_secs_f64(take as f64 / per_second as f64);
+                phase.paused_until = Some(Instant::now() + pause);
+            }
             let batch: Vec<usize> = phase.queue.drain(..take).collect();
             phase.queued_since = if phase.queue.is_empty() {
                 None
@@ -1397,6 +1424,11 @@ impl Run {
         }
         if sample.is_empty() {
             return cut.latency();
+        }
+        if let Some(per_second) = self.budget {
+            // The onboarding spent the operator's budget: let it give back one envelope's worth.
+            let wait = Duration::from_secs_f64(sample.len() as f64 / per_second as f64);
+            tokio::time::sleep(wait.min(Duration::from_secs(30))).await;
         }
         let commands: Vec<Value> = sample
             .iter()
@@ -1796,14 +1828,19 @@ mod tests {
             code: "rate_limited".into(),
             error: error.into(),
         };
-        let wait = rate_limited(&limited(
+        let limited_by = rate_limited(&limited(
             "more than 20 commands a second (burst 200); retry in 350 ms",
         ));
-        assert_eq!(wait, Some(Duration::from_millis(350)));
-        assert_eq!(
-            rate_limited(&limited("slow down")),
-            Some(Duration::from_secs(1))
-        );
+        let expected = RateLimited {
+            wait: Duration::from_millis(350),
+            per_second: 20,
+        };
+        assert_eq!(limited_by, Some(expected));
+        let vague = RateLimited {
+            wait: Duration::from_secs(1),
+            per_second: 1,
+        };
+        assert_eq!(rate_limited(&limited("slow down")), Some(vague));
         let other = ClientError::CommandFailed {
             code: "not_found".into(),
             error: "retry in 5 ms".into(),
