@@ -1312,10 +1312,17 @@ impl Run {
         let operator = Arc::clone(&self.operator);
         let tx = self.tx.clone();
         tokio::spawn(async move {
-            if let Ok(data) = operator
-                .call("listStations", json!({"state": "unauthorized"}))
-                .await
-            {
+            // Every page: the list is paged (`[limits] max_page_size`), and the stations whose
+            // events were missed may be anywhere in it.
+            let mut after: Option<String> = None;
+            loop {
+                let mut args = json!({"state": "unauthorized"});
+                if let Some(after) = &after {
+                    args["after"] = json!(after);
+                }
+                let Ok(data) = operator.call("listStations", args).await else {
+                    break;
+                };
                 let serials = data
                     .get("stations")
                     .and_then(Value::as_array)
@@ -1328,6 +1335,10 @@ impl Run {
                     })
                     .unwrap_or_default();
                 let _ = tx.send(Msg::Unauthorized { serials });
+                match data.get("next").and_then(Value::as_str) {
+                    Some(next) => after = Some(next.to_owned()),
+                    None => break,
+                }
             }
             let _ = tx.send(Msg::ListDone);
         });
