@@ -1,15 +1,14 @@
 //! The front door's MQTT 5.0 server obligations, each test citing the normative statements of
 //! the OASIS standard it checks (docs/mqtt5-conformance.md lists them all). The broker runs with
-//! a small admission of this file's own: every client may publish and subscribe below `t/` and
-//! `q/`, and has the mailbox `mbox/<client id>`. The client is written frame by frame, so that
-//! what a stock library hides (a property, a reason code, a frame's size) can be checked.
+//! the harness's `OpenAdmission` and this file's rights: every client may publish and subscribe
+//! below `t/` and `q/`, and has the mailbox `mbox/<client id>`. The client is written frame by
+//! frame, so that what a stock library hides (a property, a reason code, a frame's size) can be
+//! checked.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_broker::{Admission, BoxFuture, ConnectInfo, Decision, Rights, SessionControl};
-use fleet_tests::door::FrontDoor;
+use fleet_broker::{Rights, SessionControl};
+use fleet_tests::door::{FrontDoor, OpenAdmission};
 use fleet_tests::raw::{connect_v5_frame, frame as packet, string, vbi, WillV5};
 use fleet_tests::PATIENCE;
 use rustls::pki_types::ServerName;
@@ -19,9 +18,6 @@ use tokio::time::{error::Elapsed, timeout};
 use tokio_rustls::client::TlsStream;
 
 const SERVER_MAX_PACKET_SIZE: usize = 64 * 1024;
-
-/// Admits everyone with [`rights_of`].
-struct Open;
 
 fn rights_of(client_id: &str) -> Rights {
     let mailbox = format!("mbox/{client_id}");
@@ -35,29 +31,11 @@ fn rights_of(client_id: &str) -> Rights {
     }
 }
 
-impl Admission for Open {
-    fn admit(&self, info: ConnectInfo) -> BoxFuture<'_, Decision> {
-        Box::pin(async move {
-            Decision::Allow {
-                rights: rights_of(&info.client_id),
-                reserved: false,
-            }
-        })
-    }
-
-    fn session_opened(&self, client_id: &str, _session_id: u64) -> Option<Rights> {
-        Some(rights_of(client_id))
-    }
-
-    fn refused(&self, _client_id: &str, _peer_addr: SocketAddr, _reason: &str) {}
-
-    fn session_closed(&self, _client_id: &str, _session_id: u64) {}
-}
-
 type Server = FrontDoor;
 
 async fn server() -> Server {
-    FrontDoor::start(Arc::new(Open), |s| {
+    // Admits everyone with `rights_of`.
+    FrontDoor::start(OpenAdmission::new(rights_of, usize::MAX), |s| {
         s.handshake_timeout = Duration::from_secs(10);
         s.connect_timeout = Duration::from_secs(10);
         s.max_packet_size = SERVER_MAX_PACKET_SIZE;

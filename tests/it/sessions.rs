@@ -2,45 +2,23 @@
 //! its inbox topics goes from its session straight to the admission, in order and acknowledged
 //! only once the admission has it; its mailbox comes straight from the controller; a session
 //! gets a rumqttd link only when it publishes or subscribes past those, and gives it back when
-//! it ends. On the front door alone, with an admission of this file's own, and through the
-//! whole fleet.
+//! it ends. On the front door alone, with the harness's `OpenAdmission` and this file's
+//! rights, and through the whole fleet.
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_broker::{Admission, BoxFuture, ConnectInfo, Decision, Rights, SessionControl};
-use fleet_tests::door::FrontDoor;
+use fleet_broker::{Rights, SessionControl};
+use fleet_tests::door::{FrontDoor, OpenAdmission};
 use fleet_tests::raw::{
     connack, connect, connect_frame, frame, publish_frame, read_until_contains, string,
     subscribe_frame, tls, until_closed, Will,
 };
 use fleet_tests::{authorize, TestFleet, PATIENCE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Semaphore;
 
-/// Admits everyone: `in/<id>` is its inbox, `mbox/<id>` and `final/<id>` its mailboxes,
-/// `data/<id>/…` its data
-/// (through the router); everyone may subscribe to all data. Records what reaches the inbox.
-struct Recorder {
-    messages: Mutex<Vec<(String, String, Vec<u8>)>>,
-    /// One permit per inbox message the admission may take; the rest wait.
-    gate: Semaphore,
-}
-
-impl Recorder {
-    fn new(permits: usize) -> Arc<Recorder> {
-        Arc::new(Recorder {
-            messages: Mutex::new(Vec::new()),
-            gate: Semaphore::new(permits),
-        })
-    }
-
-    fn received(&self) -> Vec<(String, String, Vec<u8>)> {
-        self.messages.lock().expect("messages").clone()
-    }
-}
-
+/// Every client's rights: `in/<id>` is its inbox, `mbox/<id>` and `final/<id>` its mailboxes,
+/// `data/<id>/…` its data (through the router); everyone may subscribe to all data.
 fn rights_of(client_id: &str) -> Rights {
     let inbox = format!("in/{client_id}");
     let mailbox = format!("mbox/{client_id}");
@@ -55,45 +33,7 @@ fn rights_of(client_id: &str) -> Rights {
     }
 }
 
-impl Admission for Recorder {
-    fn admit(&self, info: ConnectInfo) -> BoxFuture<'_, Decision> {
-        Box::pin(async move {
-            Decision::Allow {
-                rights: rights_of(&info.client_id),
-                reserved: false,
-            }
-        })
-    }
-
-    fn session_opened(&self, client_id: &str, _session_id: u64) -> Option<Rights> {
-        Some(rights_of(client_id))
-    }
-
-    fn refused(&self, _client_id: &str, _peer_addr: SocketAddr, _reason: &str) {}
-
-    fn session_closed(&self, _client_id: &str, _session_id: u64) {}
-
-    fn message(
-        &self,
-        client_id: &str,
-        _session_id: u64,
-        topic: String,
-        payload: Vec<u8>,
-    ) -> BoxFuture<'_, bool> {
-        let client_id = client_id.to_owned();
-        Box::pin(async move {
-            match self.gate.acquire().await {
-                Ok(permit) => permit.forget(),
-                Err(_) => return false,
-            }
-            let mut messages = self.messages.lock().expect("messages");
-            messages.push((client_id, topic, payload));
-            true
-        })
-    }
-}
-
-async fn door(admission: Arc<Recorder>) -> FrontDoor {
+async fn door(admission: Arc<OpenAdmission>) -> FrontDoor {
     FrontDoor::start(admission, |_| {}).await
 }
 
@@ -121,7 +61,7 @@ async fn eventually(what: &str, done: impl Fn() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_speaks_only_to_the_controller_gets_no_router_link() {
-    let recorder = Recorder::new(usize::MAX >> 4);
+    let recorder = OpenAdmission::new(rights_of, usize::MAX);
     let door = door(recorder.clone()).await;
     let mut devices = Vec::new();
     for id in ["d1", "d2", "d3"] {
@@ -160,7 +100,7 @@ async fn a_device_that_speaks_only_to_the_controller_gets_no_router_link() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_inbox_message_is_acknowledged_only_once_the_admission_has_it() {
-    let recorder = Recorder::new(0);
+    let recorder = OpenAdmission::new(rights_of, 0);
     let door = door(recorder.clone()).await;
     let mut stream = tls(&door.connector, door.port).await;
     assert_eq!(connect(&mut stream, "slow").await, 0);
@@ -182,7 +122,7 @@ async fn an_inbox_message_is_acknowledged_only_once_the_admission_has_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_gets_a_router_link_on_its_first_data_and_gives_it_back_at_its_end() {
-    let recorder = Recorder::new(usize::MAX >> 4);
+    let recorder = OpenAdmission::new(rights_of, usize::MAX);
     let door = door(recorder.clone()).await;
     let mut listener = tls(&door.connector, door.port).await;
     assert_eq!(connect(&mut listener, "listener").await, 0);
@@ -226,7 +166,7 @@ async fn a_session_gets_a_router_link_on_its_first_data_and_gives_it_back_at_its
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_will_on_an_inbox_topic_reaches_the_admission_not_the_router() {
-    let recorder = Recorder::new(usize::MAX >> 4);
+    let recorder = OpenAdmission::new(rights_of, usize::MAX);
     let door = door(recorder.clone()).await;
     let sessions = door.broker.sessions();
 
@@ -290,7 +230,7 @@ async fn stations_and_phones_onboard_without_router_links() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_session_gets_nothing_more_but_the_message_its_cut_waits_for() {
-    let door = door(Recorder::new(0)).await;
+    let door = door(OpenAdmission::new(rights_of, 0)).await;
     let sessions = door.broker.sessions();
     let mut stream = tls(&door.connector, door.port).await;
     assert_eq!(connect(&mut stream, "cut").await, 0);

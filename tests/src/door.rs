@@ -2,11 +2,79 @@
 //! and an admission of the test's own: for the tests of what the front door does by itself
 //! (caps, MQTT 5 obligations), which the fleet's configuration cannot reach or would hide.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleet_broker::{Admission, Broker, Settings};
+use fleet_broker::{Admission, BoxFuture, Broker, ConnectInfo, Decision, Rights, Settings};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsConnector;
+
+/// What reached an [`OpenAdmission`]'s inbox: (client id, topic, payload).
+pub type Received = (String, String, Vec<u8>);
+
+/// An admission of a front-door test's own: admits every client with the rights
+/// `rights(client_id)`, and records what reaches its inbox, taking one permit of `gate` per
+/// message (the others wait for `gate.add_permits`).
+pub struct OpenAdmission {
+    rights: fn(&str) -> Rights,
+    messages: Mutex<Vec<Received>>,
+    pub gate: Semaphore,
+}
+
+impl OpenAdmission {
+    /// `permits`: inbox messages it takes before it makes the next ones wait.
+    pub fn new(rights: fn(&str) -> Rights, permits: usize) -> Arc<OpenAdmission> {
+        Arc::new(OpenAdmission {
+            rights,
+            messages: Mutex::new(Vec::new()),
+            gate: Semaphore::new(permits.min(Semaphore::MAX_PERMITS)),
+        })
+    }
+
+    /// Every inbox message so far, in the order they came.
+    pub fn received(&self) -> Vec<Received> {
+        self.messages.lock().expect("messages").clone()
+    }
+}
+
+impl Admission for OpenAdmission {
+    fn admit(&self, info: ConnectInfo) -> BoxFuture<'_, Decision> {
+        Box::pin(async move {
+            Decision::Allow {
+                rights: (self.rights)(&info.client_id),
+                reserved: false,
+            }
+        })
+    }
+
+    fn session_opened(&self, client_id: &str, _session_id: u64) -> Option<Rights> {
+        Some((self.rights)(client_id))
+    }
+
+    fn refused(&self, _client_id: &str, _peer_addr: SocketAddr, _reason: &str) {}
+
+    fn session_closed(&self, _client_id: &str, _session_id: u64) {}
+
+    fn message(
+        &self,
+        client_id: &str,
+        _session_id: u64,
+        topic: String,
+        payload: Vec<u8>,
+    ) -> BoxFuture<'_, bool> {
+        let client_id = client_id.to_owned();
+        Box::pin(async move {
+            match self.gate.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => return false,
+            }
+            let mut messages = self.messages.lock().expect("messages");
+            messages.push((client_id, topic, payload));
+            true
+        })
+    }
+}
 
 /// A front door serving a test's admission, and a client TLS configuration that trusts it.
 pub struct FrontDoor {
