@@ -590,14 +590,14 @@ async fn connection(
         info!(%peer, client_id = %client_id_for_log(&client_id), "refused: {reason}");
         admission.refused(&client_id_for_log(&client_id), peer, reason);
         let connack = frame::reason_connack(ConnectReturnCode::BadAuthenticationMethod, reason);
-        return reply.close_with(&mut writer, connack).await;
+        return Box::pin(reply.close_with(&mut writer, connack)).await;
     }
     // Read: not kept in the state of this task for the session's life.
     drop(props);
     if let Some((refusal, reason)) = refusal_before_admission(&shared, &client_id, &certificate) {
         info!(%peer, client_id = %client_id_for_log(&client_id), ?refusal, "refused: {reason}");
         admission.refused(&client_id_for_log(&client_id), peer, &reason);
-        return reply.refuse(&mut writer, refusal, &reason).await;
+        return Box::pin(reply.refuse(&mut writer, refusal, &reason)).await;
     }
 
     let session_id = shared.registry.next_session_id();
@@ -614,7 +614,7 @@ async fn connection(
         Decision::Allow { rights, reserved } => (rights, reserved),
         Decision::Deny { refusal, reason } => {
             info!(%peer, client_id = %client_id_for_log(&client_id), "refused by the controller: {reason}");
-            return reply.refuse(&mut writer, refusal, &reason).await;
+            return Box::pin(reply.refuse(&mut writer, refusal, &reason)).await;
         }
     };
     let will = will_within(last_will, will_props, &rights);
@@ -624,14 +624,15 @@ async fn connection(
         peer,
         reserved,
     };
-    let Some(session) =
-        open_session(&shared, &admission, opening, rights, &reply, &mut writer).await
-    else {
+    // The states of this task that a session passes through once (opening, its CONNACK, its
+    // end) are boxed: unboxed, each would size the task of every idle session.
+    let opening = open_session(&shared, &admission, opening, rights, &reply, &mut writer);
+    let Some(session) = Box::pin(opening).await else {
         return;
     };
     let (connack, keepalive) =
         success_connack(&shared.settings, version, connect.keep_alive, &limits);
-    let written = reply.write(&mut writer, connack).await;
+    let written = Box::pin(reply.write(&mut writer, connack)).await;
     run_session(
         shared,
         admission,
@@ -980,16 +981,16 @@ async fn run_session(
     // Nothing more is taken: deliveries from now on say so (`SessionControl::deliver`).
     control.close();
     debug!(client_id = %client_id, ?end, "session ended");
-    let _ = timeout(Duration::from_secs(1), writer.shutdown()).await;
+    let _ = Box::pin(timeout(Duration::from_secs(1), writer.shutdown())).await;
 
     if let (Some(will), true) = (will, end.fires_will()) {
-        fire_will(
+        Box::pin(fire_will(
             shared.clone(),
             admission.clone(),
             &client_id,
             session_id,
             will,
-        )
+        ))
         .await;
     }
     if let Some(mut link_tx) = pump.link_tx.take() {
@@ -1001,7 +1002,7 @@ async fn run_session(
     // A session that took this one over may build its link now.
     drop(released_tx);
     shared.registry.unregister(&client_id, session_id);
-    closed(&admission, &client_id, session_id).await;
+    Box::pin(closed(&admission, &client_id, session_id)).await;
 }
 
 /// Tells the admission a session ended, on the blocking pool: its synchronous calls may wait
