@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{
     v4::V4, v5::V5, Disconnect, DisconnectProperties, DisconnectReasonCode, Packet, PingResp,
     PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, PubRel, PubRelProperties,
@@ -156,7 +156,7 @@ impl End {
 #[derive(Debug)]
 pub(crate) enum Action {
     /// Write these bytes (one encoded packet) to the client.
-    Write(BytesMut),
+    Write(Bytes),
     /// Hand a PUBLISH on one of the session's inbox topics to the admission. The session
     /// handles nothing more of the client's input until [`Session::inbox_done`] says how it
     /// went (then [`Session::resume`]).
@@ -441,7 +441,7 @@ impl Session {
     fn send(&mut self, packet: Packet) {
         match encode(self.codec, packet) {
             Ok(bytes) => match fit(bytes, self.limits.max_packet_size) {
-                Some(bytes) => self.actions.push_back(Action::Write(bytes)),
+                Some(bytes) => self.actions.push_back(Action::Write(bytes.freeze())),
                 None => {
                     debug!("a packet larger than the client's maximum packet size was not sent")
                 }
@@ -825,8 +825,7 @@ impl Session {
             } else {
                 self.mailbox_pkid = next_mailbox_pkid(pkid);
                 self.mailbox_unacked.insert(pkid);
-                self.actions
-                    .push_back(Action::Write(BytesMut::from(&bytes[..])));
+                self.actions.push_back(Action::Write(Bytes::from(bytes)));
             }
         } else {
             let publish = Publish::new(topic.clone().into_bytes(), payload, false);
@@ -876,7 +875,7 @@ impl Session {
                 self.carry_out(effects);
             }
             _ if fits => {
-                self.actions.push_back(Action::Write(bytes));
+                self.actions.push_back(Action::Write(bytes.freeze()));
                 if last {
                     return self.cut_now();
                 }
@@ -928,7 +927,7 @@ impl Session {
                     self.actions.push_back(Action::Router(Box::new(packet)));
                 }
                 Effect::Write { bytes, last } => {
-                    self.actions.push_back(Action::Write(bytes));
+                    self.actions.push_back(Action::Write(bytes.freeze()));
                     if last {
                         return self.cut_now();
                     }
