@@ -524,51 +524,107 @@ fn write_changes(
     txn: &WriteTransaction,
     changes: &[Change],
 ) -> Result<Vec<AuditRecord>, StoreError> {
-    let mut stations = txn.open_table(STATIONS)?;
-    let mut phones = txn.open_table(PHONES)?;
-    let mut singles = txn.open_table(SINGLES)?;
-    let mut audit = txn.open_table(AUDIT)?;
-    let mut heads = txn.open_table(AUDIT_HEADS)?;
-    let mut meta = txn.open_table(META)?;
-    let mut next_seq = match meta.get(NEXT_AUDIT_SEQ)? {
-        Some(value) => value.value(),
-        None => 1,
-    };
+    // A table is opened only when a change needs it: opening one looks it up, and closing it
+    // writes its root back, and a batch applies one command's changes at a time (an accept
+    // touches two of the six tables).
+    let mut stations = None;
+    let mut phones = None;
+    let mut singles = None;
+    let mut chain = None;
     let mut stored = Vec::new();
     for change in changes {
         match change {
             Change::PutStation(station) => {
-                stations.insert(station.serial.as_str(), encode(station)?.as_slice())?;
+                let table = opened(&mut stations, txn, STATIONS)?;
+                table.insert(station.serial.as_str(), encode(station)?.as_slice())?;
             }
             Change::DeleteStation(serial) => {
-                stations.remove(serial.as_str())?;
+                opened(&mut stations, txn, STATIONS)?.remove(serial.as_str())?;
             }
             Change::PutPhone(phone) => {
-                phones.insert(phone.mac.as_str(), encode(phone)?.as_slice())?;
+                let table = opened(&mut phones, txn, PHONES)?;
+                table.insert(phone.mac.as_str(), encode(phone)?.as_slice())?;
             }
             Change::DeletePhone(mac) => {
-                phones.remove(mac.as_str())?;
+                opened(&mut phones, txn, PHONES)?.remove(mac.as_str())?;
             }
             Change::PutWhitelists(whitelists) => {
-                singles.insert(WHITELISTS, encode(whitelists)?.as_slice())?;
+                let table = opened(&mut singles, txn, SINGLES)?;
+                table.insert(WHITELISTS, encode(whitelists)?.as_slice())?;
             }
             Change::Audit(record) => {
-                let mut record = record.clone();
-                record.seq = next_seq;
-                record.prev_hash = match heads.get(record.tenant.as_str())? {
-                    Some(head) => head.value().to_owned(),
-                    None => GENESIS_PREV_HASH.to_owned(),
+                let chain = match &mut chain {
+                    Some(chain) => chain,
+                    None => chain.insert(AuditChain::open(txn)?),
                 };
-                record.hash = record_hash(&record);
-                heads.insert(record.tenant.as_str(), record.hash.as_str())?;
-                audit.insert(next_seq, encode(&record)?.as_slice())?;
-                next_seq += 1;
-                stored.push(record);
+                stored.push(chain.append(record)?);
             }
         }
     }
-    meta.insert(NEXT_AUDIT_SEQ, next_seq)?;
+    if let Some(chain) = chain {
+        chain.finish()?;
+    }
     Ok(stored)
+}
+
+/// The table in `slot`, opened in `txn` the first time it is asked for.
+fn opened<'s, 't, K: redb::Key + 'static, V: redb::Value + 'static>(
+    slot: &'s mut Option<redb::Table<'t, K, V>>,
+    txn: &'t WriteTransaction,
+    table: TableDefinition<'_, K, V>,
+) -> Result<&'s mut redb::Table<'t, K, V>, StoreError> {
+    Ok(match slot {
+        Some(open) => open,
+        None => slot.insert(txn.open_table(table)?),
+    })
+}
+
+/// The audit log's tables while records are appended: each record gets the next sequence
+/// number and is chained to its tenant's newest record.
+struct AuditChain<'t> {
+    audit: redb::Table<'t, u64, &'static [u8]>,
+    heads: redb::Table<'t, &'static str, &'static str>,
+    meta: redb::Table<'t, &'static str, u64>,
+    next_seq: u64,
+}
+
+impl<'t> AuditChain<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        let meta = txn.open_table(META)?;
+        let next_seq = match meta.get(NEXT_AUDIT_SEQ)? {
+            Some(value) => value.value(),
+            None => 1,
+        };
+        Ok(AuditChain {
+            audit: txn.open_table(AUDIT)?,
+            heads: txn.open_table(AUDIT_HEADS)?,
+            meta,
+            next_seq,
+        })
+    }
+
+    /// Appends `record`; returns it as stored (with `seq` and hashes).
+    fn append(&mut self, record: &AuditRecord) -> Result<AuditRecord, StoreError> {
+        let mut record = record.clone();
+        record.seq = self.next_seq;
+        record.prev_hash = match self.heads.get(record.tenant.as_str())? {
+            Some(head) => head.value().to_owned(),
+            None => GENESIS_PREV_HASH.to_owned(),
+        };
+        record.hash = record_hash(&record);
+        self.heads
+            .insert(record.tenant.as_str(), record.hash.as_str())?;
+        self.audit
+            .insert(self.next_seq, encode(&record)?.as_slice())?;
+        self.next_seq += 1;
+        Ok(record)
+    }
+
+    /// Stores the next sequence number.
+    fn finish(mut self) -> Result<(), StoreError> {
+        self.meta.insert(NEXT_AUDIT_SEQ, self.next_seq)?;
+        Ok(())
+    }
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
