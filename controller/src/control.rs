@@ -91,6 +91,63 @@ pub enum InboxItem {
         payload: Vec<u8>,
         handled: Option<tokio::sync::oneshot::Sender<bool>>,
     },
+    /// A phone's CONNECT with a PAP (or none): its attempt is decided in a batch, in order with
+    /// everything else that changes the phone, and committed with it.
+    Pap(PapAsk),
+}
+
+impl InboxItem {
+    /// The item as one message of a batch.
+    pub fn incoming(&self) -> Incoming<'_> {
+        match self {
+            InboxItem::Request(r) => Incoming::Request {
+                from: &r.from,
+                payload: &r.payload[..],
+            },
+            InboxItem::Device { topic, payload, .. } => Incoming::Device {
+                topic: topic.as_str(),
+                payload: &payload[..],
+            },
+            InboxItem::Pap(ask) => Incoming::Pap(ask),
+        }
+    }
+
+    /// The batch that handled the item was committed (or not): a device waiting for that to
+    /// acknowledge its message hears it now.
+    pub fn handled(self, committed: bool) {
+        if let InboxItem::Device {
+            handled: Some(handled),
+            ..
+        } = self
+        {
+            let _ = handled.send(committed);
+        }
+    }
+}
+
+/// A phone's PAP attempt for the bus (`InboxItem::Pap`): decided by the batch that takes it,
+/// against the phone as the batch sees it; its judgement goes back to the waiting admission
+/// once the batch is committed (or could not be).
+pub struct PapAsk {
+    info: fleet_broker::ConnectInfo,
+    mac: fleet_protocol::Mac,
+    password: Option<String>,
+    at: OffsetDateTime,
+    /// Taken by the batch that decides it (a shared borrow of the batch's messages holds it).
+    reply: Mutex<Option<tokio::sync::oneshot::Sender<admission::Judgement>>>,
+}
+
+impl std::fmt::Debug for PapAsk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the PAP itself: it is a secret.
+        f.debug_struct("PapAsk")
+            .field("client_id", &self.info.client_id)
+            .field("session_id", &self.info.session_id)
+            .field("peer_addr", &self.info.peer_addr)
+            .field("pap_given", &self.password.is_some())
+            .field("at", &self.at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One message of a batch ([`Controller::handle_batch`]).
@@ -103,6 +160,8 @@ pub enum Incoming<'m> {
         from: &'m Requester,
         payload: &'m [u8],
     },
+    /// A phone's PAP attempt from its CONNECT.
+    Pap(&'m PapAsk),
 }
 
 /// What decisions change, behind the controller's one lock: the in-memory view, and the only
@@ -202,6 +261,31 @@ impl Controller {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
+    }
+
+    /// Serves the inbox without the bus task, one item per batch, for a shell that drives the
+    /// controller itself (tests): phones' PAP attempts wait for a batch to decide them. Does
+    /// nothing if the inbox was taken already.
+    pub fn serve_inbox_alone(self: &Arc<Self>) {
+        let Some(Inbox {
+            mut requests,
+            mut devices,
+        }) = self.take_inbox()
+        else {
+            return;
+        };
+        let controller = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    Some(item) = requests.recv() => item,
+                    Some(item) = devices.recv() => item,
+                    else => return,
+                };
+                let committed = controller.handle_batch([item.incoming()]);
+                item.handled(committed);
+            }
+        });
     }
 
     /// The live operator session `session_id` of `client_id`, if it is one.
@@ -381,6 +465,7 @@ impl Controller {
                 Incoming::Request { from, payload } => {
                     self.on_operator_request(live, &mut batch, from, payload)
                 }
+                Incoming::Pap(ask) => self.on_pap_attempt(live, &mut batch, ask),
             }
             handled += 1;
         }

@@ -18,8 +18,7 @@ use tracing::warn;
 
 use crate::clock::Clock;
 use crate::control::{
-    ControlSettings, Controller, ControllerAdmission, Inbox, InboxItem, Incoming, Publication,
-    MAX_BATCH,
+    ControlSettings, Controller, ControllerAdmission, Inbox, InboxItem, Publication, MAX_BATCH,
 };
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
 use crate::store::Store;
@@ -242,18 +241,7 @@ async fn run_bus<B: Bus>(
                 Err(_) => break,
             }
         }
-        let handle = || {
-            controller.handle_batch(batch.iter().map(|m| match m {
-                InboxItem::Request(r) => Incoming::Request {
-                    from: &r.from,
-                    payload: &r.payload[..],
-                },
-                InboxItem::Device { topic, payload, .. } => Incoming::Device {
-                    topic: topic.as_str(),
-                    payload: &payload[..],
-                },
-            }))
-        };
+        let handle = || controller.handle_batch(batch.iter().map(InboxItem::incoming));
         // The batch ends with an fsync: let the runtime move the front door's tasks to
         // another worker meanwhile (not possible on a current-thread runtime, as in some
         // tests).
@@ -264,13 +252,7 @@ async fn run_bus<B: Bus>(
         // The batch is committed: the devices' inbox messages may be acknowledged (or, if it
         // failed, their sessions end unacknowledged and they send them again).
         for arrived in batch {
-            if let InboxItem::Device {
-                handled: Some(handled),
-                ..
-            } = arrived
-            {
-                let _ = handled.send(committed);
-            }
+            arrived.handled(committed);
         }
     }
 }

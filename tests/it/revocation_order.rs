@@ -117,6 +117,8 @@ async fn setup() -> (
     )
     .expect("controller");
     log.lock().expect("log").outbox = Some(outbox);
+    // Phones' PAP attempts are decided by batches.
+    controller.serve_inbox_alone();
     let admission = ControllerAdmission(controller.clone());
     let operator_cert = PresentedCertificate {
         der: operator.cert_der.clone(),

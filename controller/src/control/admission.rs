@@ -17,10 +17,10 @@ use super::live::{Live, LiveSession};
 use super::{rfc3339, Controller, Requester};
 use crate::audit::{AuditRecord, Outcome};
 use crate::flood::Verdict;
-use crate::identity::{self, Identity, OperatorId, StationRights};
+use crate::identity::{self, Identity, OperatorId, PhonePresented, StationRights};
 use crate::station::{self, Admit, DenyReason, Presented};
 use crate::store::Change;
-use fleet_protocol::{ClaimedClient, EventKind, Serial};
+use fleet_protocol::{ClaimedClient, EventKind, Mac, Serial};
 
 /// Longest client id quoted as the device of a refusal's record, in characters.
 const MAX_QUOTED_CLIENT_ID: usize = 80;
@@ -69,16 +69,29 @@ pub(super) enum Judgement {
     Unavailable(String),
 }
 
+/// How far an admission gets off the bus: decided, or a phone's PAP attempt that a batch
+/// must decide (it changes the phone, in order with everything else that does).
+pub(super) enum Step {
+    Decided(Admitted),
+    Pap {
+        mac: Mac,
+        password: Option<String>,
+        at: OffsetDateTime,
+    },
+}
+
 impl Controller {
-    /// Admission: the decision, and what must be durable before it is told.
-    fn admit_now(&self, info: &ConnectInfo) -> Admitted {
+    /// Admission: the decision, and what must be durable before it is told; or, for a phone's
+    /// PAP attempt, what the bus must decide.
+    fn admit_now(&self, info: &ConnectInfo) -> Step {
         let at = self.now();
         let ip = info.peer_addr.ip();
+        let identity = identity::identify(info);
         // A valid operator certificate is never refused for the failures of others from the
         // same address (a PAP guesser beside the operator's machine must not lock it out).
-        let operator = match identity::identify(info) {
+        let operator = match &identity {
             Ok(Identity::Operator { id, serial, key }) => {
-                self.operator_admits(&id, &serial, &key).is_ok()
+                self.operator_admits(id, serial, key).is_ok()
             }
             _ => false,
         };
@@ -105,9 +118,21 @@ impl Controller {
             };
             let mut admitted = self.refuse(info, at, refused);
             admitted.slow = true;
-            return admitted;
+            return Step::Decided(admitted);
         }
-        match self.judge(info, at) {
+        match identity {
+            Ok(Identity::Phone {
+                mac,
+                presented: PhonePresented::Pap { password },
+            }) => Step::Pap { mac, password, at },
+            identity => Step::Decided(self.conclude(info, at, self.judge(info, identity, at))),
+        }
+    }
+
+    /// What a judgement tells, and what must be durable first: an admission's record, or a
+    /// refusal (counted against the address and audited within its budget).
+    fn conclude(&self, info: &ConnectInfo, at: OffsetDateTime, judgement: Judgement) -> Admitted {
+        match judgement {
             Judgement::Admit(granted) => {
                 let record = AuditRecord::new(
                     at,
@@ -213,8 +238,13 @@ impl Controller {
 
     /// Who the client is, and whether it may connect; an admitted session is registered as
     /// live (the front door has yet to open it).
-    fn judge(&self, info: &ConnectInfo, at: OffsetDateTime) -> Judgement {
-        let identity = match identity::identify(info) {
+    fn judge(
+        &self,
+        info: &ConnectInfo,
+        identity: Result<Identity, String>,
+        at: OffsetDateTime,
+    ) -> Judgement {
+        let identity = match identity {
             Ok(i) => i,
             Err(reason) => {
                 return Judgement::Refuse(Refused {
@@ -230,9 +260,7 @@ impl Controller {
         };
         let mut guard = self.lock();
         let judgement = match &identity {
-            Identity::Phone { mac, presented } => {
-                self.admit_phone(&mut guard, mac, presented, info.peer_addr.ip(), at)
-            }
+            Identity::Phone { mac, presented } => self.admit_phone(mac, presented),
             Identity::Operator { id, serial, key } => {
                 self.admit_operator(&guard.live, info, id, serial, key)
             }
@@ -460,7 +488,12 @@ fn quoted(client_id: &str) -> String {
 
 /// Makes the admitted session the live one of its client id (keeping the one it replaces until
 /// the front door has registered it), and remembers who it is beyond its end.
-fn register(live: &mut Live, info: &ConnectInfo, identity: Identity, at: OffsetDateTime) {
+pub(super) fn register(
+    live: &mut Live,
+    info: &ConnectInfo,
+    identity: Identity,
+    at: OffsetDateTime,
+) {
     let previous = live.sessions.remove(&info.client_id).map(|mut p| {
         p.previous = None;
         Box::new(p)
@@ -512,21 +545,33 @@ impl Admission for ControllerAdmission {
     fn admit(&self, info: ConnectInfo) -> BoxFuture<'_, Decision> {
         Box::pin(async move {
             // On the blocking pool: the decision takes the controller's lock, which a batch
-            // holds across its commit, and a phone's PAP attempt commits before it answers (the
-            // next attempt must see its count). Neither may hold an async worker meanwhile.
+            // holds across its commit; it must not hold an async worker meanwhile.
             let controller = Arc::clone(&self.0);
             let asked = info.clone();
-            let admitted = tokio::task::spawn_blocking(move || controller.admit_now(&asked)).await;
-            let Ok(Admitted {
+            let step = tokio::task::spawn_blocking(move || controller.admit_now(&asked)).await;
+            let Admitted {
                 decision,
                 slow,
                 pending,
-            }) = admitted
-            else {
-                return Decision::Deny {
-                    refusal: Refusal::ServerUnavailable,
-                    reason: "the admission failed".into(),
-                };
+            } = match step {
+                Ok(Step::Decided(admitted)) => admitted,
+                // A PAP attempt changes the phone (its count, its state, a whitelisted
+                // address): a batch decides it and commits it with what else it handles, and
+                // this admission waits for that without holding any lock or thread.
+                Ok(Step::Pap { mac, password, at }) => {
+                    let judgement = self.0.pap_on_the_bus(&info, mac, password, at).await;
+                    if let Judgement::Unavailable(_) = judgement {
+                        // Registered by a batch whose commit failed: undone.
+                        self.0.closed(&info.client_id, info.session_id);
+                    }
+                    self.0.conclude(&info, at, judgement)
+                }
+                Err(_) => {
+                    return Decision::Deny {
+                        refusal: Refusal::ServerUnavailable,
+                        reason: "the admission failed".into(),
+                    }
+                }
             };
             // Audited before answered; concurrent admissions share one commit.
             let stored = match pending {

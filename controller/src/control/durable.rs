@@ -79,8 +79,8 @@ impl Durable {
     }
 
     /// Commits `changes` through the writer thread and waits until they are durable (for a
-    /// decision that the next one must see: a phone's failure count). Returns the audit records
-    /// as stored, for the caller to publish.
+    /// decision that the next one must see: the sweep of expired stations). Returns the audit
+    /// records as stored, for the caller to publish.
     pub(super) fn commit(
         &mut self,
         changes: Vec<Change>,
@@ -149,6 +149,15 @@ impl Batch<'_> {
         changes.push(Change::Audit(audit));
         self.txn.apply(changes).map_err(|e| refused(&e))?;
         Ok(Recorded(()))
+    }
+
+    /// Writes `changes` that have no audit record of their own into the batch's transaction:
+    /// a phone's count of wrong PAPs while its state stays the same.
+    pub(super) fn write(&mut self, changes: Vec<Change>) -> Result<(), CommandError> {
+        debug_assert!(changes
+            .iter()
+            .all(|c| !matches!(c, Change::PutStation(_) | Change::DeleteStation(_))));
+        self.txn.apply(changes).map_err(|e| refused(&e))
     }
 
     /// Commits the batch (one fsync; none if it wrote nothing).

@@ -62,6 +62,11 @@ pub(super) enum Output {
         serial: Serial,
         read: super::stations::ChunkRead,
     },
+    /// The judgement of a phone's PAP attempt, for the admission waiting for it.
+    Judged {
+        reply: tokio::sync::oneshot::Sender<super::admission::Judgement>,
+        judgement: Box<super::admission::Judgement>,
+    },
     /// A mailbox message to one session only.
     DeliverTo {
         client_id: String,
@@ -184,6 +189,10 @@ impl Controller {
                         .collect();
                     self.respond(&to, responses);
                 }
+                Output::Judged { reply, .. } => {
+                    let reason = format!("the PAP attempt was not stored: {}", error.message);
+                    let _ = reply.send(super::admission::Judgement::Unavailable(reason));
+                }
                 _ => {}
             }
         }
@@ -245,6 +254,10 @@ impl Controller {
                 session_id,
                 presented,
             } => self.recheck(&serial, session_id, &presented, written),
+            Output::Judged { reply, judgement } => {
+                // An admission that gave up waiting has nobody to tell.
+                let _ = reply.send(*judgement);
+            }
         }
     }
 

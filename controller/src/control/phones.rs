@@ -10,13 +10,13 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 use tracing::warn;
 
-use super::admission::{Granted, Judgement, Refused};
-use super::durable::{Batch, Written};
-use super::effects::Outbox;
+use super::admission::{register, Granted, Judgement, Refused};
+use super::durable::Batch;
+use super::effects::{Outbox, Output};
 use super::live::Live;
-use super::{Controller, Decisions};
+use super::{Controller, InboxItem, PapAsk};
 use crate::audit::{AuditRecord, Outcome};
-use crate::identity::{self, PhonePresented, PhoneRights};
+use crate::identity::{self, Identity, PhonePresented, PhoneRights};
 use crate::phone::{self, Attempt, PapDecision, Phone};
 use crate::store::Change;
 use fleet_protocol::payload::{ProvisionRequest, ProvisionResponse};
@@ -57,16 +57,9 @@ fn granted(mac: &Mac, rights: PhoneRights, tenant: String, level: &'static str) 
 }
 
 impl Controller {
-    /// Admission of a phone: by its certificate, or by PAP (or whitelist) through the pure
-    /// `phone::attempt`.
-    pub(super) fn admit_phone(
-        &self,
-        decisions: &mut Decisions,
-        mac: &Mac,
-        presented: &PhonePresented,
-        ip: IpAddr,
-        at: OffsetDateTime,
-    ) -> Judgement {
+    /// Admission of a phone by its certificate, against the committed record. A phone without
+    /// one is admitted by its PAP attempt, which a batch decides ([`Self::on_pap_attempt`]).
+    pub(super) fn admit_phone(&self, mac: &Mac, presented: &PhonePresented) -> Judgement {
         let unknown_tenant = crate::station::DEFAULT_TENANT.to_owned();
         let phone = match self.store.phone(mac) {
             Ok(Some(p)) => p,
@@ -88,27 +81,95 @@ impl Controller {
                 let level = "provisioned phone";
                 granted(mac, PhoneRights::Provisioned, phone.tenant, level)
             }
-            PhonePresented::Pap { password } => {
+            PhonePresented::Pap { .. } => Judgement::Unavailable(
+                "a phone without certificate is admitted by its PAP attempt".to_owned(),
+            ),
+        }
+    }
+
+    /// Hands a phone's PAP attempt to the bus and waits, holding nothing, until the batch
+    /// that decided it was committed.
+    pub(super) async fn pap_on_the_bus(
+        &self,
+        info: &fleet_broker::ConnectInfo,
+        mac: Mac,
+        password: Option<String>,
+        at: OffsetDateTime,
+    ) -> Judgement {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let ask = PapAsk {
+            info: info.clone(),
+            mac,
+            password,
+            at,
+            reply: std::sync::Mutex::new(Some(reply)),
+        };
+        if self.inbox.send(InboxItem::Pap(ask)).await.is_err() {
+            return Judgement::Unavailable("the controller's inbox is closed".to_owned());
+        }
+        answer.await.unwrap_or_else(|_| {
+            Judgement::Unavailable("the PAP attempt was dropped undecided".to_owned())
+        })
+    }
+
+    /// A phone's PAP attempt, in a batch: decided against the phone as the batch sees it, its
+    /// changes written into the batch's transaction, an admitted session registered; the
+    /// judgement goes back to the admission once the batch is committed (`Output::Judged`).
+    pub(super) fn on_pap_attempt(&self, live: &mut Live, cx: &mut Batch<'_>, ask: &PapAsk) {
+        let reply = ask.reply.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(reply) = reply else {
+            return;
+        };
+        let judgement = self.judge_pap(live, cx, ask);
+        if let Judgement::Admit(_) = judgement {
+            let presented = PhonePresented::Pap {
+                password: ask.password.clone(),
+            };
+            let identity = Identity::Phone {
+                mac: ask.mac.clone(),
+                presented,
+            };
+            register(live, &ask.info, identity, ask.at);
+        }
+        cx.out.push(Output::Judged {
+            reply,
+            judgement: Box::new(judgement),
+        });
+    }
+
+    fn judge_pap(&self, live: &mut Live, cx: &mut Batch<'_>, ask: &PapAsk) -> Judgement {
+        let (mac, unknown_tenant) = (&ask.mac, crate::station::DEFAULT_TENANT.to_owned());
+        match cx.txn().phone(mac) {
+            Ok(Some(phone)) => {
                 let attempt = PapAttempt {
-                    password: password.as_deref(),
-                    ip,
-                    at,
+                    password: ask.password.as_deref(),
+                    ip: ask.info.peer_addr.ip(),
+                    at: ask.at,
                 };
-                self.attempt_pap(decisions, phone, attempt)
+                self.attempt_pap(live, cx, phone, attempt)
+            }
+            Ok(None) => {
+                let reason = format!("unknown phone {mac}");
+                refuse(mac, Refusal::NotAuthorized, reason, unknown_tenant)
+            }
+            Err(e) => {
+                let reason = format!("store: {e}");
+                refuse(mac, Refusal::ServerUnavailable, reason, unknown_tenant)
             }
         }
     }
 
     /// A phone without certificate: counts wrong PAPs towards lockout and block, and a
-    /// correct one whitelists the address. What the attempt changed is committed (and waited
-    /// for) before the answer, so that the next attempt sees it.
+    /// correct one whitelists the address. What the attempt changed is written into the
+    /// batch, so that the next attempt (in this batch or a later one) sees it; should the
+    /// batch not be committed, the in-memory whitelists are reloaded from the store.
     fn attempt_pap(
         &self,
-        decisions: &mut Decisions,
+        live: &mut Live,
+        cx: &mut Batch<'_>,
         phone: Phone,
         pap: PapAttempt<'_>,
     ) -> Judgement {
-        let Decisions { live, durable } = decisions;
         let (mac, tenant, at, ip) = (phone.mac.clone(), phone.tenant.clone(), pap.at, pap.ip);
         let policy = &self.settings.phones;
         let attempt = Attempt {
@@ -118,32 +179,16 @@ impl Controller {
         let before = phone.state_at(at).name();
         let (phone, decision) = phone::attempt(phone, &attempt, policy, at);
         let after = phone.state_at(at).name();
-        let mut told = Outbox::default();
         if before != after {
             let body = json!({"event": "state", "phone": without_pap(&phone.view(at))});
-            told.event(&tenant, EventKind::Phones, body, self.now());
+            cx.out.event(&tenant, EventKind::Phones, body, self.now());
         }
         let mut changes = vec![Change::PutPhone(phone)];
-        if before != after {
-            changes.push(Change::Audit(AuditRecord::new(
-                at,
-                &tenant,
-                ip.to_string(),
-                Some(mac.to_string()),
-                "auth_state",
-                Outcome::Ok,
-                Some(format!("{before} -> {after}")),
-            )));
-        }
-        // The in-memory whitelists as they were, should the commit fail: a grant that was
-        // never stored must not let anyone in.
-        let mut restore = None;
         let judgement = match decision {
             PapDecision::AdmitUnprovisioned { pap_checked } => {
                 if pap_checked {
                     // A correct PAP puts the client's address on the tenant's temporary
                     // whitelist.
-                    restore = Some(live.whitelists.clone());
                     live.whitelists.expire(at);
                     let duration = policy.temporary_whitelist;
                     live.whitelists.grant_temporary(&tenant, ip, at, duration);
@@ -164,17 +209,24 @@ impl Controller {
                 refuse(&mac, Refusal::NotAuthorized, reason, tenant.clone())
             }
         };
-        match durable.commit(changes) {
-            Ok(records) => {
-                self.carry_out(&records, told, &Written::new());
-                judgement
+        let written = match before != after {
+            true => {
+                let record = AuditRecord::new(
+                    at,
+                    &tenant,
+                    ip.to_string(),
+                    Some(mac.to_string()),
+                    "auth_state",
+                    Outcome::Ok,
+                    Some(format!("{before} -> {after}")),
+                );
+                cx.record(changes, record).map(drop)
             }
-            Err(e) => {
-                if let Some(whitelists) = restore {
-                    live.whitelists = whitelists;
-                }
-                refuse(&mac, Refusal::ServerUnavailable, e.message, tenant)
-            }
+            false => cx.write(changes),
+        };
+        match written {
+            Ok(()) => judgement,
+            Err(e) => refuse(&mac, Refusal::ServerUnavailable, e.message, tenant),
         }
     }
 

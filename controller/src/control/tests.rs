@@ -82,6 +82,7 @@ async fn shell() -> Shell {
     let (controller, published) =
         Controller::new(store, Arc::new(ca), Arc::new(Sessions), operators, settings)
             .expect("controller");
+    controller.serve_inbox_alone();
     let admission = ControllerAdmission(controller.clone());
     let mut op = connect(1, "op", None);
     op.certificate = Some(PresentedCertificate {
@@ -225,4 +226,110 @@ async fn a_correct_pap_whose_commit_fails_whitelists_nothing() {
         !whitelisted,
         "whitelisted by an attempt that was never stored"
     );
+}
+
+/// A PAP attempt for `mac` with `pap`, as the front door's admission hands it to the bus, and
+/// where its judgement will arrive.
+fn pap_ask(
+    shell: &Shell,
+    session_id: u64,
+    mac: &str,
+    pap: &str,
+) -> (
+    super::PapAsk,
+    tokio::sync::oneshot::Receiver<super::admission::Judgement>,
+) {
+    let (reply, judged) = tokio::sync::oneshot::channel();
+    let ask = super::PapAsk {
+        info: phone_connect(session_id, mac, Some(pap)),
+        mac: fleet_protocol::Mac::parse(mac).expect("mac"),
+        password: Some(pap.to_owned()),
+        at: shell.clock.now(),
+        reply: std::sync::Mutex::new(Some(reply)),
+    };
+    (ask, judged)
+}
+
+/// A phone created by the operator, and its PAP.
+fn created_phone(shell: &Shell, mac: &str) -> String {
+    shell.command(
+        json!({"command": "createPhone", "mac": mac, "vendor": "Yealink",
+        "type": "T54W", "site": "Berlin"}),
+    );
+    let phone = shell
+        .controller
+        .store
+        .phone(&fleet_protocol::Mac::parse(mac).expect("mac"))
+        .expect("store")
+        .expect("the phone");
+    phone.pap.expect("a PAP").as_str().to_owned()
+}
+
+/// A PAP attempt and an operator's reset of the same phone, in one batch, in both orders:
+/// each sees the other's change, and the store ends with the later one (no write of the
+/// attempt, queued elsewhere, overwrites the reset, nor the other way round).
+#[tokio::test]
+async fn a_pap_attempt_is_decided_in_order_with_the_operators_commands() {
+    use super::admission::Judgement;
+    use super::{Incoming, Requester};
+    let shell = shell().await;
+    let mac = "0011aabbcc02";
+    let admin = Requester {
+        client_id: "op".into(),
+        session_id: 1,
+        operator: crate::identity::OperatorId {
+            tenant: "default".into(),
+            name: "admin".into(),
+        },
+    };
+    let reset =
+        json!({"commands": [{"command": "resetPhoneAuthentication", "mac": mac}]}).to_string();
+    let stored = |shell: &Shell| {
+        let mac = fleet_protocol::Mac::parse(mac).expect("mac");
+        let phone = shell.controller.store.phone(&mac).expect("store");
+        phone.expect("the phone")
+    };
+
+    // The reset first: the attempt with the PAP from before it is wrong.
+    let old_pap = created_phone(&shell, mac);
+    let (ask, judged) = pap_ask(&shell, 20, mac, &old_pap);
+    let reset_first = [
+        Incoming::Request {
+            from: &admin,
+            payload: reset.as_bytes(),
+        },
+        Incoming::Pap(&ask),
+    ];
+    assert!(shell.controller.handle_batch(reset_first));
+    let judgement = judged.await.expect("judged");
+    assert!(
+        matches!(&judgement, Judgement::Refuse(r) if r.reason.contains("wrong")),
+        "the PAP of before the reset was let in"
+    );
+    let after_reset = stored(&shell);
+    assert_eq!(after_reset.failures, 1, "the wrong PAP was not counted");
+
+    // The attempt first: admitted with the PAP of now, and the reset after it stands.
+    let pap = after_reset.pap.expect("a new PAP").as_str().to_owned();
+    let (ask, judged) = pap_ask(&shell, 21, mac, &pap);
+    let attempt_first = [
+        Incoming::Pap(&ask),
+        Incoming::Request {
+            from: &admin,
+            payload: reset.as_bytes(),
+        },
+    ];
+    assert!(shell.controller.handle_batch(attempt_first));
+    let judgement = judged.await.expect("judged");
+    assert!(
+        matches!(judgement, Judgement::Admit(_)),
+        "the right PAP refused"
+    );
+    let phone = stored(&shell);
+    assert_ne!(
+        phone.pap.map(|p| p.as_str().to_owned()),
+        Some(pap),
+        "the reset after the attempt was overwritten"
+    );
+    assert_eq!(phone.failures, 0);
 }
