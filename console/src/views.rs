@@ -1,0 +1,169 @@
+//! Reading fleetd's JSON objects (docs/protocol.md §5) for the pages. Everything in them may come
+//! from a device, so nothing here trusts a field: a missing or odd one reads as empty, and the
+//! templates escape every string.
+
+use fleet_protocol::{PhoneState, StationState};
+use serde_json::Value;
+
+/// The string field `key` of `value`, or `""`.
+pub(crate) fn text<'a>(value: &'a Value, key: &str) -> &'a str {
+    value.get(key).and_then(Value::as_str).unwrap_or("")
+}
+
+/// The string field `key`, if it is one and not empty.
+pub(crate) fn some_text<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
+    Some(text(value, key)).filter(|t| !t.is_empty())
+}
+
+/// What people see for a station's state (PROTOCOL §5).
+pub(crate) fn station_label(station: &Value) -> String {
+    let state = text(station, "state");
+    match StationState::from_name(state) {
+        Some(known) => known.label().to_owned(),
+        None => some_text(station, "label").unwrap_or(state).to_owned(),
+    }
+}
+
+/// What people see for a phone's `auth_state` (PROTOCOL §5).
+pub(crate) fn phone_label(phone: &Value) -> String {
+    let state = text(phone, "auth_state");
+    match PhoneState::from_name(state) {
+        Some(known) => known.label().to_owned(),
+        None => some_text(phone, "label").unwrap_or(state).to_owned(),
+    }
+}
+
+/// The items of a list answer's `field`.
+pub(crate) fn items(data: &Value, field: &str) -> Vec<Value> {
+    data.get(field)
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A fingerprint in groups for reading aloud: four lines of eight byte pairs, for a person to
+/// compare with the station's local admin page. Anything that is not 32 pairs is shown as it is,
+/// in one group.
+pub(crate) fn fingerprint_groups(fingerprint: &str) -> Vec<String> {
+    let pairs: Vec<&str> = fingerprint.split(':').collect();
+    let well_formed = pairs.len() == 32
+        && pairs
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
+    if !well_formed {
+        return vec![fingerprint.to_owned()];
+    }
+    pairs.chunks(8).map(|line| line.join(" ")).collect()
+}
+
+/// A MAC (12 hex digits as fleetd stores it) as people write it, `AA:BB:CC:DD:EE:FF`; anything
+/// else as it is.
+pub(crate) fn mac_display(mac: &str) -> String {
+    if mac.len() != 12 || !mac.chars().all(|c| c.is_ascii_hexdigit()) {
+        return mac.to_owned();
+    }
+    mac.as_bytes()
+        .chunks(2)
+        .map(|pair| String::from_utf8_lossy(pair).to_ascii_uppercase())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Lower-case hex digits only: how a MAC is searched, whatever its separators.
+pub(crate) fn mac_key(text: &str) -> String {
+    text.chars()
+        .filter(char::is_ascii_hexdigit)
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
+/// Whether `station` matches the free-text search `query` (serial, MACs, model, firmware).
+pub(crate) fn station_matches(station: &Value, query: &str) -> bool {
+    let query = query.trim().to_lowercase();
+    if query.is_empty() {
+        return true;
+    }
+    let fields = ["serial", "model", "firmware", "ip"];
+    if fields
+        .iter()
+        .any(|f| text(station, f).to_lowercase().contains(&query))
+    {
+        return true;
+    }
+    let wanted = mac_key(&query);
+    // A MAC query is hex digits with or without separators; "a" alone would match too much.
+    wanted.len() >= 4
+        && wanted.len() * 2 >= query.len()
+        && ["mac_streaming", "mac_control"]
+            .iter()
+            .any(|f| mac_key(text(station, f)).contains(&wanted))
+}
+
+/// Whether `phone` matches `query` (MAC, vendor, type, site).
+pub(crate) fn phone_matches(phone: &Value, query: &str) -> bool {
+    let query = query.trim().to_lowercase();
+    if query.is_empty() {
+        return true;
+    }
+    let wanted = mac_key(&query);
+    ["vendor", "type", "site"]
+        .iter()
+        .any(|f| text(phone, f).to_lowercase().contains(&query))
+        || (!wanted.is_empty()
+            && wanted.len() * 2 >= query.len()
+            && text(phone, "mac").contains(&wanted))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn fingerprints_are_grouped_for_people() {
+        let fp = ["AB"; 32].join(":");
+        let groups = fingerprint_groups(&fp);
+        assert_eq!(groups.len(), 4);
+        assert_eq!(groups[0], ["AB"; 8].join(" "));
+        assert_eq!(fingerprint_groups("odd"), vec!["odd".to_owned()]);
+    }
+
+    #[test]
+    fn stations_are_found_by_serial_mac_and_model() {
+        let station = json!({"serial": "ST-0001", "model": "MC-200", "mac_streaming": "0242ac110002",
+            "mac_control": "0242ac110003"});
+        for query in ["st-0001", "mc-2", "02:42:AC:11:00:03", "0242ac11", ""] {
+            assert!(station_matches(&station, query), "{query}");
+        }
+        for query in ["ST-0002", "ffff", "02:42:AC:11:00:09"] {
+            assert!(!station_matches(&station, query), "{query}");
+        }
+        assert_eq!(mac_display("0242ac110002"), "02:42:AC:11:00:02");
+        assert_eq!(mac_display("<b>"), "<b>");
+    }
+
+    #[test]
+    fn labels_come_from_the_protocol_then_the_object() {
+        assert_eq!(
+            station_label(&json!({"state": "not_running"})),
+            "Not Running"
+        );
+        assert_eq!(station_label(&json!({"state": "x", "label": "Y"})), "Y");
+        assert_eq!(
+            phone_label(&json!({"auth_state": "authentication_blocked"})),
+            "Authentication blocked (permanently)"
+        );
+        assert!(phone_matches(
+            &json!({"mac": "aabbccddee01", "vendor": "Yealink"}),
+            "AA:BB:CC"
+        ));
+        assert!(phone_matches(
+            &json!({"mac": "aabbccddee01", "vendor": "Yealink"}),
+            "yea"
+        ));
+        assert!(!phone_matches(
+            &json!({"mac": "aabbccddee01", "vendor": "Yealink"}),
+            "snom"
+        ));
+    }
+}
