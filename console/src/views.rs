@@ -77,6 +77,13 @@ pub(crate) fn mac_key(text: &str) -> String {
         .collect()
 }
 
+/// Whether `query` is (part of) a MAC in any of its spellings: hex digits and separators only.
+fn is_mac_like(query: &str) -> bool {
+    query
+        .chars()
+        .all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '-' | '.'))
+}
+
 /// Whether `station` matches the free-text search `query` (serial, MACs, model, firmware).
 pub(crate) fn station_matches(station: &Value, query: &str) -> bool {
     let query = query.trim().to_lowercase();
@@ -90,10 +97,10 @@ pub(crate) fn station_matches(station: &Value, query: &str) -> bool {
     {
         return true;
     }
-    let wanted = mac_key(&query);
     // A MAC query is hex digits with or without separators; "a" alone would match too much.
-    wanted.len() >= 4
-        && wanted.len() * 2 >= query.len()
+    let wanted = mac_key(&query);
+    is_mac_like(&query)
+        && wanted.len() >= 4
         && ["mac_streaming", "mac_control"]
             .iter()
             .any(|f| mac_key(text(station, f)).contains(&wanted))
@@ -109,9 +116,7 @@ pub(crate) fn phone_matches(phone: &Value, query: &str) -> bool {
     ["vendor", "type", "site"]
         .iter()
         .any(|f| text(phone, f).to_lowercase().contains(&query))
-        || (!wanted.is_empty()
-            && wanted.len() * 2 >= query.len()
-            && text(phone, "mac").contains(&wanted))
+        || (is_mac_like(&query) && !wanted.is_empty() && text(phone, "mac").contains(&wanted))
 }
 
 #[cfg(test)]

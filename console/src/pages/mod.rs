@@ -122,3 +122,6 @@ pub(crate) fn values<'a>(form: &'a [(String, String)], key: &str) -> Vec<&'a str
 pub(crate) fn value<'a>(form: &'a [(String, String)], key: &str) -> Option<&'a str> {
     values(form, key).into_iter().next()
 }
+
+#[cfg(test)]
+mod tests;
