@@ -85,5 +85,11 @@
       if (kind === "stations" || kind === "security" || kind === "health") reloadStatus();
     });
   });
-  document.body.setAttribute("data-live-ready", "1");
+  // What changed between the page's rendering and the stream's opening (or while the stream
+  // was down) came as no event: catch up once the stream is open.
+  source.addEventListener("open", function () {
+    if (follows.length) reloadPage();
+    reloadStatus();
+    document.body.setAttribute("data-live-ready", "1");
+  });
 })();

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use fleet_protocol::{names_a_read, EventKind, Topic};
+use fleet_protocol::{names_a_read, EventKind, StationState, Topic};
 use serde_json::Value;
 use tokio::sync::broadcast;
 
@@ -143,6 +143,28 @@ impl Hub {
         self.alerts().keys().cloned().collect()
     }
 
+    /// Forgets the alerts that `stations` (fleetd's current objects, all of them or some)
+    /// show to be over: the station is gone, no longer authorized, or authorized with another
+    /// key than the one the refused connection did not present (removed and accepted again).
+    pub(crate) fn prune(&self, stations: &[Value], complete: bool) {
+        let authorized = [
+            StationState::Running.as_str(),
+            StationState::NotRunning.as_str(),
+        ];
+        self.alerts().retain(|serial, alert| {
+            match stations.iter().find(|s| text(s, "serial") == serial) {
+                Some(station) => {
+                    authorized.contains(&text(station, "state"))
+                        && alert
+                            .pinned
+                            .as_deref()
+                            .is_none_or(|p| p == text(station, "fingerprint"))
+                }
+                None => !complete,
+            }
+        });
+    }
+
     /// The operator dismissed the alert of `serial`.
     pub(crate) fn dismiss(&self, serial: &str) -> bool {
         self.alerts().remove(serial).is_some()
@@ -202,7 +224,9 @@ mod tests {
         let other = json!({"actor": "bob", "action": "listStations", "outcome": "ok"});
         hub.handle(&topic(EventKind::Audit), other, "admin");
         assert_eq!(rx.try_recv().unwrap().kind, LiveKind::Audit);
-        hub.handle("stations/ST-1/status", json!({}), "admin");
+        let status = fleet_protocol::Serial::parse("ST-1").unwrap();
+        let status = Topic::station(status, fleet_protocol::StationLeaf::Status).to_string();
+        hub.handle(&status, json!({}), "admin");
         assert!(rx.try_recv().is_err());
     }
 
@@ -219,6 +243,27 @@ mod tests {
         let removed = json!({"event": "state", "station": {"serial": "ST-1", "state": null, "removed": true}});
         hub.handle(&topic(EventKind::Stations), removed, "admin");
         assert_eq!(hub.alert("ST-1"), None);
+    }
+
+    #[test]
+    fn an_alert_ends_when_the_station_is_no_longer_authorized_with_that_key() {
+        let hub = Hub::default();
+        let mismatch = |serial: &str| {
+            json!({"event": "identity_mismatch", "serial": serial,
+            "pinned": "AA", "presented": "BB", "time": "t"})
+        };
+        for serial in ["ST-1", "ST-2", "ST-3", "ST-4"] {
+            hub.handle(&topic(EventKind::Security), mismatch(serial), "admin");
+        }
+        let stations = [
+            json!({"serial": "ST-1", "state": "running", "fingerprint": "AA"}),
+            json!({"serial": "ST-2", "state": "running", "fingerprint": "CC"}),
+            json!({"serial": "ST-3", "state": "unauthorized", "fingerprint": "BB"}),
+        ];
+        hub.prune(&stations[1..2], false);
+        assert_eq!(hub.alerted(), vec!["ST-1", "ST-3", "ST-4"]);
+        hub.prune(&stations, true);
+        assert_eq!(hub.alerted(), vec!["ST-1"]);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::hub::{Live, LiveKind};
 use crate::pages::layout::{status_bar, Status};
-use crate::views::{mac_display, station_label, text};
+use crate::views::{mac_display, station_label, text, when};
 use crate::Console;
 
 const STYLESHEET: &str = include_str!("../assets/console.css");
@@ -135,7 +135,7 @@ pub(crate) fn fragment(live: &Live) -> String {
     };
     html! {
         li data-kind=(live.kind.as_str()) {
-            @if !time.is_empty() { time datetime=(time) { (time) } " " }
+            @if !time.is_empty() { time datetime=(time) { (when(time)) } " " }
             (what)
         }
     }

@@ -15,6 +15,18 @@ pub(crate) fn some_text<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
     Some(text(value, key)).filter(|t| !t.is_empty())
 }
 
+/// An RFC 3339 time as people read it, `2026-01-05 10:00:00 UTC` (to the second); anything
+/// else as it is.
+pub(crate) fn when(text: &str) -> String {
+    use time::format_description::well_known::Rfc3339;
+    let shown =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
+    time::OffsetDateTime::parse(text, &Rfc3339)
+        .ok()
+        .and_then(|t| t.to_offset(time::UtcOffset::UTC).format(&shown).ok())
+        .unwrap_or_else(|| text.to_owned())
+}
+
 /// What people see for a station's state (PROTOCOL §5).
 pub(crate) fn station_label(station: &Value) -> String {
     let state = text(station, "state");
@@ -123,6 +135,16 @@ pub(crate) fn phone_matches(phone: &Value, query: &str) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn times_are_shown_to_the_second() {
+        assert_eq!(
+            when("2026-12-02T05:02:43.879729527Z"),
+            "2026-12-02 05:02:43 UTC"
+        );
+        assert_eq!(when("2026-01-05T11:00:00+01:00"), "2026-01-05 10:00:00 UTC");
+        assert_eq!(when("soon"), "soon");
+    }
 
     #[test]
     fn fingerprints_are_grouped_for_people() {

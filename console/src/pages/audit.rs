@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::layout::{page, respond, Failure, Section, Status};
 use super::Shared;
 use crate::hub::LiveKind;
-use crate::views::{items, text};
+use crate::views::{items, text, when};
 use crate::Console;
 
 pub(crate) fn routes() -> Router<std::sync::Arc<Console>> {
@@ -162,7 +162,7 @@ fn table(records: &[&Value]) -> Markup {
                 @for r in records {
                     tr data-outcome=(text(r, "outcome")) {
                         td { (r["seq"].as_u64().map(|s| s.to_string()).unwrap_or_default()) }
-                        td { (text(r, "time")) } td { (text(r, "actor")) } td { (text(r, "device")) }
+                        td { (when(text(r, "time"))) } td { (text(r, "actor")) } td { (text(r, "device")) }
                         td { (text(r, "action")) } td { (text(r, "outcome")) } td { (text(r, "reason")) }
                     }
                 }

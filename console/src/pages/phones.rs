@@ -20,7 +20,7 @@ use super::layout::{page, respond, Failure, Section, Status};
 use super::Shared;
 use crate::fleetd::Listing;
 use crate::hub::LiveKind;
-use crate::views::{items, mac_display, phone_label, phone_matches, some_text, text};
+use crate::views::{items, mac_display, phone_label, phone_matches, some_text, text, when};
 use crate::Console;
 
 pub(crate) fn routes() -> Router<std::sync::Arc<Console>> {
@@ -127,15 +127,15 @@ fn row(phone: &Value) -> Markup {
         tr data-mac=(text(phone, "mac")) data-state=(text(phone, "auth_state")) {
             td .mac { (mac_display(text(phone, "mac"))) }
             td { (text(phone, "vendor")) } td { (text(phone, "type")) } td { (text(phone, "site")) }
-            td { (text(phone, "created_at")) }
+            td { (when(text(phone, "created_at"))) }
             td {
                 span .state data-state=(text(phone, "auth_state")) { (phone_label(phone)) }
                 @if let Some(until) = some_text(phone, "failed_until") {
-                    br; small { "until " time datetime=(until) data-expires=(until) { (until) } }
+                    br; small { "until " time datetime=(until) { (when(until)) } " (" span data-expires=(until) {} ")" }
                 }
             }
             td { @if let Some(until) = some_text(phone, "suspended_until") {
-                time datetime=(until) { (until) } br; small data-expires=(until) {}
+                time datetime=(until) { (when(until)) } br; small data-expires=(until) {}
             } @else { "—" } }
             td .row-actions {
                 @if let Some(mac) = &mac {

@@ -17,7 +17,7 @@ use serde_json::Value;
 use super::layout::{page, respond, Failure, Section, Status};
 use super::{value, Shared};
 use crate::hub::{Alert, LiveKind};
-use crate::views::{fingerprint_groups, items, mac_display, some_text, station_label, text};
+use crate::views::{fingerprint_groups, items, mac_display, some_text, station_label, text, when};
 use crate::Console;
 
 pub(crate) fn routes() -> Router<std::sync::Arc<Console>> {
@@ -77,6 +77,7 @@ async fn show(
         })
         .await?;
     let history = recent_audit(&console, &serial).await;
+    console.hub.prune(std::slice::from_ref(&station), false);
     let alert = console.hub.alert(serial.as_str());
     let status = Status::of(&console).await;
     let body = html! {
@@ -121,14 +122,15 @@ fn alert_box(serial: &Serial, alert: &Alert) -> Markup {
     html! {
         section .alert-box #security-alert role="alert" {
             h2 { "⚠ Security alert: this station's key changed" }
-            p { "At " (alert.time) " a station calling itself " strong { (serial.as_str()) } " connected"
+            p { "At " (when(&alert.time)) " a station calling itself " strong { (serial.as_str()) } " connected"
                 @if let Some(ip) = &alert.ip { " from " (ip) }
                 " with "
                 @match &alert.presented { Some(fp) => { "another key (" code { (fp) } ")" }, None => { "no key at all" } }
                 ", not the one you accepted"
                 @if let Some(pinned) = &alert.pinned { " (" code { (pinned) } ")" }
                 ". It was refused." }
-            p { "This may be a clone, or the station's authentication was deleted on its local admin page. " (alert.advice) }
+            p { "This may be a clone, or the station's authentication was deleted on its local admin page alone." }
+            @if !alert.advice.is_empty() { p { "fleetd's advice: " (alert.advice) "." } }
             p { "The manual's answer: Remove Device below, then reboot the station and authorize it again, comparing its fingerprint." }
             form method="post" action=(format!("/stations/{serial}/dismiss-alert")) { button type="submit" { "Dismiss this alert" } }
         }
@@ -148,7 +150,7 @@ fn facts(station: &Value) -> Markup {
                 @if let Some(reason) = some_text(station, "reason") { " — " span #reason { (reason) } }
             }
             dt { "Connected" } dd { @if station["online"] == Value::Bool(true) { "online" } @else { "offline" } }
-            dt { "Last seen" } dd { (some_text(station, "last_seen").unwrap_or("never")) }
+            dt { "Last seen" } dd { (some_text(station, "last_seen").map_or("never".to_owned(), when)) }
             dt { "Address" } dd { (text(station, "ip")) }
         }
     }
@@ -217,13 +219,13 @@ fn history_box(history: &[Value]) -> Markup {
         section .history {
             h2 { "Recent audit records" }
             @if let Some(refusal) = refusal {
-                p #last-refusal { "Last refused at " (text(refusal, "time")) " (" (text(refusal, "action")) "): " (text(refusal, "reason")) }
+                p #last-refusal { "Last refused at " (when(text(refusal, "time"))) " (" (text(refusal, "action")) "): " (text(refusal, "reason")) }
             }
             @if history.is_empty() { p .quiet { "None among the newest audit records." } } @else {
                 table {
                     thead { tr { th { "Time" } th { "Actor" } th { "Action" } th { "Outcome" } th { "Reason" } } }
                     tbody { @for r in history { tr {
-                        td { (text(r, "time")) } td { (text(r, "actor")) } td { (text(r, "action")) }
+                        td { (when(text(r, "time"))) } td { (text(r, "actor")) } td { (text(r, "action")) }
                         td { (text(r, "outcome")) } td { (text(r, "reason")) }
                     } } }
                 }

@@ -19,7 +19,7 @@ use super::{value, values, Shared};
 use crate::fleetd::{FleetdError, Listing};
 use crate::hub::LiveKind;
 use crate::views::{
-    fingerprint_groups, mac_display, some_text, station_label, station_matches, text,
+    fingerprint_groups, mac_display, some_text, station_label, station_matches, text, when,
 };
 use crate::Console;
 
@@ -133,6 +133,7 @@ async fn list(State(console): Shared, Query(query): Query<ListQuery>) -> Result<
     let only_alerts = query.alerts.as_deref() == Some("1");
     let all = console.list_all(Listing::Stations { state: None }).await?;
     let rejected = console.list_all(Listing::RejectedStations).await?;
+    console.hub.prune(&all, true);
     let alerted: BTreeSet<String> = console.hub.alerted().into_iter().collect();
 
     let listed: Vec<&Value> = all
@@ -285,7 +286,7 @@ impl ListView<'_> {
                     @if let Some(version) = some_text(station, "update_version") { br; small { "to " (version) } }
                 }
                 td { @if station["online"] == Value::Bool(true) { "online" } @else { "offline" } }
-                td { (some_text(station, "last_seen").unwrap_or("never")) }
+                td { (some_text(station, "last_seen").map_or("never".to_owned(), when)) }
                 td { (text(station, "ip")) }
             }
         }
@@ -307,7 +308,7 @@ fn rejected_section(rejected: &[Value]) -> Markup {
                             @let serial = text(station, "serial");
                             tr data-serial=(serial) {
                                 td { (serial) } td { (text(station, "model")) }
-                                td { (some_text(station, "last_seen").unwrap_or("never")) } td { (text(station, "ip")) }
+                                td { (some_text(station, "last_seen").map_or("never".to_owned(), when)) } td { (text(station, "ip")) }
                                 td {
                                     @if let Ok(serial) = Serial::parse(serial) {
                                         form method="post" action=(format!("/stations/{serial}/clear")) {

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::layout::{page, respond, Failure, Section, Status};
 use super::{value, Shared};
 use crate::hub::LiveKind;
-use crate::views::{items, text};
+use crate::views::{items, text, when};
 use crate::Console;
 
 pub(crate) fn routes() -> Router<std::sync::Arc<Console>> {
@@ -73,7 +73,7 @@ async fn show(State(console): Shared, Query(query): Query<ShowQuery>) -> Result<
                             @let ip = text(entry, "ip");
                             @let expires = text(entry, "expires_at");
                             tr data-entry=(ip) {
-                                td { (ip) } td { time datetime=(expires) { (expires) } }
+                                td { (ip) } td { time datetime=(expires) { (when(expires)) } }
                                 td data-expires=(expires) { "—" }
                                 td { form method="post" action="/whitelist/remove" .inline {
                                     input type="hidden" name="entry" value=(ip);
