@@ -61,15 +61,20 @@ impl ConsoleArgs {
     }
 }
 
-/// Runs the console for the operator `fleetd` of `tenant` until Ctrl-C: binds, prints
-/// `console: http://127.0.0.1:PORT/login?token=…` as the first line on stdout (scripts read it),
-/// and prints a new link on stdout each time Enter is pressed.
-pub async fn run(
-    args: ConsoleArgs,
+/// A bound console, not yet serving: [`start`]'s result.
+pub struct Started {
+    pub listener: TcpListener,
+    pub console: Arc<Console>,
+    /// The first login link.
+    pub link: String,
+}
+
+/// Checks the arguments, binds, and makes the console and its first login link.
+pub async fn start(
+    args: &ConsoleArgs,
     fleetd: Arc<dyn Fleetd>,
     tenant: &str,
-    events: UnboundedReceiver<(String, Value)>,
-) -> Result<(), ConsoleError> {
+) -> Result<Started, ConsoleError> {
     args.check()?;
     let listener = TcpListener::bind(args.listen)
         .await
@@ -84,6 +89,27 @@ pub async fn run(
     }
     let console = Console::new(fleetd, tenant, addr);
     let link = console.login_link()?;
+    Ok(Started {
+        listener,
+        console,
+        link,
+    })
+}
+
+/// Runs the console for the operator `fleetd` of `tenant` until Ctrl-C: binds, prints
+/// `console: http://127.0.0.1:PORT/login?token=…` as the first line on stdout (scripts read it),
+/// and prints a new link on stdout each time Enter is pressed.
+pub async fn run(
+    args: ConsoleArgs,
+    fleetd: Arc<dyn Fleetd>,
+    tenant: &str,
+    events: UnboundedReceiver<(String, Value)>,
+) -> Result<(), ConsoleError> {
+    let Started {
+        listener,
+        console,
+        link,
+    } = start(&args, fleetd, tenant).await?;
     print_link(&link)?;
     if args.open {
         open_browser(&link);
@@ -109,6 +135,11 @@ pub async fn run(
     Ok(())
 }
 
+/// The line that announces a login link.
+pub fn link_line(link: &str) -> String {
+    format!("console: {link}")
+}
+
 /// The console's stdout: its login links, one a line, flushed at once for the script that waits
 /// for the first.
 #[allow(
@@ -116,7 +147,7 @@ pub async fn run(
     reason = "the login link on stdout is the console's interface"
 )]
 fn print_link(link: &str) -> std::io::Result<()> {
-    println!("console: {link}");
+    println!("{}", link_line(link));
     std::io::stdout().flush()
 }
 
@@ -152,6 +183,44 @@ mod tests {
         Cli::try_parse_from(std::iter::once("console").chain(args.iter().copied()))
             .unwrap()
             .console
+    }
+
+    #[tokio::test]
+    async fn the_first_link_logs_in_over_real_http_once() {
+        let fleetd = Arc::new(crate::memory::MemoryFleetd::new("admin"));
+        let started = start(&parsed(&[]), fleetd, "default").await.unwrap();
+        let port = started.listener.local_addr().unwrap().port();
+        let line = link_line(&started.link);
+        let prefix = format!("console: http://127.0.0.1:{port}/login?token=");
+        assert!(line.starts_with(&prefix), "{line}");
+        assert_eq!(line.len(), prefix.len() + 64);
+        let link = started.link.clone();
+        tokio::spawn(serve(
+            started.listener,
+            started.console,
+            tokio::sync::mpsc::unbounded_channel().1,
+            std::future::pending(),
+        ));
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<axum::body::Body>();
+        let get = |uri: &str| {
+            axum::http::Request::get(uri)
+                .body(axum::body::Body::empty())
+                .unwrap()
+        };
+        let first = client.request(get(&link)).await.unwrap();
+        assert_eq!(first.status(), axum::http::StatusCode::SEE_OTHER);
+        assert!(first.headers().contains_key(axum::http::header::SET_COOKIE));
+        let again = client.request(get(&link)).await.unwrap();
+        assert_eq!(again.status(), axum::http::StatusCode::UNAUTHORIZED);
+        let taken = start(
+            &parsed(&["--listen", &format!("127.0.0.1:{port}")]),
+            Arc::new(crate::memory::MemoryFleetd::new("admin")),
+            "default",
+        )
+        .await;
+        assert!(matches!(taken, Err(ConsoleError::Bind { .. })));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-pub use cli::{run, ConsoleArgs, ConsoleError};
+pub use cli::{link_line, run, start, ConsoleArgs, ConsoleError, Started};
 pub use fleetd::{ChainVerdict, Fleetd, FleetdError, Listing, Reply};
 
 use crate::guard::Origins;
@@ -56,7 +56,7 @@ pub struct Console {
 impl Console {
     /// A console for the operator `fleetd` of `tenant`, answering at `addr`.
     pub fn new(fleetd: Arc<dyn Fleetd>, tenant: &str, addr: SocketAddr) -> Arc<Console> {
-        let shown = if addr.ip().is_unspecified() || addr.ip().is_loopback() {
+        let shown = if addr.ip().is_unspecified() {
             SocketAddr::new([127, 0, 0, 1].into(), addr.port())
         } else {
             addr
