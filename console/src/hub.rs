@@ -143,6 +143,40 @@ impl Hub {
         self.alerts().keys().cloned().collect()
     }
 
+    /// Raises the alerts of identity mismatches that fleetd audited (refused connections of
+    /// authorized stations with another key) among `records`, oldest first: the events of
+    /// before the console started. A newer alert of the same station wins.
+    pub(crate) fn recall(&self, records: &[Value]) {
+        for record in records {
+            let reason = text(record, "reason");
+            let serial = text(record, "device");
+            if text(record, "outcome") != "refused"
+                || !reason.starts_with("identity mismatch")
+                || serial.is_empty()
+            {
+                continue;
+            }
+            let between = |from: &str, to: char| {
+                let start = reason.find(from)? + from.len();
+                let rest = &reason[start..];
+                Some(rest[..rest.find(to).unwrap_or(rest.len())].to_owned())
+            };
+            // The actor of a `connect` record is the peer's `ip:port`.
+            let actor = text(record, "actor");
+            let ip = actor
+                .rsplit_once(':')
+                .map(|(ip, _)| ip.trim_matches(['[', ']']).to_owned());
+            let alert = Alert {
+                time: text(record, "time").to_owned(),
+                pinned: between("authorized with key ", ' '),
+                presented: between("presented key ", ';'),
+                ip,
+                advice: String::new(),
+            };
+            self.alerts().insert(serial.to_owned(), alert);
+        }
+    }
+
     /// Forgets the alerts that `stations` (fleetd's current objects, all of them or some)
     /// show to be over: the station is gone, no longer authorized, or authorized with another
     /// key than the one the refused connection did not present (removed and accepted again).
@@ -243,6 +277,27 @@ mod tests {
         let removed = json!({"event": "state", "station": {"serial": "ST-1", "state": null, "removed": true}});
         hub.handle(&topic(EventKind::Stations), removed, "admin");
         assert_eq!(hub.alert("ST-1"), None);
+    }
+
+    #[test]
+    fn the_audit_log_recalls_the_mismatches_of_before() {
+        let hub = Hub::default();
+        let reason = "identity mismatch: station is authorized with key AA but presented key \
+                      BB; refused until an operator removes it";
+        let records = [
+            json!({"action": "connect", "outcome": "refused", "device": "ST-1",
+                "actor": "127.0.0.9:5000", "time": "t", "reason": reason}),
+            json!({"action": "connect", "outcome": "refused", "device": "ST-2",
+                "actor": "127.0.0.9:5001", "time": "t", "reason": "rejected"}),
+            json!({"action": "connect", "outcome": "ok", "device": "ST-3",
+                "actor": "127.0.0.9:5002", "time": "t", "reason": reason}),
+        ];
+        hub.recall(&records);
+        assert_eq!(hub.alerted(), vec!["ST-1"]);
+        let alert = hub.alert("ST-1").unwrap();
+        assert_eq!(alert.pinned.as_deref(), Some("AA"));
+        assert_eq!(alert.presented.as_deref(), Some("BB"));
+        assert_eq!(alert.ip.as_deref(), Some("127.0.0.9"));
     }
 
     #[test]

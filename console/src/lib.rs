@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use fleet_protocol::{OperatorCommand, StationState};
+use fleet_protocol::{OperatorCommand, PageLimit, StationState};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -39,6 +39,9 @@ use crate::session::{RandomError, Sessions};
 /// How often fleetd's reachability is probed while a page follows live updates: the probe is
 /// a read, audited like every command, so only then.
 const PROBE_EVERY: Duration = Duration::from_secs(10);
+
+/// How many of the newest audit records are searched at start for identity mismatches.
+const RECALLED_RECORDS: u64 = 500;
 
 /// One console: its fleetd connection, its sessions and its event hub.
 pub struct Console {
@@ -115,6 +118,22 @@ impl Console {
         result
     }
 
+    /// Raises the alerts of the identity mismatches among the newest audit records, and keeps
+    /// those whose station is still authorized with the key the refused one did not present.
+    async fn recall_alerts(&self) {
+        let command = OperatorCommand::ListAuditLog {
+            limit: Some(PageLimit::saturating(RECALLED_RECORDS)),
+            after_seq: None,
+        };
+        let Ok(data) = self.run_command(command).await else {
+            return;
+        };
+        self.hub.recall(&views::items(&data, "records"));
+        if let Ok(stations) = self.list_all(Listing::Stations { state: None }).await {
+            self.hub.prune(&stations, true);
+        }
+    }
+
     /// How many stations wait for an operator; `None` when fleetd cannot say.
     async fn pending(&self) -> Option<usize> {
         let state = Some(StationState::Unauthorized);
@@ -139,6 +158,8 @@ pub async fn serve(
             hearing.handle_event(&topic, event);
         }
     });
+    // Before the first page, so that it shows the alerts of before.
+    console.recall_alerts().await;
     let probing = Arc::clone(&console);
     let probe = tokio::spawn(async move {
         let mut every = tokio::time::interval(PROBE_EVERY);

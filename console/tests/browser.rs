@@ -373,6 +373,23 @@ async fn changed_key_then_remove(rig: &Rig, station: &mut Station) {
     b.open(&format!("/stations/{}", station.serial)).await;
     b.wait("#security-alert").await;
     b.shot("security-alert").await;
+    // A console started after the event knows it too, from fleetd's audit log.
+    let (other, login) = start_console(&rig.fleet).await;
+    b.client
+        .goto(&login)
+        .await
+        .expect("the other console's login");
+    b.wait(&format!("{} .badge.alert", row(&station.serial)))
+        .await;
+    assert!(b
+        .client
+        .current_url()
+        .await
+        .expect("url")
+        .as_str()
+        .starts_with(&other));
+    b.open(&format!("/stations/{}", station.serial)).await;
+    b.wait("#security-alert").await;
     b.click("#remove-device").await;
     b.click("#confirm").await;
     b.wait(".notice").await;
@@ -503,16 +520,8 @@ async fn audit(rig: &Rig) {
     assert!(b.text("#verdict").await.starts_with("Intact"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_manuals_procedures_in_a_browser() {
-    if !Path::new(CHROMEDRIVER).exists() || !Path::new(CHROMIUM).exists() {
-        eprintln!(
-            "skipped: {CHROMEDRIVER} or {CHROMIUM} is not installed \
-             (Debian: apt-get install chromium chromium-driver; .ci/run does)"
-        );
-        return;
-    }
-    let fleet = TestFleet::start().await;
+/// A console over `fleet` as its `admin`, served in this process: its address and login link.
+async fn start_console(fleet: &TestFleet) -> (String, String) {
     let cert = std::fs::read_to_string(&fleet.fleet.files.admin_cert_path).expect("admin.pem");
     let key = std::fs::read_to_string(&fleet.fleet.files.admin_key_path).expect("admin.key");
     let client = OperatorClient::connect(&fleet.server(), &fleet.ca_pem(), &cert, &key, "admin")
@@ -532,7 +541,20 @@ async fn the_manuals_procedures_in_a_browser() {
         events,
         std::future::pending(),
     ));
+    (base, login)
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manuals_procedures_in_a_browser() {
+    if !Path::new(CHROMEDRIVER).exists() || !Path::new(CHROMIUM).exists() {
+        eprintln!(
+            "skipped: {CHROMEDRIVER} or {CHROMIUM} is not installed \
+             (Debian: apt-get install chromium chromium-driver; .ci/run does)"
+        );
+        return;
+    }
+    let fleet = TestFleet::start().await;
+    let (base, login) = start_console(&fleet).await;
     let driver = Driver::start();
     let browser = Browser::start(&driver, &base).await;
     // Without the cookie: the page that explains how to log in.
