@@ -453,8 +453,64 @@ async fn phone_procedures(rig: &Rig) {
     let new = b.text("#pap").await;
     assert_ne!(new, pap);
     assert_eq!(b.text("#phone-state").await, "Authentication needed");
+    locked_out(rig).await;
     b.open("/phones").await;
     b.shot("phones").await;
+}
+
+/// Three wrong PAPs: the list shows Authentication failed, and until when, without a reload.
+async fn locked_out(rig: &Rig) {
+    let b = &rig.browser;
+    b.open("/phones").await;
+    b.fill("#create-phone input[name=mac]", "aabbccddee03")
+        .await;
+    b.fill("#create-phone input[name=vendor]", "Snom").await;
+    b.fill("#create-phone input[name=type]", "D785").await;
+    b.click("#create-phone button").await;
+    let pap = b.text("#pap").await;
+    b.open("/phones").await;
+    b.wait("body[data-live-ready]").await;
+    // From an address that no correct PAP put on the temporary whitelist.
+    let phone = rig.fleet.phone("aabbccddee03", None, "127.0.0.4");
+    for _ in 0..3 {
+        assert_eq!(
+            phone.connect_raw(Some(&fleet_tests::wrong_pap(&pap))).await,
+            4
+        );
+    }
+    let failed = "tr[data-mac=\"aabbccddee03\"][data-state=\"authentication_failed\"]";
+    let until = b.text(&format!("{failed} small")).await;
+    assert!(until.starts_with("until "), "{until}");
+}
+
+/// Two stations wait; both ticked, Accept, confirm: each is accepted with the fingerprint the
+/// list showed.
+async fn bulk_accept(rig: &Rig) {
+    let b = &rig.browser;
+    b.open("/stations?state=unauthorized").await;
+    b.wait("body[data-live-ready]").await;
+    let mut stations = vec![
+        rig.fleet.station("ST-0004", "6.1.0"),
+        rig.fleet.station("ST-0005", "6.1.0"),
+    ];
+    for station in &stations {
+        let tick = format!(
+            "{} input[type=checkbox]",
+            row_in(&station.serial, "unauthorized")
+        );
+        b.click(&tick).await;
+    }
+    b.click("#bulk button[value=accept]").await;
+    assert_eq!(b.text("h1").await, "Accept 2 stations?");
+    b.click("#confirm").await;
+    for station in &mut stations {
+        b.wait(&format!(
+            "#outcomes tr[data-serial=\"{}\"] td.ok",
+            station.serial
+        ))
+        .await;
+        station.wait_event(SimEvent::Authorized).await;
+    }
 }
 
 /// The whitelist: add and remove a permanent entry; the temporary one the correct PAP made.
@@ -572,6 +628,7 @@ async fn the_manuals_procedures_in_a_browser() {
     changed_key_then_remove(&rig, &mut st1).await;
     let mut st3 = rig.fleet.station("ST-0003", "6.0.5");
     update_and_authorize(&rig, &mut st3).await;
+    bulk_accept(&rig).await;
     phone_procedures(&rig).await;
     whitelist(&rig).await;
     let dir = tempfile::tempdir().expect("tempdir");
