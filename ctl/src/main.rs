@@ -867,6 +867,33 @@ mod tests {
     }
 
     #[test]
+    fn console_takes_its_listen_address_and_refuses_other_hosts_unless_told() {
+        let console = |args: &[&str]| match parsed(args).map(|cli| cli.command) {
+            Ok(Top::Console(args)) => args,
+            _ => panic!("{args:?}: not the console"),
+        };
+        let default = console(&["console"]);
+        assert_eq!(default.listen, "127.0.0.1:0".parse().unwrap());
+        assert!(!default.open && default.check().is_ok());
+        let chosen = console(&["console", "--listen", "127.0.0.1:8080", "--open"]);
+        assert_eq!(chosen.listen.port(), 8080);
+        assert!(chosen.open);
+        assert!(console(&["console", "--listen", "192.0.2.1:80"])
+            .check()
+            .is_err());
+        assert!(console(&[
+            "console",
+            "--listen",
+            "0.0.0.0:80",
+            "--insecure-listen-anywhere"
+        ])
+        .check()
+        .is_ok());
+        assert!(parsed(&["console", "--listen", "localhost"]).is_err());
+        assert!(plan(Top::Console(default)).is_err(), "not a single command");
+    }
+
+    #[test]
     fn the_other_commands_are_as_they_were() {
         assert_eq!(
             sent(&["stations", "get", "ST-1"]),
