@@ -517,8 +517,14 @@ async fn bulk_accept(rig: &Rig) {
 async fn whitelist(rig: &Rig) {
     let b = &rig.browser;
     b.open("/whitelist").await;
-    b.wait("#temporary tr[data-entry=\"127.0.0.2\"] td[data-expires]")
+    // The correct PAP's address, with the time it has left counting down.
+    let left = b
+        .text("#temporary tr[data-entry=\"127.0.0.2\"] td[data-expires]")
         .await;
+    assert!(
+        left.starts_with("7 h 59 min") || left.starts_with("8 h"),
+        "{left}"
+    );
     b.fill("#add-entry input[name=entry]", "203.0.113.0/24")
         .await;
     b.click("#add-entry button").await;

@@ -195,6 +195,9 @@ fn actions(serial: &Serial, station: &Value) -> Markup {
                     progress #update-progress aria-label="Update in progress" {}
                 }
             }
+            @if state == Some(StationState::NotRunning) {
+                p .quiet #not-running-hint { "The station is not connected: a reset reaches it only when it connects again. The manual's way for a station that is Not Running: Remove Device here, then Reset Device with Delete Authentication on its local admin page." }
+            }
             ul .action-list {
                 @if matches!(state, Some(StationState::UpdateRequired | StationState::Updating)) {
                     li { a href=(path("update")) .button #start-update { "Start Update" } }
