@@ -58,7 +58,7 @@
     pageTimer = setTimeout(function () {
       pageTimer = null;
       fetched(location.href, function (fresh) { swap(fresh, "live"); swap(fresh, "status"); tick(); });
-    }, 200);
+    }, 400);
   }
   function reloadStatus() {
     if (statusTimer) return;
@@ -68,7 +68,7 @@
         var now = document.getElementById("status"), next = fresh.getElementById("status");
         if (now && next) now.replaceWith(document.importNode(next, true));
       });
-    }, 200);
+    }, 400);
   }
 
   var source = new EventSource("/events");
@@ -81,8 +81,10 @@
         log.insertAdjacentHTML("afterbegin", event.data);
         while (log.children.length > 8) log.lastElementChild.remove();
       }
+      // A reload of the page brings its header too. Each reload costs fleetd a few audited
+      // reads of the operator's command budget, hence the wait that gathers a burst into one.
       if (follows.indexOf(kind) >= 0 || (kind === "health" && follows.length)) reloadPage();
-      if (kind === "stations" || kind === "security" || kind === "health") reloadStatus();
+      else if (kind === "stations" || kind === "security" || kind === "health") reloadStatus();
     });
   });
   // What changed between the page's rendering and the stream's opening (or while the stream
