@@ -89,6 +89,9 @@ enum Top {
     },
     /// All devices as CSV (exportDevicesCsv).
     ExportCsv,
+    /// The web console: prints `console: http://127.0.0.1:PORT/login?token=…` and serves the
+    /// station list, the phone portal, the whitelist and the audit log as this operator.
+    Console(fleet_console::ConsoleArgs),
     /// Any operator command with JSON arguments, e.g. `call getStation '{"serial":"A"}'`.
     Call {
         command: String,
@@ -309,6 +312,7 @@ fn plan(command: Top) -> anyhow::Result<Plan> {
             action(command, Shape::Audit)
         }
         Top::ExportCsv => action(C::ExportDevicesCsv, Shape::Csv),
+        Top::Console(_) => bail!("the console is not a single command"),
         Top::Call { command, args } => {
             let args: Value = serde_json::from_str(&args).context("ARGS must be a JSON object")?;
             if !args.is_object() {
@@ -501,17 +505,13 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let credentials = credentials(&cli)?;
+    if let Top::Console(args) = cli.command {
+        args.check()?;
+        let client = connect(&cli.server, &credentials, cli.timeout).await?;
+        return console(client, &credentials, args).await;
+    }
     let plan = plan(cli.command)?;
-    let client = OperatorClient::connect(
-        &cli.server,
-        &credentials.ca_pem,
-        &credentials.cert_pem,
-        &credentials.key_pem,
-        &credentials.name,
-    )
-    .await
-    .with_context(|| format!("cannot reach fleetd at {}", cli.server))?
-    .with_timeout(Duration::from_secs(cli.timeout));
+    let client = connect(&cli.server, &credentials, cli.timeout).await?;
     let (data, shape) = match plan {
         Plan::Send(action) => (client.run(&action.command).await?, action.shape),
         Plan::List(pager) => {
@@ -540,6 +540,94 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     show(cli.json, shape, &data)?;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn connect(
+    server: &str,
+    credentials: &Credentials,
+    timeout: u64,
+) -> anyhow::Result<OperatorClient> {
+    let client = OperatorClient::connect(
+        server,
+        &credentials.ca_pem,
+        &credentials.cert_pem,
+        &credentials.key_pem,
+        &credentials.name,
+    )
+    .await
+    .with_context(|| format!("cannot reach fleetd at {server}"))?;
+    Ok(client.with_timeout(Duration::from_secs(timeout)))
+}
+
+/// `fleetctl console`: the web console as this operator, hearing its tenant's events.
+async fn console(
+    client: OperatorClient,
+    credentials: &Credentials,
+    args: fleet_console::ConsoleArgs,
+) -> anyhow::Result<ExitCode> {
+    // The tenant is the O of the operator certificate, `default` without one (PROTOCOL §1).
+    let tenant = fleet_certs::inspect_pem(&credentials.cert_pem)?
+        .organization
+        .unwrap_or_else(|| "default".to_owned());
+    let events = client.subscribe_events(&tenant).await?;
+    let link = std::sync::Arc::new(ConsoleLink(client));
+    fleet_console::run(args, link, &tenant, events).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The console's way to fleetd: this operator client, with fleetctl's own paging.
+struct ConsoleLink(OperatorClient);
+
+fn console_error(error: ClientError) -> fleet_console::FleetdError {
+    use fleet_console::FleetdError as E;
+    match error {
+        ClientError::CommandFailed { code, error } => E::Refused { code, error },
+        ClientError::Connection(_)
+        | ClientError::Timeout(_)
+        | ClientError::Closed
+        | ClientError::Refused(_) => E::Unreachable(error.to_string()),
+        other => E::Malformed(other.to_string()),
+    }
+}
+
+impl fleet_console::Fleetd for ConsoleLink {
+    fn operator(&self) -> &str {
+        self.0.name()
+    }
+
+    fn run(&self, command: C) -> fleet_console::Reply<'_, Value> {
+        Box::pin(async move { self.0.run(&command).await.map_err(console_error) })
+    }
+
+    fn list_all(&self, listing: fleet_console::Listing) -> fleet_console::Reply<'_, Vec<Value>> {
+        let listing = match listing {
+            fleet_console::Listing::Stations { state } => Listing::Stations { state },
+            fleet_console::Listing::RejectedStations => Listing::RejectedStations,
+            fleet_console::Listing::Phones => Listing::Phones,
+        };
+        Box::pin(async move {
+            let data = fetch_pages(&self.0, ListPager::new(listing, None))
+                .await
+                .map_err(console_error)?;
+            Ok(data[listing.field()]
+                .as_array()
+                .cloned()
+                .unwrap_or_default())
+        })
+    }
+
+    fn verify_audit(&self) -> fleet_console::Reply<'_, fleet_console::ChainVerdict> {
+        Box::pin(async move {
+            let verdict = fetch_pages(&self.0, ChainCheck::new())
+                .await
+                .map_err(console_error)?;
+            Ok(fleet_console::ChainVerdict {
+                records: verdict.records,
+                unchained: verdict.unchained,
+                broken: verdict.broken.map(|b| (b.seq, b.problem)),
+            })
+        })
+    }
 }
 
 fn listing_shape(listing: Listing) -> Shape {
@@ -776,6 +864,33 @@ mod tests {
                 Shape::Done
             )
         );
+    }
+
+    #[test]
+    fn console_takes_its_listen_address_and_refuses_other_hosts_unless_told() {
+        let console = |args: &[&str]| match parsed(args).map(|cli| cli.command) {
+            Ok(Top::Console(args)) => args,
+            _ => panic!("{args:?}: not the console"),
+        };
+        let default = console(&["console"]);
+        assert_eq!(default.listen, "127.0.0.1:0".parse().unwrap());
+        assert!(!default.open && default.check().is_ok());
+        let chosen = console(&["console", "--listen", "127.0.0.1:8080", "--open"]);
+        assert_eq!(chosen.listen.port(), 8080);
+        assert!(chosen.open);
+        assert!(console(&["console", "--listen", "192.0.2.1:80"])
+            .check()
+            .is_err());
+        assert!(console(&[
+            "console",
+            "--listen",
+            "0.0.0.0:80",
+            "--insecure-listen-anywhere"
+        ])
+        .check()
+        .is_ok());
+        assert!(parsed(&["console", "--listen", "localhost"]).is_err());
+        assert!(plan(Top::Console(default)).is_err(), "not a single command");
     }
 
     #[test]

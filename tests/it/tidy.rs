@@ -9,13 +9,14 @@ use fleet_protocol::{
 };
 
 /// The workspace's member crates, by folder.
-const CRATES: [&str; 8] = [
+const CRATES: [&str; 9] = [
     "protocol",
     "broker",
     "certs",
     "config",
     "controller",
     "ctl",
+    "console",
     "device-sim",
     "tests",
 ];
