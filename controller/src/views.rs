@@ -68,6 +68,9 @@ impl Phone {
         if let AuthState::Failed { until } = state {
             view.insert("failed_until".into(), json!(rfc3339(until)));
         }
+        // How far the phone is towards a lockout, and towards the block.
+        view.insert("failures".into(), json!(self.failures));
+        view.insert("lockouts".into(), json!(self.lockouts));
         Value::Object(view)
     }
 }

@@ -201,7 +201,12 @@ impl Controller {
         };
         match self.firmware_chunk(cx, &serial, &request) {
             // Read from the file after the batch, off the controller's lock.
-            Ok(read) => cx.out.push(Output::FirmwareChunk { serial, read }),
+            Ok((read, tenant)) => {
+                if let Some(body) = progress(&serial, &read) {
+                    cx.out.event(&tenant, EventKind::Stations, body, self.now());
+                }
+                cx.out.push(Output::FirmwareChunk { serial, read });
+            }
             Err((code, error)) => {
                 let answer = FirmwareChunk::Error {
                     version: request.version,
@@ -219,7 +224,7 @@ impl Controller {
         cx: &Batch<'_>,
         serial: &Serial,
         request: &FirmwareRequest,
-    ) -> Result<ChunkRead, (&'static str, String)> {
+    ) -> Result<(ChunkRead, String), (&'static str, String)> {
         let invalid = |error: String| ("invalid_argument", error);
         let (offset, length) = (
             request.offset,
@@ -247,13 +252,14 @@ impl Controller {
                 "offset {offset} beyond the image size {size}"
             )));
         }
-        Ok(ChunkRead {
+        let read = ChunkRead {
             version: request.version.clone(),
             path: image.path,
             offset,
             length: length.min(image.size - offset),
             total: image.size,
-        })
+        };
+        Ok((read, record.tenant))
     }
 
     /// Writes a station's transition into the batch with its audit record (in `audit`'s
@@ -440,5 +446,72 @@ impl ChunkRead {
                 }
             }
         }
+    }
+}
+
+/// The `update_progress` event of a chunk request that reaches another tenth of the image, or
+/// its start or its end (docs/protocol.md §3.2): at most twelve events per download, whatever
+/// the chunk size.
+fn progress(serial: &Serial, read: &ChunkRead) -> Option<serde_json::Value> {
+    let end = read.offset.saturating_add(read.length).min(read.total);
+    let tenth = |bytes: u64| {
+        bytes
+            .saturating_mul(10)
+            .checked_div(read.total)
+            .unwrap_or(10)
+    };
+    let reached = read.offset == 0 || tenth(end) > tenth(read.offset) || end == read.total;
+    reached.then(|| {
+        json!({
+            "event": "update_progress",
+            "serial": serial.as_str(),
+            "version": read.version,
+            "received": end,
+            "size": read.total,
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_update_reports_its_progress_by_tenths_from_start_to_end() {
+        let serial = Serial::parse("S1").expect("serial");
+        let total = 1_000_003u64;
+        let chunk = 65_536u64;
+        let mut events = Vec::new();
+        let mut offset = 0;
+        while offset < total {
+            let read = ChunkRead {
+                version: "6.1.0".into(),
+                path: "image.bin".into(),
+                offset,
+                length: chunk.min(total - offset),
+                total,
+            };
+            events.extend(progress(&serial, &read));
+            offset += chunk;
+        }
+        let received: Vec<u64> = events
+            .iter()
+            .map(|e| e["received"].as_u64().expect("received"))
+            .collect();
+        assert_eq!(received.first(), Some(&chunk), "no event at the start");
+        assert_eq!(received.last(), Some(&total), "no event at the end");
+        assert!(received.windows(2).all(|w| w[0] < w[1]));
+        assert!((10..=12).contains(&events.len()), "{received:?}");
+        assert_eq!(events[0]["event"], "update_progress");
+        assert_eq!(events[0]["size"], total);
+        // A request of a station that asks again at the end says nothing new but the end.
+        let again = ChunkRead {
+            version: "6.1.0".into(),
+            path: "image.bin".into(),
+            offset: total,
+            length: 0,
+            total,
+        };
+        assert!(progress(&serial, &again).is_some());
     }
 }
