@@ -262,6 +262,24 @@ impl OperatorClient {
         Ok(rx)
     }
 
+    /// Subscribes to `fleet/events/<tenant>/<kind>` of each of `kinds` only (a tool that needs
+    /// no audit records spares fleetd and itself one event per decision); they arrive as
+    /// (topic, JSON payload) on one receiver.
+    pub async fn subscribe_event_kinds(
+        &self,
+        tenant: &str,
+        kinds: &[fleet_protocol::EventKind],
+    ) -> Result<mpsc::UnboundedReceiver<(String, Value)>, ClientError> {
+        let prefix = Filter::events_prefix(tenant);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.shared.routes().events.push((prefix, tx));
+        for kind in kinds {
+            let topic = Topic::Event(tenant.to_owned(), *kind);
+            self.subscribe(&topic.to_string()).await?;
+        }
+        Ok(rx)
+    }
+
     /// Sends `commands` (each a JSON object with `command` and its arguments) in one request
     /// and returns their responses in the same order: each `{"command", "correlationData",
     /// "data"}` or `{…, "error", "code"}`.
