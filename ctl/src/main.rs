@@ -76,6 +76,9 @@ enum Top {
     /// Addresses blocked after failed authentications.
     #[command(subcommand)]
     Blocks(BlockCommand),
+    /// The firmware catalog that Start Update installs from.
+    #[command(subcommand)]
+    Firmware(FirmwareCommand),
     /// The audit log (listAuditLog); `audit verify` checks its hash chain.
     #[command(args_conflicts_with_subcommands = true)]
     Audit {
@@ -189,6 +192,13 @@ enum AuditCommand {
 }
 
 #[derive(Subcommand)]
+enum FirmwareCommand {
+    /// The images, latest first (listFirmware): the first is what `stations update` installs
+    /// without `--version`.
+    List,
+}
+
+#[derive(Subcommand)]
 enum WhitelistCommand {
     /// Add an IP or CIDR range (addWhitelistEntry).
     Add {
@@ -282,6 +292,7 @@ fn plan(command: Top) -> anyhow::Result<Plan> {
                 action(C::RevokeOperator { name }, Shape::Operator)
             }
         },
+        Top::Firmware(FirmwareCommand::List) => action(C::ListFirmware, Shape::Firmware),
         Top::Blocks(command) => match command {
             BlockCommand::List => action(C::ListAddressBlocks, Shape::Blocks),
             BlockCommand::Lift { address } => {
@@ -827,6 +838,10 @@ mod tests {
         assert_eq!(
             sent(&["blocks", "list"]),
             ("listAddressBlocks", json!({}), Shape::Blocks)
+        );
+        assert_eq!(
+            sent(&["firmware", "list"]),
+            ("listFirmware", json!({}), Shape::Firmware)
         );
         assert_eq!(
             sent(&["blocks", "lift", "203.0.113.7"]),

@@ -14,6 +14,7 @@ pub(crate) enum Shape {
     Operators,
     Operator,
     Blocks,
+    Firmware,
     Audit,
     Csv,
     Import,
@@ -167,6 +168,17 @@ const BLOCKS: Table = Table {
     empty: "no address blocks\n",
 };
 
+const FIRMWARE: Table = Table {
+    field: "images",
+    columns: &[
+        ("VERSION", Cell::Field("version")),
+        ("SIZE", Cell::Field("size")),
+        ("INSTALLABLE", Cell::Field("installable")),
+        ("SHA-256", Cell::Field("sha256")),
+    ],
+    empty: "the firmware catalog is empty\n",
+};
+
 const AUDIT: Table = Table {
     field: "records",
     columns: &[
@@ -225,6 +237,7 @@ pub(crate) fn render(shape: Shape, data: &Value) -> String {
             ("Online", text(data, "online")),
         ]),
         Shape::Blocks => render_list(&BLOCKS, data),
+        Shape::Firmware => render_list(&FIRMWARE, data),
         Shape::Audit => render_list(&AUDIT, data),
         Shape::Csv => {
             let mut csv = text(data, "csv");

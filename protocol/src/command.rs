@@ -41,6 +41,7 @@ pub enum CommandName {
     ListRejectedStations,
     ClearRejectedStation,
     StartStationUpdate,
+    ListFirmware,
     ResetStation,
     RemoveStation,
     CreatePhone,
@@ -63,7 +64,7 @@ pub enum CommandName {
 
 impl CommandName {
     /// Every command, in the order of docs/protocol.md's tables.
-    pub const ALL: [CommandName; 25] = [
+    pub const ALL: [CommandName; 26] = [
         CommandName::ListStations,
         CommandName::GetStation,
         CommandName::AcceptStation,
@@ -71,6 +72,7 @@ impl CommandName {
         CommandName::ListRejectedStations,
         CommandName::ClearRejectedStation,
         CommandName::StartStationUpdate,
+        CommandName::ListFirmware,
         CommandName::ResetStation,
         CommandName::RemoveStation,
         CommandName::CreatePhone,
@@ -101,6 +103,7 @@ impl CommandName {
             CommandName::ListRejectedStations => "listRejectedStations",
             CommandName::ClearRejectedStation => "clearRejectedStation",
             CommandName::StartStationUpdate => "startStationUpdate",
+            CommandName::ListFirmware => "listFirmware",
             CommandName::ResetStation => "resetStation",
             CommandName::RemoveStation => "removeStation",
             CommandName::CreatePhone => "createPhone",
@@ -374,6 +377,8 @@ pub enum OperatorCommand {
         entry: WhitelistEntry,
     },
     ListWhitelist,
+    /// The firmware catalog: what `startStationUpdate` can install, latest first.
+    ListFirmware,
     ExportDevicesCsv,
     /// `csv`: the file, parsed by the controller row by row (its errors are per line).
     ImportPhonesCsv {
@@ -474,6 +479,7 @@ impl OperatorCommand {
                 entry: args.entry()?,
             },
             CommandName::ListWhitelist => C::ListWhitelist,
+            CommandName::ListFirmware => C::ListFirmware,
             CommandName::ExportDevicesCsv => C::ExportDevicesCsv,
             CommandName::ImportPhonesCsv => C::ImportPhonesCsv { csv: args.csv()? },
             CommandName::ListAuditLog => C::ListAuditLog {
@@ -513,6 +519,7 @@ impl OperatorCommand {
             C::AddWhitelistEntry { .. } => CommandName::AddWhitelistEntry,
             C::RemoveWhitelistEntry { .. } => CommandName::RemoveWhitelistEntry,
             C::ListWhitelist => CommandName::ListWhitelist,
+            C::ListFirmware => CommandName::ListFirmware,
             C::ExportDevicesCsv => CommandName::ExportDevicesCsv,
             C::ImportPhonesCsv { .. } => CommandName::ImportPhonesCsv,
             C::ListAuditLog { .. } => CommandName::ListAuditLog,
@@ -602,7 +609,11 @@ impl OperatorCommand {
             }
             C::RevokeOperator { name } => args.put("name", name.as_str()),
             C::LiftAddressBlock { address } => args.put("address", address.to_string()),
-            C::ListWhitelist | C::ExportDevicesCsv | C::ListOperators | C::ListAddressBlocks => {}
+            C::ListWhitelist
+            | C::ListFirmware
+            | C::ExportDevicesCsv
+            | C::ListOperators
+            | C::ListAddressBlocks => {}
         }
         args.0
     }
@@ -1177,6 +1188,7 @@ mod tests {
                 .prop_map(|(entry, force)| C::AddWhitelistEntry { entry, force }),
             whitelist_entry().prop_map(|entry| C::RemoveWhitelistEntry { entry }),
             Just(C::ListWhitelist),
+            Just(C::ListFirmware),
             Just(C::ExportDevicesCsv),
             ".{0,200}".prop_map(|csv| C::ImportPhonesCsv { csv }),
         ]

@@ -92,11 +92,27 @@ async fn update_and_authorize_a_station() {
         .await;
     assert_eq!(code_of(refused), "wrong_state");
 
+    // The image that Start Update installs comes first in the catalog.
+    let catalog = op.call("listFirmware", json!({})).await.expect("catalog");
+    let latest = &catalog["images"][0];
+    assert_eq!(latest["version"], "6.1.0", "{catalog}");
+    assert_eq!(latest["installable"], true);
+    assert_eq!(latest["sha256"].as_str().map(str::len), Some(64));
+    let size = latest["size"].as_u64().expect("size");
+
     let view = op
         .call("startStationUpdate", json!({"serial": "ST-0002"}))
         .await
         .expect("start update");
     assert_eq!(view["state"], "updating");
+    // The operator sees the station pull the whole image.
+    let done = op
+        .wait_event(EventKind::Stations, |e| {
+            e["event"] == "update_progress" && e["received"].as_u64() == Some(size)
+        })
+        .await;
+    assert_eq!(done["serial"], "ST-0002");
+    assert_eq!(done["size"], size);
     station
         .wait_for("update installed", |e| match e {
             SimEvent::UpdateInstalled { version } => Some(version.clone()),

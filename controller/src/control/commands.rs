@@ -310,6 +310,7 @@ impl Controller {
             C::AddWhitelistEntry { entry, force } => self.add_whitelist_entry(cx, entry, force),
             C::RemoveWhitelistEntry { entry } => self.remove_whitelist_entry(cx, entry),
             C::ListWhitelist => self.list_whitelist(cx),
+            C::ListFirmware => Ok(Answer::Read(self.list_firmware())),
             C::ExportDevicesCsv => self.export_devices_csv(cx),
             C::ImportPhonesCsv { csv } => self.import_phones_csv(cx, &csv),
             C::ListAuditLog { limit, after_seq } => self.list_audit_log(cx, limit, after_seq),
@@ -493,6 +494,28 @@ impl Controller {
             Some(s) if s.tenant == tenant => Ok(s),
             _ => Err(CommandError::not_found(format!("no station {serial}"))),
         }
+    }
+
+    /// `listFirmware`: the catalog, latest first (the image a `startStationUpdate` without
+    /// `version` installs comes first), with whether each may be installed.
+    fn list_firmware(&self) -> Value {
+        let min = &self.settings.policy.min_firmware;
+        let images: Vec<Value> = self
+            .settings
+            .catalog
+            .images
+            .iter()
+            .rev()
+            .map(|image| {
+                json!({
+                    "version": image.version.to_string(),
+                    "size": image.size,
+                    "sha256": image.sha256,
+                    "installable": image.version >= *min,
+                })
+            })
+            .collect();
+        json!({ "images": images })
     }
 
     /// The image a `startStationUpdate` asks for: `version`, or the latest of the catalog.
