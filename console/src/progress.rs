@@ -63,6 +63,15 @@ impl Progress {
         (u128::from(self.received) * 100 / u128::from(self.size.max(1))) as u64
     }
 
+    /// Whether this is a download of the image `station` (fleetd's object) is being updated to:
+    /// one of an earlier update's image is not shown as the current one's.
+    pub(crate) fn of_update_of(&self, station: &Value) -> bool {
+        station
+            .get("update_version")
+            .and_then(Value::as_str)
+            .is_none_or(|version| version == self.version)
+    }
+
     /// Whether the whole image was asked for.
     pub(crate) fn complete(&self) -> bool {
         self.received >= self.size

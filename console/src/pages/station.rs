@@ -81,7 +81,11 @@ async fn show(
     let history = recent_audit(&console, &serial).await;
     console.hub.prune(std::slice::from_ref(&station), false);
     let alert = console.hub.alert(serial.as_str());
-    let progress = console.hub.downloads.of(serial.as_str());
+    let progress = console
+        .hub
+        .downloads
+        .of(serial.as_str())
+        .filter(|p| p.of_update_of(&station));
     let status = Status::of(&console).await;
     let body = html! {
         div #live {

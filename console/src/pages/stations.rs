@@ -286,7 +286,7 @@ impl ListView<'_> {
                 td {
                     span .state data-state=(text(station, "state")) { (station_label(station)) }
                     @if text(station, "state") == StationState::Updating.as_str() {
-                        " " (percent_text(serial, self.downloads.of(serial).as_ref()))
+                        " " (percent_text(serial, self.downloads.of(serial).filter(|p| p.of_update_of(station)).as_ref()))
                     }
                     @if let Some(reason) = some_text(station, "reason") { br; small { (reason) } }
                     @if let Some(version) = some_text(station, "update_version") { br; small { "to " (version) } }

@@ -679,6 +679,13 @@ async fn an_updating_station_shows_its_download_as_a_progress_bar() {
     let (_, body) = rig.get("/stations/ST-3").await;
     assert!(body.contains(r#"value="1000" max="1000""#), "{body}");
 
+    // A download of another image is not this update's.
+    let mut other = station("ST-3", "MC", StationState::Updating, None);
+    other["update_version"] = json!("6.2.0");
+    rig.fleetd.add_station(other);
+    let (_, body) = rig.get("/stations/ST-3").await;
+    assert!(body.contains("waiting for the station's first chunk request"));
+
     // Installed and asking again: the last download stays on its page.
     rig.fleetd
         .add_station(station("ST-3", "MC", StationState::Unauthorized, None));
