@@ -6,7 +6,8 @@
 // "phones", "audit", "security", "health"), whose data is an HTML fragment the server escaped.
 // A page lists in <body data-live="…"> the kinds it follows: when one arrives, the page fetches
 // itself again and swaps in its #live part (ticked checkboxes stay ticked). The header's #status
-// is refreshed on station, security and health events on every page.
+// is refreshed on station, security and health events on every page. A "progress" event (a
+// station's firmware download moved) only updates that station's progress bars in place.
 "use strict";
 
 (function () {
@@ -85,6 +86,26 @@
       // reads of the operator's command budget, hence the wait that gathers a burst into one.
       if (follows.indexOf(kind) >= 0 || (kind === "health" && follows.length)) reloadPage();
       else if (kind === "stations" || kind === "security" || kind === "health") reloadStatus();
+    });
+  });
+  // A station's firmware download moved: copy the event's figures (attributes of the escaped
+  // fragment) into that station's bars and texts, in place: no reload, no read of fleetd.
+  source.addEventListener("progress", function (event) {
+    var item = new DOMParser().parseFromString(event.data, "text/html").body.firstElementChild;
+    if (!item) return;
+    var serial = item.getAttribute("data-serial"), received = item.getAttribute("data-received"),
+      size = item.getAttribute("data-size"), percent = item.getAttribute("data-percent");
+    if (!serial || !received || !size || !percent) return;
+    document.querySelectorAll("progress[data-progress]").forEach(function (bar) {
+      if (bar.getAttribute("data-progress") !== serial) return;
+      bar.setAttribute("max", size);
+      bar.setAttribute("value", received);
+      bar.textContent = percent + " %";
+    });
+    document.querySelectorAll("[data-progress-text]").forEach(function (el) {
+      if (el.getAttribute("data-progress-text") !== serial) return;
+      el.textContent = percent + " %" +
+        (el.classList.contains("long") ? " (" + received + " of " + size + " bytes)" : "");
     });
   });
   // What changed between the page's rendering and the stream's opening (or while the stream

@@ -2,6 +2,8 @@
 //! becomes a [`Live`] notice for the open browsers (server-sent events), identity-mismatch
 //! events become security alerts, and every answer (or silence) of fleetd says whether it is
 //! reachable. The alerts are a cache of events, not a record: fleetd's audit log keeps them.
+//! `update_progress` events become [`LiveKind::Progress`] notices and the last progress of
+//! their station ([`crate::progress`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -12,6 +14,7 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 
 use crate::fleetd::FleetdError;
+use crate::progress::{Downloads, Progress};
 use crate::views::text;
 
 /// What an open page is told about.
@@ -21,6 +24,9 @@ pub(crate) enum LiveKind {
     Phones,
     Audit,
     Security,
+    /// A station's firmware download moved (`update_progress`): pages update their progress
+    /// bars in place, without reading fleetd again.
+    Progress,
     /// fleetd became reachable or unreachable.
     Health,
 }
@@ -33,6 +39,7 @@ impl LiveKind {
             LiveKind::Phones => "phones",
             LiveKind::Audit => "audit",
             LiveKind::Security => "security",
+            LiveKind::Progress => "progress",
             LiveKind::Health => "health",
         }
     }
@@ -55,9 +62,11 @@ pub(crate) struct Alert {
     pub(crate) advice: String,
 }
 
-/// The hub: alerts, reachability, and the channel to the open pages.
+/// The hub: alerts, downloads, reachability, and the channel to the open pages.
 pub(crate) struct Hub {
     live: broadcast::Sender<Live>,
+    /// The last `update_progress` of each station (bounded, lost on restart).
+    pub(crate) downloads: Downloads,
     alerts: Mutex<BTreeMap<String, Alert>>,
     reachable: AtomicBool,
     /// Open live streams: while there are any, fleetd's reachability is probed.
@@ -69,6 +78,7 @@ impl Default for Hub {
         Hub {
             live: broadcast::channel(256).0,
             alerts: Mutex::new(BTreeMap::new()),
+            downloads: Downloads::default(),
             reachable: AtomicBool::new(true),
             watchers: AtomicUsize::new(0),
         }
@@ -93,10 +103,19 @@ impl Hub {
             return;
         };
         let kind = match kind {
+            EventKind::Stations if text(&event, "event") == "update_progress" => {
+                // Peer input: a malformed one is dropped here, before any page sees it.
+                let Some(progress) = Progress::of_event(&event) else {
+                    return;
+                };
+                self.downloads.note(progress);
+                LiveKind::Progress
+            }
             EventKind::Stations => {
                 let station = &event["station"];
                 if station["removed"] == Value::Bool(true) {
                     self.alerts().remove(text(station, "serial"));
+                    self.downloads.forget(text(station, "serial"));
                 }
                 LiveKind::Stations
             }
@@ -319,6 +338,24 @@ mod tests {
         assert_eq!(hub.alerted(), vec!["ST-1", "ST-3", "ST-4"]);
         hub.prune(&stations, true);
         assert_eq!(hub.alerted(), vec!["ST-1"]);
+    }
+
+    #[test]
+    fn progress_is_kept_per_station_and_a_malformed_one_is_dropped() {
+        let hub = Hub::default();
+        let mut rx = hub.subscribe();
+        let bad = json!({"event": "update_progress", "serial": "ST-1", "received": 5, "size": 0});
+        hub.handle(&topic(EventKind::Stations), bad, "admin");
+        assert!(rx.try_recv().is_err());
+        assert_eq!(hub.downloads.of("ST-1"), None);
+        let good = json!({"event": "update_progress", "serial": "ST-1", "version": "6.1.0",
+            "received": 5, "size": 10, "time": "t"});
+        hub.handle(&topic(EventKind::Stations), good, "admin");
+        assert_eq!(rx.try_recv().unwrap().kind, LiveKind::Progress);
+        assert_eq!(hub.downloads.of("ST-1").unwrap().percent(), 50);
+        let removed = json!({"event": "state", "station": {"serial": "ST-1", "removed": true}});
+        hub.handle(&topic(EventKind::Stations), removed, "admin");
+        assert_eq!(hub.downloads.of("ST-1"), None);
     }
 
     #[test]

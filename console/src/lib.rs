@@ -2,7 +2,8 @@
 //! of the two manuals, in a browser. It is an operator client of fleetd like `fleetctl`: every
 //! action is an operator command (PROTOCOL §6) sent as the operator whose certificate
 //! `fleetctl console` was started with, audited by fleetd under that name and limited to its
-//! tenant. The console keeps nothing of its own but its login sessions.
+//! tenant. The console keeps nothing of its own but its login sessions, and caches of what
+//! fleetd told it: security alerts, reachability and the last download progress per station.
 //!
 //! The pages talk to fleetd only through the [`Fleetd`] trait; [`Console::router`] is the whole
 //! web layer, and [`serve`] runs it on a listener with the operator's event stream.
@@ -16,6 +17,7 @@ mod cli;
 mod hub;
 mod live;
 mod pages;
+mod progress;
 mod views;
 
 use std::future::Future;

@@ -1,6 +1,7 @@
 //! Live updates: `/events` streams server-sent events, one per fleet event, each an escaped HTML
 //! fragment for the page's activity list, named by its kind so that a page reloads its live part
-//! when an event it follows arrives (`assets/console.js`). Also the header's status fragment and
+//! when an event it follows arrives (`assets/console.js`); a `progress` event only moves the
+//! page's progress bars, in place. Also the header's status fragment and
 //! the console's own static files, served by itself: it works offline.
 
 use std::convert::Infallible;
@@ -17,6 +18,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::hub::{Live, LiveKind};
 use crate::pages::layout::{status_bar, Status};
+use crate::progress::Progress;
 use crate::views::{mac_display, station_label, text, when};
 use crate::Console;
 
@@ -77,6 +79,23 @@ pub(crate) async fn events(
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
+/// The notice of an `update_progress` event: its figures in data attributes, which
+/// `assets/console.js` copies into the progress bars of the station (`data-progress`) and
+/// their texts (`data-progress-text`). Empty for a malformed event (the hub drops those).
+fn progress_fragment(event: &Value) -> String {
+    let Some(p) = Progress::of_event(event) else {
+        return String::new();
+    };
+    html! {
+        li data-kind=(LiveKind::Progress.as_str()) data-serial=(p.serial) data-received=(p.received)
+            data-size=(p.size) data-percent=(p.percent()) {
+            @if !p.time.is_empty() { time datetime=(p.time) { (when(&p.time)) } " " }
+            (p.serial) ": firmware " (p.version) " " (p.percent()) " % (" (p.received) " of " (p.size) " bytes)"
+        }
+    }
+    .into_string()
+}
+
 /// The activity-list item of a notice. Every string in it came from fleetd (and many from
 /// devices); maud escapes them all.
 pub(crate) fn fragment(live: &Live) -> String {
@@ -128,6 +147,7 @@ pub(crate) fn fragment(live: &Live) -> String {
                 other => other,
             }
         ),
+        LiveKind::Progress => return progress_fragment(event),
         LiveKind::Health => match event["reachable"].as_bool() {
             Some(true) => "fleetd is reachable again".to_owned(),
             _ => "fleetd is NOT reachable".to_owned(),

@@ -81,6 +81,14 @@ impl MemoryFleetd {
         self.memory().phones.get(mac).cloned()
     }
 
+    /// Sets a phone's wrong PAPs in a row and its lockouts, as PAP attempts would.
+    pub fn set_pap_counts(&self, mac: &str, failures: u32, lockouts: u32) {
+        if let Some(phone) = self.memory().phones.get_mut(mac) {
+            phone["failures"] = json!(failures);
+            phone["lockouts"] = json!(lockouts);
+        }
+    }
+
     /// Adds a temporary whitelist entry.
     pub fn add_temporary(&self, ip: &str, expires_at: &str) {
         self.memory()
@@ -265,6 +273,7 @@ fn phone(mac: &str, vendor: &str, kind: &str, site: &str, pap: &str) -> Value {
         "mac": mac, "vendor": vendor, "type": kind, "site": site,
         "created_at": "2026-01-05T10:00:00Z", "auth_state": state.as_str(),
         "label": state.label(), "pap": pap, "suspended_until": null,
+        "failures": 0, "lockouts": 0,
     })
 }
 
@@ -310,6 +319,8 @@ fn change_phone_or_whitelist(
             phone["pap"] = json!(pap);
             phone["auth_state"] = json!(needed.as_str());
             phone["label"] = json!(needed.label());
+            phone["failures"] = json!(0);
+            phone["lockouts"] = json!(0);
             Ok(phone.clone())
         }
         C::DeletePhone { mac } => {

@@ -131,10 +131,40 @@ pub(crate) fn phone_matches(phone: &Value, query: &str) -> bool {
         || (is_mac_like(&query) && !wanted.is_empty() && text(phone, "mac").contains(&wanted))
 }
 
+/// A phone's way towards a lockout and a block, as the phones list says it: "2 wrong PAPs",
+/// "1 lockout", both, or `None` while both counts are 0 (or fleetd did not send them).
+pub(crate) fn pap_counts(phone: &Value) -> Option<String> {
+    let count = |key: &str| phone.get(key).and_then(Value::as_u64).unwrap_or(0);
+    let plural = |n: u64, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
+    let parts: Vec<String> = [("failures", "wrong PAP"), ("lockouts", "lockout")]
+        .into_iter()
+        .filter_map(|(key, one)| Some(count(key)).filter(|n| *n > 0).map(|n| plural(n, one)))
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn pap_counts_are_said_only_when_there_are_some() {
+        assert_eq!(pap_counts(&json!({"failures": 0, "lockouts": 0})), None);
+        assert_eq!(pap_counts(&json!({})), None);
+        assert_eq!(
+            pap_counts(&json!({"failures": 2, "lockouts": 0})).as_deref(),
+            Some("2 wrong PAPs")
+        );
+        assert_eq!(
+            pap_counts(&json!({"failures": 1, "lockouts": 1})).as_deref(),
+            Some("1 wrong PAP, 1 lockout")
+        );
+        assert_eq!(
+            pap_counts(&json!({"failures": "x", "lockouts": 2})).as_deref(),
+            Some("2 lockouts")
+        );
+    }
 
     #[test]
     fn times_are_shown_to_the_second() {

@@ -398,7 +398,7 @@ async fn changed_key_then_remove(rig: &Rig, station: &mut Station) {
     authorize_from_the_list(rig, station).await;
 }
 
-/// Update and Authorize a Station: Update Required, Start Update, progress, Unauthorized.
+/// Update and Authorize a Station: Update Required, Start Update, the progress bar, Unauthorized.
 async fn update_and_authorize(rig: &Rig, station: &mut Station) {
     let b = &rig.browser;
     b.open("/stations").await;
@@ -415,6 +415,15 @@ async fn update_and_authorize(rig: &Rig, station: &mut Station) {
         })
         .await;
     connected_with_key(station).await;
+    // fleetd told the console each tenth of the download, the end included (before the
+    // station could install it): the bar on its page is full, from the console's cache or
+    // moved in place by the last event if that one is still on its way.
+    b.open(&format!("/stations/{}", station.serial)).await;
+    let size = fleet_tests::FIRMWARE_SIZE;
+    b.wait(&format!(
+        "#update-progress[value=\"{size}\"][max=\"{size}\"]"
+    ))
+    .await;
     b.open("/stations").await;
     b.wait(&row_in(&station.serial, "unauthorized")).await;
     authorize_from_the_list(rig, station).await;
@@ -458,7 +467,8 @@ async fn phone_procedures(rig: &Rig) {
     b.shot("phones").await;
 }
 
-/// Three wrong PAPs: the list shows Authentication failed, and until when, without a reload.
+/// Three wrong PAPs: the list shows Authentication failed, until when, and the lockout, without
+/// a reload.
 async fn locked_out(rig: &Rig) {
     let b = &rig.browser;
     b.open("/phones").await;
@@ -481,6 +491,8 @@ async fn locked_out(rig: &Rig) {
     let failed = "tr[data-mac=\"aabbccddee03\"][data-state=\"authentication_failed\"]";
     let until = b.text(&format!("{failed} small")).await;
     assert!(until.starts_with("until "), "{until}");
+    // The lockout set the wrong PAPs in a row back to 0 and counts as the first of three.
+    assert_eq!(b.text(&format!("{failed} .pap-counts")).await, "1 lockout");
 }
 
 /// Two stations wait; both ticked, Accept, confirm: each is accepted with the fingerprint the

@@ -1,5 +1,5 @@
 //! The phone admin portal: create a phone and see its PAP once, the list with each phone's
-//! authentication state, Suspend Authentication, Reset Authentication (a new PAP, shown once),
+//! authentication state and its wrong PAPs and lockouts so far, Suspend Authentication, Reset Authentication (a new PAP, shown once),
 //! delete, and the devices CSV (the manual's Batch Import/Export). A PAP is shown only in the
 //! answer to the create or reset that made it, and in the CSV export; it is never logged.
 
@@ -20,7 +20,9 @@ use super::layout::{page, respond, Failure, Section, Status};
 use super::Shared;
 use crate::fleetd::Listing;
 use crate::hub::LiveKind;
-use crate::views::{items, mac_display, phone_label, phone_matches, some_text, text, when};
+use crate::views::{
+    items, mac_display, pap_counts, phone_label, phone_matches, some_text, text, when,
+};
 use crate::Console;
 
 pub(crate) fn routes() -> Router<std::sync::Arc<Console>> {
@@ -133,6 +135,7 @@ fn row(phone: &Value) -> Markup {
                 @if let Some(until) = some_text(phone, "failed_until") {
                     br; small { "until " time datetime=(until) { (when(until)) } " (" span data-expires=(until) {} ")" }
                 }
+                @if let Some(counts) = pap_counts(phone) { br; small .pap-counts { (counts) } }
             }
             td { @if let Some(until) = some_text(phone, "suspended_until") {
                 time datetime=(until) { (when(until)) } br; small data-expires=(until) {}

@@ -1,6 +1,7 @@
 //! A station's page (the manual's authorize page): serial, both MACs, the fingerprint large and
 //! grouped for comparing with the station's local admin page, the actions its state allows
-//! (Accept, Reject, Start Update, Reset Device, Remove Device), a security alert when its key
+//! (Accept, Reject, Start Update, Reset Device, Remove Device), the progress bar of its firmware
+//! download (moved in place by `update_progress` events), a security alert when its key
 //! changed, and its recent audit records. Each destructive action first shows a page that says
 //! what will happen.
 
@@ -17,6 +18,7 @@ use serde_json::Value;
 use super::layout::{page, respond, Failure, Section, Status};
 use super::{value, Shared};
 use crate::hub::{Alert, LiveKind};
+use crate::progress::{bar, Progress};
 use crate::views::{fingerprint_groups, items, mac_display, some_text, station_label, text, when};
 use crate::Console;
 
@@ -79,6 +81,11 @@ async fn show(
     let history = recent_audit(&console, &serial).await;
     console.hub.prune(std::slice::from_ref(&station), false);
     let alert = console.hub.alert(serial.as_str());
+    let progress = console
+        .hub
+        .downloads
+        .of(serial.as_str())
+        .filter(|p| p.of_update_of(&station));
     let status = Status::of(&console).await;
     let body = html! {
         div #live {
@@ -86,7 +93,7 @@ async fn show(
             @if let Some(alert) = &alert { (alert_box(&serial, alert)) }
             (facts(&station))
             (fingerprint_box(&station))
-            (actions(&serial, &station))
+            (actions(&serial, &station, progress.as_ref()))
             (history_box(&history))
         }
     };
@@ -173,7 +180,21 @@ fn fingerprint_box(station: &Value) -> Markup {
     }
 }
 
-fn actions(serial: &Serial, station: &Value) -> Markup {
+/// The last download fleetd told this console about, of a station no longer Updating (it
+/// installed the image and asked again, or gave up): the cache's entry, until it is dropped.
+fn last_download(serial: &Serial, p: &Progress) -> Markup {
+    html! {
+        div .update #last-download {
+            p { "Last firmware download this console heard of (since it started): image "
+                strong { (p.version) } ", at " (when(&p.time)) "."
+                @if p.complete() { " The station asked for the whole image." }
+                @else { " The station stopped asking before the end." } }
+            (bar(serial.as_str(), Some(p)))
+        }
+    }
+}
+
+fn actions(serial: &Serial, station: &Value, progress: Option<&Progress>) -> Markup {
     let state = StationState::from_name(text(station, "state"));
     let fingerprint = some_text(station, "fingerprint");
     let path = |action: &str| format!("/stations/{serial}/{action}");
@@ -192,8 +213,10 @@ fn actions(serial: &Serial, station: &Value) -> Markup {
             @if state == Some(StationState::Updating) {
                 div .update {
                     p { "Updating to " strong #update-version { (some_text(station, "update_version").unwrap_or("the latest image")) } ". The station pulls the image in chunks, checks its SHA-256 and installs it; then it reboots into the new firmware and asks again (Unauthorized)." }
-                    progress #update-progress aria-label="Update in progress" {}
+                    (bar(serial.as_str(), progress))
                 }
+            } @else if let Some(p) = progress {
+                (last_download(serial, p))
             }
             @if state == Some(StationState::NotRunning) {
                 p .quiet #not-running-hint { "The station is not connected: a reset reaches it only when it connects again. The manual's way for a station that is Not Running: Remove Device here, then Reset Device with Delete Authentication on its local admin page." }

@@ -18,6 +18,7 @@ use super::layout::{page, respond, Failure, Section, Status};
 use super::{value, values, Shared};
 use crate::fleetd::{FleetdError, Listing};
 use crate::hub::LiveKind;
+use crate::progress::{percent_text, Downloads};
 use crate::views::{
     fingerprint_groups, mac_display, some_text, station_label, station_matches, text, when,
 };
@@ -165,6 +166,7 @@ async fn list(State(console): Shared, Query(query): Query<ListQuery>) -> Result<
         counts: &counts,
         total: listed.len(),
         alerted: &alerted,
+        downloads: &console.hub.downloads,
     };
     let body = html! {
         h1 { "Stations" }
@@ -193,6 +195,7 @@ struct ListView<'a> {
     counts: &'a BTreeMap<&'a str, usize>,
     total: usize,
     alerted: &'a BTreeSet<String>,
+    downloads: &'a Downloads,
 }
 
 impl ListView<'_> {
@@ -282,6 +285,9 @@ impl ListView<'_> {
                 td .mac { (mac_display(text(station, "mac_streaming"))) br; (mac_display(text(station, "mac_control"))) }
                 td {
                     span .state data-state=(text(station, "state")) { (station_label(station)) }
+                    @if text(station, "state") == StationState::Updating.as_str() {
+                        " " (percent_text(serial, self.downloads.of(serial).filter(|p| p.of_update_of(station)).as_ref()))
+                    }
                     @if let Some(reason) = some_text(station, "reason") { br; small { (reason) } }
                     @if let Some(version) = some_text(station, "update_version") { br; small { "to " (version) } }
                 }

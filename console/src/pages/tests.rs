@@ -620,3 +620,135 @@ async fn the_event_stream_sends_an_escaped_fragment_per_event() {
     assert!(text.contains("ST-&lt;b&gt;: Unauthorized"), "{text}");
     assert!(text.contains("<li data-kind=\"stations\">"), "{text}");
 }
+
+fn stations_topic() -> String {
+    fleet_protocol::Topic::Event("default".into(), fleet_protocol::EventKind::Stations).to_string()
+}
+
+fn progress_event(serial: &str, received: Value, size: Value) -> Value {
+    json!({"event": "update_progress", "serial": serial, "version": "6.1.0",
+        "received": received, "size": size, "type": "stations", "time": "2026-01-05T10:00:00Z"})
+}
+
+#[tokio::test]
+async fn an_updating_station_shows_its_download_as_a_progress_bar() {
+    let rig = Rig::new().await;
+    let mut updating = station("ST-3", "MC", StationState::Updating, None);
+    updating["update_version"] = json!("6.1.0");
+    rig.fleetd.add_station(updating);
+    let (_, body) = rig.get("/stations/ST-3").await;
+    assert!(
+        body.contains(r#"<progress id="update-progress" data-progress="ST-3" aria-label"#),
+        "indeterminate before the first event: {body}"
+    );
+    assert!(body.contains("waiting for the station's first chunk request"));
+
+    rig.console.handle_event(
+        &stations_topic(),
+        progress_event("ST-3", json!(400), json!(1000)),
+    );
+    let (_, body) = rig.get("/stations/ST-3").await;
+    assert!(
+        body.contains(r#"data-progress="ST-3" value="400" max="1000""#),
+        "{body}"
+    );
+    assert!(body.contains("40 % (400 of 1000 bytes)"), "{body}");
+    let (_, list) = rig.get("/stations").await;
+    assert!(
+        list.contains(r#"<span class="percent" data-progress-text="ST-3">40 %</span>"#),
+        "{list}"
+    );
+
+    // Malformed ones are ignored; one beyond the end is the end.
+    for (received, size) in [
+        (json!(1), json!(0)),
+        (json!(-1), json!(1000)),
+        (json!("500"), json!(1000)),
+    ] {
+        rig.console
+            .handle_event(&stations_topic(), progress_event("ST-3", received, size));
+    }
+    rig.console
+        .handle_event(&stations_topic(), json!({"event": "update_progress"}));
+    let (_, body) = rig.get("/stations/ST-3").await;
+    assert!(body.contains(r#"value="400" max="1000""#), "{body}");
+    rig.console.handle_event(
+        &stations_topic(),
+        progress_event("ST-3", json!(5000), json!(1000)),
+    );
+    let (_, body) = rig.get("/stations/ST-3").await;
+    assert!(body.contains(r#"value="1000" max="1000""#), "{body}");
+
+    // A download of another image is not this update's.
+    let mut other = station("ST-3", "MC", StationState::Updating, None);
+    other["update_version"] = json!("6.2.0");
+    rig.fleetd.add_station(other);
+    let (_, body) = rig.get("/stations/ST-3").await;
+    assert!(body.contains("waiting for the station's first chunk request"));
+
+    // Installed and asking again: the last download stays on its page.
+    rig.fleetd
+        .add_station(station("ST-3", "MC", StationState::Unauthorized, None));
+    let (_, body) = rig.get("/stations/ST-3").await;
+    assert!(body.contains("last-download") && body.contains("the whole image"));
+    assert!(body.contains(r#"value="1000" max="1000""#), "{body}");
+    let (_, list) = rig.get("/stations").await;
+    assert!(!list.contains("data-progress-text"), "only Updating rows");
+}
+
+#[tokio::test]
+async fn a_progress_event_is_streamed_as_its_figures_and_a_malformed_one_not_at_all() {
+    let rig = Rig::new().await;
+    let response = rig
+        .console
+        .router()
+        .oneshot(get("/events", &rig.cookie))
+        .await
+        .unwrap();
+    rig.console.handle_event(
+        &stations_topic(),
+        progress_event("ST-<b>", json!(1), json!(0)),
+    );
+    rig.console.handle_event(
+        &stations_topic(),
+        progress_event("ST-<b>", json!(7000), json!(70000)),
+    );
+    let mut body = response.into_body().into_data_stream();
+    let chunk = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        use futures_util::StreamExt as _;
+        body.next().await
+    })
+    .await
+    .expect("an event in time")
+    .expect("a chunk")
+    .unwrap();
+    let text = String::from_utf8(chunk.to_vec()).unwrap();
+    assert!(text.starts_with("event: progress\n"), "{text}");
+    assert!(
+        text.contains(
+            r#"<li data-kind="progress" data-serial="ST-&lt;b&gt;" data-received="7000" data-size="70000" data-percent="10">"#
+        ),
+        "{text}"
+    );
+    assert!(text.contains("10 % (7000 of 70000 bytes)"), "{text}");
+}
+
+#[tokio::test]
+async fn the_phones_list_shows_wrong_paps_and_lockouts() {
+    let rig = Rig::new().await;
+    let (status, _, _) = rig
+        .post(
+            "/phones",
+            "mac=aabbccddee07&vendor=Snom&type=D785&site=Berlin",
+        )
+        .await;
+    assert!(status.is_success() || status.is_redirection(), "{status}");
+    let (_, list) = rig.get("/phones").await;
+    assert!(!list.contains("pap-counts"), "nothing while both are 0");
+    rig.fleetd.set_pap_counts("aabbccddee07", 2, 1);
+    let (_, list) = rig.get("/phones").await;
+    assert!(
+        list.contains(r#"<small class="pap-counts">2 wrong PAPs, 1 lockout</small>"#),
+        "{list}"
+    );
+}
