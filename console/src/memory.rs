@@ -150,6 +150,10 @@ impl MemoryFleetd {
                 "temporary": memory.temporary,
             })),
             OperatorCommand::ListAuditLog { .. } => Ok(json!({ "records": memory.audit })),
+            OperatorCommand::ListFirmware => Ok(json!({ "images": [
+                {"version": "6.1.0", "size": 70000, "sha256": "ab".repeat(32), "installable": true},
+                {"version": "6.0.7", "size": 60000, "sha256": "cd".repeat(32), "installable": false},
+            ]})),
             other => {
                 let result = change(&mut memory, other);
                 if result.is_ok() {

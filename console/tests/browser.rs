@@ -406,6 +406,10 @@ async fn update_and_authorize(rig: &Rig, station: &mut Station) {
     b.shot("stations").await;
     b.click(&format!("{} a", row(&station.serial))).await;
     b.click("#start-update").await;
+    // The confirmation names the image from fleetd's catalog before anything is sent.
+    b.wait("#update-image").await;
+    let image = b.text("#update-image").await;
+    assert!(image.contains("Will install firmware 6.1.0"), "{image}");
     b.click("#confirm").await;
     b.wait("#update-progress").await;
     assert_eq!(b.text("#update-version").await, "6.1.0");

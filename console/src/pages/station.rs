@@ -345,11 +345,28 @@ async fn confirm_update(
     let explain = html! {
         p { "The station is sent the firmware image's version, size and SHA-256; it pulls the image in chunks, checks it, installs it and reboots into it. Then it asks to be authorized again, as Unauthorized." }
     };
-    let fields = html! {
-        label { "Version to install "
-            input type="text" name="version" placeholder="the newest in fleetd's catalog" #version;
-        }
-        p .quiet { "Leave it empty for the newest image of fleetd's firmware catalog (6.1.0 or higher)." }
+    // The catalog, latest first (listFirmware): the image that will be installed, named
+    // before it is; without it the operator may still type a version.
+    let catalog = console
+        .run_command(OperatorCommand::ListFirmware)
+        .await
+        .ok();
+    let images: Vec<Value> = catalog
+        .as_ref()
+        .and_then(|c| c["images"].as_array())
+        .map(|images| {
+            let installable = |i: &&Value| i["installable"] == true;
+            images.iter().filter(installable).cloned().collect()
+        })
+        .unwrap_or_default();
+    let fields = match images.first() {
+        Some(latest) => firmware_choice(latest, &images),
+        None => html! {
+            label { "Version to install "
+                input type="text" name="version" placeholder="the newest in fleetd's catalog" #version;
+            }
+            p .quiet { "fleetd's firmware catalog could not be read (or offers no image): leave it empty for its newest image, or type a version." }
+        },
     };
     let question = Question {
         title: "Start Update",
@@ -358,6 +375,29 @@ async fn confirm_update(
         button: "Start Update",
     };
     Ok(confirm(&console, &serial, "update", question).await)
+}
+
+/// The image that will be installed (the latest, unless another is chosen) and the others.
+fn firmware_choice(latest: &Value, images: &[Value]) -> Markup {
+    let field = |image: &Value, name: &str| image[name].as_str().unwrap_or("?").to_owned();
+    html! {
+        p #update-image {
+            "Will install firmware " strong { (field(latest, "version")) }
+            " (" (latest["size"].as_u64().unwrap_or(0)) " bytes, SHA-256 "
+            code { (field(latest, "sha256")) } ")."
+        }
+        @if images.len() > 1 {
+            label { "Or another image of the catalog "
+                select name="version" #version {
+                    @for image in images {
+                        option value=(field(image, "version")) { (field(image, "version")) }
+                    }
+                }
+            }
+        } @else {
+            input type="hidden" name="version" value=(field(latest, "version"));
+        }
+    }
 }
 
 async fn update(

@@ -401,6 +401,15 @@ async fn destructive_actions_ask_first_and_then_do_what_they_said() {
         .add_station(station("ST-2", "MC", StationState::UpdateRequired, None));
     let (_, body) = rig.get("/stations/ST-2").await;
     assert!(body.contains("Start Update"));
+    // The confirmation names the image that will be installed, from fleetd's catalog; an
+    // image below the minimum is not offered.
+    let (_, body) = rig.get("/stations/ST-2/update").await;
+    assert!(
+        body.contains("Will install firmware <strong>6.1.0</strong>"),
+        "{body}"
+    );
+    assert!(body.contains(&"ab".repeat(32)));
+    assert!(!body.contains("6.0.7"), "{body}");
     let (status, _, _) = rig
         .post("/stations/ST-2/update", "version=not.a.version")
         .await;
