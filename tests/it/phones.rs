@@ -530,11 +530,14 @@ async fn phone_state_events_carry_no_pap() {
     for _ in 0..3 {
         assert_eq!(phone.connect_raw(Some(&wrong_pap(&pap))).await, 4);
     }
+    let mut counted = Vec::new();
     let failed = tokio::time::timeout(op.patience, async {
         loop {
             let (_, event) = op.events.recv().await.expect("events");
             if event["event"] == "state" {
                 assert!(event["phone"].get("pap").is_none(), "PAP in {event}");
+                // Each wrong PAP is told with its count (a console shows it growing).
+                counted.extend(event["phone"]["failures"].as_u64().filter(|n| *n > 0));
                 if event["phone"]["auth_state"] == "authentication_failed" {
                     return event;
                 }
@@ -544,4 +547,7 @@ async fn phone_state_events_carry_no_pap() {
     .await
     .expect("an authentication_failed event");
     assert_eq!(failed["phone"]["mac"], "aabbcc0000e1");
+    // The third wrong PAP locks the phone out and sets the count back to 0 (one lockout).
+    assert_eq!(counted, [1, 2], "wrong PAPs told with their count");
+    assert_eq!(failed["phone"]["lockouts"], 1);
 }

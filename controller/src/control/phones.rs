@@ -177,9 +177,12 @@ impl Controller {
             whitelisted: live.whitelists.is_whitelisted(&tenant, ip, at),
         };
         let before = phone.state_at(at).name();
+        let counts = (phone.failures, phone.lockouts);
         let (phone, decision) = phone::attempt(phone, &attempt, policy, at);
         let after = phone.state_at(at).name();
-        if before != after {
+        // Told when the state or the count of wrong PAPs moved (at most `pap_attempts` events
+        // before a lockout), so that a console shows the count as it grows.
+        if before != after || counts != (phone.failures, phone.lockouts) {
             let body = json!({"event": "state", "phone": without_pap(&phone.view(at))});
             cx.out.event(&tenant, EventKind::Phones, body, self.now());
         }
