@@ -194,17 +194,7 @@ fn phone_connect(session_id: u64, mac: &str, password: Option<&str>) -> ConnectI
 async fn a_correct_pap_whose_commit_fails_whitelists_nothing() {
     let shell = shell().await;
     let mac = "0011aabbcc01";
-    shell.command(
-        json!({"command": "createPhone", "mac": mac, "vendor": "Yealink",
-        "type": "T54W", "site": "Berlin"}),
-    );
-    let phone = shell
-        .controller
-        .store
-        .phone(&fleet_protocol::Mac::parse(mac).expect("mac"))
-        .expect("store")
-        .expect("the phone");
-    let pap = phone.pap.expect("a PAP").as_str().to_owned();
+    let pap = created_phone(&shell, mac);
     // A time RFC 3339 cannot write (a year before 0): the attempt's changes cannot be stored.
     let back = time::Duration::days(3000 * 365);
     assert!(shell.clock.advance(-back));
