@@ -6,32 +6,14 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use fleet_protocol::{OperatorCommand, StationState};
+use fleet_protocol::OperatorCommand;
 use serde_json::Value;
 
 /// What a [`Fleetd`] call comes to, boxed so that the trait can be used as `dyn Fleetd`.
 pub type Reply<'a, T> = Pin<Box<dyn Future<Output = Result<T, FleetdError>> + Send + 'a>>;
 
-/// The list commands the console reads whole, page after page (`limit`/`after`/`next`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Listing {
-    /// `listStations`, only of `state` if given.
-    Stations { state: Option<StationState> },
-    /// `listRejectedStations`.
-    RejectedStations,
-    /// `listPhones`.
-    Phones,
-}
-
-impl Listing {
-    /// The field of the answer that holds the items: `stations` or `phones`.
-    pub fn field(self) -> &'static str {
-        match self {
-            Listing::Stations { .. } | Listing::RejectedStations => "stations",
-            Listing::Phones => "phones",
-        }
-    }
-}
+/// The list commands the console reads whole, page after page: fleet-protocol's.
+pub use fleet_protocol::Listing;
 
 /// The outcome of checking the tenant's audit hash chain (`fleetctl audit verify`).
 #[derive(Debug, Clone, PartialEq, Eq)]

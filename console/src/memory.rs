@@ -347,20 +347,11 @@ fn change_phone_or_whitelist(
             }
         }
         C::ExportDevicesCsv => {
-            let mut csv = String::from("vendor,type,mac,created_at,site,auth_state,pap\r\n");
+            let columns = fleet_protocol::payload::DEVICES_CSV_COLUMNS;
+            let mut csv = columns.join(",") + "\r\n";
             for p in memory.phones.values() {
                 let cell = |k: &str| p[k].as_str().unwrap_or_default().to_owned();
-                let row = [
-                    "vendor",
-                    "type",
-                    "mac",
-                    "created_at",
-                    "site",
-                    "auth_state",
-                    "pap",
-                ]
-                .map(cell)
-                .join(",");
+                let row = columns.map(cell).join(",");
                 csv.push_str(&row);
                 csv.push_str("\r\n");
             }
@@ -422,21 +413,8 @@ impl Fleetd for MemoryFleetd {
     }
 
     fn list_all(&self, listing: Listing) -> Reply<'_, Vec<Value>> {
-        let command = match listing {
-            Listing::Stations { state } => OperatorCommand::ListStations {
-                state,
-                limit: None,
-                after: None,
-            },
-            Listing::RejectedStations => OperatorCommand::ListRejectedStations {
-                limit: None,
-                after: None,
-            },
-            Listing::Phones => OperatorCommand::ListPhones {
-                limit: None,
-                after: None,
-            },
-        };
+        // The whole list at once: the in-memory fleetd does not page.
+        let command = listing.page(None, None);
         let result = self
             .handle(&command)
             .map(|data| crate::views::items(&data, listing.field()));

@@ -13,15 +13,7 @@ use crate::phone::{AuthState, Phone};
 use fleet_protocol::Mac;
 
 /// The columns, in export order (PROTOCOL §6).
-pub const HEADER: [&str; 7] = [
-    "vendor",
-    "type",
-    "mac",
-    "created_at",
-    "site",
-    "auth_state",
-    "pap",
-];
+pub const HEADER: [&str; 7] = fleet_protocol::payload::DEVICES_CSV_COLUMNS;
 
 /// Most data rows one import takes; the rest is refused with one error.
 pub const MAX_IMPORT_ROWS: usize = 10_000;

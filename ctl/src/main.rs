@@ -610,12 +610,7 @@ impl fleet_console::Fleetd for ConsoleLink {
         Box::pin(async move { self.0.run(&command).await.map_err(console_error) })
     }
 
-    fn list_all(&self, listing: fleet_console::Listing) -> fleet_console::Reply<'_, Vec<Value>> {
-        let listing = match listing {
-            fleet_console::Listing::Stations { state } => Listing::Stations { state },
-            fleet_console::Listing::RejectedStations => Listing::RejectedStations,
-            fleet_console::Listing::Phones => Listing::Phones,
-        };
+    fn list_all(&self, listing: Listing) -> fleet_console::Reply<'_, Vec<Value>> {
         Box::pin(async move {
             let data = fetch_pages(&self.0, ListPager::new(listing, None))
                 .await

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use fleet_protocol::{After, CommandName, OperatorCommand, PageLimit, StationState};
+use fleet_protocol::{After, OperatorCommand, PageLimit};
 use serde_json::{json, Value};
 
 use crate::audit::{ChainBreak, ChainVerifier};
@@ -170,57 +170,7 @@ fn half(page: u64) -> Option<u64> {
     (page > 1).then_some(page / 2)
 }
 
-/// The list commands that page with `limit` and `after` and answer `next` when there is more.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Listing {
-    /// `listStations`, of the stations in `state` only if given.
-    Stations { state: Option<StationState> },
-    /// `listRejectedStations`.
-    RejectedStations,
-    /// `listPhones`.
-    Phones,
-}
-
-impl Listing {
-    /// The operator command.
-    pub fn command(self) -> CommandName {
-        match self {
-            Listing::Stations { .. } => CommandName::ListStations,
-            Listing::RejectedStations => CommandName::ListRejectedStations,
-            Listing::Phones => CommandName::ListPhones,
-        }
-    }
-
-    /// The command that asks for a page of `limit` items (the server's page size when
-    /// `None`) after `after`.
-    fn page(self, limit: Option<PageLimit>, after: Option<After>) -> OperatorCommand {
-        match self {
-            Listing::Stations { state } => OperatorCommand::ListStations {
-                state,
-                limit,
-                after,
-            },
-            Listing::RejectedStations => OperatorCommand::ListRejectedStations { limit, after },
-            Listing::Phones => OperatorCommand::ListPhones { limit, after },
-        }
-    }
-
-    /// The field of the answer that holds the items.
-    pub fn field(self) -> &'static str {
-        match self {
-            Listing::Stations { .. } | Listing::RejectedStations => "stations",
-            Listing::Phones => "phones",
-        }
-    }
-
-    /// The field of an item that `next` and `after` name.
-    fn key(self) -> &'static str {
-        match self {
-            Listing::Stations { .. } | Listing::RejectedStations => "serial",
-            Listing::Phones => "mac",
-        }
-    }
-}
+pub use fleet_protocol::command::Listing;
 
 /// A whole [`Listing`], or its first `limit` items: pages follow `next`, each asked with
 /// `after` set to it, until an answer has no `next` or there are `limit` items. The result is
@@ -697,7 +647,7 @@ mod tests {
 
     fn running() -> Listing {
         Listing::Stations {
-            state: Some(StationState::Running),
+            state: Some(fleet_protocol::StationState::Running),
         }
     }
 

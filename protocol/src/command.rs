@@ -646,6 +646,59 @@ impl Fields {
     }
 }
 
+/// The list commands that page with `limit` and `after` and answer `next` when there is more
+/// (docs/protocol.md §6): what a client reads whole, page after page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    /// `listStations`, of the stations in `state` only if given.
+    Stations { state: Option<StationState> },
+    /// `listRejectedStations`.
+    RejectedStations,
+    /// `listPhones`.
+    Phones,
+}
+
+impl Listing {
+    /// The operator command.
+    pub fn command(self) -> CommandName {
+        match self {
+            Listing::Stations { .. } => CommandName::ListStations,
+            Listing::RejectedStations => CommandName::ListRejectedStations,
+            Listing::Phones => CommandName::ListPhones,
+        }
+    }
+
+    /// The command that asks for a page of `limit` items (the server's page size when
+    /// `None`) after `after`.
+    pub fn page(self, limit: Option<PageLimit>, after: Option<After>) -> OperatorCommand {
+        match self {
+            Listing::Stations { state } => OperatorCommand::ListStations {
+                state,
+                limit,
+                after,
+            },
+            Listing::RejectedStations => OperatorCommand::ListRejectedStations { limit, after },
+            Listing::Phones => OperatorCommand::ListPhones { limit, after },
+        }
+    }
+
+    /// The field of the answer that holds the items.
+    pub fn field(self) -> &'static str {
+        match self {
+            Listing::Stations { .. } | Listing::RejectedStations => "stations",
+            Listing::Phones => "phones",
+        }
+    }
+
+    /// The field of an item that `next` and `after` name.
+    pub fn key(self) -> &'static str {
+        match self {
+            Listing::Stations { .. } | Listing::RejectedStations => "serial",
+            Listing::Phones => "mac",
+        }
+    }
+}
+
 /// Arguments from text, with the errors a request entry gets for them: what a client that
 /// builds an [`OperatorCommand`] from its own input (`fleetctl`) reports, word for word, as the
 /// controller would.

@@ -15,8 +15,8 @@ pub mod topic;
 pub mod whitelist;
 
 pub use command::{
-    names_a_read, After, CommandName, FirmwareVersion, IpAddress, OperatorCommand, PageLimit, Text,
-    DEFAULT_AUDIT_LIMIT, MAX_LIMIT, MAX_TEXT,
+    names_a_read, After, CommandName, FirmwareVersion, IpAddress, Listing, OperatorCommand,
+    PageLimit, Text, DEFAULT_AUDIT_LIMIT, MAX_LIMIT, MAX_TEXT,
 };
 pub use envelope::{parse_request, EntryCommand, RequestEntry, ResponseEntry};
 pub use error::{CommandError, ErrorCode};

@@ -454,6 +454,18 @@ impl ProvisionResponse {
     }
 }
 
+/// The columns of the devices CSV (`exportDevicesCsv`, `importPhonesCsv`; PROTOCOL §6), in
+/// their order: the header is these names joined by `,`.
+pub const DEVICES_CSV_COLUMNS: [&str; 7] = [
+    "vendor",
+    "type",
+    "mac",
+    "created_at",
+    "site",
+    "auth_state",
+    "pap",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
