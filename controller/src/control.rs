@@ -221,9 +221,17 @@ impl Controller {
         let (out, rx) = mpsc::unbounded_channel();
         let (inbox, devices) = mpsc::channel(INBOX_CAPACITY);
         let (requests, operators_rx) = mpsc::channel(INBOX_CAPACITY);
+        let last_seen = store
+            .sightings()?
+            .into_iter()
+            .filter_map(|(serial, at)| {
+                Some((serial, OffsetDateTime::from_unix_timestamp(at).ok()?))
+            })
+            .collect();
         let live = Live {
             whitelists: store.whitelists()?,
             pending: PendingIndex::build(&store.stations()?),
+            last_seen,
             ..Live::default()
         };
         let (store, durable) = durable::open(store);
@@ -373,12 +381,20 @@ impl Controller {
         live.sessions.contains_key(&serial.client_id())
     }
 
+    /// The station object, with `last_seen` the newest of its record's and the memory's
+    /// sightings, in whole seconds (PROTOCOL §6 times; a fraction would only be noise).
     fn view(&self, live: &Live, station: &Station) -> Value {
         let mut v = station.view(self.online(live, &station.serial));
-        if let (Some(seen), Some(obj)) = (live.last_seen.get(&station.serial), v.as_object_mut()) {
-            if station.last_seen.is_none_or(|stored| *seen > stored) {
-                obj.insert("last_seen".into(), json!(rfc3339(*seen)));
-            }
+        let seen = [
+            station.last_seen,
+            live.last_seen.get(&station.serial).copied(),
+        ]
+        .into_iter()
+        .flatten()
+        .max();
+        if let (Some(seen), Some(obj)) = (seen, v.as_object_mut()) {
+            let seen = seen.replace_nanosecond(0).unwrap_or(seen);
+            obj.insert("last_seen".into(), json!(rfc3339(seen)));
         }
         v
     }
@@ -526,13 +542,14 @@ impl Controller {
             return;
         }
         match Topic::parse(topic) {
+            // A station's every message to the controller is a sighting.
             Some(Topic::StationAuthRequest(serial)) => {
+                live.saw(&serial, self.now());
                 self.on_auth_request(live, cx, serial, payload)
             }
-            Some(Topic::StationStatus(serial)) => {
-                live.last_seen.insert(serial, self.now());
-            }
+            Some(Topic::StationStatus(serial)) => live.saw(&serial, self.now()),
             Some(Topic::StationFirmwareRequest(serial)) => {
+                live.saw(&serial, self.now());
                 self.on_firmware_request(cx, serial, payload)
             }
             Some(Topic::PhoneProvisionRequest(mac)) => {

@@ -204,7 +204,7 @@ async fn run_bus<B: Bus>(
         mut requests,
         mut devices,
     } = inbox;
-    // Stations that waited unseen for too long are deleted; checked every minute.
+    // Stations that waited unseen for too long are deleted, and sightings written; every minute.
     let mut sweep = tokio::time::interval(Duration::from_secs(60));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -222,7 +222,10 @@ async fn run_bus<B: Bus>(
                 continue;
             }
             _ = sweep.tick() => {
-                let expire = || controller.expire_pending();
+                let expire = || {
+                    controller.expire_pending();
+                    controller.record_sightings();
+                };
                 match tokio::runtime::Handle::current().runtime_flavor() {
                     tokio::runtime::RuntimeFlavor::CurrentThread => expire(),
                     _ => tokio::task::block_in_place(expire),

@@ -33,6 +33,10 @@ const PHONES: TableDefinition<&str, &[u8]> = TableDefinition::new("phones");
 const SINGLES: TableDefinition<&str, &[u8]> = TableDefinition::new("singles");
 /// The key of every tenant's whitelists in `SINGLES`.
 const WHITELISTS: &str = "whitelists";
+/// Serial → when the station was last seen, in whole seconds since the Unix epoch. Kept apart
+/// from its record (a few bytes, written by the minute for every online station: see
+/// `Controller::record_sightings`), and deleted with it.
+const SEEN: TableDefinition<&str, i64> = TableDefinition::new("seen");
 /// Counters that must survive restarts.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Next audit sequence number. Kept apart from the audit table so that numbers are never
@@ -76,6 +80,8 @@ pub enum Change {
     /// Replaces every tenant's whitelists.
     PutWhitelists(Whitelists),
     Audit(AuditRecord),
+    /// When a station was last seen (whole seconds since the Unix epoch); no audit record.
+    Seen(Serial, i64),
 }
 
 /// Most requests the writer commits in one transaction.
@@ -289,6 +295,7 @@ impl Store {
             txn.open_table(AUDIT)?;
             txn.open_table(AUDIT_HEADS)?;
             txn.open_table(META)?;
+            txn.open_table(SEEN)?;
         }
         txn.commit()?;
         let db = Arc::new(db);
@@ -305,6 +312,21 @@ impl Store {
             writer: Some(writer),
             thread: Some(thread),
         })
+    }
+
+    /// When each station was last seen ([`Change::Seen`]), in whole seconds since the Unix
+    /// epoch. An entry that names no valid serial (never written by fleetd) is skipped.
+    pub fn sightings(&self) -> Result<Vec<(Serial, i64)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SEEN)?;
+        let mut seen = Vec::new();
+        for entry in table.iter()? {
+            let (serial, at) = entry?;
+            if let Ok(serial) = Serial::parse(serial.value()) {
+                seen.push((serial, at.value()));
+            }
+        }
+        Ok(seen)
     }
 
     /// Every tenant's whitelists; empty ones if none were ever stored.
@@ -530,6 +552,7 @@ fn write_changes(
     let mut stations = None;
     let mut phones = None;
     let mut singles = None;
+    let mut seen = None;
     let mut chain = None;
     let mut stored = Vec::new();
     for change in changes {
@@ -540,6 +563,10 @@ fn write_changes(
             }
             Change::DeleteStation(serial) => {
                 opened(&mut stations, txn, STATIONS)?.remove(serial.as_str())?;
+                opened(&mut seen, txn, SEEN)?.remove(serial.as_str())?;
+            }
+            Change::Seen(serial, at) => {
+                opened(&mut seen, txn, SEEN)?.insert(serial.as_str(), *at)?;
             }
             Change::PutPhone(phone) => {
                 let table = opened(&mut phones, txn, PHONES)?;
@@ -733,6 +760,32 @@ mod tests {
 
     fn open(dir: &tempfile::TempDir) -> Store {
         Store::open(&dir.path().join("fleet.redb")).unwrap()
+    }
+
+    #[test]
+    fn a_sighting_is_kept_across_a_reopen_and_deleted_with_its_station() {
+        let dir = tempfile::tempdir().unwrap();
+        let s1 = Serial::parse("S1").unwrap();
+        let s2 = Serial::parse("S2").unwrap();
+        {
+            let store = open(&dir);
+            store
+                .apply(vec![
+                    Change::PutStation(station("S1")),
+                    Change::PutStation(station("S2")),
+                    Change::Seen(s1.clone(), 1_700_000_000),
+                    Change::Seen(s2.clone(), 1_700_000_001),
+                    Change::Seen(s1.clone(), 1_700_000_060),
+                ])
+                .unwrap();
+        }
+        let store = open(&dir);
+        assert_eq!(
+            store.sightings().unwrap(),
+            [(s1.clone(), 1_700_000_060), (s2.clone(), 1_700_000_001)]
+        );
+        store.apply(vec![Change::DeleteStation(s1)]).unwrap();
+        assert_eq!(store.sightings().unwrap(), [(s2, 1_700_000_001)]);
     }
 
     #[test]

@@ -454,7 +454,7 @@ impl Controller {
         };
         match self.store.station(&serial) {
             Ok(Some(station)) => {
-                live.last_seen.insert(serial.clone(), self.now());
+                live.saw(&serial, self.now());
                 let view = self.view(live, &station);
                 drop(guard);
                 let mut told = Outbox::default();
@@ -464,7 +464,7 @@ impl Controller {
             }
             // No record (a client that never asked): nothing to remember it by.
             _ => {
-                live.last_seen.remove(&serial);
+                live.forget_seen(&serial);
                 bound_last_sessions(live);
             }
         }
@@ -504,7 +504,7 @@ pub(super) fn register(
             live.last_phone_ip.insert(info.client_id.clone(), ip);
         }
         Identity::Station { serial, presented } => {
-            live.last_seen.insert(serial.clone(), at);
+            live.saw(serial, at);
             live.last_station_session
                 .insert(info.client_id.clone(), (*presented, ip));
         }

@@ -2,7 +2,7 @@
 //! when stations were last seen, the tenants' whitelists and the stations waiting for
 //! approval (mirrors of the store, rebuilt from it when a batch is not committed).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use time::OffsetDateTime;
@@ -27,8 +27,12 @@ pub(super) struct LiveSession {
 pub(super) struct Live {
     /// Admitted sessions by client id.
     pub(super) sessions: HashMap<String, LiveSession>,
-    /// Last activity of stations, kept in memory (not worth an fsync per message).
+    /// Last activity of stations, kept in memory (not worth an fsync per message) and written
+    /// to the store by the minute (`Controller::record_sightings`). Changed only through
+    /// [`Live::saw`] and [`Live::forget_seen`].
     pub(super) last_seen: HashMap<Serial, OffsetDateTime>,
+    /// The stations whose `last_seen` moved since it was last written to the store.
+    pub(super) seen_unwritten: HashSet<Serial>,
     /// Identity and address of the last admitted session of each station client id: a message
     /// published just before its session closed (`mosquitto_pub` does exactly that) reaches the
     /// controller after the close, and is still attributed to the session that sent it.
@@ -40,6 +44,24 @@ pub(super) struct Live {
     pub(super) whitelists: Whitelists,
     /// Stations waiting for approval, and who is who case-insensitively (mirrors the store).
     pub(super) pending: PendingIndex,
+}
+
+impl Live {
+    /// `serial` was seen at `at` (a message, its session's start or end, or its session still
+    /// open at a sweep). Never moves a sighting back.
+    pub(super) fn saw(&mut self, serial: &Serial, at: OffsetDateTime) {
+        let seen = self.last_seen.entry(serial.clone()).or_insert(at);
+        if at >= *seen {
+            *seen = at;
+            self.seen_unwritten.insert(serial.clone());
+        }
+    }
+
+    /// `serial` has no record any more: nothing to remember it by.
+    pub(super) fn forget_seen(&mut self, serial: &Serial) {
+        self.last_seen.remove(serial);
+        self.seen_unwritten.remove(serial);
+    }
 }
 
 /// The stations waiting for approval (records a device created, neither accepted nor rejected)

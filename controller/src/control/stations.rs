@@ -183,12 +183,72 @@ impl Controller {
         let mut told = Outbox::default();
         for (serial, tenant) in &expired {
             guard.live.pending.update(serial, None);
-            guard.live.last_seen.remove(serial);
+            guard.live.forget_seen(serial);
             let body = json!({"event": "expired", "serial": serial.as_str()});
             told.event(tenant, EventKind::Stations, body, self.now());
         }
         self.carry_out(&records, told, &Default::default());
         expired.len()
+    }
+
+    /// Writes to the store when stations were last seen, so that `last_seen` never goes back
+    /// after a restart (by more than one sweep after a crash; not at all after a clean stop,
+    /// which calls this last). Every station with a session open now counts as seen now: the
+    /// front door ends a session that is silent for 1.5 × its keepalive, so an open one has
+    /// spoken (a message or a PINGREQ) within that. One transaction without audit records for
+    /// all the sightings since the last call; the bus task calls it every minute, so the rate
+    /// of these writes is bounded by the sweep, not by the stations' traffic. Returns how many
+    /// sightings were written.
+    pub fn record_sightings(&self) -> usize {
+        let mut guard = self.lock();
+        let now = self.now();
+        let live = &mut guard.live;
+        let online: Vec<Serial> = live
+            .sessions
+            .values()
+            .filter_map(|session| match &session.identity {
+                Identity::Station { serial, .. } => Some(serial.clone()),
+                _ => None,
+            })
+            .collect();
+        for serial in &online {
+            live.saw(serial, now);
+        }
+        let mut changes = Vec::new();
+        for serial in std::mem::take(&mut live.seen_unwritten) {
+            match self.store.station(&serial) {
+                Ok(Some(_)) => {
+                    if let Some(at) = live.last_seen.get(&serial) {
+                        changes.push(Change::Seen(serial, at.unix_timestamp()));
+                    }
+                }
+                // A client that never had a record, or one removed since.
+                Ok(None) => live.forget_seen(&serial),
+                Err(e) => {
+                    warn!("sighting of {serial} not written: {e}");
+                    live.seen_unwritten.insert(serial);
+                }
+            }
+        }
+        if changes.is_empty() {
+            return 0;
+        }
+        let written = changes.len();
+        let serials: Vec<Serial> = changes
+            .iter()
+            .filter_map(|change| match change {
+                Change::Seen(serial, _) => Some(serial.clone()),
+                _ => None,
+            })
+            .collect();
+        match guard.durable.commit(changes) {
+            Ok(_) => written,
+            Err(e) => {
+                warn!("sightings not written: {e}");
+                guard.live.seen_unwritten.extend(serials);
+                0
+            }
+        }
     }
 
     /// `stations/<serial>/firmware/request`: a chunk of the image of the update in progress,

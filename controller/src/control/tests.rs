@@ -323,3 +323,62 @@ async fn a_pap_attempt_is_decided_in_order_with_the_operators_commands() {
     );
     assert_eq!(phone.failures, 0);
 }
+
+/// The station object of `serial` as an operator gets it.
+fn station_view(shell: &Shell, serial: &str) -> Value {
+    let serial = Serial::parse(serial).expect("serial");
+    let record = shell.controller.store.station(&serial).expect("store");
+    let guard = shell.controller.lock();
+    shell
+        .controller
+        .view(&guard.live, &record.expect("the station"))
+}
+
+#[tokio::test]
+async fn a_connected_station_is_seen_by_the_minute_in_whole_seconds() {
+    let shell = shell().await;
+    let key = fleet_certs::self_signed_station("S1").expect("station");
+    let admitted = shell
+        .admission
+        .admit(connect(2, &s1(), Some(&key.cert_der)))
+        .await;
+    assert!(matches!(admitted, Decision::Allow { .. }), "{admitted:?}");
+    let request = json!({"serial": "S1", "model": "m", "firmware": "6.1.0",
+        "mac_streaming": "a", "mac_control": "b"});
+    shell.controller.handle_message(
+        &Topic::StationAuthRequest("S1".parse().expect("serial")).to_string(),
+        request.to_string().as_bytes(),
+    );
+    let connected_at = shell.clock.now();
+    // The session stays open and says nothing but PINGREQs (which the controller never sees).
+    assert!(shell
+        .clock
+        .advance(time::Duration::minutes(5) + time::Duration::milliseconds(250)));
+    assert_eq!(shell.controller.record_sightings(), 1, "the online station");
+    assert_eq!(
+        shell.controller.record_sightings(),
+        1,
+        "still online: seen again"
+    );
+    let got = station_view(&shell, "S1");
+    let seen = got["last_seen"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{got}"))
+        .to_owned();
+    let expected = shell.clock.now().replace_nanosecond(0).expect("time");
+    assert_eq!(seen, crate::times::rfc3339(expected).expect("rfc3339"));
+    assert!(expected > connected_at, "the sighting moved");
+    // Once the session has ended, the station is no longer seen.
+    shell.admission.session_closed(&s1(), 2);
+    assert_eq!(
+        shell.controller.record_sightings(),
+        1,
+        "the end of the session"
+    );
+    assert!(shell.clock.advance(time::Duration::minutes(5)));
+    assert_eq!(
+        shell.controller.record_sightings(),
+        0,
+        "offline: nothing new"
+    );
+}
