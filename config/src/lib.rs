@@ -391,7 +391,7 @@ pub enum ConfigError {
         "{}{}{}",
         path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default(),
         at.as_ref().map(|at| format!("{at}: ")).unwrap_or_default(),
-        one_line(error.message())
+        message
     )]
     Parse {
         /// The configuration file, if the text came from one.
@@ -399,9 +399,9 @@ pub enum ConfigError {
         /// Where in the text the error is, if TOML says: the line's number and text (which
         /// names the key).
         at: Option<String>,
-        /// The TOML error, with the key and position. Not the error's `source`: its message is
-        /// this error's already (a chain would print it twice, and on several lines).
-        error: toml::de::Error,
+        /// TOML's message, on one line. TOML's error itself is not kept as a `source`: its
+        /// message is this error's already (a chain would print it twice, and on several lines).
+        message: String,
     },
     /// A value is of the right type but not usable.
     #[error("{}{key}: {reason}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
@@ -429,11 +429,11 @@ impl ConfigError {
             ConfigError::Parse {
                 path: None,
                 at,
-                error,
+                message,
             } => ConfigError::Parse {
                 path: Some(file.to_path_buf()),
                 at,
-                error,
+                message,
             },
             ConfigError::Invalid {
                 path: None,
@@ -471,7 +471,7 @@ impl Config {
         toml::from_str(text).map_err(|error: toml::de::Error| ConfigError::Parse {
             path: None,
             at: error.span().and_then(|span| line_at(text, span.start)),
-            error,
+            message: one_line(error.message()),
         })
     }
 
