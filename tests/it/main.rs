@@ -9,6 +9,7 @@ mod floods;
 mod front_door;
 mod hostile;
 mod load_smoke;
+mod metrics;
 mod mqtt5;
 mod phones;
 mod request_corpus;
