@@ -209,6 +209,7 @@ impl Fleet {
             inbox,
             (metrics.clone(), bus_stopped),
         ));
+        broker.serve(Arc::new(ControllerAdmission(controller.clone())));
         let (metrics_stop, metrics_stopped) = watch::channel(false);
         let probe = FleetProbe {
             controller: controller.clone(),
@@ -219,7 +220,6 @@ impl Fleet {
             Some(addr) => Some(serve_metrics(addr, metrics, probe, metrics_stopped).await?),
             None => None,
         };
-        broker.serve(Arc::new(ControllerAdmission(controller.clone())));
         Ok(Fleet {
             broker,
             controller,

@@ -261,6 +261,9 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
         .build()
         .context("tokio runtime")?;
     runtime.block_on(async {
+        // Before anything is announced: a SIGTERM right after the address line is a shutdown
+        // too, not the default action (an abrupt end).
+        let signals = StopSignals::install()?;
         let fleet = Fleet::start(&config).await.map_err(anyhow::Error::new)?;
         // Once started: a fleetd that cannot start says only why (one line). Clients come in
         // within the first moments at most by the hundred, well within any soft limit.
@@ -272,7 +275,7 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
         );
         // Scripts and tests read the bound address from this line.
         println!("fleetd listening on {}", fleet.local_addr());
-        let signal = stop_signal().await?;
+        let signal = signals.first().await;
         tracing::info!("{signal}: shutting down");
         let writer_alive = fleet.store_writer_alive();
         let stopped = fleet.stop().await;
@@ -302,20 +305,111 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits for SIGINT (Ctrl-C) or SIGTERM, and says which came.
-async fn stop_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
-    })
+/// SIGINT (Ctrl-C) and SIGTERM, caught from [`StopSignals::install`] on.
+struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            terminate: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        })
+    }
+
+    /// Waits for the first of them, and says which came.
+    async fn first(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rust_log_wins_over_the_configured_level_and_the_quiet_targets_stay_quiet() {
+        let filter = |rust_log: Option<&str>| {
+            let text = log_filter(rust_log, "debug").unwrap().to_string();
+            let mut parts: Vec<String> = text.split(',').map(str::to_owned).collect();
+            parts.sort();
+            parts
+        };
+        assert_eq!(
+            filter(None),
+            ["debug", "rumqttd=warn", "rustls::msgs::handshake=error"]
+        );
+        assert_eq!(
+            filter(Some("warn,fleet_broker=trace")),
+            [
+                "fleet_broker=trace",
+                "rumqttd=warn",
+                "rustls::msgs::handshake=error",
+                "warn"
+            ]
+        );
+        assert_eq!(
+            filter(Some("info,rumqttd=debug")),
+            ["info", "rumqttd=debug", "rustls::msgs::handshake=error"],
+            "RUST_LOG names rumqttd"
+        );
+        assert_eq!(
+            filter(Some("  ")),
+            filter(None),
+            "a blank RUST_LOG is not set"
+        );
+        assert!(log_filter(Some("info,=[{"), "info").is_err());
+    }
+
+    #[test]
+    fn the_routers_gone_link_message_is_dropped_and_its_other_errors_are_not() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        struct Count(Arc<AtomicUsize>);
+        impl<S: tracing::Subscriber> Layer<S> for Count {
+            fn on_event(
+                &self,
+                _: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let seen = Arc::new(AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry()
+            .with(RouterNoise)
+            .with(Count(seen.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(target: "rumqttd::router::routing", "no-connection id {} is already gone", 7);
+            assert_eq!(seen.load(Ordering::Relaxed), 0, "dropped");
+            tracing::error!(target: "rumqttd::router::routing", "Router done!");
+            tracing::error!(target: "fleet_broker", "no-connection id {} is already gone", 7);
+            tracing::warn!(target: "rumqttd::router::routing", "no-connection id {} is already gone", 7);
+        });
+        assert_eq!(
+            seen.load(Ordering::Relaxed),
+            3,
+            "only that message of the router"
+        );
+    }
+
+    #[test]
+    fn an_error_chain_is_one_line_each_part_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("inner: locked")]
+        struct Inner;
+        #[derive(Debug, thiserror::Error)]
+        #[error("store: {0}")]
+        struct Outer(#[from] Inner);
+        let e = anyhow::Error::new(Outer(Inner)).context("cannot start\nat all");
+        assert_eq!(one_line(&e), "cannot start at all: store: inner: locked");
+    }
 
     #[test]
     fn the_connections_allowed_leave_room_for_fleetds_own_files() {
