@@ -18,6 +18,7 @@ mod revocation_order;
 mod rights;
 mod security;
 mod sessions;
+mod shutdown;
 mod smoke;
 mod stations;
 mod tidy;
