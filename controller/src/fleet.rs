@@ -55,7 +55,8 @@ pub enum StartError {
 }
 
 /// How long [`Fleet::stop`] waits for the sessions to end: each writes its server DISCONNECT
-/// (within `server.write_timeout_ms` at worst) and hands its will to the controller.
+/// and hands its will to the controller. A session still writing to a client that does not
+/// read by then (its write may take up to `server.write_timeout_ms`) ends with the process.
 pub const SESSIONS_GRACE: Duration = Duration::from_secs(5);
 
 /// How long [`Fleet::stop`] then waits for the controller to handle what the sessions left in
