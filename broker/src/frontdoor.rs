@@ -32,6 +32,7 @@ use crate::admission::{
 use crate::bus::LocalBus;
 use crate::flood::{ConnectionRate, PendingHandshakes};
 use crate::frame;
+use crate::metrics::{Metrics, RefusedConnect};
 use crate::registry::{self, Control, NewSession, Registry, SessionCaps, SharedRights};
 use crate::session::{encode, fit, Action, ClientLimits, Codec, End, Session, SessionConfig};
 use crate::tls::{self, ClientPolicy, TlsSetupError};
@@ -110,6 +111,8 @@ struct Shared {
     /// Sessions' router links live now ([`Broker::router_links`]).
     router_links: AtomicUsize,
     shutdown: watch::Receiver<bool>,
+    /// What the front door counts ([`Broker::metrics`]).
+    metrics: Arc<Metrics>,
 }
 
 struct SettingsRuntime {
@@ -207,6 +210,9 @@ impl Broker {
             },
         );
         let router_tx = router.spawn();
+        let metrics = Arc::new(Metrics::new());
+        let probe_tx = router_tx.clone();
+        metrics.set_router_probe(move || !probe_tx.is_disconnected());
         // The router's sender type names a private type: it only lives inside this closure.
         let links: LinkFactory = Arc::new(move |req: LinkRequest| {
             LinkBuilder::new(&req.client_id, router_tx.clone())
@@ -264,6 +270,7 @@ impl Broker {
             will_link: Mutex::new(will_tx),
             router_links: AtomicUsize::new(0),
             shutdown: shutdown_rx,
+            metrics,
         });
         Ok(Broker {
             shared,
@@ -281,6 +288,11 @@ impl Broker {
     /// subscribed past their inbox and mailboxes (fleetd's own links are not counted).
     pub fn router_links(&self) -> usize {
         self.shared.router_links.load(Ordering::Relaxed)
+    }
+
+    /// The metrics the front door counts into, for the controller and the metrics endpoint.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
     }
 
     /// The live sessions, for the controller ([`crate::SessionControl`]).
@@ -313,10 +325,28 @@ impl Broker {
         tokio::spawn(accept_loop(listener, shared, admission));
     }
 
-    /// Stops accepting and cuts every live session.
+    /// Stops accepting and ends every live session with a server DISCONNECT "server shutting
+    /// down" (MQTT 5; 3.1.1 has none: the connection is closed), firing their wills. Returns at
+    /// once; [`Broker::sessions_ended`] waits for the sessions to be gone.
+    ///
+    /// Every pump watches this notice, so no session needs a cut: a cut would race it and end
+    /// some sessions "not authorized" instead.
     pub fn shutdown(&self) {
         let _ = self.shutdown_tx.send(true);
-        self.shared.registry.cut_all();
+    }
+
+    /// Waits until no session is registered (each has fired its will and is gone), at most
+    /// `within`; false if some were still there.
+    pub async fn sessions_ended(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while !self.shared.registry.is_empty() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            // The registry has no notification of its own; a shutdown is rare.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
     }
 }
 
@@ -365,6 +395,7 @@ impl Drop for HandshakeSlot {
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<dyn Admission>) {
     let mut shutdown = shared.shutdown.clone();
+    let _accepting = shared.metrics.accepting();
     let mut rate = ConnectionRate::new(shared.settings.connections_per_ip_per_minute);
     loop {
         let accepted = tokio::select! {
@@ -580,6 +611,7 @@ async fn connection(
         codec: Codec(version),
         write_timeout: shared.settings.write_timeout,
         limits,
+        metrics: &shared.metrics,
     };
     if props
         .as_ref()
@@ -590,7 +622,7 @@ async fn connection(
         info!(%peer, client_id = %client_id_for_log(&client_id), "refused: {reason}");
         admission.refused(&client_id_for_log(&client_id), peer, reason);
         let connack = frame::reason_connack(ConnectReturnCode::BadAuthenticationMethod, reason);
-        return Box::pin(reply.close_with(&mut writer, connack)).await;
+        return Box::pin(reply.protocol_error(&mut writer, connack)).await;
     }
     // Read: not kept in the state of this task for the session's life.
     drop(props);
@@ -667,6 +699,8 @@ async fn handshake(
         "TLS handshake failed",
         "TLS handshake timed out",
     )?;
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    shared.metrics.handshake(resumed);
     // The verifier does not run on resumed sessions: apply the policy to the peer certificate
     // after every handshake.
     let certificate = match tls.get_ref().1.peer_certificates() {
@@ -854,7 +888,7 @@ async fn open_session(
     admission: &Arc<dyn Admission>,
     opening: Opening,
     rights: Rights,
-    reply: &Reply,
+    reply: &Reply<'_>,
     writer: &mut WriteHalf<TlsStream<TcpStream>>,
 ) -> Option<OpenSession> {
     let Opening {
@@ -967,6 +1001,9 @@ async fn run_session(
         link_rx: None,
         session: Session::new(config, now()),
     };
+    if connacked {
+        shared.metrics.connect_admitted();
+    }
     let end = if connacked {
         // Boxed: rustc lays the pump's future out beside this function's other states instead
         // of over them; boxed, an idle session's task is about 3.5 KiB smaller (12.4 KiB with
@@ -1072,13 +1109,15 @@ async fn release_link(link_tx: &mut LinkTx) {
 /// How a CONNECT is answered before its session starts: in the client's protocol version,
 /// within the write timeout and the client's Maximum Packet Size.
 #[derive(Clone, Copy)]
-struct Reply {
+struct Reply<'m> {
     codec: Codec,
     write_timeout: Duration,
     limits: ClientLimits,
+    /// Where refusals are counted.
+    metrics: &'m Metrics,
 }
 
-impl Reply {
+impl Reply<'_> {
     /// Answers with the refusal's CONNACK and closes the connection.
     async fn refuse(
         &self,
@@ -1086,7 +1125,15 @@ impl Reply {
         refusal: Refusal,
         reason: &str,
     ) {
+        self.metrics
+            .connect_refused(RefusedConnect::Refusal(refusal));
         let connack = frame::refusal_connack(self.codec.0, refusal, reason);
+        self.close_with(writer, connack).await;
+    }
+
+    /// Refuses a CONNECT that the standard does not allow here with `connack`, and closes.
+    async fn protocol_error(&self, writer: &mut WriteHalf<TlsStream<TcpStream>>, connack: Packet) {
+        self.metrics.connect_refused(RefusedConnect::ProtocolError);
         self.close_with(writer, connack).await;
     }
 
@@ -1126,6 +1173,9 @@ async fn refuse_violation(
 ) {
     info!(%peer, "refused: {violation}");
     admission.refused("-", peer, &violation.to_string());
+    shared
+        .metrics
+        .connect_refused(RefusedConnect::ProtocolError);
     if codec.0 == MqttVersion::V5 {
         let connack = frame::reason_connack(violation.connack_code(), &violation.to_string());
         // The client's Maximum Packet Size is in the CONNECT refused: not to be trusted.

@@ -12,6 +12,8 @@ pub mod flood;
 pub mod frame;
 pub mod frontdoor;
 pub mod mailbox;
+pub mod metrics;
+pub mod noise;
 pub mod registry;
 mod session;
 pub mod tls;

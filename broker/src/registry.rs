@@ -347,14 +347,6 @@ impl Registry {
             _ => false,
         }
     }
-
-    /// Cuts every live session (shutdown).
-    pub(crate) fn cut_all(&self) {
-        for entry in lock(&self.sessions).by_id.values() {
-            set(&entry.rights, Rights::none());
-            let _ = entry.control.send(Control::Cut { last_topic: None });
-        }
-    }
 }
 
 impl SessionControl for Registry {

@@ -25,6 +25,10 @@ pub struct Config {
     pub phones: PhonesConfig,
     /// `[limits]`: payload sizes, rates and the most of each resource one client may hold.
     pub limits: LimitsConfig,
+    /// `[log]`: what fleetd writes to its log.
+    pub log: LogConfig,
+    /// `[metrics]`: the Prometheus endpoint, off unless `listen` is set.
+    pub metrics: MetricsConfig,
 }
 
 /// `[server]`
@@ -323,6 +327,40 @@ impl LimitsConfig {
     }
 }
 
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `level`: the least severe level logged: `error`, `warn`, `info`, `debug` or `trace`.
+    /// `RUST_LOG`, when set, wins over it (and may name targets). Default `info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+/// The levels `[log] level` takes, least verbose first.
+pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `listen`: address and port of the Prometheus endpoint (`/metrics`, `/healthz`), plain
+    /// HTTP. Must be a loopback address unless `insecure_listen_anywhere` is set. Default none:
+    /// no endpoint.
+    pub listen: Option<SocketAddr>,
+    /// `insecure_listen_anywhere`: allow a `listen` address that is not loopback. The endpoint
+    /// has no TLS and no login, and its figures (sessions, refusals, pending stations) tell an
+    /// attacker much about the fleet: put it behind a firewall. Default false.
+    pub insecure_listen_anywhere: bool,
+}
+
 /// Largest packet MQTT can frame (remaining length of 4 bytes of 7 bits, plus header).
 const MQTT_MAX_PACKET_SIZE: usize = 268_435_460;
 /// Longest grace before a cut: "short and bounded" (PROTOCOL §4).
@@ -348,14 +386,22 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The text is not valid TOML for this configuration: a syntax error, an unknown key, a
-    /// value of the wrong type. The message names the key.
-    #[error("{}{source}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
+    /// value of the wrong type. The message names the key, on one line.
+    #[error(
+        "{}{}{}",
+        path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default(),
+        at.as_ref().map(|at| format!("{at}: ")).unwrap_or_default(),
+        message
+    )]
     Parse {
         /// The configuration file, if the text came from one.
         path: Option<PathBuf>,
-        /// The TOML error, with the key and position.
-        #[source]
-        source: toml::de::Error,
+        /// Where in the text the error is, if TOML says: the line's number and text (which
+        /// names the key).
+        at: Option<String>,
+        /// TOML's message, on one line. TOML's error itself is not kept as a `source`: its
+        /// message is this error's already (a chain would print it twice, and on several lines).
+        message: String,
     },
     /// A value is of the right type but not usable.
     #[error("{}{key}: {reason}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
@@ -380,9 +426,14 @@ impl ConfigError {
 
     fn in_file(self, file: &Path) -> Self {
         match self {
-            ConfigError::Parse { path: None, source } => ConfigError::Parse {
+            ConfigError::Parse {
+                path: None,
+                at,
+                message,
+            } => ConfigError::Parse {
                 path: Some(file.to_path_buf()),
-                source,
+                at,
+                message,
             },
             ConfigError::Invalid {
                 path: None,
@@ -417,7 +468,11 @@ pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
 impl Config {
     /// Parses a configuration from TOML text, without [`Config::validate`].
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|source| ConfigError::Parse { path: None, source })
+        toml::from_str(text).map_err(|error: toml::de::Error| ConfigError::Parse {
+            path: None,
+            at: error.span().and_then(|span| line_at(text, span.start)),
+            message: one_line(error.message()),
+        })
     }
 
     /// Checks every value; the error names the first key that is wrong.
@@ -427,7 +482,46 @@ impl Config {
         not_blank("stations.update_from", &self.stations.update_from)?;
         self.validate_firmware()?;
         self.validate_phones()?;
-        self.validate_limits()
+        self.validate_limits()?;
+        self.validate_log_and_metrics()
+    }
+
+    /// `[log]` and `[metrics]`.
+    fn validate_log_and_metrics(&self) -> Result<(), ConfigError> {
+        if !LOG_LEVELS.contains(&self.log.level.as_str()) {
+            return Err(ConfigError::invalid(
+                "log.level",
+                format_args!(
+                    "{:?} is not a level; use one of {}",
+                    self.log.level,
+                    LOG_LEVELS.join(", ")
+                ),
+            ));
+        }
+        let m = &self.metrics;
+        if let Some(listen) = m.listen {
+            if !listen.ip().is_loopback() && !m.insecure_listen_anywhere {
+                return Err(ConfigError::invalid(
+                    "metrics.listen",
+                    format_args!(
+                        "{listen} is not a loopback address; the endpoint has no TLS and no \
+                         login: use 127.0.0.1 or [::1], or set \
+                         metrics.insecure_listen_anywhere = true"
+                    ),
+                ));
+            }
+            if listen.port() == self.server.listen.port()
+                && (listen.ip() == self.server.listen.ip()
+                    || self.server.listen.ip().is_unspecified())
+                && listen.port() != 0
+            {
+                return Err(ConfigError::invalid(
+                    "metrics.listen",
+                    format_args!("{listen} is the MQTT listener's address (server.listen)"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// `[server]`.
@@ -619,6 +713,21 @@ fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `line N (TEXT)`: the line of `text` that holds byte `offset`, its text bounded.
+fn line_at(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset)?;
+    let number = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text.get(start..)?.lines().next().unwrap_or("").trim();
+    let shown: String = line.chars().take(80).collect();
+    Some(format!("line {number} ({shown})"))
+}
+
+/// `text` with its lines joined by spaces (TOML's messages may span lines).
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 fn between(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
     if !(min..=max).contains(&value) {
         return Err(ConfigError::invalid(
@@ -746,6 +855,18 @@ reserved_operator_sessions = 16
 handshakes_per_ip = 256
 # Messages queued to one session and not written yet; past it the session is ended.
 max_undelivered_messages = 1024
+
+[log]
+# Least severe level logged: error, warn, info, debug or trace. RUST_LOG, when set, wins
+# (e.g. RUST_LOG=info,fleet_broker=debug). The format is chosen with fleetd --log-format.
+level = "info"
+
+[metrics]
+# Prometheus endpoint (plain HTTP: /metrics and /healthz); none unless set. Must be a
+# loopback address unless insecure_listen_anywhere = true.
+# listen = "127.0.0.1:9464"
+# Allow a metrics.listen address that is not loopback (no TLS, no login: firewall it).
+insecure_listen_anywhere = false
 "#;
 
 #[cfg(test)]
@@ -1000,11 +1121,45 @@ mod tests {
             err.contains("fleetgate.toml") && err.contains("bogus"),
             "{err}"
         );
+        assert!(err.contains("line 2"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
         let missing = dir.path().join("missing.toml");
         assert!(matches!(
             load(Some(&missing)),
             Err(ConfigError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn the_log_level_and_the_metrics_address_are_checked() {
+        assert_eq!(invalid_key("[log]\nlevel = \"loud\""), "log.level");
+        for level in LOG_LEVELS {
+            let config = Config::from_toml_str(&format!("[log]\nlevel = \"{level}\"")).unwrap();
+            config.validate().unwrap();
+        }
+        assert!(parse_error("[log]\nlevle = \"info\"").contains("levle"));
+        assert_eq!(
+            invalid_key("[metrics]\nlisten = \"0.0.0.0:9464\""),
+            "metrics.listen"
+        );
+        assert_eq!(
+            invalid_key("[metrics]\nlisten = \"192.0.2.1:9464\""),
+            "metrics.listen"
+        );
+        for ok in [
+            "[metrics]\nlisten = \"127.0.0.1:9464\"",
+            "[metrics]\nlisten = \"[::1]:9464\"",
+            "[metrics]\nlisten = \"0.0.0.0:9464\"\ninsecure_listen_anywhere = true",
+        ] {
+            Config::from_toml_str(ok).unwrap().validate().unwrap();
+        }
+        assert_eq!(
+            invalid_key(
+                "[server]\nlisten = \"127.0.0.1:8883\"\n[metrics]\nlisten = \"127.0.0.1:8883\""
+            ),
+            "metrics.listen"
+        );
+        assert_eq!(Config::default().metrics.listen, None, "off by default");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! - `stations.rs`, `phones.rs`: what stations and phones send;
 //! - `commands.rs`, `phone_commands.rs`: operator requests, one method per command;
 //! - `durable.rs`: the ways to the store, as types; `effects.rs`: the outbox;
-//! - `live.rs`: the in-memory view; `settings.rs`: the settings.
+//! - `live.rs`: the in-memory view; `settings.rs`: the settings; `readings.rs`: what a
+//!   metrics scrape reads.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,6 +34,7 @@ mod effects;
 mod live;
 mod phone_commands;
 mod phones;
+mod readings;
 mod settings;
 mod stations;
 #[cfg(test)]

@@ -6,22 +6,25 @@ use std::io::Read;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_broker::{Broker, Bus, Settings};
+use fleet_broker::metrics::{self, Metrics, Probe, Readings, SESSION_KINDS};
+use fleet_broker::{Broker, Bus, Registry, Settings};
 use fleet_certs::data_dir::{self, FleetFiles};
 use fleet_config::Config;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::clock::Clock;
 use crate::control::{
     ControlSettings, Controller, ControllerAdmission, Inbox, InboxItem, Publication, MAX_BATCH,
 };
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Name of the store file inside the data directory.
 pub const STORE_FILE: &str = "fleet.redb";
@@ -32,6 +35,17 @@ pub enum StartError {
     Certificates(#[from] fleet_certs::CertError),
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error(
+        "another fleetd is using the data directory {}: stop it first, or give this one \
+         another --data-dir",
+        .0.display()
+    )]
+    InUse(PathBuf),
+    #[error("metrics endpoint: cannot listen on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("front door: {0}")]
     Broker(#[from] fleet_broker::BrokerError),
     #[error("configuration: {0}")]
@@ -40,12 +54,36 @@ pub enum StartError {
     Firmware { path: PathBuf, reason: String },
 }
 
+/// How long [`Fleet::stop`] waits for the sessions to end: each writes its server DISCONNECT
+/// and hands its will to the controller. A session still writing to a client that does not
+/// read by then (its write may take up to `server.write_timeout_ms`) ends with the process.
+pub const SESSIONS_GRACE: Duration = Duration::from_secs(5);
+
+/// How long [`Fleet::stop`] then waits for the controller to handle what the sessions left in
+/// its inbox (their wills) and to publish what that produced.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(3);
+
 /// A running fleet service.
 pub struct Fleet {
     broker: Broker,
     controller: Arc<Controller>,
-    bus_task: JoinHandle<()>,
+    bus_task: Option<JoinHandle<()>>,
+    /// Tells the bus task to stop once its queues are empty ([`Fleet::stop`]).
+    bus_stop: watch::Sender<bool>,
+    /// Stops the metrics endpoint.
+    metrics_stop: watch::Sender<bool>,
+    metrics_addr: Option<SocketAddr>,
+    writer_alive: Arc<AtomicBool>,
     pub files: FleetFiles,
+}
+
+/// How a [`Fleet::stop`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    /// Every session ended within [`SESSIONS_GRACE`].
+    pub sessions_ended: bool,
+    /// The controller handled everything queued within [`DRAIN_GRACE`].
+    pub inbox_drained: bool,
 }
 
 fn load_image(
@@ -120,7 +158,11 @@ impl Fleet {
                 image.sha256.as_deref(),
             )?);
         }
-        let store = Store::open(&server.data_dir.join(STORE_FILE))?;
+        let store = Store::open(&server.data_dir.join(STORE_FILE)).map_err(|e| match e {
+            StoreError::AlreadyOpen(_) => StartError::InUse(server.data_dir.clone()),
+            e => e.into(),
+        })?;
+        let writer_alive = store.writer_alive();
 
         let settings = Settings {
             listen: server.listen,
@@ -143,26 +185,96 @@ impl Fleet {
             max_undelivered: config.limits.max_undelivered_messages as usize,
         };
         let broker = Broker::bind(settings).await?;
+        let metrics = broker.metrics();
+        store.time_commits(metrics.clone());
         let bus = broker.local_bus("controller").await?;
         let signing_ca = fleet_certs::FleetCa::from_pem(files.ca.cert_pem(), &files.ca.key_pem())?;
+        let mut control_settings =
+            ControlSettings::from_config(config, policy, Catalog::new(images), clock);
+        control_settings.metrics = metrics.clone();
         let (controller, outbox) = Controller::new(
             store,
             Arc::new(signing_ca),
             broker.sessions(),
             fleet_certs::OperatorRegistry::new(&server.data_dir),
-            ControlSettings::from_config(config, policy, Catalog::new(images), clock),
+            control_settings,
         )?;
         let inbox = controller
             .take_inbox()
             .ok_or_else(|| StartError::Config("the controller's inbox is taken".into()))?;
-        let bus_task = tokio::spawn(run_bus(bus, controller.clone(), outbox, inbox));
+        let (bus_stop, bus_stopped) = watch::channel(false);
+        let bus_task = tokio::spawn(run_bus(
+            bus,
+            controller.clone(),
+            outbox,
+            inbox,
+            (metrics.clone(), bus_stopped),
+        ));
         broker.serve(Arc::new(ControllerAdmission(controller.clone())));
+        let (metrics_stop, metrics_stopped) = watch::channel(false);
+        let probe = FleetProbe {
+            controller: controller.clone(),
+            sessions: broker.sessions(),
+            writer_alive: writer_alive.clone(),
+        };
+        let metrics_addr = match config.metrics.listen {
+            Some(addr) => Some(serve_metrics(addr, metrics, probe, metrics_stopped).await?),
+            None => None,
+        };
         Ok(Fleet {
             broker,
             controller,
-            bus_task,
+            bus_task: Some(bus_task),
+            bus_stop,
+            metrics_stop,
+            metrics_addr,
+            writer_alive,
             files,
         })
+    }
+
+    /// The address the metrics endpoint bound (`[metrics] listen`), if it has one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The metrics the front door and the controller count into.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.broker.metrics()
+    }
+
+    /// True while the store's writer thread runs: it ends once the store is dropped, after
+    /// committing what was queued (after [`Fleet::stop`], when the last user of the controller
+    /// is gone).
+    pub fn store_writer_alive(&self) -> Arc<AtomicBool> {
+        self.writer_alive.clone()
+    }
+
+    /// Shuts down gracefully, in at most [`SESSIONS_GRACE`] + [`DRAIN_GRACE`]: stops
+    /// accepting, ends every session with a server DISCONNECT and fires its will (a station's
+    /// `status` will reaches the controller), lets the controller handle and commit what is
+    /// left in its inbox and publish what that produced, and stops the metrics endpoint. The
+    /// store is closed (its writer thread finishes what is queued and ends) when the returned
+    /// value's caller drops the last handle to the controller: the `Fleet` itself is consumed
+    /// here.
+    pub async fn stop(mut self) -> Stopped {
+        self.broker.shutdown();
+        let _ = self.metrics_stop.send(true);
+        let sessions_ended = self.broker.sessions_ended(SESSIONS_GRACE).await;
+        // The bus task stops once its queues are empty: the wills are in them by now.
+        let _ = self.bus_stop.send(true);
+        let inbox_drained = match self.bus_task.take() {
+            Some(task) => matches!(tokio::time::timeout(DRAIN_GRACE, task).await, Ok(Ok(()))),
+            None => true,
+        };
+        // Last, when the sessions have ended: the sightings since the last sweep, so that a
+        // station's `last_seen` does not go back after the restart.
+        let controller = self.controller.clone();
+        let _ = tokio::task::spawn_blocking(move || controller.record_sightings()).await;
+        Stopped {
+            sessions_ended,
+            inbox_drained,
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -178,10 +290,14 @@ impl Fleet {
         &self.controller
     }
 
-    /// Stops accepting, cuts every session and stops the controller.
+    /// Stops at once, without waiting for anything (tests; `fleetd` uses [`Fleet::stop`]):
+    /// stops accepting, tells every session to end and aborts the controller's bus task.
     pub fn shutdown(&self) {
         self.broker.shutdown();
-        self.bus_task.abort();
+        let _ = self.metrics_stop.send(true);
+        if let Some(task) = &self.bus_task {
+            task.abort();
+        }
     }
 }
 
@@ -191,14 +307,58 @@ impl Drop for Fleet {
     }
 }
 
+/// Binds the metrics endpoint on `addr` and serves it until `stop`; the address it bound.
+async fn serve_metrics(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    probe: FleetProbe,
+    stop: watch::Receiver<bool>,
+) -> Result<SocketAddr, StartError> {
+    let listener = metrics::bind(addr)
+        .await
+        .map_err(|source| StartError::Metrics { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| StartError::Metrics { addr, source })?;
+    tokio::spawn(metrics::serve(listener, metrics, Arc::new(probe), stop));
+    info!(listen = %bound, "metrics endpoint ready (/metrics, /healthz)");
+    Ok(bound)
+}
+
+/// What a metrics scrape reads: the controller's gauges, the sessions the front door has
+/// that the controller does not know as a station, phone or operator, and whether the store's
+/// writer runs.
+struct FleetProbe {
+    controller: Arc<Controller>,
+    sessions: Arc<Registry>,
+    writer_alive: Arc<AtomicBool>,
+}
+
+impl Probe for FleetProbe {
+    fn read(&self) -> Readings {
+        let mut readings = self.controller.readings();
+        let known: i64 = readings.sessions.iter().sum();
+        let registered = i64::try_from(self.sessions.len()).unwrap_or(i64::MAX);
+        if let Some(other) = readings.sessions.get_mut(SESSION_KINDS.len() - 1) {
+            *other = (registered - known).max(0);
+        }
+        if !self.writer_alive.load(Ordering::Relaxed) {
+            readings.dead.push("store writer");
+        }
+        readings
+    }
+}
+
 /// The controller's MQTT side: handles what arrives from the front door's inbox (devices'
 /// messages and operator requests, straight from their sessions: the controller subscribes to
-/// nothing in the router), publishes what the controller produced, in order.
+/// nothing in the router), publishes what the controller produced, in order. Once `stop` turns
+/// true and nothing is queued, it publishes what is left and returns.
 async fn run_bus<B: Bus>(
     mut bus: B,
     controller: Arc<Controller>,
     mut outbox: tokio::sync::mpsc::UnboundedReceiver<Publication>,
     inbox: Inbox,
+    (metrics, mut stop): (Arc<Metrics>, watch::Receiver<bool>),
 ) {
     let Inbox {
         mut requests,
@@ -233,6 +393,16 @@ async fn run_bus<B: Bus>(
                 continue;
             }
             Some(item) = devices.recv() => item,
+            // Last: only when nothing else is ready, i.e. everything queued was handled.
+            _ = stop.wait_for(|stop| *stop) => {
+                while let Ok(p) = outbox.try_recv() {
+                    if let Err(e) = bus.publish(&p.topic, p.payload, false) {
+                        warn!("controller cannot publish: {e}");
+                        break;
+                    }
+                }
+                return;
+            }
         };
         // Whatever else has arrived is handled with it: one transaction, one fsync for the
         // whole batch (see `Controller::handle_batch`).
@@ -244,6 +414,7 @@ async fn run_bus<B: Bus>(
                 Err(_) => break,
             }
         }
+        metrics.batch(batch.len());
         let handle = || controller.handle_batch(batch.iter().map(InboxItem::incoming));
         // The batch ends with an fsync: let the runtime move the front door's tasks to
         // another worker meanwhile (not possible on a current-thread runtime, as in some

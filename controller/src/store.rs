@@ -8,9 +8,13 @@
 //! writes: the controller handles a batch of messages in one (see `control.rs`).
 
 use std::ops::Bound;
-use std::path::Path;
-use std::sync::{mpsc, Arc};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::thread::JoinHandle;
+use std::time::Instant;
+
+use fleet_broker::metrics::Metrics;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
@@ -46,6 +50,9 @@ const NEXT_AUDIT_SEQ: &str = "next_audit_seq";
 /// What went wrong with the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Another process (another fleetd) has the file open: redb locks it.
+    #[error("{} is in use by another process", .0.display())]
+    AlreadyOpen(PathBuf),
     #[error("cannot open the store: {0}")]
     Database(#[from] redb::DatabaseError),
     #[error("store transaction: {0}")]
@@ -121,6 +128,34 @@ pub struct Store {
     db: Arc<Database>,
     writer: Option<mpsc::Sender<WriteRequest>>,
     thread: Option<JoinHandle<()>>,
+    timer: CommitTimer,
+    /// True while the writer thread runs ([`Store::writer_alive`]).
+    alive: Arc<AtomicBool>,
+}
+
+/// Where the time of each commit goes, once fleetd has its metrics ([`Store::time_commits`]).
+#[derive(Clone, Default)]
+struct CommitTimer(Arc<OnceLock<Arc<Metrics>>>);
+
+impl CommitTimer {
+    /// Commits `txn` (durably: redb's default durability fsyncs), timed.
+    fn commit(&self, txn: WriteTransaction) -> Result<(), redb::CommitError> {
+        let start = Instant::now();
+        let result = txn.commit();
+        if let Some(metrics) = self.0.get() {
+            metrics.store_commit(start.elapsed());
+        }
+        result
+    }
+}
+
+/// Clears the writer's liveness flag when its thread ends, however it ends.
+struct WriterAlive(Arc<AtomicBool>);
+
+impl Drop for WriterAlive {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Store {
@@ -135,7 +170,7 @@ impl Drop for Store {
 }
 
 /// The writer thread: commits every request queued at the moment in one transaction.
-fn run_writer(db: Arc<Database>, queue: mpsc::Receiver<WriteRequest>) {
+fn run_writer(db: Arc<Database>, queue: mpsc::Receiver<WriteRequest>, timer: CommitTimer) {
     let mut busy = false;
     while let Ok(first) = queue.recv() {
         let mut group = vec![first];
@@ -156,13 +191,13 @@ fn run_writer(db: Arc<Database>, queue: mpsc::Receiver<WriteRequest>) {
             }
         }
         busy = group.len() > 1;
-        commit_group(&db, group);
+        commit_group(&db, group, &timer);
     }
 }
 
-fn commit_group(db: &Database, group: Vec<WriteRequest>) {
+fn commit_group(db: &Database, group: Vec<WriteRequest>, timer: &CommitTimer) {
     if group.len() > 1 {
-        if let Ok(results) = try_group(db, &group) {
+        if let Ok(results) = try_group(db, &group, timer) {
             for (request, records) in group.into_iter().zip(results) {
                 request.reply.send(Ok(records));
             }
@@ -172,12 +207,16 @@ fn commit_group(db: &Database, group: Vec<WriteRequest>) {
         // on its own, so that one bad request fails alone with its own error.
     }
     for request in group {
-        let result = apply_one(db, &request.changes);
+        let result = apply_one(db, &request.changes, timer);
         request.reply.send(result);
     }
 }
 
-fn try_group(db: &Database, group: &[WriteRequest]) -> Result<Vec<Vec<AuditRecord>>, StoreError> {
+fn try_group(
+    db: &Database,
+    group: &[WriteRequest],
+    timer: &CommitTimer,
+) -> Result<Vec<Vec<AuditRecord>>, StoreError> {
     let txn = db.begin_write()?;
     let mut results = Vec::with_capacity(group.len());
     for request in group {
@@ -189,11 +228,11 @@ fn try_group(db: &Database, group: &[WriteRequest]) -> Result<Vec<Vec<AuditRecor
             }
         }
     }
-    txn.commit()?;
+    timer.commit(txn)?;
     Ok(results)
 }
 
-fn apply_one(db: &Database, changes: &[Change]) -> WriteResult {
+fn apply_one(db: &Database, changes: &[Change], timer: &CommitTimer) -> WriteResult {
     let txn = db.begin_write()?;
     let stored = match write_changes(&txn, changes) {
         Ok(stored) => stored,
@@ -207,7 +246,7 @@ fn apply_one(db: &Database, changes: &[Change]) -> WriteResult {
     // redb's default durability is `Immediate`: commit returns only once the transaction is
     // fsynced. A decision must be on disk before anyone (a station, an operator) is told about
     // it; otherwise a crash could undo a rejection that was already announced.
-    txn.commit()?;
+    timer.commit(txn)?;
     Ok(stored)
 }
 
@@ -286,7 +325,13 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
-            .create(path)?;
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    StoreError::AlreadyOpen(path.to_path_buf())
+                }
+                e => e.into(),
+            })?;
         let txn = db.begin_write()?;
         {
             txn.open_table(STATIONS)?;
@@ -300,17 +345,24 @@ impl Store {
         txn.commit()?;
         let db = Arc::new(db);
         let (writer, queue) = mpsc::channel();
+        let timer = CommitTimer::default();
+        let alive = Arc::new(AtomicBool::new(true));
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn({
-                let db = db.clone();
-                move || run_writer(db, queue)
+                let (db, timer, alive) = (db.clone(), timer.clone(), WriterAlive(alive.clone()));
+                move || {
+                    let _alive = alive;
+                    run_writer(db, queue, timer)
+                }
             })
             .map_err(|e| StoreError::Encode(format!("cannot start the store writer: {e}")))?;
         Ok(Store {
             db,
             writer: Some(writer),
             thread: Some(thread),
+            timer,
+            alive,
         })
     }
 
@@ -327,6 +379,17 @@ impl Store {
             }
         }
         Ok(seen)
+    }
+
+    /// From now on, the time of every commit (the writer's and [`StoreTxn::commit`]'s) goes
+    /// to `metrics`. Only the first call counts.
+    pub fn time_commits(&self, metrics: Arc<Metrics>) {
+        let _ = self.timer.0.set(metrics);
+    }
+
+    /// True while the writer thread runs (for `/healthz`).
+    pub fn writer_alive(&self) -> Arc<AtomicBool> {
+        self.alive.clone()
     }
 
     /// Every tenant's whitelists; empty ones if none were ever stored.
@@ -378,6 +441,7 @@ impl Store {
     pub fn begin(&self) -> Result<StoreTxn, StoreError> {
         Ok(StoreTxn {
             txn: self.db.begin_write()?,
+            timer: self.timer.clone(),
             records: Vec::new(),
             poisoned: None,
             wrote: false,
@@ -391,6 +455,7 @@ impl Store {
 /// own writes. If any write fails, the transaction is poisoned and will not commit.
 pub struct StoreTxn {
     txn: WriteTransaction,
+    timer: CommitTimer,
     records: Vec<AuditRecord>,
     poisoned: Option<String>,
     /// Whether any change was written.
@@ -431,7 +496,7 @@ impl StoreTxn {
             self.txn.abort()?;
             return Ok(self.records);
         }
-        self.txn.commit()?;
+        self.timer.commit(self.txn)?;
         Ok(self.records)
     }
 }
@@ -786,6 +851,42 @@ mod tests {
         );
         store.apply(vec![Change::DeleteStation(s1)]).unwrap();
         assert_eq!(store.sightings().unwrap(), [(s2, 1_700_000_001)]);
+    }
+
+    #[test]
+    fn a_store_open_elsewhere_is_refused_as_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = open(&dir);
+        let path = dir.path().join("fleet.redb");
+        match Store::open(&path) {
+            Err(StoreError::AlreadyOpen(p)) => assert_eq!(p, path),
+            Err(other) => panic!("another error: {other}"),
+            Ok(_) => panic!("opened twice"),
+        }
+    }
+
+    #[test]
+    fn commits_are_timed_once_asked_to_be_and_the_writer_is_alive() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let metrics = Arc::new(Metrics::new());
+        store.time_commits(metrics.clone());
+        assert!(store.writer_alive().load(Ordering::Relaxed));
+        store
+            .apply(vec![Change::PutStation(station("T1"))])
+            .unwrap();
+        let text = metrics.encode(&Default::default());
+        assert!(
+            text.lines()
+                .any(|l| l == "fleetd_store_commit_seconds_count 1"),
+            "{text}"
+        );
+        let alive = store.writer_alive();
+        drop(store);
+        assert!(
+            !alive.load(Ordering::Relaxed),
+            "the writer ended with the store"
+        );
     }
 
     #[test]

@@ -6,10 +6,14 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use fleet_ctl::OperatorClient;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 use crate::{Operator, Station};
 
@@ -52,17 +56,36 @@ impl Fleetd {
         Fleetd::spawn(command, data)
     }
 
-    fn spawn(mut command: Command, data: &Path) -> Fleetd {
-        let mut child = command
+    /// Like [`Fleetd::start`], with `configure` applied to the command last (more arguments,
+    /// another `RUST_LOG`, a piped stderr: [`Fleetd::take_stderr`]).
+    pub fn start_with(bin: &Path, data: &Path, configure: impl FnOnce(&mut Command)) -> Fleetd {
+        let mut command = Command::new(bin);
+        command
             .arg("--data-dir")
             .arg(data)
             .arg("--listen")
             .arg("127.0.0.1:0")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("fleetd starts");
+            .stderr(Stdio::inherit());
+        configure(&mut command);
+        Fleetd::spawned(command, data)
+    }
+
+    fn spawn(mut command: Command, data: &Path) -> Fleetd {
+        command
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        Fleetd::spawned(command, data)
+    }
+
+    fn spawned(mut command: Command, data: &Path) -> Fleetd {
+        let mut child = command.spawn().expect("fleetd starts");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
         BufReader::new(stdout)
@@ -86,6 +109,33 @@ impl Fleetd {
         self.child.wait().expect("reaped");
     }
 
+    /// SIGTERM (what systemd, Docker and `kill` send), then waits for the process to exit, at
+    /// most [`PROCESS_PATIENCE`]; its exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill -TERM runs");
+        assert!(status.success(), "kill -TERM {}: {status}", self.pid());
+        let deadline = std::time::Instant::now() + PROCESS_PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for fleetd") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fleetd did not exit within {PROCESS_PATIENCE:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Its stderr, if it was piped ([`Fleetd::start_with`]); taken once.
+    pub fn take_stderr(&mut self) -> Option<ChildStderr> {
+        self.child.stderr.take()
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -99,6 +149,23 @@ impl Fleetd {
     /// The fleet CA of the data directory, PEM.
     pub fn ca_pem(&self) -> String {
         read(&self.data, "ca.pem")
+    }
+
+    /// A new MQTT 5 station `serial` (a self-signed key of its own) connected over TLS and
+    /// admitted (waiting for approval), through the raw client ([`crate::raw`]).
+    pub async fn v5_station(&self, serial: &str) -> TlsStream<TcpStream> {
+        let key = fleet_certs::self_signed_station(serial).expect("station key");
+        let config =
+            fleet_certs::client_config(&self.ca_pem(), Some((&key.cert_pem, &key.key_pem)))
+                .expect("TLS configuration");
+        let connector = TlsConnector::from(std::sync::Arc::new(config));
+        let tcp = TcpStream::connect(&self.server).await.expect("tcp");
+        let name = ServerName::try_from("127.0.0.1").expect("name");
+        let mut stream = connector.connect(name, tcp).await.expect("TLS handshake");
+        let client_id = crate::serial(serial).client_id();
+        let (code, reason) = crate::raw::connect_v5(&mut stream, &client_id).await;
+        assert_eq!(code, 0, "admitted: {reason}");
+        stream
     }
 
     /// The `admin` operator of the data directory, hearing tenant `default`'s events.

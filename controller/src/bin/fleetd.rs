@@ -1,15 +1,28 @@
 //! `fleetd`: the fleet service (front door, router and controller in one process).
+//!
+//! It stops on SIGTERM (systemd, Docker, `kill`) exactly as on Ctrl-C (SIGINT): gracefully, in
+//! a bounded time ([`Fleet::stop`]'s graces plus [`RUNTIME_GRACE`]: at most 10 s), then exits 0.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use fleet_controller::Fleet;
 use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 /// Descriptors fleetd holds besides its clients' sockets: the listener, the store, the
 /// runtime's own, the log.
 const RESERVED_FILES: u64 = 64;
+
+/// After [`Fleet::stop`], how long the runtime's remaining tasks (and the blocking pool) get to
+/// finish before the process exits anyway.
+const RUNTIME_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Parser)]
 #[command(
@@ -27,8 +40,18 @@ struct Args {
     /// Address of the MQTT/TLS listener. Overrides `server.listen`.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Format of the log on stderr: `text` (coloured only on a terminal) or `json` (one object
+    /// per line, for log collectors). The level comes from RUST_LOG, else `[log] level`.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Cmd>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -51,9 +74,28 @@ fn main() {
     with_two_malloc_arenas();
     if let Err(e) = run() {
         // One line, non-zero exit (PROTOCOL §8).
-        eprintln!("fleetd: {e:#}");
+        eprintln!("fleetd: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// An error and its causes on one line, each said once: several of fleetd's errors put their
+/// cause in their own message too (`store: {0}` over the store's error over redb's), and
+/// `{:#}` would repeat it once per level.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Re-executes fleetd with `MALLOC_ARENA_MAX=2` unless the environment sets it (or
@@ -83,14 +125,12 @@ fn with_two_malloc_arenas() {
 #[allow(clippy::print_stdout)]
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let mut config = fleet_config::load(args.config.as_deref())?;
+    let rust_log = std::env::var("RUST_LOG").ok();
+    init_logging(
+        log_filter(rust_log.as_deref(), &config.log.level)?,
+        args.log_format,
+    );
     if let Some(dir) = args.data_dir {
         config.server.data_dir = dir;
     }
@@ -114,6 +154,58 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         }
         None => serve(config),
+    }
+}
+
+/// The log filter: `RUST_LOG` if set (it wins, and may name targets), else `[log] level`; then
+/// `fleet_broker::noise::QUIET_TARGETS` for the targets it does not name.
+fn log_filter(rust_log: Option<&str>, level: &str) -> anyhow::Result<EnvFilter> {
+    let base = rust_log.map(str::trim).filter(|s| !s.is_empty());
+    let mut directives = base.unwrap_or(level).to_owned();
+    for (target, quiet) in fleet_broker::noise::QUIET_TARGETS {
+        if !directives.contains(target) {
+            directives.push_str(&format!(",{target}={quiet}"));
+        }
+    }
+    EnvFilter::builder()
+        .parse(&directives)
+        .with_context(|| match base {
+            Some(_) => format!("RUST_LOG is not a log filter ({directives:?})"),
+            None => format!("log.level is not a level ({level:?})"),
+        })
+}
+
+/// The log on stderr: text, with ANSI colours only when stderr is a terminal, or JSON lines.
+fn init_logging(filter: EnvFilter, format: LogFormat) {
+    let text = (format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+    });
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(RouterNoise)
+        .with(text)
+        .with(json)
+        .init();
+}
+
+/// Drops the one message of rumqttd's router that is noise
+/// ([`fleet_broker::noise::is_router_noise`]).
+struct RouterNoise;
+
+impl<S: tracing::Subscriber> Layer<S> for RouterNoise {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        !fleet_broker::noise::is_router_noise(event)
     }
 }
 
@@ -159,7 +251,6 @@ fn connections_allowed(open_files: u64) -> u64 {
 // stdout says where fleetd listens, for scripts and tests.
 #[allow(clippy::print_stdout)]
 fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
-    raise_open_files(config.server.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // Admissions, session openings and ends, router links and firmware reads wait on the
@@ -170,7 +261,13 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
         .build()
         .context("tokio runtime")?;
     runtime.block_on(async {
-        let fleet = fleet_controller::Fleet::start(&config).await?;
+        // Before anything is announced: a SIGTERM right after the address line is a shutdown
+        // too, not the default action (an abrupt end).
+        let signals = StopSignals::install()?;
+        let fleet = Fleet::start(&config).await.map_err(anyhow::Error::new)?;
+        // Once started: a fleetd that cannot start says only why (one line). Clients come in
+        // within the first moments at most by the hundred, well within any soft limit.
+        raise_open_files(config.server.max_connections);
         tracing::info!(
             listen = %fleet.local_addr(),
             data_dir = %config.server.data_dir.display(),
@@ -178,16 +275,141 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
         );
         // Scripts and tests read the bound address from this line.
         println!("fleetd listening on {}", fleet.local_addr());
-        tokio::signal::ctrl_c().await.context("signal handler")?;
-        tracing::info!("shutting down");
-        fleet.shutdown();
-        Ok(())
-    })
+        let signal = signals.first().await;
+        tracing::info!("{signal}: shutting down");
+        let writer_alive = fleet.store_writer_alive();
+        let stopped = fleet.stop().await;
+        if !stopped.sessions_ended {
+            tracing::warn!("some sessions did not end in time; they are closed with the process");
+        }
+        if !stopped.inbox_drained {
+            tracing::warn!("the controller did not finish its inbox in time");
+        }
+        // The fleet is gone: the store closes once the last task that used the controller has
+        // ended (its writer commits what is queued first).
+        let deadline = tokio::time::Instant::now() + RUNTIME_GRACE;
+        while writer_alive.load(std::sync::atomic::Ordering::Relaxed)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if writer_alive.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!("the store is still in use; every commit answered is on disk already");
+        } else {
+            tracing::info!("store closed");
+        }
+        anyhow::Ok(())
+    })?;
+    runtime.shutdown_timeout(RUNTIME_GRACE);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM, caught from [`StopSignals::install`] on.
+struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            terminate: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        })
+    }
+
+    /// Waits for the first of them, and says which came.
+    async fn first(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rust_log_wins_over_the_configured_level_and_the_quiet_targets_stay_quiet() {
+        let filter = |rust_log: Option<&str>| {
+            let text = log_filter(rust_log, "debug").unwrap().to_string();
+            let mut parts: Vec<String> = text.split(',').map(str::to_owned).collect();
+            parts.sort();
+            parts
+        };
+        assert_eq!(
+            filter(None),
+            ["debug", "rumqttd=warn", "rustls::msgs::handshake=error"]
+        );
+        assert_eq!(
+            filter(Some("warn,fleet_broker=trace")),
+            [
+                "fleet_broker=trace",
+                "rumqttd=warn",
+                "rustls::msgs::handshake=error",
+                "warn"
+            ]
+        );
+        assert_eq!(
+            filter(Some("info,rumqttd=debug")),
+            ["info", "rumqttd=debug", "rustls::msgs::handshake=error"],
+            "RUST_LOG names rumqttd"
+        );
+        assert_eq!(
+            filter(Some("  ")),
+            filter(None),
+            "a blank RUST_LOG is not set"
+        );
+        assert!(log_filter(Some("info,=[{"), "info").is_err());
+    }
+
+    #[test]
+    fn the_routers_gone_link_message_is_dropped_and_its_other_errors_are_not() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        struct Count(Arc<AtomicUsize>);
+        impl<S: tracing::Subscriber> Layer<S> for Count {
+            fn on_event(
+                &self,
+                _: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let seen = Arc::new(AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry()
+            .with(RouterNoise)
+            .with(Count(seen.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(target: "rumqttd::router::routing", "no-connection id {} is already gone", 7);
+            assert_eq!(seen.load(Ordering::Relaxed), 0, "dropped");
+            tracing::error!(target: "rumqttd::router::routing", "Router done!");
+            tracing::error!(target: "fleet_broker", "no-connection id {} is already gone", 7);
+            tracing::warn!(target: "rumqttd::router::routing", "no-connection id {} is already gone", 7);
+        });
+        assert_eq!(
+            seen.load(Ordering::Relaxed),
+            3,
+            "only that message of the router"
+        );
+    }
+
+    #[test]
+    fn an_error_chain_is_one_line_each_part_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("inner: locked")]
+        struct Inner;
+        #[derive(Debug, thiserror::Error)]
+        #[error("store: {0}")]
+        struct Outer(#[from] Inner);
+        let e = anyhow::Error::new(Outer(Inner)).context("cannot start\nat all");
+        assert_eq!(one_line(&e), "cannot start at all: store: inner: locked");
+    }
 
     #[test]
     fn the_connections_allowed_leave_room_for_fleetds_own_files() {

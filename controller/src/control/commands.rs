@@ -112,6 +112,7 @@ impl Controller {
         for entry in entries {
             if granted == 0 {
                 refused += 1;
+                self.count_command(entry.name(), Some(ErrorCode::RateLimited));
                 responses.refuse(entry.echo, entry.correlation, limited.clone());
                 continue;
             }
@@ -181,7 +182,9 @@ impl Controller {
                 parsed,
             } => (name, named_serial, parsed),
         };
-        let (outcome, reason, data) = match self.answer(cx, &name, parsed) {
+        let answer = self.answer(cx, &name, parsed);
+        self.count_command(Some(&name), answer.as_ref().err().map(|e| e.code));
+        let (outcome, reason, data) = match answer {
             Ok(Answer::Decided(data, _recorded)) => {
                 return responses.answer(entry.echo, entry.correlation, Ok(data), true)
             }
@@ -224,6 +227,18 @@ impl Controller {
             ));
         }
         self.apply(cx, parsed?)
+    }
+
+    /// Counts a command in the metrics (`fleetd_operator_commands_total`) by its name (one of
+    /// PROTOCOL §6, else `unknown`: the label's values are bounded) and outcome (`ok` or the
+    /// error code). Every command that ran or was refused passes here or through `run_entry`,
+    /// which calls it: the one place where each command's outcome is known.
+    fn count_command(&self, name: Option<&str>, error: Option<ErrorCode>) {
+        let command = name
+            .and_then(CommandName::parse)
+            .map_or("unknown", CommandName::as_str);
+        let outcome = error.map_or("ok", |code| code.as_str());
+        self.settings.metrics.operator_command(command, outcome);
     }
 
     /// Rate-limited commands are audited once a minute per operator, with how many there were

@@ -45,6 +45,11 @@ impl Shared {
         self.0.phone(mac)
     }
 
+    /// Every phone of every tenant.
+    pub(super) fn phones(&self) -> Result<Vec<Phone>, StoreError> {
+        self.0.phones(None)
+    }
+
     pub(super) fn whitelists(&self) -> Result<Whitelists, StoreError> {
         self.0.whitelists()
     }

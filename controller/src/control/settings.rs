@@ -21,6 +21,9 @@ pub struct ControlSettings {
     /// Shortest prefix of a permanent whitelist range (IPv4, IPv6) without `force`.
     pub whitelist_min_prefix: (u8, u8),
     pub clock: Clock,
+    /// Where the controller counts (operator commands, batches). `from_config` gives a
+    /// registry of its own; `Fleet::start` hands it the front door's, which it serves.
+    pub metrics: std::sync::Arc<fleet_broker::metrics::Metrics>,
 }
 
 impl ControlSettings {
@@ -75,6 +78,7 @@ impl ControlSettings {
                 phones.min_whitelist_prefix_v6,
             ),
             clock,
+            metrics: std::sync::Arc::default(),
         }
     }
 }

@@ -9,6 +9,7 @@
 mod churn;
 mod crash_cycles;
 mod kill_restart;
+mod running;
 
 /// The `fleetd` under test.
 const FLEETD: &str = env!("CARGO_BIN_EXE_fleetd");

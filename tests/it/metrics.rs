@@ -1,0 +1,109 @@
+//! The metrics endpoint (`[metrics] listen`): a scrape of `/metrics` before and after a station
+//! connects shows the counters move, and `/healthz` answers 200 while fleetd's parts run.
+
+use std::net::SocketAddr;
+
+use fleet_tests::{raw, TestFleet, PATIENCE};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// `GET path` on the endpoint: the status code and the body.
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut answer = String::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut answer))
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the sample `name` (with its labels, as exposed), 0 if absent.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn scrape(addr: SocketAddr) -> String {
+    let (status, body) = get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_sees_a_station_connect_and_health_is_ok() {
+    let fleet = TestFleet::start_with(|c| {
+        c.metrics.listen = Some("127.0.0.1:0".parse().expect("address"));
+    })
+    .await;
+    let addr = fleet.fleet.metrics_addr().expect("the endpoint is bound");
+    assert_ne!(addr.port(), 0);
+    let (status, body) = get(addr, "/healthz").await;
+    assert_eq!((status, body.trim()), (200, "ok"));
+
+    let before = scrape(addr).await;
+    let admitted = |t: &str| sample(t, "fleetd_connects_admitted_total");
+    let full = |t: &str| sample(t, "fleetd_tls_handshakes_total{kind=\"full\"}");
+    let refused = |t: &str| {
+        sample(
+            t,
+            "fleetd_connects_refused_total{reason=\"not_authorized\"}",
+        )
+    };
+    assert_eq!(sample(&before, "fleetd_pending_stations"), 0.0, "{before}");
+
+    let mut op = fleet.operator().await;
+    let _station = fleet.station("MET-1", "6.1.0");
+    op.wait_request("MET-1").await;
+    op.call("getStation", json!({"serial": "MET-1"}))
+        .await
+        .expect("getStation");
+    // A CONNECT refused: a client id of the wrong form.
+    let connector = raw::anonymous_connector(&fleet);
+    let mut stream = raw::tls(&connector, fleet.fleet.local_addr().port()).await;
+    assert_ne!(raw::connect(&mut stream, "no+such/client").await, 0);
+
+    let after = scrape(addr).await;
+    assert!(
+        admitted(&after) >= admitted(&before) + 2.0,
+        "the operator and the station were admitted: {after}"
+    );
+    assert!(full(&after) >= full(&before) + 3.0, "{after}");
+    assert!(refused(&after) >= refused(&before) + 1.0, "{after}");
+    assert_eq!(sample(&after, "fleetd_pending_stations"), 1.0, "{after}");
+    assert!(
+        sample(&after, "fleetd_sessions{kind=\"operator\"}") >= 1.0,
+        "{after}"
+    );
+    assert!(
+        sample(
+            &after,
+            "fleetd_operator_commands_total{command=\"getStation\",outcome=\"ok\"}"
+        ) >= 1.0,
+        "{after}"
+    );
+    assert!(sample(&after, "fleetd_batch_size_count") >= 1.0, "{after}");
+    assert!(
+        sample(&after, "fleetd_store_commit_seconds_count") >= 1.0,
+        "{after}"
+    );
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+}
+
+#[tokio::test]
+async fn there_is_no_endpoint_unless_configured() {
+    let fleet = TestFleet::start().await;
+    assert_eq!(fleet.fleet.metrics_addr(), None);
+}
