@@ -69,13 +69,14 @@ pub enum Refusal {
 pub enum Decision {
     /// `reserved`: the client may use the connection slots kept for operators
     /// (`Settings::reserved_sessions`), so that a flood of devices never locks them out.
-    Allow {
-        rights: Rights,
-        reserved: bool,
-    },
+    Allow { rights: Rights, reserved: bool },
+    /// `reason` is for the log; `public` for the client, which MQTT 5 clients read as the
+    /// CONNACK's Reason String (3.1.1 clients get the return code only): the decider words it
+    /// so that it tells no secret.
     Deny {
         refusal: Refusal,
         reason: String,
+        public: String,
     },
 }
 
