@@ -254,8 +254,8 @@ impl AddressStanding {
     pub fn why(self, failures: u32) -> String {
         match self {
             AddressStanding::Blocked { until } => format!(
-                "{failures} failed authentications from it within the window: every CONNECT \
-                 from it is refused until {}",
+                "too many failed authentications from it: every CONNECT from it is refused \
+                 until {}",
                 at(until)
             ),
             AddressStanding::Whitelisted => {
@@ -300,6 +300,11 @@ pub enum RefusalsOf<'a> {
     Address(IpAddr),
 }
 
+/// The actions of audit records that are a device's or an address's refusals: a refused
+/// CONNECT, and a live session cut for another key when its station was accepted. (An
+/// operator's refused command names its device too, but refused the operator.)
+pub const REFUSAL_ACTIONS: [&str; 2] = ["connect", "identity_mismatch"];
+
 /// The newest `max` refusals of `of` among `records` (oldest first, as the store reads them),
 /// newest first.
 pub fn refusals<'r>(
@@ -310,7 +315,7 @@ pub fn refusals<'r>(
     records
         .iter()
         .rev()
-        .filter(|r| r.outcome == Outcome::Refused)
+        .filter(|r| r.outcome == Outcome::Refused && REFUSAL_ACTIONS.contains(&r.action.as_str()))
         .filter(|r| match of {
             RefusalsOf::Device(names) => r
                 .device
@@ -469,12 +474,13 @@ mod tests {
 
     #[test]
     fn refusals_are_the_newest_of_the_subject() {
+        let client_id = Serial::parse("ST-1").unwrap().client_id();
         let records = vec![
             record(Some("ST-1"), "192.0.2.1:5000", Outcome::Refused, "first"),
             record(Some("ST-1"), "192.0.2.1:5001", Outcome::Ok, "admitted"),
             record(Some("ST-2"), "192.0.2.9:5002", Outcome::Refused, "other"),
             record(
-                Some("station-ST-1"),
+                Some(&client_id),
                 "192.0.2.1:5003",
                 Outcome::Refused,
                 "second",
@@ -485,8 +491,14 @@ mod tests {
                 Outcome::Refused,
                 "third",
             ),
+            // An operator's command refused: not the station's refusal.
+            AuditRecord {
+                action: "acceptStation".into(),
+                ..record(Some("ST-1"), "admin", Outcome::Refused, "wrong_state")
+            },
         ];
-        let names = ["ST-1".to_owned(), "station-ST-1".to_owned()];
+        let serial = Serial::parse("ST-1").unwrap();
+        let names = [serial.to_string(), serial.client_id()];
         let reasons = |picked: Vec<&AuditRecord>| -> Vec<String> {
             picked.iter().filter_map(|r| r.reason.clone()).collect()
         };

@@ -20,3 +20,4 @@ mod sessions;
 mod smoke;
 mod stations;
 mod tidy;
+mod why;

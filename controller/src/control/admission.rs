@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use fleet_broker::{Admission, BoxFuture, ConnectInfo, Decision, Refusal, Rights};
+use fleet_broker::{Admission, BoxFuture, ConnectInfo, Decision, Reason, Refusal, Rights};
 use serde_json::json;
 use time::OffsetDateTime;
 use tracing::{debug, info};
@@ -168,8 +168,7 @@ impl Controller {
             Judgement::Unavailable(reason) => Admitted {
                 decision: Decision::Deny {
                     refusal: Refusal::ServerUnavailable,
-                    reason,
-                    public: "server unavailable".to_owned(),
+                    reason: Reason::new(reason, "server unavailable"),
                 },
                 slow: false,
                 pending: None,
@@ -202,8 +201,7 @@ impl Controller {
         Admitted {
             decision: Decision::Deny {
                 refusal: refused.refusal,
-                reason: refused.reason,
-                public: refused.public,
+                reason: Reason::new(refused.reason, refused.public),
             },
             slow,
             pending,
@@ -607,8 +605,7 @@ impl Admission for ControllerAdmission {
                 Err(_) => {
                     return Decision::Deny {
                         refusal: Refusal::ServerUnavailable,
-                        reason: "the admission failed".into(),
-                        public: "server unavailable".into(),
+                        reason: Reason::new("the admission failed", "server unavailable"),
                     }
                 }
             };
@@ -622,8 +619,7 @@ impl Admission for ControllerAdmission {
                 self.0.closed(&info.client_id, info.session_id);
                 return Decision::Deny {
                     refusal: Refusal::ServerUnavailable,
-                    reason: "the admission could not be audited".into(),
-                    public: "server unavailable".into(),
+                    reason: Reason::new("the admission could not be audited", "server unavailable"),
                 };
             }
             if slow && matches!(decision, Decision::Deny { .. }) {
