@@ -85,11 +85,16 @@ async fn why_a_rejected_station_is_refused() {
         .await
         .expect("reject");
     station.wait_event(SimEvent::Rejected).await;
-    station
+    // fleet-sim speaks MQTT 5: the station tells why it was refused.
+    let refused = station
         .wait_for("refusal", |e| {
-            matches!(e, SimEvent::Refused { .. }).then_some(())
+            matches!(e, SimEvent::Refused { .. }).then(|| e.to_string())
         })
         .await;
+    assert_eq!(
+        refused,
+        "refused: station rejected by an operator (NotAuthorized)"
+    );
     // An MQTT 5 client with the station's key reads why.
     let port = fleet.fleet.local_addr().port();
     let mut stream = tls(&device_connector(&fleet, &station.dir), port).await;
@@ -180,8 +185,10 @@ async fn why_a_phone_is_locked_then_blocked() {
     let op = fleet.operator().await;
     let mac = "aabbcc00ee01";
     let pap = op.create_phone(mac).await;
-    let phone = fleet.phone(mac, None, "127.0.0.31");
-    assert_eq!(phone.connect_raw(Some(&wrong_pap(&pap))).await, 4);
+    let phone = fleet.phone(mac, Some(&wrong_pap(&pap)), "127.0.0.31");
+    // fleet-sim speaks MQTT 5 and tells why.
+    let outcome = phone.provision().await;
+    assert_eq!(outcome.to_string(), "refused: wrong or missing PAP (4)");
     let needed = explain(&op, mac).await;
     assert_eq!(needed["state"], "authentication_needed");
     assert_eq!(needed["wrong_paps"], 1);
