@@ -179,6 +179,47 @@ async fn an_identity_mismatch_is_refused_without_naming_a_key_and_remembered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_cut_at_acceptance_is_a_mismatch_too() {
+    let fleet = TestFleet::start().await;
+    let mut op = fleet.operator().await;
+    let real = fleet.station("WHY-3", "6.1.0");
+    op.wait_state("WHY-3", "unauthorized").await;
+    let fingerprint = real.local_fingerprint();
+    real.handle.shutdown().await;
+    // Another key holds the client id when the operator accepts the real one.
+    let clone = fleet_certs::self_signed_station("WHY-3").expect("key");
+    let dir = fleet.data_dir().join("impostor");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("cert.pem"), &clone.cert_pem).expect("cert");
+    std::fs::write(dir.join("key.pem"), &clone.key_pem).expect("key");
+    let port = fleet.fleet.local_addr().port();
+    let mut stream = tls(&device_connector(&fleet, &dir), port).await;
+    let client_id = fleet_tests::serial("WHY-3").client_id();
+    assert_eq!(raw::connect_v5(&mut stream, &client_id).await.0, 0);
+    let accepted = op
+        .call(
+            "acceptStation",
+            json!({"serial": "WHY-3", "fingerprint": fingerprint}),
+        )
+        .await
+        .expect("accept");
+    let _ = raw::until_closed(&mut stream).await;
+    let mismatch = accepted["last_mismatch"]
+        .as_str()
+        .expect("noted")
+        .to_owned();
+    assert_eq!(
+        op.station("WHY-3").await["last_mismatch"],
+        mismatch.as_str()
+    );
+    let data = explain(&op, "WHY-3").await;
+    assert!(
+        refusal_reasons(&data)[0].contains("not the accepted key"),
+        "{data}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn why_a_phone_is_locked_then_blocked() {
     // The address limit out of the way: this is about the phone's own counts.
     let fleet = TestFleet::start_with(|c| c.limits.failed_auth_per_ip = 1000).await;
