@@ -75,8 +75,26 @@ pub enum Decision {
     },
     Deny {
         refusal: Refusal,
-        reason: String,
+        reason: Reason,
     },
+}
+
+/// Why a CONNECT is refused: for the log (and the audit), and for the client. MQTT 5 clients
+/// read `client` as the CONNACK's Reason String (3.1.1 clients get the return code only); the
+/// decider words it so that it tells no secret (no password, no key but the client's own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reason {
+    pub log: String,
+    pub client: String,
+}
+
+impl Reason {
+    pub fn new(log: impl Into<String>, client: impl Into<String>) -> Reason {
+        Reason {
+            log: log.into(),
+            client: client.into(),
+        }
+    }
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

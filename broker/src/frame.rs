@@ -1056,6 +1056,31 @@ mod tests {
     }
 
     #[test]
+    fn a_v5_refusal_carries_its_reason_string_and_a_311_one_only_its_code() {
+        let reason = "station rejected by an operator";
+        let mut buf = BytesMut::new();
+        V5.write(
+            refusal_connack(MqttVersion::V5, Refusal::NotAuthorized, reason),
+            &mut buf,
+        )
+        .expect("v5 connack encodes");
+        // Fixed header, flags, reason code 0x87, properties: one Reason String (0x1F), a
+        // two-byte length, the UTF-8 text.
+        let mut wanted = vec![0x20, 0, 0, 0x87, 0, 0x1f, 0, reason.len() as u8];
+        wanted.extend_from_slice(reason.as_bytes());
+        wanted[4] = (3 + reason.len()) as u8;
+        wanted[1] = (wanted.len() - 2) as u8;
+        assert_eq!(&buf[..], &wanted[..]);
+        let mut buf = BytesMut::new();
+        V4.write(
+            refusal_connack(MqttVersion::V311, Refusal::BadUserNameOrPassword, reason),
+            &mut buf,
+        )
+        .expect("v4 connack encodes");
+        assert_eq!(&buf[..], &[0x20, 2, 0, 4]);
+    }
+
+    #[test]
     fn server_disconnect_for_v5_is_well_formed() {
         let packet = server_disconnect(MqttVersion::V5, DisconnectReasonCode::NotAuthorized, "cut")
             .expect("v5 has a disconnect");

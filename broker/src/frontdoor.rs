@@ -645,8 +645,8 @@ async fn connection(
     let (rights, reserved) = match admission.admit(info).await {
         Decision::Allow { rights, reserved } => (rights, reserved),
         Decision::Deny { refusal, reason } => {
-            info!(%peer, client_id = %client_id_for_log(&client_id), "refused by the controller: {reason}");
-            return Box::pin(reply.refuse(&mut writer, refusal, &reason)).await;
+            info!(%peer, client_id = %client_id_for_log(&client_id), "refused by the controller: {}", reason.log);
+            return Box::pin(reply.refuse(&mut writer, refusal, &reason.client)).await;
         }
     };
     let will = will_within(last_will, will_props, &rights);

@@ -20,8 +20,8 @@ pub mod tls;
 
 pub use acl::Rights;
 pub use admission::{
-    Admission, BoxFuture, ConnectInfo, Decision, MqttVersion, PresentedCertificate, Refusal,
-    SessionControl, Trust,
+    Admission, BoxFuture, ConnectInfo, Decision, MqttVersion, PresentedCertificate, Reason,
+    Refusal, SessionControl, Trust,
 };
 pub use bus::{Bus, BusError, BusMessage, LocalBus};
 pub use frontdoor::{Broker, BrokerError, Settings, RESERVED_CLIENT_ID_PREFIX};

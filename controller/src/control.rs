@@ -31,6 +31,7 @@ mod admission;
 mod commands;
 mod durable;
 mod effects;
+mod explain;
 mod live;
 mod phone_commands;
 mod phones;

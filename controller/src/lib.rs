@@ -13,6 +13,7 @@ pub mod fleet;
 pub mod flood;
 pub mod identity;
 pub mod phone;
+pub mod reasons;
 pub mod request;
 pub mod station;
 pub mod store;

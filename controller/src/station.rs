@@ -38,6 +38,10 @@ pub struct Station {
     #[serde(default)]
     pub ip: Option<String>,
     pub tenant: String,
+    /// The station's last identity-mismatch refusal (another key, or none, for its client id
+    /// while authorized): what `fleetctl stations list` flags. Absent in older stores.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub last_mismatch: Option<OffsetDateTime>,
 }
 
 /// Where a station stands with the operators; whether it is connected is not kept here.
@@ -94,6 +98,7 @@ impl Station {
             last_seen: None,
             ip: None,
             tenant: DEFAULT_TENANT.to_owned(),
+            last_mismatch: None,
         }
     }
 
@@ -209,6 +214,18 @@ impl fmt::Display for DenyReason {
             ),
         }
     }
+}
+
+/// The record after an identity-mismatch refusal at `now` ([`DenyReason::IdentityMismatch`]):
+/// `last_mismatch` is `now`, unless a later one is recorded already (refusals that were decided
+/// concurrently may be stored out of order). Nothing else changes: a mismatch is the operator's
+/// to answer (Remove Device), not the state machine's.
+pub fn mismatch_noted(mut station: Station, now: OffsetDateTime) -> Station {
+    let now = utc(now);
+    if station.last_mismatch.is_none_or(|last| last < now) {
+        station.last_mismatch = Some(now);
+    }
+    station
 }
 
 /// Decides a station's CONNECT from its record and what it presents.
@@ -610,6 +627,37 @@ mod tests {
     }
 
     // --- admission ---
+
+    #[test]
+    fn a_mismatch_is_noted_and_never_goes_back_in_time() {
+        let station = authorized();
+        assert_eq!(station.last_mismatch, None);
+        let noted = mismatch_noted(station.clone(), T0 + time::Duration::HOUR);
+        assert_eq!(noted.last_mismatch, Some(T0 + time::Duration::HOUR));
+        // Only the time moves: the standing and the pinned key stay.
+        assert_eq!(
+            Station {
+                last_mismatch: None,
+                ..noted.clone()
+            },
+            station
+        );
+        let earlier = mismatch_noted(noted.clone(), T0);
+        assert_eq!(earlier.last_mismatch, Some(T0 + time::Duration::HOUR));
+        let later = mismatch_noted(noted, T0 + time::Duration::DAY);
+        assert_eq!(later.last_mismatch, Some(T0 + time::Duration::DAY));
+    }
+
+    #[test]
+    fn a_record_stored_without_last_mismatch_reads_as_none() {
+        let mut json = serde_json::to_value(authorized()).unwrap();
+        json.as_object_mut().unwrap().remove("last_mismatch");
+        let read: Station = serde_json::from_value(json).unwrap();
+        assert_eq!(read.last_mismatch, None);
+        let noted = mismatch_noted(authorized(), T0);
+        let back: Station = serde_json::from_slice(&serde_json::to_vec(&noted).unwrap()).unwrap();
+        assert_eq!(back, noted);
+    }
 
     #[test]
     fn admit_unknown_station() {

@@ -86,6 +86,13 @@ pub enum Change {
     DeletePhone(Mac),
     /// Replaces every tenant's whitelists.
     PutWhitelists(Whitelists),
+    /// Notes an identity-mismatch refusal of the station at `at` (`station::mismatch_noted`),
+    /// read and written in the commit's own transaction, so that an admission never overwrites
+    /// what a batch changed meanwhile; nothing if the station is gone.
+    NoteMismatch {
+        serial: Serial,
+        at: time::OffsetDateTime,
+    },
     Audit(AuditRecord),
     /// When a station was last seen (whole seconds since the Unix epoch); no audit record.
     Seen(Serial, i64),
@@ -626,6 +633,13 @@ fn write_changes(
                 let table = opened(&mut stations, txn, STATIONS)?;
                 table.insert(station.serial.as_str(), encode(station)?.as_slice())?;
             }
+            Change::NoteMismatch { serial, at } => {
+                let table = opened(&mut stations, txn, STATIONS)?;
+                if let Some(station) = read_station(&*table, serial)? {
+                    let noted = crate::station::mismatch_noted(station, *at);
+                    table.insert(serial.as_str(), encode(&noted)?.as_slice())?;
+                }
+            }
             Change::DeleteStation(serial) => {
                 opened(&mut stations, txn, STATIONS)?.remove(serial.as_str())?;
                 opened(&mut seen, txn, SEEN)?.remove(serial.as_str())?;
@@ -808,6 +822,7 @@ mod tests {
             last_seen: Some(T0),
             ip: Some("192.0.2.1".into()),
             tenant: "default".into(),
+            last_mismatch: None,
         }
     }
 

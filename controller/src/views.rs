@@ -30,6 +30,10 @@ impl Station {
         view.insert("online".into(), json!(online));
         view.insert("last_seen".into(), json!(self.last_seen.and_then(rfc3339)));
         view.insert("ip".into(), json!(self.ip));
+        view.insert(
+            "last_mismatch".into(),
+            json!(self.last_mismatch.and_then(rfc3339)),
+        );
         match &self.standing {
             Standing::Unsupported { reason } => {
                 view.insert("reason".into(), json!(reason));

@@ -5,6 +5,7 @@
 pub mod audit;
 mod client;
 pub mod paging;
+pub mod why;
 
 use fleet_protocol::StationState;
 

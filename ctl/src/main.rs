@@ -95,6 +95,12 @@ enum Top {
     /// The web console: prints `console: http://127.0.0.1:PORT/login?token=…` and serves the
     /// station list, the phone portal, the whitelist and the audit log as this operator.
     Console(fleet_console::ConsoleArgs),
+    /// Why a station, phone or address is where it stands (explain): its state and why, the
+    /// manual's rule, an address block, a phone's wrong PAPs and lockout, its last refusals.
+    Why {
+        /// A station serial, a phone MAC or an IP address.
+        subject: String,
+    },
     /// Any operator command with JSON arguments, e.g. `call getStation '{"serial":"A"}'`.
     Call {
         command: String,
@@ -324,6 +330,7 @@ fn plan(command: Top) -> anyhow::Result<Plan> {
         }
         Top::ExportCsv => action(C::ExportDevicesCsv, Shape::Csv),
         Top::Console(_) => bail!("the console is not a single command"),
+        Top::Why { subject } => action(fleet_ctl::why::command(&subject)?, Shape::Raw),
         Top::Call { command, args } => {
             let args: Value = serde_json::from_str(&args).context("ARGS must be a JSON object")?;
             if !args.is_object() {
@@ -521,6 +528,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         let client = connect(&cli.server, &credentials, cli.timeout).await?;
         return console(client, &credentials, args).await;
     }
+    let why = matches!(cli.command, Top::Why { .. });
     let plan = plan(cli.command)?;
     let client = connect(&cli.server, &credentials, cli.timeout).await?;
     let (data, shape) = match plan {
@@ -549,7 +557,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Shape::Station,
         ),
     };
-    show(cli.json, shape, &data)?;
+    match why && !cli.json {
+        true => std::io::stdout().write_all(fleet_ctl::why::render(&data).as_bytes())?,
+        false => show(cli.json, shape, &data)?,
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -160,6 +160,7 @@ mod tests {
             "C",
             &SimEvent::Refused {
                 code: "NotAuthorized".into(),
+                reason: None,
             },
         );
         let counts = tally.counts();

@@ -1,6 +1,9 @@
-//! The simulator's own MQTT 3.1.1 connection over TLS, for stations and phones alike: TCP from
-//! a chosen local source address (to play a device behind a given IP, which rumqttc cannot),
-//! whole packets in and out, every wait bounded.
+//! The simulator's own MQTT connection over TLS, for stations and phones alike: TCP from a
+//! chosen local source address (to play a device behind a given IP, which rumqttc cannot),
+//! whole packets in and out, every wait bounded. The wire is MQTT 5, so that a refusing CONNACK
+//! says why (its Reason String); the simulator itself thinks in the packets of rumqttc's 3.1.1
+//! codec, which [`encode`] and [`decode`] translate to and from MQTT 5 (they need none of 5's
+//! features).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -12,6 +15,8 @@ use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, Subscribe,
 };
 use rumqttc::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5;
+use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -78,7 +83,7 @@ pub enum LinkError {
         /// The time limit.
         limit: Duration,
     },
-    /// The server sent bytes that are not MQTT 3.1.1, or a packet that makes no sense here.
+    /// The server sent bytes that are not MQTT 5, or a packet that makes no sense here.
     #[error("MQTT protocol: {0}")]
     Protocol(String),
 }
@@ -105,22 +110,229 @@ fn is_a_close(error: &io::Error) -> bool {
     )
 }
 
-/// Encodes one packet.
+/// Encodes one packet, as MQTT 5.
 pub fn encode(packet: &Packet) -> Result<BytesMut, LinkError> {
     let mut buffer = BytesMut::new();
-    packet
-        .write(&mut buffer, MAX_PACKET_SIZE)
+    if *packet == Packet::Disconnect {
+        // Normal disconnection, with its reason code and an empty property length written out:
+        // rumqttc's MQTT 5 decoder (and rumqttd's, its kin) refuses the short forms that MQTT 5
+        // allows.
+        buffer.extend_from_slice(&[0xe0, 2, 0, 0]);
+        return Ok(buffer);
+    }
+    to_v5(packet)?
+        .write(&mut buffer, Some(MAX_PACKET_SIZE as u32))
         .map_err(|e| LinkError::Protocol(e.to_string()))?;
     Ok(buffer)
 }
 
-/// Decodes the first whole packet of `buffer` and removes it; `None` if more bytes are needed.
+/// Decodes the first whole MQTT 5 packet of `buffer` and removes it; `None` if more bytes are
+/// needed.
 pub fn decode(buffer: &mut BytesMut) -> Result<Option<Packet>, LinkError> {
-    match Packet::read(buffer, MAX_PACKET_SIZE) {
-        Ok(packet) => Ok(Some(packet)),
-        Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+    Ok(decode_with_reason(buffer)?.map(|(packet, _)| packet))
+}
+
+/// [`decode`], with the Reason String of a CONNACK or DISCONNECT if it has one.
+fn decode_with_reason(
+    buffer: &mut BytesMut,
+) -> Result<Option<(Packet, Option<String>)>, LinkError> {
+    if let [0xe0, length @ (0 | 1), ..] = buffer[..] {
+        // The short forms of a DISCONNECT (no reason code, or no properties), which rumqttc's
+        // decoder refuses.
+        if buffer.len() < 2 + usize::from(length) {
+            return Ok(None);
+        }
+        let _ = buffer.split_to(2 + usize::from(length));
+        return Ok(Some((Packet::Disconnect, None)));
+    }
+    match v5::Packet::read(buffer, Some(MAX_PACKET_SIZE as u32)) {
+        Ok(packet) => from_v5(packet).map(Some),
+        Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
         Err(e) => Err(LinkError::Protocol(e.to_string())),
     }
+}
+
+fn qos_to_v5(qos: QoS) -> QoS5 {
+    match qos {
+        QoS::AtMostOnce => QoS5::AtMostOnce,
+        QoS::AtLeastOnce => QoS5::AtLeastOnce,
+        QoS::ExactlyOnce => QoS5::ExactlyOnce,
+    }
+}
+
+fn qos_from_v5(qos: QoS5) -> QoS {
+    match qos {
+        QoS5::AtMostOnce => QoS::AtMostOnce,
+        QoS5::AtLeastOnce => QoS::AtLeastOnce,
+        QoS5::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+/// The MQTT 5 form of a packet the simulator (or a test's fake server) sends.
+fn to_v5(packet: &Packet) -> Result<v5::Packet, LinkError> {
+    use rumqttc::mqttbytes::v4::ConnectReturnCode as C4;
+    use rumqttc::mqttbytes::v4::SubscribeReasonCode as S4;
+    Ok(match packet {
+        Packet::Connect(c) => v5::Packet::Connect(
+            v5::Connect {
+                keep_alive: c.keep_alive,
+                client_id: c.client_id.clone(),
+                clean_start: c.clean_session,
+                properties: None,
+            },
+            c.last_will.as_ref().map(|w| v5::LastWill {
+                topic: Bytes::copy_from_slice(w.topic.as_bytes()),
+                message: w.message.clone(),
+                qos: qos_to_v5(w.qos),
+                retain: w.retain,
+                properties: None,
+            }),
+            c.login
+                .as_ref()
+                .map(|l| v5::Login::new(l.username.clone(), l.password.clone())),
+        ),
+        Packet::ConnAck(ack) => v5::Packet::ConnAck(v5::ConnAck {
+            session_present: ack.session_present,
+            code: match ack.code {
+                C4::Success => v5::ConnectReturnCode::Success,
+                C4::RefusedProtocolVersion => v5::ConnectReturnCode::UnsupportedProtocolVersion,
+                C4::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
+                C4::ServiceUnavailable => v5::ConnectReturnCode::ServerUnavailable,
+                C4::BadUserNamePassword => v5::ConnectReturnCode::BadUserNamePassword,
+                C4::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
+            },
+            properties: None,
+        }),
+        Packet::Publish(p) => v5::Packet::Publish(v5::Publish {
+            dup: p.dup,
+            qos: qos_to_v5(p.qos),
+            retain: p.retain,
+            topic: Bytes::copy_from_slice(p.topic.as_bytes()),
+            pkid: p.pkid,
+            payload: p.payload.clone(),
+            properties: None,
+        }),
+        Packet::PubAck(ack) => v5::Packet::PubAck(v5::PubAck::new(ack.pkid, None)),
+        Packet::Subscribe(sub) => v5::Packet::Subscribe(v5::Subscribe {
+            pkid: sub.pkid,
+            filters: sub
+                .filters
+                .iter()
+                .map(|f| v5::Filter::new(f.path.clone(), qos_to_v5(f.qos)))
+                .collect(),
+            properties: None,
+        }),
+        Packet::SubAck(ack) => v5::Packet::SubAck(v5::SubAck {
+            pkid: ack.pkid,
+            return_codes: ack
+                .return_codes
+                .iter()
+                .map(|code| match code {
+                    S4::Success(qos) => v5::SubscribeReasonCode::Success(qos_to_v5(*qos)),
+                    S4::Failure => v5::SubscribeReasonCode::NotAuthorized,
+                })
+                .collect(),
+            properties: None,
+        }),
+        Packet::PingReq => v5::Packet::PingReq(v5::PingReq),
+        Packet::PingResp => v5::Packet::PingResp(v5::PingResp),
+        Packet::Disconnect => v5::Packet::Disconnect(v5::Disconnect {
+            reason_code: v5::DisconnectReasonCode::NormalDisconnection,
+            properties: None,
+        }),
+        other => {
+            return Err(LinkError::Protocol(format!(
+                "not sent by the simulator: {other:?}"
+            )))
+        }
+    })
+}
+
+/// The simulator's form of an MQTT 5 packet, with a CONNACK's or DISCONNECT's Reason String.
+fn from_v5(packet: v5::Packet) -> Result<(Packet, Option<String>), LinkError> {
+    use rumqttc::mqttbytes::v4::{LastWill, Login, SubAck, SubscribeReasonCode as S4};
+    let text = |bytes: &Bytes| {
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| LinkError::Protocol("a topic that is not UTF-8".into()))
+    };
+    Ok(match packet {
+        v5::Packet::ConnAck(ack) => {
+            let code = match ack.code {
+                v5::ConnectReturnCode::Success => ConnectReturnCode::Success,
+                v5::ConnectReturnCode::RefusedProtocolVersion
+                | v5::ConnectReturnCode::UnsupportedProtocolVersion => {
+                    ConnectReturnCode::RefusedProtocolVersion
+                }
+                v5::ConnectReturnCode::BadClientId
+                | v5::ConnectReturnCode::ClientIdentifierNotValid => ConnectReturnCode::BadClientId,
+                v5::ConnectReturnCode::BadUserNamePassword => {
+                    ConnectReturnCode::BadUserNamePassword
+                }
+                v5::ConnectReturnCode::ServiceUnavailable
+                | v5::ConnectReturnCode::ServerUnavailable
+                | v5::ConnectReturnCode::ServerBusy
+                | v5::ConnectReturnCode::QuotaExceeded
+                | v5::ConnectReturnCode::ConnectionRateExceeded => {
+                    ConnectReturnCode::ServiceUnavailable
+                }
+                _ => ConnectReturnCode::NotAuthorized,
+            };
+            let reason = ack.properties.and_then(|p| p.reason_string);
+            (
+                Packet::ConnAck(ConnAck::new(code, ack.session_present)),
+                reason,
+            )
+        }
+        v5::Packet::Publish(p) => {
+            let mut publish = Publish::from_bytes(text(&p.topic)?, qos_from_v5(p.qos), p.payload);
+            publish.dup = p.dup;
+            publish.retain = p.retain;
+            publish.pkid = p.pkid;
+            (Packet::Publish(publish), None)
+        }
+        v5::Packet::PubAck(ack) => (Packet::PubAck(PubAck::new(ack.pkid)), None),
+        v5::Packet::SubAck(ack) => {
+            let codes = ack
+                .return_codes
+                .into_iter()
+                .map(|code| match code {
+                    v5::SubscribeReasonCode::Success(qos) => S4::Success(qos_from_v5(qos)),
+                    _ => S4::Failure,
+                })
+                .collect();
+            (Packet::SubAck(SubAck::new(ack.pkid, codes)), None)
+        }
+        v5::Packet::PingReq(_) => (Packet::PingReq, None),
+        v5::Packet::PingResp(_) => (Packet::PingResp, None),
+        v5::Packet::Disconnect(d) => (
+            Packet::Disconnect,
+            d.properties.and_then(|p| p.reason_string),
+        ),
+        v5::Packet::Connect(c, will, login) => {
+            let mut connect = Connect::new(c.client_id);
+            connect.keep_alive = c.keep_alive;
+            connect.clean_session = c.clean_start;
+            if let Some(w) = will {
+                let mut will =
+                    LastWill::new(text(&w.topic)?, w.message, qos_from_v5(w.qos), w.retain);
+                will.retain = w.retain;
+                connect.last_will = Some(will);
+            }
+            connect.login = login.map(|l| Login::new(l.username, l.password));
+            (Packet::Connect(connect), None)
+        }
+        v5::Packet::Subscribe(sub) => {
+            let filters: Vec<_> = sub
+                .filters
+                .into_iter()
+                .map(|f| rumqttc::mqttbytes::v4::SubscribeFilter::new(f.path, qos_from_v5(f.qos)))
+                .collect();
+            let mut subscribe = Subscribe::new_many(filters);
+            subscribe.pkid = sub.pkid;
+            (Packet::Subscribe(subscribe), None)
+        }
+        other => return Err(LinkError::Protocol(format!("unexpected {other:?}"))),
+    })
 }
 
 /// The number of a CONNACK return code (0 accepted, 4 bad user name or password, 5 not
@@ -199,7 +411,7 @@ async fn connect_from(address: SocketAddr, source: Option<IpAddr>) -> io::Result
     Ok(stream)
 }
 
-/// One MQTT 3.1.1 connection over TLS.
+/// One MQTT connection over TLS (MQTT 5 on the wire).
 pub(crate) struct Link {
     server: String,
     stream: TlsStream<TcpStream>,
@@ -294,20 +506,35 @@ impl Link {
         }
     }
 
-    /// The next packet within [`REPLY_TIMEOUT`].
-    async fn recv_within(&mut self, waiting_for: &'static str) -> Result<Packet, LinkError> {
-        within(REPLY_TIMEOUT, waiting_for, self.recv(waiting_for)).await?
-    }
-
-    /// Sends CONNECT and returns the CONNACK's return code.
+    /// Sends CONNECT and returns the CONNACK's return code, and its Reason String if it has one
+    /// (fleetd says why it refused).
     pub(crate) async fn connect(
         &mut self,
         connect: Connect,
-    ) -> Result<ConnectReturnCode, LinkError> {
+    ) -> Result<(ConnectReturnCode, Option<String>), LinkError> {
         self.send(&Packet::Connect(connect)).await?;
-        match self.recv_within("CONNACK").await? {
-            Packet::ConnAck(ConnAck { code, .. }) => Ok(code),
-            other => Err(unexpected("CONNACK", &other)),
+        let waiting_for = "CONNACK";
+        let read = async {
+            loop {
+                if let Some(packet) = decode_with_reason(&mut self.incoming)? {
+                    return Ok(packet);
+                }
+                let read = self
+                    .stream
+                    .read_buf(&mut self.incoming)
+                    .await
+                    .map_err(|source| LinkError::Connection {
+                        server: self.server.clone(),
+                        source,
+                    })?;
+                if read == 0 {
+                    return Err(LinkError::Closed { waiting_for });
+                }
+            }
+        };
+        match within(REPLY_TIMEOUT, waiting_for, read).await?? {
+            (Packet::ConnAck(ConnAck { code, .. }), reason) => Ok((code, reason)),
+            (other, _) => Err(unexpected(waiting_for, &other)),
         }
     }
 
@@ -435,6 +662,50 @@ mod tests {
         );
         let mut garbage = BytesMut::from(&[0xf0u8, 0x00][..]);
         assert!(decode(&mut garbage).is_err());
+    }
+
+    #[test]
+    fn the_wire_is_mqtt_5_and_a_refusal_says_why() {
+        // fleetd's refusal: CONNACK 0x87 with the Reason String property (0x1F).
+        let reason = "station rejected by an operator";
+        let mut bytes = BytesMut::from(&[0x20, 0, 0, 0x87, 0, 0x1f, 0, reason.len() as u8][..]);
+        bytes.extend_from_slice(reason.as_bytes());
+        bytes[4] = (3 + reason.len()) as u8;
+        bytes[1] = (bytes.len() - 2) as u8;
+        let (packet, said) = decode_with_reason(&mut bytes).unwrap().unwrap();
+        assert_eq!(
+            packet,
+            Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false))
+        );
+        assert_eq!(said.as_deref(), Some(reason));
+        // A CONNECT goes out as protocol level 5, its will and login kept.
+        let mut connect = Connect::new("sim-1");
+        connect.last_will = Some(rumqttc::mqttbytes::v4::LastWill::new(
+            "w",
+            "gone",
+            QoS::AtLeastOnce,
+            false,
+        ));
+        connect.login = Some(rumqttc::mqttbytes::v4::Login::new("u", "p"));
+        let mut wire = encode(&Packet::Connect(connect.clone())).unwrap();
+        assert_eq!(&wire[2..9], b"\x00\x04MQTT\x05");
+        assert_eq!(decode(&mut wire).unwrap(), Some(Packet::Connect(connect)));
+        // DISCONNECT, in either form.
+        let mut wire = encode(&Packet::Disconnect).unwrap();
+        wire.extend_from_slice(&[0xe0, 0, 0xe0, 1, 0x8e]);
+        for _ in 0..3 {
+            assert_eq!(decode(&mut wire).unwrap(), Some(Packet::Disconnect));
+        }
+        assert!(wire.is_empty());
+        // A SUBACK that denies reads as the 3.1.1 failure.
+        let mut suback = BytesMut::from(&[0x90, 4, 0, 7, 0, 0x87][..]);
+        let Some(Packet::SubAck(ack)) = decode(&mut suback).unwrap() else {
+            panic!("a SUBACK");
+        };
+        assert_eq!(
+            ack.return_codes,
+            [rumqttc::mqttbytes::v4::SubscribeReasonCode::Failure]
+        );
     }
 
     #[tokio::test]

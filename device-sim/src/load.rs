@@ -288,7 +288,7 @@ impl Errors {
     /// events count nothing.
     fn count_trouble(&mut self, phase: &str, event: &SimEvent) {
         match event {
-            SimEvent::Refused { code } => {
+            SimEvent::Refused { code, .. } => {
                 self.count_why(&format!("{phase}_refused"), &station_refusal_example(code));
             }
             SimEvent::Disconnected {
@@ -352,7 +352,7 @@ type Failure = (String, String);
 fn phone_failure(result: &Result<ProvisionOutcome, PhoneError>) -> Option<Failure> {
     let (kind, why) = match result {
         Ok(ProvisionOutcome::Provisioned) => return None,
-        Ok(outcome @ ProvisionOutcome::Refused { code }) => (
+        Ok(outcome @ ProvisionOutcome::Refused { code, .. }) => (
             "phone_refused",
             spread::refusal_example(&outcome.to_string(), *code == 3),
         ),
@@ -1878,7 +1878,11 @@ mod tests {
         );
         let kind = |result| phone_failure(&result).map(|(kind, _)| kind);
         assert_eq!(
-            kind(Ok(ProvisionOutcome::Refused { code: 4 })).as_deref(),
+            kind(Ok(ProvisionOutcome::Refused {
+                code: 4,
+                reason: None
+            }))
+            .as_deref(),
             Some("phone_refused")
         );
         assert_eq!(kind(Ok(ProvisionOutcome::Provisioned)), None);
@@ -1908,10 +1912,18 @@ mod tests {
         assert_eq!(kind, "phone_disconnected");
         assert!(why.starts_with("per-address limit: "), "{why}");
         assert!(why.contains("tls handshake eof"), "{why}");
-        let (kind, why) = phone_failure(&Ok(ProvisionOutcome::Refused { code: 3 })).unwrap();
+        let (kind, why) = phone_failure(&Ok(ProvisionOutcome::Refused {
+            code: 3,
+            reason: None,
+        }))
+        .unwrap();
         assert_eq!(kind, "phone_refused");
         assert!(why.contains("limits.sessions_per_ip"), "{why}");
-        let (_, why) = phone_failure(&Ok(ProvisionOutcome::Refused { code: 5 })).unwrap();
+        let (_, why) = phone_failure(&Ok(ProvisionOutcome::Refused {
+            code: 5,
+            reason: None,
+        }))
+        .unwrap();
         assert_eq!(why, "refused: not authorized (5)");
 
         assert!(station_refusal_example("ServiceUnavailable").contains("a per-address limit"));

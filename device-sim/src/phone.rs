@@ -220,6 +220,8 @@ pub enum ProvisionOutcome {
     Refused {
         /// The CONNACK return code.
         code: u8,
+        /// Why, as the server said it (the MQTT 5 Reason String), if it did.
+        reason: Option<String>,
     },
     /// The provisioning response was `{"error", "code"}`.
     Failed {
@@ -234,11 +236,15 @@ impl fmt::Display for ProvisionOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ProvisionOutcome::Provisioned => f.write_str("provisioned"),
-            ProvisionOutcome::Refused { code: 4 } => {
+            ProvisionOutcome::Refused {
+                code,
+                reason: Some(reason),
+            } => write!(f, "refused: {reason} ({code})"),
+            ProvisionOutcome::Refused { code: 4, .. } => {
                 f.write_str("refused: bad user name or password (4)")
             }
-            ProvisionOutcome::Refused { code: 5 } => f.write_str("refused: not authorized (5)"),
-            ProvisionOutcome::Refused { code } => write!(f, "refused with code {code}"),
+            ProvisionOutcome::Refused { code: 5, .. } => f.write_str("refused: not authorized (5)"),
+            ProvisionOutcome::Refused { code, .. } => write!(f, "refused with code {code}"),
             ProvisionOutcome::Failed { code, error } => write!(f, "failed: {error} ({code})"),
         }
     }
@@ -294,12 +300,12 @@ pub async fn provision(
     let state = PhoneState::open(dir)?;
     let mac = state.record.mac.clone();
     let mut link = open_link(target, None).await?;
-    let code = return_code(
-        link.connect(pap_connect(&mac, state.record.pap.as_deref()))
-            .await?,
-    );
+    let (code, reason) = link
+        .connect(pap_connect(&mac, state.record.pap.as_deref()))
+        .await?;
+    let code = return_code(code);
     if code != 0 {
-        return Ok(ProvisionOutcome::Refused { code });
+        return Ok(ProvisionOutcome::Refused { code, reason });
     }
     let outcome = provision_connected(dir, &state, &mut link).await;
     link.disconnect().await;
@@ -405,10 +411,10 @@ pub async fn connect_raw(
 ) -> Result<u8, PhoneError> {
     let state = PhoneState::open(dir)?;
     let mut link = open_link(target, None).await?;
-    let code = return_code(
-        link.connect(pap_connect(&state.record.mac, password))
-            .await?,
-    );
+    let (code, _) = link
+        .connect(pap_connect(&state.record.mac, password))
+        .await?;
+    let code = return_code(code);
     if code == 0 {
         link.disconnect().await;
     }
@@ -459,7 +465,8 @@ pub async fn connect_provisioned(
     let state = PhoneState::open(dir)?;
     let (cert_pem, key_pem) = state.identity()?.ok_or(PhoneError::NotProvisioned)?;
     let mut link = open_link(target, Some((&cert_pem, &key_pem))).await?;
-    let code = return_code(link.connect(certificate_connect(&state.record.mac)).await?);
+    let (code, _) = link.connect(certificate_connect(&state.record.mac)).await?;
+    let code = return_code(code);
     if code != 0 {
         return Err(PhoneError::Refused { code });
     }
@@ -1029,7 +1036,13 @@ mod tests {
             assert_eq!(connect.login.unwrap().password, "");
         };
         let (outcome, ()) = tokio::join!(provision(dir.path(), &target), server);
-        assert_eq!(outcome.unwrap(), ProvisionOutcome::Refused { code: 4 });
+        assert_eq!(
+            outcome.unwrap(),
+            ProvisionOutcome::Refused {
+                code: 4,
+                reason: None
+            }
+        );
 
         let server = async {
             let (mut conn, _) = fake.accept().await;
@@ -1087,8 +1100,20 @@ mod tests {
     #[test]
     fn outcomes_read_well() {
         assert_eq!(
-            ProvisionOutcome::Refused { code: 4 }.to_string(),
+            ProvisionOutcome::Refused {
+                code: 4,
+                reason: None
+            }
+            .to_string(),
             "refused: bad user name or password (4)"
+        );
+        assert_eq!(
+            ProvisionOutcome::Refused {
+                code: 5,
+                reason: Some("authentication blocked: Reset Authentication is needed".into())
+            }
+            .to_string(),
+            "refused: authentication blocked: Reset Authentication is needed (5)"
         );
         assert_eq!(
             ProvisionOutcome::Failed {

@@ -89,6 +89,8 @@ pub enum SimEvent {
     Refused {
         /// The name of the return code (`NotAuthorized`, `ServiceUnavailable`, …).
         code: String,
+        /// Why, as the server said it (the MQTT 5 Reason String), if it did.
+        reason: Option<String>,
     },
     /// The connection was lost or could not be made.
     Disconnected {
@@ -166,7 +168,11 @@ impl fmt::Display for SimEvent {
                     write!(f, "connected without certificate")
                 }
             }
-            SimEvent::Refused { code } => write!(f, "refused: {code}"),
+            SimEvent::Refused {
+                code,
+                reason: Some(reason),
+            } => write!(f, "refused: {reason} ({code})"),
+            SimEvent::Refused { code, reason: None } => write!(f, "refused: {code}"),
             SimEvent::Disconnected { reason, .. } => write!(f, "disconnected: {reason}"),
             SimEvent::PoweredOff => write!(f, "powered off"),
             SimEvent::Command { payload, .. } => write!(f, "command {payload}"),
@@ -447,12 +453,12 @@ async fn connect(
     config: &SimConfig,
     tls: Arc<rustls::ClientConfig>,
     connect: Connect,
-) -> Result<(Link, ConnectReturnCode), LinkError> {
+) -> Result<(Link, (ConnectReturnCode, Option<String>)), LinkError> {
     let limit = config.connect_timeout;
     let attempt = async {
         let mut link = Link::open(&config.server, config.source, tls, limit).await?;
-        let code = link.connect(connect).await?;
-        Ok((link, code))
+        let answer = link.connect(connect).await?;
+        Ok((link, answer))
     };
     crate::link::within(limit, "connection", attempt).await?
 }
@@ -527,7 +533,9 @@ impl<'a> Session<'a> {
     /// accepts the station, or `None` with `next` set (a refusal or a failure is reported).
     async fn connecting(
         &mut self,
-        connect: impl std::future::Future<Output = Result<(Link, ConnectReturnCode), LinkError>>,
+        connect: impl std::future::Future<
+            Output = Result<(Link, (ConnectReturnCode, Option<String>)), LinkError>,
+        >,
         control: &mut mpsc::UnboundedReceiver<Control>,
     ) -> Option<Link> {
         tokio::pin!(connect);
@@ -554,13 +562,14 @@ impl<'a> Session<'a> {
 
     fn on_connect(
         &mut self,
-        connected: Result<(Link, ConnectReturnCode), LinkError>,
+        connected: Result<(Link, (ConnectReturnCode, Option<String>)), LinkError>,
     ) -> Option<Link> {
         match connected {
-            Ok((link, ConnectReturnCode::Success)) => return Some(link),
+            Ok((link, (ConnectReturnCode::Success, _))) => return Some(link),
             // The server closes a refused connection itself.
-            Ok((_, code)) => self.emitter.emit(SimEvent::Refused {
+            Ok((_, (code, reason))) => self.emitter.emit(SimEvent::Refused {
                 code: format!("{code:?}"),
+                reason,
             }),
             Err(e) => self.emitter.emit(SimEvent::Disconnected {
                 reason: e.to_string(),

@@ -60,11 +60,12 @@ pub enum CommandName {
     RevokeOperator,
     ListAddressBlocks,
     LiftAddressBlock,
+    Explain,
 }
 
 impl CommandName {
     /// Every command, in the order of docs/protocol.md's tables.
-    pub const ALL: [CommandName; 26] = [
+    pub const ALL: [CommandName; 27] = [
         CommandName::ListStations,
         CommandName::GetStation,
         CommandName::AcceptStation,
@@ -91,6 +92,7 @@ impl CommandName {
         CommandName::RevokeOperator,
         CommandName::ListAddressBlocks,
         CommandName::LiftAddressBlock,
+        CommandName::Explain,
     ];
 
     /// The wire name, e.g. `acceptStation`.
@@ -122,6 +124,7 @@ impl CommandName {
             CommandName::RevokeOperator => "revokeOperator",
             CommandName::ListAddressBlocks => "listAddressBlocks",
             CommandName::LiftAddressBlock => "liftAddressBlock",
+            CommandName::Explain => "explain",
         }
     }
 
@@ -153,12 +156,14 @@ impl fmt::Display for CommandName {
 }
 
 /// Whether a command name reads by the naming rule of PROTOCOL §6 (`list…`, `get…`,
-/// `export…`), whether or not a command has that name: once a request's response is full, an
-/// entry with such a name is answered `too_large` without being looked at further.
+/// `export…`), or is `explain` (docs/protocol.md's read that names no prefix), whether or not a
+/// command has that name: once a request's response is full, an entry with such a name is
+/// answered `too_large` without being looked at further.
 pub fn names_a_read(name: &str) -> bool {
-    ["list", "get", "export"]
-        .iter()
-        .any(|prefix| name.starts_with(prefix))
+    name == CommandName::Explain.as_str()
+        || ["list", "get", "export"]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
 }
 
 /// A free-text argument (a phone's vendor, type or site, an operator's name): a string of at
@@ -304,6 +309,56 @@ impl fmt::Display for IpAddress {
     }
 }
 
+/// The `subject` of `explain`: an IP address, or a device's serial or MAC address as the
+/// operator wrote it. Text that is an IP address is one; text that is both a MAC and a serial
+/// (`aabbccddeeff`) names either, and the controller looks for both.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Subject {
+    Address(IpAddress),
+    /// A station's serial, a phone's MAC, or both readings of the same text.
+    Device {
+        text: String,
+        serial: Option<Serial>,
+        mac: Option<Mac>,
+    },
+}
+
+impl Subject {
+    /// `text` as a subject: an IP address first, else a MAC and/or a serial.
+    pub fn parse(text: &str) -> Result<Subject, CommandError> {
+        if let Ok(ip) = text.parse::<IpAddr>() {
+            return Ok(Subject::Address(IpAddress::new(ip)));
+        }
+        let serial = Serial::parse(text).ok();
+        let mac = Mac::parse(text).ok();
+        if serial.is_none() && mac.is_none() {
+            return Err(CommandError::invalid_argument(format!(
+                "subject {:?} is neither a serial, a MAC nor an IP address",
+                crate::shorten(text)
+            )));
+        }
+        Ok(Subject::Device {
+            text: text.to_owned(),
+            serial,
+            mac,
+        })
+    }
+
+    /// The subject as written (an address in its canonical form).
+    pub fn as_str(&self) -> String {
+        match self {
+            Subject::Address(ip) => ip.to_string(),
+            Subject::Device { text, .. } => text.clone(),
+        }
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.as_str())
+    }
+}
+
 /// One operator command with its arguments, each already valid. The variants and fields are
 /// docs/protocol.md §6's; absent optional arguments are `None`, and the controller supplies
 /// their defaults (the latest firmware, its page size).
@@ -396,6 +451,10 @@ pub enum OperatorCommand {
     ListAddressBlocks,
     LiftAddressBlock {
         address: IpAddress,
+    },
+    /// Why a device or an address stands where it stands (docs/protocol.md §6).
+    Explain {
+        subject: Subject,
     },
 }
 
@@ -494,6 +553,9 @@ impl OperatorCommand {
             CommandName::LiftAddressBlock => C::LiftAddressBlock {
                 address: args.address()?,
             },
+            CommandName::Explain => C::Explain {
+                subject: args.subject()?,
+            },
         })
     }
 
@@ -527,6 +589,7 @@ impl OperatorCommand {
             C::RevokeOperator { .. } => CommandName::RevokeOperator,
             C::ListAddressBlocks => CommandName::ListAddressBlocks,
             C::LiftAddressBlock { .. } => CommandName::LiftAddressBlock,
+            C::Explain { .. } => CommandName::Explain,
         }
     }
 
@@ -609,6 +672,7 @@ impl OperatorCommand {
             }
             C::RevokeOperator { name } => args.put("name", name.as_str()),
             C::LiftAddressBlock { address } => args.put("address", address.to_string()),
+            C::Explain { subject } => args.put("subject", subject.as_str()),
             C::ListWhitelist
             | C::ListFirmware
             | C::ExportDevicesCsv
@@ -725,6 +789,11 @@ pub mod arg {
     pub fn entry(text: &str) -> Result<WhitelistEntry, CommandError> {
         WhitelistEntry::parse(text)
             .map_err(|e| CommandError::invalid_argument(format!("entry: {e}")))
+    }
+
+    /// What `explain` is asked about (`subject`).
+    pub fn subject(text: &str) -> Result<super::Subject, CommandError> {
+        super::Subject::parse(text)
     }
 
     /// A station state by its JSON name (`state`).
@@ -854,6 +923,12 @@ impl Args<'_> {
         }
     }
 
+    /// `subject` of `explain`: a serial, a MAC or an IP address.
+    fn subject(&self) -> Result<Subject, CommandError> {
+        let text = self.string("subject", "missing \"subject\"")?;
+        Subject::parse(text)
+    }
+
     /// `address` of `liftAddressBlock`: an IPv4 or IPv6 address.
     fn address(&self) -> Result<IpAddress, CommandError> {
         let text = self.text("address", true)?;
@@ -901,6 +976,8 @@ mod tests {
         assert!(!CommandName::AcceptStation.is_read());
         assert!(!CommandName::ImportPhonesCsv.is_read());
         assert!(names_a_read("listFoo"));
+        assert!(CommandName::Explain.is_read());
+        assert!(!names_a_read("explainFoo"));
         let fleet_wide: Vec<_> = CommandName::ALL
             .into_iter()
             .filter(|c| c.is_fleet_wide())
@@ -1137,6 +1214,47 @@ mod tests {
         );
     }
 
+    #[test]
+    fn explain_arguments() {
+        let explain = |args| parsed("explain", args);
+        assert_eq!(invalid(explain(json!({}))), "missing \"subject\"");
+        assert_eq!(
+            invalid(explain(json!({"subject": 7}))),
+            "\"subject\" must be a string"
+        );
+        assert!(invalid(explain(json!({"subject": "bad serial!"})))
+            .starts_with("subject \"bad serial!\" is neither"));
+        assert_eq!(
+            explain(json!({"subject": "::ffff:203.0.113.7"})),
+            Ok(OperatorCommand::Explain {
+                subject: Subject::Address(IpAddress::new("203.0.113.7".parse().unwrap()))
+            })
+        );
+        match Subject::parse("ST-0001") {
+            Ok(Subject::Device { serial, mac, .. }) => {
+                assert_eq!(serial.map(|s| s.to_string()), Some("ST-0001".to_owned()));
+                assert_eq!(mac, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        match Subject::parse("AA:BB:CC:DD:EE:FF") {
+            Ok(Subject::Device { serial, mac, .. }) => {
+                assert_eq!(serial, None);
+                assert_eq!(mac.map(|m| m.to_string()), Some("aabbccddeeff".to_owned()));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Twelve hex digits are a MAC and a serial both.
+        assert!(matches!(
+            Subject::parse("aabbccddeeff"),
+            Ok(Subject::Device {
+                serial: Some(_),
+                mac: Some(_),
+                ..
+            })
+        ));
+    }
+
     fn serial() -> impl Strategy<Value = Serial> {
         "[A-Za-z0-9-]{1,64}".prop_map(|s| Serial::parse(&s).expect("a serial"))
     }
@@ -1258,6 +1376,12 @@ mod tests {
             ip().prop_map(|ip| C::LiftAddressBlock {
                 address: IpAddress::new(ip)
             }),
+            ip().prop_map(|ip| C::Explain {
+                subject: Subject::Address(IpAddress::new(ip))
+            }),
+            "[A-Za-z0-9:-]{1,40}".prop_filter_map("a subject", |text| Subject::parse(&text)
+                .ok()
+                .map(|subject| C::Explain { subject })),
         ]
     }
 

@@ -16,7 +16,7 @@ pub mod whitelist;
 
 pub use command::{
     names_a_read, After, CommandName, FirmwareVersion, IpAddress, Listing, OperatorCommand,
-    PageLimit, Text, DEFAULT_AUDIT_LIMIT, MAX_LIMIT, MAX_TEXT,
+    PageLimit, Subject, Text, DEFAULT_AUDIT_LIMIT, MAX_LIMIT, MAX_TEXT,
 };
 pub use envelope::{parse_request, EntryCommand, RequestEntry, ResponseEntry};
 pub use error::{CommandError, ErrorCode};

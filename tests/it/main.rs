@@ -22,3 +22,4 @@ mod shutdown;
 mod smoke;
 mod stations;
 mod tidy;
+mod why;

@@ -266,7 +266,10 @@ async fn factory_reset_requires_reset_authentication() {
     phone.set_pap(Some(&pap));
     assert_eq!(
         phone.provision().await,
-        ProvisionOutcome::Refused { code: 5 }
+        ProvisionOutcome::Refused {
+            code: 5,
+            reason: Some("phone is provisioned: it must connect with its certificate".into())
+        }
     );
     let view = op
         .call("resetPhoneAuthentication", json!({"mac": "aabbcc000009"}))

@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use fleet_broker::{Admission, BoxFuture, ConnectInfo, Decision, Refusal, Rights};
+use fleet_broker::{Admission, BoxFuture, ConnectInfo, Decision, Reason, Refusal, Rights};
 use serde_json::json;
 use time::OffsetDateTime;
 use tracing::{debug, info};
@@ -18,6 +18,7 @@ use super::{rfc3339, Controller, Requester};
 use crate::audit::{AuditRecord, Outcome};
 use crate::flood::Verdict;
 use crate::identity::{self, Identity, OperatorId, PhonePresented, StationRights};
+use crate::reasons;
 use crate::station::{self, Admit, DenyReason, Presented};
 use crate::store::Change;
 use fleet_protocol::{ClaimedClient, EventKind, Mac, Serial};
@@ -37,7 +38,13 @@ pub(super) struct Admitted {
 /// A refused CONNECT.
 pub(super) struct Refused {
     pub(super) refusal: Refusal,
+    /// For the log and the audit record.
     pub(super) reason: String,
+    /// For the client: an MQTT 5 CONNACK's Reason String. Never a secret (no PAP, no key but
+    /// the client's own); `crate::reasons` words the ones that differ from `reason`.
+    pub(super) public: String,
+    /// Stored with the refusal, audited or not (a station's `last_mismatch`).
+    pub(super) noted: Vec<Change>,
     /// The tenant whose audit log records it.
     pub(super) tenant: String,
     pub(super) device: Option<String>,
@@ -111,6 +118,8 @@ impl Controller {
             let refused = Refused {
                 refusal: Refusal::NotAuthorized,
                 reason,
+                public: reasons::address_blocked(until),
+                noted: Vec::new(),
                 tenant: station::DEFAULT_TENANT.to_owned(),
                 device: Some(quoted(&info.client_id)),
                 counts: false,
@@ -159,7 +168,7 @@ impl Controller {
             Judgement::Unavailable(reason) => Admitted {
                 decision: Decision::Deny {
                     refusal: Refusal::ServerUnavailable,
-                    reason,
+                    reason: Reason::new(reason, "server unavailable"),
                 },
                 slow: false,
                 pending: None,
@@ -188,11 +197,11 @@ impl Controller {
             device: refused.device,
             reason: &refused.reason,
         };
-        let pending = self.audit_refusal(record, refused.told);
+        let pending = self.audit_refusal(record, refused.noted, refused.told);
         Admitted {
             decision: Decision::Deny {
                 refusal: refused.refusal,
-                reason: refused.reason,
+                reason: Reason::new(refused.reason, refused.public),
             },
             slow,
             pending,
@@ -202,8 +211,14 @@ impl Controller {
     /// Audits a refused CONNECT within the per-address budget (a flood must not fill the
     /// disk); refusals over the budget are counted into the next audited one. The record is
     /// queued at once; `told` waits for it. Over the budget there is no record to wait for,
-    /// and `told` goes out at once.
-    fn audit_refusal(&self, r: RefusalRecord<'_>, told: Outbox) -> Option<Pending> {
+    /// and `told` goes out at once. `noted` is stored either way, with the record if there is
+    /// one.
+    fn audit_refusal(
+        &self,
+        r: RefusalRecord<'_>,
+        mut noted: Vec<Change>,
+        told: Outbox,
+    ) -> Option<Pending> {
         let budget = self
             .audit_budget
             .lock()
@@ -217,6 +232,10 @@ impl Controller {
             ),
             None => {
                 debug!(ip = %r.ip, "refusal over the audit budget: {}", r.reason);
+                if !noted.is_empty() {
+                    // Queued at once, durable soon; nothing waits for it.
+                    drop(self.store.queue(noted));
+                }
                 self.tell(told);
                 return None;
             }
@@ -230,8 +249,9 @@ impl Controller {
             Outcome::Refused,
             Some(reason),
         );
+        noted.push(Change::Audit(record));
         Some(Pending {
-            committed: self.store.queue(vec![Change::Audit(record)]),
+            committed: self.store.queue(noted),
             out: told,
         })
     }
@@ -249,6 +269,9 @@ impl Controller {
             Err(reason) => {
                 return Judgement::Refuse(Refused {
                     refusal: Refusal::NotAuthorized,
+                    // What the client presented, and why it identifies nothing: no secret.
+                    public: reason.clone(),
+                    noted: Vec::new(),
                     reason,
                     // Audited in the device's tenant when the client id names a known device.
                     tenant: self.tenant_of_client_id(&info.client_id),
@@ -285,6 +308,8 @@ impl Controller {
         let refuse = |reason: String| {
             Judgement::Refuse(Refused {
                 refusal: Refusal::NotAuthorized,
+                public: reason.clone(),
+                noted: Vec::new(),
                 reason,
                 tenant: id.tenant.clone(),
                 device: None,
@@ -343,10 +368,12 @@ impl Controller {
             .as_ref()
             .map(|r| r.tenant.clone())
             .unwrap_or_else(|| station::DEFAULT_TENANT.to_owned());
-        let refuse = |refusal, reason, counts, told| {
+        let refuse = |refusal, reason: String, public: String, noted, counts, told| {
             Judgement::Refuse(Refused {
                 refusal,
                 reason,
+                public,
+                noted,
                 tenant: tenant.clone(),
                 device: Some(serial.to_string()),
                 counts,
@@ -356,7 +383,9 @@ impl Controller {
         if record.is_none() {
             let ip = info.peer_addr.ip().to_string();
             if let Err(reason) = self.may_add_pending(live, serial, &ip) {
-                return refuse(Refusal::QuotaExceeded, reason, false, Outbox::default());
+                let public = reason.clone();
+                let (none, told) = (Vec::new(), Outbox::default());
+                return refuse(Refusal::QuotaExceeded, reason, public, none, false, told);
             }
         }
         let (level, name) = match station::admit(record.as_ref(), presented) {
@@ -366,7 +395,12 @@ impl Controller {
             Admit::Deny(reason) => {
                 let counts = !matches!(reason, DenyReason::Rejected);
                 let mut told = Outbox::default();
+                let mut noted = Vec::new();
                 if let DenyReason::IdentityMismatch { pinned, presented } = &reason {
+                    noted.push(Change::NoteMismatch {
+                        serial: serial.clone(),
+                        at,
+                    });
                     let body = json!({
                         "event": "identity_mismatch",
                         "serial": serial.as_str(),
@@ -377,7 +411,9 @@ impl Controller {
                     });
                     told.event(&tenant, EventKind::Security, body, at);
                 }
-                return refuse(Refusal::NotAuthorized, reason.to_string(), counts, told);
+                let public = reasons::station_refused(&reason);
+                let refusal = Refusal::NotAuthorized;
+                return refuse(refusal, reason.to_string(), public, noted, counts, told);
             }
         };
         Judgement::Admit(Granted {
@@ -569,7 +605,7 @@ impl Admission for ControllerAdmission {
                 Err(_) => {
                     return Decision::Deny {
                         refusal: Refusal::ServerUnavailable,
-                        reason: "the admission failed".into(),
+                        reason: Reason::new("the admission failed", "server unavailable"),
                     }
                 }
             };
@@ -583,7 +619,7 @@ impl Admission for ControllerAdmission {
                 self.0.closed(&info.client_id, info.session_id);
                 return Decision::Deny {
                     refusal: Refusal::ServerUnavailable,
-                    reason: "the admission could not be audited".into(),
+                    reason: Reason::new("the admission could not be audited", "server unavailable"),
                 };
             }
             if slow && matches!(decision, Decision::Deny { .. }) {
@@ -634,7 +670,7 @@ impl Admission for ControllerAdmission {
             device: Some(client_id.to_owned()),
             reason,
         };
-        let pending = self.0.audit_refusal(record, Outbox::default());
+        let pending = self.0.audit_refusal(record, Vec::new(), Outbox::default());
         if let (Some(pending), Ok(runtime)) = (pending, tokio::runtime::Handle::try_current()) {
             let controller = Arc::clone(&self.0);
             runtime.spawn(async move { controller.settle(pending).await });

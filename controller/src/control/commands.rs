@@ -333,6 +333,7 @@ impl Controller {
             C::RevokeOperator { name } => self.revoke_operator(cx, &name),
             C::ListAddressBlocks => self.list_address_blocks(cx),
             C::LiftAddressBlock { address } => self.lift_address_block(cx, address),
+            C::Explain { subject } => self.explain(cx, &subject),
         }
     }
 

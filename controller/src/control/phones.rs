@@ -33,11 +33,29 @@ pub(super) fn internal(e: impl std::fmt::Display) -> CommandError {
     CommandError::internal(e.to_string())
 }
 
-/// A phone's refusal: every one counts as a failed authentication of the address.
+/// A phone's refusal: every one counts as a failed authentication of the address. The client
+/// reads `reason` too, unless [`refuse_saying`] words it for it.
 fn refuse(mac: &Mac, refusal: Refusal, reason: String, tenant: String) -> Judgement {
+    let public = match refusal {
+        Refusal::ServerUnavailable => "server unavailable".to_owned(),
+        _ => reason.clone(),
+    };
+    refuse_saying(mac, refusal, reason, public, tenant)
+}
+
+/// A phone's refusal whose client reads `public` (`crate::reasons`), not the audit's reason.
+fn refuse_saying(
+    mac: &Mac,
+    refusal: Refusal,
+    reason: String,
+    public: String,
+    tenant: String,
+) -> Judgement {
     Judgement::Refuse(Refused {
         refusal,
         reason,
+        public,
+        noted: Vec::new(),
         tenant,
         device: Some(mac.to_string()),
         counts: true,
@@ -186,6 +204,7 @@ impl Controller {
             let body = json!({"event": "state", "phone": without_pap(&phone.view(at))});
             cx.out.event(&tenant, EventKind::Phones, body, self.now());
         }
+        let phone_after = phone.clone();
         let mut changes = vec![Change::PutPhone(phone)];
         let judgement = match decision {
             PapDecision::AdmitUnprovisioned { pap_checked } => {
@@ -206,10 +225,13 @@ impl Controller {
             }
             PapDecision::WrongPap => {
                 let reason = "wrong or missing PAP".to_owned();
-                refuse(&mac, Refusal::BadUserNameOrPassword, reason, tenant.clone())
+                let public = crate::reasons::wrong_pap(&phone_after, at);
+                let refusal = Refusal::BadUserNameOrPassword;
+                refuse_saying(&mac, refusal, reason, public, tenant.clone())
             }
             PapDecision::Locked { reason } | PapDecision::NotAllowed { reason } => {
-                refuse(&mac, Refusal::NotAuthorized, reason, tenant.clone())
+                let public = crate::reasons::pap_not_checked(&phone_after, at);
+                refuse_saying(&mac, Refusal::NotAuthorized, reason, public, tenant.clone())
             }
         };
         let written = match before != after {

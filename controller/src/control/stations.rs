@@ -333,10 +333,7 @@ impl Controller {
         transition: Transition,
         audit: AuditRecord,
     ) -> Result<(Option<Station>, Recorded), CommandError> {
-        let change = match &transition.station {
-            Some(s) => Change::PutStation(s.clone()),
-            None => Change::DeleteStation(serial.clone()),
-        };
+        let mut transition = transition;
         let mut effects = transition.effects.clone();
         let accepted = transition.station.as_ref().filter(|s| {
             s.standing == Standing::Authorized
@@ -344,6 +341,15 @@ impl Controller {
         });
         let mismatch = accepted
             .and_then(|record| self.authorize_holder(live, cx, record, &mut effects, &audit));
+        // The impostor's cut is an identity-mismatch refusal of the station too.
+        if let Some(m) = &mismatch {
+            let noted = |s| station::mismatch_noted(s, m.time);
+            transition.station = transition.station.take().map(noted);
+        }
+        let change = match &transition.station {
+            Some(s) => Change::PutStation(s.clone()),
+            None => Change::DeleteStation(serial.clone()),
+        };
         // Durable first (at the batch's commit); only then does anyone hear of it.
         let tenant = audit.tenant.clone();
         let recorded = cx.record(vec![change], audit)?;
