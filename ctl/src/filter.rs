@@ -111,31 +111,55 @@ pub fn outcome(text: &str) -> Result<String, String> {
     }
 }
 
-/// `--since`: an RFC 3339 time (`2026-05-01T10:00:00Z`) or a duration back from `now`: a number
-/// and `s`, `m` (or `min`), `h` or `d`, e.g. `90s`, `15m`, `2h`, `7d`.
-pub fn since(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
-    let text = text.trim();
-    if let Ok(at) = OffsetDateTime::parse(text, &Rfc3339) {
-        return Ok(at);
+/// `--since`: an RFC 3339 time (`2026-05-01T10:00:00Z`) or a duration back from now: a number
+/// and `s`, `m` (or `min`), `h` or `d`, e.g. `90s`, `15m`, `2h`, `7d`. Parsed first, turned into
+/// a time with [`Since::at`] once there is a `now`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    At(OffsetDateTime),
+    Back(Duration),
+}
+
+impl std::str::FromStr for Since {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Since, String> {
+        let text = text.trim();
+        if let Ok(at) = OffsetDateTime::parse(text, &Rfc3339) {
+            return Ok(Since::At(at));
+        }
+        let wrong = || {
+            format!(
+                "{text:?} is neither an RFC 3339 time (2026-05-01T10:00:00Z) nor a duration \
+                 such as 90s, 15m, 2h or 7d"
+            )
+        };
+        let digits = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(wrong)?;
+        let count: i32 = text[..digits].parse().map_err(|_| wrong())?;
+        let per = match text[digits..].trim() {
+            "s" | "sec" => Duration::SECOND,
+            "m" | "min" => Duration::MINUTE,
+            "h" => Duration::HOUR,
+            "d" => Duration::DAY,
+            _ => return Err(wrong()),
+        };
+        per.checked_mul(count).map(Since::Back).ok_or_else(wrong)
     }
-    let wrong = || {
-        format!(
-            "--since {text:?} is neither an RFC 3339 time (2026-05-01T10:00:00Z) nor a duration \
-             such as 90s, 15m, 2h or 7d"
-        )
-    };
-    let digits = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(wrong)?;
-    let count: i64 = text[..digits].parse().map_err(|_| wrong())?;
-    let per = match text[digits..].trim() {
-        "s" | "sec" => Duration::SECOND,
-        "m" | "min" => Duration::MINUTE,
-        "h" => Duration::HOUR,
-        "d" => Duration::DAY,
-        _ => return Err(wrong()),
-    };
-    per.checked_mul(i32::try_from(count).map_err(|_| wrong())?)
-        .and_then(|back| now.checked_sub(back))
-        .ok_or_else(wrong)
+}
+
+impl Since {
+    /// The time it names, durations counted back from `now`.
+    pub fn at(self, now: OffsetDateTime) -> OffsetDateTime {
+        match self {
+            Since::At(at) => at,
+            Since::Back(back) => now.checked_sub(back).unwrap_or(OffsetDateTime::UNIX_EPOCH),
+        }
+    }
+}
+
+/// [`Since`] parsed and resolved against `now` at once.
+pub fn since(text: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
+    text.parse::<Since>().map(|since| since.at(now))
 }
 
 /// The audit records `fleetctl audit` shows. Without `all`, an operator's own `connect`
