@@ -687,7 +687,10 @@ mod tests {
             lines.last(),
             Some(&"ANCIENT: Unsupported: firmware 5.0.0 is below 6.0.2")
         );
-        assert!(lines[1..4].iter().all(|l| l.starts_with("   ")), "no flag: {out}");
+        assert!(
+            lines[1..4].iter().all(|l| l.starts_with("   ")),
+            "no flag: {out}"
+        );
         assert_eq!(
             render(Shape::Stations, &json!({"stations": []}), &utc()),
             "no stations\n"
