@@ -820,12 +820,13 @@ async fn run(cli: Cli, clock: Clock) -> anyhow::Result<ExitCode> {
         }
         Plan::Call { command, args } => (client.call(&command, args).await?, Shape::Raw),
         Plan::VerifyAudit { head } => {
+            let remembered = head.as_ref().map(|head| head.seq);
             let check = match head {
                 Some(head) => ChainCheck::with_head(head),
                 None => ChainCheck::new(),
             };
             let verdict = fetch_pages(&client, check).await?;
-            return show_verdict(cli.json, &verdict);
+            return show_verdict(cli.json, &verdict, remembered);
         }
         Plan::AuditHead => return audit_head(&client, cli.json).await,
         Plan::InteractiveAccept { serial } => (
@@ -1030,7 +1031,7 @@ fn listing_shape(listing: Listing) -> Shape {
 }
 
 #[allow(clippy::print_stdout)]
-fn show_verdict(json: bool, verdict: &Verdict) -> anyhow::Result<ExitCode> {
+fn show_verdict(json: bool, verdict: &Verdict, head: Option<u64>) -> anyhow::Result<ExitCode> {
     if json {
         let value = match &verdict.broken {
             None => json!({
@@ -1050,6 +1051,9 @@ fn show_verdict(json: bool, verdict: &Verdict) -> anyhow::Result<ExitCode> {
         match &verdict.broken {
             None => {
                 println!("audit chain intact: {} records", verdict.records);
+                if let Some(seq) = head {
+                    println!("(the remembered head, seq {seq}, is in it)");
+                }
                 if verdict.unchained > 0 {
                     println!(
                         "(the first {} were stored before audit records were chained and are not covered)",
@@ -1096,7 +1100,6 @@ async fn accept_interactively(client: &OperatorClient, serial: &Serial) -> anyho
     std::io::stdout().flush()?;
     let mut typed = String::new();
     std::io::stdin().lock().read_line(&mut typed)?;
-    println!();
     if let Some(refusal) = fingerprint_refusal(&typed, expected, serial) {
         bail!(refusal);
     }

@@ -281,7 +281,7 @@ const STATIONS: Table = Table {
         ("SERIAL", Cell::Key("serial")),
         ("MODEL", Cell::Field("model")),
         ("FIRMWARE", Cell::Field("firmware")),
-        ("STATE", Cell::StationState),
+        ("STATUS", Cell::StationState),
         ("ONLINE", Cell::Field("online")),
         ("IP", Cell::Key("ip")),
         ("LAST SEEN", Cell::Time("last_seen")),
@@ -679,6 +679,8 @@ mod tests {
         let out = render(Shape::Stations, &data, &utc());
         let lines: Vec<&str> = out.lines().collect();
         assert!(lines[0].starts_with("!  SERIAL   MODEL"), "{out}");
+        // The manual's word, as `stations get` says it.
+        assert!(lines[0].contains("  STATUS  "), "{out}");
         assert!(lines[1].contains("Unauthorized"));
         assert!(lines[1].contains("yes"));
         assert!(lines[1].ends_with("12:29:17 (43 s ago)"), "{out}");

@@ -248,6 +248,7 @@ async fn audit_hides_reads_unless_all_and_checks_a_remembered_head() {
     op.create_phone("aabbccddee02").await;
     let verified = run(&fleet, &["audit", "verify", "--head", &head], "").await;
     assert!(verified.status.success());
+    assert!(stdout(&verified).contains(&format!("the remembered head, seq {seq}, is in it")));
     // A head the log does not hold (as after its newest records were deleted), and one whose
     // record has another hash: both fail.
     let beyond = format!("{}:{hash}", seq.parse::<u64>().unwrap_or(0) + 1_000_000);
