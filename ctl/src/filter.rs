@@ -208,15 +208,6 @@ fn is_read_command(record: &Value) -> bool {
 }
 
 impl AuditFilter {
-    /// Whether it asks for more than the default view.
-    pub fn narrows(&self) -> bool {
-        self.device.is_some()
-            || self.actor.is_some()
-            || self.action.is_some()
-            || self.outcome.is_some()
-            || self.since.is_some()
-    }
-
     /// Whether `record` (PROTOCOL §7) is shown.
     pub fn matches(&self, record: &Value) -> bool {
         if !self.all && (is_operator_connect(record) || is_read_command(record)) {

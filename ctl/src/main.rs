@@ -94,13 +94,14 @@ enum Top {
     /// `--all`; `audit verify` checks its hash chain, `audit head` prints its newest record.
     #[command(
         args_conflicts_with_subcommands = true,
-        after_help = "The filters are applied by fleetctl to the newest --limit records (fleetd \
-                      filters none of them): raise --limit to look further back."
+        after_help = "The filters, and the leaving out of operators' connects and reads, are \
+                      applied by fleetctl to the newest --limit records (fleetd filters none of \
+                      them): raise --limit to look further back."
     )]
     Audit {
-        /// The newest this many records, oldest first [default: fleetd's, 100]. Up to 500 (the
-        /// most one listAuditLog returns) is one request; above that fleetctl pages back
-        /// through the log with after_seq until it has them.
+        /// Look through the newest this many records, oldest first [default: 500, one
+        /// listAuditLog; with --all and no filter fleetd's, 100]. Up to 500 is one request;
+        /// above that fleetctl pages back through the log with after_seq until it has them.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         limit: Option<u64>,
         #[command(flatten)]
@@ -503,6 +504,15 @@ fn plan(command: Top) -> anyhow::Result<Plan> {
             filter,
             command: None,
         } => {
+            // Records are left out (always, unless --all without filters): look through a
+            // whole page, not fleetd's default 100, so that what is left is worth reading.
+            let hides = !filter.all
+                || filter.device.is_some()
+                || filter.actor.is_some()
+                || filter.action.is_some()
+                || filter.outcome.is_some()
+                || filter.since.is_some();
+            let limit = limit.or(hides.then_some(MAX_PAGE));
             let fetch = match limit {
                 Some(limit) if limit > MAX_PAGE => AuditFetch::Newest(NewestRecords::new(limit)),
                 limit => AuditFetch::One(C::ListAuditLog {
@@ -1238,7 +1248,20 @@ mod tests {
 
     #[test]
     fn audit_pages_only_beyond_one_listauditlog() {
-        assert_eq!(audited(&["audit"]).0, ("listAuditLog", json!({})));
+        // Without --all a page is looked through, since records are left out.
+        assert_eq!(
+            audited(&["audit"]).0,
+            ("listAuditLog", json!({"limit": 500}))
+        );
+        assert_eq!(audited(&["audit", "--all"]).0, ("listAuditLog", json!({})));
+        assert_eq!(
+            audited(&["audit", "--all", "--device", "ST-1"]).0,
+            ("listAuditLog", json!({"limit": 500}))
+        );
+        assert_eq!(
+            audited(&["audit", "--limit", "20"]).0,
+            ("listAuditLog", json!({"limit": 20}))
+        );
         assert_eq!(
             audited(&["audit", "--limit", "500"]).0,
             ("listAuditLog", json!({"limit": 500}))
