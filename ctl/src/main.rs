@@ -888,7 +888,6 @@ fn filtered_audit(mut data: Value, filter: &AuditFilter) -> (Value, usize) {
 
 /// Asks `question` on the terminal; true for yes. Without a terminal on stdin (a script) it
 /// asks nothing and says yes, as fleetctl did before it asked at all.
-#[allow(clippy::print_stderr)]
 fn confirmed(question: &str) -> anyhow::Result<bool> {
     if !std::io::stdin().is_terminal() {
         return Ok(true);
