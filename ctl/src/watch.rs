@@ -173,6 +173,7 @@ fn audit_event(record: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleet_protocol::{EventKind, Topic};
     use serde_json::json;
     use time::macros::datetime;
 
@@ -183,13 +184,13 @@ mod tests {
         }
     }
 
-    fn shown(topic: &str, event: Value) -> Option<String> {
-        line(
-            &format!("fleet/events/default/{topic}"),
-            &event,
-            &clock(),
-            &AuditFilter::default(),
-        )
+    /// The topic of `kind`'s events of tenant `default`, as fleet-protocol spells it.
+    fn topic(kind: EventKind) -> String {
+        Topic::Event("default".to_owned(), kind).to_string()
+    }
+
+    fn shown(kind: EventKind, event: Value) -> Option<String> {
+        line(&topic(kind), &event, &clock(), &AuditFilter::default())
     }
 
     #[test]
@@ -197,7 +198,7 @@ mod tests {
         let at = "2024-05-01T12:29:00Z";
         assert_eq!(
             shown(
-                "stations",
+                EventKind::Stations,
                 json!({"event": "state", "time": at, "type": "stations",
                 "station": {"serial": "ST-1", "state": "not_running", "label": "Not Running"}})
             )
@@ -206,7 +207,7 @@ mod tests {
         );
         assert_eq!(
             shown(
-                "stations",
+                EventKind::Stations,
                 json!({"event": "state", "time": at,
                 "station": {"serial": "ST-1", "state": null, "removed": true}})
             )
@@ -215,7 +216,7 @@ mod tests {
         );
         assert_eq!(
             shown(
-                "stations",
+                EventKind::Stations,
                 json!({"event": "update_progress", "time": at, "serial": "ST-3",
                 "version": "6.1.0", "received": 50, "size": 200})
             )
@@ -224,7 +225,7 @@ mod tests {
         );
         assert_eq!(
             shown(
-                "phones",
+                EventKind::Phones,
                 json!({"event": "state", "time": at,
                 "phone": {"mac": "aabbccddee01", "auth_state": "authentication_needed",
                     "failures": 2}})
@@ -236,14 +237,14 @@ mod tests {
         );
         assert_eq!(
             shown(
-                "phones",
+                EventKind::Phones,
                 json!({"event": "deleted", "mac": "aabbccddee01", "time": at})
             )
             .as_deref(),
             Some("12:29:00  phones    aabbccddee01 deleted")
         );
         let mismatch = shown(
-            "security",
+            EventKind::Security,
             json!({"event": "identity_mismatch", "time": at,
             "serial": "ST-1", "pinned": "AA", "presented": null, "ip": "203.0.113.7",
             "advice": "Check the station."}),
@@ -265,12 +266,19 @@ mod tests {
                 "reason": reason})
         };
         assert_eq!(
-            shown("audit", record("acceptStation", "Unauthorized -> Running")).as_deref(),
+            shown(
+                EventKind::Audit,
+                record("acceptStation", "Unauthorized -> Running")
+            )
+            .as_deref(),
             Some("12:29:00  audit     #7 admin acceptStation ST-1 ok: Unauthorized -> Running")
         );
-        assert_eq!(shown("audit", record("listStations", "")), None);
+        assert_eq!(shown(EventKind::Audit, record("listStations", "")), None);
         assert_eq!(
-            shown("audit", record("connect", "admitted with operator rights")),
+            shown(
+                EventKind::Audit,
+                record("connect", "admitted with operator rights")
+            ),
             None
         );
         let all = AuditFilter {
@@ -278,7 +286,7 @@ mod tests {
             ..AuditFilter::default()
         };
         assert!(line(
-            "fleet/events/default/audit",
+            &topic(EventKind::Audit),
             &record("listStations", ""),
             &clock(),
             &all
