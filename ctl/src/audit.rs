@@ -80,6 +80,57 @@ fn optional(hasher: &mut Sha256, record: &Value, field: &str) -> Result<(), Malf
     Ok(())
 }
 
+/// The newest record of an operator's chain as `fleetctl audit head` prints it, `SEQ:HASH`,
+/// to be kept elsewhere and given to `fleetctl audit verify --head` later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub seq: u64,
+    /// 64 lower-case hex digits.
+    pub hash: String,
+}
+
+impl Head {
+    /// The head of a chained record; `None` for a record without `seq` or `hash`.
+    pub fn of(record: &Value) -> Option<Head> {
+        let seq = record.get("seq").and_then(Value::as_u64)?;
+        let hash = record.get("hash").and_then(Value::as_str)?;
+        (!hash.is_empty()).then(|| Head {
+            seq,
+            hash: hash.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.seq, self.hash)
+    }
+}
+
+impl std::str::FromStr for Head {
+    type Err = String;
+
+    /// `SEQ:HASH`, the hash in either case.
+    fn from_str(text: &str) -> Result<Head, String> {
+        let wrong = || {
+            format!(
+                "{text:?} is not a head as `fleetctl audit head` prints it: SEQ:HASH, e.g. \
+                 42:{}",
+                "ab".repeat(32)
+            )
+        };
+        let (seq, hash) = text.trim().split_once(':').ok_or_else(wrong)?;
+        let seq = seq.parse().map_err(|_| wrong())?;
+        if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(wrong());
+        }
+        Ok(Head {
+            seq,
+            hash: hash.to_ascii_lowercase(),
+        })
+    }
+}
+
 /// Where and why a tenant's audit chain does not hold.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("audit chain broken at seq {seq}: {problem}")]

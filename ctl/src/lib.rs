@@ -4,6 +4,7 @@
 
 pub mod audit;
 mod client;
+pub mod filter;
 pub mod paging;
 pub mod why;
 

@@ -1,24 +1,32 @@
 //! `fleetctl`: the operator's command line for fleetd (PROTOCOL §8).
 
 mod table;
+mod watch;
 
-use std::io::{BufRead as _, Write as _};
+use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use fleet_ctl::audit::Head;
+use fleet_ctl::filter::{self, AuditFilter, PhoneFilter, Since};
 use fleet_ctl::paging::{
     fetch_pages, ChainCheck, ListPager, Listing, NewestRecords, Verdict, MAX_PAGE,
 };
 use fleet_ctl::{fingerprint_matches, operator_name, ClientError, OperatorClient};
 use fleet_protocol::command::arg;
 use fleet_protocol::OperatorCommand as C;
-use fleet_protocol::{FirmwareVersion, IpAddress, PageLimit, Serial, Text};
+use fleet_protocol::{
+    FirmwareVersion, IpAddress, PageLimit, PhoneState, Serial, StationState, Text,
+};
 use serde_json::{json, Value};
-use table::Shape;
+use table::{Clock, Shape};
+
+/// The heading of the options every subcommand takes, apart from its own.
+const CONNECTION: &str = "Connection and output (every subcommand)";
 
 #[derive(Parser)]
 #[command(
@@ -28,32 +36,35 @@ use table::Shape;
     after_help = "Lists are fetched a page at a time, following fleetd's `next`. A page answered \
                   rate_limited is asked again after the wait fleetd names (1 s if it names \
                   none), up to 10 times in a row; one answered too_large is asked again half \
-                  as big. Other commands print such errors and exit non-zero."
+                  as big. Other commands print such errors and exit non-zero.\n\n\
+                  Commands that delete or cut (stations reject, reset, remove; phones delete, \
+                  reset-authentication) ask before they act when stdin is a terminal; --yes \
+                  skips the question. Without a terminal (a script) they act without asking."
 )]
 struct Cli {
     /// fleetd's address, HOST:PORT.
-    #[arg(long, global = true, default_value = "127.0.0.1:8883")]
+    #[arg(long, global = true, default_value = "127.0.0.1:8883", help_heading = CONNECTION)]
     server: String,
     /// Fleet CA certificate [default: DATA_DIR/ca.pem].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_name = "FILE", help_heading = CONNECTION)]
     ca: Option<PathBuf>,
     /// Operator certificate [default: DATA_DIR/admin.pem].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_name = "FILE", help_heading = CONNECTION)]
     cert: Option<PathBuf>,
     /// Operator private key [default: DATA_DIR/admin.key].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_name = "FILE", help_heading = CONNECTION)]
     key: Option<PathBuf>,
     /// fleetd's data directory, for the files not given one by one.
-    #[arg(long, global = true, default_value = "./fleet-data")]
+    #[arg(long, global = true, default_value = "./fleet-data", help_heading = CONNECTION)]
     data_dir: PathBuf,
     /// Operator name [default: the CN of the certificate].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = CONNECTION)]
     name: Option<String>,
-    /// Print the response data as JSON.
-    #[arg(long, global = true)]
+    /// Print the response data as JSON (`watch`: each event's payload, one a line).
+    #[arg(long, global = true, help_heading = CONNECTION)]
     json: bool,
     /// Seconds to wait for the answer (to each page, for lists).
-    #[arg(long, global = true, default_value_t = 10)]
+    #[arg(long, global = true, default_value_t = 10, value_name = "SECS", help_heading = CONNECTION)]
     timeout: u64,
     #[command(subcommand)]
     command: Top,
@@ -79,16 +90,30 @@ enum Top {
     /// The firmware catalog that Start Update installs from.
     #[command(subcommand)]
     Firmware(FirmwareCommand),
-    /// The audit log (listAuditLog); `audit verify` checks its hash chain.
-    #[command(args_conflicts_with_subcommands = true)]
+    /// The audit log (listAuditLog), without operators' connects and read-only commands unless
+    /// `--all`; `audit verify` checks its hash chain, `audit head` prints its newest record.
+    #[command(
+        args_conflicts_with_subcommands = true,
+        after_help = "The filters, and the leaving out of operators' connects and reads, are \
+                      applied by fleetctl to the newest --limit records (fleetd filters none of \
+                      them): raise --limit to look further back."
+    )]
     Audit {
-        /// The newest this many records, oldest first [default: fleetd's, 100]. Up to 500 (the
-        /// most one listAuditLog returns) is one request; above that fleetctl pages back
-        /// through the log with after_seq until it has them.
+        /// Look through the newest this many records, oldest first [default: 500, one
+        /// listAuditLog; with --all and no filter fleetd's, 100]. Up to 500 is one request;
+        /// above that fleetctl pages back through the log with after_seq until it has them.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         limit: Option<u64>,
+        #[command(flatten)]
+        filter: AuditArgs,
         #[command(subcommand)]
         command: Option<AuditCommand>,
+    },
+    /// Follow the tenant's events live (fleet/events/TENANT/…), one line each, until Ctrl-C.
+    Watch {
+        /// Also the audit records of operators' connects and of read-only commands.
+        #[arg(long)]
+        all: bool,
     },
     /// All devices as CSV (exportDevicesCsv).
     ExportCsv,
@@ -103,6 +128,7 @@ enum Top {
     },
     /// Any operator command with JSON arguments, e.g. `call getStation '{"serial":"A"}'`.
     Call {
+        /// The command's wire name, e.g. getStation.
         command: String,
         /// A JSON object.
         #[arg(default_value = "{}")]
@@ -110,28 +136,85 @@ enum Top {
     },
 }
 
+/// The filters of `fleetctl audit`.
+#[derive(Args, Debug, Default)]
+struct AuditArgs {
+    /// Also operators' connects and read-only commands (list…, get…, export…): recorded, but
+    /// hidden by default.
+    #[arg(long)]
+    all: bool,
+    /// Only records of this device: a serial or a MAC (in any of its forms).
+    #[arg(long, value_name = "SERIAL|MAC")]
+    device: Option<String>,
+    /// Only records of this actor: an operator name, `station-SERIAL`, an address.
+    #[arg(long = "operator", value_name = "ACTOR")]
+    actor: Option<String>,
+    /// Only records of this action, e.g. acceptStation, connect, auth_request.
+    #[arg(long)]
+    action: Option<String>,
+    /// Only records of this outcome: ok, refused or error.
+    #[arg(long, value_parser = filter::outcome)]
+    outcome: Option<String>,
+    /// Only records from this time on: an RFC 3339 time or a duration back from now (90s, 15m,
+    /// 2h, 7d).
+    #[arg(long, value_name = "TIME|DURATION")]
+    since: Option<Since>,
+}
+
+impl AuditArgs {
+    fn filter(self, now: time::OffsetDateTime) -> AuditFilter {
+        AuditFilter {
+            all: self.all,
+            device: self.device,
+            actor: self.actor,
+            action: self.action,
+            outcome: self.outcome,
+            since: self.since.map(|since| since.at(now)),
+        }
+    }
+}
+
+/// `--yes` of the commands that delete or cut.
+#[derive(Args, Debug, Clone, Copy, Default)]
+struct Confirm {
+    /// Do not ask before acting (asked only when stdin is a terminal).
+    #[arg(long, short = 'y')]
+    yes: bool,
+}
+
 #[derive(Subcommand)]
 enum StationCommand {
-    /// List stations (listStations), every page.
+    /// List stations (listStations), every page; `!` marks a station refused for presenting
+    /// another key within the last 24 h.
     List {
-        /// Only stations in this state (e.g. unauthorized, running).
-        #[arg(long)]
-        state: Option<String>,
+        /// Only stations in this state, by its label or JSON name in any case: "Update
+        /// Required", Updating, Unsupported, Unauthorized, Running, "Not Running", Rejected.
+        #[arg(long, value_parser = filter::station_state)]
+        state: Option<StationState>,
         /// Only the first N stations [default: all of them, page after page].
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
         limit: Option<u64>,
     },
     /// Show one station (getStation).
-    Get { serial: String },
+    Get {
+        /// The station's serial number.
+        serial: String,
+    },
     /// Authorize a station (acceptStation) after checking its fingerprint.
     Accept {
+        /// The station's serial number.
         serial: String,
         /// The fingerprint shown on the station's local admin page; asked for if absent.
         #[arg(long)]
         fingerprint: Option<String>,
     },
-    /// Reject a station (rejectStation).
-    Reject { serial: String },
+    /// Reject a station (rejectStation): it is cut and refused until cleared.
+    Reject {
+        /// The station's serial number.
+        serial: String,
+        #[command(flatten)]
+        confirm: Confirm,
+    },
     /// List rejected stations (listRejectedStations), every page.
     Rejected {
         /// Only the first N stations [default: all of them, page after page].
@@ -139,54 +222,104 @@ enum StationCommand {
         limit: Option<u64>,
     },
     /// Clear a rejected station so it may ask again (clearRejectedStation).
-    Clear { serial: String },
+    Clear {
+        /// The station's serial number.
+        serial: String,
+    },
     /// Start a firmware update (startStationUpdate).
     Update {
+        /// The station's serial number.
         serial: String,
         /// Version to install [default: the latest].
         #[arg(long)]
         version: Option<String>,
     },
-    /// Reset Device (resetStation).
+    /// Reset Device (resetStation): the station is sent `reset` and cut.
     Reset {
+        /// The station's serial number.
         serial: String,
+        /// Unpin the station's key: it is Unauthorized again and must be accepted anew.
         #[arg(long)]
         delete_authentication: bool,
+        /// Have the station delete its configuration (it stays authorized unless
+        /// --delete-authentication).
         #[arg(long)]
         delete_configuration: bool,
+        #[command(flatten)]
+        confirm: Confirm,
     },
-    /// Remove Device (removeStation).
-    Remove { serial: String },
+    /// Remove Device (removeStation): the record is deleted, the station cut.
+    Remove {
+        /// The station's serial number.
+        serial: String,
+        #[command(flatten)]
+        confirm: Confirm,
+    },
 }
 
 #[derive(Subcommand)]
 enum PhoneCommand {
     /// Create a phone (createPhone); shows its PAP.
     Create {
+        /// The phone's MAC: aabbccddee01, AA:BB:CC:DD:EE:01 or aa-bb-….
         mac: String,
+        /// The phone's vendor, e.g. Yealink.
         #[arg(long)]
         vendor: String,
+        /// The phone's type (model), e.g. T54W.
         #[arg(long = "type")]
         phone_type: String,
+        /// Where the phone is, e.g. Berlin.
         #[arg(long, default_value = "")]
         site: String,
     },
-    /// List phones (listPhones), every page.
+    /// List phones (listPhones), every page; lockouts and suspensions are noted under the table.
     List {
+        /// Only phones in this state: its label or JSON name in any case, or needed, failed,
+        /// blocked, successful.
+        #[arg(long, value_parser = filter::phone_state)]
+        state: Option<PhoneState>,
+        /// Only phones of this site (in any case).
+        #[arg(long)]
+        site: Option<String>,
+        /// Only phones of this vendor (in any case).
+        #[arg(long)]
+        vendor: Option<String>,
         /// Only the first N phones [default: all of them, page after page].
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
         limit: Option<u64>,
     },
     /// Show one phone (getPhone).
-    Get { mac: String },
-    /// Suspend Authentication (suspendPhoneAuthentication).
-    Suspend { mac: String },
-    /// Reset Authentication: a new PAP (resetPhoneAuthentication).
-    ResetAuthentication { mac: String },
+    Get {
+        /// The phone's MAC, in any of its forms.
+        mac: String,
+    },
+    /// Suspend Authentication (suspendPhoneAuthentication): no PAP needed for 30 minutes.
+    Suspend {
+        /// The phone's MAC, in any of its forms.
+        mac: String,
+    },
+    /// Reset Authentication: a new PAP, the old PAP and certificate void at once
+    /// (resetPhoneAuthentication).
+    ResetAuthentication {
+        /// The phone's MAC, in any of its forms.
+        mac: String,
+        #[command(flatten)]
+        confirm: Confirm,
+    },
     /// Delete a phone (deletePhone).
-    Delete { mac: String },
-    /// Import phones from a CSV file (importPhonesCsv).
-    Import { file: PathBuf },
+    Delete {
+        /// The phone's MAC, in any of its forms.
+        mac: String,
+        #[command(flatten)]
+        confirm: Confirm,
+    },
+    /// Import phones from a CSV file (importPhonesCsv); exits non-zero if any line is refused.
+    Import {
+        /// A CSV file with the columns vendor, type, mac and optionally site, delimited by `,`
+        /// or `;`.
+        file: PathBuf,
+    },
     /// All devices as CSV on stdout (exportDevicesCsv): `fleetctl phones export > devices.csv`.
     Export,
 }
@@ -194,7 +327,15 @@ enum PhoneCommand {
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Fetch the tenant's whole audit log and check its hash chain; exits non-zero if broken.
-    Verify,
+    Verify {
+        /// A head printed by `fleetctl audit head` earlier, SEQ:HASH: its record must still
+        /// be in the chain with that hash, so that deleted newest records are noticed.
+        #[arg(long, value_name = "SEQ:HASH")]
+        head: Option<Head>,
+    },
+    /// Print the newest record's SEQ:HASH of the tenant's chain, to keep somewhere else and
+    /// give to `audit verify --head` later.
+    Head,
 }
 
 #[derive(Subcommand)]
@@ -208,6 +349,7 @@ enum FirmwareCommand {
 enum WhitelistCommand {
     /// Add an IP or CIDR range (addWhitelistEntry).
     Add {
+        /// An IPv4 or IPv6 address or CIDR range, e.g. 203.0.113.0/24.
         entry: String,
         /// Add a range broader than fleetd's minimum prefix (the whole Internet is refused
         /// even so).
@@ -215,7 +357,10 @@ enum WhitelistCommand {
         force: bool,
     },
     /// Remove an entry (removeWhitelistEntry).
-    Remove { entry: String },
+    Remove {
+        /// The entry as `whitelist list` shows it.
+        entry: String,
+    },
     /// Show both whitelists (listWhitelist).
     List,
 }
@@ -225,7 +370,10 @@ enum OperatorCommand {
     /// List the tenant's operators (listOperators).
     List,
     /// Revoke an operator's certificate (revokeOperator): fleetd admits it no more.
-    Revoke { name: String },
+    Revoke {
+        /// The operator's name, as `operators list` shows it.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -244,10 +392,33 @@ enum BlockCommand {
 struct Action {
     command: C,
     shape: Shape,
+    /// The question to ask first (a command that deletes or cuts, without `--yes`).
+    confirm: Option<String>,
 }
 
 fn action(command: C, shape: Shape) -> Action {
-    Action { command, shape }
+    Action {
+        command,
+        shape,
+        confirm: None,
+    }
+}
+
+/// An action that deletes or cuts: `question` is asked first, unless `--yes`.
+fn destructive(command: C, shape: Shape, confirm: Confirm, question: String) -> Action {
+    Action {
+        confirm: (!confirm.yes).then_some(question),
+        ..action(command, shape)
+    }
+}
+
+/// How `fleetctl audit` fetches its records.
+#[derive(Debug)]
+enum AuditFetch {
+    /// One listAuditLog.
+    One(C),
+    /// `--limit` above one page: page back through the audit log.
+    Newest(NewestRecords),
 }
 
 /// Everything validated, nothing done yet.
@@ -256,14 +427,34 @@ enum Plan {
     Send(Action),
     /// A list command, page after page.
     List(ListPager),
-    /// `audit --limit` above one page: page back through the audit log.
-    NewestAudit(NewestRecords),
+    /// `audit`: the newest records, filtered here.
+    Audit {
+        fetch: AuditFetch,
+        filter: AuditArgs,
+    },
     /// `stations accept` without `--fingerprint`: look, ask, then send.
     InteractiveAccept {
         serial: Serial,
     },
-    /// `audit verify`: page through the whole audit log.
-    VerifyAudit,
+    /// `audit verify`: page through the whole audit log, finding `head` in it if given.
+    VerifyAudit {
+        head: Option<Head>,
+    },
+    /// `audit head`: the newest record's seq and hash.
+    AuditHead,
+    /// `phones suspend`: read the phone, suspend, say what changed.
+    Suspend {
+        mac: fleet_protocol::Mac,
+    },
+    /// `phones import`; `semicolons` when the file was read as `;`-delimited.
+    Import {
+        command: C,
+        semicolons: bool,
+    },
+    /// `watch`: the tenant's events until Ctrl-C.
+    Watch {
+        all: bool,
+    },
     /// `call`: a command name only known at run time, sent as it is.
     Call {
         command: String,
@@ -307,27 +498,40 @@ fn plan(command: Top) -> anyhow::Result<Plan> {
             }
         },
         Top::Audit {
-            command: Some(AuditCommand::Verify),
+            command: Some(AuditCommand::Verify { head }),
             ..
-        } => return Ok(Plan::VerifyAudit),
+        } => return Ok(Plan::VerifyAudit { head }),
         Top::Audit {
-            limit: Some(limit),
-            command: None,
-        } if limit > MAX_PAGE => return Ok(Plan::NewestAudit(NewestRecords::new(limit))),
+            command: Some(AuditCommand::Head),
+            ..
+        } => return Ok(Plan::AuditHead),
         Top::Audit {
             limit,
+            filter,
             command: None,
         } => {
-            let limit = limit
-                .map(PageLimit::new)
-                .transpose()
-                .map_err(ClientError::from)?;
-            let command = C::ListAuditLog {
-                limit,
-                after_seq: None,
+            // Records are left out (always, unless --all without filters): look through a
+            // whole page, not fleetd's default 100, so that what is left is worth reading.
+            let hides = !filter.all
+                || filter.device.is_some()
+                || filter.actor.is_some()
+                || filter.action.is_some()
+                || filter.outcome.is_some()
+                || filter.since.is_some();
+            let limit = limit.or(hides.then_some(MAX_PAGE));
+            let fetch = match limit {
+                Some(limit) if limit > MAX_PAGE => AuditFetch::Newest(NewestRecords::new(limit)),
+                limit => AuditFetch::One(C::ListAuditLog {
+                    limit: limit
+                        .map(PageLimit::new)
+                        .transpose()
+                        .map_err(ClientError::from)?,
+                    after_seq: None,
+                }),
             };
-            action(command, Shape::Audit)
+            return Ok(Plan::Audit { fetch, filter });
         }
+        Top::Watch { all } => return Ok(Plan::Watch { all }),
         Top::ExportCsv => action(C::ExportDevicesCsv, Shape::Csv),
         Top::Console(_) => bail!("the console is not a single command"),
         Top::Why { subject } => action(fleet_ctl::why::command(&subject)?, Shape::Raw),
@@ -345,11 +549,6 @@ fn plan_station(command: StationCommand) -> anyhow::Result<Plan> {
     let serial = |text: &str| arg::serial(text).map_err(ClientError::from);
     Ok(Plan::Send(match command {
         StationCommand::List { state, limit } => {
-            let state = state
-                .as_deref()
-                .map(arg::state)
-                .transpose()
-                .map_err(ClientError::from)?;
             let listing = Listing::Stations { state };
             return Ok(Plan::List(ListPager::new(listing, limit)));
         }
@@ -377,12 +576,18 @@ fn plan_station(command: StationCommand) -> anyhow::Result<Plan> {
                 serial: serial(&s)?,
             })
         }
-        StationCommand::Reject { serial: s } => action(
-            C::RejectStation {
-                serial: serial(&s)?,
-            },
-            Shape::Station,
-        ),
+        StationCommand::Reject { serial: s, confirm } => {
+            let serial = serial(&s)?;
+            let question = format!(
+                "Reject station {serial}? It is cut and refused until cleared (stations clear)."
+            );
+            destructive(
+                C::RejectStation { serial },
+                Shape::Station,
+                confirm,
+                question,
+            )
+        }
         StationCommand::Rejected { limit } => {
             return Ok(Plan::List(ListPager::new(Listing::RejectedStations, limit)))
         }
@@ -408,20 +613,30 @@ fn plan_station(command: StationCommand) -> anyhow::Result<Plan> {
             serial: s,
             delete_authentication,
             delete_configuration,
+            confirm,
         } => {
+            let serial = serial(&s)?;
+            let question = format!(
+                "Reset station {serial}{}? It is sent `reset` and cut.",
+                match (delete_authentication, delete_configuration) {
+                    (true, true) => ", deleting its authentication and configuration",
+                    (true, false) => ", deleting its authentication",
+                    (false, true) => ", deleting its configuration",
+                    (false, false) => "",
+                }
+            );
             let command = C::ResetStation {
-                serial: serial(&s)?,
+                serial,
                 delete_authentication,
                 delete_configuration,
             };
-            action(command, Shape::Station)
+            destructive(command, Shape::Station, confirm, question)
         }
-        StationCommand::Remove { serial: s } => action(
-            C::RemoveStation {
-                serial: serial(&s)?,
-            },
-            Shape::Done,
-        ),
+        StationCommand::Remove { serial: s, confirm } => {
+            let serial = serial(&s)?;
+            let question = format!("Remove station {serial}? Its record is deleted and it is cut.");
+            destructive(C::RemoveStation { serial }, Shape::Done, confirm, question)
+        }
     }))
 }
 
@@ -443,26 +658,73 @@ fn plan_phone(command: PhoneCommand) -> anyhow::Result<Plan> {
             };
             action(command, Shape::Phone)
         }
-        PhoneCommand::List { limit } => {
-            return Ok(Plan::List(ListPager::new(Listing::Phones, limit)))
+        PhoneCommand::List {
+            state,
+            site,
+            vendor,
+            limit,
+        } => {
+            let filter = PhoneFilter {
+                state,
+                site,
+                vendor,
+            };
+            let pager = ListPager::new(Listing::Phones, limit).filtered(filter);
+            return Ok(Plan::List(pager));
         }
         PhoneCommand::Get { mac: m } => action(C::GetPhone { mac: mac(&m)? }, Shape::Phone),
-        PhoneCommand::Suspend { mac: m } => {
-            let command = C::SuspendPhoneAuthentication { mac: mac(&m)? };
-            action(command, Shape::Phone)
+        PhoneCommand::Suspend { mac: m } => return Ok(Plan::Suspend { mac: mac(&m)? }),
+        PhoneCommand::ResetAuthentication { mac: m, confirm } => {
+            let mac = mac(&m)?;
+            let question = format!(
+                "Reset the authentication of phone {mac}? Its PAP and certificate are void at \
+                 once and its session is cut."
+            );
+            let command = C::ResetPhoneAuthentication { mac };
+            destructive(command, Shape::Phone, confirm, question)
         }
-        PhoneCommand::ResetAuthentication { mac: m } => {
-            let command = C::ResetPhoneAuthentication { mac: mac(&m)? };
-            action(command, Shape::Phone)
+        PhoneCommand::Delete { mac: m, confirm } => {
+            let mac = mac(&m)?;
+            let question = format!("Delete phone {mac}? Its certificate is void at once.");
+            destructive(C::DeletePhone { mac }, Shape::Done, confirm, question)
         }
-        PhoneCommand::Delete { mac: m } => action(C::DeletePhone { mac: mac(&m)? }, Shape::Done),
         PhoneCommand::Import { file } => {
-            let csv = std::fs::read_to_string(&file)
+            let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
-            action(C::ImportPhonesCsv { csv }, Shape::Import)
+            let (csv, semicolons) = comma_delimited(&text)
+                .with_context(|| format!("cannot read {} as CSV", file.display()))?;
+            let command = C::ImportPhonesCsv { csv };
+            return Ok(Plan::Import {
+                command,
+                semicolons,
+            });
         }
         PhoneCommand::Export => action(C::ExportDevicesCsv, Shape::Csv),
     }))
+}
+
+/// A phones CSV as fleetd reads it, `,`-delimited: a file whose header line has more `;` than
+/// `,` (a German spreadsheet's export) is read as `;`-delimited and written again with `,`,
+/// quoting as needed; true then.
+fn comma_delimited(text: &str) -> anyhow::Result<(String, bool)> {
+    let header = text.lines().next().unwrap_or("");
+    if header.matches(';').count() <= header.matches(',').count() {
+        return Ok((text.to_owned(), false));
+    }
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(b';')
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let mut writer = csv::WriterBuilder::new()
+        .flexible(true)
+        .from_writer(Vec::new());
+    for (at, record) in reader.records().enumerate() {
+        let record = record.with_context(|| format!("line {}", at + 1))?;
+        writer.write_record(&record)?;
+    }
+    let bytes = writer.into_inner().context("writing the CSV")?;
+    Ok((String::from_utf8(bytes)?, true))
 }
 
 struct Credentials {
@@ -500,6 +762,8 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Before the runtime's threads: the local offset can only be read while there is one.
+    let clock = Clock::of_this_machine();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -507,7 +771,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(Cli::parse())) {
+    match runtime.block_on(run(Cli::parse(), clock)) {
         Ok(code) => code,
         Err(e) => {
             match e.downcast_ref::<ClientError>() {
@@ -521,7 +785,14 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+/// The tenant of an operator certificate: its O, `default` without one (PROTOCOL §1).
+fn tenant_of(credentials: &Credentials) -> anyhow::Result<String> {
+    Ok(fleet_certs::inspect_pem(&credentials.cert_pem)?
+        .organization
+        .unwrap_or_else(|| "default".to_owned()))
+}
+
+async fn run(cli: Cli, clock: Clock) -> anyhow::Result<ExitCode> {
     let credentials = credentials(&cli)?;
     if let Top::Console(args) = cli.command {
         args.check()?;
@@ -532,7 +803,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let plan = plan(cli.command)?;
     let client = connect(&cli.server, &credentials, cli.timeout).await?;
     let (data, shape) = match plan {
-        Plan::Send(action) => (client.run(&action.command).await?, action.shape),
+        Plan::Send(action) => {
+            if let Some(question) = &action.confirm {
+                if !confirmed(question)? {
+                    eprintln!("not confirmed: nothing was changed");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            (client.run(&action.command).await?, action.shape)
+        }
         Plan::List(pager) => {
             let listing = pager.listing();
             let data = fetch_pages(&client, pager).await?;
@@ -546,20 +825,140 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             (data, listing_shape(listing))
         }
-        Plan::NewestAudit(pager) => (fetch_pages(&client, pager).await?, Shape::Audit),
-        Plan::Call { command, args } => (client.call(&command, args).await?, Shape::Raw),
-        Plan::VerifyAudit => {
-            let verdict = fetch_pages(&client, ChainCheck::new()).await?;
-            return show_verdict(cli.json, &verdict);
+        Plan::Audit { fetch, filter } => {
+            let data = match fetch {
+                AuditFetch::One(command) => client.run(&command).await?,
+                AuditFetch::Newest(pager) => fetch_pages(&client, pager).await?,
+            };
+            let (data, hidden) = filtered_audit(data, &filter.filter(clock.now));
+            if !cli.json && hidden > 0 {
+                eprintln!("({hidden} of the newest records not shown: filtered, or operators' connects and read-only commands without --all)");
+            }
+            (data, Shape::Audit)
         }
+        Plan::Call { command, args } => (client.call(&command, args).await?, Shape::Raw),
+        Plan::VerifyAudit { head } => {
+            let remembered = head.as_ref().map(|head| head.seq);
+            let check = match head {
+                Some(head) => ChainCheck::with_head(head),
+                None => ChainCheck::new(),
+            };
+            let verdict = fetch_pages(&client, check).await?;
+            return show_verdict(cli.json, &verdict, remembered);
+        }
+        Plan::AuditHead => return audit_head(&client, cli.json).await,
         Plan::InteractiveAccept { serial } => (
             accept_interactively(&client, &serial).await?,
             Shape::Station,
         ),
+        Plan::Suspend { mac } => return suspend(&client, mac, cli.json, &clock).await,
+        Plan::Import {
+            command,
+            semicolons,
+        } => {
+            if semicolons {
+                eprintln!("(read as `;`-delimited, sent to fleetd `,`-delimited)");
+            }
+            let data = client.run(&command).await?;
+            show(cli.json, Shape::Import, &data, &clock)?;
+            let refused = data
+                .get("errors")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            return Ok(if refused == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        Plan::Watch { all } => {
+            let tenant = tenant_of(&credentials)?;
+            let events = client.subscribe_events(&tenant).await?;
+            eprintln!("watching the events of tenant {tenant} (Ctrl-C ends)");
+            watch::follow(events, all, cli.json, clock.offset).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
     };
     match why && !cli.json {
         true => std::io::stdout().write_all(fleet_ctl::why::render(&data).as_bytes())?,
-        false => show(cli.json, shape, &data)?,
+        false => show(cli.json, shape, &data, &clock)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The records of a listAuditLog answer that `filter` lets through, and how many it did not.
+fn filtered_audit(mut data: Value, filter: &AuditFilter) -> (Value, usize) {
+    let mut hidden = 0;
+    if let Some(Value::Array(records)) = data.get_mut("records") {
+        let before = records.len();
+        records.retain(|record| filter.matches(record));
+        hidden = before - records.len();
+    }
+    (data, hidden)
+}
+
+/// Asks `question` on the terminal; true for yes. Without a terminal on stdin (a script) it
+/// asks nothing and says yes, as fleetctl did before it asked at all.
+fn confirmed(question: &str) -> anyhow::Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        return Ok(true);
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(is_yes(&answer))
+}
+
+/// Whether an answer to a question is yes: `y` or `yes`, in any case.
+fn is_yes(answer: &str) -> bool {
+    matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+}
+
+/// `audit head`: the newest record of the operator's chain, as SEQ:HASH.
+#[allow(clippy::print_stdout)]
+async fn audit_head(client: &OperatorClient, json: bool) -> anyhow::Result<ExitCode> {
+    let newest = C::ListAuditLog {
+        limit: Some(PageLimit::saturating(1)),
+        after_seq: None,
+    };
+    let data = client.run(&newest).await?;
+    let record = data
+        .get("records")
+        .and_then(Value::as_array)
+        .and_then(|records| records.last())
+        .context("the audit log has no records yet")?;
+    let head = Head::of(record).with_context(|| {
+        format!("the newest record has no hash (stored before the chain existed): {record}")
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"seq": head.seq, "hash": head.hash}))?
+        );
+    } else {
+        println!("{head}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `phones suspend`: what the suspension changed, read from the phone before and after.
+#[allow(clippy::print_stdout)]
+async fn suspend(
+    client: &OperatorClient,
+    mac: fleet_protocol::Mac,
+    json: bool,
+    clock: &Clock,
+) -> anyhow::Result<ExitCode> {
+    let before = client.run(&C::GetPhone { mac: mac.clone() }).await?;
+    let after = client
+        .run(&C::SuspendPhoneAuthentication { mac: mac.clone() })
+        .await?;
+    if json {
+        show(json, Shape::Phone, &after, clock)?;
+    } else {
+        print!("{}", table::suspension(&before, &after, clock));
+        print!("{}", table::render(Shape::Phone, &after, clock));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -587,10 +986,7 @@ async fn console(
     credentials: &Credentials,
     args: fleet_console::ConsoleArgs,
 ) -> anyhow::Result<ExitCode> {
-    // The tenant is the O of the operator certificate, `default` without one (PROTOCOL §1).
-    let tenant = fleet_certs::inspect_pem(&credentials.cert_pem)?
-        .organization
-        .unwrap_or_else(|| "default".to_owned());
+    let tenant = tenant_of(credentials)?;
     let events = client.subscribe_events(&tenant).await?;
     let link = std::sync::Arc::new(ConsoleLink(client));
     fleet_console::run(args, link, &tenant, events).await?;
@@ -655,7 +1051,7 @@ fn listing_shape(listing: Listing) -> Shape {
 }
 
 #[allow(clippy::print_stdout)]
-fn show_verdict(json: bool, verdict: &Verdict) -> anyhow::Result<ExitCode> {
+fn show_verdict(json: bool, verdict: &Verdict, head: Option<u64>) -> anyhow::Result<ExitCode> {
     if json {
         let value = match &verdict.broken {
             None => json!({
@@ -675,6 +1071,9 @@ fn show_verdict(json: bool, verdict: &Verdict) -> anyhow::Result<ExitCode> {
         match &verdict.broken {
             None => {
                 println!("audit chain intact: {} records", verdict.records);
+                if let Some(seq) = head {
+                    println!("(the remembered head, seq {seq}, is in it)");
+                }
                 if verdict.unchained > 0 {
                     println!(
                         "(the first {} were stored before audit records were chained and are not covered)",
@@ -695,24 +1094,25 @@ fn show_verdict(json: bool, verdict: &Verdict) -> anyhow::Result<ExitCode> {
 }
 
 #[allow(clippy::print_stdout)]
-fn show(json: bool, shape: Shape, data: &Value) -> anyhow::Result<()> {
+fn show(json: bool, shape: Shape, data: &Value, clock: &Clock) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(data)?);
     } else {
-        print!("{}", table::render(shape, data));
+        print!("{}", table::render(shape, data, clock));
     }
     Ok(())
 }
 
-/// The manual's authorize page: show serial, MACs and fingerprint, have the operator type the
-/// fingerprint from the station's local admin page, and accept only when they match.
+/// The manual's authorize page: show serial and MACs (not the fingerprint, which the operator
+/// must read on the station itself, not copy from here), ask for the fingerprint shown on the
+/// station's local admin page, and accept only when it is the key the station presented.
 #[allow(clippy::print_stdout)]
 async fn accept_interactively(client: &OperatorClient, serial: &Serial) -> anyhow::Result<Value> {
     let get = C::GetStation {
         serial: serial.clone(),
     };
     let station = client.run(&get).await?;
-    print!("{}", table::render(Shape::Station, &station));
+    print!("{}", table::station_to_accept(&station));
     let Some(expected) = station.get("fingerprint").and_then(Value::as_str) else {
         bail!("station {serial} has no fingerprint (legacy firmware): update it first");
     };
@@ -720,14 +1120,45 @@ async fn accept_interactively(client: &OperatorClient, serial: &Serial) -> anyho
     std::io::stdout().flush()?;
     let mut typed = String::new();
     std::io::stdin().lock().read_line(&mut typed)?;
-    if !fingerprint_matches(&typed, expected) {
-        bail!("the fingerprint does not match: station {serial} was not accepted");
+    if let Some(refusal) = fingerprint_refusal(&typed, expected, serial) {
+        bail!(refusal);
     }
     let accept = C::AcceptStation {
         serial: serial.clone(),
         fingerprint: arg::fingerprint(expected).map_err(ClientError::from)?,
     };
     Ok(client.run(&accept).await?)
+}
+
+/// Why the fingerprint the operator typed is not accepted for `serial`, or `None` when it is
+/// `expected` (case, colons and spaces aside).
+fn fingerprint_refusal(typed: &str, expected: &str, serial: &Serial) -> Option<String> {
+    let digits = typed
+        .chars()
+        .filter(|c| !(matches!(c, ':' | '-') || c.is_whitespace()))
+        .count();
+    if typed.trim().is_empty() {
+        return Some(format!(
+            "no fingerprint typed: station {serial} was not accepted"
+        ));
+    }
+    if digits != 64
+        || !typed
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '-') || c.is_whitespace())
+    {
+        return Some(format!(
+            "that is not a fingerprint (64 hex digits, colons optional): station {serial} was \
+             not accepted"
+        ));
+    }
+    (!fingerprint_matches(typed, expected)).then(|| {
+        format!(
+            "the fingerprint typed is not the one of the key station {serial} presented: it was \
+             not accepted. Read it again on the station's own admin page; if the station shows \
+             another one, the device asking as {serial} may not be that station."
+        )
+    })
 }
 
 #[cfg(test)]
@@ -810,23 +1241,272 @@ mod tests {
         }
     }
 
+    /// The first request of `audit …` and its filter.
+    fn audited(args: &[&str]) -> ((&'static str, Value), AuditArgs) {
+        match planned(args) {
+            Plan::Audit {
+                fetch: AuditFetch::One(command),
+                filter,
+            } => (wire(&command), filter),
+            Plan::Audit {
+                fetch: AuditFetch::Newest(pager),
+                filter,
+            } => (wire(&pager.request()), filter),
+            other => panic!("{args:?}: not the audit log but {other:?}"),
+        }
+    }
+
     #[test]
     fn audit_pages_only_beyond_one_listauditlog() {
-        assert_eq!(sent(&["audit"]), ("listAuditLog", json!({}), Shape::Audit));
+        // Without --all a page is looked through, since records are left out.
         assert_eq!(
-            sent(&["audit", "--limit", "500"]),
-            ("listAuditLog", json!({"limit": 500}), Shape::Audit)
+            audited(&["audit"]).0,
+            ("listAuditLog", json!({"limit": 500}))
         );
-        match planned(&["audit", "--limit", "501"]) {
-            Plan::NewestAudit(pager) => {
-                assert_eq!(
-                    wire(&pager.request()),
-                    ("listAuditLog", json!({"limit": 500}))
-                );
+        assert_eq!(audited(&["audit", "--all"]).0, ("listAuditLog", json!({})));
+        assert_eq!(
+            audited(&["audit", "--all", "--device", "ST-1"]).0,
+            ("listAuditLog", json!({"limit": 500}))
+        );
+        assert_eq!(
+            audited(&["audit", "--limit", "20"]).0,
+            ("listAuditLog", json!({"limit": 20}))
+        );
+        assert_eq!(
+            audited(&["audit", "--limit", "500"]).0,
+            ("listAuditLog", json!({"limit": 500}))
+        );
+        assert!(matches!(
+            planned(&["audit", "--limit", "501"]),
+            Plan::Audit {
+                fetch: AuditFetch::Newest(_),
+                ..
             }
-            other => panic!("not paged: {other:?}"),
+        ));
+        assert_eq!(
+            audited(&["audit", "--limit", "501"]).0,
+            ("listAuditLog", json!({"limit": 500}))
+        );
+        assert!(matches!(
+            planned(&["audit", "verify"]),
+            Plan::VerifyAudit { head: None }
+        ));
+        assert!(matches!(planned(&["audit", "head"]), Plan::AuditHead));
+        let head = format!("12:{}", "ab".repeat(32));
+        assert!(matches!(
+            planned(&["audit", "verify", "--head", &head]),
+            Plan::VerifyAudit {
+                head: Some(Head { seq: 12, .. })
+            }
+        ));
+        assert!(parsed(&["audit", "verify", "--head", "12"]).is_err());
+    }
+
+    #[test]
+    fn audit_filters_are_parsed_and_resolved() {
+        let (_, args) = audited(&[
+            "audit",
+            "--device",
+            "ST-1",
+            "--operator",
+            "bob",
+            "--action",
+            "rejectStation",
+            "--outcome",
+            "Refused",
+            "--since",
+            "2h",
+            "--all",
+        ]);
+        let now = time::macros::datetime!(2026-05-01 12:00:00 UTC);
+        let filter = args.filter(now);
+        assert_eq!(
+            filter,
+            AuditFilter {
+                all: true,
+                device: Some("ST-1".into()),
+                actor: Some("bob".into()),
+                action: Some("rejectStation".into()),
+                outcome: Some("refused".into()),
+                since: Some(time::macros::datetime!(2026-05-01 10:00:00 UTC)),
+            }
+        );
+        assert!(!audited(&["audit"]).1.filter(now).all);
+        for wrong in [
+            &["audit", "--outcome", "failed"][..],
+            &["audit", "--since", "yesterday"],
+        ] {
+            let error = parsed(wrong).err().expect("refused").to_string();
+            assert!(
+                error.contains("one of") || error.contains("RFC 3339"),
+                "{error}"
+            );
         }
-        assert!(matches!(planned(&["audit", "verify"]), Plan::VerifyAudit));
+        let data = json!({"records": [
+            {"action": "listPhones", "outcome": "ok"},
+            {"action": "rejectStation", "outcome": "ok", "device": "ST-1"},
+        ]});
+        let (shown, hidden) = filtered_audit(data, &AuditFilter::default());
+        assert_eq!(hidden, 1);
+        assert_eq!(shown["records"][0]["action"], "rejectStation");
+    }
+
+    #[test]
+    fn station_states_are_the_manuals_names_in_any_case() {
+        for state in ["Not Running", "not running", "not_running", "NOT-RUNNING"] {
+            assert_eq!(
+                listed(&["stations", "list", "--state", state]).1,
+                json!({"state": "not_running"}),
+                "{state}"
+            );
+        }
+        let error = parsed(&["stations", "list", "--state", "offline"])
+            .err()
+            .expect("refused")
+            .to_string();
+        for label in ["\"Update Required\"", "\"Not Running\"", "\"Unauthorized\""] {
+            assert!(error.contains(label), "{error}");
+        }
+    }
+
+    #[test]
+    fn phones_list_filters_client_side() {
+        // Nothing of the filter reaches fleetd, which has none.
+        assert_eq!(
+            listed(&[
+                "phones", "list", "--state", "failed", "--site", "Berlin", "--vendor", "Snom"
+            ]),
+            ("listPhones", json!({}), Shape::Phones)
+        );
+        assert!(parsed(&["phones", "list", "--state", "locked"]).is_err());
+    }
+
+    /// The question a planned command asks first.
+    fn question(args: &[&str]) -> Option<String> {
+        match planned(args) {
+            Plan::Send(action) => action.confirm,
+            other => panic!("{args:?}: not one command but {other:?}"),
+        }
+    }
+
+    #[test]
+    fn destructive_commands_ask_unless_yes() {
+        for args in [
+            &["stations", "reject", "ST-1"][..],
+            &["stations", "reset", "ST-1", "--delete-authentication"],
+            &["stations", "remove", "ST-1"],
+            &["phones", "delete", "aabbccddee01"],
+            &["phones", "reset-authentication", "aabbccddee01"],
+        ] {
+            let asked = question(args).unwrap_or_else(|| panic!("{args:?} asks nothing"));
+            assert!(asked.contains(args[2]), "{asked}");
+            let yes: Vec<&str> = args.iter().copied().chain(["--yes"]).collect();
+            assert_eq!(question(&yes), None, "{yes:?}");
+            let y: Vec<&str> = args.iter().copied().chain(["-y"]).collect();
+            assert_eq!(question(&y), None, "{y:?}");
+        }
+        assert!(
+            question(&["stations", "reset", "ST-1", "--delete-authentication"])
+                .unwrap()
+                .contains("deleting its authentication")
+        );
+        for args in [
+            &["stations", "clear", "ST-1"][..],
+            &["phones", "get", "aabbccddee01"],
+        ] {
+            assert_eq!(question(args), None, "{args:?}");
+        }
+        assert!(is_yes("y\n") && is_yes(" YES ") && !is_yes("") && !is_yes("no"));
+    }
+
+    #[test]
+    fn a_typed_fingerprint_is_compared_and_a_wrong_one_explained() {
+        let serial = fleet_ctl_test_serial();
+        let expected = ["AB"; 32].join(":");
+        assert_eq!(
+            fingerprint_refusal(&"ab".repeat(32), &expected, &serial),
+            None
+        );
+        let other = format!("{}CD", "AB".repeat(31));
+        let wrong = fingerprint_refusal(&other, &expected, &serial).unwrap();
+        assert!(
+            wrong.contains("not the one of the key station ST-1 presented"),
+            "{wrong}"
+        );
+        assert!(
+            !wrong.contains(&expected),
+            "the expected one is never shown: {wrong}"
+        );
+        assert!(fingerprint_refusal("\n", &expected, &serial)
+            .unwrap()
+            .starts_with("no fingerprint typed"));
+        assert!(fingerprint_refusal("ST-1", &expected, &serial)
+            .unwrap()
+            .starts_with("that is not a fingerprint"));
+    }
+
+    fn fleet_ctl_test_serial() -> Serial {
+        arg::serial("ST-1").unwrap()
+    }
+
+    #[test]
+    fn semicolon_csv_is_read_and_sent_comma_delimited() {
+        let german = "vendor;type;mac;site\nYealink;T54W;aabbccddee01;\"K\u{f6}ln, Dom\"\n";
+        let (csv, converted) = comma_delimited(german).unwrap();
+        assert!(converted);
+        assert_eq!(
+            csv,
+            "vendor,type,mac,site\nYealink,T54W,aabbccddee01,\"K\u{f6}ln, Dom\"\n"
+        );
+        let comma = "vendor,type,mac\nYealink,T54W,aabbccddee01\n";
+        assert_eq!(comma_delimited(comma).unwrap(), (comma.to_owned(), false));
+    }
+
+    #[test]
+    fn every_argument_has_a_help_text() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                if help.trim().is_empty() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                if sub
+                    .get_about()
+                    .is_none_or(|about| about.to_string().trim().is_empty())
+                {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(
+            &<Cli as clap::CommandFactory>::command(),
+            "fleetctl",
+            &mut missing,
+        );
+        assert!(missing.is_empty(), "without help: {missing:#?}");
+    }
+
+    #[test]
+    fn subcommand_help_sets_the_connection_options_apart() {
+        let mut cli = <Cli as clap::CommandFactory>::command();
+        cli.build();
+        let stations = cli.find_subcommand_mut("stations").unwrap();
+        let reset = stations.find_subcommand_mut("reset").unwrap();
+        let help = reset.render_help().to_string();
+        let own = help
+            .find("--delete-authentication")
+            .expect("its own option");
+        let heading = help.find(CONNECTION).expect("the connection heading");
+        let server = help.find("--server").expect("the global option");
+        assert!(own < heading && heading < server, "{help}");
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::time::Duration;
 use fleet_protocol::{After, OperatorCommand, PageLimit};
 use serde_json::{json, Value};
 
-use crate::audit::{ChainBreak, ChainVerifier};
+use crate::audit::{ChainBreak, ChainVerifier, Head};
+use crate::filter::PhoneFilter;
 use crate::{ClientError, OperatorClient};
 
 /// The largest page fleetctl asks for: the controller's default page size, and the most records
@@ -185,6 +186,9 @@ pub struct ListPager {
     items: Vec<Value>,
     /// Where a listing cut short by `limit` would go on.
     left_out: Option<String>,
+    /// Only the items it lets through are kept (and count towards `limit`): fleetd has no
+    /// filter for these.
+    filter: Option<PhoneFilter>,
 }
 
 impl ListPager {
@@ -197,7 +201,15 @@ impl ListPager {
             after: None,
             items: Vec::new(),
             left_out: None,
+            filter: None,
         }
+    }
+
+    /// Keeps only the items `filter` lets through, matched client side page by page: the
+    /// pages are then asked for at fleetd's own size, `limit` counting only the items kept.
+    pub fn filtered(mut self, filter: PhoneFilter) -> ListPager {
+        self.filter = (!filter.is_empty()).then_some(filter);
+        self
     }
 
     /// What is listed.
@@ -210,6 +222,7 @@ impl ListPager {
     fn page_limit(&self) -> Option<u64> {
         let wanted = self
             .limit
+            .filter(|_| self.filter.is_none())
             .map(|limit| limit.saturating_sub(self.items.len() as u64).min(MAX_PAGE));
         match (wanted, self.page) {
             (Some(wanted), Some(page)) => Some(wanted.min(page)),
@@ -242,7 +255,12 @@ impl Pager for ListPager {
                 )))
             }
         };
-        self.items.extend(page);
+        match &self.filter {
+            Some(filter) => self
+                .items
+                .extend(page.into_iter().filter(|item| filter.matches(item))),
+            None => self.items.extend(page),
+        }
         if let Some(limit) = self.limit.and_then(|l| usize::try_from(l).ok()) {
             if self.items.len() >= limit {
                 self.left_out = if self.items.len() > limit {
@@ -487,6 +505,8 @@ pub struct ChainCheck {
     after_seq: u64,
     page: u64,
     verdict: Option<Verdict>,
+    /// A head remembered from `fleetctl audit head`, and whether its record was found.
+    head: Option<(Head, bool)>,
 }
 
 impl Default for ChainCheck {
@@ -503,7 +523,47 @@ impl ChainCheck {
             after_seq: 0,
             page: MAX_PAGE,
             verdict: None,
+            head: None,
         }
+    }
+
+    /// A check that also finds `head` (an earlier `fleetctl audit head`) in the chain: its
+    /// record must be there with that hash, so that deleting the newest records, which leaves
+    /// the rest of the chain whole, is noticed too.
+    pub fn with_head(head: Head) -> ChainCheck {
+        ChainCheck {
+            head: Some((head, false)),
+            ..ChainCheck::new()
+        }
+    }
+
+    /// Whether `record`, intact in the chain, contradicts the remembered head.
+    fn against_head(&mut self, record: &Value) -> Option<ChainBreak> {
+        let (head, seen) = self.head.as_mut()?;
+        let at = record.get("seq").and_then(Value::as_u64)?;
+        if *seen || at < head.seq {
+            return None;
+        }
+        if at > head.seq {
+            return Some(ChainBreak {
+                seq: head.seq,
+                problem: format!(
+                    "the remembered head (seq {}) is missing: the chain goes on at seq {at} \
+                     without it",
+                    head.seq
+                ),
+            });
+        }
+        *seen = true;
+        let hash = record.get("hash").and_then(Value::as_str).unwrap_or("");
+        (!hash.eq_ignore_ascii_case(&head.hash)).then(|| ChainBreak {
+            seq: at,
+            problem: format!(
+                "the record's hash is {hash}, not the remembered head's {}: the log was \
+                 rewritten from here on",
+                head.hash
+            ),
+        })
     }
 }
 
@@ -531,7 +591,11 @@ impl Pager for ChainCheck {
                     )));
                 }
             }
-            if let Err(broken) = self.verifier.push(record) {
+            let checked = self
+                .verifier
+                .push(record)
+                .and_then(|()| self.against_head(record).map_or(Ok(()), Err));
+            if let Err(broken) = checked {
                 self.verdict = Some(Verdict {
                     records: self.verifier.records() + 1,
                     unchained: self.verifier.unchained(),
@@ -562,11 +626,29 @@ impl Pager for ChainCheck {
     }
 
     fn finish(self) -> Verdict {
-        self.verdict.unwrap_or_else(|| Verdict {
+        if let Some(verdict) = self.verdict {
+            return verdict;
+        }
+        let missing = match self.head {
+            Some((head, false)) => Some(ChainBreak {
+                seq: head.seq,
+                problem: format!(
+                    "the remembered head (seq {}) is missing: the log ends {}, so its newest \
+                     records were deleted",
+                    head.seq,
+                    match self.verifier.last_seq() {
+                        Some(last) => format!("at seq {last}"),
+                        None => "before any record".to_owned(),
+                    }
+                ),
+            }),
+            _ => None,
+        };
+        Verdict {
             records: self.verifier.records(),
             unchained: self.verifier.unchained(),
-            broken: None,
-        })
+            broken: missing,
+        }
     }
 }
 
@@ -1062,5 +1144,96 @@ mod tests {
             matches!(result, Err(ClientError::Malformed(_))),
             "{result:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_remembered_head_catches_deleted_newest_records() {
+        let records = chained(10);
+        let head = |at: usize| Head::of(&records[at]).unwrap();
+        let verdict_with = |log: &[Value], head: Head| {
+            let script = Script::new(vec![Ok(json!({ "records": log }))]);
+            async move {
+                fetch_pages(&script, ChainCheck::with_head(head))
+                    .await
+                    .unwrap()
+            }
+        };
+        // The head still there, and records after it: intact.
+        assert_eq!(verdict_with(&records, head(6)).await.broken, None);
+        assert_eq!(verdict_with(&records, head(9)).await.broken, None);
+        // The newest four deleted: the chain alone is whole, the head is not there.
+        assert_eq!(
+            fetch_pages(
+                &Script::new(vec![Ok(json!({"records": records[..6]}))]),
+                ChainCheck::new()
+            )
+            .await
+            .unwrap()
+            .broken,
+            None
+        );
+        let verdict = verdict_with(&records[..6], head(8)).await;
+        let broken = verdict.broken.expect("the deletion is noticed");
+        assert_eq!(broken.seq, 9);
+        assert!(
+            broken.problem.contains("ends at seq 6"),
+            "{}",
+            broken.problem
+        );
+        // A head with another hash: the log was rewritten.
+        let mut other = head(4);
+        other.hash = "0".repeat(64);
+        let broken = verdict_with(&records, other)
+            .await
+            .broken
+            .expect("rewritten");
+        assert_eq!(broken.seq, 5);
+        assert!(broken.problem.contains("rewritten"), "{}", broken.problem);
+        // The head's record gone but later ones still there (the chain breaks first anyway).
+        let mut gapped = records.clone();
+        gapped.remove(5);
+        assert!(verdict_with(&gapped, head(5)).await.broken.is_some());
+    }
+
+    #[test]
+    fn heads_print_and_parse_as_seq_colon_hash() {
+        let head: Head = format!("42:{}", "AB".repeat(32)).parse().unwrap();
+        assert_eq!(head.seq, 42);
+        assert_eq!(head.to_string(), format!("42:{}", "ab".repeat(32)));
+        for wrong in ["42", "x:ab", &format!("42:{}", "ab".repeat(31)), "", ":"] {
+            assert!(wrong.parse::<Head>().is_err(), "{wrong:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_filtered_listing_keeps_matches_and_counts_only_them() {
+        let phone = |i: u32, site: &str| json!({"mac": format!("aabbccddee{i:02}"), "site": site});
+        let script = Script::new(vec![
+            Ok(
+                json!({"phones": [phone(1, "Berlin"), phone(2, "Paris"), phone(3, "Berlin")],
+                "next": "aabbccddee03"}),
+            ),
+            Ok(
+                json!({"phones": [phone(4, "Paris"), phone(5, "berlin"), phone(6, "Berlin")],
+                "next": "aabbccddee06"}),
+            ),
+        ]);
+        let filter = PhoneFilter {
+            site: Some("Berlin".into()),
+            ..PhoneFilter::default()
+        };
+        let pager = ListPager::new(Listing::Phones, Some(3)).filtered(filter);
+        // fleetd's own page size: a filtered page holds fewer than it is asked for.
+        assert_eq!(asked_for(&pager.request()).1, json!({}));
+        let data = fetch_pages(&script, pager).await.unwrap();
+        let macs: Vec<&str> = data["phones"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["mac"].as_str().unwrap())
+            .collect();
+        assert_eq!(macs, ["aabbccddee01", "aabbccddee03", "aabbccddee05"]);
+        assert_eq!(data["next"], "aabbccddee05");
+        assert_eq!(script.asked().len(), 2);
     }
 }

@@ -17,7 +17,11 @@ use fleet_sim::{
 use tokio::sync::{mpsc, watch};
 
 #[derive(Parser)]
-#[command(name = "fleet-sim", version, about = "Simulated fleetgate stations")]
+#[command(
+    name = "fleet-sim",
+    version,
+    about = "Simulated fleetgate stations and phones: one or many, against a running fleetd"
+)]
 struct Cli {
     #[command(subcommand)]
     command: TopCommand,
@@ -192,13 +196,16 @@ impl PhoneConnection {
 enum PhoneCommand {
     /// Make a new phone directory.
     Init {
+        /// The phone's state directory, made now.
         #[arg(long)]
         dir: PathBuf,
         /// 12 hex digits; `AA:BB:…` and `aa-bb-…` are accepted.
         #[arg(long)]
         mac: String,
+        /// The phone's vendor, as the operator created it.
         #[arg(long, default_value = phone::DEFAULT_VENDOR)]
         vendor: String,
+        /// The phone's type (model), as the operator created it.
         #[arg(long = "type", default_value = phone::DEFAULT_TYPE)]
         kind: String,
         /// The PAP the user types.
@@ -207,6 +214,7 @@ enum PhoneCommand {
     },
     /// One provisioning attempt; exits non-zero unless the phone got its certificate.
     Provision {
+        /// The phone's state directory (made by `phone init`).
         #[arg(long)]
         dir: PathBuf,
         #[command(flatten)]
@@ -217,6 +225,7 @@ enum PhoneCommand {
     },
     /// Connect with the certificate and stay until Ctrl-C or the server closes the connection.
     Connect {
+        /// The phone's state directory (made by `phone init`).
         #[arg(long)]
         dir: PathBuf,
         #[command(flatten)]
@@ -224,6 +233,7 @@ enum PhoneCommand {
     },
     /// Forget key, certificate, configuration and PAP; keep MAC, vendor and type.
     FactoryReset {
+        /// The phone's state directory (made by `phone init`).
         #[arg(long)]
         dir: PathBuf,
     },
@@ -266,12 +276,17 @@ impl Connection {
 enum StationCommand {
     /// Make a new station directory.
     Init {
+        /// The station's state directory, made now.
         #[arg(long)]
         dir: PathBuf,
+        /// The station's serial number, e.g. ST-0001.
         #[arg(long)]
         serial: String,
+        /// The firmware it reports: 6.1.0 and above has its own key pair, 6.0.2 to 6.0.7 is
+        /// legacy (no key, must be updated), below 6.0.2 is unsupported.
         #[arg(long, default_value = "6.1.0")]
         firmware: String,
+        /// The model it reports.
         #[arg(long, default_value = DEFAULT_MODEL)]
         model: String,
         /// MAC of the streaming interface (derived from the serial if absent).
@@ -283,6 +298,7 @@ enum StationCommand {
     },
     /// Boot the station and keep it running until Ctrl-C; prints one line per event.
     Run {
+        /// The station's state directory (made by `station init`).
         #[arg(long)]
         dir: PathBuf,
         #[command(flatten)]
@@ -290,20 +306,26 @@ enum StationCommand {
     },
     /// Show the fingerprint, as the local admin page does.
     Fingerprint {
+        /// The station's state directory (made by `station init`).
         #[arg(long)]
         dir: PathBuf,
     },
     /// Local admin "Reset Device"; a running station reboots.
     Reset {
+        /// The station's state directory (made by `station init`).
         #[arg(long)]
         dir: PathBuf,
+        /// Restore the default configuration.
         #[arg(long)]
         delete_configuration: bool,
+        /// Delete the key pair and the authorized flag: a new key pair is made at the next
+        /// boot, with a new fingerprint that an operator must accept again.
         #[arg(long)]
         delete_authentication: bool,
     },
     /// Ask the running station to reboot.
     Reboot {
+        /// The station's state directory (made by `station init`).
         #[arg(long)]
         dir: PathBuf,
     },
