@@ -194,3 +194,43 @@ fn a_client_that_sends_an_ip_address_as_sni_connects_and_is_not_warned_about() {
     });
     assert!(log.contains("Illegal SNI"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_seen_does_not_go_back_after_a_clean_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("fleet-data");
+    let mut fleetd = Fleetd::start(FLEETD.as_ref(), &data);
+    let mut op = fleetd.operator().await;
+    let station = fleetd.station(dir.path().join("SEEN-1"), "SEEN-1", "6.1.0");
+    let fingerprint = op.wait_request("SEEN-1").await;
+    op.call(
+        "acceptStation",
+        json!({"serial": "SEEN-1", "fingerprint": fingerprint}),
+    )
+    .await
+    .expect("accepted");
+    op.wait_state("SEEN-1", "running").await;
+    // The station's record says when it last asked; its session ends in a later second.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    station.handle.shutdown().await;
+    let offline = op
+        .wait_view("SEEN-1", "offline", |v| v["online"] == false)
+        .await;
+    let before = offline["last_seen"].as_str().expect("last_seen").to_owned();
+    assert!(
+        before.len() == "2026-01-01T00:00:00Z".len(),
+        "a time in whole seconds: {offline}"
+    );
+    drop(op);
+
+    assert!(fleetd.terminate().success(), "a clean stop");
+    let fleetd = Fleetd::start(FLEETD.as_ref(), &data);
+    let op = fleetd.operator().await;
+    let after = op.station("SEEN-1").await;
+    let after = after["last_seen"].as_str().expect("last_seen").to_owned();
+    // RFC 3339 UTC in whole seconds: the same length, so the text orders as the time.
+    assert!(
+        after >= before,
+        "last_seen went back after the restart: {before} -> {after}"
+    );
+}
