@@ -250,8 +250,9 @@ impl AddressStanding {
         }
     }
 
-    /// Why the address is in its state.
-    pub fn why(self, failures: u32) -> String {
+    /// Why the address is in its state; `failures` are the recent failed authentications
+    /// from it, where the reader may know them (`None`: not said).
+    pub fn why(self, failures: Option<u32>) -> String {
         match self {
             AddressStanding::Blocked { until } => format!(
                 "too many failed authentications from it: every CONNECT from it is refused \
@@ -261,10 +262,13 @@ impl AddressStanding {
             AddressStanding::Whitelisted => {
                 "it is on the tenant's whitelist: phones connecting from it need no PAP".to_owned()
             }
-            AddressStanding::Open => format!(
-                "no block and no whitelist entry cover it ({failures} recent failed \
-                 authentications)"
-            ),
+            AddressStanding::Open => match failures {
+                Some(failures) => format!(
+                    "no block and no whitelist entry cover it ({failures} recent failed \
+                     authentications)"
+                ),
+                None => "no block and no whitelist entry cover it".to_owned(),
+            },
         }
     }
 
@@ -530,7 +534,7 @@ mod tests {
         let blocked = AddressStanding::Blocked { until };
         assert_eq!(blocked.name(), ("blocked", "Blocked"));
         assert!(blocked
-            .why(20)
+            .why(Some(20))
             .contains("refused until 2026-01-05T10:15:00Z"));
         assert!(AddressStanding::Whitelisted
             .rule()

@@ -7,7 +7,6 @@
 //! durable. [`Store::begin`] opens a transaction of the caller's own, whose reads see its own
 //! writes: the controller handles a batch of messages in one (see `control.rs`).
 
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
@@ -31,6 +30,10 @@ const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// Tenant → `hash` of the tenant's newest audit record: the head of its chain, where the next
 /// record's `prev_hash` comes from. Updated in the transaction that stores that record.
 const AUDIT_HEADS: TableDefinition<&str, &str> = TableDefinition::new("audit_heads");
+/// (tenant, sequence number) of every audit record: the index by which a tenant's records are
+/// read, so that a read of one tenant's newest records, or a page of its chain, walks those
+/// records only, however many other tenants have. Written with the record.
+const AUDIT_BY_TENANT: TableDefinition<(&str, u64), ()> = TableDefinition::new("audit_by_tenant");
 /// MAC → phone record as JSON.
 const PHONES: TableDefinition<&str, &[u8]> = TableDefinition::new("phones");
 /// Records of which there is one for the whole controller, by name, as JSON.
@@ -46,6 +49,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Next audit sequence number. Kept apart from the audit table so that numbers are never
 /// reused, even if old records are pruned one day.
 const NEXT_AUDIT_SEQ: &str = "next_audit_seq";
+/// Present in `META` once `AUDIT_BY_TENANT` indexes every audit record (a store from before
+/// the index gets it built when it is opened).
+const AUDIT_INDEXED: &str = "audit_indexed";
 
 /// What went wrong with the store.
 #[derive(Debug, thiserror::Error)]
@@ -305,7 +311,8 @@ macro_rules! record_reads {
 
         /// The newest `limit` audit records of `tenant`, oldest first.
         pub fn audit(&$self, tenant: &str, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
-            read_audit(&$txn.open_table(AUDIT)?, tenant, limit)
+            let (index, audit) = ($txn.open_table(AUDIT_BY_TENANT)?, $txn.open_table(AUDIT)?);
+            read_audit(&index, &audit, tenant, limit)
         }
 
         /// Up to `limit` audit records of `tenant` with `seq` above `after_seq`, oldest first:
@@ -317,7 +324,8 @@ macro_rules! record_reads {
             after_seq: u64,
             limit: usize,
         ) -> Result<Vec<AuditRecord>, StoreError> {
-            read_audit_page(&$txn.open_table(AUDIT)?, tenant, after_seq, limit)
+            let (index, audit) = ($txn.open_table(AUDIT_BY_TENANT)?, $txn.open_table(AUDIT)?);
+            read_audit_page(&index, &audit, tenant, after_seq, limit)
         }
     };
 }
@@ -348,6 +356,7 @@ impl Store {
             txn.open_table(AUDIT_HEADS)?;
             txn.open_table(META)?;
             txn.open_table(SEEN)?;
+            index_audit(&txn)?;
         }
         txn.commit()?;
         let db = Arc::new(db);
@@ -562,17 +571,20 @@ fn read_phones(
     Ok(phones)
 }
 
-/// The audit entries of `tenant` among `entries`, in their order, `limit` at most.
+/// The audit records that `seqs` (from `AUDIT_BY_TENANT`, in their order) name for `tenant`,
+/// `limit` at most. An index entry whose record is gone, or is another tenant's, is skipped:
+/// the file was edited behind the store's back, and the chain's check shows where.
 fn tenant_records<'a>(
-    entries: impl Iterator<
+    seqs: impl Iterator<
         Item = Result<
             (
-                redb::AccessGuard<'a, u64>,
-                redb::AccessGuard<'a, &'static [u8]>,
+                redb::AccessGuard<'a, (&'static str, u64)>,
+                redb::AccessGuard<'a, ()>,
             ),
             redb::StorageError,
         >,
     >,
+    audit: &impl ReadableTable<u64, &'static [u8]>,
     tenant: &str,
     limit: usize,
 ) -> Result<Vec<AuditRecord>, StoreError> {
@@ -580,9 +592,13 @@ fn tenant_records<'a>(
     if limit == 0 {
         return Ok(records);
     }
-    for entry in entries {
-        let (key, value) = entry?;
-        let record = decode_audit(key.value(), value.value())?;
+    for entry in seqs {
+        let (key, _) = entry?;
+        let (_, seq) = key.value();
+        let Some(value) = audit.get(seq)? else {
+            continue;
+        };
+        let record = decode_audit(seq, value.value())?;
         if record.tenant == tenant {
             records.push(record);
             if records.len() == limit {
@@ -594,24 +610,50 @@ fn tenant_records<'a>(
 }
 
 fn read_audit(
-    table: &impl ReadableTable<u64, &'static [u8]>,
+    index: &impl ReadableTable<(&'static str, u64), ()>,
+    audit: &impl ReadableTable<u64, &'static [u8]>,
     tenant: &str,
     limit: usize,
 ) -> Result<Vec<AuditRecord>, StoreError> {
     // Newest first while collecting, then oldest first.
-    let mut records = tenant_records(table.iter()?.rev(), tenant, limit)?;
+    let seqs = index.range::<(&str, u64)>((tenant, 0)..=(tenant, u64::MAX))?;
+    let mut records = tenant_records(seqs.rev(), audit, tenant, limit)?;
     records.reverse();
     Ok(records)
 }
 
 fn read_audit_page(
-    table: &impl ReadableTable<u64, &'static [u8]>,
+    index: &impl ReadableTable<(&'static str, u64), ()>,
+    audit: &impl ReadableTable<u64, &'static [u8]>,
     tenant: &str,
     after_seq: u64,
     limit: usize,
 ) -> Result<Vec<AuditRecord>, StoreError> {
-    let range = table.range::<u64>((Bound::Excluded(after_seq), Bound::Unbounded))?;
-    tenant_records(range, tenant, limit)
+    let Some(first) = after_seq.checked_add(1) else {
+        return Ok(Vec::new());
+    };
+    let seqs = index.range::<(&str, u64)>((tenant, first)..=(tenant, u64::MAX))?;
+    tenant_records(seqs, audit, tenant, limit)
+}
+
+/// Builds `AUDIT_BY_TENANT` from the audit table, once, for a store from before the index.
+/// A record that does not decode is left out of the index (and so out of every read): the
+/// chain's check shows the gap.
+fn index_audit(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let mut meta = txn.open_table(META)?;
+    if meta.get(AUDIT_INDEXED)?.is_some() {
+        return Ok(());
+    }
+    let audit = txn.open_table(AUDIT)?;
+    let mut index = txn.open_table(AUDIT_BY_TENANT)?;
+    for entry in audit.iter()? {
+        let (seq, value) = entry?;
+        if let Ok(record) = decode_audit(seq.value(), value.value()) {
+            index.insert((record.tenant.as_str(), seq.value()), ())?;
+        }
+    }
+    meta.insert(AUDIT_INDEXED, 1)?;
+    Ok(())
 }
 
 fn write_changes(
@@ -690,6 +732,7 @@ fn opened<'s, 't, K: redb::Key + 'static, V: redb::Value + 'static>(
 struct AuditChain<'t> {
     audit: redb::Table<'t, u64, &'static [u8]>,
     heads: redb::Table<'t, &'static str, &'static str>,
+    index: redb::Table<'t, (&'static str, u64), ()>,
     meta: redb::Table<'t, &'static str, u64>,
     next_seq: u64,
 }
@@ -704,6 +747,7 @@ impl<'t> AuditChain<'t> {
         Ok(AuditChain {
             audit: txn.open_table(AUDIT)?,
             heads: txn.open_table(AUDIT_HEADS)?,
+            index: txn.open_table(AUDIT_BY_TENANT)?,
             meta,
             next_seq,
         })
@@ -722,6 +766,8 @@ impl<'t> AuditChain<'t> {
             .insert(record.tenant.as_str(), record.hash.as_str())?;
         self.audit
             .insert(self.next_seq, encode(&record)?.as_slice())?;
+        self.index
+            .insert((record.tenant.as_str(), self.next_seq), ())?;
         self.next_seq += 1;
         Ok(record)
     }
@@ -1151,6 +1197,8 @@ mod tests {
             stations.insert("S2", other.as_slice()).unwrap();
             let mut audit = txn.open_table(AUDIT).unwrap();
             audit.insert(99, b"[]".as_slice()).unwrap();
+            let mut index = txn.open_table(AUDIT_BY_TENANT).unwrap();
+            index.insert(("default", 99), ()).unwrap();
         }
         txn.commit().unwrap();
 
@@ -1345,6 +1393,70 @@ mod tests {
         assert_eq!(log.len(), 3);
         assert!(log[0].hash.is_empty());
         assert_eq!(crate::audit::verify_chain(&log, None), Ok(()));
+    }
+
+    #[test]
+    fn a_small_tenant_reads_its_own_records_through_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let mut changes: Vec<Change> = (0..500)
+            .map(|i| Change::Audit(record("big", &format!("b{i}"))))
+            .collect();
+        changes.insert(10, Change::Audit(record("small", "first")));
+        changes.push(Change::Audit(record("small", "last")));
+        store.apply(changes).unwrap();
+        let small = store.audit("small", 10).unwrap();
+        assert_eq!(
+            small.iter().map(|r| r.action.as_str()).collect::<Vec<_>>(),
+            ["first", "last"]
+        );
+        assert_eq!(store.audit("big", 3).unwrap().len(), 3);
+        assert_eq!(whole_chain(&store, "small", 1).len(), 2);
+        // The index names (tenant, seq): a page after the tenant's first record starts at its
+        // second, and nothing of another tenant is read in between.
+        let first = small[0].seq;
+        let page = store.audit_page("small", first, 10).unwrap();
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].action, "last");
+        // A record put into the file without the store (not in the index) is not shown.
+        let txn = store.db.begin_write().unwrap();
+        {
+            let mut forged = record("small", "forged");
+            forged.seq = 10_000;
+            let bytes = serde_json::to_vec(&forged).unwrap();
+            txn.open_table(AUDIT)
+                .unwrap()
+                .insert(10_000, bytes.as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+        assert_eq!(store.audit("small", 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_store_from_before_the_index_gets_it_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            store
+                .apply(vec![
+                    Change::Audit(record("a", "1")),
+                    Change::Audit(record("b", "2")),
+                    Change::Audit(record("a", "3")),
+                ])
+                .unwrap();
+            // As a store written before the index: no index, no mark.
+            let txn = store.db.begin_write().unwrap();
+            txn.delete_table(AUDIT_BY_TENANT).unwrap();
+            txn.open_table(META).unwrap().remove(AUDIT_INDEXED).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let a = whole_chain(&store, "a", 1);
+        assert_eq!(a.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(crate::audit::verify_chain(&a, None), Ok(()));
+        assert_eq!(store.audit("b", 10).unwrap().len(), 1);
     }
 
     // --- phones and whitelists ---

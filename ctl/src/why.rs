@@ -95,12 +95,11 @@ fn phone_fields(out: &mut String, data: &Value) {
 fn address_fields(out: &mut String, data: &Value) {
     if let Some(block) = data.get("block").filter(|b| !b.is_null()) {
         let s = |key: &str| block.get(key).and_then(Value::as_str).unwrap_or("?");
-        let failures = block.get("failures").and_then(Value::as_u64).unwrap_or(0);
-        let line = format!(
-            "{} blocked until {} ({failures} failed authentications)",
-            s("address"),
-            s("until")
-        );
+        let mut line = format!("{} blocked until {}", s("address"), s("until"));
+        // Another tenant than `default` is not told the fleet-wide count (`null`).
+        if let Some(failures) = block.get("failures").and_then(Value::as_u64) {
+            let _ = write!(line, " ({failures} failed authentications)");
+        }
         field(out, "block", &line);
     }
     for entry in data

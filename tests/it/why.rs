@@ -370,6 +370,26 @@ async fn why_an_address_is_blocked() {
         "{text}"
     );
 
+    // Blocks are fleet-wide: another tenant that knows nothing of the address is told nothing,
+    // and once it knows the address (here: its whitelist names it) it sees the block's end but
+    // not the failures, which were the default tenant's devices'.
+    let acme = fleet.operator_as("other", "acme").await;
+    assert_eq!(
+        code_of(acme.call("explain", json!({"subject": sprayer})).await),
+        "not_found",
+        "the block and its failures are not acme's business"
+    );
+    acme.call("addWhitelistEntry", json!({"entry": "127.0.0.41/32"}))
+        .await
+        .expect("acme whitelist");
+    let seen = explain(&acme, sprayer).await;
+    assert_eq!(seen["state"], "blocked");
+    assert_eq!(seen["block"]["until"], until.as_str());
+    assert_eq!(seen["block"]["failures"], Value::Null);
+    assert_eq!(seen["failures"], Value::Null);
+    assert!(seen["refusals"].as_array().expect("refusals").is_empty());
+    assert!(!rendered(&seen).contains("failed authentications)"));
+
     // The block ends by itself; a whitelist entry is what then covers the address.
     fleet.clock.advance(Duration::minutes(16));
     op.call("addWhitelistEntry", json!({"entry": "127.0.0.0/24"}))

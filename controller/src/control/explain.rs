@@ -1,7 +1,11 @@
 //! `explain` (docs/protocol.md §6): why a station, a phone or an address is where it stands, for
 //! `fleetctl why` and the console. A read: it changes nothing and is audited like the other
 //! reads. It sees the operator's tenant only: another tenant's device does not exist for it,
-//! and its refusals come from the tenant's own audit log. The words are `crate::reasons`'s.
+//! and its refusals come from the tenant's own audit log. Address blocks are fleet-wide (one
+//! address may be shared by devices of several tenants), so outside the `default` tenant, which
+//! sees them all with `listAddressBlocks`, a block is shown only where the tenant already knows
+//! the address (its own device's, or one its own refusals came from), with its end but without
+//! the fleet-wide count of failures. The words are `crate::reasons`'s.
 
 use std::net::IpAddr;
 
@@ -12,11 +16,12 @@ use super::{rfc3339, Controller};
 use crate::audit::AuditRecord;
 use crate::phone::{AuthState, Phone};
 use crate::reasons::{self, AddressStanding, RefusalsOf};
-use crate::station::Station;
+use crate::station::{self, Station};
 use fleet_protocol::{CommandError, Subject};
 
 /// How many of the tenant's newest audit records `explain` reads to find a subject's refusals:
-/// a bound on the work of one read, whatever the size of the log.
+/// a bound on the work of one read, whatever the size of the log (the store reads a tenant's
+/// records through its index, so other tenants' records are not walked).
 pub(super) const AUDIT_SCAN: usize = 1000;
 
 /// How many refusals `explain` shows, newest first.
@@ -87,7 +92,7 @@ impl Controller {
             "rule": reasons::station_rule(state, mismatch.is_some()),
             "station": self.view(cx.live, station),
             "refusals": refusals_view(&refused),
-            "block": ip.and_then(|ip| self.block_view(ip, cx.at)),
+            "block": ip.and_then(|ip| self.block_view(cx, ip, true)),
             "scanned": records.len(),
         })
     }
@@ -134,7 +139,7 @@ impl Controller {
             "lockouts_before_block": policy.lockouts_before_block,
             "locked_until": locked_until,
             "refusals": refusals_view(&refused),
-            "block": ip.and_then(|ip| self.block_view(ip, cx.at)),
+            "block": ip.and_then(|ip| self.block_view(cx, ip, true)),
             "scanned": records.len(),
         })
     }
@@ -145,11 +150,6 @@ impl Controller {
         ip: IpAddr,
         records: &[AuditRecord],
     ) -> Result<Value, CommandError> {
-        let (block, failures) = {
-            let limiter = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-            let block = limiter.blocks(cx.at).into_iter().find(|b| b.ip == ip);
-            (block, limiter.failures(ip, cx.at))
-        };
         let tenant = cx.tenant();
         let whitelists = &cx.live.whitelists;
         let mut covering: Vec<Value> = whitelists
@@ -167,12 +167,19 @@ impl Controller {
                 }),
         );
         let refused = reasons::refusals(records, RefusalsOf::Address(ip), MAX_REFUSALS);
-        let standing = match (block, covering.is_empty()) {
-            (Some(b), _) => AddressStanding::Blocked { until: b.until },
+        // The tenant knows this address if its own records or whitelists name it.
+        let known = !refused.is_empty() || !covering.is_empty();
+        let (until, failures) = self.block_of(ip, cx.at);
+        let fleet_wide = tenant == station::DEFAULT_TENANT;
+        let until = until.filter(|_| fleet_wide || known);
+        // The failures at an address are counted over every tenant's devices.
+        let failures = fleet_wide.then_some(failures);
+        let standing = match (until, covering.is_empty()) {
+            (Some(until), _) => AddressStanding::Blocked { until },
             (None, false) => AddressStanding::Whitelisted,
             (None, true) => AddressStanding::Open,
         };
-        if standing == AddressStanding::Open && refused.is_empty() && failures == 0 {
+        if standing == AddressStanding::Open && refused.is_empty() && failures.unwrap_or(0) == 0 {
             return Err(CommandError::not_found(format!(
                 "nothing is known about address {ip}: no block, no whitelist entry, no \
                  refusal among the tenant's newest {AUDIT_SCAN} audit records"
@@ -188,20 +195,41 @@ impl Controller {
             "rule": standing.rule(),
             "failures": failures,
             "refusals": refusals_view(&refused),
-            "block": self.block_view(ip, cx.at),
+            "block": self.block_view(cx, ip, known),
             "whitelist": covering,
             "scanned": records.len(),
         }))
     }
 
-    /// The address block of `ip` in force at `now`, as `listAddressBlocks` shows it.
-    fn block_view(&self, ip: IpAddr, now: time::OffsetDateTime) -> Option<Value> {
+    /// The end of the address block of `ip` in force at `now`, if any, and the failed
+    /// authentications counted at `ip` (of every tenant's devices).
+    fn block_of(
+        &self,
+        ip: IpAddr,
+        now: time::OffsetDateTime,
+    ) -> (Option<time::OffsetDateTime>, u32) {
         let limiter = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let block = limiter.blocks(now).into_iter().find(|b| b.ip == ip)?;
+        let until = limiter
+            .blocks(now)
+            .into_iter()
+            .find(|b| b.ip == ip)
+            .map(|b| b.until);
+        (until, limiter.failures(ip, now))
+    }
+
+    /// The address block of `ip` in force, as `listAddressBlocks` shows it, for the `default`
+    /// tenant; for another tenant only if it `knows` the address, and without the failures,
+    /// which are counted over every tenant's devices (`null`).
+    fn block_view(&self, cx: &Asking<'_, '_>, ip: IpAddr, knows: bool) -> Option<Value> {
+        let fleet_wide = cx.tenant() == station::DEFAULT_TENANT;
+        if !fleet_wide && !knows {
+            return None;
+        }
+        let (until, failures) = self.block_of(ip, cx.at);
         Some(json!({
             "address": ip.to_string(),
-            "until": rfc3339(block.until),
-            "failures": limiter.failures(ip, now),
+            "until": rfc3339(until?),
+            "failures": fleet_wide.then_some(failures),
         }))
     }
 }
