@@ -63,6 +63,11 @@ pub const SESSIONS_GRACE: Duration = Duration::from_secs(5);
 /// its inbox (their wills) and to publish what that produced.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(3);
 
+/// How long [`Fleet::stop`] then waits for the last write of the sightings
+/// ([`Controller::record_sightings`]); a store too slow for that loses at most a minute of
+/// `last_seen`.
+pub const SIGHTINGS_GRACE: Duration = Duration::from_secs(1);
+
 /// A running fleet service.
 pub struct Fleet {
     broker: Broker,
@@ -250,7 +255,8 @@ impl Fleet {
         self.writer_alive.clone()
     }
 
-    /// Shuts down gracefully, in at most [`SESSIONS_GRACE`] + [`DRAIN_GRACE`]: stops
+    /// Shuts down gracefully, in at most [`SESSIONS_GRACE`] + [`DRAIN_GRACE`] +
+    /// [`SIGHTINGS_GRACE`] (9 s): stops
     /// accepting, ends every session with a server DISCONNECT and fires its will (a station's
     /// `status` will reaches the controller), lets the controller handle and commit what is
     /// left in its inbox and publish what that produced, and stops the metrics endpoint. The
@@ -270,7 +276,13 @@ impl Fleet {
         // Last, when the sessions have ended: the sightings since the last sweep, so that a
         // station's `last_seen` does not go back after the restart.
         let controller = self.controller.clone();
-        let _ = tokio::task::spawn_blocking(move || controller.record_sightings()).await;
+        let sightings = tokio::task::spawn_blocking(move || controller.record_sightings());
+        if tokio::time::timeout(SIGHTINGS_GRACE, sightings)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the last sightings were not written in time");
+        }
         Stopped {
             sessions_ended,
             inbox_drained,

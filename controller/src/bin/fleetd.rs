@@ -1,7 +1,10 @@
 //! `fleetd`: the fleet service (front door, router and controller in one process).
 //!
 //! It stops on SIGTERM (systemd, Docker, `kill`) exactly as on Ctrl-C (SIGINT): gracefully, in
-//! a bounded time ([`Fleet::stop`]'s graces plus [`RUNTIME_GRACE`]: at most 10 s), then exits 0.
+//! a bounded time ([`STOP_BUDGET`], 10 s, from the signal: [`Fleet::stop`] takes at most 9 s,
+//! the store's close and the runtime's last tasks get what is left), then exits 0. A second
+//! signal during that ends the process at once (the store is crash-safe: what was answered is
+//! on disk), with 130 (SIGINT) or 143 (SIGTERM).
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -20,9 +23,12 @@ use tracing_subscriber::{EnvFilter, Layer};
 /// runtime's own, the log.
 const RESERVED_FILES: u64 = 64;
 
-/// After [`Fleet::stop`], how long the runtime's remaining tasks (and the blocking pool) get to
-/// finish before the process exits anyway.
-const RUNTIME_GRACE: Duration = Duration::from_secs(2);
+/// The whole of a graceful stop, from the signal to the exit: [`Fleet::stop`] (at most 9 s),
+/// then the store's close and the runtime's remaining tasks, each within what is left.
+const STOP_BUDGET: Duration = Duration::from_secs(10);
+
+/// Of [`STOP_BUDGET`], what is kept for the runtime's shutdown after the store's close.
+const RUNTIME_GRACE: Duration = Duration::from_millis(300);
 
 #[derive(Parser)]
 #[command(
@@ -260,10 +266,10 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
         .max_blocking_threads(128)
         .build()
         .context("tokio runtime")?;
-    runtime.block_on(async {
+    let deadline = runtime.block_on(async {
         // Before anything is announced: a SIGTERM right after the address line is a shutdown
         // too, not the default action (an abrupt end).
-        let signals = StopSignals::install()?;
+        let mut signals = StopSignals::install()?;
         let fleet = Fleet::start(&config).await.map_err(anyhow::Error::new)?;
         // Once started: a fleetd that cannot start says only why (one line). Clients come in
         // within the first moments at most by the hundred, well within any soft limit.
@@ -276,7 +282,14 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
         // Scripts and tests read the bound address from this line.
         println!("fleetd listening on {}", fleet.local_addr());
         let signal = signals.first().await;
+        let deadline = tokio::time::Instant::now() + STOP_BUDGET;
         tracing::info!("{signal}: shutting down");
+        // A second signal: the operator does not want to wait.
+        tokio::spawn(async move {
+            let again = signals.first().await;
+            tracing::warn!("{again} again: exiting now");
+            std::process::exit(if again == "SIGINT" { 130 } else { 143 });
+        });
         let writer_alive = fleet.store_writer_alive();
         let stopped = fleet.stop().await;
         if !stopped.sessions_ended {
@@ -287,9 +300,9 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
         }
         // The fleet is gone: the store closes once the last task that used the controller has
         // ended (its writer commits what is queued first).
-        let deadline = tokio::time::Instant::now() + RUNTIME_GRACE;
+        let close_by = deadline - RUNTIME_GRACE;
         while writer_alive.load(std::sync::atomic::Ordering::Relaxed)
-            && tokio::time::Instant::now() < deadline
+            && tokio::time::Instant::now() < close_by
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -298,9 +311,11 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
         } else {
             tracing::info!("store closed");
         }
-        anyhow::Ok(())
+        anyhow::Ok(deadline)
     })?;
-    runtime.shutdown_timeout(RUNTIME_GRACE);
+    // What is left of the budget (at least a moment for tasks that are about to end).
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    runtime.shutdown_timeout(left.max(Duration::from_millis(50)));
     tracing::info!("stopped");
     Ok(())
 }
@@ -320,8 +335,8 @@ impl StopSignals {
         })
     }
 
-    /// Waits for the first of them, and says which came.
-    async fn first(mut self) -> &'static str {
+    /// Waits for the next of them, and says which came.
+    async fn first(&mut self) -> &'static str {
         tokio::select! {
             _ = self.terminate.recv() => "SIGTERM",
             _ = self.interrupt.recv() => "SIGINT",
