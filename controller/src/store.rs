@@ -101,6 +101,7 @@ pub enum Change {
     },
     Audit(AuditRecord),
     /// When a station was last seen (whole seconds since the Unix epoch); no audit record.
+    /// Skipped if the station has no record when it is committed.
     Seen(Serial, i64),
 }
 
@@ -687,7 +688,14 @@ fn write_changes(
                 opened(&mut seen, txn, SEEN)?.remove(serial.as_str())?;
             }
             Change::Seen(serial, at) => {
-                opened(&mut seen, txn, SEEN)?.insert(serial.as_str(), *at)?;
+                // Only for a station that has a record: one removed since it was seen is not
+                // brought back as a sighting.
+                let known = opened(&mut stations, txn, STATIONS)?
+                    .get(serial.as_str())?
+                    .is_some();
+                if known {
+                    opened(&mut seen, txn, SEEN)?.insert(serial.as_str(), *at)?;
+                }
             }
             Change::PutPhone(phone) => {
                 let table = opened(&mut phones, txn, PHONES)?;
@@ -910,7 +918,12 @@ mod tests {
             store.sightings().unwrap(),
             [(s1.clone(), 1_700_000_060), (s2.clone(), 1_700_000_001)]
         );
-        store.apply(vec![Change::DeleteStation(s1)]).unwrap();
+        store
+            .apply(vec![Change::DeleteStation(s1.clone())])
+            .unwrap();
+        assert_eq!(store.sightings().unwrap(), [(s2.clone(), 1_700_000_001)]);
+        // A sighting of a station removed since (or never recorded) does not bring it back.
+        store.apply(vec![Change::Seen(s1, 1_700_000_120)]).unwrap();
         assert_eq!(store.sightings().unwrap(), [(s2, 1_700_000_001)]);
     }
 

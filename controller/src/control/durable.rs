@@ -54,6 +54,14 @@ impl Shared {
         self.0.whitelists()
     }
 
+    /// Commits `changes` through the writer thread and waits until they are durable: only for
+    /// a caller that holds neither the controller's lock nor a batch (the writer may wait for
+    /// a batch's transaction; see the module's comment). The sightings use it, so that their
+    /// fsync by the minute does not hold the lock.
+    pub(super) fn commit_unlocked(&self, changes: Vec<Change>) -> Result<(), StoreError> {
+        self.0.apply(changes).map(drop)
+    }
+
     /// Queues `changes` for the writer thread, grouped with whatever else is queued (one fsync
     /// for a connect storm); the future completes once they are durable.
     pub(super) fn queue(&self, changes: Vec<Change>) -> Queued {

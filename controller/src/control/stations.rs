@@ -197,8 +197,9 @@ impl Controller {
     /// front door ends a session that is silent for 1.5 × its keepalive, so an open one has
     /// spoken (a message or a PINGREQ) within that. One transaction without audit records for
     /// all the sightings since the last call; the bus task calls it every minute, so the rate
-    /// of these writes is bounded by the sweep, not by the stations' traffic. Returns how many
-    /// sightings were written.
+    /// of these writes is bounded by the sweep, not by the stations' traffic. The lock is held
+    /// only to collect them, not for the commit. Returns how many sightings were committed (a
+    /// station without a record among them is skipped by the store).
     pub fn record_sightings(&self) -> usize {
         let mut guard = self.lock();
         let now = self.now();
@@ -214,38 +215,26 @@ impl Controller {
         for serial in &online {
             live.saw(serial, now);
         }
+        // From memory only: the writer skips a sighting of a station that has no record by
+        // the time it commits (removed meanwhile), so nothing is read from the store here.
+        let mut serials = Vec::new();
         let mut changes = Vec::new();
         for serial in std::mem::take(&mut live.seen_unwritten) {
-            match self.store.station(&serial) {
-                Ok(Some(_)) => {
-                    if let Some(at) = live.last_seen.get(&serial) {
-                        changes.push(Change::Seen(serial, at.unix_timestamp()));
-                    }
-                }
-                // A client that never had a record, or one removed since.
-                Ok(None) => live.forget_seen(&serial),
-                Err(e) => {
-                    warn!("sighting of {serial} not written: {e}");
-                    live.seen_unwritten.insert(serial);
-                }
+            if let Some(at) = live.last_seen.get(&serial) {
+                changes.push(Change::Seen(serial.clone(), at.unix_timestamp()));
+                serials.push(serial);
             }
         }
+        drop(guard);
         if changes.is_empty() {
             return 0;
         }
         let written = changes.len();
-        let serials: Vec<Serial> = changes
-            .iter()
-            .filter_map(|change| match change {
-                Change::Seen(serial, _) => Some(serial.clone()),
-                _ => None,
-            })
-            .collect();
-        match guard.durable.commit(changes) {
-            Ok(_) => written,
+        match self.store.commit_unlocked(changes) {
+            Ok(()) => written,
             Err(e) => {
                 warn!("sightings not written: {e}");
-                guard.live.seen_unwritten.extend(serials);
+                self.lock().live.seen_unwritten.extend(serials);
                 0
             }
         }
