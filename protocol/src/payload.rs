@@ -157,6 +157,10 @@ pub enum AuthRequestError {
     NotAString(&'static str),
     #[error("auth request field {0:?} is longer than {MAX_FIELD_LEN} bytes")]
     TooLong(&'static str),
+    /// A control character (a line break, an escape sequence) in a field that operators read
+    /// in their terminal and console.
+    #[error("auth request field {0:?} contains control characters")]
+    ControlCharacters(&'static str),
     #[error("auth request serial: {0}")]
     Serial(IdError),
     #[error("auth request for serial {payload} came on the topic of {topic}")]
@@ -188,6 +192,9 @@ impl AuthRequest {
                 None | Some(Value::Null) => Err(AuthRequestError::Missing(name)),
                 Some(Value::String(text)) if text.len() > MAX_FIELD_LEN => {
                     Err(AuthRequestError::TooLong(name))
+                }
+                Some(Value::String(text)) if text.chars().any(char::is_control) => {
+                    Err(AuthRequestError::ControlCharacters(name))
                 }
                 Some(Value::String(text)) => Ok(text.clone()),
                 Some(_) => Err(AuthRequestError::NotAString(name)),
@@ -470,6 +477,7 @@ pub const DEVICES_CSV_COLUMNS: [&str; 7] = [
 mod tests {
     use super::*;
     use crate::ErrorCode;
+    use serde_json::json;
 
     #[test]
     fn command_payloads_match_the_protocol() {
@@ -549,6 +557,21 @@ mod tests {
             AuthRequest::parse(&s, long.as_bytes()),
             Err(AuthRequestError::TooLong("model"))
         );
+        // An escape sequence or a line break would reach an operator's terminal.
+        for (field, text) in [
+            ("model", "MC\u{1b}[2J"),
+            ("firmware", "6.1.0\nfake line"),
+            ("mac_control", "\u{9b}31m"),
+        ] {
+            let mut request = json!({"serial": "MC-1", "model": "m", "firmware": "6.1.0",
+                "mac_streaming": "a", "mac_control": "b"});
+            request[field] = Value::String(text.into());
+            assert_eq!(
+                AuthRequest::parse(&s, request.to_string().as_bytes()),
+                Err(AuthRequestError::ControlCharacters(field)),
+                "{field}"
+            );
+        }
         let error: CommandError = AuthRequestError::Missing("model").into();
         assert_eq!(error.code, ErrorCode::InvalidArgument);
         assert!(error.message.contains("model"));
