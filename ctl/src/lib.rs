@@ -14,6 +14,26 @@ pub use client::{
     operator_name, response_data, split_server, ClientError, OperatorClient, DEFAULT_TIMEOUT,
 };
 
+/// `text` as it may be written to a terminal: every control character but the line break
+/// (an escape sequence that could move the cursor or recolour the screen, a carriage return
+/// that could overwrite a line) is shown as `\u{..}`. Device-supplied fields (a station's
+/// `model` and `firmware`) are refused with control characters by fleetd; this also covers
+/// records stored before that, and any other text from the wire.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() && c != '\n') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() && c != '\n' {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// The label people see for a station `state` (PROTOCOL §5); the state itself when unknown.
 pub fn station_label(state: &str) -> &str {
     match StationState::from_name(state) {
@@ -43,6 +63,14 @@ pub fn fingerprint_matches(typed: &str, expected: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_shown_not_obeyed() {
+        assert_eq!(printable("MC-6100\nnext"), "MC-6100\nnext");
+        assert!(matches!(printable("plain"), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(printable("MC\u{1b}[2J"), "MC\\u{1b}[2J");
+        assert_eq!(printable("a\rb\u{9b}c"), "a\\u{d}b\\u{9b}c");
+    }
 
     #[test]
     fn labels_follow_the_manual() {

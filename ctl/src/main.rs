@@ -16,6 +16,7 @@ use fleet_ctl::filter::{self, AuditFilter, PhoneFilter, Since};
 use fleet_ctl::paging::{
     fetch_pages, ChainCheck, ListPager, Listing, NewestRecords, Verdict, MAX_PAGE,
 };
+use fleet_ctl::printable;
 use fleet_ctl::{fingerprint_matches, operator_name, ClientError, OperatorClient};
 use fleet_protocol::command::arg;
 use fleet_protocol::OperatorCommand as C;
@@ -880,7 +881,9 @@ async fn run(cli: Cli, clock: Clock) -> anyhow::Result<ExitCode> {
         }
     };
     match why && !cli.json {
-        true => std::io::stdout().write_all(fleet_ctl::why::render(&data).as_bytes())?,
+        true => {
+            std::io::stdout().write_all(printable(&fleet_ctl::why::render(&data)).as_bytes())?
+        }
         false => show(cli.json, shape, &data, &clock)?,
     }
     Ok(ExitCode::SUCCESS)
@@ -957,8 +960,8 @@ async fn suspend(
     if json {
         show(json, Shape::Phone, &after, clock)?;
     } else {
-        print!("{}", table::suspension(&before, &after, clock));
-        print!("{}", table::render(Shape::Phone, &after, clock));
+        print!("{}", printable(&table::suspension(&before, &after, clock)));
+        print!("{}", printable(&table::render(Shape::Phone, &after, clock)));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1098,7 +1101,7 @@ fn show(json: bool, shape: Shape, data: &Value, clock: &Clock) -> anyhow::Result
     if json {
         println!("{}", serde_json::to_string_pretty(data)?);
     } else {
-        print!("{}", table::render(shape, data, clock));
+        print!("{}", printable(&table::render(shape, data, clock)));
     }
     Ok(())
 }
@@ -1112,7 +1115,7 @@ async fn accept_interactively(client: &OperatorClient, serial: &Serial) -> anyho
         serial: serial.clone(),
     };
     let station = client.run(&get).await?;
-    print!("{}", table::station_to_accept(&station));
+    print!("{}", printable(&table::station_to_accept(&station)));
     let Some(expected) = station.get("fingerprint").and_then(Value::as_str) else {
         bail!("station {serial} has no fingerprint (legacy firmware): update it first");
     };

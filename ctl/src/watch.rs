@@ -34,7 +34,7 @@ pub(crate) async fn follow(
                 }
                 let clock = Clock { now: OffsetDateTime::now_utc(), offset };
                 if let Some(line) = line(&topic, &payload, &clock, &shown) {
-                    println!("{line}");
+                    println!("{}", fleet_ctl::printable(&line));
                 }
             }
             _ = tokio::signal::ctrl_c() => return Ok(()),
