@@ -1081,6 +1081,22 @@ mod tests {
     }
 
     #[test]
+    fn a_reason_string_of_128_bytes_or_more_has_multi_byte_lengths() {
+        let reason = "r".repeat(200);
+        let mut buf = BytesMut::new();
+        V5.write(
+            refusal_connack(MqttVersion::V5, Refusal::NotAuthorized, &reason),
+            &mut buf,
+        )
+        .expect("v5 connack encodes");
+        // Remaining length 207 = 1 + 1 + 2 (property length 203) + 1 + 2 + 200, each a
+        // two-byte variable byte integer.
+        let mut wanted = vec![0x20, 0xcf, 0x01, 0, 0x87, 0xcb, 0x01, 0x1f, 0, 200];
+        wanted.extend_from_slice(reason.as_bytes());
+        assert_eq!(&buf[..], &wanted[..]);
+    }
+
+    #[test]
     fn server_disconnect_for_v5_is_well_formed() {
         let packet = server_disconnect(MqttVersion::V5, DisconnectReasonCode::NotAuthorized, "cut")
             .expect("v5 has a disconnect");

@@ -94,14 +94,17 @@ pub struct Readings {
     pub pending_stations: i64,
     pub locked_phones: i64,
     pub address_blocks: i64,
-    /// What is not alive on the probe's side (e.g. `store writer`); empty when all is.
-    pub dead: Vec<&'static str>,
 }
 
-/// What the controller tells a scrape: called on the blocking pool before the answer is
-/// encoded, so that it may take its lock briefly; it must not hold it beyond its return.
+/// What the controller tells a scrape and a health check.
 pub trait Probe: Send + Sync + 'static {
+    /// The gauges of a scrape: called on the blocking pool before the answer is encoded, so
+    /// that it may take the controller's lock briefly; it must not hold it beyond its return.
     fn read(&self) -> Readings;
+
+    /// What is not alive on the probe's side (e.g. `store writer`); empty when all is. Cheap:
+    /// `/healthz` asks it, and computes no gauge.
+    fn dead(&self) -> Vec<&'static str>;
 }
 
 /// Every metric of fleetd, and the liveness of the front door's parts.
@@ -328,10 +331,7 @@ impl Endpoint {
         let probe = self.probe.clone();
         tokio::task::spawn_blocking(move || probe.read())
             .await
-            .unwrap_or_else(|_| Readings {
-                dead: vec!["controller"],
-                ..Readings::default()
-            })
+            .unwrap_or_default()
     }
 }
 
@@ -380,7 +380,7 @@ async fn scrape(State(endpoint): State<Endpoint>) -> Response {
 /// else 503 naming what is not.
 async fn health(State(endpoint): State<Endpoint>) -> Response {
     let mut dead = endpoint.metrics.dead_parts();
-    dead.extend(endpoint.readings().await.dead);
+    dead.extend(endpoint.probe.dead());
     if dead.is_empty() {
         (StatusCode::OK, "ok\n").into_response()
     } else {
@@ -412,7 +412,6 @@ mod tests {
             pending_stations: 5,
             locked_phones: 1,
             address_blocks: 0,
-            dead: Vec::new(),
         };
         let text = metrics.encode(&readings);
         assert_eq!(
@@ -461,5 +460,82 @@ mod tests {
         assert_eq!(metrics.dead_parts(), ["router"]);
         drop(accepting);
         assert_eq!(metrics.dead_parts(), ["listener", "router"]);
+    }
+
+    /// A probe whose store writer is alive while `writer` is true, and that counts its reads.
+    struct FakeProbe {
+        writer: AtomicBool,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Probe for FakeProbe {
+        fn read(&self) -> Readings {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            Readings::default()
+        }
+
+        fn dead(&self) -> Vec<&'static str> {
+            match self.writer.load(Ordering::Relaxed) {
+                true => Vec::new(),
+                false => vec!["store writer"],
+            }
+        }
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("request");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("answer");
+        let status = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        let body = answer
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_owned();
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn healthz_is_503_naming_what_is_dead_and_computes_no_gauge() {
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_router_probe(|| true);
+        let accepting = metrics.accepting();
+        let probe = Arc::new(FakeProbe {
+            writer: AtomicBool::new(true),
+            reads: Default::default(),
+        });
+        let listener = bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, metrics.clone(), probe.clone(), stopped));
+
+        assert_eq!(get(addr, "/healthz").await, (200, "ok\n".to_owned()));
+        probe.writer.store(false, Ordering::Relaxed);
+        assert_eq!(
+            get(addr, "/healthz").await,
+            (503, "not alive: store writer\n".to_owned())
+        );
+        drop(accepting);
+        assert_eq!(
+            get(addr, "/healthz").await,
+            (503, "not alive: listener, store writer\n".to_owned())
+        );
+        assert_eq!(
+            probe.reads.load(Ordering::Relaxed),
+            0,
+            "no gauge for a health check"
+        );
+        assert_eq!(get(addr, "/metrics").await.0, 200);
+        assert_eq!(probe.reads.load(Ordering::Relaxed), 1);
+        let _ = stop.send(true);
+        server.await.expect("the endpoint stops");
     }
 }

@@ -206,6 +206,8 @@ pub struct Controller {
     decisions: Mutex<Decisions>,
     settings: ControlSettings,
     out: mpsc::UnboundedSender<Publication>,
+    /// The locked-out phones counted by the last scrape, and when (`readings.rs`).
+    locked_phones: Mutex<Option<(OffsetDateTime, usize)>>,
 }
 
 /// RFC 3339 in UTC, "" for a time it cannot write.
@@ -262,6 +264,7 @@ impl Controller {
             decisions: Mutex::new(Decisions { live, durable }),
             settings,
             out,
+            locked_phones: Mutex::new(None),
         });
         Ok((controller, rx))
     }

@@ -354,10 +354,14 @@ impl Probe for FleetProbe {
         if let Some(other) = readings.sessions.get_mut(SESSION_KINDS.len() - 1) {
             *other = (registered - known).max(0);
         }
-        if !self.writer_alive.load(Ordering::Relaxed) {
-            readings.dead.push("store writer");
-        }
         readings
+    }
+
+    fn dead(&self) -> Vec<&'static str> {
+        match self.writer_alive.load(Ordering::Relaxed) {
+            true => Vec::new(),
+            false => vec!["store writer"],
+        }
     }
 }
 

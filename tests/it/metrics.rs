@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use fleet_tests::{raw, TestFleet, PATIENCE};
+use fleet_tests::{raw, wrong_pap, TestFleet, PATIENCE};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -100,6 +100,63 @@ async fn a_scrape_sees_a_station_connect_and_health_is_ok() {
         "{after}"
     );
     assert_eq!(get(addr, "/healthz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gauges_follow_stations_locked_phones_and_address_blocks() {
+    let fleet = TestFleet::start_with(|c| {
+        c.metrics.listen = Some("127.0.0.1:0".parse().expect("address"));
+        c.limits.failed_auth_per_ip = 3;
+        c.limits.failed_auth_delay_ms = 10;
+    })
+    .await;
+    let addr = fleet.fleet.metrics_addr().expect("the endpoint is bound");
+    let gauge = |t: &str, name: &str| sample(t, name);
+    let before = scrape(addr).await;
+    assert_eq!(
+        gauge(&before, "fleetd_sessions{kind=\"station\"}"),
+        0.0,
+        "{before}"
+    );
+    assert_eq!(gauge(&before, "fleetd_locked_phones"), 0.0, "{before}");
+    assert_eq!(gauge(&before, "fleetd_address_blocks"), 0.0, "{before}");
+
+    let mut op = fleet.operator().await;
+    let station = fleet.station("MET-2", "6.1.0");
+    op.wait_request("MET-2").await;
+    // Three wrong PAPs from one address: the phone is locked out, the address blocked.
+    let mac = "020000004201";
+    let pap = op.create_phone(mac).await;
+    let phone = fleet.phone(mac, None, "127.0.0.42");
+    for _ in 0..3 {
+        assert_eq!(phone.connect_raw(Some(&wrong_pap(&pap))).await, 4);
+    }
+    // The count of locked phones is reused for 10 s: the next scrape counts anew.
+    fleet.clock.advance(time::Duration::seconds(11));
+    let during = scrape(addr).await;
+    assert_eq!(
+        gauge(&during, "fleetd_sessions{kind=\"station\"}"),
+        1.0,
+        "{during}"
+    );
+    assert_eq!(gauge(&during, "fleetd_locked_phones"), 1.0, "{during}");
+    assert_eq!(gauge(&during, "fleetd_address_blocks"), 1.0, "{during}");
+
+    // The station goes; the lockout (30 min) and the block (15 min) end.
+    drop(station);
+    fleet.clock.advance(time::Duration::minutes(31));
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let after = scrape(addr).await;
+        let gone = gauge(&after, "fleetd_sessions{kind=\"station\"}") == 0.0;
+        if gone {
+            assert_eq!(gauge(&after, "fleetd_locked_phones"), 0.0, "{after}");
+            assert_eq!(gauge(&after, "fleetd_address_blocks"), 0.0, "{after}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{after}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

@@ -3,11 +3,11 @@
 //! MQTT 5 Reason String of a refusing CONNACK, which tells the client why and no secret.
 
 use fleet_sim::SimEvent;
-use fleet_tests::raw::{self, device_connector, string, tls, tls_from, vbi};
-use fleet_tests::{authorize, code_of, wrong_pap, TestFleet, PATIENCE};
+use fleet_tests::raw::{self, connack_v5, device_connector, string, tls, tls_from, vbi};
+use fleet_tests::{authorize, code_of, wrong_pap, TestFleet};
 use serde_json::{json, Value};
 use time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 async fn explain(op: &fleet_tests::Operator, subject: &str) -> Value {
     op.call("explain", json!({ "subject": subject }))
@@ -35,28 +35,6 @@ fn rendered(data: &Value) -> String {
         "{text}"
     );
     text.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// Reads a CONNACK; its reason code and Reason String (empty if none).
-async fn connack_v5(
-    stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-) -> (u8, String) {
-    let mut head = [0u8; 2];
-    let mut body = Vec::new();
-    tokio::time::timeout(PATIENCE, async {
-        stream.read_exact(&mut head).await?;
-        body.resize(usize::from(head[1]), 0);
-        stream.read_exact(&mut body).await
-    })
-    .await
-    .expect("CONNACK in time")
-    .expect("CONNACK");
-    assert_eq!(head[0], 0x20, "a CONNACK");
-    let reason = match body.get(2..) {
-        Some([_, 0x1f, _, _, text @ ..]) => String::from_utf8_lossy(text).into_owned(),
-        _ => String::new(),
-    };
-    (body[1], reason)
 }
 
 /// An MQTT 5 CONNECT of an unprovisioned phone: user name the MAC, password `pap`.

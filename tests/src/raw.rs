@@ -169,23 +169,83 @@ pub async fn connect_v5(stream: &mut TlsStream<TcpStream>, client_id: &str) -> (
         .write_all(&connect_v5_frame(client_id, 0, 60, &[], None))
         .await
         .expect("write");
-    let mut head = [0u8; 2];
-    let mut body = Vec::new();
-    tokio::time::timeout(PATIENCE, async {
-        stream.read_exact(&mut head).await?;
-        body.resize(usize::from(head[1]), 0);
-        stream.read_exact(&mut body).await
+    connack_v5(stream).await
+}
+
+/// Reads a variable byte integer (MQTT 5 §1.5.5) from `bytes` at `*at`, moving `at` past it.
+pub fn read_vbi(bytes: &[u8], at: &mut usize) -> Option<usize> {
+    let mut value = 0usize;
+    for shift in [0, 7, 14, 21] {
+        let byte = *bytes.get(*at)?;
+        *at += 1;
+        value |= usize::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// Reads an MQTT 5 CONNACK (of any length: its lengths are variable byte integers); returns
+/// its reason code and its Reason String (empty if none).
+pub async fn connack_v5(stream: &mut TlsStream<TcpStream>) -> (u8, String) {
+    let body = tokio::time::timeout(PATIENCE, async {
+        let mut first = [0u8; 1];
+        stream.read_exact(&mut first).await?;
+        assert_eq!(first[0], 0x20, "a CONNACK");
+        let mut length = Vec::new();
+        loop {
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).await?;
+            length.push(byte[0]);
+            if byte[0] & 0x80 == 0 || length.len() == 4 {
+                break;
+            }
+        }
+        let remaining = read_vbi(&length, &mut 0).expect("remaining length");
+        let mut body = vec![0u8; remaining];
+        stream.read_exact(&mut body).await?;
+        std::io::Result::Ok(body)
     })
     .await
     .expect("CONNACK in time")
     .expect("CONNACK");
-    assert_eq!(head[0], 0x20, "a CONNACK");
-    // Flags, code, property length, then a Reason String property (0x1F) if any.
-    let reason = match body.get(2..) {
-        Some([_, 0x1f, _, _, text @ ..]) => String::from_utf8_lossy(text).into_owned(),
-        _ => String::new(),
+    (body[1], connack_reason(&body))
+}
+
+/// The Reason String (0x1F) among the properties of a CONNACK's `body` (after the fixed
+/// header), empty if none.
+pub fn connack_reason(body: &[u8]) -> String {
+    let mut at = 2;
+    let Some(length) = read_vbi(body, &mut at) else {
+        return String::new();
     };
-    (body[1], reason)
+    let end = (at + length).min(body.len());
+    while at < end {
+        let id = body[at];
+        at += 1;
+        let text = |at: &mut usize| -> Option<&[u8]> {
+            let len = usize::from(u16::from_be_bytes([*body.get(*at)?, *body.get(*at + 1)?]));
+            let text = body.get(*at + 2..*at + 2 + len)?;
+            *at += 2 + len;
+            Some(text)
+        };
+        match id {
+            0x1f => {
+                return text(&mut at)
+                    .map(|t| String::from_utf8_lossy(t).into_owned())
+                    .unwrap_or_default()
+            }
+            // Other UTF-8 string properties a CONNACK may carry; anything else ends the search.
+            0x12 | 0x1a | 0x1c => {
+                if text(&mut at).is_none() {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    String::new()
 }
 
 /// Reads until the server closes the connection; returns what it sent before.
@@ -255,4 +315,22 @@ pub async fn tls_small_receive_buffer(connector: &TlsConnector, port: u16) -> Tl
         .await
         .expect("handshake in time")
         .expect("handshake")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reason_string_past_127_bytes_is_read_whole() {
+        let reason = "r".repeat(200);
+        let mut body = vec![0, 0x87, 0xcb, 0x01, 0x1f, 0, 200];
+        body.extend_from_slice(reason.as_bytes());
+        assert_eq!(connack_reason(&body), reason);
+        let mut length = Vec::new();
+        vbi(207, &mut length);
+        assert_eq!(read_vbi(&length, &mut 0), Some(207));
+        assert_eq!(connack_reason(&[0, 0x87, 0]), "");
+        assert_eq!(connack_reason(&[0, 0x87, 9, 0x1f, 0]), "", "cut short");
+    }
 }
