@@ -168,8 +168,14 @@ fn run() -> anyhow::Result<()> {
 fn log_filter(rust_log: Option<&str>, level: &str) -> anyhow::Result<EnvFilter> {
     let base = rust_log.map(str::trim).filter(|s| !s.is_empty());
     let mut directives = base.unwrap_or(level).to_owned();
+    // The targets the directives name (`target=level`, `target[span]=level`, or `target`
+    // alone, which is also how a bare level is written: a level never equals a target).
+    let named: Vec<String> = directives
+        .split(',')
+        .map(|d| d.split(['=', '[']).next().unwrap_or("").trim().to_owned())
+        .collect();
     for (target, quiet) in fleet_broker::noise::QUIET_TARGETS {
-        if !directives.contains(target) {
+        if !named.iter().any(|n| n == target) {
             directives.push_str(&format!(",{target}={quiet}"));
         }
     }
@@ -373,6 +379,19 @@ mod tests {
             filter(Some("info,rumqttd=debug")),
             ["info", "rumqttd=debug", "rustls::msgs::handshake=error"],
             "RUST_LOG names rumqttd"
+        );
+        assert_eq!(
+            filter(Some(
+                "info,rumqttd::router=debug,my_rustls::msgs::handshake=info"
+            )),
+            [
+                "info",
+                "my_rustls::msgs::handshake=info",
+                "rumqttd::router=debug",
+                "rumqttd=warn",
+                "rustls::msgs::handshake=error"
+            ],
+            "a target that only contains a quiet one's name leaves it quiet"
         );
         assert_eq!(
             filter(Some("  ")),
