@@ -104,6 +104,8 @@ struct Shared {
     policy: Arc<ClientPolicy>,
     acceptor: TlsAcceptor,
     open_sockets: AtomicUsize,
+    /// Told when a socket closes: the accept loop waits for it while at `max_sockets`.
+    socket_freed: tokio::sync::Notify,
     /// Sockets in their TLS handshake or waiting for CONNECT, per source address.
     handshakes: Mutex<PendingHandshakes>,
     /// Publishes wills on behalf of clients whose own link is gone.
@@ -266,6 +268,7 @@ impl Broker {
             policy,
             acceptor: TlsAcceptor::from(Arc::new(server_config)),
             open_sockets: AtomicUsize::new(0),
+            socket_freed: tokio::sync::Notify::new(),
             handshakes: Mutex::new(PendingHandshakes::new(settings.handshakes_per_ip)),
             will_link: Mutex::new(will_tx),
             router_links: AtomicUsize::new(0),
@@ -361,6 +364,7 @@ struct SocketSlot(Arc<Shared>);
 impl Drop for SocketSlot {
     fn drop(&mut self) {
         self.0.open_sockets.fetch_sub(1, Ordering::Relaxed);
+        self.0.socket_freed.notify_one();
     }
 }
 
@@ -397,7 +401,19 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<
     let mut shutdown = shared.shutdown.clone();
     let _accepting = shared.metrics.accepting();
     let mut rate = ConnectionRate::new(shared.settings.connections_per_ip_per_minute);
-    loop {
+    'accept: loop {
+        // At the socket cap, new connections wait in the kernel's backlog (and, past it, the
+        // clients' SYNs are sent again) until a socket closes, instead of being accepted only
+        // to be closed: in a reboot storm the old sessions of the stations that come back are
+        // still open for a moment, and each one that ends lets one new station in.
+        while shared.open_sockets.load(Ordering::Relaxed) >= shared.settings.max_sockets {
+            tokio::select! {
+                _ = shutdown.changed() => break 'accept,
+                _ = shared.socket_freed.notified() => {}
+                // A missed wakeup costs at most this.
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
         let accepted = tokio::select! {
             _ = shutdown.changed() => break,
             accepted = listener.accept() => accepted,

@@ -174,6 +174,12 @@ impl OperatorClient {
                 Arc::new(tls),
             )));
         let (client, mut eventloop) = AsyncClient::new(options, 256);
+        // Without TCP_NODELAY (rumqttc's default is off), the last segment of a request larger
+        // than one segment (an envelope of 100 accepts is about 20 KB) waits for the ACK of
+        // the one before, which the server's delayed ACK holds back for up to 40 ms.
+        let mut network = eventloop.network_options();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
 
         // The first CONNACK (or refusal) decides whether connect succeeds.
         let connack = tokio::time::timeout(CONNECT_TIMEOUT, eventloop.poll()).await;

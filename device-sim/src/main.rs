@@ -127,6 +127,10 @@ struct LoadArgs {
     /// fleetd's limits.max_payload_bytes (about 250 accepts at 64 KiB).
     #[arg(long, default_value_t = 100)]
     accept_batch: usize,
+    /// Accept envelopes sent before the first is answered (1: an operator who waits for each
+    /// answer, so accept → authorized has no envelope queued before it).
+    #[arg(long, default_value_t = fleet_sim::load::ACCEPTS_IN_FLIGHT)]
+    accepts_in_flight: usize,
     /// Accept no station before every station is connected and waiting: accept → authorized
     /// is then measured with the whole fleet connected and no connects competing for the CPU.
     #[arg(long)]
@@ -421,6 +425,7 @@ fn load_options(args: LoadArgs) -> anyhow::Result<LoadOptions> {
     opts.concurrency = args.concurrency;
     opts.rate = args.rate;
     opts.accept_batch = args.accept_batch;
+    opts.accepts_in_flight = args.accepts_in_flight;
     opts.hold_accepts = args.hold_accepts;
     opts.state_dir = args.state_dir;
     opts.reconnect = args.reconnect;
