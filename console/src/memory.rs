@@ -21,6 +21,9 @@ struct Memory {
     sent: Vec<Value>,
     unreachable: bool,
     paps: u32,
+    /// What `explain` answers, by subject, as the test set it ([`MemoryFleetd::explain_as`]):
+    /// the explanation is fleetd's to compute; the console only shows it.
+    explanations: BTreeMap<String, Value>,
 }
 
 /// The in-memory fleetd.
@@ -101,6 +104,11 @@ impl MemoryFleetd {
         self.memory().unreachable = !reachable;
     }
 
+    /// From now on, `explain` of `subject` answers `data` (else `not_found`).
+    pub fn explain_as(&self, subject: &str, data: Value) {
+        self.memory().explanations.insert(subject.to_owned(), data);
+    }
+
     /// Every command sent so far, in its wire form.
     pub fn sent(&self) -> Vec<Value> {
         self.memory().sent.clone()
@@ -150,6 +158,17 @@ impl MemoryFleetd {
                 "temporary": memory.temporary,
             })),
             OperatorCommand::ListAuditLog { .. } => Ok(json!({ "records": memory.audit })),
+            OperatorCommand::Explain { .. } => {
+                let name = command.arguments()["subject"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                memory
+                    .explanations
+                    .get(&name)
+                    .cloned()
+                    .ok_or_else(|| refused("not_found", format!("no station or phone {name}")))
+            }
             OperatorCommand::ListFirmware => Ok(json!({ "images": [
                 {"version": "6.1.0", "size": 70000, "sha256": "ab".repeat(32), "installable": true},
                 {"version": "6.0.7", "size": 60000, "sha256": "cd".repeat(32), "installable": false},

@@ -346,6 +346,11 @@ async fn reject_and_clear(rig: &Rig, station: &mut Station) {
     b.click("#confirm").await;
     station.wait_event(SimEvent::Rejected).await;
     b.wait("#state[data-state=\"rejected\"]").await;
+    // Why it is rejected, as fleetd explains it, with the manual's way back.
+    b.open(&format!("/stations/{}", station.serial)).await;
+    assert!(b.text("#why h2").await.contains("Rejected"));
+    let rule = b.text("#why-rule").await;
+    assert!(rule.contains("Clear it under Rejected Stations"), "{rule}");
     b.open("/stations").await;
     let clear = format!("#rejected tr[data-serial=\"{}\"] button", station.serial);
     b.click(&clear).await;
@@ -517,6 +522,8 @@ async fn bulk_accept(rig: &Rig) {
         b.click(&tick).await;
     }
     b.click("#bulk button[value=accept]").await;
+    // The confirmation page, once it has replaced the list (its h1 is read after that).
+    b.wait("#confirm").await;
     assert_eq!(b.text("h1").await, "Accept 2 stations?");
     b.click("#confirm").await;
     for station in &mut stations {

@@ -2,8 +2,9 @@
 //! grouped for comparing with the station's local admin page, the actions its state allows
 //! (Accept, Reject, Start Update, Reset Device, Remove Device), the progress bar of its firmware
 //! download (moved in place by `update_progress` events), a security alert when its key
-//! changed, and its recent audit records. Each destructive action first shows a page that says
-//! what will happen.
+//! changed, why it stands where it stands (fleetd's `explain`: the reason, the manual's rule,
+//! its last refusals and an address block), and its recent audit records. Each destructive
+//! action first shows a page that says what will happen.
 
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse as _, Redirect, Response};
@@ -79,6 +80,13 @@ async fn show(
         })
         .await?;
     let history = recent_audit(&console, &serial).await;
+    // Shown when fleetd can say (an older fleetd without `explain` leaves the box out).
+    let why = console
+        .run_command(OperatorCommand::Explain {
+            subject: fleet_protocol::Subject::parse(serial.as_str())?,
+        })
+        .await
+        .ok();
     console.hub.prune(std::slice::from_ref(&station), false);
     let alert = console.hub.alert(serial.as_str());
     let progress = console
@@ -94,6 +102,7 @@ async fn show(
             (facts(&station))
             (fingerprint_box(&station))
             (actions(&serial, &station, progress.as_ref()))
+            @if let Some(why) = &why { (why_box(why)) }
             (history_box(&history))
         }
     };
@@ -234,6 +243,29 @@ fn actions(serial: &Serial, station: &Value, progress: Option<&Progress>) -> Mar
                     li { form method="post" action=(path("clear")) .inline { button type="submit" #clear { "Clear" } } " then reboot the station." }
                 }
                 li { a href=(path("remove")) .button.danger #remove-device { "Remove Device" } }
+            }
+        }
+    }
+}
+
+/// Why the station is in its state, as fleetd's `explain` says (docs/protocol.md §6).
+fn why_box(why: &Value) -> Markup {
+    let refusals = items(why, "refusals");
+    let block = why.get("block").filter(|b| b.is_object());
+    html! {
+        section .why #why {
+            h2 { "Why it is " (text(why, "label")) }
+            p #why-reason { (text(why, "why")) }
+            p .rule #why-rule { "The manual: " (text(why, "rule")) }
+            @if let Some(block) = block {
+                p #why-block { "Its address " (text(block, "address")) " is blocked until "
+                    (when(text(block, "until"))) " for too many failed authentications." }
+            }
+            @if !refusals.is_empty() {
+                h3 { "Last refusals" }
+                ul #why-refusals { @for r in &refusals {
+                    li { (when(text(r, "time"))) ": " (text(r, "reason")) }
+                } }
             }
         }
     }

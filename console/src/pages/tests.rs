@@ -368,6 +368,54 @@ async fn the_station_page_shows_the_fingerprint_grouped_and_accept_sends_it() {
 }
 
 #[tokio::test]
+async fn the_station_page_says_why_as_fleetd_explains_it() {
+    let rig = Rig::new().await;
+    rig.fleetd.add_station(station(
+        "ST-1",
+        "MC",
+        StationState::Rejected,
+        Some(&fingerprint("E5")),
+    ));
+    // No explanation (an older fleetd, or none to give): no box, the page still works.
+    let (status, body) = rig.get("/stations/ST-1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!body.contains("id=\"why\""), "{body}");
+    rig.fleetd.explain_as(
+        "ST-1",
+        json!({
+            "subject": "ST-1", "kind": "station", "state": "rejected", "label": "Rejected",
+            "why": "an operator rejected it <at once>",
+            "rule": "Rejected stations are ignored until an operator Clears them.",
+            "refusals": [{"seq": 9, "time": "2026-01-05T10:00:00Z", "action": "connect",
+                "actor": "192.0.2.7:4000", "reason": "station is rejected"}],
+            "block": {"address": "192.0.2.7", "until": "2026-01-05T10:15:00Z", "failures": null},
+            "scanned": 12,
+        }),
+    );
+    let (status, body) = rig.get("/stations/ST-1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("Why it is Rejected"), "{body}");
+    assert!(
+        body.contains("an operator rejected it &lt;at once&gt;"),
+        "escaped: {body}"
+    );
+    assert!(body.contains("ignored until an operator Clears them"));
+    assert!(
+        body.contains("2026-01-05 10:00:00 UTC: station is rejected"),
+        "{body}"
+    );
+    assert!(
+        body.contains("192.0.2.7 is blocked until 2026-01-05 10:15:00 UTC"),
+        "{body}"
+    );
+    let asked = rig.sent("explain");
+    assert_eq!(
+        asked.last().map(|c| c["subject"].clone()),
+        Some(json!("ST-1"))
+    );
+}
+
+#[tokio::test]
 async fn destructive_actions_ask_first_and_then_do_what_they_said() {
     let rig = Rig::new().await;
     let fp = fingerprint("D4");
