@@ -384,12 +384,12 @@ async fn run_bus<B: Bus>(
     let mut sweep = tokio::time::interval(Duration::from_secs(60));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let first = tokio::select! {
+        let (first, from_operator) = tokio::select! {
             // In this order: operators' requests (a reject is never queued behind a storm of
             // devices), then what earlier batches publish (events reach operators before more
             // is decided, and the outbox stays bounded), the sweep, and devices' messages.
             biased;
-            Some(item) = requests.recv() => item,
+            Some(item) = requests.recv() => (item, true),
             Some(p) = outbox.recv() => {
                 if let Err(e) = bus.publish(&p.topic, p.payload, false) {
                     warn!("controller cannot publish: {e}");
@@ -408,7 +408,7 @@ async fn run_bus<B: Bus>(
                 };
                 continue;
             }
-            Some(item) = devices.recv() => item,
+            Some(item) = devices.recv() => (item, false),
             // Last: only when nothing else is ready, i.e. everything queued was handled.
             _ = stop.wait_for(|stop| *stop) => {
                 while let Ok(p) = outbox.try_recv() {
@@ -424,8 +424,14 @@ async fn run_bus<B: Bus>(
         // whole batch (see `Controller::handle_batch`).
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
-            // Operators' requests first: a reject never waits behind a storm of devices.
-            match requests.try_recv().or_else(|_| devices.try_recv()) {
+            // Operators' requests first: a reject never waits behind a storm of devices. A
+            // batch that starts with a request takes requests only: its answers, cuts and
+            // `authorized` wait for no device's messages, which come in the next batch.
+            let next = requests.try_recv().or_else(|none| match from_operator {
+                true => Err(none),
+                false => devices.try_recv(),
+            });
+            match next {
                 Ok(item) => batch.push(item),
                 Err(_) => break,
             }
