@@ -109,6 +109,12 @@ impl MemoryFleetd {
         self.memory().explanations.insert(subject.to_owned(), data);
     }
 
+    /// Adds an audit record of `action` on `device` by `actor`, as fleetd records every command
+    /// (reads included) that the in-memory fleetd does not record itself.
+    pub fn record(&self, actor: &str, device: &str, action: &str) {
+        MemoryFleetd::audit(&mut self.memory(), actor, device, action);
+    }
+
     /// Every command sent so far, in its wire form.
     pub fn sent(&self) -> Vec<Value> {
         self.memory().sent.clone()

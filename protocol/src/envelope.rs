@@ -42,8 +42,9 @@ pub enum EntryCommand {
     Named {
         /// The name as sent.
         name: String,
-        /// The entry's `serial` as sent, valid or not, at most 80 characters: what the audit
-        /// record of a refused or read command names as its device.
+        /// The entry's `serial` as sent, valid or not, at most 80 characters (else its `mac`,
+        /// else its `subject`, as `explain` names it): what the audit record of a refused or
+        /// read command names as its device.
         named_serial: Option<String>,
         /// The command with all its arguments, or why there is none.
         parsed: Result<OperatorCommand, CommandError>,
@@ -57,9 +58,9 @@ impl RequestEntry {
         let command = match entry.get(COMMAND) {
             Some(Value::String(name)) => EntryCommand::Named {
                 name: name.clone(),
-                named_serial: entry
-                    .get("serial")
-                    .and_then(Value::as_str)
+                named_serial: ["serial", "mac", "subject"]
+                    .iter()
+                    .find_map(|key| entry.get(*key).and_then(Value::as_str))
                     .map(|s| s.chars().take(MAX_NAMED_SERIAL).collect()),
                 parsed,
             },
@@ -212,6 +213,26 @@ mod tests {
             &entries[3].command,
             EntryCommand::Named { named_serial: Some(s), parsed: Err(_), .. } if s == "not a serial"
         ));
+        // A phone's MAC, or what `explain` explains, names the device of the audit record too.
+        let payload = br#"{"commands": [
+            {"command": "getPhone", "mac": "AA:BB:CC:DD:EE:01"},
+            {"command": "explain", "subject": "192.0.2.7"}
+        ]}"#;
+        let named: Vec<Option<String>> = parse_request(payload, 10)
+            .expect("usable")
+            .into_iter()
+            .map(|e| match e.command {
+                EntryCommand::Named { named_serial, .. } => named_serial,
+                EntryCommand::Unnamed(_) => None,
+            })
+            .collect();
+        assert_eq!(
+            named,
+            [
+                Some("AA:BB:CC:DD:EE:01".to_owned()),
+                Some("192.0.2.7".to_owned())
+            ]
+        );
     }
 
     #[test]

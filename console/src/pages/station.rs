@@ -125,9 +125,12 @@ async fn recent_audit(console: &Console, serial: &Serial) -> Vec<Value> {
     let Ok(data) = console.run_command(command).await else {
         return Vec::new();
     };
+    // Reads (this page's own `getStation` and `explain` among them) are not what happened to
+    // the station.
     let mut records: Vec<Value> = items(&data, "records")
         .into_iter()
         .filter(|r| text(r, "device") == serial.as_str())
+        .filter(|r| !fleet_protocol::names_a_read(text(r, "action")))
         .collect();
     records.reverse();
     records.truncate(AUDIT_SHOWN);

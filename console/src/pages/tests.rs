@@ -413,6 +413,20 @@ async fn the_station_page_says_why_as_fleetd_explains_it() {
         asked.last().map(|c| c["subject"].clone()),
         Some(json!("ST-1"))
     );
+    // Its recent audit records are what happened to it, not the reads of this page.
+    rig.fleetd.record("admin", "ST-1", "getStation");
+    rig.fleetd.record("admin", "ST-1", "explain");
+    rig.fleetd.record("bob", "ST-1", "rejectStation");
+    let (_, body) = rig.get("/stations/ST-1").await;
+    let history = body
+        .split("Recent audit records")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(history.contains("rejectStation"), "{history}");
+    assert!(
+        !history.contains("getStation") && !history.contains(">explain<"),
+        "{history}"
+    );
 }
 
 #[tokio::test]
