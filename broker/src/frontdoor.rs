@@ -407,11 +407,11 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<
         // to be closed: in a reboot storm the old sessions of the stations that come back are
         // still open for a moment, and each one that ends lets one new station in.
         while shared.open_sockets.load(Ordering::Relaxed) >= shared.settings.max_sockets {
+            // `notify_one` keeps a permit when nobody waits, so a socket that closed since the
+            // count was read still wakes this.
             tokio::select! {
                 _ = shutdown.changed() => break 'accept,
                 _ = shared.socket_freed.notified() => {}
-                // A missed wakeup costs at most this.
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }
         let accepted = tokio::select! {

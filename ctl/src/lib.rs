@@ -34,6 +34,33 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// The arguments without a help text and the subcommands without an about, in `command` and
+/// all its subcommands, each as `path id`: for the tests of fleetgate's command-line tools
+/// (fleetctl, fleet-sim), which must have none.
+pub fn undocumented(command: &clap::Command) -> Vec<String> {
+    fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            if !matches!(id, "help" | "version") && help.trim().is_empty() {
+                missing.push(format!("{path} {id}"));
+            }
+        }
+        for sub in command.get_subcommands() {
+            if sub
+                .get_about()
+                .is_none_or(|about| about.to_string().trim().is_empty())
+            {
+                missing.push(format!("{path} {} (no about)", sub.get_name()));
+            }
+            walk(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+    let mut missing = Vec::new();
+    walk(command, command.get_name(), &mut missing);
+    missing
+}
+
 /// The label people see for a station `state` (PROTOCOL §5); the state itself when unknown.
 pub fn station_label(state: &str) -> &str {
     match StationState::from_name(state) {

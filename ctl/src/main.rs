@@ -1467,33 +1467,7 @@ mod tests {
 
     #[test]
     fn every_argument_has_a_help_text() {
-        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
-            for arg in command.get_arguments() {
-                let id = arg.get_id().as_str();
-                if matches!(id, "help" | "version") {
-                    continue;
-                }
-                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
-                if help.trim().is_empty() {
-                    missing.push(format!("{path} {id}"));
-                }
-            }
-            for sub in command.get_subcommands() {
-                if sub
-                    .get_about()
-                    .is_none_or(|about| about.to_string().trim().is_empty())
-                {
-                    missing.push(format!("{path} {} (no about)", sub.get_name()));
-                }
-                walk(sub, &format!("{path} {}", sub.get_name()), missing);
-            }
-        }
-        let mut missing = Vec::new();
-        walk(
-            &<Cli as clap::CommandFactory>::command(),
-            "fleetctl",
-            &mut missing,
-        );
+        let missing = fleet_ctl::undocumented(&<Cli as clap::CommandFactory>::command());
         assert!(missing.is_empty(), "without help: {missing:#?}");
     }
 

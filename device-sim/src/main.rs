@@ -799,29 +799,10 @@ mod tests {
 
     #[test]
     fn the_help_says_it_plays_phones_too_and_every_option_has_a_text() {
-        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
-            for arg in command.get_arguments() {
-                let id = arg.get_id().as_str();
-                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
-                if !matches!(id, "help" | "version") && help.trim().is_empty() {
-                    missing.push(format!("{path} {id}"));
-                }
-            }
-            for sub in command.get_subcommands() {
-                if sub
-                    .get_about()
-                    .is_none_or(|about| about.to_string().trim().is_empty())
-                {
-                    missing.push(format!("{path} {} (no about)", sub.get_name()));
-                }
-                walk(sub, &format!("{path} {}", sub.get_name()), missing);
-            }
-        }
         let mut cli = <Cli as clap::CommandFactory>::command();
         let help = cli.render_help().to_string();
         assert!(help.contains("phones"), "{help}");
-        let mut missing = Vec::new();
-        walk(&cli, "fleet-sim", &mut missing);
+        let missing = fleet_ctl::undocumented(&cli);
         assert!(missing.is_empty(), "without help: {missing:#?}");
     }
 }

@@ -92,7 +92,7 @@ impl Controller {
             "rule": reasons::station_rule(state, mismatch.is_some()),
             "station": self.view(cx.live, station),
             "refusals": refusals_view(&refused),
-            "block": ip.and_then(|ip| self.block_view(cx, ip, true)),
+            "block": ip.and_then(|ip| self.block_view(cx, ip)),
             "scanned": records.len(),
         })
     }
@@ -139,7 +139,7 @@ impl Controller {
             "lockouts_before_block": policy.lockouts_before_block,
             "locked_until": locked_until,
             "refusals": refusals_view(&refused),
-            "block": ip.and_then(|ip| self.block_view(cx, ip, true)),
+            "block": ip.and_then(|ip| self.block_view(cx, ip)),
             "scanned": records.len(),
         })
     }
@@ -169,11 +169,7 @@ impl Controller {
         let refused = reasons::refusals(records, RefusalsOf::Address(ip), MAX_REFUSALS);
         // The tenant knows this address if its own records or whitelists name it.
         let known = !refused.is_empty() || !covering.is_empty();
-        let (until, failures) = self.block_of(ip, cx.at);
-        let fleet_wide = tenant == station::DEFAULT_TENANT;
-        let until = until.filter(|_| fleet_wide || known);
-        // The failures at an address are counted over every tenant's devices.
-        let failures = fleet_wide.then_some(failures);
+        let (until, failures) = self.address_view(cx, ip, known);
         let standing = match (until, covering.is_empty()) {
             (Some(until), _) => AddressStanding::Blocked { until },
             (None, false) => AddressStanding::Whitelisted,
@@ -195,43 +191,49 @@ impl Controller {
             "rule": standing.rule(),
             "failures": failures,
             "refusals": refusals_view(&refused),
-            "block": self.block_view(cx, ip, known),
+            "block": until.map(|until| block_json(ip, until, failures)),
             "whitelist": covering,
             "scanned": records.len(),
         }))
     }
 
-    /// The end of the address block of `ip` in force at `now`, if any, and the failed
-    /// authentications counted at `ip` (of every tenant's devices).
-    fn block_of(
+    /// What `cx`'s tenant may see of `ip` in the failure limiter: the end of the block in force,
+    /// if any (the `default` tenant sees every block; another only one of an address it
+    /// `knows`), and the failed authentications counted at `ip` (`None` outside `default`:
+    /// they are counted over every tenant's devices).
+    fn address_view(
         &self,
+        cx: &Asking<'_, '_>,
         ip: IpAddr,
-        now: time::OffsetDateTime,
-    ) -> (Option<time::OffsetDateTime>, u32) {
+        knows: bool,
+    ) -> (Option<time::OffsetDateTime>, Option<u32>) {
+        let fleet_wide = cx.tenant() == station::DEFAULT_TENANT;
         let limiter = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         let until = limiter
-            .blocks(now)
+            .blocks(cx.at)
             .into_iter()
             .find(|b| b.ip == ip)
-            .map(|b| b.until);
-        (until, limiter.failures(ip, now))
+            .map(|b| b.until)
+            .filter(|_| fleet_wide || knows);
+        (until, fleet_wide.then(|| limiter.failures(ip, cx.at)))
     }
 
-    /// The address block of `ip` in force, as `listAddressBlocks` shows it, for the `default`
-    /// tenant; for another tenant only if it `knows` the address, and without the failures,
-    /// which are counted over every tenant's devices (`null`).
-    fn block_view(&self, cx: &Asking<'_, '_>, ip: IpAddr, knows: bool) -> Option<Value> {
-        let fleet_wide = cx.tenant() == station::DEFAULT_TENANT;
-        if !fleet_wide && !knows {
-            return None;
-        }
-        let (until, failures) = self.block_of(ip, cx.at);
-        Some(json!({
-            "address": ip.to_string(),
-            "until": rfc3339(until?),
-            "failures": fleet_wide.then_some(failures),
-        }))
+    /// The block in force at a device's own address (which its tenant knows), as
+    /// [`block_json`] shows it.
+    fn block_view(&self, cx: &Asking<'_, '_>, ip: IpAddr) -> Option<Value> {
+        let (until, failures) = self.address_view(cx, ip, true);
+        until.map(|until| block_json(ip, until, failures))
     }
+}
+
+/// An address block as `listAddressBlocks` shows it, with `failures` `null` where the reader
+/// may not know them.
+fn block_json(ip: IpAddr, until: time::OffsetDateTime, failures: Option<u32>) -> Value {
+    json!({
+        "address": ip.to_string(),
+        "until": rfc3339(until),
+        "failures": failures,
+    })
 }
 
 /// Refusals as `explain` lists them, newest first.

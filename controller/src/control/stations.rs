@@ -198,8 +198,8 @@ impl Controller {
     /// spoken (a message or a PINGREQ) within that. One transaction without audit records for
     /// all the sightings since the last call; the bus task calls it every minute, so the rate
     /// of these writes is bounded by the sweep, not by the stations' traffic. The lock is held
-    /// only to collect them, not for the commit. Returns how many sightings were committed (a
-    /// station without a record among them is skipped by the store).
+    /// only to collect them, not for the commit. Returns how many sightings were handed to the
+    /// store (which skips those of stations without a record).
     pub fn record_sightings(&self) -> usize {
         let mut guard = self.lock();
         let now = self.now();
