@@ -689,12 +689,15 @@ fn write_changes(
             }
             Change::Seen(serial, at) => {
                 // Only for a station that has a record: one removed since it was seen is not
-                // brought back as a sighting.
+                // brought back as a sighting. Never back in time: two sweeps' commits (the
+                // minute's and a stop's) may land in either order.
                 let known = opened(&mut stations, txn, STATIONS)?
                     .get(serial.as_str())?
                     .is_some();
-                if known {
-                    opened(&mut seen, txn, SEEN)?.insert(serial.as_str(), *at)?;
+                let table = opened(&mut seen, txn, SEEN)?;
+                let before = table.get(serial.as_str())?.map(|v| v.value());
+                if known && before.is_none_or(|before| before < *at) {
+                    table.insert(serial.as_str(), *at)?;
                 }
             }
             Change::PutPhone(phone) => {
@@ -920,6 +923,11 @@ mod tests {
         );
         store
             .apply(vec![Change::DeleteStation(s1.clone())])
+            .unwrap();
+        assert_eq!(store.sightings().unwrap(), [(s2.clone(), 1_700_000_001)]);
+        // An older sighting committed after a newer one does not move it back.
+        store
+            .apply(vec![Change::Seen(s2.clone(), 1_700_000_000)])
             .unwrap();
         assert_eq!(store.sightings().unwrap(), [(s2.clone(), 1_700_000_001)]);
         // A sighting of a station removed since (or never recorded) does not bring it back.

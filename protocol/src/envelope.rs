@@ -43,8 +43,8 @@ pub enum EntryCommand {
         /// The name as sent.
         name: String,
         /// The entry's `serial` as sent, valid or not, at most 80 characters (else its `mac`,
-        /// else its `subject`, as `explain` names it): what the audit record of a refused or
-        /// read command names as its device.
+        /// else its `subject` unless that is an IP address: `explain` of an address names no
+        /// device): what the audit record of a refused or read command names as its device.
         named_serial: Option<String>,
         /// The command with all its arguments, or why there is none.
         parsed: Result<OperatorCommand, CommandError>,
@@ -61,6 +61,7 @@ impl RequestEntry {
                 named_serial: ["serial", "mac", "subject"]
                     .iter()
                     .find_map(|key| entry.get(*key).and_then(Value::as_str))
+                    .filter(|named| named.parse::<std::net::IpAddr>().is_err())
                     .map(|s| s.chars().take(MAX_NAMED_SERIAL).collect()),
                 parsed,
             },
@@ -213,10 +214,12 @@ mod tests {
             &entries[3].command,
             EntryCommand::Named { named_serial: Some(s), parsed: Err(_), .. } if s == "not a serial"
         ));
-        // A phone's MAC, or what `explain` explains, names the device of the audit record too.
+        // A phone's MAC, or the device `explain` explains, names the device of the audit record
+        // too; an address is not a device.
         let payload = br#"{"commands": [
             {"command": "getPhone", "mac": "AA:BB:CC:DD:EE:01"},
-            {"command": "explain", "subject": "192.0.2.7"}
+            {"command": "explain", "subject": "192.0.2.7"},
+            {"command": "explain", "subject": "ST-0001"}
         ]}"#;
         let named: Vec<Option<String>> = parse_request(payload, 10)
             .expect("usable")
@@ -230,7 +233,8 @@ mod tests {
             named,
             [
                 Some("AA:BB:CC:DD:EE:01".to_owned()),
-                Some("192.0.2.7".to_owned())
+                None,
+                Some("ST-0001".to_owned())
             ]
         );
     }
