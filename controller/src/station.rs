@@ -282,6 +282,17 @@ impl Transition {
     }
 }
 
+/// Whether `after`, what an auth request made of the stored record `before`, says nothing
+/// that `before` does not: the same record but for when it was updated and last seen (a
+/// sighting, which the controller keeps apart). Such a request decides nothing: an authorized
+/// station after a reboot, a waiting one that asks again, a rejected one (ignored).
+pub fn reaffirms(before: &Station, after: &Station) -> bool {
+    let mut same = after.clone();
+    same.updated_at = before.updated_at;
+    same.last_seen = before.last_seen;
+    same == *before
+}
+
 /// A station asks to be authorized (`stations/<serial>/auth/request`). `record` is the stored
 /// record of `serial`, if any; `presented` is what the station's session presented at CONNECT.
 pub fn on_auth_request(
@@ -624,6 +635,55 @@ mod tests {
             size: 4096,
             path: "fw-6.1.2.bin".into(),
         }
+    }
+
+    // --- reaffirmation ---
+
+    #[test]
+    fn a_rebooted_authorized_station_reaffirms_its_record() {
+        let stored = authorized();
+        let later = on_auth_request(
+            Some(stored.clone()),
+            serial(),
+            request("6.1.0"),
+            Presented::Key(key(1)),
+            Some("192.0.2.7".into()),
+            &FirmwarePolicy::default(),
+            T0 + time::Duration::HOUR,
+        );
+        let after = later.station.unwrap();
+        assert_eq!(after.updated_at, T0 + time::Duration::HOUR);
+        assert_eq!(later.effects, vec![Effect::Send(Command::Authorized)]);
+        assert!(reaffirms(&stored, &after));
+    }
+
+    #[test]
+    fn a_request_that_changes_anything_but_the_times_does_not_reaffirm() {
+        let stored = authorized();
+        let changed: [fn(&mut Station); 6] = [
+            |s| s.firmware = "6.1.1".into(),
+            |s| s.model = "MC-6200".into(),
+            |s| s.ip = Some("192.0.2.8".into()),
+            |s| s.fingerprint = Some(key(2)),
+            |s| s.standing = Standing::Unauthorized,
+            |s| s.mac_control = "001122334477".into(),
+        ];
+        for change in changed {
+            let mut after = stored.clone();
+            change(&mut after);
+            assert!(!reaffirms(&stored, &after), "{after:?}");
+        }
+        let mut seen = stored.clone();
+        seen.last_seen = Some(T0 + time::Duration::DAY);
+        assert!(reaffirms(&stored, &seen));
+    }
+
+    #[test]
+    fn a_rejected_stations_request_reaffirms_its_record() {
+        let stored = with_standing(Standing::Rejected, Some(key(1)));
+        let asked = ask(Some(stored.clone()), "6.1.0", Presented::Key(key(2)));
+        assert!(reaffirms(&stored, asked.station.as_ref().unwrap()));
+        assert!(asked.effects.is_empty());
     }
 
     // --- admission ---

@@ -54,6 +54,12 @@ impl Shared {
         self.0.whitelists()
     }
 
+    /// The newest `limit` audit records of `tenant` (the shell's tests read what was audited).
+    #[cfg(test)]
+    pub(super) fn audit(&self, tenant: &str, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        self.0.audit(tenant, limit)
+    }
+
     /// Commits `changes` through the writer thread and waits until they are durable: only for
     /// a caller that holds neither the controller's lock nor a batch (the writer may wait for
     /// a batch's transaction; see the module's comment). The sightings use it, so that their

@@ -71,6 +71,7 @@ impl Controller {
             }
         }
         let before = record.as_ref().map(|r| r.standing.clone());
+        let stored = record.clone();
         let at = self.now();
         let transition = station::on_auth_request(
             record,
@@ -81,6 +82,11 @@ impl Controller {
             &self.settings.policy,
             at,
         );
+        if let Some(stored) = stored {
+            if self.reaffirm(live, cx, &stored, &transition) {
+                return;
+            }
+        }
         let reason = match &transition.station {
             Some(s) => format!(
                 "{} -> {}",
@@ -104,6 +110,54 @@ impl Controller {
             Ok((record, _)) => live.pending.update(&serial, record.as_ref()),
             Err(e) => warn!("auth request of {serial} not applied: {e}"),
         }
+    }
+
+    /// An auth request that only reaffirms the stored record (`station::reaffirms`: an
+    /// authorized station after a reboot, a station that asks again while it waits) decides
+    /// nothing: nothing is written or audited (its CONNECT was audited), and it is answered
+    /// as the record stands, with the operators' `state` event (the station is back online).
+    /// An authorized station's `authorized` goes to its live session only if that session
+    /// presents the pinned key; otherwise the request takes the full path, whose
+    /// `authorize_holder` cuts the impostor and audits it. Returns whether it was handled.
+    fn reaffirm(
+        &self,
+        live: &Live,
+        cx: &mut Batch<'_>,
+        stored: &Station,
+        transition: &Transition,
+    ) -> bool {
+        let Some(after) = transition
+            .station
+            .as_ref()
+            .filter(|after| station::reaffirms(stored, after))
+        else {
+            return false;
+        };
+        let serial = &stored.serial;
+        let mut effects = transition.effects.clone();
+        if effects.contains(&Effect::Send(station::Command::Authorized)) {
+            let holder = live
+                .sessions
+                .get(&serial.client_id())
+                .and_then(|s| match &s.identity {
+                    Identity::Station { presented, .. } => Some((*presented, s.session_id)),
+                    _ => None,
+                });
+            match holder {
+                Some((presented, session_id)) if presented.key() == after.fingerprint => {
+                    effects.retain(|e| *e != Effect::Send(station::Command::Authorized));
+                    cx.out.push(authorized_to(serial, session_id));
+                }
+                // No live session: nobody to answer. Another key: the full path decides.
+                None => effects.retain(|e| *e != Effect::Send(station::Command::Authorized)),
+                Some(_) => return false,
+            }
+        }
+        self.run_effects(live, &mut cx.out, serial, &effects, &stored.tenant);
+        let body = json!({"event": "state", "station": self.view(live, stored)});
+        cx.out
+            .event(&stored.tenant, EventKind::Stations, body, self.now());
+        true
     }
 
     /// Whether a new station record may be made for `serial`, requested from `ip`: within the
@@ -377,15 +431,7 @@ impl Controller {
                 })?;
         if presented.key() == record.fingerprint {
             effects.retain(|e| *e != Effect::Send(station::Command::Authorized));
-            cx.out.push(Output::DeliverTo {
-                client_id: serial.client_id(),
-                session_id,
-                topic: Topic::StationCmd(serial.clone()).to_string(),
-                payload: station::Command::Authorized
-                    .payload()
-                    .to_string()
-                    .into_bytes(),
-            });
+            cx.out.push(authorized_to(serial, session_id));
             return None;
         }
         effects.retain(|e| !matches!(e, Effect::Send(_) | Effect::Rights));
@@ -568,5 +614,18 @@ mod tests {
             total,
         };
         assert!(progress(&serial, &again).is_some());
+    }
+}
+
+/// `authorized` for the one session `session_id` of the station, and no other.
+fn authorized_to(serial: &Serial, session_id: u64) -> Output {
+    Output::DeliverTo {
+        client_id: serial.client_id(),
+        session_id,
+        topic: Topic::StationCmd(serial.clone()).to_string(),
+        payload: station::Command::Authorized
+            .payload()
+            .to_string()
+            .into_bytes(),
     }
 }

@@ -16,8 +16,12 @@ use crate::firmware::{Catalog, FirmwarePolicy};
 use crate::store::Store;
 use fleet_protocol::{EventKind, Serial, Topic};
 
-/// A session registry that has every session and takes every order.
-struct Sessions;
+/// A session registry that has every session and takes every order, and keeps what was
+/// delivered to one session (`deliver_to`): client id, session id, topic, payload.
+#[derive(Default)]
+struct Sessions {
+    delivered_to: std::sync::Mutex<Vec<(String, u64, String, Vec<u8>)>>,
+}
 
 impl SessionControl for Sessions {
     fn set_rights(&self, _: &str, _: Rights) -> bool {
@@ -32,7 +36,9 @@ impl SessionControl for Sessions {
     fn deliver(&self, _: &str, _: String, _: Vec<u8>) -> bool {
         true
     }
-    fn deliver_to(&self, _: &str, _: u64, _: String, _: Vec<u8>) -> bool {
+    fn deliver_to(&self, client_id: &str, session_id: u64, topic: String, p: Vec<u8>) -> bool {
+        let mut delivered = self.delivered_to.lock().unwrap_or_else(|e| e.into_inner());
+        delivered.push((client_id.to_owned(), session_id, topic, p));
         true
     }
 }
@@ -43,6 +49,7 @@ struct Shell {
     controller: Arc<Controller>,
     admission: ControllerAdmission,
     published: UnboundedReceiver<Publication>,
+    sessions: Arc<Sessions>,
 }
 
 fn connect(session_id: u64, client_id: &str, der: Option<&[u8]>) -> ConnectInfo {
@@ -71,6 +78,7 @@ async fn shell() -> Shell {
         .expect("register the operator");
     let store = Store::open(&dir.path().join("fleet.redb")).expect("store");
     let clock = Clock::simulated();
+    let sessions = Arc::new(Sessions::default());
     let mut config = fleet_config::Config::default();
     config.limits.failed_auth_delay_ms = 0;
     let settings = ControlSettings::from_config(
@@ -80,7 +88,7 @@ async fn shell() -> Shell {
         clock.clone(),
     );
     let (controller, published) =
-        Controller::new(store, Arc::new(ca), Arc::new(Sessions), operators, settings)
+        Controller::new(store, Arc::new(ca), sessions.clone(), operators, settings)
             .expect("controller");
     controller.serve_inbox_alone();
     let admission = ControllerAdmission(controller.clone());
@@ -96,6 +104,7 @@ async fn shell() -> Shell {
         controller,
         admission,
         published,
+        sessions,
     }
 }
 
@@ -106,7 +115,8 @@ impl Shell {
     }
 
     /// Station `serial` with a key of its own, accepted by the operator; its session closed.
-    async fn accepted_station(&self, serial: &str) {
+    /// Returns the station's certificate (DER).
+    async fn accepted_station(&self, serial: &str) -> Vec<u8> {
         let key = fleet_certs::self_signed_station(serial).expect("station");
         let client_id = Serial::parse(serial).expect("serial").client_id();
         let admitted = self
@@ -124,6 +134,7 @@ impl Shell {
         self.command(json!({"command": "acceptStation", "serial": serial,
             "fingerprint": fingerprint.to_string()}));
         self.admission.session_closed(&client_id, 2);
+        key.cert_der
     }
 
     /// A session with another key than the accepted one for the station `S1`: refused.
@@ -381,4 +392,71 @@ async fn a_connected_station_is_seen_by_the_minute_in_whole_seconds() {
         0,
         "offline: nothing new"
     );
+}
+
+#[tokio::test]
+async fn a_rebooted_authorized_station_is_told_authorized_without_a_new_record() {
+    let mut shell = shell().await;
+    let cert = shell.accepted_station("S1").await;
+    let audited = |shell: &Shell| {
+        shell
+            .controller
+            .store
+            .audit("default", 1000)
+            .expect("audit")
+    };
+    let before = audited(&shell);
+    // The station reboots: a new session with its pinned key, and the same auth request.
+    shell.topics();
+    shell.sessions.delivered_to.lock().expect("lock").clear();
+    let stored_before = station_view(&shell, "S1");
+    let record_before = shell
+        .controller
+        .store
+        .station(&Serial::parse("S1").expect("serial"))
+        .expect("store");
+    shell.clock.advance(time::Duration::minutes(3));
+    let admitted = shell.admission.admit(connect(4, &s1(), Some(&cert))).await;
+    assert!(matches!(admitted, Decision::Allow { .. }), "{admitted:?}");
+    shell.admission.session_opened(&s1(), 4);
+    let request = json!({"serial": "S1", "model": "m", "firmware": "6.1.0",
+        "mac_streaming": "a", "mac_control": "b"});
+    shell.controller.handle_message(
+        &Topic::StationAuthRequest("S1".parse().expect("serial")).to_string(),
+        request.to_string().as_bytes(),
+    );
+    let after = audited(&shell);
+    let new: Vec<_> = after[before.len()..]
+        .iter()
+        .map(|r| r.action.clone())
+        .collect();
+    assert_eq!(
+        new,
+        vec!["connect".to_owned()],
+        "only the CONNECT is audited: {new:?}"
+    );
+    let delivered = shell.sessions.delivered_to.lock().expect("lock").clone();
+    assert!(
+        delivered
+            .iter()
+            .any(|(client_id, session, topic, payload)| client_id == &s1()
+                && *session == 4
+                && *topic == Topic::StationCmd(Serial::parse("S1").expect("serial")).to_string()
+                && String::from_utf8_lossy(payload).contains("authorized")),
+        "{delivered:?}"
+    );
+    let topics = shell.topics();
+    assert!(
+        topics.contains(&Topic::Event("default".into(), EventKind::Stations).to_string()),
+        "operators hear the station's state: {topics:?}"
+    );
+    // The record is as it was (nothing written), but the station is online and seen later.
+    let record = |shell: &Shell| {
+        let serial = Serial::parse("S1").expect("serial");
+        shell.controller.store.station(&serial).expect("store")
+    };
+    assert_eq!(record(&shell), record_before);
+    let got = station_view(&shell, "S1");
+    assert_eq!(got["online"], true, "{got}");
+    assert_ne!(got["last_seen"], stored_before["last_seen"], "{got}");
 }
