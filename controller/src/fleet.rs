@@ -383,6 +383,7 @@ async fn run_bus<B: Bus>(
     // Stations that waited unseen for too long are deleted, and sightings written; every minute.
     let mut sweep = tokio::time::interval(Duration::from_secs(60));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweeping: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let (first, from_operator) = tokio::select! {
             // In this order: operators' requests (a reject is never queued behind a storm of
@@ -398,27 +399,28 @@ async fn run_bus<B: Bus>(
                 continue;
             }
             _ = sweep.tick() => {
-                let expire = || {
-                    controller.expire_pending();
-                    controller.record_sightings();
-                };
-                match tokio::runtime::Handle::current().runtime_flavor() {
-                    tokio::runtime::RuntimeFlavor::CurrentThread => expire(),
-                    _ => tokio::task::block_in_place(expire),
-                };
+                // On the blocking pool, not in this task: the sightings of 10,000 stations
+                // are a commit of 10,000 rows, and an operator's reject must not wait for it.
+                // A sweep still running when the next is due (a slow disk) is not doubled.
+                if sweeping.as_ref().is_none_or(|s| s.is_finished()) {
+                    let controller = Arc::clone(&controller);
+                    let expire = move || {
+                        controller.expire_pending();
+                        controller.record_sightings();
+                    };
+                    sweeping = match tokio::runtime::Handle::current().runtime_flavor() {
+                        tokio::runtime::RuntimeFlavor::CurrentThread => {
+                            expire();
+                            None
+                        }
+                        _ => Some(tokio::task::spawn_blocking(expire)),
+                    };
+                }
                 continue;
             }
             Some(item) = devices.recv() => (item, false),
             // Last: only when nothing else is ready, i.e. everything queued was handled.
-            _ = stop.wait_for(|stop| *stop) => {
-                while let Ok(p) = outbox.try_recv() {
-                    if let Err(e) = bus.publish(&p.topic, p.payload, false) {
-                        warn!("controller cannot publish: {e}");
-                        break;
-                    }
-                }
-                return;
-            }
+            _ = stop.wait_for(|stop| *stop) => break,
         };
         // Whatever else has arrived is handled with it: one transaction, one fsync for the
         // whole batch (see `Controller::handle_batch`).
@@ -449,6 +451,16 @@ async fn run_bus<B: Bus>(
         // failed, their sessions end unacknowledged and they send them again).
         for arrived in batch {
             arrived.handled(committed);
+        }
+    }
+    // A sweep under way finishes its commit before the store is closed.
+    if let Some(sweep) = sweeping.take() {
+        let _ = sweep.await;
+    }
+    while let Ok(p) = outbox.try_recv() {
+        if let Err(e) = bus.publish(&p.topic, p.payload, false) {
+            warn!("controller cannot publish: {e}");
+            break;
         }
     }
 }
