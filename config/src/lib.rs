@@ -29,6 +29,9 @@ pub struct Config {
     pub log: LogConfig,
     /// `[metrics]`: the Prometheus endpoint, off unless `listen` is set.
     pub metrics: MetricsConfig,
+    /// `[store]`: where the controller keeps its state; the redb file in `data_dir` unless
+    /// `url` names a PostgreSQL database.
+    pub store: StoreConfig,
 }
 
 /// `[server]`
@@ -361,6 +364,49 @@ pub struct MetricsConfig {
     pub insecure_listen_anywhere: bool,
 }
 
+/// `[store]`
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `url`: a PostgreSQL database (`postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`, or
+    /// `postgresql://…`, with libpq's `?key=value` options) instead of the redb file
+    /// `fleet.redb` in `server.data_dir`. Default none: the redb file.
+    pub url: Option<String>,
+}
+
+/// Shown without the password a `url` may carry (a configuration dump, an error message).
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &self.url.as_deref().map(redacted_url))
+            .finish()
+    }
+}
+
+/// The schemes `[store] url` takes.
+pub const STORE_URL_SCHEMES: [&str; 2] = ["postgres://", "postgresql://"];
+
+/// `url` with the password of its user information, if any, replaced by `***`: what may be
+/// logged or shown of a store URL.
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    // The user information ends at the last `@` before the host: a password may hold `@`
+    // only percent-encoded, but a careless one is still hidden whole.
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => {
+                format!("{scheme}://{user}:***@{host}{}", &rest[authority_end..])
+            }
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
 /// Largest packet MQTT can frame (remaining length of 4 bytes of 7 bits, plus header).
 const MQTT_MAX_PACKET_SIZE: usize = 268_435_460;
 /// Longest grace before a cut: "short and bounded" (PROTOCOL §4).
@@ -483,7 +529,36 @@ impl Config {
         self.validate_firmware()?;
         self.validate_phones()?;
         self.validate_limits()?;
-        self.validate_log_and_metrics()
+        self.validate_log_and_metrics()?;
+        self.validate_store()
+    }
+
+    /// `[store]`: a URL of a scheme PostgreSQL takes, with a host or socket and a database
+    /// part; whether the server answers is for fleetd's start to tell.
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        let Some(url) = &self.store.url else {
+            return Ok(());
+        };
+        let shown = redacted_url(url);
+        let Some(rest) = STORE_URL_SCHEMES
+            .iter()
+            .find_map(|scheme| url.strip_prefix(scheme))
+        else {
+            return Err(ConfigError::invalid(
+                "store.url",
+                format_args!(
+                    "{shown:?} is not a PostgreSQL URL: it must start with {}",
+                    STORE_URL_SCHEMES.join(" or ")
+                ),
+            ));
+        };
+        if rest.is_empty() || rest.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ConfigError::invalid(
+                "store.url",
+                format_args!("{shown:?}: no host, or a blank or control character in it"),
+            ));
+        }
+        Ok(())
     }
 
     /// `[log]` and `[metrics]`.
@@ -867,6 +942,12 @@ level = "info"
 # listen = "127.0.0.1:9464"
 # Allow a metrics.listen address that is not loopback (no TLS, no login: firewall it).
 insecure_listen_anywhere = false
+
+[store]
+# Where the controller keeps stations, phones, whitelists and the audit log: the file
+# fleet.redb in server.data_dir unless a PostgreSQL database is named here. Its password,
+# if in the URL, is never logged; PGPASSWORD or ~/.pgpass keep it out of this file.
+# url = "postgres://fleet@127.0.0.1:5432/fleet"
 "#;
 
 #[cfg(test)]
@@ -1160,6 +1241,43 @@ mod tests {
             "metrics.listen"
         );
         assert_eq!(Config::default().metrics.listen, None, "off by default");
+    }
+
+    #[test]
+    fn a_store_url_must_be_postgres_and_its_password_is_never_shown() {
+        let config = Config::from_toml_str(
+            "[store]\nurl = \"postgres://fleet:s3cret@127.0.0.1:5432/fleet?sslmode=disable\"",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let shown = format!("{:?}", config.store);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("fleet:***@127.0.0.1:5432/fleet?sslmode=disable"),
+            "{shown}"
+        );
+        for url in [
+            "mysql://x@h/db",
+            "postgres://",
+            "postgres://a b@h/db",
+            "h:5432/db",
+        ] {
+            let text = format!("[store]\nurl = {url:?}");
+            assert_eq!(invalid_key(&text), "store.url", "{url}");
+        }
+        let error = Config::from_toml_str("[store]\nurl = \"mysql://u:pw@h/db\"")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(!error.contains(":pw@"), "{error}");
+        assert_eq!(redacted_url("postgresql://u@h/db"), "postgresql://u@h/db");
+        assert_eq!(
+            redacted_url("postgres://u:p@ss@h/db"),
+            "postgres://u:***@h/db"
+        );
+        let unknown = parse_error("[store]\nuri = \"postgres://h/db\"");
+        assert!(unknown.contains("uri"), "{unknown}");
     }
 
     #[test]
