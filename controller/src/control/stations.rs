@@ -573,6 +573,19 @@ fn progress(serial: &Serial, read: &ChunkRead) -> Option<serde_json::Value> {
     })
 }
 
+/// `authorized` for the one session `session_id` of the station, and no other.
+fn authorized_to(serial: &Serial, session_id: u64) -> Output {
+    Output::DeliverTo {
+        client_id: serial.client_id(),
+        session_id,
+        topic: Topic::StationCmd(serial.clone()).to_string(),
+        payload: station::Command::Authorized
+            .payload()
+            .to_string()
+            .into_bytes(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -614,18 +627,5 @@ mod tests {
             total,
         };
         assert!(progress(&serial, &again).is_some());
-    }
-}
-
-/// `authorized` for the one session `session_id` of the station, and no other.
-fn authorized_to(serial: &Serial, session_id: u64) -> Output {
-    Output::DeliverTo {
-        client_id: serial.client_id(),
-        session_id,
-        topic: Topic::StationCmd(serial.clone()).to_string(),
-        payload: station::Command::Authorized
-            .payload()
-            .to_string()
-            .into_bytes(),
     }
 }

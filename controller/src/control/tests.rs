@@ -20,8 +20,11 @@ use fleet_protocol::{EventKind, Serial, Topic};
 /// delivered to one session (`deliver_to`): client id, session id, topic, payload.
 #[derive(Default)]
 struct Sessions {
-    delivered_to: std::sync::Mutex<Vec<(String, u64, String, Vec<u8>)>>,
+    delivered_to: std::sync::Mutex<Vec<Delivered>>,
 }
+
+/// What `deliver_to` was given: client id, session id, topic, payload.
+type Delivered = (String, u64, String, Vec<u8>);
 
 impl SessionControl for Sessions {
     fn set_rights(&self, _: &str, _: Rights) -> bool {
