@@ -945,7 +945,8 @@ insecure_listen_anywhere = false
 
 [store]
 # Where the controller keeps stations, phones, whitelists and the audit log: the file
-# fleet.redb in server.data_dir unless a PostgreSQL database is named here. Its password,
+# fleet.redb in server.data_dir. A PostgreSQL database named here is checked, but this
+# fleetd refuses to start with it: its PostgreSQL store is not built in yet. Its password,
 # if in the URL, is never logged; PGPASSWORD or ~/.pgpass keep it out of this file.
 # url = "postgres://fleet@127.0.0.1:5432/fleet"
 "#;

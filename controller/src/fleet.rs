@@ -139,6 +139,15 @@ impl Fleet {
     /// Like [`Fleet::start`], on the given clock (tests use a simulated one).
     pub async fn start_with_clock(config: &Config, clock: Clock) -> Result<Fleet, StartError> {
         let server = &config.server;
+        if let Some(url) = &config.store.url {
+            // Validated and documented, but no PostgreSQL store is built in yet (issue 14):
+            // refusing to start beats silently keeping the state somewhere else.
+            return Err(StartError::Config(format!(
+                "store.url = {:?}: this fleetd has no PostgreSQL store yet; remove the key to \
+                 keep the state in fleet.redb in server.data_dir",
+                fleet_config::redacted_url(url)
+            )));
+        }
         let files = data_dir::ensure(&server.data_dir, &server.server_names)?;
         let mut manufacturer_cas = Vec::new();
         for path in &server.manufacturer_cas {

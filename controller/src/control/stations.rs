@@ -126,10 +126,12 @@ impl Controller {
         stored: &Station,
         transition: &Transition,
     ) -> bool {
+        // An event (an identity mismatch) is told only with an audit record: the full path.
+        let raises_event = (transition.effects.iter()).any(|e| matches!(e, Effect::Event { .. }));
         let Some(after) = transition
             .station
             .as_ref()
-            .filter(|after| station::reaffirms(stored, after))
+            .filter(|after| !raises_event && station::reaffirms(stored, after))
         else {
             return false;
         };
