@@ -130,6 +130,29 @@ fn load_image(
     })
 }
 
+/// `[stations]`' versions as the firmware policy.
+fn firmware_policy(config: &Config) -> Result<FirmwarePolicy, StartError> {
+    Ok(FirmwarePolicy {
+        min_firmware: parse_version(&config.stations.min_firmware)
+            .ok_or_else(|| StartError::Config("stations.min_firmware is not a version".into()))?,
+        update_from: parse_version(&config.stations.update_from)
+            .ok_or_else(|| StartError::Config("stations.update_from is not a version".into()))?,
+    })
+}
+
+/// `[store] url` is validated and documented, but no PostgreSQL store is built in yet (issue
+/// 14): refusing to start beats silently keeping the state somewhere else.
+fn no_postgres_store(config: &Config) -> Result<(), StartError> {
+    match &config.store.url {
+        Some(url) => Err(StartError::Config(format!(
+            "store.url = {:?}: this fleetd has no PostgreSQL store yet; remove the key to keep \
+             the state in fleet.redb in server.data_dir",
+            fleet_config::redacted_url(url)
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl Fleet {
     /// Starts the whole service as configured. The listener is bound when this returns.
     pub async fn start(config: &Config) -> Result<Fleet, StartError> {
@@ -139,15 +162,7 @@ impl Fleet {
     /// Like [`Fleet::start`], on the given clock (tests use a simulated one).
     pub async fn start_with_clock(config: &Config, clock: Clock) -> Result<Fleet, StartError> {
         let server = &config.server;
-        if let Some(url) = &config.store.url {
-            // Validated and documented, but no PostgreSQL store is built in yet (issue 14):
-            // refusing to start beats silently keeping the state somewhere else.
-            return Err(StartError::Config(format!(
-                "store.url = {:?}: this fleetd has no PostgreSQL store yet; remove the key to \
-                 keep the state in fleet.redb in server.data_dir",
-                fleet_config::redacted_url(url)
-            )));
-        }
+        no_postgres_store(config)?;
         let files = data_dir::ensure(&server.data_dir, &server.server_names)?;
         let mut manufacturer_cas = Vec::new();
         for path in &server.manufacturer_cas {
@@ -156,14 +171,7 @@ impl Fleet {
             })?;
             manufacturer_cas.extend(fleet_certs::certs_from_pem(&pem)?);
         }
-        let policy = FirmwarePolicy {
-            min_firmware: parse_version(&config.stations.min_firmware).ok_or_else(|| {
-                StartError::Config("stations.min_firmware is not a version".into())
-            })?,
-            update_from: parse_version(&config.stations.update_from).ok_or_else(|| {
-                StartError::Config("stations.update_from is not a version".into())
-            })?,
-        };
+        let policy = firmware_policy(config)?;
         let mut images = Vec::new();
         for image in &config.firmware.images {
             images.push(load_image(
