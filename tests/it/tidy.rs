@@ -137,17 +137,35 @@ fn fleet_names_are_spelled_only_by_the_protocol() {
     );
 }
 
-/// Architecture Invariant: only the store knows redb.
+/// Architecture Invariant: only the store knows its backends: redb in `store/redb.rs` (and
+/// the interface's error type in `store/mod.rs`, the suite that runs on both in
+/// `store/suite.rs`), PostgreSQL in the store's PostgreSQL files
+/// (and the tests' private server, `tests/src/postgres.rs`).
 #[test]
-fn only_the_store_knows_redb() {
+fn only_the_store_knows_redb_and_postgresql() {
     let root = workspace();
     let mut files = Vec::new();
     for krate in CRATES {
         files.extend(rust_files(&root.join(krate).join("src")));
     }
-    files.retain(|f| !f.ends_with("controller/src/store.rs"));
-    let found = offenders(&files, &["redb::", "use redb"]);
+    let store = |name: &str| format!("controller/src/store/{name}");
+    let outside = |allowed: &[String]| -> Vec<PathBuf> {
+        files
+            .iter()
+            .filter(|f| !allowed.iter().any(|a| f.ends_with(a)))
+            .cloned()
+            .collect()
+    };
+    let redb = outside(&[store("redb.rs"), store("mod.rs"), store("suite.rs")]);
+    let found = offenders(&redb, &["redb::", "use redb"]);
     assert!(found.is_empty(), "redb outside the store: {found:#?}");
+    let postgres = outside(&[
+        store("postgres.rs"),
+        store("lease.rs"),
+        "tests/src/postgres.rs".to_owned(),
+    ]);
+    let found = offenders(&postgres, &["tokio_postgres", "deadpool_postgres"]);
+    assert!(found.is_empty(), "PostgreSQL outside the store: {found:#?}");
 }
 
 /// Architecture Invariant: the pure modules know no I/O and no clock; `now` is passed in.

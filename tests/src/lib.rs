@@ -4,6 +4,7 @@
 
 pub mod churn;
 pub mod door;
+pub mod postgres;
 pub mod process;
 pub mod raw;
 
