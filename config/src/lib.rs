@@ -945,9 +945,11 @@ insecure_listen_anywhere = false
 
 [store]
 # Where the controller keeps stations, phones, whitelists and the audit log: the file
-# fleet.redb in server.data_dir. A PostgreSQL database named here is checked, but this
-# fleetd refuses to start with it: its PostgreSQL store is not built in yet. Its password,
-# if in the URL, is never logged; PGPASSWORD or ~/.pgpass keep it out of this file.
+# fleet.redb in server.data_dir, unless url names a PostgreSQL database (no TLS: loopback or
+# a private network). Several fleetds may name one database: one serves, the others wait as
+# standbys and take over when it dies (ARCHITECTURE.md, "Active/standby on PostgreSQL"). The
+# schema is created and migrated by fleetd itself. A password in the URL is never logged; the
+# environment variable PGPASSWORD keeps it out of this file.
 # url = "postgres://fleet@127.0.0.1:5432/fleet"
 "#;
 

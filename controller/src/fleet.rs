@@ -24,7 +24,7 @@ use crate::control::{
     ControlSettings, Controller, ControllerAdmission, Inbox, InboxItem, Publication, MAX_BATCH,
 };
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
-use crate::store::{Store, StoreError};
+use crate::store::{Lease, Store, StoreError};
 
 /// Name of the store file inside the data directory.
 pub const STORE_FILE: &str = "fleet.redb";
@@ -79,6 +79,8 @@ pub struct Fleet {
     metrics_stop: watch::Sender<bool>,
     metrics_addr: Option<SocketAddr>,
     writer_alive: Arc<AtomicBool>,
+    /// A PostgreSQL store's standing with the controller lock ([`Fleet::deposed`]).
+    lease: Option<watch::Receiver<Lease>>,
     pub files: FleetFiles,
 }
 
@@ -140,17 +142,27 @@ fn firmware_policy(config: &Config) -> Result<FirmwarePolicy, StartError> {
     })
 }
 
-/// `[store] url` is validated and documented, but no PostgreSQL store is built in yet (issue
-/// 14): refusing to start beats silently keeping the state somewhere else.
-fn no_postgres_store(config: &Config) -> Result<(), StartError> {
-    match &config.store.url {
-        Some(url) => Err(StartError::Config(format!(
-            "store.url = {:?}: this fleetd has no PostgreSQL store yet; remove the key to keep \
-             the state in fleet.redb in server.data_dir",
-            fleet_config::redacted_url(url)
-        ))),
-        None => Ok(()),
-    }
+/// Opens the store that the configuration names: the PostgreSQL database of `[store] url`, or
+/// `fleet.redb` in the data directory. On the blocking pool: a PostgreSQL store waits there
+/// while another fleetd holds the database's controller lock (this one is the standby), and
+/// the caller may drop the wait (fleetd does on SIGTERM).
+async fn open_store(config: &Config) -> Result<Store, StartError> {
+    let data_dir = config.server.data_dir.clone();
+    let url = config.store.url.clone();
+    let opened = tokio::task::spawn_blocking(move || match &url {
+        Some(url) => Store::open_postgres(url).map_err(|e| {
+            StartError::Config(format!(
+                "store.url = {:?}: {e}",
+                fleet_config::redacted_url(url)
+            ))
+        }),
+        None => Store::open(&data_dir.join(STORE_FILE)).map_err(|e| match e {
+            StoreError::AlreadyOpen(_) => StartError::InUse(data_dir.clone()),
+            e => e.into(),
+        }),
+    })
+    .await;
+    opened.map_err(|e| StartError::Config(format!("the store's opening failed: {e}")))?
 }
 
 impl Fleet {
@@ -162,7 +174,6 @@ impl Fleet {
     /// Like [`Fleet::start`], on the given clock (tests use a simulated one).
     pub async fn start_with_clock(config: &Config, clock: Clock) -> Result<Fleet, StartError> {
         let server = &config.server;
-        no_postgres_store(config)?;
         let files = data_dir::ensure(&server.data_dir, &server.server_names)?;
         let mut manufacturer_cas = Vec::new();
         for path in &server.manufacturer_cas {
@@ -180,11 +191,9 @@ impl Fleet {
                 image.sha256.as_deref(),
             )?);
         }
-        let store = Store::open(&server.data_dir.join(STORE_FILE)).map_err(|e| match e {
-            StoreError::AlreadyOpen(_) => StartError::InUse(server.data_dir.clone()),
-            e => e.into(),
-        })?;
+        let store = open_store(config).await?;
         let writer_alive = store.writer_alive();
+        let lease = store.lease();
 
         let settings = Settings {
             listen: server.listen,
@@ -251,8 +260,27 @@ impl Fleet {
             metrics_stop,
             metrics_addr,
             writer_alive,
+            lease,
             files,
         })
+    }
+
+    /// Resolves, with the reason, once another fleetd has taken over this one's PostgreSQL
+    /// database (`store/lease.rs`): this one must stop serving, its state in memory is no
+    /// longer the truth and its store writes nothing. Never, for the redb store.
+    pub async fn deposed(&self) -> String {
+        let Some(mut lease) = self.lease.clone() else {
+            return std::future::pending().await;
+        };
+        loop {
+            if let Lease::Deposed(why) = &*lease.borrow_and_update() {
+                return why.clone();
+            }
+            if lease.changed().await.is_err() {
+                // The store is gone (after `stop`): nothing will ever change.
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// The address the metrics endpoint bound (`[metrics] listen`), if it has one.

@@ -84,6 +84,38 @@ impl Fleetd {
         Fleetd::spawned(command, data)
     }
 
+    /// Starts the `fleetd` at `bin` on `data` with the configuration `config`, as
+    /// [`Fleetd::start_with_config`] does, without waiting for it to listen: a standby on a
+    /// PostgreSQL store listens only once it serves ([`Starting::serving`]).
+    pub fn launch_with_config(bin: &Path, data: &Path, config: &str) -> Starting {
+        let file = data.with_extension("toml");
+        std::fs::write(&file, config).expect("configuration file");
+        let mut command = Command::new(bin);
+        command
+            .arg("--config")
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = command.spawn().expect("fleetd starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, line) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut first = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut first);
+            let _ = tx.send(first);
+        });
+        Starting {
+            child: Some(child),
+            line,
+            data: data.to_owned(),
+        }
+    }
+
     fn spawned(mut command: Command, data: &Path) -> Fleetd {
         let mut child = command.spawn().expect("fleetd starts");
         let stdout = child.stdout.take().expect("stdout");
@@ -176,6 +208,55 @@ impl Fleetd {
     /// A simulated station in its own state directory `dir`, booted against this process.
     pub fn station(&self, dir: PathBuf, serial: &str, firmware: &str) -> Station {
         Station::boot(dir, serial, firmware, self.server.clone(), self.ca_pem())
+    }
+}
+
+/// A `fleetd` process that has not said where it listens yet ([`Fleetd::launch_with_config`]);
+/// killed when dropped.
+pub struct Starting {
+    child: Option<Child>,
+    line: std::sync::mpsc::Receiver<String>,
+    data: PathBuf,
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Starting {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Whether it has exited already (its status), without waiting.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().expect("wait for fleetd")
+    }
+
+    /// Waits (at most `patience`) until it listens, and returns it as a running [`Fleetd`];
+    /// panics if it does not, or says something else.
+    pub fn serving(mut self, patience: Duration) -> Fleetd {
+        let line = match self.line.recv_timeout(patience) {
+            Ok(line) => line,
+            Err(_) => panic!("fleetd {} did not listen within {patience:?}", self.pid()),
+        };
+        let server = line
+            .trim()
+            .strip_prefix("fleetd listening on ")
+            .unwrap_or_else(|| panic!("fleetd did not start cleanly: {line:?}"))
+            .to_owned();
+        let child = self.child.take().expect("a child until now");
+        Fleetd {
+            child,
+            server,
+            data: self.data.clone(),
+        }
     }
 }
 

@@ -272,11 +272,19 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
         .max_blocking_threads(128)
         .build()
         .context("tokio runtime")?;
-    let deadline = runtime.block_on(async {
+    let stopped = runtime.block_on(async {
         // Before anything is announced: a SIGTERM right after the address line is a shutdown
         // too, not the default action (an abrupt end).
         let mut signals = StopSignals::install()?;
-        let fleet = Fleet::start(&config).await.map_err(anyhow::Error::new)?;
+        // A standby on a PostgreSQL store waits in `start` for the controller lock, for as
+        // long as another fleetd serves: a signal ends that wait (nothing was served yet).
+        let fleet = tokio::select! {
+            started = Fleet::start(&config) => started.map_err(anyhow::Error::new)?,
+            signal = signals.first() => {
+                tracing::info!("{signal} before fleetd served: exiting");
+                return anyhow::Ok(None);
+            }
+        };
         // Once started: a fleetd that cannot start says only why (one line). Clients come in
         // within the first moments at most by the hundred, well within any soft limit.
         raise_open_files(config.server.max_connections);
@@ -287,7 +295,17 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
         );
         // Scripts and tests read the bound address from this line.
         println!("fleetd listening on {}", fleet.local_addr());
-        let signal = signals.first().await;
+        // Another fleetd that took over the database serves from now on: this one stops as
+        // if signalled, and exits non-zero (its supervisor may start it again, as a standby).
+        let mut deposed = None;
+        let signal = tokio::select! {
+            signal = signals.first() => signal,
+            why = fleet.deposed() => {
+                tracing::error!("{why}: shutting down");
+                deposed = Some(why);
+                "deposed"
+            }
+        };
         let deadline = tokio::time::Instant::now() + STOP_BUDGET;
         tracing::info!("{signal}: shutting down");
         // A second signal: the operator does not want to wait.
@@ -317,13 +335,19 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
         } else {
             tracing::info!("store closed");
         }
-        anyhow::Ok(deadline)
+        anyhow::Ok(Some((deadline, deposed)))
     })?;
+    let Some((deadline, deposed)) = stopped else {
+        return Ok(());
+    };
     // What is left of the budget (at least a moment for tasks that are about to end).
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     runtime.shutdown_timeout(left.max(Duration::from_millis(50)));
     tracing::info!("stopped");
-    Ok(())
+    match deposed {
+        Some(why) => Err(anyhow::anyhow!("stopped serving: {why}")),
+        None => Ok(()),
+    }
 }
 
 /// SIGINT (Ctrl-C) and SIGTERM, caught from [`StopSignals::install`] on.

@@ -8,6 +8,7 @@
 
 mod churn;
 mod crash_cycles;
+mod failover;
 mod kill_restart;
 mod running;
 
