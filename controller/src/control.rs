@@ -473,7 +473,32 @@ impl Controller {
         let mut batch = match durable.begin() {
             Ok(batch) => batch,
             Err(e) => {
-                warn!("store: cannot begin a transaction, messages dropped: {e}");
+                // Nothing ran: devices ask again (their QoS 1 messages are not acknowledged),
+                // operators and PAP attempts hear why now rather than time out.
+                warn!("store: cannot begin a transaction, messages refused: {e}");
+                let error = CommandError::internal(format!("the store is unavailable: {e}"));
+                let mut out = effects::Outbox::default();
+                for message in messages {
+                    match message {
+                        Incoming::Device { .. } => {}
+                        Incoming::Request { from, payload } => {
+                            out.push(self.unbegun_request(from, payload))
+                        }
+                        Incoming::Pap(ask) => {
+                            let reply = ask.reply.lock().unwrap_or_else(|e| e.into_inner()).take();
+                            if let Some(reply) = reply {
+                                // `abandon` answers it: unavailable, with the error.
+                                out.push(effects::Output::Judged {
+                                    reply,
+                                    judgement: Box::new(admission::Judgement::Unavailable(
+                                        String::new(),
+                                    )),
+                                });
+                            }
+                        }
+                    }
+                }
+                self.abandon(out, &error);
                 return false;
             }
         };

@@ -30,6 +30,9 @@ const UNPRIVILEGED: &str = "postgres";
 pub struct Server {
     port: u16,
     dir: PathBuf,
+    /// The server binaries, and whether they run as [`UNPRIVILEGED`] (we are root).
+    bin: PathBuf,
+    root: bool,
     /// Closing it tells the watchdog to stop the server and remove `dir`.
     watchdog: Option<Child>,
 }
@@ -143,6 +146,8 @@ impl Server {
         let mut server = Server {
             port: 0,
             dir,
+            bin: bin.clone(),
+            root,
             watchdog: Some(watchdog),
         };
 
@@ -164,19 +169,7 @@ impl Server {
                 .and_then(|listener| listener.local_addr())
                 .map_err(|e| format!("cannot find a free port: {e}"))?
                 .port();
-            let mut start = as_server_user(&bin.join("pg_ctl"), root);
-            start
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(server.dir.join("server.log"))
-                .args(["-w", "-t", "60", "-o"])
-                .arg(format!(
-                    "-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={} \
-                     -c fsync=on -c synchronous_commit=on -c max_connections=200",
-                    server.dir.display()
-                ))
-                .arg("start");
+            let start = server.pg_ctl_start(port);
             match run(start, "pg_ctl start") {
                 Ok(()) => {
                     server.port = port;
@@ -190,6 +183,39 @@ impl Server {
             }
         }
         Err(last_error)
+    }
+
+    /// `pg_ctl start` of this server's cluster on `port`, waiting until it accepts
+    /// connections.
+    fn pg_ctl_start(&self, port: u16) -> Command {
+        let mut start = as_server_user(&self.bin.join("pg_ctl"), self.root);
+        start
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-w", "-t", "60", "-o"])
+            .arg(format!(
+                "-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={} \
+                 -c fsync=on -c synchronous_commit=on -c max_connections=200",
+                self.dir.display()
+            ))
+            .arg("start");
+        start
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`: every connection is ended), keeping its data.
+    pub fn stop(&self) -> Result<(), String> {
+        let mut stop = as_server_user(&self.bin.join("pg_ctl"), self.root);
+        stop.arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["stop", "-w", "-m", "fast"]);
+        run(stop, "pg_ctl stop")
+    }
+
+    /// Starts the stopped server again, on the same port.
+    pub fn restart(&self) -> Result<(), String> {
+        run(self.pg_ctl_start(self.port), "pg_ctl start")
     }
 
     /// The URL of `database` on this server.

@@ -135,6 +135,11 @@ impl Fleetd {
         }
     }
 
+    /// Whether it has exited already (its status), without waiting.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("wait for fleetd")
+    }
+
     /// SIGKILL: no shutdown path runs. Returns once the process is reaped.
     pub fn kill(&mut self) {
         self.child.kill().expect("kill -9");

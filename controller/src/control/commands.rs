@@ -140,6 +140,30 @@ impl Controller {
         });
     }
 
+    /// The answer to a request that no transaction could be begun for (the store is
+    /// unavailable), for `abandon` to refuse each of its commands with that error: none ran.
+    /// A request that is not usable gets its own refusal, as always.
+    pub(super) fn unbegun_request(&self, from: &Requester, payload: &[u8]) -> Output {
+        let commands = match self.usable_request(from, payload) {
+            Ok(entries) => entries
+                .into_iter()
+                .map(|entry| (entry.echo, entry.correlation))
+                .collect(),
+            Err(refused) => {
+                return Output::Respond {
+                    to: from.clone(),
+                    commands: vec![(Value::Null, Value::Null)],
+                    responses: vec![ResponseEntry::to_request(refused).to_json()],
+                }
+            }
+        };
+        Output::Respond {
+            to: from.clone(),
+            commands,
+            responses: Vec::new(),
+        }
+    }
+
     /// The entries of a request that may run at all; `Err` answers the request as a whole.
     fn usable_request(
         &self,

@@ -578,12 +578,10 @@ async fn run_writer(
             }
         }
         busy = group.len() > 1;
-        if let Some(error) = not_leader(&lease.borrow()) {
-            let message = error.to_string();
+        let refused = not_leader(&lease.borrow());
+        if let Some(StoreError::NotLeader(why)) = refused {
             for request in group {
-                request
-                    .reply
-                    .send(Err(StoreError::NotLeader(message.clone())));
+                request.reply.send(Err(StoreError::NotLeader(why.clone())));
             }
             continue;
         }
@@ -1465,6 +1463,59 @@ pub(super) mod tests {
             vec!["1".to_owned()],
             "the same holder, the same epoch"
         );
+    }
+
+    #[test]
+    fn a_stopped_server_is_an_error_and_a_restarted_one_serves_again() {
+        let server = private_postgres::Server::start().unwrap();
+        let url = server.create_database("stopped").unwrap();
+        let store = Store::open_postgres(&url).unwrap();
+        store
+            .apply(vec![Change::PutStation(station("S1"))])
+            .unwrap();
+        server.stop().unwrap();
+        let serial = Serial::parse("S1").unwrap();
+        let started = Instant::now();
+        let read = store.station(&serial);
+        eprintln!(
+            "read while stopped: {:?} after {:?}",
+            read,
+            started.elapsed()
+        );
+        assert!(matches!(read, Err(StoreError::Postgres(_))), "{read:?}");
+        let started = Instant::now();
+        let write = store.apply(vec![Change::PutStation(station("S2"))]);
+        eprintln!(
+            "write while stopped: {:?} after {:?}",
+            write,
+            started.elapsed()
+        );
+        assert!(
+            matches!(
+                write,
+                Err(StoreError::Postgres(_) | StoreError::NotLeader(_))
+            ),
+            "{write:?}"
+        );
+        let started = Instant::now();
+        let txn = store.begin();
+        eprintln!(
+            "begin while stopped: {:?} after {:?}",
+            txn.as_ref().err(),
+            started.elapsed()
+        );
+        assert!(txn.is_err());
+        drop(txn);
+        server.restart().unwrap();
+        let write = eventually(
+            || match store.apply(vec![Change::PutStation(station("S2"))]) {
+                Err(StoreError::Postgres(_) | StoreError::NotLeader(_)) => None,
+                other => Some(other),
+            },
+        );
+        assert!(write.is_ok(), "{write:?}");
+        assert_eq!(store.stations().unwrap().len(), 2);
+        assert_eq!(*store.lease().unwrap().borrow(), Lease::Held);
     }
 
     /// Ends every connection of the store's database but the one that asks.

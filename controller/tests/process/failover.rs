@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use fleet_ctl::ClientError;
 use fleet_sim::{spawn_station, SimConfig, SimEvent};
 use fleet_tests::postgres;
 use fleet_tests::process::{Fleetd, PROCESS_PATIENCE};
@@ -198,4 +199,83 @@ async fn a_standby_serves_when_the_leader_is_killed_and_keeps_every_acknowledged
         }
         station.handle.shutdown().await;
     }
+}
+
+/// Accepts `serial` (its key `fingerprint`) through `op`, trying again every 200 ms until an
+/// answer is not `internal` (the store unavailable) or the patience is spent; the last answer.
+async fn accept_until_answered(
+    op: &fleet_tests::Operator,
+    serial: &str,
+    fingerprint: &str,
+) -> Result<serde_json::Value, ClientError> {
+    let deadline = Instant::now() + PROCESS_PATIENCE;
+    loop {
+        let answer = op
+            .call(
+                "acceptStation",
+                json!({"serial": serial, "fingerprint": fingerprint}),
+            )
+            .await;
+        let unavailable =
+            matches!(&answer, Err(ClientError::CommandFailed { code, .. }) if code == "internal");
+        if !unavailable || Instant::now() > deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_restart_costs_answers_but_no_decision_and_fleetd_recovers_by_itself() {
+    // A server of its own: this test stops it.
+    let server = postgres::Server::start().expect("a private PostgreSQL server");
+    let url = server.create_database("restarted").expect("a database");
+    let config = format!("[store]\nurl = \"{url}\"\n");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut fleetd = Fleetd::start_with_config(FLEETD.as_ref(), &dir.path().join("data"), &config);
+    let mut op = fleetd.operator().await;
+    let (first, second) = ("PGRS-1", "PGRS-2");
+    let mut one = fleetd.station(dir.path().join(first), first, "6.1.0");
+    let two = fleetd.station(dir.path().join(second), second, "6.1.0");
+    let key_one = op.wait_request(first).await;
+    let key_two = op.wait_request(second).await;
+    op.call(
+        "acceptStation",
+        json!({"serial": first, "fingerprint": key_one}),
+    )
+    .await
+    .expect("accepted while PostgreSQL runs");
+    one.wait_event(SimEvent::Authorized).await;
+
+    // PostgreSQL goes away: a decision is refused (`internal`), and nothing is told.
+    server.stop().expect("PostgreSQL stops");
+    let refused = op
+        .call(
+            "acceptStation",
+            json!({"serial": second, "fingerprint": key_two}),
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(ClientError::CommandFailed { code, .. }) if code == "internal"),
+        "no decision without the store: {refused:?}"
+    );
+
+    // Back after a few seconds: fleetd takes its lock again by itself (nobody else served),
+    // and the decision that was refused can be taken now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.restart().expect("PostgreSQL starts again");
+    let accepted = accept_until_answered(&op, second, &key_two).await;
+    assert!(accepted.is_ok(), "{accepted:?}");
+    assert!(fleetd.exited().is_none(), "fleetd went on serving");
+    for serial in [first, second] {
+        let view = op.station(serial).await;
+        assert!(
+            view["state"] == "running" || view["state"] == "not_running",
+            "{serial}: {view}"
+        );
+    }
+    drop(op);
+    one.handle.shutdown().await;
+    two.handle.shutdown().await;
+    fleetd.kill();
 }
