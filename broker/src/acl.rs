@@ -2,7 +2,7 @@
 //! filter. No I/O; the front door asks on every PUBLISH and SUBSCRIBE.
 
 /// What a client may do, as MQTT topic filters (`+` and `#` allowed in patterns).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rights {
     /// Topics the client may publish to (patterns).
     pub publish: Vec<String>,

@@ -8,10 +8,12 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 
+use serde::{Deserialize, Serialize};
+
 use crate::acl::Rights;
 
 /// MQTT protocol level of a client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MqttVersion {
     V311,
     V5,
@@ -19,7 +21,7 @@ pub enum MqttVersion {
 
 /// How the presented client certificate was verified (after every handshake, resumed ones
 /// included).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Trust {
     /// Chains to the fleet CA (operators, provisioned phones).
     FleetCa,
@@ -30,14 +32,14 @@ pub enum Trust {
 }
 
 /// The leaf certificate a client presented, DER, and how it was verified.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PresentedCertificate {
     pub der: Vec<u8>,
     pub trust: Trust,
 }
 
 /// Everything the front door knows about a client at CONNECT time.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnectInfo {
     /// Unique per accepted connection; lets `session_closed` ignore a session already replaced.
     pub session_id: u64,
@@ -50,7 +52,7 @@ pub struct ConnectInfo {
 }
 
 /// Why a CONNECT is refused. Mapped to MQTT 3.1.1 return codes and MQTT 5 reason codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Refusal {
     /// 3.1.1: 5, v5: 0x87.
     NotAuthorized,
@@ -65,7 +67,7 @@ pub enum Refusal {
 }
 
 /// The controller's answer to a CONNECT.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Decision {
     /// `reserved`: the client may use the connection slots kept for operators
     /// (`Settings::reserved_sessions`), so that a flood of devices never locks them out.
@@ -82,7 +84,7 @@ pub enum Decision {
 /// Why a CONNECT is refused: for the log (and the audit), and for the client. MQTT 5 clients
 /// read `client` as the CONNACK's Reason String (3.1.1 clients get the return code only); the
 /// decider words it so that it tells no secret (no password, no key but the client's own).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reason {
     pub log: String,
     pub client: String,

@@ -262,6 +262,51 @@ impl Registry {
         self.next_session.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// Numbers the sessions from `base` on (`base + 1` is the next): the edges of a cluster
+    /// start from random bases so that a session id names one session across the cluster.
+    /// Call before the first session.
+    pub fn number_sessions_from(&self, base: u64) {
+        self.next_session.store(base, Ordering::Relaxed);
+    }
+
+    /// The session id of `client_id`'s live session, if it has one.
+    pub fn session_of(&self, client_id: &str) -> Option<u64> {
+        lock(&self.sessions)
+            .by_id
+            .get(client_id)
+            .map(|e| e.session_id)
+    }
+
+    /// The rights of `client_id`'s live session as they are now, if it has one.
+    pub fn rights_of(&self, client_id: &str) -> Option<Rights> {
+        lock(&self.sessions)
+            .by_id
+            .get(client_id)
+            .map(|e| read(&e.rights).clone())
+    }
+
+    /// Every live session: its client id and session id.
+    pub fn live_sessions(&self) -> Vec<(String, u64)> {
+        lock(&self.sessions)
+            .by_id
+            .iter()
+            .map(|(client_id, e)| (client_id.clone(), e.session_id))
+            .collect()
+    }
+
+    /// Cuts the live session of `client_id` if it is `session_id` (a takeover on another
+    /// node of a cluster); true if it was cut.
+    pub fn cut_session(&self, client_id: &str, session_id: u64) -> bool {
+        match lock(&self.sessions).by_id.get(client_id) {
+            Some(entry) if entry.session_id == session_id => {
+                set(&entry.rights, Rights::none());
+                let _ = entry.control.send(Control::Cut { last_topic: None });
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Number of live sessions.
     pub fn len(&self) -> usize {
         lock(&self.sessions).by_id.len()

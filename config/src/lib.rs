@@ -32,6 +32,9 @@ pub struct Config {
     /// `[store]`: where the controller keeps its state; the redb file in `data_dir` unless
     /// `url` names a PostgreSQL database.
     pub store: StoreConfig,
+    /// `[cluster]`: what this fleetd is in a cluster (an edge, a controller, or both), its node
+    /// name and the NATS servers of the bus; by default a single process and no cluster.
+    pub cluster: ClusterConfig,
 }
 
 /// `[server]`
@@ -364,6 +367,69 @@ pub struct MetricsConfig {
     pub insecure_listen_anywhere: bool,
 }
 
+/// `[cluster]` `role`: what one fleetd runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The whole system in one process: front door, router, controller and store.
+    #[default]
+    Single,
+    /// A front door and its router, no store: admissions are asked of the controller over
+    /// the bus.
+    Edge,
+    /// The controller and the store, no listener: it answers the edges over the bus.
+    Controller,
+    /// An edge and a controller in one process, on the bus like any other node.
+    Both,
+}
+
+impl Role {
+    /// Whether this role runs a front door.
+    pub fn has_edge(self) -> bool {
+        matches!(self, Role::Single | Role::Edge | Role::Both)
+    }
+
+    /// Whether this role runs the controller.
+    pub fn has_controller(self) -> bool {
+        matches!(self, Role::Single | Role::Controller | Role::Both)
+    }
+}
+
+/// `[cluster]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `role`: `single` (default), `edge`, `controller` or `both`.
+    pub role: Role,
+    /// `node`: this node's name in the cluster, unique among the edges (letters, digits, `-`
+    /// and `_`, at most 64). Required unless `role` is `single`.
+    pub node: String,
+    /// `nats`: the NATS servers of the bus (`nats://HOST:PORT`), any of which will do.
+    /// Required unless `role` is `single`.
+    pub nats: Vec<String>,
+    /// `request_timeout_ms`: how long an edge waits for the controller's answer to an
+    /// admission or a device's message before it refuses it as "server unavailable".
+    /// Default 5000.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            role: Role::Single,
+            node: String::new(),
+            nats: Vec::new(),
+            request_timeout_ms: 5000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
 /// `[store]`
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -530,7 +596,60 @@ impl Config {
         self.validate_phones()?;
         self.validate_limits()?;
         self.validate_log_and_metrics()?;
-        self.validate_store()
+        self.validate_store()?;
+        self.validate_cluster()
+    }
+
+    /// `[cluster]`: a node name and NATS servers for any role but `single`.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let cluster = &self.cluster;
+        if cluster.role == Role::Single {
+            return Ok(());
+        }
+        let node = &cluster.node;
+        if node.is_empty()
+            || node.len() > 64
+            || !node
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ConfigError::invalid(
+                "cluster.node",
+                format_args!(
+                    "{node:?}: a node of a cluster needs a name of 1 to 64 letters, digits, \
+                     '-' or '_'"
+                ),
+            ));
+        }
+        if cluster.nats.is_empty() {
+            return Err(ConfigError::invalid(
+                "cluster.nats",
+                "a node of a cluster needs the NATS servers of its bus (nats://HOST:PORT)",
+            ));
+        }
+        if let Some(bad) = cluster
+            .nats
+            .iter()
+            .find(|url| !url.starts_with("nats://") || url.len() <= "nats://".len())
+        {
+            return Err(ConfigError::invalid(
+                "cluster.nats",
+                format_args!("{bad:?} is not a NATS URL: it must be nats://HOST:PORT"),
+            ));
+        }
+        if !(100..=60_000).contains(&cluster.request_timeout_ms) {
+            return Err(ConfigError::invalid(
+                "cluster.request_timeout_ms",
+                "must be between 100 and 60000",
+            ));
+        }
+        if cluster.role == Role::Edge && self.store.url.is_some() {
+            return Err(ConfigError::invalid(
+                "store.url",
+                "an edge keeps no store: only a controller (or role = \"both\") names one",
+            ));
+        }
+        Ok(())
     }
 
     /// `[store]`: a URL of a scheme PostgreSQL takes, with a host or socket and a database
@@ -951,6 +1070,21 @@ insecure_listen_anywhere = false
 # schema is created and migrated by fleetd itself. A password in the URL is never logged; the
 # environment variable PGPASSWORD keeps it out of this file.
 # url = "postgres://fleet@127.0.0.1:5432/fleet"
+
+[cluster]
+# What this fleetd runs: "single" (front door, router, controller and store in one process),
+# "edge" (a front door and its router, no store: it asks the controller over the bus),
+# "controller" (the controller and its store, no listener) or "both". A cluster's nodes share
+# one bus of NATS servers and start from copies of one data directory (README, "Scaling out").
+role = "single"
+# This node's name, unique among the edges: letters, digits, '-' and '_'.
+node = ""
+# The NATS servers of the bus (no TLS: loopback or a private network), e.g.
+# ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"].
+nats = []
+# How long an edge waits for the controller's answer before it refuses a device as
+# "server unavailable".
+request_timeout_ms = 5000
 "#;
 
 #[cfg(test)]
@@ -966,6 +1100,37 @@ mod tests {
             ConfigError::Invalid { key, .. } => key,
             other => panic!("unexpected error {other}"),
         }
+    }
+
+    #[test]
+    fn a_cluster_node_needs_a_name_and_its_bus() {
+        assert_eq!(invalid_key("[cluster]\nrole = \"edge\"\n"), "cluster.node");
+        assert_eq!(
+            invalid_key("[cluster]\nrole = \"edge\"\nnode = \"a b\"\n"),
+            "cluster.node"
+        );
+        assert_eq!(
+            invalid_key("[cluster]\nrole = \"controller\"\nnode = \"c1\"\n"),
+            "cluster.nats"
+        );
+        assert_eq!(
+            invalid_key("[cluster]\nrole = \"edge\"\nnode = \"e1\"\nnats = [\"tcp://x\"]\n"),
+            "cluster.nats"
+        );
+        assert_eq!(
+            invalid_key(
+                "[store]\nurl = \"postgres://h/db\"\n[cluster]\nrole = \"edge\"\nnode = \"e1\"\n\
+                 nats = [\"nats://127.0.0.1:4222\"]\n"
+            ),
+            "store.url"
+        );
+        let edge = Config::from_toml_str(
+            "[cluster]\nrole = \"edge\"\nnode = \"e1\"\nnats = [\"nats://127.0.0.1:4222\"]\n",
+        )
+        .unwrap();
+        edge.validate().unwrap();
+        assert!(edge.cluster.role.has_edge() && !edge.cluster.role.has_controller());
+        assert!(Config::from_toml_str("[cluster]\nrole = \"leader\"\n").is_err());
     }
 
     #[test]

@@ -132,8 +132,55 @@ fn load_image(
     })
 }
 
+/// The front door's settings from the configuration and the data directory's server
+/// certificate, its key and the fleet CA's certificate (PEM).
+pub(crate) fn front_door_settings(
+    config: &Config,
+    server_cert_pem: &str,
+    server_key_pem: &str,
+    ca_pem: &str,
+) -> Result<Settings, StartError> {
+    let server = &config.server;
+    let mut manufacturer_cas = Vec::new();
+    for path in &server.manufacturer_cas {
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| StartError::Config(format!("manufacturer CA {}: {e}", path.display())))?;
+        manufacturer_cas.extend(fleet_certs::certs_from_pem(&pem)?);
+    }
+    Ok(Settings {
+        listen: server.listen,
+        server_chain: fleet_certs::certs_from_pem(server_cert_pem)?,
+        server_key: fleet_certs::key_from_pem(server_key_pem)?,
+        fleet_ca: fleet_certs::certs_from_pem(ca_pem)?,
+        manufacturer_cas,
+        allow_self_signed: server.allow_self_signed_stations,
+        max_connections: server.max_connections as usize,
+        handshake_timeout: server.handshake_timeout(),
+        connect_timeout: server.connect_timeout(),
+        max_packet_size: server.max_packet_size,
+        idle_timeout: server.idle_timeout(),
+        cut_grace: server.cut_grace(),
+        write_timeout: server.write_timeout(),
+        connections_per_ip_per_minute: config.limits.connections_per_ip_per_minute,
+        sessions_per_ip: config.limits.sessions_per_ip as usize,
+        reserved_sessions: config.limits.reserved_operator_sessions as usize,
+        handshakes_per_ip: config.limits.handshakes_per_ip as usize,
+        max_undelivered: config.limits.max_undelivered_messages as usize,
+    })
+}
+
+/// `[firmware] images`, each read whole and its SHA-256 checked.
+pub(crate) fn firmware_images(config: &Config) -> Result<Vec<FirmwareImage>, StartError> {
+    config
+        .firmware
+        .images
+        .iter()
+        .map(|image| load_image(&image.version, &image.file, image.sha256.as_deref()))
+        .collect()
+}
+
 /// `[stations]`' versions as the firmware policy.
-fn firmware_policy(config: &Config) -> Result<FirmwarePolicy, StartError> {
+pub(crate) fn firmware_policy(config: &Config) -> Result<FirmwarePolicy, StartError> {
     Ok(FirmwarePolicy {
         min_firmware: parse_version(&config.stations.min_firmware)
             .ok_or_else(|| StartError::Config("stations.min_firmware is not a version".into()))?,
@@ -146,7 +193,7 @@ fn firmware_policy(config: &Config) -> Result<FirmwarePolicy, StartError> {
 /// `fleet.redb` in the data directory. On the blocking pool: a PostgreSQL store waits there
 /// while another fleetd holds the database's controller lock (this one is the standby), and
 /// the caller may drop the wait (fleetd does on SIGTERM).
-async fn open_store(config: &Config) -> Result<Store, StartError> {
+pub(crate) async fn open_store(config: &Config) -> Result<Store, StartError> {
     let data_dir = config.server.data_dir.clone();
     let url = config.store.url.clone();
     let opened = tokio::task::spawn_blocking(move || match &url {
@@ -175,46 +222,18 @@ impl Fleet {
     pub async fn start_with_clock(config: &Config, clock: Clock) -> Result<Fleet, StartError> {
         let server = &config.server;
         let files = data_dir::ensure(&server.data_dir, &server.server_names)?;
-        let mut manufacturer_cas = Vec::new();
-        for path in &server.manufacturer_cas {
-            let pem = std::fs::read_to_string(path).map_err(|e| {
-                StartError::Config(format!("manufacturer CA {}: {e}", path.display()))
-            })?;
-            manufacturer_cas.extend(fleet_certs::certs_from_pem(&pem)?);
-        }
+        let settings = front_door_settings(
+            config,
+            &files.server.cert_pem,
+            &files.server.key_pem,
+            files.ca.cert_pem(),
+        )?;
         let policy = firmware_policy(config)?;
-        let mut images = Vec::new();
-        for image in &config.firmware.images {
-            images.push(load_image(
-                &image.version,
-                &image.file,
-                image.sha256.as_deref(),
-            )?);
-        }
+        let images = firmware_images(config)?;
         let store = open_store(config).await?;
         let writer_alive = store.writer_alive();
         let lease = store.lease();
 
-        let settings = Settings {
-            listen: server.listen,
-            server_chain: fleet_certs::certs_from_pem(&files.server.cert_pem)?,
-            server_key: fleet_certs::key_from_pem(&files.server.key_pem)?,
-            fleet_ca: fleet_certs::certs_from_pem(files.ca.cert_pem())?,
-            manufacturer_cas,
-            allow_self_signed: server.allow_self_signed_stations,
-            max_connections: server.max_connections as usize,
-            handshake_timeout: server.handshake_timeout(),
-            connect_timeout: server.connect_timeout(),
-            max_packet_size: server.max_packet_size,
-            idle_timeout: server.idle_timeout(),
-            cut_grace: server.cut_grace(),
-            write_timeout: server.write_timeout(),
-            connections_per_ip_per_minute: config.limits.connections_per_ip_per_minute,
-            sessions_per_ip: config.limits.sessions_per_ip as usize,
-            reserved_sessions: config.limits.reserved_operator_sessions as usize,
-            handshakes_per_ip: config.limits.handshakes_per_ip as usize,
-            max_undelivered: config.limits.max_undelivered_messages as usize,
-        };
         let broker = Broker::bind(settings).await?;
         let metrics = broker.metrics();
         store.time_commits(metrics.clone());
@@ -269,18 +288,7 @@ impl Fleet {
     /// database (`store/lease.rs`): this one must stop serving, its state in memory is no
     /// longer the truth and its store writes nothing. Never, for the redb store.
     pub async fn deposed(&self) -> String {
-        let Some(mut lease) = self.lease.clone() else {
-            return std::future::pending().await;
-        };
-        loop {
-            if let Lease::Deposed(why) = &*lease.borrow_and_update() {
-                return why.clone();
-            }
-            if lease.changed().await.is_err() {
-                // The store is gone (after `stop`): nothing will ever change.
-                return std::future::pending().await;
-            }
-        }
+        deposed(self.lease.clone()).await
     }
 
     /// The address the metrics endpoint bound (`[metrics] listen`), if it has one.
@@ -364,8 +372,25 @@ impl Drop for Fleet {
     }
 }
 
+/// Resolves, with the reason, once the PostgreSQL store of `lease` was taken over by another
+/// fleetd; never without a lease (the redb store).
+pub(crate) async fn deposed(lease: Option<watch::Receiver<Lease>>) -> String {
+    let Some(mut lease) = lease else {
+        return std::future::pending().await;
+    };
+    loop {
+        if let Lease::Deposed(why) = &*lease.borrow_and_update() {
+            return why.clone();
+        }
+        if lease.changed().await.is_err() {
+            // The store is gone (after `stop`): nothing will ever change.
+            return std::future::pending().await;
+        }
+    }
+}
+
 /// Binds the metrics endpoint on `addr` and serves it until `stop`; the address it bound.
-async fn serve_metrics(
+pub(crate) async fn serve_metrics(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     probe: FleetProbe,
@@ -385,10 +410,10 @@ async fn serve_metrics(
 /// What a metrics scrape reads: the controller's gauges, the sessions the front door has
 /// that the controller does not know as a station, phone or operator, and whether the store's
 /// writer runs.
-struct FleetProbe {
-    controller: Arc<Controller>,
-    sessions: Arc<Registry>,
-    writer_alive: Arc<AtomicBool>,
+pub(crate) struct FleetProbe {
+    pub(crate) controller: Arc<Controller>,
+    pub(crate) sessions: Arc<Registry>,
+    pub(crate) writer_alive: Arc<AtomicBool>,
 }
 
 impl Probe for FleetProbe {
@@ -414,7 +439,7 @@ impl Probe for FleetProbe {
 /// messages and operator requests, straight from their sessions: the controller subscribes to
 /// nothing in the router), publishes what the controller produced, in order. Once `stop` turns
 /// true and nothing is queued, it publishes what is left and returns.
-async fn run_bus<B: Bus>(
+pub(crate) async fn run_bus<B: Bus>(
     mut bus: B,
     controller: Arc<Controller>,
     mut outbox: tokio::sync::mpsc::UnboundedReceiver<Publication>,

@@ -12,6 +12,7 @@ pub mod firmware;
 pub mod fleet;
 pub mod flood;
 pub mod identity;
+pub mod node;
 pub mod phone;
 pub mod reasons;
 pub mod request;
@@ -22,3 +23,4 @@ pub mod views;
 pub mod whitelist;
 
 pub use fleet::{Fleet, StartError};
+pub use node::Node;

@@ -5,6 +5,7 @@
 
 mod audit;
 mod caps;
+mod cluster;
 mod floods;
 mod front_door;
 mod hostile;

@@ -9,9 +9,10 @@ use fleet_protocol::{
 };
 
 /// The workspace's member crates, by folder.
-const CRATES: [&str; 9] = [
+const CRATES: [&str; 10] = [
     "protocol",
     "broker",
+    "cluster",
     "certs",
     "config",
     "controller",

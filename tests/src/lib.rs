@@ -3,7 +3,9 @@
 //! and operators to it. Tests wait for events with a timeout, never sleep for them.
 
 pub mod churn;
+pub mod cluster;
 pub mod door;
+pub mod nats;
 pub mod postgres;
 pub mod process;
 pub mod raw;

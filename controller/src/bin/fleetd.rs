@@ -1,4 +1,5 @@
-//! `fleetd`: the fleet service (front door, router and controller in one process).
+//! `fleetd`: the fleet service (front door, router and controller in one process, or one node
+//! of a cluster: an edge, a controller, or both, as `[cluster] role` says).
 //!
 //! It stops on SIGTERM (systemd, Docker, `kill`) exactly as on Ctrl-C (SIGINT): gracefully, in
 //! a bounded time ([`STOP_BUDGET`], 10 s, from the signal: [`Fleet::stop`] takes at most 9 s,
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use fleet_controller::Fleet;
+use fleet_controller::{Fleet, Node};
 use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -279,7 +280,7 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
         // A standby on a PostgreSQL store waits in `start` for the controller lock, for as
         // long as another fleetd serves: a signal ends that wait (nothing was served yet).
         let fleet = tokio::select! {
-            started = Fleet::start(&config) => started.map_err(anyhow::Error::new)?,
+            started = Service::start(&config) => started?,
             signal = signals.first() => {
                 tracing::info!("{signal} before fleetd served: exiting");
                 return anyhow::Ok(None);
@@ -288,13 +289,22 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
         // Once started: a fleetd that cannot start says only why (one line). Clients come in
         // within the first moments at most by the hundred, well within any soft limit.
         raise_open_files(config.server.max_connections);
-        tracing::info!(
-            listen = %fleet.local_addr(),
-            data_dir = %config.server.data_dir.display(),
-            "fleetd ready"
-        );
-        // Scripts and tests read the bound address from this line.
-        println!("fleetd listening on {}", fleet.local_addr());
+        match fleet.local_addr() {
+            Some(addr) => {
+                tracing::info!(
+                    listen = %addr,
+                    data_dir = %config.server.data_dir.display(),
+                    "fleetd ready"
+                );
+                // Scripts and tests read the bound address from this line.
+                println!("fleetd listening on {addr}");
+            }
+            None => {
+                tracing::info!(node = %config.cluster.node, "fleetd ready: a controller on the bus");
+                // Scripts and tests wait for this line of a controller, which has no listener.
+                println!("fleetd controller {} serving", config.cluster.node);
+            }
+        }
         // Another fleetd that took over the database serves from now on: this one stops as
         // if signalled, and exits non-zero (its supervisor may start it again, as a standby).
         let mut deposed = None;
@@ -315,13 +325,7 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
             std::process::exit(if again == "SIGINT" { 130 } else { 143 });
         });
         let writer_alive = fleet.store_writer_alive();
-        let stopped = fleet.stop().await;
-        if !stopped.sessions_ended {
-            tracing::warn!("some sessions did not end in time; they are closed with the process");
-        }
-        if !stopped.inbox_drained {
-            tracing::warn!("the controller did not finish its inbox in time");
-        }
+        fleet.stop().await;
         // The fleet is gone: the store closes once the last task that used the controller has
         // ended (its writer commits what is queued first).
         let close_by = deadline - RUNTIME_GRACE;
@@ -347,6 +351,60 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
     match deposed {
         Some(why) => Err(anyhow::anyhow!("stopped serving: {why}")),
         None => Ok(()),
+    }
+}
+
+/// What this fleetd runs: the single process, or a node of a cluster (`[cluster] role`).
+enum Service {
+    Single(Box<Fleet>),
+    Node(Node),
+}
+
+impl Service {
+    async fn start(config: &fleet_config::Config) -> anyhow::Result<Service> {
+        Ok(match config.cluster.role {
+            fleet_config::Role::Single => Service::Single(Box::new(Fleet::start(config).await?)),
+            _ => Service::Node(Node::start(config).await?),
+        })
+    }
+
+    /// The listener, unless this is a controller alone.
+    fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Service::Single(fleet) => Some(fleet.local_addr()),
+            Service::Node(node) => node.local_addr(),
+        }
+    }
+
+    async fn deposed(&self) -> String {
+        match self {
+            Service::Single(fleet) => fleet.deposed().await,
+            Service::Node(node) => node.deposed().await,
+        }
+    }
+
+    fn store_writer_alive(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        match self {
+            Service::Single(fleet) => fleet.store_writer_alive(),
+            Service::Node(node) => node.store_writer_alive(),
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            Service::Single(fleet) => {
+                let stopped = fleet.stop().await;
+                if !stopped.sessions_ended {
+                    tracing::warn!(
+                        "some sessions did not end in time; they are closed with the process"
+                    );
+                }
+                if !stopped.inbox_drained {
+                    tracing::warn!("the controller did not finish its inbox in time");
+                }
+            }
+            Service::Node(node) => node.stop().await,
+        }
     }
 }
 

@@ -1,0 +1,355 @@
+//! An edge's side of the bus: its front door's [`Admission`] asks the controller over NATS,
+//! and [`EdgeLink::run`] carries out what the controller says to the sessions this edge holds
+//! and publishes the controller's events into this edge's router.
+//!
+//! What an edge trusts: only an answer of a controller. No answer in time refuses the CONNECT
+//! ("server unavailable"), ends the session of an opened CONNECT, leaves a device's message
+//! unacknowledged. When the edge may have missed something the controller said (its NATS
+//! connection dropped and came back, or another controller serves now, whose map of sessions
+//! is empty), it ends every session it holds: each device connects again and is admitted
+//! afresh with its state as it is now. That is the re-check, at the price of a reconnect.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fleet_broker::{
+    Admission, BoxFuture, Bus, ConnectInfo, Decision, Reason, Refusal, Registry, Rights,
+    SessionControl,
+};
+use futures_util::StreamExt;
+use tokio::sync::{watch, Notify};
+use tracing::{debug, info, warn};
+
+use crate::wire::{self, EdgeId, ToEdge};
+use crate::{subject, BEAT, CONTROLLER_SILENCE};
+
+/// What the connection's events tell the edge: a reconnect after a loss means the edge may
+/// have missed cuts.
+#[derive(Default)]
+pub struct Connection {
+    lost: AtomicBool,
+    back: Notify,
+}
+
+impl Connection {
+    /// For [`crate::connect`]'s event callback.
+    pub fn on_event(&self, event: async_nats::Event) {
+        match event {
+            async_nats::Event::Disconnected => {
+                warn!("the bus is lost: new devices are refused until it is back");
+                self.lost.store(true, Ordering::SeqCst);
+            }
+            async_nats::Event::Connected => {
+                if self.lost.swap(false, Ordering::SeqCst) {
+                    info!("the bus is back");
+                    self.back.notify_one();
+                }
+            }
+            other => debug!("bus: {other}"),
+        }
+    }
+}
+
+/// An edge's link to the controller.
+pub struct EdgeLink {
+    client: async_nats::Client,
+    id: EdgeId,
+    timeout: Duration,
+    /// The controller whose beat was heard last, and when.
+    controller: Mutex<Option<(u64, Instant)>>,
+}
+
+impl EdgeLink {
+    /// The link of edge `node` on `client`; `timeout` bounds every request to the controller.
+    pub fn new(client: async_nats::Client, node: &str, timeout: Duration) -> Arc<EdgeLink> {
+        Arc::new(EdgeLink {
+            client,
+            id: EdgeId {
+                edge: node.to_owned(),
+                incarnation: crate::random_u64(),
+            },
+            timeout,
+            controller: Mutex::new(None),
+        })
+    }
+
+    /// This edge and its incarnation (random per start).
+    pub fn id(&self) -> &EdgeId {
+        &self.id
+    }
+
+    /// Whether a controller's beat was heard within [`CONTROLLER_SILENCE`].
+    pub fn controller_heard(&self) -> bool {
+        let heard = *self.controller.lock().unwrap_or_else(|e| e.into_inner());
+        heard.is_some_and(|(_, at)| at.elapsed() < CONTROLLER_SILENCE)
+    }
+
+    async fn ask(&self, subject: &'static str, body: Vec<u8>) -> Result<bytes::Bytes, String> {
+        match tokio::time::timeout(self.timeout, self.client.request(subject, body.into())).await {
+            Ok(Ok(reply)) => Ok(reply.payload),
+            Ok(Err(e)) => Err(format!("no controller answered: {e}")),
+            Err(_) => Err(format!(
+                "no controller answered within {} ms",
+                self.timeout.as_millis()
+            )),
+        }
+    }
+
+    fn tell(&self, subject: &'static str, body: Vec<u8>) {
+        let client = self.client.clone();
+        let send = async move {
+            if let Err(e) = client.publish(subject, body.into()).await {
+                warn!("bus: cannot publish on {subject}: {e}");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(send);
+            }
+            Err(_) => warn!("bus: no runtime to publish on {subject}"),
+        }
+    }
+
+    /// Carries out what the controller says to this edge's sessions, publishes its events into
+    /// the router through `bus`, says every [`BEAT`] that this edge is there, and ends every
+    /// session when the edge may have missed something (see the module's documentation).
+    /// Returns when `stop` turns true or the bus is closed for good.
+    pub async fn run<B: Bus>(
+        self: Arc<Self>,
+        registry: Arc<Registry>,
+        mut bus: B,
+        connection: Arc<Connection>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let client = &self.client;
+        let subscribed = async {
+            Ok::<_, async_nats::SubscribeError>((
+                client.subscribe(subject::edge(&self.id.edge)).await?,
+                client.subscribe(subject::EVENTS).await?,
+                client.subscribe(subject::CONTROLLER_BEAT).await?,
+            ))
+        };
+        let (mut orders, mut events, mut beats) = match subscribed.await {
+            Ok(subscriptions) => subscriptions,
+            Err(e) => {
+                warn!("bus: cannot subscribe: {e}");
+                return;
+            }
+        };
+        let beat_body = serde_json::to_vec(&self.id).unwrap_or_default();
+        let mut tick = tokio::time::interval(BEAT);
+        let mut silent_told = false;
+        loop {
+            tokio::select! {
+                Some(order) = orders.next() => self.obey(&registry, order).await,
+                Some(event) = events.next() => {
+                    match serde_json::from_slice::<wire::Event>(&event.payload) {
+                        Ok(event) => {
+                            if bus.publish(&event.topic, event.payload, false).is_err() {
+                                warn!("the router is closed: the edge's link ends");
+                                return;
+                            }
+                        }
+                        Err(e) => warn!("bus: an event that is not one: {e}"),
+                    }
+                }
+                Some(beat) = beats.next() => {
+                    let Ok(beat) = serde_json::from_slice::<wire::ControllerBeat>(&beat.payload)
+                    else {
+                        continue;
+                    };
+                    let before = self
+                        .controller
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .replace((beat.instance, Instant::now()));
+                    if silent_told {
+                        info!("a controller is heard again");
+                        silent_told = false;
+                    }
+                    if before.is_some_and(|(instance, _)| instance != beat.instance) {
+                        warn!(
+                            "another controller serves now: every session of this edge is \
+                             ended, to be admitted again"
+                        );
+                        end_every_session(&registry);
+                    }
+                }
+                _ = connection.back.notified() => {
+                    warn!(
+                        "the bus was lost and is back: every session of this edge is ended, \
+                         to be admitted again (cuts may have been missed meanwhile)"
+                    );
+                    end_every_session(&registry);
+                }
+                _ = tick.tick() => {
+                    if let Err(e) = client.publish(subject::EDGE_BEAT, beat_body.clone().into()).await {
+                        debug!("bus: cannot beat: {e}");
+                    }
+                    if !self.controller_heard() && !silent_told {
+                        warn!(
+                            "no controller heard for {} s: new devices are refused \
+                             (server unavailable) until one answers",
+                            CONTROLLER_SILENCE.as_secs()
+                        );
+                        silent_told = true;
+                    }
+                }
+                _ = async { let _ = stop.wait_for(|stop| *stop).await; } => return,
+                else => return,
+            }
+        }
+    }
+
+    async fn obey(&self, registry: &Registry, order: async_nats::Message) {
+        let parsed = match serde_json::from_slice::<ToEdge>(&order.payload) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                warn!("bus: an order that is not one: {e}");
+                return;
+            }
+        };
+        let done = match parsed {
+            ToEdge::Rights {
+                client_id,
+                session_id: Some(session_id),
+                rights,
+            } => registry.set_rights_of(&client_id, session_id, rights),
+            ToEdge::Rights {
+                client_id,
+                session_id: None,
+                rights,
+            } => registry.set_rights(&client_id, rights),
+            ToEdge::Cut {
+                client_id,
+                last_topic,
+            } => registry.cut(&client_id, last_topic),
+            ToEdge::Deliver {
+                client_id,
+                session_id: Some(session_id),
+                topic,
+                payload,
+            } => registry.deliver_to(&client_id, session_id, topic, payload),
+            ToEdge::Deliver {
+                client_id,
+                session_id: None,
+                topic,
+                payload,
+            } => registry.deliver(&client_id, topic, payload),
+            ToEdge::TakenOver {
+                client_id,
+                session_id,
+            } => registry.cut_session(&client_id, session_id),
+        };
+        if let Some(reply) = order.reply {
+            let answer = if done { "true" } else { "false" };
+            if let Err(e) = self.client.publish(reply, answer.into()).await {
+                debug!("bus: cannot answer the controller: {e}");
+            }
+        }
+    }
+}
+
+fn end_every_session(registry: &Registry) {
+    for (client_id, session_id) in registry.live_sessions() {
+        registry.cut_session(&client_id, session_id);
+    }
+}
+
+fn unavailable(why: String) -> Decision {
+    warn!("admission refused: {why}");
+    Decision::Deny {
+        refusal: Refusal::ServerUnavailable,
+        reason: Reason::new(why, "server unavailable"),
+    }
+}
+
+impl Admission for EdgeLink {
+    fn admit(&self, info: ConnectInfo) -> BoxFuture<'_, Decision> {
+        Box::pin(async move {
+            let body = match serde_json::to_vec(&wire::Admit {
+                from: self.id.clone(),
+                info,
+            }) {
+                Ok(body) => body,
+                Err(e) => return unavailable(format!("the CONNECT cannot be sent: {e}")),
+            };
+            match self.ask(subject::ADMIT, body).await {
+                Ok(reply) => match serde_json::from_slice::<wire::Admitted>(&reply) {
+                    Ok(admitted) => admitted.decision,
+                    Err(e) => unavailable(format!("the controller's answer is not one: {e}")),
+                },
+                Err(why) => unavailable(why),
+            }
+        })
+    }
+
+    fn session_opened(&self, client_id: &str, session_id: u64) -> Option<Rights> {
+        let body = serde_json::to_vec(&wire::Opened {
+            from: self.id.clone(),
+            client_id: client_id.to_owned(),
+            session_id,
+        })
+        .ok()?;
+        // On tokio's blocking pool (the front door's contract): waiting here holds no worker.
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        match handle.block_on(self.ask(subject::OPENED, body)) {
+            Ok(reply) => serde_json::from_slice::<Option<Rights>>(&reply)
+                .map_err(|e| warn!("the controller's rights are not rights: {e}"))
+                .ok()
+                .flatten(),
+            Err(why) => {
+                warn!(client_id, "an admitted session is ended: {why}");
+                None
+            }
+        }
+    }
+
+    fn refused(&self, client_id: &str, peer_addr: SocketAddr, reason: &str) {
+        if let Ok(body) = serde_json::to_vec(&wire::Refused {
+            client_id: client_id.to_owned(),
+            peer_addr,
+            reason: reason.to_owned(),
+        }) {
+            self.tell(subject::REFUSED, body);
+        }
+    }
+
+    fn session_closed(&self, client_id: &str, session_id: u64) {
+        if let Ok(body) = serde_json::to_vec(&wire::Closed {
+            from: self.id.clone(),
+            client_id: client_id.to_owned(),
+            session_id,
+        }) {
+            self.tell(subject::CLOSED, body);
+        }
+    }
+
+    fn message(
+        &self,
+        client_id: &str,
+        session_id: u64,
+        topic: String,
+        payload: Vec<u8>,
+    ) -> BoxFuture<'_, bool> {
+        let body = serde_json::to_vec(&wire::Message {
+            from: self.id.clone(),
+            client_id: client_id.to_owned(),
+            session_id,
+            topic,
+            payload,
+        });
+        Box::pin(async move {
+            let Ok(body) = body else { return false };
+            match self.ask(subject::MESSAGE, body).await {
+                Ok(reply) => reply.as_ref() == b"true",
+                Err(why) => {
+                    warn!("a device's message is not acknowledged: {why}");
+                    false
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,125 @@
+//! fleetgate past one machine: stateless edges and a controller that talk over a NATS bus.
+//!
+//! The front door and the controller already meet at two small interfaces of the broker:
+//! [`fleet_broker::Admission`] (the front door asks; the controller decides) and
+//! [`fleet_broker::SessionControl`] (the controller changes live sessions). In a cluster the
+//! two sides run in different processes, and this crate carries both interfaces over NATS:
+//! - [`edge::EdgeLink`] is an edge's `Admission`: every call is a NATS request to the
+//!   controller, answered after the controller has decided (an admission, a device's inbox
+//!   message, the rights of an opened session). No answer in time is a refusal ("server
+//!   unavailable") or an unacknowledged message, never an open door.
+//! - [`controller::ClusterSessions`] is the controller's `SessionControl`: it knows which edge
+//!   holds which session (from the sessions the edges opened through it) and sends each change
+//!   to that edge, in the order the controller made them; a cut is a request that the edge
+//!   answers once the session's rights are withdrawn, and nothing the controller says after it
+//!   leaves before that answer, so an operator hears of a reject only after the cut.
+//! - [`controller::ClusterBus`] is the controller's [`fleet_broker::Bus`]: its publications
+//!   (events) go to every edge's router, so an operator on any edge hears them.
+//!
+//! Subjects are in [`subject`]; what travels is JSON ([`wire`]).
+
+pub mod controller;
+pub mod edge;
+pub mod wire;
+
+use std::time::Duration;
+
+/// The bus's subjects.
+pub mod subject {
+    /// Edge → controller, request: a CONNECT to decide ([`crate::wire::Admit`]).
+    pub const ADMIT: &str = "fleet.ctl.admit";
+    /// Edge → controller, request: an admitted session is registered ([`crate::wire::Opened`]).
+    pub const OPENED: &str = "fleet.ctl.opened";
+    /// Edge → controller: a session ended ([`crate::wire::Closed`]).
+    pub const CLOSED: &str = "fleet.ctl.closed";
+    /// Edge → controller: the front door refused a CONNECT by itself ([`crate::wire::Refused`]).
+    pub const REFUSED: &str = "fleet.ctl.refused";
+    /// Edge → controller, request: a PUBLISH to an inbox topic ([`crate::wire::Message`]).
+    pub const MESSAGE: &str = "fleet.ctl.message";
+    /// Controller → everyone, every [`crate::BEAT`]: the serving controller's instance.
+    pub const CONTROLLER_BEAT: &str = "fleet.ctl.beat";
+    /// Edge → controllers, every [`crate::BEAT`]: the edge's name and incarnation.
+    pub const EDGE_BEAT: &str = "fleet.edge.beat";
+    /// Controller → every edge: a publication for the routers ([`crate::wire::Event`]).
+    pub const EVENTS: &str = "fleet.events";
+
+    /// Controller → one edge: changes to the sessions it holds ([`crate::wire::ToEdge`]).
+    pub fn edge(node: &str) -> String {
+        format!("fleet.edge.{node}.sessions")
+    }
+}
+
+/// The queue group of the controllers' subscriptions: should two controllers ever listen at
+/// once (a deposed one that has not exited yet), each request reaches one of them only.
+pub const CONTROLLERS: &str = "fleet-controllers";
+
+/// How often the controller and the edges say they are there.
+pub const BEAT: Duration = Duration::from_secs(1);
+
+/// An edge not heard of for this long is gone: the controller forgets its sessions.
+pub const EDGE_SILENCE: Duration = Duration::from_secs(10);
+
+/// No controller heard of for this long: an edge says so in its log (admissions fail anyway,
+/// for want of an answer).
+pub const CONTROLLER_SILENCE: Duration = Duration::from_secs(3);
+
+/// How long the controller waits for an edge to confirm a cut before it goes on (the edge is
+/// gone or cut off; it ends every session it holds when it is back, see `edge.rs`).
+pub const CUT_PATIENCE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot reach the NATS servers {servers}: {reason}")]
+    Connect { servers: String, reason: String },
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+/// Connects to the bus as `name` (shown in the NATS servers' monitoring), with every server of
+/// `servers` to try and to fall back on; async-nats reconnects by itself when one goes away.
+pub async fn connect(
+    servers: &[String],
+    name: &str,
+    events: impl Fn(async_nats::Event) + Send + Sync + 'static,
+) -> Result<async_nats::Client, ClusterError> {
+    let events = std::sync::Arc::new(events);
+    let addrs: Vec<async_nats::ServerAddr> = servers
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e: std::io::Error| ClusterError::Connect {
+            servers: servers.join(", "),
+            reason: e.to_string(),
+        })?;
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .event_callback(move |event| {
+            let events = events.clone();
+            async move { events(event) }
+        })
+        .connect(addrs)
+        .await
+        .map_err(|e| ClusterError::Connect {
+            servers: servers.join(", "),
+            reason: e.to_string(),
+        })
+}
+
+/// A random 64-bit number (a controller's instance, an edge's incarnation, the base of its
+/// session ids).
+pub fn random_u64() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    // The system's generator does not fail on the systems fleetd runs on; if it ever did,
+    // the time is still unique enough for an instance name.
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        return nanos ^ u64::from(std::process::id()) << 32;
+    }
+    u64::from_le_bytes(bytes)
+}

@@ -1,0 +1,116 @@
+//! A cluster in one test process (`fleet_tests::cluster`): a NATS cluster of three, a
+//! controller, two edges each on its own NATS server. Stations and operators on different
+//! edges: decisions, events, cuts and takeovers cross the bus.
+
+use std::time::Duration;
+
+use fleet_sim::{spawn_station, SimConfig, SimEvent};
+use fleet_tests::cluster::TestCluster;
+use fleet_tests::{authorize, serial, Station, PATIENCE};
+use serde_json::json;
+
+/// Waits until `check` holds, or fails the test naming `what`.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_station_on_one_edge_is_accepted_by_an_operator_on_another() {
+    let cluster = TestCluster::start(2).await;
+    // The operator hears the station's request (an event of a device on edge 0) on edge 1.
+    let mut op = cluster.operator_on(1).await;
+    let mut station = cluster.station_on(0, "CL-0001", "6.1.0");
+    authorize(&mut op, &mut station).await;
+    let view = op.station("CL-0001").await;
+    assert_eq!(view["state"], "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reject_through_one_edge_cuts_the_station_held_by_another_before_the_acknowledgement() {
+    let cluster = TestCluster::start(2).await;
+    let mut op = cluster.operator_on(0).await;
+    let mut station = cluster.station_on(1, "CL-0002", "6.1.0");
+    authorize(&mut op, &mut station).await;
+    let held = cluster.edges[1].sessions().expect("an edge");
+    assert!(
+        held.rights_of(&serial("CL-0002").client_id()).is_some(),
+        "edge 1 holds the station"
+    );
+
+    let view = op
+        .call("rejectStation", json!({"serial": "CL-0002"}))
+        .await
+        .expect("reject");
+    assert_eq!(view["state"], "rejected");
+    // Acknowledged: the session on the other edge has no rights left (or is gone already).
+    let rights = held.rights_of(&serial("CL-0002").client_id());
+    assert!(
+        rights
+            .as_ref()
+            .is_none_or(|r| r.publish.is_empty() && r.subscribe.is_empty()),
+        "the station still had rights after the acknowledgement: {rights:?}"
+    );
+    station.wait_event(SimEvent::Rejected).await;
+    station
+        .wait_for("a refusal", |e| {
+            matches!(e, SimEvent::Refused { .. }).then_some(())
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_station_connecting_through_another_edge_takes_its_session_over() {
+    let cluster = TestCluster::start(2).await;
+    let mut op = cluster.operator_on(0).await;
+    let mut first = cluster.station_on(0, "CL-0003", "6.1.0");
+    authorize(&mut op, &mut first).await;
+    let edge0 = cluster.edges[0].sessions().expect("an edge");
+    let old = edge0
+        .session_of(&serial("CL-0003").client_id())
+        .expect("edge 0 holds the station");
+
+    // The same station (its key, its state directory) through edge 1.
+    let mut config = SimConfig::new(cluster.edge(1), cluster.ca_pem());
+    config.retry = Duration::from_millis(200);
+    let mut second = Station {
+        serial: "CL-0003".into(),
+        dir: cluster.station_dir("CL-0003"),
+        handle: spawn_station(cluster.station_dir("CL-0003"), config),
+    };
+    second
+        .wait_for("a connection through edge 1", |e| {
+            matches!(e, SimEvent::Connected { .. }).then_some(())
+        })
+        .await;
+    // Taken over: the session on edge 0 is ended.
+    eventually("the session on edge 0 ended", || {
+        edge0.session_of(&serial("CL-0003").client_id()) != Some(old)
+    })
+    .await;
+    first.handle.shutdown().await;
+    // Admitted with its state: authorized stays authorized.
+    let view = op.station("CL-0003").await;
+    assert_eq!(view["state"], "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_without_a_controller_refuses_new_devices_as_server_unavailable() {
+    let cluster = TestCluster::start(1).await;
+    cluster.controller.shutdown();
+    let mut station = cluster.station_on(0, "CL-0004", "6.1.0");
+    let code = station
+        .wait_for("a refusal", |e| match e {
+            SimEvent::Refused { code, .. } => Some(code.clone()),
+            SimEvent::Connected { .. } => panic!("admitted without a controller"),
+            _ => None,
+        })
+        .await;
+    assert!(
+        code.contains("Unavailable"),
+        "refused with {code}, not server unavailable"
+    );
+}
