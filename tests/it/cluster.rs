@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use fleet_sim::{spawn_station, SimConfig, SimEvent};
 use fleet_tests::cluster::TestCluster;
-use fleet_tests::{authorize, serial, Station, PATIENCE};
+use fleet_tests::{authorize, serial, wrong_pap, Station, PATIENCE};
 use serde_json::json;
 
 /// Waits until `check` holds, or fails the test naming `what`.
@@ -113,4 +113,50 @@ async fn an_edge_without_a_controller_refuses_new_devices_as_server_unavailable(
         code.contains("Unavailable"),
         "refused with {code}, not server unavailable"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_paps_are_counted_across_edges() {
+    let cluster = TestCluster::start(2).await;
+    let op = cluster.operator_on(0).await;
+    let pap = op.create_phone("aabbcc00c001").await;
+    let (on_a, on_b) = (
+        cluster.phone_on(0, "aabbcc00c001", "127.0.0.2"),
+        cluster.phone_on(1, "aabbcc00c001", "127.0.0.2"),
+    );
+    // Two wrong PAPs through edge 0, the third through edge 1: one count, at the controller.
+    for phone in [&on_a, &on_a, &on_b] {
+        assert_eq!(
+            phone.connect_raw(Some(&wrong_pap(&pap))).await,
+            4,
+            "wrong PAP: 4"
+        );
+    }
+    let view = op
+        .call("getPhone", json!({"mac": "aabbcc00c001"}))
+        .await
+        .expect("getPhone");
+    assert_eq!(view["auth_state"], "authentication_failed");
+    // While failed, the right PAP is refused on either edge.
+    assert_eq!(on_b.connect_raw(Some(&pap)).await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_nats_server_killed_and_the_cluster_goes_on() {
+    let cluster = TestCluster::start(2).await;
+    // The server the controller is on is killed: it moves to another (it knows all three).
+    // Edge i knows server i only, so the devices use the edges whose server lives on.
+    let server = cluster
+        .nats
+        .server_of("fleetd controller controller")
+        .expect("the controller is on a server");
+    cluster.nats.kill(server);
+    let (op_edge, station_edge) = match server {
+        0 => (1, 1),
+        1 => (0, 0),
+        _ => (1, 0),
+    };
+    let mut op = cluster.operator_on(op_edge).await;
+    let mut station = cluster.station_on(station_edge, "CL-0005", "6.1.0");
+    authorize(&mut op, &mut station).await;
 }

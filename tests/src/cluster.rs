@@ -13,7 +13,7 @@ use fleet_ctl::OperatorClient;
 use tempfile::TempDir;
 
 use crate::nats::NatsCluster;
-use crate::{Operator, Station, FIRMWARE_SIZE, PATIENCE};
+use crate::{Operator, Station, TestPhone, FIRMWARE_SIZE, PATIENCE};
 
 pub struct TestCluster {
     pub nats: NatsCluster,
@@ -130,6 +130,22 @@ impl TestCluster {
             self.edge(i),
             self.ca_pem(),
         )
+    }
+
+    /// A phone with MAC `mac` (no PAP typed yet), connecting through edge `i` from
+    /// `source`. The same `mac` on another edge is the same phone (one state directory).
+    pub fn phone_on(&self, i: usize, mac: &str, source: &str) -> TestPhone {
+        use fleet_sim::phone::{PhoneProfile, PhoneState, PhoneTarget};
+        let dir = self.dir.path().join("phones").join(mac);
+        if !dir.exists() {
+            PhoneState::init(&dir, &PhoneProfile::new(mac)).expect("phone init");
+        }
+        TestPhone {
+            mac: mac.to_owned(),
+            dir,
+            target: PhoneTarget::new(self.edge(i), self.ca_pem())
+                .with_source(source.parse().expect("source address")),
+        }
     }
 
     pub fn station_dir(&self, serial: &str) -> PathBuf {

@@ -135,6 +135,13 @@ impl NatsCluster {
         format!("nats://127.0.0.1:{}", self.servers[i].port)
     }
 
+    /// The server that a client named with `name` (its CONNECT's name) is connected to.
+    pub fn server_of(&self, name: &str) -> Option<usize> {
+        self.servers.iter().position(|s| {
+            http_get(s.monitor, "/connz").is_some_and(|body| body.contains(&format!("\"{name}\"")))
+        })
+    }
+
     /// Kills server `i` (SIGKILL): the others go on.
     pub fn kill(&self, i: usize) {
         let _ = Command::new("kill")

@@ -73,6 +73,10 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Make the data directory's CA, server certificate and `admin` operator, if they are not
+    /// there yet, and exit: the files every node of a cluster starts from (README, "Scaling
+    /// out"). Prints the directory.
+    Init,
     /// Print a commented example configuration with every key and its default.
     ExampleConfig,
 }
@@ -154,6 +158,12 @@ fn run() -> anyhow::Result<()> {
                 out.as_deref().unwrap_or(dir),
             )?;
             println!("{}\n{}", cert.display(), key.display());
+            Ok(())
+        }
+        Some(Cmd::Init) => {
+            let dir = &config.server.data_dir;
+            fleet_certs::data_dir::ensure(dir, &config.server.server_names)?;
+            println!("{}", dir.display());
             Ok(())
         }
         Some(Cmd::ExampleConfig) => {
