@@ -242,6 +242,14 @@ pub(crate) fn read(rights: &SharedRights) -> std::sync::RwLockReadGuard<'_, Righ
     rights.read().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Withdraws a session's rights now and tells its pump to close once a message on
+/// `last_topic` is written (or after the cut's grace); true.
+fn revoke(entry: &Entry, last_topic: Option<String>) -> bool {
+    set(&entry.rights, Rights::none());
+    let _ = entry.control.send(Control::Cut { last_topic });
+    true
+}
+
 impl Registry {
     /// A registry whose sessions may each have `max_undelivered` messages queued at most.
     pub fn new(max_undelivered: usize) -> Registry {
@@ -298,11 +306,7 @@ impl Registry {
     /// node of a cluster); true if it was cut.
     pub fn cut_session(&self, client_id: &str, session_id: u64) -> bool {
         match lock(&self.sessions).by_id.get(client_id) {
-            Some(entry) if entry.session_id == session_id => {
-                set(&entry.rights, Rights::none());
-                let _ = entry.control.send(Control::Cut { last_topic: None });
-                true
-            }
+            Some(entry) if entry.session_id == session_id => revoke(entry, None),
             _ => false,
         }
     }
@@ -419,11 +423,7 @@ impl SessionControl for Registry {
         // Rights are withdrawn synchronously, before this returns: from now on the session can
         // neither publish nor subscribe, whatever the pump is doing.
         match lock(&self.sessions).by_id.get(client_id) {
-            Some(entry) => {
-                set(&entry.rights, Rights::none());
-                let _ = entry.control.send(Control::Cut { last_topic });
-                true
-            }
+            Some(entry) => revoke(entry, last_topic),
             None => false,
         }
     }

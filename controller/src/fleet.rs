@@ -212,6 +212,55 @@ pub(crate) async fn open_store(config: &Config) -> Result<Store, StartError> {
     opened.map_err(|e| StartError::Config(format!("the store's opening failed: {e}")))?
 }
 
+/// A controller on its store, with the task that feeds it ([`run_bus`]) running.
+pub(crate) struct Wired {
+    pub(crate) controller: Arc<Controller>,
+    pub(crate) bus_task: JoinHandle<()>,
+    pub(crate) bus_stop: watch::Sender<bool>,
+}
+
+/// Makes the controller on `store` (its commits timed into `metrics`), with the fleet CA of
+/// `files` to sign with, the firmware policy and images, and `sessions` to change live
+/// sessions through; starts [`run_bus`] on `bus`. The single process and a cluster's
+/// controller node both start theirs here.
+pub(crate) fn wire_controller<B: Bus>(
+    config: &Config,
+    files: &FleetFiles,
+    (store, metrics): (Store, Arc<Metrics>),
+    (policy, images, clock): (FirmwarePolicy, Vec<FirmwareImage>, Clock),
+    sessions: Arc<dyn fleet_broker::SessionControl>,
+    bus: B,
+) -> Result<Wired, StartError> {
+    store.time_commits(metrics.clone());
+    let signing_ca = fleet_certs::FleetCa::from_pem(files.ca.cert_pem(), &files.ca.key_pem())?;
+    let mut control_settings =
+        ControlSettings::from_config(config, policy, Catalog::new(images), clock);
+    control_settings.metrics = metrics.clone();
+    let (controller, outbox) = Controller::new(
+        store,
+        Arc::new(signing_ca),
+        sessions,
+        fleet_certs::OperatorRegistry::new(&config.server.data_dir),
+        control_settings,
+    )?;
+    let inbox = controller
+        .take_inbox()
+        .ok_or_else(|| StartError::Config("the controller's inbox is taken".into()))?;
+    let (bus_stop, bus_stopped) = watch::channel(false);
+    let bus_task = tokio::spawn(run_bus(
+        bus,
+        controller.clone(),
+        outbox,
+        inbox,
+        (metrics, bus_stopped),
+    ));
+    Ok(Wired {
+        controller,
+        bus_task,
+        bus_stop,
+    })
+}
+
 impl Fleet {
     /// Starts the whole service as configured. The listener is bound when this returns.
     pub async fn start(config: &Config) -> Result<Fleet, StartError> {
@@ -236,30 +285,19 @@ impl Fleet {
 
         let broker = Broker::bind(settings).await?;
         let metrics = broker.metrics();
-        store.time_commits(metrics.clone());
         let bus = broker.local_bus("controller").await?;
-        let signing_ca = fleet_certs::FleetCa::from_pem(files.ca.cert_pem(), &files.ca.key_pem())?;
-        let mut control_settings =
-            ControlSettings::from_config(config, policy, Catalog::new(images), clock);
-        control_settings.metrics = metrics.clone();
-        let (controller, outbox) = Controller::new(
-            store,
-            Arc::new(signing_ca),
+        let Wired {
+            controller,
+            bus_task,
+            bus_stop,
+        } = wire_controller(
+            config,
+            &files,
+            (store, metrics.clone()),
+            (policy, images, clock),
             broker.sessions(),
-            fleet_certs::OperatorRegistry::new(&server.data_dir),
-            control_settings,
-        )?;
-        let inbox = controller
-            .take_inbox()
-            .ok_or_else(|| StartError::Config("the controller's inbox is taken".into()))?;
-        let (bus_stop, bus_stopped) = watch::channel(false);
-        let bus_task = tokio::spawn(run_bus(
             bus,
-            controller.clone(),
-            outbox,
-            inbox,
-            (metrics.clone(), bus_stopped),
-        ));
+        )?;
         broker.serve(Arc::new(ControllerAdmission(controller.clone())));
         let (metrics_stop, metrics_stopped) = watch::channel(false);
         let probe = FleetProbe {

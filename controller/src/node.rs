@@ -17,8 +17,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::clock::Clock;
-use crate::control::{ControlSettings, Controller, ControllerAdmission};
-use crate::firmware::Catalog;
+use crate::control::{Controller, ControllerAdmission};
 use crate::fleet::{self, FleetProbe, StartError, DRAIN_GRACE, SESSIONS_GRACE};
 use crate::store::Lease;
 
@@ -219,22 +218,19 @@ impl ControllerNode {
         let writer_alive = store.writer_alive();
         let lease = store.lease();
         let metrics = Arc::new(Metrics::new());
-        store.time_commits(metrics.clone());
-        let signing_ca = fleet_certs::FleetCa::from_pem(files.ca.cert_pem(), &files.ca.key_pem())?;
-        let mut control_settings =
-            ControlSettings::from_config(config, policy, Catalog::new(images), clock);
-        control_settings.metrics = metrics.clone();
         let (sessions, outbound) = ClusterSessions::new();
-        let (controller, outbox) = Controller::new(
-            store,
-            Arc::new(signing_ca),
+        let fleet::Wired {
+            controller,
+            bus_task,
+            bus_stop,
+        } = fleet::wire_controller(
+            config,
+            &files,
+            (store, metrics.clone()),
+            (policy, images, clock),
             sessions.clone(),
-            fleet_certs::OperatorRegistry::new(&server.data_dir),
-            control_settings,
+            ClusterBus::new(&sessions),
         )?;
-        let inbox = controller
-            .take_inbox()
-            .ok_or_else(|| StartError::Config("the controller's inbox is taken".into()))?;
         let client = fleet_cluster::connect(
             &cluster.nats,
             &format!("fleetd controller {}", cluster.node),
@@ -242,14 +238,6 @@ impl ControllerNode {
         )
         .await
         .map_err(|e| StartError::Config(format!("cluster.nats: {e}")))?;
-        let (bus_stop, bus_stopped) = watch::channel(false);
-        let bus_task = tokio::spawn(fleet::run_bus(
-            ClusterBus::new(&sessions),
-            controller.clone(),
-            outbox,
-            inbox,
-            (metrics.clone(), bus_stopped),
-        ));
         let (serve_stop, serve_stopped) = watch::channel(false);
         let admission = Arc::new(ControllerAdmission(controller.clone()));
         let serve_task = tokio::spawn(async move {

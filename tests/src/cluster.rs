@@ -38,7 +38,10 @@ fn node_config(dir: &Path, role: Role, node: &str, nats: Vec<String>) -> Config 
 impl TestCluster {
     /// A controller and `edges` edges, every edge hearing the controller when this returns.
     pub async fn start(edges: usize) -> TestCluster {
-        let nats = NatsCluster::start(3);
+        // On the blocking pool: it waits for the servers' routes without holding a worker.
+        let nats = tokio::task::spawn_blocking(|| NatsCluster::start(3))
+            .await
+            .expect("the NATS cluster starts");
         let dir = tempfile::tempdir().expect("tempdir");
         let image = dir.path().join("firmware-6.1.0.bin");
         let bytes: Vec<u8> = (0..FIRMWARE_SIZE).map(|i| (i * 31 % 251) as u8).collect();

@@ -335,6 +335,7 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
             std::process::exit(if again == "SIGINT" { 130 } else { 143 });
         });
         let writer_alive = fleet.store_writer_alive();
+        let has_store = fleet.has_store();
         fleet.stop().await;
         // The fleet is gone: the store closes once the last task that used the controller has
         // ended (its writer commits what is queued first).
@@ -346,7 +347,7 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
         }
         if writer_alive.load(std::sync::atomic::Ordering::Relaxed) {
             tracing::warn!("the store is still in use; every commit answered is on disk already");
-        } else {
+        } else if has_store {
             tracing::info!("store closed");
         }
         anyhow::Ok(Some((deadline, deposed)))
@@ -383,6 +384,14 @@ impl Service {
         match self {
             Service::Single(fleet) => Some(fleet.local_addr()),
             Service::Node(node) => node.local_addr(),
+        }
+    }
+
+    /// Whether this fleetd keeps a store (an edge alone does not).
+    fn has_store(&self) -> bool {
+        match self {
+            Service::Single(_) => true,
+            Service::Node(node) => node.controller().is_some(),
         }
     }
 
