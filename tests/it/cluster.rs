@@ -156,7 +156,21 @@ async fn one_nats_server_killed_and_the_cluster_goes_on() {
         1 => (0, 0),
         _ => (1, 0),
     };
-    let mut op = cluster.operator_on(op_edge).await;
+    // Until the controller is back on another server, the edges refuse (server unavailable):
+    // an operator connects again, as a person would.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut op = loop {
+        match cluster.try_operator_on(op_edge).await {
+            Ok(op) => break op,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never admitted: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
     let mut station = cluster.station_on(station_edge, "CL-0005", "6.1.0");
     authorize(&mut op, &mut station).await;
 }

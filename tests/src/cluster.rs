@@ -109,6 +109,11 @@ impl TestCluster {
 
     /// The `admin` operator of tenant `default`, connected through edge `i`.
     pub async fn operator_on(&self, i: usize) -> Operator {
+        self.try_operator_on(i).await.expect("operator connects")
+    }
+
+    /// Like [`TestCluster::operator_on`], or why the edge refused it.
+    pub async fn try_operator_on(&self, i: usize) -> Result<Operator, fleet_ctl::ClientError> {
         let read = |name: &str| {
             std::fs::read_to_string(self.controller_dir.join(name)).expect("admin's files")
         };
@@ -119,9 +124,8 @@ impl TestCluster {
             &read("admin.key"),
             "admin",
         )
-        .await
-        .expect("operator connects");
-        Operator::new(client, "default").await
+        .await?;
+        Ok(Operator::new(client, "default").await)
     }
 
     /// A simulated station booted against edge `i`, its state directory its serial's.
