@@ -5,6 +5,7 @@
 pub mod churn;
 pub mod cluster;
 pub mod door;
+pub mod local_cluster;
 pub mod nats;
 pub mod postgres;
 pub mod process;

@@ -7,6 +7,7 @@
 //! binary might not have been built (`cargo test -p fleet-tests` on a clean clone).
 
 mod churn;
+mod cluster;
 mod crash_cycles;
 mod failover;
 mod kill_restart;
