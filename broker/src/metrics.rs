@@ -94,6 +94,10 @@ pub struct Readings {
     pub pending_stations: i64,
     pub locked_phones: i64,
     pub address_blocks: i64,
+    /// 1 while this fleetd has a controller that answers its admissions: always in the single
+    /// process and on a controller; on an edge of a cluster, while a controller's beat was
+    /// heard within the last 3 s (without one, new devices are refused as server unavailable).
+    pub controller_heard: i64,
 }
 
 /// What the controller tells a scrape and a health check.
@@ -121,6 +125,7 @@ pub struct Metrics {
     pending_stations: Gauge,
     locked_phones: Gauge,
     address_blocks: Gauge,
+    controller_heard: Gauge,
     /// The accept loop runs.
     accepting: AtomicBool,
     /// Whether the router's thread still takes messages.
@@ -211,6 +216,12 @@ impl Metrics {
             "address_blocks",
             "Source addresses blocked now for failed authentications",
         );
+        let controller_heard = gauge(
+            &mut registry,
+            "controller_heard",
+            "1 while a controller answers this fleetd's admissions; 0 on an edge of a cluster \
+             that has heard no controller for 3 s (it refuses new devices as server unavailable)",
+        );
         Metrics {
             registry,
             connects_admitted,
@@ -224,6 +235,7 @@ impl Metrics {
             pending_stations,
             locked_phones,
             address_blocks,
+            controller_heard,
             accepting: AtomicBool::new(false),
             router_alive: OnceLock::new(),
         }
@@ -303,6 +315,7 @@ impl Metrics {
         self.pending_stations.set(readings.pending_stations);
         self.locked_phones.set(readings.locked_phones);
         self.address_blocks.set(readings.address_blocks);
+        self.controller_heard.set(readings.controller_heard);
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
@@ -412,6 +425,7 @@ mod tests {
             pending_stations: 5,
             locked_phones: 1,
             address_blocks: 0,
+            controller_heard: 1,
         };
         let text = metrics.encode(&readings);
         assert_eq!(
@@ -443,6 +457,7 @@ mod tests {
         assert!(line(&text, "fleetd_pending_stations 5").is_some());
         assert!(line(&text, "fleetd_locked_phones 1").is_some());
         assert!(line(&text, "fleetd_address_blocks 0").is_some());
+        assert!(line(&text, "fleetd_controller_heard 1").is_some());
     }
 
     #[test]

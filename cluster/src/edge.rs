@@ -34,6 +34,11 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// Whether the bus is lost now (it dropped and has not come back).
+    pub fn lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
     /// For [`crate::connect`]'s event callback.
     pub fn on_event(&self, event: async_nats::Event) {
         match event {
@@ -141,6 +146,8 @@ impl EdgeLink {
         let beat_body = serde_json::to_vec(&self.id).unwrap_or_default();
         let mut tick = tokio::time::interval(BEAT);
         let mut silent_told = false;
+        // A new edge has heard no beat yet: it says so only once a controller had the time.
+        let started = Instant::now();
         loop {
             tokio::select! {
                 Some(order) = orders.next() => self.obey(&registry, order).await,
@@ -188,7 +195,8 @@ impl EdgeLink {
                     if let Err(e) = client.publish(subject::EDGE_BEAT, beat_body.clone().into()).await {
                         debug!("bus: cannot beat: {e}");
                     }
-                    if !self.controller_heard() && !silent_told {
+                    let waited = started.elapsed() >= CONTROLLER_SILENCE;
+                    if waited && !self.controller_heard() && !silent_told {
                         warn!(
                             "no controller heard for {} s: new devices are refused \
                              (server unavailable) until one answers",

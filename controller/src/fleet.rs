@@ -431,7 +431,7 @@ pub(crate) async fn deposed(lease: Option<watch::Receiver<Lease>>) -> String {
 pub(crate) async fn serve_metrics(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
-    probe: FleetProbe,
+    probe: impl Probe,
     stop: watch::Receiver<bool>,
 ) -> Result<SocketAddr, StartError> {
     let listener = metrics::bind(addr)

@@ -6,12 +6,13 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use fleet_broker::metrics::Metrics;
+use fleet_broker::metrics::{Metrics, Probe, Readings};
 use fleet_broker::{Broker, Registry};
 use fleet_certs::data_dir;
 use fleet_cluster::controller::{ClusterBus, ClusterSessions};
 use fleet_cluster::edge::{Connection, EdgeLink};
 use fleet_config::{Config, Role};
+use fleet_protocol::{ClaimedClient, OPERATOR_CLIENT_ID_PREFIX};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -42,8 +43,10 @@ impl Node {
                 "cluster.role = \"single\" is not a node of a cluster".into(),
             ));
         }
+        // One metrics endpoint per process: the edge's where there is an edge.
+        let controller_metrics = !role.has_edge();
         let controller = match role.has_controller() {
-            true => Some(ControllerNode::start(config, clock).await?),
+            true => Some(ControllerNode::start(config, clock, controller_metrics).await?),
             false => None,
         };
         let edge = match role.has_edge() {
@@ -56,6 +59,17 @@ impl Node {
     /// The edge's listener, if this node has one.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.edge.as_ref().map(|e| e.broker.local_addr())
+    }
+
+    /// The address the metrics endpoint bound (`[metrics] listen`), if it has one: the edge's
+    /// when this node has an edge (with `role = "both"` the edge's is the node's only one),
+    /// else the controller's.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        match (&self.edge, &self.controller) {
+            (Some(edge), _) => edge.metrics_addr,
+            (None, Some(controller)) => controller.metrics_addr,
+            (None, None) => None,
+        }
     }
 
     /// The controller, if this node runs it.
@@ -121,6 +135,47 @@ struct EdgeNode {
     link: Arc<EdgeLink>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    metrics_addr: Option<SocketAddr>,
+}
+
+/// What an edge's metrics scrape reads: its sessions by the kind their client ids claim, and
+/// whether a controller is heard; `/healthz` names the bus or the controller when either is
+/// missing (the edge then refuses new devices).
+struct EdgeProbe {
+    link: Arc<EdgeLink>,
+    sessions: Arc<Registry>,
+    connection: Arc<Connection>,
+}
+
+impl Probe for EdgeProbe {
+    fn read(&self) -> Readings {
+        let mut sessions = [0i64; 4];
+        for (client_id, _) in self.sessions.live_sessions() {
+            let kind = match ClaimedClient::of(&client_id) {
+                ClaimedClient::Station(_) => 0,
+                ClaimedClient::Phone(_) => 1,
+                ClaimedClient::Other if client_id.starts_with(OPERATOR_CLIENT_ID_PREFIX) => 2,
+                ClaimedClient::Other => 3,
+            };
+            sessions[kind] += 1;
+        }
+        Readings {
+            sessions,
+            controller_heard: i64::from(self.link.controller_heard()),
+            ..Readings::default()
+        }
+    }
+
+    fn dead(&self) -> Vec<&'static str> {
+        let mut dead = Vec::new();
+        if self.connection.lost() {
+            dead.push("bus");
+        }
+        if !self.link.controller_heard() {
+            dead.push("controller");
+        }
+        dead
+    }
 }
 
 /// Reads a file of the shared data directory that an edge needs and must not make itself:
@@ -147,6 +202,7 @@ impl EdgeNode {
         )?;
         let connection = Arc::new(Connection::default());
         let on_event = connection.clone();
+        let probed = connection.clone();
         let client = fleet_cluster::connect(
             &cluster.nats,
             &format!("fleetd edge {}", cluster.node),
@@ -163,6 +219,17 @@ impl EdgeNode {
             .number_sessions_from(fleet_cluster::random_u64() >> 1);
         let bus = broker.local_bus("edge").await?;
         let (stop, stopped) = watch::channel(false);
+        let metrics_addr = match config.metrics.listen {
+            Some(addr) => {
+                let probe = EdgeProbe {
+                    link: link.clone(),
+                    sessions: broker.sessions(),
+                    connection: probed,
+                };
+                Some(fleet::serve_metrics(addr, broker.metrics(), probe, stopped.clone()).await?)
+            }
+            None => None,
+        };
         let task = tokio::spawn(
             link.clone()
                 .run(broker.sessions(), bus, connection, stopped),
@@ -174,6 +241,7 @@ impl EdgeNode {
             link,
             stop,
             task,
+            metrics_addr,
         })
     }
 
@@ -202,10 +270,17 @@ struct ControllerNode {
     metrics_stop: watch::Sender<bool>,
     writer_alive: Arc<AtomicBool>,
     lease: Option<watch::Receiver<Lease>>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl ControllerNode {
-    async fn start(config: &Config, clock: Clock) -> Result<ControllerNode, StartError> {
+    /// Starts the controller; it serves `[metrics] listen` when `with_metrics` (not when an
+    /// edge in the same process does).
+    async fn start(
+        config: &Config,
+        clock: Clock,
+        with_metrics: bool,
+    ) -> Result<ControllerNode, StartError> {
         let server = &config.server;
         let cluster = &config.cluster;
         // The controller holds the CA's key (it signs phones' certificates): `fleetd init`'s
@@ -254,13 +329,14 @@ impl ControllerNode {
             }
         });
         let (metrics_stop, metrics_stopped) = watch::channel(false);
-        if let Some(addr) = config.metrics.listen {
+        let mut metrics_addr = None;
+        if let Some(addr) = config.metrics.listen.filter(|_| with_metrics) {
             let probe = FleetProbe {
                 controller: controller.clone(),
                 sessions: Arc::new(Registry::default()),
                 writer_alive: writer_alive.clone(),
             };
-            fleet::serve_metrics(addr, metrics, probe, metrics_stopped).await?;
+            metrics_addr = Some(fleet::serve_metrics(addr, metrics, probe, metrics_stopped).await?);
         }
         info!(node = %cluster.node, "controller ready");
         Ok(ControllerNode {
@@ -272,6 +348,7 @@ impl ControllerNode {
             metrics_stop,
             writer_alive,
             lease,
+            metrics_addr,
         })
     }
 

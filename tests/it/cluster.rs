@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use fleet_sim::{spawn_station, SimConfig, SimEvent};
 use fleet_tests::cluster::TestCluster;
-use fleet_tests::{authorize, serial, wrong_pap, Station, PATIENCE};
+use fleet_tests::{authorize, http_get, serial, wrong_pap, Station, PATIENCE};
 use serde_json::json;
 
 /// Waits until `check` holds, or fails the test naming `what`.
@@ -100,6 +100,12 @@ async fn a_station_connecting_through_another_edge_takes_its_session_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_without_a_controller_refuses_new_devices_as_server_unavailable() {
     let cluster = TestCluster::start(1).await;
+    let metrics = cluster.edges[0]
+        .metrics_addr()
+        .expect("the edge's metrics endpoint");
+    let (status, text) = http_get(metrics, "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\nfleetd_controller_heard 1\n"), "{text}");
     cluster.controller.shutdown();
     let mut station = cluster.station_on(0, "CL-0004", "6.1.0");
     let code = station
@@ -113,6 +119,23 @@ async fn an_edge_without_a_controller_refuses_new_devices_as_server_unavailable(
         code.contains("Unavailable"),
         "refused with {code}, not server unavailable"
     );
+    // The edge says why in its metrics and its health check (a load balancer's probe).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, text) = http_get(metrics, "/metrics").await;
+        let refused = text.lines().any(|line| {
+            line.starts_with("fleetd_connects_refused_total{reason=\"server_unavailable\"}")
+                && !line.ends_with(" 0")
+        });
+        if text.contains("\nfleetd_controller_heard 0\n") && refused {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = http_get(metrics, "/healthz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("controller"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

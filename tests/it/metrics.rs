@@ -3,31 +3,8 @@
 
 use std::net::SocketAddr;
 
-use fleet_tests::{raw, wrong_pap, TestFleet, PATIENCE};
+use fleet_tests::{http_get as get, raw, wrong_pap, TestFleet, PATIENCE};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// `GET path` on the endpoint: the status code and the body.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("request");
-    let mut answer = String::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut answer))
-        .await
-        .expect("answer in time")
-        .expect("answer");
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {answer:?}"));
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
 
 /// The value of the sample `name` (with its labels, as exposed), 0 if absent.
 fn sample(text: &str, name: &str) -> f64 {

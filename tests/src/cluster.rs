@@ -61,7 +61,8 @@ impl TestCluster {
         for i in 0..edges {
             let name = format!("edge-{i}");
             // Each edge on its own NATS server: traffic between them crosses the routes.
-            let config = node_config(dir.path(), Role::Edge, &name, vec![nats.url(i % 3)]);
+            let mut config = node_config(dir.path(), Role::Edge, &name, vec![nats.url(i % 3)]);
+            config.metrics.listen = Some("127.0.0.1:0".parse().expect("address"));
             std::fs::create_dir_all(&config.server.data_dir).expect("edge dir");
             for file in [
                 data_dir::CA_CERT_FILE,

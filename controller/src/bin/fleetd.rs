@@ -368,14 +368,14 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
 /// What this fleetd runs: the single process, or a node of a cluster (`[cluster] role`).
 enum Service {
     Single(Box<Fleet>),
-    Node(Node),
+    Node(Box<Node>),
 }
 
 impl Service {
     async fn start(config: &fleet_config::Config) -> anyhow::Result<Service> {
         Ok(match config.cluster.role {
             fleet_config::Role::Single => Service::Single(Box::new(Fleet::start(config).await?)),
-            _ => Service::Node(Node::start(config).await?),
+            _ => Service::Node(Box::new(Node::start(config).await?)),
         })
     }
 

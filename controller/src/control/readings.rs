@@ -45,6 +45,8 @@ impl Controller {
             pending_stations,
             locked_phones: i64::try_from(locked_phones).unwrap_or(i64::MAX),
             address_blocks: i64::try_from(address_blocks).unwrap_or(i64::MAX),
+            // The controller answers: it is this one.
+            controller_heard: 1,
         }
     }
 
