@@ -64,6 +64,8 @@ pub struct EdgeLink {
     timeout: Duration,
     /// The controller whose beat was heard last, and when.
     controller: Mutex<Option<(u64, Instant)>>,
+    /// Publishes [`EdgeLink::tell`] has spawned and not finished, for [`EdgeLink::flush`].
+    telling: Arc<(std::sync::atomic::AtomicUsize, Notify)>,
 }
 
 impl EdgeLink {
@@ -77,6 +79,7 @@ impl EdgeLink {
             },
             timeout,
             controller: Mutex::new(None),
+            telling: Arc::default(),
         })
     }
 
@@ -104,16 +107,40 @@ impl EdgeLink {
 
     fn tell(&self, subject: &'static str, body: Vec<u8>) {
         let client = self.client.clone();
+        let telling = self.telling.clone();
         let send = async move {
             if let Err(e) = client.publish(subject, body.into()).await {
                 warn!("bus: cannot publish on {subject}: {e}");
             }
+            if telling.0.fetch_sub(1, Ordering::SeqCst) == 1 {
+                telling.1.notify_waiters();
+            }
         };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
+                self.telling.0.fetch_add(1, Ordering::SeqCst);
                 handle.spawn(send);
             }
             Err(_) => warn!("bus: no runtime to publish on {subject}"),
+        }
+    }
+
+    /// Waits (at most `patience`) until what this edge told the controller (sessions closed,
+    /// CONNECTs refused) has left for the NATS server: a graceful stop calls it after its
+    /// sessions ended, so that the controller hears of every one of them.
+    pub async fn flush(&self, patience: Duration) {
+        let drained = async {
+            loop {
+                let notified = self.telling.1.notified();
+                if self.telling.0.load(Ordering::SeqCst) == 0 {
+                    break;
+                }
+                notified.await;
+            }
+            let _ = self.client.flush().await;
+        };
+        if tokio::time::timeout(patience, drained).await.is_err() {
+            warn!("bus: some sessions' ends may not have reached the controller");
         }
     }
 

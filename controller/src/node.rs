@@ -250,6 +250,8 @@ impl EdgeNode {
         if !self.broker.sessions_ended(SESSIONS_GRACE).await {
             warn!("some sessions did not end in time");
         }
+        // The sessions' ends (and their wills) reach the controller before the link goes.
+        self.link.flush(DRAIN_GRACE).await;
         let _ = self.stop.send(true);
         let _ = tokio::time::timeout(DRAIN_GRACE, self.task).await;
     }

@@ -98,6 +98,22 @@ async fn a_station_connecting_through_another_edge_takes_its_session_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_stops_tells_the_controller_its_stations_are_gone() {
+    let mut cluster = TestCluster::start(2).await;
+    let mut op = cluster.operator_on(1).await;
+    let mut station = cluster.station_on(0, "CL-0007", "6.1.0");
+    authorize(&mut op, &mut station).await;
+    op.wait_state("CL-0007", "running").await;
+    // A graceful stop (SIGTERM): the station's session ends and the controller hears of it
+    // before the edge leaves the bus, well before it would forget a silent edge's sessions
+    // (10 s), which this wait stays under.
+    cluster.edges.remove(0).stop().await;
+    op.patience = Duration::from_secs(8);
+    op.wait_state("CL-0007", "not_running").await;
+    station.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_without_a_controller_refuses_new_devices_as_server_unavailable() {
     let cluster = TestCluster::start(1).await;
     let metrics = cluster.edges[0]
