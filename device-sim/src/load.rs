@@ -4,6 +4,15 @@
 //! measures it: connect and accept latencies, onboarding rate, a reconnect storm, the time from
 //! a reject command to the cut, errors by kind and fleetd's memory. Against a server on
 //! loopback the devices come from many addresses ([`crate::spread`]), as a real fleet does.
+//!
+//! A cluster has several edges, each a fleetd listening on its own address; any of them serves
+//! any device and operator. The run then sends its devices to the edges in turn (device k, the
+//! stations first and then the phones, to server k mod n: [`ServerPlan`]), and the operator
+//! connects to the first. Besides fleetd's CPU time and memory (`--fleetd-pid`), it measures
+//! any named processes ([`crate::processes`]: the edges, the controllers, NATS, PostgreSQL, as
+//! `--pid NAME=PID` or a `cluster.json` ([`crate::cluster_file`]) names them) over the same
+//! window: CPU time during the onboarding, per device onboarded and, for an edge, per device
+//! sent to it; resident memory with every station connected.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -25,6 +34,8 @@ use tokio::time::Instant;
 
 use crate::link::LinkError;
 use crate::phone::{self, PhoneError, PhoneProfile, PhoneState, PhoneTarget, ProvisionOutcome};
+use crate::processes::{self, CpuSample, MeasuredProcess, ProcessFigures};
+pub use crate::processes::{parse_cpu_ticks, parse_vm_rss};
 use crate::spread::{self, Rotation, SourcePlan, Spread};
 use crate::state::{StateError, StationProfile, StationState};
 use crate::station::{spawn_station, SimConfig, SimEvent, StationControl, StationHandle};
@@ -57,8 +68,9 @@ const PHONE_SITE: &str = "load";
 /// What a load run does.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// fleetd's address, `HOST:PORT`.
-    pub server: String,
+    /// fleetd's addresses, `HOST:PORT`: one, or a cluster's edges. Devices go to them in turn
+    /// ([`ServerPlan`]); the operator connects to the first.
+    pub servers: Vec<String>,
     /// fleetd's data directory: `ca.pem`, and the operator's `admin.pem` and `admin.key`.
     pub data_dir: PathBuf,
     /// Stations to onboard.
@@ -88,6 +100,9 @@ pub struct LoadOptions {
     pub cut_sample: usize,
     /// fleetd's process id, to read its memory from `/proc/<pid>/status`.
     pub fleetd_pid: Option<u32>,
+    /// Processes measured by name ([`LoadReport::processes`]), e.g. a cluster's edges,
+    /// controllers, NATS servers and PostgreSQL.
+    pub processes: Vec<MeasuredProcess>,
     /// Show a progress bar on stderr (hidden anyway when stderr is not a terminal).
     pub progress: bool,
     /// Local source addresses the stations connect from, in turn (e.g. 127.0.0.2,
@@ -103,11 +118,11 @@ pub struct LoadOptions {
 }
 
 impl LoadOptions {
-    /// 100 stations, no phones, 100 at once, batches of 100, 10 cut at the end, spread over
-    /// loopback addresses when the server is on loopback.
+    /// One server, 100 stations, no phones, 100 at once, batches of 100, 10 cut at the end,
+    /// spread over loopback addresses when the server is on loopback.
     pub fn new(server: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
         LoadOptions {
-            server: server.into(),
+            servers: vec![server.into()],
             data_dir: data_dir.into(),
             stations: 100,
             phones: 0,
@@ -120,6 +135,7 @@ impl LoadOptions {
             reconnect: false,
             cut_sample: 10,
             fleetd_pid: None,
+            processes: Vec::new(),
             progress: false,
             station_sources: Vec::new(),
             phone_sources: Vec::new(),
@@ -204,6 +220,65 @@ pub struct LoadReport {
     pub fleetd_rss_kib: Option<u64>,
     /// `fleetd_rss_kib / (stations + phones)`.
     pub fleetd_rss_kib_per_device: Option<f64>,
+    /// The servers the devices were sent to, in turn ([`ServerPlan`]); the operator used the
+    /// first.
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// The named processes' CPU time and memory, in the order they were given; empty when
+    /// none was named.
+    #[serde(default)]
+    pub processes: Vec<ProcessFigures>,
+    /// The CPU time of every named process that was measured, together, divided by the
+    /// devices onboarded: what one onboarding costs the whole cluster.
+    #[serde(default)]
+    pub processes_cpu_ms_per_device: Option<f64>,
+}
+
+/// Which server each device connects to: device k, counting the stations first and then the
+/// phones, to server k mod n; so with one server, every device to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerPlan {
+    servers: Arc<[String]>,
+    stations: usize,
+}
+
+impl ServerPlan {
+    /// The plan for `stations` stations (and any number of phones after them) over `servers`.
+    /// `None` without a server.
+    pub fn new(servers: &[String], stations: usize) -> Option<ServerPlan> {
+        (!servers.is_empty()).then(|| ServerPlan {
+            servers: servers.into(),
+            stations,
+        })
+    }
+
+    // `servers` is never empty (`new`): the indices below are in range.
+
+    /// The server of station `index` (0-based).
+    pub fn of_station(&self, index: usize) -> &str {
+        &self.servers[index % self.servers.len()]
+    }
+
+    /// The server of phone `index` (0-based).
+    pub fn of_phone(&self, index: usize) -> &str {
+        let n = self.servers.len();
+        &self.servers[(self.stations % n + index % n) % n]
+    }
+
+    /// The operator's server: the first.
+    pub fn first(&self) -> &str {
+        &self.servers[0]
+    }
+
+    /// How many of the stations and `phones` phones go to server `server` (an index).
+    pub fn devices_of(&self, server: usize, phones: usize) -> usize {
+        let n = self.servers.len();
+        let devices = self.stations + phones;
+        if server >= n {
+            return 0;
+        }
+        devices / n + usize::from(server < devices % n)
+    }
 }
 
 /// Why a load run could not be made at all. Failures of single devices are counted in
@@ -399,27 +474,6 @@ fn disconnect_example(reason: &str, closed_before_tls: bool) -> String {
     }
 }
 
-/// `VmRSS` in KiB from the text of `/proc/<pid>/status`.
-pub fn parse_vm_rss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let mut words = line["VmRSS:".len()..].split_whitespace();
-    let value: u64 = words.next()?.parse().ok()?;
-    match words.next() {
-        Some("kB") | None => Some(value),
-        Some(_) => None,
-    }
-}
-
-/// User plus system CPU time in clock ticks from the text of `/proc/<pid>/stat` (fields 14
-/// and 15, counted after the parenthesised command name, which may hold spaces).
-pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
 /// fleetd's CPU time so far, in milliseconds (Linux reports it in USER_HZ = 100 ticks a
 /// second).
 fn fleetd_cpu_ms(pid: u32) -> Option<f64> {
@@ -547,12 +601,12 @@ enum Msg {
 /// Runs a whole load: onboarding, the optional reconnect storm, the cut sample; then stops
 /// every simulated device.
 pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
-    check_options(&opts)?;
+    let servers = check_options(&opts)?;
     let Operator {
         ca_pem,
         client: operator,
         events,
-    } = connect_operator(&opts).await?;
+    } = connect_operator(&opts, servers.first()).await?;
 
     let tag = run_tag();
     let serial_prefix = format!("LD{:06x}", tag & 0xff_ffff);
@@ -573,6 +627,7 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut run = Run {
         opts,
+        servers,
         sources,
         operator: Arc::new(operator),
         tx,
@@ -591,19 +646,22 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         budget: None,
     };
     run.bar = run.progress_bar();
+    // Each station and phone is given its own server when it starts.
     let sim = SimConfig {
-        server: run.opts.server.clone(),
+        server: run.servers.first().to_owned(),
         ca_pem: ca_pem.clone(),
         retry: STATION_RETRY,
         connect_timeout: Duration::from_secs(30),
         source: None,
     };
-    let target = PhoneTarget::new(run.opts.server.clone(), ca_pem);
+    let target = PhoneTarget::new(run.servers.first().to_owned(), ca_pem);
     let cpu_before = run.opts.fleetd_pid.and_then(fleetd_cpu_ms);
+    let processes_before = run.cpu_samples();
     let onboarding = run
         .onboard(sim, stop_rx, &target, &base.join("phones"), &mac_prefix)
         .await;
     let cpu_after = run.opts.fleetd_pid.and_then(fleetd_cpu_ms);
+    let processes_after = run.cpu_samples();
     let (spawner, figures) = match onboarding {
         Ok(done) => done,
         Err(e) => {
@@ -613,26 +671,30 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
     };
     let later = run.after_onboarding(spawner).await;
     Ok(run.report(
-        serial_prefix,
-        mac_prefix,
+        (serial_prefix, mac_prefix),
         figures,
         (cpu_before, cpu_after),
+        (processes_before, processes_after),
         later,
     ))
 }
 
 /// Where each device connects from: the addresses given for it, or else a spread over
-/// loopback addresses when the server's name resolves to IPv4 loopback only.
+/// loopback addresses when every server's name resolves to IPv4 loopback only.
 async fn source_plan(opts: &LoadOptions) -> SourcePlan {
-    let reachable = match (opts.spread, fleet_certs::split_server(&opts.server)) {
-        (Spread::Loopback { .. }, Some((host, port))) => {
-            match tokio::net::lookup_host((host.as_str(), port)).await {
+    let mut reachable = matches!(opts.spread, Spread::Loopback { .. });
+    for server in &opts.servers {
+        if !reachable {
+            break;
+        }
+        reachable = match fleet_certs::split_server(server) {
+            Some((host, port)) => match tokio::net::lookup_host((host.as_str(), port)).await {
                 Ok(resolved) => spread::spreadable(&resolved.collect::<Vec<_>>()),
                 Err(_) => false,
-            }
-        }
-        _ => false,
-    };
+            },
+            None => false,
+        };
+    }
     let plan = SourcePlan::new(
         (&opts.station_sources, opts.stations),
         (&opts.phone_sources, opts.phones),
@@ -646,8 +708,32 @@ async fn source_plan(opts: &LoadOptions) -> SourcePlan {
     plan
 }
 
-/// Refuses options that make no run.
-fn check_options(opts: &LoadOptions) -> Result<(), LoadError> {
+/// Refuses options that make no run; gives the plan of servers.
+fn check_options(opts: &LoadOptions) -> Result<ServerPlan, LoadError> {
+    if let Some(bad) = opts
+        .servers
+        .iter()
+        .find(|s| fleet_certs::split_server(s).is_none())
+    {
+        return Err(LoadError::Options(format!(
+            "server {bad:?} is not HOST:PORT"
+        )));
+    }
+    let Some(servers) = ServerPlan::new(&opts.servers, opts.stations) else {
+        return Err(LoadError::Options("no server to connect to".into()));
+    };
+    if let Some(bad) = opts
+        .processes
+        .iter()
+        .find(|p| p.edge.is_some_and(|edge| edge >= opts.servers.len()))
+    {
+        return Err(LoadError::Options(format!(
+            "process {} is the edge of server {:?} of {}",
+            bad.name,
+            bad.edge,
+            opts.servers.len()
+        )));
+    }
     if opts.concurrency == 0 || opts.accept_batch == 0 || opts.accepts_in_flight == 0 {
         return Err(LoadError::Options(
             "concurrency, accept batch and accepts in flight must be at least 1".into(),
@@ -668,7 +754,7 @@ fn check_options(opts: &LoadOptions) -> Result<(), LoadError> {
     if opts.phones > 0xff_ffff {
         return Err(LoadError::Options("at most 16777215 phones".into()));
     }
-    Ok(())
+    Ok(servers)
 }
 
 /// The operator of the data directory, connected and subscribed to its tenant's events.
@@ -680,8 +766,8 @@ struct Operator {
 }
 
 /// Reads the fleet CA and the operator's certificate and key from the data directory, connects
-/// the operator and subscribes to its tenant's events.
-async fn connect_operator(opts: &LoadOptions) -> Result<Operator, LoadError> {
+/// the operator to `server` and subscribes to its tenant's events.
+async fn connect_operator(opts: &LoadOptions, server: &str) -> Result<Operator, LoadError> {
     let read = |name: &str| {
         let path = opts.data_dir.join(name);
         std::fs::read_to_string(&path).map_err(|source| LoadError::Read { path, source })
@@ -692,7 +778,7 @@ async fn connect_operator(opts: &LoadOptions) -> Result<Operator, LoadError> {
     let info = fleet_certs::inspect_pem(&cert_pem).map_err(ClientError::from)?;
     let name = fleet_ctl::operator_name(&cert_pem)?;
     let tenant = info.organization.unwrap_or_else(|| "default".into());
-    let operator = OperatorClient::connect(&opts.server, &ca_pem, &cert_pem, &key_pem, &name)
+    let operator = OperatorClient::connect(server, &ca_pem, &cert_pem, &key_pem, &name)
         .await?
         .with_timeout(OPERATOR_TIMEOUT);
     // The stations' events only: the load tool reads no audit record, and every accept
@@ -773,6 +859,8 @@ struct Onboarded {
 struct Later {
     reconnect: Option<StormReport>,
     fleetd_rss_kib: Option<u64>,
+    /// Each named process's, read at the same moment as fleetd's.
+    processes_rss_kib: Vec<Option<u64>>,
     reject_to_cut_ms: Latency,
 }
 
@@ -853,6 +941,7 @@ enum Then {
 
 struct Run {
     opts: LoadOptions,
+    servers: ServerPlan,
     sources: SourcePlan,
     operator: Arc<OperatorClient>,
     tx: mpsc::UnboundedSender<Msg>,
@@ -991,7 +1080,7 @@ impl Run {
         });
         let spawner = tokio::spawn(spawn_stations(
             self.slots.iter().map(|s| s.dir.clone()).collect(),
-            (sim, self.sources.stations.clone()),
+            (sim, self.servers.clone(), self.sources.stations.clone()),
             Arc::clone(&pacer),
             self.tx.clone(),
             stop,
@@ -1003,6 +1092,7 @@ impl Run {
             base: phone_base.to_owned(),
             mac_prefix: mac_prefix.to_owned(),
             target: target.clone(),
+            servers: self.servers.clone(),
             sources: self.sources.phones.clone(),
             pacer,
             tx: self.tx.clone(),
@@ -1575,29 +1665,68 @@ impl Run {
             None
         };
         let fleetd_rss_kib = self.opts.fleetd_pid.and_then(fleetd_rss_kib);
+        let processes_rss_kib = self.opts.processes.iter().map(processes::rss_kib).collect();
         let reject_to_cut_ms = self.cut_sample().await;
         self.bar.finish_and_clear();
         self.shutdown(spawner).await;
         Later {
             reconnect,
             fleetd_rss_kib,
+            processes_rss_kib,
             reject_to_cut_ms,
         }
     }
 
+    /// The CPU time of each named process now, in their order.
+    fn cpu_samples(&self) -> Vec<Option<CpuSample>> {
+        self.opts
+            .processes
+            .iter()
+            .map(processes::cpu_sample)
+            .collect()
+    }
+
+    /// The named processes' figures, from their CPU samples before and after the onboarding
+    /// and their memory.
+    fn process_figures(
+        &self,
+        (before, after): (Vec<Option<CpuSample>>, Vec<Option<CpuSample>>),
+        rss_kib: &[Option<u64>],
+        onboarded: usize,
+    ) -> Vec<ProcessFigures> {
+        self.opts
+            .processes
+            .iter()
+            .enumerate()
+            .map(|(i, process)| {
+                let server = process.edge.map(|edge| {
+                    let address = self.opts.servers.get(edge).map_or("", String::as_str);
+                    (address, self.servers.devices_of(edge, self.opts.phones))
+                });
+                let cpu = (
+                    before.get(i).copied().flatten(),
+                    after.get(i).copied().flatten(),
+                );
+                let rss = rss_kib.get(i).copied().flatten();
+                ProcessFigures::new(process, server, cpu, rss, onboarded)
+            })
+            .collect()
+    }
+
     /// The report of the whole run; `fleetd_cpu_ms` is fleetd's CPU time before and after the
-    /// onboarding.
+    /// onboarding, `process_cpu` the named processes'.
     fn report(
         self,
-        serial_prefix: String,
-        mac_prefix: String,
+        (serial_prefix, mac_prefix): (String, String),
         figures: Onboarded,
         fleetd_cpu_ms: (Option<f64>, Option<f64>),
+        process_cpu: (Vec<Option<CpuSample>>, Vec<Option<CpuSample>>),
         later: Later,
     ) -> LoadReport {
         let rss = later.fleetd_rss_kib;
         let devices = self.opts.stations + self.opts.phones;
         let onboarded = figures.stations_authorized + figures.phones_provisioned;
+        let processes = self.process_figures(process_cpu, &later.processes_rss_kib, onboarded);
         LoadReport {
             stations: self.opts.stations,
             phones: self.opts.phones,
@@ -1635,6 +1764,9 @@ impl Run {
             fleetd_rss_kib_per_device: rss
                 .filter(|_| devices > 0)
                 .map(|kib| kib as f64 / devices as f64),
+            servers: self.opts.servers.clone(),
+            processes_cpu_ms_per_device: processes::total_cpu_ms_per_device(&processes, onboarded),
+            processes,
         }
     }
 }
@@ -1643,7 +1775,7 @@ impl Run {
 /// address; returns their forwarding tasks.
 async fn spawn_stations(
     dirs: Vec<PathBuf>,
-    (sim, sources): (SimConfig, Rotation),
+    (sim, servers, sources): (SimConfig, ServerPlan, Rotation),
     pacer: Arc<Pacer>,
     tx: mpsc::UnboundedSender<Msg>,
     mut stop: watch::Receiver<bool>,
@@ -1656,6 +1788,7 @@ async fn spawn_stations(
         };
         let at = Instant::now();
         let config = SimConfig {
+            server: servers.of_station(index).to_owned(),
             source: sources.of(index),
             ..sim.clone()
         };
@@ -1708,6 +1841,7 @@ struct PhoneRun {
     base: PathBuf,
     mac_prefix: String,
     target: PhoneTarget,
+    servers: ServerPlan,
     sources: Rotation,
     pacer: Arc<Pacer>,
     tx: mpsc::UnboundedSender<Msg>,
@@ -1771,6 +1905,7 @@ async fn onboard_phones(run: PhoneRun) {
             };
             let mut target = run.target.clone();
             // Phone numbers start at 1.
+            target.server = run.servers.of_phone(index - 1).to_owned();
             target.source = run.sources.of(index - 1);
             let profile = PhoneProfile {
                 mac: mac.to_string(),
@@ -1821,6 +1956,46 @@ mod tests {
         let stat = "4242 (fleetd (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 37 0 0 20 0 9 0";
         assert_eq!(parse_cpu_ticks(stat), Some(287));
         assert_eq!(parse_cpu_ticks("4242 (fleetd) S 1"), None);
+    }
+
+    #[test]
+    fn devices_go_to_the_servers_in_turn_stations_first() {
+        let servers: Vec<String> = ["a:1", "b:2", "c:3"].map(str::to_owned).into();
+        let plan = ServerPlan::new(&servers, 4).unwrap();
+        let stations: Vec<&str> = (0..4).map(|i| plan.of_station(i)).collect();
+        assert_eq!(stations, ["a:1", "b:2", "c:3", "a:1"]);
+        // The phones go on where the stations stopped.
+        let phones: Vec<&str> = (0..3).map(|i| plan.of_phone(i)).collect();
+        assert_eq!(phones, ["b:2", "c:3", "a:1"]);
+        assert_eq!(plan.first(), "a:1");
+        // 4 stations and 3 phones: devices 0..7 over 3 servers.
+        let shares: Vec<usize> = (0..4).map(|s| plan.devices_of(s, 3)).collect();
+        assert_eq!(shares, [3, 2, 2, 0]);
+        assert_eq!(ServerPlan::new(&[], 4), None);
+
+        // One server: every device to it, as before there were several.
+        let one = ServerPlan::new(&servers[..1], 10).unwrap();
+        assert!((0..20).all(|i| one.of_station(i) == "a:1" && one.of_phone(i) == "a:1"));
+        assert_eq!(one.devices_of(0, 5), 15);
+    }
+
+    #[test]
+    fn options_with_a_bad_server_or_edge_make_no_run() {
+        let mut opts = LoadOptions::new("127.0.0.1:8883", "data");
+        opts.servers.push("127.0.0.1:8884".into());
+        assert!(check_options(&opts).is_ok());
+        opts.servers.push("nowhere".into());
+        let error = check_options(&opts).unwrap_err().to_string();
+        assert!(error.contains("\"nowhere\""), "{error}");
+        opts.servers.clear();
+        assert!(check_options(&opts).is_err());
+        let mut opts = LoadOptions::new("127.0.0.1:8883", "data");
+        opts.processes.push(MeasuredProcess {
+            edge: Some(1),
+            ..MeasuredProcess::new("edge-1", 12)
+        });
+        let error = check_options(&opts).unwrap_err().to_string();
+        assert!(error.contains("edge-1"), "{error}");
     }
 
     #[test]

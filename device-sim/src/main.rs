@@ -11,8 +11,8 @@ use fleet_sim::open_files::{raise_open_files, OpenFiles};
 use fleet_sim::phone::{self, PhoneProfile, PhoneState, PhoneTarget, ProvisionOutcome};
 use fleet_sim::{
     admin_request, fingerprint, local_reset, run_load, serve_admin, spawn_fleet, spawn_station,
-    AdminRequest, Latency, LoadOptions, SimConfig, Spread, StationProfile, StationState, Tally,
-    DEFAULT_MODEL, DEVICES_PER_ADDRESS,
+    AdminRequest, ClusterFile, Latency, LoadOptions, MeasuredProcess, ProcessFigures, ServerPlan,
+    SimConfig, Spread, StationProfile, StationState, Tally, DEFAULT_MODEL, DEVICES_PER_ADDRESS,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -99,18 +99,39 @@ lift it in fleetd for a faster run.
 fleet-sim raises its soft limit on open files to the hard limit (RUST_LOG=info shows it): each
 device holds a socket, so raise the hard limit (ulimit -Hn) for more devices than it allows.
 
+A cluster: --server takes every edge's address (A,B or --server A --server B); device k (the
+stations first, then the phones) connects to edge k mod n, the operator to the first. Each edge
+applies its per-address limits by itself. --cluster DIR/cluster.json (deploy/local-cluster.sh up
+writes it) gives the edges, the data directory and the processes at once: edge-0, edge-1, …,
+controller-0, …, nats-0, …, postgres-0 (the postmaster and its children, the backends, whose
+memory is summed: an upper bound, shared buffers count once in each). For each named process
+(those and any --pid NAME=PID) the report gives its CPU time during the onboarding, per device
+onboarded and, for an edge, per device sent to it (\"per connection\"), and its resident memory
+with every station connected; a process that has exited or cannot be read is \"not measured\".
+
 Each run keeps its devices under STATE_DIR/<serial prefix>/ and uses new serials and MACs, so
 runs against the same fleetd do not meet; the devices stay in fleetd's store afterwards.
 The exit status is non-zero when the report counts any error.";
 
+/// The server of `fleet-sim load` without --server or --cluster.
+const DEFAULT_SERVER: &str = "127.0.0.1:8883";
+
 #[derive(clap::Args)]
 struct LoadArgs {
-    /// fleetd's address, HOST:PORT.
-    #[arg(long, default_value = "127.0.0.1:8883")]
-    server: String,
-    /// fleetd's data directory: ca.pem, admin.pem and admin.key.
-    #[arg(long)]
-    data_dir: PathBuf,
+    /// fleetd's address, HOST:PORT; a cluster's edges: several, comma-separated or the option
+    /// repeated, used in turn (the operator uses the first). Default: the --cluster file's
+    /// edges, else 127.0.0.1:8883.
+    #[arg(long, value_name = "HOST:PORT", value_delimiter = ',', value_parser = server_address)]
+    server: Vec<String>,
+    /// fleetd's data directory: ca.pem, admin.pem and admin.key. Default: the --cluster file's
+    /// data_dir.
+    #[arg(long, required_unless_present = "cluster")]
+    data_dir: Option<PathBuf>,
+    /// A cluster's cluster.json (deploy/local-cluster.sh up DIR writes DIR/cluster.json): its
+    /// edges, its data directory and its processes to measure (edge-0, controller-0, nats-0,
+    /// postgres-0, …).
+    #[arg(long, value_name = "FILE")]
+    cluster: Option<PathBuf>,
     /// Stations to onboard.
     #[arg(long, default_value_t = 100)]
     stations: usize,
@@ -147,6 +168,11 @@ struct LoadArgs {
     /// fleetd's process id: its memory is read from /proc/PID/status.
     #[arg(long)]
     fleetd_pid: Option<u32>,
+    /// A process to measure, by name (repeat it for several): its CPU time and memory are
+    /// read from /proc/PID. Without --cluster, the NAMEs that start with "edge" are the edges
+    /// of the --server addresses, in the order given.
+    #[arg(long = "pid", value_name = "NAME=PID")]
+    pids: Vec<MeasuredProcess>,
     /// Local source address for stations (repeat it to use several in turn); instead of the
     /// spread.
     #[arg(long)]
@@ -179,6 +205,14 @@ struct PhoneConnection {
     /// Local source address to connect from, e.g. 127.0.0.2 to play a phone behind that IP.
     #[arg(long)]
     source: Option<IpAddr>,
+}
+
+/// One `--server` address, checked as fleet-sim's other commands check theirs.
+fn server_address(text: &str) -> Result<String, String> {
+    match fleet_sim::station::split_server(text) {
+        Some(_) => Ok(text.to_owned()),
+        None => Err(format!("{text:?} is not HOST:PORT")),
+    }
 }
 
 impl PhoneConnection {
@@ -413,13 +447,66 @@ fn open_files() -> Option<OpenFiles> {
     }
 }
 
+/// Where a load run connects, with which operator's files, and what it measures besides
+/// fleetd.
+#[derive(Debug, PartialEq)]
+struct Targets {
+    servers: Vec<String>,
+    data_dir: PathBuf,
+    processes: Vec<MeasuredProcess>,
+}
+
+/// The targets from --server, --data-dir, --pid and the --cluster file: what is given on the
+/// command line wins over the file.
+fn targets(
+    servers: Vec<String>,
+    data_dir: Option<PathBuf>,
+    cluster: Option<&ClusterFile>,
+    pids: Vec<MeasuredProcess>,
+) -> anyhow::Result<Targets> {
+    let servers = match (servers.is_empty(), cluster) {
+        (false, _) => servers,
+        (true, Some(cluster)) => cluster.edges.clone(),
+        (true, None) => vec![DEFAULT_SERVER.to_owned()],
+    };
+    let Some(data_dir) = data_dir.or_else(|| cluster.map(|c| c.data_dir.clone())) else {
+        bail!("--data-dir is needed without --cluster");
+    };
+    let mut processes = cluster.map_or_else(Vec::new, |c| c.processes(&servers));
+    let mut edges = 0..servers.len();
+    for mut process in pids {
+        if cluster.is_none() && process.name.starts_with("edge") {
+            process.edge = edges.next();
+        }
+        processes.push(process);
+    }
+    for (i, process) in processes.iter().enumerate() {
+        if processes[..i].iter().any(|p| p.name == process.name) {
+            bail!("two processes are named {:?}", process.name);
+        }
+    }
+    Ok(Targets {
+        servers,
+        data_dir,
+        processes,
+    })
+}
+
 /// The library's options from the command line's.
 fn load_options(args: LoadArgs) -> anyhow::Result<LoadOptions> {
     use std::io::IsTerminal as _;
-    if fleet_sim::station::split_server(&args.server).is_none() {
-        bail!("--server {:?} is not HOST:PORT", args.server);
-    }
-    let mut opts = LoadOptions::new(args.server, args.data_dir);
+    let cluster = match &args.cluster {
+        Some(path) => Some(ClusterFile::read(path).context("--cluster")?),
+        None => None,
+    };
+    let Targets {
+        servers,
+        data_dir,
+        processes,
+    } = targets(args.server, args.data_dir, cluster.as_ref(), args.pids)?;
+    let mut opts = LoadOptions::new(DEFAULT_SERVER, data_dir);
+    opts.servers = servers;
+    opts.processes = processes;
     opts.stations = args.stations;
     opts.phones = args.phones;
     opts.concurrency = args.concurrency;
@@ -526,6 +613,15 @@ fn print_report(report: &fleet_sim::LoadReport) {
     if let Some(ms) = report.fleetd_cpu_ms_per_device {
         println!("fleetd CPU:           {ms:.2} ms per device onboarded");
     }
+    if report.servers.len() > 1 {
+        println!("servers:              {}", servers_line(report));
+    }
+    if !report.processes.is_empty() {
+        println!("processes (CPU during the onboarding, RSS with every station connected):");
+        for line in process_table(&report.processes, report.processes_cpu_ms_per_device) {
+            println!("  {line}");
+        }
+    }
     if report.errors.is_empty() {
         println!("errors:               none");
     } else {
@@ -539,6 +635,63 @@ fn print_report(report: &fleet_sim::LoadReport) {
             println!("  {kind}: {example}");
         }
     }
+}
+
+/// Each server with the devices sent to it.
+fn servers_line(report: &fleet_sim::LoadReport) -> String {
+    let Some(plan) = ServerPlan::new(&report.servers, report.stations) else {
+        return "none".to_owned();
+    };
+    let shares: Vec<String> = report
+        .servers
+        .iter()
+        .enumerate()
+        .map(|(i, server)| format!("{server} ({})", plan.devices_of(i, report.phones)))
+        .collect();
+    format!("{} (devices to each, in turn)", shares.join(", "))
+}
+
+/// The named processes' figures as a small table: a heading, a line each, the total.
+fn process_table(processes: &[ProcessFigures], total: Option<f64>) -> Vec<String> {
+    const NOT_MEASURED: &str = "not measured";
+    let cell = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+    let width = processes
+        .iter()
+        .map(|p| p.name.len())
+        .chain([12])
+        .max()
+        .unwrap_or(12);
+    let mut lines = vec![format!(
+        "{:<width$} {:>8} {:>12} {:>10} {:>14} {:>12}",
+        "name", "pid", "CPU ms", "ms/device", "ms/connection", "RSS KiB"
+    )];
+    for p in processes {
+        let cpu = match p.cpu_ms {
+            Some(ms) => format!(
+                "{ms:>12.1} {:>10} {:>14}",
+                cell(p.cpu_ms_per_device),
+                cell(p.cpu_ms_per_connection)
+            ),
+            None => format!("{NOT_MEASURED:>12} {:>10} {:>14}", "-", "-"),
+        };
+        let rss = p
+            .rss_kib
+            .map_or_else(|| NOT_MEASURED.to_owned(), |kib| kib.to_string());
+        let mut line = format!("{:<width$} {:>8} {cpu} {rss:>12}", p.name, p.pid);
+        if p.with_children {
+            line.push_str("  with its children");
+        }
+        if let (Some(server), Some(devices)) = (&p.server, p.devices) {
+            line.push_str(&format!("  edge of {server}, {devices} devices"));
+        }
+        lines.push(line);
+    }
+    let total = total.map_or_else(|| NOT_MEASURED.to_owned(), |ms| format!("{ms:.2}"));
+    lines.push(format!(
+        "{:<width$} {:>8} {:>12} {total:>10}",
+        "all measured", "", ""
+    ));
+    lines
 }
 
 #[allow(clippy::print_stdout)]
@@ -804,5 +957,180 @@ mod tests {
         assert!(help.contains("phones"), "{help}");
         let missing = fleet_ctl::undocumented(&cli);
         assert!(missing.is_empty(), "without help: {missing:#?}");
+    }
+
+    fn load_args(args: &[&str]) -> Result<LoadArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["fleet-sim", "load"].iter().chain(args))?;
+        match cli.command {
+            TopCommand::Load(args) => Ok(args),
+            _ => unreachable!("parsed as load"),
+        }
+    }
+
+    #[test]
+    fn servers_are_a_list_or_repeated_and_each_is_checked() {
+        let args = load_args(&["--data-dir", "d"]).unwrap();
+        assert!(args.server.is_empty());
+        let args = load_args(&[
+            "--data-dir",
+            "d",
+            "--server",
+            "127.0.0.1:1,127.0.0.1:2",
+            "--server",
+            "[::1]:3",
+        ])
+        .unwrap();
+        assert_eq!(args.server, ["127.0.0.1:1", "127.0.0.1:2", "[::1]:3"]);
+        for bad in ["127.0.0.1:1,nowhere", "127.0.0.1:1,,127.0.0.1:2", "h:port"] {
+            let error = load_args(&["--data-dir", "d", "--server", bad])
+                .err()
+                .expect("refused")
+                .to_string();
+            let named = bad.split(',').find(|s| server_address(s).is_err());
+            assert!(
+                named.is_some_and(|n| error.contains(&format!("{n:?}"))),
+                "{error}"
+            );
+        }
+        // --data-dir is needed unless a cluster file gives it.
+        assert!(load_args(&[]).is_err());
+        assert!(load_args(&["--cluster", "c.json"]).is_ok());
+    }
+
+    #[test]
+    fn processes_are_named_with_pid_and_edges_match_the_servers_in_order() {
+        let args = load_args(&[
+            "--data-dir",
+            "d",
+            "--server",
+            "127.0.0.1:1,127.0.0.1:2",
+            "--pid",
+            "edge-a=10",
+            "--pid",
+            "controller=20",
+            "--pid",
+            "edge-b=11",
+            "--pid",
+            "edge-c=12",
+            "--fleetd-pid",
+            "9",
+        ])
+        .unwrap();
+        assert_eq!(args.fleetd_pid, Some(9));
+        let given = targets(args.server, args.data_dir, None, args.pids).unwrap();
+        let named: Vec<(&str, u32, Option<usize>)> = given
+            .processes
+            .iter()
+            .map(|p| (p.name.as_str(), p.pid, p.edge))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("edge-a", 10, Some(0)),
+                ("controller", 20, None),
+                ("edge-b", 11, Some(1)),
+                // More edges than servers: the last is measured, but is the edge of none.
+                ("edge-c", 12, None),
+            ]
+        );
+        let error = load_args(&["--data-dir", "d", "--pid", "edge"])
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(error.contains("NAME=PID"), "{error}");
+        let twice = ["a=1".parse().unwrap(), "a=2".parse().unwrap()];
+        let error = targets(Vec::new(), Some("d".into()), None, twice.into()).unwrap_err();
+        assert!(error.to_string().contains("\"a\""), "{error}");
+    }
+
+    #[test]
+    fn a_cluster_file_gives_the_servers_data_dir_and_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.json");
+        let json = serde_json::json!({
+            "edges": ["127.0.0.1:40001", "127.0.0.1:40002"],
+            "data_dir": "/c/operator",
+            "pids": {"nats": [1, 2, 3], "postgres": [4], "edges": [5, 6], "controllers": [7, 8]},
+        });
+        std::fs::write(&path, json.to_string()).unwrap();
+        let cluster = ClusterFile::read(&path).unwrap();
+        let extra = vec!["edge-x=9".parse().unwrap()];
+        let t = targets(Vec::new(), None, Some(&cluster), extra).unwrap();
+        assert_eq!(t.servers, ["127.0.0.1:40001", "127.0.0.1:40002"]);
+        assert_eq!(t.data_dir, PathBuf::from("/c/operator"));
+        let names: Vec<&str> = t.processes.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "edge-0",
+                "edge-1",
+                "controller-0",
+                "controller-1",
+                "nats-0",
+                "nats-1",
+                "nats-2",
+                "postgres-0",
+                "edge-x"
+            ]
+        );
+        assert_eq!(t.processes[1].edge, Some(1));
+        // With a cluster file the edges are its own; a --pid is measured, the edge of none.
+        assert_eq!(t.processes[8].edge, None);
+        // What the command line gives wins.
+        let t = targets(
+            vec!["127.0.0.1:40002".into()],
+            Some("mine".into()),
+            Some(&cluster),
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(t.servers, ["127.0.0.1:40002"]);
+        assert_eq!(t.data_dir, PathBuf::from("mine"));
+        assert_eq!((t.processes[0].edge, t.processes[1].edge), (None, Some(0)));
+        // A cluster file naming the same process twice makes no run.
+        let error = targets(
+            Vec::new(),
+            None,
+            Some(&cluster),
+            vec!["nats-1=3".parse().unwrap()],
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("nats-1"), "{error}");
+    }
+
+    #[test]
+    fn the_process_table_says_what_was_not_measured() {
+        let measured = ProcessFigures {
+            name: "edge-0".into(),
+            pid: 31,
+            with_children: false,
+            server: Some("127.0.0.1:40001".into()),
+            devices: Some(50),
+            cpu_ms: Some(800.0),
+            cpu_ms_per_device: Some(8.0),
+            cpu_ms_per_connection: Some(16.0),
+            rss_kib: Some(40_000),
+        };
+        let gone = ProcessFigures {
+            name: "postgres-0".into(),
+            pid: 20,
+            with_children: true,
+            server: None,
+            devices: None,
+            cpu_ms: None,
+            cpu_ms_per_device: None,
+            cpu_ms_per_connection: None,
+            rss_kib: None,
+        };
+        let lines = process_table(&[measured, gone], Some(8.0));
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert!(lines[0].contains("ms/connection"), "{}", lines[0]);
+        assert!(
+            lines[1].contains("16.00") && lines[1].contains("50 devices"),
+            "{}",
+            lines[1]
+        );
+        assert_eq!(lines[2].matches("not measured").count(), 2, "{}", lines[2]);
+        assert!(lines[3].starts_with("all measured") && lines[3].contains("8.00"));
     }
 }
