@@ -6,6 +6,9 @@
 #                                      on a free port; returns once an operator's command through
 #                                      every edge is answered, having written DIR/cluster.json
 #   deploy/local-cluster.sh down DIR   stops everything `up` started in DIR (DIR stays)
+#   deploy/local-cluster.sh postgres stop|start DIR
+#                                      stops PostgreSQL under the running cluster, or starts it
+#                                      again on the same port
 #
 # DIR/cluster.json, the shape scripts and tests rely on:
 #   {"edges": ["127.0.0.1:P", "127.0.0.1:Q"],        where devices and operators connect
@@ -33,7 +36,7 @@ die() {
 }
 
 usage() {
-    echo "usage: $0 up|down DIR" >&2
+    echo "usage: $0 up|down DIR, or $0 postgres stop|start DIR" >&2
     exit 2
 }
 
@@ -148,6 +151,12 @@ start_nats() {
     done
 }
 
+# Starts the PostgreSQL server of DIR with the options `up` chose (DIR/run/postgres.opts).
+pg_start() {
+    as_pg "$1/pg_ctl" -D "$DIR/postgres/data" -l "$DIR/postgres/server.log" -w -t "$PATIENCE" \
+        -o "$(cat "$DIR/run/postgres.opts")" start >>"$DIR/logs/pg_ctl.log" 2>&1
+}
+
 start_postgres() {
     local bin=$1 pg="$DIR/postgres" port try
     mkdir -p "$pg"
@@ -159,9 +168,9 @@ start_postgres() {
         >"$DIR/logs/initdb.log" 2>&1 || die "initdb failed: see $DIR/logs/initdb.log"
     for try in 1 2 3; do
         port=$(free_port)
-        if as_pg "$bin/pg_ctl" -D "$pg/data" -l "$pg/server.log" -w -t "$PATIENCE" \
-            -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$pg -c fsync=on -c max_connections=200" \
-            start >"$DIR/logs/pg_ctl.log" 2>&1; then
+        echo "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$pg -c fsync=on -c max_connections=200" \
+            >"$DIR/run/postgres.opts"
+        if pg_start "$bin"; then
             head -1 "$pg/data/postmaster.pid" >"$DIR/run/postgres.pid"
             as_pg "$bin/createdb" -h 127.0.0.1 -p "$port" -U fleet fleet ||
                 die "createdb failed"
@@ -340,13 +349,38 @@ down() {
     echo "local-cluster: down in $DIR"
 }
 
-[ $# -eq 2 ] || usage
-DIR=$2
-case $1 in
-up)
-    mkdir -p "$DIR"
-    up
+# `postgres stop|start DIR`: stops PostgreSQL under the running cluster, or starts it again on
+# the same port (to try what the cluster does without its store).
+postgres() {
+    [ -f "$DIR/run/postgres.opts" ] || die "$DIR has no cluster"
+    local bin
+    bin=$(find_pg_bin)
+    case $1 in
+    stop) as_pg "$bin/pg_ctl" -D "$DIR/postgres/data" -w -m fast stop >>"$DIR/logs/pg_ctl.log" 2>&1 ;;
+    start)
+        pg_start "$bin" || die "PostgreSQL did not start: see $DIR/postgres/server.log"
+        head -1 "$DIR/postgres/data/postmaster.pid" >"$DIR/run/postgres.pid"
+        ;;
+    *) usage ;;
+    esac
+}
+
+case $# in
+2)
+    DIR=$2
+    case $1 in
+    up)
+        mkdir -p "$DIR"
+        up
+        ;;
+    down) down ;;
+    *) usage ;;
+    esac
     ;;
-down) down ;;
+3)
+    [ "$1" = postgres ] || usage
+    DIR=$3
+    postgres "$2"
+    ;;
 *) usage ;;
 esac

@@ -103,6 +103,21 @@ impl LocalCluster {
             .collect()
     }
 
+    /// `local-cluster.sh postgres stop|start DIR`: PostgreSQL stopped under the cluster, or
+    /// started again on its port.
+    pub fn postgres(&self, action: &str) {
+        let output = Command::new(script())
+            .args(["postgres", action])
+            .arg(self.dir.path())
+            .output()
+            .expect("deploy/local-cluster.sh runs");
+        assert!(
+            output.status.success(),
+            "local-cluster.sh postgres {action}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     /// `kill -9` of the `i`th process of `role`.
     pub fn kill(&self, role: &str, i: usize) {
         let pid = self.pids(role)[i];

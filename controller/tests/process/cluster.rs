@@ -2,7 +2,9 @@
 //! PostgreSQL, two controllers of which one serves, two edges), with `kill -9` of its parts:
 //! the edge that holds stations (they come back through the other edge, behind a TCP
 //! balancer, with their state), and the serving controller in the middle of a burst of
-//! operator decisions (the standby serves, and every acknowledged decision is there once).
+//! operator decisions (the standby serves, and every acknowledged decision is there once);
+//! and PostgreSQL stopped under it for a few seconds (answers are lost, decisions are not, and
+//! the cluster recovers by itself).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -185,18 +187,7 @@ async fn the_standby_controller_serves_when_the_leader_is_killed_in_a_burst_and_
         }
     }
     // None applied twice, and each acknowledged one recorded.
-    let audit = op
-        .call("listAuditLog", json!({"limit": 1000}))
-        .await
-        .expect("audit");
-    let mut decided: BTreeMap<String, usize> = BTreeMap::new();
-    for record in audit["records"].as_array().expect("records") {
-        let action = record["action"].as_str().unwrap_or_default();
-        if (action == "acceptStation" || action == "rejectStation") && record["outcome"] == "ok" {
-            let device = record["device"].as_str().unwrap_or_default().to_owned();
-            *decided.entry(device).or_default() += 1;
-        }
-    }
+    let decided = decisions(&op).await;
     for (serial, count) in &decided {
         assert_eq!(*count, 1, "{serial} was decided {count} times");
     }
@@ -221,4 +212,91 @@ async fn the_standby_controller_serves_when_the_leader_is_killed_in_a_burst_and_
         }
         station.handle.shutdown().await;
     }
+}
+
+/// Decisions of the audit log, by device: how many `acceptStation`/`rejectStation` succeeded.
+async fn decisions(op: &fleet_tests::Operator) -> BTreeMap<String, usize> {
+    let audit = op
+        .call("listAuditLog", json!({"limit": 1000}))
+        .await
+        .expect("audit");
+    let mut decided: BTreeMap<String, usize> = BTreeMap::new();
+    for record in audit["records"].as_array().expect("records") {
+        let action = record["action"].as_str().unwrap_or_default();
+        if (action == "acceptStation" || action == "rejectStation") && record["outcome"] == "ok" {
+            let device = record["device"].as_str().unwrap_or_default().to_owned();
+            *decided.entry(device).or_default() += 1;
+        }
+    }
+    decided
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_stopped_under_the_cluster_costs_answers_but_no_decision_and_it_recovers() {
+    let cluster = LocalCluster::up(FLEETD.as_ref());
+    let edges = cluster.edges();
+    let mut op = cluster.answering_operator(&edges[1]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (first, second) = ("CLPG-1", "CLPG-2");
+    let mut one = cluster.station(dir.path().join(first), first, &edges[0]);
+    let two = cluster.station(dir.path().join(second), second, &edges[0]);
+    let key_one = op.wait_request(first).await;
+    let key_two = op.wait_request(second).await;
+    op.call(
+        "acceptStation",
+        json!({"serial": first, "fingerprint": key_one}),
+    )
+    .await
+    .expect("accepted while PostgreSQL runs");
+    one.wait_event(SimEvent::Authorized).await;
+
+    // No store: the decision is not taken (`internal`, or no answer at all).
+    cluster.postgres("stop");
+    let refused = op
+        .call(
+            "acceptStation",
+            json!({"serial": second, "fingerprint": key_two}),
+        )
+        .await;
+    assert!(
+        refused.is_err(),
+        "no decision without the store: {refused:?}"
+    );
+    drop(op);
+    // A few seconds without it (the scenario's length, not a wait for an event).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.postgres("start");
+
+    // A controller serves again by itself (the one that did, or the standby), and the
+    // decision that was refused is taken now.
+    let deadline = Instant::now() + PROCESS_PATIENCE;
+    let op = loop {
+        let op = cluster.answering_operator(&edges[1]).await;
+        let answer = op
+            .call(
+                "acceptStation",
+                json!({"serial": second, "fingerprint": key_two}),
+            )
+            .await;
+        match answer {
+            Ok(_) => break op,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "never accepted again: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    for serial in [first, second] {
+        let view = op.station(serial).await;
+        assert!(
+            view["state"] == "running" || view["state"] == "not_running",
+            "{serial}: {view}"
+        );
+    }
+    let decided = decisions(&op).await;
+    assert_eq!(decided.get(first), Some(&1), "{decided:?}");
+    assert_eq!(decided.get(second), Some(&1), "{decided:?}");
+    drop(op);
+    one.handle.shutdown().await;
+    two.handle.shutdown().await;
 }
