@@ -130,9 +130,13 @@ pid_of() {
 }
 
 start_nats() {
-    local i routes="" line port
+    local i routes="" line port password
+    # Clients must authenticate: a password of this cluster's own, in a file only we read
+    # (on the command line, `ps` would show it), and in the nodes' configurations (0600).
+    password=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
+    printf 'authorization {\n  user: fleet\n  password: "%s"\n}\n' "$password" >"$DIR/nats-auth.conf"
     for i in 0 1 2; do
-        local args=(-a 127.0.0.1 -p -1 --cluster_name fleet-local
+        local args=(-c "$DIR/nats-auth.conf" -a 127.0.0.1 -p -1 --cluster_name fleet-local
             --cluster nats://127.0.0.1:-1 --no_advertise)
         if [ -n "$routes" ]; then
             args+=(--routes "$routes")
@@ -141,7 +145,7 @@ start_nats() {
         line=$(wait_line "$(pid_of "nats-$i")" "$DIR/logs/nats-$i.log" \
             'Listening for client connections on') || die "nats-$i did not start: see $DIR/logs/nats-$i.log"
         port=${line##*:}
-        echo "nats://127.0.0.1:$port" >>"$DIR/run/nats.urls"
+        echo "nats://fleet:$password@127.0.0.1:$port" >>"$DIR/run/nats.urls"
         # The others route to the first; NATS tells each about the rest (a full mesh).
         if [ -z "$routes" ]; then
             line=$(wait_line "$(pid_of nats-0)" "$DIR/logs/nats-0.log" \
@@ -252,6 +256,8 @@ up() {
     fleetd=$(find_fleetd)
     fleetctl=$(find_fleetctl "$fleetd")
     pg_bin=$(find_pg_bin)
+    # Configurations hold the bus's password: nothing of DIR's but DIR itself is for others.
+    umask 077
     mkdir -p "$DIR/logs" "$DIR/run"
     DIR=$(cd "$DIR" && pwd)
     # If anything below fails, what was started is stopped again.

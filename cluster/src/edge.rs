@@ -52,6 +52,9 @@ impl Connection {
                     self.back.notify_one();
                 }
             }
+            // A wrong password or token, a permission denied: the edge cannot work, say so.
+            async_nats::Event::ServerError(e) => warn!("bus: the NATS server refuses: {e}"),
+            async_nats::Event::ClientError(e) => warn!("bus: {e}"),
             other => debug!("bus: {other}"),
         }
     }

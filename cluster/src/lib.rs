@@ -83,15 +83,34 @@ pub async fn connect(
     events: impl Fn(async_nats::Event) + Send + Sync + 'static,
 ) -> Result<async_nats::Client, ClusterError> {
     let events = std::sync::Arc::new(events);
+    // What may be shown of the servers: never a password or a token.
+    let shown = || {
+        servers
+            .iter()
+            .map(|s| fleet_config::redacted_url(s))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let addrs: Vec<async_nats::ServerAddr> = servers
         .iter()
         .map(|s| s.parse())
         .collect::<Result<_, _>>()
         .map_err(|e: std::io::Error| ClusterError::Connect {
-            servers: servers.join(", "),
+            servers: shown(),
             reason: e.to_string(),
         })?;
-    async_nats::ConnectOptions::new()
+    let mut options = async_nats::ConnectOptions::new();
+    // async-nats does not read credentials from a URL itself: `USER:PASSWORD@` or `TOKEN@`
+    // of the first URL that names any (the configuration checked that they all agree).
+    if let Some(userinfo) = servers.iter().find_map(|s| fleet_config::nats_userinfo(s)) {
+        options = match userinfo.split_once(':') {
+            Some((user, password)) => {
+                options.user_and_password(percent_decoded(user), percent_decoded(password))
+            }
+            None => options.token(percent_decoded(userinfo)),
+        };
+    }
+    options
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -102,9 +121,35 @@ pub async fn connect(
         .connect(addrs)
         .await
         .map_err(|e| ClusterError::Connect {
-            servers: servers.join(", "),
+            servers: shown(),
             reason: e.to_string(),
         })
+}
+
+/// `text` with its `%XX` escapes decoded (a URL's user information may escape `:`, `@` or
+/// `/`); an escape that is not one stays as it is.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A random 64-bit number (a controller's instance, an edge's incarnation, the base of its
@@ -122,4 +167,17 @@ pub fn random_u64() -> u64 {
         return nanos ^ u64::from(std::process::id()) << 32;
     }
     u64::from_le_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decoded;
+
+    #[test]
+    fn credentials_of_a_url_are_percent_decoded() {
+        assert_eq!(percent_decoded("s3cret"), "s3cret");
+        assert_eq!(percent_decoded("a%3Ab%40c%2F"), "a:b@c/");
+        assert_eq!(percent_decoded("100%"), "100%");
+        assert_eq!(percent_decoded("%zz%4"), "%zz%4");
+    }
 }

@@ -396,7 +396,7 @@ impl Role {
 }
 
 /// `[cluster]`
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     /// `role`: `single` (default), `edge`, `controller` or `both`.
@@ -405,7 +405,9 @@ pub struct ClusterConfig {
     /// and `_`, at most 64). Required unless `role` is `single`.
     pub node: String,
     /// `nats`: the NATS servers of the bus (`nats://HOST:PORT`), any of which will do.
-    /// Required unless `role` is `single`.
+    /// Required unless `role` is `single`. `nats://USER:PASSWORD@HOST:PORT` (or
+    /// `nats://TOKEN@HOST:PORT`) authenticates to servers that require it: every URL that
+    /// names credentials must name the same ones. Shown and logged without the password.
     pub nats: Vec<String>,
     /// `request_timeout_ms`: how long an edge waits for the controller's answer to an
     /// admission or a device's message before it refuses it as "server unavailable".
@@ -421,6 +423,19 @@ impl Default for ClusterConfig {
             nats: Vec::new(),
             request_timeout_ms: 5000,
         }
+    }
+}
+
+/// Shown without the passwords the `nats` URLs may carry.
+impl fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let nats: Vec<String> = self.nats.iter().map(|url| redacted_url(url)).collect();
+        f.debug_struct("ClusterConfig")
+            .field("role", &self.role)
+            .field("node", &self.node)
+            .field("nats", &nats)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .finish()
     }
 }
 
@@ -452,8 +467,9 @@ impl fmt::Debug for StoreConfig {
 /// The schemes `[store] url` takes.
 pub const STORE_URL_SCHEMES: [&str; 2] = ["postgres://", "postgresql://"];
 
-/// `url` with the password of its user information, if any, replaced by `***`: what may be
-/// logged or shown of a store URL.
+/// `url` with the password of its user information, if any, replaced by `***` (and a NATS
+/// URL's token, a user information without a password): what may be logged or shown of a
+/// store or bus URL.
 pub fn redacted_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
@@ -467,10 +483,22 @@ pub fn redacted_url(url: &str) -> String {
             Some((user, _password)) => {
                 format!("{scheme}://{user}:***@{host}{}", &rest[authority_end..])
             }
+            // A user alone: a NATS token is a secret as a whole; a PostgreSQL user is not.
+            None if scheme == "nats" => format!("{scheme}://***@{host}{}", &rest[authority_end..]),
             None => url.to_owned(),
         },
         None => url.to_owned(),
     }
+}
+
+/// The user information of a `nats://` URL (`USER:PASSWORD` or `TOKEN`), if it has one.
+pub fn nats_userinfo(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("nats://")?;
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    authority
+        .rsplit_once('@')
+        .map(|(userinfo, _)| userinfo)
+        .filter(|u| !u.is_empty())
 }
 
 /// Largest packet MQTT can frame (remaining length of 4 bytes of 7 bits, plus header).
@@ -634,8 +662,21 @@ impl Config {
         {
             return Err(ConfigError::invalid(
                 "cluster.nats",
-                format_args!("{bad:?} is not a NATS URL: it must be nats://HOST:PORT"),
+                format_args!(
+                    "{:?} is not a NATS URL: it must be nats://HOST:PORT",
+                    redacted_url(bad)
+                ),
             ));
+        }
+        let mut named = cluster.nats.iter().filter_map(|url| nats_userinfo(url));
+        if let Some(first) = named.next() {
+            if named.any(|other| other != first) {
+                return Err(ConfigError::invalid(
+                    "cluster.nats",
+                    "the URLs name different credentials: one user and password (or token) \
+                     is used for every server",
+                ));
+            }
         }
         if !(100..=60_000).contains(&cluster.request_timeout_ms) {
             return Err(ConfigError::invalid(
@@ -1080,7 +1121,9 @@ role = "single"
 # This node's name, unique among the edges: letters, digits, '-' and '_'.
 node = ""
 # The NATS servers of the bus (no TLS: loopback or a private network), e.g.
-# ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"].
+# ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"]. Servers that require a user and
+# password (they should): "nats://USER:PASSWORD@HOST:PORT" (or "nats://TOKEN@HOST:PORT"),
+# the same credentials in every URL that names any; never logged.
 nats = []
 # How long an edge waits for the controller's answer before it refuses a device as
 # "server unavailable".
@@ -1100,6 +1143,35 @@ mod tests {
             ConfigError::Invalid { key, .. } => key,
             other => panic!("unexpected error {other}"),
         }
+    }
+
+    #[test]
+    fn the_bus_credentials_are_one_and_never_shown() {
+        let config =
+            |urls: &str| format!("[cluster]\nrole = \"edge\"\nnode = \"e\"\nnats = [{urls}]\n");
+        let same = config("\"nats://fleet:s3cret@a:4222\", \"nats://fleet:s3cret@b:4222\"");
+        let parsed = Config::from_toml_str(&same).expect("parses");
+        parsed.validate().expect("one user and password");
+        let shown = format!("{parsed:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("nats://fleet:***@a:4222"), "{shown}");
+        let differ = config("\"nats://fleet:s3cret@a:4222\", \"nats://fleet:other@b:4222\"");
+        assert_eq!(invalid_key(&differ), "cluster.nats");
+        // A server without credentials beside one with them takes the same ones.
+        let one = config("\"nats://fleet:s3cret@a:4222\", \"nats://b:4222\"");
+        Config::from_toml_str(&one)
+            .expect("parses")
+            .validate()
+            .expect("valid");
+        assert_eq!(redacted_url("nats://t0ken@h:4222"), "nats://***@h:4222");
+        assert_eq!(nats_userinfo("nats://u:p@h:1"), Some("u:p"));
+        assert_eq!(nats_userinfo("nats://h:1"), None);
+        let bad = Config::from_toml_str(&config("\"tls://u:s3cret@h:1\""))
+            .expect("parses")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(!bad.contains("s3cret"), "{bad}");
     }
 
     #[test]

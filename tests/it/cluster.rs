@@ -155,6 +155,34 @@ async fn an_edge_without_a_controller_refuses_new_devices_as_server_unavailable(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_does_not_know_the_bus_password_hears_no_controller_and_admits_nobody() {
+    // The tests' NATS servers require a user and password (as a deployment's should).
+    let cluster = TestCluster::start(1).await;
+    let stranger = cluster
+        .start_edge("stranger", vec![cluster.nats.url_as(0, "not-the-password")])
+        .await;
+    let addr = stranger.local_addr().expect("it listens");
+    let mut station = Station::boot(
+        cluster.station_dir("CL-0008"),
+        "CL-0008",
+        "6.1.0",
+        format!("127.0.0.1:{}", addr.port()),
+        cluster.ca_pem(),
+    );
+    let code = station
+        .wait_for("a refusal", |e| match e {
+            SimEvent::Refused { code, .. } => Some(code.clone()),
+            SimEvent::Connected { .. } => panic!("admitted by an edge off the bus"),
+            _ => None,
+        })
+        .await;
+    assert!(code.contains("Unavailable"), "refused with {code}");
+    let heard = stranger.edge_link().expect("an edge").controller_heard();
+    assert!(!heard, "a controller was heard without the password");
+    station.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_paps_are_counted_across_edges() {
     let cluster = TestCluster::start(2).await;
     let op = cluster.operator_on(0).await;

@@ -35,7 +35,29 @@ fn node_config(dir: &Path, role: Role, node: &str, nats: Vec<String>) -> Config 
     config
 }
 
+/// Starts edge `name` on the NATS servers `nats`, with its own copy of the shared files of
+/// `controller_dir` and a metrics endpoint.
+async fn start_edge(dir: &Path, controller_dir: &Path, name: &str, nats: Vec<String>) -> Node {
+    let mut config = node_config(dir, Role::Edge, name, nats);
+    config.metrics.listen = Some("127.0.0.1:0".parse().expect("address"));
+    std::fs::create_dir_all(&config.server.data_dir).expect("edge dir");
+    for file in [
+        data_dir::CA_CERT_FILE,
+        data_dir::SERVER_CERT_FILE,
+        data_dir::SERVER_KEY_FILE,
+    ] {
+        std::fs::copy(controller_dir.join(file), config.server.data_dir.join(file))
+            .expect("copy the shared files");
+    }
+    Node::start(&config).await.expect("the edge starts")
+}
+
 impl TestCluster {
+    /// Another edge, `name`, on the NATS servers `nats` (not one of [`TestCluster::edges`]).
+    pub async fn start_edge(&self, name: &str, nats: Vec<String>) -> Node {
+        start_edge(self.dir.path(), &self.controller_dir, name, nats).await
+    }
+
     /// A controller and `edges` edges, every edge hearing the controller when this returns.
     pub async fn start(edges: usize) -> TestCluster {
         // On the blocking pool: it waits for the servers' routes without holding a worker.
@@ -59,21 +81,10 @@ impl TestCluster {
         let controller_dir = config.server.data_dir.clone();
         let mut started = Vec::new();
         for i in 0..edges {
-            let name = format!("edge-{i}");
             // Each edge on its own NATS server: traffic between them crosses the routes.
-            let mut config = node_config(dir.path(), Role::Edge, &name, vec![nats.url(i % 3)]);
-            config.metrics.listen = Some("127.0.0.1:0".parse().expect("address"));
-            std::fs::create_dir_all(&config.server.data_dir).expect("edge dir");
-            for file in [
-                data_dir::CA_CERT_FILE,
-                data_dir::SERVER_CERT_FILE,
-                data_dir::SERVER_KEY_FILE,
-            ] {
-                std::fs::copy(controller_dir.join(file), config.server.data_dir.join(file))
-                    .expect("copy the shared files");
-            }
-            let edge = Node::start(&config).await.expect("the edge starts");
-            started.push(edge);
+            let name = format!("edge-{i}");
+            started
+                .push(start_edge(dir.path(), &controller_dir, &name, vec![nats.url(i % 3)]).await);
         }
         let cluster = TestCluster {
             nats,

@@ -1,6 +1,8 @@
 //! A private NATS cluster for the tests: three `nats-server` processes (Debian's package) on
 //! free loopback ports, routed to each other, each with its monitoring port (to know when the
-//! routes are up).
+//! routes are up). Clients must authenticate (user [`USER`], a password of the cluster's own):
+//! every cluster test runs on a bus that refuses strangers, with the credentials in the URLs
+//! as a node's configuration gives them.
 //!
 //! Each server runs under a watchdog shell that kills it when its stdin closes: when the test
 //! process ends, however it ends, no server is left behind. Dropping a [`NatsCluster`] closes
@@ -20,9 +22,13 @@ struct NatsServer {
     stdin: Option<ChildStdin>,
 }
 
+/// The user the servers require.
+pub const USER: &str = "fleet";
+
 /// A running cluster of NATS servers.
 pub struct NatsCluster {
     servers: Vec<NatsServer>,
+    password: String,
 }
 
 fn free_port() -> u16 {
@@ -30,6 +36,15 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
+}
+
+/// 32 hex digits from the system's generator.
+fn random_password() -> String {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .expect("/dev/urandom");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `GET path` of an HTTP server on loopback, its body.
@@ -73,6 +88,7 @@ impl NatsCluster {
     /// One try of [`NatsCluster::start`]: `None` (and the servers stopped) when they are not
     /// all routed within `patience`.
     fn try_start(n: usize, patience: Duration) -> Option<NatsCluster> {
+        let password = random_password();
         let ports: Vec<(u16, u16, u16)> = (0..n)
             .map(|_| (free_port(), free_port(), free_port()))
             .collect();
@@ -92,6 +108,7 @@ impl NatsCluster {
                     .collect();
                 let command = format!(
                     "nats-server -a 127.0.0.1 -p {port} -m {monitor} --cluster_name fleet-test \
+                     --user {USER} --pass {password} \
                      --cluster nats://127.0.0.1:{cluster} --routes {} --no_advertise \
                      >/dev/null 2>&1 & p=$!; echo $p; read _; kill -9 $p",
                     others.join(",")
@@ -118,7 +135,7 @@ impl NatsCluster {
                 }
             })
             .collect();
-        let cluster = NatsCluster { servers };
+        let cluster = NatsCluster { servers, password };
         let deadline = Instant::now() + patience;
         let routed = |s: &NatsServer| {
             http_get(s.monitor, "/routez").is_some_and(|body| {
@@ -135,17 +152,22 @@ impl NatsCluster {
         Some(cluster)
     }
 
-    /// Every server's client URL.
+    /// Every server's client URL, with the credentials.
     pub fn urls(&self) -> Vec<String> {
-        self.servers
-            .iter()
-            .map(|s| format!("nats://127.0.0.1:{}", s.port))
-            .collect()
+        (0..self.servers.len()).map(|i| self.url(i)).collect()
     }
 
-    /// The client URL of server `i` alone.
+    /// The client URL of server `i` alone, with the credentials.
     pub fn url(&self, i: usize) -> String {
-        format!("nats://127.0.0.1:{}", self.servers[i].port)
+        self.url_as(i, &self.password)
+    }
+
+    /// The client URL of server `i` with another password (a stranger's).
+    pub fn url_as(&self, i: usize, password: &str) -> String {
+        format!(
+            "nats://{USER}:{password}@127.0.0.1:{}",
+            self.servers[i].port
+        )
     }
 
     /// The server that a client named with `name` (its CONNECT's name) is connected to.
