@@ -31,8 +31,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The operator's command budget would set the onboarding's pace (as in BENCHMARKS.md's "How").
+cat >"$WORK/limits.toml" <<'XEOF'
+[limits]
+operator_commands_per_second = 100000
+operator_command_burst = 100000
+XEOF
+export EXTRA_CONFIG="$WORK/limits.toml"
+
 echo "== (a) one fleetd process, $N stations + $P phones"
-"$FLEETD" --data-dir "$WORK/single" --listen 127.0.0.1:0 >"$WORK/single.out" 2>"$WORK/single.log" &
+"$FLEETD" --config "$WORK/limits.toml" --data-dir "$WORK/single" --listen 127.0.0.1:0 \
+    >"$WORK/single.out" 2>"$WORK/single.log" &
 SINGLE_PID=$!
 until grep -q '^fleetd listening on ' "$WORK/single.out" 2>/dev/null; do sleep 0.1; done
 ADDR="$(sed -n 's/^fleetd listening on //p' "$WORK/single.out")"

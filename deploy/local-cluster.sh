@@ -19,6 +19,8 @@
 # Which fleetd: $FLEETD, else `fleetd` beside this repository's release or debug build, else
 # on PATH. The readiness check uses fleetctl ($FLEETCTL, beside fleetd, or on PATH) when there is
 # one; without it, `up` waits for the edges' and the serving controller's ready lines instead.
+# $EXTRA_CONFIG names a TOML file appended to every node's configuration (other sections than
+# [server], [cluster] and [store], e.g. [limits] for a benchmark).
 # PostgreSQL's server binaries: $PG_BIN, else /usr/lib/postgresql/*/bin. Run as root, the
 # PostgreSQL server runs as the `postgres` user, which must be able to reach DIR.
 #
@@ -207,6 +209,10 @@ XEOF
 [store]
 url = "$(cat "$DIR/run/postgres.url")"
 XEOF
+    fi
+    if [ -n "${EXTRA_CONFIG:-}" ]; then
+        echo
+        cat "$EXTRA_CONFIG"
     fi
 }
 
