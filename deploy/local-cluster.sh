@@ -13,12 +13,14 @@
 # DIR/cluster.json, the shape scripts and tests rely on:
 #   {"edges": ["127.0.0.1:P", "127.0.0.1:Q"],        where devices and operators connect
 #    "data_dir": "DIR/operator",                      ca.pem, admin.pem and admin.key
+#    "metrics": ["127.0.0.1:M", "127.0.0.1:N"],       the edges' /metrics and /healthz
 #    "pids": {"nats": [..3], "postgres": [postmaster], "edges": [..2], "controllers": [..2]}}
 # (lists in the same order as the addresses; the controllers' first is the one that serves).
 #
 # Which fleetd: $FLEETD, else `fleetd` beside this repository's release or debug build, else
-# on PATH. The readiness check uses fleetctl ($FLEETCTL, beside fleetd, or on PATH) when there is
-# one; without it, `up` waits for the edges' and the serving controller's ready lines instead.
+# on PATH. Readiness: each edge's /healthz (its metrics endpoint, on a free port) answers 200
+# (it hears a controller and its bus), then, with fleetctl ($FLEETCTL, beside fleetd, or on
+# PATH), an operator's command through each edge is answered.
 # $EXTRA_CONFIG names a TOML file appended to every node's configuration (other sections than
 # [server], [cluster] and [store], e.g. [limits] for a benchmark).
 # PostgreSQL's server binaries: $PG_BIN, else /usr/lib/postgresql/*/bin. Run as root, the
@@ -203,6 +205,13 @@ role = "$role"
 node = "$node"
 nats = [$nats]
 XEOF
+    if [ "$role" = edge ]; then
+        cat <<XEOF
+
+[metrics]
+listen = "127.0.0.1:0"
+XEOF
+    fi
     if [ "$role" = controller ]; then
         cat <<XEOF
 
@@ -228,6 +237,28 @@ wait_standby() {
         alive "$(pid_of controller-1)" ||
             die "controller-1 exited: see $DIR/logs/controller-1.log"
         [ "$waited" -lt $((PATIENCE * 10)) ] || die "controller-1 never waited for the lock"
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+}
+
+# The status code of GET /healthz at 127.0.0.1:$1 (plain HTTP, bash's /dev/tcp), or 0.
+healthz() {
+    local status
+    status=$(
+        exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 0
+        printf 'GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
+        head -1 <&3
+    ) 2>/dev/null || true
+    status=${status#HTTP/* }
+    echo "${status%% *}" | tr -dc '0-9'
+}
+
+# Waits until edge `$1`'s /healthz at port `$2` answers 200, within the patience.
+wait_healthy() {
+    local waited=0
+    until [ "$(healthz "$2")" = 200 ]; do
+        [ "$waited" -lt $((PATIENCE * 10)) ] || die "$1 never healthy: see $DIR/logs/$1.log"
         sleep 0.1
         waited=$((waited + 1))
     done
@@ -259,6 +290,7 @@ up() {
     [ ! -e "$DIR/run" ] || die "$DIR has a cluster already (down it first, or choose another DIR)"
     command -v nats-server >/dev/null || die "no nats-server (apt-get install nats-server)"
     local fleetd fleetctl pg_bin node line edges=() edge_pids=() controller_pids=() nats_pids=()
+    local metrics=() probe
     fleetd=$(find_fleetd)
     fleetctl=$(find_fleetctl "$fleetd")
     pg_bin=$(find_pg_bin)
@@ -301,6 +333,12 @@ up() {
             die "$node did not listen: see $DIR/logs/$node.log"
         edges+=("\"${line#fleetd listening on }\"")
         edge_pids+=("$(pid_of "$node")")
+        probe=$(wait_line "$(pid_of "$node")" "$DIR/logs/$node.log" \
+            'metrics endpoint ready.*listen=127\.0\.0\.1:[0-9]+') ||
+            die "$node has no metrics endpoint: see $DIR/logs/$node.log"
+        probe=$(echo "$probe" | grep -Eo 'listen=127\.0\.0\.1:[0-9]+')
+        metrics+=("\"${probe#listen=}\"")
+        wait_healthy "$node" "${probe##*:}"
         if [ -n "$fleetctl" ]; then
             wait_answer "$fleetctl" "${line#fleetd listening on }"
         fi
@@ -312,6 +350,7 @@ up() {
 {
   "edges": $(json_list "${edges[@]}"),
   "data_dir": "$DIR/operator",
+  "metrics": $(json_list "${metrics[@]}"),
   "pids": {
     "nats": $(json_list "${nats_pids[@]}"),
     "postgres": [$(pid_of postgres)],
