@@ -249,6 +249,36 @@ impl Bus for ClusterBus {
     }
 }
 
+/// What the controller's NATS connection tells [`serve`]: when it is back after a loss,
+/// orders to the edges (cuts, rights) may have been lost with the old connection.
+#[derive(Default)]
+pub struct Reconnects {
+    lost: std::sync::atomic::AtomicBool,
+    back: tokio::sync::Notify,
+}
+
+impl Reconnects {
+    /// For [`crate::connect`]'s event callback.
+    pub fn on_event(&self, event: async_nats::Event) {
+        use std::sync::atomic::Ordering;
+        match event {
+            async_nats::Event::Disconnected => {
+                warn!("bus: the controller's connection is lost");
+                self.lost.store(true, Ordering::SeqCst);
+            }
+            async_nats::Event::Connected => {
+                if self.lost.swap(false, Ordering::SeqCst) {
+                    self.back.notify_one();
+                }
+                info!("bus: connected");
+            }
+            async_nats::Event::ServerError(e) => warn!("bus: the NATS server refuses: {e}"),
+            async_nats::Event::ClientError(e) => warn!("bus: {e}"),
+            other => info!("bus: {other}"),
+        }
+    }
+}
+
 /// Serves the edges until `stop` turns true: answers their admission calls with `admission`,
 /// sends what `outbound` queues (in order; a cut waits for the edge's confirmation, at most
 /// [`CUT_PATIENCE`], before anything after it leaves), beats, and forgets the sessions of
@@ -258,9 +288,10 @@ pub async fn serve(
     admission: Arc<dyn Admission>,
     sessions: Arc<ClusterSessions>,
     outbound: mpsc::UnboundedReceiver<Outbound>,
+    reconnects: Arc<Reconnects>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), crate::ClusterError> {
-    let instance = crate::random_u64();
+    let mut instance = crate::random_u64();
     let nats = |e: async_nats::SubscribeError| crate::ClusterError::Nats(e.to_string());
     let queue = |s: &'static str| client.queue_subscribe(s, CONTROLLERS.to_owned());
     let mut admits = queue(subject::ADMIT).await.map_err(nats)?;
@@ -270,7 +301,7 @@ pub async fn serve(
     let mut messages = queue(subject::MESSAGE).await.map_err(nats)?;
     let mut edge_beats = client.subscribe(subject::EDGE_BEAT).await.map_err(nats)?;
     let sender = tokio::spawn(send_outbound(client.clone(), outbound));
-    let beat = serde_json::to_vec(&wire::ControllerBeat { instance }).unwrap_or_default();
+    let mut beat = serde_json::to_vec(&wire::ControllerBeat { instance }).unwrap_or_default();
     let mut tick = tokio::time::interval(BEAT);
     let mut edges: HashMap<String, (u64, Instant)> = HashMap::new();
     info!(instance, "the controller serves the edges on the bus");
@@ -336,6 +367,13 @@ pub async fn serve(
                     }
                     !silent
                 });
+            }
+            _ = reconnects.back.notified() => {
+                // What was sent on the lost connection may not have arrived: beating as a new
+                // instance makes every edge end its sessions, to be admitted again.
+                instance = crate::random_u64();
+                beat = serde_json::to_vec(&wire::ControllerBeat { instance }).unwrap_or_default();
+                warn!(instance, "the controller's bus is back: it beats as a new instance");
             }
             _ = async { let _ = stop.wait_for(|stop| *stop).await; } => break,
             else => break,

@@ -31,6 +31,8 @@ use crate::{subject, BEAT, CONTROLLER_SILENCE};
 pub struct Connection {
     lost: AtomicBool,
     back: Notify,
+    /// The NATS client dropped messages of this edge's subscriptions (a slow consumer).
+    missed: Notify,
 }
 
 impl Connection {
@@ -52,6 +54,14 @@ impl Connection {
                     self.back.notify_one();
                 }
             }
+            // Messages were dropped: an order (a cut) may be among them.
+            async_nats::Event::SlowConsumer(sid) => {
+                warn!(
+                    sid,
+                    "bus: messages to this edge were dropped (slow consumer)"
+                );
+                self.missed.notify_one();
+            }
             // A wrong password or token, a permission denied: the edge cannot work, say so.
             async_nats::Event::ServerError(e) => warn!("bus: the NATS server refuses: {e}"),
             async_nats::Event::ClientError(e) => warn!("bus: {e}"),
@@ -69,6 +79,9 @@ pub struct EdgeLink {
     controller: Mutex<Option<(u64, Instant)>>,
     /// Publishes [`EdgeLink::tell`] has spawned and not finished, for [`EdgeLink::flush`].
     telling: Arc<(std::sync::atomic::AtomicUsize, Notify)>,
+    /// While [`EdgeLink::run`] carries out the controller's orders: without it nothing could
+    /// cut a session, so nobody is admitted.
+    running: AtomicBool,
 }
 
 impl EdgeLink {
@@ -83,12 +96,18 @@ impl EdgeLink {
             timeout,
             controller: Mutex::new(None),
             telling: Arc::default(),
+            running: AtomicBool::new(false),
         })
     }
 
     /// This edge and its incarnation (random per start).
     pub fn id(&self) -> &EdgeId {
         &self.id
+    }
+
+    /// Whether [`EdgeLink::run`] carries out the controller's orders (admissions wait for it).
+    pub fn running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
     }
 
     /// Whether a controller's beat was heard within [`CONTROLLER_SILENCE`].
@@ -154,6 +173,25 @@ impl EdgeLink {
     pub async fn run<B: Bus>(
         self: Arc<Self>,
         registry: Arc<Registry>,
+        bus: B,
+        connection: Arc<Connection>,
+        stop: watch::Receiver<bool>,
+    ) {
+        self.running.store(true, Ordering::SeqCst);
+        let stopping = stop.clone();
+        self.carry_out(&registry, bus, connection, stop).await;
+        self.running.store(false, Ordering::SeqCst);
+        if !*stopping.borrow() {
+            // Nothing carries out a cut any more: no session may stay.
+            warn!("the edge's link to the controller ended: every session is ended");
+            end_every_session(&registry);
+        }
+    }
+
+    /// [`EdgeLink::run`]'s loop.
+    async fn carry_out<B: Bus>(
+        &self,
+        registry: &Arc<Registry>,
         mut bus: B,
         connection: Arc<Connection>,
         mut stop: watch::Receiver<bool>,
@@ -180,7 +218,7 @@ impl EdgeLink {
         let started = Instant::now();
         loop {
             tokio::select! {
-                Some(order) = orders.next() => self.obey(&registry, order).await,
+                Some(order) = orders.next() => self.obey(registry, order).await,
                 Some(event) = events.next() => {
                     match serde_json::from_slice::<wire::Event>(&event.payload) {
                         Ok(event) => {
@@ -208,10 +246,10 @@ impl EdgeLink {
                     }
                     if before.is_some_and(|(instance, _)| instance != beat.instance) {
                         warn!(
-                            "another controller serves now: every session of this edge is \
-                             ended, to be admitted again"
+                            "another controller serves now (or the same one came back to the \
+                             bus): every session of this edge is ended, to be admitted again"
                         );
-                        end_every_session(&registry);
+                        end_every_session(registry);
                     }
                 }
                 _ = connection.back.notified() => {
@@ -219,7 +257,14 @@ impl EdgeLink {
                         "the bus was lost and is back: every session of this edge is ended, \
                          to be admitted again (cuts may have been missed meanwhile)"
                     );
-                    end_every_session(&registry);
+                    end_every_session(registry);
+                }
+                _ = connection.missed.notified() => {
+                    warn!(
+                        "orders to this edge may have been dropped: every session of this edge \
+                         is ended, to be admitted again"
+                    );
+                    end_every_session(registry);
                 }
                 _ = tick.tick() => {
                     if let Err(e) = client.publish(subject::EDGE_BEAT, beat_body.clone().into()).await {
@@ -227,11 +272,14 @@ impl EdgeLink {
                     }
                     let waited = started.elapsed() >= CONTROLLER_SILENCE;
                     if waited && !self.controller_heard() && !silent_told {
+                        // Without a controller no cut would reach this edge: it holds no
+                        // session it could not cut.
                         warn!(
-                            "no controller heard for {} s: new devices are refused \
-                             (server unavailable) until one answers",
+                            "no controller heard for {} s: every session is ended and new \
+                             devices are refused (server unavailable) until one answers",
                             CONTROLLER_SILENCE.as_secs()
                         );
+                        end_every_session(registry);
                         silent_told = true;
                     }
                 }
@@ -307,6 +355,15 @@ fn unavailable(why: String) -> Decision {
 impl Admission for EdgeLink {
     fn admit(&self, info: ConnectInfo) -> BoxFuture<'_, Decision> {
         Box::pin(async move {
+            if !self.running.load(Ordering::SeqCst) {
+                return unavailable("the edge's link to the controller is not running".into());
+            }
+            if !self.controller_heard() {
+                return unavailable(format!(
+                    "no controller heard for {} s",
+                    CONTROLLER_SILENCE.as_secs()
+                ));
+            }
             let body = match serde_json::to_vec(&wire::Admit {
                 from: self.id.clone(),
                 info,

@@ -91,9 +91,11 @@ pub async fn connect(
             .collect::<Vec<_>>()
             .join(", ")
     };
+    // async-nats logs the addresses it connects to (at debug): they hold no credentials, which
+    // are handed over apart below.
     let addrs: Vec<async_nats::ServerAddr> = servers
         .iter()
-        .map(|s| s.parse())
+        .map(|s| fleet_config::without_userinfo(s).parse())
         .collect::<Result<_, _>>()
         .map_err(|e: std::io::Error| ClusterError::Connect {
             servers: shown(),

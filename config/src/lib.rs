@@ -474,31 +474,37 @@ pub fn redacted_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    // The user information ends at the last `@` before the host: a password may hold `@`
-    // only percent-encoded, but a careless one is still hidden whole.
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => {
-                format!("{scheme}://{user}:***@{host}{}", &rest[authority_end..])
-            }
-            // A user alone: a NATS token is a secret as a whole; a PostgreSQL user is not.
-            None if scheme == "nats" => format!("{scheme}://***@{host}{}", &rest[authority_end..]),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
+    // The user information ends at the last `@`: a password may hold `@`, `/` or `?` only
+    // percent-encoded, but a careless one is still hidden whole.
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+        // A user alone: a PostgreSQL user is not a secret; anything else (a NATS token) is.
+        None if STORE_URL_SCHEMES.contains(&format!("{scheme}://").as_str()) => url.to_owned(),
+        None => format!("{scheme}://***@{host}"),
     }
 }
 
 /// The user information of a `nats://` URL (`USER:PASSWORD` or `TOKEN`), if it has one.
 pub fn nats_userinfo(url: &str) -> Option<&str> {
     let rest = url.strip_prefix("nats://")?;
-    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
-    authority
-        .rsplit_once('@')
+    rest.rsplit_once('@')
         .map(|(userinfo, _)| userinfo)
         .filter(|u| !u.is_empty())
+}
+
+/// `url` without its user information (`nats://USER:PASSWORD@HOST:PORT` -> `nats://HOST:PORT`):
+/// what is handed to a client library that may log the URL it connects to.
+pub fn without_userinfo(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
 }
 
 /// Largest packet MQTT can frame (remaining length of 4 bytes of 7 bits, plus header).
@@ -1166,6 +1172,12 @@ mod tests {
         assert_eq!(redacted_url("nats://t0ken@h:4222"), "nats://***@h:4222");
         assert_eq!(nats_userinfo("nats://u:p@h:1"), Some("u:p"));
         assert_eq!(nats_userinfo("nats://h:1"), None);
+        // Careless passwords (unencoded `/`, `?`, `@`) are hidden whole, and stripped.
+        assert_eq!(redacted_url("nats://u:a/b?c@d@h:1"), "nats://u:***@h:1");
+        assert_eq!(redacted_url("tls://t0ken@h:1"), "tls://***@h:1");
+        assert_eq!(nats_userinfo("nats://u:a/b@h:1"), Some("u:a/b"));
+        assert_eq!(without_userinfo("nats://u:a/b@h:1"), "nats://h:1");
+        assert_eq!(without_userinfo("nats://h:1"), "nats://h:1");
         let bad = Config::from_toml_str(&config("\"tls://u:s3cret@h:1\""))
             .expect("parses")
             .validate()

@@ -171,6 +171,9 @@ impl Probe for EdgeProbe {
         if self.connection.lost() {
             dead.push("bus");
         }
+        if !self.link.running() {
+            dead.push("bus link");
+        }
         if !self.link.controller_heard() {
             dead.push("controller");
         }
@@ -308,10 +311,12 @@ impl ControllerNode {
             sessions.clone(),
             ClusterBus::new(&sessions),
         )?;
+        let reconnected = Arc::new(fleet_cluster::controller::Reconnects::default());
+        let on_event = reconnected.clone();
         let client = fleet_cluster::connect(
             &cluster.nats,
             &format!("fleetd controller {}", cluster.node),
-            |event| info!("bus: {event}"),
+            move |event| on_event.on_event(event),
         )
         .await
         .map_err(|e| StartError::Config(format!("cluster.nats: {e}")))?;
@@ -323,6 +328,7 @@ impl ControllerNode {
                 admission,
                 sessions,
                 outbound,
+                reconnected,
                 serve_stopped,
             )
             .await

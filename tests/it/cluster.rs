@@ -122,7 +122,14 @@ async fn an_edge_without_a_controller_refuses_new_devices_as_server_unavailable(
     let (status, text) = http_get(metrics, "/metrics").await;
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("\nfleetd_controller_heard 1\n"), "{text}");
+    let mut op = cluster.operator_on(0).await;
+    let mut held = cluster.station_on(0, "CL-0009", "6.1.0");
+    authorize(&mut op, &mut held).await;
     cluster.controller.shutdown();
+    // No cut could reach the edge now: it ends the sessions it holds.
+    let ended = |e: &SimEvent| matches!(e, SimEvent::Disconnected { .. }).then_some(());
+    held.wait_for("the session ended", ended).await;
+    held.handle.shutdown().await;
     let mut station = cluster.station_on(0, "CL-0004", "6.1.0");
     let code = station
         .wait_for("a refusal", |e| match e {
@@ -206,6 +213,28 @@ async fn wrong_paps_are_counted_across_edges() {
     assert_eq!(view["auth_state"], "authentication_failed");
     // While failed, the right PAP is refused on either edge.
     assert_eq!(on_b.connect_raw(Some(&pap)).await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_back_on_the_bus_makes_the_edges_check_their_sessions_again() {
+    let cluster = TestCluster::start(2).await;
+    let server = cluster
+        .nats
+        .server_of("fleetd controller controller")
+        .expect("the controller is on a server");
+    // Edge i knows server i only: a station on an edge whose server lives on.
+    let edge = if server == 0 { 1 } else { 0 };
+    let mut op = cluster.operator_on(edge).await;
+    let mut station = cluster.station_on(edge, "CL-0010", "6.1.0");
+    authorize(&mut op, &mut station).await;
+    // The controller's server dies; whatever the controller sent meanwhile may be lost. Once
+    // it is back on another server it beats as a new instance, and the edge ends its
+    // sessions: the station is admitted again, with its state.
+    cluster.nats.kill(server);
+    let ended = |e: &SimEvent| matches!(e, SimEvent::Disconnected { .. }).then_some(());
+    station.wait_for("the session ended", ended).await;
+    station.wait_event(SimEvent::Authorized).await;
+    station.handle.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
