@@ -289,7 +289,18 @@ impl ControllerNode {
         let server = &config.server;
         let cluster = &config.cluster;
         // The controller holds the CA's key (it signs phones' certificates): `fleetd init`'s
-        // data directory, made here if it is not there yet.
+        // data directory, copied. It never makes a CA of its own: a second controller that did
+        // would, after a failover, sign phones with a CA that the edges do not trust.
+        for name in [data_dir::CA_CERT_FILE, data_dir::CA_KEY_FILE] {
+            let path = server.data_dir.join(name);
+            if !path.exists() {
+                return Err(StartError::Config(format!(
+                    "a cluster's controller needs {} from the cluster's data directory: make it \
+                     once with `fleetd init` and copy it to every controller",
+                    path.display()
+                )));
+            }
+        }
         let files = data_dir::ensure(&server.data_dir, &server.server_names)?;
         let policy = fleet::firmware_policy(config)?;
         let images = fleet::firmware_images(config)?;

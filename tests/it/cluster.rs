@@ -270,3 +270,22 @@ async fn one_nats_server_killed_and_the_cluster_goes_on() {
     let mut station = cluster.station_on(station_edge, "CL-0005", "6.1.0");
     authorize(&mut op, &mut station).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_without_the_clusters_ca_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = fleet_config::Config::default();
+    config.server.data_dir = dir.path().join("controller-2");
+    config.cluster.role = fleet_config::Role::Controller;
+    config.cluster.node = "controller-2".into();
+    config.cluster.nats = vec!["nats://127.0.0.1:1".into()];
+    let error = match fleet_controller::Node::start(&config).await {
+        Ok(_) => panic!("a controller made a CA of its own"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("fleetd init"), "{error}");
+    assert!(
+        !config.server.data_dir.join("ca.key").exists(),
+        "no CA made"
+    );
+}

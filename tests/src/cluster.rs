@@ -74,6 +74,8 @@ impl TestCluster {
             file: image,
             sha256: None,
         });
+        // `fleetd init`, once: a cluster's controller does not make a CA of its own.
+        data_dir::ensure(&config.server.data_dir, &[]).expect("fleetd init");
         let clock = Clock::simulated();
         let controller = Node::start_with_clock(&config, clock.clone())
             .await
