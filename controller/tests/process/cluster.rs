@@ -119,25 +119,39 @@ async fn the_standby_controller_serves_when_the_leader_is_killed_in_a_burst_and_
             .unwrap_or_else(|e| panic!("{command} {}: {e}", serials[i]));
         acknowledged.insert(serials[i].clone(), outcome);
     }
-    // The burst, and the serving controller killed once its first answer came.
-    let first_answer = tokio::sync::Notify::new();
+    // The burst: waves of three decisions at once, and the serving controller killed the
+    // moment the first wave is answered, while the second is on its way; the third leaves
+    // after the kill. So the kill lands in the burst by construction.
+    let first_wave_answered = tokio::sync::Notify::new();
     let burst = async {
-        let calls = (ONE_AT_A_TIME..STATIONS).map(|i| {
-            let (command, outcome) = decision(i);
-            let args = json!({"serial": serials[i], "fingerprint": fingerprints[i]});
-            let (op, first_answer) = (&op, &first_answer);
-            async move {
-                let answer = op.call(command, args).await;
-                first_answer.notify_one();
-                (i, outcome, answer)
+        let mut answers = Vec::new();
+        let indices: Vec<usize> = (ONE_AT_A_TIME..STATIONS).collect();
+        for (wave, chunk) in indices.chunks(3).enumerate() {
+            let calls = chunk.iter().map(|&i| {
+                let (command, outcome) = decision(i);
+                let args = json!({"serial": serials[i], "fingerprint": fingerprints[i]});
+                let op = &op;
+                async move { (i, outcome, op.call(command, args).await) }
+            });
+            let answered = futures_util::future::join_all(calls).await;
+            if wave == 0 {
+                for (i, _, answer) in &answered {
+                    assert!(
+                        answer.is_ok(),
+                        "{} before the kill: {answer:?}",
+                        serials[*i]
+                    );
+                }
+                first_wave_answered.notify_one();
             }
-        });
-        futures_util::future::join_all(calls).await
+            answers.extend(answered);
+        }
+        answers
     };
     // From the kill to the first command answered (a new operator through the other edge,
     // each try waiting 1 s at most for its answer).
     let kill = async {
-        first_answer.notified().await;
+        first_wave_answered.notified().await;
         cluster.kill("controllers", 0);
         let killed = Instant::now();
         let deadline = killed + PROCESS_PATIENCE;
