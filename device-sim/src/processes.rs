@@ -317,15 +317,24 @@ mod tests {
     fn the_test_process_is_measured_from_proc() {
         let me = MeasuredProcess::new("me", std::process::id());
         let before = cpu_sample(&me).expect("own stat");
-        // Spend a little CPU so that the clock ticks at least once.
+        // Spend CPU until the clock has ticked (bounded: a process that never sees its own
+        // CPU time move fails here).
         let started = std::time::Instant::now();
         let mut x = 0u64;
-        while started.elapsed() < std::time::Duration::from_millis(50) {
-            x = std::hint::black_box(x.wrapping_add(1));
-        }
-        let after = cpu_sample(&me).expect("own stat");
-        let ms = before.ms_until(after).expect("the same process");
-        assert!(ms >= 0.0, "{ms}");
+        let (after, ms) = loop {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+            let after = cpu_sample(&me).expect("own stat");
+            let ms = before.ms_until(after).expect("the same process");
+            if ms > 0.0 {
+                break (after, ms);
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "no CPU time seen"
+            );
+        };
         let rss = rss_kib(&me).expect("own status");
         assert!(rss > 0);
 
@@ -355,17 +364,35 @@ mod tests {
             with_children: true,
             ..MeasuredProcess::new("me", std::process::id())
         };
+        // Once it is `sleep` (before its exec it is a copy of this process, as big).
+        let comm = format!("/proc/{}/comm", child.id());
+        let started = std::time::Instant::now();
+        while std::fs::read_to_string(&comm).map_or(true, |c| c.trim() != "sleep") {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "no exec"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let children = children_of(me.pid);
         let found = children.iter().any(|(pid, _)| *pid == child.id());
-        let alone = rss_kib(&MeasuredProcess::new("me", me.pid));
-        let with_children = rss_kib(&me);
+        let alone = || rss_kib(&MeasuredProcess::new("me", me.pid)).expect("own status");
+        let child_rss = rss_kib(&MeasuredProcess::new("child", child.id()));
+        let before = alone();
+        let with_children = rss_kib(&me).expect("own and the child's status");
+        let after = alone();
         let sample = cpu_sample(&me);
         let _ = child.kill();
         let _ = child.wait();
         assert!(found, "{children:?}");
         assert!(sample.is_some());
-        // The child's memory is added (the test's own may have moved meanwhile).
-        assert!(with_children.is_some() && alone.is_some());
+        // The child's memory is added: more than the test's own alone by at least half the
+        // child's (the test's own may move a little between the reads).
+        let child_rss = child_rss.expect("the child's status");
+        assert!(
+            with_children >= before.min(after) + child_rss / 2,
+            "{with_children} KiB with the child, {before}/{after} KiB alone, child {child_rss} KiB"
+        );
     }
 
     #[test]
