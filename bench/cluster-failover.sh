@@ -28,12 +28,23 @@ trap cleanup EXIT
 EDGE="$(sed -n 's/.*"edges": \["\([^"]*\)".*/\1/p' "$DIR/cluster.json")"
 OPS="$DIR/operator"
 PG_URL="$(cat "$DIR/run/postgres.url")"
-PG_BIN="$(ls -d /usr/lib/postgresql/*/bin | tail -1)"
+PG_BIN="${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin | tail -1)}"
+
+# Runs `$@` until it succeeds, every 20 ms, for at most 60 s.
+until_within_a_minute() {
+    local tries=0
+    until "$@"; do
+        tries=$((tries + 1))
+        [ "$tries" -lt 3000 ] || { echo "gave up on: $*" >&2; exit 1; }
+        sleep 0.02
+    done
+}
+answered() { "$FLEETCTL" --server "$EDGE" --data-dir "$OPS" --timeout 1 stations list >/dev/null 2>&1; }
+standby_waits() { [ "$(waiting)" -ge 1 ]; }
 
 now_ms() { date +%s%3N; }
 waiting() {
-    local as=(); [ "$(id -u)" != 0 ] || as=(runuser -u postgres --)
-    "${as[@]}" "$PG_BIN/psql" "$PG_URL" -Atc \
+    "$PG_BIN/psql" "$PG_URL" -Atc \
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted" 2>/dev/null || echo 0
 }
 
@@ -43,9 +54,7 @@ for i in $(seq 1 "$K"); do
     pid="$(cat "$DIR/run/controller-$serving.pid")"
     start="$(now_ms)"
     kill -9 "$pid"
-    until "$FLEETCTL" --server "$EDGE" --data-dir "$OPS" --timeout 1 stations list >/dev/null 2>&1; do
-        sleep 0.02
-    done
+    until_within_a_minute answered
     took=$(($(now_ms) - start))
     times+=("$took")
     echo "kill $i: controller-$serving killed, first answer after ${took} ms"
@@ -54,7 +63,7 @@ for i in $(seq 1 "$K"); do
         >"$DIR/logs/controller-$serving.out" 2>>"$DIR/logs/controller-$serving.log" </dev/null &
     echo $! >"$DIR/run/controller-$serving.pid"
     disown
-    until [ "$(waiting)" -ge 1 ]; do sleep 0.05; done
+    until_within_a_minute standby_waits
     serving=$((1 - serving))
 done
 

@@ -43,7 +43,11 @@ echo "== (a) one fleetd process, $N stations + $P phones"
 "$FLEETD" --config "$WORK/limits.toml" --data-dir "$WORK/single" --listen 127.0.0.1:0 \
     >"$WORK/single.out" 2>"$WORK/single.log" &
 SINGLE_PID=$!
-until grep -q '^fleetd listening on ' "$WORK/single.out" 2>/dev/null; do sleep 0.1; done
+for _ in $(seq 600); do
+    grep -q '^fleetd listening on ' "$WORK/single.out" 2>/dev/null && break
+    kill -0 "$SINGLE_PID" 2>/dev/null || { cat "$WORK/single.log" >&2; exit 1; }
+    sleep 0.1
+done
 ADDR="$(sed -n 's/^fleetd listening on //p' "$WORK/single.out")"
 "$BIN/fleet-sim" load --server "$ADDR" --data-dir "$WORK/single" --stations "$N" --phones "$P" \
     --reconnect --fleetd-pid "$SINGLE_PID" --state-dir "$WORK/devices-a" --json "$WORK/single.json"

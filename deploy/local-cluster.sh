@@ -172,17 +172,25 @@ start_postgres() {
         chown postgres: "$pg"
         as_pg test -w "$pg" || die "the postgres user cannot write $pg: choose a DIR it can reach"
     fi
-    as_pg "$bin/initdb" -D "$pg/data" -U fleet --auth=trust -E UTF8 --locale=C --no-sync \
-        >"$DIR/logs/initdb.log" 2>&1 || die "initdb failed: see $DIR/logs/initdb.log"
+    # The database user has a password of this cluster's own (no `trust`: any local user could
+    # rewrite the store); it is in the controllers' configurations (0600) only.
+    local password
+    password=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
+    printf '%s\n' "$password" >"$pg/pwfile"
+    [ "$(id -u)" != 0 ] || chown postgres: "$pg/pwfile"
+    as_pg "$bin/initdb" -D "$pg/data" -U fleet --auth=scram-sha-256 --pwfile="$pg/pwfile" \
+        -E UTF8 --locale=C --no-sync >"$DIR/logs/initdb.log" 2>&1 ||
+        die "initdb failed: see $DIR/logs/initdb.log"
+    rm -f "$pg/pwfile"
     for try in 1 2 3; do
         port=$(free_port)
         echo "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$pg -c fsync=on -c max_connections=200" \
             >"$DIR/run/postgres.opts"
         if pg_start "$bin"; then
             head -1 "$pg/data/postmaster.pid" >"$DIR/run/postgres.pid"
-            as_pg "$bin/createdb" -h 127.0.0.1 -p "$port" -U fleet fleet ||
+            PGPASSWORD=$password "$bin/createdb" -h 127.0.0.1 -p "$port" -U fleet fleet ||
                 die "createdb failed"
-            echo "postgres://fleet@127.0.0.1:$port/fleet" >"$DIR/run/postgres.url"
+            echo "postgres://fleet:$password@127.0.0.1:$port/fleet" >"$DIR/run/postgres.url"
             return 0
         fi
         echo "local-cluster: PostgreSQL did not start on port $port (try $try)" >&2
@@ -230,7 +238,7 @@ wait_standby() {
     local bin=$1 url waited=0 count
     url=$(cat "$DIR/run/postgres.url")
     while true; do
-        count=$(as_pg "$bin/psql" "$url" -Atc "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted" 2>/dev/null || echo 0)
+        count=$("$bin/psql" "$url" -Atc "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted" 2>/dev/null || echo 0)
         if [ "$count" -ge 1 ]; then
             return 0
         fi
@@ -369,11 +377,17 @@ alive() {
     kill -0 "$1" 2>/dev/null && ! grep -qE '^[0-9]+ \(.*\) Z' "/proc/$1/stat" 2>/dev/null
 }
 
-# Sends SIGTERM to the process of `$1` (a name in DIR/run), waits for it, SIGKILL after 10 s.
+# Sends SIGTERM to the process of `$1` (a name in DIR/run), waits for it, SIGKILL after 10 s;
+# only if that pid still runs a program of ours (`$2`): a process killed meanwhile may have
+# left its pid to another.
 stop_process() {
-    local file="$DIR/run/$1.pid" pid waited=0
+    local file="$DIR/run/$1.pid" program=$2 pid waited=0
     [ -f "$file" ] || return 0
     pid=$(cat "$file")
+    if ! tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q -- "$program"; then
+        rm -f "$file"
+        return 0
+    fi
     if kill -TERM "$pid" 2>/dev/null; then
         while alive "$pid" && [ "$waited" -lt 100 ]; do
             sleep 0.1
@@ -386,11 +400,15 @@ stop_process() {
 
 down() {
     [ -d "$DIR/run" ] || die "$DIR has no cluster"
+    DIR=$(cd "$DIR" && pwd)
     local name
     # Edges first (their sessions' wills reach a controller), then the controllers, the bus,
     # the store.
-    for name in edge-0 edge-1 controller-1 controller-0 nats-0 nats-1 nats-2; do
-        stop_process "$name"
+    for name in edge-0 edge-1 controller-1 controller-0; do
+        stop_process "$name" "--config $DIR/$name.toml"
+    done
+    for name in nats-0 nats-1 nats-2; do
+        stop_process "$name" nats-server
     done
     if [ -f "$DIR/postgres/data/postmaster.pid" ]; then
         as_pg "$(find_pg_bin)/pg_ctl" -D "$DIR/postgres/data" -w -m fast stop >/dev/null 2>&1 || true
@@ -410,14 +428,27 @@ postgres() {
     stop) as_pg "$bin/pg_ctl" -D "$DIR/postgres/data" -w -m fast stop >>"$DIR/logs/pg_ctl.log" 2>&1 ;;
     start)
         pg_start "$bin" || die "PostgreSQL did not start: see $DIR/postgres/server.log"
-        head -1 "$DIR/postgres/data/postmaster.pid" >"$DIR/run/postgres.pid"
+        local old new
+        old=$(cat "$DIR/run/postgres.pid")
+        new=$(head -1 "$DIR/postgres/data/postmaster.pid")
+        echo "$new" >"$DIR/run/postgres.pid"
+        # cluster.json names the running postmaster.
+        sed -i "s/\"postgres\": \[$old\]/\"postgres\": [$new]/" "$DIR/cluster.json"
         ;;
     *) usage ;;
     esac
 }
 
+# DIR goes into TOML and JSON strings and PostgreSQL's options unquoted.
+check_dir() {
+    case $1 in
+    *[[:space:]\"\\\']*) die "DIR must not hold spaces, quotes or backslashes: $1" ;;
+    esac
+}
+
 case $# in
 2)
+    check_dir "$2"
     DIR=$2
     case $1 in
     up)
@@ -430,6 +461,7 @@ case $# in
     ;;
 3)
     [ "$1" = postgres ] || usage
+    check_dir "$3"
     DIR=$3
     postgres "$2"
     ;;
