@@ -15,7 +15,7 @@ use std::time::Instant;
 use fleet_broker::{Admission, Bus, BusError, BusMessage, Rights, SessionControl};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::wire::{self, EdgeId, ToEdge};
 use crate::{subject, BEAT, CONTROLLERS, CUT_PATIENCE, EDGE_SILENCE};
@@ -300,6 +300,14 @@ pub async fn serve(
     let mut refused = queue(subject::REFUSED).await.map_err(nats)?;
     let mut messages = queue(subject::MESSAGE).await.map_err(nats)?;
     let mut edge_beats = client.subscribe(subject::EDGE_BEAT).await.map_err(nats)?;
+    // Another controller's beat means two serve: with a redb store each, nothing stops that.
+    let mut controller_beats = client
+        .subscribe(subject::CONTROLLER_BEAT)
+        .await
+        .map_err(nats)?;
+    let mut other_told = false;
+    // This controller's instances (it takes a new one when its bus comes back).
+    let mut mine = vec![instance];
     let sender = tokio::spawn(send_outbound(client.clone(), outbound));
     let mut beat = serde_json::to_vec(&wire::ControllerBeat { instance }).unwrap_or_default();
     let mut tick = tokio::time::interval(BEAT);
@@ -368,10 +376,22 @@ pub async fn serve(
                     !silent
                 });
             }
+            Some(m) = controller_beats.next() => {
+                let Some(heard) = parse::<wire::ControllerBeat>(&m) else { continue };
+                if !mine.contains(&heard.instance) && !other_told {
+                    error!(
+                        other = heard.instance,
+                        "another controller serves on this bus: every controller must name the \
+                         same [store] url (PostgreSQL), so that only one serves at a time"
+                    );
+                    other_told = true;
+                }
+            }
             _ = reconnects.back.notified() => {
                 // What was sent on the lost connection may not have arrived: beating as a new
                 // instance makes every edge end its sessions, to be admitted again.
                 instance = crate::random_u64();
+                mine.push(instance);
                 beat = serde_json::to_vec(&wire::ControllerBeat { instance }).unwrap_or_default();
                 warn!(instance, "the controller's bus is back: it beats as a new instance");
             }

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use fleet_protocol::EventKind;
 use fleet_sim::{spawn_station, SimConfig, SimEvent};
 use fleet_tests::cluster::TestCluster;
 use fleet_tests::{authorize, http_get, serial, wrong_pap, Station, PATIENCE};
@@ -24,6 +25,11 @@ async fn a_station_on_one_edge_is_accepted_by_an_operator_on_another() {
     // The operator hears the station's request (an event of a device on edge 0) on edge 1.
     let mut op = cluster.operator_on(1).await;
     let mut station = cluster.station_on(0, "CL-0001", "6.1.0");
+    // The event itself crosses the edges (not only the state, which a command would read).
+    let event = op
+        .wait_event(EventKind::Stations, |e| e["serial"] == "CL-0001")
+        .await;
+    assert_eq!(event["serial"], "CL-0001", "{event}");
     authorize(&mut op, &mut station).await;
     let view = op.station("CL-0001").await;
     assert_eq!(view["state"], "running");
