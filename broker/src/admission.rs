@@ -109,10 +109,12 @@ pub trait Admission: Send + Sync + 'static {
 
     /// Called once an admitted session is registered, just before its CONNACK, on tokio's
     /// blocking pool (it may wait for a lock held across a disk write): returns the
-    /// session's rights as they are now, or `None` to cut it at once. This closes the race
+    /// session's rights as they are now, or the refusal its CONNACK carries instead (the
+    /// session is cut at once): `NotAuthorized` when a decision took the device's rights away
+    /// meanwhile, `ServerUnavailable` when no controller answered. This closes the race
     /// between an admission and a decision (reject, reset, remove) taken while it was under way:
     /// a decision taken after this call finds the session registered and cuts it.
-    fn session_opened(&self, client_id: &str, session_id: u64) -> Option<Rights>;
+    fn session_opened(&self, client_id: &str, session_id: u64) -> Result<Rights, Refusal>;
 
     /// Called when the front door refuses a CONNECT on its own (client id of the wrong form,
     /// connection cap, certificate refused on re-check), so that the refusal is audited too.

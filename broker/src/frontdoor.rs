@@ -947,15 +947,16 @@ async fn open_session(
         // Off the async workers, as every synchronous call of the admission (`closed`).
         tokio::task::spawn_blocking(move || admission.session_opened(&client_id, session_id))
             .await
-            .ok()
-            .flatten()
+            .unwrap_or(Err(Refusal::ServerUnavailable))
     };
     match opened {
-        Some(now) => registry::set(&shared_rights, now),
-        None => {
-            reply
-                .refuse(writer, Refusal::NotAuthorized, "not authorized")
-                .await;
+        Ok(now) => registry::set(&shared_rights, now),
+        Err(refusal) => {
+            let reason = match refusal {
+                Refusal::ServerUnavailable => "server unavailable",
+                _ => "not authorized",
+            };
+            reply.refuse(writer, refusal, reason).await;
             shared.registry.unregister(&client_id, session_id);
             closed(admission, &client_id, session_id).await;
             return None;

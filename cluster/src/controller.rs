@@ -416,12 +416,13 @@ async fn opened_session(
     // Recorded first: a cut decided while the controller looks the rights up reaches this
     // session.
     sessions.opened(&o.from, &o.client_id, o.session_id);
-    let rights =
+    let looked_up =
         tokio::task::spawn_blocking(move || admission.session_opened(&o.client_id, o.session_id))
-            .await
-            .ok()
-            .flatten();
-    answer(&client, m, &rights).await;
+            .await;
+    // `null` on the wire: not authorized any more. A look-up that failed gets no answer, which
+    // the edge refuses as "server unavailable".
+    let Ok(rights) = looked_up else { return };
+    answer(&client, m, &rights.ok()).await;
 }
 
 /// Tells the controller that the sessions of a gone edge ended.

@@ -381,23 +381,29 @@ impl Admission for EdgeLink {
         })
     }
 
-    fn session_opened(&self, client_id: &str, session_id: u64) -> Option<Rights> {
+    fn session_opened(&self, client_id: &str, session_id: u64) -> Result<Rights, Refusal> {
         let body = serde_json::to_vec(&wire::Opened {
             from: self.id.clone(),
             client_id: client_id.to_owned(),
             session_id,
         })
-        .ok()?;
+        .map_err(|_| Refusal::ServerUnavailable)?;
         // On tokio's blocking pool (the front door's contract): waiting here holds no worker.
-        let handle = tokio::runtime::Handle::try_current().ok()?;
+        let handle =
+            tokio::runtime::Handle::try_current().map_err(|_| Refusal::ServerUnavailable)?;
         match handle.block_on(self.ask(subject::OPENED, body)) {
-            Ok(reply) => serde_json::from_slice::<Option<Rights>>(&reply)
-                .map_err(|e| warn!("the controller's rights are not rights: {e}"))
-                .ok()
-                .flatten(),
+            // `null`: the controller took the device's rights away meanwhile.
+            Ok(reply) => match serde_json::from_slice::<Option<Rights>>(&reply) {
+                Ok(rights) => rights.ok_or(Refusal::NotAuthorized),
+                Err(e) => {
+                    warn!("the controller's rights are not rights: {e}");
+                    Err(Refusal::ServerUnavailable)
+                }
+            },
+            // No answer: as for an admission, the door stays shut as "server unavailable".
             Err(why) => {
                 warn!(client_id, "an admitted session is ended: {why}");
-                None
+                Err(Refusal::ServerUnavailable)
             }
         }
     }

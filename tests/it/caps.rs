@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleet_broker::{Admission, BoxFuture, ConnectInfo, Decision, Rights, Settings};
+use fleet_broker::{Admission, BoxFuture, ConnectInfo, Decision, Refusal, Rights, Settings};
 use fleet_protocol::{operator_client_id, OPERATOR_CLIENT_ID_PREFIX};
 use fleet_tests::door::FrontDoor;
 use fleet_tests::raw::{anonymous_connector, connect, connect_v5, tls, tls_from};
@@ -100,8 +100,8 @@ impl Admission for Recorder {
         })
     }
 
-    fn session_opened(&self, _client_id: &str, _session_id: u64) -> Option<Rights> {
-        Some(Rights::none())
+    fn session_opened(&self, _client_id: &str, _session_id: u64) -> Result<Rights, Refusal> {
+        Ok(Rights::none())
     }
 
     fn refused(&self, _client_id: &str, _peer_addr: SocketAddr, reason: &str) {

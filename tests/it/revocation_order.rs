@@ -306,7 +306,10 @@ async fn a_decision_during_admission_is_seen_by_the_recheck() {
         json!({"commands": [{"command": "rejectStation", "serial": "R1", "correlationData": 1}]});
     controller.handle_request("op", 1, reject.to_string().as_bytes());
     // ...and the re-check after registration cuts it.
-    assert_eq!(admission.session_opened(&serial("R1").client_id(), 3), None);
+    assert_eq!(
+        admission.session_opened(&serial("R1").client_id(), 3),
+        Err(fleet_broker::Refusal::NotAuthorized)
+    );
 }
 
 /// A batch of bus messages is one transaction: each message sees the changes of those before

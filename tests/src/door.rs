@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleet_broker::{Admission, BoxFuture, Broker, ConnectInfo, Decision, Rights, Settings};
+use fleet_broker::{
+    Admission, BoxFuture, Broker, ConnectInfo, Decision, Refusal, Rights, Settings,
+};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsConnector;
 
@@ -48,8 +50,8 @@ impl Admission for OpenAdmission {
         })
     }
 
-    fn session_opened(&self, client_id: &str, _session_id: u64) -> Option<Rights> {
-        Some((self.rights)(client_id))
+    fn session_opened(&self, client_id: &str, _session_id: u64) -> Result<Rights, Refusal> {
+        Ok((self.rights)(client_id))
     }
 
     fn refused(&self, _client_id: &str, _peer_addr: SocketAddr, _reason: &str) {}

@@ -630,8 +630,10 @@ impl Admission for ControllerAdmission {
         })
     }
 
-    fn session_opened(&self, client_id: &str, session_id: u64) -> Option<Rights> {
-        self.0.opened(client_id, session_id)
+    fn session_opened(&self, client_id: &str, session_id: u64) -> Result<Rights, Refusal> {
+        self.0
+            .opened(client_id, session_id)
+            .ok_or(Refusal::NotAuthorized)
     }
 
     fn session_closed(&self, client_id: &str, session_id: u64) {

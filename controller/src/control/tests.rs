@@ -421,7 +421,10 @@ async fn a_rebooted_authorized_station_is_told_authorized_without_a_new_record()
     shell.clock.advance(time::Duration::minutes(3));
     let admitted = shell.admission.admit(connect(4, &s1(), Some(&cert))).await;
     assert!(matches!(admitted, Decision::Allow { .. }), "{admitted:?}");
-    shell.admission.session_opened(&s1(), 4);
+    shell
+        .admission
+        .session_opened(&s1(), 4)
+        .expect("an accepted station opens its session");
     let request = json!({"serial": "S1", "model": "m", "firmware": "6.1.0",
         "mac_streaming": "a", "mac_control": "b"});
     shell.controller.handle_message(
