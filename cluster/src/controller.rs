@@ -291,7 +291,7 @@ pub async fn serve(
     reconnects: Arc<Reconnects>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), crate::ClusterError> {
-    let mut instance = crate::random_u64();
+    let mut me = Instances::new();
     let nats = |e: async_nats::SubscribeError| crate::ClusterError::Nats(e.to_string());
     let queue = |s: &'static str| client.queue_subscribe(s, CONTROLLERS.to_owned());
     let mut admits = queue(subject::ADMIT).await.map_err(nats)?;
@@ -305,23 +305,17 @@ pub async fn serve(
         .subscribe(subject::CONTROLLER_BEAT)
         .await
         .map_err(nats)?;
-    let mut other_told = false;
-    // This controller's instances (it takes a new one when its bus comes back).
-    let mut mine = vec![instance];
     let sender = tokio::spawn(send_outbound(client.clone(), outbound));
-    let mut beat = serde_json::to_vec(&wire::ControllerBeat { instance }).unwrap_or_default();
     let mut tick = tokio::time::interval(BEAT);
     let mut edges: HashMap<String, (u64, Instant)> = HashMap::new();
-    info!(instance, "the controller serves the edges on the bus");
+    info!(
+        instance = me.now,
+        "the controller serves the edges on the bus"
+    );
     loop {
         tokio::select! {
             Some(m) = admits.next() => {
-                let (client, admission) = (client.clone(), admission.clone());
-                tokio::spawn(async move {
-                    let Some(asked) = parse::<wire::Admit>(&m) else { return };
-                    let decision = admission.admit(asked.info).await;
-                    answer(&client, m, &wire::Admitted { controller: instance, decision }).await;
-                });
+                tokio::spawn(admit(client.clone(), admission.clone(), me.now, m));
             }
             Some(m) = opened.next() => {
                 let (client, admission, sessions) =
@@ -364,7 +358,7 @@ pub async fn serve(
                 }
             }
             _ = tick.tick() => {
-                if let Err(e) = client.publish(subject::CONTROLLER_BEAT, beat.clone().into()).await {
+                if let Err(e) = client.publish(subject::CONTROLLER_BEAT, me.beat()).await {
                     debug!("bus: cannot beat: {e}");
                 }
                 edges.retain(|name, (_, at)| {
@@ -377,30 +371,87 @@ pub async fn serve(
                 });
             }
             Some(m) = controller_beats.next() => {
-                let Some(heard) = parse::<wire::ControllerBeat>(&m) else { continue };
-                if !mine.contains(&heard.instance) && !other_told {
-                    error!(
-                        other = heard.instance,
-                        "another controller serves on this bus: every controller must name the \
-                         same [store] url (PostgreSQL), so that only one serves at a time"
-                    );
-                    other_told = true;
+                if let Some(heard) = parse::<wire::ControllerBeat>(&m) {
+                    me.heard(heard.instance);
                 }
             }
-            _ = reconnects.back.notified() => {
-                // What was sent on the lost connection may not have arrived: beating as a new
-                // instance makes every edge end its sessions, to be admitted again.
-                instance = crate::random_u64();
-                mine.push(instance);
-                beat = serde_json::to_vec(&wire::ControllerBeat { instance }).unwrap_or_default();
-                warn!(instance, "the controller's bus is back: it beats as a new instance");
-            }
+            _ = reconnects.back.notified() => me.renew(),
             _ = async { let _ = stop.wait_for(|stop| *stop).await; } => break,
             else => break,
         }
     }
     sender.abort();
     Ok(())
+}
+
+/// This controller's instance on the bus, and the ones it had before.
+struct Instances {
+    /// The one it beats as now.
+    now: u64,
+    /// Every one it has been (it takes a new one when its bus comes back).
+    mine: Vec<u64>,
+    /// Whether another controller's beat was reported already.
+    other_told: bool,
+}
+
+impl Instances {
+    fn new() -> Instances {
+        let now = crate::random_u64();
+        Instances {
+            now,
+            mine: vec![now],
+            other_told: false,
+        }
+    }
+
+    /// The beat's body.
+    fn beat(&self) -> bytes::Bytes {
+        serde_json::to_vec(&wire::ControllerBeat { instance: self.now })
+            .unwrap_or_default()
+            .into()
+    }
+
+    /// What was sent on the lost connection may not have arrived: beating as a new instance
+    /// makes every edge end its sessions, to be admitted again.
+    fn renew(&mut self) {
+        self.now = crate::random_u64();
+        self.mine.push(self.now);
+        warn!(
+            instance = self.now,
+            "the controller's bus is back: it beats as a new instance"
+        );
+    }
+
+    /// A controller's beat was heard: another one than this means two serve, which only
+    /// separate redb stores allow.
+    fn heard(&mut self, instance: u64) {
+        if !self.mine.contains(&instance) && !self.other_told {
+            error!(
+                other = instance,
+                "another controller serves on this bus: every controller must name the same \
+                 [store] url (PostgreSQL), so that only one serves at a time"
+            );
+            self.other_told = true;
+        }
+    }
+}
+
+/// Answers an edge's admission call.
+async fn admit(
+    client: async_nats::Client,
+    admission: Arc<dyn Admission>,
+    instance: u64,
+    m: async_nats::Message,
+) {
+    let Some(asked) = parse::<wire::Admit>(&m) else {
+        return;
+    };
+    let decision = admission.admit(asked.info).await;
+    let admitted = wire::Admitted {
+        controller: instance,
+        decision,
+    };
+    answer(&client, m, &admitted).await;
 }
 
 /// An edge opened a session: recorded, then answered with the session's rights.
