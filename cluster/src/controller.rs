@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fleet_broker::{Admission, Bus, BusError, BusMessage, Rights, SessionControl};
 use futures_util::StreamExt;
@@ -249,6 +249,9 @@ impl Bus for ClusterBus {
     }
 }
 
+/// How long a graceful stop waits for the outbound queue to be sent.
+const DRAIN_PATIENCE: Duration = Duration::from_secs(3);
+
 /// What the controller's NATS connection tells [`serve`]: when it is back after a loss,
 /// orders to the edges (cuts, rights) may have been lost with the old connection.
 #[derive(Default)]
@@ -305,7 +308,7 @@ pub async fn serve(
         .subscribe(subject::CONTROLLER_BEAT)
         .await
         .map_err(nats)?;
-    let sender = tokio::spawn(send_outbound(client.clone(), outbound));
+    let sender = tokio::spawn(send_outbound(client.clone(), outbound, stop.clone()));
     let mut tick = tokio::time::interval(BEAT);
     let mut edges: HashMap<String, (u64, Instant)> = HashMap::new();
     info!(
@@ -322,15 +325,7 @@ pub async fn serve(
                     (client.clone(), admission.clone(), sessions.clone());
                 tokio::spawn(opened_session(client, admission, sessions, m));
             }
-            Some(m) = closed.next() => {
-                let (admission, sessions) = (admission.clone(), sessions.clone());
-                if let Some(c) = parse::<wire::Closed>(&m) {
-                    sessions.closed(&c.from, &c.client_id, c.session_id);
-                    tokio::task::spawn_blocking(move || {
-                        admission.session_closed(&c.client_id, c.session_id)
-                    });
-                }
-            }
+            Some(m) = closed.next() => session_closed(&admission, &sessions, &m),
             Some(m) = refused.next() => {
                 let admission = admission.clone();
                 if let Some(r) = parse::<wire::Refused>(&m) {
@@ -380,8 +375,30 @@ pub async fn serve(
             else => break,
         }
     }
-    sender.abort();
+    drain(sender).await;
     Ok(())
+}
+
+/// The sender sends what is queued, then ends (bounded: a cut may wait for its edge).
+async fn drain(sender: tokio::task::JoinHandle<()>) {
+    let abort = sender.abort_handle();
+    if tokio::time::timeout(DRAIN_PATIENCE, sender).await.is_err() {
+        warn!("the controller's last messages to the edges did not all leave in time");
+        abort.abort();
+    }
+}
+
+/// An edge's session ended: forgotten here, told to the controller off the async workers.
+fn session_closed(
+    admission: &Arc<dyn Admission>,
+    sessions: &Arc<ClusterSessions>,
+    m: &async_nats::Message,
+) {
+    if let Some(c) = parse::<wire::Closed>(m) {
+        sessions.closed(&c.from, &c.client_id, c.session_id);
+        let admission = admission.clone();
+        tokio::task::spawn_blocking(move || admission.session_closed(&c.client_id, c.session_id));
+    }
 }
 
 /// This controller's instance on the bus, and the ones it had before.
@@ -492,34 +509,56 @@ fn forget(admission: &Arc<dyn Admission>, forgotten: Vec<(String, u64)>) {
 async fn send_outbound(
     client: async_nats::Client,
     mut outbound: mpsc::UnboundedReceiver<Outbound>,
+    mut stop: watch::Receiver<bool>,
 ) {
-    while let Some(out) = outbound.recv().await {
-        let (subject, body, confirm) = match out {
-            Outbound::ToEdge { edge, order } => {
-                let confirm = matches!(order, ToEdge::Cut { .. });
-                (subject::edge(&edge), serde_json::to_vec(&order), confirm)
+    loop {
+        tokio::select! {
+            biased;
+            out = outbound.recv() => match out {
+                Some(out) => send_one(&client, out).await,
+                None => break,
+            },
+            _ = async { let _ = stop.wait_for(|stop| *stop).await; } => {
+                // A graceful stop: what is queued (the last answers, events, cuts) still goes.
+                while let Ok(out) = outbound.try_recv() {
+                    send_one(&client, out).await;
+                }
+                break;
             }
-            Outbound::Event(event) => (
-                subject::EVENTS.to_owned(),
-                serde_json::to_vec(&event),
-                false,
-            ),
-        };
-        let Ok(body) = body else { continue };
-        if confirm {
-            // Nothing after a cut leaves before the edge says the session's rights are gone:
-            // an operator's acknowledgement of a reject follows the cut.
-            match tokio::time::timeout(CUT_PATIENCE, client.request(subject, body.into())).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => warn!("a cut was not confirmed by its edge: {e}"),
-                Err(_) => warn!(
-                    "a cut was not confirmed by its edge within {} ms",
-                    CUT_PATIENCE.as_millis()
-                ),
-            }
-        } else if let Err(e) = client.publish(subject, body.into()).await {
-            warn!("bus: cannot send: {e}");
         }
+    }
+    if let Err(e) = client.flush().await {
+        warn!("bus: the last messages may not have left: {e}");
+    }
+}
+
+/// Sends one message of the outbound queue; a cut waits for its edge's confirmation.
+async fn send_one(client: &async_nats::Client, out: Outbound) {
+    let (subject, body, confirm) = match out {
+        Outbound::ToEdge { edge, order } => {
+            let confirm = matches!(order, ToEdge::Cut { .. });
+            (subject::edge(&edge), serde_json::to_vec(&order), confirm)
+        }
+        Outbound::Event(event) => (
+            subject::EVENTS.to_owned(),
+            serde_json::to_vec(&event),
+            false,
+        ),
+    };
+    let Ok(body) = body else { return };
+    if confirm {
+        // Nothing after a cut leaves before the edge says the session's rights are gone:
+        // an operator's acknowledgement of a reject follows the cut.
+        match tokio::time::timeout(CUT_PATIENCE, client.request(subject, body.into())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!("a cut was not confirmed by its edge: {e}"),
+            Err(_) => warn!(
+                "a cut was not confirmed by its edge within {} ms",
+                CUT_PATIENCE.as_millis()
+            ),
+        }
+    } else if let Err(e) = client.publish(subject, body.into()).await {
+        warn!("bus: cannot send: {e}");
     }
 }
 

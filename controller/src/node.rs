@@ -380,7 +380,9 @@ impl ControllerNode {
                 warn!("the controller did not finish its inbox in time");
             }
         }
+        // The bus's last answers and events leave before the process ends (bounded).
         let _ = self.serve_stop.send(true);
+        let _ = tokio::time::timeout(DRAIN_GRACE, &mut self.serve_task).await;
         let controller = self.controller.clone();
         let _ = tokio::task::spawn_blocking(move || controller.record_sightings()).await;
     }

@@ -353,6 +353,9 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
         anyhow::Ok(Some((deadline, deposed)))
     })?;
     let Some((deadline, deposed)) = stopped else {
+        // A standby signalled while it waited for the controller lock: that wait may be on the
+        // blocking pool, which dropping the runtime would wait for (10 s and more).
+        runtime.shutdown_timeout(Duration::from_millis(100));
         return Ok(());
     };
     // What is left of the budget (at least a moment for tasks that are about to end).
