@@ -293,3 +293,75 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     fleet_sim::load::parse_vm_rss(&status)
 }
+
+/// Audit records of successful `acceptStation`/`rejectStation`, counted by device.
+pub async fn decisions(op: &Operator) -> std::collections::BTreeMap<String, usize> {
+    let audit = op
+        .call("listAuditLog", serde_json::json!({"limit": 1000}))
+        .await
+        .expect("audit");
+    let mut decided = std::collections::BTreeMap::new();
+    for record in audit["records"].as_array().expect("records") {
+        let action = record["action"].as_str().unwrap_or_default();
+        if (action == "acceptStation" || action == "rejectStation") && record["outcome"] == "ok" {
+            let device = record["device"].as_str().unwrap_or_default().to_owned();
+            *decided.entry(device).or_default() += 1;
+        }
+    }
+    decided
+}
+
+/// What a failover must keep: each acknowledged decision (`serial` → `authorized` or
+/// `rejected`) is the station's state now, recorded once in the audit log, and no decision
+/// was applied twice.
+pub async fn assert_decisions_kept(
+    op: &Operator,
+    acknowledged: &std::collections::BTreeMap<String, &str>,
+) {
+    for (serial, outcome) in acknowledged {
+        let view = op.station(serial).await;
+        match *outcome {
+            "authorized" => assert!(
+                view["state"] == "running" || view["state"] == "not_running",
+                "{serial}: {view}"
+            ),
+            other => assert_eq!(view["state"], other, "{serial}: {view}"),
+        }
+    }
+    let decided = decisions(op).await;
+    for (serial, count) in &decided {
+        assert_eq!(*count, 1, "{serial} was decided {count} times");
+    }
+    for serial in acknowledged.keys() {
+        assert_eq!(
+            decided.get(serial),
+            Some(&1),
+            "{serial}'s decision is recorded"
+        );
+    }
+}
+
+/// Boots station `serial` again from its state directory `dir` against `server` (trusted by
+/// `ca_pem`): an authorized one is told so; a rejected one stays rejected.
+pub async fn assert_comes_back_with_state(
+    op: &Operator,
+    (server, ca_pem): (String, String),
+    dir: PathBuf,
+    serial: &str,
+    outcome: &str,
+) {
+    let mut config = fleet_sim::SimConfig::new(server, ca_pem);
+    config.retry = Duration::from_millis(200);
+    let mut station = Station {
+        serial: serial.to_owned(),
+        handle: fleet_sim::spawn_station(&dir, config),
+        dir,
+    };
+    if outcome == "authorized" {
+        station.wait_event(fleet_sim::SimEvent::Authorized).await;
+    } else {
+        let view = op.station(serial).await;
+        assert_eq!(view["state"], "rejected", "{serial} stays rejected: {view}");
+    }
+    station.handle.shutdown().await;
+}

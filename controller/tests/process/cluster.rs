@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use fleet_sim::{spawn_station, SimConfig, SimEvent};
 use fleet_tests::local_cluster::{Balancer, LocalCluster};
-use fleet_tests::process::PROCESS_PATIENCE;
+use fleet_tests::process::{assert_comes_back_with_state, assert_decisions_kept, PROCESS_PATIENCE};
 use fleet_tests::Station;
 use serde_json::json;
 
@@ -190,59 +190,12 @@ async fn the_standby_controller_serves_when_the_leader_is_killed_in_a_burst_and_
     // BENCHMARKS.md, and CI machines are noisy.)
     eprintln!("cluster failover: kill to the first answered command: {failover:?}");
     let op = cluster.answering_operator(&edges[0]).await;
-    for (serial, outcome) in &acknowledged {
-        let view = op.station(serial).await;
-        match *outcome {
-            "authorized" => assert!(
-                view["state"] == "running" || view["state"] == "not_running",
-                "{serial}: {view}"
-            ),
-            other => assert_eq!(view["state"], other, "{serial}: {view}"),
-        }
-    }
-    // None applied twice, and each acknowledged one recorded.
-    let decided = decisions(&op).await;
-    for (serial, count) in &decided {
-        assert_eq!(*count, 1, "{serial} was decided {count} times");
-    }
-    for serial in acknowledged.keys() {
-        assert_eq!(decided.get(serial), Some(&1), "{serial} is recorded");
-    }
+    assert_decisions_kept(&op, &acknowledged).await;
     // The stations come back, through either edge, with their state.
     for (i, (serial, outcome)) in acknowledged.iter().enumerate() {
-        let dir = dir.path().join(serial);
-        let mut config = SimConfig::new(edges[i % 2].clone(), cluster.ca_pem());
-        config.retry = Duration::from_millis(200);
-        let mut station = Station {
-            serial: serial.clone(),
-            dir: dir.clone(),
-            handle: spawn_station(&dir, config),
-        };
-        if *outcome == "authorized" {
-            station.wait_event(SimEvent::Authorized).await;
-        } else {
-            let view = op.station(serial).await;
-            assert_eq!(view["state"], "rejected", "{serial} stays rejected: {view}");
-        }
-        station.handle.shutdown().await;
+        let server = (edges[i % 2].clone(), cluster.ca_pem());
+        assert_comes_back_with_state(&op, server, dir.path().join(serial), serial, outcome).await;
     }
-}
-
-/// Decisions of the audit log, by device: how many `acceptStation`/`rejectStation` succeeded.
-async fn decisions(op: &fleet_tests::Operator) -> BTreeMap<String, usize> {
-    let audit = op
-        .call("listAuditLog", json!({"limit": 1000}))
-        .await
-        .expect("audit");
-    let mut decided: BTreeMap<String, usize> = BTreeMap::new();
-    for record in audit["records"].as_array().expect("records") {
-        let action = record["action"].as_str().unwrap_or_default();
-        if (action == "acceptStation" || action == "rejectStation") && record["outcome"] == "ok" {
-            let device = record["device"].as_str().unwrap_or_default().to_owned();
-            *decided.entry(device).or_default() += 1;
-        }
-    }
-    decided
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,7 +260,7 @@ async fn postgresql_stopped_under_the_cluster_costs_answers_but_no_decision_and_
             "{serial}: {view}"
         );
     }
-    let decided = decisions(&op).await;
+    let decided = fleet_tests::process::decisions(&op).await;
     assert_eq!(decided.get(first), Some(&1), "{decided:?}");
     assert_eq!(decided.get(second), Some(&1), "{decided:?}");
     drop(op);

@@ -10,9 +10,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fleet_ctl::ClientError;
-use fleet_sim::{spawn_station, SimConfig, SimEvent};
+use fleet_sim::SimEvent;
 use fleet_tests::postgres;
-use fleet_tests::process::{Fleetd, PROCESS_PATIENCE};
+use fleet_tests::process::{
+    assert_comes_back_with_state, assert_decisions_kept, Fleetd, PROCESS_PATIENCE,
+};
 use fleet_tests::Station;
 use serde_json::json;
 
@@ -145,59 +147,13 @@ async fn a_standby_serves_when_the_leader_is_killed_and_keeps_every_acknowledged
         killed.elapsed()
     );
     let op = standby.operator().await;
-    for (serial, outcome) in &acknowledged {
-        let view = op.station(serial).await;
-        match *outcome {
-            "authorized" => assert!(
-                view["state"] == "running" || view["state"] == "not_running",
-                "{serial}: {view}"
-            ),
-            other => assert_eq!(view["state"], other, "{serial}: {view}"),
-        }
-    }
-    // No decision was applied twice: one record of each, at most, and one of each
-    // acknowledged one.
-    let audit = op
-        .call("listAuditLog", json!({"limit": 1000}))
-        .await
-        .expect("audit");
-    let mut decided: BTreeMap<String, usize> = BTreeMap::new();
-    for record in audit["records"].as_array().expect("records") {
-        let action = record["action"].as_str().unwrap_or_default();
-        if (action == "acceptStation" || action == "rejectStation") && record["outcome"] == "ok" {
-            let device = record["device"].as_str().unwrap_or_default().to_owned();
-            *decided.entry(device).or_default() += 1;
-        }
-    }
-    for (serial, count) in &decided {
-        assert_eq!(*count, 1, "{serial} was decided {count} times");
-    }
-    for serial in acknowledged.keys() {
-        assert_eq!(
-            decided.get(serial),
-            Some(&1),
-            "{serial}'s decision is recorded"
-        );
-    }
-
+    // Every acknowledged decision is there, none applied twice.
+    assert_decisions_kept(&op, &acknowledged).await;
     // The stations reconnect through the node that serves now, with their state: an
     // authorized one is told so, a rejected one is not.
     for (serial, outcome) in &acknowledged {
-        let dir = dir.path().join(serial);
-        let mut config = SimConfig::new(standby.server.clone(), standby.ca_pem());
-        config.retry = Duration::from_millis(200);
-        let mut station = Station {
-            serial: serial.clone(),
-            dir: dir.clone(),
-            handle: spawn_station(&dir, config),
-        };
-        if *outcome == "authorized" {
-            station.wait_event(SimEvent::Authorized).await;
-        } else {
-            let view = op.station(serial).await;
-            assert_eq!(view["state"], "rejected", "{serial} stays rejected: {view}");
-        }
-        station.handle.shutdown().await;
+        let server = (standby.server.clone(), standby.ca_pem());
+        assert_comes_back_with_state(&op, server, dir.path().join(serial), serial, outcome).await;
     }
 }
 
