@@ -252,36 +252,6 @@ impl Bus for ClusterBus {
 /// How long a graceful stop waits for the outbound queue to be sent.
 const DRAIN_PATIENCE: Duration = Duration::from_secs(3);
 
-/// What the controller's NATS connection tells [`serve`]: when it is back after a loss,
-/// orders to the edges (cuts, rights) may have been lost with the old connection.
-#[derive(Default)]
-pub struct Reconnects {
-    lost: std::sync::atomic::AtomicBool,
-    back: tokio::sync::Notify,
-}
-
-impl Reconnects {
-    /// For [`crate::connect`]'s event callback.
-    pub fn on_event(&self, event: async_nats::Event) {
-        use std::sync::atomic::Ordering;
-        match event {
-            async_nats::Event::Disconnected => {
-                warn!("bus: the controller's connection is lost");
-                self.lost.store(true, Ordering::SeqCst);
-            }
-            async_nats::Event::Connected => {
-                if self.lost.swap(false, Ordering::SeqCst) {
-                    self.back.notify_one();
-                }
-                info!("bus: connected");
-            }
-            async_nats::Event::ServerError(e) => warn!("bus: the NATS server refuses: {e}"),
-            async_nats::Event::ClientError(e) => warn!("bus: {e}"),
-            other => info!("bus: {other}"),
-        }
-    }
-}
-
 /// Serves the edges until `stop` turns true: answers their admission calls with `admission`,
 /// sends what `outbound` queues (in order; a cut waits for the edge's confirmation, at most
 /// [`CUT_PATIENCE`], before anything after it leaves), beats, and forgets the sessions of
@@ -291,7 +261,7 @@ pub async fn serve(
     admission: Arc<dyn Admission>,
     sessions: Arc<ClusterSessions>,
     outbound: mpsc::UnboundedReceiver<Outbound>,
-    reconnects: Arc<Reconnects>,
+    reconnects: Arc<crate::Connection>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), crate::ClusterError> {
     let mut me = Instances::new();

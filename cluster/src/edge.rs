@@ -23,52 +23,8 @@ use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::wire::{self, EdgeId, ToEdge};
+pub use crate::Connection;
 use crate::{subject, BEAT, CONTROLLER_SILENCE};
-
-/// What the connection's events tell the edge: a reconnect after a loss means the edge may
-/// have missed cuts.
-#[derive(Default)]
-pub struct Connection {
-    lost: AtomicBool,
-    back: Notify,
-    /// The NATS client dropped messages of this edge's subscriptions (a slow consumer).
-    missed: Notify,
-}
-
-impl Connection {
-    /// Whether the bus is lost now (it dropped and has not come back).
-    pub fn lost(&self) -> bool {
-        self.lost.load(Ordering::SeqCst)
-    }
-
-    /// For [`crate::connect`]'s event callback.
-    pub fn on_event(&self, event: async_nats::Event) {
-        match event {
-            async_nats::Event::Disconnected => {
-                warn!("the bus is lost: new devices are refused until it is back");
-                self.lost.store(true, Ordering::SeqCst);
-            }
-            async_nats::Event::Connected => {
-                if self.lost.swap(false, Ordering::SeqCst) {
-                    info!("the bus is back");
-                    self.back.notify_one();
-                }
-            }
-            // Messages were dropped: an order (a cut) may be among them.
-            async_nats::Event::SlowConsumer(sid) => {
-                warn!(
-                    sid,
-                    "bus: messages to this edge were dropped (slow consumer)"
-                );
-                self.missed.notify_one();
-            }
-            // A wrong password or token, a permission denied: the edge cannot work, say so.
-            async_nats::Event::ServerError(e) => warn!("bus: the NATS server refuses: {e}"),
-            async_nats::Event::ClientError(e) => warn!("bus: {e}"),
-            other => debug!("bus: {other}"),
-        }
-    }
-}
 
 /// An edge's link to the controller.
 pub struct EdgeLink {

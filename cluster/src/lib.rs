@@ -154,6 +154,52 @@ fn percent_decoded(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// What a node's NATS connection tells it (an edge's link, the controller's `serve`): the bus
+/// coming back after a loss, or messages dropped, mean that what was sent meanwhile may be
+/// lost. For [`connect`]'s event callback ([`Connection::on_event`]).
+#[derive(Default)]
+pub struct Connection {
+    lost: std::sync::atomic::AtomicBool,
+    pub(crate) back: tokio::sync::Notify,
+    /// The NATS client dropped messages of this node's subscriptions (a slow consumer).
+    pub(crate) missed: tokio::sync::Notify,
+}
+
+impl Connection {
+    /// Whether the bus is lost now (it dropped and has not come back).
+    pub fn lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// For [`connect`]'s event callback.
+    pub fn on_event(&self, event: async_nats::Event) {
+        use std::sync::atomic::Ordering;
+        match event {
+            async_nats::Event::Disconnected => {
+                tracing::warn!("the bus is lost: no device is admitted until it is back");
+                self.lost.store(true, Ordering::SeqCst);
+            }
+            async_nats::Event::Connected => {
+                if self.lost.swap(false, Ordering::SeqCst) {
+                    tracing::info!("the bus is back");
+                    self.back.notify_one();
+                }
+            }
+            // Messages were dropped: an order (a cut) may be among them.
+            async_nats::Event::SlowConsumer(sid) => {
+                tracing::warn!(sid, "bus: messages were dropped (slow consumer)");
+                self.missed.notify_one();
+            }
+            // A wrong password or token, a permission denied: the node cannot work, say so.
+            async_nats::Event::ServerError(e) => {
+                tracing::warn!("bus: the NATS server refuses: {e}")
+            }
+            async_nats::Event::ClientError(e) => tracing::warn!("bus: {e}"),
+            other => tracing::debug!("bus: {other}"),
+        }
+    }
+}
+
 /// A random 64-bit number (a controller's instance, an edge's incarnation, the base of its
 /// session ids).
 pub fn random_u64() -> u64 {

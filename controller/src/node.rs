@@ -322,7 +322,7 @@ impl ControllerNode {
             sessions.clone(),
             ClusterBus::new(&sessions),
         )?;
-        let reconnected = Arc::new(fleet_cluster::controller::Reconnects::default());
+        let reconnected = Arc::new(Connection::default());
         let on_event = reconnected.clone();
         let client = fleet_cluster::connect(
             &cluster.nats,
