@@ -21,8 +21,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout, Instant};
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::acl::Rights;
@@ -36,6 +34,7 @@ use crate::metrics::{Metrics, RefusedConnect};
 use crate::registry::{self, Control, NewSession, Registry, SessionCaps, SharedRights};
 use crate::session::{encode, fit, Action, ClientLimits, Codec, End, Session, SessionConfig};
 use crate::tls::{self, ClientPolicy, TlsSetupError};
+use crate::tls_stream::TlsStream;
 
 /// Client ids with this prefix are reserved for fleetd's own in-process links.
 pub const RESERVED_CLIENT_ID_PREFIX: &str = "fleetd-";
@@ -102,7 +101,7 @@ struct Shared {
     registry: Arc<Registry>,
     links: LinkFactory,
     policy: Arc<ClientPolicy>,
-    acceptor: TlsAcceptor,
+    tls_config: Arc<rustls::ServerConfig>,
     open_sockets: AtomicUsize,
     /// Told when a socket closes: the accept loop waits for it while at `max_sockets`.
     socket_freed: tokio::sync::Notify,
@@ -266,7 +265,7 @@ impl Broker {
             )),
             links,
             policy,
-            acceptor: TlsAcceptor::from(Arc::new(server_config)),
+            tls_config: Arc::new(server_config),
             open_sockets: AtomicUsize::new(0),
             socket_freed: tokio::sync::Notify::new(),
             handshakes: Mutex::new(PendingHandshakes::new(settings.handshakes_per_ip)),
@@ -527,10 +526,7 @@ fn fit_read_buffer(buf: &mut BytesMut) {
     }
 }
 
-async fn read_more(
-    reader: &mut ReadHalf<TlsStream<TcpStream>>,
-    buf: &mut BytesMut,
-) -> std::io::Result<()> {
+async fn read_more(reader: &mut ReadHalf<TlsStream>, buf: &mut BytesMut) -> std::io::Result<()> {
     buf.reserve(READ_CHUNK);
     let n = reader.read_buf(buf).await?;
     if n == 0 {
@@ -540,7 +536,7 @@ async fn read_more(
 }
 
 async fn write_packet(
-    writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    writer: &mut WriteHalf<TlsStream>,
     codec: Codec,
     packet: Packet,
     write_timeout: Duration,
@@ -551,7 +547,7 @@ async fn write_packet(
 /// Writes a packet that fits the client's Maximum Packet Size (MQTT 5; `None`: no limit), if
 /// need be without its properties ([`fit`]); one that cannot fit is not written at all.
 async fn write_packet_within(
-    writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    writer: &mut WriteHalf<TlsStream>,
     codec: Codec,
     packet: Packet,
     write_timeout: Duration,
@@ -568,7 +564,7 @@ async fn write_packet_within(
 
 /// Writes encoded bytes and flushes them, within the write timeout.
 async fn write_raw(
-    writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    writer: &mut WriteHalf<TlsStream>,
     bytes: &[u8],
     write_timeout: Duration,
 ) -> Result<(), String> {
@@ -699,15 +695,12 @@ async fn handshake(
     shared: &Shared,
     tcp: TcpStream,
     peer: SocketAddr,
-) -> Option<(
-    TlsStream<TcpStream>,
-    Result<Option<PresentedCertificate>, String>,
-)> {
+) -> Option<(TlsStream, Result<Option<PresentedCertificate>, String>)> {
     // The handshake's state (rustls's `ServerConnection` inside `Accept`) is boxed: it is over
     // before the session starts, and unboxed it would size the task of every idle connection.
     let handshake = Box::pin(timeout(
         shared.settings.handshake_timeout,
-        shared.acceptor.accept(tcp),
+        TlsStream::accept(tcp, shared.tls_config.clone()),
     ));
     let tls = in_time(
         handshake.await,
@@ -715,11 +708,11 @@ async fn handshake(
         "TLS handshake failed",
         "TLS handshake timed out",
     )?;
-    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let resumed = tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     shared.metrics.handshake(resumed);
     // The verifier does not run on resumed sessions: apply the policy to the peer certificate
     // after every handshake.
-    let certificate = match tls.get_ref().1.peer_certificates() {
+    let certificate = match tls.peer_certificates() {
         Some(chain) if !chain.is_empty() => shared
             .policy
             .classify_after_handshake(chain, UnixTime::now())
@@ -761,8 +754,8 @@ fn in_time<T, E: std::fmt::Display>(
 async fn read_connect(
     shared: &Shared,
     admission: &dyn Admission,
-    reader: &mut ReadHalf<TlsStream<TcpStream>>,
-    writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    reader: &mut ReadHalf<TlsStream>,
+    writer: &mut WriteHalf<TlsStream>,
     buf: &mut BytesMut,
     peer: SocketAddr,
 ) -> Option<(MqttVersion, Packet)> {
@@ -905,7 +898,7 @@ async fn open_session(
     opening: Opening,
     rights: Rights,
     reply: &Reply<'_>,
-    writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    writer: &mut WriteHalf<TlsStream>,
 ) -> Option<OpenSession> {
     let Opening {
         client_id,
@@ -983,11 +976,7 @@ async fn run_session(
     will: Option<Will>,
     connacked: bool,
     keepalive: Duration,
-    (mut reader, mut writer, buf): (
-        ReadHalf<TlsStream<TcpStream>>,
-        WriteHalf<TlsStream<TcpStream>>,
-        BytesMut,
-    ),
+    (mut reader, mut writer, buf): (ReadHalf<TlsStream>, WriteHalf<TlsStream>, BytesMut),
 ) {
     let OpenSession {
         client_id,
@@ -1136,12 +1125,7 @@ struct Reply<'m> {
 
 impl Reply<'_> {
     /// Answers with the refusal's CONNACK and closes the connection.
-    async fn refuse(
-        &self,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-        refusal: Refusal,
-        reason: &str,
-    ) {
+    async fn refuse(&self, writer: &mut WriteHalf<TlsStream>, refusal: Refusal, reason: &str) {
         self.metrics
             .connect_refused(RefusedConnect::Refusal(refusal));
         let connack = frame::refusal_connack(self.codec.0, refusal, reason);
@@ -1149,23 +1133,19 @@ impl Reply<'_> {
     }
 
     /// Refuses a CONNECT that the standard does not allow here with `connack`, and closes.
-    async fn protocol_error(&self, writer: &mut WriteHalf<TlsStream<TcpStream>>, connack: Packet) {
+    async fn protocol_error(&self, writer: &mut WriteHalf<TlsStream>, connack: Packet) {
         self.metrics.connect_refused(RefusedConnect::ProtocolError);
         self.close_with(writer, connack).await;
     }
 
     /// Writes a refusing CONNACK and closes.
-    async fn close_with(&self, writer: &mut WriteHalf<TlsStream<TcpStream>>, connack: Packet) {
+    async fn close_with(&self, writer: &mut WriteHalf<TlsStream>, connack: Packet) {
         let _ = self.write(writer, connack).await;
         let _ = writer.shutdown().await;
     }
 
     /// Writes a packet within the client's Maximum Packet Size ([`write_packet_within`]).
-    async fn write(
-        &self,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
-        packet: Packet,
-    ) -> Result<(), String> {
+    async fn write(&self, writer: &mut WriteHalf<TlsStream>, packet: Packet) -> Result<(), String> {
         write_packet_within(
             writer,
             self.codec,
@@ -1183,7 +1163,7 @@ impl Reply<'_> {
 async fn refuse_violation(
     shared: &Shared,
     admission: &dyn Admission,
-    writer: &mut WriteHalf<TlsStream<TcpStream>>,
+    writer: &mut WriteHalf<TlsStream>,
     codec: Codec,
     peer: SocketAddr,
     violation: frame::Violation,
@@ -1288,8 +1268,8 @@ struct Pump {
 impl Pump {
     async fn run(
         &mut self,
-        reader: &mut ReadHalf<TlsStream<TcpStream>>,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+        reader: &mut ReadHalf<TlsStream>,
+        writer: &mut WriteHalf<TlsStream>,
         mut buf: BytesMut,
         control: &registry::ControlQueue,
     ) -> End {
@@ -1339,7 +1319,7 @@ impl Pump {
     async fn carry_out(
         &mut self,
         buf: &mut BytesMut,
-        writer: &mut WriteHalf<TlsStream<TcpStream>>,
+        writer: &mut WriteHalf<TlsStream>,
     ) -> Option<End> {
         while let Some(action) = self.session.poll_action() {
             match action {

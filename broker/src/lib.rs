@@ -17,6 +17,7 @@ pub mod noise;
 pub mod registry;
 mod session;
 pub mod tls;
+mod tls_stream;
 
 pub use acl::Rights;
 pub use admission::{

@@ -307,20 +307,19 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A certificate authority of the tests' own, issuing leaf certificates.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_pki {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    use rustls::pki_types::PrivatePkcs8KeyDer;
-    use rustls::{ClientConfig, ClientConnection, HandshakeKind, ServerConnection};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-    struct Pki {
-        ca: CertificateDer<'static>,
+    pub(crate) struct Pki {
+        pub(crate) ca: CertificateDer<'static>,
         issuer: Issuer<'static, KeyPair>,
     }
 
     impl Pki {
-        fn new() -> Pki {
+        pub(crate) fn new() -> Pki {
             let key = KeyPair::generate().expect("CA key");
             let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -331,7 +330,10 @@ mod tests {
             }
         }
 
-        fn issue(&self, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        pub(crate) fn issue(
+            &self,
+            name: &str,
+        ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
             let key = KeyPair::generate().expect("key");
             let cert = CertificateParams::new(vec![name.to_owned()])
                 .expect("params")
@@ -341,6 +343,13 @@ mod tests {
             (vec![cert.der().clone()], key.into())
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_pki::Pki;
+    use super::*;
+    use rustls::{ClientConfig, ClientConnection, HandshakeKind, ServerConnection};
 
     /// Moves TLS records both ways until neither side has anything to send (the server's
     /// tickets come after the handshake).
