@@ -3,6 +3,7 @@
 # (a) fleetd, (b) rumqttd's own TLS listener, (c) mosquitto (require_certificate), and
 # (d) a bare rustls mutual-TLS accept loop. One server at a time, each started fresh.
 # Usage: N=2000 C=50 bench/compare.sh   (from anywhere)
+#        FLEETD=/path/to/fleetd bench/compare.sh   (a fleetd built elsewhere, e.g. an older commit)
 set -euo pipefail
 
 N="${N:-2000}"
@@ -19,9 +20,11 @@ MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
 # Debian enables the mosquitto service on install; the bench starts its own.
 $SUDO systemctl stop mosquitto >/dev/null 2>&1 || true
 
-(cd "$ROOT" && cargo build --release -p fleet-controller --bin fleetd)
+if [ -z "${FLEETD:-}" ]; then
+    (cd "$ROOT" && cargo build --release -p fleet-controller --bin fleetd)
+    FLEETD="$ROOT/target/release/fleetd"
+fi
 (cd "$HERE" && cargo build --release --bins)
-FLEETD="$ROOT/target/release/fleetd"
 BIN="$HERE/target/release"
 
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"

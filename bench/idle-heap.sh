@@ -4,13 +4,18 @@
 # rest, not a storm's transient state), then fleetd stops and heaptrack's peak is broken down
 # by who allocated it. Needs heaptrack (Debian: apt-get install heaptrack).
 # Usage: N=1000 bench/idle-heap.sh   (from anywhere)
+#        FLEETD=/path/to/fleetd SIM=/path/to/fleet-sim bench/idle-heap.sh   (binaries built elsewhere)
 set -euo pipefail
 
 N="${N:-1000}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 command -v heaptrack >/dev/null || { echo "heaptrack is missing (apt-get install heaptrack)" >&2; exit 1; }
-(cd "$ROOT" && cargo build --release -p fleet-controller -p fleet-sim --bins)
+if [ -z "${FLEETD:-}" ] || [ -z "${SIM:-}" ]; then
+    (cd "$ROOT" && cargo build --release -p fleet-controller -p fleet-sim --bins)
+fi
+FLEETD="${FLEETD:-$ROOT/target/release/fleetd}"
+SIM="${SIM:-$ROOT/target/release/fleet-sim}"
 WORK="$(mktemp -d /tmp/fleet-heap.XXXXXX)"
 trap '[ -n "${KEEP:-}" ] || rm -rf "$WORK"' EXIT
 PORT="$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')"
@@ -25,12 +30,12 @@ operator_commands_per_second = 1000000
 operator_command_burst = 1000000
 TOML
 RUST_LOG="${RUST_LOG:-info,fleet_broker::memory=debug}" \
-    heaptrack -o "$WORK/fleetd" "$ROOT/target/release/fleetd" --config "$WORK/fleetd.toml" \
+    heaptrack -o "$WORK/fleetd" "$FLEETD" --config "$WORK/fleetd.toml" \
     >"$WORK/fleetd.log" 2>&1 &
 for _ in $(seq 1 200); do [ -f "$WORK/data/ca.pem" ] && break; sleep 0.05; done
 sleep 1
-PID="$(pgrep -f "^$ROOT/target/release/fleetd --config $WORK/fleetd.toml")"
-"$ROOT/target/release/fleet-sim" load --server "127.0.0.1:$PORT" --data-dir "$WORK/data" \
+PID="$(pgrep -f "^$FLEETD --config $WORK/fleetd.toml")"
+"$SIM" load --server "127.0.0.1:$PORT" --data-dir "$WORK/data" \
     --stations "$N" --concurrency 5 --accept-batch 5 --state-dir "$WORK/states" \
     --fleetd-pid "$PID" --json "$WORK/report.json" >&2
 kill -INT "$PID"
@@ -46,6 +51,7 @@ items = [
     ("Router::new", "rumqttd's router, made at start (whatever the fleet)"),
     ("Cell$LT$T$C$S$GT$::new", "the connection's tokio task (its future)"),
     ("DeframerVecBuffer", "rustls: TLS read buffer (DeframerVecBuffer, 4 KiB while idle)"),
+    ("fleet_broker::tls_stream", "front door: TLS stream's buffers (none while idle)"),
     ("ServerConnection", "rustls: ServerConnection"),
     ("rustls", "rustls: other"),
     ("ControlQueue", "front door: the session's control queue"),
