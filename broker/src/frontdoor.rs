@@ -358,6 +358,7 @@ impl Drop for Broker {
     }
 }
 
+/// A socket counted in [`Shared::open_sockets`], for as long as it is open.
 struct SocketSlot(Arc<Shared>);
 
 impl Drop for SocketSlot {
@@ -453,12 +454,17 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<
         }
         let slot = SocketSlot(shared.clone());
         let _ = tcp.set_nodelay(true);
-        let task = connection(shared.clone(), admission.clone(), tcp, peer, handshake);
+        // Spawned as it is: a wrapping `async` block would keep a second copy of it.
+        let task = connection(
+            shared.clone(),
+            admission.clone(),
+            tcp,
+            peer,
+            handshake,
+            slot,
+        );
         log_size_once(&SIZE_OF_CONNECTION, "connection task", &task);
-        tokio::spawn(async move {
-            let _slot = slot;
-            task.await;
-        });
+        tokio::spawn(task);
     }
     info!("front door stopped accepting");
 }
@@ -586,34 +592,75 @@ fn client_id_is_valid(id: &str) -> bool {
             .all(|c| c.is_ascii_graphic() && !matches!(c, '+' | '#' | '/' | '$'))
 }
 
-/// One client connection, from the TLS handshake to the end of its session. Each step is a
-/// function of its own; a step that refuses the client has answered it and closed already.
-async fn connection(
+/// One client connection, from the TLS handshake to the end of its session.
+///
+/// Its task lives as long as the session, so what it keeps is what every idle session costs:
+/// everything before the session runs is boxed (it is over once the session starts), and the
+/// task itself keeps only that box and what `run_session` needs. Plain functions returning
+/// `async move` blocks, not `async fn`s, because an `async fn` keeps its arguments for its
+/// whole life, even once they are moved out.
+fn connection(
     shared: Arc<Shared>,
     admission: Arc<dyn Admission>,
     tcp: TcpStream,
     peer: SocketAddr,
     pending: HandshakeSlot,
-) {
-    let Some((tls, certificate)) = handshake(&shared, tcp, peer).await else {
-        return;
-    };
+    slot: SocketSlot,
+) -> impl std::future::Future<Output = ()> + Send {
+    let opening = Box::pin(open_connection(
+        shared.clone(),
+        admission.clone(),
+        tcp,
+        peer,
+        pending,
+    ));
+    async move {
+        let _slot = slot;
+        // The `Opened` is moved into the session's future before that is awaited, not kept
+        // beside it (a temporary of the awaiting statement would be).
+        let session = match opening.await {
+            Some(opened) => run_session(shared, admission, opened),
+            None => return,
+        };
+        session.await;
+    }
+}
+
+/// A session admitted, registered and answered, ready to run.
+struct Opened {
+    session: OpenSession,
+    will: Option<Will>,
+    /// Its CONNACK was written.
+    connacked: bool,
+    keepalive: Duration,
+    io: (ReadHalf<TlsStream>, WriteHalf<TlsStream>, BytesMut),
+}
+
+/// A connection up to its session: the TLS handshake, the CONNECT, the admission, the
+/// registration and the CONNACK. Each step is a function of its own; `None`: a step refused
+/// the client, answered it and closed already.
+async fn open_connection(
+    shared: Arc<Shared>,
+    admission: Arc<dyn Admission>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    pending: HandshakeSlot,
+) -> Option<Opened> {
+    let (shared, admission) = (&shared, &admission);
+    let (tls, certificate) = handshake(shared, tcp, peer).await?;
     let (mut reader, mut writer) = tokio::io::split(tls);
     let mut buf = BytesMut::with_capacity(4096);
-    let Some((version, packet)) = read_connect(
-        &shared,
-        &*admission,
+    let (version, packet) = read_connect(
+        shared,
+        &**admission,
         &mut reader,
         &mut writer,
         &mut buf,
         peer,
     )
-    .await
-    else {
-        return;
-    };
+    .await?;
     let Packet::Connect(connect, props, last_will, will_props, login) = packet else {
-        return;
+        return None;
     };
     // The CONNECT is read: this connection no longer counts as an unfinished handshake.
     drop(pending);
@@ -634,14 +681,16 @@ async fn connection(
         info!(%peer, client_id = %client_id_for_log(&client_id), "refused: {reason}");
         admission.refused(&client_id_for_log(&client_id), peer, reason);
         let connack = frame::reason_connack(ConnectReturnCode::BadAuthenticationMethod, reason);
-        return Box::pin(reply.protocol_error(&mut writer, connack)).await;
+        reply.protocol_error(&mut writer, connack).await;
+        return None;
     }
     // Read: not kept in the state of this task for the session's life.
     drop(props);
-    if let Some((refusal, reason)) = refusal_before_admission(&shared, &client_id, &certificate) {
+    if let Some((refusal, reason)) = refusal_before_admission(shared, &client_id, &certificate) {
         info!(%peer, client_id = %client_id_for_log(&client_id), ?refusal, "refused: {reason}");
         admission.refused(&client_id_for_log(&client_id), peer, &reason);
-        return Box::pin(reply.refuse(&mut writer, refusal, &reason)).await;
+        reply.refuse(&mut writer, refusal, &reason).await;
+        return None;
     }
 
     let session_id = shared.registry.next_session_id();
@@ -658,7 +707,8 @@ async fn connection(
         Decision::Allow { rights, reserved } => (rights, reserved),
         Decision::Deny { refusal, reason } => {
             info!(%peer, client_id = %client_id_for_log(&client_id), "refused by the controller: {}", reason.log);
-            return Box::pin(reply.refuse(&mut writer, refusal, &reason.client)).await;
+            reply.refuse(&mut writer, refusal, &reason.client).await;
+            return None;
         }
     };
     let will = will_within(last_will, will_props, &rights);
@@ -668,25 +718,17 @@ async fn connection(
         peer,
         reserved,
     };
-    // The states of this task that a session passes through once (opening, its CONNACK, its
-    // end) are boxed: unboxed, each would size the task of every idle session.
-    let opening = open_session(&shared, &admission, opening, rights, &reply, &mut writer);
-    let Some(session) = Box::pin(opening).await else {
-        return;
-    };
+    let session = open_session(shared, admission, opening, rights, &reply, &mut writer).await?;
     let (connack, keepalive) =
         success_connack(&shared.settings, version, connect.keep_alive, &limits);
-    let written = Box::pin(reply.write(&mut writer, connack)).await;
-    run_session(
-        shared,
-        admission,
+    let written = reply.write(&mut writer, connack).await;
+    Some(Opened {
         session,
         will,
-        written.is_ok(),
+        connacked: written.is_ok(),
         keepalive,
-        (reader, writer, buf),
-    )
-    .await;
+        io: (reader, writer, buf),
+    })
 }
 
 /// The TLS handshake, within the handshake timeout, and the certificate policy applied to what
@@ -696,12 +738,11 @@ async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Option<(TlsStream, Result<Option<PresentedCertificate>, String>)> {
-    // The handshake's state (rustls's `ServerConnection` inside `Accept`) is boxed: it is over
-    // before the session starts, and unboxed it would size the task of every idle connection.
-    let handshake = Box::pin(timeout(
+    // Not boxed on its own: the whole opening of a connection is (see `connection`).
+    let handshake = timeout(
         shared.settings.handshake_timeout,
         TlsStream::accept(tcp, shared.tls_config.clone()),
-    ));
+    );
     let tls = in_time(
         handshake.await,
         peer,
@@ -761,8 +802,7 @@ async fn read_connect(
 ) -> Option<(MqttVersion, Packet)> {
     let settings = &shared.settings;
     let deadline = Instant::now() + settings.connect_timeout;
-    // Boxed, as the handshake: over before the session starts.
-    let first = Box::pin(timeout(settings.connect_timeout, async {
+    let first = timeout(settings.connect_timeout, async {
         loop {
             match frame::connect_version(buf) {
                 Ok(Some(v)) => break Ok(v),
@@ -780,7 +820,7 @@ async fn read_connect(
                 Err(e) => break Err(e.to_string()),
             }
         }
-    }))
+    })
     .await;
     let version = in_time(first, peer, "no usable CONNECT", "no CONNECT in time")?;
     let codec = Codec(version);
@@ -968,16 +1008,20 @@ async fn open_session(
 }
 
 /// Runs an open session whose CONNACK was written (`connacked`) until it ends, then fires its
-/// will if the end calls for it, releases its link and unregisters it.
-async fn run_session(
+/// will if the end calls for it, releases its link and unregisters it. A plain function whose
+/// `async move` block keeps each part of the session once (see [`connection`]).
+fn run_session(
     shared: Arc<Shared>,
     admission: Arc<dyn Admission>,
-    session: OpenSession,
-    will: Option<Will>,
-    connacked: bool,
-    keepalive: Duration,
-    (mut reader, mut writer, buf): (ReadHalf<TlsStream>, WriteHalf<TlsStream>, BytesMut),
-) {
+    opened: Opened,
+) -> impl std::future::Future<Output = ()> + Send {
+    let Opened {
+        session,
+        will,
+        connacked,
+        keepalive,
+        io: (mut reader, mut writer, buf),
+    } = opened;
     let OpenSession {
         client_id,
         session_id,
@@ -1010,42 +1054,45 @@ async fn run_session(
     if connacked {
         shared.metrics.connect_admitted();
     }
-    let end = if connacked {
-        // Boxed: rustc lays the pump's future out beside this function's other states instead
-        // of over them; boxed, an idle session's task is about 3.5 KiB smaller (12.4 KiB with
-        // the pump inline, 4.8 KiB plus the pump's 4.2 KiB boxed).
-        log_size_once(&SIZE_OF_SESSION, "pump and session state", &pump);
-        let run = Box::pin(pump.run(&mut reader, &mut writer, buf, &control));
-        log_size_once(&SIZE_OF_PUMP, "session pump (boxed)", &*run);
-        run.await
-    } else {
-        End::Unclean
-    };
-    // Nothing more is taken: deliveries from now on say so (`SessionControl::deliver`).
-    control.close();
-    debug!(client_id = %client_id, ?end, "session ended");
-    let _ = Box::pin(timeout(Duration::from_secs(1), writer.shutdown())).await;
+    // Captured as they are (rebinding them inside would keep each twice).
+    async move {
+        let end = if connacked {
+            // Boxed: rustc lays the pump's future out beside this function's other states
+            // instead of over them (BENCHMARKS.md has the sizes, logged at debug under
+            // `fleet_broker::memory`).
+            log_size_once(&SIZE_OF_SESSION, "pump and session state", &pump);
+            let run = Box::pin(pump.run(&mut reader, &mut writer, buf, &control));
+            log_size_once(&SIZE_OF_PUMP, "session pump (boxed)", &*run);
+            run.await
+        } else {
+            End::Unclean
+        };
+        // Nothing more is taken: deliveries from now on say so (`SessionControl::deliver`).
+        control.close();
+        debug!(client_id = %client_id, ?end, "session ended");
+        let _ = Box::pin(timeout(Duration::from_secs(1), writer.shutdown())).await;
 
-    if let (Some(will), true) = (will, end.fires_will()) {
-        Box::pin(fire_will(
-            shared.clone(),
-            admission.clone(),
-            &client_id,
-            session_id,
-            will,
-        ))
-        .await;
-    }
-    if let Some(mut link_tx) = pump.link_tx.take() {
-        if end != End::LinkGone {
-            release_link(&mut link_tx).await;
+        if let Some(will) = will.filter(|_| end.fires_will()) {
+            Box::pin(fire_will(
+                shared.clone(),
+                admission.clone(),
+                &client_id,
+                session_id,
+                will,
+            ))
+            .await;
         }
-        shared.router_links.fetch_sub(1, Ordering::Relaxed);
+        if let Some(mut link_tx) = pump.link_tx.take() {
+            if end != End::LinkGone {
+                Box::pin(release_link(&mut link_tx)).await;
+            }
+            shared.router_links.fetch_sub(1, Ordering::Relaxed);
+        }
+        // A session that took this one over may build its link now.
+        drop(released_tx);
+        shared.registry.unregister(&client_id, session_id);
+        Box::pin(closed(&admission, &client_id, session_id)).await;
     }
-    // A session that took this one over may build its link now.
-    drop(released_tx);
-    shared.registry.unregister(&client_id, session_id);
-    Box::pin(closed(&admission, &client_id, session_id)).await;
 }
 
 /// Tells the admission a session ended, on the blocking pool: its synchronous calls may wait
@@ -1282,6 +1329,9 @@ impl Pump {
             }
             fit_read_buffer(&mut buf);
             let deadline = Instant::from_std(self.session.poll_timeout());
+            // No branch awaits: what a branch got (a router notification is some 800 bytes)
+            // would be kept across that await in the state of every idle session.
+            let mut unscheduled = false;
             tokio::select! {
                 read = reader.read_buf(&mut buf) => {
                     match read {
@@ -1290,15 +1340,7 @@ impl Pump {
                     }
                 }
                 next = from_router(&mut self.link_rx) => match next {
-                    Ok(Some(Notification::Unschedule)) => {
-                        let woken = match &self.link_rx {
-                            Some(link_rx) => link_rx.wake().await.is_ok(),
-                            None => false,
-                        };
-                        if !woken {
-                            return End::LinkGone;
-                        }
-                    }
+                    Ok(Some(Notification::Unschedule)) => unscheduled = true,
                     Ok(Some(notification)) => self.session.handle_router(notification),
                     Ok(None) => {}
                     Err(_) => return End::LinkGone,
@@ -1311,6 +1353,16 @@ impl Pump {
                 }
                 _ = sleep_until(deadline) => self.session.handle_timeout(now()),
                 _ = shutdown.changed() => self.session.shutdown(),
+            }
+            // The router stopped sending until told the link is ready again (rare, boxed).
+            if unscheduled {
+                let woken = match &self.link_rx {
+                    Some(link_rx) => Box::pin(link_rx.wake()).await.is_ok(),
+                    None => false,
+                };
+                if !woken {
+                    return End::LinkGone;
+                }
             }
         }
     }
