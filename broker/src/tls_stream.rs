@@ -178,12 +178,9 @@ impl TlsStream {
                     None
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    append(&mut self.outgoing, 0, |out| match encode.encode(out) {
-                        Ok(n) => Ok(n),
-                        Err(EncodeError::InsufficientSize(e)) => Err(Some(e.required_size)),
-                        Err(EncodeError::AlreadyEncoded) => Err(None),
-                    })
-                    .map_err(|()| Failure::Io(invalid_data("a TLS record could not be encoded")))?;
+                    encode_into(&mut self.outgoing, &mut encode).map_err(|()| {
+                        Failure::Io(invalid_data("a TLS record could not be encoded"))
+                    })?;
                     None
                 }
                 // The records encoded so far are queued in order; queued is as good as sent for
@@ -256,12 +253,7 @@ impl TlsStream {
             let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
             match state {
                 Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    let encoded = append(&mut self.outgoing, 0, |out| match encode.encode(out) {
-                        Ok(n) => Ok(n),
-                        Err(EncodeError::InsufficientSize(e)) => Err(Some(e.required_size)),
-                        Err(EncodeError::AlreadyEncoded) => Err(None),
-                    });
-                    if encoded.is_err() {
+                    if encode_into(&mut self.outgoing, &mut encode).is_err() {
                         break;
                     }
                 }
@@ -453,6 +445,18 @@ enum Failure {
 
 fn invalid_data(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Appends the handshake or alert record rustls has ready to `out`.
+fn encode_into<Data>(
+    out: &mut Vec<u8>,
+    encode: &mut rustls::unbuffered::EncodeTlsData<'_, Data>,
+) -> Result<(), ()> {
+    append(out, 0, |buf| match encode.encode(buf) {
+        Ok(n) => Ok(n),
+        Err(EncodeError::InsufficientSize(e)) => Err(Some(e.required_size)),
+        Err(EncodeError::AlreadyEncoded) => Err(None),
+    })
 }
 
 fn required_size(e: EncryptError) -> Option<usize> {
