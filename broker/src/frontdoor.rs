@@ -74,6 +74,10 @@ pub struct Settings {
     pub handshakes_per_ip: usize,
     /// Messages queued to one session and not yet written; past it the session is ended.
     pub max_undelivered: usize,
+    /// Worker threads of the runtime that opens connections (TLS handshake, CONNECT,
+    /// admission, CONNACK) apart from the runtime that runs the sessions; 0: connections are
+    /// opened on the sessions' runtime. See [`Openings`].
+    pub handshake_threads: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +147,52 @@ pub struct Broker {
     listener: Mutex<Option<TcpListener>>,
     local_addr: SocketAddr,
     shutdown_tx: watch::Sender<bool>,
+    openings: Openings,
+}
+
+/// The runtime that opens connections, apart from the one that runs sessions (and, in fleetd,
+/// the controller).
+///
+/// Opening a connection is mostly its TLS handshake, about a millisecond of CPU in one or two
+/// polls. On one runtime, a reconnect storm puts thousands of openings in the workers' queues,
+/// and the established sessions and the controller's batches wait behind them: reject → cut
+/// took 0.2–2.3 s right after 10,000 stations reconnected. On a runtime of their own, openings
+/// queue behind openings only; the operating system shares the CPU between the two runtimes'
+/// threads, so a thread that wakes for a session or a batch runs within its scheduling latency
+/// (reject → cut 7–61 ms in the same runs). The price is the order: a storm's openings now wait
+/// for the established sessions' work instead of the other way round, so the storm itself ends
+/// later (BENCHMARKS.md has both). Once its CONNACK is written, a connection's socket moves to
+/// the sessions' runtime ([`TlsStream::detach`]), which polls it from then on.
+struct Openings(Option<tokio::runtime::Runtime>);
+
+impl Openings {
+    fn start(threads: usize) -> std::io::Result<Openings> {
+        if threads == 0 {
+            return Ok(Openings(None));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("fleet-open")
+            .enable_all()
+            // Admissions and session openings wait on its blocking pool (see fleetd's runtime).
+            .max_blocking_threads(128)
+            .build()?;
+        Ok(Openings(Some(runtime)))
+    }
+
+    fn handle(&self) -> Option<tokio::runtime::Handle> {
+        self.0.as_ref().map(|runtime| runtime.handle().clone())
+    }
+}
+
+impl Drop for Openings {
+    fn drop(&mut self) {
+        // Connections still opening are dropped (their sockets close); sessions already moved
+        // run on. Does not wait, so it may be dropped inside the sessions' runtime.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Pending connections the kernel queues for the listener before `accept`.
@@ -178,6 +228,37 @@ async fn build_link(links: &LinkFactory, client_id: String) -> Result<LinkParts,
         .map_err(BrokerError::Link)
 }
 
+/// Starts rumqttd's router on a thread of its own; the factory builds links into it.
+fn start_router(max_connections: usize, max_packet_size: usize, metrics: &Metrics) -> LinkFactory {
+    let router = Router::new(
+        0,
+        RouterConfig {
+            // fleetd's own links come on top of the clients.
+            max_connections: max_connections + 64,
+            max_outgoing_packet_count: 200,
+            max_segment_size: (max_packet_size * 4).max(1 << 20),
+            max_segment_count: 4,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+    );
+    let router_tx = router.spawn();
+    let probe_tx = router_tx.clone();
+    metrics.set_router_probe(move || !probe_tx.is_disconnected());
+    // The router's sender type names a private type: it only lives inside this closure.
+    Arc::new(move |req: LinkRequest| {
+        LinkBuilder::new(&req.client_id, router_tx.clone())
+            // Sessions never outlive their connection: rights are decided per connection,
+            // and a resumed session would carry subscriptions granted under old rights.
+            .clean_session(true)
+            // Without dynamic filters a publish to a topic nobody subscribed disconnects.
+            .dynamic_filters(true)
+            .build()
+            .map_err(|e: LinkError| e.to_string())
+    })
+}
+
 impl Broker {
     /// Builds the TLS configuration, starts the router and binds the listener. Clients are not
     /// accepted until [`Broker::serve`].
@@ -197,34 +278,8 @@ impl Broker {
             settings.max_connections.clamp(256, 65_536),
         )?;
 
-        let router = Router::new(
-            0,
-            RouterConfig {
-                // fleetd's own links come on top of the clients.
-                max_connections: settings.max_connections + 64,
-                max_outgoing_packet_count: 200,
-                max_segment_size: (settings.max_packet_size * 4).max(1 << 20),
-                max_segment_count: 4,
-                custom_segment: None,
-                initialized_filters: None,
-                shared_subscriptions_strategy: Default::default(),
-            },
-        );
-        let router_tx = router.spawn();
         let metrics = Arc::new(Metrics::new());
-        let probe_tx = router_tx.clone();
-        metrics.set_router_probe(move || !probe_tx.is_disconnected());
-        // The router's sender type names a private type: it only lives inside this closure.
-        let links: LinkFactory = Arc::new(move |req: LinkRequest| {
-            LinkBuilder::new(&req.client_id, router_tx.clone())
-                // Sessions never outlive their connection: rights are decided per connection,
-                // and a resumed session would carry subscriptions granted under old rights.
-                .clean_session(true)
-                // Without dynamic filters a publish to a topic nobody subscribed disconnects.
-                .dynamic_filters(true)
-                .build()
-                .map_err(|e: LinkError| e.to_string())
-        });
+        let links = start_router(settings.max_connections, settings.max_packet_size, &metrics);
 
         let (will_tx, _will_rx, _) =
             build_link(&links, format!("{RESERVED_CLIENT_ID_PREFIX}wills")).await?;
@@ -237,6 +292,11 @@ impl Broker {
             addr: settings.listen,
             source,
         })?;
+        let openings =
+            Openings::start(settings.handshake_threads).map_err(|source| BrokerError::Bind {
+                addr: settings.listen,
+                source,
+            })?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             settings: SettingsRuntime {
@@ -279,6 +339,7 @@ impl Broker {
             listener: Mutex::new(Some(listener)),
             local_addr,
             shutdown_tx,
+            openings,
         })
     }
 
@@ -324,7 +385,11 @@ impl Broker {
             return;
         };
         let shared = self.shared.clone();
-        tokio::spawn(accept_loop(listener, shared, admission));
+        let runtimes = Runtimes {
+            opening: self.openings.handle(),
+            sessions: tokio::runtime::Handle::current(),
+        };
+        tokio::spawn(accept_loop(listener, shared, admission, runtimes));
     }
 
     /// Stops accepting and ends every live session with a server DISCONNECT "server shutting
@@ -397,7 +462,18 @@ impl Drop for HandshakeSlot {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<dyn Admission>) {
+/// Where connections are opened (`None`: on the sessions' runtime) and where sessions run.
+struct Runtimes {
+    opening: Option<tokio::runtime::Handle>,
+    sessions: tokio::runtime::Handle,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    admission: Arc<dyn Admission>,
+    runtimes: Runtimes,
+) {
     let mut shutdown = shared.shutdown.clone();
     let _accepting = shared.metrics.accepting();
     let mut rate = ConnectionRate::new(shared.settings.connections_per_ip_per_minute);
@@ -455,6 +531,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<
         let slot = SocketSlot(shared.clone());
         let _ = tcp.set_nodelay(true);
         // Spawned as it is: a wrapping `async` block would keep a second copy of it.
+        let home = runtimes.opening.as_ref().map(|_| runtimes.sessions.clone());
         let task = connection(
             shared.clone(),
             admission.clone(),
@@ -462,14 +539,19 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, admission: Arc<
             peer,
             handshake,
             slot,
+            home,
         );
         log_size_once(&SIZE_OF_CONNECTION, "connection task", &task);
-        tokio::spawn(task);
+        match &runtimes.opening {
+            Some(opening) => drop(opening.spawn(task)),
+            None => drop(tokio::spawn(task)),
+        }
     }
     info!("front door stopped accepting");
 }
 
 static SIZE_OF_CONNECTION: std::sync::Once = std::sync::Once::new();
+static SIZE_OF_MOVED: std::sync::Once = std::sync::Once::new();
 static SIZE_OF_PUMP: std::sync::Once = std::sync::Once::new();
 static SIZE_OF_SESSION: std::sync::Once = std::sync::Once::new();
 
@@ -592,13 +674,16 @@ fn client_id_is_valid(id: &str) -> bool {
             .all(|c| c.is_ascii_graphic() && !matches!(c, '+' | '#' | '/' | '$'))
 }
 
-/// One client connection, from the TLS handshake to the end of its session.
+/// One client connection, from the TLS handshake to the end of its session. With `home`, this
+/// task runs on the openings' runtime and ends once the connection is open (its CONNACK
+/// written): the session goes on in a task of its own on `home` ([`moved_session`]), its socket
+/// registered with that runtime's reactor.
 ///
-/// Its task lives as long as the session, so what it keeps is what every idle session costs:
-/// everything before the session runs is boxed (it is over once the session starts), and the
-/// task itself keeps only that box and what `run_session` needs. Plain functions returning
-/// `async move` blocks, not `async fn`s, because an `async fn` keeps its arguments for its
-/// whole life, even once they are moved out.
+/// The task that runs the session lives as long as it, so what it keeps is what every idle
+/// session costs: everything before the session runs is boxed (it is over once the session
+/// starts), and the task itself keeps only that box and what `run_session` needs. Plain
+/// functions returning `async move` blocks, not `async fn`s, because an `async fn` keeps its
+/// arguments for its whole life, even once they are moved out.
 fn connection(
     shared: Arc<Shared>,
     admission: Arc<dyn Admission>,
@@ -606,13 +691,188 @@ fn connection(
     peer: SocketAddr,
     pending: HandshakeSlot,
     slot: SocketSlot,
+    home: Option<tokio::runtime::Handle>,
+) -> impl std::future::Future<Output = ()> + Send {
+    let handshaking = Box::pin(handshake(shared.clone(), tcp, peer));
+    async move {
+        let Some((tls, certificate)) = handshaking.await else {
+            return;
+        };
+        let handshaken = Handshaken {
+            peer,
+            certificate,
+            pending,
+        };
+        let Some(home) = home else {
+            let rest = after_handshake(shared, admission, tls, handshaken, slot);
+            rest.await;
+            return;
+        };
+        let opening = Box::pin(open_connection(
+            shared.clone(),
+            admission.clone(),
+            tls,
+            handshaken,
+        ));
+        let Some(opened) = opening.await else {
+            return;
+        };
+        match opened.detach() {
+            Ok(moving) => {
+                let task = moved_session(shared, admission, Box::new(moving), slot);
+                log_size_once(&SIZE_OF_MOVED, "connection task (moved)", &task);
+                drop(home.spawn(task));
+            }
+            Err(unmoved) => {
+                let (session, will, e) = *unmoved;
+                warn!(client_id = %client_id_for_log(&session.client_id), "session not moved to the sessions' runtime: {e}");
+                abandon(&shared, &admission, session, will).await;
+            }
+        }
+    }
+}
+
+/// The session of a connection opened on the openings' runtime, on the runtime this is spawned
+/// on: its socket is registered there first. (Its arguments are all kept by its future, so an
+/// `async fn` keeps nothing more.)
+async fn moved_session(
+    shared: Arc<Shared>,
+    admission: Arc<dyn Admission>,
+    moving: Box<Moving>,
+    slot: SocketSlot,
+) {
+    let _slot = slot;
+    let opened = match moving.attach() {
+        Ok(opened) => opened,
+        Err(unmoved) => {
+            let (session, will, e) = *unmoved;
+            warn!(client_id = %client_id_for_log(&session.client_id), "session not registered with the sessions' runtime: {e}");
+            abandon(&shared, &admission, session, will).await;
+            return;
+        }
+    };
+    let session = run_session(shared, admission, opened);
+    session.await;
+}
+
+/// Ends a session that was admitted, registered and answered but never ran (its socket could
+/// not change runtimes): as a connection lost at once, so its will fires.
+async fn abandon(
+    shared: &Arc<Shared>,
+    admission: &Arc<dyn Admission>,
+    session: OpenSession,
+    will: Option<Will>,
+) {
+    let OpenSession {
+        client_id,
+        session_id,
+        control,
+        released_tx,
+        ..
+    } = session;
+    control.close();
+    if let Some(will) = will {
+        Box::pin(fire_will(
+            shared.clone(),
+            admission.clone(),
+            &client_id,
+            session_id,
+            will,
+        ))
+        .await;
+    }
+    drop(released_tx);
+    shared.registry.unregister(&client_id, session_id);
+    closed(admission, &client_id, session_id).await;
+}
+
+/// An [`Opened`] between runtimes: its TLS stream's socket registered with none.
+struct Moving {
+    session: OpenSession,
+    will: Option<Will>,
+    connacked: bool,
+    keepalive: Duration,
+    tls: TlsStream<std::net::TcpStream>,
+    buf: BytesMut,
+}
+
+/// What a failed move leaves: the session to end, its will, and why.
+type Unmoved = Box<(OpenSession, Option<Will>, std::io::Error)>;
+
+impl Opened {
+    /// This session, its socket taken off the runtime that opened it.
+    fn detach(self) -> Result<Moving, Unmoved> {
+        let Opened {
+            session,
+            will,
+            connacked,
+            keepalive,
+            io: (reader, writer, buf),
+        } = self;
+        match reader.unsplit(writer).detach() {
+            Ok(tls) => Ok(Moving {
+                session,
+                will,
+                connacked,
+                keepalive,
+                tls,
+                buf,
+            }),
+            Err(e) => Err(Box::new((session, will, e))),
+        }
+    }
+}
+
+impl Moving {
+    /// The session again, its socket registered with the runtime this is called on.
+    fn attach(self) -> Result<Opened, Unmoved> {
+        let Moving {
+            session,
+            will,
+            connacked,
+            keepalive,
+            tls,
+            buf,
+        } = self;
+        match tls.attach() {
+            Ok(tls) => {
+                let (reader, writer) = tokio::io::split(tls);
+                Ok(Opened {
+                    session,
+                    will,
+                    connacked,
+                    keepalive,
+                    io: (reader, writer, buf),
+                })
+            }
+            Err(e) => Err(Box::new((session, will, e))),
+        }
+    }
+}
+
+/// What the handshake found, for the rest of the opening.
+struct Handshaken {
+    peer: SocketAddr,
+    /// The certificate policy's verdict (see [`handshake`]).
+    certificate: Result<Option<PresentedCertificate>, String>,
+    /// Released once CONNECT is read.
+    pending: HandshakeSlot,
+}
+
+/// A connection after its TLS handshake: CONNECT, admission and CONNACK (boxed, over once the
+/// session runs), then the session.
+fn after_handshake(
+    shared: Arc<Shared>,
+    admission: Arc<dyn Admission>,
+    tls: TlsStream,
+    handshaken: Handshaken,
+    slot: SocketSlot,
 ) -> impl std::future::Future<Output = ()> + Send {
     let opening = Box::pin(open_connection(
         shared.clone(),
         admission.clone(),
-        tcp,
-        peer,
-        pending,
+        tls,
+        handshaken,
     ));
     async move {
         let _slot = slot;
@@ -636,18 +896,21 @@ struct Opened {
     io: (ReadHalf<TlsStream>, WriteHalf<TlsStream>, BytesMut),
 }
 
-/// A connection up to its session: the TLS handshake, the CONNECT, the admission, the
+/// A connection after its TLS handshake up to its session: the CONNECT, the admission, the
 /// registration and the CONNACK. Each step is a function of its own; `None`: a step refused
 /// the client, answered it and closed already.
 async fn open_connection(
     shared: Arc<Shared>,
     admission: Arc<dyn Admission>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    pending: HandshakeSlot,
+    tls: TlsStream,
+    handshaken: Handshaken,
 ) -> Option<Opened> {
     let (shared, admission) = (&shared, &admission);
-    let (tls, certificate) = handshake(shared, tcp, peer).await?;
+    let Handshaken {
+        peer,
+        certificate,
+        pending,
+    } = handshaken;
     let (mut reader, mut writer) = tokio::io::split(tls);
     let mut buf = BytesMut::with_capacity(4096);
     let (version, packet) = read_connect(
@@ -734,11 +997,11 @@ async fn open_connection(
 /// The TLS handshake, within the handshake timeout, and the certificate policy applied to what
 /// the client presented: `Err` is why its certificate is refused (answered after CONNECT).
 async fn handshake(
-    shared: &Shared,
+    shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Option<(TlsStream, Result<Option<PresentedCertificate>, String>)> {
-    // Not boxed on its own: the whole opening of a connection is (see `connection`).
+    // Boxed by `connection`, like the rest of the opening.
     let handshake = timeout(
         shared.settings.handshake_timeout,
         TlsStream::accept(tcp, shared.tls_config.clone()),

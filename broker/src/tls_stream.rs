@@ -61,9 +61,11 @@ enum Reached {
     Closed,
 }
 
-/// A server-side TLS connection over a TCP stream; see the module's documentation.
-pub(crate) struct TlsStream {
-    tcp: TcpStream,
+/// A server-side TLS connection over a TCP stream; see the module's documentation. `S` is the
+/// socket: tokio's, registered with the runtime that polls the stream, or, between runtimes
+/// ([`TlsStream::detach`], [`TlsStream::attach`]), the standard library's, registered with none.
+pub(crate) struct TlsStream<S = TcpStream> {
+    tcp: S,
     conn: UnbufferedServerConnection,
     /// Received TLS bytes, `incoming[..received]`; no allocation while none are pending.
     incoming: Vec<u8>,
@@ -102,6 +104,12 @@ impl TlsStream {
         };
         std::future::poll_fn(|cx| stream.poll_handshake(cx)).await?;
         Ok(stream)
+    }
+
+    /// This stream with its socket taken off the runtime it was registered with, to be
+    /// [`attach`](TlsStream::attach)ed on another. Nothing buffered is lost.
+    pub(crate) fn detach(self) -> io::Result<TlsStream<std::net::TcpStream>> {
+        self.map_socket(TcpStream::into_std)
     }
 
     /// The client's certificate chain, if it presented one (on a resumed session: the chain of
@@ -346,6 +354,47 @@ impl TlsStream {
     }
 }
 
+impl<S> TlsStream<S> {
+    /// The same stream over `f` of its socket.
+    fn map_socket<T>(self, f: impl FnOnce(S) -> io::Result<T>) -> io::Result<TlsStream<T>> {
+        let TlsStream {
+            tcp,
+            conn,
+            incoming,
+            received,
+            outgoing,
+            sent,
+            plaintext,
+            taken,
+            eof,
+            close_notify_queued,
+            failed,
+        } = self;
+        Ok(TlsStream {
+            tcp: f(tcp)?,
+            conn,
+            incoming,
+            received,
+            outgoing,
+            sent,
+            plaintext,
+            taken,
+            eof,
+            close_notify_queued,
+            failed,
+        })
+    }
+}
+
+impl TlsStream<std::net::TcpStream> {
+    /// A [`detach`](TlsStream::detach)ed stream registered with the runtime this is called on
+    /// (it must be called within one). The socket's readiness is reported anew on
+    /// registration, so bytes that arrived in between are read.
+    pub(crate) fn attach(self) -> io::Result<TlsStream> {
+        self.map_socket(TcpStream::from_std)
+    }
+}
+
 impl AsyncRead for TlsStream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -557,9 +606,14 @@ mod tests {
     /// no buffer between rounds.
     async fn echo(setup: &Setup) -> TlsStream {
         let (tcp, _) = setup.listener.accept().await.expect("accept");
-        let mut tls = TlsStream::accept(tcp, setup.server.clone())
+        let tls = TlsStream::accept(tcp, setup.server.clone())
             .await
             .expect("handshake");
+        echo_on(tls).await
+    }
+
+    /// Echoes on an accepted stream until the client's close_notify (see [`echo`]).
+    async fn echo_on(mut tls: TlsStream) -> TlsStream {
         let mut chunk = vec![0; 1000];
         loop {
             let n = tls.read(&mut chunk).await.expect("read");
@@ -596,6 +650,34 @@ mod tests {
             assert!(server.eof, "the client's close_notify ends the stream");
             assert_eq!(server.buffered_capacity(), 0);
         }
+    }
+
+    /// The front door opens connections on one runtime and runs sessions on another.
+    #[tokio::test]
+    async fn a_stream_moved_to_another_runtime_reads_what_came_in_between() {
+        let setup = setup(&[&rustls::version::TLS13]).await;
+        let request = payload(50_000);
+        let server = async {
+            let (tcp, _) = setup.listener.accept().await.expect("accept");
+            let tls = TlsStream::accept(tcp, setup.server.clone())
+                .await
+                .expect("handshake");
+            // The client writes its request meanwhile: part of it arrives before the move.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let detached = tls.detach().expect("detach");
+            tokio::task::spawn_blocking(move || {
+                let other = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                other.block_on(async move { echo_on(detached.attach().expect("attach")).await })
+            })
+            .await
+            .expect("the other runtime")
+        };
+        let (served, back) = tokio::join!(server, client(&setup, request.clone(), request.len()));
+        assert_eq!(back.expect("client"), request);
+        assert!(served.eof, "the client's close_notify ends the stream");
     }
 
     #[tokio::test]

@@ -52,7 +52,9 @@ pub struct ServerConfig {
     /// `max_connections`: most clients connected at once; a CONNECT above it is refused with
     /// "server unavailable" (3.1.1) or "quota exceeded" (5). Default 15000.
     pub max_connections: u32,
-    /// `handshake_timeout_ms`: a TLS handshake must finish within this. Default 10000.
+    /// `handshake_timeout_ms`: a TLS handshake must finish within this. Default 30000: as long
+    /// as a station waits for its connection (a server that gave up sooner would throw away,
+    /// in a reboot storm, handshakes its stations would still finish).
     pub handshake_timeout_ms: u64,
     /// `connect_timeout_ms`: after the TLS handshake, CONNECT must arrive within this.
     /// Default 10000.
@@ -75,7 +77,15 @@ pub struct ServerConfig {
     /// `allow_self_signed_stations`: accept station certificates that are self-signed.
     /// Default true.
     pub allow_self_signed_stations: bool,
+    /// `handshake_threads`: threads that open connections (TLS handshake, CONNECT, admission)
+    /// apart from the threads that run established sessions and the controller, so that a
+    /// connect storm does not delay them; 0 opens connections on the sessions' threads.
+    /// Default 2, at most [`MAX_HANDSHAKE_THREADS`].
+    pub handshake_threads: u32,
 }
+
+/// `server.handshake_threads` at most.
+pub const MAX_HANDSHAKE_THREADS: u32 = 256;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -84,7 +94,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("./fleet-data"),
             server_names: Vec::new(),
             max_connections: 15_000,
-            handshake_timeout_ms: 10_000,
+            handshake_timeout_ms: 30_000,
             connect_timeout_ms: 10_000,
             max_packet_size: 262_144,
             idle_timeout_secs: 300,
@@ -92,6 +102,7 @@ impl Default for ServerConfig {
             write_timeout_ms: 30_000,
             manufacturer_cas: Vec::new(),
             allow_self_signed_stations: true,
+            handshake_threads: 2,
         }
     }
 }
@@ -795,6 +806,12 @@ impl Config {
             ));
         }
         positive("server.write_timeout_ms", s.write_timeout_ms)?;
+        if s.handshake_threads > MAX_HANDSHAKE_THREADS {
+            return Err(ConfigError::invalid(
+                "server.handshake_threads",
+                format_args!("must be at most {MAX_HANDSHAKE_THREADS}"),
+            ));
+        }
         if s.cut_grace_ms > MAX_CUT_GRACE_MS {
             return Err(ConfigError::invalid(
                 "server.cut_grace_ms",
@@ -1003,7 +1020,7 @@ server_names = []
 # (MQTT 3.1.1) or "quota exceeded" (MQTT 5).
 max_connections = 15000
 # A TLS handshake must finish within this many milliseconds.
-handshake_timeout_ms = 10000
+handshake_timeout_ms = 30000
 # After the TLS handshake, CONNECT must arrive within this many milliseconds.
 connect_timeout_ms = 10000
 # Largest MQTT packet in bytes; a larger one closes the connection.
@@ -1021,6 +1038,10 @@ write_timeout_ms = 30000
 manufacturer_cas = []
 # Accept station certificates that are self-signed (subject CN = serial).
 allow_self_signed_stations = true
+# Threads that open connections (TLS handshake, CONNECT, admission), apart from those that run
+# established sessions and the controller, so that a connect storm does not delay them. 0 opens
+# connections on the sessions' threads. At most 256.
+handshake_threads = 2
 
 [stations]
 # The first firmware that owns a key pair and may be authorized.
@@ -1384,6 +1405,7 @@ mod tests {
             ("limits", "max_undelivered_messages", "0"),
             ("phones", "min_whitelist_prefix_v4", "33"),
             ("phones", "min_whitelist_prefix_v6", "129"),
+            ("server", "handshake_threads", "257"),
         ];
         for (table, key, value) in refused {
             let text = format!("[{table}]\n{key} = {value}");
@@ -1407,6 +1429,8 @@ mod tests {
             ("phones", "min_whitelist_prefix_v4", "32"),
             ("phones", "min_whitelist_prefix_v6", "0"),
             ("phones", "min_whitelist_prefix_v6", "128"),
+            ("server", "handshake_threads", "0"),
+            ("server", "handshake_threads", "256"),
         ];
         for (table, key, value) in accepted {
             let text = format!("[{table}]\n{key} = {value}");

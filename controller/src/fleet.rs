@@ -166,6 +166,7 @@ pub(crate) fn front_door_settings(
         reserved_sessions: config.limits.reserved_operator_sessions as usize,
         handshakes_per_ip: config.limits.handshakes_per_ip as usize,
         max_undelivered: config.limits.max_undelivered_messages as usize,
+        handshake_threads: server.handshake_threads as usize,
     })
 }
 

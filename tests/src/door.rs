@@ -116,6 +116,8 @@ impl FrontDoor {
             reserved_sessions: 2,
             handshakes_per_ip: 64,
             max_undelivered: 64,
+            // Connections move from the openings' runtime to the test's, as in fleetd.
+            handshake_threads: 1,
         };
         configure(&mut settings);
         let broker = Broker::bind(settings).await.expect("broker binds");
