@@ -742,7 +742,13 @@ async fn moved_session(
     slot: SocketSlot,
 ) {
     let _slot = slot;
-    let opened = match moving.attach() {
+    // Unboxed in a block of its own: moved out of, a box is freed only when its variable goes
+    // out of scope, which for an argument of this function is the session's end.
+    let attached = {
+        let moving = moving;
+        (*moving).attach()
+    };
+    let opened = match attached {
         Ok(opened) => opened,
         Err(unmoved) => {
             let (session, will, e) = *unmoved;
