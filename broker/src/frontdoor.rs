@@ -742,13 +742,7 @@ async fn moved_session(
     slot: SocketSlot,
 ) {
     let _slot = slot;
-    // Unboxed in a block of its own: moved out of, a box is freed only when its variable goes
-    // out of scope, which for an argument of this function is the session's end.
-    let attached = {
-        let moving = moving;
-        (*moving).attach()
-    };
-    let opened = match attached {
+    let opened = match moving.attach() {
         Ok(opened) => opened,
         Err(unmoved) => {
             let (session, will, e) = *unmoved;
@@ -830,8 +824,10 @@ impl Opened {
 }
 
 impl Moving {
-    /// The session again, its socket registered with the runtime this is called on.
-    fn attach(self) -> Result<Opened, Unmoved> {
+    /// The session again, its socket registered with the runtime this is called on. Takes
+    /// the box: a box moved out of is freed only when its variable goes out of scope, which
+    /// for an argument of the session's function would be the session's end.
+    fn attach(self: Box<Self>) -> Result<Opened, Unmoved> {
         let Moving {
             session,
             will,
@@ -839,7 +835,7 @@ impl Moving {
             keepalive,
             tls,
             buf,
-        } = self;
+        } = *self;
         match tls.attach() {
             Ok(tls) => {
                 let (reader, writer) = tokio::io::split(tls);
