@@ -63,6 +63,21 @@ async fn eventually(what: &str, done: impl Fn() -> bool) {
 async fn a_device_that_speaks_only_to_the_controller_gets_no_router_link() {
     let recorder = OpenAdmission::new(rights_of, usize::MAX);
     let door = door(recorder.clone()).await;
+    only_to_the_controller(door, recorder).await;
+}
+
+/// As above, with connections opened on the sessions' runtime (`handshake_threads = 0`) instead
+/// of moved there once open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_with_connections_opened_on_the_sessions_runtime() {
+    let recorder = OpenAdmission::new(rights_of, usize::MAX);
+    let door = FrontDoor::start(recorder.clone(), |s| s.handshake_threads = 0).await;
+    only_to_the_controller(door, recorder).await;
+}
+
+/// Three devices publish to their inbox and subscribe to their mailbox: every message reaches
+/// the admission in order, the mailbox delivers, and no router link is made.
+async fn only_to_the_controller(door: FrontDoor, recorder: Arc<OpenAdmission>) {
     let mut devices = Vec::new();
     for id in ["d1", "d2", "d3"] {
         let mut stream = tls(&door.connector, door.port).await;
