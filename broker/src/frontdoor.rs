@@ -91,6 +91,8 @@ pub enum BrokerError {
     },
     #[error("cannot attach to the router: {0}")]
     Link(String),
+    #[error("cannot start the runtime that opens connections (server.handshake_threads): {0}")]
+    Openings(std::io::Error),
 }
 
 struct LinkRequest {
@@ -156,10 +158,10 @@ pub struct Broker {
 /// Opening a connection is mostly its TLS handshake, about a millisecond of CPU in one or two
 /// polls. On one runtime, a reconnect storm puts thousands of openings in the workers' queues,
 /// and the established sessions and the controller's batches wait behind them: reject → cut
-/// took 0.2–2.3 s right after 10,000 stations reconnected. On a runtime of their own, openings
+/// took 0.16–2.3 s right after 10,000 stations reconnected. On a runtime of their own, openings
 /// queue behind openings only; the operating system shares the CPU between the two runtimes'
 /// threads, so a thread that wakes for a session or a batch runs within its scheduling latency
-/// (reject → cut 7–61 ms in the same runs). The price is the order: a storm's openings now wait
+/// (reject → cut 7–104 ms in the same kind of runs). The price is the order: a storm's openings now wait
 /// for the established sessions' work instead of the other way round, so the storm itself ends
 /// later (BENCHMARKS.md has both). Once its CONNACK is written, a connection's socket moves to
 /// the sessions' runtime ([`TlsStream::detach`]), which polls it from then on.
@@ -293,10 +295,7 @@ impl Broker {
             source,
         })?;
         let openings =
-            Openings::start(settings.handshake_threads).map_err(|source| BrokerError::Bind {
-                addr: settings.listen,
-                source,
-            })?;
+            Openings::start(settings.handshake_threads).map_err(BrokerError::Openings)?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             settings: SettingsRuntime {
@@ -771,19 +770,14 @@ async fn abandon(
         ..
     } = session;
     control.close();
-    if let Some(will) = will {
-        Box::pin(fire_will(
-            shared.clone(),
-            admission.clone(),
-            &client_id,
-            session_id,
-            will,
-        ))
-        .await;
-    }
-    drop(released_tx);
-    shared.registry.unregister(&client_id, session_id);
-    closed(admission, &client_id, session_id).await;
+    let ended = Ended {
+        client_id: &client_id,
+        session_id,
+        will,
+        link: None,
+        released_tx,
+    };
+    Box::pin(wind_up(shared, admission, ended)).await;
 }
 
 /// An [`Opened`] between runtimes: its TLS stream's socket registered with none.
@@ -1337,27 +1331,66 @@ fn run_session(
         debug!(client_id = %client_id, ?end, "session ended");
         let _ = Box::pin(timeout(Duration::from_secs(1), writer.shutdown())).await;
 
-        if let Some(will) = will.filter(|_| end.fires_will()) {
-            Box::pin(fire_will(
-                shared.clone(),
-                admission.clone(),
-                &client_id,
+        // Built in the call, not as a local: a local would be kept in this future beside the
+        // boxed one (344 bytes more per session).
+        Box::pin(wind_up(
+            &shared,
+            &admission,
+            Ended {
+                client_id: &client_id,
                 session_id,
-                will,
-            ))
-            .await;
-        }
-        if let Some(mut link_tx) = pump.link_tx.take() {
-            if end != End::LinkGone {
-                Box::pin(release_link(&mut link_tx)).await;
-            }
-            shared.router_links.fetch_sub(1, Ordering::Relaxed);
-        }
-        // A session that took this one over may build its link now.
-        drop(released_tx);
-        shared.registry.unregister(&client_id, session_id);
-        Box::pin(closed(&admission, &client_id, session_id)).await;
+                will: will.filter(|_| end.fires_will()),
+                // A link the router already dropped is not released again.
+                link: pump.link_tx.take().map(|link| (link, end != End::LinkGone)),
+                released_tx,
+            },
+        ))
+        .await;
     }
+}
+
+/// A session whose pump is over (or never ran), for [`wind_up`].
+struct Ended<'a> {
+    client_id: &'a str,
+    session_id: u64,
+    /// Its will, if the way it ended fires it.
+    will: Option<Will>,
+    /// Its router link, if it built one, and whether to release it.
+    link: Option<(LinkTx, bool)>,
+    released_tx: tokio::sync::oneshot::Sender<()>,
+}
+
+/// What every session's end does once its pump is over, in order: its will, its router link
+/// released, the session taking it over (if any) let go, then it is unregistered and the
+/// admission told.
+async fn wind_up(shared: &Arc<Shared>, admission: &Arc<dyn Admission>, ended: Ended<'_>) {
+    let Ended {
+        client_id,
+        session_id,
+        will,
+        link,
+        released_tx,
+    } = ended;
+    if let Some(will) = will {
+        Box::pin(fire_will(
+            shared.clone(),
+            admission.clone(),
+            client_id,
+            session_id,
+            will,
+        ))
+        .await;
+    }
+    if let Some((mut link_tx, release)) = link {
+        if release {
+            Box::pin(release_link(&mut link_tx)).await;
+        }
+        shared.router_links.fetch_sub(1, Ordering::Relaxed);
+    }
+    // A session that took this one over may build its link now.
+    drop(released_tx);
+    shared.registry.unregister(client_id, session_id);
+    closed(admission, client_id, session_id).await;
 }
 
 /// Tells the admission a session ended, on the blocking pool: its synchronous calls may wait

@@ -662,8 +662,8 @@ mod tests {
             let tls = TlsStream::accept(tcp, setup.server.clone())
                 .await
                 .expect("handshake");
-            // The client writes its request meanwhile: part of it arrives before the move.
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            // Part of the client's request has arrived, unread, before the move.
+            tls.tcp.readable().await.expect("readable");
             let detached = tls.detach().expect("detach");
             tokio::task::spawn_blocking(move || {
                 let other = tokio::runtime::Builder::new_current_thread()
