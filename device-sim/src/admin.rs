@@ -233,6 +233,7 @@ mod tests {
             retry: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(30),
             source: None,
+            dialer: None,
         };
         let mut station = spawn_station(&dir, config);
         let server = serve_admin(&dir, station.control()).await.unwrap();

@@ -7,7 +7,9 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -18,7 +20,7 @@ use rumqttc::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -414,9 +416,89 @@ async fn connect_from(address: SocketAddr, source: Option<IpAddr>) -> io::Result
 /// One MQTT connection over TLS (MQTT 5 on the wire).
 pub(crate) struct Link {
     server: String,
-    stream: TlsStream<TcpStream>,
+    stream: TlsStream<Socket>,
     incoming: BytesMut,
     next_pkid: u16,
+}
+
+/// The TCP connection under a link's TLS, which can be handed from the runtime that opened it
+/// to another ([`Link::detach`], [`Link::attach`]): the load tool opens its stations'
+/// connections on a runtime of their own, so that the handshakes in flight do not queue before
+/// the connected stations' reads (whose latencies it measures).
+enum Socket {
+    /// Registered with the current runtime's reactor.
+    Live(TcpStream),
+    /// Between runtimes: registered with none, so it can be neither read nor written.
+    Detached(std::net::TcpStream),
+    /// Failed to move: closed.
+    Gone,
+}
+
+impl Socket {
+    fn live(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        match self {
+            Socket::Live(tcp) => Ok(Pin::new(tcp)),
+            Socket::Detached(_) | Socket::Gone => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the connection is not on this runtime",
+            )),
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut().live() {
+            Ok(tcp) => tcp.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut().live() {
+            Ok(tcp) => tcp.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut().live() {
+            Ok(tcp) => tcp.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        matches!(self, Socket::Live(tcp) if tcp.is_write_vectored())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().live() {
+            Ok(tcp) => tcp.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().live() {
+            Ok(tcp) => tcp.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
 }
 
 impl Link {
@@ -432,7 +514,7 @@ impl Link {
             .ok_or_else(|| LinkError::InvalidServer(server.to_owned()))?;
         let name =
             ServerName::try_from(host).map_err(|_| LinkError::InvalidServer(server.to_owned()))?;
-        let tcp = tcp_connect(server, source).await?;
+        let tcp = Socket::Live(tcp_connect(server, source).await?);
         let handshake = TlsConnector::from(tls).connect(name, tcp);
         let stream = within(limit, "TLS handshake", handshake)
             .await?
@@ -455,6 +537,41 @@ impl Link {
     /// The server address.
     pub(crate) fn server(&self) -> &str {
         &self.server
+    }
+
+    /// Takes the connection off the current runtime's reactor, to [`attach`](Link::attach) it
+    /// to another; until then it can be neither read nor written. Bytes already read and the
+    /// TLS state stay with the link.
+    pub(crate) fn detach(&mut self) -> Result<(), LinkError> {
+        let socket = self.stream.get_mut().0;
+        *socket = match std::mem::replace(socket, Socket::Gone) {
+            Socket::Live(tcp) => {
+                Socket::Detached(tcp.into_std().map_err(|source| LinkError::Connection {
+                    server: self.server.clone(),
+                    source,
+                })?)
+            }
+            other => other,
+        };
+        Ok(())
+    }
+
+    /// Registers a [detached](Link::detach) connection with the current runtime's reactor;
+    /// must be called within a tokio runtime.
+    pub(crate) fn attach(&mut self) -> Result<(), LinkError> {
+        let socket = self.stream.get_mut().0;
+        *socket = match std::mem::replace(socket, Socket::Gone) {
+            Socket::Detached(tcp) => {
+                Socket::Live(
+                    TcpStream::from_std(tcp).map_err(|source| LinkError::Connection {
+                        server: self.server.clone(),
+                        source,
+                    })?,
+                )
+            }
+            other => other,
+        };
+        Ok(())
     }
 
     /// A packet id for the next QoS 1 packet (1 to 65535, then round again).
@@ -732,6 +849,65 @@ mod tests {
             tcp_connect(&server, Some("::1".parse().unwrap())).await,
             Err(LinkError::NoAddress { .. })
         ));
+    }
+
+    /// A link opened on one runtime, detached, and attached on another works there, also
+    /// once the runtime that opened it is gone; between the two it refuses I/O with an error.
+    #[tokio::test]
+    async fn a_link_opened_on_a_dialer_runtime_moves_to_the_stations_runtime() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let ca = fleet_certs::FleetCa::generate("test CA").unwrap();
+        let server_key = ca
+            .issue_server(&["localhost".into()], &[IpAddr::from([127, 0, 0, 1])])
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(fleet_certs::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                fleet_certs::certs_from_pem(&server_key.cert_pem).unwrap(),
+                fleet_certs::key_from_pem(&server_key.key_pem).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap().to_string();
+        // The server answers one PINGREQ with a PINGRESP.
+        let serving = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let mut ping = [0u8; 2];
+            tls.read_exact(&mut ping).await.unwrap();
+            assert_eq!(ping, [0xc0, 0]);
+            tls.write_all(&[0xd0, 0]).await.unwrap();
+            tls.flush().await.unwrap();
+            let mut rest = Vec::new();
+            let _ = tls.read_to_end(&mut rest).await;
+        });
+
+        let dialer = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let tls = Arc::new(fleet_certs::client_config(ca.cert_pem(), None).unwrap());
+        let opened = dialer.spawn(async move {
+            let mut link = Link::open(&server, None, tls, Duration::from_secs(10)).await?;
+            link.detach()?;
+            Ok::<_, LinkError>(link)
+        });
+        let mut link = opened.await.unwrap().unwrap();
+        assert!(matches!(
+            link.send(&Packet::PingReq).await,
+            Err(LinkError::Connection { .. })
+        ));
+        dialer.shutdown_background();
+
+        link.attach().unwrap();
+        link.send(&Packet::PingReq).await.unwrap();
+        assert_eq!(link.recv("PINGRESP").await.unwrap(), Packet::PingResp);
+        drop(link);
+        serving.await.unwrap();
     }
 
     #[tokio::test]

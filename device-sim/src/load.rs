@@ -115,6 +115,12 @@ pub struct LoadOptions {
     /// [`spread::DEVICES_PER_ADDRESS`] to each, so that fleetd's default per-address
     /// `[limits]` let the whole run through.
     pub spread: Spread,
+    /// Threads of a runtime of the run's own that opens the stations' connections (TCP, TLS,
+    /// CONNECT), which then move to the runtime the stations run on; 0 opens them there. On
+    /// a machine whose cores the run saturates, the handshakes in flight would otherwise
+    /// queue before the connected stations' reads, and the latencies measured (accept →
+    /// `authorized`, reject → cut) would be the simulator's.
+    pub dial_threads: usize,
 }
 
 impl LoadOptions {
@@ -140,6 +146,7 @@ impl LoadOptions {
             station_sources: Vec::new(),
             phone_sources: Vec::new(),
             spread: Spread::default(),
+            dial_threads: 1,
         }
     }
 }
@@ -623,6 +630,7 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
     };
 
     let sources = source_plan(&opts).await;
+    let dialer = Dialer::start(opts.dial_threads)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut run = Run {
@@ -653,6 +661,7 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         retry: STATION_RETRY,
         connect_timeout: Duration::from_secs(30),
         source: None,
+        dialer: dialer.handle(),
     };
     let target = PhoneTarget::new(run.servers.first().to_owned(), ca_pem);
     let cpu_before = run.opts.fleetd_pid.and_then(fleetd_cpu_ms);
@@ -677,6 +686,38 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         (processes_before, processes_after),
         later,
     ))
+}
+
+/// The runtime that opens the stations' connections ([`LoadOptions::dial_threads`]), if
+/// there is one; shut down without waiting when dropped (a runtime may not be dropped, with a
+/// wait, within another's tasks).
+struct Dialer(Option<tokio::runtime::Runtime>);
+
+impl Dialer {
+    fn start(threads: usize) -> Result<Dialer, LoadError> {
+        if threads == 0 {
+            return Ok(Dialer(None));
+        }
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("fleet-sim-dialer")
+            .enable_all()
+            .build()
+            .map(|runtime| Dialer(Some(runtime)))
+            .map_err(|e| LoadError::Internal(format!("the dialer's runtime: {e}")))
+    }
+
+    fn handle(&self) -> Option<tokio::runtime::Handle> {
+        self.0.as_ref().map(|runtime| runtime.handle().clone())
+    }
+}
+
+impl Drop for Dialer {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Where each device connects from: the addresses given for it, or else a spread over
@@ -1813,7 +1854,7 @@ async fn spawn_stations(
     tasks
 }
 
-/// Passes one station's events on, stamped with when they happened, until the run stops.
+/// Passes one station's events on, with when the station emitted them, until the run stops.
 async fn forward(
     index: usize,
     mut handle: StationHandle,
@@ -1822,9 +1863,9 @@ async fn forward(
 ) {
     loop {
         tokio::select! {
-            event = handle.next_event() => match event {
-                Some(event) => {
-                    let _ = tx.send(Msg::Station { index, event, at: Instant::now() });
+            event = handle.next_stamped_event() => match event {
+                Some((event, at)) => {
+                    let _ = tx.send(Msg::Station { index, event, at: Instant::from_std(at) });
                 }
                 None => return,
             },

@@ -141,6 +141,10 @@ struct LoadArgs {
     /// Devices connecting at once (a station until its CONNACK, a phone for its provisioning).
     #[arg(long, default_value_t = 100)]
     concurrency: usize,
+    /// Threads that open the stations' connections, apart from those the connected stations
+    /// run on (0: the same threads).
+    #[arg(long, default_value_t = 1)]
+    dial_threads: usize,
     /// New devices per second; as fast as --concurrency allows when absent.
     #[arg(long)]
     rate: Option<f64>,
@@ -306,6 +310,7 @@ impl Connection {
             retry: Duration::from_millis(self.retry_ms),
             connect_timeout: Duration::from_secs(30),
             source: self.source,
+            dialer: None,
         })
     }
 }
@@ -510,6 +515,7 @@ fn load_options(args: LoadArgs) -> anyhow::Result<LoadOptions> {
     opts.stations = args.stations;
     opts.phones = args.phones;
     opts.concurrency = args.concurrency;
+    opts.dial_threads = args.dial_threads;
     opts.rate = args.rate;
     opts.accept_batch = args.accept_batch;
     opts.accepts_in_flight = args.accepts_in_flight;

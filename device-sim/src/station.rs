@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fleet_protocol::{Serial, StationLeaf, Topic};
 use rumqttc::mqttbytes::v4::{
@@ -45,6 +45,11 @@ pub struct SimConfig {
     /// Local source address to connect from (e.g. 127.0.0.2, to play a station behind that
     /// IP); the system's choice when `None`.
     pub source: Option<IpAddr>,
+    /// A runtime to open connections on (TCP, TLS, CONNECT and CONNACK), after which the
+    /// connection moves to the station's own runtime; `None` opens them where the station
+    /// runs. The load tool keeps a fleet's handshakes off the runtime of its connected
+    /// stations, whose latencies it measures.
+    pub dialer: Option<tokio::runtime::Handle>,
 }
 
 impl SimConfig {
@@ -56,6 +61,7 @@ impl SimConfig {
             retry: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(30),
             source: None,
+            dialer: None,
         }
     }
 }
@@ -227,11 +233,15 @@ impl StationControl {
     }
 }
 
+/// An event and when the station's task emitted it: the load tool's latencies end here, not
+/// when a task reading the events got round to it (under load, one more scheduling hop).
+type Stamped = (SimEvent, Instant);
+
 /// A running simulated station.
 #[derive(Debug)]
 pub struct StationHandle {
     /// What the station does, in order.
-    pub events: mpsc::UnboundedReceiver<SimEvent>,
+    events: mpsc::UnboundedReceiver<Stamped>,
     control: StationControl,
     task: JoinHandle<()>,
 }
@@ -239,6 +249,12 @@ pub struct StationHandle {
 impl StationHandle {
     /// The next event; `None` once the station has shut down.
     pub async fn next_event(&mut self) -> Option<SimEvent> {
+        self.events.recv().await.map(|(event, _)| event)
+    }
+
+    /// The next event with the moment the station emitted it; `None` once the station has
+    /// shut down.
+    pub async fn next_stamped_event(&mut self) -> Option<(SimEvent, Instant)> {
         self.events.recv().await
     }
 
@@ -296,14 +312,15 @@ enum Next {
 
 struct Emitter {
     serial: String,
-    tx: mpsc::UnboundedSender<SimEvent>,
+    tx: mpsc::UnboundedSender<Stamped>,
 }
 
 impl Emitter {
     fn emit(&self, event: SimEvent) {
+        let at = Instant::now();
         tracing::info!(serial = %self.serial, "{event}");
         // Nobody listening is fine: the station runs on.
-        let _ = self.tx.send(event);
+        let _ = self.tx.send((event, at));
     }
 }
 
@@ -311,7 +328,7 @@ async fn run_station(
     dir: PathBuf,
     config: SimConfig,
     mut control: mpsc::UnboundedReceiver<Control>,
-    events: mpsc::UnboundedSender<SimEvent>,
+    events: mpsc::UnboundedSender<Stamped>,
 ) {
     let serial = dir
         .file_name()
@@ -447,9 +464,33 @@ fn tls_config(
     }
 }
 
-/// TCP (from the configured source address), TLS and `connect`, within the connect timeout:
-/// the link and the CONNACK's return code.
+/// TCP (from the configured source address), TLS and `connect`, within the connect timeout,
+/// on the configured dialer if there is one: the link and the CONNACK's return code.
 async fn connect(
+    config: &SimConfig,
+    tls: Arc<rustls::ClientConfig>,
+    connect: Connect,
+) -> Result<(Link, (ConnectReturnCode, Option<String>)), LinkError> {
+    let Some(dialer) = &config.dialer else {
+        return connect_here(config, tls, connect).await;
+    };
+    let server = config.server.clone();
+    let config = config.clone();
+    let opening = dialer.spawn(async move {
+        let (mut link, answer) = connect_here(&config, tls, connect).await?;
+        link.detach()?;
+        Ok::<_, LinkError>((link, answer))
+    });
+    let (mut link, answer) = opening.await.map_err(|e| LinkError::Connection {
+        server,
+        source: std::io::Error::other(format!("the dialer's task: {e}")),
+    })??;
+    link.attach()?;
+    Ok((link, answer))
+}
+
+/// [`connect`] on the current runtime.
+async fn connect_here(
     config: &SimConfig,
     tls: Arc<rustls::ClientConfig>,
     connect: Connect,
@@ -1042,7 +1083,7 @@ mod tests {
         topic(&serial.parse().unwrap(), leaf)
     }
 
-    fn emitter() -> (Emitter, mpsc::UnboundedReceiver<SimEvent>) {
+    fn emitter() -> (Emitter, mpsc::UnboundedReceiver<Stamped>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             Emitter {
@@ -1053,8 +1094,8 @@ mod tests {
         )
     }
 
-    fn events(rx: &mut mpsc::UnboundedReceiver<SimEvent>) -> Vec<SimEvent> {
-        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    fn events(rx: &mut mpsc::UnboundedReceiver<Stamped>) -> Vec<SimEvent> {
+        std::iter::from_fn(|| rx.try_recv().ok().map(|(event, _)| event)).collect()
     }
 
     fn image() -> Vec<u8> {
@@ -1321,6 +1362,7 @@ mod tests {
             retry: Duration::from_millis(50),
             connect_timeout: Duration::from_secs(30),
             source: None,
+            dialer: None,
         };
         let mut handle = spawn_station(&station_dir, config);
         let booted = handle.next_event().await.unwrap();
