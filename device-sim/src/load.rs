@@ -96,7 +96,10 @@ pub struct LoadOptions {
     pub hold_accepts: bool,
     /// After onboarding, reboot every station at once and measure the reconnect storm.
     pub reconnect: bool,
-    /// Stations rejected (in one envelope) at the end to measure command-to-cut.
+    /// Stations rejected (in one envelope) at the end to measure command-to-cut. The first
+    /// `cut_sample` stations are these probes: they run, like the operator, on a runtime of
+    /// their own, so that what is measured is fleetd's time and not the simulator's queue of
+    /// 10,000 stations' tasks (see `run_load`); the cut takes the first authorized ones.
     pub cut_sample: usize,
     /// fleetd's process id, to read its memory from `/proc/<pid>/status`.
     pub fleetd_pid: Option<u32>,
@@ -609,11 +612,33 @@ enum Msg {
 /// every simulated device.
 pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
     let servers = check_options(&opts)?;
+    // The operator is a process of its own in a real fleet (fleetctl, the console): here it
+    // gets a runtime of its own, on which its connection is driven and its requests are sent.
+    // On the stations' runtime, a request sent right after a reconnect storm waited some
+    // 700 ms behind 10,000 stations' tasks before its PUBLISH was written, and reject → cut
+    // measured the simulator.
+    let operator_runtime = SideRuntime::start(1, "fleet-sim-operator")?;
+    let operator_rt = operator_runtime
+        .handle()
+        .ok_or_else(|| LoadError::Internal("the operator's runtime".into()))?;
+    // The stations rejected at the end (the first `cut_sample`, [`LoadOptions::cut_sample`])
+    // run on a runtime of their own too, for the same reason: reject → cut is fleetd's
+    // figure, not the time the simulator's busy runtime takes to read their sockets.
+    let probe_runtime = SideRuntime::start(1, "fleet-sim-probes")?;
+    let probe_rt = probe_runtime
+        .handle()
+        .ok_or_else(|| LoadError::Internal("the probes' runtime".into()))?;
     let Operator {
         ca_pem,
         client: operator,
         events,
-    } = connect_operator(&opts, servers.first()).await?;
+    } = {
+        let (data_dir, server) = (opts.data_dir.clone(), servers.first().to_owned());
+        operator_rt
+            .spawn(async move { connect_operator(&data_dir, &server).await })
+            .await
+            .map_err(|e| LoadError::Internal(format!("the operator's task: {e}")))??
+    };
 
     let tag = run_tag();
     let serial_prefix = format!("LD{:06x}", tag & 0xff_ffff);
@@ -630,7 +655,7 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
     };
 
     let sources = source_plan(&opts).await;
-    let dialer = Dialer::start(opts.dial_threads)?;
+    let dialer = SideRuntime::start(opts.dial_threads, "fleet-sim-dialer")?;
     let (tx, rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut run = Run {
@@ -638,6 +663,8 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         servers,
         sources,
         operator: Arc::new(operator),
+        operator_rt,
+        probe_rt,
         tx,
         rx,
         events,
@@ -688,23 +715,25 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
     ))
 }
 
-/// The runtime that opens the stations' connections ([`LoadOptions::dial_threads`]), if
-/// there is one; shut down without waiting when dropped (a runtime may not be dropped, with a
-/// wait, within another's tasks).
-struct Dialer(Option<tokio::runtime::Runtime>);
+/// A runtime of the run's own beside the one the stations run on: the dialer, which opens
+/// the stations' connections ([`LoadOptions::dial_threads`]), and the operator's. Shut down
+/// without waiting when dropped (a runtime may not be dropped, with a wait, within another's
+/// tasks).
+struct SideRuntime(Option<tokio::runtime::Runtime>);
 
-impl Dialer {
-    fn start(threads: usize) -> Result<Dialer, LoadError> {
+impl SideRuntime {
+    /// A runtime of `threads` worker threads named `name`; none for 0.
+    fn start(threads: usize, name: &str) -> Result<SideRuntime, LoadError> {
         if threads == 0 {
-            return Ok(Dialer(None));
+            return Ok(SideRuntime(None));
         }
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
-            .thread_name("fleet-sim-dialer")
+            .thread_name(name)
             .enable_all()
             .build()
-            .map(|runtime| Dialer(Some(runtime)))
-            .map_err(|e| LoadError::Internal(format!("the dialer's runtime: {e}")))
+            .map(|runtime| SideRuntime(Some(runtime)))
+            .map_err(|e| LoadError::Internal(format!("the runtime {name}: {e}")))
     }
 
     fn handle(&self) -> Option<tokio::runtime::Handle> {
@@ -712,7 +741,7 @@ impl Dialer {
     }
 }
 
-impl Drop for Dialer {
+impl Drop for SideRuntime {
     fn drop(&mut self) {
         if let Some(runtime) = self.0.take() {
             runtime.shutdown_background();
@@ -808,9 +837,9 @@ struct Operator {
 
 /// Reads the fleet CA and the operator's certificate and key from the data directory, connects
 /// the operator to `server` and subscribes to its tenant's events.
-async fn connect_operator(opts: &LoadOptions, server: &str) -> Result<Operator, LoadError> {
+async fn connect_operator(data_dir: &Path, server: &str) -> Result<Operator, LoadError> {
     let read = |name: &str| {
-        let path = opts.data_dir.join(name);
+        let path = data_dir.join(name);
         std::fs::read_to_string(&path).map_err(|source| LoadError::Read { path, source })
     };
     let ca_pem = read("ca.pem")?;
@@ -985,6 +1014,10 @@ struct Run {
     servers: ServerPlan,
     sources: SourcePlan,
     operator: Arc<OperatorClient>,
+    /// The operator's runtime ([`SideRuntime`]): its requests are sent from tasks on it.
+    operator_rt: tokio::runtime::Handle,
+    /// The cut sample's runtime ([`SideRuntime`]): the first `cut_sample` stations run on it.
+    probe_rt: tokio::runtime::Handle,
     tx: mpsc::UnboundedSender<Msg>,
     rx: mpsc::UnboundedReceiver<Msg>,
     events: mpsc::UnboundedReceiver<(String, Value)>,
@@ -1125,6 +1158,7 @@ impl Run {
             Arc::clone(&pacer),
             self.tx.clone(),
             stop,
+            (self.opts.cut_sample, self.probe_rt.clone()),
         ));
         let phones = tokio::spawn(onboard_phones(PhoneRun {
             operator: Arc::clone(&self.operator),
@@ -1405,7 +1439,7 @@ impl Run {
             .map(|i| (i, self.slots[i].serial.clone(), self.slots[i].dir.clone()))
             .collect();
         let all: Vec<usize> = stations.iter().map(|(i, _, _)| *i).collect();
-        tokio::spawn(async move {
+        self.operator_rt.spawn(async move {
             let read = tokio::task::spawn_blocking(move || {
                 stations
                     .into_iter()
@@ -1466,7 +1500,7 @@ impl Run {
     fn list_unauthorized(&self) {
         let operator = Arc::clone(&self.operator);
         let tx = self.tx.clone();
-        tokio::spawn(async move {
+        self.operator_rt.spawn(async move {
             // Every page: the list is paged (`[limits] max_page_size`), and the stations whose
             // events were missed may be anywhere in it.
             let mut after: Option<String> = None;
@@ -1607,7 +1641,7 @@ impl Run {
         }
         let operator = Arc::clone(&self.operator);
         let tx = self.tx.clone();
-        tokio::spawn(async move {
+        self.operator_rt.spawn(async move {
             let outcome = operator.request(commands).await;
             let _ = tx.send(Msg::RejectAnswered { outcome });
         });
@@ -1813,13 +1847,15 @@ impl Run {
 }
 
 /// Starts the stations one after another as the pacer admits them, each from its source
-/// address; returns their forwarding tasks.
+/// address; returns their forwarding tasks. The first `probes.0` run on the runtime
+/// `probes.1` (the cut sample's, [`Run::probe_rt`]), the others on the caller's.
 async fn spawn_stations(
     dirs: Vec<PathBuf>,
     (sim, servers, sources): (SimConfig, ServerPlan, Rotation),
     pacer: Arc<Pacer>,
     tx: mpsc::UnboundedSender<Msg>,
     mut stop: watch::Receiver<bool>,
+    probes: (usize, tokio::runtime::Handle),
 ) -> Vec<JoinHandle<()>> {
     let mut tasks = Vec::with_capacity(dirs.len());
     for (index, dir) in dirs.into_iter().enumerate() {
@@ -1833,7 +1869,13 @@ async fn spawn_stations(
             source: sources.of(index),
             ..sim.clone()
         };
-        let handle = spawn_station(dir, config);
+        let handle = match index < probes.0 {
+            true => {
+                let _probes = probes.1.enter();
+                spawn_station(dir, config)
+            }
+            false => spawn_station(dir, config),
+        };
         let started = Msg::Started {
             index,
             control: handle.control(),

@@ -166,7 +166,9 @@ struct LoadArgs {
     /// After onboarding, reboot every station at once and measure the reconnect storm.
     #[arg(long)]
     reconnect: bool,
-    /// Stations rejected at the end (one envelope) to measure command-to-cut.
+    /// Stations rejected at the end (one envelope) to measure command-to-cut: the first N,
+    /// which run on a runtime of their own (as the operator does), so that the figure is
+    /// fleetd's and not the simulator's queue.
     #[arg(long, default_value_t = 10)]
     cut_sample: usize,
     /// fleetd's process id: its memory is read from /proc/PID/status.
