@@ -612,33 +612,13 @@ enum Msg {
 /// every simulated device.
 pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
     let servers = check_options(&opts)?;
-    // The operator is a process of its own in a real fleet (fleetctl, the console): here it
-    // gets a runtime of its own, on which its connection is driven and its requests are sent.
-    // On the stations' runtime, a request sent right after a reconnect storm waited some
-    // 700 ms behind 10,000 stations' tasks before its PUBLISH was written, and reject → cut
-    // measured the simulator.
-    let operator_runtime = SideRuntime::start(1, "fleet-sim-operator")?;
-    let operator_rt = operator_runtime
-        .handle()
-        .ok_or_else(|| LoadError::Internal("the operator's runtime".into()))?;
-    // The stations rejected at the end (the first `cut_sample`, [`LoadOptions::cut_sample`])
-    // run on a runtime of their own too, for the same reason: reject → cut is fleetd's
-    // figure, not the time the simulator's busy runtime takes to read their sockets.
-    let probe_runtime = SideRuntime::start(1, "fleet-sim-probes")?;
-    let probe_rt = probe_runtime
-        .handle()
-        .ok_or_else(|| LoadError::Internal("the probes' runtime".into()))?;
+    let observers = Observers::start()?;
+    let (operator_rt, probe_rt) = (observers.operator.clone(), observers.probes.clone());
     let Operator {
         ca_pem,
         client: operator,
         events,
-    } = {
-        let (data_dir, server) = (opts.data_dir.clone(), servers.first().to_owned());
-        operator_rt
-            .spawn(async move { connect_operator(&data_dir, &server).await })
-            .await
-            .map_err(|e| LoadError::Internal(format!("the operator's task: {e}")))??
-    };
+    } = observers.connect_operator(&opts, servers.first()).await?;
 
     let tag = run_tag();
     let serial_prefix = format!("LD{:06x}", tag & 0xff_ffff);
@@ -713,6 +693,48 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         (processes_before, processes_after),
         later,
     ))
+}
+
+/// The runtimes of what measures the run, apart from the stations' own. The operator is a
+/// process of its own in a real fleet (fleetctl, the console): here it gets a runtime of its
+/// own, on which its connection is driven and its requests are sent. On the stations'
+/// runtime, a request sent right after a reconnect storm waited some 700 ms behind 10,000
+/// stations' tasks before its PUBLISH was written, and reject → cut measured the simulator.
+/// The stations rejected at the end (the first `cut_sample`, [`LoadOptions::cut_sample`]) run
+/// on a runtime of their own too, for the same reason: reject → cut is fleetd's figure, not
+/// the time the simulator's busy runtime takes to read their sockets.
+struct Observers {
+    _runtimes: [SideRuntime; 2],
+    operator: tokio::runtime::Handle,
+    probes: tokio::runtime::Handle,
+}
+
+impl Observers {
+    fn start() -> Result<Observers, LoadError> {
+        let operator = SideRuntime::start(1, "fleet-sim-operator")?;
+        let probes = SideRuntime::start(1, "fleet-sim-probes")?;
+        let (Some(operator_rt), Some(probes_rt)) = (operator.handle(), probes.handle()) else {
+            return Err(LoadError::Internal("the observers' runtimes".into()));
+        };
+        Ok(Observers {
+            _runtimes: [operator, probes],
+            operator: operator_rt,
+            probes: probes_rt,
+        })
+    }
+
+    /// The operator, connected on its runtime (its connection's task stays there).
+    async fn connect_operator(
+        &self,
+        opts: &LoadOptions,
+        server: &str,
+    ) -> Result<Operator, LoadError> {
+        let (data_dir, server) = (opts.data_dir.clone(), server.to_owned());
+        self.operator
+            .spawn(async move { connect_operator(&data_dir, &server).await })
+            .await
+            .map_err(|e| LoadError::Internal(format!("the operator's task: {e}")))?
+    }
 }
 
 /// A runtime of the run's own beside the one the stations run on: the dialer, which opens
