@@ -464,6 +464,23 @@ pub struct StoreConfig {
     /// `postgresql://…`, with libpq's `?key=value` options) instead of the redb file
     /// `fleet.redb` in `server.data_dir`. Default none: the redb file.
     pub url: Option<String>,
+    /// `cache_mib`: the redb file's page cache at most, in MiB (1 to [`MAX_STORE_CACHE_MIB`]).
+    /// Default [`DEFAULT_STORE_CACHE_MIB`]. A smaller cache grows fleetd's memory less under
+    /// churn (the audit log's new pages fill it) and reads from disk sooner. Only for the redb
+    /// file: with `url` it is an error.
+    pub cache_mib: Option<u32>,
+}
+
+/// `[store] cache_mib` when not set.
+pub const DEFAULT_STORE_CACHE_MIB: u32 = 64;
+/// `[store] cache_mib` at most (64 GiB).
+pub const MAX_STORE_CACHE_MIB: u32 = 65_536;
+
+impl StoreConfig {
+    /// The redb file's page cache, in bytes (`cache_mib`, or its default).
+    pub fn cache_bytes(&self) -> usize {
+        (self.cache_mib.unwrap_or(DEFAULT_STORE_CACHE_MIB) as usize) << 20
+    }
 }
 
 /// Shown without the password a `url` may carry (a configuration dump, an error message).
@@ -471,6 +488,7 @@ impl fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StoreConfig")
             .field("url", &self.url.as_deref().map(redacted_url))
+            .field("cache_mib", &self.cache_mib)
             .finish()
     }
 }
@@ -713,6 +731,20 @@ impl Config {
     /// `[store]`: a URL of a scheme PostgreSQL takes, with a host or socket and a database
     /// part; whether the server answers is for fleetd's start to tell.
     fn validate_store(&self) -> Result<(), ConfigError> {
+        if let Some(mib) = self.store.cache_mib {
+            if mib == 0 || mib > MAX_STORE_CACHE_MIB {
+                return Err(ConfigError::invalid(
+                    "store.cache_mib",
+                    format_args!("must be between 1 and {MAX_STORE_CACHE_MIB}"),
+                ));
+            }
+            if self.store.url.is_some() {
+                return Err(ConfigError::invalid(
+                    "store.cache_mib",
+                    "is the redb file's cache: a PostgreSQL store (store.url) has none",
+                ));
+            }
+        }
         let Some(url) = &self.store.url else {
             return Ok(());
         };
@@ -1138,6 +1170,9 @@ insecure_listen_anywhere = false
 # schema is created and migrated by fleetd itself. A password in the URL is never logged; the
 # environment variable PGPASSWORD keeps it out of this file.
 # url = "postgres://fleet@127.0.0.1:5432/fleet"
+# The redb file's page cache at most, in MiB (1 to 65536; not with url). A smaller cache grows
+# fleetd's memory less under churn and reads from disk sooner.
+# cache_mib = 64
 
 [cluster]
 # What this fleetd runs: "single" (front door, router, controller and store in one process),
@@ -1406,6 +1441,8 @@ mod tests {
             ("phones", "min_whitelist_prefix_v4", "33"),
             ("phones", "min_whitelist_prefix_v6", "129"),
             ("server", "handshake_threads", "257"),
+            ("store", "cache_mib", "0"),
+            ("store", "cache_mib", "65537"),
         ];
         for (table, key, value) in refused {
             let text = format!("[{table}]\n{key} = {value}");
@@ -1431,6 +1468,8 @@ mod tests {
             ("phones", "min_whitelist_prefix_v6", "128"),
             ("server", "handshake_threads", "0"),
             ("server", "handshake_threads", "256"),
+            ("store", "cache_mib", "1"),
+            ("store", "cache_mib", "65536"),
         ];
         for (table, key, value) in accepted {
             let text = format!("[{table}]\n{key} = {value}");
@@ -1517,6 +1556,16 @@ mod tests {
             "metrics.listen"
         );
         assert_eq!(Config::default().metrics.listen, None, "off by default");
+    }
+
+    #[test]
+    fn the_redb_cache_is_64_mib_unless_set_and_not_for_postgresql() {
+        assert_eq!(Config::default().store.cache_bytes(), 64 << 20);
+        let config = Config::from_toml_str("[store]\ncache_mib = 16").unwrap();
+        assert!(config.validate().is_ok());
+        assert_eq!(config.store.cache_bytes(), 16 << 20);
+        let both = "[store]\nurl = \"postgres://h/db\"\ncache_mib = 16";
+        assert_eq!(invalid_key(both), "store.cache_mib");
     }
 
     #[test]

@@ -197,6 +197,7 @@ pub(crate) fn firmware_policy(config: &Config) -> Result<FirmwarePolicy, StartEr
 pub(crate) async fn open_store(config: &Config) -> Result<Store, StartError> {
     let data_dir = config.server.data_dir.clone();
     let url = config.store.url.clone();
+    let cache_bytes = config.store.cache_bytes();
     let opened = tokio::task::spawn_blocking(move || match &url {
         Some(url) => Store::open_postgres(url).map_err(|e| {
             StartError::Config(format!(
@@ -204,10 +205,12 @@ pub(crate) async fn open_store(config: &Config) -> Result<Store, StartError> {
                 fleet_config::redacted_url(url)
             ))
         }),
-        None => Store::open(&data_dir.join(STORE_FILE)).map_err(|e| match e {
-            StoreError::AlreadyOpen(_) => StartError::InUse(data_dir.clone()),
-            e => e.into(),
-        }),
+        None => {
+            Store::open_with_cache(&data_dir.join(STORE_FILE), cache_bytes).map_err(|e| match e {
+                StoreError::AlreadyOpen(_) => StartError::InUse(data_dir.clone()),
+                e => e.into(),
+            })
+        }
     })
     .await;
     opened.map_err(|e| StartError::Config(format!("the store's opening failed: {e}")))?

@@ -288,8 +288,14 @@ impl Store {
     /// Opens the redb store at `path`, creating the file and its tables if missing. A file that
     /// another process has open is [`StoreError::AlreadyOpen`].
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with_cache(path, redb::CACHE_BYTES)
+    }
+
+    /// As [`Store::open`], with redb's page cache at most `cache_bytes` (`[store] cache_mib`).
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
         let (timer, alive) = (CommitTimer::default(), Arc::new(AtomicBool::new(true)));
-        let backend = redb::RedbStore::open(path, timer.clone(), WriterAlive(alive.clone()))?;
+        let backend =
+            redb::RedbStore::open(path, cache_bytes, timer.clone(), WriterAlive(alive.clone()))?;
         Ok(Store {
             backend: Backend::Redb(backend),
             timer,

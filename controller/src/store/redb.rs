@@ -211,21 +211,24 @@ macro_rules! redb_reads {
     };
 }
 
-/// redb's page cache, at most. Its default (1 GiB) keeps every page written in memory, so the
-/// audit log (a record per CONNECT) grew fleetd's memory with every session it had seen; the
-/// stations, phones and whitelists of a large fleet and the newest audit pages fit in this.
-pub const CACHE_BYTES: usize = 64 << 20;
+/// redb's page cache, at most, unless `[store] cache_mib` says otherwise. redb's default
+/// (1 GiB) keeps every page written in memory, so the audit log (a record per CONNECT) grew
+/// fleetd's memory with every session it had seen; the stations, phones and whitelists of a
+/// large fleet and the newest audit pages fit in this.
+pub const CACHE_BYTES: usize = (fleet_config::DEFAULT_STORE_CACHE_MIB as usize) << 20;
 
 impl RedbStore {
-    /// Opens the store at `path`, creating the file and its tables if missing, and starts its
-    /// writer thread, which holds `alive` while it runs.
+    /// Opens the store at `path` with a page cache of `cache_bytes` at most, creating the file
+    /// and its tables if missing, and starts its writer thread, which holds `alive` while it
+    /// runs.
     pub(super) fn open(
         path: &Path,
+        cache_bytes: usize,
         timer: CommitTimer,
         alive: WriterAlive,
     ) -> Result<RedbStore, StoreError> {
         let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
+            .set_cache_size(cache_bytes)
             .create(path)
             .map_err(|e| match e {
                 redb::DatabaseError::DatabaseAlreadyOpen => {
