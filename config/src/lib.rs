@@ -472,7 +472,7 @@ pub struct StoreConfig {
 }
 
 /// `[store] cache_mib` when not set.
-pub const DEFAULT_STORE_CACHE_MIB: u32 = 64;
+pub const DEFAULT_STORE_CACHE_MIB: u32 = 16;
 /// `[store] cache_mib` at most (64 GiB).
 pub const MAX_STORE_CACHE_MIB: u32 = 65_536;
 
@@ -1172,7 +1172,7 @@ insecure_listen_anywhere = false
 # url = "postgres://fleet@127.0.0.1:5432/fleet"
 # The redb file's page cache at most, in MiB (1 to 65536; not with url). A smaller cache grows
 # fleetd's memory less under churn and reads from disk sooner.
-# cache_mib = 64
+# cache_mib = 16
 
 [cluster]
 # What this fleetd runs: "single" (front door, router, controller and store in one process),
@@ -1559,11 +1559,11 @@ mod tests {
     }
 
     #[test]
-    fn the_redb_cache_is_64_mib_unless_set_and_not_for_postgresql() {
-        assert_eq!(Config::default().store.cache_bytes(), 64 << 20);
-        let config = Config::from_toml_str("[store]\ncache_mib = 16").unwrap();
+    fn the_redb_cache_is_16_mib_unless_set_and_not_for_postgresql() {
+        assert_eq!(Config::default().store.cache_bytes(), 16 << 20);
+        let config = Config::from_toml_str("[store]\ncache_mib = 64").unwrap();
         assert!(config.validate().is_ok());
-        assert_eq!(config.store.cache_bytes(), 16 << 20);
+        assert_eq!(config.store.cache_bytes(), 64 << 20);
         let both = "[store]\nurl = \"postgres://h/db\"\ncache_mib = 16";
         assert_eq!(invalid_key(both), "store.cache_mib");
     }
