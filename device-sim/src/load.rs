@@ -99,7 +99,9 @@ pub struct LoadOptions {
     /// Stations rejected (in one envelope) at the end to measure command-to-cut. The first
     /// `cut_sample` stations are these probes: they run, like the operator, on a runtime of
     /// their own, so that what is measured is fleetd's time and not the simulator's queue of
-    /// 10,000 stations' tasks (see `run_load`); the cut takes the first authorized ones.
+    /// 10,000 stations' tasks (see `Observers`). The cut takes the first authorized,
+    /// connected stations: a probe that is neither is replaced by the next station, which
+    /// runs on the stations' runtime.
     pub cut_sample: usize,
     /// fleetd's process id, to read its memory from `/proc/<pid>/status`.
     pub fleetd_pid: Option<u32>,
@@ -738,7 +740,7 @@ impl Observers {
 }
 
 /// A runtime of the run's own beside the one the stations run on: the dialer, which opens
-/// the stations' connections ([`LoadOptions::dial_threads`]), and the operator's. Shut down
+/// the stations' connections ([`LoadOptions::dial_threads`]), and the [`Observers`]'. Shut down
 /// without waiting when dropped (a runtime may not be dropped, with a wait, within another's
 /// tasks).
 struct SideRuntime(Option<tokio::runtime::Runtime>);

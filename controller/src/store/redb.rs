@@ -213,9 +213,9 @@ macro_rules! redb_reads {
 
 /// redb's page cache, at most, unless `[store] cache_mib` says otherwise. redb's default
 /// (1 GiB) keeps every page written in memory, so the audit log (a record per CONNECT) grew
-/// fleetd's memory with every session it had seen. 16 MiB holds the stations of a fleet of
-/// 10,000 and the newest audit pages; at 64 MiB, fleetd's RSS grew 1.39-1.45x over a churn of
-/// 10,000 stations x 20 rounds, at 16 MiB 1.13-1.19x, onboarding as fast (BENCHMARKS.md).
+/// fleetd's memory with every session it had seen. At 64 MiB, fleetd's RSS grew 1.39-1.45x
+/// over a churn of 10,000 stations x 20 rounds, at 16 MiB 1.13-1.19x, with no slower
+/// onboarding in those runs (BENCHMARKS.md, seventh day).
 pub const CACHE_BYTES: usize = (fleet_config::DEFAULT_STORE_CACHE_MIB as usize) << 20;
 
 impl RedbStore {
