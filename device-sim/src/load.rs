@@ -244,6 +244,13 @@ pub struct LoadReport {
     /// devices onboarded: what one onboarding costs the whole cluster.
     #[serde(default)]
     pub processes_cpu_ms_per_device: Option<f64>,
+    /// Whether the stations' state directories (`--state-dir`) were on a filesystem held in
+    /// memory (tmpfs); `None` when it could not be told. On a disk filesystem every
+    /// `authorized` costs the simulator a new file (inode) in that station's directory, and on
+    /// this project's 2-core machine that cost, not fleetd, set accept → `authorized`
+    /// ([`state_dir_in_memory`]).
+    #[serde(default)]
+    pub state_dir_in_memory: Option<bool>,
 }
 
 /// Which server each device connects to: device k, counting the stations first and then the
@@ -636,6 +643,13 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
             .map_err(|e| LoadError::Internal(e.to_string()))??
     };
 
+    if state_dir_in_memory(&station_base) == Some(false) {
+        tracing::warn!(
+            state_dir = %opts.state_dir.display(),
+            "the stations' state is on a disk filesystem: their own file writes may show in \
+             accept → authorized; a --state-dir on tmpfs (/dev/shm/…) keeps them out"
+        );
+    }
     let sources = source_plan(&opts).await;
     let dialer = SideRuntime::start(opts.dial_threads, "fleet-sim-dialer")?;
     let (tx, rx) = mpsc::unbounded_channel();
@@ -1866,8 +1880,34 @@ impl Run {
             servers: self.opts.servers.clone(),
             processes_cpu_ms_per_device: processes::total_cpu_ms_per_device(&processes, onboarded),
             processes,
+            state_dir_in_memory: state_dir_in_memory(&self.opts.state_dir),
         }
     }
+}
+
+/// Whether `dir` is on a filesystem held in memory (tmpfs, ramfs); `None` if it cannot be
+/// told. Why it matters: a simulated station saves its state file whole (a new temporary file
+/// renamed over the old one) when it is told `authorized`, so 100 stations accepted in one
+/// 20 ms envelope create 5,000 inodes a second. On ext4, right after the previous run's
+/// directories were deleted, inode allocation alone made the stations read their `cmd` up to
+/// 1.8 s late while fleetd had written every one within 10 ms of queueing it (2026-12-06,
+/// held accepts: p99 41 to 1,607 ms run to run on ext4, 15 to 19 ms on tmpfs).
+pub fn state_dir_in_memory(dir: &Path) -> Option<bool> {
+    let fs = rustix::fs::statfs(dir).ok()?;
+    Some(is_memory_fs(f_type(&fs)))
+}
+
+/// `statfs`'s `f_type`, whose integer type differs between targets.
+#[allow(clippy::unnecessary_cast)]
+fn f_type(fs: &rustix::fs::StatFs) -> i64 {
+    fs.f_type as i64
+}
+
+/// `statfs`'s `f_type` of tmpfs and ramfs.
+fn is_memory_fs(f_type: i64) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    matches!(f_type, TMPFS_MAGIC | RAMFS_MAGIC)
 }
 
 /// Starts the stations one after another as the pacer admits them, each from its source
@@ -2053,6 +2093,22 @@ async fn onboard_phones(run: PhoneRun) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_filesystems_are_told_from_disk_ones() {
+        assert!(is_memory_fs(0x0102_1994), "tmpfs");
+        assert!(is_memory_fs(0x8584_58f6), "ramfs");
+        assert!(!is_memory_fs(0xef53), "ext4");
+        assert!(!is_memory_fs(0x5846_5342), "xfs");
+        let dir = tempfile::tempdir().unwrap();
+        assert!(state_dir_in_memory(dir.path()).is_some());
+        assert_eq!(state_dir_in_memory(&dir.path().join("missing")), None);
+        // Where the machine has a tmpfs /dev/shm (Linux usually does), it is told as one.
+        let shm = rustix::fs::statfs("/dev/shm").map(|fs| f_type(&fs));
+        if shm.is_ok_and(is_memory_fs) {
+            assert_eq!(state_dir_in_memory(Path::new("/dev/shm")), Some(true));
+        }
+    }
 
     #[test]
     fn vm_rss_is_read_from_proc_status() {

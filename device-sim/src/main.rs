@@ -608,6 +608,13 @@ fn print_report(report: &fleet_sim::LoadReport) {
             report.accepts_deferred
         );
     }
+    match report.state_dir_in_memory {
+        Some(true) => println!("station state:        in memory (tmpfs)"),
+        Some(false) => println!(
+            "station state:        on disk: the stations' own file writes may show in accept to authorized (a --state-dir on tmpfs keeps them out)"
+        ),
+        None => {}
+    }
     match report.source_addresses {
         0 => println!("source addresses:     the system's choice"),
         n => println!("source addresses:     {n}"),
