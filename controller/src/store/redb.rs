@@ -123,18 +123,25 @@ fn try_group(
     timer: &CommitTimer,
 ) -> Result<Vec<Vec<AuditRecord>>, StoreError> {
     let txn = db.begin_write()?;
-    let mut results = Vec::with_capacity(group.len());
-    for request in group {
-        match write_changes(&txn, &request.changes) {
-            Ok(records) => results.push(records),
-            Err(error) => {
-                let _ = txn.abort();
-                return Err(error);
-            }
+    let written = (|| {
+        let mut tables = Tables::new(&txn);
+        let mut results = Vec::with_capacity(group.len());
+        for request in group {
+            results.push(tables.apply(&request.changes)?);
+        }
+        tables.finish()?;
+        Ok(results)
+    })();
+    match written {
+        Ok(results) => {
+            commit_timed(timer, txn)?;
+            Ok(results)
+        }
+        Err(error) => {
+            let _ = txn.abort();
+            Err(error)
         }
     }
-    commit_timed(timer, txn)?;
-    Ok(results)
 }
 
 fn apply_one(db: &Database, changes: &[Change], timer: &CommitTimer) -> WriteResult {
@@ -483,69 +490,102 @@ fn write_changes(
     txn: &WriteTransaction,
     changes: &[Change],
 ) -> Result<Vec<AuditRecord>, StoreError> {
-    // A table is opened only when a change needs it: opening one looks it up, and closing it
-    // writes its root back, and a batch applies one command's changes at a time (an accept
-    // touches two of the six tables).
-    let mut stations = None;
-    let mut phones = None;
-    let mut singles = None;
-    let mut seen = None;
-    let mut chain = None;
-    let mut stored = Vec::new();
-    for change in changes {
-        match change {
-            Change::PutStation(station) => {
-                let table = opened(&mut stations, txn, STATIONS)?;
-                table.insert(station.serial.as_str(), encode(station)?.as_slice())?;
-            }
-            Change::NoteMismatch { serial, at } => {
-                let table = opened(&mut stations, txn, STATIONS)?;
-                if let Some(station) = read_station(&*table, serial)? {
-                    let noted = crate::station::mismatch_noted(station, *at);
-                    table.insert(serial.as_str(), encode(&noted)?.as_slice())?;
-                }
-            }
-            Change::DeleteStation(serial) => {
-                opened(&mut stations, txn, STATIONS)?.remove(serial.as_str())?;
-                opened(&mut seen, txn, SEEN)?.remove(serial.as_str())?;
-            }
-            Change::Seen(serial, at) => {
-                // Only for a station that has a record: one removed since it was seen is not
-                // brought back as a sighting. Never back in time: two sweeps' commits (the
-                // minute's and a stop's) may land in either order.
-                let known = opened(&mut stations, txn, STATIONS)?
-                    .get(serial.as_str())?
-                    .is_some();
-                let table = opened(&mut seen, txn, SEEN)?;
-                let before = table.get(serial.as_str())?.map(|v| v.value());
-                if known && before.is_none_or(|before| before < *at) {
-                    table.insert(serial.as_str(), *at)?;
-                }
-            }
-            Change::PutPhone(phone) => {
-                let table = opened(&mut phones, txn, PHONES)?;
-                table.insert(phone.mac.as_str(), encode(phone)?.as_slice())?;
-            }
-            Change::DeletePhone(mac) => {
-                opened(&mut phones, txn, PHONES)?.remove(mac.as_str())?;
-            }
-            Change::PutWhitelists(whitelists) => {
-                let table = opened(&mut singles, txn, SINGLES)?;
-                table.insert(WHITELISTS, encode(whitelists)?.as_slice())?;
-            }
-            Change::Audit(record) => {
-                let chain = match &mut chain {
-                    Some(chain) => chain,
-                    None => chain.insert(AuditChain::open(txn)?),
-                };
-                stored.push(chain.append(record)?);
-            }
+    let mut tables = Tables::new(txn);
+    let stored = tables.apply(changes)?;
+    tables.finish()?;
+    Ok(stored)
+}
+
+/// The tables a transaction's changes are written to, each opened when a change first needs
+/// it and kept open until [`Tables::finish`]: opening one looks it up, and closing it writes
+/// its root back, so the writer's group of many small requests (an audit record per CONNECT)
+/// opens each table once, not once per request. Nothing may read through the transaction
+/// while they are open (redb refuses a second opening of a table).
+struct Tables<'t> {
+    txn: &'t WriteTransaction,
+    stations: Option<redb::Table<'t, &'static str, &'static [u8]>>,
+    phones: Option<redb::Table<'t, &'static str, &'static [u8]>>,
+    singles: Option<redb::Table<'t, &'static str, &'static [u8]>>,
+    seen: Option<redb::Table<'t, &'static str, i64>>,
+    chain: Option<AuditChain<'t>>,
+}
+
+impl<'t> Tables<'t> {
+    fn new(txn: &'t WriteTransaction) -> Self {
+        Tables {
+            txn,
+            stations: None,
+            phones: None,
+            singles: None,
+            seen: None,
+            chain: None,
         }
     }
-    if let Some(chain) = chain {
-        chain.finish()?;
+
+    /// Writes `changes` in order; returns the audit records among them as stored.
+    fn apply(&mut self, changes: &[Change]) -> Result<Vec<AuditRecord>, StoreError> {
+        let txn = self.txn;
+        let mut stored = Vec::new();
+        for change in changes {
+            match change {
+                Change::PutStation(station) => {
+                    let table = opened(&mut self.stations, txn, STATIONS)?;
+                    table.insert(station.serial.as_str(), encode(station)?.as_slice())?;
+                }
+                Change::NoteMismatch { serial, at } => {
+                    let table = opened(&mut self.stations, txn, STATIONS)?;
+                    if let Some(station) = read_station(&*table, serial)? {
+                        let noted = crate::station::mismatch_noted(station, *at);
+                        table.insert(serial.as_str(), encode(&noted)?.as_slice())?;
+                    }
+                }
+                Change::DeleteStation(serial) => {
+                    opened(&mut self.stations, txn, STATIONS)?.remove(serial.as_str())?;
+                    opened(&mut self.seen, txn, SEEN)?.remove(serial.as_str())?;
+                }
+                Change::Seen(serial, at) => {
+                    // Only for a station that has a record: one removed since it was seen is
+                    // not brought back as a sighting. Never back in time: two sweeps' commits
+                    // (the minute's and a stop's) may land in either order.
+                    let known = opened(&mut self.stations, txn, STATIONS)?
+                        .get(serial.as_str())?
+                        .is_some();
+                    let table = opened(&mut self.seen, txn, SEEN)?;
+                    let before = table.get(serial.as_str())?.map(|v| v.value());
+                    if known && before.is_none_or(|before| before < *at) {
+                        table.insert(serial.as_str(), *at)?;
+                    }
+                }
+                Change::PutPhone(phone) => {
+                    let table = opened(&mut self.phones, txn, PHONES)?;
+                    table.insert(phone.mac.as_str(), encode(phone)?.as_slice())?;
+                }
+                Change::DeletePhone(mac) => {
+                    opened(&mut self.phones, txn, PHONES)?.remove(mac.as_str())?;
+                }
+                Change::PutWhitelists(whitelists) => {
+                    let table = opened(&mut self.singles, txn, SINGLES)?;
+                    table.insert(WHITELISTS, encode(whitelists)?.as_slice())?;
+                }
+                Change::Audit(record) => {
+                    let chain = match &mut self.chain {
+                        Some(chain) => chain,
+                        None => self.chain.insert(AuditChain::open(txn)?),
+                    };
+                    stored.push(chain.append(record)?);
+                }
+            }
+        }
+        Ok(stored)
     }
-    Ok(stored)
+
+    /// Stores the audit log's next sequence number, and closes every table.
+    fn finish(self) -> Result<(), StoreError> {
+        if let Some(chain) = self.chain {
+            chain.finish()?;
+        }
+        Ok(())
+    }
 }
 
 /// The table in `slot`, opened in `txn` the first time it is asked for.
