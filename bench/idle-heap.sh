@@ -29,9 +29,9 @@ listen = "127.0.0.1:$PORT"
 operator_commands_per_second = 1000000
 operator_command_burst = 1000000
 TOML
-# MALLOC_ARENA_MAX set: fleetd would otherwise re-execute itself to set it, and heaptrack would
-# trace only the process that exits at once.
-MALLOC_ARENA_MAX=2 RUST_LOG="${RUST_LOG:-info,fleet_broker::memory=debug}" \
+# glibc's allocator tuned as fleetd tunes it: fleetd would otherwise re-execute itself to do so,
+# and heaptrack would trace only the process that exits at once.
+MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=131072 RUST_LOG="${RUST_LOG:-info,fleet_broker::memory=debug}" \
     heaptrack -o "$WORK/fleetd" "$FLEETD" --config "$WORK/fleetd.toml" \
     >"$WORK/fleetd.log" 2>&1 &
 for _ in $(seq 1 200); do [ -f "$WORK/data/ca.pem" ] && break; sleep 0.05; done

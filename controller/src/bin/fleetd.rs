@@ -82,7 +82,7 @@ enum Cmd {
 }
 
 fn main() {
-    with_two_malloc_arenas();
+    with_tuned_malloc();
     if let Err(e) = run() {
         // One line, non-zero exit (PROTOCOL §8).
         eprintln!("fleetd: {}", one_line(&e));
@@ -109,16 +109,34 @@ fn one_line(error: &anyhow::Error) -> String {
     line
 }
 
-/// Re-executes fleetd with `MALLOC_ARENA_MAX=2` unless the environment sets it (or
-/// `GLIBC_TUNABLES`). glibc gives threads that allocate arenas of their own (up to 8 per core)
-/// and keeps what is freed in each: in the churn soak (`bench/src/bin/churn.rs`, 1,000
-/// stations × 10 rounds) fleetd's RSS grew 2.9× while its live heap did not (heaptrack), and
-/// 1.5×, flattening, with two arenas; the storm figures did not change. The environment must
-/// say it before the process starts, hence the `exec`; without glibc it has no effect.
-fn with_two_malloc_arenas() {
+/// Re-executes fleetd with glibc's allocator tuned for a long-lived server of many small
+/// sessions, unless the environment tunes it already (`MALLOC_ARENA_MAX`,
+/// `MALLOC_MMAP_THRESHOLD_` or `GLIBC_TUNABLES`):
+/// - `MALLOC_ARENA_MAX=2`. glibc gives threads that allocate arenas of their own (up to 8 per
+///   core) and keeps what is freed in each: in the churn soak (`bench/src/bin/churn.rs`, 1,000
+///   stations × 10 rounds) fleetd's RSS grew 2.9× while its live heap did not (heaptrack), and
+///   1.5×, flattening, with two arenas; the storm figures did not change.
+/// - `MALLOC_MMAP_THRESHOLD_=131072`. A fixed threshold: blocks of 128 KiB and more are mapped
+///   on their own and unmapped when freed. By default glibc raises the threshold each time such
+///   a block is freed (up to 32 MiB), and the large blocks of a storm (hash-table growth, the
+///   router's logs) then come from the arenas, whose middle glibc never returns. In the churn
+///   of 10,000 stations × 20 rounds the RSS after the last round fell from 196.9–199.5 MB to
+///   193.6–195.0 MB (BENCHMARKS.md, issue 11, ninth day).
+///
+/// The environment must say it before the process starts, hence the `exec`; without glibc it
+/// has no effect.
+fn with_tuned_malloc() {
     use std::os::unix::process::CommandExt;
-    const ARENAS: &str = "MALLOC_ARENA_MAX";
-    if std::env::var_os(ARENAS).is_some() || std::env::var_os("GLIBC_TUNABLES").is_some() {
+    const TUNED: [(&str, &str); 2] = [
+        ("MALLOC_ARENA_MAX", "2"),
+        ("MALLOC_MMAP_THRESHOLD_", "131072"),
+    ];
+    let tuned_already = TUNED
+        .iter()
+        .map(|(name, _)| *name)
+        .chain(["GLIBC_TUNABLES"])
+        .any(|name| std::env::var_os(name).is_some());
+    if tuned_already {
         return;
     }
     let Ok(exe) = std::env::current_exe() else {
@@ -126,10 +144,10 @@ fn with_two_malloc_arenas() {
     };
     let error = std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))
-        .env(ARENAS, "2")
+        .envs(TUNED)
         .exec();
-    // Only returns on failure: go on with glibc's default.
-    eprintln!("fleetd: running without {ARENAS}=2 ({error})");
+    // Only returns on failure: go on with glibc's defaults.
+    eprintln!("fleetd: running with glibc's default allocator settings ({error})");
 }
 
 // stdout is what scripts read (PROTOCOL §8): the issued files, the example configuration.
