@@ -121,7 +121,7 @@ fn one_line(error: &anyhow::Error) -> String {
 ///   a block is freed (up to 32 MiB), and the large blocks of a storm (hash-table growth, the
 ///   router's logs) then come from the arenas, whose middle glibc never returns. In the churn
 ///   of 10,000 stations × 20 rounds the RSS after the last round fell from 196.9–199.5 MB to
-///   193.6–195.0 MB (BENCHMARKS.md, issue 11, ninth day).
+///   192.4–195.0 MB (BENCHMARKS.md, issue 11, ninth day).
 ///
 /// The environment must say it before the process starts, hence the `exec`; without glibc it
 /// has no effect.
