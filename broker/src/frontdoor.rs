@@ -30,7 +30,7 @@ use crate::admission::{
 use crate::bus::LocalBus;
 use crate::flood::{ConnectionRate, PendingHandshakes};
 use crate::frame;
-use crate::metrics::{Metrics, RefusedConnect};
+use crate::metrics::{AcceptingGuard, Metrics, RefusedConnect};
 use crate::registry::{self, Control, NewSession, Registry, SessionCaps, SharedRights};
 use crate::session::{encode, fit, Action, ClientLimits, Codec, End, Session, SessionConfig};
 use crate::tls::{self, ClientPolicy, TlsSetupError};
@@ -391,14 +391,17 @@ impl Broker {
         // With a runtime for the openings, the accept loop runs there too: each accepted
         // connection's task then starts on the runtime that handshakes it, without waking a
         // worker of the other runtime (in a 4,000-client storm the sessions' runtime did about
-        // 100 ms less work; BENCHMARKS.md, issue 11, ninth day).
+        // 100 ms less work; BENCHMARKS.md, issue 11, ninth day). Alive (`/healthz`) from
+        // here on, not from whenever the loop's task first runs.
+        let accepting = shared.metrics.accepting();
         match runtimes.opening.clone() {
             Some(opening) => match listener.into_std() {
                 Ok(std_listener) => {
                     drop(opening.spawn(async move {
                         match TcpListener::from_std(std_listener) {
                             Ok(listener) => {
-                                accept_loop(listener, shared, admission, runtimes).await
+                                accept_loop(listener, shared, admission, runtimes, accepting)
+                                    .await
                             }
                             Err(e) => error!("the listener could not move to the openings' runtime, nothing is accepted: {e}"),
                         }
@@ -407,7 +410,7 @@ impl Broker {
                 Err(e) => error!("the listener could not move to the openings' runtime, nothing is accepted: {e}"),
             },
             None => drop(tokio::spawn(accept_loop(
-                listener, shared, admission, runtimes,
+                listener, shared, admission, runtimes, accepting,
             ))),
         }
     }
@@ -493,9 +496,9 @@ async fn accept_loop(
     shared: Arc<Shared>,
     admission: Arc<dyn Admission>,
     runtimes: Runtimes,
+    _accepting: AcceptingGuard,
 ) {
     let mut shutdown = shared.shutdown.clone();
-    let _accepting = shared.metrics.accepting();
     let mut rate = ConnectionRate::new(shared.settings.connections_per_ip_per_minute);
     'accept: loop {
         // At the socket cap, new connections wait in the kernel's backlog (and, past it, the
