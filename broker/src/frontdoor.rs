@@ -400,14 +400,13 @@ impl Broker {
                     drop(opening.spawn(async move {
                         match TcpListener::from_std(std_listener) {
                             Ok(listener) => {
-                                accept_loop(listener, shared, admission, runtimes, accepting)
-                                    .await
+                                accept_loop(listener, shared, admission, runtimes, accepting).await
                             }
-                            Err(e) => error!("the listener could not move to the openings' runtime, nothing is accepted: {e}"),
+                            Err(e) => error!("{LISTENER_NOT_MOVED}: {e}"),
                         }
                     }));
                 }
-                Err(e) => error!("the listener could not move to the openings' runtime, nothing is accepted: {e}"),
+                Err(e) => error!("{LISTENER_NOT_MOVED}: {e}"),
             },
             None => drop(tokio::spawn(accept_loop(
                 listener, shared, admission, runtimes, accepting,
@@ -486,6 +485,10 @@ impl Drop for HandshakeSlot {
 }
 
 /// Where connections are opened (`None`: on the sessions' runtime) and where sessions run.
+/// Logged if `serve` cannot hand the listener to the openings' runtime.
+const LISTENER_NOT_MOVED: &str =
+    "the listener could not move to the openings' runtime, nothing is accepted";
+
 struct Runtimes {
     opening: Option<tokio::runtime::Handle>,
     sessions: tokio::runtime::Handle,
