@@ -79,24 +79,27 @@ fn run_writer(db: Arc<Database>, queue: mpsc::Receiver<WriteRequest>, timer: Com
     let mut busy = false;
     while let Ok(first) = queue.recv() {
         let mut group = vec![first];
+        take_queued(&queue, &mut group);
         // While requests keep coming (the last group had company), wait a moment for more:
-        // fewer, larger commits. An isolated request is committed at once.
-        let linger_until = busy.then(|| std::time::Instant::now() + GROUP_LINGER);
-        while group.len() < MAX_GROUP {
-            let next = match linger_until {
-                Some(until) => {
-                    let left = until.saturating_duration_since(std::time::Instant::now());
-                    queue.recv_timeout(left).ok()
-                }
-                None => queue.try_recv().ok(),
-            };
-            match next {
-                Some(request) => group.push(request),
-                None => break,
-            }
+        // fewer, larger commits. An isolated request is committed at once. The writer sleeps
+        // rather than waits on the queue, so the requests that arrive meanwhile do not each
+        // wake it (a futex call and a context switch per request, in a storm of CONNECTs).
+        if busy && group.len() < MAX_GROUP {
+            std::thread::sleep(GROUP_LINGER);
+            take_queued(&queue, &mut group);
         }
         busy = group.len() > 1;
         commit_group(&db, group, &timer);
+    }
+}
+
+/// Adds what is queued to `group`, up to [`MAX_GROUP`], without waiting.
+fn take_queued(queue: &mpsc::Receiver<WriteRequest>, group: &mut Vec<WriteRequest>) {
+    while group.len() < MAX_GROUP {
+        match queue.try_recv() {
+            Ok(request) => group.push(request),
+            Err(_) => break,
+        }
     }
 }
 
