@@ -167,6 +167,9 @@ pub struct Broker {
 /// the sessions' runtime ([`TlsStream::detach`]), which polls it from then on.
 struct Openings(Option<tokio::runtime::Runtime>);
 
+/// Threads of the openings' blocking pool at most.
+const OPENINGS_BLOCKING_THREADS: usize = 8;
+
 impl Openings {
     fn start(threads: usize) -> std::io::Result<Openings> {
         if threads == 0 {
@@ -177,7 +180,11 @@ impl Openings {
             .thread_name("fleet-open")
             .enable_all()
             // Admissions and session openings wait on its blocking pool (see fleetd's runtime).
-            .max_blocking_threads(128)
+            // They take the controller's lock in turn, so a few threads are as fast as many,
+            // and each thread kept alive holds its stack and glibc's per-thread cache: with
+            // 128, a churn of 10,000 stations kept 128 threads here, and fleetd's RSS grew
+            // round after round (BENCHMARKS.md, issue 11, tenth day).
+            .max_blocking_threads(OPENINGS_BLOCKING_THREADS)
             .build()?;
         Ok(Openings(Some(runtime)))
     }

@@ -294,11 +294,14 @@ fn connections_allowed(open_files: u64) -> u64 {
 fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        // Admissions, session openings and ends, router links and firmware reads wait on the
-        // blocking pool (they may wait for the controller's lock or the disk, never on an async
-        // worker): bounded, so that a connect storm queues them instead of starting hundreds of
-        // threads.
-        .max_blocking_threads(128)
+        // Session ends, router links, sweeps and firmware reads wait on the blocking pool
+        // (they may wait for the controller's lock or the disk, never on an async worker), and
+        // a batch's `block_in_place` hands its worker's place to a thread of it. Bounded, so
+        // that 10,000 sessions ending at once queue instead of starting a hundred threads that
+        // then stay alive, each with its stack and glibc's per-thread cache resident (at 128,
+        // fleetd's RSS grew round after round of a churn; BENCHMARKS.md, issue 11, tenth day).
+        // The openings' runtime has its own, smaller pool for admissions.
+        .max_blocking_threads(16)
         .build()
         .context("tokio runtime")?;
     let stopped = runtime.block_on(async {
