@@ -125,8 +125,10 @@ pub enum Change {
 
 /// Most requests the writer commits in one transaction.
 const MAX_GROUP: usize = 512;
-/// How long the writer waits for more requests before a commit while it is busy (an
-/// isolated request is committed at once), for both backends; the figures here are redb's. A
+/// How long the writer sleeps before it takes more requests into a commit while it is busy
+/// (an isolated request is committed at once), for both backends; the figures here are
+/// redb's. It sleeps rather than waits on its queue, so the requests that arrive meanwhile do
+/// not each wake it. A
 /// commit costs about 0.2 ms of CPU however few
 /// records it holds; in a storm of CONNECTs (an audit record each) 2 ms makes groups of about
 /// six instead of two and a half, halves the commits and cuts the writer's CPU by a third,

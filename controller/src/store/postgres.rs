@@ -562,20 +562,13 @@ async fn run_writer(
     let mut busy = false;
     while let Some(first) = queue.recv().await {
         let mut group = vec![first];
-        // While requests keep coming, wait a moment for more: fewer, larger commits.
-        let linger_until = busy.then(|| tokio::time::Instant::now() + GROUP_LINGER);
-        while group.len() < MAX_GROUP {
-            let next = match linger_until {
-                Some(until) => tokio::time::timeout_at(until, queue.recv())
-                    .await
-                    .ok()
-                    .flatten(),
-                None => queue.try_recv().ok(),
-            };
-            match next {
-                Some(request) => group.push(request),
-                None => break,
-            }
+        take_queued(&mut queue, &mut group);
+        // While requests keep coming, wait a moment for more: fewer, larger commits. As
+        // redb's writer, it sleeps rather than waits on the queue, so that the requests that
+        // arrive meanwhile do not each wake its thread.
+        if busy && group.len() < MAX_GROUP {
+            tokio::time::sleep(GROUP_LINGER).await;
+            take_queued(&mut queue, &mut group);
         }
         busy = group.len() > 1;
         let refused = not_leader(&lease.borrow());
@@ -586,6 +579,19 @@ async fn run_writer(
             continue;
         }
         commit_group(&pool, group, &timer, epoch).await;
+    }
+}
+
+/// Adds what is queued to `group`, up to [`MAX_GROUP`], without waiting.
+fn take_queued(
+    queue: &mut channel::UnboundedReceiver<WriteRequest>,
+    group: &mut Vec<WriteRequest>,
+) {
+    while group.len() < MAX_GROUP {
+        match queue.try_recv() {
+            Ok(request) => group.push(request),
+            Err(_) => break,
+        }
     }
 }
 
