@@ -183,6 +183,11 @@ impl Fleetd {
         rss_kib(self.pid()).expect("fleetd's VmRSS in /proc")
     }
 
+    /// How many threads it runs now.
+    pub fn threads(&self) -> u64 {
+        threads(self.pid()).expect("fleetd's Threads in /proc")
+    }
+
     /// The fleet CA of the data directory, PEM.
     pub fn ca_pem(&self) -> String {
         read(&self.data, "ca.pem")
@@ -289,6 +294,15 @@ pub async fn operator_of(server: &str, data: &Path) -> Operator {
 
 /// The resident set size of process `pid` in KiB (`VmRSS` of `/proc/<pid>/status`); `None`
 /// when there is no such process.
+/// The thread count of process `pid`, from the `Threads:` line of `/proc/PID/status`.
+pub fn threads(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))
+        .and_then(|count| count.trim().parse().ok())
+}
+
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     fleet_sim::load::parse_vm_rss(&status)

@@ -2,7 +2,8 @@
 //! resuming their TLS sessions, while 1 % of them are removed by the operator and replaced by
 //! new ones; fleetd's resident memory after the last round must not have grown past what the
 //! allocator's noise explains, so that nothing it keeps grows with every session or client id
-//! it has seen (issue 11, item 6). The full soak, 10,000 stations × 20 rounds, is the benchmark
+//! it has seen (issue 11, item 6), and fleetd's thread count must stay within what its bounded
+//! blocking pools and workers allow. The full soak, 10,000 stations × 20 rounds, is the benchmark
 //! `bench/src/bin/churn.rs`.
 
 use fleet_tests::churn::{replacements, Churn, CHURN_CONFIG};
@@ -26,6 +27,15 @@ const REPLACE_PERCENT: f64 = 1.0;
 const LEAK_PER_SESSION_KIB: u64 = 24;
 /// RSS growth that the allocator alone may show between two readings, in KiB.
 const NOISE_KIB: u64 = 4096;
+/// Threads fleetd may run besides its runtimes' workers and blocking pools: the main thread,
+/// the store writer, rumqttd's router and the rest that do not come and go with sessions.
+const FIXED_THREADS: u64 = 16;
+/// fleetd's blocking pools at most: the openings' runtime's and the sessions' runtime's. With
+/// pools that grow with the calls waiting in them, a reboot storm keeps a thread per waiting
+/// call alive, each with its stack and allocator cache (BENCHMARKS.md, issue 11, tenth day).
+const BLOCKING_THREADS: u64 = 8 + 16;
+/// The openings' runtime's workers (`server.handshake_threads`, default 2).
+const HANDSHAKE_THREADS: u64 = 2;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_does_not_grow_fleetd_memory_per_client_id_ever_seen() {
@@ -45,6 +55,7 @@ async fn churn_does_not_grow_fleetd_memory_per_client_id_ever_seen() {
 
     let replace = replacements(STATIONS, REPLACE_PERCENT);
     let mut rss = Vec::with_capacity(ROUNDS);
+    let mut most_threads = fleetd.threads();
     for n in 1..=ROUNDS {
         let round = fleet
             .round(&mut op, replace)
@@ -56,6 +67,7 @@ async fn churn_does_not_grow_fleetd_memory_per_client_id_ever_seen() {
             "round {n}: every rebooted station resumes its TLS session"
         );
         rss.push(fleetd.rss_kib());
+        most_threads = most_threads.max(fleetd.threads());
         eprintln!(
             "round {n}: {} rebooted ({} resumed), {} replaced, {:.1} s; fleetd RSS {} KiB",
             round.rebooted,
@@ -88,6 +100,16 @@ async fn churn_does_not_grow_fleetd_memory_per_client_id_ever_seen() {
         "fleetd grew by {growth} KiB over {sessions} sessions ({first} → {last} KiB), more than \
          the {margin} KiB that noise explains: about {:.1} KiB per session",
         growth as f64 / sessions as f64
+    );
+    // A pool's idle threads live 10 s, longer than a round: a reading after each round sees
+    // the most each pool started during it.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let bound = FIXED_THREADS + BLOCKING_THREADS + HANDSHAKE_THREADS + workers;
+    eprintln!("fleetd ran at most {most_threads} threads (bound {bound})");
+    assert!(
+        most_threads <= bound,
+        "fleetd ran {most_threads} threads after a round, more than its pools and workers \
+         allow ({bound})"
     );
     fleet.disconnect_all().await;
 }
