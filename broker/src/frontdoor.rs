@@ -168,7 +168,7 @@ pub struct Broker {
 struct Openings(Option<tokio::runtime::Runtime>);
 
 /// Threads of the openings' blocking pool at most.
-const OPENINGS_BLOCKING_THREADS: usize = 8;
+pub const OPENINGS_BLOCKING_THREADS: usize = 8;
 
 impl Openings {
     fn start(threads: usize) -> std::io::Result<Openings> {
@@ -491,11 +491,11 @@ impl Drop for HandshakeSlot {
     }
 }
 
-/// Where connections are opened (`None`: on the sessions' runtime) and where sessions run.
 /// Logged if `serve` cannot hand the listener to the openings' runtime.
 const LISTENER_NOT_MOVED: &str =
     "the listener could not move to the openings' runtime, nothing is accepted";
 
+/// Where connections are opened (`None`: on the sessions' runtime) and where sessions run.
 struct Runtimes {
     opening: Option<tokio::runtime::Handle>,
     sessions: tokio::runtime::Handle,

@@ -26,6 +26,12 @@ use crate::control::{
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
 use crate::store::{Lease, Store, StoreError};
 
+/// Threads of the blocking pool at most on the runtime that runs sessions and the controller
+/// (fleetd's own): session ends, router links, sweeps and firmware reads wait there, and a
+/// batch's `block_in_place` hands its worker's place to one of its threads. The openings'
+/// runtime has its own pool ([`fleet_broker::frontdoor::OPENINGS_BLOCKING_THREADS`]).
+pub const SESSIONS_BLOCKING_THREADS: usize = 16;
+
 /// Name of the store file inside the data directory.
 pub const STORE_FILE: &str = "fleet.redb";
 

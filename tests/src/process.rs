@@ -292,9 +292,8 @@ pub async fn operator_of(server: &str, data: &Path) -> Operator {
     operator
 }
 
-/// The resident set size of process `pid` in KiB (`VmRSS` of `/proc/<pid>/status`); `None`
-/// when there is no such process.
-/// The thread count of process `pid`, from the `Threads:` line of `/proc/PID/status`.
+/// The thread count of process `pid` (`Threads` of `/proc/<pid>/status`); `None` when there
+/// is no such process.
 pub fn threads(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -303,6 +302,8 @@ pub fn threads(pid: u32) -> Option<u64> {
         .and_then(|count| count.trim().parse().ok())
 }
 
+/// The resident set size of process `pid` in KiB (`VmRSS` of `/proc/<pid>/status`); `None`
+/// when there is no such process.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     fleet_sim::load::parse_vm_rss(&status)

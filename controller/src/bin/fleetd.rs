@@ -301,7 +301,7 @@ fn serve(config: fleet_config::Config) -> anyhow::Result<()> {
         // then stay alive, each with its stack and glibc's per-thread cache resident (at 128,
         // fleetd's RSS grew round after round of a churn; BENCHMARKS.md, issue 11, tenth day).
         // The openings' runtime has its own, smaller pool for admissions.
-        .max_blocking_threads(16)
+        .max_blocking_threads(fleet_controller::fleet::SESSIONS_BLOCKING_THREADS)
         .build()
         .context("tokio runtime")?;
     let stopped = runtime.block_on(async {

@@ -128,12 +128,21 @@ const MAX_GROUP: usize = 512;
 /// How long the writer sleeps before it takes more requests into a commit while it is busy
 /// (an isolated request is committed at once), for both backends; the figures here are
 /// redb's. It sleeps rather than waits on its queue, so the requests that arrive meanwhile do
-/// not each wake it. A
-/// commit costs about 0.2 ms of CPU however few
-/// records it holds; in a storm of CONNECTs (an audit record each) 2 ms makes groups of about
+/// not each wake it. A commit costs about 0.2 ms of CPU however few records it holds; in a storm of CONNECTs (an audit record each) 2 ms makes groups of about
 /// six instead of two and a half, halves the commits and cuts the writer's CPU by a third,
 /// for at most 2 ms more before a CONNACK (BENCHMARKS.md, issue 11, ninth day).
 const GROUP_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Adds to `group` what `next` gives without waiting (what is queued), up to [`MAX_GROUP`]:
+/// both backends' writers take their groups this way.
+fn take_queued(group: &mut Vec<WriteRequest>, mut next: impl FnMut() -> Option<WriteRequest>) {
+    while group.len() < MAX_GROUP {
+        match next() {
+            Some(request) => group.push(request),
+            None => break,
+        }
+    }
+}
 
 type WriteResult = Result<Vec<AuditRecord>, StoreError>;
 

@@ -24,8 +24,9 @@ use tokio_postgres::{NoTls, Row};
 
 use super::lease::{self, Lease};
 use super::{
-    decode_audit, decode_phone, decode_station, decode_whitelists, Change, CommitTimer,
-    RecordReads, StoreError, WriteRequest, WriteResult, WriterAlive, GROUP_LINGER, MAX_GROUP,
+    decode_audit, decode_phone, decode_station, decode_whitelists, take_queued, Change,
+    CommitTimer, RecordReads, StoreError, WriteRequest, WriteResult, WriterAlive, GROUP_LINGER,
+    MAX_GROUP,
 };
 use crate::audit::{record_hash, AuditRecord, GENESIS_PREV_HASH};
 use crate::phone::Phone;
@@ -562,13 +563,13 @@ async fn run_writer(
     let mut busy = false;
     while let Some(first) = queue.recv().await {
         let mut group = vec![first];
-        take_queued(&mut queue, &mut group);
+        take_queued(&mut group, || queue.try_recv().ok());
         // While requests keep coming, wait a moment for more: fewer, larger commits. As
         // redb's writer, it sleeps rather than waits on the queue, so that the requests that
         // arrive meanwhile do not each wake its thread.
         if busy && group.len() < MAX_GROUP {
             tokio::time::sleep(GROUP_LINGER).await;
-            take_queued(&mut queue, &mut group);
+            take_queued(&mut group, || queue.try_recv().ok());
         }
         busy = group.len() > 1;
         let refused = not_leader(&lease.borrow());
@@ -579,19 +580,6 @@ async fn run_writer(
             continue;
         }
         commit_group(&pool, group, &timer, epoch).await;
-    }
-}
-
-/// Adds what is queued to `group`, up to [`MAX_GROUP`], without waiting.
-fn take_queued(
-    queue: &mut channel::UnboundedReceiver<WriteRequest>,
-    group: &mut Vec<WriteRequest>,
-) {
-    while group.len() < MAX_GROUP {
-        match queue.try_recv() {
-            Ok(request) => group.push(request),
-            Err(_) => break,
-        }
     }
 }
 

@@ -9,8 +9,9 @@ use std::time::Instant;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{
-    decode_audit, decode_phone, decode_station, decode_whitelists, encode, Change, CommitTimer,
-    RecordReads, StoreError, WriteRequest, WriteResult, WriterAlive, GROUP_LINGER, MAX_GROUP,
+    decode_audit, decode_phone, decode_station, decode_whitelists, encode, take_queued, Change,
+    CommitTimer, RecordReads, StoreError, WriteRequest, WriteResult, WriterAlive, GROUP_LINGER,
+    MAX_GROUP,
 };
 use crate::audit::{record_hash, AuditRecord, GENESIS_PREV_HASH};
 use crate::phone::Phone;
@@ -79,27 +80,17 @@ fn run_writer(db: Arc<Database>, queue: mpsc::Receiver<WriteRequest>, timer: Com
     let mut busy = false;
     while let Ok(first) = queue.recv() {
         let mut group = vec![first];
-        take_queued(&queue, &mut group);
+        take_queued(&mut group, || queue.try_recv().ok());
         // While requests keep coming (the last group had company), wait a moment for more:
         // fewer, larger commits. An isolated request is committed at once. The writer sleeps
         // rather than waits on the queue, so the requests that arrive meanwhile do not each
         // wake it (a futex call and a context switch per request, in a storm of CONNECTs).
         if busy && group.len() < MAX_GROUP {
             std::thread::sleep(GROUP_LINGER);
-            take_queued(&queue, &mut group);
+            take_queued(&mut group, || queue.try_recv().ok());
         }
         busy = group.len() > 1;
         commit_group(&db, group, &timer);
-    }
-}
-
-/// Adds what is queued to `group`, up to [`MAX_GROUP`], without waiting.
-fn take_queued(queue: &mpsc::Receiver<WriteRequest>, group: &mut Vec<WriteRequest>) {
-    while group.len() < MAX_GROUP {
-        match queue.try_recv() {
-            Ok(request) => group.push(request),
-            Err(_) => break,
-        }
     }
 }
 

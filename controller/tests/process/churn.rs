@@ -33,9 +33,8 @@ const FIXED_THREADS: u64 = 16;
 /// fleetd's blocking pools at most: the openings' runtime's and the sessions' runtime's. With
 /// pools that grow with the calls waiting in them, a reboot storm keeps a thread per waiting
 /// call alive, each with its stack and allocator cache (BENCHMARKS.md, issue 11, tenth day).
-const BLOCKING_THREADS: u64 = 8 + 16;
-/// The openings' runtime's workers (`server.handshake_threads`, default 2).
-const HANDSHAKE_THREADS: u64 = 2;
+const BLOCKING_THREADS: usize = fleet_broker::frontdoor::OPENINGS_BLOCKING_THREADS
+    + fleet_controller::fleet::SESSIONS_BLOCKING_THREADS;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_does_not_grow_fleetd_memory_per_client_id_ever_seen() {
@@ -104,7 +103,9 @@ async fn churn_does_not_grow_fleetd_memory_per_client_id_ever_seen() {
     // A pool's idle threads live 10 s, longer than a round: a reading after each round sees
     // the most each pool started during it.
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
-    let bound = FIXED_THREADS + BLOCKING_THREADS + HANDSHAKE_THREADS + workers;
+    // The openings' runtime's workers: the churn's configuration keeps the default.
+    let handshake = u64::from(fleet_config::ServerConfig::default().handshake_threads);
+    let bound = FIXED_THREADS + BLOCKING_THREADS as u64 + handshake + workers;
     eprintln!("fleetd ran at most {most_threads} threads (bound {bound})");
     assert!(
         most_threads <= bound,
