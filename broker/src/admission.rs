@@ -116,6 +116,19 @@ pub trait Admission: Send + Sync + 'static {
     /// a decision taken after this call finds the session registered and cuts it.
     fn session_opened(&self, client_id: &str, session_id: u64) -> Result<Rights, Refusal>;
 
+    /// [`Admission::session_opened`] on the caller's async worker, if it can be answered
+    /// without waiting (no lock held across a disk write, no read over the network); `None`
+    /// otherwise, and then the front door calls `session_opened` on the blocking pool. A
+    /// hand-off to the pool costs a connect storm two thread switches per connection.
+    fn try_session_opened(
+        &self,
+        client_id: &str,
+        session_id: u64,
+    ) -> Option<Result<Rights, Refusal>> {
+        let _ = (client_id, session_id);
+        None
+    }
+
     /// Called when the front door refuses a CONNECT on its own (client id of the wrong form,
     /// connection cap, certificate refused on re-check), so that the refusal is audited too.
     fn refused(&self, client_id: &str, peer_addr: SocketAddr, reason: &str);
@@ -123,6 +136,14 @@ pub trait Admission: Send + Sync + 'static {
     /// Called when an admitted session ends, for whatever reason; on tokio's blocking pool,
     /// like `session_opened`.
     fn session_closed(&self, client_id: &str, session_id: u64);
+
+    /// [`Admission::session_closed`] on the caller's async worker if it can be done without
+    /// waiting, as [`Admission::try_session_opened`]; false: not done, the front door calls
+    /// `session_closed` on the blocking pool.
+    fn try_session_closed(&self, client_id: &str, session_id: u64) -> bool {
+        let _ = (client_id, session_id);
+        false
+    }
 
     /// A PUBLISH of session `session_id` to one of its inbox topics ([`Rights::inbox`]). The
     /// front door acknowledges it (PUBACK, or PUBREC/PUBCOMP at QoS 2) once this future has

@@ -1268,12 +1268,15 @@ async fn open_session(
         // Bounded: a stuck old session cannot hold the new one forever.
         let _ = timeout(Duration::from_secs(2), old_released).await;
     }
-    let opened = {
-        let (client_id, admission) = (client_id.clone(), Arc::clone(admission));
-        // Off the async workers, as every synchronous call of the admission (`closed`).
-        tokio::task::spawn_blocking(move || admission.session_opened(&client_id, session_id))
-            .await
-            .unwrap_or(Err(Refusal::ServerUnavailable))
+    let opened = match admission.try_session_opened(&client_id, session_id) {
+        Some(opened) => opened,
+        None => {
+            let (client_id, admission) = (client_id.clone(), Arc::clone(admission));
+            // Off the async workers, as every call of the admission that may wait (`closed`).
+            tokio::task::spawn_blocking(move || admission.session_opened(&client_id, session_id))
+                .await
+                .unwrap_or(Err(Refusal::ServerUnavailable))
+        }
     };
     match opened {
         Ok(now) => registry::set(&shared_rights, now),
@@ -1427,10 +1430,13 @@ async fn wind_up(shared: &Arc<Shared>, admission: &Arc<dyn Admission>, ended: En
     closed(admission, client_id, session_id).await;
 }
 
-/// Tells the admission a session ended, on the blocking pool: its synchronous calls may wait
-/// for the controller's lock, which a batch holds across its commit (an fsync), and must not
-/// hold an async worker meanwhile.
+/// Tells the admission a session ended: here if it can take that without waiting, else on
+/// the blocking pool: its synchronous calls may wait for the controller's lock, which a batch
+/// holds across its commit (an fsync), and must not hold an async worker meanwhile.
 async fn closed(admission: &Arc<dyn Admission>, client_id: &str, session_id: u64) {
+    if admission.try_session_closed(client_id, session_id) {
+        return;
+    }
     let (client_id, admission) = (client_id.to_owned(), Arc::clone(admission));
     let _ =
         tokio::task::spawn_blocking(move || admission.session_closed(&client_id, session_id)).await;

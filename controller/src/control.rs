@@ -11,7 +11,7 @@
 //!   metrics scrape reads.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use fleet_broker::{Rights, SessionControl};
 use serde_json::{json, Value};
@@ -165,6 +165,25 @@ pub enum Incoming<'m> {
     },
     /// A phone's PAP attempt from its CONNECT.
     Pap(&'m PapAsk),
+}
+
+/// How a call of the front door's takes the controller's lock.
+///
+/// A batch holds the lock across its commit (an fsync, milliseconds), so a call that waits for
+/// it runs on a blocking thread. But in a connect storm no batch runs, and the hand-off to a
+/// blocking thread and back was a fifth of fleetd's CPU per connection (two thread switches
+/// each way, and the preemptions they cause on two cores; BENCHMARKS.md, issue 11, eleventh
+/// day): so the front door first asks on its async worker with [`Wait::Never`], and only if
+/// that cannot be answered at once on the pool with [`Wait::Block`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Wait {
+    /// Waits for the lock: on a blocking thread only.
+    Block,
+    /// Takes the lock only if it is free at once, and only where the store's reads are local
+    /// (redb: a point read is a few pages of redb's cache or the page cache, microseconds,
+    /// like the lock itself; PostgreSQL's are round trips, so `Never` never runs there).
+    /// Otherwise the call does nothing and says so, and the caller moves it to the pool.
+    Never,
 }
 
 /// What decisions change, behind the controller's one lock: the in-memory view, and the only
@@ -381,6 +400,20 @@ impl Controller {
         // Every critical section leaves `Live` consistent before it can panic (single map
         // operations), so a poisoned lock is still usable.
         self.decisions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lock as `wait` allows: with [`Wait::Never`], only if it is free at once and the
+    /// store's reads are local (see [`Wait`]).
+    fn lock_with(&self, wait: Wait) -> Option<MutexGuard<'_, Decisions>> {
+        match wait {
+            Wait::Block => Some(self.lock()),
+            Wait::Never if !self.store.reads_are_local() => None,
+            Wait::Never => match self.decisions.try_lock() {
+                Ok(guard) => Some(guard),
+                Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            },
+        }
     }
 
     fn online(&self, live: &Live, serial: &Serial) -> bool {

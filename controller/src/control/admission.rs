@@ -14,7 +14,7 @@ use tracing::{debug, info};
 
 use super::effects::{Outbox, Pending};
 use super::live::{Live, LiveSession};
-use super::{rfc3339, Controller, Requester};
+use super::{rfc3339, Controller, Requester, Wait};
 use crate::audit::{AuditRecord, Outcome};
 use crate::flood::Verdict;
 use crate::identity::{self, Identity, OperatorId, PhonePresented, StationRights};
@@ -89,8 +89,12 @@ pub(super) enum Step {
 
 impl Controller {
     /// Admission: the decision, and what must be durable before it is told; or, for a phone's
-    /// PAP attempt, what the bus must decide.
-    fn admit_now(&self, info: &ConnectInfo) -> Step {
+    /// PAP attempt, what the bus must decide. `None` only with [`Wait::Never`]: the lock was
+    /// not free at once (or the store's reads are remote), and nothing was changed.
+    pub(super) fn admit_now(&self, info: &ConnectInfo, wait: Wait) -> Option<Step> {
+        if wait == Wait::Never && !self.store.reads_are_local() {
+            return None;
+        }
         let at = self.now();
         let ip = info.peer_addr.ip();
         let identity = identity::identify(info);
@@ -127,14 +131,17 @@ impl Controller {
             };
             let mut admitted = self.refuse(info, at, refused);
             admitted.slow = true;
-            return Step::Decided(admitted);
+            return Some(Step::Decided(admitted));
         }
         match identity {
             Ok(Identity::Phone {
                 mac,
                 presented: PhonePresented::Pap { password },
-            }) => Step::Pap { mac, password, at },
-            identity => Step::Decided(self.conclude(info, at, self.judge(info, identity, at))),
+            }) => Some(Step::Pap { mac, password, at }),
+            identity => {
+                let judgement = self.judge(info, identity, at, wait)?;
+                Some(Step::Decided(self.conclude(info, at, judgement)))
+            }
         }
     }
 
@@ -257,17 +264,19 @@ impl Controller {
     }
 
     /// Who the client is, and whether it may connect; an admitted session is registered as
-    /// live (the front door has yet to open it).
+    /// live (the front door has yet to open it). `None`: the lock was not free at once
+    /// ([`Wait::Never`]).
     fn judge(
         &self,
         info: &ConnectInfo,
         identity: Result<Identity, String>,
         at: OffsetDateTime,
-    ) -> Judgement {
+        wait: Wait,
+    ) -> Option<Judgement> {
         let identity = match identity {
             Ok(i) => i,
             Err(reason) => {
-                return Judgement::Refuse(Refused {
+                return Some(Judgement::Refuse(Refused {
                     refusal: Refusal::NotAuthorized,
                     // What the client presented, and why it identifies nothing: no secret.
                     public: reason.clone(),
@@ -278,10 +287,10 @@ impl Controller {
                     device: Some(quoted(&info.client_id)),
                     counts: true,
                     told: Outbox::default(),
-                });
+                }));
             }
         };
-        let mut guard = self.lock();
+        let mut guard = self.lock_with(wait)?;
         let judgement = match &identity {
             Identity::Phone { mac, presented } => self.admit_phone(mac, presented),
             Identity::Operator { id, serial, key } => {
@@ -294,7 +303,7 @@ impl Controller {
         if let Judgement::Admit(_) = judgement {
             register(&mut guard.live, info, identity, at);
         }
-        judgement
+        Some(judgement)
     }
 
     fn admit_operator(
@@ -443,24 +452,43 @@ impl Controller {
     }
 
     /// The front door registered the session: the one it took over is gone. Its rights as they
-    /// are now (a decision may have been taken while it was admitted).
-    fn opened(&self, client_id: &str, session_id: u64) -> Option<Rights> {
-        let mut guard = self.lock();
-        let session = guard
+    /// are now (a decision may have been taken while it was admitted); the outer `None`: the
+    /// lock was not free at once ([`Wait::Never`]), nothing was done.
+    pub(super) fn opened(
+        &self,
+        client_id: &str,
+        session_id: u64,
+        wait: Wait,
+    ) -> Option<Option<Rights>> {
+        let mut guard = self.lock_with(wait)?;
+        let Some(session) = guard
             .live
             .sessions
             .get_mut(client_id)
-            .filter(|s| s.session_id == session_id)?;
+            .filter(|s| s.session_id == session_id)
+        else {
+            return Some(None);
+        };
         session.previous = None;
-        self.rights_of(&session.identity).ok().flatten()
+        Some(self.rights_of(&session.identity).ok().flatten())
     }
 
     pub(super) fn closed(&self, client_id: &str, session_id: u64) {
+        let done = self.closed_with(client_id, session_id, Wait::Block);
+        debug_assert!(done, "a blocking close always takes the lock");
+    }
+
+    /// The end of a session; false: the lock was not free at once ([`Wait::Never`]), nothing
+    /// was done.
+    pub(super) fn closed_with(&self, client_id: &str, session_id: u64, wait: Wait) -> bool {
+        // First, as always (and harmlessly again if the close moves to the pool).
         self.operator_sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&session_id);
-        let mut guard = self.lock();
+        let Some(mut guard) = self.lock_with(wait) else {
+            return false;
+        };
         let live = &mut guard.live;
         // A session that was never registered (refused for a cap after its admission) leaves
         // the one it would have taken over in place, if the front door still holds it.
@@ -472,21 +500,22 @@ impl Controller {
             .filter(|_| self.sessions.is_connected(client_id));
         if let Some(previous) = restore {
             live.sessions.insert(client_id.to_owned(), *previous);
-            return;
+            return true;
         }
         if live
             .sessions
             .get(client_id)
             .is_none_or(|s| s.session_id != session_id)
         {
-            return;
+            return true;
         }
         let Some(LiveSession {
             identity: Identity::Station { serial, .. },
             ..
         }) = live.sessions.remove(client_id)
         else {
-            return bound_last_sessions(live);
+            bound_last_sessions(live);
+            return true;
         };
         match self.store.station(&serial) {
             Ok(Some(station)) => {
@@ -504,6 +533,7 @@ impl Controller {
                 bound_last_sessions(live);
             }
         }
+        true
     }
 }
 
@@ -580,21 +610,29 @@ pub struct ControllerAdmission(pub Arc<Controller>);
 impl Admission for ControllerAdmission {
     fn admit(&self, info: ConnectInfo) -> BoxFuture<'_, Decision> {
         Box::pin(async move {
-            // On the blocking pool: the decision takes the controller's lock, which a batch
-            // holds across its commit; it must not hold an async worker meanwhile.
-            let controller = Arc::clone(&self.0);
-            let asked = info.clone();
-            let step = tokio::task::spawn_blocking(move || controller.admit_now(&asked)).await;
+            // The decision takes the controller's lock, which a batch holds across its
+            // commit: on the blocking pool unless the lock is free at once (`Wait`), so that
+            // it never holds an async worker meanwhile.
+            // Here first, if the lock is free at once (`Wait`).
+            let step = match self.0.admit_now(&info, Wait::Never) {
+                Some(step) => Some(step),
+                None => {
+                    let controller = Arc::clone(&self.0);
+                    let asked = info.clone();
+                    let blocking = move || controller.admit_now(&asked, Wait::Block);
+                    tokio::task::spawn_blocking(blocking).await.ok().flatten()
+                }
+            };
             let Admitted {
                 decision,
                 slow,
                 pending,
             } = match step {
-                Ok(Step::Decided(admitted)) => admitted,
+                Some(Step::Decided(admitted)) => admitted,
                 // A PAP attempt changes the phone (its count, its state, a whitelisted
                 // address): a batch decides it and commits it with what else it handles, and
                 // this admission waits for that without holding any lock or thread.
-                Ok(Step::Pap { mac, password, at }) => {
+                Some(Step::Pap { mac, password, at }) => {
                     let judgement = self.0.pap_on_the_bus(&info, mac, password, at).await;
                     if let Judgement::Unavailable(_) = judgement {
                         // Registered by a batch whose commit failed: undone.
@@ -602,7 +640,7 @@ impl Admission for ControllerAdmission {
                     }
                     self.0.conclude(&info, at, judgement)
                 }
-                Err(_) => {
+                None => {
                     return Decision::Deny {
                         refusal: Refusal::ServerUnavailable,
                         reason: Reason::new("the admission failed", "server unavailable"),
@@ -631,13 +669,25 @@ impl Admission for ControllerAdmission {
     }
 
     fn session_opened(&self, client_id: &str, session_id: u64) -> Result<Rights, Refusal> {
-        self.0
-            .opened(client_id, session_id)
-            .ok_or(Refusal::NotAuthorized)
+        let opened = self.0.opened(client_id, session_id, Wait::Block);
+        opened.flatten().ok_or(Refusal::NotAuthorized)
+    }
+
+    fn try_session_opened(
+        &self,
+        client_id: &str,
+        session_id: u64,
+    ) -> Option<Result<Rights, Refusal>> {
+        let opened = self.0.opened(client_id, session_id, Wait::Never)?;
+        Some(opened.ok_or(Refusal::NotAuthorized))
     }
 
     fn session_closed(&self, client_id: &str, session_id: u64) {
         self.0.closed(client_id, session_id);
+    }
+
+    fn try_session_closed(&self, client_id: &str, session_id: u64) -> bool {
+        self.0.closed_with(client_id, session_id, Wait::Never)
     }
 
     fn message(

@@ -50,6 +50,12 @@ impl Shared {
         self.0.phones(None)
     }
 
+    /// Whether reads are served from the local file on the caller's thread (redb), not by a
+    /// server over the network (PostgreSQL): see `Wait::Never`.
+    pub(super) fn reads_are_local(&self) -> bool {
+        self.0.reads_are_local()
+    }
+
     pub(super) fn whitelists(&self) -> Result<Whitelists, StoreError> {
         self.0.whitelists()
     }

@@ -10,7 +10,8 @@ use fleet_broker::{
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::{ControlSettings, Controller, ControllerAdmission, Publication};
+use super::admission::Step;
+use super::{ControlSettings, Controller, ControllerAdmission, Publication, Wait};
 use crate::clock::Clock;
 use crate::firmware::{Catalog, FirmwarePolicy};
 use crate::store::Store;
@@ -465,4 +466,58 @@ async fn a_rebooted_authorized_station_is_told_authorized_without_a_new_record()
     let got = station_view(&shell, "S1");
     assert_eq!(got["online"], true, "{got}");
     assert_ne!(got["last_seen"], stored_before["last_seen"], "{got}");
+}
+
+/// A station nobody decided on yet, as the front door asks for it (session `session_id`).
+fn new_station(session_id: u64, serial: &str) -> ConnectInfo {
+    let key = fleet_certs::self_signed_station(serial).expect("station");
+    let client_id = Serial::parse(serial).expect("serial").client_id();
+    connect(session_id, &client_id, Some(&key.cert_der))
+}
+
+#[tokio::test]
+async fn a_call_that_must_not_wait_does_nothing_while_a_batch_holds_the_lock() {
+    let shell = shell().await;
+    let info = new_station(7, "S7");
+    let client_id = info.client_id.clone();
+    let held = shell.controller.lock();
+    assert!(shell.controller.admit_now(&info, Wait::Never).is_none());
+    assert!(shell.admission.try_session_opened(&client_id, 7).is_none());
+    assert!(!shell.admission.try_session_closed(&client_id, 7));
+    assert!(
+        !held.live.sessions.contains_key(&client_id),
+        "an admission that did not run registered its session"
+    );
+    drop(held);
+    // Free: the same calls are answered at once.
+    let step = shell.controller.admit_now(&info, Wait::Never);
+    assert!(matches!(step, Some(Step::Decided(_))));
+    let opened = shell.admission.try_session_opened(&client_id, 7);
+    assert!(matches!(opened, Some(Ok(_))), "{opened:?}");
+    assert!(shell.admission.try_session_closed(&client_id, 7));
+    assert!(!shell
+        .controller
+        .lock()
+        .live
+        .sessions
+        .contains_key(&client_id));
+}
+
+#[tokio::test]
+// The lock is held across the awaits on purpose: it plays a batch's commit.
+#[allow(clippy::await_holding_lock)]
+async fn an_admission_waits_for_a_held_lock_on_the_blocking_pool_not_on_its_worker() {
+    // One worker thread: an admission that waited for the lock on it would never let this
+    // test release the lock.
+    let shell = shell().await;
+    let held = shell.controller.lock();
+    let admission = ControllerAdmission(shell.controller.clone());
+    let admitting = tokio::spawn(async move { admission.admit(new_station(8, "S8")).await });
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!admitting.is_finished(), "admitted while the lock was held");
+    drop(held);
+    let decision = admitting.await.expect("the admission's task");
+    assert!(matches!(decision, Decision::Allow { .. }), "{decision:?}");
 }

@@ -307,6 +307,13 @@ impl Store {
         Store::open_with_cache(path, redb::CACHE_BYTES)
     }
 
+    /// Whether reads are served on the caller's thread from the local file (redb: from redb's
+    /// page cache or the system's, microseconds), not by a server over the network
+    /// (PostgreSQL).
+    pub fn reads_are_local(&self) -> bool {
+        matches!(self.backend, Backend::Redb(_))
+    }
+
     /// As [`Store::open`], with redb's page cache at most `cache_bytes` (`[store] cache_mib`).
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
         let (timer, alive) = (CommitTimer::default(), Arc::new(AtomicBool::new(true)));
