@@ -11,7 +11,6 @@ mod flight;
 pub mod flood;
 pub mod frame;
 pub mod frontdoor;
-mod handover;
 pub mod mailbox;
 pub mod metrics;
 pub mod noise;

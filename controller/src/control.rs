@@ -258,13 +258,6 @@ impl Controller {
             last_seen,
             ..Live::default()
         };
-        // The audit events of admissions and refusals, from the writer, a group at a time.
-        let told = out.clone();
-        store.on_queued_commit(move |records| {
-            for publication in effects::audit_publications(records) {
-                let _ = told.send(publication);
-            }
-        });
         let (store, durable) = durable::open(store);
         let controller = Arc::new(Controller {
             store,

@@ -135,7 +135,13 @@ impl Controller {
     /// `fleet/events/<tenant>/audit`), then `out` in order. `written`: the station records the
     /// change wrote (a batch's), for rights re-checks.
     pub(super) fn carry_out(&self, records: &[AuditRecord], out: Outbox, written: &Written) {
-        for output in audit_events(records).0.into_iter().chain(out.0) {
+        let mut audit = Outbox::default();
+        for r in records {
+            if let Ok(v) = serde_json::to_value(r) {
+                audit.publish(&Topic::Event(r.tenant.clone(), EventKind::Audit), &v);
+            }
+        }
+        for output in audit.0.into_iter().chain(out.0) {
             self.perform(output, written);
         }
     }
@@ -146,12 +152,11 @@ impl Controller {
     }
 
     /// Waits until a queued commit is durable, then carries out what it says; false, and
-    /// nothing told, if it was not stored. Its audit records' events went out already, from
-    /// the writer (`Store::on_queued_commit`, set by `Controller::new`).
+    /// nothing told, if it was not stored.
     pub(super) async fn settle(&self, pending: Pending) -> bool {
         match pending.committed.await {
-            Ok(_) => {
-                self.carry_out(&[], pending.out, &Written::new());
+            Ok(records) => {
+                self.carry_out(&records, pending.out, &Written::new());
                 true
             }
             Err(e) => {
@@ -290,27 +295,4 @@ impl Controller {
             debug!(client_id = %to.client_id, "response not delivered: the session is gone or was ended");
         }
     }
-}
-
-/// The events of durable audit records: one on `events/<tenant>/audit` each (PROTOCOL §7).
-fn audit_events(records: &[AuditRecord]) -> Outbox {
-    let mut audit = Outbox::default();
-    for r in records {
-        if let Ok(v) = serde_json::to_value(r) {
-            audit.publish(&Topic::Event(r.tenant.clone(), EventKind::Audit), &v);
-        }
-    }
-    audit
-}
-
-/// The publications of [`audit_events`], for the writer to send (no audit event goes to a
-/// mailbox).
-pub(super) fn audit_publications(records: &[AuditRecord]) -> impl Iterator<Item = Publication> {
-    audit_events(records)
-        .0
-        .into_iter()
-        .filter_map(|output| match output {
-            Output::Publish(publication) => Some(publication),
-            _ => None,
-        })
 }

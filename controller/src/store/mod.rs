@@ -148,7 +148,7 @@ type WriteResult = Result<Vec<AuditRecord>, StoreError>;
 
 enum Reply {
     Sync(mpsc::SyncSender<WriteResult>),
-    Async(tokio::sync::oneshot::Sender<WriteResult>, QueuedCommitted),
+    Async(tokio::sync::oneshot::Sender<WriteResult>),
 }
 
 impl Reply {
@@ -159,23 +159,12 @@ impl Reply {
             Reply::Sync(tx) => {
                 let _ = tx.send(result);
             }
-            Reply::Async(tx, committed) => {
-                if let (Ok(records), Some(tell)) = (&result, committed.0.get()) {
-                    tell(records);
-                }
+            Reply::Async(tx) => {
                 let _ = tx.send(result);
             }
         }
     }
 }
-
-/// What is told of a queued commit's audit records once they are durable, before its caller
-/// hears ([`Store::on_queued_commit`]).
-type TellCommitted = Box<dyn Fn(&[AuditRecord]) + Send + Sync>;
-
-/// The writer's way to [`TellCommitted`], once the controller has set it.
-#[derive(Clone, Default)]
-struct QueuedCommitted(Arc<OnceLock<TellCommitted>>);
 
 /// Changes queued for the writer, and where its answer goes.
 struct WriteRequest {
@@ -302,7 +291,6 @@ macro_rules! record_reads {
 pub struct Store {
     backend: Backend,
     timer: CommitTimer,
-    committed: QueuedCommitted,
     /// True while the writer runs ([`Store::writer_alive`]).
     alive: Arc<AtomicBool>,
 }
@@ -317,16 +305,6 @@ impl Store {
     /// another process has open is [`StoreError::AlreadyOpen`].
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         Store::open_with_cache(path, redb::CACHE_BYTES)
-    }
-
-    /// Has the writer call `tell` with the audit records of each commit queued by
-    /// [`Store::apply_async`], once they are durable and before that caller hears; set once
-    /// (false if it was set already). The writer answers a group's requests one after the
-    /// other, so what `tell` sends goes out together: in a connect storm the controller's
-    /// audit events then wake the bus task and the router once per group, not once per
-    /// CONNECT (BENCHMARKS.md, issue 11, eleventh day).
-    pub fn on_queued_commit(&self, tell: impl Fn(&[AuditRecord]) + Send + Sync + 'static) -> bool {
-        self.committed.0.set(Box::new(tell)).is_ok()
     }
 
     /// Whether reads are served on the caller's thread from the local file (redb: from redb's
@@ -344,7 +322,6 @@ impl Store {
         Ok(Store {
             backend: Backend::Redb(backend),
             timer,
-            committed: QueuedCommitted::default(),
             alive,
         })
     }
@@ -364,7 +341,6 @@ impl Store {
         Ok(Store {
             backend: Backend::Postgres(backend),
             timer,
-            committed: QueuedCommitted::default(),
             alive,
         })
     }
@@ -432,7 +408,7 @@ impl Store {
     ) -> impl std::future::Future<Output = Result<Vec<AuditRecord>, StoreError>> + Send + 'static
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let queued = self.submit(changes, Reply::Async(tx, self.committed.clone()));
+        let queued = self.submit(changes, Reply::Async(tx));
         async move {
             queued?;
             rx.await.map_err(|_| StoreError::Closed)?

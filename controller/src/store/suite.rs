@@ -53,7 +53,6 @@ suite!(
     apply_is_atomic,
     concurrent_applies_are_grouped_yet_each_is_atomic_and_chained,
     apply_async_answers_after_the_commit,
-    a_queued_commits_records_are_told_before_its_caller_hears_and_no_other,
     a_callers_transaction_reads_its_own_writes_and_commits_once,
     a_dropped_transaction_leaves_nothing_and_frees_the_writer,
     reopen_keeps_everything_and_seq_keeps_rising,
@@ -385,43 +384,6 @@ fn apply_async_answers_after_the_commit<P: Place>() {
         assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
         assert_eq!(store.stations().unwrap().len(), 50);
     });
-}
-
-fn a_queued_commits_records_are_told_before_its_caller_hears_and_no_other<P: Place>() {
-    let place = P::new();
-    let store = place.open();
-    let told = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = Arc::clone(&told);
-    assert!(store.on_queued_commit(move |records| {
-        let mut told = sink.lock().unwrap();
-        told.extend(records.iter().map(|r| (r.seq, r.action.clone())));
-    }));
-    assert!(!store.on_queued_commit(|_| {}), "set once");
-    // A commit that waits is not told: its caller tells what it wants.
-    store
-        .apply(vec![Change::Audit(record("default", "waited"))])
-        .unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let queued: Vec<_> = (0..20)
-            .map(|i| store.apply_async(vec![Change::Audit(record("default", &format!("q{i}")))]))
-            .collect();
-        for q in queued {
-            let records = q.await.unwrap();
-            // Told before the caller heard.
-            let seq = records[0].seq;
-            assert!(
-                told.lock().unwrap().iter().any(|t| t.0 == seq),
-                "{seq} not told first"
-            );
-        }
-    });
-    let told = told.lock().unwrap().clone();
-    let expected: Vec<_> = (0..20).map(|i| (i + 2, format!("q{i}"))).collect();
-    assert_eq!(told, expected);
 }
 
 fn a_callers_transaction_reads_its_own_writes_and_commits_once<P: Place>() {
