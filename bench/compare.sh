@@ -41,14 +41,8 @@ trap cleanup EXIT
 CA="$WORK/certs/ca.pem"; CAKEY="$WORK/certs/ca.key"
 SCERT="$WORK/certs/server.pem"; SKEY="$WORK/certs/server.key"
 
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-wait_port() {
-    for _ in $(seq 1 200); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "server on port $1 did not come up" >&2; return 1
-}
+# free_port, wait_port, wait_file, storm_fleetd_toml
+. "$HERE/common.sh"
 stop_server() {
     kill "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true
@@ -72,21 +66,11 @@ run() {
 # (a) fleetd: the test CA is the manufacturer CA, so every client's CA-chained certificate is a station.
 P="$(free_port)"
 mkdir -p "$WORK/fleetd"
-cat > "$WORK/fleetd/fleet.toml" <<TOML
-[server]
-listen = "127.0.0.1:$P"
-data_dir = "$WORK/fleetd/data"
-manufacturer_cas = ["$CA"]
-max_connections = 20000
-
-[limits]
-connections_per_ip_per_minute = 1000000
-failed_auth_per_ip = 1000000
-TOML
+storm_fleetd_toml "$P" "$WORK/fleetd/data" "$CA" > "$WORK/fleetd/fleet.toml"
 "$FLEETD" --config "$WORK/fleetd/fleet.toml" >"$WORK/fleetd/log" 2>&1 &
 SERVER_PID=$!
 # fleetd makes its data directory (fleet CA, server certificate) at start.
-for _ in $(seq 1 100); do [ -f "$WORK/fleetd/data/ca.pem" ] && break; sleep 0.05; done
+wait_file "$WORK/fleetd/data/ca.pem" || true
 run fleetd "$P" "$WORK/fleetd/data/ca.pem" mqtt
 
 # (b) rumqttd's own TLS listener, client-certificate verification on.

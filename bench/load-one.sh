@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One `fleet-sim load` against one fresh fleetd (issue 11's A, B and D runs), with the
 # stations' state on tmpfs, and the report's key figures on one line.
-# Usage: FLEETD=/path/to/fleetd bench/load-one.sh A|B|D [more fleet-sim load arguments]
+# Usage: FLEETD=/path/to/fleetd bench/load-one.sh A|B|D [more fleet-sim load arguments, none
+#   of those the run already gives: clap refuses a repeated option]
 #   A: --stations 10000 --phones 500 --concurrency 200 --accept-batch 100 --reconnect --cut-sample 10
 #   B: --stations 10000 --accept-batch 100 --hold-accepts --cut-sample 10
 #   D: --stations 2000, against a fleetd with no configuration but its address and data directory
@@ -14,6 +15,8 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 FLEETD="${FLEETD:-$ROOT/target/release/fleetd}"
 SIM="${SIM:-$ROOT/target/release/fleet-sim}"
+# free_port, wait_port, wait_file
+. "$HERE/common.sh"
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 WORK="$(mktemp -d /dev/shm/fleet-load.XXXXXX)"
 PID=""
@@ -23,7 +26,7 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
-P="$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')"
+P="$(free_port)"
 case "$RUN" in
     A) ARGS=(--stations 10000 --phones 500 --concurrency 200 --accept-batch 100 --reconnect --cut-sample 10) ;;
     B) ARGS=(--stations 10000 --accept-batch 100 --hold-accepts --cut-sample 10) ;;
@@ -48,7 +51,7 @@ TOML
     "$FLEETD" --config "$WORK/fleetd.toml" >"$WORK/log" 2>&1 &
 fi
 PID=$!
-for _ in $(seq 1 200); do [ -f "$WORK/data/ca.pem" ] && (exec 3<>"/dev/tcp/127.0.0.1/$P") 2>/dev/null && break; sleep 0.05; done
+wait_file "$WORK/data/ca.pem" && wait_port "$P"
 "$SIM" load --server "127.0.0.1:$P" --data-dir "$WORK/data" "${ARGS[@]}" "$@" \
     --state-dir "$WORK/states" --fleetd-pid "$PID" --json "$WORK/report.json" >/dev/null 2>"$WORK/sim.log" \
     || { tail -60 "$WORK/sim.log" >&2; exit 1; }

@@ -18,6 +18,8 @@ ROOT="$(cd "$HERE/.." && pwd)"
 FLEETD="${FLEETD:-$ROOT/target/release/fleetd}"
 BIN="$HERE/target/release"
 [ -x "$BIN/storm" ] || (cd "$HERE" && cargo build --release --bins)
+# free_port, wait_port, wait_file, storm_fleetd_toml
+. "$HERE/common.sh"
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 WORK="$(mktemp -d /dev/shm/fleet-storm.XXXXXX)"
 PID=""
@@ -28,24 +30,13 @@ cleanup() {
 trap cleanup EXIT
 "$BIN/mkcerts" "$WORK/certs" >/dev/null
 CA="$WORK/certs/ca.pem"
-P="$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')"
+P="$(free_port)"
 if [ "$SERVER" = fleetd ]; then
     mkdir -p "$WORK/fleetd"
-    cat > "$WORK/fleetd/fleet.toml" <<TOML
-[server]
-listen = "127.0.0.1:$P"
-data_dir = "$WORK/fleetd/data"
-manufacturer_cas = ["$CA"]
-max_connections = 20000
-${EXTRA_TOML:-}
-
-[limits]
-connections_per_ip_per_minute = 1000000
-failed_auth_per_ip = 1000000
-TOML
+    storm_fleetd_toml "$P" "$WORK/fleetd/data" "$CA" "${EXTRA_TOML:-}" > "$WORK/fleetd/fleet.toml"
     "$FLEETD" --config "$WORK/fleetd/fleet.toml" >"$WORK/log" 2>&1 &
     PID=$!
-    for _ in $(seq 1 100); do [ -f "$WORK/fleetd/data/ca.pem" ] && break; sleep 0.05; done
+    wait_file "$WORK/fleetd/data/ca.pem" || true
     SCA="$WORK/fleetd/data/ca.pem"; MODE=mqtt
 else
     "$BIN/tls-loop-server" --listen "127.0.0.1:$P" --cert "$WORK/certs/server.pem" \
@@ -53,7 +44,7 @@ else
     PID=$!
     SCA="$CA"; MODE=tls-only
 fi
-for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$P") 2>/dev/null && break; sleep 0.05; done
+wait_port "$P"
 sleep 0.5
 if [ -n "${PSTAT:-}" ]; then
     perf stat -e context-switches,task-clock,syscalls:sys_enter_futex -p "$PID" \

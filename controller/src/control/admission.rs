@@ -611,9 +611,8 @@ impl Admission for ControllerAdmission {
     fn admit(&self, info: ConnectInfo) -> BoxFuture<'_, Decision> {
         Box::pin(async move {
             // The decision takes the controller's lock, which a batch holds across its
-            // commit: on the blocking pool unless the lock is free at once (`Wait`), so that
-            // it never holds an async worker meanwhile.
-            // Here first, if the lock is free at once (`Wait`).
+            // commit: here if the lock is free at once, else on the blocking pool (`Wait`),
+            // so that it never holds an async worker meanwhile.
             let step = match self.0.admit_now(&info, Wait::Never) {
                 Some(step) => Some(step),
                 None => {
