@@ -3,7 +3,8 @@
 # CPU per connection (issue 11): `compare.sh` runs all four servers once; this runs one, so
 # that two fleetd builds (or fleetd and the bare loop) can be alternated in one hour.
 # Usage: SERVER=fleetd|loop FLEETD=/path/to/fleetd N=4000 C=50 bench/storm-one.sh
-#   PSTAT=1: `perf stat` counts the server's context switches and futex calls.
+#   PSTAT=1: `perf stat` counts the server's context switches and futex calls
+#   (PSTAT_EVENTS=list: other events, such as syscalls:sys_enter_sendto).
 #   THREADS=1 (by name; 2: one line a thread): each thread's CPU and voluntary / involuntary switches, from /proc.
 #   RECONNECT= (empty): the first storm only. PERF=FILE: `perf record -g` of the server into FILE.
 #   EXTRA_TOML='handshake_threads = 0': lines added to fleetd's [server] section.
@@ -47,7 +48,7 @@ fi
 wait_port "$P"
 sleep 0.5
 if [ -n "${PSTAT:-}" ]; then
-    perf stat -e context-switches,task-clock,syscalls:sys_enter_futex -p "$PID" \
+    perf stat -e "${PSTAT_EVENTS:-context-switches,task-clock,syscalls:sys_enter_futex}" -p "$PID" \
         -o "$WORK/pstat" &
     PERF_PID=$!
     sleep 0.3
@@ -84,7 +85,7 @@ fi
 if [ -n "${PERF:-}" ]; then kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null || true; fi
 if [ -n "${PSTAT:-}" ]; then
     kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null || true
-    grep -E "context-switches|task-clock|futex" "$WORK/pstat" | sed 's/^/  /' >&2
+    grep -E "^ +[0-9]" "$WORK/pstat" | sed 's/^/  /' >&2
 fi
 python3 - "$WORK/storm.json" "$SERVER" <<'PY'
 import json, sys
