@@ -310,11 +310,30 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 }
 
 /// Audit records of successful `acceptStation`/`rejectStation`, counted by device.
+/// `command`'s answer, asked again while the operator's connection is lost (its client
+/// reconnects by itself) or the answer is late, for at most [`PROCESS_PATIENCE`]: right after
+/// a failover or a store's return, a request in flight may be lost with its connection. An
+/// answer that is an error (the controller refused the command) fails the test at once.
+pub async fn call_until_answered(
+    op: &Operator,
+    command: &str,
+    args: serde_json::Value,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + PROCESS_PATIENCE;
+    loop {
+        match op.call(command, args.clone()).await {
+            Ok(answer) => return answer,
+            Err(e @ fleet_ctl::ClientError::CommandFailed { .. }) => panic!("{command}: {e}"),
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "{command}: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
 pub async fn decisions(op: &Operator) -> std::collections::BTreeMap<String, usize> {
-    let audit = op
-        .call("listAuditLog", serde_json::json!({"limit": 1000}))
-        .await
-        .expect("audit");
+    let audit = call_until_answered(op, "listAuditLog", serde_json::json!({"limit": 1000})).await;
     let mut decided = std::collections::BTreeMap::new();
     for record in audit["records"].as_array().expect("records") {
         let action = record["action"].as_str().unwrap_or_default();
