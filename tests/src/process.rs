@@ -309,7 +309,6 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     fleet_sim::load::parse_vm_rss(&status)
 }
 
-/// Audit records of successful `acceptStation`/`rejectStation`, counted by device.
 /// `command`'s answer, asked again while the operator's connection is lost (its client
 /// reconnects by itself) or the answer is late, for at most [`PROCESS_PATIENCE`]: right after
 /// a failover or a store's return, a request in flight may be lost with its connection. An
@@ -332,6 +331,8 @@ pub async fn call_until_answered(
     }
 }
 
+/// Audit records of successful `acceptStation`/`rejectStation`, counted by device (the audit
+/// is read through [`call_until_answered`]).
 pub async fn decisions(op: &Operator) -> std::collections::BTreeMap<String, usize> {
     let audit = call_until_answered(op, "listAuditLog", serde_json::json!({"limit": 1000})).await;
     let mut decided = std::collections::BTreeMap::new();
