@@ -14,6 +14,10 @@
 //!   read never waits while plaintext is ready.
 //! - Bytes to send leave in the order rustls produced them (handshake records, alerts,
 //!   application data), from one queue.
+//! - Nothing queued waits on a read: before a read waits for the socket, the queue is sent as
+//!   far as the socket takes it. TLS 1.3's session tickets stay queued after the handshake
+//!   until then or until the first write, whichever comes first (one send for them and the
+//!   CONNACK).
 //! - The buffer of received bytes never holds more than one TLS message can need: 64 KiB while
 //!   handshaking (rustls's own bound on a handshake message), one record after.
 //! - After a TLS error every read and write fails; the alert rustls queued for the peer is sent
@@ -86,7 +90,9 @@ pub(crate) struct TlsStream<S = TcpStream> {
 
 impl TlsStream {
     /// The server side of a TLS handshake on `tcp`; the stream is returned once the handshake
-    /// is over and every handshake record the server owes (tickets included) is sent.
+    /// is over and every handshake record the server owes is sent, but TLS 1.3's session
+    /// tickets: they stay queued, and leave with the first write or before the first read
+    /// waits for the peer (see [`TlsStream::poll_handshake`]).
     pub(crate) async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<TlsStream> {
         let conn = UnbufferedServerConnection::new(config).map_err(invalid_data)?;
         let mut stream = TlsStream {
@@ -130,9 +136,22 @@ impl TlsStream {
         self.incoming.capacity() + self.outgoing.capacity() + self.plaintext.capacity()
     }
 
+    /// Drives the handshake to its end. In TLS 1.3 what the server still has to send once the
+    /// client's Finished is processed is its session tickets, which the client needs only for
+    /// its next connection: they are left queued, so that they leave in one send with the
+    /// server's first answer (an MQTT client sends CONNECT at once and waits for CONNACK) and
+    /// not in one of their own. A connect storm then costs one send a connection less, on
+    /// loopback also the client's wake-up for it. In TLS 1.2 the server's last flight
+    /// (its Finished) is what the client waits for: it is sent here.
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             let reached = self.process(Want::Nothing)?;
+            if reached == Reached::Traffic
+                && !self.conn.is_handshaking()
+                && self.conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
+            {
+                return Poll::Ready(Ok(()));
+            }
             if self.sent < self.outgoing.len() {
                 ready!(self.poll_send(cx))?;
             }
@@ -417,13 +436,21 @@ impl AsyncRead for TlsStream {
                 return Poll::Ready(Ok(()));
             }
             this.process(Want::Nothing)?;
-            if this.sent < this.outgoing.len() {
-                this.send_now()?;
-            }
             if this.taken < this.plaintext.len() || this.eof {
                 continue;
             }
-            if ready!(this.poll_fill(cx))? == 0 {
+            let filled = match this.poll_fill(cx) {
+                Poll::Ready(filled) => filled?,
+                Poll::Pending => {
+                    // Before the read waits for the peer, what is queued for it leaves: the
+                    // session tickets held back from the handshake, a key update's answer.
+                    if this.sent < this.outgoing.len() {
+                        this.send_now()?;
+                    }
+                    return Poll::Pending;
+                }
+            };
+            if filled == 0 {
                 // The socket closed without close_notify: the end of the stream all the same
                 // (MQTT frames its own packets, so a truncation cannot pass for a whole one).
                 this.eof = true;
@@ -545,6 +572,7 @@ mod tests {
     use crate::tls::test_pki::Pki;
     use crate::tls::{provider, server_config, ClientPolicy};
     use rustls::{ClientConfig, RootCertStore};
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
     use tokio_rustls::TlsConnector;
@@ -678,6 +706,132 @@ mod tests {
         let (served, back) = tokio::join!(server, client(&setup, request.clone(), request.len()));
         assert_eq!(back.expect("client"), request);
         assert!(served.eof, "the client's close_notify ends the stream");
+    }
+
+    /// A client session store that says when a TLS 1.3 ticket arrives.
+    #[derive(Debug)]
+    struct TicketBell {
+        cache: rustls::client::ClientSessionMemoryCache,
+        rung: tokio::sync::Notify,
+    }
+
+    impl rustls::client::ClientSessionStore for TicketBell {
+        fn set_kx_hint(
+            &self,
+            name: rustls::pki_types::ServerName<'static>,
+            group: rustls::NamedGroup,
+        ) {
+            self.cache.set_kx_hint(name, group)
+        }
+        fn kx_hint(&self, name: &rustls::pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+            self.cache.kx_hint(name)
+        }
+        fn set_tls12_session(
+            &self,
+            name: rustls::pki_types::ServerName<'static>,
+            value: rustls::client::Tls12ClientSessionValue,
+        ) {
+            self.cache.set_tls12_session(name, value)
+        }
+        fn tls12_session(
+            &self,
+            name: &rustls::pki_types::ServerName<'_>,
+        ) -> Option<rustls::client::Tls12ClientSessionValue> {
+            self.cache.tls12_session(name)
+        }
+        fn remove_tls12_session(&self, name: &rustls::pki_types::ServerName<'static>) {
+            self.cache.remove_tls12_session(name)
+        }
+        fn insert_tls13_ticket(
+            &self,
+            name: rustls::pki_types::ServerName<'static>,
+            value: rustls::client::Tls13ClientSessionValue,
+        ) {
+            self.cache.insert_tls13_ticket(name, value);
+            self.rung.notify_one();
+        }
+        fn take_tls13_ticket(
+            &self,
+            name: &rustls::pki_types::ServerName<'static>,
+        ) -> Option<rustls::client::Tls13ClientSessionValue> {
+            self.cache.take_tls13_ticket(name)
+        }
+    }
+
+    /// The tickets are left queued at the handshake's end, to leave with the first answer.
+    #[tokio::test]
+    async fn tls13_tickets_wait_for_the_first_write_and_leave_with_it() {
+        let setup = setup(&[&rustls::version::TLS13]).await;
+        let server = async {
+            let (tcp, _) = setup.listener.accept().await.expect("accept");
+            let tls = TlsStream::accept(tcp, setup.server.clone())
+                .await
+                .expect("handshake");
+            assert!(
+                tls.sent < tls.outgoing.len(),
+                "the tickets are still queued"
+            );
+            echo_on(tls).await
+        };
+        let (_, back) = tokio::join!(server, client(&setup, b"hello".to_vec(), 5));
+        assert_eq!(back.expect("client"), b"hello");
+        let (again, _) = tokio::join!(echo(&setup), client(&setup, b"again".to_vec(), 5));
+        assert_eq!(again.handshake_kind(), Some(HandshakeKind::Resumed));
+    }
+
+    /// A server that never answers still hands out its ticket: before its read waits.
+    #[tokio::test]
+    async fn a_server_that_only_reads_sends_its_tickets_before_it_waits() {
+        let setup = setup(&[&rustls::version::TLS13]).await;
+        let pki_client = setup.client.config().clone();
+        let bell = Arc::new(TicketBell {
+            cache: rustls::client::ClientSessionMemoryCache::new(4),
+            rung: tokio::sync::Notify::new(),
+        });
+        let mut config = (*pki_client).clone();
+        config.resumption = rustls::client::Resumption::store(bell.clone());
+        let connector = TlsConnector::from(Arc::new(config));
+        let addr = setup.listener.local_addr().expect("addr");
+        let name: rustls::pki_types::ServerName<'static> = "localhost".try_into().expect("name");
+        let server = async {
+            let (tcp, _) = setup.listener.accept().await.expect("accept");
+            let mut tls = TlsStream::accept(tcp, setup.server.clone())
+                .await
+                .expect("handshake");
+            let mut chunk = [0; 64];
+            // Reads until the client goes; writes nothing.
+            while tls.read(&mut chunk).await.unwrap_or(0) > 0 {}
+        };
+        let client = async {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let mut tls = connector.connect(name.clone(), tcp).await.expect("client");
+            tls.write_all(b"hello").await.expect("write");
+            tls.flush().await.expect("flush");
+            let mut chunk = [0; 64];
+            // Reading processes the records that come; the server sends no application data.
+            let waited = tokio::time::timeout(Duration::from_secs(10), async {
+                tokio::select! {
+                    _ = bell.rung.notified() => true,
+                    _ = tls.read(&mut chunk) => false,
+                }
+            });
+            assert_eq!(waited.await, Ok(true), "a ticket came, and nothing else");
+        };
+        tokio::join!(server, client);
+        // And it resumes.
+        let server = async {
+            let (tcp, _) = setup.listener.accept().await.expect("accept");
+            TlsStream::accept(tcp, setup.server.clone())
+                .await
+                .expect("handshake")
+                .handshake_kind()
+        };
+        let client = async {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            connector.connect(name.clone(), tcp).await.expect("client")
+        };
+        let (kind, _client) = tokio::join!(server, client);
+        assert_eq!(kind, Some(HandshakeKind::Resumed));
     }
 
     #[tokio::test]
