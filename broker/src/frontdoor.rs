@@ -30,6 +30,7 @@ use crate::admission::{
 use crate::bus::LocalBus;
 use crate::flood::{ConnectionRate, PendingHandshakes};
 use crate::frame;
+use crate::handover::Handover;
 use crate::metrics::{AcceptingGuard, Metrics, RefusedConnect};
 use crate::registry::{self, Control, NewSession, Registry, SessionCaps, SharedRights};
 use crate::session::{encode, fit, Action, ClientLimits, Codec, End, Session, SessionConfig};
@@ -391,10 +392,14 @@ impl Broker {
             return;
         };
         let shared = self.shared.clone();
-        let runtimes = Runtimes {
-            opening: self.openings.handle(),
-            sessions: tokio::runtime::Handle::current(),
-        };
+        let opening = self.openings.handle();
+        let handover = opening.as_ref().map(|_| {
+            let handover = Arc::new(Handover::default());
+            let receiver = take_over(handover.clone(), shared.clone(), admission.clone());
+            drop(tokio::spawn(receiver));
+            handover
+        });
+        let runtimes = Runtimes { opening, handover };
         // With a runtime for the openings, the accept loop runs there too: each accepted
         // connection's task then starts on the runtime that handshakes it, without waking a
         // worker of the other runtime (in a 4,000-client storm the sessions' runtime did about
@@ -495,10 +500,38 @@ impl Drop for HandshakeSlot {
 const LISTENER_NOT_MOVED: &str =
     "the listener could not move to the openings' runtime, nothing is accepted";
 
-/// Where connections are opened (`None`: on the sessions' runtime) and where sessions run.
+/// Where connections are opened (`None`: on the sessions' runtime), and the way their
+/// sessions go to the sessions' runtime from there.
 struct Runtimes {
     opening: Option<tokio::runtime::Handle>,
-    sessions: tokio::runtime::Handle,
+    handover: Option<Arc<Handover<Moved>>>,
+}
+
+/// An opened session on its way to the sessions' runtime, with its socket's place.
+type Moved = (Box<Moving>, SocketSlot);
+
+/// The sessions' side of the hand-over: each session that comes runs in a task of its own
+/// here ([`moved_session`]). At shutdown, what is queued still runs (and ends at once).
+async fn take_over(
+    handover: Arc<Handover<Moved>>,
+    shared: Arc<Shared>,
+    admission: Arc<dyn Admission>,
+) {
+    let mut shutdown = shared.shutdown.clone();
+    let run = |(moving, slot): Moved| {
+        let task = moved_session(shared.clone(), admission.clone(), moving, slot);
+        log_size_once(&SIZE_OF_MOVED, "connection task (moved)", &task);
+        drop(tokio::spawn(task));
+    };
+    loop {
+        tokio::select! {
+            // A closed notice (the broker is gone) is a shutdown too.
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            opened = handover.take() => opened.into_iter().for_each(run),
+        }
+    }
+    // From here on the openers end their sessions as lost (`Handover::push` refuses).
+    handover.close().into_iter().for_each(run);
 }
 
 async fn accept_loop(
@@ -564,7 +597,7 @@ async fn accept_loop(
         let slot = SocketSlot(shared.clone());
         let _ = tcp.set_nodelay(true);
         // Spawned as it is: a wrapping `async` block would keep a second copy of it.
-        let home = runtimes.opening.as_ref().map(|_| runtimes.sessions.clone());
+        let home = runtimes.handover.clone();
         let task = connection(
             shared.clone(),
             admission.clone(),
@@ -724,7 +757,7 @@ fn connection(
     peer: SocketAddr,
     pending: HandshakeSlot,
     slot: SocketSlot,
-    home: Option<tokio::runtime::Handle>,
+    home: Option<Arc<Handover<Moved>>>,
 ) -> impl std::future::Future<Output = ()> + Send {
     let handshaking = Box::pin(handshake(shared.clone(), tcp, peer));
     async move {
@@ -752,9 +785,11 @@ fn connection(
         };
         match opened.detach() {
             Ok(moving) => {
-                let task = moved_session(shared, admission, Box::new(moving), slot);
-                log_size_once(&SIZE_OF_MOVED, "connection task (moved)", &task);
-                drop(home.spawn(task));
+                if let Err((moving, _slot)) = home.push((Box::new(moving), slot)) {
+                    // The sessions' runtime takes no more (a shutdown): ended as lost.
+                    let (session, will) = moving.unmoved();
+                    abandon(&shared, &admission, session, will).await;
+                }
             }
             Err(unmoved) => {
                 let (session, will, e) = *unmoved;
@@ -852,6 +887,12 @@ impl Opened {
 }
 
 impl Moving {
+    /// The session and its will, for a session that will not run (its socket closes).
+    fn unmoved(self: Box<Self>) -> (OpenSession, Option<Will>) {
+        let Moving { session, will, .. } = *self;
+        (session, will)
+    }
+
     /// The session again, its socket registered with the runtime this is called on. Takes
     /// the box: a box moved out of is freed only when its variable goes out of scope, which
     /// for an argument of the session's function would be the session's end.

@@ -11,6 +11,7 @@ mod flight;
 pub mod flood;
 pub mod frame;
 pub mod frontdoor;
+pub mod handover;
 pub mod mailbox;
 pub mod metrics;
 pub mod noise;

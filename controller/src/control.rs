@@ -13,6 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
+use fleet_broker::handover::Handover;
 use fleet_broker::{Rights, SessionControl};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
@@ -42,7 +43,7 @@ mod stations;
 mod tests;
 
 pub use admission::ControllerAdmission;
-pub use effects::Publication;
+pub use effects::{Publication, Published};
 pub use settings::{ControlSettings, FloodSettings, PendingSettings, RequestLimits};
 
 use durable::{Durable, Shared};
@@ -224,7 +225,8 @@ pub struct Controller {
     sessions: Arc<dyn SessionControl>,
     decisions: Mutex<Decisions>,
     settings: ControlSettings,
-    out: mpsc::UnboundedSender<Publication>,
+    /// What the controller publishes, for the bus task ([`Published`]).
+    out: Arc<Handover<Publication>>,
     /// The locked-out phones counted by the last scrape, and when (`readings.rs`).
     locked_phones: Mutex<Option<(OffsetDateTime, usize)>>,
 }
@@ -241,8 +243,12 @@ impl Controller {
         sessions: Arc<dyn SessionControl>,
         operators: OperatorRegistry,
         settings: ControlSettings,
-    ) -> Result<(Arc<Controller>, mpsc::UnboundedReceiver<Publication>), StoreError> {
-        let (out, rx) = mpsc::unbounded_channel();
+    ) -> Result<(Arc<Controller>, Published), StoreError> {
+        let out = Arc::new(Handover::default());
+        let rx = Published {
+            queue: Arc::clone(&out),
+            ready: std::collections::VecDeque::new(),
+        };
         let (inbox, devices) = mpsc::channel(INBOX_CAPACITY);
         let (requests, operators_rx) = mpsc::channel(INBOX_CAPACITY);
         let last_seen = store

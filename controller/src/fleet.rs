@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::clock::Clock;
 use crate::control::{
-    ControlSettings, Controller, ControllerAdmission, Inbox, InboxItem, Publication, MAX_BATCH,
+    ControlSettings, Controller, ControllerAdmission, Inbox, InboxItem, Published, MAX_BATCH,
 };
 use crate::firmware::{parse_version, Catalog, FirmwareImage, FirmwarePolicy};
 use crate::store::{Lease, Store, StoreError};
@@ -490,7 +490,7 @@ impl Probe for FleetProbe {
 pub(crate) async fn run_bus<B: Bus>(
     mut bus: B,
     controller: Arc<Controller>,
-    mut outbox: tokio::sync::mpsc::UnboundedReceiver<Publication>,
+    mut outbox: Published,
     inbox: Inbox,
     (metrics, mut stop): (Arc<Metrics>, watch::Receiver<bool>),
 ) {
@@ -509,10 +509,12 @@ pub(crate) async fn run_bus<B: Bus>(
             // is decided, and the outbox stays bounded), the sweep, and devices' messages.
             biased;
             Some(item) = requests.recv() => (item, true),
-            Some(p) = outbox.recv() => {
-                if let Err(e) = bus.publish(&p.topic, p.payload, false) {
-                    warn!("controller cannot publish: {e}");
-                    return;
+            published = outbox.recv_all() => {
+                for p in published {
+                    if let Err(e) = bus.publish(&p.topic, p.payload, false) {
+                        warn!("controller cannot publish: {e}");
+                        return;
+                    }
                 }
                 continue;
             }
@@ -575,7 +577,7 @@ pub(crate) async fn run_bus<B: Bus>(
     if let Some(sweep) = sweeping.take() {
         let _ = sweep.await;
     }
-    while let Ok(p) = outbox.try_recv() {
+    for p in outbox.close() {
         if let Err(e) = bus.publish(&p.topic, p.payload, false) {
             warn!("controller cannot publish: {e}");
             break;

@@ -11,7 +11,7 @@ use fleet_broker::{
 };
 use fleet_controller::clock::Clock;
 use fleet_controller::control::{
-    ControlSettings, Controller, ControllerAdmission, Incoming, Publication, Requester,
+    ControlSettings, Controller, ControllerAdmission, Incoming, Published, Requester,
 };
 use fleet_controller::firmware::{Catalog, FirmwarePolicy};
 use fleet_controller::identity::OperatorId;
@@ -20,19 +20,18 @@ use fleet_protocol::payload::StationCommand;
 use fleet_protocol::{StationLeaf, Topic};
 use fleet_tests::{mac, serial, station_topic};
 use serde_json::{json, Value};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 /// What happened, in order: publications (by topic) and cuts (by client id).
 #[derive(Default)]
 struct Log {
     events: Vec<String>,
-    outbox: Option<UnboundedReceiver<Publication>>,
+    outbox: Option<Published>,
 }
 
 impl Log {
     fn drain(&mut self) {
         if let Some(rx) = self.outbox.as_mut() {
-            while let Ok(p) = rx.try_recv() {
+            while let Some(p) = rx.try_recv() {
                 let text = String::from_utf8_lossy(&p.payload).into_owned();
                 self.events.push(format!("publish {} {text}", p.topic));
             }

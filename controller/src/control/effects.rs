@@ -25,6 +25,41 @@ pub struct Publication {
     pub payload: Vec<u8>,
 }
 
+/// What the controller publishes, in order, for the one task that hands it to the bus
+/// (`fleet::run_bus`). A queue that wakes that task once a tick in a connect storm, not once an
+/// admission's audit event ([`fleet_broker::handover`]): an event waits a tick (1 ms) at most.
+/// Once the controller is gone nothing more comes.
+pub struct Published {
+    pub(super) queue: std::sync::Arc<fleet_broker::handover::Handover<Publication>>,
+    /// Taken from the queue, not yet handed out by `try_recv`.
+    pub(super) ready: std::collections::VecDeque<Publication>,
+}
+
+impl Published {
+    /// Waits for what is published next, and takes all of it, in order (cancel-safe).
+    pub async fn recv_all(&mut self) -> Vec<Publication> {
+        if !self.ready.is_empty() {
+            return self.ready.drain(..).collect();
+        }
+        self.queue.take().await
+    }
+
+    /// The next publication if there is one now.
+    pub fn try_recv(&mut self) -> Option<Publication> {
+        if self.ready.is_empty() {
+            self.ready.extend(self.queue.try_take());
+        }
+        self.ready.pop_front()
+    }
+
+    /// Ends the queue (the controller publishes nothing more) and returns what it still held.
+    pub fn close(&mut self) -> Vec<Publication> {
+        let mut rest: Vec<Publication> = self.ready.drain(..).collect();
+        rest.extend(self.queue.close());
+        rest
+    }
+}
+
 /// Something the controller says or does once its change is durable.
 pub(super) enum Output {
     /// A message to the router.
@@ -219,7 +254,8 @@ impl Controller {
     fn perform(&self, output: Output, written: &Written) {
         match output {
             Output::Publish(p) => {
-                let _ = self.out.send(p);
+                // Refused only once the bus task has ended (a shutdown): nobody to tell.
+                let _ = self.out.push(p);
             }
             Output::Mailbox {
                 client_id,

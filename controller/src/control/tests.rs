@@ -8,10 +8,9 @@ use fleet_broker::{
     Trust,
 };
 use serde_json::{json, Value};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::admission::Step;
-use super::{ControlSettings, Controller, ControllerAdmission, Publication, Wait};
+use super::{ControlSettings, Controller, ControllerAdmission, Published, Wait};
 use crate::clock::Clock;
 use crate::firmware::{Catalog, FirmwarePolicy};
 use crate::store::Store;
@@ -52,7 +51,7 @@ struct Shell {
     clock: Clock,
     controller: Arc<Controller>,
     admission: ControllerAdmission,
-    published: UnboundedReceiver<Publication>,
+    published: Published,
     sessions: Arc<Sessions>,
 }
 
@@ -154,7 +153,7 @@ impl Shell {
     /// The topics published since the last call.
     fn topics(&mut self) -> Vec<String> {
         let mut topics = Vec::new();
-        while let Ok(p) = self.published.try_recv() {
+        while let Some(p) = self.published.try_recv() {
             topics.push(p.topic);
         }
         topics
