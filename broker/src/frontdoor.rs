@@ -742,8 +742,9 @@ fn client_id_is_valid(id: &str) -> bool {
 
 /// One client connection, from the TLS handshake to the end of its session. With `home`, this
 /// task runs on the openings' runtime and ends once the connection is open (its CONNACK
-/// written): the session goes on in a task of its own on `home` ([`moved_session`]), its socket
-/// registered with that runtime's reactor.
+/// written): the session is pushed to `home`, the hand-over to the sessions' runtime, where
+/// [`take_over`] spawns it in a task of its own ([`moved_session`]), its socket registered
+/// with that runtime's reactor.
 ///
 /// The task that runs the session lives as long as it, so what it keeps is what every idle
 /// session costs: everything before the session runs is boxed (it is over once the session

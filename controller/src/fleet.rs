@@ -505,8 +505,9 @@ pub(crate) async fn run_bus<B: Bus>(
     loop {
         let (first, from_operator) = tokio::select! {
             // In this order: operators' requests (a reject is never queued behind a storm of
-            // devices), then what earlier batches publish (events reach operators before more
-            // is decided, and the outbox stays bounded), the sweep, and devices' messages.
+            // devices), then what earlier batches publish (all of it at once; in a storm it
+            // waits up to a tick, `Published`, and devices' batches may be decided meanwhile),
+            // the sweep, and devices' messages.
             biased;
             Some(item) = requests.recv() => (item, true),
             published = outbox.recv_all() => {
