@@ -4,17 +4,24 @@
 # rest, not a storm's transient state), then fleetd stops and heaptrack's peak is broken down
 # by who allocated it. Needs heaptrack (Debian: apt-get install heaptrack).
 # Usage: N=1000 bench/idle-heap.sh   (from anywhere)
-#        FLEETD=/path/to/fleetd SIM=/path/to/fleet-sim bench/idle-heap.sh   (binaries built elsewhere)
+#        FLEETD=/path/to/fleetd SIM=/path/to/fleet-sim bench/idle-heap.sh   (binaries built elsewhere;
+#        fleetd built with --no-default-features: heaptrack sees glibc's malloc, not jemalloc)
 set -euo pipefail
 
 N="${N:-1000}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 command -v heaptrack >/dev/null || { echo "heaptrack is missing (apt-get install heaptrack)" >&2; exit 1; }
-if [ -z "${FLEETD:-}" ] || [ -z "${SIM:-}" ]; then
-    (cd "$ROOT" && cargo build --release -p fleet-controller -p fleet-sim --bins)
+# fleetd without jemalloc (its default allocator), in a target folder of its own so that the
+# release build beside it keeps jemalloc.
+if [ -z "${FLEETD:-}" ]; then
+    (cd "$ROOT" && cargo build --release -p fleet-controller --bin fleetd --no-default-features \
+        --target-dir "$ROOT/target/glibc")
 fi
-FLEETD="${FLEETD:-$ROOT/target/release/fleetd}"
+if [ -z "${SIM:-}" ]; then
+    (cd "$ROOT" && cargo build --release -p fleet-sim --bin fleet-sim)
+fi
+FLEETD="${FLEETD:-$ROOT/target/glibc/release/fleetd}"
 SIM="${SIM:-$ROOT/target/release/fleet-sim}"
 WORK="$(mktemp -d /tmp/fleet-heap.XXXXXX)"
 trap '[ -n "${KEEP:-}" ] || rm -rf "$WORK"' EXIT

@@ -109,34 +109,59 @@ fn one_line(error: &anyhow::Error) -> String {
     line
 }
 
-/// Re-executes fleetd with glibc's allocator tuned for a long-lived server of many small
-/// sessions, unless the environment tunes it already (`MALLOC_ARENA_MAX`,
-/// `MALLOC_MMAP_THRESHOLD_` or `GLIBC_TUNABLES`):
+/// jemalloc, fleetd's allocator unless it is built without the `jemalloc` feature. In the churn
+/// soak (`bench/src/bin/churn.rs`, 10,000 stations × 20 rounds, 1 % replaced each round)
+/// glibc's allocator, even tuned as below, kept what the first rounds' storms freed: fleetd's
+/// RSS grew 1.11–1.14× from the first round to the last and then held, while its live heap did
+/// not grow (heaptrack). jemalloc returns freed pages (its decay): 0.95–1.02× in the same soak,
+/// at the same RSS per device and the same storm rate (BENCHMARKS.md, issue 11, fourteenth
+/// day).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// The allocator's settings fleetd re-executes itself with, and the variables by which the
+/// environment overrides them. With jemalloc: two arenas (`narenas:2`; its default, four per
+/// core, held 186 MiB after a churn round where two hold 163–169 MiB).
+#[cfg(feature = "jemalloc")]
+const TUNED: (&[(&str, &str)], &[&str]) = (
+    &[("_RJEM_MALLOC_CONF", "narenas:2")],
+    &["_RJEM_MALLOC_CONF"],
+);
+
+/// Without jemalloc (heaptrack's runs), glibc's allocator:
 /// - `MALLOC_ARENA_MAX=2`. glibc gives threads that allocate arenas of their own (up to 8 per
-///   core) and keeps what is freed in each: in the churn soak (`bench/src/bin/churn.rs`, 1,000
-///   stations × 10 rounds) fleetd's RSS grew 2.9× while its live heap did not (heaptrack), and
-///   1.5×, flattening, with two arenas; the storm figures did not change.
+///   core) and keeps what is freed in each: in the churn soak (1,000 stations × 10 rounds)
+///   fleetd's RSS grew 2.9× while its live heap did not (heaptrack), and 1.5×, flattening,
+///   with two arenas; the storm figures did not change.
 /// - `MALLOC_MMAP_THRESHOLD_=131072`. A fixed threshold: blocks of 128 KiB and more are mapped
 ///   on their own and unmapped when freed. By default glibc raises the threshold each time such
 ///   a block is freed (up to 32 MiB), and the large blocks of a storm (hash-table growth, the
-///   router's logs) then come from the arenas, whose middle glibc never returns. In the churn
-///   of 10,000 stations × 20 rounds the RSS after the last round fell from 196.9–199.5 MB to
-///   192.4–195.0 MB (BENCHMARKS.md, issue 11, ninth day).
-///
-/// The environment must say it before the process starts, hence the `exec`; without glibc it
-/// has no effect.
-fn with_tuned_malloc() {
-    use std::os::unix::process::CommandExt;
-    const TUNED: [(&str, &str); 2] = [
+///   router's logs) then come from the arenas, whose middle glibc never returns (BENCHMARKS.md,
+///   issue 11, ninth day).
+#[cfg(not(feature = "jemalloc"))]
+const TUNED: (&[(&str, &str)], &[&str]) = (
+    &[
         ("MALLOC_ARENA_MAX", "2"),
         ("MALLOC_MMAP_THRESHOLD_", "131072"),
-    ];
-    let tuned_already = TUNED
+    ],
+    &[
+        "MALLOC_ARENA_MAX",
+        "MALLOC_MMAP_THRESHOLD_",
+        "GLIBC_TUNABLES",
+    ],
+);
+
+/// Re-executes fleetd with its allocator tuned for a long-lived server of many small sessions
+/// ([`TUNED`]), unless the environment tunes it already. The allocator reads its settings
+/// before `main`, hence the `exec`.
+fn with_tuned_malloc() {
+    use std::os::unix::process::CommandExt;
+    let (settings, overrides) = TUNED;
+    if overrides
         .iter()
-        .map(|(name, _)| *name)
-        .chain(["GLIBC_TUNABLES"])
-        .any(|name| std::env::var_os(name).is_some());
-    if tuned_already {
+        .any(|name| std::env::var_os(name).is_some())
+    {
         return;
     }
     let Ok(exe) = std::env::current_exe() else {
@@ -144,10 +169,10 @@ fn with_tuned_malloc() {
     };
     let error = std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))
-        .envs(TUNED)
+        .envs(settings.iter().copied())
         .exec();
-    // Only returns on failure: go on with glibc's defaults.
-    eprintln!("fleetd: running with glibc's default allocator settings ({error})");
+    // Only returns on failure: go on with the allocator's defaults.
+    eprintln!("fleetd: running with the allocator's default settings ({error})");
 }
 
 // stdout is what scripts read (PROTOCOL §8): the issued files, the example configuration.

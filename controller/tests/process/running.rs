@@ -92,6 +92,44 @@ fn a_second_fleetd_on_the_same_data_directory_says_so_in_one_line() {
     );
 }
 
+/// The allocator variable fleetd re-executes itself with, its value, and a value an operator
+/// might choose instead.
+#[cfg(feature = "jemalloc")]
+const ALLOCATOR: (&str, &str, &str) = ("_RJEM_MALLOC_CONF", "narenas:2", "narenas:1");
+#[cfg(not(feature = "jemalloc"))]
+const ALLOCATOR: (&str, &str, &str) = ("MALLOC_ARENA_MAX", "2", "1");
+
+/// The environment of process `pid`, one `NAME=value` per entry.
+fn environment_of(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).expect("the process's environment");
+    raw.split(|&byte| byte == 0)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| String::from_utf8_lossy(entry).into_owned())
+        .collect()
+}
+
+#[test]
+fn fleetd_tunes_its_allocator_unless_the_environment_already_does() {
+    let (name, tuned, chosen) = ALLOCATOR;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let by_fleetd = Fleetd::start_with(FLEETD.as_ref(), &dir.path().join("a"), |command| {
+        command.env_remove(name);
+    });
+    let environment = environment_of(by_fleetd.pid());
+    assert!(
+        environment.contains(&format!("{name}={tuned}")),
+        "{name} not set by fleetd: {environment:?}"
+    );
+    let by_operator = Fleetd::start_with(FLEETD.as_ref(), &dir.path().join("b"), |command| {
+        command.env(name, chosen);
+    });
+    let environment = environment_of(by_operator.pid());
+    assert!(
+        environment.contains(&format!("{name}={chosen}")),
+        "the operator's {name} not kept: {environment:?}"
+    );
+}
+
 #[test]
 fn a_configuration_error_is_one_line_naming_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
