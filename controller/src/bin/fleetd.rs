@@ -112,8 +112,8 @@ fn one_line(error: &anyhow::Error) -> String {
 /// jemalloc, fleetd's allocator unless it is built without the `jemalloc` feature. In the churn
 /// soak (`bench/src/bin/churn.rs`, 10,000 stations × 20 rounds, 1 % replaced each round)
 /// glibc's allocator, even tuned as below, kept what the first rounds' storms freed: fleetd's
-/// RSS grew 1.106–1.135× from the first round to the last and then held, while its live heap did
-/// not grow (heaptrack). jemalloc returns freed pages (its decay): 0.95–1.02× in the same soak,
+/// RSS grew over the first rounds and then held, 1.106–1.135× from the first round to the
+/// last, while its live heap did not grow (heaptrack). jemalloc returns freed pages (its decay): 0.95–1.02× in the same soak,
 /// at the same RSS per device and the same storm rate (BENCHMARKS.md, issue 11, fourteenth
 /// day).
 #[cfg(feature = "jemalloc")]
