@@ -17,6 +17,8 @@ use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
 use rustls::{
     DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
 };
+use x509_parser::certificate::X509CertificateParser;
+use x509_parser::nom::Parser;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::admission::Trust;
@@ -71,8 +73,11 @@ fn chain_key(chain: &[CertificateDer<'_>]) -> [u8; 32] {
 fn validity(chain: &[CertificateDer<'_>]) -> Option<(i64, i64)> {
     let mut from = i64::MIN;
     let mut until = i64::MAX;
+    // The chain has just been verified; only the validity is read, so the extensions are not
+    // parsed (about half of x509-parser's work on a station's certificate).
+    let mut parser = X509CertificateParser::new().with_deep_parse_extensions(false);
     for cert in chain {
-        let (_, parsed) = X509Certificate::from_der(cert).ok()?;
+        let (_, parsed) = parser.parse(cert).ok()?;
         from = from.max(parsed.validity().not_before.timestamp());
         until = until.min(parsed.validity().not_after.timestamp());
     }
