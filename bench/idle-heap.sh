@@ -22,6 +22,10 @@ if [ -z "${SIM:-}" ]; then
     (cd "$ROOT" && cargo build --release -p fleet-sim --bin fleet-sim)
 fi
 FLEETD="${FLEETD:-$ROOT/target/glibc/release/fleetd}"
+if grep -q _rjem_malloc "$FLEETD"; then
+    echo "$FLEETD uses jemalloc, which heaptrack does not see: build it with --no-default-features" >&2
+    exit 1
+fi
 SIM="${SIM:-$ROOT/target/release/fleet-sim}"
 WORK="$(mktemp -d /tmp/fleet-heap.XXXXXX)"
 trap '[ -n "${KEEP:-}" ] || rm -rf "$WORK"' EXIT

@@ -112,17 +112,18 @@ fn one_line(error: &anyhow::Error) -> String {
 /// jemalloc, fleetd's allocator unless it is built without the `jemalloc` feature. In the churn
 /// soak (`bench/src/bin/churn.rs`, 10,000 stations × 20 rounds, 1 % replaced each round)
 /// glibc's allocator, even tuned as below, kept what the first rounds' storms freed: fleetd's
-/// RSS grew over the first rounds and then held, 1.106–1.135× from the first round to the
-/// last, while its live heap did not grow (heaptrack). jemalloc returns freed pages (its decay): 0.95–1.02× in the same soak,
-/// at the same RSS per device and the same storm rate (BENCHMARKS.md, issue 11, fourteenth
-/// day).
+/// RSS grew over the first rounds and then held, 1.106–1.136× from the first round to the
+/// last, while its live heap did not grow (heaptrack, 5,000 stations × 12 rounds). jemalloc
+/// returns freed pages (its decay): 0.951× with two arenas over 20 rounds (1.010× over 12), at
+/// the same RSS per device and storm rate, and about 10 % more per connection in a storm
+/// (11.3–11.7 KiB against 10.4–10.5; BENCHMARKS.md, issue 11, fourteenth day).
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// The allocator's settings fleetd re-executes itself with, and the variables by which the
 /// environment overrides them. With jemalloc: two arenas (`narenas:2`; its default, four per
-/// core, held 186 MiB after a churn round where two hold 163–169 MiB).
+/// core, held 186 MiB after a churn's first round where two held 165–175 MiB).
 #[cfg(feature = "jemalloc")]
 const TUNED: (&[(&str, &str)], &[&str]) = (
     &[("_RJEM_MALLOC_CONF", "narenas:2")],

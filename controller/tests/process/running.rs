@@ -113,7 +113,15 @@ fn fleetd_tunes_its_allocator_unless_the_environment_already_does() {
     let (name, tuned, chosen) = ALLOCATOR;
     let dir = tempfile::tempdir().expect("tempdir");
     let by_fleetd = Fleetd::start_with(FLEETD.as_ref(), &dir.path().join("a"), |command| {
-        command.env_remove(name);
+        // Any of the variables that override fleetd's own setting would stop the re-exec.
+        for variable in [
+            "_RJEM_MALLOC_CONF",
+            "MALLOC_ARENA_MAX",
+            "MALLOC_MMAP_THRESHOLD_",
+            "GLIBC_TUNABLES",
+        ] {
+            command.env_remove(variable);
+        }
     });
     let environment = environment_of(by_fleetd.pid());
     assert!(
@@ -127,6 +135,23 @@ fn fleetd_tunes_its_allocator_unless_the_environment_already_does() {
     assert!(
         environment.contains(&format!("{name}={chosen}")),
         "the operator's {name} not kept: {environment:?}"
+    );
+}
+
+/// jemalloc reads fleetd's variable: a setting it does not know is reported on stderr.
+#[cfg(feature = "jemalloc")]
+#[test]
+fn jemalloc_reads_the_variable_fleetd_sets() {
+    let output = Command::new(FLEETD)
+        .arg("--help")
+        .env(ALLOCATOR.0, "no_such_setting:1")
+        .output()
+        .expect("fleetd runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("Invalid conf pair") && stderr.contains("no_such_setting"),
+        "jemalloc did not read {}: {stderr}",
+        ALLOCATOR.0
     );
 }
 
